@@ -1,0 +1,1 @@
+//! The VICTOR data plane.

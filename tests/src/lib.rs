@@ -1,0 +1,1 @@
+//! End-to-end tests of VICTOR and the victor-lab testbed.

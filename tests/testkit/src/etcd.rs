@@ -1,0 +1,1 @@
+//! Real etcd clusters for tests. PLACEHOLDER: being implemented.

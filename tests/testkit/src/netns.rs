@@ -1,0 +1,1 @@
+//! Network namespaces and veth links for tests. PLACEHOLDER: being implemented.
