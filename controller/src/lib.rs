@@ -1,1 +1,11 @@
-//! The VICTOR controller.
+//! The VICTOR controller: a stateless replica over a [`victor_store::Store`].
+//!
+//! Module map (each module's `//!` doc says what it owns):
+//! * [`config`] — flags, env and config file.
+//! * [`keys`] / [`records`] — the key layout and the stored values.
+//! * [`registry`] — binding rules (pure) and their application to the store (CAS).
+
+pub mod config;
+pub mod keys;
+pub mod records;
+pub mod registry;

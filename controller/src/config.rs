@@ -1,0 +1,474 @@
+//! Controller configuration: command-line flags, `VICTOR_*` environment variables and an optional
+//! TOML config file, in that order of precedence (flag > env > file > default).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// victor-controller: the replicated VICTOR control plane.
+///
+/// Tracks, for every mobile VM IP, which forwarding element (FE) it sits behind, and streams
+/// that state to every fe-agent. Runs on etcd when --etcd-endpoints is given (replicas are
+/// active-active), otherwise on an embedded single-file store in --data-dir.
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(name = "victor-controller", version, about, long_about = None, args_override_self = true)]
+pub struct Config {
+    /// TOML file with any of these options (keys are the long flag names, e.g.
+    /// `grpc-listen = "0.0.0.0:50051"`, `mobile-prefix = ["10.10.0.0/16"]`).
+    /// Flags and environment variables override it.
+    #[arg(long, env = "VICTOR_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address of the gRPC server (BindingService, AgentService, health, reflection).
+    #[arg(long, env = "VICTOR_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: SocketAddr,
+
+    /// Address of the HTTP admin server (/healthz, /readyz, /metrics, status page).
+    #[arg(long, env = "VICTOR_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+
+    /// etcd client URLs, comma separated (e.g. http://10.0.0.1:2379,http://10.0.0.2:2379).
+    /// Absent: use the embedded store in --data-dir (single replica).
+    #[arg(
+        long,
+        env = "VICTOR_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URL,..."
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix of all VICTOR keys in etcd (lets several clusters share one etcd).
+    #[arg(long, env = "VICTOR_ETCD_PREFIX", default_value = "/victor")]
+    pub etcd_prefix: String,
+
+    /// CA certificate (PEM) that signs the etcd server certificates; enables TLS to etcd.
+    #[arg(long, env = "VICTOR_ETCD_CA_FILE", value_name = "FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd mutual TLS (with --etcd-key-file).
+    #[arg(
+        long,
+        env = "VICTOR_ETCD_CERT_FILE",
+        value_name = "FILE",
+        requires = "etcd_key_file"
+    )]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// Client key (PEM) for etcd mutual TLS (with --etcd-cert-file).
+    #[arg(
+        long,
+        env = "VICTOR_ETCD_KEY_FILE",
+        value_name = "FILE",
+        requires = "etcd_cert_file"
+    )]
+    pub etcd_key_file: Option<PathBuf>,
+
+    /// Deadline of every etcd request; past it the request fails with UNAVAILABLE.
+    #[arg(long, env = "VICTOR_ETCD_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub etcd_timeout: Duration,
+
+    /// Directory of the embedded store (used only without --etcd-endpoints).
+    #[arg(long, env = "VICTOR_DATA_DIR", default_value = "victor-data")]
+    pub data_dir: PathBuf,
+
+    /// A mobile VM prefix (repeatable; env: comma separated). Only IPs inside these can be bound.
+    #[arg(
+        long = "mobile-prefix",
+        env = "VICTOR_MOBILE_PREFIX",
+        value_delimiter = ',',
+        required = true,
+        value_name = "CIDR"
+    )]
+    pub mobile_prefixes: Vec<IpNet>,
+
+    /// This replica's identifier (default: hostname and PID).
+    #[arg(long, env = "VICTOR_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// FE session time-to-live: an FE without a heartbeat for this long is reported down.
+    #[arg(long, env = "VICTOR_SESSION_TTL", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub session_ttl: Duration,
+
+    /// Remove the bindings of an FE that has been down this long (0s = never; a headless FE
+    /// keeps forwarding on its last state, so removal is a policy decision).
+    #[arg(long, env = "VICTOR_FE_DEAD_AFTER", default_value = "0s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub fe_dead_after: Duration,
+
+    /// Flap damping: more than this many moves of one VM within --damping-window freeze its binding.
+    #[arg(long, env = "VICTOR_DAMPING_MAX_MOVES", default_value_t = 5)]
+    pub damping_max_moves: u32,
+
+    /// Flap damping observation window.
+    #[arg(long, env = "VICTOR_DAMPING_WINDOW", default_value = "180s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub damping_window: Duration,
+
+    /// How long a frozen binding stays frozen before housekeeping unfreezes it (0s = until an
+    /// operator calls ClearDamping).
+    #[arg(long, env = "VICTOR_DAMPING_HOLD", default_value = "0s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub damping_hold: Duration,
+
+    /// Only VMs declared through BindingService.DeclareVm can be bound.
+    #[arg(long, env = "VICTOR_REQUIRE_DECLARED", default_value_t = false)]
+    pub require_declared: bool,
+
+    /// Store changes kept in each replica's memory so agent streams can resume without a snapshot.
+    #[arg(long, env = "VICTOR_STREAM_HISTORY", default_value_t = 200_000)]
+    pub stream_history: usize,
+
+    /// Most observations accepted in one AgentService.Report call.
+    #[arg(long, env = "VICTOR_MAX_REPORT_OBSERVATIONS", default_value_t = 1024)]
+    pub max_report_observations: usize,
+
+    /// Server certificate (PEM) for gRPC TLS. Without it gRPC is plaintext (lab/quick start only).
+    #[arg(
+        long,
+        env = "VICTOR_TLS_CERT_FILE",
+        value_name = "FILE",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// Server key (PEM) for gRPC TLS.
+    #[arg(
+        long,
+        env = "VICTOR_TLS_KEY_FILE",
+        value_name = "FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// CA (PEM) that signs client certificates. With it, clients must present a certificate:
+    /// fe-agents are identified by it (mutual TLS).
+    #[arg(
+        long,
+        env = "VICTOR_TLS_CLIENT_CA_FILE",
+        value_name = "FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// File of bearer tokens for BindingService callers, one `<token> <role>` per line
+    /// (role: read-only | read-write). Without it, BindingService is open.
+    #[arg(long, env = "VICTOR_AUTH_TOKENS_FILE", value_name = "FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "VICTOR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,victor_controller=debug`).
+    #[arg(long, env = "VICTOR_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Validate the configuration, print it as JSON and exit (0 = valid) without starting.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has an unusable value.
+    #[error("config file {path}: {message}")]
+    FileSyntax {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Flags/environment/file combined are invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// clap rejected the arguments (includes --help/--version output).
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+}
+
+impl Config {
+    /// Parses the process arguments, merging the config file named by `--config`/`VICTOR_CONFIG`.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::load_from(
+            std::env::args_os()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+        )
+    }
+
+    /// Parses `args` (including the program name), merging the config file if any. The file's
+    /// settings are inserted before the real arguments, so flags override the file, and both
+    /// override `VICTOR_*` environment variables.
+    pub fn load_from(args: Vec<String>) -> Result<Config, ConfigError> {
+        let mut merged: Vec<String> = args.iter().take(1).cloned().collect();
+        if let Some(path) = config_path(&args) {
+            merged.extend(file_arguments(&path)?);
+        }
+        merged.extend(args.into_iter().skip(1));
+        let config = Config::try_parse_from(merged)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what clap cannot: overlapping prefixes, sane durations, readable files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (i, a) in self.mobile_prefixes.iter().enumerate() {
+            if a.trunc() != *a {
+                return bad(format!(
+                    "--mobile-prefix {a} has host bits set; did you mean {}?",
+                    a.trunc()
+                ));
+            }
+            for b in &self.mobile_prefixes[i + 1..] {
+                if a.contains(b) || b.contains(a) {
+                    return bad(format!(
+                        "--mobile-prefix {a} and {b} overlap; give each range once"
+                    ));
+                }
+            }
+        }
+        if self.session_ttl < Duration::from_secs(2) {
+            return bad(format!(
+                "--session-ttl {:?} is too short; use at least 2s",
+                self.session_ttl
+            ));
+        }
+        if self.damping_max_moves == 0 {
+            return bad("--damping-max-moves must be at least 1".into());
+        }
+        if self.stream_history < 1000 {
+            return bad("--stream-history must be at least 1000".into());
+        }
+        if self.max_report_observations == 0 || self.max_report_observations > 65_536 {
+            return bad("--max-report-observations must be between 1 and 65536".into());
+        }
+        for url in &self.etcd_endpoints {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return bad(format!(
+                    "--etcd-endpoints entry {url:?} must be a URL like http://127.0.0.1:2379"
+                ));
+            }
+        }
+        if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.ends_with('/') {
+            return bad(format!(
+                "--etcd-prefix {:?} must start with '/' and not end with '/'",
+                self.etcd_prefix
+            ));
+        }
+        for file in [
+            &self.etcd_ca_file,
+            &self.etcd_cert_file,
+            &self.etcd_key_file,
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.tls_client_ca_file,
+            &self.auth_tokens_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !file.is_file() {
+                return bad(format!(
+                    "file {} does not exist or is not a regular file",
+                    file.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The replica id: configured, or `<hostname>-<pid>`.
+    pub fn replica_id(&self) -> String {
+        self.replica_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "controller".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+
+    /// Whether the embedded store is used.
+    pub fn uses_embedded_store(&self) -> bool {
+        self.etcd_endpoints.is_empty()
+    }
+}
+
+/// The config file named by `--config FILE`, `--config=FILE` or `VICTOR_CONFIG`.
+fn config_path(args: &[String]) -> Option<PathBuf> {
+    let mut path = std::env::var_os("VICTOR_CONFIG").map(PathBuf::from);
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        if arg == "--config" {
+            path = iter.next().map(PathBuf::from);
+        } else if let Some(p) = arg.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        }
+    }
+    path
+}
+
+/// Turns a TOML config file into `--flag value` arguments placed before the real arguments.
+fn file_arguments(path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let table: toml::Table =
+        text.parse()
+            .map_err(|e: toml::de::Error| ConfigError::FileSyntax {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+    let mut args = Vec::new();
+    for (key, value) in table {
+        if key == "config" || key == "check-config" {
+            return Err(ConfigError::FileSyntax {
+                path: path.to_path_buf(),
+                message: format!("key {key:?} is not allowed in a config file"),
+            });
+        }
+        let flag = format!("--{key}");
+        let scalar = |v: &toml::Value| -> Result<String, ConfigError> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                toml::Value::Boolean(b) => Ok(b.to_string()),
+                other => Err(ConfigError::FileSyntax {
+                    path: path.to_path_buf(),
+                    message: format!("key {key:?}: unsupported value {other}"),
+                }),
+            }
+        };
+        match &value {
+            toml::Value::Array(items) => {
+                for item in items {
+                    args.push(flag.clone());
+                    args.push(scalar(item)?);
+                }
+            }
+            toml::Value::Boolean(true) => args.push(flag),
+            toml::Value::Boolean(false) => {}
+            v => {
+                args.push(flag);
+                args.push(scalar(v)?);
+            }
+        }
+    }
+    Ok(args)
+}
+
+/// Parses "250ms", "3s", "5m", "1h" (humantime syntax).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 10s, 3m)"))
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::load_from(
+            std::iter::once("victor-controller")
+                .chain(args.iter().copied())
+                .map(String::from)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults_with_one_prefix() {
+        let c = load(&["--mobile-prefix", "10.10.0.0/16"]).unwrap();
+        assert!(c.uses_embedded_store());
+        assert_eq!(
+            c.mobile_prefixes,
+            vec!["10.10.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(c.damping_max_moves, 5);
+        assert_eq!(c.damping_window, Duration::from_secs(180));
+    }
+
+    #[test]
+    fn rejects_bad_values_with_a_hint() {
+        let err = load(&["--mobile-prefix", "10.10.0.1/16"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean 10.10.0.0/16"), "{err}");
+        let err = load(&[
+            "--mobile-prefix",
+            "10.10.0.0/16",
+            "--mobile-prefix",
+            "10.10.1.0/24",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("overlap"), "{err}");
+        let err = load(&[
+            "--mobile-prefix",
+            "10.10.0.0/16",
+            "--etcd-endpoints",
+            "127.0.0.1:2379",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("must be a URL"), "{err}");
+        assert!(load(&[]).is_err(), "a mobile prefix is required");
+    }
+
+    #[test]
+    fn config_file_is_overridden_by_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "grpc-listen = \"127.0.0.1:6000\"\nmobile-prefix = [\"10.10.0.0/16\", \"10.20.0.0/16\"]\nrequire-declared = true\n",
+        )
+        .unwrap();
+        let c = load(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--grpc-listen",
+            "127.0.0.1:7000",
+        ])
+        .unwrap();
+        assert_eq!(c.grpc_listen.port(), 7000);
+        assert_eq!(c.mobile_prefixes.len(), 2);
+        assert!(c.require_declared);
+        std::fs::write(&path, "no-such-flag = 1\n").unwrap();
+        let err = load(&["--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no-such-flag"), "{err}");
+    }
+}

@@ -1,0 +1,98 @@
+//! The values the controller stores, as protobuf messages (prost derives; not part of the public
+//! wire contract, but protobuf so that fields can be added without breaking older replicas).
+
+use prost::Message;
+
+/// A binding as stored under `{p}/b/...`.
+#[derive(Clone, PartialEq, Message)]
+pub struct BindingRecord {
+    /// The FE the VM sits behind.
+    #[prost(string, tag = "1")]
+    pub fe_id: String,
+    /// VM MAC (6 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    pub mac: Vec<u8>,
+    /// Moves since first bound.
+    #[prost(uint64, tag = "3")]
+    pub move_seq: u64,
+    /// `victor.v1.BindingSource` value.
+    #[prost(int32, tag = "4")]
+    pub source: i32,
+    /// When the binding FE observed the VM (agent wall clock, ns).
+    #[prost(int64, tag = "5")]
+    pub observed_at_unix_nanos: i64,
+    /// When the binding was committed (controller wall clock, ns).
+    #[prost(int64, tag = "6")]
+    pub committed_at_unix_nanos: i64,
+    /// Frozen by flap damping.
+    #[prost(bool, tag = "7")]
+    pub frozen: bool,
+    /// When damping froze it (ns; 0 if not frozen).
+    #[prost(int64, tag = "8")]
+    pub frozen_at_unix_nanos: i64,
+    /// Commit times of recent moves (ns), oldest first, pruned to the damping window.
+    #[prost(int64, repeated, tag = "9")]
+    pub recent_moves_unix_nanos: Vec<i64>,
+    /// FE announced by the orchestrator as the migration target ("" = none).
+    #[prost(string, tag = "10")]
+    pub pending_fe_id: String,
+    /// Until when the announcement holds (ns).
+    #[prost(int64, tag = "11")]
+    pub pending_until_unix_nanos: i64,
+}
+
+/// A declared VM as stored under `{p}/v/...`.
+#[derive(Clone, PartialEq, Message)]
+pub struct VmRecord {
+    /// VM MAC (6 bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub mac: Vec<u8>,
+    /// Sites where the VM may be bound (empty = anywhere).
+    #[prost(string, repeated, tag = "2")]
+    pub allowed_sites: Vec<String>,
+    /// Operator's free text.
+    #[prost(string, tag = "3")]
+    pub description: String,
+}
+
+/// A registered FE as stored under `{p}/f/<id>`.
+#[derive(Clone, PartialEq, Message)]
+pub struct FeRecord {
+    /// Underlay address (4 or 16 bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub underlay_addr: Vec<u8>,
+    /// Site.
+    #[prost(string, tag = "2")]
+    pub site: String,
+    /// Mobile prefixes served (CIDR text).
+    #[prost(string, repeated, tag = "3")]
+    pub mobile_prefixes: Vec<String>,
+    /// Registration time (controller wall clock, ns).
+    #[prost(int64, tag = "4")]
+    pub registered_at_unix_nanos: i64,
+    /// Agent version.
+    #[prost(string, tag = "5")]
+    pub agent_version: String,
+    /// The lease of the FE's session key.
+    #[prost(int64, tag = "6")]
+    pub session_lease: i64,
+}
+
+/// An FE's liveness session as stored under `{p}/s/<id>` (attached to the FE's lease).
+#[derive(Clone, PartialEq, Message)]
+pub struct SessionRecord {
+    /// The replica that opened the session.
+    #[prost(string, tag = "1")]
+    pub replica_id: String,
+    /// When it was opened (ns).
+    #[prost(int64, tag = "2")]
+    pub opened_at_unix_nanos: i64,
+}
+
+/// Wall-clock now in Unix nanoseconds.
+pub fn now_unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
