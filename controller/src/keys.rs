@@ -7,6 +7,7 @@
 //! | `{p}/f/<fe_id>`              | `FeRecord`       | registered FEs                         |
 //! | `{p}/s/<fe_id>`              | `SessionRecord`  | FE liveness, attached to the FE's lease |
 //! | `{p}/e/housekeeper`          | replica id       | housekeeping election, leased          |
+//! | `{p}/r/<replica_id>`         | `ReplicaRecord`  | live replicas, leased; also the cache's load fence |
 //!
 //! IPs are hex-encoded so that byte order equals numeric order (listing pages come out in IP
 //! order) and keys stay short (etcd stores every key once per revision).
@@ -27,6 +28,8 @@ pub enum KeyKind {
     Session(String),
     /// The housekeeping election key.
     Election,
+    /// A live controller replica, by id.
+    Replica(String),
 }
 
 /// Builds and parses keys under one prefix.
@@ -83,6 +86,11 @@ impl Keys {
         format!("{}/e/housekeeper", self.prefix).into_bytes()
     }
 
+    /// The presence key of a replica.
+    pub fn replica(&self, replica_id: &str) -> Vec<u8> {
+        format!("{}/r/{replica_id}", self.prefix).into_bytes()
+    }
+
     /// Classifies a key read from the store; `None` for keys we do not own.
     pub fn parse(&self, key: &[u8]) -> Option<KeyKind> {
         let key = std::str::from_utf8(key).ok()?;
@@ -94,6 +102,7 @@ impl Keys {
             "f" if !tail.is_empty() => Some(KeyKind::Fe(tail.to_owned())),
             "s" if !tail.is_empty() => Some(KeyKind::Session(tail.to_owned())),
             "e" if tail == "housekeeper" => Some(KeyKind::Election),
+            "r" if !tail.is_empty() => Some(KeyKind::Replica(tail.to_owned())),
             _ => None,
         }
     }

@@ -4,8 +4,12 @@
 //! * [`config`] — flags, env and config file.
 //! * [`keys`] / [`records`] — the key layout and the stored values.
 //! * [`registry`] — binding rules (pure) and their application to the store (CAS).
+//! * [`cache`] — the watch-fed replica cache and its history of frames.
+//! * [`lease`] — leases this replica keeps alive.
 
+pub mod cache;
 pub mod config;
 pub mod keys;
+pub mod lease;
 pub mod records;
 pub mod registry;

@@ -4,7 +4,7 @@
 use prost::Message;
 
 /// A binding as stored under `{p}/b/...`.
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Eq, Message)]
 pub struct BindingRecord {
     /// The FE the VM sits behind.
     #[prost(string, tag = "1")]
@@ -42,7 +42,7 @@ pub struct BindingRecord {
 }
 
 /// A declared VM as stored under `{p}/v/...`.
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Eq, Message)]
 pub struct VmRecord {
     /// VM MAC (6 bytes).
     #[prost(bytes = "vec", tag = "1")]
@@ -56,7 +56,7 @@ pub struct VmRecord {
 }
 
 /// A registered FE as stored under `{p}/f/<id>`.
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Eq, Message)]
 pub struct FeRecord {
     /// Underlay address (4 or 16 bytes).
     #[prost(bytes = "vec", tag = "1")]
@@ -79,7 +79,7 @@ pub struct FeRecord {
 }
 
 /// An FE's liveness session as stored under `{p}/s/<id>` (attached to the FE's lease).
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Eq, Message)]
 pub struct SessionRecord {
     /// The replica that opened the session.
     #[prost(string, tag = "1")]
@@ -87,6 +87,23 @@ pub struct SessionRecord {
     /// When it was opened (ns).
     #[prost(int64, tag = "2")]
     pub opened_at_unix_nanos: i64,
+}
+
+/// A live replica as stored under `{p}/r/<id>` (attached to the replica's lease).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct ReplicaRecord {
+    /// gRPC address the replica listens on.
+    #[prost(string, tag = "1")]
+    pub grpc_addr: String,
+    /// When the replica started (ns).
+    #[prost(int64, tag = "2")]
+    pub started_at_unix_nanos: i64,
+    /// Bumped on every cache (re)load; the write is the load's fence.
+    #[prost(uint64, tag = "3")]
+    pub load_generation: u64,
+    /// Software version.
+    #[prost(string, tag = "4")]
+    pub version: String,
 }
 
 /// Wall-clock now in Unix nanoseconds.

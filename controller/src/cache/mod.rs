@@ -1,0 +1,281 @@
+//! The replica's watch-fed cache (kube-rs style: watch → cache → consumers).
+//!
+//! One loader task per replica ([`loader::run`]) lists the store once and then follows a single
+//! watch of the whole key prefix, so etcd sees one watch per replica however many agents are
+//! connected. Every applied watch batch that matters to agents becomes a [`Frame`] in a bounded
+//! history; agent streams and binding watchers read frames after their own cursor, so a stream
+//! that resumes from a revision still inside the history gets only the deltas (no snapshot), and a
+//! slow stream simply coalesces more frames into its next message.
+
+pub mod loader;
+pub mod state;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use victor_store::{Revision, WatchBatch};
+
+use crate::keys::Keys;
+pub use state::{BindingView, CacheChange, CacheState, FeView, VmView};
+
+/// The changes of one applied watch batch (or of a re-list diff), at `revision`.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Highest revision in the frame.
+    pub revision: Revision,
+    /// Agent-visible changes, in revision order.
+    pub changes: Arc<[CacheChange]>,
+}
+
+/// Result of asking for the changes after a revision.
+#[derive(Debug)]
+pub enum Since {
+    /// Every change after the revision, as frames (possibly none).
+    Frames(Vec<Frame>),
+    /// The revision is older than the retained history: the consumer needs a snapshot.
+    TooOld {
+        /// The oldest revision from which deltas are still available.
+        floor: Revision,
+    },
+}
+
+struct Inner {
+    state: CacheState,
+    history: VecDeque<Frame>,
+    history_changes: usize,
+    /// Frames cover changes with revision in (floor, state.revision].
+    floor: Revision,
+}
+
+/// The cache shared by the API, the agent streams and housekeeping.
+pub struct Cache {
+    keys: Keys,
+    inner: RwLock<Inner>,
+    history_limit: usize,
+    revision_tx: watch::Sender<Revision>,
+    loaded: AtomicBool,
+    undecodable: AtomicU64,
+    relists: AtomicU64,
+}
+
+impl Cache {
+    /// An empty cache that keeps about `history_limit` changes for resuming streams.
+    pub fn new(keys: Keys, history_limit: usize) -> Arc<Cache> {
+        let (revision_tx, _) = watch::channel(0);
+        Arc::new(Cache {
+            keys,
+            inner: RwLock::new(Inner {
+                state: CacheState::default(),
+                history: VecDeque::new(),
+                history_changes: 0,
+                floor: 0,
+            }),
+            history_limit,
+            revision_tx,
+            loaded: AtomicBool::new(false),
+            undecodable: AtomicU64::new(0),
+            relists: AtomicU64::new(0),
+        })
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Runs `f` on the current state under the read lock. Keep `f` short.
+    pub fn read<R>(&self, f: impl FnOnce(&CacheState) -> R) -> R {
+        f(&self.inner.read().expect("cache lock poisoned").state)
+    }
+
+    /// Runs `f` on the state and returns the state's revision with it: a snapshot taken by `f` is
+    /// exactly at that revision, so frames after it follow without gap or repeat.
+    pub fn read_with_revision<R>(&self, f: impl FnOnce(&CacheState) -> R) -> (R, Revision) {
+        let inner = self.inner.read().expect("cache lock poisoned");
+        (f(&inner.state), inner.state.revision)
+    }
+
+    /// The highest applied revision.
+    pub fn revision(&self) -> Revision {
+        *self.revision_tx.borrow()
+    }
+
+    /// Notified whenever the revision advances.
+    pub fn subscribe(&self) -> watch::Receiver<Revision> {
+        self.revision_tx.subscribe()
+    }
+
+    /// Whether the initial load has completed (the cache may serve).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// Values under our prefix that could not be decoded (should stay 0).
+    pub fn undecodable(&self) -> u64 {
+        self.undecodable.load(Ordering::Relaxed)
+    }
+
+    /// Completed re-lists after the first load (compaction or long outages).
+    pub fn relists(&self) -> u64 {
+        self.relists.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the cache has applied `revision` (read-your-writes after a write through this
+    /// replica). Returns false on timeout.
+    pub async fn wait_for(&self, revision: Revision, timeout: Duration) -> bool {
+        let mut rx = self.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Changes after `revision`.
+    pub fn since(&self, revision: Revision) -> Since {
+        let inner = self.inner.read().expect("cache lock poisoned");
+        if revision < inner.floor {
+            return Since::TooOld { floor: inner.floor };
+        }
+        let start = inner.history.partition_point(|f| f.revision <= revision);
+        Since::Frames(inner.history.range(start..).cloned().collect())
+    }
+
+    /// Applies a watch batch (loader only).
+    pub(crate) fn apply_batch(&self, batch: &WatchBatch) {
+        let mut changes = Vec::new();
+        let mut undecodable = 0;
+        let revision = {
+            let mut inner = self.inner.write().expect("cache lock poisoned");
+            for event in &batch.events {
+                if inner.state.apply(&self.keys, event, &mut changes)
+                    == state::ApplyResult::Undecodable
+                {
+                    undecodable += 1;
+                }
+            }
+            inner.state.revision = inner.state.revision.max(batch.revision);
+            let revision = inner.state.revision;
+            Self::push_frame(&mut inner, self.history_limit, revision, changes);
+            revision
+        };
+        if undecodable > 0 {
+            self.undecodable.fetch_add(undecodable, Ordering::Relaxed);
+            tracing::error!(
+                undecodable,
+                "values under the VICTOR prefix could not be decoded; is another writer using the prefix?"
+            );
+        }
+        self.revision_tx.send_replace(revision);
+    }
+
+    /// Installs a freshly loaded state. The first install starts the history at its revision; later
+    /// installs (re-lists) publish only the differences as one frame.
+    pub(crate) fn install(&self, fresh: CacheState) {
+        let revision = {
+            let mut inner = self.inner.write().expect("cache lock poisoned");
+            let revision = fresh.revision;
+            if self.is_loaded() {
+                let changes = inner.state.replace_with(fresh);
+                Self::push_frame(&mut inner, self.history_limit, revision, changes);
+                self.relists.fetch_add(1, Ordering::Relaxed);
+            } else {
+                inner.state = fresh;
+                inner.floor = revision;
+                inner.history.clear();
+                inner.history_changes = 0;
+            }
+            revision
+        };
+        self.loaded.store(true, Ordering::Release);
+        self.revision_tx.send_replace(revision);
+    }
+
+    fn push_frame(inner: &mut Inner, limit: usize, revision: Revision, changes: Vec<CacheChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        inner.history_changes += changes.len();
+        inner.history.push_back(Frame {
+            revision,
+            changes: changes.into(),
+        });
+        while inner.history_changes > limit && inner.history.len() > 1 {
+            let old = inner.history.pop_front().expect("non-empty");
+            inner.history_changes -= old.changes.len();
+            inner.floor = old.revision;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use victor_store::{Event, EventKind, KeyValue};
+
+    use crate::records::BindingRecord;
+
+    fn batch(keys: &Keys, rev: Revision, last_octet: u8) -> WatchBatch {
+        let ip = std::net::IpAddr::from([10, 10, 0, last_octet]);
+        let value = BindingRecord {
+            fe_id: "fe1".into(),
+            mac: vec![2, 0, 0, 0, 0, 1],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        WatchBatch {
+            revision: rev,
+            events: vec![Event {
+                kind: EventKind::Put,
+                kv: KeyValue {
+                    key: keys.binding(ip),
+                    value,
+                    mod_revision: rev,
+                    ..Default::default()
+                },
+            }],
+        }
+    }
+
+    #[test]
+    fn frames_after_a_revision_and_history_floor() {
+        let keys = Keys::new("/v");
+        let cache = Cache::new(keys.clone(), 3);
+        cache.install(CacheState::at(10));
+        for (i, rev) in (11..=15).enumerate() {
+            cache.apply_batch(&batch(&keys, rev, i as u8 + 1));
+        }
+        assert_eq!(cache.revision(), 15);
+        // History keeps 3 changes: revisions 13, 14, 15; the floor moved to 12.
+        let Since::Frames(frames) = cache.since(12) else {
+            panic!("12 is the floor")
+        };
+        assert_eq!(
+            frames.iter().map(|f| f.revision).collect::<Vec<_>>(),
+            vec![13, 14, 15]
+        );
+        let Since::Frames(frames) = cache.since(14) else {
+            panic!()
+        };
+        assert_eq!(frames.len(), 1);
+        let Since::Frames(frames) = cache.since(15) else {
+            panic!()
+        };
+        assert!(frames.is_empty());
+        assert!(matches!(cache.since(11), Since::TooOld { floor: 12 }));
+    }
+
+    #[tokio::test]
+    async fn wait_for_sees_later_batches() {
+        let keys = Keys::new("/v");
+        let cache = Cache::new(keys.clone(), 100);
+        cache.install(CacheState::at(1));
+        assert!(!cache.wait_for(2, Duration::from_millis(10)).await);
+        let c2 = cache.clone();
+        let k2 = keys.clone();
+        tokio::spawn(async move { c2.apply_batch(&batch(&k2, 2, 1)) });
+        assert!(cache.wait_for(2, Duration::from_secs(5)).await);
+    }
+}
