@@ -4,6 +4,7 @@
 //! * [`FILE_DESCRIPTOR_SET`] — the encoded descriptors, served by gRPC reflection.
 //! * [`types`] — [`types::Mac`] and conversions between wire bytes/text and `std::net` types.
 
+pub mod clock;
 pub mod types;
 
 /// Generated code for package `victor.v1`.
