@@ -20,17 +20,28 @@ python=${PYTHON:-python3}
 venv=${VICTOR_HELM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/victor/helm-tests-venv}
 requirements="$here/requirements.txt"
 
-# ---- Python tools, installed once per requirements.txt content (under a lock: parallel runs).
+# ---- Python tools, installed once per requirements.txt content into a virtualenv (under a lock:
+# parallel runs), or with `pip install --user` where the venv module is missing.
 mkdir -p "$(dirname "$venv")"
 exec 9>"$venv.lock"
 flock 9
 want=$(sha256sum "$requirements" | cut -d' ' -f1)
-if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]]; then
+tools_ok() { "$1" -c 'import helm_python, kubernetes_validate, pytest, yaml' 2>/dev/null; }
+if [[ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" == "$want" ]] && tools_ok "$venv/bin/python"; then
+    py="$venv/bin/python"
+else
     echo "helm tests: installing $(grep -v '^#' "$requirements" | xargs) into $venv"
     rm -rf "$venv"
-    "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
-    echo "$want" >"$venv/.requirements.sha256"
+    if "$python" -m venv "$venv"; then
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+        echo "$want" >"$venv/.requirements.sha256"
+        py="$venv/bin/python"
+    else
+        echo "helm tests: no venv module; installing with pip install --user"
+        rm -rf "$venv"
+        "$python" -m pip install --quiet --disable-pip-version-check --user -r "$requirements"
+        py="$python"
+    fi
 fi
 flock -u 9
 
@@ -44,8 +55,8 @@ if [[ -z "${VICTOR_CONTROLLER_BIN:-}" ]]; then
     fi
 fi
 export VICTOR_CONTROLLER_BIN
-echo "helm tests: $("$venv/bin/python" -c 'import helm_python as h; print("Helm", h.helm_sdk_version())'), controller $VICTOR_CONTROLLER_BIN"
+echo "helm tests: $("$py" -c 'import helm_python as h; print("Helm", h.helm_sdk_version())'), controller $VICTOR_CONTROLLER_BIN"
 
 cd "$here"
 export PYTHONDONTWRITEBYTECODE=1
-exec "$venv/bin/python" -m pytest -p no:cacheprovider -q -rfE "$@"
+exec "$py" -m pytest -p no:cacheprovider -q -rfE "$@"

@@ -91,7 +91,10 @@ def check_config(values: dict, tmp_path: pathlib.Path) -> tuple[subprocess.Compl
 def test_controller_accepts_the_rendered_command_line(name, tmp_path):
     proc, args = check_config(value_set(name), tmp_path)
     assert proc.returncode == 0, f"victor-controller rejected the chart's flags:\n{args}\n{proc.stderr}"
-    config = json.loads(proc.stdout)
+    try:
+        config = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"victor-controller --check-config must print the config as JSON, printed {proc.stdout!r}")
     rendered = flags(args)
     assert config["replica_id"] == POD_NAME, "VICTOR_REPLICA_ID from the downward API"
     assert config["etcd_endpoints"] == flag(args, "etcd-endpoints").split(",")
