@@ -44,12 +44,7 @@ pub struct Config {
 
     /// etcd client URLs, comma separated (e.g. http://10.0.0.1:2379,http://10.0.0.2:2379).
     /// Absent: use the embedded store in --data-dir (single replica).
-    #[arg(
-        long,
-        env = "VICTOR_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        value_name = "URL,..."
-    )]
+    #[arg(long, env = "VICTOR_ETCD_ENDPOINTS", value_delimiter = ',', value_name = "URL,...")]
     pub etcd_endpoints: Vec<String>,
 
     /// Key prefix of all VICTOR keys in etcd (lets several clusters share one etcd).
@@ -61,21 +56,11 @@ pub struct Config {
     pub etcd_ca_file: Option<PathBuf>,
 
     /// Client certificate (PEM) for etcd mutual TLS (with --etcd-key-file).
-    #[arg(
-        long,
-        env = "VICTOR_ETCD_CERT_FILE",
-        value_name = "FILE",
-        requires = "etcd_key_file"
-    )]
+    #[arg(long, env = "VICTOR_ETCD_CERT_FILE", value_name = "FILE", requires = "etcd_key_file")]
     pub etcd_cert_file: Option<PathBuf>,
 
     /// Client key (PEM) for etcd mutual TLS (with --etcd-cert-file).
-    #[arg(
-        long,
-        env = "VICTOR_ETCD_KEY_FILE",
-        value_name = "FILE",
-        requires = "etcd_cert_file"
-    )]
+    #[arg(long, env = "VICTOR_ETCD_KEY_FILE", value_name = "FILE", requires = "etcd_cert_file")]
     pub etcd_key_file: Option<PathBuf>,
 
     /// Deadline of every etcd request; past it the request fails with UNAVAILABLE.
@@ -140,31 +125,16 @@ pub struct Config {
     pub max_report_observations: usize,
 
     /// Server certificate (PEM) for gRPC TLS. Without it gRPC is plaintext (lab/quick start only).
-    #[arg(
-        long,
-        env = "VICTOR_TLS_CERT_FILE",
-        value_name = "FILE",
-        requires = "tls_key_file"
-    )]
+    #[arg(long, env = "VICTOR_TLS_CERT_FILE", value_name = "FILE", requires = "tls_key_file")]
     pub tls_cert_file: Option<PathBuf>,
 
     /// Server key (PEM) for gRPC TLS.
-    #[arg(
-        long,
-        env = "VICTOR_TLS_KEY_FILE",
-        value_name = "FILE",
-        requires = "tls_cert_file"
-    )]
+    #[arg(long, env = "VICTOR_TLS_KEY_FILE", value_name = "FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
 
     /// CA (PEM) that signs client certificates. With it, clients must present a certificate:
     /// fe-agents are identified by it (mutual TLS).
-    #[arg(
-        long,
-        env = "VICTOR_TLS_CLIENT_CA_FILE",
-        value_name = "FILE",
-        requires = "tls_cert_file"
-    )]
+    #[arg(long, env = "VICTOR_TLS_CLIENT_CA_FILE", value_name = "FILE", requires = "tls_cert_file")]
     pub tls_client_ca_file: Option<PathBuf>,
 
     /// File of bearer tokens for BindingService callers, one `<token> <role>` per line
@@ -216,11 +186,7 @@ pub enum ConfigError {
 impl Config {
     /// Parses the process arguments, merging the config file named by `--config`/`VICTOR_CONFIG`.
     pub fn load() -> Result<Config, ConfigError> {
-        Self::load_from(
-            std::env::args_os()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
-        )
+        Self::load_from(std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect())
     }
 
     /// Parses `args` (including the program name), merging the config file if any. The file's
@@ -242,24 +208,16 @@ impl Config {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         for (i, a) in self.mobile_prefixes.iter().enumerate() {
             if a.trunc() != *a {
-                return bad(format!(
-                    "--mobile-prefix {a} has host bits set; did you mean {}?",
-                    a.trunc()
-                ));
+                return bad(format!("--mobile-prefix {a} has host bits set; did you mean {}?", a.trunc()));
             }
             for b in &self.mobile_prefixes[i + 1..] {
                 if a.contains(b) || b.contains(a) {
-                    return bad(format!(
-                        "--mobile-prefix {a} and {b} overlap; give each range once"
-                    ));
+                    return bad(format!("--mobile-prefix {a} and {b} overlap; give each range once"));
                 }
             }
         }
         if self.session_ttl < Duration::from_secs(2) {
-            return bad(format!(
-                "--session-ttl {:?} is too short; use at least 2s",
-                self.session_ttl
-            ));
+            return bad(format!("--session-ttl {:?} is too short; use at least 2s", self.session_ttl));
         }
         if self.damping_max_moves == 0 {
             return bad("--damping-max-moves must be at least 1".into());
@@ -272,16 +230,11 @@ impl Config {
         }
         for url in &self.etcd_endpoints {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return bad(format!(
-                    "--etcd-endpoints entry {url:?} must be a URL like http://127.0.0.1:2379"
-                ));
+                return bad(format!("--etcd-endpoints entry {url:?} must be a URL like http://127.0.0.1:2379"));
             }
         }
         if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.ends_with('/') {
-            return bad(format!(
-                "--etcd-prefix {:?} must start with '/' and not end with '/'",
-                self.etcd_prefix
-            ));
+            return bad(format!("--etcd-prefix {:?} must start with '/' and not end with '/'", self.etcd_prefix));
         }
         for file in [
             &self.etcd_ca_file,
@@ -296,10 +249,7 @@ impl Config {
         .flatten()
         {
             if !file.is_file() {
-                return bad(format!(
-                    "file {} does not exist or is not a regular file",
-                    file.display()
-                ));
+                return bad(format!("file {} does not exist or is not a regular file", file.display()));
             }
         }
         Ok(())
@@ -308,8 +258,7 @@ impl Config {
     /// The replica id: configured, or `<hostname>-<pid>`.
     pub fn replica_id(&self) -> String {
         self.replica_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .unwrap_or_else(|_| "controller".into());
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "controller".into());
             format!("{}-{}", host.trim(), std::process::id())
         })
     }
@@ -336,16 +285,11 @@ fn config_path(args: &[String]) -> Option<PathBuf> {
 
 /// Turns a TOML config file into `--flag value` arguments placed before the real arguments.
 fn file_arguments(path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let table: toml::Table =
-        text.parse()
-            .map_err(|e: toml::de::Error| ConfigError::FileSyntax {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::FileSyntax { path: path.to_path_buf(), message: e.to_string() })?;
     let mut args = Vec::new();
     for (key, value) in table {
         if key == "config" || key == "check-config" {
@@ -399,49 +343,27 @@ mod tests {
     use super::*;
 
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
-        Config::load_from(
-            std::iter::once("victor-controller")
-                .chain(args.iter().copied())
-                .map(String::from)
-                .collect(),
-        )
+        Config::load_from(std::iter::once("victor-controller").chain(args.iter().copied()).map(String::from).collect())
     }
 
     #[test]
     fn defaults_with_one_prefix() {
         let c = load(&["--mobile-prefix", "10.10.0.0/16"]).unwrap();
         assert!(c.uses_embedded_store());
-        assert_eq!(
-            c.mobile_prefixes,
-            vec!["10.10.0.0/16".parse::<IpNet>().unwrap()]
-        );
+        assert_eq!(c.mobile_prefixes, vec!["10.10.0.0/16".parse::<IpNet>().unwrap()]);
         assert_eq!(c.damping_max_moves, 5);
         assert_eq!(c.damping_window, Duration::from_secs(180));
     }
 
     #[test]
     fn rejects_bad_values_with_a_hint() {
-        let err = load(&["--mobile-prefix", "10.10.0.1/16"])
-            .unwrap_err()
-            .to_string();
+        let err = load(&["--mobile-prefix", "10.10.0.1/16"]).unwrap_err().to_string();
         assert!(err.contains("did you mean 10.10.0.0/16"), "{err}");
-        let err = load(&[
-            "--mobile-prefix",
-            "10.10.0.0/16",
-            "--mobile-prefix",
-            "10.10.1.0/24",
-        ])
-        .unwrap_err()
-        .to_string();
+        let err =
+            load(&["--mobile-prefix", "10.10.0.0/16", "--mobile-prefix", "10.10.1.0/24"]).unwrap_err().to_string();
         assert!(err.contains("overlap"), "{err}");
-        let err = load(&[
-            "--mobile-prefix",
-            "10.10.0.0/16",
-            "--etcd-endpoints",
-            "127.0.0.1:2379",
-        ])
-        .unwrap_err()
-        .to_string();
+        let err =
+            load(&["--mobile-prefix", "10.10.0.0/16", "--etcd-endpoints", "127.0.0.1:2379"]).unwrap_err().to_string();
         assert!(err.contains("must be a URL"), "{err}");
         assert!(load(&[]).is_err(), "a mobile prefix is required");
     }
@@ -455,20 +377,12 @@ mod tests {
             "grpc-listen = \"127.0.0.1:6000\"\nmobile-prefix = [\"10.10.0.0/16\", \"10.20.0.0/16\"]\nrequire-declared = true\n",
         )
         .unwrap();
-        let c = load(&[
-            "--config",
-            path.to_str().unwrap(),
-            "--grpc-listen",
-            "127.0.0.1:7000",
-        ])
-        .unwrap();
+        let c = load(&["--config", path.to_str().unwrap(), "--grpc-listen", "127.0.0.1:7000"]).unwrap();
         assert_eq!(c.grpc_listen.port(), 7000);
         assert_eq!(c.mobile_prefixes.len(), 2);
         assert!(c.require_declared);
         std::fs::write(&path, "no-such-flag = 1\n").unwrap();
-        let err = load(&["--config", path.to_str().unwrap()])
-            .unwrap_err()
-            .to_string();
+        let err = load(&["--config", path.to_str().unwrap()]).unwrap_err().to_string();
         assert!(err.contains("no-such-flag"), "{err}");
     }
 }

@@ -41,9 +41,7 @@ pub struct Keys {
 impl Keys {
     /// Keys under `prefix` (e.g. `/victor`; no trailing slash).
     pub fn new(prefix: &str) -> Self {
-        Keys {
-            prefix: prefix.trim_end_matches('/').to_owned(),
-        }
+        Keys { prefix: prefix.trim_end_matches('/').to_owned() }
     }
 
     /// Everything VICTOR stores (what each replica's cache watches).
@@ -135,25 +133,16 @@ fn parse_ip(tail: &str) -> Option<IpAddr> {
     let bytes = decode_hex(hex)?;
     match (family, bytes.len()) {
         ("4", 4) => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?))),
-        ("6", 16) => Some(IpAddr::V6(Ipv6Addr::from(
-            <[u8; 16]>::try_from(bytes).ok()?,
-        ))),
+        ("6", 16) => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?))),
         _ => None,
     }
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0
-        || !hex
-            .bytes()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-    {
+    if hex.len() % 2 != 0 || !hex.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
         return None;
     }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
-        .collect()
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect()
 }
 
 #[cfg(test)]
@@ -164,15 +153,9 @@ mod tests {
     #[test]
     fn layout_is_stable() {
         let k = Keys::new("/victor");
-        assert_eq!(
-            k.binding("10.10.0.11".parse().unwrap()),
-            b"/victor/b/4/0a0a000b".to_vec()
-        );
+        assert_eq!(k.binding("10.10.0.11".parse().unwrap()), b"/victor/b/4/0a0a000b".to_vec());
         assert_eq!(k.fe("fe1"), b"/victor/f/fe1".to_vec());
-        assert_eq!(
-            k.parse(b"/victor/s/fe2"),
-            Some(KeyKind::Session("fe2".into()))
-        );
+        assert_eq!(k.parse(b"/victor/s/fe2"), Some(KeyKind::Session("fe2".into())));
         assert_eq!(k.parse(b"/victor/e/housekeeper"), Some(KeyKind::Election));
         assert_eq!(k.parse(b"/other/b/4/0a0a000b"), None);
         assert_eq!(k.parse(b"/victor/b/4/0A0A000B"), None);

@@ -22,12 +22,7 @@ impl<S: Store> KeptLease<S> {
     /// A keeper for leases of `ttl`; nothing is granted until [`KeptLease::id`] is called.
     pub fn new(store: S, ttl: Duration) -> Arc<Self> {
         let (lost_tx, _) = watch::channel(0);
-        let keeper = Arc::new(KeptLease {
-            store,
-            ttl,
-            current: Mutex::new(None),
-            lost_tx,
-        });
+        let keeper = Arc::new(KeptLease { store, ttl, current: Mutex::new(None), lost_tx });
         let weak = Arc::downgrade(&keeper);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(ttl / 3);
@@ -70,10 +65,7 @@ impl<S: Store> KeptLease<S> {
         match self.store.lease_keep_alive(id).await {
             Ok(_) => {}
             Err(StoreError::LeaseNotFound(_)) => {
-                tracing::warn!(
-                    lease = id,
-                    "lease expired; keys attached to it are gone and will be re-created"
-                );
+                tracing::warn!(lease = id, "lease expired; keys attached to it are gone and will be re-created");
                 let mut current = self.current.lock().await;
                 if *current == Some(id) {
                     *current = None;

@@ -7,9 +7,16 @@
 //! * [`cache`] — the watch-fed replica cache and its history of frames.
 //! * [`lease`] — leases this replica keeps alive.
 
+pub mod admin;
+pub mod api;
 pub mod cache;
 pub mod config;
+pub mod housekeeping;
 pub mod keys;
 pub mod lease;
+pub mod metrics;
 pub mod records;
 pub mod registry;
+pub mod server;
+pub mod stream;
+pub mod trace;

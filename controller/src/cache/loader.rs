@@ -14,8 +14,7 @@ use futures::StreamExt;
 use prost::Message;
 use tokio::sync::watch;
 use victor_store::{
-    Event, EventKind, KeyRange, RangeRequest, Revision, Store, StoreError, StoreResult, Txn, TxnOp,
-    prefix_end,
+    Event, EventKind, KeyRange, RangeRequest, Revision, Store, StoreError, StoreResult, Txn, TxnOp, prefix_end,
 };
 
 use super::{Cache, CacheState};
@@ -45,22 +44,13 @@ impl<S: Store> Presence<S> {
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let key = cache.keys().replica(&self.replica_id);
-        let txn = Txn {
-            success: vec![TxnOp::Put {
-                key,
-                value: record.encode_to_vec(),
-                lease,
-            }],
-            ..Default::default()
-        };
+        let txn = Txn { success: vec![TxnOp::Put { key, value: record.encode_to_vec(), lease }], ..Default::default() };
         match store.txn(txn).await {
             Ok(res) => Ok(res.revision),
             Err(StoreError::LeaseNotFound(_)) => {
                 // Lost between grant and put: let the keeper re-grant, fail this attempt.
                 self.lease.revoke().await;
-                Err(StoreError::Unavailable(
-                    "presence lease vanished; retrying".into(),
-                ))
+                Err(StoreError::Unavailable("presence lease vanished; retrying".into()))
             }
             Err(err) => Err(err),
         }
@@ -70,12 +60,7 @@ impl<S: Store> Presence<S> {
 /// Runs until `shutdown` flips to true: lists, installs, follows the watch, re-lists after a
 /// compaction and re-watches after an outage (from the last applied revision, so nothing is
 /// missed).
-pub async fn run<S: Store>(
-    store: S,
-    cache: Arc<Cache>,
-    presence: Presence<S>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run<S: Store>(store: S, cache: Arc<Cache>, presence: Presence<S>, mut shutdown: watch::Receiver<bool>) {
     let mut generation = 0u64;
     let mut backoff = Backoff::default();
     let mut lost = presence.lease.lost();
@@ -151,10 +136,7 @@ pub async fn run<S: Store>(
                             None => cache.apply_batch(&batch),
                         }
                     }
-                    Some(Err(StoreError::Compacted {
-                        requested,
-                        compacted,
-                    })) => {
+                    Some(Err(StoreError::Compacted { requested, compacted })) => {
                         tracing::warn!(
                             requested,
                             compacted,
@@ -188,23 +170,12 @@ async fn list<S: Store>(store: &S, cache: &Cache) -> StoreResult<(Option<CacheSt
     let mut first_revision = None;
     let mut sink = Vec::new();
     loop {
-        let page = store
-            .range(RangeRequest {
-                range: KeyRange::between(start.clone(), end.clone()),
-                limit: PAGE,
-            })
-            .await?;
+        let page =
+            store.range(RangeRequest { range: KeyRange::between(start.clone(), end.clone()), limit: PAGE }).await?;
         first_revision.get_or_insert(page.revision);
         let last_key = page.kvs.last().map(|kv| kv.key.clone());
         for kv in page.kvs {
-            state.apply(
-                cache.keys(),
-                &Event {
-                    kind: EventKind::Put,
-                    kv,
-                },
-                &mut sink,
-            );
+            state.apply(cache.keys(), &Event { kind: EventKind::Put, kv }, &mut sink);
             sink.clear();
         }
         match (page.more, last_key) {

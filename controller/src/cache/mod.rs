@@ -28,13 +28,21 @@ pub struct Frame {
     pub revision: Revision,
     /// Agent-visible changes, in revision order.
     pub changes: Arc<[CacheChange]>,
+    /// When the cache applied it (CLOCK_MONOTONIC ns).
+    pub applied_mono_ns: u64,
 }
 
 /// Result of asking for the changes after a revision.
 #[derive(Debug)]
 pub enum Since {
-    /// Every change after the revision, as frames (possibly none).
-    Frames(Vec<Frame>),
+    /// Every change after the revision, as frames (possibly none), and the cache revision they
+    /// bring the consumer to (read atomically with them: nothing between is missed).
+    Frames {
+        /// The frames.
+        frames: Vec<Frame>,
+        /// The cache's revision when they were read.
+        revision: Revision,
+    },
     /// The revision is older than the retained history: the consumer needs a snapshot.
     TooOld {
         /// The oldest revision from which deltas are still available.
@@ -127,9 +135,7 @@ impl Cache {
     /// replica). Returns false on timeout.
     pub async fn wait_for(&self, revision: Revision, timeout: Duration) -> bool {
         let mut rx = self.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await.is_ok_and(|r| r.is_ok())
     }
 
     /// Changes after `revision`.
@@ -139,7 +145,10 @@ impl Cache {
             return Since::TooOld { floor: inner.floor };
         }
         let start = inner.history.partition_point(|f| f.revision <= revision);
-        Since::Frames(inner.history.range(start..).cloned().collect())
+        Since::Frames {
+            frames: inner.history.range(start..).cloned().collect(),
+            revision: inner.state.revision.max(revision),
+        }
     }
 
     /// Applies a watch batch (loader only).
@@ -149,9 +158,7 @@ impl Cache {
         let revision = {
             let mut inner = self.inner.write().expect("cache lock poisoned");
             for event in &batch.events {
-                if inner.state.apply(&self.keys, event, &mut changes)
-                    == state::ApplyResult::Undecodable
-                {
+                if inner.state.apply(&self.keys, event, &mut changes) == state::ApplyResult::Undecodable {
                     undecodable += 1;
                 }
             }
@@ -197,10 +204,8 @@ impl Cache {
             return;
         }
         inner.history_changes += changes.len();
-        inner.history.push_back(Frame {
-            revision,
-            changes: changes.into(),
-        });
+        let applied_mono_ns = victor_proto::clock::monotonic_ns();
+        inner.history.push_back(Frame { revision, changes: changes.into(), applied_mono_ns });
         while inner.history_changes > limit && inner.history.len() > 1 {
             let old = inner.history.pop_front().expect("non-empty");
             inner.history_changes -= old.changes.len();
@@ -219,22 +224,13 @@ mod tests {
 
     fn batch(keys: &Keys, rev: Revision, last_octet: u8) -> WatchBatch {
         let ip = std::net::IpAddr::from([10, 10, 0, last_octet]);
-        let value = BindingRecord {
-            fe_id: "fe1".into(),
-            mac: vec![2, 0, 0, 0, 0, 1],
-            ..Default::default()
-        }
-        .encode_to_vec();
+        let value =
+            BindingRecord { fe_id: "fe1".into(), mac: vec![2, 0, 0, 0, 0, 1], ..Default::default() }.encode_to_vec();
         WatchBatch {
             revision: rev,
             events: vec![Event {
                 kind: EventKind::Put,
-                kv: KeyValue {
-                    key: keys.binding(ip),
-                    value,
-                    mod_revision: rev,
-                    ..Default::default()
-                },
+                kv: KeyValue { key: keys.binding(ip), value, mod_revision: rev, ..Default::default() },
             }],
         }
     }
@@ -249,20 +245,11 @@ mod tests {
         }
         assert_eq!(cache.revision(), 15);
         // History keeps 3 changes: revisions 13, 14, 15; the floor moved to 12.
-        let Since::Frames(frames) = cache.since(12) else {
-            panic!("12 is the floor")
-        };
-        assert_eq!(
-            frames.iter().map(|f| f.revision).collect::<Vec<_>>(),
-            vec![13, 14, 15]
-        );
-        let Since::Frames(frames) = cache.since(14) else {
-            panic!()
-        };
+        let Since::Frames(frames) = cache.since(12) else { panic!("12 is the floor") };
+        assert_eq!(frames.iter().map(|f| f.revision).collect::<Vec<_>>(), vec![13, 14, 15]);
+        let Since::Frames(frames) = cache.since(14) else { panic!() };
         assert_eq!(frames.len(), 1);
-        let Since::Frames(frames) = cache.since(15) else {
-            panic!()
-        };
+        let Since::Frames(frames) = cache.since(15) else { panic!() };
         assert!(frames.is_empty());
         assert!(matches!(cache.since(11), Since::TooOld { floor: 12 }));
     }

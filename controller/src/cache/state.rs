@@ -55,17 +55,16 @@ pub struct BindingExtra {
 
 impl BindingView {
     fn from_record(rec: BindingRecord, revision: Revision, fe_id: Arc<str>) -> Self {
-        let extra = (rec.frozen_at_unix_nanos != 0
-            || !rec.recent_moves_unix_nanos.is_empty()
-            || !rec.pending_fe_id.is_empty())
-        .then(|| {
-            Box::new(BindingExtra {
-                frozen_at: rec.frozen_at_unix_nanos,
-                recent_moves: rec.recent_moves_unix_nanos,
-                pending_fe_id: rec.pending_fe_id,
-                pending_until: rec.pending_until_unix_nanos,
-            })
-        });
+        let extra =
+            (rec.frozen_at_unix_nanos != 0 || !rec.recent_moves_unix_nanos.is_empty() || !rec.pending_fe_id.is_empty())
+                .then(|| {
+                    Box::new(BindingExtra {
+                        frozen_at: rec.frozen_at_unix_nanos,
+                        recent_moves: rec.recent_moves_unix_nanos,
+                        pending_fe_id: rec.pending_fe_id,
+                        pending_until: rec.pending_until_unix_nanos,
+                    })
+                });
         BindingView {
             fe_id,
             mac: Mac::from_bytes(&rec.mac).unwrap_or(Mac::ZERO),
@@ -99,10 +98,7 @@ impl BindingView {
 
     /// The announced migration target, if any.
     pub fn pending_fe_id(&self) -> &str {
-        self.extra
-            .as_deref()
-            .map(|e| e.pending_fe_id.as_str())
-            .unwrap_or("")
+        self.extra.as_deref().map(|e| e.pending_fe_id.as_str()).unwrap_or("")
     }
 }
 
@@ -199,10 +195,7 @@ pub struct CacheState {
 impl CacheState {
     /// An empty state at `revision`.
     pub fn at(revision: Revision) -> Self {
-        CacheState {
-            revision,
-            ..Default::default()
-        }
+        CacheState { revision, ..Default::default() }
     }
 
     /// Interns an FE id so that a million bindings share a handful of strings.
@@ -241,18 +234,10 @@ impl CacheState {
                         self.count_binding(&old.fe_id, -1);
                     }
                     self.count_binding(&fe, 1);
-                    out.push(CacheChange::Binding {
-                        ip,
-                        revision: rev,
-                        view: Some(view),
-                    });
+                    out.push(CacheChange::Binding { ip, revision: rev, view: Some(view) });
                 } else if let Some(old) = self.bindings.remove(&ip) {
                     self.count_binding(&old.fe_id, -1);
-                    out.push(CacheChange::Binding {
-                        ip,
-                        revision: rev,
-                        view: None,
-                    });
+                    out.push(CacheChange::Binding { ip, revision: rev, view: None });
                 }
             }
             KeyKind::Vm(ip) => {
@@ -263,13 +248,7 @@ impl CacheState {
                     let Ok(record) = VmRecord::decode(event.kv.value.as_slice()) else {
                         return ApplyResult::Undecodable;
                     };
-                    self.vms.insert(
-                        ip,
-                        VmView {
-                            record,
-                            revision: rev,
-                        },
-                    );
+                    self.vms.insert(ip, VmView { record, revision: rev });
                 } else {
                     self.vms.remove(&ip);
                 }
@@ -287,25 +266,11 @@ impl CacheState {
                         return ApplyResult::Undecodable;
                     };
                     let session_revision = self.sessions.get(&fe_id).copied().unwrap_or(0);
-                    let view = FeView {
-                        fe_id: fe_id.clone(),
-                        underlay,
-                        record,
-                        revision: rev,
-                        session_revision,
-                    };
+                    let view = FeView { fe_id: fe_id.clone(), underlay, record, revision: rev, session_revision };
                     self.fes.insert(fe_id.clone(), view.clone());
-                    out.push(CacheChange::Fe {
-                        fe_id,
-                        revision: rev,
-                        view: Some(view),
-                    });
+                    out.push(CacheChange::Fe { fe_id, revision: rev, view: Some(view) });
                 } else if self.fes.remove(&fe_id).is_some() {
-                    out.push(CacheChange::Fe {
-                        fe_id,
-                        revision: rev,
-                        view: None,
-                    });
+                    out.push(CacheChange::Fe { fe_id, revision: rev, view: None });
                 }
             }
             KeyKind::Session(id) => {
@@ -325,11 +290,7 @@ impl CacheState {
                     let was_up = fe.up();
                     fe.session_revision = session_revision;
                     if was_up != fe.up() {
-                        out.push(CacheChange::Fe {
-                            fe_id,
-                            revision: rev,
-                            view: Some(fe.clone()),
-                        });
+                        out.push(CacheChange::Fe { fe_id, revision: rev, view: Some(fe.clone()) });
                     }
                 }
             }
@@ -338,23 +299,14 @@ impl CacheState {
                     let Ok(record) = ReplicaRecord::decode(event.kv.value.as_slice()) else {
                         return ApplyResult::Undecodable;
                     };
-                    self.replicas.insert(
-                        id,
-                        ReplicaView {
-                            record,
-                            revision: rev,
-                        },
-                    );
+                    self.replicas.insert(id, ReplicaView { record, revision: rev });
                 } else {
                     self.replicas.remove(&id);
                 }
             }
             KeyKind::Election => {
-                self.housekeeper = if put {
-                    Some((String::from_utf8_lossy(&event.kv.value).into_owned(), rev))
-                } else {
-                    None
-                };
+                self.housekeeper =
+                    if put { Some((String::from_utf8_lossy(&event.kv.value).into_owned(), rev)) } else { None };
             }
         }
         ApplyResult::Applied
@@ -368,29 +320,17 @@ impl CacheState {
         for (ip, old) in &self.bindings {
             if !fresh.bindings.contains_key(ip) {
                 let _ = old;
-                out.push(CacheChange::Binding {
-                    ip: *ip,
-                    revision,
-                    view: None,
-                });
+                out.push(CacheChange::Binding { ip: *ip, revision, view: None });
             }
         }
         for (ip, new) in &fresh.bindings {
             if self.bindings.get(ip).map(|old| old.revision) != Some(new.revision) {
-                out.push(CacheChange::Binding {
-                    ip: *ip,
-                    revision: new.revision,
-                    view: Some(new.clone()),
-                });
+                out.push(CacheChange::Binding { ip: *ip, revision: new.revision, view: Some(new.clone()) });
             }
         }
         for id in self.fes.keys() {
             if !fresh.fes.contains_key(id) {
-                out.push(CacheChange::Fe {
-                    fe_id: id.clone(),
-                    revision,
-                    view: None,
-                });
+                out.push(CacheChange::Fe { fe_id: id.clone(), revision, view: None });
             }
         }
         for (id, new) in &fresh.fes {
@@ -417,10 +357,7 @@ impl CacheState {
         let mut undecodable = 0;
         let mut sink = Vec::new();
         for kv in kvs {
-            let event = Event {
-                kind: EventKind::Put,
-                kv,
-            };
+            let event = Event { kind: EventKind::Put, kv };
             if state.apply(keys, &event, &mut sink) == ApplyResult::Undecodable {
                 undecodable += 1;
             }
@@ -460,45 +397,21 @@ mod tests {
     fn put(key: Vec<u8>, value: Vec<u8>, rev: Revision) -> Event {
         Event {
             kind: EventKind::Put,
-            kv: KeyValue {
-                key,
-                value,
-                mod_revision: rev,
-                create_revision: rev,
-                version: 1,
-                lease: 0,
-            },
+            kv: KeyValue { key, value, mod_revision: rev, create_revision: rev, version: 1, lease: 0 },
         }
     }
 
     fn del(key: Vec<u8>, rev: Revision) -> Event {
-        Event {
-            kind: EventKind::Delete,
-            kv: KeyValue {
-                key,
-                mod_revision: rev,
-                ..Default::default()
-            },
-        }
+        Event { kind: EventKind::Delete, kv: KeyValue { key, mod_revision: rev, ..Default::default() } }
     }
 
     fn binding(fe: &str) -> Vec<u8> {
-        BindingRecord {
-            fe_id: fe.into(),
-            mac: vec![2, 0, 0, 0, 0, 1],
-            observed_at_unix_nanos: 1,
-            ..Default::default()
-        }
-        .encode_to_vec()
+        BindingRecord { fe_id: fe.into(), mac: vec![2, 0, 0, 0, 0, 1], observed_at_unix_nanos: 1, ..Default::default() }
+            .encode_to_vec()
     }
 
     fn fe_record() -> Vec<u8> {
-        FeRecord {
-            underlay_addr: vec![192, 168, 0, 1],
-            site: "a".into(),
-            ..Default::default()
-        }
-        .encode_to_vec()
+        FeRecord { underlay_addr: vec![192, 168, 0, 1], site: "a".into(), ..Default::default() }.encode_to_vec()
     }
 
     #[test]
@@ -507,18 +420,9 @@ mod tests {
         let ip: IpAddr = "10.10.0.11".parse().unwrap();
         let mut s = CacheState::default();
         let mut out = Vec::new();
-        assert_eq!(
-            s.apply(&keys, &put(keys.binding(ip), binding("fe2"), 5), &mut out),
-            ApplyResult::Applied
-        );
-        assert_eq!(
-            s.apply(&keys, &put(keys.binding(ip), binding("fe2"), 5), &mut out),
-            ApplyResult::Stale
-        );
-        assert_eq!(
-            s.apply(&keys, &put(keys.binding(ip), binding("fe1"), 4), &mut out),
-            ApplyResult::Stale
-        );
+        assert_eq!(s.apply(&keys, &put(keys.binding(ip), binding("fe2"), 5), &mut out), ApplyResult::Applied);
+        assert_eq!(s.apply(&keys, &put(keys.binding(ip), binding("fe2"), 5), &mut out), ApplyResult::Stale);
+        assert_eq!(s.apply(&keys, &put(keys.binding(ip), binding("fe1"), 4), &mut out), ApplyResult::Stale);
         assert_eq!(out.len(), 1);
         assert_eq!(s.bindings[&ip].fe_id.as_ref(), "fe2");
         assert_eq!(s.bindings_per_fe[&Arc::<str>::from("fe2")], 1);
@@ -528,14 +432,8 @@ mod tests {
         assert!(s.bindings.is_empty() && s.bindings_per_fe.is_empty());
         assert_eq!(out.len(), 3);
         assert_eq!(s.revision, 7);
-        assert_eq!(
-            s.apply(&keys, &put(b"/v/b/4/zz".to_vec(), vec![], 8), &mut out),
-            ApplyResult::Ignored
-        );
-        assert_eq!(
-            s.apply(&keys, &put(keys.binding(ip), vec![0xff, 0xff], 9), &mut out),
-            ApplyResult::Undecodable
-        );
+        assert_eq!(s.apply(&keys, &put(b"/v/b/4/zz".to_vec(), vec![], 8), &mut out), ApplyResult::Ignored);
+        assert_eq!(s.apply(&keys, &put(keys.binding(ip), vec![0xff, 0xff], 9), &mut out), ApplyResult::Undecodable);
     }
 
     #[test]
@@ -571,11 +469,7 @@ mod tests {
             lease: 0,
         };
         // After compaction: a unchanged, b moved, c new; nothing else.
-        let (fresh, bad) = CacheState::from_kvs(
-            &keys,
-            vec![kv(a, "fe1", 2), kv(b, "fe2", 10), kv(c, "fe2", 11)],
-            12,
-        );
+        let (fresh, bad) = CacheState::from_kvs(&keys, vec![kv(a, "fe1", 2), kv(b, "fe2", 10), kv(c, "fe2", 11)], 12);
         assert_eq!(bad, 0);
         let diff = s.replace_with(fresh);
         let ips: Vec<IpAddr> = diff
@@ -606,15 +500,7 @@ mod tests {
         };
         let view = BindingView::from_record(rec.clone(), 5, Arc::from("fe9"));
         assert_eq!(view.to_record(), rec);
-        let plain = BindingRecord {
-            fe_id: "fe9".into(),
-            mac: vec![2, 1, 2, 3, 4, 5],
-            ..Default::default()
-        };
-        assert!(
-            BindingView::from_record(plain, 1, Arc::from("fe9"))
-                .extra
-                .is_none()
-        );
+        let plain = BindingRecord { fe_id: "fe9".into(), mac: vec![2, 1, 2, 3, 4, 5], ..Default::default() };
+        assert!(BindingView::from_record(plain, 1, Arc::from("fe9")).extra.is_none());
     }
 }

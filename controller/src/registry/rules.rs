@@ -41,10 +41,7 @@ pub struct Rules {
 impl Default for Rules {
     fn default() -> Self {
         Rules {
-            damping: DampingPolicy {
-                max_moves: 5,
-                window_ns: 180 * 1_000_000_000,
-            },
+            damping: DampingPolicy { max_moves: 5, window_ns: 180 * 1_000_000_000 },
             require_declared: false,
             max_clock_skew_ns: 30 * 1_000_000_000,
             refresh_granularity_ns: 1_000_000_000,
@@ -89,11 +86,7 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(reason: RejectReason, code: Code, message: impl Into<String>) -> Self {
-        Rejection {
-            reason,
-            code,
-            message: message.into(),
-        }
+        Rejection { reason, code, message: message.into() }
     }
 }
 
@@ -231,12 +224,7 @@ fn decide_learned(
         };
     }
 
-    if !is_newer(
-        obs.observed_at,
-        obs.fe_id,
-        cur.observed_at_unix_nanos,
-        &cur.fe_id,
-    ) {
+    if !is_newer(obs.observed_at, obs.fe_id, cur.observed_at_unix_nanos, &cur.fe_id) {
         return Verdict::Reject(Rejection::new(
             RejectReason::Stale,
             Code::FailedPrecondition,
@@ -249,15 +237,7 @@ fn decide_learned(
     if cur.frozen {
         return Verdict::Reject(damped(cur));
     }
-    move_to(
-        rules,
-        cur,
-        obs.fe_id,
-        obs.mac,
-        obs.observed_at,
-        BindingSource::Arp,
-        now,
-    )
+    move_to(rules, cur, obs.fe_id, obs.mac, obs.observed_at, BindingSource::Arp, now)
 }
 
 fn decide_gone(current: Option<&BindingRecord>, obs: &Observation<'_>) -> Verdict {
@@ -354,15 +334,7 @@ pub fn decide_announcement(
         Some(cur) if commit => {
             let mac = Mac::from_bytes(&cur.mac).unwrap_or(Mac::ZERO);
             let observed = now.max(cur.observed_at_unix_nanos + 1);
-            move_to(
-                rules,
-                cur,
-                target,
-                mac,
-                observed,
-                BindingSource::Orchestrator,
-                now,
-            )
+            move_to(rules, cur, target, mac, observed, BindingSource::Orchestrator, now)
         }
         Some(cur) => {
             let mut next = cur.clone();
@@ -376,10 +348,7 @@ pub fn decide_announcement(
 
 /// Decides whether a (re-)declaration is compatible with the current binding: a bound VM cannot
 /// be re-declared with another MAC or with a policy that excludes the site it is bound at.
-pub fn check_declaration(
-    current: Option<(&BindingRecord, &str)>,
-    decl: &VmRecord,
-) -> Result<(), Rejection> {
+pub fn check_declaration(current: Option<(&BindingRecord, &str)>, decl: &VmRecord) -> Result<(), Rejection> {
     let Some((cur, site)) = current else {
         return Ok(());
     };
@@ -451,12 +420,7 @@ fn move_to(
     now: i64,
 ) -> Verdict {
     let window_start = now.saturating_sub(rules.damping.window_ns);
-    let mut recent: Vec<i64> = cur
-        .recent_moves_unix_nanos
-        .iter()
-        .copied()
-        .filter(|t| *t > window_start)
-        .collect();
+    let mut recent: Vec<i64> = cur.recent_moves_unix_nanos.iter().copied().filter(|t| *t > window_start).collect();
     recent.push(now);
     let froze = recent.len() > rules.damping.max_moves as usize;
     let record = BindingRecord {
@@ -482,10 +446,7 @@ fn check_site(vm: &VmRecord, site: &str) -> Option<Rejection> {
     Some(Rejection::new(
         RejectReason::SitePolicy,
         Code::PermissionDenied,
-        format!(
-            "site policy allows only {:?}; site {site:?} is not allowed",
-            vm.allowed_sites
-        ),
+        format!("site policy allows only {:?}; site {site:?} is not allowed", vm.allowed_sites),
     ))
 }
 
@@ -502,9 +463,7 @@ fn damped(cur: &BindingRecord) -> Rejection {
 }
 
 fn display_mac(bytes: &[u8]) -> String {
-    Mac::from_bytes(bytes)
-        .map(|m| m.to_string())
-        .unwrap_or_else(|_| format!("{bytes:02x?}"))
+    Mac::from_bytes(bytes).map(|m| m.to_string()).unwrap_or_else(|_| format!("{bytes:02x?}"))
 }
 
 #[cfg(test)]

@@ -4,10 +4,7 @@ use std::time::Duration;
 
 use crate::embedded::EmbeddedStore;
 use crate::etcd::EtcdStore;
-use crate::{
-    KeyRange, LeaseId, RangeRequest, RangeResult, Revision, Store, StoreResult, Txn, TxnResult,
-    WatchStream,
-};
+use crate::{KeyRange, LeaseId, RangeRequest, RangeResult, Revision, Store, StoreResult, Txn, TxnResult, WatchStream};
 
 /// Either backend behind one type, so the controller is not generic over its store.
 #[derive(Clone)]

@@ -24,6 +24,7 @@ pub mod embedded;
 pub mod etcd;
 
 mod any;
+mod validate;
 pub use any::AnyStore;
 
 /// The store's global revision. Starts at 1 for an empty store; every write transaction that
@@ -65,10 +66,7 @@ pub struct KeyRange {
 impl KeyRange {
     /// Exactly one key.
     pub fn key(key: impl Into<Vec<u8>>) -> Self {
-        KeyRange {
-            start: key.into(),
-            end: Vec::new(),
-        }
+        KeyRange { start: key.into(), end: Vec::new() }
     }
 
     /// Every key that starts with `prefix` (etcd's "prefix end": last byte + 1).
@@ -80,10 +78,7 @@ impl KeyRange {
 
     /// Every key from `start` (inclusive) to `end` (exclusive).
     pub fn between(start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Self {
-        KeyRange {
-            start: start.into(),
-            end: end.into(),
-        }
+        KeyRange { start: start.into(), end: end.into() }
     }
 
     /// Whether `key` falls in the range.
@@ -145,7 +140,8 @@ pub enum CmpOp {
 }
 
 /// What a [`Compare`] looks at. A missing key has mod revision 0, create revision 0, version 0
-/// and an empty value.
+/// and an empty value. As in etcd, a `Value` compare on a missing key never holds (whatever the
+/// operator): use `Version(0)` ([`Compare::absent`]) to test for absence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CompareTarget {
     /// The key's mod revision (CAS: `Equal` to the revision you read; `Equal(0)` = absent).
@@ -172,20 +168,12 @@ pub struct Compare {
 impl Compare {
     /// `key`'s mod revision equals `revision` (0 = the key does not exist).
     pub fn mod_revision(key: impl Into<Vec<u8>>, revision: Revision) -> Self {
-        Compare {
-            key: key.into(),
-            op: CmpOp::Equal,
-            target: CompareTarget::ModRevision(revision),
-        }
+        Compare { key: key.into(), op: CmpOp::Equal, target: CompareTarget::ModRevision(revision) }
     }
 
     /// `key` does not exist.
     pub fn absent(key: impl Into<Vec<u8>>) -> Self {
-        Compare {
-            key: key.into(),
-            op: CmpOp::Equal,
-            target: CompareTarget::Version(0),
-        }
+        Compare { key: key.into(), op: CmpOp::Equal, target: CompareTarget::Version(0) }
     }
 }
 
@@ -210,11 +198,7 @@ pub enum TxnOp {
 impl TxnOp {
     /// A put without lease.
     pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
-        TxnOp::Put {
-            key: key.into(),
-            value: value.into(),
-            lease: 0,
-        }
+        TxnOp::Put { key: key.into(), value: value.into(), lease: 0 }
     }
 
     /// Delete one key.
@@ -285,11 +269,11 @@ pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// The requested revision is older than the retained history.
-    #[error("revision {requested} is compacted (history starts after {compacted}); re-list")]
+    #[error("revision {requested} is compacted (oldest retained revision is {compacted}); re-list")]
     Compacted {
         /// The revision asked for.
         requested: Revision,
-        /// The store's compaction revision.
+        /// The store's compaction revision: watches from here on still work.
         compacted: Revision,
     },
     /// A revision in the future was asked for.
@@ -337,37 +321,31 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn lease_grant(&self, ttl: Duration) -> impl Future<Output = StoreResult<LeaseId>> + Send;
 
     /// Refreshes a lease; returns its TTL. [`StoreError::LeaseNotFound`] if it expired.
-    fn lease_keep_alive(
-        &self,
-        lease: LeaseId,
-    ) -> impl Future<Output = StoreResult<Duration>> + Send;
+    fn lease_keep_alive(&self, lease: LeaseId) -> impl Future<Output = StoreResult<Duration>> + Send;
 
     /// Revokes a lease now, deleting its keys. Revoking an unknown lease is `LeaseNotFound`.
     fn lease_revoke(&self, lease: LeaseId) -> impl Future<Output = StoreResult<()>> + Send;
 
     /// Watches every key in `range` for changes with revision `>= from_revision`
-    /// (`from_revision` 0 = changes after now).
-    fn watch(
-        &self,
-        range: KeyRange,
-        from_revision: Revision,
-    ) -> impl Future<Output = StoreResult<WatchStream>> + Send;
+    /// (`from_revision` 0 = changes after now; a future revision waits for it).
+    ///
+    /// A compacted `from_revision` fails with [`StoreError::Compacted`], either from this call or
+    /// as the first item of the stream (etcd only says so after the watch was created). While
+    /// idle, the stream may yield empty batches (progress notifications) carrying the current
+    /// revision.
+    fn watch(&self, range: KeyRange, from_revision: Revision) -> impl Future<Output = StoreResult<WatchStream>> + Send;
 
     /// Discards history before `revision` (watches from older revisions fail with `Compacted`).
+    /// Compacting at or below the current compaction revision is a no-op; a revision newer than
+    /// the current one is [`StoreError::FutureRevision`].
     fn compact(&self, revision: Revision) -> impl Future<Output = StoreResult<()>> + Send;
 
     /// The current revision; also the health probe (`Unavailable` when unreachable).
     fn current_revision(&self) -> impl Future<Output = StoreResult<Revision>> + Send;
 
     /// Reads one key.
-    fn get(
-        &self,
-        key: &[u8],
-    ) -> impl Future<Output = StoreResult<(Option<KeyValue>, Revision)>> + Send {
-        let req = RangeRequest {
-            range: KeyRange::key(key),
-            limit: 1,
-        };
+    fn get(&self, key: &[u8]) -> impl Future<Output = StoreResult<(Option<KeyValue>, Revision)>> + Send {
+        let req = RangeRequest { range: KeyRange::key(key), limit: 1 };
         async move {
             let res = self.range(req).await?;
             Ok((res.kvs.into_iter().next(), res.revision))

@@ -11,13 +11,7 @@ fn rules() -> Rules {
 }
 
 fn learned<'a>(fe: &'a str, at: i64) -> Observation<'a> {
-    Observation {
-        kind: Observed::Learned,
-        fe_id: fe,
-        fe_site: "site-a",
-        mac: MAC,
-        observed_at: at,
-    }
+    Observation { kind: Observed::Learned, fe_id: fe, fe_site: "site-a", mac: MAC, observed_at: at }
 }
 
 /// Decides `obs` against `current` and applies the verdict to it, like one committed CAS.
@@ -48,10 +42,7 @@ fn first_claim_binds_then_move_increments_seq() {
     assert!(matches!(v, Verdict::Write(_, Change::Bound)));
     assert_eq!(cur.as_ref().unwrap().move_seq, 0);
     let v = step(&mut cur, &rules(), None, &learned("fe3", 11 * S), 11 * S);
-    assert!(matches!(
-        v,
-        Verdict::Write(_, Change::Moved { froze: false })
-    ));
+    assert!(matches!(v, Verdict::Write(_, Change::Moved { froze: false })));
     let b = cur.unwrap();
     assert_eq!((b.fe_id.as_str(), b.move_seq), ("fe3", 1));
     assert_eq!(b.recent_moves_unix_nanos, vec![11 * S]);
@@ -65,20 +56,8 @@ fn refresh_from_same_fe_writes_nothing() {
         observed_at_unix_nanos: 5 * S,
         ..Default::default()
     };
-    assert_eq!(
-        decide_observation(
-            &rules(),
-            Some(&cur),
-            None,
-            &learned("fe2", 5 * S + 1),
-            9 * S
-        ),
-        Verdict::Unchanged
-    );
-    assert_eq!(
-        decide_observation(&rules(), Some(&cur), None, &learned("fe2", 4 * S), 9 * S),
-        Verdict::Unchanged
-    );
+    assert_eq!(decide_observation(&rules(), Some(&cur), None, &learned("fe2", 5 * S + 1), 9 * S), Verdict::Unchanged);
+    assert_eq!(decide_observation(&rules(), Some(&cur), None, &learned("fe2", 4 * S), 9 * S), Verdict::Unchanged);
     // A much newer observation is kept, so that a stale report from another FE cannot win.
     let Verdict::Write(next, Change::Updated) =
         decide_observation(&rules(), Some(&cur), None, &learned("fe2", 9 * S), 9 * S)
@@ -97,86 +76,39 @@ fn stale_report_never_rolls_back() {
         move_seq: 4,
         ..Default::default()
     };
-    let Verdict::Reject(r) =
-        decide_observation(&rules(), Some(&cur), None, &learned("fe2", 19 * S), 21 * S)
-    else {
+    let Verdict::Reject(r) = decide_observation(&rules(), Some(&cur), None, &learned("fe2", 19 * S), 21 * S) else {
         panic!()
     };
-    assert_eq!(
-        (r.reason, r.code),
-        (RejectReason::Stale, Code::FailedPrecondition)
-    );
+    assert_eq!((r.reason, r.code), (RejectReason::Stale, Code::FailedPrecondition));
     assert!(r.message.contains("stale"), "{}", r.message);
 }
 
 #[test]
 fn declared_mac_and_site_are_enforced() {
-    let vm = VmRecord {
-        mac: vec![2, 0, 0, 0, 0, 0x99],
-        allowed_sites: vec![],
-        description: String::new(),
-    };
-    let Verdict::Reject(r) = decide_observation(&rules(), None, Some(&vm), &learned("fe2", S), S)
-    else {
-        panic!()
-    };
-    assert_eq!(
-        (r.reason, r.code),
-        (RejectReason::MacMismatch, Code::PermissionDenied)
-    );
-    assert!(
-        r.message.contains("02:00:00:00:00:99") && r.message.contains("02:00:00:00:00:0b"),
-        "{}",
-        r.message
-    );
+    let vm = VmRecord { mac: vec![2, 0, 0, 0, 0, 0x99], allowed_sites: vec![], description: String::new() };
+    let Verdict::Reject(r) = decide_observation(&rules(), None, Some(&vm), &learned("fe2", S), S) else { panic!() };
+    assert_eq!((r.reason, r.code), (RejectReason::MacMismatch, Code::PermissionDenied));
+    assert!(r.message.contains("02:00:00:00:00:99") && r.message.contains("02:00:00:00:00:0b"), "{}", r.message);
 
-    let vm = VmRecord {
-        mac: MAC.octets().to_vec(),
-        allowed_sites: vec!["site-b".into()],
-        description: String::new(),
-    };
-    let Verdict::Reject(r) = decide_observation(&rules(), None, Some(&vm), &learned("fe2", S), S)
-    else {
-        panic!()
-    };
-    assert_eq!(
-        (r.reason, r.code),
-        (RejectReason::SitePolicy, Code::PermissionDenied)
-    );
+    let vm = VmRecord { mac: MAC.octets().to_vec(), allowed_sites: vec!["site-b".into()], description: String::new() };
+    let Verdict::Reject(r) = decide_observation(&rules(), None, Some(&vm), &learned("fe2", S), S) else { panic!() };
+    assert_eq!((r.reason, r.code), (RejectReason::SitePolicy, Code::PermissionDenied));
     assert!(r.message.contains("site-a"), "{}", r.message);
 
-    let strict = Rules {
-        require_declared: true,
-        ..rules()
-    };
-    let Verdict::Reject(r) = decide_observation(&strict, None, None, &learned("fe2", S), S) else {
-        panic!()
-    };
+    let strict = Rules { require_declared: true, ..rules() };
+    let Verdict::Reject(r) = decide_observation(&strict, None, None, &learned("fe2", S), S) else { panic!() };
     assert_eq!(r.reason, RejectReason::Undeclared);
 }
 
 #[test]
 fn bad_timestamps_and_macs_are_refused() {
-    let Verdict::Reject(r) = decide_observation(&rules(), None, None, &learned("fe2", 0), S) else {
-        panic!()
-    };
+    let Verdict::Reject(r) = decide_observation(&rules(), None, None, &learned("fe2", 0), S) else { panic!() };
     assert_eq!(r.reason, RejectReason::BadTimestamp);
-    let Verdict::Reject(r) = decide_observation(&rules(), None, None, &learned("fe2", 100 * S), S)
-    else {
-        panic!()
-    };
+    let Verdict::Reject(r) = decide_observation(&rules(), None, None, &learned("fe2", 100 * S), S) else { panic!() };
     assert_eq!(r.reason, RejectReason::BadTimestamp);
-    let obs = Observation {
-        mac: Mac::BROADCAST,
-        ..learned("fe2", S)
-    };
-    let Verdict::Reject(r) = decide_observation(&rules(), None, None, &obs, S) else {
-        panic!()
-    };
-    assert_eq!(
-        (r.reason, r.code),
-        (RejectReason::Malformed, Code::InvalidArgument)
-    );
+    let obs = Observation { mac: Mac::BROADCAST, ..learned("fe2", S) };
+    let Verdict::Reject(r) = decide_observation(&rules(), None, None, &obs, S) else { panic!() };
+    assert_eq!((r.reason, r.code), (RejectReason::Malformed, Code::InvalidArgument));
 }
 
 #[test]
@@ -187,23 +119,13 @@ fn gone_removes_only_own_current_binding() {
         observed_at_unix_nanos: 5 * S,
         ..Default::default()
     };
-    let gone = |fe, at| Observation {
-        kind: Observed::Gone,
-        ..learned(fe, at)
-    };
-    assert_eq!(
-        decide_observation(&rules(), Some(&cur), None, &gone("fe2", 6 * S), 6 * S),
-        Verdict::Delete
-    );
-    let Verdict::Reject(r) =
-        decide_observation(&rules(), Some(&cur), None, &gone("fe3", 6 * S), 6 * S)
-    else {
+    let gone = |fe, at| Observation { kind: Observed::Gone, ..learned(fe, at) };
+    assert_eq!(decide_observation(&rules(), Some(&cur), None, &gone("fe2", 6 * S), 6 * S), Verdict::Delete);
+    let Verdict::Reject(r) = decide_observation(&rules(), Some(&cur), None, &gone("fe3", 6 * S), 6 * S) else {
         panic!()
     };
     assert_eq!(r.reason, RejectReason::NotBoundHere);
-    let Verdict::Reject(r) =
-        decide_observation(&rules(), Some(&cur), None, &gone("fe2", 4 * S), 6 * S)
-    else {
+    let Verdict::Reject(r) = decide_observation(&rules(), Some(&cur), None, &gone("fe2", 4 * S), 6 * S) else {
         panic!()
     };
     assert_eq!(r.reason, RejectReason::Stale);
@@ -215,31 +137,14 @@ fn sixth_move_in_window_freezes_then_moves_are_refused_until_cleared() {
     let fes = ["fe2", "fe3"];
     step(&mut cur, &rules(), None, &learned("fe2", S), S);
     for i in 1..=5 {
-        let v = step(
-            &mut cur,
-            &rules(),
-            None,
-            &learned(fes[i % 2], (1 + i as i64) * S),
-            (1 + i as i64) * S,
-        );
-        assert!(
-            matches!(v, Verdict::Write(_, Change::Moved { froze: false })),
-            "move {i}: {v:?}"
-        );
+        let v = step(&mut cur, &rules(), None, &learned(fes[i % 2], (1 + i as i64) * S), (1 + i as i64) * S);
+        assert!(matches!(v, Verdict::Write(_, Change::Moved { froze: false })), "move {i}: {v:?}");
     }
     let v = step(&mut cur, &rules(), None, &learned("fe2", 7 * S), 7 * S);
-    assert!(
-        matches!(v, Verdict::Write(_, Change::Moved { froze: true })),
-        "{v:?}"
-    );
+    assert!(matches!(v, Verdict::Write(_, Change::Moved { froze: true })), "{v:?}");
     assert!(cur.as_ref().unwrap().frozen);
-    let Verdict::Reject(r) = decide_observation(
-        &rules(),
-        cur.clone().as_ref(),
-        None,
-        &learned("fe3", 8 * S),
-        8 * S,
-    ) else {
+    let Verdict::Reject(r) = decide_observation(&rules(), cur.clone().as_ref(), None, &learned("fe3", 8 * S), 8 * S)
+    else {
         panic!()
     };
     assert_eq!(r.reason, RejectReason::Damped);
@@ -247,13 +152,7 @@ fn sixth_move_in_window_freezes_then_moves_are_refused_until_cleared() {
     let cleared = clear_damping(cur.as_ref().unwrap(), 9 * S).unwrap();
     assert!(!cleared.frozen && cleared.recent_moves_unix_nanos.is_empty());
     assert!(matches!(
-        decide_observation(
-            &rules(),
-            Some(&cleared),
-            None,
-            &learned("fe3", 9 * S),
-            9 * S
-        ),
+        decide_observation(&rules(), Some(&cleared), None, &learned("fe3", 9 * S), 9 * S),
         Verdict::Write(_, Change::Moved { froze: false })
     ));
     assert!(clear_damping(&cleared, 10 * S).is_err());
@@ -267,157 +166,72 @@ fn moves_outside_the_window_do_not_count() {
         let at = S + i * 60 * S; // one move a minute: 3 per window at most
         let fe = if i % 2 == 0 { "fe2" } else { "fe3" };
         let v = step(&mut cur, &rules(), None, &learned(fe, at), at);
-        assert!(
-            matches!(v, Verdict::Write(_, Change::Moved { froze: false })),
-            "move {i}: {v:?}"
-        );
+        assert!(matches!(v, Verdict::Write(_, Change::Moved { froze: false })), "move {i}: {v:?}");
     }
     assert!(cur.unwrap().recent_moves_unix_nanos.len() <= 3);
 }
 
 #[test]
 fn announcement_checks_policy_before_the_move() {
-    let vm = VmRecord {
-        mac: MAC.octets().to_vec(),
-        allowed_sites: vec!["site-a".into()],
-        description: String::new(),
-    };
+    let vm = VmRecord { mac: MAC.octets().to_vec(), allowed_sites: vec!["site-a".into()], description: String::new() };
     let cur = BindingRecord {
         fe_id: "fe2".into(),
         mac: MAC.octets().to_vec(),
         observed_at_unix_nanos: S,
         ..Default::default()
     };
-    let Verdict::Reject(r) = decide_announcement(
-        &rules(),
-        Some(&cur),
-        Some(&vm),
-        "fe9",
-        "site-z",
-        false,
-        0,
-        2 * S,
-    ) else {
+    let Verdict::Reject(r) = decide_announcement(&rules(), Some(&cur), Some(&vm), "fe9", "site-z", false, 0, 2 * S)
+    else {
         panic!()
     };
-    assert_eq!(
-        (r.reason, r.code),
-        (RejectReason::SitePolicy, Code::PermissionDenied)
-    );
-    let Verdict::Write(pending, Change::Updated) = decide_announcement(
-        &rules(),
-        Some(&cur),
-        Some(&vm),
-        "fe3",
-        "site-a",
-        false,
-        100 * S,
-        2 * S,
-    ) else {
+    assert_eq!((r.reason, r.code), (RejectReason::SitePolicy, Code::PermissionDenied));
+    let Verdict::Write(pending, Change::Updated) =
+        decide_announcement(&rules(), Some(&cur), Some(&vm), "fe3", "site-a", false, 100 * S, 2 * S)
+    else {
         panic!()
     };
-    assert_eq!(
-        (pending.fe_id.as_str(), pending.pending_fe_id.as_str()),
-        ("fe2", "fe3")
-    );
+    assert_eq!((pending.fe_id.as_str(), pending.pending_fe_id.as_str()), ("fe2", "fe3"));
     // The VM's ARP at the announced FE clears the announcement as part of the move.
-    let Verdict::Write(moved, Change::Moved { .. }) = decide_observation(
-        &rules(),
-        Some(&pending),
-        Some(&vm),
-        &learned("fe3", 3 * S),
-        3 * S,
-    ) else {
+    let Verdict::Write(moved, Change::Moved { .. }) =
+        decide_observation(&rules(), Some(&pending), Some(&vm), &learned("fe3", 3 * S), 3 * S)
+    else {
         panic!()
     };
     assert!(moved.pending_fe_id.is_empty());
     assert_eq!(expire_pending(&pending, 99 * S), None);
-    assert!(
-        expire_pending(&pending, 100 * S)
-            .unwrap()
-            .pending_fe_id
-            .is_empty()
-    );
+    assert!(expire_pending(&pending, 100 * S).unwrap().pending_fe_id.is_empty());
     // Commit moves now, with an observation time that beats the old one.
-    let Verdict::Write(committed, Change::Moved { .. }) = decide_announcement(
-        &rules(),
-        Some(&cur),
-        Some(&vm),
-        "fe3",
-        "site-a",
-        true,
-        0,
-        2 * S,
-    ) else {
+    let Verdict::Write(committed, Change::Moved { .. }) =
+        decide_announcement(&rules(), Some(&cur), Some(&vm), "fe3", "site-a", true, 0, 2 * S)
+    else {
         panic!()
     };
     assert_eq!(
-        (
-            committed.fe_id.as_str(),
-            committed.move_seq,
-            committed.source
-        ),
+        (committed.fe_id.as_str(), committed.move_seq, committed.source),
         ("fe3", 1, BindingSource::Orchestrator as i32)
     );
     // A late ARP from the old FE does not roll the orchestrator's move back.
     assert!(matches!(
-        decide_observation(
-            &rules(),
-            Some(&committed),
-            Some(&vm),
-            &learned("fe2", S + 1),
-            2 * S
-        ),
+        decide_observation(&rules(), Some(&committed), Some(&vm), &learned("fe2", S + 1), 2 * S),
         Verdict::Reject(_)
     ));
 }
 
 #[test]
 fn declaration_cannot_orphan_a_bound_vm() {
-    let cur = BindingRecord {
-        fe_id: "fe2".into(),
-        mac: MAC.octets().to_vec(),
-        ..Default::default()
-    };
-    let other_mac = VmRecord {
-        mac: vec![2, 0, 0, 0, 0, 1],
-        ..Default::default()
-    };
-    assert_eq!(
-        check_declaration(Some((&cur, "site-a")), &other_mac)
-            .unwrap_err()
-            .code,
-        Code::FailedPrecondition
-    );
-    let wrong_site = VmRecord {
-        mac: MAC.octets().to_vec(),
-        allowed_sites: vec!["site-b".into()],
-        ..Default::default()
-    };
-    assert_eq!(
-        check_declaration(Some((&cur, "site-a")), &wrong_site)
-            .unwrap_err()
-            .reason,
-        RejectReason::SitePolicy
-    );
-    let ok = VmRecord {
-        mac: MAC.octets().to_vec(),
-        allowed_sites: vec!["site-a".into()],
-        ..Default::default()
-    };
+    let cur = BindingRecord { fe_id: "fe2".into(), mac: MAC.octets().to_vec(), ..Default::default() };
+    let other_mac = VmRecord { mac: vec![2, 0, 0, 0, 0, 1], ..Default::default() };
+    assert_eq!(check_declaration(Some((&cur, "site-a")), &other_mac).unwrap_err().code, Code::FailedPrecondition);
+    let wrong_site =
+        VmRecord { mac: MAC.octets().to_vec(), allowed_sites: vec!["site-b".into()], ..Default::default() };
+    assert_eq!(check_declaration(Some((&cur, "site-a")), &wrong_site).unwrap_err().reason, RejectReason::SitePolicy);
+    let ok = VmRecord { mac: MAC.octets().to_vec(), allowed_sites: vec!["site-a".into()], ..Default::default() };
     assert!(check_declaration(Some((&cur, "site-a")), &ok).is_ok());
     assert!(check_declaration(None, &other_mac).is_ok());
 }
 
 fn no_damping() -> Rules {
-    Rules {
-        damping: DampingPolicy {
-            max_moves: u32::MAX,
-            window_ns: 1,
-        },
-        refresh_granularity_ns: 0,
-        ..rules()
-    }
+    Rules { damping: DampingPolicy { max_moves: u32::MAX, window_ns: 1 }, refresh_granularity_ns: 0, ..rules() }
 }
 
 proptest! {

@@ -1,0 +1,74 @@
+//! The HTTP admin port (axum): `/healthz`, `/readyz`, `/metrics` and `/debug/moves`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use crate::cache::Cache;
+use crate::metrics::Metrics;
+use crate::trace::MoveTraces;
+
+/// What the admin handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Replica cache.
+    pub cache: Arc<Cache>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Move traces.
+    pub traces: Arc<MoveTraces>,
+    /// Store answered the last probe.
+    pub store_reachable: Arc<AtomicBool>,
+    /// This replica runs housekeeping.
+    pub is_housekeeper: Arc<AtomicBool>,
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/debug/moves", get(moves))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let mut problems = Vec::new();
+    if !state.store_reachable.load(Ordering::Relaxed) {
+        problems.push("store unreachable");
+    }
+    if !state.cache.is_loaded() {
+        problems.push("cache not loaded");
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join(", "))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let text = state.metrics.render(
+        &state.cache,
+        state.is_housekeeper.load(Ordering::Relaxed),
+        state.store_reachable.load(Ordering::Relaxed),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+#[derive(Deserialize)]
+struct MovesQuery {
+    vm: Option<IpAddr>,
+}
+
+async fn moves(State(state): State<AdminState>, Query(q): Query<MovesQuery>) -> Response {
+    axum::Json(state.traces.list(q.vm)).into_response()
+}

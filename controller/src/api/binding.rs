@@ -1,0 +1,323 @@
+//! `victor.v1.BindingService`: declare VMs, announce migrations, read and watch bindings.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::Stream;
+use ipnet::IpNet;
+use tonic::{Request, Response, Status};
+use victor_proto::v1::binding_service_server::BindingService;
+use victor_proto::v1::*;
+use victor_store::Store;
+
+use super::auth::Role;
+use super::error::{ApiError, ApiResult};
+use super::{ApiContext, convert, validate};
+use crate::records::{VmRecord, now_unix_nanos};
+use crate::registry::rules::{self, Verdict};
+use crate::stream::bindings::{self as watch, WatchSpec};
+
+/// Default lifetime of a migration announcement.
+const DEFAULT_ANNOUNCE_TTL: u32 = 300;
+/// Longest lifetime of a migration announcement.
+const MAX_ANNOUNCE_TTL: u32 = 3600;
+
+/// The BindingService implementation.
+pub struct BindingApi<S: Store> {
+    ctx: Arc<ApiContext<S>>,
+}
+
+impl<S: Store> BindingApi<S> {
+    /// Serves from `ctx`.
+    pub fn new(ctx: Arc<ApiContext<S>>) -> Self {
+        BindingApi { ctx }
+    }
+
+    fn guard<T>(&self, request: &Request<T>, role: Role) -> ApiResult<()> {
+        self.ctx.auth.authorize_role(request, role)?;
+        self.ctx.ready()
+    }
+
+    fn binding_of(&self, ip: IpAddr) -> ApiResult<Binding> {
+        self.ctx
+            .cache
+            .read(|s| s.bindings.get(&ip).map(|b| convert::binding(s, ip, b)))
+            .ok_or_else(|| ApiError::NotFound(format!("VM {ip} has no binding")))
+    }
+
+    async fn declare(&self, req: DeclareVmRequest) -> ApiResult<Vm> {
+        let ip = validate::vm_ip(&req.vm_ip, &self.ctx.mobile)?;
+        let mac = validate::vm_mac(&req.mac)?;
+        let sites = req.site_policy.map(|p| p.allowed_sites).unwrap_or_default();
+        if sites.len() > validate::MAX_POLICY_SITES {
+            return Err(ApiError::InvalidArgument(format!(
+                "site_policy lists {} sites; at most {}",
+                sites.len(),
+                validate::MAX_POLICY_SITES
+            )));
+        }
+        for site in &sites {
+            validate::name("site_policy.allowed_sites entry", site)?;
+        }
+        if req.description.len() > validate::MAX_DESCRIPTION_LEN {
+            return Err(ApiError::InvalidArgument(format!(
+                "description is {} bytes; at most {}",
+                req.description.len(),
+                validate::MAX_DESCRIPTION_LEN
+            )));
+        }
+        let record = VmRecord { mac: mac.octets().to_vec(), allowed_sites: sites, description: req.description };
+        let revision = self.ctx.registry.declare(ip, record).await?;
+        self.ctx.settle(revision).await;
+        self.ctx.cache.read(|s| s.vms.get(&ip).map(|v| convert::vm(ip, v))).ok_or_else(|| {
+            ApiError::Unavailable("declaration committed but not yet visible; retry GetBinding/ListVms".into())
+        })
+    }
+
+    async fn announce(&self, req: AnnounceMigrationRequest) -> ApiResult<Binding> {
+        let ip = validate::vm_ip(&req.vm_ip, &self.ctx.mobile)?;
+        validate::name("target_fe_id", &req.target_fe_id)?;
+        let ttl = match req.ttl_seconds {
+            0 => DEFAULT_ANNOUNCE_TTL,
+            t if t > MAX_ANNOUNCE_TTL => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "ttl_seconds {t} is too long; at most {MAX_ANNOUNCE_TTL}"
+                )));
+            }
+            t => t,
+        };
+        let site =
+            self.ctx.cache.read(|s| s.fes.get(req.target_fe_id.as_str()).map(|f| f.record.site.clone())).ok_or_else(
+                || {
+                    ApiError::NotFound(format!(
+                        "FE {:?} is not registered (ListFes shows the registered FEs)",
+                        req.target_fe_id
+                    ))
+                },
+            )?;
+        let rules = *self.ctx.registry.rules();
+        let committed = self
+            .ctx
+            .registry
+            .cas(ip, |cur| {
+                let now = now_unix_nanos();
+                let until = now + i64::from(ttl) * 1_000_000_000;
+                rules::decide_announcement(
+                    &rules,
+                    cur.binding(),
+                    cur.vm(),
+                    &req.target_fe_id,
+                    &site,
+                    req.commit,
+                    until,
+                    now,
+                )
+            })
+            .await?;
+        if let Verdict::Reject(r) = committed.verdict {
+            return Err(ApiError::Rejected(r));
+        }
+        self.ctx.settle(committed.revision).await;
+        self.binding_of(ip)
+    }
+
+    async fn clear(&self, req: ClearDampingRequest) -> ApiResult<Binding> {
+        let ip = validate::vm_ip(&req.vm_ip, &self.ctx.mobile)?;
+        let committed = self
+            .ctx
+            .registry
+            .cas(ip, |cur| match cur.binding() {
+                None => Verdict::Reject(rules::Rejection {
+                    reason: RejectReason::Unspecified,
+                    code: tonic::Code::NotFound,
+                    message: format!("VM {ip} has no binding"),
+                }),
+                Some(b) => match rules::clear_damping(b, now_unix_nanos()) {
+                    Ok(next) => Verdict::Write(next, rules::Change::Updated),
+                    Err(r) => Verdict::Reject(r),
+                },
+            })
+            .await?;
+        if let Verdict::Reject(r) = committed.verdict {
+            return Err(ApiError::Rejected(r));
+        }
+        tracing::info!(vm_ip = %ip, "flap damping cleared by operator");
+        self.ctx.settle(committed.revision).await;
+        self.binding_of(ip)
+    }
+
+    fn list_bindings_page(&self, req: ListBindingsRequest) -> ApiResult<ListBindingsResponse> {
+        let size = validate::page_size(req.page_size)?;
+        let after = validate::page_token(&req.page_token)?;
+        let prefix: Option<IpNet> = if req.prefix.is_empty() {
+            None
+        } else {
+            Some(req.prefix.parse().map_err(|_| {
+                ApiError::InvalidArgument(format!("prefix {:?} is not a CIDR prefix like 10.10.1.0/24", req.prefix))
+            })?)
+        };
+        if !req.fe_id.is_empty() {
+            validate::name("fe_id", &req.fe_id)?;
+        }
+        let (mut bindings, revision) = self.ctx.cache.read_with_revision(|s| {
+            let range = match after {
+                Some(ip) => s.bindings.range((std::ops::Bound::Excluded(ip), std::ops::Bound::Unbounded)),
+                None => s.bindings.range(..),
+            };
+            range
+                .filter(|(ip, b)| {
+                    prefix.is_none_or(|p| p.contains(*ip)) && (req.fe_id.is_empty() || *b.fe_id == *req.fe_id)
+                })
+                .take(size + 1)
+                .map(|(ip, b)| convert::binding(s, *ip, b))
+                .collect::<Vec<_>>()
+        });
+        let next_page_token = if bindings.len() > size {
+            bindings.truncate(size);
+            bindings.last().map(|b| b.vm_ip.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListBindingsResponse { bindings, next_page_token, revision })
+    }
+
+    fn list_vms_page(&self, req: ListVmsRequest) -> ApiResult<ListVmsResponse> {
+        let size = validate::page_size(req.page_size)?;
+        let after = validate::page_token(&req.page_token)?;
+        let mut vms = self.ctx.cache.read(|s| {
+            let range = match after {
+                Some(ip) => s.vms.range((std::ops::Bound::Excluded(ip), std::ops::Bound::Unbounded)),
+                None => s.vms.range(..),
+            };
+            range.take(size + 1).map(|(ip, v)| convert::vm(*ip, v)).collect::<Vec<_>>()
+        });
+        let next_page_token = if vms.len() > size {
+            vms.truncate(size);
+            vms.last().map(|v| v.vm_ip.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListVmsResponse { vms, next_page_token })
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchBindingsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: Store> BindingService for BindingApi<S> {
+    async fn declare_vm(&self, request: Request<DeclareVmRequest>) -> Result<Response<DeclareVmResponse>, Status> {
+        self.guard(&request, Role::ReadWrite)?;
+        let vm = self.declare(request.into_inner()).await?;
+        Ok(Response::new(DeclareVmResponse { vm: Some(vm) }))
+    }
+
+    async fn undeclare_vm(
+        &self,
+        request: Request<UndeclareVmRequest>,
+    ) -> Result<Response<UndeclareVmResponse>, Status> {
+        self.guard(&request, Role::ReadWrite)?;
+        let req = request.into_inner();
+        let ip = validate::vm_ip(&req.vm_ip, &self.ctx.mobile)?;
+        let revision = self.ctx.registry.undeclare(ip, req.remove_binding).await?;
+        self.ctx.settle(revision).await;
+        Ok(Response::new(UndeclareVmResponse { revision }))
+    }
+
+    async fn announce_migration(
+        &self,
+        request: Request<AnnounceMigrationRequest>,
+    ) -> Result<Response<AnnounceMigrationResponse>, Status> {
+        self.guard(&request, Role::ReadWrite)?;
+        let binding = self.announce(request.into_inner()).await?;
+        Ok(Response::new(AnnounceMigrationResponse { binding: Some(binding) }))
+    }
+
+    async fn get_binding(&self, request: Request<GetBindingRequest>) -> Result<Response<Binding>, Status> {
+        self.guard(&request, Role::ReadOnly)?;
+        let ip = validate::vm_ip(&request.get_ref().vm_ip, &self.ctx.mobile)?;
+        Ok(Response::new(self.binding_of(ip)?))
+    }
+
+    async fn list_bindings(
+        &self,
+        request: Request<ListBindingsRequest>,
+    ) -> Result<Response<ListBindingsResponse>, Status> {
+        self.guard(&request, Role::ReadOnly)?;
+        Ok(Response::new(self.list_bindings_page(request.into_inner())?))
+    }
+
+    type WatchBindingsStream = WatchStream;
+
+    async fn watch_bindings(
+        &self,
+        request: Request<WatchBindingsRequest>,
+    ) -> Result<Response<Self::WatchBindingsStream>, Status> {
+        self.guard(&request, Role::ReadOnly)?;
+        let req = request.into_inner();
+        let prefix = if req.prefix.is_empty() {
+            None
+        } else {
+            Some(
+                req.prefix
+                    .parse::<IpNet>()
+                    .map_err(|_| ApiError::InvalidArgument(format!("prefix {:?} is not a CIDR prefix", req.prefix)))?,
+            )
+        };
+        if req.from_revision > self.ctx.cache.revision() + 1_000_000 {
+            return Err(ApiError::InvalidArgument(format!(
+                "from_revision {} is in the future (current {})",
+                req.from_revision,
+                self.ctx.cache.revision()
+            ))
+            .into());
+        }
+        let spec = WatchSpec { from_revision: req.from_revision, include_snapshot: req.include_snapshot, prefix };
+        Ok(Response::new(Box::pin(watch::start(self.ctx.cache.clone(), self.ctx.metrics.clone(), spec))))
+    }
+
+    async fn list_vms(&self, request: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
+        self.guard(&request, Role::ReadOnly)?;
+        Ok(Response::new(self.list_vms_page(request.into_inner())?))
+    }
+
+    async fn list_fes(&self, request: Request<ListFesRequest>) -> Result<Response<ListFesResponse>, Status> {
+        self.guard(&request, Role::ReadOnly)?;
+        let fes = self.ctx.cache.read(|s| s.fes.values().map(|f| convert::fe(s, f)).collect());
+        Ok(Response::new(ListFesResponse { fes }))
+    }
+
+    async fn clear_damping(
+        &self,
+        request: Request<ClearDampingRequest>,
+    ) -> Result<Response<ClearDampingResponse>, Status> {
+        self.guard(&request, Role::ReadWrite)?;
+        let binding = self.clear(request.into_inner()).await?;
+        Ok(Response::new(ClearDampingResponse { binding: Some(binding) }))
+    }
+
+    async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
+        self.ctx.auth.authorize_role(&request, Role::ReadOnly)?;
+        let ctx = &self.ctx;
+        let (binding_count, fe_count, housekeeper_id) = ctx.cache.read(|s| {
+            (
+                s.bindings.len() as u64,
+                s.fes.len() as u64,
+                s.housekeeper.as_ref().map(|h| h.0.clone()).unwrap_or_default(),
+            )
+        });
+        Ok(Response::new(GetStatusResponse {
+            replica_id: ctx.replica_id.clone(),
+            store_kind: ctx.registry.store().kind().to_owned(),
+            store_reachable: ctx.store_reachable.load(Ordering::Relaxed),
+            cache_revision: ctx.cache.revision(),
+            housekeeper_id,
+            binding_count,
+            fe_count,
+            agent_streams: ctx.metrics.agent_streams.get().max(0) as u64,
+            mobile_prefixes: ctx.mobile.to_strings(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+}

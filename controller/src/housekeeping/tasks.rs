@@ -1,0 +1,97 @@
+//! The timers the elected housekeeper runs every tick.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use victor_store::Store;
+
+use super::HousekeepingConfig;
+use crate::api::ApiContext;
+use crate::records::now_unix_nanos;
+use crate::registry::rules::{self, Change, Verdict};
+
+/// Housekeeper-local memory (restarts with the role: conservative after a fail-over).
+#[derive(Default)]
+pub(super) struct Timers {
+    /// When each FE was first seen down by this housekeeper.
+    down_since: HashMap<Arc<str>, Instant>,
+}
+
+impl Timers {
+    pub(super) async fn run<S: Store>(&mut self, ctx: &ApiContext<S>, config: HousekeepingConfig) {
+        let now = now_unix_nanos();
+        let hold_ns = config.damping_hold.as_nanos() as i64;
+        let (expired_pending, unfreeze, down): (Vec<IpAddr>, Vec<IpAddr>, Vec<Arc<str>>) = ctx.cache.read(|s| {
+            let mut expired = Vec::new();
+            let mut thaw = Vec::new();
+            for (ip, b) in &s.bindings {
+                if let Some(extra) = b.extra.as_deref() {
+                    if !extra.pending_fe_id.is_empty() && extra.pending_until <= now {
+                        expired.push(*ip);
+                    }
+                    if b.frozen && hold_ns > 0 && extra.frozen_at + hold_ns <= now {
+                        thaw.push(*ip);
+                    }
+                }
+            }
+            let down = s.fes.values().filter(|f| !f.up()).map(|f| f.fe_id.clone()).collect();
+            (expired, thaw, down)
+        });
+        for ip in expired_pending {
+            self.apply(ctx, ip, |cur| match cur.binding().and_then(|b| rules::expire_pending(b, now_unix_nanos())) {
+                Some(next) => Verdict::Write(next, Change::Updated),
+                None => Verdict::Unchanged,
+            })
+            .await;
+        }
+        for ip in unfreeze {
+            tracing::info!(vm_ip = %ip, "damping hold expired; unfreezing");
+            self.apply(ctx, ip, |cur| match cur.binding().map(|b| rules::clear_damping(b, now_unix_nanos())) {
+                Some(Ok(next)) => Verdict::Write(next, Change::Updated),
+                _ => Verdict::Unchanged,
+            })
+            .await;
+        }
+        self.down_since.retain(|fe, _| down.contains(fe));
+        for fe in &down {
+            self.down_since.entry(fe.clone()).or_insert_with(Instant::now);
+        }
+        if config.fe_dead_after.is_zero() {
+            return;
+        }
+        let dead: Vec<Arc<str>> = self
+            .down_since
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= config.fe_dead_after)
+            .map(|(fe, _)| fe.clone())
+            .collect();
+        for fe in dead {
+            let ips: Vec<IpAddr> =
+                ctx.cache.read(|s| s.bindings.iter().filter(|(_, b)| b.fe_id == fe).map(|(ip, _)| *ip).collect());
+            if !ips.is_empty() {
+                tracing::warn!(fe_id = %fe, bindings = ips.len(), "FE down longer than --fe-dead-after; removing its bindings");
+            }
+            for ip in ips {
+                let fe = fe.clone();
+                self.apply(ctx, ip, move |cur| match cur.binding() {
+                    Some(b) if *b.fe_id == *fe => Verdict::Delete,
+                    _ => Verdict::Unchanged,
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn apply<S: Store>(
+        &self,
+        ctx: &ApiContext<S>,
+        ip: IpAddr,
+        decide: impl FnMut(&crate::registry::Current) -> Verdict,
+    ) {
+        if let Err(err) = ctx.registry.cas(ip, decide).await {
+            tracing::warn!(vm_ip = %ip, %err, "housekeeping update failed; will retry next tick");
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Prometheus metrics of one controller replica (prometheus-client, text exposition at /metrics).
+//! Counters are updated where things happen; gauges that mirror the cache are refreshed when
+//! scraped.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::cache::Cache;
+
+/// Label: a claim outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// bound | moved | unchanged | removed | rejected
+    pub outcome: &'static str,
+}
+
+/// Label: why a claim was rejected.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The RejectReason, snake case.
+    pub reason: String,
+}
+
+/// Label: a store operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// txn | range | lease
+    pub op: &'static str,
+}
+
+/// Label: FE health.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// up | down
+    pub state: &'static str,
+}
+
+/// All metrics of the replica.
+pub struct Metrics {
+    registry: Registry,
+    /// Claims by outcome.
+    pub claims: Family<OutcomeLabel, Counter>,
+    /// Rejected claims by reason.
+    pub claims_rejected: Family<ReasonLabel, Counter>,
+    /// Committed moves.
+    pub moves: Counter,
+    /// Bindings frozen by flap damping.
+    pub damping_frozen: Counter,
+    /// CAS conflicts that needed a re-read.
+    pub cas_retries: Counter,
+    /// Store request latency by operation.
+    pub store_latency: Family<OpLabel, Histogram>,
+    /// Store requests that failed as unavailable.
+    pub store_unavailable: Counter,
+    /// Commit → applied-by-this-replica's-cache latency of this replica's writes.
+    pub commit_to_cache: Histogram,
+    /// Agent streams being served.
+    pub agent_streams: Gauge,
+    /// Revisions a stream was behind when it sent (lag).
+    pub stream_lag_revisions: Histogram,
+    /// Snapshots sent to agents.
+    pub snapshots_sent: Counter,
+    /// Binding watch streams being served.
+    pub binding_watchers: Gauge,
+    /// Bindings (from the cache).
+    pub bindings: Gauge,
+    /// Frozen bindings (from the cache).
+    pub bindings_frozen: Gauge,
+    /// Declared VMs.
+    pub vms: Gauge,
+    /// FEs by health.
+    pub fes: Family<StateLabel, Gauge>,
+    /// Highest revision in the cache.
+    pub cache_revision: Gauge,
+    /// Re-lists of the cache (compaction, outages).
+    pub cache_relists: Gauge,
+    /// 1 if this replica runs housekeeping.
+    pub housekeeper: Gauge,
+    /// 1 while the store answers.
+    pub store_reachable: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("victor");
+        let latency = || Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
+        let m = Metrics {
+            claims: Family::default(),
+            claims_rejected: Family::default(),
+            moves: Counter::default(),
+            damping_frozen: Counter::default(),
+            cas_retries: Counter::default(),
+            store_latency: Family::new_with_constructor(latency),
+            store_unavailable: Counter::default(),
+            commit_to_cache: latency(),
+            agent_streams: Gauge::default(),
+            stream_lag_revisions: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            snapshots_sent: Counter::default(),
+            binding_watchers: Gauge::default(),
+            bindings: Gauge::default(),
+            bindings_frozen: Gauge::default(),
+            vms: Gauge::default(),
+            fes: Family::default(),
+            cache_revision: Gauge::default(),
+            cache_relists: Gauge::default(),
+            housekeeper: Gauge::default(),
+            store_reachable: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("claims", "Agent observations by outcome", m.claims.clone());
+        registry.register("claims_rejected", "Rejected agent observations by reason", m.claims_rejected.clone());
+        registry.register("moves", "Committed VM moves", m.moves.clone());
+        registry.register("damping_frozen", "Bindings frozen by flap damping", m.damping_frozen.clone());
+        registry.register("cas_retries", "Compare-and-swap conflicts that needed a re-read", m.cas_retries.clone());
+        registry.register("store_request_seconds", "Store request latency", m.store_latency.clone());
+        registry.register(
+            "store_unavailable",
+            "Store requests that failed as unavailable",
+            m.store_unavailable.clone(),
+        );
+        registry.register(
+            "commit_to_cache_seconds",
+            "Time from a commit by this replica to its cache applying it",
+            m.commit_to_cache.clone(),
+        );
+        registry.register("agent_streams", "Agent sync streams served", m.agent_streams.clone());
+        registry.register(
+            "stream_lag_revisions",
+            "Revisions an agent stream was behind when it sent",
+            m.stream_lag_revisions.clone(),
+        );
+        registry.register("snapshots_sent", "Full snapshots sent to agents", m.snapshots_sent.clone());
+        registry.register("binding_watchers", "WatchBindings streams served", m.binding_watchers.clone());
+        registry.register("bindings", "Bindings in the cache", m.bindings.clone());
+        registry.register("bindings_frozen", "Bindings frozen by flap damping", m.bindings_frozen.clone());
+        registry.register("vms_declared", "Declared VMs", m.vms.clone());
+        registry.register("fes", "Registered FEs by health", m.fes.clone());
+        registry.register("cache_revision", "Highest store revision applied to the cache", m.cache_revision.clone());
+        registry.register("cache_relists", "Cache re-lists after compaction or outages", m.cache_relists.clone());
+        registry.register("housekeeper", "1 if this replica runs housekeeping", m.housekeeper.clone());
+        registry.register("store_reachable", "1 while the store answers", m.store_reachable.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one claim outcome.
+    pub fn claim(&self, outcome: &'static str) {
+        self.claims.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Counts one rejection.
+    pub fn rejected(&self, reason: victor_proto::v1::RejectReason) {
+        let name = reason.as_str_name().trim_start_matches("REJECT_REASON_").to_ascii_lowercase();
+        self.claims_rejected.get_or_create(&ReasonLabel { reason: name }).inc();
+    }
+
+    /// Observes a store request's latency.
+    pub fn store_op(&self, op: &'static str, started: std::time::Instant) {
+        self.store_latency.get_or_create(&OpLabel { op }).observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Refreshes the cache-mirroring gauges and renders the text exposition.
+    pub fn render(&self, cache: &Cache, is_housekeeper: bool, store_reachable: bool) -> String {
+        cache.read(|s| {
+            self.bindings.set(s.bindings.len() as i64);
+            self.bindings_frozen.set(s.bindings.values().filter(|b| b.frozen).count() as i64);
+            self.vms.set(s.vms.len() as i64);
+            let up = s.fes.values().filter(|f| f.up()).count() as i64;
+            self.fes.get_or_create(&StateLabel { state: "up" }).set(up);
+            self.fes.get_or_create(&StateLabel { state: "down" }).set(s.fes.len() as i64 - up);
+        });
+        self.cache_revision.set(cache.revision() as i64);
+        self.cache_relists.set(cache.relists() as i64);
+        self.housekeeper.set(i64::from(is_housekeeper));
+        self.store_reachable.set(i64::from(store_reachable));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
