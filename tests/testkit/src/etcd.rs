@@ -66,11 +66,7 @@ pub struct EtcdOptions {
 
 impl Default for EtcdOptions {
     fn default() -> Self {
-        EtcdOptions {
-            members: 1,
-            tls: None,
-            progress_notify_interval: Duration::from_millis(500),
-        }
+        EtcdOptions { members: 1, tls: None, progress_notify_interval: Duration::from_millis(500) }
     }
 }
 
@@ -123,21 +119,14 @@ pub struct MemberStatus {
 impl EtcdCluster {
     /// Starts a plain-HTTP cluster of `members` (1 or 3) and waits until it is healthy.
     pub async fn start(members: usize) -> Result<EtcdCluster> {
-        Self::start_with(EtcdOptions {
-            members,
-            ..EtcdOptions::default()
-        })
-        .await
+        Self::start_with(EtcdOptions { members, ..EtcdOptions::default() }).await
     }
 
     /// Starts a cluster as described by `options` and waits until it is healthy. Retries with
     /// new ports if a port was taken between picking and binding it.
     pub async fn start_with(options: EtcdOptions) -> Result<EtcdCluster> {
         if !(options.members == 1 || options.members == 3) {
-            bail!(
-                "an etcd test cluster has 1 or 3 members, not {}",
-                options.members
-            );
+            bail!("an etcd test cluster has 1 or 3 members, not {}", options.members);
         }
         if !Path::new(ETCD_BIN).exists() {
             bail!("{ETCD_BIN} not found: install Debian's etcd-server package");
@@ -159,9 +148,7 @@ impl EtcdCluster {
     fn launch(options: EtcdOptions) -> Result<EtcdCluster> {
         let shm = Path::new("/dev/shm");
         let dir = if shm.is_dir() {
-            tempfile::Builder::new()
-                .prefix("victor-etcd-")
-                .tempdir_in(shm)
+            tempfile::Builder::new().prefix("victor-etcd-").tempdir_in(shm)
         } else {
             tempfile::Builder::new().prefix("victor-etcd-").tempdir()
         }
@@ -183,11 +170,7 @@ impl EtcdCluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        let tls = options
-            .tls
-            .as_ref()
-            .map(|tls| write_tls_files(dir.path(), tls))
-            .transpose()?;
+        let tls = options.tls.as_ref().map(|tls| write_tls_files(dir.path(), tls)).transpose()?;
         let mut cluster = EtcdCluster {
             members,
             scheme: if tls.is_some() { "https" } else { "http" },
@@ -203,10 +186,7 @@ impl EtcdCluster {
     }
 
     fn spawn_member(&mut self, i: usize) -> Result<()> {
-        let client_url = format!(
-            "{}://127.0.0.1:{}",
-            self.scheme, self.members[i].client_port
-        );
+        let client_url = format!("{}://127.0.0.1:{}", self.scheme, self.members[i].client_port);
         let m = &mut self.members[i];
         let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
         let mut cmd = Command::new(ETCD_BIN);
@@ -221,14 +201,7 @@ impl EtcdCluster {
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-state", "new"])
             .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
-            .args([
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-                "--log-level",
-                "warn",
-            ])
+            .args(["--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"])
             .arg(format!(
                 "--experimental-watch-progress-notify-interval={}ms",
                 self.options.progress_notify_interval.as_millis()
@@ -240,27 +213,15 @@ impl EtcdCluster {
         let m = &mut self.members[i];
         cmd.args(["--initial-cluster-token", &token]);
         if let Some(tls) = &self.tls {
-            cmd.arg("--cert-file")
-                .arg(&tls.cert)
-                .arg("--key-file")
-                .arg(&tls.key)
-                .arg("--trusted-ca-file")
-                .arg(&tls.ca);
+            cmd.arg("--cert-file").arg(&tls.cert).arg("--key-file").arg(&tls.key).arg("--trusted-ca-file").arg(&tls.ca);
             if tls.client.is_some() {
                 cmd.arg("--client-cert-auth");
             }
         }
         // etcd 3.4 insists on a 0700 data dir.
         std::fs::create_dir_all(&m.data_dir)?;
-        std::fs::set_permissions(
-            &m.data_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )?;
-        let log = if m.runs == 0 {
-            m.log.clone()
-        } else {
-            m.log.with_extension(format!("restart{}.log", m.runs))
-        };
+        std::fs::set_permissions(&m.data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let log = if m.runs == 0 { m.log.clone() } else { m.log.with_extension(format!("restart{}.log", m.runs)) };
         m.runs += 1;
         m.process = Some(ChildGuard::spawn(m.name.clone(), cmd, Some(&log))?);
         Ok(())
@@ -273,25 +234,17 @@ impl EtcdCluster {
 
     /// Client URL of member `i`.
     pub fn member_endpoint(&self, i: usize) -> String {
-        format!(
-            "{}://127.0.0.1:{}",
-            self.scheme, self.members[i].client_port
-        )
+        format!("{}://127.0.0.1:{}", self.scheme, self.members[i].client_port)
     }
 
     /// Client URLs of every member (also the ones currently killed).
     pub fn endpoints(&self) -> Vec<String> {
-        (0..self.members.len())
-            .map(|i| self.member_endpoint(i))
-            .collect()
+        (0..self.members.len()).map(|i| self.member_endpoint(i)).collect()
     }
 
     /// Whether member `i` is running.
     pub fn is_running(&mut self, i: usize) -> bool {
-        self.members[i]
-            .process
-            .as_mut()
-            .is_some_and(ChildGuard::is_running)
+        self.members[i].process.as_mut().is_some_and(ChildGuard::is_running)
     }
 
     /// PID of member `i` (0 when killed).
@@ -318,12 +271,7 @@ impl EtcdCluster {
 
     /// Status of member `i` via `etcdctl endpoint status`.
     pub async fn member_status(&self, i: usize) -> Result<MemberStatus> {
-        let out = self
-            .etcdctl(
-                &self.member_endpoint(i),
-                &["endpoint", "status", "-w", "json"],
-            )
-            .await?;
+        let out = self.etcdctl(&self.member_endpoint(i), &["endpoint", "status", "-w", "json"]).await?;
         parse_status(&out).with_context(|| format!("parse etcdctl status of member {i}: {out}"))
     }
 
@@ -338,14 +286,10 @@ impl EtcdCluster {
         let deadline = Instant::now() + timeout;
         let mut last_err;
         loop {
-            let dead: Vec<usize> = (0..self.members.len())
-                .filter(|&i| self.members[i].process.is_some() && !self.is_running(i))
-                .collect();
+            let dead: Vec<usize> =
+                (0..self.members.len()).filter(|&i| self.members[i].process.is_some() && !self.is_running(i)).collect();
             if !dead.is_empty() {
-                bail!(
-                    "etcd member(s) {dead:?} exited during start-up\n{}",
-                    self.log_tails(2000)
-                );
+                bail!("etcd member(s) {dead:?} exited during start-up\n{}", self.log_tails(2000));
             }
             match self.running_statuses().await {
                 Ok(statuses) => match leader_of(&statuses) {
@@ -355,10 +299,7 @@ impl EtcdCluster {
                 Err(e) => last_err = format!("{e:#}"),
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "etcd cluster not healthy after {timeout:?}: {last_err}\n{}",
-                    self.log_tails(2000)
-                );
+                bail!("etcd cluster not healthy after {timeout:?}: {last_err}\n{}", self.log_tails(2000));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -366,9 +307,7 @@ impl EtcdCluster {
 
     /// `(index, status)` of every running member; fails if one does not answer.
     async fn running_statuses(&self) -> Result<Vec<(usize, MemberStatus)>> {
-        let running: Vec<usize> = (0..self.members.len())
-            .filter(|&i| self.members[i].process.is_some())
-            .collect();
+        let running: Vec<usize> = (0..self.members.len()).filter(|&i| self.members[i].process.is_some()).collect();
         let mut statuses = Vec::with_capacity(running.len());
         for i in running {
             statuses.push((i, self.member_status(i).await?));
@@ -392,10 +331,7 @@ impl EtcdCluster {
         }
         let out = cmd.output().await.context("run etcdctl")?;
         if !out.status.success() {
-            bail!(
-                "etcdctl {args:?} against {endpoint} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("etcdctl {args:?} against {endpoint} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -404,21 +340,14 @@ impl EtcdCluster {
     pub fn log_tails(&self, max_bytes: usize) -> String {
         let mut s = String::new();
         for m in &self.members {
-            let tail = m
-                .process
-                .as_ref()
-                .map(|p| p.log_tail(max_bytes))
-                .unwrap_or_else(|| "(not running)".into());
+            let tail = m.process.as_ref().map(|p| p.log_tail(max_bytes)).unwrap_or_else(|| "(not running)".into());
             let _ = writeln!(s, "--- {} log tail ---\n{tail}", m.name);
         }
         s
     }
 
     fn logs_mention(&self, needle: &str) -> bool {
-        self.members
-            .iter()
-            .filter_map(|m| m.process.as_ref())
-            .any(|p| p.log_tail(64 * 1024).contains(needle))
+        self.members.iter().filter_map(|m| m.process.as_ref()).any(|p| p.log_tail(64 * 1024).contains(needle))
     }
 
     /// The temp dir holding data dirs, logs and TLS files.
@@ -450,9 +379,7 @@ fn write_tls_files(dir: &Path, tls: &EtcdTls) -> Result<TlsFiles> {
         client: tls
             .client
             .as_ref()
-            .map(|(cert, key)| -> Result<_> {
-                Ok((write("client.pem", cert)?, write("client-key.pem", key)?))
-            })
+            .map(|(cert, key)| -> Result<_> { Ok((write("client.pem", cert)?, write("client-key.pem", key)?)) })
             .transpose()?,
     })
 }
@@ -460,10 +387,7 @@ fn write_tls_files(dir: &Path, tls: &EtcdTls) -> Result<TlsFiles> {
 /// Parses `etcdctl endpoint status -w json` for one endpoint.
 fn parse_status(json: &str) -> Result<MemberStatus> {
     let v: Value = serde_json::from_str(json)?;
-    let st = v
-        .get(0)
-        .and_then(|e| e.get("Status"))
-        .context("no Status in etcdctl output")?;
+    let st = v.get(0).and_then(|e| e.get("Status")).context("no Status in etcdctl output")?;
     let u = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
     let header = st.get("header");
     Ok(MemberStatus {
@@ -480,10 +404,7 @@ fn leader_of(statuses: &[(usize, MemberStatus)]) -> Option<usize> {
     if leader == 0 || statuses.iter().any(|(_, s)| s.leader_id != leader) {
         return None;
     }
-    statuses
-        .iter()
-        .find(|(_, s)| s.member_id == leader)
-        .map(|(i, _)| *i)
+    statuses.iter().find(|(_, s)| s.member_id == leader).map(|(i, _)| *i)
 }
 
 #[cfg(test)]
@@ -502,12 +423,7 @@ mod tests {
 
     #[test]
     fn leader_needs_agreement() {
-        let st = |m, l| MemberStatus {
-            member_id: m,
-            leader_id: l,
-            revision: 1,
-            raft_term: 1,
-        };
+        let st = |m, l| MemberStatus { member_id: m, leader_id: l, revision: 1, raft_term: 1 };
         assert_eq!(leader_of(&[(0, st(1, 2)), (1, st(2, 2))]), Some(1));
         assert_eq!(leader_of(&[(0, st(1, 2)), (1, st(2, 1))]), None);
         assert_eq!(leader_of(&[(0, st(1, 0))]), None);
@@ -533,8 +449,7 @@ mod tests {
         drop(c);
         assert!(!dir.exists(), "temp dir removed on drop");
         for pid in pids {
-            let alive =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
+            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
             assert!(!alive, "etcd pid {pid} still alive after drop");
         }
     }
