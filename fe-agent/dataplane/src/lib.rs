@@ -1,1 +1,8 @@
 //! The VICTOR data plane.
+
+mod aio;
+pub mod counters;
+pub mod fib;
+pub mod forwarder;
+pub mod kernel;
+pub mod packet;

@@ -1,0 +1,217 @@
+//! Forwarder counters: packets/bytes per direction, drops by reason, ICMP errors sent. Updated
+//! with relaxed atomics by the workers, read as a plain [`CounterSnapshot`] by the agent's
+//! `/metrics`.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why the forwarder dropped a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// From TUN: destination has no binding.
+    NoBinding,
+    /// From TUN: destination is bound here, but the kernel has no /32 route for it yet.
+    LocalWithoutRoute,
+    /// From TUN: not an IPv4 packet (IPv6 is not carried).
+    NotIpv4,
+    /// From TUN: invalid IPv4 header.
+    Malformed,
+    /// From TUN: TTL expired (an ICMP time exceeded is sent when allowed).
+    TtlExceeded,
+    /// From TUN: larger than the tunnel MTU with DF set (an ICMP fragmentation needed is sent).
+    TooBigDf,
+    /// From TUN: larger than the tunnel MTU without DF (inner fragmentation is not done; cannot
+    /// happen while the TUN MTU is the tunnel MTU, as the kernel fragments before TUN).
+    TooBigNoDf,
+    /// Sending to the underlay failed (no route, buffer full, ...).
+    UnderlaySendError,
+    /// From the underlay: outer source is not a registered FE.
+    UnknownPeer,
+    /// From the underlay: invalid outer header / not IP-in-IP / outer fragment.
+    OuterMalformed,
+    /// From the underlay: inner packet is not IPv4.
+    InnerNotIpv4,
+    /// From the underlay: inner IPv4 header invalid.
+    InnerMalformed,
+    /// From the underlay: outer CE over a not-ECT inner packet (RFC 6040).
+    EcnDrop,
+    /// Writing into TUN failed.
+    TunWriteError,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 14] = [
+        DropReason::NoBinding,
+        DropReason::LocalWithoutRoute,
+        DropReason::NotIpv4,
+        DropReason::Malformed,
+        DropReason::TtlExceeded,
+        DropReason::TooBigDf,
+        DropReason::TooBigNoDf,
+        DropReason::UnderlaySendError,
+        DropReason::UnknownPeer,
+        DropReason::OuterMalformed,
+        DropReason::InnerNotIpv4,
+        DropReason::InnerMalformed,
+        DropReason::EcnDrop,
+        DropReason::TunWriteError,
+    ];
+
+    /// A stable label for metrics (`reason="no_binding"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoBinding => "no_binding",
+            DropReason::LocalWithoutRoute => "local_without_route",
+            DropReason::NotIpv4 => "not_ipv4",
+            DropReason::Malformed => "malformed",
+            DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::TooBigDf => "too_big_df",
+            DropReason::TooBigNoDf => "too_big_no_df",
+            DropReason::UnderlaySendError => "underlay_send_error",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::OuterMalformed => "outer_malformed",
+            DropReason::InnerNotIpv4 => "inner_not_ipv4",
+            DropReason::InnerMalformed => "inner_malformed",
+            DropReason::EcnDrop => "ecn_drop",
+            DropReason::TunWriteError => "tun_write_error",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Live counters (shared between the workers and readers).
+#[derive(Debug, Default)]
+pub struct Counters {
+    tun_rx_packets: AtomicU64,
+    tun_rx_bytes: AtomicU64,
+    tunnel_tx_packets: AtomicU64,
+    tunnel_tx_bytes: AtomicU64,
+    tunnel_rx_packets: AtomicU64,
+    tunnel_rx_bytes: AtomicU64,
+    tun_tx_packets: AtomicU64,
+    tun_tx_bytes: AtomicU64,
+    icmp_time_exceeded: AtomicU64,
+    icmp_frag_needed: AtomicU64,
+    icmp_suppressed: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+/// A point-in-time copy of [`Counters`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Packets read from TUN (towards the tunnel).
+    pub tun_rx_packets: u64,
+    /// Bytes read from TUN.
+    pub tun_rx_bytes: u64,
+    /// Encapsulated packets sent to peers.
+    pub tunnel_tx_packets: u64,
+    /// Bytes sent to peers (outer packets).
+    pub tunnel_tx_bytes: u64,
+    /// IP-in-IP packets received from the underlay (all, before checks).
+    pub tunnel_rx_packets: u64,
+    /// Bytes received from the underlay (outer packets).
+    pub tunnel_rx_bytes: u64,
+    /// Decapsulated packets written into TUN.
+    pub tun_tx_packets: u64,
+    /// Bytes written into TUN.
+    pub tun_tx_bytes: u64,
+    /// ICMP time exceeded sent.
+    pub icmp_time_exceeded: u64,
+    /// ICMP fragmentation needed sent.
+    pub icmp_frag_needed: u64,
+    /// ICMP errors not sent because the offending packet must not be answered.
+    pub icmp_suppressed: u64,
+    /// Drops per reason, in [`DropReason::ALL`] order.
+    pub drops: Vec<(DropReason, u64)>,
+}
+
+impl CounterSnapshot {
+    /// Drops for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n)
+    }
+
+    /// All drops.
+    pub fn dropped_total(&self) -> u64 {
+        self.drops.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl Counters {
+    pub(crate) fn tun_rx(&self, bytes: usize) {
+        self.tun_rx_packets.fetch_add(1, Relaxed);
+        self.tun_rx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    pub(crate) fn tunnel_tx(&self, packets: u64, bytes: u64) {
+        self.tunnel_tx_packets.fetch_add(packets, Relaxed);
+        self.tunnel_tx_bytes.fetch_add(bytes, Relaxed);
+    }
+
+    pub(crate) fn tunnel_rx(&self, bytes: usize) {
+        self.tunnel_rx_packets.fetch_add(1, Relaxed);
+        self.tunnel_rx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    pub(crate) fn tun_tx(&self, packets: u64, bytes: u64) {
+        self.tun_tx_packets.fetch_add(packets, Relaxed);
+        self.tun_tx_bytes.fetch_add(bytes, Relaxed);
+    }
+
+    pub(crate) fn icmp_sent(&self, frag_needed: bool) {
+        let c = if frag_needed { &self.icmp_frag_needed } else { &self.icmp_time_exceeded };
+        c.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn icmp_suppressed(&self) {
+        self.icmp_suppressed.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn discard(&self, reason: DropReason) {
+        self.drops_n(reason, 1);
+    }
+
+    pub(crate) fn drops_n(&self, reason: DropReason, n: u64) {
+        self.drops[reason.index()].fetch_add(n, Relaxed);
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            tun_rx_packets: self.tun_rx_packets.load(Relaxed),
+            tun_rx_bytes: self.tun_rx_bytes.load(Relaxed),
+            tunnel_tx_packets: self.tunnel_tx_packets.load(Relaxed),
+            tunnel_tx_bytes: self.tunnel_tx_bytes.load(Relaxed),
+            tunnel_rx_packets: self.tunnel_rx_packets.load(Relaxed),
+            tunnel_rx_bytes: self.tunnel_rx_bytes.load(Relaxed),
+            tun_tx_packets: self.tun_tx_packets.load(Relaxed),
+            tun_tx_bytes: self.tun_tx_bytes.load(Relaxed),
+            icmp_time_exceeded: self.icmp_time_exceeded.load(Relaxed),
+            icmp_frag_needed: self.icmp_frag_needed.load(Relaxed),
+            icmp_suppressed: self.icmp_suppressed.load(Relaxed),
+            drops: DropReason::ALL.iter().map(|&r| (r, self.drops[r.index()].load(Relaxed))).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_index_in_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        let c = Counters::default();
+        c.discard(DropReason::UnknownPeer);
+        c.drops_n(DropReason::NoBinding, 2);
+        let s = c.snapshot();
+        assert_eq!(s.dropped(DropReason::UnknownPeer), 1);
+        assert_eq!(s.dropped(DropReason::NoBinding), 2);
+        assert_eq!(s.dropped_total(), 3);
+    }
+}

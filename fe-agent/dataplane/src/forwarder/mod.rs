@@ -1,0 +1,247 @@
+//! The userspace IP-in-IP forwarder: a TUN device (the agent routes the mobile prefix and
+//! remote /32s into it) and a raw IPv4 socket for protocol 4 on the underlay.
+//!
+//! * From TUN: look the destination up in the [`Fib`]; `Remote(peer)` → decrement TTL,
+//!   encapsulate, send to `peer`; no binding → drop; TTL ≤ 1 → ICMP time exceeded; longer than
+//!   the tunnel MTU with DF → ICMP fragmentation needed carrying the tunnel MTU (PMTUD).
+//! * From the underlay: only IP-in-IP whose outer source is a registered peer and whose inner
+//!   packet is valid IPv4 is accepted; the inner packet is written into TUN and the kernel routes
+//!   it — by its /32 to a local VM, or back into TUN when the VM has moved on, so the forwarder
+//!   relays it to the new binding FE (each pass through the kernel costs a TTL, so loops end).
+//!
+//! ICMP errors are sent through the raw socket (locally originated, routed by the kernel, no
+//! martian-source issue that writing them into TUN with our own source address would have).
+//! The TUN MTU is the underlay MTU − 20, so the kernel fragments or answers "fragmentation
+//! needed" itself before packets reach us; our own check covers a TUN MTU raised by hand.
+
+mod buf;
+mod pipeline;
+mod raw;
+mod worker;
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+pub use pipeline::{Egress, egress, ingress};
+
+use crate::counters::{CounterSnapshot, Counters};
+use crate::fib::Fib;
+use crate::packet::ipv4::{DEFAULT_OUTER_TTL, HEADER_LEN};
+
+/// How to run a forwarder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwarderConfig {
+    /// Name of the TUN device to create (≤ 15 bytes), e.g. `victor0`.
+    pub tun_name: String,
+    /// MTU of the underlay path between FEs; the tunnel (and TUN) MTU is this − 20.
+    pub underlay_mtu: u16,
+    /// TTL of outer headers.
+    pub outer_ttl: u8,
+    /// Source address of the ICMP errors we send (default: the FE's underlay address).
+    pub icmp_source: Option<Ipv4Addr>,
+    /// Use TUN offloads (virtio-net header: GSO super-packets in, GRO-coalesced writes out).
+    pub offload: bool,
+}
+
+impl ForwarderConfig {
+    /// Defaults: underlay MTU 1500, outer TTL 64, ICMP from the underlay address, offload on.
+    pub fn new(tun_name: impl Into<String>) -> Self {
+        ForwarderConfig {
+            tun_name: tun_name.into(),
+            underlay_mtu: 1500,
+            outer_ttl: DEFAULT_OUTER_TTL,
+            icmp_source: None,
+            offload: true,
+        }
+    }
+
+    /// The tunnel MTU: the largest inner packet, underlay MTU − 20.
+    pub fn tunnel_mtu(&self) -> u16 {
+        self.underlay_mtu.saturating_sub(HEADER_LEN as u16)
+    }
+}
+
+/// Why the forwarder could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwarderError {
+    /// Configuration refused.
+    #[error("invalid forwarder config: {0}")]
+    Config(String),
+    /// The TUN device could not be created or configured.
+    #[error("TUN device {name}: {source} (needs CAP_NET_ADMIN and /dev/net/tun)")]
+    Tun {
+        /// Device name.
+        name: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The raw underlay socket could not be opened.
+    #[error("raw IP-in-IP socket on {addr}: {source} (needs CAP_NET_RAW; is {addr} configured on an interface?)")]
+    Socket {
+        /// Underlay address.
+        addr: Ipv4Addr,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The worker thread could not start.
+    #[error("forwarder thread: {0}")]
+    Thread(io::Error),
+}
+
+/// A running forwarder. Dropping it stops it (like [`Forwarder::stop`]); the TUN device
+/// disappears with it, and with it every route the agent pointed into it.
+pub struct Forwarder {
+    tun_name: String,
+    tun_index: u32,
+    tunnel_mtu: u16,
+    counters: Arc<Counters>,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("tun_name", &self.tun_name)
+            .field("tunnel_mtu", &self.tunnel_mtu)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forwarder {
+    /// Creates the TUN device (up, MTU = tunnel MTU) and the underlay socket bound to
+    /// `fib.local_underlay()` in the calling thread's network namespace, then forwards on a
+    /// dedicated thread until stopped.
+    pub fn start(config: ForwarderConfig, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
+        if config.tun_name.is_empty() || config.tun_name.len() > 15 {
+            return Err(ForwarderError::Config(format!("tun_name {:?} must be 1..=15 bytes", config.tun_name)));
+        }
+        if config.underlay_mtu < 68 + HEADER_LEN as u16 {
+            return Err(ForwarderError::Config(format!(
+                "underlay_mtu {} is below the IPv4 minimum 68 + 20",
+                config.underlay_mtu
+            )));
+        }
+        if config.outer_ttl == 0 {
+            return Err(ForwarderError::Config("outer_ttl must be at least 1".into()));
+        }
+        let local = fib.local_underlay();
+        let tunnel_mtu = config.tunnel_mtu();
+        let tun_err = |source| ForwarderError::Tun { name: config.tun_name.clone(), source };
+        // The TUN device carries the underlay address as a /32: the kernel's reverse-path
+        // check drops everything arriving on an address-less interface whenever rp_filter is on,
+        // and packets the FE itself sends towards remote VMs get a routable source.
+        let dev = tun_rs::DeviceBuilder::new()
+            .name(&config.tun_name)
+            .ipv4(local, 32u8, None)
+            .mtu(tunnel_mtu)
+            .offload(config.offload)
+            .enable(false)
+            .build_sync()
+            .map_err(tun_err)?;
+        let tun_index = dev.if_index().map_err(tun_err)?;
+        // Decapsulated packets arrive on TUN from clients reached through other interfaces:
+        // loose reverse-path filtering (the effective value is max(all, dev), so strict mode
+        // on `all` would still drop them; the agent checks that).
+        // VICTOR carries IPv4 only: no IPv6 link-local chatter (router solicitations, MLD) to
+        // count as drops.
+        for (key, value) in [("ipv4/conf/{}/rp_filter", "2"), ("ipv6/conf/{}/disable_ipv6", "1")] {
+            let path = format!("/proc/sys/net/{}", key.replace("{}", &config.tun_name));
+            if let Err(e) = std::fs::write(&path, value) {
+                tracing::warn!(%path, error = %e, "could not set a sysctl of the TUN device");
+            }
+        }
+        dev.enabled(true).map_err(tun_err)?;
+        let sock = raw::open(local).map_err(|source| ForwarderError::Socket { addr: local, source })?;
+
+        let counters = Arc::new(Counters::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let icmp_source = config.icmp_source.unwrap_or(local);
+        let thread_counters = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("fwd-{}", config.tun_name))
+            .spawn(move || -> io::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+                rt.block_on(async move {
+                    let shared = Arc::new(worker::Shared {
+                        dev: tun_rs::AsyncDevice::new(dev)?,
+                        sock: crate::aio::register(sock)?,
+                        fib,
+                        counters: thread_counters,
+                        tunnel_mtu: usize::from(tunnel_mtu),
+                        outer_ttl: config.outer_ttl,
+                        icmp_source,
+                    });
+                    let egress = worker::egress_loop(shared.clone(), stop_rx.clone());
+                    let ingress = worker::ingress_loop(shared, stop_rx);
+                    let (e, i) = tokio::join!(egress, ingress);
+                    if let Err(err) = &e {
+                        tracing::error!(error = %err, "forwarder TUN → underlay loop failed");
+                    }
+                    if let Err(err) = &i {
+                        tracing::error!(error = %err, "forwarder underlay → TUN loop failed");
+                    }
+                    e.and(i)
+                })
+            })
+            .map_err(ForwarderError::Thread)?;
+        Ok(Forwarder { tun_name: config.tun_name, tun_index, tunnel_mtu, counters, stop, thread: Some(thread) })
+    }
+
+    /// Name of the TUN device (route the mobile prefix and remote /32s into it).
+    pub fn tun_name(&self) -> &str {
+        &self.tun_name
+    }
+
+    /// Interface index of the TUN device (for rtnetlink routes).
+    pub fn tun_index(&self) -> u32 {
+        self.tun_index
+    }
+
+    /// MTU of the TUN device = tunnel MTU.
+    pub fn tunnel_mtu(&self) -> u16 {
+        self.tunnel_mtu
+    }
+
+    /// Current counters.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// The live counters, to read from elsewhere (e.g. a metrics endpoint) after moving the
+    /// forwarder.
+    pub fn counters_handle(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// True while both forwarding loops run (false after a fatal device/socket error).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops forwarding, waits for the worker and closes the TUN device and socket. Returns the
+    /// error that had ended the worker early, if any.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> io::Result<()> {
+        let _ = self.stop.send(true);
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err(io::Error::other("forwarder thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(tun = %self.tun_name, error = %e, "forwarder ended with an error");
+        }
+    }
+}

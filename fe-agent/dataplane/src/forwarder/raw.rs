@@ -1,0 +1,155 @@
+//! The underlay socket: a raw IPv4 socket for protocol 4 with `IP_HDRINCL`, and batched
+//! `recvmmsg` / `sendmmsg` over it.
+//!
+//! Why `IP_HDRINCL` (we write the outer header): the forwarder already has 20 bytes of headroom
+//! in front of each inner packet, so writing the header costs nothing, and it lets every packet
+//! carry its own DF bit and DSCP/ECN copied from the inner header (with a kernel-built header
+//! these are per-socket options). The kernel still fills in the checksum, total length and, if
+//! zero, the identification. The same socket sends the ICMP errors we originate (complete IPv4
+//! packets), through the kernel's output path, so they are routed like any local packet.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, RawFd};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::buf::PacketBuf;
+use crate::packet::ipv4::PROTO_IPIP;
+
+/// Socket buffer size asked for (with `SO_*BUFFORCE`, as root, beyond `rmem_max`).
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Opens the underlay socket bound to `local` (so only tunnel packets addressed to this FE's
+/// underlay address are received), non-blocking.
+pub(crate) fn open(local: Ipv4Addr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(i32::from(PROTO_IPIP))))?;
+    socket.set_header_included_v4(true)?;
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(local, 0)).into())?;
+    socket.set_nonblocking(true)?;
+    for (force, fallback) in [
+        (libc::SO_RCVBUFFORCE, Socket::set_recv_buffer_size as fn(&Socket, usize) -> io::Result<()>),
+        (libc::SO_SNDBUFFORCE, Socket::set_send_buffer_size),
+    ] {
+        if setsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, force, SOCKET_BUFFER as libc::c_int).is_err() {
+            fallback(&socket, SOCKET_BUFFER)?;
+        }
+    }
+    Ok(socket)
+}
+
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` outlives the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(addr).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Reusable `mmsghdr` / `iovec` / address arrays for batched calls.
+pub(crate) struct Mmsg {
+    hdrs: Vec<libc::mmsghdr>,
+    iovs: Vec<libc::iovec>,
+    addrs: Vec<libc::sockaddr_in>,
+}
+
+// SAFETY: the raw pointers inside are only meaningful during one call made by the owner, which
+// rebuilds them from live borrows each time; between calls they are never dereferenced.
+unsafe impl Send for Mmsg {}
+
+impl Mmsg {
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Mmsg { hdrs: Vec::with_capacity(n), iovs: Vec::with_capacity(n), addrs: Vec::with_capacity(n) }
+    }
+
+    fn build(&mut self) {
+        self.hdrs.clear();
+        for i in 0..self.iovs.len() {
+            // SAFETY: all-zero is a valid `mmsghdr` (null pointers, zero lengths).
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = &mut self.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            if let Some(a) = self.addrs.get_mut(i) {
+                h.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
+                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            }
+            self.hdrs.push(h);
+        }
+    }
+
+    /// Sends `packets` (complete IPv4 packets and their destinations) with one `sendmmsg`.
+    /// Returns how many were sent (≥ 1), or the error of the first one (`WouldBlock` when the
+    /// socket buffer is full).
+    pub(crate) fn send(&mut self, fd: RawFd, packets: &[(&[u8], Ipv4Addr)]) -> io::Result<usize> {
+        self.iovs.clear();
+        self.addrs.clear();
+        for (data, dst) in packets {
+            self.iovs.push(libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() });
+            self.addrs.push(sockaddr(*dst));
+        }
+        self.build();
+        // SAFETY: every pointer in `hdrs` points into `iovs`, `addrs` or `packets`, all alive and
+        // unmoved for the duration of the call; the kernel only reads the packet bytes.
+        let n =
+            unsafe { libc::sendmmsg(fd, self.hdrs.as_mut_ptr(), self.hdrs.len() as libc::c_uint, libc::MSG_DONTWAIT) };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    }
+
+    /// Receives up to `bufs.len()` packets with one `recvmmsg`, each into its buffer from
+    /// `offset` on; sets each filled buffer's length to `offset + packet length`. Returns how
+    /// many were received (`WouldBlock` when none is waiting).
+    pub(crate) fn recv(&mut self, fd: RawFd, bufs: &mut [PacketBuf], offset: usize) -> io::Result<usize> {
+        self.iovs.clear();
+        self.addrs.clear();
+        for buf in bufs.iter_mut() {
+            let room = &mut buf.storage_mut()[offset..];
+            self.iovs.push(libc::iovec { iov_base: room.as_mut_ptr().cast(), iov_len: room.len() });
+        }
+        self.build();
+        // SAFETY: every iovec points into a distinct live buffer, writable for its length, and
+        // the headers into `iovs`; nothing moves during the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                self.hdrs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for (buf, h) in bufs.iter_mut().zip(&self.hdrs).take(n) {
+            buf.set_len(offset + h.msg_len as usize);
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddr_is_network_order() {
+        let s = sockaddr(Ipv4Addr::new(198, 51, 100, 2));
+        assert_eq!(s.sin_addr.s_addr.to_ne_bytes(), [198, 51, 100, 2]);
+    }
+}

@@ -1,0 +1,12 @@
+//! Pure packet codecs: no IO, no allocation on the forwarding fast path, every parser total
+//! (never panics, typed error with a counter label on bad input).
+//!
+//! * [`checksum`] — Internet checksum and RFC 1624 incremental update;
+//! * [`arp`] — Ethernet/ARP frames (request, reply, gratuitous, probe; one 802.1Q tag);
+//! * [`ipv4`] — IPv4 validation, TTL decrement, IP-in-IP encapsulation/decapsulation;
+//! * [`icmp`] — time exceeded and fragmentation needed, with the "never answer" rules.
+
+pub mod arp;
+pub mod checksum;
+pub mod icmp;
+pub mod ipv4;

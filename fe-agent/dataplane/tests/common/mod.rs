@@ -1,0 +1,291 @@
+//! The netns lab shared by the data-plane integration tests and the throughput example:
+//!
+//! ```text
+//!  client ──(192.0.2.0/24)── fe1 ═╗                       ╔═ fe2 ──(10.10.0.1/32 port)── vm
+//!                                 ╚══ ul: bridge, underlay 198.51.100.0/24 ══╣
+//!                                                         ╚═ fe3 ──(10.10.0.1/32 port)── vm3
+//! ```
+//! Each FE runs an in-process [`Forwarder`] (started on a thread inside its namespace). The
+//! routes and bindings the agent will later program are set up here with `ip` and [`Fib`] calls:
+//! the mobile prefix 10.10.0.0/16 points into each FE's TUN; fe2 has the VM's /32 on its VM port
+//! with a permanent neighbour entry; fe2 and fe3 reach the client directly over the underlay
+//! (plain routing, no tunnel: no triangle routing).
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use socket2::{Domain, Protocol, Socket, Type};
+use victor_dataplane::fib::{Action, Fib};
+use victor_dataplane::forwarder::{Forwarder, ForwarderConfig};
+use victor_dataplane::packet::{icmp, ipv4};
+use victor_testkit::netns::{NetNs, Veth};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub const FE1_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+pub const VM_MAC: &str = "02:00:00:00:00:11";
+pub const MOBILE_PREFIX: &str = "10.10.0.0/16";
+pub const UNDERLAY_MTU: u16 = 1500;
+
+/// Underlay address of FE `n` (1-based).
+pub fn fe_addr(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, n)
+}
+
+pub struct Fe {
+    pub fib: Arc<Fib>,
+    pub forwarder: Option<Forwarder>,
+    pub tun: String,
+}
+
+impl Fe {
+    pub fn fwd(&self) -> &Forwarder {
+        self.forwarder.as_ref().expect("forwarder running")
+    }
+}
+
+/// The lab. Field order is drop order: forwarders stop first, then links, then namespaces.
+pub struct Lab {
+    pub fes: Vec<Fe>,
+    pub links: Vec<Veth>,
+    pub client: NetNs,
+    pub ul: NetNs,
+    pub fe_ns: Vec<NetNs>,
+    pub vm: NetNs,
+    pub vm3: NetNs,
+}
+
+impl Lab {
+    pub fn fe(&self, n: usize) -> &Fe {
+        &self.fes[n - 1]
+    }
+
+    pub fn ns(&self, n: usize) -> &NetNs {
+        &self.fe_ns[n - 1]
+    }
+
+    /// Builds the lab with `offload` on or off for all forwarders.
+    pub fn build(offload: bool) -> Result<Lab> {
+        victor_testkit::require_root("the data-plane lab");
+        let client = NetNs::new("dpc")?;
+        let ul = NetNs::new("dpu")?;
+        let fe_ns = vec![NetNs::new("dpf1")?, NetNs::new("dpf2")?, NetNs::new("dpf3")?];
+        let vm = NetNs::new("dpv")?;
+        let vm3 = NetNs::new("dpw")?;
+        let mut links = Vec::new();
+
+        // Underlay: a bridge in `ul`, each FE's `ul0` on it.
+        ul.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ul.link_up("br0")?;
+        for (i, ns) in fe_ns.iter().enumerate() {
+            let port = format!("p{}", i + 1);
+            links.push(Veth::create(ns, "ul0", &ul, &port)?);
+            ul.ip(&["link", "set", &port, "master", "br0"])?;
+            ns.add_addr("ul0", &format!("{}/24", fe_addr(i as u8 + 1)))?;
+            ns.enable_forwarding()?;
+        }
+
+        // Client behind fe1.
+        links.push(Veth::create(&client, "eth0", &fe_ns[0], "cl0")?);
+        client.add_addr("eth0", &format!("{CLIENT}/24"))?;
+        client.route(&["default", "via", &FE1_CLIENT_SIDE.to_string()])?;
+        fe_ns[0].add_addr("cl0", &format!("{FE1_CLIENT_SIDE}/24"))?;
+
+        // VMs: `vm` behind fe2, `vm3` (the same VM after a move) behind fe3.
+        for (vm_ns, fe) in [(&vm, &fe_ns[1]), (&vm3, &fe_ns[2])] {
+            links.push(Veth::create(vm_ns, "eth0", fe, "vm0")?);
+            vm_ns.ip(&["link", "set", "eth0", "address", VM_MAC])?;
+            vm_ns.add_addr("eth0", &format!("{VM}/24"))?;
+            vm_ns.route(&["default", "via", &GATEWAY.to_string()])?;
+            fe.add_addr("vm0", &format!("{GATEWAY}/32"))?;
+            // The client's network is reached directly over the underlay via fe1 (not tunnelled).
+            fe.route(&["192.0.2.0/24", "via", &fe_addr(1).to_string()])?;
+        }
+
+        let mut lab = Lab { fes: Vec::new(), links, client, ul, fe_ns, vm, vm3 };
+        for n in 1..=3u8 {
+            let fib = Arc::new(Fib::new(fe_addr(n)));
+            fib.set_peers((1..=3).filter(|&m| m != n).map(fe_addr));
+            let tun = format!("vtun{n}");
+            let mut config = ForwarderConfig::new(&tun);
+            config.underlay_mtu = UNDERLAY_MTU;
+            config.offload = offload;
+            let ns = &lab.fe_ns[n as usize - 1];
+            let fwd_fib = fib.clone();
+            let forwarder = ns.run_in(move || Forwarder::start(config, fwd_fib))??;
+            ns.route(&[MOBILE_PREFIX, "dev", &tun])?;
+            lab.fes.push(Fe { fib, forwarder: Some(forwarder), tun });
+        }
+        // Initial state: the VM is bound to fe2; fe1 tunnels to fe2; fe2 delivers locally.
+        lab.fe(1).fib.set(VM, Action::Remote(fe_addr(2)))?;
+        lab.fe(3).fib.set(VM, Action::Remote(fe_addr(2)))?;
+        lab.bind_local(2)?;
+        Ok(lab)
+    }
+
+    /// Makes FE `n` deliver the VM locally: binding Local, /32 on its VM port, permanent
+    /// neighbour entry (what the agent's reconciler will program).
+    pub fn bind_local(&self, n: usize) -> Result<()> {
+        let ns = self.ns(n);
+        ns.route(&[&format!("{VM}/32"), "dev", "vm0"])?;
+        ns.ip(&["neigh", "replace", &VM.to_string(), "lladdr", VM_MAC, "dev", "vm0", "nud", "permanent"])?;
+        self.fe(n).fib.set(VM, Action::Local)?;
+        Ok(())
+    }
+
+    /// Makes FE `n` tunnel the VM to FE `to`: binding Remote, /32 removed (the prefix route
+    /// sends it into TUN).
+    pub fn bind_remote(&self, n: usize, to: u8) -> Result<()> {
+        self.fe(n).fib.set(VM, Action::Remote(fe_addr(to)))?;
+        let _ = self.ns(n).ip(&["route", "del", &format!("{VM}/32")]);
+        Ok(())
+    }
+}
+
+/// A raw ICMP socket with `IP_HDRINCL`, opened inside a namespace (call from `run_in`): sends
+/// hand-built IPv4 packets, receives every ICMP packet addressed to the namespace.
+pub struct IcmpSocket {
+    sock: Socket,
+}
+
+/// An ICMP echo request to send.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    /// Total IPv4 length.
+    pub total_len: usize,
+    pub df: bool,
+    pub seq: u16,
+}
+
+impl Probe {
+    /// An 84-byte echo (like `ping`), TTL 64, no DF.
+    pub fn echo(dst: Ipv4Addr, seq: u16) -> Self {
+        Probe { dst, ttl: 64, total_len: 84, df: false, seq }
+    }
+
+    pub fn ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// `total_len` bytes with DF set.
+    pub fn df_size(mut self, total_len: usize) -> Self {
+        self.total_len = total_len;
+        self.df = true;
+        self
+    }
+}
+
+/// What came back for a probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeReply {
+    EchoReply { from: Ipv4Addr },
+    Error { from: Ipv4Addr, icmp_type: u8, code: u8, mtu: u16 },
+}
+
+impl IcmpSocket {
+    pub fn open() -> Result<Self> {
+        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+        sock.set_header_included_v4(true)?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        // Send even above a learned path MTU: the probes test how the path answers.
+        let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
+        // SAFETY: plain setsockopt with an int that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&probe as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        anyhow::ensure!(rc == 0, "IP_MTU_DISCOVER: {}", std::io::Error::last_os_error());
+        Ok(IcmpSocket { sock })
+    }
+
+    pub fn send(&self, packet: &[u8]) -> Result<()> {
+        let dst = ipv4::parse(packet).context("probe packet")?.dst;
+        self.sock.send_to(packet, &std::net::SocketAddr::from((dst, 0)).into()).context("send probe")?;
+        Ok(())
+    }
+
+    /// Sends the echo request `probe` from `src` and waits up to `timeout` for the echo reply or
+    /// an ICMP error about it, resending every 250 ms.
+    pub fn probe(&self, src: Ipv4Addr, probe: &Probe, timeout: Duration) -> Option<ProbeReply> {
+        let Probe { dst, ttl, total_len, df, seq } = *probe;
+        let ident = (std::process::id() & 0xffff) as u16;
+        let payload = vec![0x5a; total_len.saturating_sub(28)];
+        let request = icmp::echo(icmp::TYPE_ECHO_REQUEST, ident, seq, &payload);
+        let packet = ipv4::build_packet(src, dst, ipv4::PROTO_ICMP, ttl, 0, df, &request);
+        let deadline = Instant::now() + timeout;
+        let mut next_send = Instant::now();
+        let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 65536];
+        while Instant::now() < deadline {
+            if Instant::now() >= next_send {
+                self.send(&packet).ok()?;
+                next_send = Instant::now() + Duration::from_millis(250);
+            }
+            let Ok(n) = self.sock.recv(&mut buf) else { continue };
+            // SAFETY: recv initialised the first n bytes.
+            let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            if let Some(reply) = match_reply(&data, ident, seq) {
+                return Some(reply);
+            }
+        }
+        None
+    }
+}
+
+/// Matches an ICMP packet (with IP header) to our echo (ident, seq).
+fn match_reply(data: &[u8], ident: u16, seq: u16) -> Option<ProbeReply> {
+    let h = ipv4::parse(data).ok()?;
+    let icmp = &data[h.header_len..h.total_len];
+    if icmp.len() < 8 {
+        return None;
+    }
+    let ours = |msg: &[u8]| msg.len() >= 8 && msg[4..6] == ident.to_be_bytes() && msg[6..8] == seq.to_be_bytes();
+    match icmp[0] {
+        icmp::TYPE_ECHO_REPLY if ours(icmp) => Some(ProbeReply::EchoReply { from: h.src }),
+        icmp::TYPE_DEST_UNREACHABLE | icmp::TYPE_TIME_EXCEEDED => {
+            let quoted = &icmp[8..];
+            let qh = ipv4::parse_header(quoted).ok()?;
+            if qh.protocol != ipv4::PROTO_ICMP || !ours(&quoted[qh.header_len..]) {
+                return None;
+            }
+            Some(ProbeReply::Error {
+                from: h.src,
+                icmp_type: icmp[0],
+                code: icmp[1],
+                mtu: u16::from_be_bytes([icmp[6], icmp[7]]),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Probes from the client namespace (socket opened inside it).
+pub fn client_probe(lab: &Lab, probe: Probe, timeout: Duration) -> Result<Option<ProbeReply>> {
+    lab.client.run_in(move || -> Result<Option<ProbeReply>> {
+        let sock = IcmpSocket::open()?;
+        Ok(sock.probe(CLIENT, &probe, timeout))
+    })?
+}
+
+/// Waits until `check` holds (polling every 10 ms) or fails with `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
