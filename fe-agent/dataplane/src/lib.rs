@@ -1,6 +1,7 @@
 //! The VICTOR data plane.
 
 mod aio;
+pub mod arp_io;
 pub mod counters;
 pub mod fib;
 pub mod forwarder;

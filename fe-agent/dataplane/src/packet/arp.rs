@@ -196,6 +196,26 @@ pub enum ArpError {
 }
 
 impl ArpError {
+    /// Every [`ArpError::reason`] label, in a fixed order (for counter arrays).
+    pub const REASONS: [&'static str; 8] = [
+        "too_short",
+        "not_arp",
+        "stacked_vlan",
+        "hardware_type",
+        "protocol_type",
+        "address_lengths",
+        "operation",
+        "multicast_sender",
+    ];
+
+    /// Position of this error's label in [`ArpError::REASONS`].
+    pub fn reason_index(&self) -> usize {
+        Self::REASONS
+            .iter()
+            .position(|r| *r == self.reason())
+            .expect("every reason is listed")
+    }
+
     /// A short stable label, for per-reason counters.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -432,7 +452,9 @@ mod tests {
             (patch(&good, 22, &[0xff; 6]), "multicast_sender"),
         ];
         for (frame, reason) in cases {
-            assert_eq!(parse_frame(&frame).unwrap_err().reason(), reason);
+            let err = parse_frame(&frame).unwrap_err();
+            assert_eq!(err.reason(), reason);
+            assert_eq!(ArpError::REASONS[err.reason_index()], reason);
         }
     }
 
