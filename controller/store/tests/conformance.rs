@@ -399,6 +399,17 @@ mod cases {
         assert_eq!(describe(&evs[0]), format!("P /z/new=1@{rev}"));
     }
 
+    /// A watch from a future revision waits for it and reports nothing older.
+    pub(crate) async fn watch_from_future_revision<S: Store>(s: &S) {
+        let now = s.current_revision().await.unwrap();
+        let mut w = s.watch(KeyRange::prefix("/fut/"), now + 2).await.unwrap();
+        put(s, "/fut/a", "early").await;
+        let rev = put(s, "/fut/b", "on time").await;
+        assert_eq!(rev, now + 2);
+        let evs: Vec<_> = events(&mut w, 1, WAIT).await.iter().map(describe).collect();
+        assert_eq!(evs, vec![format!("P /fut/b=on time@{rev}")]);
+    }
+
     /// Only keys in the watched range are reported; a single-key watch sees only that key.
     pub(crate) async fn watch_prefix_filtering<S: Store>(s: &S) {
         let mut w = s.watch(KeyRange::prefix("/pf/in/"), 0).await.unwrap();
@@ -608,6 +619,7 @@ conformance!(
     put_detaches_lease,
     watch_replays_then_live,
     watch_from_zero_only_new,
+    watch_from_future_revision,
     watch_prefix_filtering,
     watch_txn_events_in_one_batch,
     watch_revision_order_under_concurrency,

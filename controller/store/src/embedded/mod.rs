@@ -5,11 +5,11 @@
 //! Every acknowledged write is durable: callers are answered only after the redb commit (fsync)
 //! returned, so a `kill -9` loses nothing that was acknowledged.
 //!
-//! * Writes go through one writer thread ([`writer`]) with group commit: the transactions queued
+//! * Writes go through one writer thread (`writer.rs`) with group commit: the transactions queued
 //!   while a commit runs are applied in order in the next redb transaction, one revision each.
 //! * Reads run on tokio's blocking pool against redb's MVCC snapshots, so they never wait for
 //!   the writer nor block the async runtime.
-//! * Watches ([`watch`]) replay the log, then follow an in-process broadcast.
+//! * Watches (`watch.rs`) replay the log, then follow an in-process broadcast.
 //! * Leases: ids come from a persisted counter, so they are unique across restarts. Expiry
 //!   clocks live in memory: on reopen, every lease gets its full TTL again (as after an etcd
 //!   leader change). An expired lease's keys are deleted in one revision of `Delete` events.

@@ -4,14 +4,27 @@
 //!   spreads calls; a call that fails before reaching a member is retried and lands on another
 //!   one, so a killed member — even the leader — does not make the store unusable).
 //! * Every call has one deadline (`request_timeout`) for all its attempts; connection failures
-//!   and deadlines become [`StoreError::Unavailable`] naming the endpoints ([`call`]).
+//!   and deadlines become [`StoreError::Unavailable`] naming the endpoints (`call.rs`).
 //! * Transactions are checked before sending (size, keys) exactly like the embedded store.
 //! * Linearizable reads; `current_revision` is a count-only range of one key (the readiness
 //!   probe: it needs a leader).
-//! * Lease keep-alives are one-shot rounds on a reused stream per lease ([`lease`]).
-//! * Watches: see [`watch`].
+//! * Lease keep-alives are one-shot rounds on a reused stream per lease (`lease.rs`).
+//! * Watches: see `watch.rs`.
 //!
 //! Cloning is cheap: clones share the client, its connections and the keep-alive streams.
+//!
+//! etcd 3.4 behaviours this backend is built around (each covered by a test):
+//! * A write sent to a follower right after the leader died is forwarded to the dead leader and
+//!   lost; etcd answers only when its own timeout (5 s + 2 election timeouts) fires. The caller
+//!   sees `Unavailable` (outcome unknown) at our deadline, so `request_timeout` bounds the write
+//!   stall of a leader failover (1–2 s is a good value when failover latency matters).
+//! * etcd closes connections that ping more often than `--grpc-keepalive-min-time` (5 s) or ping
+//!   while idle (`too_many_pings`): HTTP/2 keep-alive stays ≥ 5 s and only on busy connections.
+//! * `--max-txn-ops` (128) limits compares, success and failure ops each, not their sum.
+//! * A `Value` compare on a missing key is false whatever the operator.
+//! * There is no empty key: "from the first key" is `"\0"`.
+//! * Range responses over 4 MiB need a raised client decode limit (set to 1 GiB here).
+//! * Watches: see `watch.rs` (compaction reported after `created`; progress notifications).
 
 mod call;
 mod convert;
