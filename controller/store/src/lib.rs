@@ -364,6 +364,18 @@ mod tests {
         assert_eq!(prefix_end(&[0xff, 0xff]), vec![0]);
     }
 
+    proptest::proptest! {
+        /// A prefix range holds exactly the keys that start with the prefix.
+        #[test]
+        fn prefix_range_is_starts_with(
+            prefix in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4),
+            key in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..6),
+        ) {
+            let range = KeyRange::prefix(prefix.clone());
+            proptest::prop_assert_eq!(range.contains(&key), key.starts_with(&prefix));
+        }
+    }
+
     #[test]
     fn key_range_contains() {
         let r = KeyRange::prefix("/a/");
