@@ -1,4 +1,61 @@
-//! The VICTOR data plane.
+//! The VICTOR data plane: what an FE does with packets, apart from the agent's control logic.
+//!
+//! # Modules
+//! * [`packet`] — pure codecs (no IO): Ethernet/ARP, IPv4, IP-in-IP, ICMP errors, checksums.
+//! * [`fib`] — the forwarding state the agent writes and the workers read per packet.
+//! * [`forwarder`] — the userspace IP-in-IP forwarder on a TUN device + raw underlay socket.
+//! * [`arp_io`] — ARP capture (AF_PACKET + BPF, timestamped) and ARP sending on VM ports.
+//! * [`counters`] — forwarder counters by direction and drop reason, for `/metrics`.
+//! * [`kernel`] — whether the kernel has `ipip` (if not, use the userspace forwarder).
+//!
+//! # How the agent uses it
+//! ```no_run
+//! use std::net::Ipv4Addr;
+//! use std::sync::Arc;
+//! use victor_dataplane::fib::{Action, Fib};
+//! use victor_dataplane::forwarder::{Forwarder, ForwarderConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let me = Ipv4Addr::new(198, 51, 100, 1); // this FE's underlay address (must be configured)
+//! let fib = Arc::new(Fib::with_capacity(me, 1_000_000));
+//! fib.set_peers([Ipv4Addr::new(198, 51, 100, 2)]); // registered FEs (from ListFes / the stream)
+//!
+//! // Creates TUN `victor0` (up, MTU = underlay MTU − 20, the underlay address as /32) in the
+//! // calling thread's network namespace, forwards on its own thread until stopped/dropped.
+//! let fwd = Forwarder::start(ForwarderConfig::new("victor0"), fib.clone())?;
+//!
+//! // Reconciler, per binding from the desired state (make-before-break order is the agent's):
+//! //  * local VM:  rtnetlink /32 via the VM port + permanent neighbour, then
+//! fib.set(Ipv4Addr::new(10, 10, 0, 11), Action::Local)?;
+//! //  * remote VM: no /32 on a VM port (the mobile-prefix route into `fwd.tun_name()` covers it,
+//! //    or add a /32 `dev victor0`), and
+//! fib.set(Ipv4Addr::new(10, 10, 0, 12), Action::Remote(Ipv4Addr::new(198, 51, 100, 2)))?;
+//! //  * unbound:   fib.remove(ip) → packets that reach the TUN are dropped and counted.
+//! // Full sync from a snapshot: fib.replace_all(iter)?; incremental: set/remove/extend.
+//!
+//! let counters = fwd.counters(); // CounterSnapshot for /metrics (drops by DropReason)
+//! # let _ = counters;
+//! fwd.stop()?; // or drop: the TUN device and every route into it disappear
+//! # Ok(()) }
+//! ```
+//! The agent owns all kernel routing state (mobile prefix `dev <tun>`, /32s, neighbours, proxy
+//! ARP); the data plane owns only the TUN device, its two sysctls (`rp_filter` = 2 on the TUN,
+//! IPv6 disabled on it) and its sockets. A packet for a `Local` VM that still reaches the TUN
+//! (its /32 is not installed yet) is dropped as `local_without_route`, never looped.
+//!
+//! For ARP: [`arp_io::ArpCapture::open`] on each VM port (inside a tokio runtime, in the FE's
+//! namespace); `recv().await` yields [`arp_io::CapturedArp`] (message + `CLOCK_MONOTONIC` ns +
+//! wall clock); `message.kind()` tells gratuitous / request / reply / probe; answer proxy ARP
+//! with `capture.send(&packet::arp::reply_to(&request, capture.mac()))`.
+//!
+//! # Numbers (2-core VM, see `examples/throughput.rs` and `tests/fib_scale.rs`)
+//! * FIB: ~19 bytes per binding at 1,000,000 bindings; bulk load ~30 ms, lookup ~60 ns (release).
+//! * Forwarder: one iperf3 TCP flow through two userspace forwarders ≈ 1–1.5 Gbit/s against
+//!   13–18 Gbit/s for plain routing over the same veths. Over 95 % of the forwarders' CPU time is
+//!   in the kernel's per-packet path (raw socket send/receive, veth, IP): the baseline moves
+//!   64 KiB GSO packets end to end while IP-in-IP through raw sockets must move MTU-sized ones
+//!   (the kernel only segments IP-in-IP GSO packets marked `SKB_GSO_IPXIP4`, which userspace
+//!   cannot set).
 
 mod aio;
 pub mod arp_io;

@@ -210,10 +210,7 @@ impl ArpError {
 
     /// Position of this error's label in [`ArpError::REASONS`].
     pub fn reason_index(&self) -> usize {
-        Self::REASONS
-            .iter()
-            .position(|r| *r == self.reason())
-            .expect("every reason is listed")
+        Self::REASONS.iter().position(|r| *r == self.reason()).expect("every reason is listed")
     }
 
     /// A short stable label, for per-reason counters.

@@ -81,6 +81,11 @@ impl Lab {
         // Underlay: a bridge in `ul`, each FE's `ul0` on it.
         ul.ip(&["link", "add", "br0", "type", "bridge"])?;
         ul.link_up("br0")?;
+        // The underlay is a plain switch: no iptables on bridged frames (br_netfilter is loaded
+        // on this host and would otherwise run every underlay packet through netfilter).
+        for family in ["iptables", "ip6tables", "arptables"] {
+            let _ = ul.sysctl(&format!("net.bridge.bridge-nf-call-{family}"), "0");
+        }
         for (i, ns) in fe_ns.iter().enumerate() {
             let port = format!("p{}", i + 1);
             links.push(Veth::create(ns, "ul0", &ul, &port)?);
