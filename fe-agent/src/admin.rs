@@ -1,0 +1,57 @@
+//! The HTTP admin port (axum): `/healthz`, `/readyz`, `/metrics` and `/debug/events`.
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use crate::core::Readiness;
+use crate::events::EventLog;
+use crate::metrics::Metrics;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness.
+    pub readiness: Arc<Readiness>,
+    /// Stage timestamps.
+    pub events: Arc<Mutex<EventLog>>,
+}
+
+/// The router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/debug/events", get(events))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    match state.readiness.check() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    vm: Option<Ipv4Addr>,
+}
+
+async fn events(State(state): State<AdminState>, Query(q): Query<EventsQuery>) -> Response {
+    let list = state.events.lock().expect("events").list(q.vm);
+    axum::Json(list).into_response()
+}

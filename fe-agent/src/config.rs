@@ -1,0 +1,464 @@
+//! Agent configuration: command-line flags, `VICTOR_*` environment variables and an optional TOML
+//! file, in that order of precedence (flag > env > file > default) — the controller's scheme: the
+//! file's keys are the long flag names and are turned into arguments placed before the real ones.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use victor_proto::Mac;
+
+/// The route protocol number stamped on every route and neighbour the agent creates (see
+/// `/etc/iproute2/rt_protos`: 158 is unassigned; BGP daemons use 186, zebra 11, OSPF 188).
+pub const DEFAULT_ROUTE_PROTOCOL: u8 = 158;
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Which IP-in-IP implementation carries traffic for remote VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneMode {
+    /// The kernel's ipip driver when the kernel has it, else the userspace TUN forwarder.
+    Auto,
+    /// The userspace forwarder on a TUN device.
+    Tun,
+    /// Kernel ipip device in collect-metadata mode with per-route encapsulation (needs the
+    /// kernel's ipip module).
+    Kernel,
+}
+
+/// victor-fe-agent: the VICTOR forwarding-element agent.
+///
+/// Learns the VMs behind this FE from ARP on its VM-facing ports and reports them to the
+/// controller; receives every binding (VM IP → FE) as a stream and programs the kernel and the
+/// IP-in-IP data plane so that local VMs get a host route, remote VMs a tunnel to their FE and
+/// unbound addresses are dropped. Keeps forwarding on its last state when no controller answers.
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(name = "victor-fe-agent", version, about, long_about = None, args_override_self = true)]
+pub struct Config {
+    /// TOML file with any of these options (keys are the long flag names, e.g.
+    /// `fe-id = "fe1"`, `vm-port = ["vm0", "vm1"]`). Flags and environment variables override it.
+    #[arg(long, env = "VICTOR_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Controller gRPC endpoints, comma separated (e.g. http://10.0.0.1:50051,http://10.0.0.2:50051).
+    /// The agent uses one at a time and fails over to the next when it stops answering.
+    #[arg(long, env = "VICTOR_CONTROLLER", value_delimiter = ',', required = true, value_name = "URL,...")]
+    pub controller: Vec<String>,
+
+    /// Network namespace (a path such as /proc/1/ns/net or /run/netns/mgmt) in which the
+    /// controller connections are opened. Lets an agent that runs inside an FE namespace reach a
+    /// controller on the host's loopback. Default: the agent's own namespace.
+    #[arg(long, env = "VICTOR_CONTROLLER_NETNS", value_name = "PATH")]
+    pub controller_netns: Option<PathBuf>,
+
+    /// This FE's identifier (letters, digits, '-', '_', '.'; at most 63 bytes).
+    #[arg(long, env = "VICTOR_FE_ID")]
+    pub fe_id: String,
+
+    /// The site (data centre) of this FE, used by the controller's site policies.
+    #[arg(long, env = "VICTOR_SITE", default_value = "default")]
+    pub site: String,
+
+    /// This FE's underlay IPv4 address: outer source of the tunnels it sends and the address
+    /// other FEs tunnel to. Must be configured on an interface of this host.
+    #[arg(long, env = "VICTOR_UNDERLAY_ADDR")]
+    pub underlay_addr: Ipv4Addr,
+
+    /// The underlay interface (for the underlay MTU). Default: the interface that carries
+    /// --underlay-addr.
+    #[arg(long, env = "VICTOR_UNDERLAY_DEV", value_name = "IFNAME")]
+    pub underlay_dev: Option<String>,
+
+    /// Underlay MTU; the tunnel MTU is 20 bytes less. Default: the MTU of the underlay interface.
+    #[arg(long, env = "VICTOR_UNDERLAY_MTU")]
+    pub underlay_mtu: Option<u16>,
+
+    /// A VM-facing interface (repeatable; env: comma separated). A trailing `*` matches a name
+    /// prefix (`vm*`). Ports may appear and disappear while the agent runs (VM links moving in
+    /// and out); ARP is learned and answered only on them.
+    #[arg(long = "vm-port", env = "VICTOR_VM_PORT", value_delimiter = ',', required = true, value_name = "IFNAME")]
+    pub vm_ports: Vec<String>,
+
+    /// A mobile VM prefix this FE serves (repeatable; env: comma separated). Routed into the data
+    /// plane; only VMs inside it are learned. Must lie inside the controller's mobile prefixes.
+    #[arg(long = "mobile-prefix", env = "VICTOR_MOBILE_PREFIX", value_delimiter = ',', required = true)]
+    pub mobile_prefixes: Vec<Ipv4Net>,
+
+    /// A default-gateway address of the VMs (repeatable; env: comma separated), e.g. 10.10.0.1.
+    /// The agent answers ARP for it on VM ports and announces it (gratuitous ARP) on the port of
+    /// every VM that arrives here.
+    #[arg(long = "gateway", env = "VICTOR_GATEWAY", value_delimiter = ',', value_name = "IP")]
+    pub gateways: Vec<Ipv4Addr>,
+
+    /// A virtual router MAC set on every VM port (the same on every FE, like EVPN's anycast
+    /// gateway MAC), so a VM keeps a valid gateway MAC in its ARP cache when it moves to another
+    /// FE. Without it each port keeps its own MAC and a moved VM relies on the gratuitous ARP for
+    /// the gateway the agent sends after the move.
+    #[arg(long, env = "VICTOR_GATEWAY_MAC", value_name = "MAC")]
+    #[serde(serialize_with = "ser_display_opt")]
+    pub gateway_mac: Option<Mac>,
+
+    /// IP-in-IP implementation: auto (kernel ipip if the kernel has it, else tun), tun, kernel.
+    #[arg(long, env = "VICTOR_DATAPLANE", value_enum, default_value = "auto")]
+    pub dataplane: DataplaneMode,
+
+    /// Name of the TUN device of the userspace data plane (at most 15 bytes).
+    #[arg(long, env = "VICTOR_TUN_NAME", default_value = "victor0")]
+    pub tun_name: String,
+
+    /// Address of the HTTP admin server (/healthz, /readyz, /metrics, /debug/events).
+    #[arg(long, env = "VICTOR_HTTP_LISTEN", default_value = "127.0.0.1:9180")]
+    pub http_listen: SocketAddr,
+
+    /// Route protocol number on every route and neighbour entry the agent creates; the agent
+    /// only ever reads back and changes objects carrying it. Pick one no other daemon uses.
+    #[arg(long, env = "VICTOR_ROUTE_PROTOCOL", default_value_t = DEFAULT_ROUTE_PROTOCOL)]
+    pub route_protocol: u8,
+
+    /// Probe a local VM with ARP after it has been silent this long.
+    #[arg(long, env = "VICTOR_ARP_PROBE_AFTER", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub arp_probe_after: Duration,
+
+    /// Interval between ARP probes of a silent VM.
+    #[arg(long, env = "VICTOR_ARP_PROBE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub arp_probe_interval: Duration,
+
+    /// Unanswered probes after which a VM is reported gone.
+    #[arg(long, env = "VICTOR_ARP_PROBE_COUNT", default_value_t = 3)]
+    pub arp_probe_count: u32,
+
+    /// ARP frames per second accepted from one source (MAC, IP) on a VM port; more is dropped
+    /// and counted (storm protection), never forwarded to the controller.
+    #[arg(long, env = "VICTOR_ARP_RATE", default_value_t = 20)]
+    pub arp_rate: u32,
+
+    /// Burst of ARP frames accepted from one source before --arp-rate applies.
+    #[arg(long, env = "VICTOR_ARP_BURST", default_value_t = 40)]
+    pub arp_burst: u32,
+
+    /// Connect timeout towards one controller endpoint.
+    #[arg(long, env = "VICTOR_CONNECT_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+
+    /// A stream silent this long is dead (the controller sends a heartbeat every second);
+    /// the agent fails over to the next endpoint.
+    #[arg(long, env = "VICTOR_STREAM_TIMEOUT", default_value = "1500ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub stream_timeout: Duration,
+
+    /// /readyz stays ready this long after the agent lost every controller (it keeps
+    /// forwarding on its last state meanwhile).
+    #[arg(long, env = "VICTOR_HEADLESS_GRACE", default_value = "5m", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub headless_grace: Duration,
+
+    /// Log format.
+    #[arg(long, env = "VICTOR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,victor_fe_agent=debug`).
+    #[arg(long, env = "VICTOR_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Validate the configuration, print it as JSON and exit (0 = valid) without starting.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has an unusable value.
+    #[error("config file {path}: {message}")]
+    FileSyntax {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Flags/environment/file combined are invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// clap rejected the arguments (includes --help/--version output).
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+}
+
+impl Config {
+    /// Parses the process arguments, merging the config file named by `--config`/`VICTOR_CONFIG`.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::load_from(std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect())
+    }
+
+    /// Parses `args` (including the program name), merging the config file if any.
+    pub fn load_from(args: Vec<String>) -> Result<Config, ConfigError> {
+        let mut merged: Vec<String> = args.iter().take(1).cloned().collect();
+        if let Some(path) = config_path(&args) {
+            merged.extend(file_arguments(&path)?);
+        }
+        merged.extend(args.into_iter().skip(1));
+        let config = Config::try_parse_from(merged)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for url in &self.controller {
+            if let Err(e) = crate::controller::endpoint_uri(url) {
+                return bad(format!("--controller entry {url:?}: {e}"));
+            }
+        }
+        let id_ok = |s: &str| {
+            !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !id_ok(&self.fe_id) {
+            return bad(format!("--fe-id {:?} must be 1-63 letters, digits, '-', '_' or '.'", self.fe_id));
+        }
+        if !id_ok(&self.site) {
+            return bad(format!("--site {:?} must be 1-63 letters, digits, '-', '_' or '.'", self.site));
+        }
+        let ul = self.underlay_addr;
+        if ul.is_unspecified() || ul.is_multicast() || ul.is_broadcast() || ul.is_loopback() {
+            return bad(format!("--underlay-addr {ul} cannot be a tunnel endpoint; use this FE's underlay IPv4"));
+        }
+        if let Some(a) = self.mobile_prefixes.iter().find(|a| a.trunc() != **a) {
+            return bad(format!("--mobile-prefix {a} has host bits set; did you mean {}?", a.trunc()));
+        }
+        for (i, a) in self.mobile_prefixes.iter().enumerate() {
+            for b in &self.mobile_prefixes[i + 1..] {
+                if a.contains(b) || b.contains(a) {
+                    return bad(format!("--mobile-prefix {a} and {b} overlap; give each range once"));
+                }
+            }
+            if a.contains(&ul) {
+                return bad(format!(
+                    "--underlay-addr {ul} lies inside --mobile-prefix {a}; the underlay must be outside"
+                ));
+            }
+        }
+        for port in &self.vm_ports {
+            let name = port.strip_suffix('*').unwrap_or(port);
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '*']) {
+                return bad(format!(
+                    "--vm-port {port:?} must be an interface name (≤ 15 bytes) or a prefix ending in '*'"
+                ));
+            }
+        }
+        for gw in &self.gateways {
+            if !self.mobile_prefixes.iter().any(|p| p.contains(gw)) {
+                return bad(format!(
+                    "--gateway {gw} is outside every --mobile-prefix; the VMs' gateway must be in their subnet"
+                ));
+            }
+        }
+        if let Some(mac) = self.gateway_mac
+            && !mac.is_unicast()
+        {
+            return bad(format!("--gateway-mac {mac} must be a unicast MAC (e.g. 02:00:5e:10:00:01)"));
+        }
+        if self.tun_name.is_empty() || self.tun_name.len() > 15 {
+            return bad(format!("--tun-name {:?} must be 1..=15 bytes", self.tun_name));
+        }
+        if let Some(mtu) = self.underlay_mtu
+            && mtu < 88
+        {
+            return bad(format!("--underlay-mtu {mtu} is too small (at least 88: 68 + the 20-byte outer header)"));
+        }
+        if matches!(self.route_protocol, 0..=4 | 255) {
+            return bad(format!(
+                "--route-protocol {} is reserved by the kernel (0-4) or invalid; use e.g. 158",
+                self.route_protocol
+            ));
+        }
+        if self.arp_probe_count == 0 || self.arp_rate == 0 || self.arp_burst == 0 {
+            return bad("--arp-probe-count, --arp-rate and --arp-burst must be at least 1".into());
+        }
+        if self.stream_timeout < Duration::from_millis(1100) {
+            return bad(format!(
+                "--stream-timeout {:?} is shorter than the controller's 1 s heartbeat; use at least 1100ms",
+                self.stream_timeout
+            ));
+        }
+        if let Some(ns) = &self.controller_netns
+            && !ns.exists()
+        {
+            return bad(format!("--controller-netns {} does not exist", ns.display()));
+        }
+        Ok(())
+    }
+
+    /// True if `ifname` is one of the configured VM ports.
+    pub fn is_vm_port(&self, ifname: &str) -> bool {
+        self.vm_ports.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => ifname.starts_with(prefix),
+            None => p == ifname,
+        })
+    }
+}
+
+/// The config file named by `--config FILE`, `--config=FILE` or `VICTOR_CONFIG`.
+fn config_path(args: &[String]) -> Option<PathBuf> {
+    let mut path = std::env::var_os("VICTOR_CONFIG").map(PathBuf::from);
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        if arg == "--config" {
+            path = iter.next().map(PathBuf::from);
+        } else if let Some(p) = arg.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        }
+    }
+    path
+}
+
+/// Turns a TOML config file into `--flag value` arguments.
+fn file_arguments(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let syntax = |message: String| ConfigError::FileSyntax { path: path.to_path_buf(), message };
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| syntax(e.to_string()))?;
+    let mut args = Vec::new();
+    for (key, value) in table {
+        if key == "config" || key == "check-config" {
+            return Err(syntax(format!("key {key:?} is not allowed in a config file")));
+        }
+        let flag = format!("--{key}");
+        let scalar = |v: &toml::Value| match v {
+            toml::Value::String(s) => Ok(s.clone()),
+            toml::Value::Integer(i) => Ok(i.to_string()),
+            toml::Value::Float(f) => Ok(f.to_string()),
+            toml::Value::Boolean(b) => Ok(b.to_string()),
+            other => Err(syntax(format!("key {key:?}: unsupported value {other}"))),
+        };
+        match &value {
+            toml::Value::Array(items) => {
+                for item in items {
+                    args.push(flag.clone());
+                    args.push(scalar(item)?);
+                }
+            }
+            toml::Value::Boolean(true) => args.push(flag),
+            toml::Value::Boolean(false) => {}
+            v => {
+                args.push(flag);
+                args.push(scalar(v)?);
+            }
+        }
+    }
+    Ok(args)
+}
+
+/// Parses "250ms", "3s", "5m" (humantime syntax).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 10s, 3m)"))
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn ser_display_opt<S: serde::Serializer, T: std::fmt::Display>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_str(&v.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &[&str] = &[
+        "--controller",
+        "http://127.0.0.1:50051",
+        "--fe-id",
+        "fe1",
+        "--underlay-addr",
+        "198.51.100.1",
+        "--vm-port",
+        "vm0",
+        "--mobile-prefix",
+        "10.10.0.0/16",
+    ];
+
+    fn load(extra: &[&str]) -> Result<Config, ConfigError> {
+        let args = std::iter::once("victor-fe-agent").chain(BASE.iter().copied()).chain(extra.iter().copied());
+        Config::load_from(args.map(String::from).collect())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.dataplane, DataplaneMode::Auto);
+        assert_eq!(c.route_protocol, 158);
+        assert_eq!(c.tun_name, "victor0");
+        assert_eq!(c.stream_timeout, Duration::from_millis(1500));
+        assert!(c.is_vm_port("vm0") && !c.is_vm_port("vm01"));
+    }
+
+    #[test]
+    fn repeatable_and_wildcard_ports() {
+        let c = load(&["--vm-port", "tap*", "--gateway", "10.10.0.1", "--gateway-mac", "02:00:5e:10:00:01"]).unwrap();
+        assert!(c.is_vm_port("tap17") && c.is_vm_port("vm0") && !c.is_vm_port("eth0"));
+        assert_eq!(c.gateways, vec![Ipv4Addr::new(10, 10, 0, 1)]);
+        assert_eq!(c.gateway_mac.unwrap().to_string(), "02:00:5e:10:00:01");
+    }
+
+    #[test]
+    fn bad_values_say_what_to_fix() {
+        for (extra, needle) in [
+            (&["--mobile-prefix", "10.10.0.1/16"][..], "did you mean 10.10.0.0/16"),
+            (&["--gateway", "192.0.2.1"][..], "outside every --mobile-prefix"),
+            (&["--gateway-mac", "01:00:5e:00:00:01"][..], "unicast"),
+            (&["--route-protocol", "2"][..], "reserved"),
+            (&["--stream-timeout", "500ms"][..], "heartbeat"),
+            (&["--controller", "127.0.0.1:50051"][..], "http://"),
+            (&["--fe-id", "fe 1"][..], "--fe-id"),
+            (&["--underlay-addr", "10.10.3.3"][..], "inside --mobile-prefix"),
+        ] {
+            let err = load(extra).unwrap_err().to_string();
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn config_file_is_overridden_by_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "site = \"dc2\"\ngateway = [\"10.10.0.1\", \"10.10.1.1\"]\ntun-name = \"vtun9\"\n")
+            .unwrap();
+        let c = load(&["--config", path.to_str().unwrap(), "--tun-name", "vtun1"]).unwrap();
+        assert_eq!(c.site, "dc2");
+        assert_eq!(c.gateways.len(), 2);
+        assert_eq!(c.tun_name, "vtun1");
+        std::fs::write(&path, "no-such-flag = 1\n").unwrap();
+        let err = load(&["--config", path.to_str().unwrap()]).unwrap_err().to_string();
+        assert!(err.contains("no-such-flag"), "{err}");
+    }
+}

@@ -1,0 +1,302 @@
+//! Reporting observed VMs: a queue keyed by VM IP (the newest observation of an IP replaces an
+//! unsent older one, a VM's report is never dropped), drained in batches of at most 1024 into
+//! `AgentService.Report` on whichever controller session is current. A failed call puts its batch
+//! back (unless newer observations of the same IPs arrived meanwhile) and is retried with
+//! exponential backoff; nothing is lost while no controller answers (headless).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+use victor_proto::clock::monotonic_ns;
+use victor_proto::v1::agent_service_client::AgentServiceClient;
+use victor_proto::v1::{ClaimResult, ObservationKind, ReportRequest, VmObservation};
+
+use super::Session;
+use crate::metrics::Metrics;
+
+/// Most observations per Report call (the controller's limit).
+pub const MAX_BATCH: usize = 1024;
+/// Deadline of one Report call.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One observation to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// VM IP.
+    pub ip: Ipv4Addr,
+    /// VM MAC.
+    pub mac: [u8; 6],
+    /// LEARNED or GONE.
+    pub kind: ObservationKind,
+    /// Observation time (wall ns) — kept across retries and reconnections.
+    pub observed_at: i64,
+    /// Port name (informational).
+    pub port: String,
+}
+
+impl Observation {
+    fn to_wire(&self) -> VmObservation {
+        VmObservation {
+            vm_ip: self.ip.octets().to_vec(),
+            mac: self.mac.to_vec(),
+            kind: self.kind as i32,
+            observed_at_unix_nanos: self.observed_at,
+            port: self.port.clone(),
+        }
+    }
+}
+
+/// The answer to one batch.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    /// The observations sent, in order.
+    pub observations: Vec<Observation>,
+    /// One result per observation, in the same order.
+    pub results: Vec<ClaimResult>,
+    /// When the call was sent (monotonic ns).
+    pub sent_mono: u64,
+    /// When its answer arrived.
+    pub answered_mono: u64,
+}
+
+/// The queue (pure).
+#[derive(Debug, Default)]
+pub struct ReportQueue {
+    order: VecDeque<Ipv4Addr>,
+    pending: HashMap<Ipv4Addr, Observation>,
+}
+
+impl ReportQueue {
+    /// Queues `obs`, replacing an unsent observation of the same IP.
+    pub fn push(&mut self, obs: Observation) {
+        if self.pending.insert(obs.ip, obs.clone()).is_none() {
+            self.order.push_back(obs.ip);
+        }
+    }
+
+    /// Takes up to `max` observations, oldest first.
+    pub fn take(&mut self, max: usize) -> Vec<Observation> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(ip) = self.order.pop_front() else { break };
+            if let Some(obs) = self.pending.remove(&ip) {
+                out.push(obs);
+            }
+        }
+        out
+    }
+
+    /// Puts a failed batch back at the front, except observations superseded meanwhile.
+    pub fn put_back(&mut self, batch: Vec<Observation>) {
+        for obs in batch.into_iter().rev() {
+            if !self.pending.contains_key(&obs.ip) {
+                self.order.push_front(obs.ip);
+                self.pending.insert(obs.ip, obs);
+            }
+        }
+    }
+
+    /// Observations waiting.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// The handle the agent core submits observations through.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    queue: Arc<Mutex<ReportQueue>>,
+    wake: Arc<Notify>,
+}
+
+impl Reporter {
+    /// Queues an observation for reporting.
+    pub fn submit(&self, obs: Observation) {
+        self.queue.lock().expect("report queue").push(obs);
+        self.wake.notify_one();
+    }
+
+    /// Observations waiting.
+    pub fn queued(&self) -> usize {
+        self.queue.lock().expect("report queue").len()
+    }
+}
+
+/// Starts the reporter task: drains the queue into Report calls on the current session and sends
+/// each answer to `answers`.
+pub fn spawn(
+    fe_id: String,
+    sessions: watch::Receiver<Option<Session>>,
+    reregister: Arc<Notify>,
+    answers: mpsc::Sender<Answered>,
+    metrics: Arc<Metrics>,
+) -> Reporter {
+    let reporter = Reporter { queue: Arc::default(), wake: Arc::new(Notify::new()) };
+    let task = reporter.clone();
+    tokio::spawn(async move { task.run(fe_id, sessions, reregister, answers, metrics).await });
+    reporter
+}
+
+impl Reporter {
+    async fn run(
+        self,
+        fe_id: String,
+        mut sessions: watch::Receiver<Option<Session>>,
+        reregister: Arc<Notify>,
+        answers: mpsc::Sender<Answered>,
+        metrics: Arc<Metrics>,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            if self.queue.lock().expect("report queue").is_empty() {
+                self.wake.notified().await;
+                continue;
+            }
+            let Some(session) = sessions.borrow_and_update().clone() else {
+                if sessions.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let batch = self.queue.lock().expect("report queue").take(MAX_BATCH);
+            metrics.reports_queued.set(self.queued() as i64);
+            let mut request = tonic::Request::new(ReportRequest {
+                fe_id: fe_id.clone(),
+                observations: batch.iter().map(Observation::to_wire).collect(),
+            });
+            request.set_timeout(REPORT_TIMEOUT);
+            let sent_mono = monotonic_ns();
+            let result = AgentServiceClient::new(session.channel).report(request).await;
+            let answered_mono = monotonic_ns();
+            match result {
+                Ok(response) => {
+                    backoff.reset();
+                    metrics.claims_sent.inc_by(batch.len() as u64);
+                    let results = response.into_inner().results;
+                    if results.len() != batch.len() {
+                        tracing::warn!(
+                            sent = batch.len(),
+                            got = results.len(),
+                            "Report answered with a wrong number of results; retrying"
+                        );
+                        self.queue.lock().expect("report queue").put_back(batch);
+                        continue;
+                    }
+                    let answered = Answered { observations: batch, results, sent_mono, answered_mono };
+                    if answers.send(answered).await.is_err() {
+                        return;
+                    }
+                }
+                Err(status) => {
+                    metrics.report_retries.inc();
+                    if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) {
+                        // Not registered (e.g. the controller lost our session): register again.
+                        reregister.notify_one();
+                    }
+                    tracing::info!(code = ?status.code(), message = status.message(), n = batch.len(), "Report failed; will retry");
+                    self.queue.lock().expect("report queue").put_back(batch);
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+            metrics.reports_queued.set(self.queued() as i64);
+        }
+    }
+}
+
+/// Exponential backoff with jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    /// From `first` doubling up to `max`.
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Backoff { first, max, current: first }
+    }
+
+    /// The next delay (±25 % jitter).
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let jitter = rand::random_range(0.75..1.25);
+        base.mul_f64(jitter)
+    }
+
+    /// Back to the first delay.
+    pub fn reset(&mut self) {
+        self.current = self.first;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(last: u8, at: i64, kind: ObservationKind) -> Observation {
+        Observation {
+            ip: Ipv4Addr::new(10, 10, 0, last),
+            mac: [2, 0, 0, 0, 0, last],
+            kind,
+            observed_at: at,
+            port: "vm0".into(),
+        }
+    }
+
+    #[test]
+    fn newest_observation_per_ip_in_fifo_order() {
+        let mut q = ReportQueue::default();
+        q.push(obs(1, 10, ObservationKind::Learned));
+        q.push(obs(2, 11, ObservationKind::Learned));
+        q.push(obs(1, 12, ObservationKind::Gone));
+        assert_eq!(q.len(), 2);
+        let batch = q.take(10);
+        assert_eq!(batch, vec![obs(1, 12, ObservationKind::Gone), obs(2, 11, ObservationKind::Learned)]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn failed_batches_go_back_unless_superseded_and_batches_are_bounded() {
+        let mut q = ReportQueue::default();
+        for i in 0..=255u8 {
+            for j in 0..5i64 {
+                q.push(Observation { ip: Ipv4Addr::new(10, 10, j as u8, i), ..obs(i, j, ObservationKind::Learned) });
+            }
+        }
+        let batch = q.take(MAX_BATCH);
+        assert_eq!(batch.len(), MAX_BATCH);
+        assert_eq!(q.len(), 256 * 5 - MAX_BATCH);
+        let first = batch[0].clone();
+        q.push(Observation { observed_at: 99, ..first.clone() });
+        q.put_back(batch);
+        assert_eq!(q.len(), 256 * 5, "nothing lost");
+        let again = q.take(MAX_BATCH);
+        assert_eq!(again[0].ip, batch_second_ip(), "the superseded one stays where the new one was queued");
+        let all: Vec<_> = again.into_iter().chain(q.take(usize::MAX)).collect();
+        let newest = all.iter().find(|o| o.ip == first.ip).unwrap();
+        assert_eq!(newest.observed_at, 99);
+    }
+
+    fn batch_second_ip() -> Ipv4Addr {
+        Ipv4Addr::new(10, 10, 1, 0)
+    }
+
+    #[test]
+    fn backoff_grows_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let d: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert!((75..=125).contains(&d[0]) && (150..=250).contains(&d[1]) && (300..=500).contains(&d[3]), "{d:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(125));
+    }
+}

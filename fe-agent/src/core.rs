@@ -1,0 +1,455 @@
+//! The agent core: one task that owns the desired state, the VMs seen here and the reconciler,
+//! and turns every input — stream messages, ARP frames, claim answers, port changes, timer ticks
+//! — into the smallest set of kernel and data-plane changes. Because one task owns all of it,
+//! there are no locks around forwarding state and the order of changes is the order of events.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use victor_dataplane::packet::arp::ArpMessage;
+use victor_proto::clock::{monotonic_ns, unix_nanos};
+use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, SyncUpdate};
+
+use crate::arp::ArpSocket;
+use crate::arp::classify::{self, Scope, TargetView};
+use crate::controller::LinkEvent;
+use crate::controller::LinkShared;
+use crate::controller::reporter::{Answered, Observation, Reporter};
+use crate::events::EventLog;
+use crate::metrics::{KindLabel, Metrics};
+use crate::ports::{Port, PortEvent, PortTable};
+use crate::reconcile::{Applied, Reconciler};
+use crate::state::desired::DesiredState;
+use crate::state::local::{Ageing, ClaimAnswer, Learn, LocalVms, Resolution, Sighting};
+use crate::state::{Target, desired_view, target};
+
+/// How often the core runs its timers (ageing, retries, gauges).
+const TICK: Duration = Duration::from_millis(100);
+/// Between discovery probes of a VM bound here whose port is unknown.
+const DISCOVERY_INTERVAL: u64 = 1_000_000_000;
+
+/// An ARP frame from a VM port, parsed and within its source's rate budget.
+#[derive(Debug, Clone)]
+pub struct ArpFrame {
+    /// The port.
+    pub port: Port,
+    /// The message.
+    pub msg: ArpMessage,
+    /// Capture time, wall ns.
+    pub wall: i64,
+    /// Capture time, monotonic ns.
+    pub mono: u64,
+}
+
+/// Readiness as /readyz reports it.
+#[derive(Debug)]
+pub struct Readiness {
+    /// A stream is up.
+    pub connected: AtomicBool,
+    /// A complete snapshot has been applied.
+    pub synced: AtomicBool,
+    /// Last time (monotonic ns) a stream message arrived.
+    pub last_message_mono: AtomicU64,
+    /// Headless grace (ns).
+    pub grace_ns: u64,
+}
+
+impl Readiness {
+    /// Ready: synced, and connected or headless for less than the grace period.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.synced.load(Ordering::Relaxed) {
+            return Err("no complete desired state from a controller yet".into());
+        }
+        if self.connected.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let silent = monotonic_ns().saturating_sub(self.last_message_mono.load(Ordering::Relaxed));
+        if silent < self.grace_ns {
+            Ok(())
+        } else {
+            Err(format!("headless for {} s (grace {} s)", silent / 1_000_000_000, self.grace_ns / 1_000_000_000))
+        }
+    }
+}
+
+/// The inputs of the core.
+#[derive(Debug)]
+pub struct Inputs {
+    /// From the controller link.
+    pub link: mpsc::Receiver<LinkEvent>,
+    /// Claim answers from the reporter.
+    pub answers: mpsc::Receiver<Answered>,
+    /// ARP frames.
+    pub arp: mpsc::Receiver<ArpFrame>,
+    /// Port changes.
+    pub ports: mpsc::Receiver<PortEvent>,
+}
+
+/// The core.
+pub struct Core {
+    /// This FE's id.
+    pub fe_id: String,
+    /// Desired state.
+    pub desired: DesiredState,
+    /// VMs seen here.
+    pub local: LocalVms,
+    /// The reconciler.
+    pub reconciler: Reconciler,
+    /// Mobile prefixes and gateways.
+    pub scope: Scope,
+    /// VM ports.
+    pub ports: Arc<PortTable>,
+    /// ARP socket (for answers, announcements, probes).
+    pub arp: Arc<ArpSocket>,
+    /// Reporter handle.
+    pub reporter: Reporter,
+    /// Link state (resume revision, resync requests).
+    pub link: Arc<LinkShared>,
+    /// Stage timestamps.
+    pub events: Arc<Mutex<EventLog>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness.
+    pub readiness: Arc<Readiness>,
+    /// Discovery probes sent (ip → monotonic ns).
+    pub discovering: HashMap<Ipv4Addr, u64>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("fe_id", &self.fe_id).finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// Runs until every input closes.
+    pub async fn run(mut self, mut inputs: Inputs) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_gauges = 0u64;
+        loop {
+            tokio::select! {
+                Some(frame) = inputs.arp.recv() => self.on_arp(frame).await,
+                Some(event) = inputs.link.recv() => self.on_link(event).await,
+                Some(answered) = inputs.answers.recv() => self.on_answers(answered).await,
+                Some(event) = inputs.ports.recv() => self.on_port(event).await,
+                _ = tick.tick() => {
+                    self.on_tick().await;
+                    let now = monotonic_ns();
+                    if now.saturating_sub(last_gauges) >= 1_000_000_000 {
+                        self.refresh_gauges();
+                        last_gauges = now;
+                    }
+                }
+                else => return,
+            }
+        }
+    }
+
+    /// Makes `ip` match its target and does what the change implies (gateway announcement on a
+    /// port a VM just arrived on; discovery of a VM bound here on an unknown port).
+    async fn reconcile(&mut self, ip: Ipv4Addr) -> Applied {
+        let t = target(&self.desired, &self.local, ip);
+        let applied = self.reconciler.apply(ip, t).await;
+        if let Some(port) = applied.became_local_on {
+            self.announce_gateways(port);
+        }
+        if applied.discover {
+            self.discover(ip, t);
+        } else {
+            self.discovering.remove(&ip);
+        }
+        applied
+    }
+
+    async fn on_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Sync { update, received_mono, received_wall } => {
+                self.on_sync(&update, received_mono, received_wall).await;
+            }
+            LinkEvent::StreamEnded => {
+                self.readiness.connected.store(false, Ordering::Relaxed);
+                // A snapshot cut short is discarded by the next reset; resume from what is complete.
+                self.link.resume.store(self.desired.revision(), Ordering::Release);
+            }
+            LinkEvent::Connected { generation } => {
+                self.readiness.connected.store(true, Ordering::Relaxed);
+                if generation > 1 {
+                    // Back after a disconnection: report every VM still here again with its
+                    // original observation time (the controller may have lost or aged them).
+                    let again: Vec<_> = self
+                        .local
+                        .iter()
+                        .filter(|(_, vm)| vm.is_ours())
+                        .map(|(ip, vm)| (ip, vm.mac, vm.observed_at, vm.port))
+                        .collect();
+                    for (ip, mac, observed_at, port) in again {
+                        self.report(ip, mac, ObservationKind::Learned, observed_at, port);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_sync(&mut self, update: &SyncUpdate, received_mono: u64, received_wall: i64) {
+        let phase = SyncPhase::try_from(update.phase).unwrap_or(SyncPhase::Unspecified);
+        self.metrics.stream_messages.get_or_create(&KindLabel { kind: phase_label(phase) }).inc();
+        if update.sent_at_unix_nanos > 0 {
+            self.metrics.stream_lag_micros.set((received_wall - update.sent_at_unix_nanos) / 1000);
+        }
+        self.readiness.last_message_mono.store(received_mono, Ordering::Relaxed);
+        let applied = match self.desired.apply(update) {
+            Ok(applied) => applied,
+            Err(err) => {
+                tracing::warn!(%err, "cannot apply a stream message; asking for a full resync");
+                self.link.resume.store(0, Ordering::Release);
+                self.link.resync.notify_one();
+                return;
+            }
+        };
+        if applied.skipped > 0 {
+            tracing::warn!(skipped = applied.skipped, "stream entries skipped (malformed or IPv6)");
+        }
+        let mut todo: Vec<Ipv4Addr> = Vec::with_capacity(applied.bindings.len());
+        for &(ip, revision) in &applied.bindings {
+            self.local.desired_changed(ip, revision, desired_view(&self.desired, ip));
+            todo.push(ip);
+        }
+        if !applied.fes.is_empty() {
+            self.reconciler.set_peers(&self.desired.peers());
+            let changed: Vec<u32> = applied.fes.iter().map(|f| f.0).collect();
+            todo.extend(self.desired.bindings().filter(|(_, b)| changed.contains(&b.fe)).map(|(ip, _)| ip));
+        }
+        if applied.snapshot_completed {
+            // Stale removal: whatever is programmed locally that the new state does not want.
+            todo.extend(self.reconciler.local_ips());
+            self.metrics.snapshots_received.inc();
+            tracing::info!(revision = update.revision, bindings = self.desired.len(), "snapshot applied");
+        }
+        let record = phase == SyncPhase::Delta;
+        for ip in todo {
+            self.reconcile(ip).await;
+            if record && let Some(b) = self.desired.binding(ip) {
+                let fe = self.desired.fes().get(b.fe).map(|f| f.id.to_string()).unwrap_or_default();
+                let local = b.fe == self.desired.me();
+                self.events.lock().expect("events").delta_applied(
+                    ip,
+                    b.move_seq,
+                    &fe,
+                    local,
+                    received_mono,
+                    monotonic_ns(),
+                );
+            }
+        }
+        if applied.snapshot_completed {
+            self.readiness.synced.store(true, Ordering::Relaxed);
+        }
+        self.metrics.stream_revision.set(self.desired.revision() as i64);
+        self.link.resume.store(self.desired.revision(), Ordering::Release);
+    }
+
+    async fn on_arp(&mut self, frame: ArpFrame) {
+        let msg = &frame.msg;
+        self.metrics.arp_frames.get_or_create(&KindLabel { kind: classify::kind_label(msg.kind()) }).inc();
+        // Answer first: the asker is waiting.
+        let port = frame.port.ifindex;
+        let view = |t: Ipv4Addr| match target(&self.desired, &self.local, t) {
+            Target::Local { port: Some(p), .. } if p == port => TargetView::SamePort,
+            Target::Local { port: None, .. } if self.reconciler.local_port(t) == Some(port) => TargetView::SamePort,
+            Target::Local { .. } | Target::Remote(_) => TargetView::ReachedThroughUs,
+            Target::Drop => TargetView::Unbound,
+        };
+        if let Some(answer) = classify::answer(msg, &self.scope, view) {
+            self.send_arp(port, &classify::reply_frame(msg, frame.port.mac), answer.label());
+        }
+        let Some((ip, mac)) = classify::learned(msg, &self.scope) else { return };
+        let sighting = Sighting { ip, mac, port, wall: frame.wall, mono: frame.mono };
+        match self.local.sighting(sighting, desired_view(&self.desired, ip)) {
+            Learn::Claim { observed_at } => {
+                self.events.lock().expect("events").captured(ip, observed_at, frame.mono);
+                // Make-before-break: the claim goes out, and the VM is local before any answer.
+                self.report(ip, mac, ObservationKind::Learned, observed_at, port);
+                let applied = self.reconcile(ip).await;
+                if applied.ops > 0 {
+                    self.metrics.provisional_installs.inc();
+                }
+                self.events.lock().expect("events").provisional_applied(ip, monotonic_ns());
+                tracing::info!(%ip, mac = %victor_proto::Mac(mac), port = %frame.port.name, "VM claimed");
+            }
+            Learn::Moved => {
+                self.reconcile(ip).await;
+            }
+            Learn::Refreshed => {
+                if self.discovering.contains_key(&ip) || self.reconciler.local_port(ip).is_none() {
+                    self.reconcile(ip).await;
+                }
+            }
+            Learn::Suppressed => {}
+        }
+    }
+
+    async fn on_answers(&mut self, answered: Answered) {
+        let now = monotonic_ns();
+        for (obs, result) in answered.observations.iter().zip(&answered.results) {
+            let outcome = ClaimOutcome::try_from(result.outcome).unwrap_or(ClaimOutcome::Unspecified);
+            let reason = RejectReason::try_from(result.reject_reason).unwrap_or(RejectReason::Unspecified);
+            self.metrics.claim_result(outcome, reason);
+            if obs.kind != ObservationKind::Learned {
+                continue;
+            }
+            let answer = match outcome {
+                ClaimOutcome::Bound | ClaimOutcome::Moved | ClaimOutcome::Unchanged => {
+                    ClaimAnswer::Accepted { revision: result.revision }
+                }
+                ClaimOutcome::Rejected => {
+                    tracing::warn!(ip = %obs.ip, reason = reason.as_str_name(), message = %result.message, "claim rejected");
+                    ClaimAnswer::Rejected { reason: result.reject_reason }
+                }
+                _ => continue,
+            };
+            if matches!(outcome, ClaimOutcome::Bound | ClaimOutcome::Moved) {
+                let label = outcome.as_str_name().trim_start_matches("CLAIM_OUTCOME_").to_ascii_lowercase();
+                self.events.lock().expect("events").claim_answered(
+                    obs.ip,
+                    obs.observed_at,
+                    result.move_seq,
+                    &self.fe_id,
+                    &label,
+                    answered.sent_mono,
+                    answered.answered_mono,
+                );
+            }
+            let view = desired_view(&self.desired, obs.ip);
+            match self.local.resolved(obs.ip, obs.mac, obs.observed_at, answer, now, view) {
+                Resolution::Undo => {
+                    self.metrics.claims_undone.inc();
+                    self.reconcile(obs.ip).await;
+                }
+                Resolution::Kept | Resolution::Stale => {
+                    self.reconcile(obs.ip).await;
+                }
+            }
+        }
+    }
+
+    async fn on_port(&mut self, event: PortEvent) {
+        match event {
+            PortEvent::Up(port) => {
+                // VMs bound here whose port is unknown may be behind the new port.
+                let waiting: Vec<Ipv4Addr> = self.discovering.keys().copied().collect();
+                for ip in waiting {
+                    if let Target::Local { mac, .. } = target(&self.desired, &self.local, ip) {
+                        self.send_arp(
+                            port.ifindex,
+                            &classify::probe_frame(ip, mac, port.mac, self.scope.gateways.first().copied()),
+                            "probe",
+                        );
+                    }
+                }
+            }
+            PortEvent::Gone(ifindex) => {
+                let mut ips = self.reconciler.port_gone(ifindex);
+                ips.extend(self.local.port_gone(ifindex));
+                ips.sort();
+                ips.dedup();
+                for ip in ips {
+                    self.reconcile(ip).await;
+                }
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = monotonic_ns();
+        for action in self.local.age(now) {
+            match action {
+                Ageing::Probe { ip, mac, port } => {
+                    if let Some(p) = self.ports.get(port) {
+                        let frame = classify::probe_frame(ip, mac, p.mac, self.scope.gateways.first().copied());
+                        self.send_arp(port, &frame, "probe");
+                    }
+                }
+                Ageing::Gone { ip, mac, port } => {
+                    tracing::info!(%ip, "VM stopped answering ARP probes; reporting it gone");
+                    self.report(ip, mac, ObservationKind::Gone, unix_nanos(), port);
+                    self.reconcile(ip).await;
+                }
+            }
+        }
+        for ip in self.reconciler.take_dirty() {
+            self.reconcile(ip).await;
+        }
+        let due: Vec<Ipv4Addr> = self
+            .discovering
+            .iter()
+            .filter(|(_, sent)| now.saturating_sub(**sent) >= DISCOVERY_INTERVAL)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in due {
+            self.reconcile(ip).await;
+        }
+    }
+
+    fn refresh_gauges(&self) {
+        let (local, remote) = self.desired.counts();
+        self.metrics.bindings.get_or_create(&KindLabel { kind: "local" }).set(local as i64);
+        self.metrics.bindings.get_or_create(&KindLabel { kind: "remote" }).set(remote as i64);
+        self.metrics.local_vms.set(self.local.len() as i64);
+        self.metrics.desired_bytes.set(self.desired.heap_bytes() as i64);
+        if let Some(fib) = self.reconciler.dataplane().fib() {
+            self.metrics.fib_bytes.set(fib.heap_bytes() as i64);
+        }
+        self.metrics.reports_queued.set(self.reporter.queued() as i64);
+    }
+
+    fn report(&self, ip: Ipv4Addr, mac: [u8; 6], kind: ObservationKind, observed_at: i64, port: u32) {
+        let port = self.ports.get(port).map(|p| p.name).unwrap_or_default();
+        self.reporter.submit(Observation { ip, mac, kind, observed_at, port });
+    }
+
+    fn send_arp(&self, ifindex: u32, frame: &[u8], kind: &'static str) {
+        match self.arp.send(ifindex, frame) {
+            Ok(()) => {
+                self.metrics.arp_sent.get_or_create(&KindLabel { kind }).inc();
+            }
+            Err(err) => tracing::debug!(ifindex, %err, kind, "could not send an ARP frame"),
+        }
+    }
+
+    /// Tells a VM that arrived on `port` where its gateways are (gratuitous ARP per gateway).
+    fn announce_gateways(&self, port: u32) {
+        let Some(p) = self.ports.get(port) else { return };
+        for gw in &self.scope.gateways {
+            self.send_arp(port, &classify::gateway_announcement(*gw, p.mac), "announce");
+        }
+    }
+
+    /// Probes every VM port for a VM bound here whose port is unknown (at most once a second).
+    fn discover(&mut self, ip: Ipv4Addr, t: Target) {
+        let Target::Local { mac, .. } = t else { return };
+        let now = monotonic_ns();
+        if self.discovering.get(&ip).is_some_and(|sent| now.saturating_sub(*sent) < DISCOVERY_INTERVAL) {
+            return;
+        }
+        self.discovering.insert(ip, now);
+        for port in self.ports.ports() {
+            let frame = classify::probe_frame(ip, mac, port.mac, self.scope.gateways.first().copied());
+            self.send_arp(port.ifindex, &frame, "probe");
+        }
+    }
+}
+
+fn phase_label(phase: SyncPhase) -> &'static str {
+    match phase {
+        SyncPhase::Snapshot => "snapshot",
+        SyncPhase::SnapshotEnd => "snapshot_end",
+        SyncPhase::Delta => "delta",
+        SyncPhase::Heartbeat => "heartbeat",
+        SyncPhase::Unspecified => "unspecified",
+    }
+}

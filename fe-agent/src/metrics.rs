@@ -1,0 +1,273 @@
+//! Prometheus metrics of the agent (prometheus-client; text exposition at /metrics, names
+//! prefixed `victor_agent_`). Counters are bumped where things happen; the data-plane counters
+//! are read from the forwarder at scrape time.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use victor_dataplane::counters::Counters;
+
+/// A single label `kind`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// The kind.
+    pub kind: &'static str,
+}
+
+/// A single label `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The reason.
+    pub reason: String,
+}
+
+/// A single label `outcome`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// The outcome.
+    pub outcome: String,
+}
+
+/// Labels of a reconcile operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// The operation.
+    pub op: &'static str,
+    /// ok | error
+    pub result: &'static str,
+}
+
+/// Every metric of the agent.
+pub struct Metrics {
+    registry: Registry,
+    /// Bindings by kind (local / remote), refreshed every second.
+    pub bindings: Family<KindLabel, Gauge>,
+    /// VMs tracked on this FE's ports.
+    pub local_vms: Gauge,
+    /// Observations sent in Report calls.
+    pub claims_sent: Counter,
+    /// Claim results by outcome.
+    pub claim_results: Family<OutcomeLabel, Counter>,
+    /// Rejected claims by reason.
+    pub claims_rejected: Family<ReasonLabel, Counter>,
+    /// Observations waiting to be reported.
+    pub reports_queued: Gauge,
+    /// Report calls that failed and were retried.
+    pub report_retries: Counter,
+    /// ARP frames received on VM ports by kind.
+    pub arp_frames: Family<KindLabel, Counter>,
+    /// Malformed ARP frames by reason.
+    pub arp_malformed: Family<ReasonLabel, Counter>,
+    /// ARP frames dropped by the per-source rate limit.
+    pub arp_rate_limited: Counter,
+    /// ARP frames sent by kind (gateway / proxy / announce / probe).
+    pub arp_sent: Family<KindLabel, Counter>,
+    /// Reconcile operations by op and result.
+    pub reconcile_ops: Family<OpLabel, Counter>,
+    /// Local installs done before the controller answered (make-before-break).
+    pub provisional_installs: Counter,
+    /// Local installs undone after a rejected claim.
+    pub claims_undone: Counter,
+    /// Revision of the applied desired state.
+    pub stream_revision: Gauge,
+    /// Stream lag: agent wall clock at receipt minus controller wall clock at sending (µs).
+    pub stream_lag_micros: Gauge,
+    /// Stream messages by phase.
+    pub stream_messages: Family<KindLabel, Counter>,
+    /// Complete snapshots applied.
+    pub snapshots_received: Counter,
+    /// 1 while a controller stream is up.
+    pub controller_connected: Gauge,
+    /// Sessions opened to a controller (first connect and every failover).
+    pub controller_sessions: Counter,
+    /// Registrations.
+    pub registrations: Counter,
+    /// Binding-table bytes of the desired state (estimate).
+    pub desired_bytes: Gauge,
+    /// Forwarding-table bytes (estimate).
+    pub fib_bytes: Gauge,
+    /// 1 for the data-plane backend in use.
+    pub dataplane: Family<KindLabel, Gauge>,
+    dataplane_counters: Arc<DataplaneCollector>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("victor_agent");
+        let collector = Arc::new(DataplaneCollector::default());
+        let m = Metrics {
+            registry: Registry::default(),
+            bindings: Family::default(),
+            local_vms: Gauge::default(),
+            claims_sent: Counter::default(),
+            claim_results: Family::default(),
+            claims_rejected: Family::default(),
+            reports_queued: Gauge::default(),
+            report_retries: Counter::default(),
+            arp_frames: Family::default(),
+            arp_malformed: Family::default(),
+            arp_rate_limited: Counter::default(),
+            arp_sent: Family::default(),
+            reconcile_ops: Family::default(),
+            provisional_installs: Counter::default(),
+            claims_undone: Counter::default(),
+            stream_revision: Gauge::default(),
+            stream_lag_micros: Gauge::default(),
+            stream_messages: Family::default(),
+            snapshots_received: Counter::default(),
+            controller_connected: Gauge::default(),
+            controller_sessions: Counter::default(),
+            registrations: Counter::default(),
+            desired_bytes: Gauge::default(),
+            fib_bytes: Gauge::default(),
+            dataplane: Family::default(),
+            dataplane_counters: collector.clone(),
+        };
+        registry.register("bindings", "Bindings in the desired state by kind (local, remote)", m.bindings.clone());
+        registry.register("local_vms", "VMs tracked on this FE's VM ports", m.local_vms.clone());
+        registry.register("claims_sent", "Observations sent to the controller", m.claims_sent.clone());
+        registry.register("claim_results", "Claim results by outcome", m.claim_results.clone());
+        registry.register("claims_rejected", "Rejected claims by reason", m.claims_rejected.clone());
+        registry.register("reports_queued", "Observations waiting to be reported", m.reports_queued.clone());
+        registry.register("report_retries", "Report calls that failed and were retried", m.report_retries.clone());
+        registry.register("arp_frames", "ARP frames received on VM ports by kind", m.arp_frames.clone());
+        registry.register("arp_malformed", "Malformed ARP frames by reason", m.arp_malformed.clone());
+        registry.register(
+            "arp_rate_limited",
+            "ARP frames dropped by the per-source rate limit",
+            m.arp_rate_limited.clone(),
+        );
+        registry.register("arp_sent", "ARP frames sent by kind", m.arp_sent.clone());
+        registry.register("reconcile_ops", "Kernel and data-plane operations", m.reconcile_ops.clone());
+        registry.register(
+            "provisional_installs",
+            "Local routes installed before the controller answered (make-before-break)",
+            m.provisional_installs.clone(),
+        );
+        registry.register("claims_undone", "Local installs undone after a rejected claim", m.claims_undone.clone());
+        registry.register("stream_revision", "Revision of the applied desired state", m.stream_revision.clone());
+        registry.register(
+            "stream_lag_microseconds",
+            "Last stream message: receipt (agent wall clock) minus sending (controller wall clock)",
+            m.stream_lag_micros.clone(),
+        );
+        registry.register("stream_messages", "Stream messages by phase", m.stream_messages.clone());
+        registry.register("snapshots_received", "Complete snapshots applied", m.snapshots_received.clone());
+        registry.register("controller_connected", "1 while a controller stream is up", m.controller_connected.clone());
+        registry.register("controller_sessions", "Sessions opened to a controller", m.controller_sessions.clone());
+        registry.register("registrations", "Registrations of this FE", m.registrations.clone());
+        registry.register(
+            "desired_bytes",
+            "Heap bytes of the desired binding table (estimate)",
+            m.desired_bytes.clone(),
+        );
+        registry.register("fib_bytes", "Heap bytes of the forwarding table (estimate)", m.fib_bytes.clone());
+        registry.register("dataplane_backend", "1 for the data-plane backend in use", m.dataplane.clone());
+        registry.register_collector(Box::new(collector));
+        Metrics { registry, ..m }
+    }
+
+    /// Starts reporting the forwarder's counters.
+    pub fn attach_dataplane(&self, counters: Arc<Counters>) {
+        *self.dataplane_counters.counters.lock().expect("collector lock") = Some(counters);
+    }
+
+    /// Counts one reconcile operation.
+    pub fn reconcile_op(&self, op: &'static str, ok: bool) {
+        self.reconcile_ops.get_or_create(&OpLabel { op, result: if ok { "ok" } else { "error" } }).inc();
+    }
+
+    /// Counts one claim result.
+    pub fn claim_result(&self, outcome: victor_proto::v1::ClaimOutcome, reason: victor_proto::v1::RejectReason) {
+        let name = |s: &str, p: &str| s.trim_start_matches(p).to_ascii_lowercase();
+        self.claim_results
+            .get_or_create(&OutcomeLabel { outcome: name(outcome.as_str_name(), "CLAIM_OUTCOME_") })
+            .inc();
+        if outcome == victor_proto::v1::ClaimOutcome::Rejected {
+            self.claims_rejected
+                .get_or_create(&ReasonLabel { reason: name(reason.as_str_name(), "REJECT_REASON_") })
+                .inc();
+        }
+    }
+
+    /// Renders the text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Reads the forwarder's counters at scrape time.
+#[derive(Debug, Default)]
+struct DataplaneCollector {
+    counters: Mutex<Option<Arc<Counters>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+impl Collector for DataplaneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(counters) = self.counters.lock().expect("collector lock").clone() else { return Ok(()) };
+        let s = counters.snapshot();
+        let directions = [
+            ("tun_rx", s.tun_rx_packets, s.tun_rx_bytes),
+            ("tunnel_tx", s.tunnel_tx_packets, s.tunnel_tx_bytes),
+            ("tunnel_rx", s.tunnel_rx_packets, s.tunnel_rx_bytes),
+            ("tun_tx", s.tun_tx_packets, s.tun_tx_bytes),
+        ];
+        for (name, help, pick) in [
+            ("dataplane_packets", "Userspace forwarder packets by direction", 0usize),
+            ("dataplane_bytes", "Userspace forwarder bytes by direction", 1),
+        ] {
+            let counter = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            for (direction, packets, bytes) in directions {
+                let value = if pick == 0 { packets } else { bytes };
+                ConstCounter::new(value).encode(family.encode_family(&DirectionLabel { direction })?)?;
+            }
+        }
+        let counter = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "dataplane_drops",
+            "Packets dropped by the userspace forwarder by reason (no_binding = no binding here: dropped; unknown_peer = IP-in-IP from an unregistered source)",
+            None,
+            counter.metric_type(),
+        )?;
+        for (reason, n) in &s.drops {
+            let label = ReasonLabel { reason: reason.as_str().to_owned() };
+            ConstCounter::new(*n).encode(family.encode_family(&label)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "dataplane_icmp_sent",
+            "ICMP errors sent by the forwarder",
+            None,
+            counter.metric_type(),
+        )?;
+        for (kind, n) in [("time_exceeded", s.icmp_time_exceeded), ("frag_needed", s.icmp_frag_needed)] {
+            ConstCounter::new(n).encode(family.encode_family(&KindLabel { kind })?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! The reconciler (kube-rs style): for each VM IP whose desired target may have changed, compare
+//! with what is programmed (kernel /32 routes and neighbours on VM ports, the data-plane entry)
+//! and apply the minimal ordered change ([`plan`]). It owns the record of what it programmed,
+//! read back from the kernel at start (objects carrying our route protocol), so an agent restart
+//! changes nothing that is still right and removes only what is stale — after the first complete
+//! snapshot, never before (no flush).
+
+pub mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use plan::{LocalActual, Op, Plan, Tunnel};
+
+use crate::dataplane::Dataplane;
+use crate::metrics::Metrics;
+use crate::netlink::Kernel;
+use crate::state::Target;
+
+/// What applying one IP did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Operations executed successfully.
+    pub ops: usize,
+    /// Operations that failed (the IP is retried later).
+    pub failed: usize,
+    /// The VM should be local but its port is unknown.
+    pub discover: bool,
+    /// The IP became local on a port (announce the gateway there).
+    pub became_local_on: Option<u32>,
+}
+
+/// Summary of the kernel read-back at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readback {
+    /// /32 routes on VM ports.
+    pub host_routes: usize,
+    /// Neighbour entries.
+    pub neighbours: usize,
+    /// Other routes of ours (prefix routes of a previous run).
+    pub other_routes: usize,
+}
+
+/// The reconciler.
+#[derive(Debug)]
+pub struct Reconciler {
+    kernel: Kernel,
+    dataplane: Dataplane,
+    locals: HashMap<Ipv4Addr, LocalActual>,
+    dirty: HashSet<Ipv4Addr>,
+    metrics: Arc<Metrics>,
+}
+
+impl Reconciler {
+    /// A reconciler programming `kernel` and `dataplane`.
+    pub fn new(kernel: Kernel, dataplane: Dataplane, metrics: Arc<Metrics>) -> Self {
+        Reconciler { kernel, dataplane, locals: HashMap::new(), dirty: HashSet::new(), metrics }
+    }
+
+    /// The data plane.
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dataplane
+    }
+
+    /// The kernel handle.
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// Reads back the /32 routes and neighbour entries carrying our protocol on interfaces for
+    /// which `is_vm_port` holds.
+    pub async fn read_back(&mut self, is_vm_port: impl Fn(u32) -> bool) -> anyhow::Result<Readback> {
+        let mut summary = Readback::default();
+        for r in self.kernel.our_routes().await? {
+            if r.dst.prefix_len() == 32 && r.oif != 0 && is_vm_port(r.oif) {
+                let e = self.locals.entry(r.dst.addr()).or_insert(LocalActual { port: r.oif, route: true, mac: None });
+                e.port = r.oif;
+                e.route = true;
+                summary.host_routes += 1;
+            } else {
+                summary.other_routes += 1;
+            }
+        }
+        for n in self.kernel.our_neighbours().await? {
+            if !is_vm_port(n.ifindex) {
+                continue;
+            }
+            summary.neighbours += 1;
+            match self.locals.get_mut(&n.ip) {
+                Some(e) if e.port == n.ifindex => e.mac = Some(n.mac),
+                Some(_) => {
+                    // A neighbour on another port than the route: stale, removed now (it is ours).
+                    let _ = self.kernel.del_neighbour(n.ip, n.ifindex).await;
+                }
+                None => {
+                    self.locals.insert(n.ip, LocalActual { port: n.ifindex, route: false, mac: Some(n.mac) });
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    /// The port the kernel delivers `ip` to, if any.
+    pub fn local_port(&self, ip: Ipv4Addr) -> Option<u32> {
+        self.locals.get(&ip).map(|l| l.port)
+    }
+
+    /// IPs with something programmed on a VM port.
+    pub fn local_ips(&self) -> Vec<Ipv4Addr> {
+        self.locals.keys().copied().collect()
+    }
+
+    /// Number of IPs delivered on VM ports.
+    pub fn local_count(&self) -> usize {
+        self.locals.len()
+    }
+
+    /// IPs whose last reconcile failed (to retry).
+    pub fn take_dirty(&mut self) -> Vec<Ipv4Addr> {
+        self.dirty.drain().collect()
+    }
+
+    /// A VM port vanished: the kernel dropped its routes and neighbours. Returns the IPs that
+    /// were delivered through it (to reconcile again).
+    pub fn port_gone(&mut self, port: u32) -> Vec<Ipv4Addr> {
+        let ips: Vec<Ipv4Addr> = self.locals.iter().filter(|(_, l)| l.port == port).map(|(ip, _)| *ip).collect();
+        for ip in &ips {
+            self.locals.remove(ip);
+        }
+        ips
+    }
+
+    /// The plan for `ip` towards `target` (no side effects).
+    pub fn plan(&self, ip: Ipv4Addr, target: Target) -> Plan {
+        plan::plan(self.locals.get(&ip).copied(), self.dataplane.tunnel(ip), target)
+    }
+
+    /// Makes `ip` match `target`.
+    pub async fn apply(&mut self, ip: Ipv4Addr, target: Target) -> Applied {
+        let plan = self.plan(ip, target);
+        let mut out = Applied { discover: plan.discover, ..Applied::default() };
+        for op in plan.ops {
+            match self.execute(ip, op).await {
+                Ok(()) => {
+                    out.ops += 1;
+                    self.metrics.reconcile_op(op_label(op), true);
+                    if let Op::SetRoute { port } = op {
+                        out.became_local_on = Some(port);
+                    }
+                }
+                Err(err) => {
+                    out.failed += 1;
+                    self.metrics.reconcile_op(op_label(op), false);
+                    tracing::warn!(%ip, ?op, error = %format!("{err:#}"), "reconcile step failed; will retry");
+                    self.dirty.insert(ip);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    async fn execute(&mut self, ip: Ipv4Addr, op: Op) -> anyhow::Result<()> {
+        match op {
+            Op::SetNeighbour { port, mac } => {
+                self.kernel.replace_neighbour(ip, port, mac).await?;
+                let e = self.locals.entry(ip).or_insert(LocalActual { port, route: false, mac: None });
+                if e.port != port {
+                    // The old port's entries are handled by later steps; track the new port.
+                    *e = LocalActual { port, route: false, mac: Some(mac) };
+                } else {
+                    e.mac = Some(mac);
+                }
+            }
+            Op::SetRoute { port } => {
+                self.kernel.replace_host_route(ip, port).await?;
+                let e = self.locals.entry(ip).or_insert(LocalActual { port, route: true, mac: None });
+                e.port = port;
+                e.route = true;
+            }
+            Op::DelRoute { port } => {
+                self.kernel.del_host_route(ip, port).await?;
+                if let Some(e) = self.locals.get_mut(&ip).filter(|e| e.port == port) {
+                    e.route = false;
+                    if e.mac.is_none() {
+                        self.locals.remove(&ip);
+                    }
+                }
+            }
+            Op::DelNeighbour { port } => {
+                self.kernel.del_neighbour(ip, port).await?;
+                if let Some(e) = self.locals.get_mut(&ip).filter(|e| e.port == port) {
+                    e.mac = None;
+                    if !e.route {
+                        self.locals.remove(&ip);
+                    }
+                }
+            }
+            Op::SetTunnel(t) => self.dataplane.set_tunnel(&self.kernel, ip, t).await?,
+        }
+        Ok(())
+    }
+
+    /// Replaces the accepted tunnel peers.
+    pub fn set_peers(&self, peers: &[Ipv4Addr]) {
+        self.dataplane.set_peers(peers);
+    }
+}
+
+fn op_label(op: Op) -> &'static str {
+    match op {
+        Op::SetNeighbour { .. } => "set_neighbour",
+        Op::SetRoute { .. } => "set_route",
+        Op::DelRoute { .. } => "del_route",
+        Op::DelNeighbour { .. } => "del_neighbour",
+        Op::SetTunnel(Tunnel::None) => "tunnel_remove",
+        Op::SetTunnel(Tunnel::Local) => "tunnel_local",
+        Op::SetTunnel(Tunnel::Remote(_)) => "tunnel_remote",
+    }
+}
