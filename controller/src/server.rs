@@ -105,6 +105,7 @@ impl Server {
             store_reachable: store_reachable.clone(),
             is_housekeeper: is_housekeeper.clone(),
             auth,
+            shutdown: shutdown_rx.clone(),
         });
 
         let hk = HousekeepingConfig {
@@ -280,7 +281,7 @@ async fn serve_grpc(
                 last = Some(ready);
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = health_shutdown.changed() => return,
             }
         }
@@ -296,6 +297,8 @@ async fn serve_grpc(
         .add_service(binding)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = shutdown.wait_for(|s| *s).await;
+            // Streams end on shutdown; give unary calls in flight a moment to finish.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         })
         .await
         .context("gRPC server")

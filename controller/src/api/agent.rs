@@ -17,7 +17,7 @@ use victor_store::{Store, StoreError, Txn, TxnOp};
 
 use super::ApiContext;
 use super::error::{ApiError, ApiResult};
-use super::validate::{self, check_in};
+use super::validate::{self, is_host_in};
 use crate::cache::FeView;
 use crate::records::{FeRecord, SessionRecord, now_unix_nanos};
 use crate::registry::ValidObservation;
@@ -189,7 +189,7 @@ impl<S: Store> AgentApi<S> {
         if let Err(message) = self.ctx.mobile.check_vm_ip(ip) {
             return Err((obs.vm_ip, RejectReason::OutsideMobilePrefix, message));
         }
-        if check_in(ip, served).is_err() {
+        if !is_host_in(ip, served) {
             return Err((
                 obs.vm_ip,
                 RejectReason::OutsideMobilePrefix,
@@ -248,6 +248,7 @@ impl<S: Store> AgentService for AgentApi<S> {
             metrics: self.ctx.metrics.clone(),
             traces: self.ctx.traces.clone(),
             mobile_prefixes: self.ctx.mobile.to_strings(),
+            shutdown: self.ctx.shutdown.clone(),
         };
         let req = request.into_inner();
         Ok(Response::new(Box::pin(sync::start(ctx, req.fe_id, req.from_revision))))

@@ -274,7 +274,12 @@ impl<S: Store> BindingService for BindingApi<S> {
             .into());
         }
         let spec = WatchSpec { from_revision: req.from_revision, include_snapshot: req.include_snapshot, prefix };
-        Ok(Response::new(Box::pin(watch::start(self.ctx.cache.clone(), self.ctx.metrics.clone(), spec))))
+        Ok(Response::new(Box::pin(watch::start(
+            self.ctx.cache.clone(),
+            self.ctx.metrics.clone(),
+            spec,
+            self.ctx.shutdown.clone(),
+        ))))
     }
 
     async fn list_vms(&self, request: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {

@@ -48,6 +48,8 @@ pub struct ApiContext<S: Store> {
     pub is_housekeeper: Arc<std::sync::atomic::AtomicBool>,
     /// How callers are authenticated.
     pub auth: auth::Auth,
+    /// Flips to true on shutdown (streams end so clients fail over).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<S: Store> ApiContext<S> {

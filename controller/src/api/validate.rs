@@ -42,7 +42,11 @@ impl MobilePrefixes {
     /// Checks that `ip` can be a VM: inside a mobile prefix, and not its network or broadcast
     /// address.
     pub fn check_vm_ip(&self, ip: IpAddr) -> Result<(), String> {
-        check_in(ip, &self.0).map_err(|_| format!("{ip} is outside the mobile prefixes {}", self.list()))
+        if is_host_in(ip, &self.0) {
+            Ok(())
+        } else {
+            Err(format!("{ip} is outside the mobile prefixes {}", self.list()))
+        }
     }
 
     /// Checks that `net` lies inside one mobile prefix.
@@ -59,11 +63,11 @@ impl MobilePrefixes {
     }
 }
 
-/// Checks that `ip` is a usable host address inside one of `prefixes`.
-pub fn check_in(ip: IpAddr, prefixes: &[IpNet]) -> Result<(), ()> {
-    let net = prefixes.iter().find(|p| p.contains(&ip)).ok_or(())?;
-    let is_edge = matches!(net, IpNet::V4(v4) if v4.prefix_len() < 31 && (ip == IpAddr::V4(v4.network()) || ip == IpAddr::V4(v4.broadcast())));
-    if is_edge { Err(()) } else { Ok(()) }
+/// Whether `ip` is a usable host address inside one of `prefixes` (not the network or broadcast
+/// address of an IPv4 prefix shorter than /31).
+pub fn is_host_in(ip: IpAddr, prefixes: &[IpNet]) -> bool {
+    let Some(net) = prefixes.iter().find(|p| p.contains(&ip)) else { return false };
+    !matches!(net, IpNet::V4(v4) if v4.prefix_len() < 31 && (ip == IpAddr::V4(v4.network()) || ip == IpAddr::V4(v4.broadcast())))
 }
 
 /// Parses a VM IP given as text and checks it against the mobile prefixes.

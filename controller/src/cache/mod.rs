@@ -245,12 +245,14 @@ mod tests {
         }
         assert_eq!(cache.revision(), 15);
         // History keeps 3 changes: revisions 13, 14, 15; the floor moved to 12.
-        let Since::Frames(frames) = cache.since(12) else { panic!("12 is the floor") };
+        let Since::Frames { frames, revision } = cache.since(12) else { panic!("12 is the floor") };
         assert_eq!(frames.iter().map(|f| f.revision).collect::<Vec<_>>(), vec![13, 14, 15]);
-        let Since::Frames(frames) = cache.since(14) else { panic!() };
+        assert_eq!(revision, 15);
+        let Since::Frames { frames, .. } = cache.since(14) else { panic!() };
         assert_eq!(frames.len(), 1);
-        let Since::Frames(frames) = cache.since(15) else { panic!() };
+        let Since::Frames { frames, revision } = cache.since(15) else { panic!() };
         assert!(frames.is_empty());
+        assert_eq!(revision, 15);
         assert!(matches!(cache.since(11), Since::TooOld { floor: 12 }));
     }
 

@@ -33,6 +33,8 @@ pub struct SyncContext {
     pub traces: Arc<MoveTraces>,
     /// The mobile prefixes (sent in the first message).
     pub mobile_prefixes: Vec<String>,
+    /// Flips to true when the replica shuts down: the stream ends so the agent fails over.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Starts the stream for one agent.
@@ -58,6 +60,7 @@ async fn run(
     from_revision: Revision,
 ) -> Result<(), Closed> {
     let mut revisions = ctx.cache.subscribe();
+    let mut shutdown = ctx.shutdown.clone();
     let mut first = true;
     let mut cursor = from_revision;
     if cursor > ctx.cache.revision() {
@@ -98,6 +101,10 @@ async fn run(
                 cursor = idle_revision;
             }
             _ = tx.closed() => return Err(Closed),
+            _ = super::shutting_down(&mut shutdown) => {
+                let _ = tx.send(Err(Status::unavailable("controller replica is shutting down; reconnect to another replica and resume"))).await;
+                return Err(Closed);
+            }
         }
     }
 }

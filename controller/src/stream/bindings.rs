@@ -32,17 +32,23 @@ pub fn start(
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     spec: WatchSpec,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> ReceiverStream<Result<WatchBindingsResponse, Status>> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         metrics.binding_watchers.inc();
-        let _ = run(&cache, &tx, spec).await;
+        let _ = run(&cache, &tx, spec, shutdown).await;
         metrics.binding_watchers.dec();
     });
     ReceiverStream::new(rx)
 }
 
-async fn run(cache: &Cache, tx: &Tx, spec: WatchSpec) -> Result<(), ()> {
+async fn run(
+    cache: &Cache,
+    tx: &Tx,
+    spec: WatchSpec,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ()> {
     let in_scope = |ip: &std::net::IpAddr| spec.prefix.is_none_or(|p| p.contains(ip));
     let mut cursor = if spec.from_revision == 0 { cache.revision() } else { spec.from_revision };
     if spec.include_snapshot {
@@ -116,6 +122,10 @@ async fn run(cache: &Cache, tx: &Tx, spec: WatchSpec) -> Result<(), ()> {
                 cursor = idle_revision;
             }
             _ = tx.closed() => return Err(()),
+            _ = super::shutting_down(&mut shutdown) => {
+                let _ = tx.send(Err(Status::unavailable("controller replica is shutting down; watch again (from the last revision) on another replica"))).await;
+                return Err(());
+            }
         }
     }
 }

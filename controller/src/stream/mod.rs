@@ -13,3 +13,16 @@ use std::time::Duration;
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Most entries per stream message (snapshot chunks and large deltas are split).
 pub const MAX_ENTRIES_PER_MESSAGE: usize = 20_000;
+
+/// Resolves once `shutdown` is (or becomes) true; never if its sender is gone.
+pub async fn shutting_down(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let done = *shutdown.borrow_and_update();
+        if done {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! * [`ports`] / [`unique_name`] — collision-free ports and names so parallel runs never clash.
 
 pub mod etcd;
+pub mod http;
 pub mod netns;
 pub mod ports;
 pub mod process;
@@ -21,10 +22,7 @@ pub fn unique_name(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     let name = format!("{prefix}{:x}{:x}", pid & 0xfffff, n);
-    assert!(
-        name.len() <= 15,
-        "unique_name({prefix:?}) = {name:?} is longer than 15 bytes; use a shorter prefix"
-    );
+    assert!(name.len() <= 15, "unique_name({prefix:?}) = {name:?} is longer than 15 bytes; use a shorter prefix");
     name
 }
 
@@ -36,10 +34,7 @@ pub fn is_root() -> bool {
 
 /// Panics with a clear message unless running as root.
 pub fn require_root(what: &str) {
-    assert!(
-        is_root(),
-        "{what} needs root (network namespaces, raw sockets); run the test suite as root (CI does)"
-    );
+    assert!(is_root(), "{what} needs root (network namespaces, raw sockets); run the test suite as root (CI does)");
 }
 
 /// Path of a workspace binary built by cargo (e.g. `victor-controller`), for tests that spawn
@@ -52,10 +47,6 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
         dir.pop();
     }
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "binary {} not found; build it first (cargo build --workspace --bins)",
-        path.display()
-    );
+    assert!(path.exists(), "binary {} not found; build it first (cargo build --workspace --bins)", path.display());
     path
 }
