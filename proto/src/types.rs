@@ -23,9 +23,7 @@ pub enum TypeError {
 }
 
 /// An Ethernet MAC address.
-#[derive(
-    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, serde::Serialize, serde::Deserialize)]
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
@@ -36,9 +34,7 @@ impl Mac {
 
     /// Reads a MAC from exactly six bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, TypeError> {
-        <[u8; 6]>::try_from(bytes)
-            .map(Mac)
-            .map_err(|_| TypeError::MacLength(bytes.len()))
+        <[u8; 6]>::try_from(bytes).map(Mac).map_err(|_| TypeError::MacLength(bytes.len()))
     }
 
     /// The six bytes.
@@ -60,11 +56,7 @@ impl Mac {
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
     }
 }
 
@@ -99,12 +91,8 @@ impl FromStr for Mac {
 /// Reads an IP address from its wire form (4 or 16 bytes).
 pub fn ip_from_bytes(bytes: &[u8]) -> Result<IpAddr, TypeError> {
     match bytes.len() {
-        4 => Ok(IpAddr::V4(Ipv4Addr::from(
-            <[u8; 4]>::try_from(bytes).expect("length checked"),
-        ))),
-        16 => Ok(IpAddr::V6(Ipv6Addr::from(
-            <[u8; 16]>::try_from(bytes).expect("length checked"),
-        ))),
+        4 => Ok(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).expect("length checked")))),
+        16 => Ok(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).expect("length checked")))),
         n => Err(TypeError::IpLength(n)),
     }
 }
@@ -119,9 +107,7 @@ pub fn ip_to_bytes(ip: IpAddr) -> Vec<u8> {
 
 /// Parses an IP address given as text, with an error that says what was expected.
 pub fn parse_ip(text: &str) -> Result<IpAddr, TypeError> {
-    text.trim()
-        .parse()
-        .map_err(|_| TypeError::IpText(text.to_owned()))
+    text.trim().parse().map_err(|_| TypeError::IpText(text.to_owned()))
 }
 
 #[cfg(test)]
@@ -135,13 +121,7 @@ mod tests {
         assert_eq!(mac.0, [2, 0, 10, 10, 0, 11]);
         assert_eq!(mac.to_string(), "02:00:0a:0a:00:0b");
         assert_eq!("02-00-0a-0a-00-0b".parse::<Mac>().unwrap(), mac);
-        for bad in [
-            "",
-            "02:00:0a:0a:00",
-            "02:00:0a:0a:00:0b:0c",
-            "2:00:0a:0a:00:0b",
-            "zz:00:0a:0a:00:0b",
-        ] {
+        for bad in ["", "02:00:0a:0a:00", "02:00:0a:0a:00:0b:0c", "2:00:0a:0a:00:0b", "zz:00:0a:0a:00:0b"] {
             assert!(bad.parse::<Mac>().is_err(), "{bad:?} parsed");
         }
     }
@@ -157,10 +137,7 @@ mod tests {
     #[test]
     fn ip_bytes_reject_bad_lengths() {
         assert_eq!(ip_from_bytes(&[1, 2, 3]), Err(TypeError::IpLength(3)));
-        assert_eq!(
-            ip_from_bytes(&[10, 10, 0, 11]).unwrap().to_string(),
-            "10.10.0.11"
-        );
+        assert_eq!(ip_from_bytes(&[10, 10, 0, 11]).unwrap().to_string(), "10.10.0.11");
     }
 
     proptest! {

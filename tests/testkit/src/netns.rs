@@ -32,11 +32,7 @@ fn run_ip(args: &[&str]) -> Result<Output> {
 fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }
@@ -104,8 +100,7 @@ impl NetNs {
 
     /// Sets the MTU of `dev`.
     pub fn set_mtu(&self, dev: &str, mtu: u32) -> Result<()> {
-        self.ip(&["link", "set", dev, "mtu", &mtu.to_string()])
-            .map(drop)
+        self.ip(&["link", "set", dev, "mtu", &mtu.to_string()]).map(drop)
     }
 
     /// `ip route replace <route...>`, e.g. `["10.10.0.0/16", "dev", "tun0"]`.
@@ -117,8 +112,7 @@ impl NetNs {
 
     /// Writes a sysctl inside the namespace, e.g. `("net.ipv4.ip_forward", "1")`.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
-            .map(drop)
+        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")]).map(drop)
     }
 
     /// Turns on IPv4 forwarding (an FE is a router).
@@ -128,12 +122,7 @@ impl NetNs {
 
     /// Spawns `argv` inside the namespace as a [`ChildGuard`] (killed on drop), logging to
     /// `log_path` if given.
-    pub fn spawn(
-        &self,
-        name: &str,
-        argv: &[&str],
-        log_path: Option<&std::path::Path>,
-    ) -> Result<ChildGuard> {
+    pub fn spawn(&self, name: &str, argv: &[&str], log_path: Option<&std::path::Path>) -> Result<ChildGuard> {
         let (program, args) = argv.split_first().context("spawn: empty argv")?;
         let mut cmd = self.command(program);
         cmd.args(args);
@@ -143,10 +132,8 @@ impl NetNs {
     /// Moves the *calling* thread into this namespace. Prefer [`NetNs::run_in`] or
     /// [`NetNs::spawn_thread`]: a thread pool or the test's main thread must never be moved.
     pub fn enter_current_thread(&self) -> Result<()> {
-        let file =
-            File::open(self.path()).with_context(|| format!("open namespace {}", self.path()))?;
-        setns(&file, CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("setns into {}", self.name))?;
+        let file = File::open(self.path()).with_context(|| format!("open namespace {}", self.path()))?;
+        setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns into {}", self.name))?;
         Ok(())
     }
 
@@ -187,12 +174,9 @@ impl NetNs {
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                let entered = File::open(&path)
-                    .with_context(|| format!("open namespace {path}"))
-                    .and_then(|file| {
-                        setns(&file, CloneFlags::CLONE_NEWNET)
-                            .with_context(|| format!("setns into {ns_name}"))
-                    });
+                let entered = File::open(&path).with_context(|| format!("open namespace {path}")).and_then(|file| {
+                    setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns into {ns_name}"))
+                });
                 let ok = entered.is_ok();
                 let _ = tx.send(entered);
                 // The caller gets the error; `f` must never run outside the namespace.
@@ -200,8 +184,7 @@ impl NetNs {
                 f()
             })
             .context("spawn namespace thread")?;
-        rx.recv()
-            .context("namespace thread died before entering")??;
+        rx.recv().context("namespace thread died before entering")??;
         Ok(handle)
     }
 
@@ -214,10 +197,8 @@ impl NetNs {
         Fut::Output: Send,
     {
         self.run_in(|| -> Result<Fut::Output> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("build tokio runtime")?;
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().context("build tokio runtime")?;
             Ok(rt.block_on(make()))
         })?
     }
@@ -276,14 +257,8 @@ impl Veth {
     /// inside their namespace), both set up.
     pub fn create(ns_a: &NetNs, name_a: &str, ns_b: &NetNs, name_b: &str) -> Result<Self> {
         Self::create_ends(
-            End {
-                ns: Some(ns_a.name.clone()),
-                name: name_a.to_owned(),
-            },
-            End {
-                ns: Some(ns_b.name.clone()),
-                name: name_b.to_owned(),
-            },
+            End { ns: Some(ns_a.name.clone()), name: name_a.to_owned() },
+            End { ns: Some(ns_b.name.clone()), name: name_b.to_owned() },
         )
     }
 
@@ -291,14 +266,8 @@ impl Veth {
     /// [`crate::unique_name`]`(root_prefix)` (see [`Veth::name_b`]); deleted on drop.
     pub fn create_to_root(ns: &NetNs, name_in_ns: &str, root_prefix: &str) -> Result<Self> {
         Self::create_ends(
-            End {
-                ns: Some(ns.name.clone()),
-                name: name_in_ns.to_owned(),
-            },
-            End {
-                ns: None,
-                name: crate::unique_name(root_prefix),
-            },
+            End { ns: Some(ns.name.clone()), name: name_in_ns.to_owned() },
+            End { ns: None, name: crate::unique_name(root_prefix) },
         )
     }
 
@@ -380,13 +349,9 @@ mod tests {
         assert!(a.links().unwrap().contains(&"va".to_owned()));
 
         // Rust code inside `a` sees `va`, and a socket bound there reaches `b` over the veth.
-        let listener = b
-            .run_in(|| std::net::TcpListener::bind("192.0.2.2:0").unwrap())
-            .unwrap();
+        let listener = b.run_in(|| std::net::TcpListener::bind("192.0.2.2:0").unwrap()).unwrap();
         let port = listener.local_addr().unwrap().port();
-        let connected = a
-            .run_in(move || std::net::TcpStream::connect(("192.0.2.2", port)).is_ok())
-            .unwrap();
+        let connected = a.run_in(move || std::net::TcpStream::connect(("192.0.2.2", port)).is_ok()).unwrap();
         assert!(connected, "TCP over the veth between namespaces");
         assert!(
             std::net::TcpStream::connect(("192.0.2.2", port)).is_err(),
@@ -403,10 +368,7 @@ mod tests {
         drop(a);
         drop(b);
         let left = list_namespaces().unwrap();
-        assert!(
-            !left.contains(&names.0) && !left.contains(&names.1),
-            "{left:?}"
-        );
+        assert!(!left.contains(&names.0) && !left.contains(&names.1), "{left:?}");
     }
 
     #[test]
@@ -419,21 +381,13 @@ mod tests {
             let _pair = Veth::create(&a, "x0", &b, "x1").unwrap();
             let root = Veth::create_to_root(&a, "up0", "tkr").unwrap();
             let _child = a.spawn("sleeper", &["sleep", "30"], None).unwrap();
-            tx.send((
-                a.name().to_owned(),
-                b.name().to_owned(),
-                root.name_b().to_owned(),
-            ))
-            .unwrap();
+            tx.send((a.name().to_owned(), b.name().to_owned(), root.name_b().to_owned())).unwrap();
             panic!("deliberate failure");
         });
         assert!(result.is_err());
         let (a, b, root) = rx.recv().unwrap();
         let namespaces = list_namespaces().unwrap();
-        assert!(
-            !namespaces.contains(&a) && !namespaces.contains(&b),
-            "{namespaces:?}"
-        );
+        assert!(!namespaces.contains(&a) && !namespaces.contains(&b), "{namespaces:?}");
         let links = root_links().unwrap();
         assert!(!links.contains(&root), "{root} left in {links:?}");
     }

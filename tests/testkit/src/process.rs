@@ -20,29 +20,18 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `cmd` in a new process group. Its stdout and stderr go to `log_path` if given
     /// (else they are discarded).
-    pub fn spawn(
-        name: impl Into<String>,
-        mut cmd: Command,
-        log_path: Option<&Path>,
-    ) -> Result<Self> {
+    pub fn spawn(name: impl Into<String>, mut cmd: Command, log_path: Option<&Path>) -> Result<Self> {
         use std::os::unix::process::CommandExt;
         let name = name.into();
         cmd.process_group(0).stdin(Stdio::null());
         if let Some(path) = log_path {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("create log {}", path.display()))?;
+            let file = std::fs::File::create(path).with_context(|| format!("create log {}", path.display()))?;
             cmd.stdout(file.try_clone()?).stderr(file);
         } else {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {name}: {cmd:?}"))?;
-        Ok(ChildGuard {
-            name,
-            child: Some(child),
-            log_path: log_path.map(Path::to_path_buf),
-        })
+        let child = cmd.spawn().with_context(|| format!("spawn {name}: {cmd:?}"))?;
+        Ok(ChildGuard { name, child: Some(child), log_path: log_path.map(Path::to_path_buf) })
     }
 
     /// The child's PID.
@@ -75,8 +64,7 @@ impl ChildGuard {
 
     /// Sends a signal to the child only (not the group).
     pub fn signal(&self, signal: Signal) -> Result<()> {
-        kill(Pid::from_raw(self.pid() as i32), signal)
-            .with_context(|| format!("signal {} ({})", self.name, self.pid()))
+        kill(Pid::from_raw(self.pid() as i32), signal).with_context(|| format!("signal {} ({})", self.name, self.pid()))
     }
 
     /// SIGKILLs the child's process group and reaps it (like `kill -9`).

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# VICTOR's whole test suite: the one command the README gives and CI runs (`.ci/run`).
+#
+# Run as root on a fresh Debian machine that has only the Rust toolchain: it installs what is
+# missing (etcd, BIRD 2, iperf3, iproute2, Python venv for the Helm chart tests), then checks
+# formatting and lints, builds everything and runs every test — unit, property, store
+# conformance against real 1- and 3-member etcd, controller replication, network-namespace labs
+# with real TUN/raw sockets/BIRD, and the Helm chart rendered by the real Helm engine.
+#
+# Options: --quick skips the Helm chart tests; extra arguments after `--` go to cargo nextest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+quick=0
+nextest_args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --) shift; nextest_args=("$@"); break ;;
+        *) echo "usage: tests/run.sh [--quick] [-- nextest args]" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+step() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "tests/run.sh: the suite builds network namespaces and raw sockets; run it as root (sudo tests/run.sh)" >&2
+    exit 1
+fi
+
+step "system packages"
+need=()
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v bird >/dev/null || need+=(bird2)
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v ip >/dev/null || need+=(iproute2)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [[ ${#need[@]} -gt 0 ]]; then
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+else
+    echo "all present"
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    step "cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "build"
+cargo build --workspace --bins
+
+namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | sort; }
+ns_before=$(namespaces)
+
+step "tests (cargo nextest)"
+cargo nextest run --workspace --no-fail-fast "${nextest_args[@]}"
+
+if [[ $quick -eq 0 ]]; then
+    step "Helm chart tests"
+    bash helm/tests/run.sh
+fi
+
+step "leak check"
+leaked=$(comm -13 <(echo "$ns_before") <(namespaces) | tr '\n' ' ')
+if [[ -n "${leaked// /}" ]]; then
+    echo "network namespaces left behind by tests: $leaked" >&2
+    exit 1
+fi
+echo "no namespaces left behind"
+step "all tests passed"
