@@ -32,10 +32,6 @@ pub struct Rules {
     pub require_declared: bool,
     /// Observations more than this far in the future (agent clock ahead) are refused.
     pub max_clock_skew_ns: i64,
-    /// A re-report from the binding FE is stored only if its observation is newer than the held
-    /// one by more than this, so refreshes do not churn the store yet the held observation stays
-    /// recent enough that a stale report from elsewhere cannot win.
-    pub refresh_granularity_ns: i64,
 }
 
 impl Default for Rules {
@@ -44,7 +40,6 @@ impl Default for Rules {
             damping: DampingPolicy { max_moves: 5, window_ns: 180 * 1_000_000_000 },
             require_declared: false,
             max_clock_skew_ns: 30 * 1_000_000_000,
-            refresh_granularity_ns: 1_000_000_000,
         }
     }
 }
@@ -198,15 +193,12 @@ fn decide_learned(
     };
 
     if cur.fe_id == obs.fe_id {
-        // Already bound here: write only what changed. Agents re-report their VMs on reconnect
-        // with the original observation times, which must not churn the store.
+        // Already bound here. A newer observation is recorded (else a delayed claim from another
+        // FE observed in between could win and roll the binding back); an old one — agents
+        // re-report their VMs on reconnect with the original observation times — writes nothing.
         let mut next = cur.clone();
         let mut changed = false;
-        let newer = obs.observed_at > cur.observed_at_unix_nanos;
-        if newer
-            && (next.mac != obs.mac.octets()
-                || obs.observed_at - cur.observed_at_unix_nanos > rules.refresh_granularity_ns)
-        {
+        if obs.observed_at > cur.observed_at_unix_nanos {
             next.mac = obs.mac.octets().to_vec();
             next.observed_at_unix_nanos = obs.observed_at;
             changed = true;

@@ -49,16 +49,16 @@ fn first_claim_binds_then_move_increments_seq() {
 }
 
 #[test]
-fn refresh_from_same_fe_writes_nothing() {
+fn refresh_from_same_fe_writes_only_newer_observations() {
     let cur = BindingRecord {
         fe_id: "fe2".into(),
         mac: MAC.octets().to_vec(),
         observed_at_unix_nanos: 5 * S,
         ..Default::default()
     };
-    assert_eq!(decide_observation(&rules(), Some(&cur), None, &learned("fe2", 5 * S + 1), 9 * S), Verdict::Unchanged);
+    assert_eq!(decide_observation(&rules(), Some(&cur), None, &learned("fe2", 5 * S), 9 * S), Verdict::Unchanged);
     assert_eq!(decide_observation(&rules(), Some(&cur), None, &learned("fe2", 4 * S), 9 * S), Verdict::Unchanged);
-    // A much newer observation is kept, so that a stale report from another FE cannot win.
+    // A newer observation is kept, so that a delayed report from another FE cannot win.
     let Verdict::Write(next, Change::Updated) =
         decide_observation(&rules(), Some(&cur), None, &learned("fe2", 9 * S), 9 * S)
     else {
@@ -231,7 +231,7 @@ fn declaration_cannot_orphan_a_bound_vm() {
 }
 
 fn no_damping() -> Rules {
-    Rules { damping: DampingPolicy { max_moves: u32::MAX, window_ns: 1 }, refresh_granularity_ns: 0, ..rules() }
+    Rules { damping: DampingPolicy { max_moves: u32::MAX, window_ns: 1 }, ..rules() }
 }
 
 proptest! {
