@@ -39,6 +39,15 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
+/// Labels: a refused call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabel {
+    /// agent | binding
+    pub service: &'static str,
+    /// unauthenticated | permission_denied
+    pub reason: &'static str,
+}
+
 /// All metrics of the replica.
 pub struct Metrics {
     registry: Registry,
@@ -56,8 +65,16 @@ pub struct Metrics {
     pub store_latency: Family<OpLabel, Histogram>,
     /// Store requests that failed as unavailable.
     pub store_unavailable: Counter,
-    /// Commit → applied-by-this-replica's-cache latency of this replica's writes.
+    /// Commit → applied-by-this-replica's-cache latency of this replica's writes (observed by the
+    /// status feed for claims that bound or moved a VM through this replica).
     pub commit_to_cache: Histogram,
+    /// Claim received → first agent stream message carrying the new binding left this replica,
+    /// for moves committed through this replica.
+    pub move_convergence: Histogram,
+    /// Calls refused by authentication or authorisation.
+    pub auth_failures: Family<AuthLabel, Counter>,
+    /// Status page live-feed (server-sent events) clients.
+    pub status_clients: Gauge,
     /// Agent streams being served.
     pub agent_streams: Gauge,
     /// Revisions a stream was behind when it sent (lag).
@@ -98,6 +115,9 @@ impl Metrics {
             store_latency: Family::new_with_constructor(latency),
             store_unavailable: Counter::default(),
             commit_to_cache: latency(),
+            move_convergence: latency(),
+            auth_failures: Family::default(),
+            status_clients: Gauge::default(),
             agent_streams: Gauge::default(),
             stream_lag_revisions: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             snapshots_sent: Counter::default(),
@@ -128,6 +148,13 @@ impl Metrics {
             "Time from a commit by this replica to its cache applying it",
             m.commit_to_cache.clone(),
         );
+        registry.register(
+            "move_convergence_seconds",
+            "Claim received by this replica to the first agent stream message carrying the move",
+            m.move_convergence.clone(),
+        );
+        registry.register("auth_failures", "Calls refused by authentication or authorisation", m.auth_failures.clone());
+        registry.register("status_clients", "Status page live-feed clients", m.status_clients.clone());
         registry.register("agent_streams", "Agent sync streams served", m.agent_streams.clone());
         registry.register(
             "stream_lag_revisions",
@@ -156,6 +183,11 @@ impl Metrics {
     pub fn rejected(&self, reason: victor_proto::v1::RejectReason) {
         let name = reason.as_str_name().trim_start_matches("REJECT_REASON_").to_ascii_lowercase();
         self.claims_rejected.get_or_create(&ReasonLabel { reason: name }).inc();
+    }
+
+    /// Counts one refused call.
+    pub fn auth_failure(&self, service: &'static str, reason: &'static str) {
+        self.auth_failures.get_or_create(&AuthLabel { service, reason }).inc();
     }
 
     /// Observes a store request's latency.

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use victor_proto::v1::agent_service_server::AgentServiceServer;
 use victor_proto::v1::binding_service_server::BindingServiceServer;
 use victor_store::embedded::{EmbeddedOptions, EmbeddedStore};
-use victor_store::etcd::{EtcdConfig, EtcdStore};
+use victor_store::etcd::{EtcdConfig, EtcdStore, EtcdTls};
 use victor_store::{AnyStore, Store};
 
 use crate::admin::{self, AdminState};
@@ -56,6 +56,7 @@ impl Server {
     /// Opens the store and starts serving. Returns once both ports listen (the cache keeps
     /// loading in the background; /readyz says when it is done).
     pub async fn start(config: Config) -> Result<Server> {
+        let tls = grpc_tls(&config)?;
         let store = open_store(&config).await?;
         let replica_id = config.replica_id();
         let grpc =
@@ -92,7 +93,7 @@ impl Server {
             require_declared: config.require_declared,
             ..Rules::default()
         };
-        let auth = load_auth(&config)?;
+        let auth = load_auth(&config, metrics.clone())?;
         let ctx = Arc::new(ApiContext {
             registry: Registry::new(store.clone(), cache.clone(), rules, metrics.clone(), traces.clone()),
             cache: cache.clone(),
@@ -119,7 +120,7 @@ impl Server {
             Ok(())
         });
 
-        tasks.spawn(serve_grpc(ctx, grpc, shutdown_rx.clone()));
+        tasks.spawn(serve_grpc(ctx, grpc, tls, shutdown_rx.clone()));
         let admin_state = AdminState { cache, metrics, traces, store_reachable, is_housekeeper };
         let mut http_shutdown = shutdown_rx.clone();
         tasks.spawn(async move {
@@ -184,18 +185,101 @@ async fn open_store(config: &Config) -> Result<AnyStore> {
             endpoints: config.etcd_endpoints.clone(),
             request_timeout: config.etcd_timeout,
             connect_timeout: config.etcd_timeout,
+            tls: etcd_tls(config)?,
             ..EtcdConfig::default()
         };
-        let store = EtcdStore::connect(etcd)
+        let store = EtcdStore::connect(etcd.clone())
             .await
             .with_context(|| format!("connect to etcd {}", config.etcd_endpoints.join(",")))?;
-        tracing::info!(endpoints = %config.etcd_endpoints.join(","), "using etcd");
+        tracing::info!(
+            endpoints = %config.etcd_endpoints.join(","),
+            tls = etcd.tls.is_some(),
+            client_cert = etcd.tls.as_ref().is_some_and(|t| t.client_cert_pem.is_some()),
+            "using etcd"
+        );
         Ok(AnyStore::Etcd(store))
     }
 }
 
-fn load_auth(config: &Config) -> Result<Auth> {
-    let mut auth = Auth::default();
+/// TLS towards etcd from `--etcd-ca-file` (and the optional client certificate), checked against
+/// the endpoints' schemes so a mismatch fails at start with a clear message.
+fn etcd_tls(config: &Config) -> Result<Option<EtcdTls>> {
+    let https = config.etcd_endpoints.iter().filter(|e| e.starts_with("https://")).count();
+    let Some(ca) = &config.etcd_ca_file else {
+        if https > 0 {
+            anyhow::bail!("--etcd-endpoints use https:// but no --etcd-ca-file is given to verify the etcd servers");
+        }
+        if config.etcd_cert_file.is_some() {
+            anyhow::bail!("--etcd-cert-file needs --etcd-ca-file (the CA of the etcd server certificates)");
+        }
+        return Ok(None);
+    };
+    if https != config.etcd_endpoints.len() {
+        anyhow::bail!("--etcd-ca-file enables TLS to etcd: every --etcd-endpoints URL must start with https://");
+    }
+    let client_cert_pem = match (&config.etcd_cert_file, &config.etcd_key_file) {
+        (Some(cert), Some(key)) => {
+            Some((read_pem("--etcd-cert-file", cert, "CERTIFICATE")?, read_pem("--etcd-key-file", key, "PRIVATE KEY")?))
+        }
+        _ => None,
+    };
+    Ok(Some(EtcdTls {
+        ca_cert_pem: read_pem("--etcd-ca-file", ca, "CERTIFICATE")?,
+        client_cert_pem,
+        domain_name: None,
+    }))
+}
+
+/// The gRPC server's TLS from `--tls-cert-file`/`--tls-key-file`, verifying client certificates
+/// against `--tls-client-ca-file` when given. Client certificates are optional at the TLS layer:
+/// operators may connect with a bearer token only, while every AgentService call checks the
+/// agent's certificate itself (UNAUTHENTICATED without one, see `api::auth`).
+fn grpc_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
+        return Ok(None);
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read_pem("--tls-cert-file", cert, "CERTIFICATE")?,
+        read_pem("--tls-key-file", key, "PRIVATE KEY")?,
+    );
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity).timeout(Duration::from_secs(10));
+    if let Some(ca) = &config.tls_client_ca_file {
+        tls = tls
+            .client_ca_root(tonic::transport::Certificate::from_pem(read_pem(
+                "--tls-client-ca-file",
+                ca,
+                "CERTIFICATE",
+            )?))
+            .client_auth_optional(true);
+    }
+    // Building the acceptor parses the key and certificates: fail now, not in the serving task.
+    tonic::transport::Server::builder().tls_config(tls.clone()).map_err(|e| {
+        anyhow::anyhow!("gRPC TLS: {e} (check --tls-cert-file, --tls-key-file and --tls-client-ca-file)")
+    })?;
+    Ok(Some(tls))
+}
+
+/// Reads a PEM file named by `flag` and checks it holds a `label` block (so a key passed as a
+/// certificate fails here, naming the flag, not in the first handshake).
+fn read_pem(flag: &str, path: &std::path::Path, label: &str) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{flag}: read {}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")))
+        .any(|l| l.ends_with(label));
+    if !found {
+        anyhow::bail!("{flag}: {} holds no PEM {label} block (-----BEGIN {label}-----)", path.display());
+    }
+    Ok(bytes)
+}
+
+fn load_auth(config: &Config, metrics: Arc<Metrics>) -> Result<Auth> {
+    let mut auth = Auth {
+        require_fe_certificates: config.tls_client_ca_file.is_some(),
+        tokens: Vec::new(),
+        metrics: Some(metrics),
+    };
     if let Some(path) = &config.auth_tokens_file {
         let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
         for (n, line) in text.lines().enumerate() {
@@ -219,6 +303,15 @@ fn load_auth(config: &Config) -> Result<Auth> {
     }
     if config.tls_cert_file.is_none() {
         tracing::warn!("gRPC is PLAINTEXT and agents are not authenticated (no --tls-cert-file); use only in a lab");
+    } else if config.tls_client_ca_file.is_none() {
+        tracing::warn!(
+            "gRPC uses TLS but agents are not authenticated (no --tls-client-ca-file): any client may act for any FE"
+        );
+    } else {
+        tracing::info!(
+            fe_identity = "client certificate DNS name <fe_id>.fe.victor",
+            "gRPC uses mutual TLS for agents"
+        );
     }
     Ok(auth)
 }
@@ -254,6 +347,7 @@ async fn probe(store: AnyStore, reachable: Arc<AtomicBool>, mut shutdown: watch:
 async fn serve_grpc(
     ctx: Arc<ApiContext<AnyStore>>,
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -287,7 +381,11 @@ async fn serve_grpc(
         }
     });
 
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("gRPC TLS (--tls-cert-file/--tls-key-file)")?;
+    }
+    builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))

@@ -2,9 +2,11 @@
 //!
 //! * [`v1`] — generated messages, clients and servers for `BindingService` and `AgentService`.
 //! * [`FILE_DESCRIPTOR_SET`] — the encoded descriptors, served by gRPC reflection.
+//! * [`tls`] — client TLS (CA, client certificate) for channels to the controllers.
 //! * [`types`] — [`types::Mac`] and conversions between wire bytes/text and `std::net` types.
 
 pub mod clock;
+pub mod tls;
 pub mod types;
 
 /// Generated code for package `victor.v1`.

@@ -185,3 +185,6 @@ pub async fn next_matching(
 pub fn ip_bytes(ip: &str) -> Vec<u8> {
     victor_proto::types::ip_to_bytes(ip.parse().unwrap())
 }
+
+/// A throw-away PKI for TLS tests.
+pub mod pki;
