@@ -1,0 +1,263 @@
+//! The command line: global connection options (controllers, TLS, token, output format) and the
+//! subcommands. Values are parsed here (IPs, MACs, prefixes, durations), so a typo is a usage
+//! error (exit 2) before anything is sent.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use victor_proto::Mac;
+
+/// Command-line client of the VICTOR controller cluster.
+///
+/// Exit status: 0 success, 1 the controller refused the call or could not be reached (the
+/// message says which and why), 2 bad usage or unreadable TLS/token files.
+#[derive(Debug, Parser)]
+#[command(name = "victorctl", version)]
+pub struct Cli {
+    /// Connection and output options.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Controller gRPC addresses, comma separated (host:port or http(s)://host:port). Calls go to
+    /// the first that answers; on a connection failure or UNAVAILABLE the next one is tried.
+    #[arg(
+        long,
+        global = true,
+        env = "VICTOR_CONTROLLER",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50051",
+        value_name = "ADDR,..."
+    )]
+    pub controller: Vec<String>,
+
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, env = "VICTOR_OUTPUT", default_value = "table")]
+    pub output: Output,
+
+    /// Bearer token for the BindingService (controllers started with --auth-tokens-file).
+    /// Prefer VICTOR_TOKEN or --token-file: a flag is visible in the process list.
+    #[arg(long, global = true, env = "VICTOR_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    pub token: Option<String>,
+
+    /// File whose first line is the bearer token.
+    #[arg(long, global = true, env = "VICTOR_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) of the controllers' server certificates; enables TLS.
+    #[arg(long, global = true, env = "VICTOR_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS (with --key-file).
+    #[arg(long, global = true, env = "VICTOR_CERT_FILE", value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, global = true, env = "VICTOR_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Name to verify the controllers' certificates against (default: the host of each address).
+    #[arg(long, global = true, env = "VICTOR_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+
+    /// How long to wait for a connection to one controller before trying the next.
+    #[arg(long, global = true, default_value = "3s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// How long to wait for the answer to one call.
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts (one object or array; `binding watch` prints one object per line).
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Forwarding elements.
+    #[command(subcommand)]
+    Fe(FeCommand),
+    /// VM bindings (which FE each VM IP sits behind).
+    #[command(subcommand)]
+    Binding(BindingCommand),
+    /// VM declarations (MAC anti-spoofing, site policy).
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Live migrations.
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
+    /// Flap damping.
+    #[command(subcommand)]
+    Damping(DampingCommand),
+    /// The answering controller replica and the cluster it belongs to.
+    Status,
+}
+
+/// `victorctl fe ...`
+#[derive(Debug, Subcommand)]
+pub enum FeCommand {
+    /// Lists the registered FEs with health, site and binding count.
+    List,
+}
+
+/// `victorctl binding ...`
+#[derive(Debug, Subcommand)]
+pub enum BindingCommand {
+    /// Shows one VM's binding (exit 1 with NotFound if it has none).
+    Get {
+        /// The VM's IP address.
+        vm_ip: IpAddr,
+    },
+    /// Lists bindings in IP order (all pages).
+    List {
+        /// Only bindings at this FE.
+        #[arg(long)]
+        fe: Option<String>,
+        /// Only bindings inside this prefix, e.g. 10.10.1.0/24.
+        #[arg(long)]
+        prefix: Option<IpNet>,
+        /// Stop after this many bindings.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Follows binding changes as they happen; resumes on another controller if one goes away.
+    Watch {
+        /// Only bindings inside this prefix.
+        #[arg(long)]
+        prefix: Option<IpNet>,
+        /// Start with every current binding.
+        #[arg(long)]
+        snapshot: bool,
+        /// Deliver changes after this revision (default: from now).
+        #[arg(long, default_value_t = 0)]
+        from_revision: u64,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Exit after this long (e.g. 30s).
+        #[arg(long = "for", value_parser = parse_duration, value_name = "DURATION")]
+        duration: Option<Duration>,
+    },
+}
+
+/// `victorctl vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Declares (or re-declares) a VM: only its MAC may claim its IP.
+    Declare {
+        /// The VM's IP address.
+        vm_ip: IpAddr,
+        /// The VM's MAC address (02:00:0a:0a:00:0b).
+        #[arg(long)]
+        mac: Mac,
+        /// A site the VM may run at (repeatable; none = anywhere).
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// Free text for operators.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Removes a VM declaration.
+    Undeclare {
+        /// The VM's IP address.
+        vm_ip: IpAddr,
+        /// Also remove its binding (every FE drops its traffic afterwards).
+        #[arg(long)]
+        remove_binding: bool,
+    },
+    /// Lists declared VMs.
+    List,
+}
+
+/// `victorctl migrate ...`
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Announces that a VM is about to move to an FE (checked against its site policy now).
+    Announce {
+        /// The VM's IP address.
+        vm_ip: IpAddr,
+        /// The target FE.
+        #[arg(long = "to", value_name = "FE")]
+        target_fe: String,
+        /// Move the binding now (for hypervisors that send no gratuitous ARP).
+        #[arg(long)]
+        commit: bool,
+        /// How long the announcement stays valid (default 300s, at most 1h).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+/// `victorctl damping ...`
+#[derive(Debug, Subcommand)]
+pub enum DampingCommand {
+    /// Unfreezes a binding that flap damping holds in place.
+    Clear {
+        /// The VM's IP address.
+        vm_ip: IpAddr,
+    },
+}
+
+impl Command {
+    /// What the command does, for error messages: `binding get 10.10.0.11`.
+    pub fn describe(&self) -> String {
+        match self {
+            Command::Fe(FeCommand::List) => "fe list".into(),
+            Command::Binding(BindingCommand::Get { vm_ip }) => format!("binding get {vm_ip}"),
+            Command::Binding(BindingCommand::List { .. }) => "binding list".into(),
+            Command::Binding(BindingCommand::Watch { .. }) => "binding watch".into(),
+            Command::Vm(VmCommand::Declare { vm_ip, .. }) => format!("vm declare {vm_ip}"),
+            Command::Vm(VmCommand::Undeclare { vm_ip, .. }) => format!("vm undeclare {vm_ip}"),
+            Command::Vm(VmCommand::List) => "vm list".into(),
+            Command::Migrate(MigrateCommand::Announce { vm_ip, target_fe, .. }) => {
+                format!("migrate announce {vm_ip} --to {target_fe}")
+            }
+            Command::Damping(DampingCommand::Clear { vm_ip }) => format!("damping clear {vm_ip}"),
+            Command::Status => "status".into(),
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 10s, 5m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_global_options_anywhere_and_rejects_typos() {
+        let cli =
+            Cli::try_parse_from(["victorctl", "binding", "get", "10.10.0.11", "-o", "json", "--controller", "a:1,b:2"])
+                .unwrap();
+        assert_eq!(cli.global.controller, vec!["a:1", "b:2"]);
+        assert_eq!(cli.global.output, Output::Json);
+        assert!(matches!(cli.command, Command::Binding(BindingCommand::Get { .. })));
+        let err = Cli::try_parse_from(["victorctl", "binding", "get", "10.10.0.300"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = Cli::try_parse_from(["victorctl", "vm", "declare", "10.10.0.1", "--mac", "zz"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let cli = Cli::try_parse_from(["victorctl", "migrate", "announce", "10.10.0.1", "--to", "fe2", "--ttl", "2m"])
+            .unwrap();
+        assert!(
+            matches!(cli.command, Command::Migrate(MigrateCommand::Announce { ttl: Some(t), .. }) if t.as_secs() == 120)
+        );
+    }
+}

@@ -1,0 +1,313 @@
+//! One function per subcommand: build the request, call through [`Controllers`] (fail-over
+//! included), print the answer as a table or JSON.
+
+use std::io::Write;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use tonic::Code;
+use victor_proto::v1::*;
+
+use crate::cli::{BindingCommand, Cli, Command, DampingCommand, FeCommand, MigrateCommand, Output, VmCommand};
+use crate::client::Controllers;
+use crate::error::{CtlError, code_name};
+use crate::render;
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    let mut ctl = Controllers::new(&cli.global)?;
+    let out = Printer(cli.global.output);
+    match cli.command {
+        Command::Status => {
+            let s = ctl.call(|mut c| async move { c.get_status(GetStatusRequest {}).await }).await?;
+            out.one(render::status(&s), || render::status_lines(&s))
+        }
+        Command::Fe(FeCommand::List) => {
+            let fes = ctl.call(|mut c| async move { c.list_fes(ListFesRequest {}).await }).await?.fes;
+            out.many(fes.iter().map(render::fe).collect(), &render::FE_HEADER, fes.iter().map(render::fe_row).collect())
+        }
+        Command::Binding(cmd) => binding(&mut ctl, out, cmd).await,
+        Command::Vm(cmd) => vm(&mut ctl, out, cmd).await,
+        Command::Migrate(MigrateCommand::Announce { vm_ip, target_fe, commit, ttl }) => {
+            let ttl_seconds = match ttl {
+                None => 0,
+                Some(t) if t.as_secs() == 0 || t.as_secs() > u64::from(u32::MAX) => {
+                    return Err(CtlError::Usage(format!(
+                        "--ttl {} must be at least 1s",
+                        humantime::format_duration(t)
+                    )));
+                }
+                Some(t) => t.as_secs() as u32,
+            };
+            let req =
+                AnnounceMigrationRequest { vm_ip: vm_ip.to_string(), target_fe_id: target_fe, commit, ttl_seconds };
+            let b = ctl
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.announce_migration(r).await }
+                })
+                .await?;
+            out.binding(&b.binding.unwrap_or_default())
+        }
+        Command::Damping(DampingCommand::Clear { vm_ip }) => {
+            let req = ClearDampingRequest { vm_ip: vm_ip.to_string() };
+            let b = ctl
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.clear_damping(r).await }
+                })
+                .await?;
+            out.binding(&b.binding.unwrap_or_default())
+        }
+    }
+}
+
+async fn binding(ctl: &mut Controllers, out: Printer, cmd: BindingCommand) -> Result<(), CtlError> {
+    match cmd {
+        BindingCommand::Get { vm_ip } => {
+            let req = GetBindingRequest { vm_ip: vm_ip.to_string() };
+            let b = ctl
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.get_binding(r).await }
+                })
+                .await?;
+            out.binding(&b)
+        }
+        BindingCommand::List { fe, prefix, limit } => {
+            let mut bindings = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let req = ListBindingsRequest {
+                    page_size: limit.map_or(1000, |l| l.clamp(1, 1000) as u32),
+                    page_token: page_token.clone(),
+                    fe_id: fe.clone().unwrap_or_default(),
+                    prefix: prefix.map(|p| p.to_string()).unwrap_or_default(),
+                };
+                let page = ctl
+                    .call(|mut c| {
+                        let r = req.clone();
+                        async move { c.list_bindings(r).await }
+                    })
+                    .await?;
+                bindings.extend(page.bindings);
+                if limit.is_some_and(|l| bindings.len() >= l) {
+                    bindings.truncate(limit.unwrap_or(usize::MAX));
+                    break;
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            out.many(
+                bindings.iter().map(render::binding).collect(),
+                &render::BINDING_HEADER,
+                bindings.iter().map(render::binding_row).collect(),
+            )
+        }
+        BindingCommand::Watch { prefix, snapshot, from_revision, count, duration } => {
+            let deadline = duration.map(|d| Instant::now() + d);
+            let watch = watch(ctl, out, prefix, snapshot, from_revision, count);
+            match deadline {
+                None => watch.await,
+                Some(at) => match tokio::time::timeout_at(at.into(), watch).await {
+                    Ok(result) => result,
+                    Err(_) => Ok(()),
+                },
+            }
+        }
+    }
+}
+
+/// Follows WatchBindings; when the stream breaks (controller gone or shutting down) it resumes on
+/// the next controller from the last revision it printed, so no change is lost or repeated.
+async fn watch(
+    ctl: &mut Controllers,
+    out: Printer,
+    prefix: Option<ipnet::IpNet>,
+    snapshot: bool,
+    from_revision: u64,
+    count: Option<u64>,
+) -> Result<(), CtlError> {
+    let mut seen = 0u64;
+    let mut cursor = from_revision;
+    let mut include_snapshot = snapshot;
+    let mut header_printed = false;
+    if count == Some(0) {
+        return Ok(());
+    }
+    if cursor == 0 && !snapshot {
+        // Pin "from now" to a revision, so a resume on another controller misses nothing even if
+        // the stream breaks before its first message.
+        cursor = ctl.call(|mut c| async move { c.get_status(GetStatusRequest {}).await }).await?.cache_revision;
+    }
+    loop {
+        let req = WatchBindingsRequest {
+            from_revision: cursor,
+            include_snapshot,
+            prefix: prefix.map(|p| p.to_string()).unwrap_or_default(),
+        };
+        let mut stream = ctl
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.watch_bindings(r).await }
+            })
+            .await?;
+        if out.0 == Output::Table && !header_printed {
+            header_printed = true;
+            out.line(&watch_row(&["REVISION", "EVENT", "VM_IP", "FE", "MOVES", "STATE"]))?;
+        }
+        let broke = loop {
+            match stream.message().await {
+                Ok(Some(msg)) => {
+                    for e in &msg.events {
+                        out.event(msg.revision, e)?;
+                        seen += 1;
+                        if count.is_some_and(|c| seen >= c) {
+                            return Ok(());
+                        }
+                    }
+                    if msg.snapshot_done {
+                        include_snapshot = false;
+                        match out.0 {
+                            Output::Json => {
+                                out.line(&format!("{}\n", json!({"revision": msg.revision, "snapshot_done": true})))?
+                            }
+                            Output::Table => {
+                                out.line(&format!("# snapshot complete at revision {}\n", msg.revision))?
+                            }
+                        }
+                    }
+                    // Only advance once a snapshot is complete: a resume must not skip its rest.
+                    if !include_snapshot {
+                        cursor = cursor.max(msg.revision);
+                    }
+                }
+                Ok(None) => break "the stream ended".to_owned(),
+                Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal) => {
+                    break format!("{}: {}", code_name(status.code()), status.message());
+                }
+                Err(status) => return Err(CtlError::Rpc(status)),
+            }
+        };
+        eprintln!(
+            "victorctl: watch on {} broke ({broke}); resuming after revision {cursor} on the next controller",
+            ctl.current_address()
+        );
+        ctl.skip_current();
+    }
+}
+
+async fn vm(ctl: &mut Controllers, out: Printer, cmd: VmCommand) -> Result<(), CtlError> {
+    match cmd {
+        VmCommand::Declare { vm_ip, mac, sites, description } => {
+            let req = DeclareVmRequest {
+                vm_ip: vm_ip.to_string(),
+                mac: mac.to_string(),
+                site_policy: (!sites.is_empty()).then(|| SitePolicy { allowed_sites: sites.clone() }),
+                description,
+            };
+            let v = ctl
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.declare_vm(r).await }
+                })
+                .await?;
+            let v = v.vm.unwrap_or_default();
+            out.many_or_one(render::vm(&v), &render::VM_HEADER, vec![render::vm_row(&v)])
+        }
+        VmCommand::Undeclare { vm_ip, remove_binding } => {
+            let req = UndeclareVmRequest { vm_ip: vm_ip.to_string(), remove_binding };
+            let r = ctl
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.undeclare_vm(r).await }
+                })
+                .await?;
+            let what = if remove_binding { "undeclared, binding removed" } else { "undeclared" };
+            out.one(
+                json!({"vm_ip": vm_ip.to_string(), "removed_binding": remove_binding, "revision": r.revision}),
+                || format!("{vm_ip} {what} at revision {}\n", r.revision),
+            )
+        }
+        VmCommand::List => {
+            let mut vms = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let req = ListVmsRequest { page_size: 1000, page_token: page_token.clone() };
+                let page = ctl
+                    .call(|mut c| {
+                        let r = req.clone();
+                        async move { c.list_vms(r).await }
+                    })
+                    .await?;
+                vms.extend(page.vms);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            out.many(vms.iter().map(render::vm).collect(), &render::VM_HEADER, vms.iter().map(render::vm_row).collect())
+        }
+    }
+}
+
+/// Prints in the chosen format.
+#[derive(Debug, Clone, Copy)]
+struct Printer(Output);
+
+impl Printer {
+    fn line(&self, text: &str) -> Result<(), CtlError> {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(text.as_bytes())?;
+        stdout.flush()?;
+        Ok(())
+    }
+
+    fn one(&self, json: Value, text: impl FnOnce() -> String) -> Result<(), CtlError> {
+        match self.0 {
+            Output::Json => self.line(&format!("{json:#}\n")),
+            Output::Table => self.line(&text()),
+        }
+    }
+
+    fn many(&self, json: Vec<Value>, header: &[&str], rows: Vec<Vec<String>>) -> Result<(), CtlError> {
+        self.one(Value::Array(json), || render::table(header, &rows))
+    }
+
+    fn many_or_one(&self, json: Value, header: &[&str], rows: Vec<Vec<String>>) -> Result<(), CtlError> {
+        self.one(json, || render::table(header, &rows))
+    }
+
+    fn binding(&self, b: &Binding) -> Result<(), CtlError> {
+        self.many_or_one(render::binding(b), &render::BINDING_HEADER, vec![render::binding_row(b)])
+    }
+
+    fn event(&self, revision: u64, e: &BindingEvent) -> Result<(), CtlError> {
+        match self.0 {
+            Output::Json => self.line(&format!("{}\n", render::event(revision, e))),
+            Output::Table => {
+                let j = render::event(revision, e);
+                let b = &j["binding"];
+                let state = if b["frozen"].as_bool() == Some(true) { "frozen" } else { "" };
+                let moves = b["move_seq"].as_u64().map(|m| m.to_string()).unwrap_or_else(|| "-".into());
+                let revision = revision.to_string();
+                self.line(&watch_row(&[
+                    &revision,
+                    j["kind"].as_str().unwrap_or(""),
+                    b["vm_ip"].as_str().unwrap_or(""),
+                    b["fe_id"].as_str().unwrap_or("-"),
+                    &moves,
+                    state,
+                ]))
+            }
+        }
+    }
+}
+
+/// One line of `binding watch` in table mode (fixed widths: rows stream, so no global alignment).
+fn watch_row(cells: &[&str; 6]) -> String {
+    let [revision, kind, ip, fe, moves, state] = cells;
+    format!("{revision:<10}  {kind:<6}  {ip:<15}  {fe:<12}  {moves:<5}  {state}").trim_end().to_owned() + "\n"
+}

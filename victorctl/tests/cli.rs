@@ -1,0 +1,359 @@
+//! The real `victorctl` binary against real controllers (in-process replicas on the embedded
+//! store or on a real etcd): every subcommand with its JSON output parsed and checked, exit codes
+//! and messages of refused calls, fail-over between controllers (calls and a watch that resumes
+//! on another replica when its controller shuts down), TLS and bearer tokens.
+
+#[path = "../../controller/tests/common/pki.rs"]
+mod pki;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use tonic::transport::Channel;
+use victor_controller::config::Config;
+use victor_controller::server::Server;
+use victor_proto::clock::unix_nanos;
+use victor_proto::v1::agent_service_client::AgentServiceClient;
+use victor_proto::v1::*;
+
+const PREFIX: &str = "10.10.0.0/16";
+
+/// One run of the binary.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        assert_eq!(self.code, 0, "victorctl failed: {self:?}");
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs victorctl with `args` (and `env`), without any VICTOR_* variable from the test's env.
+async fn ctl_env(args: &[impl AsRef<std::ffi::OsStr>], env: &[(&str, &str)]) -> Run {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_victorctl"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("VICTOR_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.args(args).envs(env.iter().copied()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("victorctl hung").unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn ctl(controller: &str, args: &[&str]) -> Run {
+    let mut all = vec!["--controller", controller];
+    all.extend_from_slice(args);
+    ctl_env(&all, &[]).await
+}
+
+async fn start(data: &Path, extra: &[&str]) -> Server {
+    let mut args: Vec<String> = ["victor-controller", "--mobile-prefix", PREFIX]
+        .into_iter()
+        .chain(["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .map(String::from)
+        .collect();
+    args.extend(["--data-dir".into(), data.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let server = Server::start(Config::load_from(args).expect("config")).await.expect("start");
+    wait_ready(server.http_addr).await;
+    server
+}
+
+async fn wait_ready(http: SocketAddr) {
+    victor_testkit::process::wait_for("controller /readyz", Duration::from_secs(20), || async move {
+        matches!(victor_testkit::http::get(http, "/readyz").await, Ok((200, _))).then_some(())
+    })
+    .await
+    .expect("controller ready");
+}
+
+async fn agent(grpc: SocketAddr) -> AgentServiceClient<Channel> {
+    AgentServiceClient::new(Channel::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap())
+}
+
+async fn register(a: &mut AgentServiceClient<Channel>, fe_id: &str, n: u8, site: &str) {
+    a.register(RegisterRequest {
+        fe_id: fe_id.into(),
+        underlay_addr: format!("192.0.2.{n}"),
+        site: site.into(),
+        mobile_prefixes: vec![],
+        agent_version: "test".into(),
+    })
+    .await
+    .expect("register");
+}
+
+async fn learn(a: &mut AgentServiceClient<Channel>, fe_id: &str, ip: &str, mac_last: u8) -> ClaimResult {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let obs = VmObservation {
+        vm_ip: victor_proto::types::ip_to_bytes(ip),
+        mac: vec![2, 0, 0, 0, 0, mac_last],
+        kind: ObservationKind::Learned as i32,
+        observed_at_unix_nanos: unix_nanos(),
+        port: "vm0".into(),
+    };
+    a.report(ReportRequest { fe_id: fe_id.into(), observations: vec![obs] })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0)
+}
+
+/// Waits until `http`'s controller serves `n` WatchBindings streams.
+async fn wait_watchers(http: SocketAddr, n: u32) {
+    let want = format!("victor_binding_watchers {n}");
+    let want = want.as_str();
+    victor_testkit::process::wait_for("binding watchers", Duration::from_secs(20), || async move {
+        let metrics = victor_testkit::http::get(http, "/metrics").await.ok()?.1;
+        metrics.lines().any(|l| l == want).then_some(())
+    })
+    .await
+    .expect("victorctl watch did not start");
+}
+
+fn assert_refused(run: &Run, code: i32, needles: &[&str]) {
+    assert_eq!(run.code, code, "{run:?}");
+    for n in needles {
+        assert!(run.stderr.contains(n), "stderr should mention {n:?}: {run:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subcommand_against_a_real_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--damping-max-moves", "1"]).await;
+    let addr = server.grpc_addr.to_string();
+    let c = addr.as_str();
+    let mut a = agent(server.grpc_addr).await;
+    register(&mut a, "fe1", 1, "site-a").await;
+    register(&mut a, "fe2", 2, "site-b").await;
+    assert_eq!(learn(&mut a, "fe1", "10.10.0.11", 11).await.outcome, ClaimOutcome::Bound as i32);
+
+    // status
+    let s = ctl(c, &["status", "-o", "json"]).await.json();
+    assert_eq!(
+        (s["store_kind"].as_str(), s["fe_count"].as_u64(), s["binding_count"].as_u64()),
+        (Some("embedded"), Some(2), Some(1))
+    );
+    assert_eq!(s["mobile_prefixes"], serde_json::json!([PREFIX]));
+    let text = ctl(c, &["status"]).await;
+    assert!(text.stdout.contains("store:") && text.stdout.contains("embedded (reachable)"), "{text:?}");
+
+    // fe list
+    let fes = ctl(c, &["fe", "list", "-o", "json"]).await.json();
+    let fes = fes.as_array().unwrap();
+    assert_eq!(fes.len(), 2);
+    assert_eq!(
+        (fes[0]["fe_id"].as_str(), fes[0]["health"].as_str(), fes[0]["binding_count"].as_u64()),
+        (Some("fe1"), Some("up"), Some(1))
+    );
+    assert_eq!((fes[1]["site"].as_str(), fes[1]["underlay_addr"].as_str()), (Some("site-b"), Some("192.0.2.2")));
+    let table = ctl(c, &["fe", "list"]).await.stdout;
+    assert!(table.starts_with("FE   SITE    UNDERLAY   HEALTH  BINDINGS  VERSION\n"), "{table}");
+    assert!(table.contains("fe1  site-a  192.0.2.1  up      1         test"), "{table}");
+
+    // binding get (found / not found / bad usage)
+    let b = ctl(c, &["binding", "get", "10.10.0.11", "-o", "json"]).await.json();
+    assert_eq!(
+        (b["fe_id"].as_str(), b["source"].as_str(), b["move_seq"].as_u64()),
+        (Some("fe1"), Some("arp"), Some(0))
+    );
+    assert_eq!(b["mac"].as_str(), Some("02:00:00:00:00:0b"));
+    let missing = ctl(c, &["binding", "get", "10.10.0.99"]).await;
+    assert_refused(&missing, 1, &["binding get 10.10.0.99", "NOT_FOUND", "VM 10.10.0.99 has no binding"]);
+    let outside = ctl(c, &["binding", "get", "192.168.1.1"]).await;
+    assert_refused(&outside, 1, &["INVALID_ARGUMENT", "mobile"]);
+    assert_refused(&ctl(c, &["binding", "get", "not-an-ip"]).await, 2, &["invalid IP address"]);
+    assert_refused(&ctl(c, &["binding", "frobnicate"]).await, 2, &["unrecognized subcommand"]);
+
+    // vm declare / list
+    let vm = ctl(
+        c,
+        &[
+            "vm",
+            "declare",
+            "10.10.0.21",
+            "--mac",
+            "02:00:00:00:00:15",
+            "--site",
+            "site-b",
+            "--description",
+            "db-1",
+            "-o",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(
+        (vm["vm_ip"].as_str(), vm["mac"].as_str(), vm["description"].as_str()),
+        (Some("10.10.0.21"), Some("02:00:00:00:00:15"), Some("db-1"))
+    );
+    assert_eq!(vm["allowed_sites"], serde_json::json!(["site-b"]));
+    let vms = ctl(c, &["vm", "list", "-o", "json"]).await.json();
+    assert_eq!(vms.as_array().unwrap().len(), 1);
+
+    // migrate announce: policy refusal (site-a not allowed), then a committed move to fe2
+    let refused = ctl(c, &["migrate", "announce", "10.10.0.21", "--to", "fe1", "--commit"]).await;
+    assert_refused(&refused, 1, &["PERMISSION_DENIED", "site"]);
+    let moved = ctl(c, &["migrate", "announce", "10.10.0.21", "--to", "fe2", "--commit", "-o", "json"]).await.json();
+    assert_eq!((moved["fe_id"].as_str(), moved["source"].as_str()), (Some("fe2"), Some("orchestrator")));
+    let unknown_fe = ctl(c, &["migrate", "announce", "10.10.0.21", "--to", "fe9"]).await;
+    assert_refused(&unknown_fe, 1, &["NOT_FOUND", "fe9"]);
+
+    // binding list with filters and limit
+    let all = ctl(c, &["binding", "list", "-o", "json"]).await.json();
+    let ips: Vec<&str> = all.as_array().unwrap().iter().map(|b| b["vm_ip"].as_str().unwrap()).collect();
+    assert_eq!(ips, ["10.10.0.11", "10.10.0.21"]);
+    let at_fe2 = ctl(c, &["binding", "list", "--fe", "fe2", "-o", "json"]).await.json();
+    assert_eq!(at_fe2.as_array().unwrap().len(), 1);
+    assert_eq!(ctl(c, &["binding", "list", "--limit", "1", "-o", "json"]).await.json().as_array().unwrap().len(), 1);
+    let none = ctl(c, &["binding", "list", "--prefix", "10.10.9.0/24", "-o", "json"]).await.json();
+    assert_eq!(none, serde_json::json!([]));
+
+    // binding watch: snapshot (2 bindings) then the live move of 10.10.0.11 to fe2
+    let watch = {
+        let c = addr.clone();
+        tokio::spawn(async move { ctl(&c, &["binding", "watch", "--snapshot", "--count", "3", "-o", "json"]).await })
+    };
+    wait_watchers(server.http_addr, 1).await;
+    assert_eq!(learn(&mut a, "fe2", "10.10.0.11", 11).await.outcome, ClaimOutcome::Moved as i32);
+    let run = tokio::time::timeout(Duration::from_secs(10), watch).await.expect("watch did not end").unwrap();
+    assert_eq!(run.code, 0, "{run:?}");
+    let lines: Vec<Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<&Value> = lines.iter().filter(|l| l.get("kind").is_some()).collect();
+    assert_eq!(events.len(), 3, "{lines:?}");
+    assert!(lines.iter().any(|l| l["snapshot_done"] == true), "{lines:?}");
+    let last = events[2];
+    assert_eq!((last["kind"].as_str(), last["binding"]["vm_ip"].as_str()), (Some("upsert"), Some("10.10.0.11")));
+    assert_eq!((last["binding"]["fe_id"].as_str(), last["binding"]["move_seq"].as_u64()), (Some("fe2"), Some(1)));
+
+    // damping clear: a second move within the window freezes (max 1 move), the operator clears it
+    assert_eq!(learn(&mut a, "fe1", "10.10.0.11", 11).await.outcome, ClaimOutcome::Moved as i32);
+    // (Report does not wait for the cache; poll until this replica shows the frozen binding.)
+    let mut frozen = Value::Null;
+    for _ in 0..50 {
+        frozen = ctl(c, &["binding", "get", "10.10.0.11", "-o", "json"]).await.json();
+        if frozen["frozen"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(frozen["frozen"], true, "{frozen}");
+    assert!(ctl(c, &["binding", "get", "10.10.0.11"]).await.stdout.contains("frozen"));
+    let cleared = ctl(c, &["damping", "clear", "10.10.0.11", "-o", "json"]).await.json();
+    assert_eq!(cleared["frozen"], false, "{cleared}");
+    let again = ctl(c, &["damping", "clear", "10.10.0.11"]).await;
+    assert_refused(&again, 1, &["FAILED_PRECONDITION"]);
+
+    // vm undeclare with its binding
+    let undeclared = ctl(c, &["vm", "undeclare", "10.10.0.21", "--remove-binding", "-o", "json"]).await.json();
+    assert!(undeclared["revision"].as_u64().unwrap() > 0);
+    assert_refused(&ctl(c, &["binding", "get", "10.10.0.21"]).await, 1, &["NOT_FOUND"]);
+    assert_refused(&ctl(c, &["vm", "undeclare", "10.10.0.21"]).await, 1, &["NOT_FOUND"]);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_between_controllers() {
+    // A port nobody listens on (bound, then released).
+    let dead = victor_testkit::ports::free_addr().to_string();
+    let dead2 = victor_testkit::ports::free_addr().to_string();
+    let cluster = victor_testkit::etcd::EtcdCluster::start(1).await.unwrap();
+    let etcd = cluster.endpoints().join(",");
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let r1 = start(d1.path(), &["--etcd-endpoints", &etcd, "--replica-id", "r1"]).await;
+    let r2 = start(d2.path(), &["--etcd-endpoints", &etcd, "--replica-id", "r2"]).await;
+    let mut a = agent(r1.grpc_addr).await;
+    register(&mut a, "fe1", 1, "site-a").await;
+    register(&mut a, "fe2", 2, "site-b").await;
+
+    // A dead address first: the call goes on to the live controller.
+    let list = format!("{dead},{}", r1.grpc_addr);
+    let s = ctl(&list, &["status", "-o", "json"]).await.json();
+    assert_eq!(s["replica_id"].as_str(), Some("r1"));
+    // Nothing answers: exit 1 naming every address tried.
+    let none = ctl(&format!("{dead},{dead2}"), &["status"]).await;
+    assert_refused(&none, 1, &["no controller answered", &dead, &dead2]);
+
+    // A watch on r1 resumes on r2 when r1 shuts down, without losing the change made meanwhile.
+    let list = format!("{},{}", r1.grpc_addr, r2.grpc_addr);
+    let watch = tokio::spawn(async move { ctl(&list, &["binding", "watch", "--count", "2", "-o", "json"]).await });
+    wait_watchers(r1.http_addr, 1).await;
+    assert_eq!(learn(&mut a, "fe1", "10.10.0.11", 11).await.outcome, ClaimOutcome::Bound as i32);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r1.shutdown().await.unwrap();
+    let mut a2 = agent(r2.grpc_addr).await;
+    assert_eq!(learn(&mut a2, "fe2", "10.10.0.11", 11).await.outcome, ClaimOutcome::Moved as i32);
+    let run = tokio::time::timeout(Duration::from_secs(15), watch).await.expect("watch did not resume").unwrap();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("resuming after revision"), "{run:?}");
+    let events: Vec<Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let fes: Vec<&str> = events.iter().map(|e| e["binding"]["fe_id"].as_str().unwrap()).collect();
+    assert_eq!(fes, ["fe1", "fe2"], "{events:?}");
+    r2.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_bearer_tokens() {
+    let pki = pki::Pki::new("victorctl-test");
+    let server_cert = pki.server("controller");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "ro-1111 read-only\nrw-2222 read-write\n").unwrap();
+    let rw_file = dir.path().join("rw-token");
+    std::fs::write(&rw_file, "rw-2222\n").unwrap();
+    let (cert, key, ca) = (
+        server_cert.cert.path.display().to_string(),
+        server_cert.key.path.display().to_string(),
+        pki.ca.path.display().to_string(),
+    );
+    let toks = tokens.display().to_string();
+    let server = start(
+        &dir.path().join("data"),
+        &["--tls-cert-file", &cert, "--tls-key-file", &key, "--tls-client-ca-file", &ca, "--auth-tokens-file", &toks],
+    )
+    .await;
+    let c = server.grpc_addr.to_string();
+    let base = ["--controller", c.as_str(), "--ca-file", ca.as_str()];
+    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
+
+    let ro = [("VICTOR_TOKEN", "ro-1111")];
+    let s = ctl_env(&with(&["status", "-o", "json"]), &ro).await.json();
+    assert_eq!(s["binding_count"].as_u64(), Some(0));
+    let declare = ["vm", "declare", "10.10.0.21", "--mac", "02:00:00:00:00:15"];
+    assert_refused(&ctl_env(&with(&declare), &ro).await, 1, &["PERMISSION_DENIED", "read-only"]);
+    assert_refused(&ctl_env(&with(&["status"]), &[]).await, 1, &["UNAUTHENTICATED", "--token"]);
+    assert_refused(
+        &ctl_env(&with(&["status", "--token", "nope"]), &[]).await,
+        1,
+        &["UNAUTHENTICATED", "unknown bearer token"],
+    );
+    let rw_path = rw_file.display().to_string();
+    let mut args = with(&declare);
+    args.extend(["--token-file".into(), rw_path, "-o".into(), "json".into()]);
+    assert_eq!(ctl_env(&args, &[]).await.json()["vm_ip"].as_str(), Some("10.10.0.21"));
+
+    // Local mistakes are usage errors (exit 2) that name the file or option.
+    let missing = ctl_env(&["--controller", c.as_str(), "--ca-file", "/nonexistent/ca.pem", "status"], &[]).await;
+    assert_refused(&missing, 2, &["cannot read CA file", "/nonexistent/ca.pem"]);
+    let key_only = ctl_env(&with(&["--key-file", key.as_str(), "status"]), &ro).await;
+    assert_refused(&key_only, 2, &["--cert-file"]);
+    // Plaintext against a TLS controller fails with exit 1 and says why.
+    let plain = ctl_env(&["--controller", c.as_str(), "status"], &ro).await;
+    assert_eq!(plain.code, 1, "{plain:?}");
+    server.shutdown().await.unwrap();
+}
