@@ -5,9 +5,10 @@
 # missing (etcd, BIRD 2, iperf3, iproute2, Python venv for the Helm chart tests), then checks
 # formatting and lints, builds everything and runs every test — unit, property, store
 # conformance against real 1- and 3-member etcd, controller replication, network-namespace labs
-# with real TUN/raw sockets/BIRD, and the Helm chart rendered by the real Helm engine.
+# with real TUN/raw sockets/BIRD, the Helm chart rendered by the real Helm engine, and a short
+# run of every fuzz target (cargo-fuzz) from its committed corpus.
 #
-# Options: --quick skips the Helm chart tests; extra arguments after `--` go to cargo nextest.
+# Options: --quick skips the Helm chart tests and fuzzing; extra arguments after `--` go to cargo nextest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -69,6 +70,8 @@ cargo nextest run --workspace --no-fail-fast "${nextest_args[@]}"
 if [[ $quick -eq 0 ]]; then
     step "Helm chart tests"
     bash helm/tests/run.sh
+    step "fuzzing (30 s per target, from the committed corpus)"
+    bash fuzz/run.sh 30
 fi
 
 step "leak check"

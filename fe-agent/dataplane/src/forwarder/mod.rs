@@ -15,7 +15,7 @@
 //! needed" itself before packets reach us; our own check covers a TUN MTU raised by hand.
 
 mod buf;
-mod pipeline;
+pub mod pipeline;
 mod raw;
 mod worker;
 

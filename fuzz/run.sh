@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for a while (default 30 s each) from the committed corpus, as CI does.
+# Needs cargo-fuzz (installed when missing). cargo-fuzz uses unstable rustc flags for coverage
+# instrumentation; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them (no nightly needed).
+# New inputs the fuzzer finds go to a scratch corpus, not into the committed one; a crash fails
+# the run and leaves the reproducer in fuzz/artifacts/<target>/ (add it to the corpus and fix the
+# bug: every crash becomes a regression test).
+# Usage: fuzz/run.sh [seconds-per-target] [target...]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+seconds=${1:-30}
+shift || true
+targets=("$@")
+[[ ${#targets[@]} -gt 0 ]] || targets=(arp_frame ipip_ingress tun_egress request_validation)
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+export RUSTC_BOOTSTRAP=1
+for t in "${targets[@]}"; do
+    cargo fuzz build -O "$t" >/dev/null 2>&1 || cargo fuzz build -O "$t"
+done
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+for t in "${targets[@]}"; do
+    mkdir -p "$scratch/$t"
+    echo "fuzz: $t for ${seconds}s"
+    log="$scratch/$t.log"
+    if ! cargo fuzz run -O "$t" "$scratch/$t" "corpus/$t" -- -max_total_time="$seconds" -max_len=4096 -print_final_stats=1 >"$log" 2>&1; then
+        tail -n 60 "$log" >&2
+        echo "fuzz target $t failed; reproducer in fuzz/artifacts/$t" >&2
+        exit 1
+    fi
+    grep -E "stat::number_of_executed_units|stat::new_units_added" "$log" | tr '\n' ' '
+    echo
+done
+echo "fuzz: all targets ran clean"
