@@ -166,15 +166,19 @@ pub async fn run(
     }
 }
 
-async fn connect(config: &LinkConfig, connector: &Connector, uri: &Uri) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from(uri.clone())
+async fn connect(config: &LinkConfig, connector: &Connector, uri: &Uri) -> Result<Channel, String> {
+    let endpoint = Endpoint::from(uri.clone())
         .connect_timeout(config.connect_timeout)
         .http2_keep_alive_interval(Duration::from_millis(500))
         .keep_alive_timeout(config.stream_timeout)
         .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .connect_with_connector(connector.clone())
-        .await
+        .tcp_nodelay(true);
+    let connecting = endpoint.connect_with_connector(connector.clone());
+    // The connect timeout covers TCP; a peer that accepts but never speaks HTTP/2 is cut here.
+    match tokio::time::timeout(config.connect_timeout * 2, connecting).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no HTTP/2 handshake within {:?}", config.connect_timeout * 2)),
+    }
 }
 
 struct SessionRun<'a> {

@@ -114,6 +114,7 @@ impl ReportQueue {
 #[derive(Debug, Clone)]
 pub struct Reporter {
     queue: Arc<Mutex<ReportQueue>>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     wake: Arc<Notify>,
 }
 
@@ -124,9 +125,9 @@ impl Reporter {
         self.wake.notify_one();
     }
 
-    /// Observations waiting.
+    /// Observations not yet answered (waiting or in flight).
     pub fn queued(&self) -> usize {
-        self.queue.lock().expect("report queue").len()
+        self.queue.lock().expect("report queue").len() + self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -139,7 +140,7 @@ pub fn spawn(
     answers: mpsc::Sender<Answered>,
     metrics: Arc<Metrics>,
 ) -> Reporter {
-    let reporter = Reporter { queue: Arc::default(), wake: Arc::new(Notify::new()) };
+    let reporter = Reporter { queue: Arc::default(), in_flight: Arc::default(), wake: Arc::new(Notify::new()) };
     let task = reporter.clone();
     tokio::spawn(async move { task.run(fe_id, sessions, reregister, answers, metrics).await });
     reporter
@@ -167,6 +168,7 @@ impl Reporter {
                 continue;
             };
             let batch = self.queue.lock().expect("report queue").take(MAX_BATCH);
+            self.in_flight.store(batch.len(), std::sync::atomic::Ordering::Relaxed);
             metrics.reports_queued.set(self.queued() as i64);
             let mut request = tonic::Request::new(ReportRequest {
                 fe_id: fe_id.clone(),
@@ -176,6 +178,7 @@ impl Reporter {
             let sent_mono = monotonic_ns();
             let result = AgentServiceClient::new(session.channel).report(request).await;
             let answered_mono = monotonic_ns();
+            self.in_flight.store(0, std::sync::atomic::Ordering::Relaxed);
             match result {
                 Ok(response) => {
                     backoff.reset();
@@ -203,6 +206,7 @@ impl Reporter {
                     }
                     tracing::info!(code = ?status.code(), message = status.message(), n = batch.len(), "Report failed; will retry");
                     self.queue.lock().expect("report queue").put_back(batch);
+                    metrics.reports_queued.set(self.queued() as i64);
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }

@@ -1,0 +1,87 @@
+//! What the agent refuses: a spoofed claim for a declared VM (installed at once, undone when the
+//! controller rejects it), IP-in-IP from a source that is not a registered FE, and traffic for
+//! addresses without a binding.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use common::*;
+use socket2::{Domain, Protocol, Socket, Type};
+use victor_dataplane::packet::{icmp, ipv4};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped() -> anyhow::Result<()> {
+    let mut lab = Lab::build(2)?;
+    let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
+    for n in 1..=2 {
+        lab.start_agent(n, &[ctl.url()], &[])?;
+    }
+    for n in 1..=2 {
+        lab.wait_ready(n, Duration::from_secs(20))?;
+    }
+
+    // ── A declared VM claimed with another MAC: local route at once, undone on rejection.
+    let declared = Ipv4Addr::new(10, 10, 0, 20);
+    ctl.declare(declared, "02:00:00:00:00:20").await?;
+    let spoofer = victor_testkit::netns::NetNs::new("fas")?;
+    lab.add_vm(&spoofer, "eth0", "vm5p", 2, declared, "02:00:00:00:00:66")?;
+    let monitor_log = lab.dir.path().join("monitor.log");
+    let mut monitor = lab.fe(2).spawn("monitor", &["ip", "monitor", "route"], Some(&monitor_log))?;
+    std::thread::sleep(Duration::from_millis(200));
+    send_garp(&spoofer, "eth0", "02:00:00:00:00:66", declared)?;
+    wait("the spoofed claim is rejected", Duration::from_secs(5), || {
+        lab.agent_metric(2, "victor_agent_claims_rejected_total{reason=\"mac_mismatch\"}").is_ok_and(|n| n >= 1.0)
+    })?;
+    wait("the provisional route is gone", Duration::from_secs(2), || {
+        lab.routes(2, &[&format!("{declared}/32")]).is_ok_and(|r| r.trim().is_empty())
+    })?;
+    std::thread::sleep(Duration::from_millis(100));
+    monitor.kill();
+    let events = std::fs::read_to_string(&monitor_log)?;
+    let lines: Vec<&str> = events.lines().filter(|l| l.contains(&declared.to_string())).collect();
+    assert!(
+        lines.iter().any(|l| !l.starts_with("Deleted")) && lines.iter().any(|l| l.starts_with("Deleted")),
+        "expected the route installed before the answer and removed after it: {lines:?}"
+    );
+    assert_eq!(lab.agent_metric(2, "victor_agent_provisional_installs_total")?, 1.0);
+    assert_eq!(lab.agent_metric(2, "victor_agent_claims_undone_total")?, 1.0);
+    assert!(ctl.binding(declared).await?.is_none(), "a spoofed claim must not bind");
+    // Repeated spoofed announcements are held back, not re-claimed.
+    send_garp(&spoofer, "eth0", "02:00:00:00:00:66", declared)?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lab.agent_metric(2, "victor_agent_claims_sent_total")?, 1.0);
+
+    // ── IP-in-IP to fe1 from an address that is no registered FE: dropped and counted.
+    send_garp(&lab.vm, "eth0", VM_MAC, VM)?;
+    ctl.wait_bound(VM, "fe2", Duration::from_secs(5)).await?;
+    let stranger = Ipv4Addr::new(198, 51, 100, 99);
+    lab.ul.add_addr("br0", &format!("{stranger}/24"))?;
+    let before = lab.agent_metric(1, "victor_agent_dataplane_drops_total{reason=\"unknown_peer\"}")?;
+    lab.ul.run_in(move || -> anyhow::Result<()> {
+        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(4)))?;
+        let echo = icmp::echo(icmp::TYPE_ECHO_REQUEST, 7, 1, &[0; 32]);
+        let inner = ipv4::build_packet(CLIENT, VM, ipv4::PROTO_ICMP, 64, 0, false, &echo);
+        for _ in 0..5 {
+            sock.send_to(&inner, &std::net::SocketAddr::from((fe_addr(1), 0)).into())?;
+        }
+        Ok(())
+    })??;
+    wait("fe1 counts the unknown tunnel source", Duration::from_secs(3), || {
+        lab.agent_metric(1, "victor_agent_dataplane_drops_total{reason=\"unknown_peer\"}")
+            .is_ok_and(|n| n >= before + 5.0)
+    })?;
+    let delivered = lab.agent_metric(1, "victor_agent_dataplane_packets_total{direction=\"tun_tx\"}")?;
+    assert_eq!(delivered, 0.0, "nothing from the stranger was decapsulated");
+
+    // ── No binding: the client's packets for an unbound mobile IP are dropped and counted.
+    let unbound = Ipv4Addr::new(10, 10, 0, 99);
+    let prober = Prober::start(&lab.client, unbound, Duration::from_millis(20))?;
+    wait("fe1 drops unbound traffic", Duration::from_secs(3), || {
+        lab.agent_metric(1, "victor_agent_dataplane_drops_total{reason=\"no_binding\"}").is_ok_and(|n| n >= 3.0)
+    })?;
+    let probes = prober.stop()?;
+    assert!(probes.replied.is_empty(), "an unbound address answered");
+    Ok(())
+}
