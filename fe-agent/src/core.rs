@@ -173,7 +173,8 @@ impl Core {
             }
             LinkEvent::StreamEnded => {
                 self.readiness.connected.store(false, Ordering::Relaxed);
-                // A snapshot cut short is discarded by the next reset; resume from what is complete.
+                // A snapshot cut short is dropped; the next stream resumes from what is complete.
+                self.desired.abort_snapshot();
                 self.link.resume.store(self.desired.revision(), Ordering::Release);
             }
             LinkEvent::Connected { generation } => {
@@ -220,8 +221,9 @@ impl Core {
             todo.push(ip);
         }
         if !applied.fes.is_empty() {
+            // Tunnels to an FE whose underlay address changed (or that left) change with it.
             self.reconciler.set_peers(&self.desired.peers());
-            let changed: Vec<u32> = applied.fes.iter().map(|f| f.0).collect();
+            let changed: std::collections::HashSet<u32> = applied.fes.iter().map(|f| f.0).collect();
             todo.extend(self.desired.bindings().filter(|(_, b)| changed.contains(&b.fe)).map(|(ip, _)| ip));
         }
         if applied.snapshot_completed {
@@ -230,6 +232,8 @@ impl Core {
             self.metrics.snapshots_received.inc();
             tracing::info!(revision = update.revision, bindings = self.desired.len(), "snapshot applied");
         }
+        todo.sort_unstable();
+        todo.dedup();
         let record = phase == SyncPhase::Delta;
         for ip in todo {
             self.reconcile(ip).await;

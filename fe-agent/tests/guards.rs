@@ -15,9 +15,13 @@ use victor_dataplane::packet::{icmp, ipv4};
 async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped() -> anyhow::Result<()> {
     let mut lab = Lab::build(2)?;
     let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
-    for n in 1..=2 {
-        lab.start_agent(n, &[ctl.url()], &[])?;
-    }
+    lab.start_agent(1, &[ctl.url()], &[])?;
+    // fe2 ages silent VMs fast.
+    lab.start_agent(
+        2,
+        &[ctl.url()],
+        &["--arp-probe-after", "1s", "--arp-probe-interval", "200ms", "--arp-probe-count", "2"],
+    )?;
     for n in 1..=2 {
         lab.wait_ready(n, Duration::from_secs(20))?;
     }
@@ -52,6 +56,40 @@ async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped()
     send_garp(&spoofer, "eth0", "02:00:00:00:00:66", declared)?;
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(lab.agent_metric(2, "victor_agent_claims_sent_total")?, 1.0);
+
+    // ── An ARP storm from one VM is rate-limited before it reaches the controller; malformed
+    //    ARP is counted; a VM that stops answering ARP probes is reported gone.
+    let quiet = victor_testkit::netns::NetNs::new("faq")?;
+    let quiet_ip = Ipv4Addr::new(10, 10, 0, 13);
+    let quiet_mac = "02:00:00:00:00:13";
+    lab.add_vm(&quiet, "eth0", "vm3p", 2, quiet_ip, quiet_mac)?;
+    let claims = lab.agent_metric(2, "victor_agent_claims_sent_total")?;
+    let t0 = std::time::Instant::now();
+    send_frames(&quiet, "eth0", vec![garp_frame(quiet_mac, quiet_ip); 300])?;
+    println!("storm of 300 frames sent in {:?}", t0.elapsed());
+    ctl.wait_bound(quiet_ip, "fe2", Duration::from_secs(5)).await?;
+    let limited = || lab.agent_metric(2, "victor_agent_arp_rate_limited_total").unwrap_or(0.0);
+    let frames = || lab.agent_metric(2, "victor_agent_arp_frames_total{kind=\"gratuitous\"}").unwrap_or(0.0);
+    let storm = wait("the storm is rate-limited", Duration::from_secs(3), || limited() >= 200.0);
+    assert!(storm.is_ok(), "rate-limited {} of 300; {} gratuitous frames passed", limited(), frames());
+    assert_eq!(lab.agent_metric(2, "victor_agent_claims_sent_total")?, claims + 1.0, "one claim for the storm");
+    let mut bad = garp_frame(quiet_mac, quiet_ip);
+    bad[14..16].copy_from_slice(&6u16.to_be_bytes()); // hardware type 6 (IEEE 802) instead of Ethernet
+    send_frames(&quiet, "eth0", vec![bad])?;
+    wait("the malformed frame is counted", Duration::from_secs(3), || {
+        lab.agent_metric(2, "victor_agent_arp_malformed_total{reason=\"hardware_type\"}").is_ok_and(|n| n >= 1.0)
+    })?;
+    quiet.ip(&["addr", "flush", "dev", "eth0"])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while ctl.binding(quiet_ip).await?.is_some() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the silent VM was never reported gone");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait("fe2 removed the silent VM's route", Duration::from_secs(3), || {
+        lab.routes(2, &[&format!("{quiet_ip}/32")]).is_ok_and(|r| r.trim().is_empty())
+    })?;
+    assert!(lab.agent_metric(2, "victor_agent_arp_sent_total{kind=\"probe\"}")? >= 2.0);
+    assert!(lab.agent_metric(2, "victor_agent_claim_results_total{outcome=\"removed\"}")? >= 1.0);
 
     // ── IP-in-IP to fe1 from an address that is no registered FE: dropped and counted.
     send_garp(&lab.vm, "eth0", VM_MAC, VM)?;

@@ -265,6 +265,11 @@ impl DesiredState {
         buckets * (std::mem::size_of::<(u32, BindingRec)>() + 1) + 16
     }
 
+    /// Drops a snapshot that was cut short (the stream broke before its end).
+    pub fn abort_snapshot(&mut self) {
+        self.staging = None;
+    }
+
     /// Applies one message.
     pub fn apply(&mut self, msg: &SyncUpdate) -> Result<Applied, ApplyError> {
         let phase = SyncPhase::try_from(msg.phase).map_err(|_| ApplyError::BadPhase(msg.phase))?;
@@ -598,8 +603,15 @@ mod tests {
         first.binding_upserts = vec![bind(11, "fe2", 0, 7)];
         s.apply(&first).unwrap();
         assert!(s.binding(vm(12)).is_some(), "old state serves while the snapshot streams");
-        let applied = s.apply(&msg(SyncPhase::SnapshotEnd, 30)).unwrap();
-        assert_eq!(applied.bindings, vec![(vm(12), 30)], "only .12 went away");
+        // A stream cut mid-snapshot: the part is dropped, deltas resume on the old state.
+        s.abort_snapshot();
+        let mut d = msg(SyncPhase::Delta, 11);
+        d.binding_upserts = vec![bind(14, "fe2", 0, 11)];
+        assert_eq!(s.apply(&d).unwrap().bindings, vec![(vm(14), 11)]);
+        s.apply(&first).unwrap();
+        let mut applied = s.apply(&msg(SyncPhase::SnapshotEnd, 30)).unwrap();
+        applied.bindings.sort();
+        assert_eq!(applied.bindings, vec![(vm(12), 30), (vm(14), 30)], "only .12 and .14 went away");
         assert_eq!(applied.fes, vec![FeChanged(s.fes().lookup("fe3").unwrap())], "fe3 is gone");
         assert_eq!(s.peers(), vec![Ipv4Addr::new(198, 51, 100, 2)]);
         assert_eq!(s.snapshots(), 2);

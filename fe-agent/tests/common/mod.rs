@@ -353,29 +353,60 @@ pub fn send_garp(ns: &NetNs, ifname: &str, mac_text: &str, ip: Ipv4Addr) -> Resu
     ns.run_in(move || send_frame(&ifname, &frame))?
 }
 
+/// Sends `frames` out of `ifname` in `ns`, back to back.
+pub fn send_frames(ns: &NetNs, ifname: &str, frames: Vec<Vec<u8>>) -> Result<()> {
+    let ifname = ifname.to_owned();
+    ns.run_in(move || {
+        let sender = FrameSender::open(&ifname)?;
+        frames.iter().try_for_each(|f| sender.send(f))
+    })?
+}
+
+/// A gratuitous ARP frame.
+pub fn garp_frame(mac_text: &str, ip: Ipv4Addr) -> Vec<u8> {
+    build_frame(&gratuitous(MacAddr(mac(mac_text)), ip, ArpOp::Request, None))
+}
+
 /// Sends one Ethernet frame out of `ifname` (calling thread's namespace).
 pub fn send_frame(ifname: &str, frame: &[u8]) -> Result<()> {
-    let index = nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no interface {ifname}"))?;
-    let sock = Socket::new(Domain::PACKET, Type::RAW, None)?;
-    // SAFETY: all-zero is a valid sockaddr_ll; the fields needed are set.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = index as i32;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-    // SAFETY: frame and addr are live for the call; lengths passed.
-    let rc = unsafe {
-        libc::sendto(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    anyhow::ensure!(rc >= 0, "send frame on {ifname}: {}", std::io::Error::last_os_error());
-    Ok(())
+    FrameSender::open(ifname)?.send(frame)
+}
+
+/// An AF_PACKET socket sending out of one interface (calling thread's namespace). Reuse it for
+/// bursts: closing a packet socket waits for an RCU grace period (~15 ms).
+pub struct FrameSender {
+    sock: Socket,
+    index: u32,
+    ifname: String,
+}
+
+impl FrameSender {
+    pub fn open(ifname: &str) -> Result<FrameSender> {
+        let index = nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no interface {ifname}"))?;
+        Ok(FrameSender { sock: Socket::new(Domain::PACKET, Type::RAW, None)?, index, ifname: ifname.to_owned() })
+    }
+
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        // SAFETY: all-zero is a valid sockaddr_ll; the fields needed are set.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: frame and addr are live for the call; lengths passed.
+        let rc = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        anyhow::ensure!(rc >= 0, "send frame on {}: {}", self.ifname, std::io::Error::last_os_error());
+        Ok(())
+    }
 }
 
 /// What a prober saw.
