@@ -121,7 +121,26 @@ impl Server {
         });
 
         tasks.spawn(serve_grpc(ctx, grpc, tls, shutdown_rx.clone()));
-        let admin_state = AdminState { cache, metrics, traces, store_reachable, is_housekeeper };
+        let feed = Arc::new(admin::feed::Feed::new());
+        tasks.spawn({
+            let run =
+                admin::feed::run(feed.clone(), cache.clone(), traces.clone(), metrics.clone(), shutdown_rx.clone());
+            async move {
+                run.await;
+                Ok(())
+            }
+        });
+        let admin_state = AdminState {
+            cache,
+            metrics,
+            traces,
+            store_reachable,
+            is_housekeeper,
+            feed,
+            replica_id: replica_id.clone(),
+            store_kind: store.kind(),
+            mobile_prefixes: config.mobile_prefixes.iter().map(ToString::to_string).collect(),
+        };
         let mut http_shutdown = shutdown_rx.clone();
         tasks.spawn(async move {
             axum::serve(http, admin::router(admin_state))

@@ -1,4 +1,8 @@
-//! The HTTP admin port (axum): `/healthz`, `/readyz`, `/metrics` and `/debug/moves`.
+//! The HTTP admin port (axum): `/healthz`, `/readyz`, `/metrics`, `/debug/moves` and the status
+//! page (`/status`, see [`status`]) with its live feed ([`feed`]).
+
+pub mod feed;
+pub mod status;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -28,6 +32,14 @@ pub struct AdminState {
     pub store_reachable: Arc<AtomicBool>,
     /// This replica runs housekeeping.
     pub is_housekeeper: Arc<AtomicBool>,
+    /// The status page's live feed.
+    pub feed: Arc<feed::Feed>,
+    /// This replica's id.
+    pub replica_id: String,
+    /// `etcd` or `embedded`.
+    pub store_kind: &'static str,
+    /// The configured mobile prefixes.
+    pub mobile_prefixes: Vec<String>,
 }
 
 /// The admin router.
@@ -37,6 +49,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/debug/moves", get(moves))
+        .route("/", get(|| async { axum::response::Redirect::temporary("/status") }))
+        .route("/status", get(status::page))
+        .route("/status/app.js", get(status::script))
+        .route("/status/api/summary", get(status::summary))
+        .route("/status/api/bindings", get(status::bindings))
+        .route("/status/events", get(status::events))
         .with_state(state)
 }
 

@@ -1,0 +1,354 @@
+// VICTOR status page: loads a snapshot (/status/api/summary, /status/api/bindings) and keeps it
+// current with the server-sent events of /status/events. Events that arrive while a snapshot is
+// loading are buffered and applied only if newer than the snapshot's revision.
+"use strict";
+
+const LIMIT = 200;
+const MOVES_SHOWN = 100;
+
+const S = {
+  loading: false,
+  buffered: [],
+  summaryRevision: 0,
+  bindingsRevision: 0,
+  query: "",
+  fes: new Map(),
+  bindings: new Map(), // vm_ip -> row shown in the table
+  frozen: new Map(),   // vm_ip -> row (damping alerts)
+  lastFe: new Map(),   // vm_ip -> fe_id, for "from" in the moves table
+  moves: [],
+  total: 0,
+  truncated: false,
+};
+window.victorStatus = S;
+
+const $ = (id) => document.getElementById(id);
+
+function cell(text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+async function getJSON(url) {
+  const response = await fetch(url, { cache: "no-store" });
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return response.json();
+}
+
+// ---- search (mirrors the server's filter, so live rows appear only where they match)
+
+function ipv4ToInt(text) {
+  const parts = text.split(".");
+  if (parts.length !== 4) return null;
+  let n = 0;
+  for (const p of parts) {
+    if (!/^\d{1,3}$/.test(p) || Number(p) > 255) return null;
+    n = n * 256 + Number(p);
+  }
+  return n;
+}
+
+function matcher(query) {
+  const q = query.trim().toLowerCase();
+  if (!q) return () => true;
+  const [addr, len] = q.split("/");
+  const base = ipv4ToInt(addr);
+  if (base !== null && (len === undefined || /^\d+$/.test(len))) {
+    const bits = len === undefined ? 32 : Math.min(32, Number(len));
+    const size = 2 ** (32 - bits);
+    const start = Math.floor(base / size) * size;
+    return (row) => {
+      const n = ipv4ToInt(row.vm_ip);
+      return n !== null && n >= start && n < start + size;
+    };
+  }
+  return (row) => [row.vm_ip, row.fe_id, row.site, row.mac].some((v) => String(v).toLowerCase().includes(q));
+}
+
+// ---- snapshot
+
+async function loadSnapshot() {
+  S.loading = true;
+  try {
+    const query = encodeURIComponent(S.query);
+    const [summary, result] = await Promise.all([
+      getJSON("/status/api/summary"),
+      getJSON(`/status/api/bindings?limit=${LIMIT}&q=${query}`),
+    ]);
+    applySummary(summary);
+    applyBindings(result);
+    const pending = S.buffered;
+    S.buffered = [];
+    S.loading = false;
+    for (const [name, data] of pending) apply(name, data);
+    render();
+  } catch (err) {
+    S.loading = false;
+    $("feed-state").textContent = `snapshot failed: ${err.message}`;
+    $("feed-state").className = "stale";
+    setTimeout(loadSnapshot, 2000);
+  }
+}
+
+function applySummary(summary) {
+  S.summaryRevision = summary.revision;
+  $("replica").textContent = summary.replica_id;
+  $("store").textContent = `${summary.store_kind} (${summary.store_reachable ? "reachable" : "UNREACHABLE"})`;
+  $("housekeeper").textContent = summary.housekeeper_id || "(none)";
+  $("revision").textContent = summary.revision;
+  S.fes = new Map(summary.fes.map((fe) => [fe.fe_id, fe]));
+  S.frozen = new Map(summary.frozen.map((b) => [b.vm_ip, b]));
+  // The server does not know where a VM moved from; keep what this page saw live.
+  const from = new Map(S.moves.map((m) => [m.revision, m.from_fe_id]));
+  S.moves = summary.moves.slice(0, MOVES_SHOWN).map((m) => ({ ...m, from_fe_id: from.get(m.revision) || "" }));
+  S.total = summary.binding_count;
+}
+
+function applyBindings(result) {
+  S.bindingsRevision = result.revision;
+  S.bindings = new Map(result.bindings.map((b) => [b.vm_ip, b]));
+  S.truncated = result.truncated;
+  for (const b of result.bindings) S.lastFe.set(b.vm_ip, b.fe_id);
+}
+
+// ---- live events
+
+function apply(name, data) {
+  switch (name) {
+    case "binding": {
+      const b = data.binding;
+      if (b.revision > S.bindingsRevision) {
+        if (matcher(S.query)(b) && (S.bindings.has(b.vm_ip) || S.bindings.size < LIMIT)) {
+          S.bindings.set(b.vm_ip, b);
+          S.flash = b.vm_ip;
+        }
+      }
+      if (b.revision > S.summaryRevision) {
+        if (b.frozen) S.frozen.set(b.vm_ip, b);
+        else S.frozen.delete(b.vm_ip);
+      }
+      S.lastFe.set(b.vm_ip, b.fe_id);
+      bumpRevision(b.revision);
+      break;
+    }
+    case "binding_removed":
+      if (data.revision > S.bindingsRevision) S.bindings.delete(data.vm_ip);
+      if (data.revision > S.summaryRevision) S.frozen.delete(data.vm_ip);
+      S.lastFe.delete(data.vm_ip);
+      bumpRevision(data.revision);
+      break;
+    case "move": {
+      const m = data.move;
+      // Deduplicated by revision only: the feed may publish a move just after a snapshot whose
+      // cache revision already covers it but whose move list did not have it yet.
+      if (S.moves.some((x) => x.revision === m.revision)) break;
+      m.from_fe_id = S.lastFe.get(m.vm_ip) || "";
+      S.moves.unshift(m);
+      S.moves.length = Math.min(S.moves.length, MOVES_SHOWN);
+      break;
+    }
+    case "convergence": {
+      const m = S.moves.find((x) => x.revision === data.revision);
+      if (m) {
+        m.convergence = data.convergence;
+        m.convergence_state = data.convergence_state;
+      }
+      break;
+    }
+    case "fe":
+      if (data.revision > S.summaryRevision) S.fes.set(data.fe.fe_id, data.fe);
+      bumpRevision(data.revision);
+      break;
+    case "fe_removed":
+      if (data.revision > S.summaryRevision) S.fes.delete(data.fe_id);
+      break;
+    case "resync":
+      loadSnapshot();
+      break;
+  }
+}
+
+function bumpRevision(revision) {
+  const shown = Number($("revision").textContent) || 0;
+  if (revision > shown) $("revision").textContent = revision;
+}
+
+// ---- rendering (batched: at most one redraw per 50 ms however fast events come)
+
+let renderQueued = false;
+function render() {
+  if (renderQueued) return;
+  renderQueued = true;
+  setTimeout(() => {
+    renderQueued = false;
+    renderFes();
+    renderMoves();
+    renderBindings();
+    renderAlerts();
+  }, 50);
+}
+
+function renderFes() {
+  const body = $("fes").tBodies[0];
+  body.replaceChildren(
+    ...[...S.fes.values()]
+      .sort((a, b) => a.fe_id.localeCompare(b.fe_id))
+      .map((fe) => {
+        const tr = document.createElement("tr");
+        tr.dataset.fe = fe.fe_id;
+        tr.append(
+          cell(fe.fe_id),
+          cell(fe.site),
+          cell(fe.underlay),
+          cell(fe.up ? "up" : "down", fe.up ? "up health" : "down health"),
+          cell(fe.bindings, "num"),
+          cell(fe.agent_version, "muted"),
+        );
+        return tr;
+      }),
+  );
+  $("fe-count").textContent = `(${S.fes.size})`;
+}
+
+function convergenceText(m) {
+  switch (m.convergence_state) {
+    case "measured": return [`${m.convergence.claim_to_first_send_ms.toFixed(2)} ms`, ""];
+    case "not_sent": return ["not sent", "pending"];
+    case "other_replica": return ["other replica", "muted"];
+    default: return ["…", "pending"];
+  }
+}
+
+function convergenceTitle(m) {
+  const c = m.convergence;
+  if (!c) return m.convergence_state === "other_replica" ? "committed through another controller replica" : "";
+  const fmt = (v) => (v === null || v === undefined ? "n/a" : `${v.toFixed(3)} ms`);
+  return `claim→commit ${fmt(c.claim_to_commit_ms)}; commit→cache ${fmt(c.commit_to_cache_ms)}; ` +
+    `commit→first send ${fmt(c.commit_to_first_send_ms)}; sent on ${c.streams_sent} agent stream(s)`;
+}
+
+function renderMoves() {
+  const body = $("moves").tBodies[0];
+  body.replaceChildren(
+    ...S.moves.map((m) => {
+      const tr = document.createElement("tr");
+      tr.dataset.revision = m.revision;
+      tr.dataset.ip = m.vm_ip;
+      const [text, cls] = convergenceText(m);
+      const conv = cell(text, `num conv ${cls}`);
+      conv.title = convergenceTitle(m);
+      tr.append(
+        cell(new Date(m.committed_at_ms).toLocaleTimeString()),
+        cell(m.vm_ip),
+        cell(`${m.from_fe_id ? `${m.from_fe_id} ` : ""}→ ${m.fe_id}${m.frozen ? " (frozen)" : ""}`, "fe"),
+        cell(m.move_seq, "num"),
+        conv,
+      );
+      return tr;
+    }),
+  );
+}
+
+function renderBindings() {
+  const rows = [...S.bindings.values()].sort((a, b) => {
+    const x = ipv4ToInt(a.vm_ip);
+    const y = ipv4ToInt(b.vm_ip);
+    return x !== null && y !== null ? x - y : a.vm_ip.localeCompare(b.vm_ip);
+  });
+  $("bindings").tBodies[0].replaceChildren(
+    ...rows.map((b) => {
+      const tr = document.createElement("tr");
+      tr.dataset.ip = b.vm_ip;
+      if (S.flash === b.vm_ip) tr.className = "flash";
+      const state = b.frozen ? "frozen" : b.pending_fe_id ? `migrating → ${b.pending_fe_id}` : "active";
+      tr.append(
+        cell(b.vm_ip, "ip"),
+        cell(b.fe_id, "fe"),
+        cell(b.site, "site"),
+        cell(b.mac, "mac"),
+        cell(b.move_seq, "num moves"),
+        cell(state, b.frozen ? "frozen state" : "state"),
+        cell(b.revision, "num"),
+      );
+      return tr;
+    }),
+  );
+  S.flash = null;
+  $("binding-count").textContent = `(${S.total} total)`;
+  $("bindings-note").textContent = S.truncated
+    ? `Showing the first ${LIMIT} matches; refine the search to see others.`
+    : S.bindings.size === 0 ? "No binding matches." : "";
+}
+
+function renderAlerts() {
+  const list = $("alerts");
+  if (S.frozen.size === 0) {
+    const li = document.createElement("li");
+    li.className = "muted";
+    li.textContent = "none";
+    list.replaceChildren(li);
+  } else {
+    list.replaceChildren(
+      ...[...S.frozen.values()].map((b) => {
+        const li = document.createElement("li");
+        li.dataset.ip = b.vm_ip;
+        const strong = document.createElement("b");
+        strong.className = "frozen";
+        strong.textContent = b.vm_ip;
+        const code = document.createElement("code");
+        code.textContent = `victorctl damping clear ${b.vm_ip}`;
+        li.append(strong, ` frozen at ${b.fe_id} after ${b.move_seq} moves (flap damping); clear with `, code);
+        return li;
+      }),
+    );
+  }
+  $("alert-count").textContent = S.frozen.size ? `(${S.frozen.size})` : "";
+}
+
+// ---- wiring
+
+function connect() {
+  const source = new EventSource("/status/events");
+  const names = ["binding", "binding_removed", "move", "convergence", "fe", "fe_removed", "resync"];
+  source.addEventListener("hello", () => {
+    $("feed-state").textContent = "live";
+    $("feed-state").className = "live";
+    loadSnapshot(); // first connection and every reconnection: events may have been missed
+  });
+  for (const name of names) {
+    source.addEventListener(name, (e) => {
+      const data = JSON.parse(e.data);
+      if (S.loading) S.buffered.push([name, data]);
+      else {
+        apply(name, data);
+        render();
+      }
+    });
+  }
+  source.onerror = () => {
+    $("feed-state").textContent = "disconnected, retrying…";
+    $("feed-state").className = "stale";
+  };
+}
+
+let searchTimer = null;
+$("search").addEventListener("input", (e) => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => {
+    S.query = e.target.value;
+    loadSnapshot();
+  }, 150);
+});
+
+// Counts and health also refresh periodically (binding counts are not in the feed).
+setInterval(() => { if (!S.loading) getJSON("/status/api/summary").then((s) => {
+  S.fes = new Map(s.fes.map((fe) => [fe.fe_id, fe]));
+  S.total = s.binding_count;
+  $("store").textContent = `${s.store_kind} (${s.store_reachable ? "reachable" : "UNREACHABLE"})`;
+  $("housekeeper").textContent = s.housekeeper_id || "(none)";
+  render();
+}).catch(() => {}); }, 5000);
+
+connect();

@@ -1,0 +1,302 @@
+//! The status page in a real browser: Debian's headless Chromium, driven over the DevTools
+//! protocol (a WebSocket client sends `Runtime.evaluate`). The page loads, shows FEs and a binding
+//! created through the API, then — without a reload — shows a new binding, a VM move with its
+//! convergence measured by this replica, a damping alert, and filters bindings by search.
+//! Needs `/usr/bin/chromium` (tests/run.sh installs it).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use victor_proto::v1::*;
+use victor_testkit::process::ChildGuard;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// A headless Chromium owned by the test (its process group is killed on drop).
+struct Browser {
+    _child: ChildGuard,
+    /// `ws://127.0.0.1:<port>/devtools/browser/<id>`.
+    ws_url: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn launch() -> Browser {
+        assert!(
+            Path::new(CHROMIUM).exists(),
+            "{CHROMIUM} not found: install Debian's chromium package (apt-get install -y chromium)"
+        );
+        let profile = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new(CHROMIUM);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank");
+        let child = ChildGuard::spawn("chromium", cmd, Some(&profile.path().join("chromium.log"))).unwrap();
+        // Chromium writes the port it picked and the browser target's path into the profile.
+        let active = profile.path().join("DevToolsActivePort");
+        let ws_url = victor_testkit::process::wait_for("Chromium DevTools port", Duration::from_secs(30), || {
+            let active = active.clone();
+            async move {
+                let text = std::fs::read_to_string(active).ok()?;
+                let mut lines = text.lines();
+                let port: u16 = lines.next()?.trim().parse().ok()?;
+                let path = lines.next()?.trim().to_owned();
+                Some(format!("ws://127.0.0.1:{port}{path}"))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", child.log_tail(4000)));
+        Browser { _child: child, ws_url, _profile: profile }
+    }
+
+    /// A DevTools session on a new page (flat session on the browser connection).
+    async fn page(&self) -> Cdp {
+        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url.as_str()).await.unwrap();
+        let mut cdp = Cdp { ws, next_id: 0, session: None };
+        let target = cdp.call("Target.createTarget", json!({"url": "about:blank"})).await;
+        let attached =
+            cdp.call("Target.attachToTarget", json!({"targetId": target["targetId"], "flatten": true})).await;
+        cdp.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
+        cdp
+    }
+}
+
+/// A DevTools protocol session.
+struct Cdp {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    next_id: u64,
+    /// The page session commands go to (None: the browser itself).
+    session: Option<String>,
+}
+
+impl Cdp {
+    /// Sends a command and returns its result (events in between are ignored).
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(session) = &self.session {
+            msg["sessionId"] = json!(session);
+        }
+        self.ws.send(Message::text(msg.to_string())).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let msg = self.ws.next().await.expect("DevTools connection closed").unwrap();
+                let Message::Text(text) = msg else { continue };
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if v["id"] == id {
+                    return v;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("DevTools {method} did not answer"));
+        assert!(reply.get("error").is_none(), "{method}: {reply}");
+        reply["result"].clone()
+    }
+
+    /// Evaluates a JavaScript expression in the page and returns its value.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let r = self
+            .call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true, "awaitPromise": true}))
+            .await;
+        assert!(r.get("exceptionDetails").is_none(), "{expression}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Polls `expression` until it is `true`.
+    async fn wait_true(&mut self, what: &str, expression: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if self.eval(expression).await == Value::Bool(true) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let body = self.eval("document.body ? document.body.innerText : '(no body)'").await;
+                let state =
+                    self.eval("JSON.stringify(window.victorStatus, (k, v) => v instanceof Map ? [...v] : v)").await;
+                panic!(
+                    "the page never showed {what} ({expression}); page text:\n{}\npage state: {}",
+                    body.as_str().unwrap_or(""),
+                    state.as_str().unwrap_or("")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `document.querySelector(sel)?.textContent.trim()` as a JS expression.
+fn text_of(selector: &str) -> String {
+    format!("(document.querySelector({})?.textContent ?? '').trim()", json!(selector))
+}
+
+/// Keeps an agent stream open (and read) so this replica sends moves and measures convergence.
+fn drain(mut stream: tonic::Streaming<SyncUpdate>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_bindings_and_updates_live_in_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = embedded(dir.path(), &["--damping-max-moves", "1", "--replica-id", "status-test"]).await;
+    let mut c = connect(server.grpc_addr).await;
+    register(&mut c, "fe1", 1, "site-a").await;
+    register(&mut c, "fe2", 2, "site-b").await;
+    let mut streams = Vec::new();
+    for fe in ["fe1", "fe2"] {
+        let s = c.agent.sync(SyncRequest { fe_id: fe.into(), ..Default::default() }).await.unwrap().into_inner();
+        streams.push(drain(s));
+    }
+    assert_eq!(outcome(&learn(&mut c, "fe1", "10.10.0.11", mac(11)).await), ClaimOutcome::Bound);
+    // The page's snapshot comes from the cache: wait until it shows the binding.
+    victor_testkit::process::wait_for("binding in the cache", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move { binding(&mut c, "10.10.0.11").await.ok() }
+    })
+    .await
+    .unwrap();
+
+    let browser = Browser::launch().await;
+    let mut page = browser.page().await;
+    page.call("Page.navigate", json!({"url": format!("http://{}/status", server.http_addr)})).await;
+
+    // Loads: replica, FEs with health and site, the binding created through the API, live feed.
+    page.wait_true("the live feed", &format!("{} === 'live'", text_of("#feed-state"))).await;
+    page.wait_true("the replica id", &format!("{} === 'status-test'", text_of("#replica"))).await;
+    page.wait_true("fe1 up", &format!("{} === 'up'", text_of("#fes tr[data-fe='fe1'] td.health"))).await;
+    assert_eq!(page.eval(&text_of("#fes tr[data-fe='fe2'] td:nth-child(2)")).await, "site-b");
+    page.wait_true("the binding at fe1", &format!("{} === 'fe1'", text_of("#bindings tr[data-ip='10.10.0.11'] td.fe")))
+        .await;
+    assert_eq!(page.eval(&text_of("#bindings tr[data-ip='10.10.0.11'] td.site")).await, "site-a");
+    // A marker that a reload would erase.
+    page.eval("window.__noReload = 42").await;
+
+    // Live: a new binding appears.
+    assert_eq!(outcome(&learn(&mut c, "fe2", "10.10.0.12", mac(12)).await), ClaimOutcome::Bound);
+    page.wait_true("the new binding", &format!("{} === 'fe2'", text_of("#bindings tr[data-ip='10.10.0.12'] td.fe")))
+        .await;
+
+    // Live: the VM moves fe1 -> fe2; the table and the moves feed update, with convergence.
+    assert_eq!(outcome(&learn(&mut c, "fe2", "10.10.0.11", mac(11)).await), ClaimOutcome::Moved);
+    page.wait_true("the moved binding", &format!("{} === 'fe2'", text_of("#bindings tr[data-ip='10.10.0.11'] td.fe")))
+        .await;
+    assert_eq!(page.eval(&text_of("#bindings tr[data-ip='10.10.0.11'] td.moves")).await, "1");
+    page.wait_true(
+        "the move in the feed",
+        &format!("{} === 'fe1 → fe2'", text_of("#moves tr[data-ip='10.10.0.11'] td.fe")),
+    )
+    .await;
+    page.wait_true(
+        "the move's convergence",
+        &format!("/^[0-9.]+ ms$/.test({})", text_of("#moves tr[data-ip='10.10.0.11'] td.conv")),
+    )
+    .await;
+    let title = page.eval("document.querySelector(\"#moves tr[data-ip='10.10.0.11'] td.conv\").title").await;
+    assert!(title.as_str().unwrap().contains("claim→commit"), "{title}");
+
+    // Live: a second move within the window freezes the binding (max 1 move): a damping alert.
+    assert_eq!(outcome(&learn(&mut c, "fe1", "10.10.0.11", mac(11)).await), ClaimOutcome::Moved);
+    page.wait_true("the damping alert", "document.querySelector(\"#alerts li[data-ip='10.10.0.11']\") !== null").await;
+    let alert = page.eval(&text_of("#alerts li[data-ip='10.10.0.11']")).await;
+    assert!(alert.as_str().unwrap().contains("victorctl damping clear 10.10.0.11"), "{alert}");
+    assert_eq!(page.eval(&text_of("#bindings tr[data-ip='10.10.0.11'] td.state")).await, "frozen");
+    assert_eq!(page.eval("window.__noReload").await, 42, "the page reloaded instead of updating live");
+
+    // Search: an exact IP shows only that binding; clearing it shows both again.
+    let search = |q: &str| {
+        format!(
+            "(() => {{ const i = document.getElementById('search'); i.value = {}; i.dispatchEvent(new Event('input')); return true; }})()",
+            json!(q)
+        )
+    };
+    page.eval(&search("10.10.0.12")).await;
+    page.wait_true("the search result", "document.querySelectorAll('#bindings tbody tr').length === 1").await;
+    assert_eq!(page.eval(&text_of("#bindings tbody tr td.ip")).await, "10.10.0.12");
+    page.eval(&search("site-a")).await;
+    page.wait_true(
+        "the site search",
+        &format!(
+            "document.querySelectorAll('#bindings tbody tr').length === 1 && {} === '10.10.0.11'",
+            text_of("#bindings tbody tr td.ip")
+        ),
+    )
+    .await;
+    page.eval(&search("")).await;
+    page.wait_true("all bindings", "document.querySelectorAll('#bindings tbody tr').length === 2").await;
+
+    // The feed client is counted while the page is open.
+    let metrics = victor_testkit::http::get(server.http_addr, "/metrics").await.unwrap().1;
+    assert!(metrics.lines().any(|l| l == "victor_status_clients 1"), "{metrics}");
+    assert!(metrics.contains("victor_move_convergence_seconds_count 2"), "{metrics}");
+
+    // VICTOR_STATUS_SCREENSHOT=/path.b64 saves a base64 PNG of the page for a human to look at.
+    if let Ok(path) = std::env::var("VICTOR_STATUS_SCREENSHOT") {
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        let shot = page.call("Page.captureScreenshot", json!({"format": "png"})).await;
+        std::fs::write(path, shot["data"].as_str().unwrap()).unwrap();
+    }
+    page.session = None;
+    let _ = page.call("Browser.close", json!({})).await;
+    for s in streams {
+        s.abort();
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn status_api_snapshot_and_search() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = embedded(dir.path(), &[]).await;
+    let mut c = connect(server.grpc_addr).await;
+    register(&mut c, "fe1", 1, "site-a").await;
+    for i in 1..=5u8 {
+        learn(&mut c, "fe1", &format!("10.10.{}.{i}", i % 2), mac(i)).await;
+    }
+    let get = |path: &'static str| async move {
+        let (code, body) = victor_testkit::http::get(server.http_addr, path).await.unwrap();
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    victor_testkit::process::wait_for("5 bindings", Duration::from_secs(5), || async {
+        (get("/status/api/summary").await["binding_count"] == 5).then_some(())
+    })
+    .await
+    .unwrap();
+    let s = get("/status/api/summary").await;
+    assert_eq!(s["fes"][0]["fe_id"], "fe1");
+    assert_eq!(s["fes"][0]["bindings"], 5);
+    assert_eq!(s["store_kind"], "embedded");
+    let ips = |v: &Value| {
+        v["bindings"].as_array().unwrap().iter().map(|b| b["vm_ip"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    assert_eq!(ips(&get("/status/api/bindings?q=10.10.1.0/24").await), ["10.10.1.1", "10.10.1.3", "10.10.1.5"]);
+    let page = get("/status/api/bindings?q=fe1&limit=2").await;
+    assert_eq!((ips(&page).len(), page["truncated"].as_bool()), (2, Some(true)));
+    assert!(ips(&get("/status/api/bindings?q=site-b").await).is_empty());
+    let (code, html) = victor_testkit::http::get(server.http_addr, "/status").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(html.contains("<script src=\"/status/app.js\">"), "{html}");
+    server.shutdown().await.unwrap();
+}
