@@ -341,3 +341,45 @@ async fn controller_talks_to_etcd_over_mutual_tls() {
     }
     assert!(saw_not_ready, "the controller's admin port never answered");
 }
+
+/// `--log-format json`: one JSON object per line, with the FE id as a field of the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_fe_id_of_refused_calls() {
+    let pki = Pki::new("victor-test");
+    let server_cert = pki.server("controller");
+    let dir = tempfile::tempdir().unwrap();
+    let grpc = victor_testkit::ports::free_addr();
+    let http = victor_testkit::ports::free_addr();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_victor-controller"));
+    cmd.args(["--mobile-prefix", PREFIX, "--log-format", "json"])
+        .args(["--grpc-listen", &grpc.to_string(), "--http-listen", &http.to_string()])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(tls_flags(&pki, &server_cert));
+    let log = dir.path().join("controller.log");
+    let child = victor_testkit::process::ChildGuard::spawn("controller-json", cmd, Some(&log)).unwrap();
+    wait_ready(http).await;
+    let fe2 = pki.fe("fe2");
+    let mut c2 = tls_clients(grpc, &pki, Some(&fe2)).await;
+    assert_code(c2.agent.register(register_req("fe1", 1)).await, Code::PermissionDenied, "fe2");
+
+    let refusal = victor_testkit::process::wait_for("the refusal in the log", Duration::from_secs(5), || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(log).ok()?;
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["message"] == "agent call refused")
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", child.log_tail(4000)));
+    assert_eq!(refusal["fe_id"], "fe1", "{refusal}");
+    assert_eq!(refusal["level"], "WARN", "{refusal}");
+    assert!(refusal["remote"].as_str().unwrap().starts_with("127.0.0.1:"), "{refusal}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not a JSON log line: {line}");
+    }
+    assert!(text.contains("gRPC uses mutual TLS for agents"), "{text}");
+}

@@ -61,7 +61,7 @@ impl Auth {
         let result = check_fe(request.peer_certs().as_deref().map(Vec::as_slice), fe_id);
         if let Err(err) = &result {
             self.count("agent", err);
-            tracing::warn!(fe_id, remote = ?request.remote_addr(), %err, "agent call refused");
+            tracing::warn!(fe_id, remote = %remote(request), %err, "agent call refused");
         }
         result
     }
@@ -75,7 +75,7 @@ impl Auth {
         let result = check_token(&self.tokens, header, needed);
         if let Err(err) = &result {
             self.count("binding", err);
-            tracing::warn!(remote = ?request.remote_addr(), %err, "BindingService call refused");
+            tracing::warn!(remote = %remote(request), %err, "BindingService call refused");
         }
         result
     }
@@ -87,6 +87,10 @@ impl Auth {
             m.auth_failure(service, reason);
         }
     }
+}
+
+fn remote<T>(request: &Request<T>) -> String {
+    request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into())
 }
 
 /// The FE ids a client certificate (DER) may act for: its DNS SANs ending in [`FE_NAME_SUFFIX`].
