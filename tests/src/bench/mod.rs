@@ -1,17 +1,745 @@
-//! The controller scale benchmark (BRIEF §4). Being implemented.
+//! The controller scale benchmark (BRIEF §4), `victor-lab bench`.
+//!
+//! One run, in order:
+//! 1. start a real etcd cluster (or the embedded store) and 1–2 real `victor-controller` processes
+//!    ([`cluster`]); measure the store floor in the same run ([`floor`]);
+//! 2. register N simulated FEs — real gRPC clients, each with its own connection, session
+//!    heartbeats and a `Sync` stream into a compact map ([`agent`], [`wire`]);
+//! 3. bind M VMs through `Report` (claim throughput), and take the controller's resident memory
+//!    before and after (bytes per binding);
+//! 4. churn: move random VMs between FEs at R moves/s for S seconds ([`driver`]); every FE's
+//!    apply times give each move's convergence (claim sent → the last FE applied it) and the rate
+//!    of updates committed and delivered to every FE ([`stats`]); at the end every agent's state
+//!    is compared with the truth;
+//! 5. a fresh agent syncs from revision 0 (full sync time, agent bytes per binding), and a fresh
+//!    controller replica starts against the M bindings (cold start).
+//!
+//! All timestamps are CLOCK_MONOTONIC on one host. The machine's load is recorded with the
+//! results: the numbers are only as quiet as the host was.
 
-use anyhow::{Result, bail};
+pub mod agent;
+pub mod cluster;
+pub mod driver;
+pub mod floor;
+pub mod stats;
+pub mod sys;
+pub mod wire;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
 use clap::Args;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use victor_proto::clock::monotonic_ns;
+use victor_store::embedded::{EmbeddedOptions, EmbeddedStore};
+use victor_store::etcd::{EtcdConfig, EtcdStore};
 
-/// `victor-lab bench`.
-#[derive(Debug, Args)]
+use agent::{AgentState, FeTable, Progress, Rec, SimFe};
+use cluster::Cluster;
+use driver::{ChurnConfig, Reporters};
+use floor::Floor;
+use stats::{Percentiles, round3};
+use sys::Machine;
+
+/// `victor-lab bench`: drive a controller cluster with simulated agents.
+#[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Simulated FEs.
+    /// Simulated FEs (each a gRPC client with its own connection and Sync stream).
     #[arg(long, default_value_t = 3)]
     pub fes: usize,
+    /// VM bindings loaded before the churn (through Report, in batches).
+    #[arg(long, default_value_t = 1000)]
+    pub bindings: usize,
+    /// Offered moves per second during the churn.
+    #[arg(long, default_value_t = 200.0)]
+    pub churn: f64,
+    /// Duration of the churn in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// etcd members: 0 = embedded store (one replica), 1 or 3.
+    #[arg(long, default_value_t = 3)]
+    pub etcd_members: usize,
+    /// Controller replicas (agents are spread over them); default 2 with etcd, 1 embedded.
+    #[arg(long)]
+    pub replicas: Option<usize>,
+    /// Print one JSON object on stdout instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Where to write the JSON result (default bench-results/bench-<fes>fes-<bindings>.json).
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The victor-controller binary (default: next to victor-lab).
+    #[arg(long, value_name = "PATH")]
+    pub controller_bin: Option<PathBuf>,
+    /// Moves target only the first K FEs (0 = all); every FE still receives every update.
+    /// Concentrating the reporters lets each Report carry many claims at high churn rates.
+    #[arg(long, default_value_t = 0)]
+    pub churn_fes: usize,
+    /// Observations per Report while loading the bindings (the API allows 1024).
+    #[arg(long, default_value_t = 1024)]
+    pub report_batch: usize,
+    /// Report calls in flight at most (preload and churn).
+    #[arg(long, default_value_t = 64)]
+    pub inflight: usize,
+    /// Churn claims are grouped per FE and sent every tick (ms), as an agent's reporter batches.
+    #[arg(long, default_value_t = 10)]
+    pub tick_ms: u64,
+    /// Sequential samples for each store floor figure.
+    #[arg(long, default_value_t = 300)]
+    pub floor_samples: usize,
+    /// Seed of the churn's random choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
-/// Runs the benchmark.
-pub async fn run(_args: BenchArgs) -> Result<()> {
-    bail!("victor-lab bench is not implemented yet")
+/// The result of one run (printed with `--json`, always written to the output file).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Simulated FEs.
+    pub fes: usize,
+    /// Bindings loaded.
+    pub bindings: usize,
+    /// etcd members (0 = embedded store).
+    pub etcd_members: usize,
+    /// Controller replicas.
+    pub replicas: usize,
+    /// Moves committed during the churn and applied by every FE, per second of (first claim →
+    /// the last FE applied the last move).
+    pub updates_per_s: f64,
+    /// Per move: claim sent → the last FE applied it.
+    pub convergence_ms: Percentiles,
+    /// A new replica against the loaded store: process start → /readyz 200.
+    pub controller_cold_start_s: f64,
+    /// A new agent: Sync from revision 0 → SNAPSHOT_END applied.
+    pub agent_full_sync_s: f64,
+    /// Controller resident memory growth while loading the bindings, per binding.
+    pub controller_bytes_per_binding: f64,
+    /// Heap of a simulated agent's binding map after a full sync, per binding.
+    pub agent_bytes_per_binding: f64,
+    /// The store floor, measured in this run.
+    pub etcd_floor: Floor,
+    /// Controller figures as multiples of the floor.
+    pub ratios: Ratios,
+    /// The churn in detail.
+    pub churn: ChurnReport,
+    /// Loading the bindings (claim throughput).
+    pub preload: PreloadReport,
+    /// What the agents received.
+    pub delivery: DeliveryReport,
+    /// Memory in detail.
+    pub memory: MemoryReport,
+    /// CPU seconds used during the churn (and its drain), by process.
+    pub cpu_during_churn_s: CpuReport,
+    /// Where the time of a move goes inside the controller (its `/debug/moves` traces).
+    pub controller_stages_ms: Stages,
+    /// The host.
+    pub machine: Machine,
+    /// The arguments of the run.
+    pub command: String,
+}
+
+/// Controller figures over the floor.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// convergence p50 / (put → watch event) p50.
+    pub convergence_p50_over_watch_p50: f64,
+    /// convergence p99 / (put → watch event) p99.
+    pub convergence_p99_over_watch_p99: f64,
+    /// Claim throughput of the preload × CAS p50 (1.0 = as fast as sequential single CAS txns).
+    pub preload_claims_per_s_times_cas_p50: f64,
+}
+
+/// The churn.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChurnReport {
+    /// Offered moves per second.
+    pub offered_per_s: f64,
+    /// Churn duration (s).
+    pub seconds: f64,
+    /// FEs the moves went to.
+    pub target_fes: usize,
+    /// Moves committed.
+    pub committed: usize,
+    /// Committed moves per second of churn.
+    pub committed_per_s: f64,
+    /// Claims refused.
+    pub rejected: usize,
+    /// Report calls that failed.
+    pub failed_calls: usize,
+    /// Offered moves not sent (every sampled VM was busy).
+    pub skipped: usize,
+    /// Report calls made.
+    pub reports: usize,
+    /// Committed moves some FE never applied (must be 0).
+    pub undelivered: usize,
+    /// The first refusal or failure, if any.
+    pub first_rejection: Option<String>,
+}
+
+/// The preload.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreloadReport {
+    /// Wall time (s).
+    pub seconds: f64,
+    /// Claims committed per second.
+    pub claims_per_s: f64,
+    /// Report calls.
+    pub reports: usize,
+    /// Observations per Report.
+    pub batch: usize,
+    /// Time until every FE had applied the last binding (s, from the preload's start).
+    pub delivered_s: f64,
+}
+
+/// Delivery to the agents.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryReport {
+    /// Stream messages applied (all agents, whole run).
+    pub messages: u64,
+    /// Binding entries applied.
+    pub entries: u64,
+    /// Encoded bytes received (MiB).
+    pub mib: f64,
+    /// Agents whose final state equals the truth.
+    pub agents_consistent: usize,
+    /// Agents whose final state differs (must be 0).
+    pub agents_inconsistent: usize,
+    /// The first difference found.
+    pub first_inconsistency: Option<String>,
+    /// VMs left out of the check (a failed Report may or may not have committed).
+    pub uncertain_vms: usize,
+    /// Streams that failed or ended (must be 0).
+    pub stream_failures: usize,
+    /// Malformed entries or unknown FE ids (must be 0).
+    pub anomalies: u64,
+    /// Heartbeats that failed.
+    pub heartbeat_failures: u64,
+}
+
+/// Memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    /// Replica 1's VmRSS before any FE registered (MiB).
+    pub controller_rss_empty_mib: f64,
+    /// Replica 1's VmRSS with FEs and streams, before the bindings (MiB).
+    pub controller_rss_before_mib: f64,
+    /// Replica 1's VmRSS after the bindings were loaded and delivered (MiB).
+    pub controller_rss_after_mib: f64,
+    /// The cold-started replica's VmRSS once ready (MiB).
+    pub cold_replica_rss_mib: f64,
+    /// (cold replica RSS − replica 1's empty RSS) / bindings: the cache alone, without the
+    /// change history and stream buffers the live replica also holds.
+    pub cold_replica_bytes_per_binding: f64,
+    /// The simulated agent's map: entry size (bytes) and total heap (bytes).
+    pub agent_entry_bytes: usize,
+    /// Heap of the full-sync agent's map.
+    pub agent_map_bytes: usize,
+    /// How `agent_bytes_per_binding` is measured.
+    pub agent_method: &'static str,
+}
+
+/// Per-stage latency of the churn's moves inside the replica that committed them (from its
+/// `/debug/moves` ring of the latest 4096 traces; only moves that replica also sent).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stages {
+    /// Traces used.
+    pub traces: usize,
+    /// Report received → store acknowledged the CAS.
+    pub commit: Percentiles,
+    /// Store acknowledged → applied to the replica's cache (watch delivery).
+    pub watch_to_cache: Percentiles,
+    /// Cache applied → first agent stream message sent.
+    pub cache_to_first_send: Percentiles,
+    /// First → last agent stream message sent by that replica (the fan-out).
+    pub fan_out: Percentiles,
+}
+
+impl Stages {
+    async fn fetch(cluster: &Cluster, since_ns: u64) -> Stages {
+        let mut parts: [Vec<f64>; 4] = Default::default();
+        for replica in &cluster.replicas {
+            let Ok((200, body)) = victor_testkit::http::get(replica.http, "/debug/moves").await else { continue };
+            let Ok(serde_json::Value::Array(traces)) = serde_json::from_str(&body) else { continue };
+            for t in traces {
+                let get = |k: &str| t.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                let stamps = [
+                    get("received_mono_ns"),
+                    get("committed_mono_ns"),
+                    get("cached_mono_ns"),
+                    get("first_sent_mono_ns"),
+                    get("last_sent_mono_ns"),
+                ];
+                if stamps.contains(&0) || stamps[0] < since_ns {
+                    continue;
+                }
+                for (i, part) in parts.iter_mut().enumerate() {
+                    part.push(stamps[i + 1].saturating_sub(stamps[i]) as f64 / 1e6);
+                }
+            }
+        }
+        let p = |v: &[f64]| Percentiles::of(v).rounded();
+        Stages {
+            traces: parts[0].len(),
+            commit: p(&parts[0]),
+            watch_to_cache: p(&parts[1]),
+            cache_to_first_send: p(&parts[2]),
+            fan_out: p(&parts[3]),
+        }
+    }
+}
+
+/// CPU use during the churn.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuReport {
+    /// Wall time of the churn and drain (s).
+    pub wall: f64,
+    /// Per controller replica.
+    pub controllers: Vec<f64>,
+    /// All etcd members together.
+    pub etcd: f64,
+    /// This process (the simulated agents and the churn driver).
+    pub bench: f64,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Runs the benchmark and prints the result.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let report = execute(&args).await?;
+    let json = serde_json::to_string_pretty(&report)?;
+    let path = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench-results/bench-{}fes-{}.json", args.fes, args.bindings)));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::write(&path, format!("{json}\n")).with_context(|| format!("write {}", path.display()))?;
+    if args.json {
+        println!("{json}");
+    } else {
+        print_summary(&report);
+    }
+    eprintln!("victor-lab bench: wrote {}", path.display());
+    Ok(())
+}
+
+fn progress(msg: impl std::fmt::Display) {
+    eprintln!("[bench {:>8.3}s] {msg}", START.get_or_init(Instant::now).elapsed().as_secs_f64());
+}
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// The running agents.
+struct Agents {
+    fes: Vec<SimFe>,
+    progress: Vec<Arc<Progress>>,
+    tasks: Vec<JoinHandle<AgentState>>,
+    stop: watch::Sender<bool>,
+    recording: Arc<AtomicBool>,
+}
+
+impl Agents {
+    /// Waits until every agent has applied `revision` (or fails, naming the slowest).
+    async fn wait_revision(&self, revision: u64, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Some(i) = self.progress.iter().position(|p| p.failed.load(Ordering::Acquire)) {
+                bail!("the stream of {} failed", self.fes[i].id);
+            }
+            let behind = self.progress.iter().position(|p| p.revision.load(Ordering::Acquire) < revision);
+            let Some(i) = behind else { return Ok(()) };
+            if started.elapsed() > timeout {
+                bail!(
+                    "{} is at revision {} after {timeout:?}, expected {revision}",
+                    self.fes[i].id,
+                    self.progress[i].revision.load(Ordering::Acquire)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Stops every stream and collects the agents' states.
+    async fn stop(self) -> Result<(Vec<SimFe>, Vec<AgentState>)> {
+        self.stop.send_replace(true);
+        let mut states = Vec::with_capacity(self.tasks.len());
+        for task in self.tasks {
+            states.push(task.await.context("agent task panicked")?);
+        }
+        Ok((self.fes, states))
+    }
+
+    fn sum(&self, f: impl Fn(&Progress) -> &AtomicU64) -> u64 {
+        self.progress.iter().map(|p| f(p).load(Ordering::Relaxed)).sum()
+    }
+}
+
+async fn start_agents(
+    cluster: &Cluster,
+    count: usize,
+    heartbeat_failures: &Arc<AtomicU64>,
+) -> Result<(Agents, Arc<FeTable>)> {
+    let ids: Vec<String> = (0..count).map(|i| format!("fe-{i:05}")).collect();
+    let table = Arc::new(FeTable::new(ids.iter().map(String::as_str)));
+    let replicas: Vec<_> = cluster.replicas.iter().map(|r| r.grpc).collect();
+    let fes: Vec<SimFe> = futures::stream::iter(ids.iter().enumerate())
+        .map(|(i, id)| SimFe::register(id.clone(), i, replicas[i % replicas.len()], heartbeat_failures.clone()))
+        .buffered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let recording = Arc::new(AtomicBool::new(false));
+    let mut progress = Vec::with_capacity(count);
+    let mut tasks = Vec::with_capacity(count);
+    for fe in &fes {
+        let (p, task) = fe.follow(table.clone(), recording.clone(), stop_rx.clone()).await?;
+        progress.push(p);
+        tasks.push(task);
+    }
+    Ok((Agents { fes, progress, tasks, stop, recording }, table))
+}
+
+async fn wait_snapshots(progress: &[Arc<Progress>], timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    while progress.iter().any(|p| p.snapshot_end_ns.load(Ordering::Acquire) == 0) {
+        if started.elapsed() > timeout {
+            bail!("not every agent received its snapshot within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn execute(args: &BenchArgs) -> Result<BenchReport> {
+    START.get_or_init(Instant::now);
+    if args.fes < 2 {
+        bail!("--fes must be at least 2 (moves go from one FE to another)");
+    }
+    if args.bindings == 0 || args.bindings > 16_000_000 {
+        bail!("--bindings must be between 1 and 16,000,000 (VMs are numbered inside 10.0.0.0/8)");
+    }
+    if args.seconds <= 0.0 || args.churn <= 0.0 {
+        bail!("--seconds and --churn must be positive");
+    }
+    let mut machine = Machine::probe();
+    let replicas = args.replicas.unwrap_or(if args.etcd_members == 0 { 1 } else { 2 });
+    let controller_bin = match &args.controller_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("victor-controller"),
+    };
+    progress(format!("starting etcd ({} members) and {replicas} controller replica(s)", args.etcd_members));
+    let mut cluster = Cluster::start(args.etcd_members, replicas, controller_bin).await?;
+
+    progress("measuring the store floor");
+    let floor = match &cluster.etcd {
+        Some(etcd) => {
+            let store = EtcdStore::connect(EtcdConfig { endpoints: etcd.endpoints(), ..EtcdConfig::default() }).await?;
+            floor::measure(&store, args.floor_samples).await?
+        }
+        None => {
+            let store = EmbeddedStore::open(&cluster.dir().join("floor.redb"), EmbeddedOptions::default()).await?;
+            floor::measure(&store, args.floor_samples).await?
+        }
+    };
+    let rss_empty = sys::rss_bytes(cluster.replicas[0].pid())?;
+
+    progress(format!("registering {} FEs and opening their streams", args.fes));
+    let heartbeat_failures = Arc::new(AtomicU64::new(0));
+    let (agents, _table) = start_agents(&cluster, args.fes, &heartbeat_failures).await?;
+    wait_snapshots(&agents.progress, Duration::from_secs(120)).await?;
+    let rss_before = sys::rss_bytes(cluster.replicas[0].pid())?;
+
+    progress(format!("loading {} bindings through Report", args.bindings));
+    let reporters: Reporters = Arc::new(agents.fes.iter().map(|f| (f.id.clone(), f.client.clone())).collect());
+    let preload_started = Instant::now();
+    let preloaded = driver::preload(&reporters, args.bindings, args.report_batch, args.inflight).await?;
+    agents.wait_revision(preloaded.revision, Duration::from_secs(600)).await?;
+    let delivered_s = preload_started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = sys::rss_bytes(cluster.replicas[0].pid())?;
+    progress(format!(
+        "loaded in {:.2} s ({:.0} claims/s), delivered to every FE after {delivered_s:.2} s",
+        preloaded.elapsed.as_secs_f64(),
+        args.bindings as f64 / preloaded.elapsed.as_secs_f64()
+    ));
+
+    progress(format!("churning {} moves/s for {} s", args.churn, args.seconds));
+    let mut truth: Vec<u32> = (0..args.bindings).map(|i| (i % args.fes) as u32).collect();
+    let pids: Vec<u32> = cluster.replicas.iter().map(|r| r.pid()).collect();
+    let etcd_pids = cluster.etcd_pids();
+    let cpu = |pids: &[u32]| pids.iter().map(|&p| sys::cpu_seconds(p).unwrap_or(0.0)).collect::<Vec<_>>();
+    let (ctl_cpu0, etcd_cpu0, me_cpu0) = (cpu(&pids), cpu(&etcd_pids), sys::cpu_seconds(std::process::id())?);
+    let churn_started = Instant::now();
+    agents.recording.store(true, Ordering::Relaxed);
+    let churned = driver::churn(
+        &reporters,
+        &mut truth,
+        ChurnConfig {
+            rate: args.churn,
+            duration: Duration::from_secs_f64(args.seconds),
+            tick: Duration::from_millis(args.tick_ms.max(1)),
+            inflight: args.inflight,
+            target_fes: if args.churn_fes == 0 { args.fes } else { args.churn_fes },
+            seed: args.seed,
+        },
+    )
+    .await?;
+    let last_revision = churned.committed.last().map(|c| c.revision).unwrap_or(0);
+    let drained = agents.wait_revision(last_revision, Duration::from_secs(120)).await;
+    agents.recording.store(false, Ordering::Relaxed);
+    let cpu_report = CpuReport {
+        wall: round3(churn_started.elapsed().as_secs_f64()),
+        controllers: cpu(&pids).iter().zip(&ctl_cpu0).map(|(a, b)| round3(a - b)).collect(),
+        etcd: round3(cpu(&etcd_pids).iter().sum::<f64>() - etcd_cpu0.iter().sum::<f64>()),
+        bench: round3(sys::cpu_seconds(std::process::id())? - me_cpu0),
+    };
+    if let Err(err) = &drained {
+        progress(format!("not every FE caught up: {err:#}"));
+    }
+    let stages = Stages::fetch(&cluster, churned.window_ns.0).await;
+
+    let messages = agents.sum(|p| &p.messages);
+    let entries = agents.sum(|p| &p.entries);
+    let bytes = agents.sum(|p| &p.bytes);
+    let anomalies = agents.sum(|p| &p.anomalies);
+    let (fes, states) = agents.stop().await?;
+    let stream_failures = states.iter().filter(|s| s.error.is_some()).count();
+
+    // Convergence and delivered rate.
+    let logs: Vec<&[(u64, u64)]> = states.iter().map(|s| s.log.as_slice()).collect();
+    let last = stats::last_applied(&churned.committed, &logs);
+    let mut convergence = Vec::with_capacity(last.len());
+    let mut undelivered = 0;
+    let mut last_delivery = 0u64;
+    for (c, at) in churned.committed.iter().zip(&last) {
+        match at {
+            Some(at) => {
+                convergence.push(at.saturating_sub(c.claimed_ns) as f64 / 1e6);
+                last_delivery = last_delivery.max(*at);
+            }
+            None => undelivered += 1,
+        }
+    }
+    let delivered = convergence.len();
+    let span_s = last_delivery.saturating_sub(churned.window_ns.0) as f64 / 1e9;
+    let updates_per_s = if span_s > 0.0 { delivered as f64 / span_s } else { 0.0 };
+
+    // Every agent's state against the truth.
+    let uncertain: std::collections::HashSet<usize> = churned.uncertain.iter().copied().collect();
+    let mut inconsistent = 0;
+    let mut first_inconsistency = None;
+    for (fe, state) in fes.iter().zip(&states) {
+        if let Some(problem) = check_state(&state.map, &truth, &uncertain) {
+            inconsistent += 1;
+            first_inconsistency.get_or_insert_with(|| format!("{}: {problem}", fe.id));
+        }
+    }
+    drop(states);
+    drop(fes);
+
+    progress("full sync of a fresh agent");
+    let (full_sync_s, agent_map_bytes, synced) = full_sync(&cluster, args.fes, &heartbeat_failures).await?;
+    if synced != args.bindings {
+        bail!("the full-sync agent received {synced} bindings, expected {}", args.bindings);
+    }
+
+    progress("cold start of a controller replica");
+    let (cold_start_s, cold_rss) = cold_start(&mut cluster).await?;
+    machine.loadavg_end = sys::loadavg();
+
+    let m = args.bindings as f64;
+    let convergence_ms = Percentiles::of(&convergence).rounded();
+    let preload_rate = m / preloaded.elapsed.as_secs_f64();
+    let entry_bytes = std::mem::size_of::<(u32, Rec)>();
+    Ok(BenchReport {
+        fes: args.fes,
+        bindings: args.bindings,
+        etcd_members: args.etcd_members,
+        replicas,
+        updates_per_s: updates_per_s.round(),
+        convergence_ms,
+        controller_cold_start_s: round3(cold_start_s),
+        agent_full_sync_s: round3(full_sync_s),
+        controller_bytes_per_binding: (rss_after as f64 - rss_before as f64) / m,
+        agent_bytes_per_binding: round3(agent_map_bytes as f64 / m),
+        ratios: Ratios {
+            convergence_p50_over_watch_p50: round3(convergence_ms.p50 / floor.watch_ms.p50),
+            convergence_p99_over_watch_p99: round3(convergence_ms.p99 / floor.watch_ms.p99),
+            preload_claims_per_s_times_cas_p50: round3(preload_rate * floor.cas_txn_ms.p50 / 1e3),
+        },
+        etcd_floor: floor,
+        churn: ChurnReport {
+            offered_per_s: args.churn,
+            seconds: args.seconds,
+            target_fes: if args.churn_fes == 0 { args.fes } else { args.churn_fes.min(args.fes) },
+            committed: churned.committed.len(),
+            committed_per_s: (churned.committed.len() as f64
+                / ((churned.window_ns.1 - churned.window_ns.0) as f64 / 1e9))
+                .round(),
+            rejected: churned.rejected,
+            failed_calls: churned.failed_calls,
+            skipped: churned.skipped,
+            reports: churned.reports,
+            undelivered,
+            first_rejection: churned.first_rejection,
+        },
+        preload: PreloadReport {
+            seconds: round3(preloaded.elapsed.as_secs_f64()),
+            claims_per_s: preload_rate.round(),
+            reports: preloaded.reports,
+            batch: args.report_batch,
+            delivered_s: round3(delivered_s),
+        },
+        delivery: DeliveryReport {
+            messages,
+            entries,
+            mib: round3(bytes as f64 / MIB),
+            agents_consistent: args.fes - inconsistent,
+            agents_inconsistent: inconsistent,
+            first_inconsistency,
+            uncertain_vms: uncertain.len(),
+            stream_failures,
+            anomalies,
+            heartbeat_failures: heartbeat_failures.load(Ordering::Relaxed),
+        },
+        memory: MemoryReport {
+            controller_rss_empty_mib: round3(rss_empty as f64 / MIB),
+            controller_rss_before_mib: round3(rss_before as f64 / MIB),
+            controller_rss_after_mib: round3(rss_after as f64 / MIB),
+            cold_replica_rss_mib: round3(cold_rss as f64 / MIB),
+            cold_replica_bytes_per_binding: round3((cold_rss as f64 - rss_empty as f64) / m),
+            agent_entry_bytes: entry_bytes,
+            agent_map_bytes,
+            agent_method: "heap of the full-sync agent's HashMap<u32, 32-byte record> (the real agent's layout), \
+                           from its capacity and hashbrown's bucket layout (checked against a counting allocator \
+                           in tests/bench_smoke.rs), divided by the bindings",
+        },
+        cpu_during_churn_s: cpu_report,
+        controller_stages_ms: stages,
+        machine,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    })
+}
+
+/// Compares an agent's map with the truth; describes the first difference.
+fn check_state(map: &agent::BindingMap, truth: &[u32], uncertain: &std::collections::HashSet<usize>) -> Option<String> {
+    if map.len() != truth.len() {
+        return Some(format!("{} bindings, expected {}", map.len(), truth.len()));
+    }
+    for (vm, &fe) in truth.iter().enumerate() {
+        if uncertain.contains(&vm) {
+            continue;
+        }
+        let ip = u32::from(driver::vm_ip(vm));
+        match map.get(&ip) {
+            Some(rec) if rec.fe == fe && rec.mac == driver::vm_mac(vm) => {}
+            Some(rec) => {
+                return Some(format!("{} at FE #{} (mac {:?}), expected FE #{fe}", driver::vm_ip(vm), rec.fe, rec.mac));
+            }
+            None => return Some(format!("{} missing", driver::vm_ip(vm))),
+        }
+    }
+    None
+}
+
+/// A fresh agent syncs from revision 0; returns the time to SNAPSHOT_END applied, its map's heap
+/// bytes and the number of bindings it holds.
+async fn full_sync(cluster: &Cluster, fes: usize, heartbeat_failures: &Arc<AtomicU64>) -> Result<(f64, usize, usize)> {
+    let table =
+        Arc::new(FeTable::new((0..fes).map(|i| format!("fe-{i:05}")).collect::<Vec<_>>().iter().map(String::as_str)));
+    let fe = SimFe::register("fe-full-sync".into(), fes, cluster.replicas[0].grpc, heartbeat_failures.clone()).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let started = monotonic_ns();
+    let (progress, task) = fe.follow(table, Arc::new(AtomicBool::new(false)), stop_rx).await?;
+    wait_snapshots(std::slice::from_ref(&progress), Duration::from_secs(300)).await?;
+    let end = progress.snapshot_end_ns.load(Ordering::Acquire);
+    stop.send_replace(true);
+    let state = task.await?;
+    if let Some(err) = state.error {
+        bail!("full-sync stream: {err}");
+    }
+    let bytes = stats::hash_map_heap_bytes(state.map.capacity(), std::mem::size_of::<(u32, Rec)>());
+    Ok(((end - started) as f64 / 1e9, bytes, state.map.len()))
+}
+
+/// Starts a fresh replica against the loaded store (with the embedded store: restarts the only
+/// replica on its file); returns the time to /readyz and its RSS once ready.
+async fn cold_start(cluster: &mut Cluster) -> Result<(f64, u64)> {
+    let id = if cluster.etcd.is_some() {
+        "bench-cold".to_owned()
+    } else {
+        let replica = &mut cluster.replicas[0];
+        replica.stop();
+        replica.id.clone()
+    };
+    let started = Instant::now();
+    let replica = cluster.spawn(&id)?;
+    cluster::wait_ready(&replica, Duration::from_secs(300)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss = sys::rss_bytes(replica.pid())?;
+    if cluster.etcd.is_none() {
+        cluster.replicas[0] = replica;
+    } else {
+        cluster.replicas.push(replica);
+    }
+    Ok((elapsed, rss))
+}
+
+fn print_summary(r: &BenchReport) {
+    let store =
+        if r.etcd_members == 0 { "embedded store".to_owned() } else { format!("{}-member etcd", r.etcd_members) };
+    println!("victor-lab bench: {} FEs, {} bindings, {} replica(s) on {store}", r.fes, r.bindings, r.replicas);
+    println!(
+        "  store floor         CAS txn p50 {:.3} ms p99 {:.3} ms; put→watch p50 {:.3} ms p99 {:.3} ms",
+        r.etcd_floor.cas_txn_ms.p50, r.etcd_floor.cas_txn_ms.p99, r.etcd_floor.watch_ms.p50, r.etcd_floor.watch_ms.p99
+    );
+    println!(
+        "  preload             {:.0} claims/s ({} Reports of {}), delivered to every FE after {:.2} s",
+        r.preload.claims_per_s, r.preload.reports, r.preload.batch, r.preload.delivered_s
+    );
+    println!(
+        "  churn               offered {:.0}/s, committed {:.0}/s, delivered to every FE {:.0}/s",
+        r.churn.offered_per_s, r.churn.committed_per_s, r.updates_per_s
+    );
+    println!(
+        "  convergence         p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({}× / {}× the watch floor)",
+        r.convergence_ms.p50,
+        r.convergence_ms.p99,
+        r.convergence_ms.max,
+        r.ratios.convergence_p50_over_watch_p50,
+        r.ratios.convergence_p99_over_watch_p99
+    );
+    let s = &r.controller_stages_ms;
+    println!(
+        "  controller stages   p50/p99 ms: commit {:.3}/{:.3}, watch→cache {:.3}/{:.3}, cache→first send {:.3}/{:.3}, fan-out {:.3}/{:.3}",
+        s.commit.p50,
+        s.commit.p99,
+        s.watch_to_cache.p50,
+        s.watch_to_cache.p99,
+        s.cache_to_first_send.p50,
+        s.cache_to_first_send.p99,
+        s.fan_out.p50,
+        s.fan_out.p99
+    );
+    println!("  cold start          {:.3} s (controller replica, {} bindings)", r.controller_cold_start_s, r.bindings);
+    println!("  agent full sync     {:.3} s", r.agent_full_sync_s);
+    println!(
+        "  memory per binding  controller {:.1} B, agent {:.1} B",
+        r.controller_bytes_per_binding, r.agent_bytes_per_binding
+    );
+    println!(
+        "  checks              {}/{} agents consistent, {} undelivered, {} stream failures, {} rejected",
+        r.delivery.agents_consistent, r.fes, r.churn.undelivered, r.delivery.stream_failures, r.churn.rejected
+    );
+    println!("  load average        {:?} → {:?}", r.machine.loadavg_start, r.machine.loadavg_end);
 }

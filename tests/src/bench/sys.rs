@@ -1,0 +1,98 @@
+//! What the benchmark reads from `/proc`: resident memory and CPU time of a process, and the
+//! machine's load (other developers share this host, so every result carries the load it ran
+//! under).
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// `VmRSS` of a process in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
+    parse_vm_rss(&status).with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// User + system CPU time of a process (all its threads) in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
+    let ticks = parse_stat_ticks(&stat).with_context(|| format!("unexpected /proc/{pid}/stat format"))?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// utime + stime (fields 14 and 15; the command name in field 2 may contain spaces).
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14 → index 11.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|v| v.parse().unwrap_or(f64::NAN));
+    [it.next().unwrap_or(f64::NAN), it.next().unwrap_or(f64::NAN), it.next().unwrap_or(f64::NAN)]
+}
+
+/// The host the benchmark ran on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Online CPUs.
+    pub cpus: usize,
+    /// Total memory in GiB.
+    pub mem_gib: f64,
+    /// Load averages when the run started.
+    pub loadavg_start: [f64; 3],
+    /// Load averages when the run ended.
+    pub loadavg_end: [f64; 3],
+}
+
+impl Machine {
+    /// Reads the host's CPUs and memory; `loadavg_end` is filled at the end of the run.
+    pub fn probe() -> Machine {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib: f64 = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            mem_gib: (kib / (1024.0 * 1024.0) * 10.0).round() / 10.0,
+            loadavg_start: loadavg(),
+            loadavg_end: [f64::NAN; 3],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_formats() {
+        assert_eq!(parse_vm_rss("Name:\tx\nVmRSS:\t   1234 kB\nVmHWM: 1 kB\n"), Some(1234 * 1024));
+        let stat = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 700 300 0 0 20 0 3 0 1 2 3";
+        assert_eq!(parse_stat_ticks(stat), Some(1000));
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(rss_bytes(me).unwrap() > 1 << 20);
+        assert!(cpu_seconds(me).unwrap() >= 0.0);
+        assert!(loadavg()[0] >= 0.0);
+    }
+}

@@ -1,0 +1,141 @@
+//! A CI-sized run of `victor-lab bench` (3 FEs, 1,000 bindings, 2 s of churn) on a 1-member etcd
+//! and on the embedded store: the JSON carries every field with sane values and the delivery
+//! checks hold (every agent ends equal to the truth, nothing undelivered, no stream failure).
+//! Speed is reported, never asserted. Plus the check that the agent-memory figure's formula
+//! matches what the allocator really hands out.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Counts the bytes allocated by the current thread while `COUNTING` is set on it.
+struct CountingAlloc;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; the bookkeeping touches only thread-locals.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.with(Cell::get) {
+            ALLOCATED.with(|a| a.set(a.get() + layout.size()));
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if COUNTING.with(Cell::get) {
+            ALLOCATED.with(|a| a.set(a.get().saturating_sub(layout.size())));
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+fn bench(members: &str) -> Value {
+    // victor-lab looks for victor-controller next to itself; fail clearly if it is not built.
+    let controller = victor_testkit::workspace_binary("victor-controller");
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_victor-lab"))
+        .args(["bench", "--fes", "3", "--bindings", "1000", "--churn", "200", "--seconds", "2"])
+        .args(["--etcd-members", members, "--floor-samples", "50", "--json"])
+        .arg("--controller-bin")
+        .arg(&controller)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .expect("run victor-lab");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "victor-lab bench failed:\n{stderr}");
+    let json: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{stderr}"));
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
+    assert_eq!(json, written, "--output holds the printed object");
+    json
+}
+
+fn num(v: &Value, path: &str) -> f64 {
+    let mut cur = v;
+    for part in path.split('.') {
+        cur = cur.get(part).unwrap_or_else(|| panic!("missing field {path} in {v:#}"));
+    }
+    cur.as_f64().unwrap_or_else(|| panic!("{path} is not a number: {cur}"))
+}
+
+fn check(v: &Value, members: f64) {
+    assert_eq!(num(v, "fes"), 3.0);
+    assert_eq!(num(v, "bindings"), 1000.0);
+    assert_eq!(num(v, "etcd_members"), members);
+    let (p50, p99, max) = (num(v, "convergence_ms.p50"), num(v, "convergence_ms.p99"), num(v, "convergence_ms.max"));
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max && max < 60_000.0, "convergence {p50}/{p99}/{max}");
+    let updates = num(v, "updates_per_s");
+    assert!(updates > 0.0 && updates.is_finite(), "updates_per_s {updates}");
+    assert!(num(v, "churn.committed") > 0.0);
+    assert!(num(v, "churn.committed_per_s") >= updates * 0.5, "delivered rate cannot exceed twice the committed rate");
+    for field in ["controller_cold_start_s", "agent_full_sync_s"] {
+        let s = num(v, field);
+        assert!(s > 0.0 && s < 120.0, "{field} = {s}");
+    }
+    assert!(num(v, "controller_bytes_per_binding").is_finite());
+    // 1,000 entries of 40 bytes in a map that is at most 7/8 full (and at least 7/16).
+    let agent = num(v, "agent_bytes_per_binding");
+    assert!((41.0..=120.0).contains(&agent), "agent_bytes_per_binding {agent}");
+    for field in ["etcd_floor.cas_txn_ms", "etcd_floor.watch_ms"] {
+        let (p50, p99) = (num(v, &format!("{field}.p50")), num(v, &format!("{field}.p99")));
+        assert!(0.0 < p50 && p50 <= p99, "{field} {p50}/{p99}");
+    }
+    assert!(num(v, "ratios.convergence_p50_over_watch_p50") > 0.0);
+    assert!(num(v, "preload.claims_per_s") > 0.0);
+    assert_eq!(num(v, "preload.reports"), 3.0, "1,000 bindings over 3 FEs fit in one Report each");
+    // Correctness of what was delivered is asserted, unlike speed.
+    assert_eq!(num(v, "delivery.agents_consistent"), 3.0, "{v:#}");
+    assert_eq!(num(v, "delivery.agents_inconsistent"), 0.0);
+    assert_eq!(num(v, "delivery.stream_failures"), 0.0);
+    assert_eq!(num(v, "delivery.anomalies"), 0.0);
+    assert_eq!(num(v, "churn.undelivered"), 0.0);
+    assert!(num(v, "delivery.entries") >= 3.0 * 1000.0, "every FE received every binding");
+    assert!(num(v, "memory.controller_rss_after_mib") > 0.0);
+    assert!(num(v, "cpu_during_churn_s.wall") > 0.0);
+    assert!(num(v, "machine.cpus") >= 1.0);
+    assert!(v["machine"]["loadavg_end"][0].as_f64().is_some(), "load recorded at the end");
+}
+
+#[test]
+fn bench_on_one_member_etcd_reports_every_field() {
+    check(&bench("1"), 1.0);
+}
+
+#[test]
+fn bench_on_the_embedded_store_reports_every_field() {
+    let v = bench("0");
+    check(&v, 0.0);
+    assert_eq!(v["etcd_floor"]["store"], "embedded");
+    assert_eq!(num(&v, "replicas"), 1.0);
+}
+
+#[test]
+fn agent_map_size_formula_matches_the_allocator() {
+    use victor_tests::bench::agent::{BindingMap, Rec};
+    use victor_tests::bench::stats::hash_map_heap_bytes;
+    for n in [1usize, 7, 100, 1000, 54_321] {
+        COUNTING.with(|c| c.set(true));
+        ALLOCATED.with(|a| a.set(0));
+        let mut map = BindingMap::default();
+        for i in 0..n as u32 {
+            map.insert(i, Rec { revision: 1, move_seq: 0, fe: 0, mac: [0; 6] });
+        }
+        let counted = ALLOCATED.with(Cell::get);
+        COUNTING.with(|c| c.set(false));
+        let formula = hash_map_heap_bytes(map.capacity(), std::mem::size_of::<(u32, Rec)>());
+        assert_eq!(counted, formula, "{n} entries, capacity {}", map.capacity());
+    }
+}
