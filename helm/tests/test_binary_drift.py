@@ -149,5 +149,5 @@ def test_dockerfile_ships_what_the_chart_runs():
         check=True,
     )
     targets = {t["name"] for p in json.loads(workspace_bins.stdout)["packages"] for t in p["targets"] if "bin" in t["kind"]}
-    for binary in ("victor-controller", "victor-fe-agent"):
+    for binary in ("victor-controller", "victor-fe-agent", "victorctl"):
         assert binary in targets, f"no binary target {binary} in the workspace: {sorted(targets)}"
