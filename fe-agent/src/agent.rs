@@ -12,8 +12,7 @@ use tokio::sync::mpsc;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::RegisterRequest;
 
-use crate::arp::ratelimit::RateLimiter;
-use crate::arp::{self, ArpSocket};
+use crate::arp::{self, Captures};
 use crate::config::Config;
 use crate::controller::connector::{Connector, SocketFactory};
 use crate::controller::{self, LinkConfig, LinkShared, reporter};
@@ -76,7 +75,8 @@ pub async fn run(config: Config) -> Result<()> {
         move |name: &str| config.is_vm_port(name)
     };
     let ports = Arc::new(PortTable::new(matcher, gateway_mac));
-    let arp_socket = Arc::new(ArpSocket::open().context("open the ARP capture socket (needs CAP_NET_RAW)")?);
+    let captures = Arc::new(Captures::default());
+    metrics.attach_captures(captures.clone());
 
     let mut reconciler = Reconciler::new(kernel.clone(), dataplane, metrics.clone());
     let readback = reconciler.read_back(|i| ports.get(i).is_some()).await?;
@@ -129,16 +129,8 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
 
-    // ARP capture and the port watcher.
+    // The port watcher; the core opens an ARP capture on each VM port it announces.
     let (arp_tx, arp_rx) = mpsc::channel(4096);
-    {
-        let limiter = RateLimiter::new(config.arp_rate, config.arp_burst);
-        let capture = arp::capture(arp_socket.clone(), ports.clone(), limiter, arp_tx, metrics.clone());
-        tasks.spawn(async move {
-            capture.await;
-            Ok(())
-        });
-    }
     let (port_tx, port_rx) = mpsc::channel(64);
     {
         let (ports, kernel) = (ports.clone(), kernel.clone());
@@ -174,7 +166,10 @@ pub async fn run(config: Config) -> Result<()> {
         reconciler,
         scope: arp::classify::Scope { prefixes: config.mobile_prefixes.clone(), gateways: config.gateways.clone() },
         ports,
-        arp: arp_socket,
+        captures,
+        capture_tasks: HashMap::new(),
+        arp_frames: arp_tx,
+        arp_budget: (config.arp_rate, config.arp_burst),
         reporter,
         link,
         events,

@@ -14,8 +14,9 @@ use victor_dataplane::packet::arp::ArpMessage;
 use victor_proto::clock::{monotonic_ns, unix_nanos};
 use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, SyncUpdate};
 
-use crate::arp::ArpSocket;
+use crate::arp::Captures;
 use crate::arp::classify::{self, Scope, TargetView};
+use crate::arp::ratelimit::RateLimiter;
 use crate::controller::LinkEvent;
 use crate::controller::LinkShared;
 use crate::controller::reporter::{Answered, Observation, Reporter};
@@ -103,8 +104,14 @@ pub struct Core {
     pub scope: Scope,
     /// VM ports.
     pub ports: Arc<PortTable>,
-    /// ARP socket (for answers, announcements, probes).
-    pub arp: Arc<ArpSocket>,
+    /// The VM ports' ARP captures (for answers, announcements, probes).
+    pub captures: Arc<Captures>,
+    /// Running capture tasks by port.
+    pub capture_tasks: HashMap<u32, tokio::task::JoinHandle<()>>,
+    /// Where capture tasks send frames.
+    pub arp_frames: mpsc::Sender<ArpFrame>,
+    /// Per-source ARP budget (frames/s, burst).
+    pub arp_budget: (u32, u32),
     /// Reporter handle.
     pub reporter: Reporter,
     /// Link state (resume revision, resync requests).
@@ -269,7 +276,7 @@ impl Core {
             Target::Drop => TargetView::Unbound,
         };
         if let Some(answer) = classify::answer(msg, &self.scope, view) {
-            self.send_arp(port, &classify::reply_frame(msg, frame.port.mac), answer.label());
+            self.send_arp(port, &classify::reply(msg, frame.port.mac), answer.label());
         }
         let Some((ip, mac)) = classify::learned(msg, &self.scope) else { return };
         let sighting = Sighting { ip, mac, port, wall: frame.wall, mono: frame.mono };
@@ -344,19 +351,21 @@ impl Core {
     async fn on_port(&mut self, event: PortEvent) {
         match event {
             PortEvent::Up(port) => {
+                self.open_capture(&port);
                 // VMs bound here whose port is unknown may be behind the new port.
                 let waiting: Vec<Ipv4Addr> = self.discovering.keys().copied().collect();
                 for ip in waiting {
                     if let Target::Local { mac, .. } = target(&self.desired, &self.local, ip) {
                         self.send_arp(
                             port.ifindex,
-                            &classify::probe_frame(ip, mac, port.mac, self.scope.gateways.first().copied()),
+                            &classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied()),
                             "probe",
                         );
                     }
                 }
             }
             PortEvent::Gone(ifindex) => {
+                crate::arp::retire(self.capture_tasks.remove(&ifindex), self.captures.remove(ifindex));
                 let mut ips = self.reconciler.port_gone(ifindex);
                 ips.extend(self.local.port_gone(ifindex));
                 ips.sort();
@@ -374,7 +383,7 @@ impl Core {
             match action {
                 Ageing::Probe { ip, mac, port } => {
                     if let Some(p) = self.ports.get(port) {
-                        let frame = classify::probe_frame(ip, mac, p.mac, self.scope.gateways.first().copied());
+                        let frame = classify::probe(ip, mac, p.mac, self.scope.gateways.first().copied());
                         self.send_arp(port, &frame, "probe");
                     }
                 }
@@ -416,13 +425,30 @@ impl Core {
         self.reporter.submit(Observation { ip, mac, kind, observed_at, port });
     }
 
-    fn send_arp(&self, ifindex: u32, frame: &[u8], kind: &'static str) {
-        match self.arp.send(ifindex, frame) {
+    fn send_arp(&self, ifindex: u32, msg: &ArpMessage, kind: &'static str) {
+        let Some(capture) = self.captures.get(ifindex) else { return };
+        match capture.send(msg) {
             Ok(()) => {
                 self.metrics.arp_sent.get_or_create(&KindLabel { kind }).inc();
             }
             Err(err) => tracing::debug!(ifindex, %err, kind, "could not send an ARP frame"),
         }
+    }
+
+    /// Starts capturing ARP on `port` (replacing a capture of the same index).
+    fn open_capture(&mut self, port: &Port) {
+        let capture = match victor_dataplane::arp_io::ArpCapture::open(&port.name) {
+            Ok(c) => Arc::new(c),
+            Err(err) => {
+                tracing::warn!(port = %port.name, %err, "cannot capture ARP on the VM port");
+                return;
+            }
+        };
+        let replaced = self.captures.insert(port.ifindex, capture.clone());
+        crate::arp::retire(self.capture_tasks.remove(&port.ifindex), replaced);
+        let limiter = RateLimiter::new(self.arp_budget.0, self.arp_budget.1);
+        let task = crate::arp::capture(capture, port.clone(), limiter, self.arp_frames.clone(), self.metrics.clone());
+        self.capture_tasks.insert(port.ifindex, tokio::spawn(task));
     }
 
     /// Tells a VM that arrived on `port` where its gateways are (gratuitous ARP per gateway).
@@ -442,7 +468,7 @@ impl Core {
         }
         self.discovering.insert(ip, now);
         for port in self.ports.ports() {
-            let frame = classify::probe_frame(ip, mac, port.mac, self.scope.gateways.first().copied());
+            let frame = classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied());
             self.send_arp(port.ifindex, &frame, "probe");
         }
     }

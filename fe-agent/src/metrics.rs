@@ -61,8 +61,6 @@ pub struct Metrics {
     pub report_retries: Counter,
     /// ARP frames received on VM ports by kind.
     pub arp_frames: Family<KindLabel, Counter>,
-    /// Malformed ARP frames by reason.
-    pub arp_malformed: Family<ReasonLabel, Counter>,
     /// ARP frames dropped by the per-source rate limit.
     pub arp_rate_limited: Counter,
     /// ARP frames sent by kind (gateway / proxy / announce / probe).
@@ -117,7 +115,6 @@ impl Metrics {
             reports_queued: Gauge::default(),
             report_retries: Counter::default(),
             arp_frames: Family::default(),
-            arp_malformed: Family::default(),
             arp_rate_limited: Counter::default(),
             arp_sent: Family::default(),
             reconcile_ops: Family::default(),
@@ -143,7 +140,6 @@ impl Metrics {
         registry.register("reports_queued", "Observations waiting to be reported", m.reports_queued.clone());
         registry.register("report_retries", "Report calls that failed and were retried", m.report_retries.clone());
         registry.register("arp_frames", "ARP frames received on VM ports by kind", m.arp_frames.clone());
-        registry.register("arp_malformed", "Malformed ARP frames by reason", m.arp_malformed.clone());
         registry.register(
             "arp_rate_limited",
             "ARP frames dropped by the per-source rate limit",
@@ -177,6 +173,11 @@ impl Metrics {
         registry.register("dataplane_backend", "1 for the data-plane backend in use", m.dataplane.clone());
         registry.register_collector(Box::new(collector));
         Metrics { registry, ..m }
+    }
+
+    /// Starts reporting the ARP captures' malformed-frame counts.
+    pub fn attach_captures(&self, captures: Arc<crate::arp::Captures>) {
+        *self.dataplane_counters.captures.lock().expect("collector lock") = Some(captures);
     }
 
     /// Starts reporting the forwarder's counters.
@@ -220,6 +221,7 @@ impl Default for Metrics {
 #[derive(Debug, Default)]
 struct DataplaneCollector {
     counters: Mutex<Option<Arc<Counters>>>,
+    captures: Mutex<Option<Arc<crate::arp::Captures>>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -229,6 +231,18 @@ struct DirectionLabel {
 
 impl Collector for DataplaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        if let Some(captures) = self.captures.lock().expect("collector lock").clone() {
+            let counter = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "arp_malformed",
+                "Malformed ARP frames on VM ports by reason",
+                None,
+                counter.metric_type(),
+            )?;
+            for (reason, n) in captures.malformed() {
+                ConstCounter::new(n).encode(family.encode_family(&ReasonLabel { reason: reason.to_owned() })?)?;
+            }
+        }
         let Some(counters) = self.counters.lock().expect("collector lock").clone() else { return Ok(()) };
         let s = counters.snapshot();
         let directions = [

@@ -85,7 +85,9 @@ async fn failover_between_replicas_resumes_without_snapshot() -> anyhow::Result<
     let vm2_ip = std::net::Ipv4Addr::new(10, 10, 0, 12);
     lab.add_vm(&vm2, "eth0", "vm2p", 1, vm2_ip, "02:00:00:00:00:12")?;
     send_garp(&vm2, "eth0", "02:00:00:00:00:12", vm2_ip)?;
-    c.wait_bound(vm2_ip, "fe1", Duration::from_secs(5)).await?;
+    if let Err(e) = c.wait_bound(vm2_ip, "fe1", Duration::from_secs(5)).await {
+        anyhow::bail!("{e:#}\nagent fe1 log:\n{}", lab.agent_log(1));
+    }
     c.stop().await?;
     // A stays up: its frozen proxy connection would hold a graceful shutdown forever.
     drop(a);

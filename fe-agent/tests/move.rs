@@ -64,6 +64,14 @@ async fn arp_learning_tunnel_and_hitless_move() -> anyhow::Result<()> {
     let answered = ev["claim_answered_mono_ns"].as_u64().unwrap();
     assert!(captured > 0 && provisional >= captured, "{ev}");
     assert!(provisional <= answered, "make-before-break: installed before the answer: {ev}");
+    let ms = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / 1e6;
+    println!(
+        "fe3 stages after capture: local install {:.3} ms, claim sent {:.3} ms, answered {:.3} ms, delta received {:.3} ms",
+        ms(captured, provisional),
+        ms(captured, ev["claim_sent_mono_ns"].as_u64().unwrap()),
+        ms(captured, answered),
+        ms(captured, ev["delta_received_mono_ns"].as_u64().unwrap()),
+    );
     let mut latest = 0;
     for n in 1..=3 {
         let (_, body) = lab.agent_get(n, &format!("/debug/events?vm={VM}"))?;
@@ -71,6 +79,7 @@ async fn arp_learning_tunnel_and_hitless_move() -> anyhow::Result<()> {
         let e = events.as_array().and_then(|a| a.iter().find(|e| e["move_seq"] == moved.move_seq)).cloned();
         let applied = e.and_then(|e| e["applied_mono_ns"].as_u64()).unwrap_or(0);
         assert!(applied >= captured, "fe{n} applied move {} at {applied}, captured at {captured}", moved.move_seq);
+        println!("fe{n} applied the move {:.3} ms after the capture", (applied - captured) as f64 / 1e6);
         latest = latest.max(applied);
     }
     println!("move convergence (latest apply − capture): {:.3} ms", (latest - captured) as f64 / 1e6);

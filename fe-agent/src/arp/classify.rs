@@ -96,21 +96,21 @@ pub fn answer(msg: &ArpMessage, scope: &Scope, view: impl FnOnce(Ipv4Addr) -> Ta
     }
 }
 
-/// The reply frame answering `request` with `port_mac`.
-pub fn reply_frame(request: &ArpMessage, port_mac: [u8; 6]) -> Vec<u8> {
-    victor_dataplane::packet::arp::build_frame(&reply_to(request, MacAddr(port_mac)))
+/// The reply answering `request` with `port_mac`.
+pub fn reply(request: &ArpMessage, port_mac: [u8; 6]) -> ArpMessage {
+    reply_to(request, MacAddr(port_mac))
 }
 
 /// A gratuitous ARP announcing `gateway` at `port_mac` (sent on a port a VM just arrived on, so
 /// the VM's cached gateway MAC is refreshed).
-pub fn gateway_announcement(gateway: Ipv4Addr, port_mac: [u8; 6]) -> Vec<u8> {
-    victor_dataplane::packet::arp::build_frame(&gratuitous(MacAddr(port_mac), gateway, ArpOp::Request, None))
+pub fn gateway_announcement(gateway: Ipv4Addr, port_mac: [u8; 6]) -> ArpMessage {
+    gratuitous(MacAddr(port_mac), gateway, ArpOp::Request, None)
 }
 
 /// A unicast ARP request asking `vm_ip` (at `vm_mac`) to answer — the ageing probe. The sender
 /// address is the gateway when one is configured (the VM answers its gateway) else 0.0.0.0.
-pub fn probe_frame(vm_ip: Ipv4Addr, vm_mac: [u8; 6], port_mac: [u8; 6], sender: Option<Ipv4Addr>) -> Vec<u8> {
-    let msg = ArpMessage {
+pub fn probe(vm_ip: Ipv4Addr, vm_mac: [u8; 6], port_mac: [u8; 6], sender: Option<Ipv4Addr>) -> ArpMessage {
+    ArpMessage {
         eth_dst: MacAddr(vm_mac),
         eth_src: MacAddr(port_mac),
         vlan: None,
@@ -119,14 +119,13 @@ pub fn probe_frame(vm_ip: Ipv4Addr, vm_mac: [u8; 6], port_mac: [u8; 6], sender: 
         sender_ip: sender.unwrap_or(Ipv4Addr::UNSPECIFIED),
         target_mac: MacAddr::ZERO,
         target_ip: vm_ip,
-    };
-    victor_dataplane::packet::arp::build_frame(&msg)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use victor_dataplane::packet::arp::parse_frame;
+    use victor_dataplane::packet::arp::{build_frame, parse_frame};
 
     const VM_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
     const PORT_MAC: [u8; 6] = [2, 0, 0x5e, 0x10, 0, 1];
@@ -180,15 +179,15 @@ mod tests {
 
     #[test]
     fn frames_we_send() {
-        let reply = parse_frame(&reply_frame(&request(VM, GW), PORT_MAC)).unwrap();
+        let reply = parse_frame(&build_frame(&reply(&request(VM, GW), PORT_MAC))).unwrap();
         assert_eq!(
             (reply.op, reply.sender_ip, reply.sender_mac.0, reply.eth_dst.0),
             (ArpOp::Reply, GW, PORT_MAC, VM_MAC)
         );
-        let garp = parse_frame(&gateway_announcement(GW, PORT_MAC)).unwrap();
+        let garp = parse_frame(&build_frame(&gateway_announcement(GW, PORT_MAC))).unwrap();
         assert_eq!(garp.kind(), ArpKind::Gratuitous(ArpOp::Request));
         assert_eq!((garp.sender_ip, garp.sender_mac.0), (GW, PORT_MAC));
-        let probe = parse_frame(&probe_frame(VM, VM_MAC, PORT_MAC, Some(GW))).unwrap();
+        let probe = parse_frame(&build_frame(&probe(VM, VM_MAC, PORT_MAC, Some(GW)))).unwrap();
         assert_eq!((probe.eth_dst.0, probe.target_ip, probe.sender_ip), (VM_MAC, VM, GW));
     }
 }

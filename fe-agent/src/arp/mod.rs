@@ -1,53 +1,48 @@
-//! ARP on the VM ports: the capture socket ([`socket`]), storm protection ([`ratelimit`]) and
-//! what a frame means ([`classify`]). The capture task reads every ARP frame of the namespace,
-//! keeps those arriving on VM ports, counts and drops malformed ones and sources over their rate
-//! budget, and hands the rest to the agent core, which learns and answers.
+//! ARP on the VM ports: one capture task per port on the data-plane crate's
+//! [`victor_dataplane::arp_io::ArpCapture`] (AF_PACKET + BPF, kernel receive timestamps,
+//! malformed frames counted by the capture), storm protection ([`ratelimit`]) and what a frame
+//! means ([`classify`]). A capture task drops sources over their rate budget and hands the rest
+//! to the agent core, which learns and answers.
 
 pub mod classify;
 pub mod ratelimit;
-pub mod socket;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
 
 use tokio::sync::mpsc;
-use victor_dataplane::packet::arp::parse_frame;
-
-pub use socket::ArpSocket;
+use victor_dataplane::arp_io::{ArpCapture, CaptureStats};
 
 use crate::core::ArpFrame;
-use crate::metrics::{Metrics, ReasonLabel};
-use crate::ports::PortTable;
+use crate::metrics::Metrics;
+use crate::ports::Port;
 use ratelimit::RateLimiter;
 
-/// Reads ARP frames until `out` closes.
+/// Reads `port`'s ARP frames until `out` closes (the core aborts the task when the port leaves).
 pub async fn capture(
-    socket: Arc<ArpSocket>,
-    ports: Arc<PortTable>,
+    capture: Arc<ArpCapture>,
+    port: Port,
     mut limiter: RateLimiter,
     out: mpsc::Sender<ArpFrame>,
     metrics: Arc<Metrics>,
 ) {
     let mut last_gc = 0u64;
     loop {
-        let rx = match socket.recv().await {
+        let rx = match capture.recv().await {
             Ok(rx) => rx,
+            // The port went down (reported once; frames flow again when it is back up). A port
+            // that leaves the namespace is reported by the link watcher, which ends this task.
+            Err(err) if err.raw_os_error() == Some(libc::ENETDOWN) => continue,
             Err(err) => {
-                tracing::warn!(%err, "ARP socket read failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tracing::warn!(port = %port.name, %err, "ARP capture read failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Some(port) = ports.get(rx.ifindex) else { continue };
-        let msg = match parse_frame(&rx.frame) {
-            Ok(msg) => msg,
-            Err(err) => {
-                metrics.arp_malformed.get_or_create(&ReasonLabel { reason: err.reason().to_owned() }).inc();
-                continue;
-            }
-        };
+        let msg = rx.message;
         if msg.sender_mac.0 == port.mac {
-            continue; // our own frame (kernels without PACKET_IGNORE_OUTGOING)
+            continue; // our own frame
         }
         if !limiter.allow(msg.sender_mac.0, msg.sender_ip, rx.mono_ns) {
             metrics.arp_rate_limited.inc();
@@ -57,7 +52,8 @@ pub async fn capture(
             limiter.gc(rx.mono_ns);
             last_gc = rx.mono_ns;
         }
-        let frame = ArpFrame { port, msg, wall: rx.wall_ns, mono: rx.mono_ns };
+        let wall = rx.wall.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let frame = ArpFrame { port: port.clone(), msg, wall, mono: rx.mono_ns };
         match out.try_send(frame) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -65,5 +61,71 @@ pub async fn capture(
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
+    }
+}
+
+/// Stops a capture task and closes its socket off the caller's task: closing a packet socket
+/// waits for an RCU grace period (~10–15 ms), which must not stall the agent core.
+pub fn retire(task: Option<tokio::task::JoinHandle<()>>, capture: Option<Arc<ArpCapture>>) {
+    tokio::spawn(async move {
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        if let Some(capture) = capture {
+            let _ = tokio::task::spawn_blocking(move || drop(capture)).await;
+        }
+    });
+}
+
+/// The capture sockets of the VM ports (for sending, and for their malformed-frame counts).
+#[derive(Debug, Default)]
+pub struct Captures {
+    live: Mutex<HashMap<u32, Arc<ArpCapture>>>,
+    retired: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl Captures {
+    /// Registers the capture of port `ifindex`; returns the one it replaces (retired).
+    pub fn insert(&self, ifindex: u32, capture: Arc<ArpCapture>) -> Option<Arc<ArpCapture>> {
+        let old = self.live.lock().expect("captures").insert(ifindex, capture);
+        if let Some(old) = &old {
+            self.retire(&old.stats());
+        }
+        old
+    }
+
+    /// Forgets the capture of port `ifindex` (the port left); returns it (retired).
+    pub fn remove(&self, ifindex: u32) -> Option<Arc<ArpCapture>> {
+        let old = self.live.lock().expect("captures").remove(&ifindex);
+        if let Some(old) = &old {
+            self.retire(&old.stats());
+        }
+        old
+    }
+
+    /// The capture of port `ifindex`.
+    pub fn get(&self, ifindex: u32) -> Option<Arc<ArpCapture>> {
+        self.live.lock().expect("captures").get(&ifindex).cloned()
+    }
+
+    fn retire(&self, stats: &CaptureStats) {
+        let mut retired = self.retired.lock().expect("captures");
+        for (reason, n) in &stats.malformed {
+            *retired.entry(reason).or_default() += n;
+        }
+    }
+
+    /// Malformed frames by reason, over every capture this agent has run.
+    pub fn malformed(&self) -> Vec<(&'static str, u64)> {
+        let mut totals = self.retired.lock().expect("captures").clone();
+        for capture in self.live.lock().expect("captures").values() {
+            for (reason, n) in capture.stats().malformed {
+                *totals.entry(reason).or_default() += n;
+            }
+        }
+        let mut out: Vec<_> = totals.into_iter().collect();
+        out.sort();
+        out
     }
 }
