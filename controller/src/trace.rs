@@ -79,7 +79,10 @@ impl MoveTraces {
         let mut inner = self.traces.lock().expect("trace lock");
         if trace.revision <= inner.max_sent {
             let rev = trace.revision;
-            for send in inner.sends.iter().filter(|s| s.after < rev && rev <= s.upto) {
+            // Newest first, back to the claim's arrival: no earlier send can have carried it.
+            let since = trace.received_mono_ns;
+            let sends = inner.sends.iter().rev().take_while(|s| s.at >= since);
+            for send in sends.filter(|s| s.after < rev && rev <= s.upto) {
                 if trace.cached_mono_ns == 0 {
                     trace.cached_mono_ns = send.cached_mono_ns;
                 }
