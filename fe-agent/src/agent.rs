@@ -78,6 +78,7 @@ pub async fn run(config: Config) -> Result<()> {
     let captures = Arc::new(Captures::default());
     metrics.attach_captures(captures.clone());
 
+    ports.seed(&kernel.links().await?);
     let mut reconciler = Reconciler::new(kernel.clone(), dataplane, metrics.clone());
     let readback = reconciler.read_back(|i| ports.get(i).is_some()).await?;
     tracing::info!(

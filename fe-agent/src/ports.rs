@@ -1,8 +1,7 @@
 //! The VM ports: which interfaces of the namespace are VM-facing (by the `--vm-port` names), with
 //! their index and MAC. VM links come and go while the agent runs (a migrating VM's link is moved
 //! into another FE's namespace), so the table is kept current from rtnetlink link notifications.
-//! The watcher task owns the writes; the ARP path reads, and resolves an interface it has not
-//! heard of yet itself (ioctl by index) so a frame on a link that arrived a moment ago is not lost.
+//! The watcher task owns the writes (after a seed from the initial link dump); the core reads.
 //! With `--gateway-mac`, the watcher sets that MAC on every VM port it sees.
 
 use std::collections::HashMap;
@@ -57,19 +56,16 @@ impl PortTable {
         PortTable { known: RwLock::new(HashMap::new()), matcher: Arc::new(matcher), gateway_mac }
     }
 
-    /// The VM port with index `ifindex`; an index never seen is looked up in the kernel at once.
+    /// The VM port with index `ifindex`.
     pub fn get(&self, ifindex: u32) -> Option<Port> {
-        if let Some(known) = self.known.read().expect("port lock").get(&ifindex) {
-            return known.clone();
+        self.known.read().expect("port lock").get(&ifindex).cloned().flatten()
+    }
+
+    /// Records the links of a dump (at start, before the watcher runs).
+    pub fn seed(&self, links: &[Link]) {
+        for link in links {
+            self.update(link);
         }
-        let port = lookup_by_index(ifindex).filter(|p| (self.matcher)(&p.name)).map(|mut p| {
-            if let Some(mac) = self.gateway_mac {
-                p.mac = mac;
-            }
-            p
-        });
-        self.known.write().expect("port lock").insert(ifindex, port.clone());
-        port
     }
 
     /// Every VM port.
@@ -106,50 +102,20 @@ impl PortTable {
     }
 }
 
-/// Name and MAC of interface `ifindex` in the calling thread's namespace (ioctl; no netlink round
-/// trip on the packet path).
-fn lookup_by_index(ifindex: u32) -> Option<Port> {
-    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: the buffer has IF_NAMESIZE bytes as if_indextoname requires.
-    let ptr = unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) };
-    if ptr.is_null() {
-        return None;
-    }
-    // SAFETY: if_indextoname wrote a NUL-terminated name into `name`.
-    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).ok()?;
-    // SAFETY: all-zero is a valid ifreq; the name is copied in with its NUL.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IF_NAMESIZE - 1)) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFHWADDR fills `req.ifr_ifru.ifru_hwaddr` of the ifreq we own.
-    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SIOCGIFHWADDR, &mut req) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: the ioctl succeeded, so the union holds the hardware address.
-    let hw = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
-    let mut mac = [0u8; 6];
-    for (m, b) in mac.iter_mut().zip(hw.iter()) {
-        *m = *b as u8;
-    }
-    Some(Port { ifindex, name, mac })
-}
-
 /// Keeps `table` current and publishes port changes to `events` until the channel closes.
 /// Subscribes to link notifications before the initial dump so no change is missed in between.
 pub async fn watch(table: Arc<PortTable>, kernel: Kernel, events: mpsc::Sender<PortEvent>) -> anyhow::Result<()> {
     let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])?;
     tokio::spawn(conn);
+    // The initial dump announces every VM port, also those the table was seeded with.
     for link in kernel.links().await? {
-        handle_link(&table, &kernel, &events, &link).await;
+        handle_link(&table, &kernel, &events, &link, true).await;
     }
     while let Some((msg, _)) = messages.next().await {
         let event = match msg.payload {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => match Link::from_message(&m) {
                 Some(link) => {
-                    handle_link(&table, &kernel, &events, &link).await;
+                    handle_link(&table, &kernel, &events, &link, false).await;
                     continue;
                 }
                 None => None,
@@ -166,7 +132,13 @@ pub async fn watch(table: Arc<PortTable>, kernel: Kernel, events: mpsc::Sender<P
     Ok(())
 }
 
-async fn handle_link(table: &PortTable, kernel: &Kernel, events: &mpsc::Sender<PortEvent>, link: &Link) {
+async fn handle_link(
+    table: &PortTable,
+    kernel: &Kernel,
+    events: &mpsc::Sender<PortEvent>,
+    link: &Link,
+    announce: bool,
+) {
     if table.matches(&link.name)
         && let Some(mac) = table.gateway_mac
         && link.mac != mac
@@ -178,7 +150,8 @@ async fn handle_link(table: &PortTable, kernel: &Kernel, events: &mpsc::Sender<P
             Err(err) => tracing::warn!(port = %link.name, %err, "could not set the gateway MAC on the VM port"),
         }
     }
-    if let Some(event) = table.update(link) {
+    let event = table.update(link).or_else(|| announce.then(|| table.get(link.index).map(PortEvent::Up)).flatten());
+    if let Some(event) = event {
         match &event {
             PortEvent::Up(p) => tracing::info!(port = %p.name, ifindex = p.ifindex, "VM port up"),
             PortEvent::Gone(i) => tracing::info!(ifindex = i, "VM port gone"),
@@ -220,10 +193,10 @@ mod tests {
     }
 
     #[test]
-    fn unknown_index_is_resolved_from_the_kernel() {
-        // Loopback exists in every namespace and has index 1.
-        let t = PortTable::new(|n| n == "lo", None);
-        assert_eq!(t.get(1).map(|p| p.name), Some("lo".into()));
-        assert_eq!(t.get(999_999), None);
+    fn seeded_from_a_dump() {
+        let t = PortTable::new(|n| n.starts_with("vm"), None);
+        t.seed(&[link(1, "lo"), link(4, "vm4")]);
+        assert_eq!(t.get(4).map(|p| p.name), Some("vm4".into()));
+        assert_eq!((t.get(1), t.get(999)), (None, None));
     }
 }
