@@ -46,10 +46,10 @@ pub struct Global {
 
     /// Bearer token for the BindingService (controllers started with --auth-tokens-file).
     /// Prefer VICTOR_TOKEN or --token-file: a flag is visible in the process list.
-    #[arg(long, global = true, env = "VICTOR_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    #[arg(long, global = true, env = "VICTOR_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
-    /// File whose first line is the bearer token.
+    /// File whose first line is the bearer token (takes precedence over --token/VICTOR_TOKEN).
     #[arg(long, global = true, env = "VICTOR_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 

@@ -62,8 +62,7 @@ impl Controllers {
             return Err(CtlError::Usage("--controller is empty; give at least one host:port".into()));
         }
         let token = match (&global.token, &global.token_file) {
-            (Some(t), _) => Some(t.trim().to_owned()),
-            (None, Some(path)) => {
+            (_, Some(path)) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| CtlError::Usage(format!("cannot read --token-file {}: {e}", path.display())))?;
                 let line = text.lines().next().unwrap_or("").trim().to_owned();
@@ -72,6 +71,7 @@ impl Controllers {
                 }
                 Some(line)
             }
+            (Some(t), None) => Some(t.trim().to_owned()),
             (None, None) => None,
         };
         let token = token

@@ -345,7 +345,8 @@ async fn tls_and_bearer_tokens() {
     let rw_path = rw_file.display().to_string();
     let mut args = with(&declare);
     args.extend(["--token-file".into(), rw_path, "-o".into(), "json".into()]);
-    assert_eq!(ctl_env(&args, &[]).await.json()["vm_ip"].as_str(), Some("10.10.0.21"));
+    // The file's read-write token wins over the read-only one in the environment.
+    assert_eq!(ctl_env(&args, &ro).await.json()["vm_ip"].as_str(), Some("10.10.0.21"));
 
     // Local mistakes are usage errors (exit 2) that name the file or option.
     let missing = ctl_env(&["--controller", c.as_str(), "--ca-file", "/nonexistent/ca.pem", "status"], &[]).await;
