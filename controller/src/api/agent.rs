@@ -24,8 +24,9 @@ use crate::registry::ValidObservation;
 use crate::registry::rules::Observed;
 use crate::stream::agent::{self as sync, SyncContext};
 
-/// Observations of one Report processed concurrently.
-const REPORT_CONCURRENCY: usize = 32;
+/// Observations of one Report processed concurrently: enough to fill several group-committed
+/// transactions (`registry::batch`) from a single Report.
+const REPORT_CONCURRENCY: usize = 4 * crate::registry::batch::MAX_BATCH;
 
 /// The AgentService implementation.
 pub struct AgentApi<S: Store> {

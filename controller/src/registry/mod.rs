@@ -5,12 +5,14 @@
 //! attempt decides on the replica's cache (no extra read round-trip); when the cache was behind,
 //! the CAS fails, its failure branch returns the current values, and the rule is decided again on
 //! them. Concurrent claims therefore converge on the rules' winner (I2), and a rejected request
-//! writes nothing.
+//! writes nothing. The CAS writes of concurrent claims are group-committed ([`batch`]): one store
+//! transaction carries up to 64 of them, with the same per-claim outcome as a CAS of its own.
 
+pub mod batch;
 pub mod rules;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use prost::Message;
@@ -24,6 +26,7 @@ use crate::cache::{Cache, FeView};
 use crate::metrics::Metrics;
 use crate::records::{BindingRecord, VmRecord, now_unix_nanos};
 use crate::trace::{MoveTrace, MoveTraces};
+use batch::{Batcher, CasOutcome, CasRequest};
 use rules::{Change, Observation, Observed, Rules, Verdict};
 
 /// CAS attempts before giving up on a hot key.
@@ -69,12 +72,18 @@ pub struct Registry<S: Store> {
     rules: Rules,
     metrics: Arc<Metrics>,
     traces: Arc<MoveTraces>,
+    /// Started on first use (it needs a runtime).
+    batcher: OnceLock<Batcher>,
 }
 
 impl<S: Store> Registry<S> {
     /// A registry writing to `store` and reading through `cache`.
     pub fn new(store: S, cache: Arc<Cache>, rules: Rules, metrics: Arc<Metrics>, traces: Arc<MoveTraces>) -> Self {
-        Registry { store, cache, rules, metrics, traces }
+        Registry { store, cache, rules, metrics, traces, batcher: OnceLock::new() }
+    }
+
+    fn batcher(&self) -> &Batcher {
+        self.batcher.get_or_init(|| Batcher::start(self.store.clone(), self.metrics.clone()))
     }
 
     /// The rule parameters.
@@ -182,31 +191,27 @@ impl<S: Store> Registry<S> {
                     return Ok(Committed { verdict, revision: 0, binding: current.binding });
                 }
             };
-            let txn = Txn {
-                compares: vec![
-                    Compare::mod_revision(binding_key.clone(), current.binding_rev),
-                    Compare::mod_revision(vm_key.clone(), current.vm_rev),
-                ],
-                success: vec![op],
-                failure: vec![
-                    TxnOp::Get(victor_store::KeyRange::key(binding_key.clone())),
-                    TxnOp::Get(victor_store::KeyRange::key(vm_key.clone())),
-                ],
+            let request = CasRequest {
+                binding_key: binding_key.clone(),
+                vm_key: vm_key.clone(),
+                binding_rev: current.binding_rev,
+                vm_rev: current.vm_rev,
+                op,
             };
-            let result = self.txn(txn).await?;
-            if result.succeeded {
-                self.count(&verdict);
-                let binding = match &verdict {
-                    Verdict::Write(record, _) => Some(record.clone()),
-                    _ => None,
-                };
-                return Ok(Committed { verdict, revision: result.revision, binding });
+            match self.batcher().submit(request).await? {
+                CasOutcome::Committed(revision) => {
+                    self.count(&verdict);
+                    let binding = match &verdict {
+                        Verdict::Write(record, _) => Some(record.clone()),
+                        _ => None,
+                    };
+                    return Ok(Committed { verdict, revision, binding });
+                }
+                CasOutcome::Conflict { binding, vm } => {
+                    self.metrics.cas_retries.inc();
+                    current = Current::decode(binding, vm)?;
+                }
             }
-            self.metrics.cas_retries.inc();
-            let mut reads = result.reads.into_iter();
-            let binding_kv = reads.next().and_then(|r| r.kvs.into_iter().next());
-            let vm_kv = reads.next().and_then(|r| r.kvs.into_iter().next());
-            current = Current::decode(binding_kv, vm_kv)?;
         }
         Err(ApiError::Unavailable(format!(
             "binding of {ip} is changing too fast (gave up after {MAX_ATTEMPTS} compare-and-swap conflicts); retry"

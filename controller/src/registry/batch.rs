@@ -1,0 +1,259 @@
+//! Group commit of compare-and-swap writes: the CAS of every concurrent claim (from any number of
+//! Report calls) is folded into one store transaction of up to [`MAX_BATCH`] claims, so the store
+//! pays one consensus round and one fsync for many claims.
+//!
+//! A batch's transaction compares every claim's keys and, if all hold, writes every claim at one
+//! revision; if any compare fails, nothing is written and its failure branch returns the current
+//! value of every key. The claims whose keys changed get that value back (the caller re-decides
+//! on it, as with a single CAS); the others were innocent and are sent again at once without
+//! them. Every round removes at least one claim, so a batch ends after at most as many rounds as
+//! it has claims, and the per-claim semantics are those of a single CAS.
+//!
+//! No timer: a batch is whatever is queued when a transaction slot frees up. A lone claim is sent
+//! alone at once (no added latency); under load, claims queue while [`MAX_INFLIGHT`] transactions
+//! are in flight and the next transaction takes them all.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use victor_store::{Compare, KeyRange, KeyValue, MAX_TXN_OPS, Revision, Store, StoreError, StoreResult, Txn, TxnOp};
+
+use crate::metrics::Metrics;
+
+/// Claims per transaction: two compares (binding and declaration) and, on failure, two reads
+/// per claim must fit etcd 3.4's 128 operations per list.
+pub const MAX_BATCH: usize = MAX_TXN_OPS / 2;
+/// Batch transactions in flight at once.
+pub const MAX_INFLIGHT: usize = 4;
+
+/// One CAS: write `op` if the binding key and the declaration key still have these revisions.
+#[derive(Debug, Clone)]
+pub struct CasRequest {
+    /// The binding key (also the batch's identity of the claim: one claim per key per batch).
+    pub binding_key: Vec<u8>,
+    /// The VM declaration key.
+    pub vm_key: Vec<u8>,
+    /// Expected mod revision of the binding key (0 = absent).
+    pub binding_rev: Revision,
+    /// Expected mod revision of the declaration key (0 = absent).
+    pub vm_rev: Revision,
+    /// The write (a put or a delete of the binding key).
+    pub op: TxnOp,
+}
+
+/// How a CAS ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// Written at this revision.
+    Committed(Revision),
+    /// A compare failed: the current binding and declaration.
+    Conflict {
+        /// The binding key now.
+        binding: Option<KeyValue>,
+        /// The declaration key now.
+        vm: Option<KeyValue>,
+    },
+}
+
+struct Pending {
+    req: CasRequest,
+    reply: oneshot::Sender<StoreResult<CasOutcome>>,
+}
+
+/// Handle to the batching task (cheap to share; the task ends with the last handle).
+pub struct Batcher {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+impl Batcher {
+    /// Starts the batching task on the current runtime.
+    pub fn start<S: Store>(store: S, metrics: Arc<Metrics>) -> Batcher {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(store, metrics, rx));
+        Batcher { tx }
+    }
+
+    /// Commits `req` (batched with whatever else is pending).
+    pub async fn submit(&self, req: CasRequest) -> StoreResult<CasOutcome> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { req, reply })
+            .map_err(|_| StoreError::Unavailable("the claim batcher stopped (replica shutting down)".into()))?;
+        rx.await.map_err(|_| StoreError::Unavailable("the claim batcher stopped (replica shutting down)".into()))?
+    }
+}
+
+async fn run<S: Store>(store: S, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let mut queue: VecDeque<Pending> = VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match rx.recv().await {
+                Some(p) => queue.push_back(p),
+                None => return,
+            }
+        }
+        let slot = slots.clone().acquire_owned().await.expect("semaphore never closed");
+        while let Ok(p) = rx.try_recv() {
+            queue.push_back(p);
+        }
+        let batch = take_batch(&mut queue);
+        let (store, metrics) = (store.clone(), metrics.clone());
+        tokio::spawn(async move {
+            commit(&store, &metrics, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Takes up to [`MAX_BATCH`] claims on distinct keys from the front of the queue (a second claim
+/// on a key waits for the next batch, keeping its order).
+fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let mut batch = Vec::with_capacity(queue.len().min(MAX_BATCH));
+    let mut keys = HashSet::new();
+    let mut later = VecDeque::new();
+    while batch.len() < MAX_BATCH {
+        let Some(p) = queue.pop_front() else { break };
+        if keys.insert(p.req.binding_key.clone()) {
+            batch.push(p);
+        } else {
+            later.push_back(p);
+        }
+    }
+    later.append(queue);
+    *queue = later;
+    batch
+}
+
+fn transaction(batch: &[Pending]) -> Txn {
+    let mut txn = Txn {
+        compares: Vec::with_capacity(2 * batch.len()),
+        success: Vec::with_capacity(batch.len()),
+        failure: Vec::with_capacity(2 * batch.len()),
+    };
+    for Pending { req, .. } in batch {
+        txn.compares.push(Compare::mod_revision(req.binding_key.clone(), req.binding_rev));
+        txn.compares.push(Compare::mod_revision(req.vm_key.clone(), req.vm_rev));
+        txn.success.push(req.op.clone());
+        txn.failure.push(TxnOp::Get(KeyRange::key(req.binding_key.clone())));
+        txn.failure.push(TxnOp::Get(KeyRange::key(req.vm_key.clone())));
+    }
+    txn
+}
+
+async fn commit<S: Store>(store: &S, metrics: &Metrics, mut batch: Vec<Pending>) {
+    while !batch.is_empty() {
+        let started = Instant::now();
+        let result = store.txn(transaction(&batch)).await;
+        metrics.store_op("txn", started);
+        let result = match result {
+            Ok(result) => result,
+            Err(err) => {
+                if matches!(err, StoreError::Unavailable(_)) {
+                    metrics.store_unavailable.inc();
+                }
+                for p in batch {
+                    let _ = p.reply.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        if result.succeeded {
+            for p in batch {
+                let _ = p.reply.send(Ok(CasOutcome::Committed(result.revision)));
+            }
+            return;
+        }
+        batch = split_conflicts(batch, result.reads);
+    }
+}
+
+/// After a failed batch: answers the claims whose keys changed with their current values and
+/// returns the innocent ones to send again.
+fn split_conflicts(batch: Vec<Pending>, reads: Vec<victor_store::RangeResult>) -> Vec<Pending> {
+    let mut reads = reads.into_iter().map(|r| r.kvs.into_iter().next());
+    let mut innocent = Vec::new();
+    for p in batch {
+        let binding = reads.next().flatten();
+        let vm = reads.next().flatten();
+        let now = (binding.as_ref().map_or(0, |kv| kv.mod_revision), vm.as_ref().map_or(0, |kv| kv.mod_revision));
+        if now == (p.req.binding_rev, p.req.vm_rev) {
+            innocent.push(p);
+        } else {
+            let _ = p.reply.send(Ok(CasOutcome::Conflict { binding, vm }));
+        }
+    }
+    innocent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use victor_store::embedded::{EmbeddedOptions, EmbeddedStore};
+
+    fn req(key: &str, binding_rev: Revision, value: &str) -> CasRequest {
+        CasRequest {
+            binding_key: format!("/t/b/{key}").into_bytes(),
+            vm_key: format!("/t/v/{key}").into_bytes(),
+            binding_rev,
+            vm_rev: 0,
+            op: TxnOp::put(format!("/t/b/{key}"), value),
+        }
+    }
+
+    async fn store() -> (tempfile::TempDir, EmbeddedStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb"), EmbeddedOptions::default()).await.unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_share_transactions_and_conflicts_come_back_alone() {
+        let (_dir, store) = store().await;
+        let metrics = Arc::new(Metrics::new());
+        let batcher = Arc::new(Batcher::start(store.clone(), metrics.clone()));
+        // 200 claims on distinct keys, submitted concurrently: all commit, in fewer transactions.
+        let before = store.current_revision().await.unwrap();
+        let claims = (0..200).map(|i| {
+            let b = batcher.clone();
+            tokio::spawn(async move { b.submit(req(&i.to_string(), 0, "x")).await })
+        });
+        let mut revisions = HashSet::new();
+        for c in claims.collect::<Vec<_>>() {
+            match c.await.unwrap().unwrap() {
+                CasOutcome::Committed(rev) => revisions.insert(rev),
+                other => panic!("unexpected {other:?}"),
+            };
+        }
+        let after = store.current_revision().await.unwrap();
+        assert!(after - before < 200, "200 claims took {} transactions", after - before);
+        assert_eq!(revisions.len() as u64, after - before, "one revision per transaction");
+
+        // A stale claim (expects key 7 absent) batched with fresh ones: only it conflicts.
+        let key7 = store.get(b"/t/b/7").await.unwrap().0.unwrap();
+        let stale = batcher.submit(req("7", 0, "y"));
+        let fresh = batcher.submit(req("new", 0, "z"));
+        let (stale, fresh) = tokio::join!(stale, fresh);
+        assert_eq!(stale.unwrap(), CasOutcome::Conflict { binding: Some(key7.clone()), vm: None });
+        assert!(matches!(fresh.unwrap(), CasOutcome::Committed(_)));
+        assert_eq!(store.get(b"/t/b/7").await.unwrap().0.unwrap().value, b"x", "the stale claim wrote nothing");
+    }
+
+    #[test]
+    fn a_batch_holds_each_key_once_and_at_most_max_batch_claims() {
+        let mut queue: VecDeque<Pending> = ["a", "b", "a", "c"]
+            .iter()
+            .map(|k| Pending { req: req(k, 0, "v"), reply: oneshot::channel().0 })
+            .chain((0..100).map(|i| Pending { req: req(&format!("k{i}"), 0, "v"), reply: oneshot::channel().0 }))
+            .collect();
+        let batch = take_batch(&mut queue);
+        assert_eq!(batch.len(), MAX_BATCH);
+        let keys: HashSet<_> = batch.iter().map(|p| p.req.binding_key.clone()).collect();
+        assert_eq!(keys.len(), MAX_BATCH);
+        assert_eq!(queue.front().unwrap().req.binding_key, b"/t/b/a", "the second claim on a waits, first in line");
+        assert_eq!(queue.len(), 104 - MAX_BATCH);
+        assert!(transaction(&batch).compares.len() <= MAX_TXN_OPS);
+    }
+}
