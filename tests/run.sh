@@ -2,7 +2,8 @@
 # VICTOR's whole test suite: the one command the README gives and CI runs (`.ci/run`).
 #
 # Run as root on a fresh Debian machine that has only the Rust toolchain: it installs what is
-# missing (etcd, BIRD 2, iperf3, iproute2, Python venv for the Helm chart tests), then checks
+# missing (etcd, BIRD 2, iperf3, iproute2, Chromium for the status page test, Python venv for the
+# Helm chart tests), then checks
 # formatting and lints, builds everything and runs every test — unit, property, store
 # conformance against real 1- and 3-member etcd, controller replication, network-namespace labs
 # with real TUN/raw sockets/BIRD, the Helm chart rendered by the real Helm engine, and a short
@@ -36,6 +37,7 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v bird >/dev/null || need+=(bird2)
 command -v iperf3 >/dev/null || need+=(iperf3)
+command -v chromium >/dev/null || need+=(chromium)
 command -v ip >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::pki::{CertKey, Pki};
+use victor_testkit::pki::{CertKey, Pki};
 use common::*;
 use tonic::Code;
 use tonic::metadata::MetadataValue;

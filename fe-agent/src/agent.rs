@@ -106,11 +106,7 @@ pub async fn run(config: Config) -> Result<()> {
         metrics.clone(),
     );
     let link_config = LinkConfig {
-        endpoints: config
-            .controller
-            .iter()
-            .map(|u| controller::endpoint_uri(u).map_err(anyhow::Error::msg))
-            .collect::<Result<_>>()?,
+        endpoints: config.controller_endpoints().map_err(anyhow::Error::msg)?,
         connect_timeout: config.connect_timeout,
         stream_timeout: config.stream_timeout,
         register: RegisterRequest {

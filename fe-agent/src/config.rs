@@ -64,6 +64,24 @@ pub struct Config {
     #[arg(long, env = "VICTOR_CONTROLLER_NETNS", value_name = "PATH")]
     pub controller_netns: Option<PathBuf>,
 
+    /// CA certificate (PEM) that signs the controllers' server certificates. Enables TLS
+    /// (addresses become https://). Without it the controller link is plaintext (lab only).
+    #[arg(long, env = "VICTOR_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// This FE's client certificate (PEM) for mutual TLS; it must name the FE as the DNS
+    /// subject alternative name `<fe-id>.fe.victor` (with --key-file).
+    #[arg(long, env = "VICTOR_CERT_FILE", value_name = "FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM) (with --cert-file).
+    #[arg(long, env = "VICTOR_KEY_FILE", value_name = "FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+
+    /// Name to verify in the controllers' server certificates (default: each address's host).
+    #[arg(long, env = "VICTOR_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+
     /// This FE's identifier (letters, digits, '-', '_', '.'; at most 63 bytes).
     #[arg(long, env = "VICTOR_FE_ID")]
     pub fe_id: String,
@@ -227,13 +245,33 @@ impl Config {
         Ok(config)
     }
 
+    /// The client TLS files (all `None` = plaintext).
+    pub fn tls_files(&self) -> victor_proto::tls::ClientTlsFiles {
+        victor_proto::tls::ClientTlsFiles {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            server_name: self.tls_server_name.clone(),
+        }
+    }
+
+    /// The controller endpoints with TLS applied (reads the TLS files).
+    pub fn controller_endpoints(&self) -> Result<Vec<tonic::transport::Endpoint>, String> {
+        let tls = self.tls_files().load().map_err(|e| e.to_string())?;
+        self.controller
+            .iter()
+            .map(|address| {
+                victor_proto::tls::endpoint(address, tls.as_ref(), self.connect_timeout)
+                    .map_err(|e| format!("--controller entry {address:?}: {e}"))
+            })
+            .collect()
+    }
+
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        for url in &self.controller {
-            if let Err(e) = crate::controller::endpoint_uri(url) {
-                return bad(format!("--controller entry {url:?}: {e}"));
-            }
+        if let Err(e) = self.controller_endpoints() {
+            return bad(e);
         }
         let id_ok = |s: &str| {
             !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))

@@ -3,8 +3,7 @@
 //! and messages of refused calls, fail-over between controllers (calls and a watch that resumes
 //! on another replica when its controller shuts down), TLS and bearer tokens.
 
-#[path = "../../controller/tests/common/pki.rs"]
-mod pki;
+use victor_testkit::pki;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -198,33 +198,19 @@ async fn unreachable_cluster_is_unavailable_within_deadline() {
 }
 
 /// PEM material for a test CA, a server certificate for 127.0.0.1 and a client certificate.
+/// PEM texts of the CA, the etcd server and the controller's client certificate.
 struct TestPki {
     ca: String,
     server: (String, String),
     client: (String, String),
+    _pki: victor_testkit::pki::Pki,
 }
 
 fn test_pki() -> TestPki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "victor test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf = |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.extended_key_usages = vec![usage];
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    TestPki {
-        ca: ca_cert.pem(),
-        server: leaf(vec!["127.0.0.1".into(), "localhost".into()], rcgen::ExtendedKeyUsagePurpose::ServerAuth),
-        client: leaf(vec!["victor-controller".into()], rcgen::ExtendedKeyUsagePurpose::ClientAuth),
-    }
+    let pki = victor_testkit::pki::Pki::new("victor-test");
+    let server = pki.server("etcd");
+    let client = pki.client("victor-controller", &["victor-controller"]);
+    TestPki { ca: pki.ca.pem.clone(), server: (server.cert.pem, server.key.pem), client: (client.cert.pem, client.key.pem), _pki: pki }
 }
 
 /// TLS with client certificates against a real etcd: works with the right CA and identity,

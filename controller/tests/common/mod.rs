@@ -186,5 +186,4 @@ pub fn ip_bytes(ip: &str) -> Vec<u8> {
     victor_proto::types::ip_to_bytes(ip.parse().unwrap())
 }
 
-/// A throw-away PKI for TLS tests.
-pub mod pki;
+

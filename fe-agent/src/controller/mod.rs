@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, watch};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint};
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::agent_service_client::AgentServiceClient;
 use victor_proto::v1::{HeartbeatRequest, RegisterRequest, SyncRequest, SyncUpdate};
@@ -29,21 +29,6 @@ use reporter::Backoff;
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// A session that lived this long resets the failure count (no backoff for the next failover).
 const HEALTHY_SESSION: Duration = Duration::from_secs(5);
-
-/// Parses one `--controller` entry.
-pub fn endpoint_uri(url: &str) -> Result<Uri, String> {
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err("must be a URL like http://10.0.0.1:50051".into());
-    }
-    let uri: Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    if uri.host().is_none_or(str::is_empty) {
-        return Err("has no host".into());
-    }
-    if uri.port_u16().is_none() {
-        return Err("has no port (e.g. http://10.0.0.1:50051)".into());
-    }
-    Ok(uri)
-}
 
 /// A live controller session, as the reporter uses it.
 #[derive(Debug, Clone)]
@@ -102,8 +87,8 @@ impl Default for LinkShared {
 /// How the link runs.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// Controller endpoints, in order of preference.
-    pub endpoints: Vec<Uri>,
+    /// Controller endpoints (TLS applied), in order of preference.
+    pub endpoints: Vec<Endpoint>,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// A silent stream is dead after this long.
@@ -128,9 +113,10 @@ pub async fn run(
     let mut heartbeat_every = Duration::from_secs(1);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        let uri = config.endpoints[index % n].clone();
+        let endpoint = config.endpoints[index % n].clone();
+        let uri = endpoint.uri().clone();
         let started = Instant::now();
-        let outcome = match connect(&config, &connector, &uri).await {
+        let outcome = match connect(&config, &connector, endpoint).await {
             Err(err) => Err(format!("connect: {err}")),
             Ok(channel) => {
                 generation += 1;
@@ -166,8 +152,8 @@ pub async fn run(
     }
 }
 
-async fn connect(config: &LinkConfig, connector: &Connector, uri: &Uri) -> Result<Channel, String> {
-    let endpoint = Endpoint::from(uri.clone())
+async fn connect(config: &LinkConfig, connector: &Connector, endpoint: Endpoint) -> Result<Channel, String> {
+    let endpoint = endpoint
         .connect_timeout(config.connect_timeout)
         .http2_keep_alive_interval(Duration::from_millis(500))
         .keep_alive_timeout(config.stream_timeout)
@@ -320,12 +306,4 @@ enum Beat {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoint_urls_are_checked() {
-        assert!(endpoint_uri("http://127.0.0.1:50051").is_ok());
-        assert!(endpoint_uri("https://ctl.example:443").is_ok());
-        assert!(endpoint_uri("127.0.0.1:50051").unwrap_err().contains("http://"));
-        assert!(endpoint_uri("http://127.0.0.1").unwrap_err().contains("port"));
-    }
 }

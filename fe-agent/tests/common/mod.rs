@@ -61,6 +61,11 @@ pub struct Controller {
 impl Controller {
     /// Starts a replica on the embedded store in `dir`, or on etcd when `etcd` is given.
     pub async fn start(dir: &std::path::Path, etcd: Option<&[String]>) -> Result<Controller> {
+        Self::start_with(dir, etcd, &[]).await
+    }
+
+    /// [`Controller::start`] with extra controller flags.
+    pub async fn start_with(dir: &std::path::Path, etcd: Option<&[String]>, extra: &[&str]) -> Result<Controller> {
         let grpc = victor_testkit::ports::free_addr();
         let http = victor_testkit::ports::free_addr();
         let mut args: Vec<String> = vec![
@@ -78,6 +83,7 @@ impl Controller {
             args.push("--etcd-endpoints".into());
             args.push(endpoints.join(","));
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut c = Controller { server: None, args, grpc, http };
         c.restart().await?;
         Ok(c)

@@ -4,11 +4,14 @@
 //! * [`process::ChildGuard`] — a child process killed (by PID, with its process group) on drop;
 //! * [`etcd::EtcdCluster`] — a real etcd 1- or 3-member cluster on loopback, temp data dirs;
 //! * [`netns`] — network namespaces and veth links with unique names, deleted on drop;
-//! * [`ports`] / [`unique_name`] — collision-free ports and names so parallel runs never clash.
+//! * [`ports`] / [`unique_name`] — collision-free ports and names so parallel runs never clash;
+//! * [`pki`] — a throw-away CA issuing server, FE and operator certificates (rcgen);
+//! * [`http`] — a minimal GET for the daemons' admin ports.
 
 pub mod etcd;
 pub mod http;
 pub mod netns;
+pub mod pki;
 pub mod ports;
 pub mod process;
 

@@ -1,7 +1,5 @@
 //! A throw-away PKI for TLS tests (rcgen): one CA, server certificates for 127.0.0.1, FE and
 //! operator client certificates, all written as PEM files into a temp dir the value owns.
-//! Also used by victorctl's tests (`#[path]`), so it depends on rcgen and tempfile only.
-#![allow(dead_code, unreachable_pub)]
 
 use std::path::PathBuf;
 
@@ -33,7 +31,7 @@ pub struct Pki {
 impl Pki {
     /// A new CA named `name`.
     pub fn new(name: &str) -> Pki {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("temp dir");
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -59,7 +57,8 @@ impl Pki {
         self.client(fe_id, &[&format!("{fe_id}.fe.victor")])
     }
 
-    fn issue(&self, name: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> CertKey {
+    /// A certificate with these subject alternative names (DNS names or IPs) for `usage`.
+    pub fn issue(&self, name: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> CertKey {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
