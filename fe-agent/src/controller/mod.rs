@@ -302,8 +302,3 @@ enum Beat {
     Alive,
     NotRegistered,
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-}
