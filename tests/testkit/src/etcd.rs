@@ -356,6 +356,16 @@ impl EtcdCluster {
     }
 }
 
+impl EtcdCluster {
+    /// Lets the cluster outlive this value (`victor-lab up`): returns the members' PIDs and the
+    /// data directory, which the caller must record to stop and remove them later.
+    pub fn detach(mut self) -> (Vec<u32>, PathBuf) {
+        let pids = self.members.iter_mut().filter_map(|m| m.process.take()).map(ChildGuard::detach).collect();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
+        (pids, dir)
+    }
+}
+
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for m in &mut self.members {

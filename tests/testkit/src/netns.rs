@@ -37,22 +37,38 @@ fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-/// A network namespace owned by the test; deleted on drop.
+/// A network namespace owned by the test; deleted on drop (unless made persistent).
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
+    persistent: bool,
 }
 
 impl NetNs {
     /// Creates a namespace named `prefix` + a unique suffix (keep `prefix` short, ≤ 8 bytes) and
     /// brings its loopback up.
     pub fn new(prefix: &str) -> Result<Self> {
+        Self::named(&crate::unique_name(prefix))
+    }
+
+    /// Creates a namespace with exactly this name (fails if it exists) and brings loopback up.
+    pub fn named(name: &str) -> Result<Self> {
         crate::require_root("creating a network namespace");
-        let name = crate::unique_name(prefix);
-        run_ip(&["netns", "add", &name])?;
-        let ns = NetNs { name };
+        run_ip(&["netns", "add", name])?;
+        let ns = NetNs { name: name.to_owned(), persistent: false };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Takes ownership of an existing namespace (e.g. to delete one a crashed run left behind).
+    pub fn adopt(name: &str) -> Self {
+        NetNs { name: name.to_owned(), persistent: false }
+    }
+
+    /// Keeps the namespace after this value is dropped (a lab left running by `victor-lab up`;
+    /// whoever made it persistent must record its name to delete it later).
+    pub fn make_persistent(&mut self) {
+        self.persistent = true;
     }
 
     /// The namespace's name (as `ip netns list` shows it).
@@ -211,6 +227,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if self.persistent {
+            return;
+        }
         if let Err(err) = run_ip(&["netns", "delete", &self.name]) {
             eprintln!("warning: could not delete namespace {}: {err:#}", self.name);
         }

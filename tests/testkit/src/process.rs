@@ -54,6 +54,14 @@ impl ChildGuard {
         String::from_utf8_lossy(&data[start..]).into_owned()
     }
 
+    /// Lets the child outlive this guard (a daemon left running by `victor-lab up`); returns its
+    /// PID, which the caller must record to stop it later.
+    pub fn detach(mut self) -> u32 {
+        let pid = self.pid();
+        self.child = None;
+        pid
+    }
+
     /// Whether the child is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {

@@ -1,0 +1,128 @@
+//! `victor-fe-agent` processes inside the FE namespaces, and their admin endpoints.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use victor_testkit::netns::NetNs;
+use victor_testkit::process::ChildGuard;
+
+use super::topology::{GATEWAY, GATEWAY_MAC, MOBILE, fe_addr};
+
+/// Where every agent serves its admin HTTP inside its own namespace.
+pub const AGENT_HTTP: &str = "127.0.0.1:9180";
+
+/// The command line of the agent of FE `n`.
+pub struct AgentCommand<'a> {
+    /// The `victor-fe-agent` binary.
+    pub bin: &'a Path,
+    /// Controller addresses.
+    pub controllers: &'a [String],
+    /// The namespace the controllers are reachable from (`--controller-netns`).
+    pub controller_netns: &'a str,
+    /// Extra flags.
+    pub extra: &'a [&'a str],
+}
+
+impl AgentCommand<'_> {
+    /// The argv for FE `n` (fe_id `fe<n>`, site `dc<n>`, VM ports `vm*`, TUN `vtun<n>`).
+    pub fn argv(&self, n: usize) -> Vec<String> {
+        let mut argv: Vec<String> = vec![
+            self.bin.display().to_string(),
+            "--controller".into(),
+            self.controllers.join(","),
+            "--controller-netns".into(),
+            self.controller_netns.into(),
+            "--fe-id".into(),
+            format!("fe{n}"),
+            "--site".into(),
+            format!("dc{n}"),
+            "--underlay-addr".into(),
+            fe_addr(n).to_string(),
+            "--vm-port".into(),
+            "vm*".into(),
+            "--mobile-prefix".into(),
+            MOBILE.into(),
+            "--gateway".into(),
+            GATEWAY.into(),
+            "--gateway-mac".into(),
+            GATEWAY_MAC.into(),
+            "--tun-name".into(),
+            format!("vtun{n}"),
+            "--http-listen".into(),
+            AGENT_HTTP.into(),
+            "--log".into(),
+            "info,victor_fe_agent=debug".into(),
+        ];
+        argv.extend(self.extra.iter().map(|s| s.to_string()));
+        argv
+    }
+}
+
+/// One agent process and its log.
+pub struct Agent {
+    /// The process (None while stopped).
+    pub guard: Option<ChildGuard>,
+    /// Its last command line.
+    pub argv: Vec<String>,
+    /// Its current log file.
+    pub log: PathBuf,
+    runs: u32,
+}
+
+impl Agent {
+    /// Starts `argv` inside `ns`, logging to `<dir>/agent<n>.<run>.log`.
+    pub fn spawn(ns: &NetNs, n: usize, argv: Vec<String>, dir: &Path) -> Result<Agent> {
+        let mut agent = Agent { guard: None, argv, log: PathBuf::new(), runs: 0 };
+        agent.respawn(ns, n, dir)?;
+        Ok(agent)
+    }
+
+    /// (Re)starts it with its last command line, logging to a new file.
+    pub fn respawn(&mut self, ns: &NetNs, n: usize, dir: &Path) -> Result<()> {
+        self.runs += 1;
+        self.log = dir.join(format!("agent{n}.{}.log", self.runs));
+        let argv: Vec<&str> = self.argv.iter().map(String::as_str).collect();
+        self.guard = Some(ns.spawn(&format!("agent{n}"), &argv, Some(&self.log))?);
+        Ok(())
+    }
+
+    /// Stops it with SIGTERM (SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        if let Some(mut g) = self.guard.take() {
+            g.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// Its current log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// GET `path` from the agent admin port inside `ns`.
+pub fn agent_get(ns: &NetNs, path: &str) -> Result<(u16, String)> {
+    let addr: SocketAddr = AGENT_HTTP.parse().expect("agent admin address");
+    let path = path.to_owned();
+    ns.block_on(move || async move { victor_testkit::http::get(addr, &path).await })?
+}
+
+/// Waits until the agent in `ns` answers /readyz with 200 (stream up, snapshot applied).
+pub fn wait_agent_ready(ns: &NetNs, agent: &mut Agent, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if agent_get(ns, "/readyz").is_ok_and(|(code, _)| code == 200) {
+            return Ok(());
+        }
+        if let Some(g) = agent.guard.as_mut()
+            && !g.is_running()
+        {
+            bail!("agent in {} exited:\n{}", ns.name(), agent.log_text());
+        }
+        if Instant::now() > deadline {
+            bail!("agent in {} not ready after {timeout:?}:\n{}", ns.name(), agent.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

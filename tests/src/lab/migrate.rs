@@ -1,0 +1,637 @@
+//! `victor-lab migrate`: the paper's §5 experiment. A VM moves back and forth between fe2 and fe3
+//! while the client (behind fe1) pings it at a fixed interval; the lab reports the packets lost
+//! per move and the convergence of every move, from timestamps the agents and the controller
+//! take themselves (CLOCK_MONOTONIC, shared by every process on the host):
+//!
+//! convergence = the latest time any FE finished applying the new binding − the time the new FE
+//! captured the VM's gratuitous ARP.
+//!
+//! Two ways to switch the link (`--switch`):
+//! * `move` (BRIEF §3): the VM's link is moved from the old FE's namespace to the new one's
+//!   (break before make: while it moves no path to the VM exists), then the VM sends its GARP;
+//! * `clone`: make before break, like a migration whose destination is ready before the source
+//!   stops — a second link to the new FE appears first (same MAC and IP), the VM switches its
+//!   default route to it and sends its GARP, and the old link is removed once every FE converged.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use serde_json::Value;
+use victor_proto::clock::monotonic_ns;
+use victor_testkit::netns::NetNs;
+
+use super::agents::{Agent, AgentCommand, agent_get, wait_agent_ready};
+use super::controlplane::ControlPlane;
+use super::netlink::LinkSwitch;
+use super::probe::{FrameSender, Prober, Probes, garp_frame};
+use super::topology::{GATEWAY, GATEWAY_MAC, Topology, VM_PORT, VmSpec, attach_with};
+
+/// How the VM's link is switched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwitchMode {
+    /// Move the link between FE namespaces (break before make).
+    Move,
+    /// Add a link to the new FE first, switch, remove the old one after convergence.
+    Clone,
+}
+
+/// `victor-lab migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Number of moves (fe2 → fe3 → fe2 ...).
+    #[arg(long, default_value_t = 10)]
+    pub moves: usize,
+    /// Interval between the client's echo requests.
+    #[arg(long, default_value_t = 10)]
+    pub ping_interval_ms: u64,
+    /// etcd members: 0 = the controller's embedded store, 1 or 3.
+    #[arg(long, default_value_t = 1)]
+    pub etcd_members: usize,
+    /// Controller replicas (agents spread over them; >1 needs etcd).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// How the link is switched.
+    #[arg(long, value_enum, default_value = "move")]
+    pub switch: SwitchMode,
+    /// Pause after a move has converged before the next one (keeps moves apart in the ping log).
+    #[arg(long, default_value_t = 200)]
+    pub settle_ms: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Keep the lab's logs (controller, agents, etcd) in this directory.
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+}
+
+impl Default for MigrateArgs {
+    fn default() -> Self {
+        MigrateArgs {
+            moves: 10,
+            ping_interval_ms: 10,
+            etcd_members: 1,
+            replicas: 1,
+            switch: SwitchMode::Move,
+            settle_ms: 200,
+            json: false,
+            out: None,
+            log_dir: None,
+        }
+    }
+}
+
+/// p50 / p99 / max of a series (ms).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Summary {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile (nearest rank).
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Summary {
+    /// Summarises `values` (empty → zeros).
+    pub fn of(values: &[f64]) -> Summary {
+        if values.is_empty() {
+            return Summary::default();
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let rank = |q: f64| v[(((q * v.len() as f64).ceil() as usize).max(1) - 1).min(v.len() - 1)];
+        Summary { p50: round(rank(0.5)), p99: round(rank(0.99)), max: round(v[v.len() - 1]) }
+    }
+}
+
+fn round(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+/// What happened in one move.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveResult {
+    /// 1-based.
+    pub index: usize,
+    /// Old FE.
+    pub from: String,
+    /// New FE.
+    pub to: String,
+    /// The binding's move_seq after the move.
+    pub move_seq: u64,
+    /// Time the lab spent switching the link.
+    pub link_switch_ms: f64,
+    /// Gratuitous ARPs sent until the new FE claimed the VM.
+    pub garps_sent: u32,
+    /// Latest apply on any FE − capture on the new FE.
+    pub convergence_ms: f64,
+    /// Echo requests without a reply, sent from this move's start to the next one's.
+    pub lost: u32,
+    /// Of those, sent while the lab itself was switching the link.
+    pub lost_during_link_switch: u32,
+    /// Per-stage durations (ms) of this move.
+    pub stages_ms: BTreeMap<String, f64>,
+    /// When each FE finished applying the move, relative to the capture (ms).
+    pub applied_ms: BTreeMap<String, f64>,
+}
+
+/// The report of `victor-lab migrate` (BRIEF §4).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateReport {
+    /// Moves made.
+    pub moves: usize,
+    /// Echo interval.
+    pub ping_interval_ms: u64,
+    /// etcd members (0 = embedded store).
+    pub etcd_members: usize,
+    /// Controller replicas.
+    pub replicas: usize,
+    /// The data plane the agents chose.
+    pub dataplane: String,
+    /// How links were switched.
+    pub switch: SwitchMode,
+    /// Echo requests sent.
+    pub probes_sent: u32,
+    /// Echo requests lost over the whole run (after the first move started).
+    pub lost_total: u32,
+    /// The worst move.
+    pub lost_max_per_move: u32,
+    /// Lost while the lab itself was switching a link (no path can exist then in `move` mode).
+    pub lost_during_link_switch: u32,
+    /// Time the lab spent switching links.
+    pub link_switch_ms: Summary,
+    /// Convergence over the moves.
+    pub convergence_ms: Summary,
+    /// Per-stage breakdown over the moves.
+    pub stages_ms: BTreeMap<String, Summary>,
+    /// Each move.
+    pub per_move: Vec<MoveResult>,
+    /// The host's 1-minute load average at the end (the machine is shared and noisy).
+    pub load_avg_1m: f64,
+    /// The paper's figure for comparison: packets lost per handoff at a 10 ms ping interval.
+    pub paper_lost_per_move_at_10ms: &'static str,
+}
+
+/// Builds the lab, runs the experiment, tears everything down and returns the report.
+pub async fn run(args: &MigrateArgs) -> Result<MigrateReport> {
+    ensure!(args.moves >= 1, "--moves must be at least 1");
+    ensure!(args.ping_interval_ms >= 1, "--ping-interval-ms must be at least 1");
+    let log_dir = match &args.log_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tempfile::Builder::new().prefix("migrate-").tempdir_in(dir)?.keep()
+        }
+        None => tempfile::Builder::new().prefix("victor-lab-").tempdir()?.keep(),
+    };
+    let result = experiment(args, &log_dir).await;
+    if result.is_ok() && args.log_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&log_dir);
+    } else if result.is_err() {
+        eprintln!("victor-lab: logs kept in {}", log_dir.display());
+    }
+    result
+}
+
+async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<MigrateReport> {
+    let controller_bin = victor_testkit::workspace_binary("victor-controller");
+    let agent_bin = victor_testkit::workspace_binary("victor-fe-agent");
+    let namer = |role: &str| NetNs::new(&format!("vm{}", short(role)));
+    let mut topo = Topology::build(3, &namer)?;
+    let vm = VmSpec::numbered(1);
+    topo.add_vm(vm.clone(), 2, &namer)?;
+
+    // Flap damping would freeze a VM bouncing between two FEs every few hundred ms: the lab
+    // lifts it (it is tested on its own) so that every move is a real move.
+    let plane = ControlPlane::start(
+        &controller_bin,
+        dir,
+        args.etcd_members,
+        args.replicas,
+        &["--damping-max-moves", "1000000"],
+    )
+    .await?;
+    let netns_path = controller_netns()?;
+    let urls = plane.urls();
+    let mut agents = Vec::new();
+    for n in 1..=3 {
+        // Spread agents over the replicas (each still fails over to the others).
+        let mut ordered = urls.clone();
+        ordered.rotate_left((n - 1) % urls.len());
+        let argv =
+            AgentCommand { bin: &agent_bin, controllers: &ordered, controller_netns: &netns_path, extra: &[] }.argv(n);
+        agents.push(Agent::spawn(topo.fe(n), n, argv, dir)?);
+    }
+    for n in 1..=3 {
+        wait_agent_ready(topo.fe(n), &mut agents[n - 1], Duration::from_secs(30))?;
+    }
+    let dataplane = if agents[0].log_text().contains("chose tun")
+        || agents[0].log_text().contains("auto: the kernel has no ipip")
+    {
+        "tun (userspace IP-in-IP)".to_owned()
+    } else {
+        "kernel ipip".to_owned()
+    };
+
+    // The VM appears behind fe2.
+    let mut vm_if = "eth0".to_owned();
+    let mut port = vm.port.clone();
+    let mut sender = FrameSender::open(topo.vm(1), &vm_if)?;
+    let garp = garp_frame(&vm.mac, vm.ip)?;
+    sender.send(&garp)?;
+    let first = plane.wait_bound(vm.ip, "fe2", Duration::from_secs(10)).await?;
+    let mut move_seq = first.move_seq;
+    wait_applied(&topo, vm.ip, move_seq, Duration::from_secs(10)).await?;
+
+    let interval = Duration::from_millis(args.ping_interval_ms);
+    let prober = Prober::start(&topo.client, vm.ip, interval)?;
+    prober
+        .wait_replies_from(0, 20, Duration::from_secs(10))
+        .context("the VM does not answer the client before any move")?;
+
+    let switch = LinkSwitch::open(&topo)?;
+    let mut moves = Vec::new();
+    let mut at = 2usize;
+    for index in 1..=args.moves {
+        let to = if at == 2 { 3 } else { 2 };
+        let start_seq = prober.sent();
+        // ── switch the link ──
+        let (switch_start, switch_end) = match args.switch {
+            SwitchMode::Move => {
+                let prepared = switch.prepare(&vm.port, to).await?;
+                let t0 = monotonic_ns();
+                switch.attach(prepared).await?;
+                (t0, monotonic_ns())
+            }
+            SwitchMode::Clone => {
+                let new_if = if vm_if == "eth0" { "eth1" } else { "eth0" };
+                // The hypervisor-side names alternate too (v1h / v1i): both links exist for a while.
+                port = if port == vm.port { format!("{}i", vm.port.trim_end_matches('h')) } else { vm.port.clone() };
+                let spec = VmSpec { port: port.clone(), ..vm.clone() };
+                clone_link(topo.vm(1), new_if, &topo.hv, &spec, to)?;
+                let t0 = monotonic_ns();
+                topo.vm(1).ip(&["route", "replace", "default", "via", GATEWAY, "dev", new_if, "onlink"])?;
+                let t1 = monotonic_ns();
+                sender = FrameSender::open(topo.vm(1), new_if)?;
+                (t0, t1)
+            }
+        };
+        // ── the VM announces itself (a hypervisor repeats its announcement; so do we until the
+        //    controller moved the binding) ──
+        let target = format!("fe{to}");
+        let mut garps = 0u32;
+        let mut first_garp = 0u64;
+        let bound = loop {
+            let sent = sender.send(&garp)?;
+            if garps == 0 {
+                first_garp = sent;
+            }
+            garps += 1;
+            let poll_until = std::time::Instant::now() + Duration::from_millis(10);
+            let mut found = None;
+            while std::time::Instant::now() < poll_until {
+                if let Some(b) = plane.binding(vm.ip).await?
+                    && b.fe_id == target
+                    && b.move_seq > move_seq
+                {
+                    found = Some(b);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if let Some(b) = found {
+                break b;
+            }
+            ensure!(garps < 50, "move {index}: the VM was not bound to {target} after {garps} gratuitous ARPs");
+        };
+        move_seq = bound.move_seq;
+        let applied = wait_applied(&topo, vm.ip, move_seq, Duration::from_secs(10)).await?;
+        // The VM answers again and every FE points where it should.
+        let after = prober.sent();
+        prober
+            .wait_replies_from(after, 3, Duration::from_secs(5))
+            .with_context(|| format!("move {index}: the VM stopped answering after moving to {target}"))?;
+        check_forwarding(&topo, &vm, to, if to == 2 { 3 } else { 2 }, args.switch)?;
+        if args.switch == SwitchMode::Clone {
+            // Break after make: the old link goes once every FE has converged.
+            topo.vm(1).ip(&["link", "del", &vm_if])?;
+            vm_if = if vm_if == "eth0" { "eth1".into() } else { "eth0".into() };
+        }
+        tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+        moves.push(PendingMove {
+            index,
+            from: at,
+            to,
+            move_seq,
+            switch_start,
+            switch_end,
+            first_garp,
+            garps,
+            applied,
+            start_seq,
+        });
+        at = to;
+    }
+    // Let the last probes come back.
+    tokio::time::sleep(Duration::from_millis(300).max(interval * 5)).await;
+    let probes = prober.stop()?;
+    let traces = controller_traces(&plane, vm.ip).await?;
+    let load_avg_1m = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+
+    let mut per_move = Vec::new();
+    for (k, m) in moves.iter().enumerate() {
+        let end_seq = moves.get(k + 1).map(|n| n.start_seq).unwrap_or(probes.sent.saturating_sub(5));
+        per_move.push(m.result(&probes, end_seq, &traces, args.ping_interval_ms)?);
+    }
+    drop(agents);
+    drop(plane);
+    drop(topo);
+    Ok(report(args, dataplane, &probes, per_move, load_avg_1m))
+}
+
+/// A move whose numbers are computed once the run is over.
+struct PendingMove {
+    index: usize,
+    from: usize,
+    to: usize,
+    move_seq: u64,
+    switch_start: u64,
+    switch_end: u64,
+    first_garp: u64,
+    garps: u32,
+    applied: BTreeMap<usize, Value>,
+    start_seq: u32,
+}
+
+impl PendingMove {
+    fn result(&self, probes: &Probes, end_seq: u32, traces: &[Value], interval_ms: u64) -> Result<MoveResult> {
+        let new = &self.applied[&self.to];
+        let ns = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).filter(|t| *t > 0);
+        let captured = ns(new, "captured_mono_ns").with_context(|| {
+            format!("move {}: fe{} recorded no ARP capture for move_seq {}", self.index, self.to, self.move_seq)
+        })?;
+        let ms = |from: u64, to: u64| round((to as f64 - from as f64) / 1e6);
+        let mut applied_ms = BTreeMap::new();
+        let mut latest = 0u64;
+        for (fe, event) in &self.applied {
+            if let Some(t) = ns(event, "applied_mono_ns") {
+                applied_ms.insert(format!("fe{fe}"), ms(captured, t));
+                latest = latest.max(t);
+            }
+        }
+        let mut stages = BTreeMap::new();
+        let mut stage = |name: &str, from: Option<u64>, to: Option<u64>| {
+            if let (Some(a), Some(b)) = (from, to) {
+                stages.insert(name.to_owned(), ms(a, b));
+            }
+        };
+        stage("garp_to_capture", Some(self.first_garp), Some(captured));
+        stage("capture_to_local_install", Some(captured), ns(new, "provisional_applied_mono_ns"));
+        stage("capture_to_claim_sent", Some(captured), ns(new, "claim_sent_mono_ns"));
+        let trace = traces.iter().find(|t| {
+            t.get("move_seq").and_then(Value::as_u64) == Some(self.move_seq) && ns(t, "received_mono_ns").is_some()
+        });
+        if let Some(t) = trace {
+            stage("claim_rpc", ns(new, "claim_sent_mono_ns"), ns(t, "received_mono_ns"));
+            stage("store_commit", ns(t, "received_mono_ns"), ns(t, "committed_mono_ns"));
+            stage("watch_to_cache", ns(t, "committed_mono_ns"), ns(t, "cached_mono_ns"));
+            stage("cache_to_first_send", ns(t, "cached_mono_ns"), ns(t, "first_sent_mono_ns"));
+            stage("first_to_last_send", ns(t, "first_sent_mono_ns"), ns(t, "last_sent_mono_ns"));
+            let received = self.applied.values().filter_map(|e| ns(e, "delta_received_mono_ns")).max();
+            stage("stream_to_last_agent", ns(t, "first_sent_mono_ns"), received);
+        }
+        let apply = self
+            .applied
+            .values()
+            .filter_map(|e| Some(ns(e, "applied_mono_ns")? as f64 - ns(e, "delta_received_mono_ns")? as f64))
+            .fold(0.0f64, f64::max);
+        stages.insert("agent_apply_max".into(), round(apply / 1e6));
+        stages.insert("convergence".into(), ms(captured, latest));
+
+        let lost = probes.lost_seqs(self.start_seq, end_seq);
+        let window_start = self.switch_start.saturating_sub(interval_ms.min(1) * 1_000_000);
+        let during = lost
+            .iter()
+            .filter(|s| probes.sent_at.get(**s as usize).is_some_and(|t| *t >= window_start && *t <= self.switch_end))
+            .count() as u32;
+        Ok(MoveResult {
+            index: self.index,
+            from: format!("fe{}", self.from),
+            to: format!("fe{}", self.to),
+            move_seq: self.move_seq,
+            link_switch_ms: ms(self.switch_start, self.switch_end),
+            garps_sent: self.garps,
+            convergence_ms: ms(captured, latest),
+            lost: lost.len() as u32,
+            lost_during_link_switch: during,
+            stages_ms: stages,
+            applied_ms,
+        })
+    }
+}
+
+fn report(
+    args: &MigrateArgs,
+    dataplane: String,
+    probes: &Probes,
+    per_move: Vec<MoveResult>,
+    load_avg_1m: f64,
+) -> MigrateReport {
+    let collect = |f: &dyn Fn(&MoveResult) -> f64| per_move.iter().map(f).collect::<Vec<_>>();
+    let mut stage_names: Vec<String> = per_move.iter().flat_map(|m| m.stages_ms.keys().cloned()).collect();
+    stage_names.sort();
+    stage_names.dedup();
+    let stages_ms = stage_names
+        .into_iter()
+        .map(|name| {
+            let values: Vec<f64> = per_move.iter().filter_map(|m| m.stages_ms.get(&name).copied()).collect();
+            (name, Summary::of(&values))
+        })
+        .collect();
+    MigrateReport {
+        moves: per_move.len(),
+        ping_interval_ms: args.ping_interval_ms,
+        etcd_members: args.etcd_members,
+        replicas: args.replicas,
+        dataplane,
+        switch: args.switch,
+        probes_sent: probes.sent,
+        lost_total: per_move.iter().map(|m| m.lost).sum(),
+        lost_max_per_move: per_move.iter().map(|m| m.lost).max().unwrap_or(0),
+        lost_during_link_switch: per_move.iter().map(|m| m.lost_during_link_switch).sum(),
+        link_switch_ms: Summary::of(&collect(&|m| m.link_switch_ms)),
+        convergence_ms: Summary::of(&collect(&|m| m.convergence_ms)),
+        stages_ms,
+        per_move,
+        load_avg_1m,
+        paper_lost_per_move_at_10ms: "1-2 (Hao et al. §5, physical host moved between access points)",
+    }
+}
+
+/// Prints the report as a table (or JSON) and writes `--out`.
+pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    if let Some(path) = &args.out {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?;
+    }
+    if args.json {
+        println!("{json}");
+        return Ok(());
+    }
+    println!(
+        "victor-lab migrate: {} moves ({} switch), ping every {} ms, etcd members {}, {} replica(s), data plane {}",
+        report.moves,
+        args.switch.as_str(),
+        report.ping_interval_ms,
+        report.etcd_members,
+        report.replicas,
+        report.dataplane
+    );
+    println!(
+        "{:>4}  {:<10} {:>9} {:>6} {:>14} {:>5} {:>13}",
+        "move", "from→to", "move_seq", "garps", "convergence", "lost", "link switch"
+    );
+    for m in &report.per_move {
+        println!(
+            "{:>4}  {:<10} {:>9} {:>6} {:>11.3} ms {:>5} {:>10.3} ms",
+            m.index,
+            format!("{}→{}", m.from, m.to),
+            m.move_seq,
+            m.garps_sent,
+            m.convergence_ms,
+            m.lost,
+            m.link_switch_ms
+        );
+    }
+    let c = report.convergence_ms;
+    println!(
+        "lost: {} in total, at most {} per move ({} while the lab was switching the link); convergence p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        report.lost_total, report.lost_max_per_move, report.lost_during_link_switch, c.p50, c.p99, c.max
+    );
+    println!("stages (p50 ms):");
+    for (name, s) in &report.stages_ms {
+        println!("  {name:<24} {:>8.3}", s.p50);
+    }
+    println!("paper (§5): {} packets lost per move at a 10 ms ping interval", report.paper_lost_per_move_at_10ms);
+    Ok(())
+}
+
+impl SwitchMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            SwitchMode::Move => "move",
+            SwitchMode::Clone => "clone",
+        }
+    }
+}
+
+/// Adds the VM's second link (same MAC and IP, a /32 so both can coexist until the old one is
+/// removed) on FE `fe`'s bridge; the VM keeps its gateway's MAC (the shared virtual router MAC), as
+/// a migrated VM keeps its ARP cache.
+fn clone_link(vm_ns: &NetNs, new_if: &str, hv: &NetNs, spec: &VmSpec, fe: usize) -> Result<()> {
+    attach_with(vm_ns, new_if, hv, spec, fe, &format!("{}/32", spec.ip))?;
+    vm_ns.ip(&["neigh", "replace", GATEWAY, "lladdr", GATEWAY_MAC, "dev", new_if, "nud", "permanent"])?;
+    Ok(())
+}
+
+/// Waits until every FE's agent has applied binding version `move_seq` of `ip`; returns each
+/// agent's event for it (keyed by FE number).
+async fn wait_applied(
+    topo: &Topology,
+    ip: Ipv4Addr,
+    move_seq: u64,
+    timeout: Duration,
+) -> Result<BTreeMap<usize, Value>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut events = BTreeMap::new();
+        for n in 1..=topo.fes.len() {
+            let (_, body) = agent_get(topo.fe(n), &format!("/debug/events?vm={ip}"))?;
+            let list: Value = serde_json::from_str(&body).with_context(|| format!("fe{n} /debug/events: {body}"))?;
+            if let Some(e) = list.as_array().and_then(|a| {
+                a.iter().find(|e| {
+                    e.get("move_seq").and_then(Value::as_u64) == Some(move_seq)
+                        && e.get("applied_mono_ns").and_then(Value::as_u64).unwrap_or(0) > 0
+                })
+            }) {
+                events.insert(n, e.clone());
+            }
+        }
+        if events.len() == topo.fes.len() {
+            return Ok(events);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "binding {ip} move_seq {move_seq} applied only by {:?} after {timeout:?}",
+                events.keys().collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// After a move to FE `to`: `to` delivers the VM on its port (host route with VICTOR's protocol),
+/// the old FE `old` no longer does, and the client's FE (fe1) has no local route for it.
+fn check_forwarding(topo: &Topology, vm: &VmSpec, to: usize, old: usize, mode: SwitchMode) -> Result<()> {
+    let host = format!("{}/32", vm.ip);
+    let new_routes = topo.routes(to, &[&host, "proto", "158"])?;
+    ensure!(
+        new_routes.contains(&format!(" dev {VM_PORT}")),
+        "fe{to} has no host route to {} on a VM port: {new_routes:?}",
+        vm.ip
+    );
+    for n in [1, old] {
+        let routes = topo.routes(n, &[&host])?;
+        ensure!(routes.trim().is_empty(), "fe{n} still routes {} locally after the move ({mode:?}): {routes:?}", vm.ip);
+    }
+    Ok(())
+}
+
+async fn controller_traces(plane: &ControlPlane, ip: Ipv4Addr) -> Result<Vec<Value>> {
+    let mut all = Vec::new();
+    for replica in &plane.replicas {
+        let (_, body) = victor_testkit::http::get(replica.http, &format!("/debug/moves?vm={ip}")).await?;
+        if let Value::Array(list) = serde_json::from_str(&body).with_context(|| format!("/debug/moves: {body}"))? {
+            all.extend(list);
+        }
+    }
+    Ok(all)
+}
+
+/// The path agents use to reach the controllers on the host's loopback (`--controller-netns`).
+pub fn controller_netns() -> Result<String> {
+    let me = std::fs::metadata("/proc/self/ns/net")?;
+    let init = std::fs::metadata("/proc/1/ns/net");
+    use std::os::unix::fs::MetadataExt;
+    // /proc/1/ns/net stays valid after we exit (victor-lab up); fall back to our own namespace.
+    if init.is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev()) {
+        Ok("/proc/1/ns/net".into())
+    } else {
+        Ok(format!("/proc/{}/ns/net", std::process::id()))
+    }
+}
+
+/// A short namespace prefix for a role (`client` → `c`, `fe2` → `2`, `vm1` → `v1`).
+fn short(role: &str) -> String {
+    match role {
+        "client" => "c".into(),
+        "ul" => "u".into(),
+        r if r.starts_with("fe") => r[2..].to_owned(),
+        r if r.starts_with("vm") => format!("v{}", &r[2..]),
+        r => r.chars().take(2).collect(),
+    }
+}

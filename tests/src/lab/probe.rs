@@ -1,0 +1,224 @@
+//! Measuring instruments of the lab, both resident in a namespace so they add no start-up delay:
+//! * [`Prober`] — ICMP echo requests at exact intervals from the client, replies counted by
+//!   sequence number, each send time recorded (iputils `ping -i 0.01` really sends every ~16 ms
+//!   and slows down while replies are missing, so it under-counts loss);
+//! * [`FrameSender`] — the VM's gratuitous ARP from an AF_PACKET socket opened once (opening one
+//!   per move would add a syscall storm, and `arping` takes 35–70 ms to start), timestamped.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+use victor_dataplane::arp_io::ArpSender;
+use victor_dataplane::packet::arp::{ArpOp, MacAddr, build_frame, gratuitous};
+use victor_dataplane::packet::{icmp, ipv4};
+use victor_proto::clock::monotonic_ns;
+use victor_testkit::netns::NetNs;
+
+/// What a prober saw.
+#[derive(Debug, Default, Clone)]
+pub struct Probes {
+    /// Requests sent (sequence numbers 0..sent).
+    pub sent: u32,
+    /// Send time of each request (CLOCK_MONOTONIC ns), by sequence number.
+    pub sent_at: Vec<u64>,
+    /// Sequence numbers that got a reply.
+    pub replied: BTreeSet<u32>,
+}
+
+impl Probes {
+    /// Requests without a reply, ignoring the last `grace` (still in flight).
+    pub fn lost(&self, grace: u32) -> u32 {
+        self.lost_seqs(0, self.sent.saturating_sub(grace)).len() as u32
+    }
+
+    /// Unanswered sequence numbers in `from..to`.
+    pub fn lost_seqs(&self, from: u32, to: u32) -> Vec<u32> {
+        (from..to.min(self.sent)).filter(|s| !self.replied.contains(s)).collect()
+    }
+
+    /// Replies to requests sent at or after `seq`.
+    pub fn replies_from(&self, seq: u32) -> usize {
+        self.replied.range(seq..).count()
+    }
+
+    /// The first sequence number sent at or after `mono_ns`.
+    pub fn first_sent_after(&self, mono_ns: u64) -> u32 {
+        self.sent_at.partition_point(|t| *t < mono_ns) as u32
+    }
+}
+
+/// Sends ICMP echo requests at exact intervals from a namespace and counts replies by sequence.
+pub struct Prober {
+    stop: Arc<AtomicBool>,
+    state: Arc<Mutex<Probes>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Prober {
+    /// Starts probing `dst` from `ns` every `interval`.
+    pub fn start(ns: &NetNs, dst: Ipv4Addr, interval: Duration) -> Result<Prober> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(Mutex::new(Probes::default()));
+        let ident = (std::process::id() as u16) ^ rand::random::<u16>();
+        let (stop2, state2) = (stop.clone(), state.clone());
+        let thread = ns.spawn_thread("prober", move || -> Result<()> {
+            let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+            sock.set_read_timeout(Some(Duration::from_micros(200)))?;
+            let dst_addr = SocketAddr::from((dst, 0)).into();
+            let mut next = Instant::now();
+            let mut seq: u32 = 0;
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+            while !stop2.load(Ordering::Relaxed) {
+                if Instant::now() >= next {
+                    let msg = icmp::echo(icmp::TYPE_ECHO_REQUEST, ident, seq as u16, &[0x5a; 56]);
+                    let at = monotonic_ns();
+                    let _ = sock.send_to(&msg, &dst_addr);
+                    let mut s = state2.lock().expect("probes");
+                    s.sent = seq + 1;
+                    s.sent_at.push(at);
+                    drop(s);
+                    seq += 1;
+                    next += interval;
+                }
+                let Ok(n) = sock.recv(&mut buf) else { continue };
+                // SAFETY: recv initialised the first n bytes.
+                let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+                let Ok(h) = ipv4::parse(&data) else { continue };
+                let m = &data[h.header_len..];
+                if m.len() >= 8 && m[0] == icmp::TYPE_ECHO_REPLY && m[4..6] == ident.to_be_bytes() {
+                    let low = u16::from_be_bytes([m[6], m[7]]) as u32;
+                    // Rebuild the full sequence number from its low 16 bits (sent recently).
+                    let full = (seq.saturating_sub(1) & !0xffff) | low;
+                    let full = if full > seq { full.saturating_sub(0x10000) } else { full };
+                    state2.lock().expect("probes").replied.insert(full);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Prober { stop, state, thread: Some(thread) })
+    }
+
+    /// What was seen so far.
+    pub fn probes(&self) -> Probes {
+        self.state.lock().expect("probes").clone()
+    }
+
+    /// Requests sent so far.
+    pub fn sent(&self) -> u32 {
+        self.state.lock().expect("probes").sent
+    }
+
+    /// Waits until at least `n` replies to requests sent at or after `seq` arrived.
+    pub fn wait_replies_from(&self, seq: u32, n: usize, timeout: Duration) -> Result<()> {
+        wait("echo replies", timeout, || self.probes().replies_from(seq) >= n)
+    }
+
+    /// Stops and returns everything seen.
+    pub fn stop(mut self) -> Result<Probes> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().map_err(|_| anyhow::anyhow!("prober panicked"))??;
+        }
+        Ok(self.probes())
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A gratuitous ARP frame for `ip` at `mac`.
+pub fn garp_frame(mac: &str, ip: Ipv4Addr) -> Result<Vec<u8>> {
+    let mac: MacAddr = mac.parse().map_err(|_| anyhow::anyhow!("bad MAC {mac}"))?;
+    Ok(build_frame(&gratuitous(mac, ip, ArpOp::Request, None)))
+}
+
+/// A frame to send and where to answer with its send time.
+type SendJob = (Vec<u8>, mpsc::Sender<Result<u64>>);
+
+/// Sends frames out of one interface of a namespace from a resident thread.
+pub struct FrameSender {
+    tx: Option<mpsc::Sender<SendJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FrameSender {
+    /// Opens the sender on `ifname` inside `ns`.
+    pub fn open(ns: &NetNs, ifname: &str) -> Result<FrameSender> {
+        let (tx, rx) = mpsc::channel::<SendJob>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let ifname = ifname.to_owned();
+        let thread = ns.spawn_thread("frames", move || {
+            let sender = match ArpSender::open(&ifname) {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("open AF_PACKET on {ifname}: {e}")));
+                    return;
+                }
+            };
+            for (frame, reply) in rx {
+                let at = monotonic_ns();
+                let _ = reply.send(sender.send_raw(&frame).map(|()| at).context("send frame"));
+            }
+        })?;
+        ready_rx.recv().context("GARP sender thread died")??;
+        Ok(FrameSender { tx: Some(tx), thread: Some(thread) })
+    }
+
+    /// Sends `frame` now; returns the CLOCK_MONOTONIC ns just before the send.
+    pub fn send(&self, frame: &[u8]) -> Result<u64> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.tx
+            .as_ref()
+            .context("sender closed")?
+            .send((frame.to_vec(), reply_tx))
+            .context("GARP sender thread died")?;
+        reply_rx.recv().context("GARP sender thread died")?
+    }
+}
+
+impl Drop for FrameSender {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one gratuitous ARP for `ip` at `mac` out of `ifname` in `ns` (opens a socket each time:
+/// for tests, not for timing).
+pub fn send_garp(ns: &NetNs, ifname: &str, mac: &str, ip: Ipv4Addr) -> Result<()> {
+    send_frames(ns, ifname, vec![garp_frame(mac, ip)?])
+}
+
+/// Sends `frames` out of `ifname` in `ns`, back to back.
+pub fn send_frames(ns: &NetNs, ifname: &str, frames: Vec<Vec<u8>>) -> Result<()> {
+    let sender = FrameSender::open(ns, ifname)?;
+    frames.iter().try_for_each(|f| sender.send(f).map(drop))
+}
+
+/// Polls `check` every 5 ms until it holds.
+pub fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    anyhow::bail!("timed out after {timeout:?} waiting for {what}")
+}

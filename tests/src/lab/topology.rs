@@ -1,0 +1,189 @@
+//! The lab's network (BRIEF §3), in namespaces:
+//!
+//! ```text
+//!                                                    fe2 ─vmnet─┐        hv: br2 ─ v1h ── vm1 (10.10.0.11)
+//!  client ──(192.0.2.0/24)── fe1 ══ ul: bridge ══╡                 ├── (hypervisor)
+//!                                  198.51.100.0/24   fe3 ─vmnet─┘        hv: br3   (v1h after a move)
+//! ```
+//! `client` reaches the VMs through fe1 (its ingress FE); every FE has its own underlay address on
+//! a bridge in the `ul` namespace. VMs run "on a hypervisor" (`hv`): each VM's link is a port of
+//! the bridge that belongs to the FE it sits behind (`br<n>`, uplinked to that FE's `vmnet`
+//! port). A move re-attaches the VM's port to the other FE's bridge — a hypervisor's vswitch
+//! reconnecting a migrated vNIC — so the FEs' VM ports always exist and the switch itself is one
+//! netlink call. Outbound traffic from a VM leaves at its own FE straight towards the client
+//! network (no triangle through the ingress FE). Everything lives in namespaces this value owns:
+//! dropping it deletes them (links die with them).
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use victor_testkit::netns::{NetNs, Veth};
+
+/// The client's address.
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// fe1's address on the client network.
+pub const CLIENT_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The client network.
+pub const CLIENT_NET: &str = "192.0.2.0/24";
+/// The mobile prefix of the lab.
+pub const MOBILE: &str = "10.10.0.0/16";
+/// The VMs' default gateway (answered by whichever FE a VM sits behind).
+pub const GATEWAY: &str = "10.10.0.1";
+/// The shared virtual router MAC every FE uses on its VM ports (so a VM keeps its gateway's MAC).
+pub const GATEWAY_MAC: &str = "02:00:5e:10:00:01";
+
+/// Underlay address of FE `n`.
+pub fn fe_addr(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, n as u8)
+}
+
+/// Name of every FE's VM-facing port (matches the agents' `--vm-port vm*`).
+pub const VM_PORT: &str = "vmnet";
+
+/// A VM of the lab.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Its address (inside [`MOBILE`], on a /24 with [`GATEWAY`]).
+    pub ip: Ipv4Addr,
+    /// Its MAC.
+    pub mac: String,
+    /// Name of its link's hypervisor-side end.
+    pub port: String,
+}
+
+impl VmSpec {
+    /// VM number `i` (1-based): 10.10.0.(10+i), MAC 02:00:00:00:00:(10+i), hypervisor port `v<i>h`.
+    pub fn numbered(i: usize) -> VmSpec {
+        let host = 10 + i as u8;
+        VmSpec { ip: Ipv4Addr::new(10, 10, 0, host), mac: format!("02:00:00:00:00:{host:02x}"), port: format!("v{i}h") }
+    }
+}
+
+/// The namespaces of the lab (every link lives inside them and dies with them).
+pub struct Topology {
+    /// The client.
+    pub client: NetNs,
+    /// The underlay (a bridge joining every FE).
+    pub ul: NetNs,
+    /// The hypervisor: one bridge per FE (`br<n>`), uplinked to the FE's `vmnet` port.
+    pub hv: NetNs,
+    /// fe1, fe2, ... (index = FE number − 1).
+    pub fes: Vec<NetNs>,
+    /// The VMs (index = VM number − 1).
+    pub vms: Vec<NetNs>,
+    /// Their specs.
+    pub vm_specs: Vec<VmSpec>,
+    /// Which FE each VM's link is attached to now.
+    pub vm_at: Vec<usize>,
+}
+
+/// How namespaces are named: unique per run (tests) or fixed per lab name (`victor-lab up`).
+pub type Namer<'a> = &'a dyn Fn(&str) -> Result<NetNs>;
+
+impl Topology {
+    /// Builds client, underlay and `fes` FEs (no VMs yet). `namer` creates each namespace from a
+    /// role name (`client`, `ul`, `fe1`, ...).
+    pub fn build(fes: usize, namer: Namer<'_>) -> Result<Topology> {
+        victor_testkit::require_root("the VICTOR lab");
+        let client = namer("client")?;
+        let ul = namer("ul")?;
+        let hv = namer("hv")?;
+        let fe_ns = (1..=fes).map(|i| namer(&format!("fe{i}"))).collect::<Result<Vec<_>>>()?;
+        let topo = Topology { client, ul, hv, fes: fe_ns, vms: Vec::new(), vm_specs: Vec::new(), vm_at: Vec::new() };
+        topo.ul.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // Bridged underlay frames must not go through the host's netfilter (br_netfilter).
+        let _ = topo.ul.sysctl("net.bridge.bridge-nf-call-iptables", "0");
+        topo.ul.link_up("br0")?;
+        for i in 1..=fes {
+            let port = format!("p{i}");
+            let _link = Veth::create(&topo.fes[i - 1], "ul0", &topo.ul, &port)?;
+            topo.ul.ip(&["link", "set", &port, "master", "br0"])?;
+            let fe = &topo.fes[i - 1];
+            fe.add_addr("ul0", &format!("{}/24", fe_addr(i)))?;
+            fe.enable_forwarding()?;
+            if i > 1 {
+                // Outbound traffic leaves at the VM's FE straight over the underlay (no triangle).
+                fe.route(&[CLIENT_NET, "via", &fe_addr(1).to_string()])?;
+                // The FE's VM segment: a port to its bridge on the hypervisor.
+                let (bridge, uplink) = (format!("br{i}"), format!("up{i}"));
+                topo.hv.ip(&["link", "add", &bridge, "type", "bridge"])?;
+                topo.hv.link_up(&bridge)?;
+                let _link = Veth::create(fe, VM_PORT, &topo.hv, &uplink)?;
+                topo.hv.ip(&["link", "set", &uplink, "master", &bridge])?;
+            }
+        }
+        let _link = Veth::create(&topo.client, "eth0", &topo.fes[0], "cl0")?;
+        topo.client.add_addr("eth0", &format!("{CLIENT}/24"))?;
+        topo.client.route(&["default", "via", &CLIENT_GATEWAY.to_string()])?;
+        topo.fes[0].add_addr("cl0", &format!("{CLIENT_GATEWAY}/24"))?;
+        Ok(topo)
+    }
+
+    /// FE `n` (1-based).
+    pub fn fe(&self, n: usize) -> &NetNs {
+        &self.fes[n - 1]
+    }
+
+    /// VM `i` (1-based).
+    pub fn vm(&self, i: usize) -> &NetNs {
+        &self.vms[i - 1]
+    }
+
+    /// Adds a VM in its own namespace (named by `namer("vm<i>")`) behind FE `fe` (≥ 2):
+    /// interface `eth0` with the VM's MAC and IP/24, default route via the gateway, its
+    /// hypervisor port on `br<fe>`. Returns its number.
+    pub fn add_vm(&mut self, spec: VmSpec, fe: usize, namer: Namer<'_>) -> Result<usize> {
+        let i = self.vms.len() + 1;
+        let ns = namer(&format!("vm{i}"))?;
+        attach(&ns, "eth0", &self.hv, &spec, fe)?;
+        ns.route(&["default", "via", GATEWAY])?;
+        self.vms.push(ns);
+        self.vm_specs.push(spec);
+        self.vm_at.push(fe);
+        Ok(i)
+    }
+
+    /// Re-attaches VM `i`'s link to FE `to`'s bridge with an `ip` command (the experiment uses
+    /// [`super::netlink::LinkSwitch`], which does not fork).
+    pub fn move_vm_link(&mut self, i: usize, to: usize) -> Result<()> {
+        self.hv.ip(&["link", "set", &self.vm_specs[i - 1].port, "master", &format!("br{to}")])?;
+        self.vm_at[i - 1] = to;
+        Ok(())
+    }
+
+    /// `ip route show <args>` in FE `n`.
+    pub fn routes(&self, n: usize, args: &[&str]) -> Result<String> {
+        let mut full = vec!["route", "show"];
+        full.extend_from_slice(args);
+        self.fe(n).ip(&full)
+    }
+
+    /// Every namespace's name.
+    pub fn namespace_names(&self) -> Vec<String> {
+        let mut names = vec![self.client.name().to_owned(), self.ul.name().to_owned(), self.hv.name().to_owned()];
+        names.extend(self.fes.iter().chain(&self.vms).map(|ns| ns.name().to_owned()));
+        names
+    }
+
+    /// Keeps every namespace after drop (`victor-lab up`).
+    pub fn make_persistent(&mut self) {
+        for ns in [&mut self.client, &mut self.ul, &mut self.hv].into_iter().chain(&mut self.fes).chain(&mut self.vms) {
+            ns.make_persistent();
+        }
+    }
+}
+
+/// Creates VM interface `vm_if` in `vm_ns` with the VM's MAC and IP/24, linked to `spec.port` on
+/// the hypervisor, attached to FE `fe`'s bridge (both ends live in lab namespaces).
+pub fn attach(vm_ns: &NetNs, vm_if: &str, hv: &NetNs, spec: &VmSpec, fe: usize) -> Result<()> {
+    attach_with(vm_ns, vm_if, hv, spec, fe, &format!("{}/24", spec.ip))
+}
+
+/// [`attach`] with an explicit address (`clone` switches add a /32 second link).
+pub fn attach_with(vm_ns: &NetNs, vm_if: &str, hv: &NetNs, spec: &VmSpec, fe: usize, cidr: &str) -> Result<()> {
+    let _link = Veth::create(vm_ns, vm_if, hv, &spec.port)?;
+    vm_ns.ip(&["link", "set", vm_if, "address", &spec.mac])?;
+    vm_ns.add_addr(vm_if, cidr)?;
+    hv.ip(&["link", "set", &spec.port, "master", &format!("br{fe}")])?;
+    Ok(())
+}
