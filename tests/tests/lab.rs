@@ -1,0 +1,129 @@
+//! The migration testbed end to end (short runs; numbers are benchmark output, not assertions):
+//! the VM answers after every move and every FE points at the right place (checked inside each
+//! move by `migrate::run`), and the report has every field with sane values — with a 1-member
+//! etcd and with the embedded store, in both switch modes. `victor-lab up`/`down` leave nothing
+//! behind, also when a process of the lab died.
+
+use std::process::Command;
+use std::time::Duration;
+
+use victor_tests::lab::migrate::{self, MigrateArgs, MigrateReport, SwitchMode};
+use victor_tests::lab::state::LabState;
+
+fn check(report: &MigrateReport, args: &MigrateArgs) {
+    assert_eq!(report.moves, args.moves);
+    assert_eq!(
+        (report.ping_interval_ms, report.etcd_members, report.switch),
+        (args.ping_interval_ms, args.etcd_members, args.switch)
+    );
+    assert!(report.dataplane.starts_with("tun"), "this kernel has no ipip module: {}", report.dataplane);
+    assert!(report.probes_sent as u64 > 50, "{} probes", report.probes_sent);
+    assert!(report.lost_max_per_move <= report.lost_total && report.lost_during_link_switch <= report.lost_total);
+    for (i, m) in report.per_move.iter().enumerate() {
+        let (from, to) = if i % 2 == 0 { ("fe2", "fe3") } else { ("fe3", "fe2") };
+        assert_eq!((m.from.as_str(), m.to.as_str()), (from, to), "move {}", m.index);
+        assert_eq!(m.move_seq, i as u64 + 1, "each move increments move_seq by one");
+        assert!(
+            m.convergence_ms > 0.0 && m.convergence_ms < 5_000.0,
+            "move {}: convergence {} ms",
+            m.index,
+            m.convergence_ms
+        );
+        assert!(m.link_switch_ms > 0.0, "move {}: link switch not measured", m.index);
+        assert_eq!(m.applied_ms.len(), 3, "move {}: every FE applied it: {:?}", m.index, m.applied_ms);
+        for stage in ["capture_to_local_install", "capture_to_claim_sent", "claim_rpc", "store_commit", "convergence"] {
+            let v = m
+                .stages_ms
+                .get(stage)
+                .unwrap_or_else(|| panic!("move {}: stage {stage} missing: {:?}", m.index, m.stages_ms));
+            assert!(*v >= 0.0 && *v < 5_000.0, "move {}: {stage} = {v} ms", m.index);
+        }
+        // Make-before-break on the new FE: the local route went in before the claim was answered.
+        assert!(m.stages_ms["capture_to_local_install"] <= m.convergence_ms);
+    }
+    let c = report.convergence_ms;
+    assert!(c.p50 > 0.0 && c.p50 <= c.p99 && c.p99 <= c.max);
+    let json: serde_json::Value = serde_json::to_value(report).unwrap();
+    for key in [
+        "moves",
+        "ping_interval_ms",
+        "etcd_members",
+        "dataplane",
+        "lost_total",
+        "lost_max_per_move",
+        "link_switch_ms",
+        "convergence_ms",
+        "stages_ms",
+    ] {
+        assert!(json.get(key).is_some(), "JSON lacks {key}");
+    }
+    for key in ["p50", "p99", "max"] {
+        assert!(json["convergence_ms"].get(key).is_some() && json["link_switch_ms"].get(key).is_some());
+    }
+}
+
+async fn run(etcd_members: usize, switch: SwitchMode) {
+    victor_testkit::require_root("the migration lab");
+    let args =
+        MigrateArgs { moves: 3, ping_interval_ms: 10, etcd_members, switch, settle_ms: 100, ..MigrateArgs::default() };
+    let report = migrate::run(&args).await.expect("migrate");
+    println!("{}", serde_json::to_string(&report).unwrap());
+    check(&report, &args);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_with_one_member_etcd() {
+    run(1, SwitchMode::Move).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_with_the_embedded_store_make_before_break() {
+    run(0, SwitchMode::Clone).await;
+}
+
+#[test]
+fn up_then_down_leaves_nothing_even_after_a_process_died() {
+    victor_testkit::require_root("victor-lab up");
+    let lab = env!("CARGO_BIN_EXE_victor-lab");
+    let name = victor_testkit::unique_name("vlt");
+    let out = Command::new(lab).args(["up", "--name", &name, "--etcd-members", "0"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "up failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("{name}-client")) && stdout.contains("victorctl --controller"), "{stdout}");
+    let state = LabState::load(&name).unwrap().expect("up records its state");
+    let namespaces = victor_testkit::netns::list_namespaces().unwrap();
+    for ns in &state.namespaces {
+        assert!(namespaces.contains(ns), "namespace {ns} missing while up");
+    }
+    assert!(state.processes.len() >= 4, "controller and three agents: {:?}", state.processes);
+    // The lab works while up: the VM answers the client through fe1's tunnel.
+    let mut client = victor_testkit::netns::NetNs::adopt(&format!("{name}-client"));
+    client.make_persistent();
+    let prober =
+        victor_tests::lab::probe::Prober::start(&client, "10.10.0.11".parse().unwrap(), Duration::from_millis(10))
+            .unwrap();
+    prober.wait_replies_from(0, 5, Duration::from_secs(10)).expect("the VM answers while the lab is up");
+    drop(prober);
+    // One agent dies on its own; down still removes everything else.
+    let agent = state.processes.iter().find(|p| p.role == "agent1").unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let out = Command::new(lab).args(["down", "--name", &name]).output().unwrap();
+    assert!(out.status.success(), "down failed: {}", String::from_utf8_lossy(&out.stderr));
+    let namespaces = victor_testkit::netns::list_namespaces().unwrap();
+    for ns in &state.namespaces {
+        assert!(!namespaces.contains(ns), "namespace {ns} left behind");
+    }
+    for p in &state.processes {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{}", p.pid)).exists()
+                || std::fs::read_link(format!("/proc/{}/exe", p.pid)).ok() != Some(p.exe.clone()),
+            "{} (pid {}) still runs",
+            p.role,
+            p.pid
+        );
+    }
+    assert!(LabState::load(&name).unwrap().is_none(), "the record is removed");
+    let again = Command::new(lab).args(["down", "--name", &name]).output().unwrap();
+    assert!(again.status.success() && String::from_utf8_lossy(&again.stdout).contains("no lab"));
+}
