@@ -22,7 +22,7 @@ use crate::lease::KeptLease;
 use crate::records::{ReplicaRecord, now_unix_nanos};
 
 /// Keys read per page when listing.
-const PAGE: usize = 10_000;
+const PAGE: usize = 100_000;
 
 /// How this replica announces itself (its presence key doubles as the load fence).
 pub struct Presence<S: Store> {

@@ -22,6 +22,20 @@ use crate::trace::MoveTraces;
 /// How long a resume from a revision ahead of this replica's cache may wait for the cache.
 const CATCH_UP: Duration = Duration::from_secs(3);
 
+/// Delta messages per second a replica aims to stay under when every stream is busy. Every
+/// message costs a wake-up, HTTP/2 framing and a `writev` whatever its size, so under churn a
+/// stream that has just sent waits `streams / FANOUT_MESSAGES_PER_S` before its next delta and
+/// folds everything that arrived meanwhile into it. An idle stream sends at once: pacing only
+/// applies to the second message of a burst (60 µs with 3 streams, 10 ms with 1,000).
+const FANOUT_MESSAGES_PER_S: f64 = 100_000.0;
+/// Upper bound of the pacing gap.
+const MAX_PACING: Duration = Duration::from_millis(20);
+
+/// The gap between two delta messages of one stream, for `streams` streams on this replica.
+fn pacing(streams: i64) -> Duration {
+    Duration::from_secs_f64(streams.max(1) as f64 / FANOUT_MESSAGES_PER_S).min(MAX_PACING)
+}
+
 /// Everything a stream task needs.
 #[derive(Clone)]
 pub struct SyncContext {
@@ -68,10 +82,16 @@ async fn run(
         ctx.cache.wait_for(cursor, CATCH_UP).await;
     }
     let mut need_snapshot = cursor == 0 || cursor > ctx.cache.revision();
+    let mut next_delta = tokio::time::Instant::now();
     loop {
         if need_snapshot {
             cursor = send_snapshot(ctx, tx, &mut first).await?;
             need_snapshot = false;
+        }
+        if ctx.cache.revision() > cursor {
+            // Changes are waiting: respect the pacing gap after the previous delta, so that
+            // everything arriving meanwhile goes into one message.
+            tokio::time::sleep_until(next_delta).await;
         }
         let idle_revision = match ctx.cache.since(cursor) {
             Since::TooOld { floor } => {
@@ -85,6 +105,7 @@ async fn run(
             }
             Since::Frames { frames, revision } if !frames.is_empty() => {
                 cursor = send_deltas(ctx, tx, cursor, &frames, revision, &mut first).await?;
+                next_delta = tokio::time::Instant::now() + pacing(ctx.metrics.agent_streams.get());
                 continue;
             }
             // No frame in (cursor, revision]: a heartbeat may advance the agent to `revision`.
@@ -109,14 +130,48 @@ async fn run(
     }
 }
 
+/// A binding as copied for a snapshot.
+struct SnapshotEntry {
+    ip: IpAddr,
+    fe_id: Arc<str>,
+    mac: victor_proto::Mac,
+    move_seq: u64,
+    revision: Revision,
+}
+
+impl SnapshotEntry {
+    fn to_wire(&self) -> victor_proto::v1::BindingEntry {
+        victor_proto::v1::BindingEntry {
+            vm_ip: ip_to_bytes(self.ip),
+            fe_id: self.fe_id.to_string(),
+            mac: self.mac.octets().to_vec(),
+            move_seq: self.move_seq,
+            revision: self.revision,
+        }
+    }
+}
+
 async fn send_snapshot(
     ctx: &SyncContext,
     tx: &mpsc::Sender<Result<SyncUpdate, Status>>,
     first: &mut bool,
 ) -> Result<Revision, Closed> {
+    // Only what the agents need is copied under the read lock (not whole views with their damping
+    // history), so a snapshot of a million bindings holds up the cache's writer briefly; the wire
+    // messages are built after the lock is released.
     let ((fes, bindings), revision) = ctx.cache.read_with_revision(|s| {
         let fes: Vec<_> = s.fes.values().map(convert::fe_entry).collect();
-        let bindings: Vec<_> = s.bindings.iter().map(|(ip, b)| (*ip, b.clone())).collect();
+        let bindings: Vec<SnapshotEntry> = s
+            .bindings
+            .iter()
+            .map(|(ip, b)| SnapshotEntry {
+                ip: *ip,
+                fe_id: b.fe_id.clone(),
+                mac: b.mac,
+                move_seq: b.move_seq,
+                revision: b.revision,
+            })
+            .collect();
         (fes, bindings)
     });
     ctx.metrics.snapshots_sent.inc();
@@ -130,7 +185,7 @@ async fn send_snapshot(
         return Ok(revision);
     }
     while let Some(chunk) = chunks.next() {
-        msg.binding_upserts = chunk.iter().map(|(ip, b)| convert::binding_entry(*ip, b)).collect();
+        msg.binding_upserts = chunk.iter().map(SnapshotEntry::to_wire).collect();
         if chunks.peek().is_none() {
             msg.phase = SyncPhase::SnapshotEnd as i32;
         }
@@ -216,4 +271,17 @@ fn message(ctx: &SyncContext, first: &mut bool, phase: SyncPhase, revision: Revi
 
 async fn send(tx: &mpsc::Sender<Result<SyncUpdate, Status>>, msg: SyncUpdate) -> Result<(), Closed> {
     tx.send(Ok(msg)).await.map_err(|_| Closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_grows_with_the_streams_and_is_bounded() {
+        assert!(pacing(3) < Duration::from_micros(100));
+        assert_eq!(pacing(1000), Duration::from_millis(10));
+        assert_eq!(pacing(1_000_000), MAX_PACING);
+        assert_eq!(pacing(0), pacing(1));
+    }
 }
