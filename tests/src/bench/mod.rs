@@ -206,6 +206,10 @@ pub struct DeliveryReport {
     pub entries: u64,
     /// Encoded bytes received (MiB).
     pub mib: f64,
+    /// Stream messages applied during the churn and its drain (all agents).
+    pub churn_messages: u64,
+    /// Binding entries applied during the churn and its drain (all agents).
+    pub churn_entries: u64,
     /// Agents whose final state equals the truth.
     pub agents_consistent: usize,
     /// Agents whose final state differs (must be 0).
@@ -478,6 +482,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     let etcd_pids = cluster.etcd_pids();
     let cpu = |pids: &[u32]| pids.iter().map(|&p| sys::cpu_seconds(p).unwrap_or(0.0)).collect::<Vec<_>>();
     let (ctl_cpu0, etcd_cpu0, me_cpu0) = (cpu(&pids), cpu(&etcd_pids), sys::cpu_seconds(std::process::id())?);
+    let (messages0, entries0) = (agents.sum(|p| &p.messages), agents.sum(|p| &p.entries));
     let churn_started = Instant::now();
     agents.recording.store(true, Ordering::Relaxed);
     let churned = driver::churn(
@@ -509,6 +514,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
 
     let messages = agents.sum(|p| &p.messages);
     let entries = agents.sum(|p| &p.entries);
+    let (churn_messages, churn_entries) = (messages - messages0, entries - entries0);
     let bytes = agents.sum(|p| &p.bytes);
     let anomalies = agents.sum(|p| &p.anomalies);
     let (fes, states) = agents.stop().await?;
@@ -603,6 +609,8 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
             messages,
             entries,
             mib: round3(bytes as f64 / MIB),
+            churn_messages,
+            churn_entries,
             agents_consistent: args.fes - inconsistent,
             agents_inconsistent: inconsistent,
             first_inconsistency,
