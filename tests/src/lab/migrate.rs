@@ -249,7 +249,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     sender.send(&garp)?;
     let first = plane.wait_bound(vm.ip, "fe2", Duration::from_secs(10)).await?;
     let mut move_seq = first.move_seq;
-    wait_applied(&topo, vm.ip, move_seq, Duration::from_secs(10)).await?;
+    wait_applied(&topo, vm.ip, move_seq, 2, Duration::from_secs(10)).await?;
 
     let interval = Duration::from_millis(args.ping_interval_ms);
     let prober = Prober::start(&topo.client, vm.ip, interval)?;
@@ -313,7 +313,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
             ensure!(garps < 50, "move {index}: the VM was not bound to {target} after {garps} gratuitous ARPs");
         };
         move_seq = bound.move_seq;
-        let applied = wait_applied(&topo, vm.ip, move_seq, Duration::from_secs(10)).await?;
+        wait_applied(&topo, vm.ip, move_seq, to, Duration::from_secs(10)).await?;
         // The VM answers again and every FE points where it should.
         let after = prober.sent();
         prober
@@ -335,8 +335,8 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
             switch_end,
             first_garp,
             garps,
-            applied,
             start_seq,
+            applied: BTreeMap::new(),
         });
         at = to;
     }
@@ -344,6 +344,11 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     tokio::time::sleep(Duration::from_millis(300).max(interval * 5)).await;
     let probes = prober.stop()?;
     let traces = controller_traces(&plane, vm.ip).await?;
+    // Every agent's stage timestamps for every move, read once at the end.
+    let events = agent_events(&topo, vm.ip)?;
+    for m in &mut moves {
+        m.applied = events.iter().filter_map(|(fe, list)| Some((*fe, list.get(&m.move_seq)?.clone()))).collect();
+    }
     let load_avg_1m = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
@@ -548,37 +553,44 @@ fn clone_link(vm_ns: &NetNs, new_if: &str, hv: &NetNs, spec: &VmSpec, fe: usize)
     Ok(())
 }
 
-/// Waits until every FE's agent has applied binding version `move_seq` of `ip`; returns each
-/// agent's event for it (keyed by FE number).
-async fn wait_applied(
-    topo: &Topology,
-    ip: Ipv4Addr,
-    move_seq: u64,
-    timeout: Duration,
-) -> Result<BTreeMap<usize, Value>> {
+/// Every agent's stage timestamps for `ip`: FE number → move_seq → event.
+fn agent_events(topo: &Topology, ip: Ipv4Addr) -> Result<BTreeMap<usize, BTreeMap<u64, Value>>> {
+    let mut all = BTreeMap::new();
+    for n in 1..=topo.fes.len() {
+        let (_, body) = agent_get(topo.fe(n), &format!("/debug/events?vm={ip}"))?;
+        let list: Value = serde_json::from_str(&body).with_context(|| format!("fe{n} /debug/events: {body}"))?;
+        let by_seq = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e.get("move_seq")?.as_u64()?, e.clone())))
+            .collect();
+        all.insert(n, by_seq);
+    }
+    Ok(all)
+}
+
+/// Waits until every FE's agent has applied binding version `move_seq` of `ip`, and the new
+/// binding FE `local_fe` has also recorded the capture and the claim's answer.
+async fn wait_applied(topo: &Topology, ip: Ipv4Addr, move_seq: u64, local_fe: usize, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
+    let set = |e: &Value, k: &str| e.get(k).and_then(Value::as_u64).unwrap_or(0) > 0;
     loop {
-        let mut events = BTreeMap::new();
-        for n in 1..=topo.fes.len() {
-            let (_, body) = agent_get(topo.fe(n), &format!("/debug/events?vm={ip}"))?;
-            let list: Value = serde_json::from_str(&body).with_context(|| format!("fe{n} /debug/events: {body}"))?;
-            if let Some(e) = list.as_array().and_then(|a| {
-                a.iter().find(|e| {
-                    e.get("move_seq").and_then(Value::as_u64) == Some(move_seq)
-                        && e.get("applied_mono_ns").and_then(Value::as_u64).unwrap_or(0) > 0
+        let events = agent_events(topo, ip)?;
+        let done: Vec<usize> = events
+            .iter()
+            .filter(|(fe, list)| {
+                list.get(&move_seq).is_some_and(|e| {
+                    set(e, "applied_mono_ns") && (**fe != local_fe || set(e, "claim_answered_mono_ns"))
                 })
-            }) {
-                events.insert(n, e.clone());
-            }
-        }
-        if events.len() == topo.fes.len() {
-            return Ok(events);
+            })
+            .map(|(fe, _)| *fe)
+            .collect();
+        if done.len() == topo.fes.len() {
+            return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            bail!(
-                "binding {ip} move_seq {move_seq} applied only by {:?} after {timeout:?}",
-                events.keys().collect::<Vec<_>>()
-            );
+            bail!("binding {ip} move_seq {move_seq} complete only at FEs {done:?} after {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
