@@ -8,7 +8,6 @@ mod common;
 
 use std::time::Duration;
 
-use victor_testkit::pki::{CertKey, Pki};
 use common::*;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -18,6 +17,7 @@ use victor_proto::v1::agent_service_client::AgentServiceClient;
 use victor_proto::v1::binding_service_client::BindingServiceClient;
 use victor_proto::v1::*;
 use victor_testkit::etcd::{EtcdCluster, EtcdOptions};
+use victor_testkit::pki::{CertKey, Pki};
 
 /// A TLS channel to `grpc` trusting `pki`'s CA, presenting `identity` if given.
 async fn tls_channel(

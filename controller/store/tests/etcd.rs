@@ -210,7 +210,12 @@ fn test_pki() -> TestPki {
     let pki = victor_testkit::pki::Pki::new("victor-test");
     let server = pki.server("etcd");
     let client = pki.client("victor-controller", &["victor-controller"]);
-    TestPki { ca: pki.ca.pem.clone(), server: (server.cert.pem, server.key.pem), client: (client.cert.pem, client.key.pem), _pki: pki }
+    TestPki {
+        ca: pki.ca.pem.clone(),
+        server: (server.cert.pem, server.key.pem),
+        client: (client.cert.pem, client.key.pem),
+        _pki: pki,
+    }
 }
 
 /// TLS with client certificates against a real etcd: works with the right CA and identity,

@@ -185,5 +185,3 @@ pub async fn next_matching(
 pub fn ip_bytes(ip: &str) -> Vec<u8> {
     victor_proto::types::ip_to_bytes(ip.parse().unwrap())
 }
-
-
