@@ -12,6 +12,8 @@ use tokio::sync::mpsc;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::RegisterRequest;
 
+use crate::advertise::health::DeviceProbe;
+use crate::advertise::{Advertiser, HealthInputs};
 use crate::arp::{self, Captures};
 use crate::config::Config;
 use crate::controller::connector::{Connector, SocketFactory};
@@ -141,6 +143,13 @@ pub async fn run(config: Config) -> Result<()> {
         last_message_mono: AtomicU64::new(monotonic_ns()),
         grace_ns: config.headless_grace.as_nanos() as u64,
     });
+    // The advertiser announces the mobile prefixes while this FE is healthy (readiness and the
+    // data-plane device), and withdraws them before the agent exits.
+    let advertiser = config.advertise().map(|bgp| {
+        tracing::info!(peers = ?bgp.peers, local_as = bgp.local_as, peer_as = bgp.peer_as, "BGP advertiser enabled");
+        let device = DeviceProbe::new(kernel.handle().clone(), config.tun_name.clone());
+        Advertiser::spawn(bgp, HealthInputs { readiness: readiness.clone(), device }, metrics.clone())
+    });
     let events = Arc::new(Mutex::new(EventLog::new(8192)));
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
@@ -181,16 +190,25 @@ pub async fn run(config: Config) -> Result<()> {
     tracing::info!(fe_id = %config.fe_id, underlay = %config.underlay_addr, underlay_mtu, "agent running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting (kernel state is kept for the next run)"),
-        _ = term.recv() => tracing::info!("SIGTERM: exiting (kernel state is kept for the next run)"),
-        Some(done) = tasks.join_next() => {
-            return match done {
-                Ok(Ok(())) => Err(anyhow::anyhow!("an agent task ended unexpectedly")),
-                Ok(Err(err)) => Err(err),
-                Err(err) => Err(anyhow::anyhow!("an agent task failed: {err}")),
-            };
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT: exiting (kernel state is kept for the next run)");
+            Ok(())
         }
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: exiting (kernel state is kept for the next run)");
+            Ok(())
+        }
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow::anyhow!("an agent task ended unexpectedly")),
+            Ok(Err(err)) => Err(err),
+            Err(err) => Err(anyhow::anyhow!("an agent task failed: {err}")),
+        },
+    };
+    if let Some(advertiser) = advertiser {
+        // A clean stop keeps forwarding (the tasks still run) while the routers move away.
+        let drain = if outcome.is_ok() { config.bgp_shutdown_drain } else { std::time::Duration::ZERO };
+        advertiser.shutdown(drain).await;
     }
-    Ok(())
+    outcome
 }

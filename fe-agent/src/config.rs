@@ -2,7 +2,7 @@
 //! file, in that order of precedence (flag > env > file > default) — the controller's scheme: the
 //! file's keys are the long flag names and are turned into arguments placed before the real ones.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +10,9 @@ use clap::{Parser, ValueEnum};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 use victor_proto::Mac;
+
+use crate::advertise::AdvertiseConfig;
+use crate::advertise::message::Community;
 
 /// The route protocol number stamped on every route and neighbour the agent creates (see
 /// `/etc/iproute2/rt_protos`: 158 is unassigned; BGP daemons use 186, zebra 11, OSPF 188).
@@ -186,6 +189,49 @@ pub struct Config {
     #[serde(serialize_with = "ser_duration")]
     pub headless_grace: Duration,
 
+    /// A BGP router to announce the mobile prefixes to (repeatable; env: comma separated):
+    /// `IP` or `IP:PORT` (default port 179). The agent connects to it, announces every
+    /// --mobile-prefix with itself as next hop while this FE is healthy, and withdraws them when
+    /// it is not (see docs/bgp.md). Without it the agent announces nothing.
+    #[arg(long = "bgp-peer", env = "VICTOR_BGP_PEER", value_delimiter = ',', value_parser = parse_peer, value_name = "IP[:PORT]")]
+    pub bgp_peers: Vec<SocketAddrV4>,
+
+    /// This FE's AS number for BGP (with --bgp-peer). The same on every FE is usual: the routers'
+    /// loop prevention then keeps one FE's announcement away from the others.
+    #[arg(long, env = "VICTOR_BGP_LOCAL_AS", value_name = "ASN")]
+    pub bgp_local_as: Option<u32>,
+
+    /// The routers' AS number (with --bgp-peer). Equal to --bgp-local-as = iBGP (empty AS path,
+    /// LOCAL_PREF 100); different = eBGP (our AS in the path).
+    #[arg(long, env = "VICTOR_BGP_PEER_AS", value_name = "ASN")]
+    pub bgp_peer_as: Option<u32>,
+
+    /// BGP identifier. Default: --underlay-addr.
+    #[arg(long, env = "VICTOR_BGP_ROUTER_ID", value_name = "IP")]
+    pub bgp_router_id: Option<Ipv4Addr>,
+
+    /// NEXT_HOP of the announced prefixes. Default: this FE's address on each BGP session
+    /// (next-hop self), which is where the router should send the traffic.
+    #[arg(long, env = "VICTOR_BGP_NEXT_HOP", value_name = "IP")]
+    pub bgp_next_hop: Option<Ipv4Addr>,
+
+    /// BGP hold time proposed to the routers (0 or at least 3 s; the smaller of both sides
+    /// applies). A hung agent is withdrawn by the router after this long.
+    #[arg(long, env = "VICTOR_BGP_HOLD_TIME", default_value = "9s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub bgp_hold_time: Duration,
+
+    /// A community to attach to the announced prefixes (repeatable; env: comma separated), e.g.
+    /// 65010:100, for the routers' policies.
+    #[arg(long = "bgp-community", env = "VICTOR_BGP_COMMUNITY", value_delimiter = ',', value_name = "ASN:VALUE")]
+    pub bgp_communities: Vec<Community>,
+
+    /// On SIGTERM/SIGINT the agent withdraws the prefixes first, then keeps forwarding this long
+    /// (while the routers move the traffic to other FEs) before it exits.
+    #[arg(long, env = "VICTOR_BGP_SHUTDOWN_DRAIN", default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub bgp_shutdown_drain: Duration,
+
     /// Log format.
     #[arg(long, env = "VICTOR_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -349,7 +395,60 @@ impl Config {
         {
             return bad(format!("--controller-netns {} does not exist", ns.display()));
         }
+        self.validate_bgp()
+    }
+
+    fn validate_bgp(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let (Some(local), Some(peer)) = (self.bgp_local_as, self.bgp_peer_as) else {
+            if !self.bgp_peers.is_empty() {
+                return bad("--bgp-peer needs --bgp-local-as and --bgp-peer-as".into());
+            }
+            return Ok(());
+        };
+        for (flag, asn) in [("--bgp-local-as", local), ("--bgp-peer-as", peer)] {
+            if matches!(asn, 0 | 23456 | 65535 | 4_294_967_295) {
+                return bad(format!("{flag} {asn} is reserved; use a public AS or a private one (64512-65534)"));
+            }
+        }
+        let hold = self.bgp_hold_time;
+        if hold.subsec_nanos() != 0 || (hold.as_secs() != 0 && !(3..=65535).contains(&hold.as_secs())) {
+            return bad(format!("--bgp-hold-time {hold:?} must be 0 or whole seconds from 3s to 65535s"));
+        }
+        for (flag, addr) in self
+            .bgp_peers
+            .iter()
+            .map(|p| ("--bgp-peer", *p.ip()))
+            .chain(self.bgp_next_hop.map(|n| ("--bgp-next-hop", n)))
+        {
+            if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() {
+                return bad(format!("{flag} {addr} is not a unicast address"));
+            }
+            if let Some(p) = self.mobile_prefixes.iter().find(|p| p.contains(&addr)) {
+                return bad(format!("{flag} {addr} lies inside --mobile-prefix {p}; it must be outside"));
+            }
+        }
+        if self.bgp_router_id.is_some_and(|r| r.is_unspecified()) {
+            return bad("--bgp-router-id 0.0.0.0 is invalid; use this FE's IPv4 address".into());
+        }
         Ok(())
+    }
+
+    /// The advertiser's configuration, if BGP is configured (`--bgp-peer`).
+    pub fn advertise(&self) -> Option<AdvertiseConfig> {
+        if self.bgp_peers.is_empty() {
+            return None;
+        }
+        Some(AdvertiseConfig {
+            peers: self.bgp_peers.clone(),
+            local_as: self.bgp_local_as?,
+            peer_as: self.bgp_peer_as?,
+            router_id: self.bgp_router_id.unwrap_or(self.underlay_addr),
+            hold_time: u16::try_from(self.bgp_hold_time.as_secs()).unwrap_or(u16::MAX),
+            next_hop: self.bgp_next_hop,
+            communities: self.bgp_communities.clone(),
+            prefixes: self.mobile_prefixes.clone(),
+        })
     }
 
     /// True if `ifname` is one of the configured VM ports.
@@ -410,6 +509,14 @@ fn file_arguments(path: &Path) -> Result<Vec<String>, ConfigError> {
         }
     }
     Ok(args)
+}
+
+/// Parses a BGP router address: `IP` (port 179) or `IP:PORT`.
+fn parse_peer(text: &str) -> Result<SocketAddrV4, String> {
+    if let Ok(ip) = text.parse::<Ipv4Addr>() {
+        return Ok(SocketAddrV4::new(ip, 179));
+    }
+    text.parse().map_err(|_| format!("{text:?} is not IPv4 or IPv4:PORT (e.g. 203.0.113.1 or 203.0.113.1:1179)"))
 }
 
 /// Parses "250ms", "3s", "5m" (humantime syntax).
@@ -476,12 +583,53 @@ mod tests {
             (&["--gateway-mac", "01:00:5e:00:00:01"][..], "unicast"),
             (&["--route-protocol", "2"][..], "reserved"),
             (&["--stream-timeout", "500ms"][..], "heartbeat"),
-            (&["--controller", "127.0.0.1:50051"][..], "http://"),
+            (&["--controller", "ftp://127.0.0.1:50051"][..], "unknown scheme"),
             (&["--fe-id", "fe 1"][..], "--fe-id"),
             (&["--underlay-addr", "10.10.3.3"][..], "inside --mobile-prefix"),
         ] {
             let err = load(extra).unwrap_err().to_string();
             assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bgp_flags() {
+        assert!(load(&[]).unwrap().advertise().is_none(), "no --bgp-peer, no advertiser");
+        let c = load(&[
+            "--bgp-peer",
+            "203.0.113.1,203.0.113.5:1179",
+            "--bgp-local-as",
+            "65010",
+            "--bgp-peer-as",
+            "65000",
+            "--bgp-community",
+            "65010:100",
+        ])
+        .unwrap();
+        let a = c.advertise().unwrap();
+        assert_eq!(a.peers, vec!["203.0.113.1:179".parse().unwrap(), "203.0.113.5:1179".parse().unwrap()]);
+        assert_eq!((a.local_as, a.peer_as, a.hold_time), (65010, 65000, 9));
+        assert_eq!(a.router_id, c.underlay_addr);
+        assert_eq!(a.prefixes, c.mobile_prefixes);
+        assert_eq!(a.communities[0].to_string(), "65010:100");
+        assert_eq!(c.bgp_shutdown_drain, Duration::from_secs(1));
+        let bgp = ["--bgp-peer", "203.0.113.1", "--bgp-local-as", "65010", "--bgp-peer-as", "65000"];
+        let err = load(&["--bgp-peer", "203.0.113.1", "--bgp-local-as", "65010"]).unwrap_err().to_string();
+        assert!(err.contains("needs --bgp-local-as and --bgp-peer-as"), "{err}");
+        for (extra, needle) in [
+            (&["--bgp-hold-time", "2s"][..], "--bgp-hold-time"),
+            (&["--bgp-hold-time", "3500ms"][..], "whole seconds"),
+            (&["--bgp-local-as", "23456"][..], "reserved"),
+            (&["--bgp-next-hop", "10.10.0.1"][..], "inside --mobile-prefix"),
+            (&["--bgp-peer", "0.0.0.0"][..], "not a unicast address"),
+        ] {
+            let args: Vec<&str> = bgp.iter().copied().chain(extra.iter().copied()).collect();
+            let err = load(&args).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+        for bad in [&["--bgp-peer", "router1"][..], &["--bgp-community", "65010"][..]] {
+            let args: Vec<&str> = bgp.iter().copied().chain(bad.iter().copied()).collect();
+            assert!(load(&args).is_err(), "{bad:?}");
         }
     }
 

@@ -12,9 +12,11 @@
 //! * [`ports`] — the VM port table, kept current from link notifications.
 //! * [`netlink`] — the rtnetlink operations (routes, neighbours, links).
 //! * [`dataplane`] — the IP-in-IP backend (userspace TUN forwarder or kernel ipip).
+//! * [`advertise`] — BGP: announces the mobile prefixes to the site's routers while healthy.
 //! * [`events`] / [`metrics`] / [`admin`] — observability.
 
 pub mod admin;
+pub mod advertise;
 pub mod agent;
 pub mod arp;
 pub mod config;

@@ -33,6 +33,13 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// A single label `peer` (a BGP router's address).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// The router.
+    pub peer: String,
+}
+
 /// Labels of a reconcile operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabel {
@@ -91,6 +98,16 @@ pub struct Metrics {
     pub fib_bytes: Gauge,
     /// 1 for the data-plane backend in use.
     pub dataplane: Family<KindLabel, Gauge>,
+    /// 1 while the BGP session to a router is established.
+    pub bgp_session_up: Family<PeerLabel, Gauge>,
+    /// 1 while a router has the mobile prefixes from us.
+    pub bgp_announced: Family<PeerLabel, Gauge>,
+    /// BGP sessions established, by router.
+    pub bgp_sessions_established: Family<PeerLabel, Counter>,
+    /// 1 while the FE is healthy enough to attract traffic.
+    pub bgp_healthy: Gauge,
+    /// Withdrawals of the mobile prefixes by cause (headless, dataplane, shutdown).
+    pub bgp_withdrawals: Family<KindLabel, Counter>,
     dataplane_counters: Arc<DataplaneCollector>,
 }
 
@@ -130,6 +147,11 @@ impl Metrics {
             desired_bytes: Gauge::default(),
             fib_bytes: Gauge::default(),
             dataplane: Family::default(),
+            bgp_session_up: Family::default(),
+            bgp_announced: Family::default(),
+            bgp_sessions_established: Family::default(),
+            bgp_healthy: Gauge::default(),
+            bgp_withdrawals: Family::default(),
             dataplane_counters: collector.clone(),
         };
         registry.register("bindings", "Bindings in the desired state by kind (local, remote)", m.bindings.clone());
@@ -171,6 +193,23 @@ impl Metrics {
         );
         registry.register("fib_bytes", "Heap bytes of the forwarding table (estimate)", m.fib_bytes.clone());
         registry.register("dataplane_backend", "1 for the data-plane backend in use", m.dataplane.clone());
+        registry.register("bgp_session_up", "1 while the BGP session to the router is up", m.bgp_session_up.clone());
+        registry.register(
+            "bgp_announced",
+            "1 while the router has the mobile prefixes from us",
+            m.bgp_announced.clone(),
+        );
+        registry.register(
+            "bgp_sessions_established",
+            "BGP sessions established by router",
+            m.bgp_sessions_established.clone(),
+        );
+        registry.register("bgp_healthy", "1 while this FE may attract traffic (advertiser)", m.bgp_healthy.clone());
+        registry.register(
+            "bgp_withdrawals",
+            "Withdrawals of the mobile prefixes by cause (headless, dataplane, shutdown)",
+            m.bgp_withdrawals.clone(),
+        );
         registry.register_collector(Box::new(collector));
         Metrics { registry, ..m }
     }

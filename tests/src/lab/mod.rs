@@ -2,6 +2,7 @@
 //! tests share with it:
 //! * [`topology`] — namespaces, underlay bridge, client, FEs, VMs;
 //! * [`agents`] — `victor-fe-agent` processes inside the FEs and their admin endpoints;
+//! * [`bgp`] — the BGP upstream router (real BIRD 2) of `--bgp`, its FIB watch;
 //! * [`controlplane`] — etcd (or the embedded store) and controller processes;
 //! * [`probe`] — the exact-interval ICMP prober and the resident frame (GARP) sender;
 //! * [`netlink`] — fast link moves between namespaces;
@@ -9,6 +10,7 @@
 //! * [`state`] — what `up` leaves running, so `down` removes exactly that.
 
 pub mod agents;
+pub mod bgp;
 pub mod controlplane;
 pub mod migrate;
 pub mod netlink;

@@ -6,7 +6,9 @@
 //!                                  198.51.100.0/24   fe3 ─vmnet─┘        hv: br3   (v1h after a move)
 //! ```
 //! `client` reaches the VMs through fe1 (its ingress FE); every FE has its own underlay address on
-//! a bridge in the `ul` namespace. VMs run "on a hypervisor" (`hv`): each VM's link is a port of
+//! a bridge in the `ul` namespace. With [`Ingress::Bgp`] the client sits behind an `upstream`
+//! router instead, linked to every FE, which learns the mobile prefix from the FEs' agents by BGP
+//! and spreads traffic over them (ECMP) — the anycast path of paper §2.4 (see [`super::bgp`]). VMs run "on a hypervisor" (`hv`): each VM's link is a port of
 //! the bridge that belongs to the FE it sits behind (`br<n>`, uplinked to that FE's `vmnet`
 //! port). A move re-attaches the VM's port to the other FE's bridge — a hypervisor's vswitch
 //! reconnecting a migrated vNIC — so the FEs' VM ports always exist and the switch itself is one
@@ -21,7 +23,7 @@ use victor_testkit::netns::{NetNs, Veth};
 
 /// The client's address.
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-/// fe1's address on the client network.
+/// The client's gateway on the client network: fe1's address, or the upstream router's.
 pub const CLIENT_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 /// The client network.
 pub const CLIENT_NET: &str = "192.0.2.0/24";
@@ -59,10 +61,21 @@ impl VmSpec {
     }
 }
 
+/// How the client's traffic enters VICTOR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// The client is linked to fe1, which is its gateway.
+    Static,
+    /// The client is behind the `upstream` BGP router, linked to every FE.
+    Bgp,
+}
+
 /// The namespaces of the lab (every link lives inside them and dies with them).
 pub struct Topology {
     /// The client.
     pub client: NetNs,
+    /// The BGP router between the client and the FEs ([`Ingress::Bgp`]).
+    pub upstream: Option<NetNs>,
     /// The underlay (a bridge joining every FE).
     pub ul: NetNs,
     /// The hypervisor: one bridge per FE (`br<n>`), uplinked to the FE's `vmnet` port.
@@ -84,12 +97,20 @@ impl Topology {
     /// Builds client, underlay and `fes` FEs (no VMs yet). `namer` creates each namespace from a
     /// role name (`client`, `ul`, `fe1`, ...).
     pub fn build(fes: usize, namer: Namer<'_>) -> Result<Topology> {
+        Self::build_with(fes, namer, Ingress::Static)
+    }
+
+    /// [`Topology::build`] with the client's ingress chosen (`upstream` is named by the namer
+    /// too).
+    pub fn build_with(fes: usize, namer: Namer<'_>, ingress: Ingress) -> Result<Topology> {
         victor_testkit::require_root("the VICTOR lab");
         let client = namer("client")?;
+        let upstream = if ingress == Ingress::Bgp { Some(namer("upstream")?) } else { None };
         let ul = namer("ul")?;
         let hv = namer("hv")?;
         let fe_ns = (1..=fes).map(|i| namer(&format!("fe{i}"))).collect::<Result<Vec<_>>>()?;
-        let topo = Topology { client, ul, hv, fes: fe_ns, vms: Vec::new(), vm_specs: Vec::new(), vm_at: Vec::new() };
+        let topo =
+            Topology { client, upstream, ul, hv, fes: fe_ns, vms: Vec::new(), vm_specs: Vec::new(), vm_at: Vec::new() };
         topo.ul.ip(&["link", "add", "br0", "type", "bridge"])?;
         // Bridged underlay frames must not go through the host's netfilter (br_netfilter).
         let _ = topo.ul.sysctl("net.bridge.bridge-nf-call-iptables", "0");
@@ -101,9 +122,11 @@ impl Topology {
             let fe = &topo.fes[i - 1];
             fe.add_addr("ul0", &format!("{}/24", fe_addr(i)))?;
             fe.enable_forwarding()?;
-            if i > 1 {
+            if i > 1 && ingress == Ingress::Static {
                 // Outbound traffic leaves at the VM's FE straight over the underlay (no triangle).
                 fe.route(&[CLIENT_NET, "via", &fe_addr(1).to_string()])?;
+            }
+            if i > 1 {
                 // The FE's VM segment: a port to its bridge on the hypervisor.
                 let (bridge, uplink) = (format!("br{i}"), format!("up{i}"));
                 topo.hv.ip(&["link", "add", &bridge, "type", "bridge"])?;
@@ -112,10 +135,19 @@ impl Topology {
                 topo.hv.ip(&["link", "set", &uplink, "master", &bridge])?;
             }
         }
-        let _link = Veth::create(&topo.client, "eth0", &topo.fes[0], "cl0")?;
+        // The client's gateway: fe1, or the upstream router (each FE then leaves towards the client
+        // over its own link to it).
+        let gateway = match &topo.upstream {
+            None => &topo.fes[0],
+            Some(upstream) => {
+                super::bgp::wire_upstream(upstream, &topo.fes)?;
+                upstream
+            }
+        };
+        let _link = Veth::create(&topo.client, "eth0", gateway, "cl0")?;
         topo.client.add_addr("eth0", &format!("{CLIENT}/24"))?;
         topo.client.route(&["default", "via", &CLIENT_GATEWAY.to_string()])?;
-        topo.fes[0].add_addr("cl0", &format!("{CLIENT_GATEWAY}/24"))?;
+        gateway.add_addr("cl0", &format!("{CLIENT_GATEWAY}/24"))?;
         Ok(topo)
     }
 
@@ -161,13 +193,15 @@ impl Topology {
     /// Every namespace's name.
     pub fn namespace_names(&self) -> Vec<String> {
         let mut names = vec![self.client.name().to_owned(), self.ul.name().to_owned(), self.hv.name().to_owned()];
+        names.extend(self.upstream.iter().map(|ns| ns.name().to_owned()));
         names.extend(self.fes.iter().chain(&self.vms).map(|ns| ns.name().to_owned()));
         names
     }
 
     /// Keeps every namespace after drop (`victor-lab up`).
     pub fn make_persistent(&mut self) {
-        for ns in [&mut self.client, &mut self.ul, &mut self.hv].into_iter().chain(&mut self.fes).chain(&mut self.vms) {
+        let all = [&mut self.client, &mut self.ul, &mut self.hv].into_iter().chain(&mut self.upstream);
+        for ns in all.chain(&mut self.fes).chain(&mut self.vms) {
             ns.make_persistent();
         }
     }

@@ -1,0 +1,723 @@
+//! BGP-4 messages, as much of them as a route injector needs: OPEN with capabilities (RFC 4271,
+//! RFC 5492; multiprotocol IPv4 unicast RFC 4760; 4-octet AS numbers RFC 6793), UPDATE with
+//! ORIGIN, AS_PATH, NEXT_HOP, LOCAL_PREF and COMMUNITIES (RFC 1997), KEEPALIVE, NOTIFICATION and
+//! ROUTE-REFRESH. Pure: bytes in, values out. Every decoding error names the NOTIFICATION
+//! (code, subcode, data) RFC 4271 §6 says to answer it with.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use ipnet::Ipv4Net;
+
+/// Length of the message header (marker, length, type).
+pub const HEADER_LEN: usize = 19;
+/// Largest BGP message without the extended-message capability.
+pub const MAX_LEN: usize = 4096;
+/// The 2-octet AS number that stands for a 4-octet one (RFC 6793).
+pub const AS_TRANS: u16 = 23456;
+
+const MARKER: [u8; 16] = [0xff; 16];
+const OPEN: u8 = 1;
+const UPDATE: u8 = 2;
+const NOTIFICATION: u8 = 3;
+const KEEPALIVE: u8 = 4;
+const ROUTE_REFRESH: u8 = 5;
+
+const CAP_MULTIPROTOCOL: u8 = 1;
+const CAP_FOUR_OCTET_AS: u8 = 65;
+const OPT_PARAM_CAPABILITIES: u8 = 2;
+
+const ATTR_ORIGIN: u8 = 1;
+const ATTR_AS_PATH: u8 = 2;
+const ATTR_NEXT_HOP: u8 = 3;
+const ATTR_MED: u8 = 4;
+const ATTR_LOCAL_PREF: u8 = 5;
+const ATTR_COMMUNITIES: u8 = 8;
+const FLAG_OPTIONAL: u8 = 0x80;
+const FLAG_TRANSITIVE: u8 = 0x40;
+const FLAG_EXTENDED: u8 = 0x10;
+const AS_SEQUENCE: u8 = 2;
+
+/// Address family IPv4, subsequent address family unicast.
+pub const AFI_IPV4: u16 = 1;
+/// Unicast SAFI.
+pub const SAFI_UNICAST: u8 = 1;
+
+/// A BGP message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// OPEN.
+    Open(Open),
+    /// UPDATE.
+    Update(Update),
+    /// NOTIFICATION.
+    Notification(Notification),
+    /// KEEPALIVE.
+    Keepalive,
+    /// ROUTE-REFRESH (RFC 2918).
+    RouteRefresh {
+        /// Address family.
+        afi: u16,
+        /// Subsequent address family.
+        safi: u8,
+    },
+}
+
+/// An OPEN message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    /// Protocol version (4).
+    pub version: u8,
+    /// The sender's AS: from the 4-octet AS capability if present, else the 2-octet field.
+    pub asn: u32,
+    /// Proposed hold time (s); 0 = no keepalives.
+    pub hold_time: u16,
+    /// BGP identifier.
+    pub router_id: Ipv4Addr,
+    /// Capabilities.
+    pub capabilities: Vec<Capability>,
+}
+
+impl Open {
+    /// True if the sender supports 4-octet AS numbers.
+    pub fn four_octet_as(&self) -> bool {
+        self.capabilities.iter().any(|c| matches!(c, Capability::FourOctetAs(_)))
+    }
+
+    /// Encodes the message (4-octet AS and IPv4 unicast capabilities are always sent).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut caps = Vec::new();
+        for cap in &self.capabilities {
+            let (code, value) = match cap {
+                Capability::Multiprotocol { afi, safi } => {
+                    let a = afi.to_be_bytes();
+                    (CAP_MULTIPROTOCOL, vec![a[0], a[1], 0, *safi])
+                }
+                Capability::FourOctetAs(asn) => (CAP_FOUR_OCTET_AS, asn.to_be_bytes().to_vec()),
+                Capability::Other { code, value } => (*code, value.clone()),
+            };
+            caps.push(code);
+            caps.push(value.len() as u8);
+            caps.extend_from_slice(&value);
+        }
+        let mut body = vec![self.version];
+        let short = u16::try_from(self.asn).unwrap_or(AS_TRANS);
+        body.extend_from_slice(&short.to_be_bytes());
+        body.extend_from_slice(&self.hold_time.to_be_bytes());
+        body.extend_from_slice(&self.router_id.octets());
+        body.push((caps.len() + 2) as u8);
+        body.push(OPT_PARAM_CAPABILITIES);
+        body.push(caps.len() as u8);
+        body.extend_from_slice(&caps);
+        frame(OPEN, &body)
+    }
+
+    fn decode(body: &[u8]) -> Result<Open, DecodeError> {
+        let bad = |what: &str| DecodeError::new(ErrorCode::Open, 0, Vec::new(), format!("OPEN: {what}"));
+        if body.len() < 10 {
+            return Err(bad("shorter than 10 bytes"));
+        }
+        let version = body[0];
+        let short_as = u16::from_be_bytes([body[1], body[2]]);
+        let hold_time = u16::from_be_bytes([body[3], body[4]]);
+        let router_id = Ipv4Addr::new(body[5], body[6], body[7], body[8]);
+        let opt_len = usize::from(body[9]);
+        let mut params = body.get(10..10 + opt_len).ok_or_else(|| bad("optional parameters overrun the message"))?;
+        let mut capabilities = Vec::new();
+        while !params.is_empty() {
+            let [kind, len, ref rest @ ..] = *params else {
+                return Err(bad("truncated optional parameter"));
+            };
+            let value = rest.get(..usize::from(len)).ok_or_else(|| bad("optional parameter overruns"))?;
+            params = &rest[usize::from(len)..];
+            if kind != OPT_PARAM_CAPABILITIES {
+                // RFC 4271 §6.2: unsupported optional parameter.
+                return Err(DecodeError::new(
+                    ErrorCode::Open,
+                    4,
+                    Vec::new(),
+                    format!("OPEN: optional parameter type {kind}"),
+                ));
+            }
+            let mut caps = value;
+            while !caps.is_empty() {
+                let [code, len, ref rest @ ..] = *caps else {
+                    return Err(bad("truncated capability"));
+                };
+                let value = rest.get(..usize::from(len)).ok_or_else(|| bad("capability overruns"))?;
+                caps = &rest[usize::from(len)..];
+                capabilities.push(match (code, value) {
+                    (CAP_MULTIPROTOCOL, [a0, a1, _, safi]) => {
+                        Capability::Multiprotocol { afi: u16::from_be_bytes([*a0, *a1]), safi: *safi }
+                    }
+                    (CAP_FOUR_OCTET_AS, [a, b, c, d]) => Capability::FourOctetAs(u32::from_be_bytes([*a, *b, *c, *d])),
+                    (CAP_MULTIPROTOCOL | CAP_FOUR_OCTET_AS, _) => {
+                        return Err(bad(&format!("capability {code} has length {len}")));
+                    }
+                    _ => Capability::Other { code, value: value.to_vec() },
+                });
+            }
+        }
+        let asn = capabilities
+            .iter()
+            .find_map(|c| if let Capability::FourOctetAs(a) = c { Some(*a) } else { None })
+            .unwrap_or(u32::from(short_as));
+        Ok(Open { version, asn, hold_time, router_id, capabilities })
+    }
+}
+
+/// A capability of an OPEN message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Capability {
+    /// Multiprotocol extensions for one (AFI, SAFI).
+    Multiprotocol {
+        /// Address family.
+        afi: u16,
+        /// Subsequent address family.
+        safi: u8,
+    },
+    /// 4-octet AS numbers, with the sender's AS.
+    FourOctetAs(u32),
+    /// Anything else (kept, ignored).
+    Other {
+        /// Capability code.
+        code: u8,
+        /// Its value.
+        value: Vec<u8>,
+    },
+}
+
+/// The path attributes of an UPDATE that we send or read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes {
+    /// ORIGIN (0 = IGP).
+    pub origin: Option<u8>,
+    /// AS_PATH as one AS_SEQUENCE (empty for iBGP).
+    pub as_path: Vec<u32>,
+    /// NEXT_HOP.
+    pub next_hop: Option<Ipv4Addr>,
+    /// MULTI_EXIT_DISC.
+    pub med: Option<u32>,
+    /// LOCAL_PREF (iBGP only).
+    pub local_pref: Option<u32>,
+    /// COMMUNITIES.
+    pub communities: Vec<Community>,
+}
+
+/// An UPDATE message (IPv4 unicast in the classic fields).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Update {
+    /// Withdrawn routes.
+    pub withdrawn: Vec<Ipv4Net>,
+    /// Path attributes (meaningful only with `nlri`).
+    pub attributes: Attributes,
+    /// Announced routes.
+    pub nlri: Vec<Ipv4Net>,
+}
+
+impl Update {
+    /// Encodes UPDATEs announcing `prefixes` with `attributes`, as many messages as needed to
+    /// stay within [`MAX_LEN`]. `four_octet`: the session negotiated 4-octet AS numbers.
+    pub fn announce(prefixes: &[Ipv4Net], attributes: &Attributes, four_octet: bool) -> Vec<Vec<u8>> {
+        let attrs = encode_attributes(attributes, four_octet);
+        let fixed = HEADER_LEN + 2 + 2 + attrs.len();
+        chunks(prefixes, MAX_LEN - fixed)
+            .map(|nlri| {
+                let mut body = vec![0, 0];
+                body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+                body.extend_from_slice(&attrs);
+                body.extend_from_slice(&nlri);
+                frame(UPDATE, &body)
+            })
+            .collect()
+    }
+
+    /// Encodes UPDATEs withdrawing `prefixes` (as many as needed).
+    pub fn withdraw(prefixes: &[Ipv4Net]) -> Vec<Vec<u8>> {
+        chunks(prefixes, MAX_LEN - HEADER_LEN - 4)
+            .map(|withdrawn| {
+                let mut body = (withdrawn.len() as u16).to_be_bytes().to_vec();
+                body.extend_from_slice(&withdrawn);
+                body.extend_from_slice(&[0, 0]);
+                frame(UPDATE, &body)
+            })
+            .collect()
+    }
+
+    fn decode(body: &[u8], four_octet: bool) -> Result<Update, DecodeError> {
+        let bad = |what: &str| DecodeError::new(ErrorCode::Update, 1, Vec::new(), format!("UPDATE: {what}"));
+        let wlen = usize::from(u16::from_be_bytes(*body.first_chunk().ok_or_else(|| bad("shorter than 4 bytes"))?));
+        let withdrawn = body.get(2..2 + wlen).ok_or_else(|| bad("withdrawn routes overrun the message"))?;
+        let rest = &body[2 + wlen..];
+        let alen = usize::from(u16::from_be_bytes(*rest.first_chunk().ok_or_else(|| bad("no attribute length"))?));
+        let attrs = rest.get(2..2 + alen).ok_or_else(|| bad("path attributes overrun the message"))?;
+        let nlri = &rest[2 + alen..];
+        let prefixes = |data: &[u8]| {
+            decode_prefixes(data)
+                .ok_or_else(|| DecodeError::new(ErrorCode::Update, 10, Vec::new(), "UPDATE: invalid prefix".into()))
+        };
+        Ok(Update {
+            withdrawn: prefixes(withdrawn)?,
+            attributes: decode_attributes(attrs, four_octet)?,
+            nlri: prefixes(nlri)?,
+        })
+    }
+}
+
+/// A NOTIFICATION: why a session is closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// Error code.
+    pub code: u8,
+    /// Error subcode.
+    pub subcode: u8,
+    /// Data.
+    pub data: Vec<u8>,
+}
+
+impl Notification {
+    /// Cease / Administrative Shutdown (RFC 4486): we stop on purpose.
+    pub fn admin_shutdown() -> Notification {
+        Notification { code: ErrorCode::Cease as u8, subcode: 2, data: Vec::new() }
+    }
+
+    /// Hold Timer Expired.
+    pub fn hold_timer_expired() -> Notification {
+        Notification { code: ErrorCode::HoldTimer as u8, subcode: 0, data: Vec::new() }
+    }
+
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = vec![self.code, self.subcode];
+        body.extend_from_slice(&self.data);
+        frame(NOTIFICATION, &body)
+    }
+}
+
+impl fmt::Display for Notification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let code = match self.code {
+            1 => "message header error",
+            2 => "OPEN message error",
+            3 => "UPDATE message error",
+            4 => "hold timer expired",
+            5 => "finite state machine error",
+            6 => "cease",
+            _ => "unknown error",
+        };
+        let sub = match (self.code, self.subcode) {
+            (2, 1) => " (unsupported version number)",
+            (2, 2) => " (bad peer AS)",
+            (2, 3) => " (bad BGP identifier)",
+            (2, 4) => " (unsupported optional parameter)",
+            (2, 6) => " (unacceptable hold time)",
+            (2, 7) => " (unsupported capability)",
+            (6, 1) => " (maximum number of prefixes reached)",
+            (6, 2) => " (administrative shutdown)",
+            (6, 3) => " (peer de-configured)",
+            (6, 4) => " (administrative reset)",
+            (6, 5) => " (connection rejected)",
+            (6, 6) => " (other configuration change)",
+            (6, 7) => " (connection collision resolution)",
+            (6, 8) => " (out of resources)",
+            _ => "",
+        };
+        write!(f, "{code}{sub} [{}/{}]", self.code, self.subcode)
+    }
+}
+
+/// KEEPALIVE.
+pub fn keepalive() -> Vec<u8> {
+    frame(KEEPALIVE, &[])
+}
+
+/// NOTIFICATION error codes (RFC 4271 §4.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// Message Header Error.
+    Header = 1,
+    /// OPEN Message Error.
+    Open = 2,
+    /// UPDATE Message Error.
+    Update = 3,
+    /// Hold Timer Expired.
+    HoldTimer = 4,
+    /// Finite State Machine Error.
+    Fsm = 5,
+    /// Cease.
+    Cease = 6,
+}
+
+/// A message we cannot accept, with the NOTIFICATION to answer it with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}")]
+pub struct DecodeError {
+    /// The NOTIFICATION for the peer.
+    pub notification: Notification,
+    /// What is wrong.
+    pub what: String,
+}
+
+impl DecodeError {
+    fn new(code: ErrorCode, subcode: u8, data: Vec<u8>, what: String) -> DecodeError {
+        DecodeError { notification: Notification { code: code as u8, subcode, data }, what }
+    }
+}
+
+/// The length of the message at the start of `buf`, once its header is complete.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    if buf[..16] != MARKER {
+        return Err(DecodeError::new(
+            ErrorCode::Header,
+            1,
+            Vec::new(),
+            "message header: marker is not all ones".into(),
+        ));
+    }
+    let len = usize::from(u16::from_be_bytes([buf[16], buf[17]]));
+    if !(HEADER_LEN..=MAX_LEN).contains(&len) {
+        return Err(DecodeError::new(
+            ErrorCode::Header,
+            2,
+            buf[16..18].to_vec(),
+            format!("message header: length {len}"),
+        ));
+    }
+    Ok(Some(len))
+}
+
+/// Decodes one complete message (as delimited by [`frame_len`]). `four_octet`: the session
+/// negotiated 4-octet AS numbers (for AS_PATH).
+pub fn decode(msg: &[u8], four_octet: bool) -> Result<Message, DecodeError> {
+    let len = frame_len(msg)?.filter(|l| *l == msg.len()).ok_or_else(|| {
+        DecodeError::new(ErrorCode::Header, 2, Vec::new(), format!("message of {} bytes is not one frame", msg.len()))
+    })?;
+    let kind = msg[18];
+    let body = &msg[HEADER_LEN..len];
+    let bad_len = || DecodeError::new(ErrorCode::Header, 2, msg[16..18].to_vec(), format!("type {kind}: length {len}"));
+    match kind {
+        OPEN => Open::decode(body).map(Message::Open),
+        UPDATE => Update::decode(body, four_octet).map(Message::Update),
+        NOTIFICATION => match body {
+            [code, subcode, data @ ..] => {
+                Ok(Message::Notification(Notification { code: *code, subcode: *subcode, data: data.to_vec() }))
+            }
+            _ => Err(bad_len()),
+        },
+        KEEPALIVE if body.is_empty() => Ok(Message::Keepalive),
+        ROUTE_REFRESH => match body {
+            [a0, a1, _, safi] => Ok(Message::RouteRefresh { afi: u16::from_be_bytes([*a0, *a1]), safi: *safi }),
+            _ => Err(bad_len()),
+        },
+        KEEPALIVE => Err(bad_len()),
+        other => Err(DecodeError::new(ErrorCode::Header, 3, vec![other], format!("message type {other}"))),
+    }
+}
+
+/// A standard community `ASN:VALUE` (RFC 1997).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Community(pub u32);
+
+impl fmt::Display for Community {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.0 >> 16, self.0 & 0xffff)
+    }
+}
+
+impl FromStr for Community {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Community, String> {
+        let err = || format!("community {s:?} must be ASN:VALUE with both parts in 0..=65535 (e.g. 65010:100)");
+        let (a, v) = s.split_once(':').ok_or_else(err)?;
+        let a: u16 = a.parse().map_err(|_| err())?;
+        let v: u16 = v.parse().map_err(|_| err())?;
+        Ok(Community(u32::from(a) << 16 | u32::from(v)))
+    }
+}
+
+impl serde::Serialize for Community {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let len = HEADER_LEN + body.len();
+    debug_assert!(len <= MAX_LEN, "BGP message of {len} bytes");
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&MARKER);
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    out.push(kind);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Prefixes encoded back to back, cut into pieces of at most `room` bytes.
+fn chunks(prefixes: &[Ipv4Net], room: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let mut rest = prefixes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut out = Vec::new();
+        while let Some((p, tail)) = rest.split_first() {
+            let bytes = usize::from(p.prefix_len()).div_ceil(8);
+            if !out.is_empty() && out.len() + 1 + bytes > room {
+                break;
+            }
+            out.push(p.prefix_len());
+            out.extend_from_slice(&p.network().octets()[..bytes]);
+            rest = tail;
+        }
+        Some(out)
+    })
+}
+
+fn decode_prefixes(mut data: &[u8]) -> Option<Vec<Ipv4Net>> {
+    let mut out = Vec::new();
+    while let [len, rest @ ..] = data {
+        let bytes = usize::from(*len).div_ceil(8);
+        if *len > 32 || rest.len() < bytes {
+            return None;
+        }
+        let mut octets = [0u8; 4];
+        octets[..bytes].copy_from_slice(&rest[..bytes]);
+        out.push(Ipv4Net::new(Ipv4Addr::from(octets), *len).ok()?.trunc());
+        data = &rest[bytes..];
+    }
+    Some(out)
+}
+
+fn push_attribute(out: &mut Vec<u8>, flags: u8, kind: u8, value: &[u8]) {
+    if value.len() > 255 {
+        out.push(flags | FLAG_EXTENDED);
+        out.push(kind);
+        out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    } else {
+        out.push(flags);
+        out.push(kind);
+        out.push(value.len() as u8);
+    }
+    out.extend_from_slice(value);
+}
+
+fn encode_attributes(a: &Attributes, four_octet: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    push_attribute(&mut out, FLAG_TRANSITIVE, ATTR_ORIGIN, &[a.origin.unwrap_or(0)]);
+    let mut path = Vec::new();
+    for segment in a.as_path.chunks(255) {
+        path.push(AS_SEQUENCE);
+        path.push(segment.len() as u8);
+        for asn in segment {
+            if four_octet {
+                path.extend_from_slice(&asn.to_be_bytes());
+            } else {
+                path.extend_from_slice(&u16::try_from(*asn).unwrap_or(AS_TRANS).to_be_bytes());
+            }
+        }
+    }
+    push_attribute(&mut out, FLAG_TRANSITIVE, ATTR_AS_PATH, &path);
+    if let Some(nh) = a.next_hop {
+        push_attribute(&mut out, FLAG_TRANSITIVE, ATTR_NEXT_HOP, &nh.octets());
+    }
+    if let Some(med) = a.med {
+        push_attribute(&mut out, FLAG_OPTIONAL, ATTR_MED, &med.to_be_bytes());
+    }
+    if let Some(pref) = a.local_pref {
+        push_attribute(&mut out, FLAG_TRANSITIVE, ATTR_LOCAL_PREF, &pref.to_be_bytes());
+    }
+    if !a.communities.is_empty() {
+        let value: Vec<u8> = a.communities.iter().flat_map(|c| c.0.to_be_bytes()).collect();
+        push_attribute(&mut out, FLAG_OPTIONAL | FLAG_TRANSITIVE, ATTR_COMMUNITIES, &value);
+    }
+    out
+}
+
+fn decode_attributes(mut data: &[u8], four_octet: bool) -> Result<Attributes, DecodeError> {
+    let bad = |subcode: u8, what: String| DecodeError::new(ErrorCode::Update, subcode, Vec::new(), what);
+    let mut a = Attributes::default();
+    while !data.is_empty() {
+        let [flags, kind, ref rest @ ..] = *data else {
+            return Err(bad(1, "UPDATE: truncated path attribute".into()));
+        };
+        let (len, rest) = if flags & FLAG_EXTENDED != 0 {
+            let l = rest.first_chunk::<2>().ok_or_else(|| bad(1, "UPDATE: truncated attribute length".into()))?;
+            (usize::from(u16::from_be_bytes(*l)), &rest[2..])
+        } else {
+            let l = rest.first().ok_or_else(|| bad(1, "UPDATE: truncated attribute length".into()))?;
+            (usize::from(*l), &rest[1..])
+        };
+        let value = rest.get(..len).ok_or_else(|| bad(5, format!("UPDATE: attribute {kind} overruns")))?;
+        data = &rest[len..];
+        let word = || value.try_into().map(u32::from_be_bytes).map_err(|_| bad(5, format!("attribute {kind} length")));
+        match kind {
+            ATTR_ORIGIN => a.origin = Some(*value.first().ok_or_else(|| bad(5, "ORIGIN length".into()))?),
+            ATTR_AS_PATH => {
+                let width = if four_octet { 4 } else { 2 };
+                let mut seg = value;
+                while let [_kind, count, ref rest @ ..] = *seg {
+                    let n = usize::from(count) * width;
+                    let asns = rest.get(..n).ok_or_else(|| bad(11, "UPDATE: malformed AS_PATH".into()))?;
+                    a.as_path.extend(asns.chunks(width).map(|c| match *c {
+                        [h, l] => u32::from(u16::from_be_bytes([h, l])),
+                        [b0, b1, b2, b3] => u32::from_be_bytes([b0, b1, b2, b3]),
+                        _ => unreachable!("chunks of the AS width"),
+                    }));
+                    seg = &rest[n..];
+                }
+                if !seg.is_empty() {
+                    return Err(bad(11, "UPDATE: malformed AS_PATH".into()));
+                }
+            }
+            ATTR_NEXT_HOP => a.next_hop = Some(Ipv4Addr::from(word()?)),
+            ATTR_MED => a.med = Some(word()?),
+            ATTR_LOCAL_PREF => a.local_pref = Some(word()?),
+            ATTR_COMMUNITIES if value.len() % 4 == 0 => {
+                a.communities =
+                    value.chunks(4).map(|c| Community(u32::from_be_bytes([c[0], c[1], c[2], c[3]]))).collect()
+            }
+            ATTR_COMMUNITIES => return Err(bad(5, "COMMUNITIES length".into())),
+            _ => {}
+        }
+    }
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn open(asn: u32) -> Open {
+        Open {
+            version: 4,
+            asn,
+            hold_time: 9,
+            router_id: Ipv4Addr::new(198, 51, 100, 2),
+            capabilities: vec![
+                Capability::Multiprotocol { afi: AFI_IPV4, safi: SAFI_UNICAST },
+                Capability::FourOctetAs(asn),
+            ],
+        }
+    }
+
+    #[test]
+    fn open_round_trips_and_uses_as_trans_for_large_asns() {
+        for asn in [65010, 4_200_000_001] {
+            let bytes = open(asn).encode();
+            assert_eq!(frame_len(&bytes).unwrap(), Some(bytes.len()));
+            assert_eq!(decode(&bytes, true).unwrap(), Message::Open(open(asn)));
+            let short = u16::from_be_bytes([bytes[20], bytes[21]]);
+            assert_eq!(u32::from(short), if asn > 65535 { u32::from(AS_TRANS) } else { asn });
+        }
+    }
+
+    #[test]
+    fn open_from_a_real_router_with_unknown_capabilities() {
+        // An OPEN as BIRD 2 sends it: MP IPv4 unicast, route refresh, graceful restart, 4-octet
+        // AS 65000, enhanced route refresh, long-lived graceful restart.
+        let caps: &[u8] = &[1, 4, 0, 1, 0, 1, 2, 0, 64, 2, 0, 120, 65, 4, 0, 0, 0xfd, 0xe8, 70, 0, 71, 0];
+        let mut body = vec![4, 0xfd, 0xe8, 0, 240, 203, 0, 113, 1, (caps.len() + 2) as u8, 2, caps.len() as u8];
+        body.extend_from_slice(caps);
+        let Message::Open(o) = decode(&frame(OPEN, &body), false).unwrap() else { panic!() };
+        assert_eq!((o.asn, o.hold_time, o.router_id), (65000, 240, Ipv4Addr::new(203, 0, 113, 1)));
+        assert!(o.four_octet_as());
+        assert_eq!(o.capabilities.len(), 6);
+    }
+
+    #[test]
+    fn update_announce_and_withdraw_round_trip() {
+        let attrs = Attributes {
+            origin: Some(0),
+            as_path: vec![65010],
+            next_hop: Some(Ipv4Addr::new(203, 0, 113, 2)),
+            med: None,
+            local_pref: None,
+            communities: vec!["65010:100".parse().unwrap()],
+        };
+        let prefixes = [net("10.10.0.0/16"), net("192.0.2.128/25"), net("0.0.0.0/0"), net("10.1.2.3/32")];
+        let msgs = Update::announce(&prefixes, &attrs, true);
+        assert_eq!(msgs.len(), 1);
+        let Message::Update(u) = decode(&msgs[0], true).unwrap() else { panic!() };
+        assert_eq!(u, Update { withdrawn: vec![], attributes: attrs.clone(), nlri: prefixes.to_vec() });
+        // 2-octet AS_PATH when the session did not negotiate 4-octet AS numbers.
+        let msgs = Update::announce(&prefixes[..1], &attrs, false);
+        let Message::Update(u) = decode(&msgs[0], false).unwrap() else { panic!() };
+        assert_eq!(u.attributes.as_path, vec![65010]);
+
+        let msgs = Update::withdraw(&prefixes);
+        let Message::Update(u) = decode(&msgs[0], true).unwrap() else { panic!() };
+        assert_eq!(u, Update { withdrawn: prefixes.to_vec(), ..Update::default() });
+    }
+
+    #[test]
+    fn many_prefixes_are_split_into_messages_within_4096_bytes() {
+        let prefixes: Vec<Ipv4Net> = (0..3000u32).map(|i| Ipv4Net::new(Ipv4Addr::from(i << 8), 24).unwrap()).collect();
+        for msgs in [Update::announce(&prefixes, &Attributes::default(), true), Update::withdraw(&prefixes)] {
+            assert!(msgs.len() > 1);
+            let mut seen = Vec::new();
+            for m in &msgs {
+                assert!(m.len() <= MAX_LEN, "{}", m.len());
+                let Message::Update(u) = decode(m, true).unwrap() else { panic!() };
+                seen.extend(u.nlri);
+                seen.extend(u.withdrawn);
+            }
+            assert_eq!(seen, prefixes);
+        }
+    }
+
+    #[test]
+    fn keepalive_notification_route_refresh() {
+        assert_eq!(decode(&keepalive(), true).unwrap(), Message::Keepalive);
+        let n = Notification::admin_shutdown();
+        assert_eq!(decode(&n.encode(), true).unwrap(), Message::Notification(n.clone()));
+        assert_eq!(n.to_string(), "cease (administrative shutdown) [6/2]");
+        assert_eq!(
+            decode(&frame(ROUTE_REFRESH, &[0, 1, 0, 1]), true).unwrap(),
+            Message::RouteRefresh { afi: AFI_IPV4, safi: SAFI_UNICAST }
+        );
+    }
+
+    #[test]
+    fn malformed_input_names_the_notification_to_send() {
+        let mut bad_marker = keepalive();
+        bad_marker[3] = 0;
+        assert_eq!(frame_len(&bad_marker).unwrap_err().notification.subcode, 1);
+        let mut long = keepalive();
+        long[16..18].copy_from_slice(&5000u16.to_be_bytes());
+        let e = frame_len(&long).unwrap_err();
+        assert_eq!((e.notification.code, e.notification.subcode), (1, 2));
+        assert_eq!(frame_len(&keepalive()[..10]).unwrap(), None);
+        let e = decode(&frame(9, &[]), true).unwrap_err();
+        assert_eq!((e.notification.code, e.notification.subcode, e.notification.data.clone()), (1, 3, vec![9]));
+        let e = decode(&frame(KEEPALIVE, &[0]), true).unwrap_err();
+        assert_eq!(e.notification.code, 1);
+        // UPDATE whose withdrawn length overruns, and a /33 prefix.
+        let e = decode(&frame(UPDATE, &[0, 9, 0, 0]), true).unwrap_err();
+        assert_eq!(e.notification.code, 3);
+        let e = decode(&frame(UPDATE, &[0, 2, 33, 1, 0, 0]), true).unwrap_err();
+        assert_eq!((e.notification.code, e.notification.subcode), (3, 10));
+        // OPEN with an optional parameter that is not a capability.
+        let e = decode(&frame(OPEN, &[4, 0, 1, 0, 9, 1, 2, 3, 4, 3, 1, 1, 0]), true).unwrap_err();
+        assert_eq!((e.notification.code, e.notification.subcode), (2, 4));
+    }
+
+    #[test]
+    fn communities_parse_and_print() {
+        let c: Community = "65010:100".parse().unwrap();
+        assert_eq!(c.0, (65010 << 16) | 100);
+        assert_eq!(c.to_string(), "65010:100");
+        for bad in ["65010", "65536:1", "a:b", "1:2:3"] {
+            assert!(bad.parse::<Community>().unwrap_err().contains("ASN:VALUE"), "{bad}");
+        }
+    }
+}
