@@ -477,6 +477,41 @@ fn gateways(m: &RouteMessage) -> Vec<Ipv4Addr> {
     out
 }
 
+/// The anycast path of a lab run, for its report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AnycastPath {
+    /// The upstream router (`BIRD 2.0.12`).
+    pub router: String,
+    /// The FEs the upstream learned the mobile prefix from (one ECMP next hop each).
+    pub paths: Vec<String>,
+    /// The FE the client's flow enters at.
+    pub ingress_fe: String,
+    /// The client's source address that the upstream hashes to it.
+    pub client_source: Ipv4Addr,
+}
+
+/// Starts the upstream's BIRD for `fes` FEs in `dir`.
+pub fn start_upstream(upstream: &NetNs, fes: usize, dir: &Path) -> Result<Bird> {
+    Bird::start(upstream, "upstream", &upstream_config(fes), dir)
+}
+
+/// Waits until the upstream learned the mobile prefix from each of `fes` FEs, then pins the
+/// client's flow to `dst` to FE `ingress`.
+pub fn anycast_ready(
+    client: &NetNs,
+    upstream: &NetNs,
+    bird: &Bird,
+    fes: usize,
+    dst: Ipv4Addr,
+    ingress: usize,
+) -> Result<AnycastPath> {
+    let paths: Vec<String> = (1..=fes).map(peer_name).collect();
+    bird.wait_route_sources(MOBILE, &paths, Duration::from_secs(20))?;
+    let client_source = pin_client(client, upstream, dst, ingress)?;
+    let router = bird.cli("show status")?.lines().next().unwrap_or_default().trim_end_matches(" ready.").to_owned();
+    Ok(AnycastPath { router, paths, ingress_fe: peer_name(ingress), client_source })
+}
+
 /// Makes the client's traffic to `dst` enter VICTOR at FE `fe`: ECMP hashes each flow (source,
 /// destination) to one FE, so the client gets a source address the upstream hashes to `fe` (asked
 /// with `ip route get`), used for everything it sends into the mobile prefix. Returns it.

@@ -6,6 +6,8 @@
 //! convergence = the latest time any FE finished applying the new binding − the time the new FE
 //! captured the VM's gratuitous ARP.
 //!
+//! With `--bgp` the client enters through the BGP upstream router instead (see [`super::bgp`]).
+//!
 //! Two ways to switch the link (`--switch`):
 //! * `move` (BRIEF §3): the VM's link is moved from the old FE's namespace to the new one's
 //!   (break before make: while it moves no path to the VM exists), then the VM sends its GARP;
@@ -26,10 +28,11 @@ use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::NetNs;
 
 use super::agents::{Agent, AgentCommand, agent_get, wait_agent_ready};
+use super::bgp::{self, AnycastPath};
 use super::controlplane::ControlPlane;
 use super::netlink::LinkSwitch;
 use super::probe::{FrameSender, Prober, Probes, garp_frame};
-use super::topology::{GATEWAY, GATEWAY_MAC, Topology, VM_PORT, VmSpec, attach_with};
+use super::topology::{GATEWAY, GATEWAY_MAC, Ingress, Topology, VM_PORT, VmSpec, attach_with};
 
 /// How the VM's link is switched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -71,6 +74,11 @@ pub struct MigrateArgs {
     /// Keep the lab's logs (controller, agents, etcd) in this directory.
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// The client sits behind a BGP router (real BIRD 2) that learns the mobile prefix from every
+    /// FE's agent and spreads flows over them (ECMP), instead of entering at fe1 statically; its
+    /// flow is pinned to fe1 (see docs/bgp.md).
+    #[arg(long)]
+    pub bgp: bool,
 }
 
 impl Default for MigrateArgs {
@@ -85,6 +93,7 @@ impl Default for MigrateArgs {
             json: false,
             out: None,
             log_dir: None,
+            bgp: false,
         }
     }
 }
@@ -179,6 +188,9 @@ pub struct MigrateReport {
     pub load_avg_1m: f64,
     /// The paper's figure for comparison: packets lost per handoff at a 10 ms ping interval.
     pub paper_lost_per_move_at_10ms: &'static str,
+    /// With `--bgp`: the anycast path the client's traffic took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<AnycastPath>,
 }
 
 /// Builds the lab, runs the experiment, tears everything down and returns the report.
@@ -205,9 +217,10 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     let controller_bin = victor_testkit::workspace_binary("victor-controller");
     let agent_bin = victor_testkit::workspace_binary("victor-fe-agent");
     let namer = |role: &str| NetNs::new(&format!("vm{}", short(role)));
-    let mut topo = Topology::build(3, &namer)?;
+    let mut topo = Topology::build_with(3, &namer, if args.bgp { Ingress::Bgp } else { Ingress::Static })?;
     let vm = VmSpec::numbered(1);
     topo.add_vm(vm.clone(), 2, &namer)?;
+    let upstream = topo.upstream.as_ref().map(|ns| bgp::start_upstream(ns, 3, dir)).transpose()?;
 
     // Flap damping would freeze a VM bouncing between two FEs every few hundred ms: the lab
     // lifts it (it is tested on its own) so that every move is a real move.
@@ -226,8 +239,11 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         // Spread agents over the replicas (each still fails over to the others).
         let mut ordered = urls.clone();
         ordered.rotate_left((n - 1) % urls.len());
+        let flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
+        let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
         let argv =
-            AgentCommand { bin: &agent_bin, controllers: &ordered, controller_netns: &netns_path, extra: &[] }.argv(n);
+            AgentCommand { bin: &agent_bin, controllers: &ordered, controller_netns: &netns_path, extra: &extra }
+                .argv(n);
         agents.push(Agent::spawn(topo.fe(n), n, argv, dir)?);
     }
     for n in 1..=3 {
@@ -250,6 +266,10 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     let first = plane.wait_bound(vm.ip, "fe2", Duration::from_secs(10)).await?;
     let mut move_seq = first.move_seq;
     wait_applied(&topo, vm.ip, move_seq, 2, Duration::from_secs(10)).await?;
+    let anycast = match (&upstream, &topo.upstream) {
+        (Some(bird), Some(ns)) => Some(bgp::anycast_ready(&topo.client, ns, bird, 3, vm.ip, 1)?),
+        _ => None,
+    };
 
     let interval = Duration::from_millis(args.ping_interval_ms);
     let prober = Prober::start(&topo.client, vm.ip, interval)?;
@@ -360,9 +380,10 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         per_move.push(m.result(&probes, end_seq, &traces, args.ping_interval_ms)?);
     }
     drop(agents);
+    drop(upstream);
     drop(plane);
     drop(topo);
-    Ok(report(args, dataplane, &probes, per_move, load_avg_1m))
+    Ok(MigrateReport { bgp: anycast, ..report(args, dataplane, &probes, per_move, load_avg_1m) })
 }
 
 /// A move whose numbers are computed once the run is over.
@@ -481,6 +502,7 @@ fn report(
         per_move,
         load_avg_1m,
         paper_lost_per_move_at_10ms: "1-2 (Hao et al. §5, physical host moved between access points)",
+        bgp: None,
     }
 }
 
@@ -506,6 +528,15 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
         report.replicas,
         report.dataplane
     );
+    if let Some(b) = &report.bgp {
+        println!(
+            "ingress: BGP upstream ({}) with ECMP over {}; the client's flow (source {}) enters at {}",
+            b.router,
+            b.paths.join(", "),
+            b.client_source,
+            b.ingress_fe
+        );
+    }
     println!(
         "{:>4}  {:<10} {:>9} {:>6} {:>14} {:>5} {:>13}",
         "move", "from→to", "move_seq", "garps", "convergence", "lost", "link switch"

@@ -41,6 +41,10 @@ pub struct UpArgs {
     /// Controller replicas (>1 needs etcd).
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// Put the client behind a BGP router (real BIRD 2) that learns the mobile prefix from every
+    /// FE's agent (ECMP) instead of the static ingress through fe1.
+    #[arg(long)]
+    pub bgp: bool,
 }
 
 /// `victor-lab down`.
@@ -94,17 +98,34 @@ async fn build_up(
 ) -> Result<()> {
     let controller_bin = victor_testkit::workspace_binary("victor-controller");
     let agent_bin = victor_testkit::workspace_binary("victor-fe-agent");
-    let mut topo = topology::Topology::build(3, namer)?;
+    let ingress = if args.bgp { topology::Ingress::Bgp } else { topology::Ingress::Static };
+    let mut topo = topology::Topology::build_with(3, namer, ingress)?;
     let vm = topology::VmSpec::numbered(1);
     topo.add_vm(vm.clone(), 2, namer)?;
+    let bird = match &topo.upstream {
+        Some(ns) => {
+            let bird = bgp::start_upstream(ns, 3, dir)?;
+            record.borrow_mut().processes.push(Process {
+                role: "bird-upstream".into(),
+                pid: bird.pid(),
+                exe: PathBuf::from(bgp::BIRD),
+            });
+            record.borrow().save()?;
+            Some(bird)
+        }
+        None => None,
+    };
     let mut plane =
         controlplane::ControlPlane::start(&controller_bin, dir, args.etcd_members, args.replicas, &[]).await?;
     let urls = plane.urls();
     let netns = migrate::controller_netns()?;
     let mut agents = Vec::new();
     for n in 1..=3 {
+        let flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
+        let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
         let argv =
-            agents::AgentCommand { bin: &agent_bin, controllers: &urls, controller_netns: &netns, extra: &[] }.argv(n);
+            agents::AgentCommand { bin: &agent_bin, controllers: &urls, controller_netns: &netns, extra: &extra }
+                .argv(n);
         let agent = agents::Agent::spawn(topo.fe(n), n, argv, dir)?;
         if let Some(g) = &agent.guard {
             record.borrow_mut().processes.push(Process {
@@ -130,9 +151,18 @@ async fn build_up(
     }
     probe::send_garp(topo.vm(1), "eth0", &vm.mac, vm.ip)?;
     plane.wait_bound(vm.ip, "fe2", Duration::from_secs(10)).await?;
+    let anycast = match (&bird, &topo.upstream) {
+        (Some(bird), Some(ns)) => Some(bgp::anycast_ready(&topo.client, ns, bird, 3, vm.ip, 1)?),
+        _ => None,
+    };
 
     // Everything works: let it outlive this process.
     topo.make_persistent();
+    let bird_socket = bird.map(|b| {
+        let socket = b.socket.clone();
+        b.detach();
+        socket
+    });
     for agent in &mut agents {
         if let Some(g) = agent.guard.take() {
             g.detach();
@@ -161,7 +191,21 @@ async fn build_up(
         args.etcd_members, args.replicas
     );
     println!("  namespaces : {}", record.borrow().namespaces.join(" "));
-    println!("  client     : 192.0.2.10 in {name}-client (ingress FE: fe1)");
+    match (&anycast, &bird_socket) {
+        (Some(a), Some(socket)) => {
+            println!(
+                "  client     : 192.0.2.10 in {name}-client, behind {name}-upstream ({}, AS {}) with ECMP over {}; \
+                 source {} enters at {}",
+                a.router,
+                bgp::UPSTREAM_AS,
+                a.paths.join(", "),
+                a.client_source,
+                a.ingress_fe
+            );
+            println!("  BGP routes : birdc -s {} show route for {} all", socket.display(), topology::MOBILE);
+        }
+        _ => println!("  client     : 192.0.2.10 in {name}-client (ingress FE: fe1)"),
+    }
     println!("  VM         : {} (MAC {}) behind fe2, in {name}-vm1, gateway {}", vm.ip, vm.mac, topology::GATEWAY);
     println!("  underlay   : fe1..fe3 = {}, {}, {}", topology::fe_addr(1), topology::fe_addr(2), topology::fe_addr(3));
     println!("  controllers: {}", urls.join(", "));
