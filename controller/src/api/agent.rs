@@ -1,4 +1,9 @@
 //! `victor.v1.AgentService`: FE registration and liveness, VM reports, desired-state stream.
+//!
+//! [`AgentApi`] implements the generated service. [`AgentGrpc`] serves the same service but
+//! answers `Sync` with pre-encoded messages ([`crate::stream::encoded`]): a change fanned out to
+//! every agent is encoded once instead of once per stream; the bytes on the wire obey the same
+//! contract.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -7,11 +12,14 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use ipnet::IpNet;
 use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 use victor_proto::Mac;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::types::ip_from_bytes;
-use victor_proto::v1::agent_service_server::AgentService;
+use victor_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use victor_proto::v1::*;
 use victor_store::{Store, StoreError, Txn, TxnOp};
 
@@ -22,7 +30,8 @@ use crate::cache::FeView;
 use crate::records::{FeRecord, SessionRecord, now_unix_nanos};
 use crate::registry::ValidObservation;
 use crate::registry::rules::Observed;
-use crate::stream::agent::{self as sync, SyncContext};
+use crate::stream::agent::{self as sync, SyncContext, SyncMessage};
+use crate::stream::encoded::{EncodedSync, SyncCodec};
 
 /// Observations of one Report processed concurrently: enough to fill several group-committed
 /// transactions (`registry::batch`) from a single Report.
@@ -240,6 +249,16 @@ impl<S: Store> AgentService for AgentApi<S> {
     type SyncStream = SyncStream;
 
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
+        Ok(Response::new(Box::pin(self.open_sync::<SyncUpdate>(request)?)))
+    }
+}
+
+impl<S: Store> AgentApi<S> {
+    /// Checks a Sync request and starts its stream.
+    fn open_sync<M: SyncMessage>(
+        &self,
+        request: Request<SyncRequest>,
+    ) -> Result<ReceiverStream<Result<M, Status>>, Status> {
         let req = request.get_ref();
         validate::name("fe_id", &req.fe_id)?;
         self.ctx.auth.authorize_fe(&request, &req.fe_id)?;
@@ -252,6 +271,210 @@ impl<S: Store> AgentService for AgentApi<S> {
             shutdown: self.ctx.shutdown.clone(),
         };
         let req = request.into_inner();
-        Ok(Response::new(Box::pin(sync::start(ctx, req.fe_id, req.from_revision))))
+        Ok(sync::start(ctx, req.fe_id, req.from_revision))
+    }
+}
+
+const SYNC_PATH: &str = "/victor.v1.AgentService/Sync";
+
+/// The AgentService with pre-encoded `Sync` streams; add it to a tonic server in place of
+/// `AgentServiceServer::new(AgentApi::new(ctx))`.
+pub struct AgentGrpc<S: Store> {
+    api: Arc<AgentApi<S>>,
+    generated: AgentServiceServer<AgentApi<S>>,
+    max_decoding_message_size: usize,
+}
+
+impl<S: Store> AgentGrpc<S> {
+    /// Serves from `ctx`; requests larger than `max_decoding_message_size` are refused.
+    pub fn new(ctx: Arc<ApiContext<S>>, max_decoding_message_size: usize) -> Self {
+        let api = Arc::new(AgentApi::new(ctx));
+        let generated = AgentServiceServer::from_arc(api.clone()).max_decoding_message_size(max_decoding_message_size);
+        AgentGrpc { api, generated, max_decoding_message_size }
+    }
+}
+
+impl<S: Store> Clone for AgentGrpc<S> {
+    fn clone(&self) -> Self {
+        AgentGrpc {
+            api: self.api.clone(),
+            generated: self.generated.clone(),
+            max_decoding_message_size: self.max_decoding_message_size,
+        }
+    }
+}
+
+impl<S: Store> NamedService for AgentGrpc<S> {
+    const NAME: &'static str = "victor.v1.AgentService";
+}
+
+impl<S: Store, B> Service<http::Request<B>> for AgentGrpc<S>
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != SYNC_PATH {
+            return self.generated.call(req);
+        }
+        let method = EncodedSyncMethod(self.api.clone());
+        let max = self.max_decoding_message_size;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(SyncCodec).apply_max_message_size_config(Some(max), None);
+            Ok(grpc.server_streaming(method, req).await)
+        })
+    }
+}
+
+struct EncodedSyncMethod<S: Store>(Arc<AgentApi<S>>);
+
+impl<S: Store> tonic::server::ServerStreamingService<SyncRequest> for EncodedSyncMethod<S> {
+    type Response = EncodedSync;
+    type ResponseStream = ReceiverStream<Result<EncodedSync, Status>>;
+    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<SyncRequest>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move { api.open_sync::<EncodedSync>(request).map(Response::new) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use tonic::transport::Channel;
+    use victor_proto::v1::agent_service_client::AgentServiceClient;
+    use victor_store::embedded::{EmbeddedOptions, EmbeddedStore};
+
+    use super::*;
+    use crate::cache::{Cache, loader};
+    use crate::keys::Keys;
+    use crate::lease::KeptLease;
+    use crate::metrics::Metrics;
+    use crate::registry::Registry;
+    use crate::registry::rules::Rules;
+    use crate::trace::MoveTraces;
+
+    /// A replica on the embedded store serving only [`AgentGrpc`].
+    async fn serve(dir: &std::path::Path) -> (AgentServiceClient<Channel>, tokio::sync::watch::Sender<bool>) {
+        let store = EmbeddedStore::open(&dir.join("s.redb"), EmbeddedOptions::default()).await.unwrap();
+        let cache = Cache::new(Keys::new("/t"), 10_000);
+        let metrics = Arc::new(Metrics::new());
+        let traces = Arc::new(MoveTraces::new(64));
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let presence = loader::Presence {
+            replica_id: "r1".into(),
+            grpc_addr: String::new(),
+            lease: KeptLease::new(store.clone(), Duration::from_secs(5)),
+        };
+        tokio::spawn(loader::run(store.clone(), cache.clone(), presence, shutdown_rx.clone()));
+        while !cache.is_loaded() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let ctx = Arc::new(ApiContext {
+            registry: Registry::new(store, cache.clone(), Rules::default(), metrics.clone(), traces.clone()),
+            cache,
+            metrics,
+            traces,
+            mobile: super::validate::MobilePrefixes::new(vec!["10.10.0.0/16".parse().unwrap()]),
+            replica_id: "r1".into(),
+            session_ttl: Duration::from_secs(10),
+            max_report_observations: 1024,
+            store_reachable: Arc::new(AtomicBool::new(true)),
+            is_housekeeper: Arc::new(AtomicBool::new(false)),
+            auth: Default::default(),
+            shutdown: shutdown_rx,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let service = AgentGrpc::new(ctx, 4 << 20);
+        tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        (AgentServiceClient::new(channel), shutdown)
+    }
+
+    fn learn(fe: &str, last: u8) -> ReportRequest {
+        ReportRequest {
+            fe_id: fe.into(),
+            observations: vec![VmObservation {
+                vm_ip: vec![10, 10, 0, last],
+                mac: vec![2, 0, 0, 0, 0, last],
+                kind: ObservationKind::Learned as i32,
+                observed_at_unix_nanos: victor_proto::clock::unix_nanos(),
+                port: "p".into(),
+            }],
+        }
+    }
+
+    async fn next(stream: &mut tonic::Streaming<SyncUpdate>, pred: impl Fn(&SyncUpdate) -> bool) -> SyncUpdate {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let msg = stream.message().await.unwrap().unwrap();
+                if pred(&msg) {
+                    return msg;
+                }
+            }
+        })
+        .await
+        .expect("message in time")
+    }
+
+    #[tokio::test]
+    async fn pre_encoded_sync_reads_as_the_standard_message_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut client, _shutdown) = serve(dir.path()).await;
+        for (fe, n) in [("fe1", 1u8), ("fe2", 2)] {
+            let req = RegisterRequest {
+                fe_id: fe.into(),
+                underlay_addr: format!("192.0.2.{n}"),
+                site: "a".into(),
+                ..Default::default()
+            };
+            client.register(req).await.unwrap();
+        }
+        let bound = client.report(learn("fe2", 11)).await.unwrap().into_inner().results.remove(0);
+        assert_eq!(bound.outcome, ClaimOutcome::Bound as i32);
+
+        let req = SyncRequest { fe_id: "fe1".into(), from_revision: 0 };
+        let mut stream = client.sync(req).await.unwrap().into_inner();
+        let snapshot = next(&mut stream, |m| m.phase == SyncPhase::SnapshotEnd as i32).await;
+        assert!(snapshot.reset && snapshot.revision >= bound.revision);
+        assert_eq!(snapshot.mobile_prefixes, vec!["10.10.0.0/16".to_string()]);
+        assert_eq!(snapshot.fe_upserts.len(), 2);
+        assert_eq!(snapshot.binding_upserts.len(), 1);
+        assert_eq!(
+            (snapshot.binding_upserts[0].fe_id.as_str(), snapshot.binding_upserts[0].vm_ip.as_slice()),
+            ("fe2", &[10, 10, 0, 11][..])
+        );
+
+        let moved = client.report(learn("fe1", 11)).await.unwrap().into_inner().results.remove(0);
+        assert_eq!(moved.outcome, ClaimOutcome::Moved as i32);
+        let delta = next(&mut stream, |m| !m.binding_upserts.is_empty()).await;
+        assert_eq!(delta.phase, SyncPhase::Delta as i32);
+        assert!(delta.revision >= moved.revision);
+        let entry = &delta.binding_upserts[0];
+        assert_eq!((entry.fe_id.as_str(), entry.move_seq, entry.revision), ("fe1", 1, moved.revision));
+
+        // Another stream resumes after the snapshot's revision: the move only, no snapshot.
+        let req = SyncRequest { fe_id: "fe2".into(), from_revision: snapshot.revision };
+        let mut resumed = client.sync(req).await.unwrap().into_inner();
+        let first = resumed.message().await.unwrap().unwrap();
+        assert_eq!(first.phase, SyncPhase::Delta as i32, "{first:?}");
+        assert_eq!(first.binding_upserts, delta.binding_upserts);
+
+        // Bad requests still get precise errors on the pre-encoded path.
+        let err = client.sync(SyncRequest { fe_id: "bad id!".into(), from_revision: 0 }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     }
 }

@@ -12,7 +12,7 @@ pub mod state;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -30,6 +30,9 @@ pub struct Frame {
     pub changes: Arc<[CacheChange]>,
     /// When the cache applied it (CLOCK_MONOTONIC ns).
     pub applied_mono_ns: u64,
+    /// The changes encoded for the agents, computed once by the first stream that sends the frame
+    /// and shared by every other (`stream::encoded`).
+    pub encoded: Arc<OnceLock<bytes::Bytes>>,
 }
 
 /// Result of asking for the changes after a revision.
@@ -205,7 +208,7 @@ impl Cache {
         }
         inner.history_changes += changes.len();
         let applied_mono_ns = victor_proto::clock::monotonic_ns();
-        inner.history.push_back(Frame { revision, changes: changes.into(), applied_mono_ns });
+        inner.history.push_back(Frame { revision, changes: changes.into(), applied_mono_ns, encoded: Arc::default() });
         while inner.history_changes > limit && inner.history.len() > 1 {
             let old = inner.history.pop_front().expect("non-empty");
             inner.history_changes -= old.changes.len();

@@ -1,4 +1,9 @@
 //! The agents' desired-state stream (`AgentService.Sync`): a snapshot at a revision, then deltas.
+//!
+//! One task per stream, generic over how its messages are represented ([`SyncMessage`]): decoded
+//! `SyncUpdate`s for the generated gRPC service (deltas coalesced per key), or pre-encoded
+//! [`EncodedSync`] bytes that share each frame's encoding across every stream
+//! ([`super::encoded`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -10,9 +15,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use victor_proto::clock::{monotonic_ns, unix_nanos};
 use victor_proto::types::ip_to_bytes;
-use victor_proto::v1::{BindingRemoval, FeRemoval, SyncPhase, SyncUpdate};
+use victor_proto::v1::{BindingEntry, BindingRemoval, FeEntry, FeRemoval, SyncPhase, SyncUpdate};
 use victor_store::Revision;
 
+use super::encoded::{self, EncodedSync, EntryRef};
 use super::{HEARTBEAT, MAX_ENTRIES_PER_MESSAGE};
 use crate::api::convert;
 use crate::cache::{Cache, CacheChange, Frame, Since};
@@ -52,8 +58,74 @@ pub struct SyncContext {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
+/// How a stream's messages are represented.
+pub trait SyncMessage: Send + Sized + 'static {
+    /// An empty message with this header (phase, revision, prefixes, send time).
+    fn with_header(header: SyncUpdate) -> Self;
+    /// The header, to adjust before sending (snapshot end, reset).
+    fn header_mut(&mut self) -> &mut SyncUpdate;
+    /// Adds the FEs of a snapshot.
+    fn add_fes(&mut self, fes: Vec<FeEntry>);
+    /// Adds a chunk of a snapshot's bindings.
+    fn add_snapshot(&mut self, chunk: &[SnapshotEntry]);
+    /// Adds the changes of consecutive frames.
+    fn add_frames(&mut self, frames: &[Frame]);
+}
+
+impl SyncMessage for SyncUpdate {
+    fn with_header(header: SyncUpdate) -> Self {
+        header
+    }
+
+    fn header_mut(&mut self) -> &mut SyncUpdate {
+        self
+    }
+
+    fn add_fes(&mut self, fes: Vec<FeEntry>) {
+        self.fe_upserts.extend(fes);
+    }
+
+    fn add_snapshot(&mut self, chunk: &[SnapshotEntry]) {
+        self.binding_upserts.extend(chunk.iter().map(SnapshotEntry::to_wire));
+    }
+
+    fn add_frames(&mut self, frames: &[Frame]) {
+        coalesce(frames, self);
+    }
+}
+
+impl SyncMessage for EncodedSync {
+    fn with_header(header: SyncUpdate) -> Self {
+        EncodedSync { header, parts: Vec::new() }
+    }
+
+    fn header_mut(&mut self) -> &mut SyncUpdate {
+        &mut self.header
+    }
+
+    fn add_fes(&mut self, fes: Vec<FeEntry>) {
+        self.parts.push(encoded::encode_fes(&fes));
+    }
+
+    fn add_snapshot(&mut self, chunk: &[SnapshotEntry]) {
+        let mut buf = bytes::BytesMut::with_capacity(chunk.len() * 40);
+        for e in chunk {
+            encoded::put_binding(&mut buf, &e.as_ref());
+        }
+        self.parts.push(buf.freeze());
+    }
+
+    fn add_frames(&mut self, frames: &[Frame]) {
+        self.parts.extend(frames.iter().map(encoded::frame_bytes));
+    }
+}
+
 /// Starts the stream for one agent.
-pub fn start(ctx: SyncContext, fe_id: String, from_revision: Revision) -> ReceiverStream<Result<SyncUpdate, Status>> {
+pub fn start<M: SyncMessage>(
+    ctx: SyncContext,
+    fe_id: String,
+    from_revision: Revision,
+) -> ReceiverStream<Result<M, Status>> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         ctx.metrics.agent_streams.inc();
@@ -69,9 +141,9 @@ pub fn start(ctx: SyncContext, fe_id: String, from_revision: Revision) -> Receiv
 /// The client went away.
 struct Closed;
 
-async fn run(
+async fn run<M: SyncMessage>(
     ctx: &SyncContext,
-    tx: &mpsc::Sender<Result<SyncUpdate, Status>>,
+    tx: &mpsc::Sender<Result<M, Status>>,
     from_revision: Revision,
 ) -> Result<(), Closed> {
     let mut revisions = ctx.cache.subscribe();
@@ -119,7 +191,7 @@ async fn run(
                 }
             }
             _ = tokio::time::sleep(HEARTBEAT) => {
-                send(tx, message(ctx, &mut first, SyncPhase::Heartbeat, idle_revision)).await?;
+                send(tx, message::<M>(ctx, &mut first, SyncPhase::Heartbeat, idle_revision)).await?;
                 cursor = idle_revision;
             }
             _ = tx.closed() => return Err(Closed),
@@ -131,8 +203,9 @@ async fn run(
     }
 }
 
-/// A binding as copied for a snapshot.
-struct SnapshotEntry {
+/// A binding as copied for a snapshot (only what the agents receive).
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
     ip: IpAddr,
     fe_id: Arc<str>,
     mac: victor_proto::Mac,
@@ -141,8 +214,18 @@ struct SnapshotEntry {
 }
 
 impl SnapshotEntry {
-    fn to_wire(&self) -> victor_proto::v1::BindingEntry {
-        victor_proto::v1::BindingEntry {
+    fn as_ref(&self) -> EntryRef<'_> {
+        EntryRef {
+            ip: self.ip,
+            fe_id: &self.fe_id,
+            mac: self.mac.octets(),
+            move_seq: self.move_seq,
+            revision: self.revision,
+        }
+    }
+
+    fn to_wire(&self) -> BindingEntry {
+        BindingEntry {
             vm_ip: ip_to_bytes(self.ip),
             fe_id: self.fe_id.to_string(),
             mac: self.mac.octets().to_vec(),
@@ -152,9 +235,9 @@ impl SnapshotEntry {
     }
 }
 
-async fn send_snapshot(
+async fn send_snapshot<M: SyncMessage>(
     ctx: &SyncContext,
-    tx: &mpsc::Sender<Result<SyncUpdate, Status>>,
+    tx: &mpsc::Sender<Result<M, Status>>,
     first: &mut bool,
 ) -> Result<Revision, Closed> {
     // Only what the agents need is copied under the read lock (not whole views with their damping
@@ -176,28 +259,28 @@ async fn send_snapshot(
         (fes, bindings)
     });
     ctx.metrics.snapshots_sent.inc();
-    let mut msg = message(ctx, first, SyncPhase::Snapshot, revision);
-    msg.reset = true;
-    msg.fe_upserts = fes;
+    let mut msg: M = message(ctx, first, SyncPhase::Snapshot, revision);
+    msg.header_mut().reset = true;
+    msg.add_fes(fes);
     let mut chunks = bindings.chunks(MAX_ENTRIES_PER_MESSAGE).peekable();
     if chunks.peek().is_none() {
-        msg.phase = SyncPhase::SnapshotEnd as i32;
+        msg.header_mut().phase = SyncPhase::SnapshotEnd as i32;
         send(tx, msg).await?;
         return Ok(revision);
     }
     while let Some(chunk) = chunks.next() {
-        msg.binding_upserts = chunk.iter().map(SnapshotEntry::to_wire).collect();
+        msg.add_snapshot(chunk);
         if chunks.peek().is_none() {
-            msg.phase = SyncPhase::SnapshotEnd as i32;
+            msg.header_mut().phase = SyncPhase::SnapshotEnd as i32;
         }
         send(tx, std::mem::replace(&mut msg, message(ctx, first, SyncPhase::Snapshot, revision))).await?;
     }
     Ok(revision)
 }
 
-async fn send_deltas(
+async fn send_deltas<M: SyncMessage>(
     ctx: &SyncContext,
-    tx: &mpsc::Sender<Result<SyncUpdate, Status>>,
+    tx: &mpsc::Sender<Result<M, Status>>,
     mut cursor: Revision,
     frames: &[Frame],
     revision: Revision,
@@ -215,8 +298,8 @@ async fn send_deltas(
         let batch = &frames[start..end];
         // The last message brings the agent to the cache revision read with the frames.
         let upto = if end == frames.len() { revision } else { batch.last().expect("non-empty").revision };
-        let mut msg = message(ctx, first, SyncPhase::Delta, upto);
-        coalesce(batch, &mut msg);
+        let mut msg: M = message(ctx, first, SyncPhase::Delta, upto);
+        msg.add_frames(batch);
         ctx.metrics.stream_lag_revisions.observe(ctx.cache.revision().saturating_sub(upto) as f64);
         send(tx, msg).await?;
         let cached = batch.last().map(|f| f.applied_mono_ns).unwrap_or(0);
@@ -259,18 +342,18 @@ fn coalesce(frames: &[Frame], msg: &mut SyncUpdate) {
     }
 }
 
-fn message(ctx: &SyncContext, first: &mut bool, phase: SyncPhase, revision: Revision) -> SyncUpdate {
+fn message<M: SyncMessage>(ctx: &SyncContext, first: &mut bool, phase: SyncPhase, revision: Revision) -> M {
     let mobile_prefixes = if std::mem::take(first) { ctx.mobile_prefixes.clone() } else { Vec::new() };
-    SyncUpdate {
+    M::with_header(SyncUpdate {
         phase: phase as i32,
         revision,
         mobile_prefixes,
         sent_at_unix_nanos: unix_nanos(),
         ..Default::default()
-    }
+    })
 }
 
-async fn send(tx: &mpsc::Sender<Result<SyncUpdate, Status>>, msg: SyncUpdate) -> Result<(), Closed> {
+async fn send<M>(tx: &mpsc::Sender<Result<M, Status>>, msg: M) -> Result<(), Closed> {
     tx.send(Ok(msg)).await.map_err(|_| Closed)
 }
 

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod bindings;
+pub mod encoded;
 
 use std::time::Duration;
 
