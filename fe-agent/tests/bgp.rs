@@ -311,7 +311,7 @@ async fn withdraws_on_dataplane_failure_hang_and_headless_beyond_grace() -> Resu
     let t = lab.wait_paths(&[1], t0)?;
     let held = (t - t0) as f64 / 1e6;
     println!("hung agent → withdrawn by the hold timer after {held:.0} ms");
-    assert!(held >= 1_500.0, "withdrawn by the hold timer (≥ 2 keepalive intervals), not at once: {held} ms");
+    assert!(held >= 1_000.0, "withdrawn by the hold timer, not at once (a closed session takes ms): {held} ms");
     lab.signal(2, Signal::SIGCONT)?;
     lab.wait_paths(&[1, 2], monotonic_ns())?;
 
