@@ -196,8 +196,8 @@ pub struct Config {
     #[arg(long = "bgp-peer", env = "VICTOR_BGP_PEER", value_delimiter = ',', value_parser = parse_peer, value_name = "IP[:PORT]")]
     pub bgp_peers: Vec<SocketAddrV4>,
 
-    /// This FE's AS number for BGP (with --bgp-peer). The same on every FE is usual: the routers'
-    /// loop prevention then keeps one FE's announcement away from the others.
+    /// This FE's AS number for BGP (with --bgp-peer). Use the same on every FE: the mobile
+    /// prefixes then have one origin AS everywhere, as multi-homing expects.
     #[arg(long, env = "VICTOR_BGP_LOCAL_AS", value_name = "ASN")]
     pub bgp_local_as: Option<u32>,
 

@@ -197,8 +197,9 @@ impl<'a> Connection<'a> {
             let established = self.session.state() == State::Established;
             let far = Instant::now() + Duration::from_secs(86400);
             tokio::select! {
-                _ = stop.changed() => {
-                    if *stop.borrow() {
+                changed = stop.changed() => {
+                    // A dropped advertiser stops us too.
+                    if changed.is_err() || *stop.borrow() {
                         // Best effort: the router withdraws on the NOTIFICATION or on the close.
                         let _ = self.write(&Notification::admin_shutdown().encode()).await;
                         let _ = self.wr.shutdown().await;
