@@ -5,19 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use ipnet::IpNet;
 use serde::Serialize;
-
-/// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+pub use victor_daemon::{ConfigError, LogFormat};
 
 /// victor-controller: the replicated VICTOR control plane.
 ///
@@ -64,8 +55,8 @@ pub struct Config {
     pub etcd_key_file: Option<PathBuf>,
 
     /// Deadline of every etcd request; past it the request fails with UNAVAILABLE.
-    #[arg(long, env = "VICTOR_ETCD_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_ETCD_TIMEOUT", default_value = "3s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub etcd_timeout: Duration,
 
     /// Directory of the embedded store (used only without --etcd-endpoints).
@@ -87,14 +78,14 @@ pub struct Config {
     pub replica_id: Option<String>,
 
     /// FE session time-to-live: an FE without a heartbeat for this long is reported down.
-    #[arg(long, env = "VICTOR_SESSION_TTL", default_value = "10s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_SESSION_TTL", default_value = "10s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub session_ttl: Duration,
 
     /// Remove the bindings of an FE that has been down this long (0s = never; a headless FE
     /// keeps forwarding on its last state, so removal is a policy decision).
-    #[arg(long, env = "VICTOR_FE_DEAD_AFTER", default_value = "0s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_FE_DEAD_AFTER", default_value = "0s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub fe_dead_after: Duration,
 
     /// Flap damping: more than this many moves of one VM within --damping-window freeze its binding.
@@ -102,14 +93,14 @@ pub struct Config {
     pub damping_max_moves: u32,
 
     /// Flap damping observation window.
-    #[arg(long, env = "VICTOR_DAMPING_WINDOW", default_value = "180s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_DAMPING_WINDOW", default_value = "180s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub damping_window: Duration,
 
     /// How long a frozen binding stays frozen before housekeeping unfreezes it (0s = until an
     /// operator calls ClearDamping).
-    #[arg(long, env = "VICTOR_DAMPING_HOLD", default_value = "0s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_DAMPING_HOLD", default_value = "0s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub damping_hold: Duration,
 
     /// Only VMs declared through BindingService.DeclareVm can be bound.
@@ -156,49 +147,17 @@ pub struct Config {
     pub check_config: bool,
 }
 
-/// Why the configuration is unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    ReadFile {
-        /// The file.
-        path: PathBuf,
-        /// The IO error.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML or has an unusable value.
-    #[error("config file {path}: {message}")]
-    FileSyntax {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// Flags/environment/file combined are invalid.
-    #[error("{0}")]
-    Invalid(String),
-    /// clap rejected the arguments (includes --help/--version output).
-    #[error(transparent)]
-    Clap(#[from] clap::Error),
-}
-
 impl Config {
     /// Parses the process arguments, merging the config file named by `--config`/`VICTOR_CONFIG`.
     pub fn load() -> Result<Config, ConfigError> {
-        Self::load_from(std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect())
+        Self::load_from(victor_daemon::config_file::process_args())
     }
 
     /// Parses `args` (including the program name), merging the config file if any. The file's
     /// settings are inserted before the real arguments, so flags override the file, and both
     /// override `VICTOR_*` environment variables.
     pub fn load_from(args: Vec<String>) -> Result<Config, ConfigError> {
-        let mut merged: Vec<String> = args.iter().take(1).cloned().collect();
-        if let Some(path) = config_path(&args) {
-            merged.extend(file_arguments(&path)?);
-        }
-        merged.extend(args.into_iter().skip(1));
-        let config = Config::try_parse_from(merged)?;
+        let config = Config::try_parse_from(victor_daemon::config_file::merge(args)?)?;
         config.validate()?;
         Ok(config)
     }
@@ -269,73 +228,18 @@ impl Config {
     }
 }
 
-/// The config file named by `--config FILE`, `--config=FILE` or `VICTOR_CONFIG`.
-fn config_path(args: &[String]) -> Option<PathBuf> {
-    let mut path = std::env::var_os("VICTOR_CONFIG").map(PathBuf::from);
-    let mut iter = args.iter().skip(1);
-    while let Some(arg) = iter.next() {
-        if arg == "--config" {
-            path = iter.next().map(PathBuf::from);
-        } else if let Some(p) = arg.strip_prefix("--config=") {
-            path = Some(PathBuf::from(p));
-        }
+impl victor_daemon::DaemonConfig for Config {
+    fn check_config(&self) -> bool {
+        self.check_config
     }
-    path
-}
 
-/// Turns a TOML config file into `--flag value` arguments placed before the real arguments.
-fn file_arguments(path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| ConfigError::FileSyntax { path: path.to_path_buf(), message: e.to_string() })?;
-    let mut args = Vec::new();
-    for (key, value) in table {
-        if key == "config" || key == "check-config" {
-            return Err(ConfigError::FileSyntax {
-                path: path.to_path_buf(),
-                message: format!("key {key:?} is not allowed in a config file"),
-            });
-        }
-        let flag = format!("--{key}");
-        let scalar = |v: &toml::Value| -> Result<String, ConfigError> {
-            match v {
-                toml::Value::String(s) => Ok(s.clone()),
-                toml::Value::Integer(i) => Ok(i.to_string()),
-                toml::Value::Float(f) => Ok(f.to_string()),
-                toml::Value::Boolean(b) => Ok(b.to_string()),
-                other => Err(ConfigError::FileSyntax {
-                    path: path.to_path_buf(),
-                    message: format!("key {key:?}: unsupported value {other}"),
-                }),
-            }
-        };
-        match &value {
-            toml::Value::Array(items) => {
-                for item in items {
-                    args.push(flag.clone());
-                    args.push(scalar(item)?);
-                }
-            }
-            toml::Value::Boolean(true) => args.push(flag),
-            toml::Value::Boolean(false) => {}
-            v => {
-                args.push(flag);
-                args.push(scalar(v)?);
-            }
-        }
+    fn log_filter(&self) -> &str {
+        &self.log
     }
-    Ok(args)
-}
 
-/// Parses "250ms", "3s", "5m", "1h" (humantime syntax).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 10s, 3m)"))
-}
-
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_duration(*d).to_string())
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
 }
 
 #[cfg(test)]

@@ -3,12 +3,13 @@
 //! file's keys are the long flag names and are turned into arguments placed before the real ones.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use ipnet::Ipv4Net;
 use serde::Serialize;
+pub use victor_daemon::{ConfigError, LogFormat};
 use victor_proto::Mac;
 
 use crate::advertise::AdvertiseConfig;
@@ -17,16 +18,6 @@ use crate::advertise::message::Community;
 /// The route protocol number stamped on every route and neighbour the agent creates (see
 /// `/etc/iproute2/rt_protos`: 158 is unassigned; BGP daemons use 186, zebra 11, OSPF 188).
 pub const DEFAULT_ROUTE_PROTOCOL: u8 = 158;
-
-/// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 /// Which IP-in-IP implementation carries traffic for remote VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -150,13 +141,13 @@ pub struct Config {
     pub route_protocol: u8,
 
     /// Probe a local VM with ARP after it has been silent this long.
-    #[arg(long, env = "VICTOR_ARP_PROBE_AFTER", default_value = "30s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_ARP_PROBE_AFTER", default_value = "30s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub arp_probe_after: Duration,
 
     /// Interval between ARP probes of a silent VM.
-    #[arg(long, env = "VICTOR_ARP_PROBE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_ARP_PROBE_INTERVAL", default_value = "1s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub arp_probe_interval: Duration,
 
     /// Unanswered probes after which a VM is reported gone.
@@ -173,20 +164,20 @@ pub struct Config {
     pub arp_burst: u32,
 
     /// Connect timeout towards one controller endpoint.
-    #[arg(long, env = "VICTOR_CONNECT_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_CONNECT_TIMEOUT", default_value = "500ms", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub connect_timeout: Duration,
 
     /// A stream silent this long is dead (the controller sends a heartbeat every second);
     /// the agent fails over to the next endpoint.
-    #[arg(long, env = "VICTOR_STREAM_TIMEOUT", default_value = "1500ms", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_STREAM_TIMEOUT", default_value = "1500ms", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub stream_timeout: Duration,
 
     /// /readyz stays ready this long after the agent lost every controller (it keeps
     /// forwarding on its last state meanwhile).
-    #[arg(long, env = "VICTOR_HEADLESS_GRACE", default_value = "5m", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_HEADLESS_GRACE", default_value = "5m", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub headless_grace: Duration,
 
     /// A BGP router to announce the mobile prefixes to (repeatable; env: comma separated):
@@ -217,8 +208,8 @@ pub struct Config {
 
     /// BGP hold time proposed to the routers (0 or at least 3 s; the smaller of both sides
     /// applies). A hung agent is withdrawn by the router after this long.
-    #[arg(long, env = "VICTOR_BGP_HOLD_TIME", default_value = "9s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_BGP_HOLD_TIME", default_value = "9s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub bgp_hold_time: Duration,
 
     /// A community to attach to the announced prefixes (repeatable; env: comma separated), e.g.
@@ -228,8 +219,8 @@ pub struct Config {
 
     /// On SIGTERM/SIGINT the agent withdraws the prefixes first, then keeps forwarding this long
     /// (while the routers move the traffic to other FEs) before it exits.
-    #[arg(long, env = "VICTOR_BGP_SHUTDOWN_DRAIN", default_value = "1s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
+    #[arg(long, env = "VICTOR_BGP_SHUTDOWN_DRAIN", default_value = "1s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub bgp_shutdown_drain: Duration,
 
     /// Log format.
@@ -246,47 +237,15 @@ pub struct Config {
     pub check_config: bool,
 }
 
-/// Why the configuration is unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    ReadFile {
-        /// The file.
-        path: PathBuf,
-        /// The IO error.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML or has an unusable value.
-    #[error("config file {path}: {message}")]
-    FileSyntax {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// Flags/environment/file combined are invalid.
-    #[error("{0}")]
-    Invalid(String),
-    /// clap rejected the arguments (includes --help/--version output).
-    #[error(transparent)]
-    Clap(#[from] clap::Error),
-}
-
 impl Config {
     /// Parses the process arguments, merging the config file named by `--config`/`VICTOR_CONFIG`.
     pub fn load() -> Result<Config, ConfigError> {
-        Self::load_from(std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect())
+        Self::load_from(victor_daemon::config_file::process_args())
     }
 
     /// Parses `args` (including the program name), merging the config file if any.
     pub fn load_from(args: Vec<String>) -> Result<Config, ConfigError> {
-        let mut merged: Vec<String> = args.iter().take(1).cloned().collect();
-        if let Some(path) = config_path(&args) {
-            merged.extend(file_arguments(&path)?);
-        }
-        merged.extend(args.into_iter().skip(1));
-        let config = Config::try_parse_from(merged)?;
+        let config = Config::try_parse_from(victor_daemon::config_file::merge(args)?)?;
         config.validate()?;
         Ok(config)
     }
@@ -460,57 +419,6 @@ impl Config {
     }
 }
 
-/// The config file named by `--config FILE`, `--config=FILE` or `VICTOR_CONFIG`.
-fn config_path(args: &[String]) -> Option<PathBuf> {
-    let mut path = std::env::var_os("VICTOR_CONFIG").map(PathBuf::from);
-    let mut iter = args.iter().skip(1);
-    while let Some(arg) = iter.next() {
-        if arg == "--config" {
-            path = iter.next().map(PathBuf::from);
-        } else if let Some(p) = arg.strip_prefix("--config=") {
-            path = Some(PathBuf::from(p));
-        }
-    }
-    path
-}
-
-/// Turns a TOML config file into `--flag value` arguments.
-fn file_arguments(path: &Path) -> Result<Vec<String>, ConfigError> {
-    let syntax = |message: String| ConfigError::FileSyntax { path: path.to_path_buf(), message };
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| syntax(e.to_string()))?;
-    let mut args = Vec::new();
-    for (key, value) in table {
-        if key == "config" || key == "check-config" {
-            return Err(syntax(format!("key {key:?} is not allowed in a config file")));
-        }
-        let flag = format!("--{key}");
-        let scalar = |v: &toml::Value| match v {
-            toml::Value::String(s) => Ok(s.clone()),
-            toml::Value::Integer(i) => Ok(i.to_string()),
-            toml::Value::Float(f) => Ok(f.to_string()),
-            toml::Value::Boolean(b) => Ok(b.to_string()),
-            other => Err(syntax(format!("key {key:?}: unsupported value {other}"))),
-        };
-        match &value {
-            toml::Value::Array(items) => {
-                for item in items {
-                    args.push(flag.clone());
-                    args.push(scalar(item)?);
-                }
-            }
-            toml::Value::Boolean(true) => args.push(flag),
-            toml::Value::Boolean(false) => {}
-            v => {
-                args.push(flag);
-                args.push(scalar(v)?);
-            }
-        }
-    }
-    Ok(args)
-}
-
 /// Parses a BGP router address: `IP` (port 179) or `IP:PORT`.
 fn parse_peer(text: &str) -> Result<SocketAddrV4, String> {
     if let Ok(ip) = text.parse::<Ipv4Addr>() {
@@ -519,19 +427,24 @@ fn parse_peer(text: &str) -> Result<SocketAddrV4, String> {
     text.parse().map_err(|_| format!("{text:?} is not IPv4 or IPv4:PORT (e.g. 203.0.113.1 or 203.0.113.1:1179)"))
 }
 
-/// Parses "250ms", "3s", "5m" (humantime syntax).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 10s, 3m)"))
-}
-
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_duration(*d).to_string())
-}
-
 fn ser_display_opt<S: serde::Serializer, T: std::fmt::Display>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(v) => s.serialize_str(&v.to_string()),
         None => s.serialize_none(),
+    }
+}
+
+impl victor_daemon::DaemonConfig for Config {
+    fn check_config(&self) -> bool {
+        self.check_config
+    }
+
+    fn log_filter(&self) -> &str {
+        &self.log
+    }
+
+    fn log_format(&self) -> LogFormat {
+        self.log_format
     }
 }
 
