@@ -1,4 +1,5 @@
-//! The namespace lab shared by the agent's integration tests:
+//! The namespace lab of the agent's integration tests (probes, frame sender and agent command line
+//! come from the `victor-lab` library, `victor_tests::lab`):
 //!
 //! ```text
 //!  client ──(192.0.2.0/24)── fe1 ═╗                          ╔═ fe2 ── vm1p ── vm (10.10.0.11)
@@ -9,26 +10,23 @@
 //! controller — in-process in the test, on loopback of the root namespace — through
 //! `--controller-netns /proc/<test pid>/ns/net`. Everything is released on drop, also when a test
 //! fails: agents are killed (ChildGuard), then links, then namespaces.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
-use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use socket2::{Domain, Protocol, Socket, Type};
+use anyhow::{Result, bail};
 use victor_controller::config::Config as ControllerConfig;
 use victor_controller::server::Server;
-use victor_dataplane::packet::arp::{ArpOp, MacAddr, build_frame, gratuitous};
-use victor_dataplane::packet::{icmp, ipv4};
+use victor_dataplane::packet::arp::MacAddr;
 use victor_proto::v1::binding_service_client::BindingServiceClient;
 use victor_proto::v1::{Binding, DeclareVmRequest, GetBindingRequest};
 use victor_testkit::netns::{NetNs, Veth};
 use victor_testkit::process::ChildGuard;
+use victor_tests::lab::agents::{AgentCommand, agent_get};
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
@@ -237,38 +235,11 @@ impl Lab {
         &self.fes[n - 1]
     }
 
-    /// The agent command line for FE `n`.
+    /// The agent command line for FE `n` (the lab's, with this test binary's agent).
     pub fn agent_argv(&self, n: usize, controllers: &[String], extra: &[&str]) -> Vec<String> {
-        let bin = env!("CARGO_BIN_EXE_victor-fe-agent");
-        let mut argv: Vec<String> = vec![
-            bin.into(),
-            "--controller".into(),
-            controllers.join(","),
-            "--controller-netns".into(),
-            format!("/proc/{}/ns/net", std::process::id()),
-            "--fe-id".into(),
-            format!("fe{n}"),
-            "--site".into(),
-            format!("dc{n}"),
-            "--underlay-addr".into(),
-            fe_addr(n).to_string(),
-            "--vm-port".into(),
-            "vm*".into(),
-            "--mobile-prefix".into(),
-            MOBILE.into(),
-            "--gateway".into(),
-            GATEWAY.into(),
-            "--gateway-mac".into(),
-            GATEWAY_MAC.into(),
-            "--tun-name".into(),
-            format!("vtun{n}"),
-            "--http-listen".into(),
-            "127.0.0.1:9180".into(),
-            "--log".into(),
-            "info,victor_fe_agent=debug".into(),
-        ];
-        argv.extend(extra.iter().map(|s| s.to_string()));
-        argv
+        let netns = format!("/proc/{}/ns/net", std::process::id());
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_victor-fe-agent"));
+        AgentCommand { bin, controllers, controller_netns: &netns, extra }.argv(n)
     }
 
     /// Starts the agent of FE `n` (agents are indexed by FE number − 1).
@@ -305,8 +276,7 @@ impl Lab {
 
     /// GET from agent `n`'s admin port.
     pub fn agent_get(&self, n: usize, path: &str) -> Result<(u16, String)> {
-        let path = path.to_owned();
-        self.fe(n).run_in(move || http_get("127.0.0.1:9180".parse().expect("addr"), &path))?
+        agent_get(self.fe(n), path)
     }
 
     /// One metric of agent `n` (exact series name with labels), 0 if absent.
@@ -351,207 +321,23 @@ impl Lab {
 
 // ───────────────────────────── packets ─────────────────────────────
 
-/// Sends a gratuitous ARP for `ip` at `mac` out of `ifname` in `ns` (as a hypervisor does
-/// after a migration).
-pub fn send_garp(ns: &NetNs, ifname: &str, mac_text: &str, ip: Ipv4Addr) -> Result<()> {
-    let frame = build_frame(&gratuitous(MacAddr(mac(mac_text)), ip, ArpOp::Request, None));
-    let ifname = ifname.to_owned();
-    ns.run_in(move || send_frame(&ifname, &frame))?
-}
+pub use victor_tests::lab::probe::{Prober, Probes, send_frames, send_garp, wait};
 
-/// Sends `frames` out of `ifname` in `ns`, back to back.
-pub fn send_frames(ns: &NetNs, ifname: &str, frames: Vec<Vec<u8>>) -> Result<()> {
-    let ifname = ifname.to_owned();
-    ns.run_in(move || {
-        let sender = FrameSender::open(&ifname)?;
-        frames.iter().try_for_each(|f| sender.send(f))
-    })?
-}
-
-/// A gratuitous ARP frame.
+/// A gratuitous ARP frame (the lab's, for valid MAC text).
 pub fn garp_frame(mac_text: &str, ip: Ipv4Addr) -> Vec<u8> {
-    build_frame(&gratuitous(MacAddr(mac(mac_text)), ip, ArpOp::Request, None))
-}
-
-/// Sends one Ethernet frame out of `ifname` (calling thread's namespace).
-pub fn send_frame(ifname: &str, frame: &[u8]) -> Result<()> {
-    FrameSender::open(ifname)?.send(frame)
-}
-
-/// An AF_PACKET socket sending out of one interface (calling thread's namespace). Reuse it for
-/// bursts: closing a packet socket waits for an RCU grace period (~15 ms).
-pub struct FrameSender {
-    sock: Socket,
-    index: u32,
-    ifname: String,
-}
-
-impl FrameSender {
-    pub fn open(ifname: &str) -> Result<FrameSender> {
-        let index = nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no interface {ifname}"))?;
-        Ok(FrameSender { sock: Socket::new(Domain::PACKET, Type::RAW, None)?, index, ifname: ifname.to_owned() })
-    }
-
-    pub fn send(&self, frame: &[u8]) -> Result<()> {
-        // SAFETY: all-zero is a valid sockaddr_ll; the fields needed are set.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = self.index as i32;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: frame and addr are live for the call; lengths passed.
-        let rc = unsafe {
-            libc::sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        anyhow::ensure!(rc >= 0, "send frame on {}: {}", self.ifname, std::io::Error::last_os_error());
-        Ok(())
-    }
-}
-
-/// What a prober saw.
-#[derive(Debug, Default, Clone)]
-pub struct Probes {
-    pub sent: u32,
-    pub replied: BTreeSet<u32>,
-}
-
-impl Probes {
-    /// Echo requests without a reply, ignoring the last `grace` (still in flight).
-    pub fn lost(&self, grace: u32) -> u32 {
-        let upto = self.sent.saturating_sub(grace);
-        (0..upto).filter(|s| !self.replied.contains(s)).count() as u32
-    }
-
-    /// Replies to requests sent at or after `seq`.
-    pub fn replies_from(&self, seq: u32) -> usize {
-        self.replied.range(seq..).count()
-    }
-}
-
-/// Sends ICMP echo requests at exact intervals from a namespace and counts replies by sequence
-/// number (iputils ping slows down while replies are missing and under-counts loss).
-pub struct Prober {
-    stop: Arc<AtomicBool>,
-    state: Arc<Mutex<Probes>>,
-    thread: Option<std::thread::JoinHandle<Result<()>>>,
-}
-
-impl Prober {
-    pub fn start(ns: &NetNs, dst: Ipv4Addr, interval: Duration) -> Result<Prober> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let state = Arc::new(Mutex::new(Probes::default()));
-        let ident = (std::process::id() as u16) ^ (rand::random::<u16>());
-        let (stop2, state2) = (stop.clone(), state.clone());
-        let thread = ns.spawn_thread("prober", move || -> Result<()> {
-            let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
-            sock.set_read_timeout(Some(Duration::from_millis(1)))?;
-            let dst_addr = SocketAddr::from((dst, 0)).into();
-            let mut next = Instant::now();
-            let mut seq: u32 = 0;
-            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
-            while !stop2.load(Ordering::Relaxed) {
-                if Instant::now() >= next {
-                    let msg = icmp::echo(icmp::TYPE_ECHO_REQUEST, ident, seq as u16, &[0x5a; 56]);
-                    let _ = sock.send_to(&msg, &dst_addr);
-                    state2.lock().expect("probes").sent = seq + 1;
-                    seq += 1;
-                    next += interval;
-                }
-                let Ok(n) = sock.recv(&mut buf) else { continue };
-                // SAFETY: recv initialised the first n bytes.
-                let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-                let Ok(h) = ipv4::parse(&data) else { continue };
-                let m = &data[h.header_len..];
-                if m.len() >= 8 && m[0] == icmp::TYPE_ECHO_REPLY && m[4..6] == ident.to_be_bytes() {
-                    let low = u16::from_be_bytes([m[6], m[7]]) as u32;
-                    // Rebuild the full sequence number from the low 16 bits (sent recently).
-                    let full = (seq.saturating_sub(1) & !0xffff) | low;
-                    let full = if full > seq { full.saturating_sub(0x10000) } else { full };
-                    state2.lock().expect("probes").replied.insert(full);
-                }
-            }
-            Ok(())
-        })?;
-        Ok(Prober { stop, state, thread: Some(thread) })
-    }
-
-    pub fn probes(&self) -> Probes {
-        self.state.lock().expect("probes").clone()
-    }
-
-    /// Waits until at least `n` replies to requests sent at or after `seq` arrived.
-    pub fn wait_replies_from(&self, seq: u32, n: usize, timeout: Duration) -> Result<()> {
-        wait("echo replies", timeout, || self.probes().replies_from(seq) >= n)
-    }
-
-    pub fn stop(mut self) -> Result<Probes> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().map_err(|_| anyhow::anyhow!("prober panicked"))??;
-        }
-        Ok(self.probes())
-    }
-}
-
-impl Drop for Prober {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    victor_tests::lab::probe::garp_frame(mac_text, ip).expect("a valid MAC")
 }
 
 // ───────────────────────────── HTTP and waiting ─────────────────────────────
 
-/// A blocking HTTP/1.0 GET (calling thread's namespace).
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    parse_http(&text)
-}
-
-/// The same from async code (root namespace).
+/// GET from an address reachable from the test's own namespace.
 pub async fn http_get_async(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text)).await??;
-    parse_http(&text)
-}
-
-fn parse_http(text: &str) -> Result<(u16, String)> {
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("HTTP status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((code, body))
+    victor_testkit::http::get(addr, path).await
 }
 
 /// The value of one series (`name{labels}` exactly as exposed) in a Prometheus text body.
 pub fn metric(body: &str, series: &str) -> Option<f64> {
     body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Polls `check` every 10 ms until it holds.
-pub fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    bail!("timed out after {timeout:?} waiting for {what}")
 }
 
 /// Async version of [`wait`].
