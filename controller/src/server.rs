@@ -11,8 +11,6 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
-use victor_proto::v1::agent_service_server::AgentServiceServer;
 use victor_proto::v1::binding_service_server::BindingServiceServer;
 use victor_store::embedded::{EmbeddedOptions, EmbeddedStore};
 use victor_store::etcd::{EtcdConfig, EtcdStore, EtcdTls};
@@ -20,7 +18,7 @@ use victor_store::{AnyStore, Store};
 
 use crate::admin::{self, AdminState};
 use crate::api::ApiContext;
-use crate::api::agent::AgentApi;
+use crate::api::agent::AgentGrpc;
 use crate::api::auth::Auth;
 use crate::api::binding::BindingApi;
 use crate::api::validate::MobilePrefixes;
@@ -375,7 +373,9 @@ async fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("build reflection service")?;
-    let agent = AgentServiceServer::new(AgentApi::new(ctx.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
+    // The agents' service with the Sync stream written from pre-encoded frames (each change is
+    // encoded once for every stream); its other methods are the generated ones.
+    let agent = AgentGrpc::new(ctx.clone(), MAX_REQUEST_BYTES);
     let binding = BindingServiceServer::new(BindingApi::new(ctx.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
 
     // Health follows readiness: SERVING once the cache is loaded and the store answers.
@@ -404,15 +404,17 @@ async fn serve_grpc(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("gRPC TLS (--tls-cert-file/--tls-key-file)")?;
     }
+    // `serve_with_incoming*` ignores the builder's tcp_nodelay: set it on the incoming sockets,
+    // or small stream messages wait for the agent's delayed ACK (Nagle: up to 40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     builder
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(agent)
         .add_service(binding)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.wait_for(|s| *s).await;
             // Streams end on shutdown; give unary calls in flight a moment to finish.
             tokio::time::sleep(Duration::from_millis(100)).await;
