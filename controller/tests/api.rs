@@ -134,6 +134,21 @@ async fn bad_input_gets_precise_errors_and_writes_nothing() {
     let err = c.agent.report(ReportRequest { fe_id: "fe2".into(), observations: many }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("at most 1024"), "{}", err.message());
+    // A request over the 4 MiB message limit is refused before it is decoded.
+    let huge = ReportRequest {
+        fe_id: "fe2".into(),
+        observations: vec![VmObservation {
+            port: "x".repeat(5 << 20),
+            ..observation("10.10.0.9", mac(9), ObservationKind::Learned, unix_nanos())
+        }],
+    };
+    let err = c.agent.report(huge).await.unwrap_err();
+    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted), "{err:?}");
+    assert!(
+        err.message().contains("message length too large") || err.message().contains("too large"),
+        "{}",
+        err.message()
+    );
     let bad = ReportRequest {
         fe_id: "fe2".into(),
         observations: vec![
