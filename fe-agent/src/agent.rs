@@ -1,6 +1,6 @@
 //! Wiring: checks the host, starts the data plane, reads back what a previous run programmed,
-//! then runs the tasks — controller link, reporter, ARP capture, port watcher, admin HTTP and the
-//! core that owns the state — until SIGINT/SIGTERM or a fatal error. Kernel state is left in place
+//! then runs the tasks — controller link, reporter, ARP capture, port watcher, move-hint socket,
+//! admin HTTP and the core that owns the state — until SIGINT/SIGTERM or a fatal error. Kernel state is left in place
 //! on exit: a restarted agent adopts it (no flush).
 
 use std::collections::HashMap;
@@ -21,6 +21,8 @@ use crate::controller::{self, LinkConfig, LinkShared, reporter};
 use crate::core::{Core, Inputs, Readiness};
 use crate::dataplane::{self, Dataplane, DataplaneConfig};
 use crate::events::EventLog;
+use crate::hint::Hints;
+use crate::hint::io::{HintSocket, Limits};
 use crate::metrics::{KindLabel, Metrics};
 use crate::netlink::Kernel;
 use crate::ports::{self, PortTable};
@@ -158,6 +160,32 @@ pub async fn run(config: Config) -> Result<()> {
         crate::admin::AdminState { metrics: metrics.clone(), readiness: readiness.clone(), events: events.clone() };
     tasks.spawn(async move { axum::serve(listener, crate::admin::router(admin_state)).await.context("admin HTTP") });
 
+    // Move hints: one UDP socket on the underlay address; its task screens what arrives.
+    let (hints, hint_rx) = match config.move_hints().map_err(anyhow::Error::msg)? {
+        None => (Hints::disabled(&config.fe_id, metrics.clone(), events.clone()), None),
+        Some(hc) => {
+            warn_if_readable_by_others(config.move_hint_key_file.as_deref());
+            let socket = HintSocket::bind(config.underlay_addr, hc.port, hc.keys.clone()).with_context(|| {
+                format!("bind the move-hint socket {}:{} (--move-hint-port)", config.underlay_addr, hc.port)
+            })?;
+            let (tx, rx) = mpsc::channel(1024);
+            let limits = Limits { max_age_ns: hc.max_age_ns, rate: hc.rate };
+            let receiver = socket.clone().receive(limits, metrics.clone(), tx);
+            tasks.spawn(async move {
+                receiver.await;
+                Ok(())
+            });
+            tracing::info!(
+                port = hc.port,
+                keys = hc.keys.len(),
+                timeout_ms = hc.timeout_ns / 1_000_000,
+                "move hints enabled"
+            );
+            let hints = Hints::enabled(&config.fe_id, socket, hc.timeout_ns, metrics.clone(), events.clone());
+            (hints, Some(rx))
+        }
+    };
+
     let ns = 1_000_000_000u64;
     let timers = Timers {
         probe_after: config.arp_probe_after.as_nanos() as u64,
@@ -182,9 +210,10 @@ pub async fn run(config: Config) -> Result<()> {
         metrics,
         readiness,
         discovering: HashMap::new(),
+        hints,
     };
     tasks.spawn(async move {
-        core.run(Inputs { link: link_rx, answers: answers_rx, arp: arp_rx, ports: port_rx }).await;
+        core.run(Inputs { link: link_rx, answers: answers_rx, arp: arp_rx, ports: port_rx, hints: hint_rx }).await;
         bail!("the agent core stopped")
     });
     tracing::info!(fe_id = %config.fe_id, underlay = %config.underlay_addr, underlay_mtu, "agent running");
@@ -211,4 +240,20 @@ pub async fn run(config: Config) -> Result<()> {
         advertiser.shutdown(drain).await;
     }
     outcome
+}
+
+/// Warns when the move-hint key file can be read by other users (the key lets anyone who can
+/// send from an FE's underlay address move traffic for a second).
+fn warn_if_readable_by_others(path: Option<&std::path::Path>) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = path else { return };
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the move-hint key file is readable by other users; chmod 600 it"
+        );
+    }
 }

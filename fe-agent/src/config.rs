@@ -14,10 +14,17 @@ use victor_proto::Mac;
 
 use crate::advertise::AdvertiseConfig;
 use crate::advertise::message::Community;
+use crate::hint::HintConfig;
+use crate::hint::wire::Keys;
 
 /// The route protocol number stamped on every route and neighbour the agent creates (see
 /// `/etc/iproute2/rt_protos`: 158 is unassigned; BGP daemons use 186, zebra 11, OSPF 188).
 pub const DEFAULT_ROUTE_PROTOCOL: u8 = 158;
+
+/// The default UDP port of move hints. Chosen away from the underlay's usual UDP ports: VXLAN
+/// (4789), VXLAN-GPE (4790), RoCEv2 (4791, which RDMA NICs may consume in hardware), Geneve
+/// (6081), BFD (3784/4784).
+pub const DEFAULT_MOVE_HINT_PORT: u16 = 4796;
 
 /// Which IP-in-IP implementation carries traffic for remote VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -223,6 +230,37 @@ pub struct Config {
     #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub bgp_shutdown_drain: Duration,
 
+    /// Enables move hints: a file with the cluster-wide hint key(s), one per line as hex (at
+    /// least 16 bytes; e.g. `openssl rand -hex 32`; keep it readable by the agent only). With it,
+    /// an FE that takes over a VM tells the other FEs directly (UDP over the underlay,
+    /// HMAC-SHA256 with the first key; every key in the file is accepted, for rotation), and
+    /// they point the VM at it before the controller's update arrives, until that update (or a
+    /// timeout) decides. Every FE needs the same keys. Without it hints are off.
+    #[arg(long, env = "VICTOR_MOVE_HINT_KEY_FILE", value_name = "FILE")]
+    pub move_hint_key_file: Option<PathBuf>,
+
+    /// UDP port for move hints on every FE's underlay address (the same on every FE; allow it
+    /// between the FEs' underlay addresses).
+    #[arg(long, env = "VICTOR_MOVE_HINT_PORT", default_value_t = DEFAULT_MOVE_HINT_PORT)]
+    pub move_hint_port: u16,
+
+    /// A move hint's effect ends after this long unless the controller confirmed the move (the
+    /// VM is then forwarded by the controller's state again).
+    #[arg(long, env = "VICTOR_MOVE_HINT_TIMEOUT", default_value = "1s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
+    pub move_hint_timeout: Duration,
+
+    /// Replay window: hints sent longer ago than this (by the sender's clock, which must be
+    /// NTP-synchronised) are refused, as are repeated ones inside it.
+    #[arg(long, env = "VICTOR_MOVE_HINT_MAX_AGE", default_value = "2s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
+    pub move_hint_max_age: Duration,
+
+    /// Move hints accepted per second from one FE (also the burst); more are dropped and counted
+    /// (those moves take the controller's path).
+    #[arg(long, env = "VICTOR_MOVE_HINT_RATE", default_value_t = 1000)]
+    pub move_hint_rate: u32,
+
     /// Log format.
     #[arg(long, env = "VICTOR_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -354,7 +392,37 @@ impl Config {
         {
             return bad(format!("--controller-netns {} does not exist", ns.display()));
         }
+        self.move_hints().map_err(ConfigError::Invalid)?;
         self.validate_bgp()
+    }
+
+    /// The move-hint settings (reads the key file), None when hints are off.
+    pub fn move_hints(&self) -> Result<Option<HintConfig>, String> {
+        let Some(path) = &self.move_hint_key_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--move-hint-key-file {}: cannot read it: {e}", path.display()))?;
+        let keys = Keys::parse(&text).map_err(|e| format!("--move-hint-key-file {}: {e}", path.display()))?;
+        if self.move_hint_port == 0 {
+            return Err("--move-hint-port 0 is not a port; use the same fixed port on every FE (e.g. 4796)".into());
+        }
+        let timeout = self.move_hint_timeout;
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&timeout) {
+            return Err(format!("--move-hint-timeout {timeout:?} must be between 10ms and 60s (e.g. 1s)"));
+        }
+        let max_age = self.move_hint_max_age;
+        if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&max_age) {
+            return Err(format!("--move-hint-max-age {max_age:?} must be between 100ms and 5m (e.g. 2s)"));
+        }
+        if self.move_hint_rate == 0 {
+            return Err("--move-hint-rate must be at least 1".into());
+        }
+        Ok(Some(HintConfig {
+            keys,
+            port: self.move_hint_port,
+            timeout_ns: timeout.as_nanos() as u64,
+            max_age_ns: max_age.as_nanos() as u64,
+            rate: self.move_hint_rate,
+        }))
     }
 
     fn validate_bgp(&self) -> Result<(), ConfigError> {
@@ -544,6 +612,34 @@ mod tests {
             let args: Vec<&str> = bgp.iter().copied().chain(bad.iter().copied()).collect();
             assert!(load(&args).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn move_hint_flags() {
+        assert!(load(&[]).unwrap().move_hints().unwrap().is_none(), "off without a key file");
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("hint.key");
+        std::fs::write(&key, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+        let path = key.to_str().unwrap();
+        let c = load(&["--move-hint-key-file", path, "--move-hint-timeout", "500ms"]).unwrap();
+        let h = c.move_hints().unwrap().unwrap();
+        assert_eq!((h.port, h.timeout_ns, h.max_age_ns, h.rate), (4796, 500_000_000, 2_000_000_000, 1000));
+        assert_eq!(h.keys.len(), 1);
+        for (extra, needle) in [
+            (&["--move-hint-timeout", "5ms"][..], "between 10ms and 60s"),
+            (&["--move-hint-max-age", "10m"][..], "between 100ms and 5m"),
+            (&["--move-hint-port", "0"][..], "not a port"),
+            (&["--move-hint-rate", "0"][..], "at least 1"),
+        ] {
+            let args: Vec<&str> = ["--move-hint-key-file", path].into_iter().chain(extra.iter().copied()).collect();
+            let err = load(&args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+        std::fs::write(&key, "secret\n").unwrap();
+        let err = load(&["--move-hint-key-file", path]).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("openssl rand -hex 32"), "{err}");
+        let err = load(&["--move-hint-key-file", "/nonexistent/hint.key"]).unwrap_err().to_string();
+        assert!(err.contains("cannot read it"), "{err}");
     }
 
     #[test]

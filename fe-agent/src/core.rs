@@ -1,6 +1,6 @@
-//! The agent core: one task that owns the desired state, the VMs seen here and the reconciler,
-//! and turns every input — stream messages, ARP frames, claim answers, port changes, timer ticks
-//! — into the smallest set of kernel and data-plane changes. Because one task owns all of it,
+//! The agent core: one task that owns the desired state, the VMs seen here, the move hints and
+//! the reconciler, and turns every input — stream messages, ARP frames, claim answers, move
+//! hints, port changes, timer ticks — into the smallest set of kernel and data-plane changes. Because one task owns all of it,
 //! there are no locks around forwarding state and the order of changes is the order of events.
 
 use std::collections::HashMap;
@@ -21,6 +21,8 @@ use crate::controller::LinkEvent;
 use crate::controller::LinkShared;
 use crate::controller::reporter::{Answered, Observation, Reporter};
 use crate::events::EventLog;
+use crate::hint::Hints;
+use crate::hint::io::Received;
 use crate::metrics::{KindLabel, Metrics};
 use crate::ports::{Port, PortEvent, PortTable};
 use crate::reconcile::{Applied, Reconciler};
@@ -88,6 +90,8 @@ pub struct Inputs {
     pub arp: mpsc::Receiver<ArpFrame>,
     /// Port changes.
     pub ports: mpsc::Receiver<PortEvent>,
+    /// Move hints that passed the socket's screening (None: hints off).
+    pub hints: Option<mpsc::Receiver<Received>>,
 }
 
 /// The core.
@@ -124,6 +128,8 @@ pub struct Core {
     pub readiness: Arc<Readiness>,
     /// Discovery probes sent (ip → monotonic ns).
     pub discovering: HashMap<Ipv4Addr, u64>,
+    /// Move hints sent and overrides in force.
+    pub hints: Hints,
 }
 
 impl std::fmt::Debug for Core {
@@ -144,6 +150,7 @@ impl Core {
                 Some(event) = inputs.link.recv() => self.on_link(event).await,
                 Some(answered) = inputs.answers.recv() => self.on_answers(answered).await,
                 Some(event) = inputs.ports.recv() => self.on_port(event).await,
+                Some(hint) = recv_opt(&mut inputs.hints) => self.on_hint(hint).await,
                 _ = tick.tick() => {
                     self.on_tick().await;
                     let now = monotonic_ns();
@@ -157,10 +164,15 @@ impl Core {
         }
     }
 
+    /// What `ip` should get from this FE now.
+    fn target(&self, ip: Ipv4Addr) -> Target {
+        target(&self.desired, &self.local, self.hints.peer(ip), ip)
+    }
+
     /// Makes `ip` match its target and does what the change implies (gateway announcement on a
     /// port a VM just arrived on; discovery of a VM bound here on an unknown port).
     async fn reconcile(&mut self, ip: Ipv4Addr) -> Applied {
-        let t = target(&self.desired, &self.local, ip);
+        let t = self.target(ip);
         let applied = self.reconciler.apply(ip, t).await;
         if let Some(port) = applied.became_local_on {
             self.announce_gateways(port);
@@ -225,7 +237,12 @@ impl Core {
         let mut todo: Vec<Ipv4Addr> = Vec::with_capacity(applied.bindings.len());
         for &(ip, revision) in &applied.bindings {
             self.local.desired_changed(ip, revision, desired_view(&self.desired, ip));
+            self.hints.desired_changed(ip, &self.desired);
             todo.push(ip);
+        }
+        if !update.fe_upserts.is_empty() || !update.fe_removals.is_empty() || applied.snapshot_completed {
+            // An override lasts only while its sender is a registered FE that is up.
+            todo.extend(self.hints.senders_changed(&self.desired));
         }
         if !applied.fes.is_empty() {
             // Tunnels to an FE whose underlay address changed (or that left) change with it.
@@ -269,7 +286,7 @@ impl Core {
         self.metrics.arp_frames.get_or_create(&KindLabel { kind: classify::kind_label(msg.kind()) }).inc();
         // Answer first: the asker is waiting.
         let port = frame.port.ifindex;
-        let view = |t: Ipv4Addr| match target(&self.desired, &self.local, t) {
+        let view = |t: Ipv4Addr| match self.target(t) {
             Target::Local { port: Some(p), .. } if p == port => TargetView::SamePort,
             Target::Local { port: None, .. } if self.reconciler.local_port(t) == Some(port) => TargetView::SamePort,
             Target::Local { .. } | Target::Remote(_) => TargetView::ReachedThroughUs,
@@ -290,6 +307,11 @@ impl Core {
                     self.metrics.provisional_installs.inc();
                 }
                 self.events.lock().expect("events").provisional_applied(ip, monotonic_ns());
+                if applied.failed == 0 && self.reconciler.local_port(ip) == Some(port) {
+                    // Delivered here now: the other FEs may point at us before the controller's
+                    // delta (make-before-break: never before the local route exists).
+                    self.hints.claimed(ip, mac, observed_at, &self.desired);
+                }
                 tracing::info!(%ip, mac = %victor_proto::Mac(mac), port = %frame.port.name, "VM claimed");
             }
             Learn::Moved => {
@@ -335,6 +357,8 @@ impl Core {
                     answered.answered_mono,
                 );
             }
+            let rejected = matches!(answer, ClaimAnswer::Rejected { .. });
+            self.hints.claim_answered(obs.ip, obs.observed_at, rejected, &self.desired);
             let view = desired_view(&self.desired, obs.ip);
             match self.local.resolved(obs.ip, obs.mac, obs.observed_at, answer, now, view) {
                 Resolution::Undo => {
@@ -355,7 +379,7 @@ impl Core {
                 // VMs bound here whose port is unknown may be behind the new port.
                 let waiting: Vec<Ipv4Addr> = self.discovering.keys().copied().collect();
                 for ip in waiting {
-                    if let Target::Local { mac, .. } = target(&self.desired, &self.local, ip) {
+                    if let Target::Local { mac, .. } = self.target(ip) {
                         self.send_arp(
                             port.ifindex,
                             &classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied()),
@@ -394,6 +418,9 @@ impl Core {
                 }
             }
         }
+        for ip in self.hints.tick(now) {
+            self.reconcile(ip).await;
+        }
         for ip in self.reconciler.take_dirty() {
             self.reconcile(ip).await;
         }
@@ -405,6 +432,13 @@ impl Core {
             .collect();
         for ip in due {
             self.reconcile(ip).await;
+        }
+    }
+
+    async fn on_hint(&mut self, hint: Received) {
+        if let Some(ip) = self.hints.received(hint, &self.desired, &self.local) {
+            self.reconcile(ip).await;
+            self.hints.applied(ip, monotonic_ns());
         }
     }
 
@@ -471,6 +505,14 @@ impl Core {
             let frame = classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied());
             self.send_arp(port.ifindex, &frame, "probe");
         }
+    }
+}
+
+/// The next message of an optional input (pending forever without one).
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,7 +1,9 @@
 //! Per-move stage timestamps for the lab's convergence measurement (`/debug/events`): for each
 //! (VM IP, move_seq), the CLOCK_MONOTONIC ns at which this agent captured the gratuitous ARP,
 //! installed the VM locally, sent the claim, got the answer, received the stream delta carrying
-//! that binding and finished applying it to the kernel and the data plane. Every timestamp is
+//! that binding and finished applying it to the kernel and the data plane — and, with move hints,
+//! when the new FE sent its hint and when every other FE received and applied it (the data-plane
+//! fast path, keyed by the move_seq the move makes) and how its override ended. Every timestamp is
 //! taken where the work happens (the capture time is the kernel's receive timestamp). A bounded
 //! log of the most recent moves.
 
@@ -37,6 +39,19 @@ pub struct MoveEvent {
     pub delta_received_mono_ns: u64,
     /// Its application to the kernel and the data plane finished.
     pub applied_mono_ns: u64,
+    /// New FE: the move hint went out.
+    pub hint_sent_mono_ns: u64,
+    /// Other FEs: the FE whose move hint was accepted.
+    pub hint_from: String,
+    /// Other FEs: the accepted hint was read from the socket.
+    pub hint_received_mono_ns: u64,
+    /// Other FEs: its override was in the kernel and the data plane.
+    pub hint_applied_mono_ns: u64,
+    /// How the override ended (confirmed, superseded, expired, cancelled, peer_down, replaced;
+    /// empty while in force).
+    pub hint_end: String,
+    /// When it ended.
+    pub hint_ended_mono_ns: u64,
 }
 
 /// What is known about a claim before its move_seq is.
@@ -85,6 +100,12 @@ impl EventLog {
             claim_outcome: String::new(),
             delta_received_mono_ns: 0,
             applied_mono_ns: 0,
+            hint_sent_mono_ns: 0,
+            hint_from: String::new(),
+            hint_received_mono_ns: 0,
+            hint_applied_mono_ns: 0,
+            hint_end: String::new(),
+            hint_ended_mono_ns: 0,
         })
     }
 
@@ -148,6 +169,36 @@ impl EventLog {
         }
     }
 
+    /// The new FE sent a move hint for the move that makes `move_seq`.
+    pub fn hint_sent(&mut self, ip: Ipv4Addr, move_seq: u64, at: u64) {
+        self.entry(ip, move_seq).hint_sent_mono_ns = at;
+    }
+
+    /// A hint from `fe_id` for the move that makes `move_seq` was accepted (read at `received`).
+    pub fn hint_received(&mut self, ip: Ipv4Addr, move_seq: u64, fe_id: &str, received: u64) {
+        let e = self.entry(ip, move_seq);
+        e.hint_from = fe_id.to_owned();
+        e.hint_received_mono_ns = received;
+        e.hint_applied_mono_ns = 0;
+        e.hint_end.clear();
+        e.hint_ended_mono_ns = 0;
+    }
+
+    /// Its override was applied.
+    pub fn hint_applied(&mut self, ip: Ipv4Addr, move_seq: u64, at: u64) {
+        let e = self.entry(ip, move_seq);
+        if e.hint_applied_mono_ns == 0 {
+            e.hint_applied_mono_ns = at;
+        }
+    }
+
+    /// Its override ended.
+    pub fn hint_ended(&mut self, ip: Ipv4Addr, move_seq: u64, how: &str, at: u64) {
+        let e = self.entry(ip, move_seq);
+        e.hint_end = how.to_owned();
+        e.hint_ended_mono_ns = at;
+    }
+
     /// The events, ordered by IP and move_seq, optionally for one VM.
     pub fn list(&self, vm: Option<Ipv4Addr>) -> Vec<MoveEvent> {
         let mut out: Vec<MoveEvent> =
@@ -181,6 +232,21 @@ mod tests {
         // A second delivery of the same version (after a resync) keeps the first timestamps.
         log.delta_applied(VM, 3, "fe3", true, 50, 51);
         assert_eq!(log.list(None)[0].delta_received_mono_ns, 9);
+    }
+
+    #[test]
+    fn hint_stages_merge_with_the_delta_of_the_same_move() {
+        let mut log = EventLog::new(10);
+        log.hint_received(VM, 4, "fe3", 20);
+        log.hint_applied(VM, 4, 21);
+        log.hint_applied(VM, 4, 99);
+        log.delta_applied(VM, 4, "fe3", false, 30, 31);
+        log.hint_ended(VM, 4, "confirmed", 30);
+        let e = &log.list(Some(VM))[0];
+        assert_eq!((e.hint_from.as_str(), e.hint_received_mono_ns, e.hint_applied_mono_ns), ("fe3", 20, 21));
+        assert_eq!((e.hint_end.as_str(), e.hint_ended_mono_ns, e.applied_mono_ns), ("confirmed", 30, 31));
+        log.hint_sent(VM, 5, 40);
+        assert_eq!(log.list(Some(VM))[1].hint_sent_mono_ns, 40);
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! * [`netlink`] — the rtnetlink operations (routes, neighbours, links).
 //! * [`dataplane`] — the IP-in-IP backend (userspace TUN forwarder or kernel ipip).
 //! * [`advertise`] — BGP: announces the mobile prefixes to the site's routers while healthy.
+//! * [`hint`] — move hints: authenticated FE-to-FE notices of a move, acted on before the
+//!   controller's update arrives (bounded by it and by a timeout).
 //! * [`events`] / [`metrics`] / [`admin`] — observability.
 
 pub mod admin;
@@ -24,6 +26,7 @@ pub mod controller;
 pub mod core;
 pub mod dataplane;
 pub mod events;
+pub mod hint;
 pub mod metrics;
 pub mod netlink;
 pub mod ports;

@@ -40,6 +40,13 @@ pub struct PeerLabel {
     pub peer: String,
 }
 
+/// A single label `how` (how a move-hint override ended).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HowLabel {
+    /// How.
+    pub how: &'static str,
+}
+
 /// Labels of a reconcile operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabel {
@@ -108,6 +115,16 @@ pub struct Metrics {
     pub bgp_healthy: Gauge,
     /// Withdrawals of the mobile prefixes by cause (headless, dataplane, shutdown).
     pub bgp_withdrawals: Family<KindLabel, Counter>,
+    /// Move-hint datagrams sent by kind (move, cancel), one per receiving FE.
+    pub hints_sent: Family<KindLabel, Counter>,
+    /// Move hints accepted by kind.
+    pub hints_accepted: Family<KindLabel, Counter>,
+    /// Move hints rejected by reason.
+    pub hints_rejected: Family<ReasonLabel, Counter>,
+    /// Move-hint overrides ended, by how (confirmed, superseded, expired, cancelled, ...).
+    pub hint_overrides_ended: Family<HowLabel, Counter>,
+    /// Move-hint overrides in force.
+    pub hint_overrides: Gauge,
     dataplane_counters: Arc<DataplaneCollector>,
 }
 
@@ -152,6 +169,11 @@ impl Metrics {
             bgp_sessions_established: Family::default(),
             bgp_healthy: Gauge::default(),
             bgp_withdrawals: Family::default(),
+            hints_sent: Family::default(),
+            hints_accepted: Family::default(),
+            hints_rejected: Family::default(),
+            hint_overrides_ended: Family::default(),
+            hint_overrides: Gauge::default(),
             dataplane_counters: collector.clone(),
         };
         registry.register("bindings", "Bindings in the desired state by kind (local, remote)", m.bindings.clone());
@@ -210,6 +232,27 @@ impl Metrics {
             "Withdrawals of the mobile prefixes by cause (headless, dataplane, shutdown)",
             m.bgp_withdrawals.clone(),
         );
+        registry.register(
+            "move_hints_sent",
+            "Move-hint datagrams sent by kind (move, cancel), one per receiving FE",
+            m.hints_sent.clone(),
+        );
+        registry.register("move_hints_accepted", "Move hints accepted by kind", m.hints_accepted.clone());
+        registry.register(
+            "move_hints_rejected",
+            "Move hints rejected by reason (bad_hmac, source_mismatch, stale_seq, replay, ...)",
+            m.hints_rejected.clone(),
+        );
+        registry.register(
+            "move_hint_overrides_ended",
+            "Provisional overrides from move hints ended, by how (confirmed, superseded, expired, cancelled, peer_down, replaced)",
+            m.hint_overrides_ended.clone(),
+        );
+        registry.register(
+            "move_hint_overrides",
+            "Provisional overrides from move hints in force",
+            m.hint_overrides.clone(),
+        );
         registry.register_collector(Box::new(collector));
         Metrics { registry, ..m }
     }
@@ -240,6 +283,26 @@ impl Metrics {
                 .get_or_create(&ReasonLabel { reason: name(reason.as_str_name(), "REJECT_REASON_") })
                 .inc();
         }
+    }
+
+    /// Counts `n` move-hint datagrams of `kind` sent.
+    pub fn hint_sent(&self, kind: crate::hint::wire::Kind, n: usize) {
+        self.hints_sent.get_or_create(&KindLabel { kind: kind.label() }).inc_by(n as u64);
+    }
+
+    /// Counts an accepted move hint.
+    pub fn hint_accepted(&self, kind: crate::hint::wire::Kind) {
+        self.hints_accepted.get_or_create(&KindLabel { kind: kind.label() }).inc();
+    }
+
+    /// Counts a rejected move hint.
+    pub fn hint_rejected(&self, reason: crate::hint::accept::Reject) {
+        self.hints_rejected.get_or_create(&ReasonLabel { reason: reason.label().to_owned() }).inc();
+    }
+
+    /// Counts an ended override.
+    pub fn hint_override_ended(&self, how: crate::hint::overrides::End) {
+        self.hint_overrides_ended.get_or_create(&HowLabel { how: how.label() }).inc();
     }
 
     /// Renders the text exposition.

@@ -57,6 +57,11 @@ fn help_explains_every_flag() {
         "--log-format",
         "--check-config",
         "--config",
+        "--move-hint-key-file",
+        "--move-hint-port",
+        "--move-hint-timeout",
+        "--move-hint-max-age",
+        "--move-hint-rate",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}:\n{help}");
     }

@@ -44,7 +44,7 @@ pub async fn capture(
         if msg.sender_mac.0 == port.mac {
             continue; // our own frame
         }
-        if !limiter.allow(msg.sender_mac.0, msg.sender_ip, rx.mono_ns) {
+        if !limiter.allow((msg.sender_mac.0, msg.sender_ip), rx.mono_ns) {
             metrics.arp_rate_limited.inc();
             continue;
         }

@@ -1,9 +1,13 @@
-//! Storm protection: a token bucket per ARP source (sender MAC, sender IP). Frames over the
-//! budget are dropped before they reach learning, answering or the controller. Pure: time is
-//! passed in (CLOCK_MONOTONIC ns).
+//! Storm protection: a token bucket per source — per ARP source (sender MAC, sender IP) on the
+//! VM ports, per sending FE for move hints. Frames over the budget are dropped before they reach
+//! learning, answering or the controller. Pure: time is passed in (CLOCK_MONOTONIC ns).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::Ipv4Addr;
+
+/// An ARP source: sender MAC and sender IP.
+pub type ArpSource = ([u8; 6], Ipv4Addr);
 
 /// Most sources tracked; beyond it, unknown sources share one bucket (a flood of spoofed sources
 /// cannot grow memory without bound).
@@ -15,16 +19,16 @@ struct Bucket {
     last_ns: u64,
 }
 
-/// Per-source token buckets.
+/// Per-source token buckets, keyed by `K`.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = ArpSource> {
     rate_per_ns: f64,
     burst: f64,
-    buckets: HashMap<([u8; 6], Ipv4Addr), Bucket>,
+    buckets: HashMap<K, Bucket>,
     overflow: Bucket,
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq> RateLimiter<K> {
     /// `rate` frames per second with bursts of `burst` frames, per source.
     pub fn new(rate: u32, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
@@ -36,14 +40,14 @@ impl RateLimiter {
         }
     }
 
-    /// True if a frame from (`mac`, `ip`) at `now_ns` is within budget (and takes a token).
-    pub fn allow(&mut self, mac: [u8; 6], ip: Ipv4Addr, now_ns: u64) -> bool {
+    /// True if a frame from `source` at `now_ns` is within budget (and takes a token).
+    pub fn allow(&mut self, source: K, now_ns: u64) -> bool {
         let (rate, burst) = (self.rate_per_ns, self.burst);
         let full = self.buckets.len() >= MAX_SOURCES;
-        let bucket = match self.buckets.get_mut(&(mac, ip)) {
+        let bucket = match self.buckets.get_mut(&source) {
             Some(b) => b,
             None if full => &mut self.overflow,
-            None => self.buckets.entry((mac, ip)).or_insert(Bucket { tokens: burst, last_ns: now_ns }),
+            None => self.buckets.entry(source).or_insert(Bucket { tokens: burst, last_ns: now_ns }),
         };
         let elapsed = now_ns.saturating_sub(bucket.last_ns) as f64;
         bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
@@ -84,20 +88,20 @@ mod tests {
         let mut rl = RateLimiter::new(10, 5);
         let (a, b) =
             (([2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 10, 0, 1)), ([2, 0, 0, 0, 0, 2], Ipv4Addr::new(10, 10, 0, 2)));
-        let allowed = (0..100).filter(|_| rl.allow(a.0, a.1, 0)).count();
+        let allowed = (0..100).filter(|_| rl.allow(a, 0)).count();
         assert_eq!(allowed, 5, "burst");
-        assert!(rl.allow(b.0, b.1, 0), "another source has its own bucket");
-        assert!(!rl.allow(a.0, a.1, 50 * MS), "half a token after 50 ms at 10/s");
-        assert!(rl.allow(a.0, a.1, 100 * MS), "one token after 100 ms");
+        assert!(rl.allow(b, 0), "another source has its own bucket");
+        assert!(!rl.allow(a, 50 * MS), "half a token after 50 ms at 10/s");
+        assert!(rl.allow(a, 100 * MS), "one token after 100 ms");
         // A steady storm of 1000 frames/s for one second gets ~rate through.
-        let through = (0..1000).filter(|i| rl.allow(a.0, a.1, 200 * MS + i * MS)).count();
+        let through = (0..1000).filter(|i| rl.allow(a, 200 * MS + i * MS)).count();
         assert!((9..=11).contains(&through), "{through}");
     }
 
     #[test]
     fn gc_forgets_refilled_sources() {
         let mut rl = RateLimiter::new(10, 5);
-        assert!(rl.allow([2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 10, 0, 1), 0));
+        assert!(rl.allow(([2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 10, 0, 1)), 0));
         rl.gc(10 * MS);
         assert_eq!(rl.len(), 1, "still refilling");
         rl.gc(1000 * MS);

@@ -1,6 +1,6 @@
 //! The agent's view of the world, pure: the controller's desired state ([`desired`]), the VMs
-//! seen on this FE's ports and their claims ([`local`]), and how the two combine into what each
-//! VM IP should get from this FE ([`target`]).
+//! seen on this FE's ports and their claims ([`local`]), and how the two — with a move hint's
+//! override (`crate::hint`) — combine into what each VM IP should get from this FE ([`target`]).
 
 pub mod desired;
 pub mod local;
@@ -37,12 +37,16 @@ pub fn desired_view(desired: &DesiredState, ip: Ipv4Addr) -> DesiredView {
     }
 }
 
-/// What `ip` should get: a local claim in progress wins (make-before-break), otherwise the
-/// desired state decides.
-pub fn target(desired: &DesiredState, local: &LocalVms, ip: Ipv4Addr) -> Target {
+/// What `ip` should get: a local claim in progress wins (make-before-break), then an accepted
+/// move hint's tunnel peer (`hinted`: the VM is moving to that FE), otherwise the desired state
+/// decides.
+pub fn target(desired: &DesiredState, local: &LocalVms, hinted: Option<Ipv4Addr>, ip: Ipv4Addr) -> Target {
     let seen = local.get(ip).filter(|vm| vm.is_ours());
     if let Some(vm) = seen.filter(|vm| vm.overrides()) {
         return Target::Local { port: (vm.port != 0).then_some(vm.port), mac: vm.mac };
+    }
+    if let Some(peer) = hinted {
+        return Target::Remote(peer);
     }
     match desired.binding(ip) {
         Some(b) if b.fe == desired.me() => {
@@ -62,6 +66,7 @@ mod tests {
     const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
     const FE2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+    const FE3: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 
     fn desired(binding_fe: Option<&str>) -> DesiredState {
         let mut d = DesiredState::new("fe1");
@@ -103,10 +108,10 @@ mod tests {
     #[test]
     fn desired_decides_without_local_claims() {
         let l = local();
-        assert_eq!(target(&desired(Some("fe2")), &l, VM), Target::Remote(FE2));
-        assert_eq!(target(&desired(Some("fe1")), &l, VM), Target::Local { port: None, mac: MAC });
-        assert_eq!(target(&desired(None), &l, VM), Target::Drop);
-        assert_eq!(target(&desired(Some("fe9")), &l, VM), Target::Drop, "unknown FE");
+        assert_eq!(target(&desired(Some("fe2")), &l, None, VM), Target::Remote(FE2));
+        assert_eq!(target(&desired(Some("fe1")), &l, None, VM), Target::Local { port: None, mac: MAC });
+        assert_eq!(target(&desired(None), &l, None, VM), Target::Drop);
+        assert_eq!(target(&desired(Some("fe9")), &l, None, VM), Target::Drop, "unknown FE");
     }
 
     #[test]
@@ -115,8 +120,20 @@ mod tests {
         let mut l = local();
         let s = Sighting { ip: VM, mac: MAC, port: 7, wall: 5, mono: 5 };
         l.sighting(s, desired_view(&d, VM));
-        assert_eq!(target(&d, &l, VM), Target::Local { port: Some(7), mac: MAC });
+        assert_eq!(target(&d, &l, None, VM), Target::Local { port: Some(7), mac: MAC });
+        assert_eq!(target(&d, &l, Some(FE3), VM), Target::Local { port: Some(7), mac: MAC }, "ours wins");
         l.resolved(VM, MAC, 5, ClaimAnswer::Rejected { reason: 3 }, 6, desired_view(&d, VM));
-        assert_eq!(target(&d, &l, VM), Target::Remote(FE2));
+        assert_eq!(target(&d, &l, None, VM), Target::Remote(FE2));
+    }
+
+    #[test]
+    fn a_move_hint_overrides_the_desired_state_also_where_the_vm_was_local() {
+        let mut l = local();
+        assert_eq!(target(&desired(Some("fe2")), &l, Some(FE3), VM), Target::Remote(FE3));
+        // The old FE: bound here and seen here (settled), the hint turns it into a tunnel.
+        let d = desired(Some("fe1"));
+        l.sighting(Sighting { ip: VM, mac: MAC, port: 7, wall: 5, mono: 5 }, desired_view(&d, VM));
+        assert_eq!(target(&d, &l, None, VM), Target::Local { port: Some(7), mac: MAC });
+        assert_eq!(target(&d, &l, Some(FE3), VM), Target::Remote(FE3));
     }
 }
