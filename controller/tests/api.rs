@@ -39,14 +39,14 @@ async fn claims_bind_move_and_never_roll_back() {
     assert_eq!(binding(&mut c, "10.10.0.11").await.unwrap().fe_id, "fe3");
 
     // A late report from the old FE (older observation) is refused and writes nothing.
-    let before = status(&mut c).await.cache_revision;
+    let before = fingerprint(&mut c).await;
     let r = learn_at(&mut c, "fe2", "10.10.0.11", mac(11), t0 + 500).await;
     assert_eq!(outcome(&r), ClaimOutcome::Rejected);
     assert_eq!(r.reject_reason, RejectReason::Stale as i32);
     assert_eq!(r.code, Code::FailedPrecondition as i32);
     assert!(r.message.contains("stale"), "{}", r.message);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(status(&mut c).await.cache_revision, before, "a rejected claim wrote something");
+    assert_eq!(fingerprint(&mut c).await, before, "a rejected claim wrote something");
     let b = binding(&mut c, "10.10.0.11").await.unwrap();
     assert_eq!((b.fe_id.as_str(), b.move_seq), ("fe3", 1));
 
@@ -67,7 +67,7 @@ async fn claims_bind_move_and_never_roll_back() {
 async fn bad_input_gets_precise_errors_and_writes_nothing() {
     let (_dir, server, mut c) = start().await;
     register(&mut c, "fe2", 2, "site-a").await;
-    let before = status(&mut c).await.cache_revision;
+    let before = fingerprint(&mut c).await;
 
     let err = c
         .binding
@@ -208,7 +208,7 @@ async fn bad_input_gets_precise_errors_and_writes_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(status(&mut c).await.cache_revision, before, "rejected requests wrote something");
+    assert_eq!(fingerprint(&mut c).await, before, "rejected requests wrote something");
     server.shutdown().await.unwrap();
 }
 

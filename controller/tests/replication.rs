@@ -156,7 +156,16 @@ async fn concurrent_claims_through_two_replicas_converge_on_the_newest() {
     for vm in 1..=8u8 {
         let mine: Vec<_> = results.iter().filter(|(v, ..)| *v == vm).collect();
         let (_, winner_fe, winner_at, _) = mine.iter().max_by_key(|(_, fe, at, _)| (*at, *fe)).unwrap();
-        let b = binding(&mut c1, &format!("10.10.2.{vm}")).await.unwrap();
+        // Claims committed through replica 2 reach replica 1's cache a moment later.
+        let last = mine.iter().map(|(.., r)| r.revision).max().unwrap();
+        let ip = format!("10.10.2.{vm}");
+        let b = victor_testkit::process::wait_for("replica 1 caught up", Duration::from_secs(5), || {
+            let mut c1 = c1.clone();
+            let ip = ip.clone();
+            async move { binding(&mut c1, &ip).await.ok().filter(|b| b.revision >= last) }
+        })
+        .await
+        .unwrap();
         assert_eq!(
             (b.fe_id.as_str(), b.observed_at_unix_nanos),
             (*winner_fe, *winner_at),

@@ -185,3 +185,26 @@ pub async fn next_matching(
 pub fn ip_bytes(ip: &str) -> Vec<u8> {
     victor_proto::types::ip_to_bytes(ip.parse().unwrap())
 }
+
+/// Everything a rejected request could have written (bindings, declarations, FE registrations),
+/// with revisions. Background writes of the replica itself (presence and election keys, lease
+/// renewals, FE sessions) are deliberately not part of it, so comparing two fingerprints proves
+/// "nothing was written" without racing the replica's own housekeeping.
+pub async fn fingerprint(c: &mut Clients) -> Vec<String> {
+    let mut out = Vec::new();
+    let bindings = c
+        .binding
+        .list_bindings(ListBindingsRequest { page_size: 10_000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    out.extend(bindings.bindings.iter().map(|b| format!("binding {} {} {} {}", b.vm_ip, b.fe_id, b.mac, b.revision)));
+    let vms =
+        c.binding.list_vms(ListVmsRequest { page_size: 10_000, ..Default::default() }).await.unwrap().into_inner();
+    out.extend(vms.vms.iter().map(|v| format!("vm {} {} {}", v.vm_ip, v.mac, v.revision)));
+    let fes = c.binding.list_fes(ListFesRequest {}).await.unwrap().into_inner();
+    out.extend(
+        fes.fes.iter().map(|f| format!("fe {} {} {} {}", f.fe_id, f.underlay_addr, f.site, f.registered_at_unix_nanos)),
+    );
+    out
+}
