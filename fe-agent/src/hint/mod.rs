@@ -127,8 +127,9 @@ impl Hints {
             sent_at: unix_nanos(),
             nonce: rand::rng().random(),
         };
-        let sent = socket.send(&hint, &recipients(desired));
+        // Stamped before the datagrams leave: a receiver may read one before send() returns.
         let now = monotonic_ns();
+        let sent = socket.send(&hint, &recipients(desired));
         self.outbox.sent(ip, Sent { mac, move_seq: b.move_seq, observed_at, sent_mono: now });
         self.metrics.hint_sent(Kind::Move, sent);
         self.events.lock().expect("events").hint_sent(ip, b.move_seq + 1, now);

@@ -4,6 +4,9 @@
 //! Merge rule (wire contract): per VM IP and per FE id the entry with the highest revision wins,
 //! whatever the order of the lists inside one message. Across messages the stream only carries
 //! changes newer than the previous message's revision, so no tombstones are kept for removed keys.
+//! An FE's registration and its session are written in one transaction, so the controller can
+//! send two views of the FE at one revision (registered, then up): at equal revisions the view
+//! that is up wins, in any order.
 //!
 //! A snapshot (first part `reset = true`, last part `SNAPSHOT_END`) is staged apart and swapped
 //! in whole at its end, so an agent that already forwards keeps its old state until the new one
@@ -303,18 +306,18 @@ impl DesiredState {
 
     fn apply_delta(&mut self, msg: &SyncUpdate) -> Applied {
         let mut out = Applied::default();
-        // FEs: highest revision per id wins within the message.
-        let mut fes: HashMap<&str, (u64, Option<&victor_proto::v1::FeEntry>)> = HashMap::new();
+        // FEs: highest (revision, up) per id wins within the message and against the state.
+        let mut fes: HashMap<&str, ((u64, bool), Option<&victor_proto::v1::FeEntry>)> = HashMap::new();
         for fe in &msg.fe_upserts {
-            keep_newest(&mut fes, fe.fe_id.as_str(), fe.revision, Some(fe));
+            keep_newest(&mut fes, fe.fe_id.as_str(), (fe.revision, fe.up), Some(fe));
         }
         for fe in &msg.fe_removals {
-            keep_newest(&mut fes, fe.fe_id.as_str(), fe.revision, None);
+            keep_newest(&mut fes, fe.fe_id.as_str(), (fe.revision, false), None);
         }
-        for (id, (revision, entry)) in fes {
+        for (id, ((revision, up), entry)) in fes {
             let idx = self.fes.intern(id);
             let slot = self.fes.get_mut(idx);
-            if slot.revision >= revision && slot.revision != 0 {
+            if (slot.revision, slot.up) >= (revision, up) && slot.revision != 0 {
                 continue;
             }
             let before = (slot.present, slot.underlay);
@@ -436,7 +439,7 @@ impl DesiredState {
     fn stage(&mut self, staging: &mut Staging, msg: &SyncUpdate) -> usize {
         let mut skipped = 0;
         for e in &msg.fe_upserts {
-            let newer = staging.fes.get(&e.fe_id).is_none_or(|cur| cur.revision < e.revision);
+            let newer = staging.fes.get(&e.fe_id).is_none_or(|cur| (cur.revision, cur.up) < (e.revision, e.up));
             if newer {
                 let fe = StagedFe {
                     underlay: ipv4_of(&e.underlay_addr),
@@ -480,10 +483,10 @@ impl DesiredState {
     }
 }
 
-fn keep_newest<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher>(
-    map: &mut HashMap<K, (u64, V), S>,
+fn keep_newest<K: std::hash::Hash + Eq, R: Ord, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, (R, V), S>,
     key: K,
-    revision: u64,
+    revision: R,
     value: V,
 ) {
     match map.get_mut(&key) {
@@ -631,6 +634,42 @@ mod tests {
         assert_eq!(s.revision(), 15);
         assert_eq!(s.apply(&msg(SyncPhase::Heartbeat, 14)).unwrap(), Applied::default());
         assert_eq!(s.revision(), 15, "a replayed older message never moves the revision back");
+    }
+
+    #[test]
+    fn an_fe_registered_and_up_at_one_revision_is_up_in_any_order() {
+        let down = |rev| FeEntry { up: false, ..fe("fe4", 4, rev) };
+        let up_of = |s: &DesiredState| s.fes().get(s.fes().lookup("fe4").unwrap()).unwrap().up;
+        // Two messages: registered (down), then the session at the same revision.
+        let mut s = synced();
+        let mut d = msg(SyncPhase::Delta, 11);
+        d.fe_upserts = vec![down(11)];
+        s.apply(&d).unwrap();
+        assert!(!up_of(&s));
+        d.fe_upserts = vec![fe("fe4", 4, 11)];
+        s.apply(&d).unwrap();
+        assert!(up_of(&s), "the up view of the same revision wins");
+        d.fe_upserts = vec![down(11)];
+        s.apply(&d).unwrap();
+        assert!(up_of(&s), "and is not undone by a repeat of the registration");
+        // One message, both orders; and in a snapshot.
+        for pair in [vec![down(11), fe("fe4", 4, 11)], vec![fe("fe4", 4, 11), down(11)]] {
+            let mut s = synced();
+            let mut d = msg(SyncPhase::Delta, 11);
+            d.fe_upserts = pair.clone();
+            s.apply(&d).unwrap();
+            assert!(up_of(&s), "{pair:?}");
+            let mut snap = msg(SyncPhase::SnapshotEnd, 11);
+            snap.reset = true;
+            snap.fe_upserts = pair;
+            let mut s = DesiredState::new("fe1");
+            s.apply(&snap).unwrap();
+            assert!(up_of(&s));
+        }
+        // A later session loss is a newer revision and takes the FE down.
+        d.fe_upserts = vec![down(12)];
+        s.apply(&d).unwrap();
+        assert!(!up_of(&s));
     }
 
     #[test]
