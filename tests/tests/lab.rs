@@ -1,8 +1,8 @@
 //! The migration testbed end to end (short runs; numbers are benchmark output, not assertions):
 //! the VM answers after every move and every FE points at the right place (checked inside each
 //! move by `migrate::run`), and the report has every field with sane values — with a 1-member
-//! etcd and with the embedded store, in both switch modes. `victor-lab up`/`down` leave nothing
-//! behind, also when a process of the lab died.
+//! etcd and move hints, and with the embedded store and without hints, in both switch modes.
+//! `victor-lab up`/`down` leave nothing behind, also when a process of the lab died.
 
 use std::process::Command;
 use std::time::Duration;
@@ -40,9 +40,36 @@ fn check(report: &MigrateReport, args: &MigrateArgs) {
         }
         // Make-before-break on the new FE: the local route went in before the claim was answered.
         assert!(m.stages_ms["capture_to_local_install"] <= m.convergence_ms);
+        // The data plane converges no later than the controller's path, and no earlier than the
+        // new FE's own local install.
+        assert!(
+            m.dataplane_convergence_ms > 0.0
+                && m.dataplane_convergence_ms <= m.convergence_ms
+                && m.dataplane_convergence_ms >= m.stages_ms["capture_to_local_install"],
+            "move {}: data plane {} ms, convergence {} ms, local install {} ms",
+            m.index,
+            m.dataplane_convergence_ms,
+            m.convergence_ms,
+            m.stages_ms["capture_to_local_install"]
+        );
+        assert_eq!(m.dataplane_applied_ms.len(), 3, "move {}: {:?}", m.index, m.dataplane_applied_ms);
+        assert!(m.hints_applied <= 2, "only the two other FEs take a hint");
+        if args.move_hints {
+            assert!(m.stages_ms.contains_key("capture_to_hint_sent"), "move {}: the new FE sent no hint", m.index);
+        } else {
+            assert_eq!(m.hints_applied, 0);
+        }
     }
     let c = report.convergence_ms;
     assert!(c.p50 > 0.0 && c.p50 <= c.p99 && c.p99 <= c.max);
+    let d = report.dataplane_convergence_ms;
+    assert!(d.p50 > 0.0 && d.p50 <= d.p99 && d.p99 <= d.max && d.max <= c.max, "{d:?} vs {c:?}");
+    assert_eq!(report.move_hints, args.move_hints);
+    if args.move_hints {
+        // A hint crosses the underlay in well under the store commit and stream: over a few
+        // moves at least one FE forwards on a hint before the delta.
+        assert!(report.hints_applied >= 1, "no FE ever acted on a hint before the delta");
+    }
     let json: serde_json::Value = serde_json::to_value(report).unwrap();
     for key in [
         "moves",
@@ -53,19 +80,29 @@ fn check(report: &MigrateReport, args: &MigrateArgs) {
         "lost_max_per_move",
         "link_switch_ms",
         "convergence_ms",
+        "dataplane_convergence_ms",
         "stages_ms",
     ] {
         assert!(json.get(key).is_some(), "JSON lacks {key}");
     }
     for key in ["p50", "p99", "max"] {
-        assert!(json["convergence_ms"].get(key).is_some() && json["link_switch_ms"].get(key).is_some());
+        for summary in ["convergence_ms", "dataplane_convergence_ms", "link_switch_ms"] {
+            assert!(json[summary].get(key).is_some(), "JSON lacks {summary}.{key}");
+        }
     }
 }
 
-async fn run(etcd_members: usize, switch: SwitchMode) {
+async fn run(etcd_members: usize, switch: SwitchMode, move_hints: bool) {
     victor_testkit::require_root("the migration lab");
-    let args =
-        MigrateArgs { moves: 3, ping_interval_ms: 10, etcd_members, switch, settle_ms: 100, ..MigrateArgs::default() };
+    let args = MigrateArgs {
+        moves: 3,
+        ping_interval_ms: 10,
+        etcd_members,
+        switch,
+        settle_ms: 100,
+        move_hints,
+        ..MigrateArgs::default()
+    };
     let report = migrate::run(&args).await.expect("migrate");
     println!("{}", serde_json::to_string(&report).unwrap());
     check(&report, &args);
@@ -73,12 +110,12 @@ async fn run(etcd_members: usize, switch: SwitchMode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_with_one_member_etcd() {
-    run(1, SwitchMode::Move).await;
+    run(1, SwitchMode::Move, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn migrate_with_the_embedded_store_make_before_break() {
-    run(0, SwitchMode::Clone).await;
+async fn migrate_with_the_embedded_store_make_before_break_without_move_hints() {
+    run(0, SwitchMode::Clone, false).await;
 }
 
 #[test]

@@ -60,6 +60,19 @@ impl AgentCommand<'_> {
     }
 }
 
+/// Writes a fresh random move-hint key (32 bytes as hex, mode 600) to `<dir>/move-hint.key` and
+/// returns the agents' flags that enable move hints with it (every agent of a lab shares it).
+pub fn move_hint_flags(dir: &Path) -> Result<Vec<String>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key: [u8; 32] = rand::random();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join("move-hint.key");
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    writeln!(file, "{hex}")?;
+    Ok(vec!["--move-hint-key-file".into(), path.display().to_string()])
+}
+
 /// One agent process and its log.
 pub struct Agent {
     /// The process (None while stopped).

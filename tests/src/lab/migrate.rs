@@ -6,6 +6,13 @@
 //! convergence = the latest time any FE finished applying the new binding − the time the new FE
 //! captured the VM's gratuitous ARP.
 //!
+//! With move hints (`--move-hints`, on by default; the agents share a generated key) the new FE
+//! also tells the other FEs directly, and they forward to it before the controller's delta
+//! arrives. `convergence_ms` keeps meaning the authoritative path (the controller's delta applied
+//! everywhere); `dataplane_convergence_ms` is when every FE's data plane first forwarded to the
+//! new FE: per FE the earliest of its local install (the new FE), an applied hint that the delta
+//! later confirmed, and the delta's apply — the latest of those over the FEs, − the capture.
+//!
 //! With `--bgp` the client enters through the BGP upstream router instead (see [`super::bgp`]).
 //!
 //! Two ways to switch the link (`--switch`):
@@ -27,7 +34,7 @@ use serde_json::Value;
 use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::NetNs;
 
-use super::agents::{Agent, AgentCommand, agent_get, wait_agent_ready};
+use super::agents::{Agent, AgentCommand, agent_get, move_hint_flags, wait_agent_ready};
 use super::bgp::{self, AnycastPath};
 use super::controlplane::ControlPlane;
 use super::netlink::LinkSwitch;
@@ -79,6 +86,9 @@ pub struct MigrateArgs {
     /// flow is pinned to fe1 (see docs/bgp.md).
     #[arg(long)]
     pub bgp: bool,
+    /// Move hints between the agents (`--move-hints off` for the controller's path alone).
+    #[arg(long, default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), value_name = "on|off")]
+    pub move_hints: bool,
 }
 
 impl Default for MigrateArgs {
@@ -94,6 +104,7 @@ impl Default for MigrateArgs {
             out: None,
             log_dir: None,
             bgp: false,
+            move_hints: true,
         }
     }
 }
@@ -143,6 +154,11 @@ pub struct MoveResult {
     pub garps_sent: u32,
     /// Latest apply on any FE − capture on the new FE.
     pub convergence_ms: f64,
+    /// Latest time any FE's data plane first forwarded to the new FE (local install, confirmed
+    /// hint or delta) − capture on the new FE.
+    pub dataplane_convergence_ms: f64,
+    /// FEs that forwarded to the new FE on a hint before the delta came (and the delta confirmed).
+    pub hints_applied: u32,
     /// Echo requests without a reply, sent from this move's start to the next one's.
     pub lost: u32,
     /// Of those, sent while the lab itself was switching the link.
@@ -151,6 +167,8 @@ pub struct MoveResult {
     pub stages_ms: BTreeMap<String, f64>,
     /// When each FE finished applying the move, relative to the capture (ms).
     pub applied_ms: BTreeMap<String, f64>,
+    /// When each FE's data plane first forwarded to the new FE, relative to the capture (ms).
+    pub dataplane_applied_ms: BTreeMap<String, f64>,
 }
 
 /// The report of `victor-lab migrate` (BRIEF §4).
@@ -178,8 +196,15 @@ pub struct MigrateReport {
     pub lost_during_link_switch: u32,
     /// Time the lab spent switching links.
     pub link_switch_ms: Summary,
-    /// Convergence over the moves.
+    /// Move hints were on.
+    pub move_hints: bool,
+    /// Convergence over the moves (the controller's delta applied on every FE).
     pub convergence_ms: Summary,
+    /// Data-plane convergence over the moves (every FE forwards to the new FE: local install,
+    /// confirmed move hint or delta, whichever came first on each FE).
+    pub dataplane_convergence_ms: Summary,
+    /// FEs that acted on a confirmed hint before the delta, over all moves.
+    pub hints_applied: u32,
     /// Per-stage breakdown over the moves.
     pub stages_ms: BTreeMap<String, Summary>,
     /// Each move.
@@ -234,12 +259,14 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     .await?;
     let netns_path = controller_netns()?;
     let urls = plane.urls();
+    let hint_flags = if args.move_hints { move_hint_flags(dir)? } else { Vec::new() };
     let mut agents = Vec::new();
     for n in 1..=3 {
         // Spread agents over the replicas (each still fails over to the others).
         let mut ordered = urls.clone();
         ordered.rotate_left((n - 1) % urls.len());
-        let flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
+        let mut flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
+        flags.extend(hint_flags.iter().cloned());
         let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
         let argv =
             AgentCommand { bin: &agent_bin, controllers: &ordered, controller_netns: &netns_path, extra: &extra }
@@ -409,12 +436,20 @@ impl PendingMove {
         })?;
         let ms = |from: u64, to: u64| round((to as f64 - from as f64) / 1e6);
         let mut applied_ms = BTreeMap::new();
-        let mut latest = 0u64;
+        let mut dataplane_applied_ms = BTreeMap::new();
+        let (mut latest, mut dataplane_latest, mut hints_applied) = (0u64, 0u64, 0u32);
         for (fe, event) in &self.applied {
-            if let Some(t) = ns(event, "applied_mono_ns") {
-                applied_ms.insert(format!("fe{fe}"), ms(captured, t));
-                latest = latest.max(t);
-            }
+            let Some(t) = ns(event, "applied_mono_ns") else { continue };
+            applied_ms.insert(format!("fe{fe}"), ms(captured, t));
+            latest = latest.max(t);
+            // The data plane: the new FE's local install, or a hint the delta confirmed.
+            let local = if *fe == self.to { ns(event, "provisional_applied_mono_ns") } else { None };
+            let confirmed = event.get("hint_end").and_then(Value::as_str) == Some("confirmed");
+            let hinted = ns(event, "hint_applied_mono_ns").filter(|h| confirmed && *h < t);
+            hints_applied += u32::from(hinted.is_some());
+            let first = [Some(t), local, hinted].into_iter().flatten().min().unwrap_or(t);
+            dataplane_applied_ms.insert(format!("fe{fe}"), ms(captured, first));
+            dataplane_latest = dataplane_latest.max(first);
         }
         let mut stages = BTreeMap::new();
         let mut stage = |name: &str, from: Option<u64>, to: Option<u64>| {
@@ -425,6 +460,9 @@ impl PendingMove {
         stage("garp_to_capture", Some(self.first_garp), Some(captured));
         stage("capture_to_local_install", Some(captured), ns(new, "provisional_applied_mono_ns"));
         stage("capture_to_claim_sent", Some(captured), ns(new, "claim_sent_mono_ns"));
+        stage("capture_to_hint_sent", Some(captured), ns(new, "hint_sent_mono_ns"));
+        let hint_received = self.applied.values().filter_map(|e| ns(e, "hint_received_mono_ns")).max();
+        stage("hint_to_last_receiver", ns(new, "hint_sent_mono_ns"), hint_received);
         let trace = traces.iter().find(|t| {
             t.get("move_seq").and_then(Value::as_u64) == Some(self.move_seq) && ns(t, "received_mono_ns").is_some()
         });
@@ -459,10 +497,13 @@ impl PendingMove {
             link_switch_ms: ms(self.switch_start, self.switch_end),
             garps_sent: self.garps,
             convergence_ms: ms(captured, latest),
+            dataplane_convergence_ms: ms(captured, dataplane_latest),
+            hints_applied,
             lost: lost.len() as u32,
             lost_during_link_switch: during,
             stages_ms: stages,
             applied_ms,
+            dataplane_applied_ms,
         })
     }
 }
@@ -497,7 +538,10 @@ fn report(
         lost_max_per_move: per_move.iter().map(|m| m.lost).max().unwrap_or(0),
         lost_during_link_switch: per_move.iter().map(|m| m.lost_during_link_switch).sum(),
         link_switch_ms: Summary::of(&collect(&|m| m.link_switch_ms)),
+        move_hints: args.move_hints,
         convergence_ms: Summary::of(&collect(&|m| m.convergence_ms)),
+        dataplane_convergence_ms: Summary::of(&collect(&|m| m.dataplane_convergence_ms)),
+        hints_applied: per_move.iter().map(|m| m.hints_applied).sum(),
         stages_ms,
         per_move,
         load_avg_1m,
@@ -520,13 +564,14 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
         return Ok(());
     }
     println!(
-        "victor-lab migrate: {} moves ({} switch), ping every {} ms, etcd members {}, {} replica(s), data plane {}",
+        "victor-lab migrate: {} moves ({} switch), ping every {} ms, etcd members {}, {} replica(s), data plane {}, move hints {}",
         report.moves,
         args.switch.as_str(),
         report.ping_interval_ms,
         report.etcd_members,
         report.replicas,
-        report.dataplane
+        report.dataplane,
+        if report.move_hints { "on" } else { "off" }
     );
     if let Some(b) = &report.bgp {
         println!(
@@ -538,25 +583,31 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
         );
     }
     println!(
-        "{:>4}  {:<10} {:>9} {:>6} {:>14} {:>5} {:>13}",
-        "move", "from→to", "move_seq", "garps", "convergence", "lost", "link switch"
+        "{:>4}  {:<10} {:>9} {:>6} {:>14} {:>14} {:>6} {:>5} {:>13}",
+        "move", "from→to", "move_seq", "garps", "convergence", "data plane", "hints", "lost", "link switch"
     );
     for m in &report.per_move {
         println!(
-            "{:>4}  {:<10} {:>9} {:>6} {:>11.3} ms {:>5} {:>10.3} ms",
+            "{:>4}  {:<10} {:>9} {:>6} {:>11.3} ms {:>11.3} ms {:>6} {:>5} {:>10.3} ms",
             m.index,
             format!("{}→{}", m.from, m.to),
             m.move_seq,
             m.garps_sent,
             m.convergence_ms,
+            m.dataplane_convergence_ms,
+            m.hints_applied,
             m.lost,
             m.link_switch_ms
         );
     }
-    let c = report.convergence_ms;
+    let (c, d) = (report.convergence_ms, report.dataplane_convergence_ms);
     println!(
         "lost: {} in total, at most {} per move ({} while the lab was switching the link); convergence p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         report.lost_total, report.lost_max_per_move, report.lost_during_link_switch, c.p50, c.p99, c.max
+    );
+    println!(
+        "data-plane convergence (local install, confirmed move hint or delta): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} FEs acted on a hint before the delta",
+        d.p50, d.p99, d.max, report.hints_applied
     );
     println!("stages (p50 ms):");
     for (name, s) in &report.stages_ms {
