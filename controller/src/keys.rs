@@ -8,6 +8,7 @@
 //! | `{p}/s/<fe_id>`              | `SessionRecord`  | FE liveness, attached to the FE's lease |
 //! | `{p}/e/housekeeper`          | replica id       | housekeeping election, leased          |
 //! | `{p}/r/<replica_id>`         | `ReplicaRecord`  | live replicas, leased; also the cache's load fence |
+//! | `{p}/m/fence/<replica_id>`   | revision text    | backfill fence (`cache::backfill`), ignored by caches |
 //!
 //! IPs are hex-encoded so that byte order equals numeric order (listing pages come out in IP
 //! order) and keys stay short (etcd stores every key once per revision).
@@ -87,6 +88,11 @@ impl Keys {
     /// The presence key of a replica.
     pub fn replica(&self, replica_id: &str) -> Vec<u8> {
         format!("{}/r/{replica_id}", self.prefix).into_bytes()
+    }
+
+    /// A replica's backfill fence key (not one of the kinds a cache tracks).
+    pub fn fence(&self, replica_id: &str) -> Vec<u8> {
+        format!("{}/m/fence/{replica_id}", self.prefix).into_bytes()
     }
 
     /// Classifies a key read from the store; `None` for keys we do not own.

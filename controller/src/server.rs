@@ -105,6 +105,11 @@ impl Server {
             is_housekeeper: is_housekeeper.clone(),
             auth,
             shutdown: shutdown_rx.clone(),
+            backfill: Arc::new(crate::cache::backfill::Backfiller::new(
+                store.clone(),
+                cache.clone(),
+                replica_id.clone(),
+            )),
         });
 
         let hk = HousekeepingConfig {

@@ -383,10 +383,13 @@ async fn agent_stream_snapshot_then_deltas_and_resume_without_snapshot() {
     assert_eq!(removal.binding_removals[0].vm_ip, ip_bytes("10.10.0.12"));
     assert!(removal.binding_removals[0].revision > first.revision);
 
-    // A revision older than this replica's history gets a snapshot (reset), not an error.
+    // A revision older than this replica's own history is served from the store's history
+    // (backfill): deltas replaying every change, not a snapshot.
     let mut stream = c.agent.sync(SyncRequest { fe_id: "fe1".into(), from_revision: 1 }).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    assert!(first.reset && first.phase == SyncPhase::SnapshotEnd as i32);
+    assert!(!first.reset && first.phase == SyncPhase::Delta as i32, "{first:?}");
+    assert!(first.binding_upserts.iter().any(|b| b.vm_ip == ip_bytes("10.10.0.11")), "{first:?}");
+    assert!(first.binding_removals.iter().any(|b| b.vm_ip == ip_bytes("10.10.0.12")), "{first:?}");
     server.shutdown().await.unwrap();
 }
 
@@ -538,4 +541,45 @@ async fn list_services(channel: tonic::transport::Channel) -> Vec<String> {
         MessageResponse::ListServicesResponse(list) => list.service.into_iter().map(|s| s.name).collect(),
         other => panic!("unexpected reflection answer {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_stream_resumes_across_a_controller_restart_from_the_stores_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = embedded(dir.path(), &[]).await;
+    let mut c = connect(server.grpc_addr).await;
+    register(&mut c, "fe1", 1, "a").await;
+    register(&mut c, "fe2", 2, "a").await;
+    learn(&mut c, "fe2", "10.10.0.11", mac(11)).await;
+    let mut stream = c.agent.sync(SyncRequest { fe_id: "fe1".into(), from_revision: 0 }).await.unwrap().into_inner();
+    let snapshot =
+        next_matching(&mut stream, Duration::from_secs(5), |m| m.phase == SyncPhase::SnapshotEnd as i32).await;
+    let held = snapshot.revision;
+    drop(stream);
+    server.shutdown().await.unwrap();
+
+    // Every replica is gone; a new one starts (its own history begins at its load). Changes happen
+    // before the agent comes back.
+    let server = embedded(dir.path(), &[]).await;
+    let mut c = connect(server.grpc_addr).await;
+    register(&mut c, "fe2", 2, "a").await;
+    learn(&mut c, "fe2", "10.10.0.12", mac(12)).await;
+    learn(&mut c, "fe1", "10.10.0.11", mac(11)).await;
+    let mut stream = c.agent.sync(SyncRequest { fe_id: "fe1".into(), from_revision: held }).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.phase, SyncPhase::Delta as i32, "resume after a restart must not be a snapshot: {first:?}");
+    assert!(!first.reset);
+    let mut latest: std::collections::BTreeMap<Vec<u8>, (u64, String)> = Default::default();
+    for b in &first.binding_upserts {
+        let e = latest.entry(b.vm_ip.clone()).or_insert((0, String::new()));
+        if b.revision > e.0 {
+            *e = (b.revision, b.fe_id.clone());
+        }
+    }
+    assert_eq!(latest.get(&ip_bytes("10.10.0.12")).map(|e| e.1.as_str()), Some("fe2"), "{first:?}");
+    assert_eq!(latest.get(&ip_bytes("10.10.0.11")).map(|e| e.1.as_str()), Some("fe1"), "{first:?}");
+    assert!(first.fe_upserts.iter().any(|f| f.fe_id == "fe2"), "the FE table comes along: {first:?}");
+    let metrics = victor_testkit::http::get(server.http_addr, "/metrics").await.unwrap().1;
+    assert_eq!(victor_testkit::http::metric(&metrics, "victor_snapshots_sent_total", ""), 0.0);
+    server.shutdown().await.unwrap();
 }

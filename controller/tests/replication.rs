@@ -198,3 +198,26 @@ async fn concurrent_claims_through_two_replicas_converge_on_the_newest() {
     }
     let _ = &mut c2;
 }
+
+#[tokio::test]
+async fn a_resume_from_a_compacted_revision_gets_a_snapshot() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let r1 = Replica::spawn("r1", &etcd.endpoints(), &[]).await;
+    let mut c = r1.clients().await;
+    register(&mut c, "fe1", 1, "a").await;
+    let old = learn(&mut c, "fe1", "10.10.0.11", mac(11)).await.revision;
+    learn(&mut c, "fe1", "10.10.0.12", mac(12)).await;
+    learn(&mut c, "fe1", "10.10.0.13", mac(13)).await;
+    drop(r1);
+    // etcd forgets every revision before its current one (the change right after `old` among
+    // them); a new replica cannot backfill from `old`.
+    let current = etcd.member_status(0).await.unwrap().revision;
+    etcd.etcdctl(&etcd.member_endpoint(0), &["compact", &current.to_string(), "--physical"]).await.unwrap();
+    let r2 = Replica::spawn("r2", &etcd.endpoints(), &[]).await;
+    let mut c = r2.clients().await;
+    let mut stream = c.agent.sync(SyncRequest { fe_id: "fe1".into(), from_revision: old }).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.reset && first.phase == SyncPhase::SnapshotEnd as i32, "{first:?}");
+    assert_eq!(first.binding_upserts.len(), 3);
+    assert_eq!(metric(&r2.metrics().await, "victor_snapshots_sent_total", ""), 1.0);
+}

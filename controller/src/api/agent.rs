@@ -269,6 +269,7 @@ impl<S: Store> AgentApi<S> {
             traces: self.ctx.traces.clone(),
             mobile_prefixes: self.ctx.mobile.to_strings(),
             shutdown: self.ctx.shutdown.clone(),
+            backfill: self.ctx.backfill.clone(),
         };
         let req = request.into_inner();
         Ok(sync::start(ctx, req.fe_id, req.from_revision))
@@ -381,9 +382,11 @@ mod tests {
         while !cache.is_loaded() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let backfill = Arc::new(crate::cache::backfill::Backfiller::new(store.clone(), cache.clone(), "r1".into()));
         let ctx = Arc::new(ApiContext {
             registry: Registry::new(store, cache.clone(), Rules::default(), metrics.clone(), traces.clone()),
             cache,
+            backfill,
             metrics,
             traces,
             mobile: super::validate::MobilePrefixes::new(vec!["10.10.0.0/16".parse().unwrap()]),

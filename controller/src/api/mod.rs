@@ -50,6 +50,8 @@ pub struct ApiContext<S: Store> {
     pub auth: auth::Auth,
     /// Flips to true on shutdown (streams end so clients fail over).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Extends the cache's history from the store for streams resuming from older revisions.
+    pub backfill: Arc<crate::cache::backfill::Backfiller<S>>,
 }
 
 impl<S: Store> ApiContext<S> {

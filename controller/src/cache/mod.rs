@@ -7,6 +7,7 @@
 //! that resumes from a revision still inside the history gets only the deltas (no snapshot), and a
 //! slow stream simply coalesces more frames into its next message.
 
+pub mod backfill;
 pub mod loader;
 pub mod state;
 
@@ -200,6 +201,47 @@ impl Cache {
         };
         self.loaded.store(true, Ordering::Release);
         self.revision_tx.send_replace(revision);
+    }
+
+    /// The oldest revision deltas are available from.
+    pub fn floor(&self) -> Revision {
+        self.inner.read().expect("cache lock poisoned").floor
+    }
+
+    /// Runs `f` on the state under the read lock (for converting replayed store events).
+    pub(crate) fn with_state<R>(&self, f: impl FnOnce(&CacheState) -> R) -> R {
+        self.read(f)
+    }
+
+    /// Extends the history backwards: `frames` cover (`new_floor`, `expected_floor`] and go before
+    /// every frame held. Refused (false) if the floor moved meanwhile or the history would exceed
+    /// its limit (the consumer then takes a snapshot).
+    pub(crate) fn prepend(
+        &self,
+        expected_floor: Revision,
+        new_floor: Revision,
+        frames: Vec<(Revision, Vec<CacheChange>)>,
+    ) -> bool {
+        let mut inner = self.inner.write().expect("cache lock poisoned");
+        let added: usize = frames.iter().map(|(_, c)| c.len()).sum();
+        if inner.floor != expected_floor
+            || new_floor >= expected_floor
+            || inner.history_changes + added > self.history_limit
+        {
+            return false;
+        }
+        let applied_mono_ns = victor_proto::clock::monotonic_ns();
+        for (revision, changes) in frames.into_iter().rev().filter(|(_, c)| !c.is_empty()) {
+            inner.history.push_front(Frame {
+                revision,
+                changes: changes.into(),
+                applied_mono_ns,
+                encoded: Arc::default(),
+            });
+        }
+        inner.history_changes += added;
+        inner.floor = new_floor;
+        true
     }
 
     fn push_frame(inner: &mut Inner, limit: usize, revision: Revision, changes: Vec<CacheChange>) {

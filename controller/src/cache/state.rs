@@ -312,6 +312,40 @@ impl CacheState {
         ApplyResult::Applied
     }
 
+    /// The change a store event *from the past* describes, by itself (not applied to this state):
+    /// bindings and FE registrations as their event says; an FE's health comes from this (current)
+    /// state. Used to rebuild history for resuming streams ([`super::backfill`]).
+    pub fn replayed_change(&self, keys: &Keys, event: &Event) -> Option<CacheChange> {
+        let rev = event.kv.mod_revision;
+        let put = event.kind == EventKind::Put;
+        match keys.parse(&event.kv.key)? {
+            KeyKind::Binding(ip) => {
+                let view = if put {
+                    let rec = BindingRecord::decode(event.kv.value.as_slice()).ok()?;
+                    let fe =
+                        self.names.get(rec.fe_id.as_str()).cloned().unwrap_or_else(|| Arc::from(rec.fe_id.as_str()));
+                    Some(BindingView::from_record(rec, rev, fe))
+                } else {
+                    None
+                };
+                Some(CacheChange::Binding { ip, revision: rev, view })
+            }
+            KeyKind::Fe(id) => {
+                let fe_id: Arc<str> = self.names.get(id.as_str()).cloned().unwrap_or_else(|| Arc::from(id.as_str()));
+                let view = if put {
+                    let record = FeRecord::decode(event.kv.value.as_slice()).ok()?;
+                    let underlay = ip_from_bytes(&record.underlay_addr).ok()?;
+                    let session_revision = self.sessions.get(&fe_id).copied().unwrap_or(0);
+                    Some(FeView { fe_id: fe_id.clone(), underlay, record, revision: rev, session_revision })
+                } else {
+                    None
+                };
+                Some(CacheChange::Fe { fe_id, revision: rev, view })
+            }
+            _ => None,
+        }
+    }
+
     /// Replaces this state with `fresh` (a full re-list) and returns the differences as changes,
     /// so that watchers see only what really changed — a re-list never flaps routes.
     pub fn replace_with(&mut self, fresh: CacheState) -> Vec<CacheChange> {

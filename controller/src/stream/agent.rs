@@ -56,6 +56,8 @@ pub struct SyncContext {
     pub mobile_prefixes: Vec<String>,
     /// Flips to true when the replica shuts down: the stream ends so the agent fails over.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Reads history this replica does not hold back from the store (resumes after restarts).
+    pub backfill: Arc<dyn crate::cache::backfill::Backfill>,
 }
 
 /// How a stream's messages are represented.
@@ -168,12 +170,17 @@ async fn run<M: SyncMessage>(
         }
         let idle_revision = match ctx.cache.since(cursor) {
             Since::TooOld { floor } => {
-                tracing::info!(
-                    cursor,
-                    floor,
-                    "agent resume revision is older than this replica's history; sending a snapshot"
-                );
-                need_snapshot = true;
+                // Older than this replica's history: read the missing changes back from the store
+                // (it keeps them until compaction); only if that fails, a full snapshot.
+                if cursor > 0
+                    && let Err(err) = ctx.backfill.extend_to(cursor).await
+                {
+                    tracing::info!(cursor, floor, %err, "cannot resume from the store's history; sending a snapshot");
+                    need_snapshot = true;
+                }
+                if matches!(ctx.cache.since(cursor), Since::TooOld { .. }) {
+                    need_snapshot = true;
+                }
                 continue;
             }
             Since::Frames { frames, revision } if !frames.is_empty() => {
