@@ -279,6 +279,7 @@ impl<S: Store> BindingService for BindingApi<S> {
             self.ctx.metrics.clone(),
             spec,
             self.ctx.shutdown.clone(),
+            self.ctx.backfill.clone(),
         ))))
     }
 

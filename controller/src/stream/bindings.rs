@@ -33,11 +33,12 @@ pub fn start(
     metrics: Arc<Metrics>,
     spec: WatchSpec,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    backfill: Arc<dyn crate::cache::backfill::Backfill>,
 ) -> ReceiverStream<Result<WatchBindingsResponse, Status>> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         metrics.binding_watchers.inc();
-        let _ = run(&cache, &tx, spec, shutdown).await;
+        let _ = run(&cache, &tx, spec, shutdown, &*backfill).await;
         metrics.binding_watchers.dec();
     });
     ReceiverStream::new(rx)
@@ -48,6 +49,7 @@ async fn run(
     tx: &Tx,
     spec: WatchSpec,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    backfill: &dyn crate::cache::backfill::Backfill,
 ) -> Result<(), ()> {
     let in_scope = |ip: &std::net::IpAddr| spec.prefix.is_none_or(|p| p.contains(ip));
     let mut cursor = if spec.from_revision == 0 { cache.revision() } else { spec.from_revision };
@@ -76,6 +78,10 @@ async fn run(
     loop {
         let idle_revision = match cache.since(cursor) {
             Since::TooOld { floor } => {
+                // Older than this replica's history: read it back from the store if it still has it.
+                if backfill.extend_to(cursor).await.is_ok() && !matches!(cache.since(cursor), Since::TooOld { .. }) {
+                    continue;
+                }
                 let _ = tx
                     .send(Err(Status::out_of_range(format!(
                         "revision {cursor} is no longer retained by this replica (history starts after {floor}); list the bindings again and watch from the listing's revision"
