@@ -1,7 +1,8 @@
 //! The agent core: one task that owns the desired state, the VMs seen here, the move hints and
 //! the reconciler, and turns every input — stream messages, ARP frames, claim answers, move
-//! hints, port changes, timer ticks — into the smallest set of kernel and data-plane changes. Because one task owns all of it,
-//! there are no locks around forwarding state and the order of changes is the order of events.
+//! hints, port changes, timer ticks — into the smallest set of kernel and data-plane changes.
+//! Because one task owns all of it, there are no locks around forwarding state and the order of
+//! changes is the order of events.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;

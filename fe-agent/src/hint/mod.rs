@@ -173,7 +173,8 @@ impl Hints {
                 Some(ip)
             }
             Err(reason) => {
-                tracing::debug!(%ip, fe = %hint.fe_id, %src, kind = hint.kind.label(), reason = reason.label(), "move hint rejected");
+                let (kind, reason_label) = (hint.kind.label(), reason.label());
+                tracing::debug!(%ip, fe = %hint.fe_id, %src, kind, reason = reason_label, "move hint rejected");
                 self.metrics.hint_rejected(reason);
                 None
             }

@@ -87,7 +87,13 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub bgp: bool,
     /// Move hints between the agents (`--move-hints off` for the controller's path alone).
-    #[arg(long, default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), value_name = "on|off")]
+    #[arg(
+        long,
+        default_value = "on",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        value_name = "on|off"
+    )]
     pub move_hints: bool,
 }
 
