@@ -168,7 +168,7 @@ impl Cache {
             }
             inner.state.revision = inner.state.revision.max(batch.revision);
             let revision = inner.state.revision;
-            Self::push_frame(&mut inner, self.history_limit, revision, changes);
+            Self::push_frame(&mut inner, self.history_limit, revision, last_per_key(changes));
             revision
         };
         if undecodable > 0 {
@@ -259,6 +259,19 @@ impl Cache {
     }
 }
 
+/// Keeps only the last change of each key, in order. One transaction can change a key's agent
+/// view twice at the same revision (an FE registration writes the FE record and its session: the
+/// FE is seen down, then up); agents must only see the final view.
+fn last_per_key(changes: Vec<CacheChange>) -> Vec<CacheChange> {
+    if changes.len() < 2 {
+        return changes;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<CacheChange> = changes.into_iter().rev().filter(|c| seen.insert(c.key())).collect();
+    kept.reverse();
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +312,28 @@ mod tests {
         assert!(frames.is_empty());
         assert_eq!(revision, 15);
         assert!(matches!(cache.since(11), Since::TooOld { floor: 12 }));
+    }
+
+    #[test]
+    fn a_registration_is_one_final_fe_change() {
+        use crate::records::{FeRecord, SessionRecord};
+        let keys = Keys::new("/v");
+        let cache = Cache::new(keys.clone(), 100);
+        cache.install(CacheState::at(1));
+        let fe = FeRecord { underlay_addr: vec![192, 0, 2, 1], site: "a".into(), ..Default::default() }.encode_to_vec();
+        let put = |key: Vec<u8>, value: Vec<u8>| Event {
+            kind: EventKind::Put,
+            kv: KeyValue { key, value, mod_revision: 2, create_revision: 2, version: 1, lease: 0 },
+        };
+        let session = SessionRecord::default().encode_to_vec();
+        cache.apply_batch(&WatchBatch {
+            revision: 2,
+            events: vec![put(keys.fe("fe1"), fe), put(keys.session("fe1"), session)],
+        });
+        let Since::Frames { frames, .. } = cache.since(1) else { panic!() };
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].changes.len(), 1, "{:?}", frames[0].changes);
+        assert!(matches!(&frames[0].changes[0], CacheChange::Fe { view: Some(v), .. } if v.up()));
     }
 
     #[tokio::test]

@@ -170,6 +170,25 @@ pub enum CacheChange {
     },
 }
 
+/// The key a [`CacheChange`] is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ChangeKey {
+    /// A binding, by VM IP.
+    Binding(IpAddr),
+    /// An FE, by id.
+    Fe(Arc<str>),
+}
+
+impl CacheChange {
+    /// What the change is about.
+    pub fn key(&self) -> ChangeKey {
+        match self {
+            CacheChange::Binding { ip, .. } => ChangeKey::Binding(*ip),
+            CacheChange::Fe { fe_id, .. } => ChangeKey::Fe(fe_id.clone()),
+        }
+    }
+}
+
 /// Everything under the prefix, as of `revision`.
 #[derive(Debug, Default)]
 pub struct CacheState {
