@@ -17,10 +17,11 @@ for switch in move clone; do
             python3 - "$out" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-c, s = r["convergence_ms"], r["link_switch_ms"]
+c, s, d = r["convergence_ms"], r["link_switch_ms"], r.get("dataplane_convergence_ms", {})
 print(f'{r["switch"]:5} etcd={r["etcd_members"]} ping={r["ping_interval_ms"]:>2}ms moves={r["moves"]} '
       f'lost={r["lost_total"]} (max/move {r["lost_max_per_move"]}, during switch {r["lost_during_link_switch"]}) '
-      f'convergence p50={c["p50"]} p99={c["p99"]} max={c["max"]} ms  switch p50={s["p50"]} ms  load={r["load_avg_1m"]}')
+      f'convergence p50={c["p50"]} p99={c["p99"]} ms  data plane p50={d.get("p50")} p99={d.get("p99")} ms  '
+      f'switch p50={s["p50"]} ms  load={r["load_avg_1m"]}')
 PY
         done
     done

@@ -120,8 +120,11 @@ async fn build_up(
     let urls = plane.urls();
     let netns = migrate::controller_netns()?;
     let mut agents = Vec::new();
+    // The agents share a generated move-hint key (in the lab's directory, removed by `down`).
+    let hint_flags = agents::move_hint_flags(dir)?;
     for n in 1..=3 {
-        let flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
+        let mut flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
+        flags.extend(hint_flags.iter().cloned());
         let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
         let argv =
             agents::AgentCommand { bin: &agent_bin, controllers: &urls, controller_netns: &netns, extra: &extra }
