@@ -2,6 +2,8 @@
 //!
 //! * [`lab`] — the migration testbed of BRIEF §3 (`up`, `down`, `migrate`).
 //! * [`bench`] — the controller scale benchmark with simulated agents (`bench`).
+//! * [`faults`] — fault injection for the fault suite (`tests/faults.rs`).
 
 pub mod bench;
+pub mod faults;
 pub mod lab;
