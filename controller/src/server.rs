@@ -93,7 +93,8 @@ impl Server {
         };
         let auth = load_auth(&config, metrics.clone())?;
         let ctx = Arc::new(ApiContext {
-            registry: Registry::new(store.clone(), cache.clone(), rules, metrics.clone(), traces.clone()),
+            registry: Registry::new(store.clone(), cache.clone(), rules, metrics.clone(), traces.clone())
+                .with_reachability(store_reachable.clone()),
             cache: cache.clone(),
             metrics: metrics.clone(),
             traces: traces.clone(),

@@ -23,7 +23,8 @@ pub enum ApiError {
     /// The caller is not authenticated.
     #[error("{0}")]
     Unauthenticated(String),
-    /// The store cannot be reached, or this replica is not ready; nothing was written.
+    /// The store cannot be reached, or this replica is not ready (the message says whether
+    /// nothing was written or the outcome of a write is unknown).
     #[error("{0}")]
     Unavailable(String),
     /// A binding rule refused the request.
@@ -56,6 +57,10 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(msg) => {
                 ApiError::Unavailable(format!("the store is unavailable ({msg}); nothing was written, retry later"))
             }
+            StoreError::OutcomeUnknown(_) => ApiError::Unavailable(format!(
+                "{err}: read the binding or VM back (GetBinding) once the store answers, or send the same \
+                 request again (it is idempotent)"
+            )),
             StoreError::Compacted { .. } | StoreError::FutureRevision { .. } => {
                 ApiError::FailedPrecondition(err.to_string())
             }

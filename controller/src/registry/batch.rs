@@ -81,7 +81,7 @@ impl Batcher {
         self.tx
             .send(Pending { req, reply })
             .map_err(|_| StoreError::Unavailable("the claim batcher stopped (replica shutting down)".into()))?;
-        rx.await.map_err(|_| StoreError::Unavailable("the claim batcher stopped (replica shutting down)".into()))?
+        rx.await.map_err(|_| StoreError::OutcomeUnknown("the claim batcher stopped (replica shutting down)".into()))?
     }
 }
 
@@ -151,7 +151,7 @@ async fn commit<S: Store>(store: &S, metrics: &Metrics, mut batch: Vec<Pending>)
         let result = match result {
             Ok(result) => result,
             Err(err) => {
-                if matches!(err, StoreError::Unavailable(_)) {
+                if err.is_unavailable() {
                     metrics.store_unavailable.inc();
                 }
                 for p in batch {

@@ -12,6 +12,7 @@ pub mod batch;
 pub mod rules;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -19,7 +20,7 @@ use prost::Message;
 use victor_proto::Mac;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::{ClaimOutcome, ClaimResult, RejectReason};
-use victor_store::{Compare, KeyValue, Revision, Store, StoreError, Txn, TxnOp};
+use victor_store::{Compare, KeyValue, Revision, Store, Txn, TxnOp};
 
 use crate::api::error::{ApiError, ApiResult};
 use crate::cache::{Cache, FeView};
@@ -74,12 +75,36 @@ pub struct Registry<S: Store> {
     traces: Arc<MoveTraces>,
     /// Started on first use (it needs a runtime).
     batcher: OnceLock<Batcher>,
+    /// Whether the store answered this replica's last health probe: while it did not, writes
+    /// are refused before anything is sent, so "nothing was written" is certain (a write sent to
+    /// a stalled store could be applied later, and would only get "outcome unknown").
+    reachable: Arc<AtomicBool>,
 }
 
 impl<S: Store> Registry<S> {
     /// A registry writing to `store` and reading through `cache`.
     pub fn new(store: S, cache: Arc<Cache>, rules: Rules, metrics: Arc<Metrics>, traces: Arc<MoveTraces>) -> Self {
-        Registry { store, cache, rules, metrics, traces, batcher: OnceLock::new() }
+        let reachable = Arc::new(AtomicBool::new(true));
+        Registry { store, cache, rules, metrics, traces, batcher: OnceLock::new(), reachable }
+    }
+
+    /// Refuses writes while `reachable` is false (the replica's store health probe).
+    pub fn with_reachability(mut self, reachable: Arc<AtomicBool>) -> Self {
+        self.reachable = reachable;
+        self
+    }
+
+    /// Fails with UNAVAILABLE (nothing was written) while the store is known to be unreachable.
+    pub fn writable(&self) -> ApiResult<()> {
+        if self.reachable.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.metrics.store_unavailable.inc();
+        Err(ApiError::Unavailable(
+            "the store is unreachable from this controller replica (its health probe fails); nothing was \
+             written, retry later"
+                .into(),
+        ))
     }
 
     fn batcher(&self) -> &Batcher {
@@ -198,6 +223,7 @@ impl<S: Store> Registry<S> {
                 vm_rev: current.vm_rev,
                 op,
             };
+            self.writable()?;
             match self.batcher().submit(request).await? {
                 CasOutcome::Committed(revision) => {
                     self.count(&verdict);
@@ -280,11 +306,12 @@ impl<S: Store> Registry<S> {
 
     /// Runs a transaction, timing it and counting outages.
     pub async fn txn(&self, txn: Txn) -> ApiResult<victor_store::TxnResult> {
+        self.writable()?;
         let started = Instant::now();
         let result = self.store.txn(txn).await;
         self.metrics.store_op("txn", started);
         match result {
-            Err(err @ StoreError::Unavailable(_)) => {
+            Err(err) if err.is_unavailable() => {
                 self.metrics.store_unavailable.inc();
                 Err(err.into())
             }

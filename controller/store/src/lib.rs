@@ -264,10 +264,15 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchBatch, StoreError>>
 /// Errors of every store operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// The store cannot be reached or did not answer in time. Nothing was written (or, for a
-    /// timeout after sending, the caller must re-read to find out).
+    /// The store cannot be reached or refused the request before applying it: nothing was
+    /// written.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A write was sent but its answer never came (a member died after receiving it, the link
+    /// broke, the deadline passed): it may or may not have been applied. The caller re-reads to
+    /// find out; writes are not repeated blindly.
+    #[error("the store did not confirm the write, it may or may not have been applied ({0})")]
+    OutcomeUnknown(String),
     /// The requested revision is older than the retained history.
     #[error("revision {requested} is compacted (oldest retained revision is {compacted}); re-list")]
     Compacted {
@@ -301,6 +306,14 @@ pub enum StoreError {
     /// Anything else (a bug or a corrupt file).
     #[error("store internal error: {0}")]
     Internal(String),
+}
+
+impl StoreError {
+    /// The store could not be used right now ([`StoreError::Unavailable`] or
+    /// [`StoreError::OutcomeUnknown`]): a later attempt may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::OutcomeUnknown(_))
+    }
 }
 
 /// Result alias for store operations.

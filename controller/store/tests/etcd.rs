@@ -72,7 +72,7 @@ async fn leader_kill_loses_no_acknowledged_write() {
         failures.len()
     );
     for (e, _) in &failures {
-        assert!(matches!(e, StoreError::Unavailable(_)), "only Unavailable during failover: {e}");
+        assert!(e.is_unavailable(), "only Unavailable/OutcomeUnknown during failover: {e}");
     }
     // Revisions of acknowledged writes are strictly increasing (one writer, linearizable).
     assert!(acked.windows(2).all(|w| w[0].1 < w[1].1));
@@ -142,7 +142,7 @@ async fn watch_broken_by_killed_member_resumes_without_gaps() {
 }
 
 /// Creates `key` = "v" exactly once, also across a failover: a write whose outcome is unknown
-/// (`Unavailable`) is retried as create-if-absent, and a failed compare means the earlier attempt
+/// (`OutcomeUnknown`) is retried as create-if-absent, and a failed compare means the earlier attempt
 /// did apply — its revision is read back. Returns the creating revision.
 async fn create_once(store: &EtcdStore, key: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -155,7 +155,7 @@ async fn create_once(store: &EtcdStore, key: &str) -> u64 {
         match store.txn(t).await {
             Ok(r) if r.succeeded => return r.revision,
             Ok(r) => return r.reads[0].kvs[0].create_revision,
-            Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
+            Err(e) if e.is_unavailable() && Instant::now() < deadline => {
                 eprintln!("retrying {key}: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

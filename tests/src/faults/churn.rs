@@ -86,6 +86,11 @@ pub struct ChurnLog {
 }
 
 impl ChurnLog {
+    /// Claims committed with an answer inside `[from_ns, to_ns]`.
+    pub fn commits_between(&self, from_ns: u64, to_ns: u64) -> usize {
+        self.commits_ns.iter().filter(|&&t| t >= from_ns && t <= to_ns).count()
+    }
+
     /// The longest time without a committed claim inside `[from_ns, to_ns]` (ns), counting the
     /// window's edges: how long writes stalled around a fault.
     pub fn longest_gap_ns(&self, from_ns: u64, to_ns: u64) -> u64 {
@@ -192,6 +197,25 @@ impl Churn {
         } else {
             s.excluded.remove(&fe);
         }
+    }
+
+    /// Takes an idle VM with a known binding away from the churn for a write of the test's own
+    /// (towards another FE chosen by `target(current FE)`): the VM is uncertain from now on, between
+    /// its FE and the target. Returns `(vm, current FE, target FE)`.
+    pub fn reserve(&self, target: impl Fn(u32) -> u32) -> Option<(usize, u32, u32)> {
+        let mut s = self.shared();
+        let (vm, from) = s.truth.iter().enumerate().find_map(|(vm, t)| match t {
+            VmTruth::Known(fe) if !s.busy[vm] => Some((vm, *fe)),
+            _ => None,
+        })?;
+        let to = target(from);
+        s.truth[vm] = VmTruth::Uncertain { from, to, said: "reserved by the test".into() };
+        Some((vm, from, to))
+    }
+
+    /// Records what the controller answered to the test's own write of a [`Churn::reserve`]d VM.
+    pub fn settle_reserved(&self, vm: usize, truth: VmTruth) {
+        self.shared().truth[vm] = truth;
     }
 
     /// The truth so far.

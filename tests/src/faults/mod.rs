@@ -11,12 +11,14 @@
 //! * [`agent`] — simulated agents with the fe-agent's failover logic that record every session,
 //!   snapshot, removal and re-send;
 //! * [`churn`] — the continuous migrations and the truth they leave;
+//! * [`lab`] — real fe-agents in the namespace lab, with traffic, on the same controllers;
 //! * [`store`] — the bindings read from etcd and the checks against them;
 //! * [`rig`] — one scenario assembled, and its verification.
 
 pub mod agent;
 pub mod churn;
 pub mod cluster;
+pub mod lab;
 pub mod proxy;
 pub mod rig;
 pub mod store;

@@ -4,8 +4,9 @@
 //! that failed without reaching etcd (connection refused, no leader, proposal dropped — a killed
 //! member or an election in progress) is retried with a short backoff; the client's balancer
 //! then sends it to another member. An attempt whose outcome is unknown (connection lost after
-//! sending) is retried only for idempotent calls; a transaction fails with `Unavailable` saying
-//! the caller must re-read, because it may have been applied.
+//! sending) is retried only for idempotent calls; a transaction fails with `OutcomeUnknown`
+//! (the caller must re-read, because it may have been applied), never with `Unavailable`, which
+//! promises that nothing was written.
 
 use std::error::Error as _;
 use std::future::Future;
@@ -175,7 +176,7 @@ impl CallPolicy {
             backoff = (backoff * 2).min(Duration::from_millis(200));
         }
         if maybe_applied && idempotent == Idempotent::No {
-            last.push_str(" (it may or may not have been applied: re-read before retrying)");
+            return Err(StoreError::OutcomeUnknown(format!("etcd at {}: {what}: {last}", self.endpoints)));
         }
         Err(self.unavailable(what, &last))
     }
@@ -240,6 +241,6 @@ mod tests {
             })
             .await;
         assert_eq!(attempts, 1);
-        assert!(matches!(r, Err(StoreError::Unavailable(m)) if m.contains("re-read")));
+        assert!(matches!(r, Err(StoreError::OutcomeUnknown(m)) if m.contains("timed out")));
     }
 }

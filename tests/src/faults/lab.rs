@@ -1,0 +1,214 @@
+//! Real `victor-fe-agent`s in the namespace lab (BRIEF §3), attached to a fault scenario's
+//! controllers so they live through the same faults as the simulated agents, with real traffic:
+//! the client pings the VM behind fe2 through fe1's userspace IP-in-IP every 10 ms the whole
+//! time.
+//!
+//! fe1's agent reaches each replica through a [`LinkProxy`] so that its controller link alone can
+//! be cut (it is the ingress FE: cutting it tests headless forwarding, I6). fe1 and fe2 prefer
+//! replica 0, fe3 prefers replica 1. Everything a fault test reads from an agent comes from its
+//! own admin port (`/metrics`, `/readyz`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use victor_testkit::netns::NetNs;
+
+use super::cluster::Controllers;
+use super::proxy::LinkProxy;
+use crate::lab::agents::{Agent, AgentCommand, agent_get, wait_agent_ready};
+use crate::lab::migrate::controller_netns;
+use crate::lab::probe::{Prober, send_garp};
+use crate::lab::topology::{Topology, VmSpec};
+
+/// Interval of the client's pings.
+pub const PING_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The lab (field order = drop order: processes and threads before the namespaces).
+pub struct RealLab {
+    /// Client → VM pings.
+    pub prober: Prober,
+    /// The agents, fe1..fe3 at index 0..2.
+    pub agents: Vec<Agent>,
+    /// fe1's links to each replica.
+    pub links: Vec<LinkProxy>,
+    /// The VM (behind fe2).
+    pub vm: VmSpec,
+    /// The namespaces.
+    pub topo: Topology,
+    dir: tempfile::TempDir,
+}
+
+/// A snapshot of one agent's counters.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct AgentCounters {
+    /// Controller sessions opened.
+    pub sessions: f64,
+    /// Complete snapshots applied.
+    pub snapshots: f64,
+    /// 1 while a stream is up.
+    pub connected: f64,
+    /// Revision of the applied desired state.
+    pub revision: f64,
+    /// Bindings in the desired state (local + remote).
+    pub bindings: f64,
+    /// Registrations.
+    pub registrations: f64,
+    /// Kernel and data-plane operations by kind.
+    pub ops: BTreeMap<String, f64>,
+}
+
+impl AgentCounters {
+    /// Operations of `op` since `before`.
+    pub fn ops_since(&self, before: &AgentCounters, op: &str) -> f64 {
+        self.ops.get(op).copied().unwrap_or(0.0) - before.ops.get(op).copied().unwrap_or(0.0)
+    }
+
+    /// Kernel route and neighbour operations and tunnel removals since `before`: what would flap a
+    /// route (the lab's VM never moves, the churn only moves VMs between other FEs).
+    pub fn route_churn_since(&self, before: &AgentCounters) -> f64 {
+        ["set_route", "del_route", "set_neighbour", "del_neighbour", "tunnel_remove", "tunnel_local"]
+            .iter()
+            .map(|op| self.ops_since(before, op))
+            .sum()
+    }
+}
+
+impl RealLab {
+    /// Builds client, fe1..fe3 and the VM behind fe2, starts the three agents against
+    /// `cluster`'s replicas, binds the VM (gratuitous ARP) and starts the pings.
+    pub async fn start(cluster: &Controllers) -> Result<RealLab> {
+        victor_testkit::require_root("the fault suite's namespace lab");
+        let dir = tempfile::Builder::new().prefix("victor-faults-lab-").tempdir()?;
+        let namer = |role: &str| NetNs::new(&format!("fl{}", role.replace("fe", "f").replace("vm", "v")));
+        let mut topo = Topology::build(3, &namer)?;
+        let vm = VmSpec::numbered(1);
+        topo.add_vm(vm.clone(), 2, &namer)?;
+        let mut links = Vec::new();
+        for r in 0..cluster.len() {
+            links.push(LinkProxy::start(cluster.grpc(r)).await?);
+        }
+        let bin = victor_testkit::workspace_binary("victor-fe-agent");
+        let netns = controller_netns()?;
+        let direct = |order: &[usize]| order.iter().map(|&r| format!("http://{}", cluster.grpc(r))).collect::<Vec<_>>();
+        let endpoints = [links.iter().map(LinkProxy::url).collect(), direct(&[0, 1]), direct(&[1, 0])];
+        let mut agents = Vec::new();
+        for n in 1..=3 {
+            // Quiet logs: the churn moves hundreds of VMs per second.
+            let argv = AgentCommand {
+                bin: &bin,
+                controllers: &endpoints[n - 1],
+                controller_netns: &netns,
+                extra: &["--log", "info"],
+            }
+            .argv(n);
+            agents.push(Agent::spawn(topo.fe(n), n, argv, dir.path())?);
+        }
+        for n in 1..=3 {
+            tokio::task::block_in_place(|| wait_agent_ready(topo.fe(n), &mut agents[n - 1], Duration::from_secs(60)))?;
+        }
+        send_garp(topo.vm(1), "eth0", &vm.mac, vm.ip)?;
+        let prober = Prober::start(&topo.client, vm.ip, PING_INTERVAL)?;
+        let lab = RealLab { prober, agents, links, vm, topo, dir };
+        tokio::task::block_in_place(|| lab.prober.wait_replies_from(0, 20, Duration::from_secs(20)))
+            .context("the client cannot reach the VM through fe1 and fe2")?;
+        Ok(lab)
+    }
+
+    /// Logs and the move-hint key live here.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// FE `n`'s agent counters.
+    pub fn counters(&self, n: usize) -> Result<AgentCounters> {
+        let (code, text) = tokio::task::block_in_place(|| agent_get(self.topo.fe(n), "/metrics"))?;
+        if code != 200 {
+            bail!("fe{n} /metrics answered {code}");
+        }
+        let metric = |name: &str, labels: &str| victor_testkit::http::metric(&text, name, labels);
+        let mut ops = BTreeMap::new();
+        for line in text.lines().filter(|l| l.starts_with("victor_agent_reconcile_ops_total{")) {
+            let (Some(op), Some(value)) = (label(line, "op"), line.rsplit(' ').next()) else { continue };
+            *ops.entry(op.to_owned()).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        }
+        Ok(AgentCounters {
+            sessions: metric("victor_agent_controller_sessions_total", ""),
+            snapshots: metric("victor_agent_snapshots_received_total", ""),
+            connected: metric("victor_agent_controller_connected", ""),
+            revision: metric("victor_agent_stream_revision", ""),
+            bindings: metric("victor_agent_bindings", "kind=\"local\"")
+                + metric("victor_agent_bindings", "kind=\"remote\""),
+            registrations: metric("victor_agent_registrations_total", ""),
+            ops,
+        })
+    }
+
+    /// Polls FE `n`'s counters until `done` holds; returns them and how long it took.
+    pub async fn wait_counters(
+        &self,
+        n: usize,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&AgentCounters) -> bool,
+    ) -> Result<(AgentCounters, Duration)> {
+        let started = Instant::now();
+        loop {
+            let last = self.counters(n);
+            if let Ok(c) = &last
+                && done(c)
+            {
+                return Ok((c.clone(), started.elapsed()));
+            }
+            if started.elapsed() > timeout {
+                bail!("fe{n}: {what} not reached after {timeout:?} (last: {last:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILLs FE `n`'s agent.
+    pub fn kill_agent(&mut self, n: usize) {
+        if let Some(mut guard) = self.agents[n - 1].guard.take() {
+            guard.kill();
+        }
+    }
+
+    /// Restarts FE `n`'s agent with its command line and waits until it is ready.
+    pub fn restart_agent(&mut self, n: usize) -> Result<Duration> {
+        let started = Instant::now();
+        let dir = self.dir.path().to_path_buf();
+        let agent = &mut self.agents[n - 1];
+        agent.respawn(self.topo.fe(n), n, &dir)?;
+        tokio::task::block_in_place(|| wait_agent_ready(self.topo.fe(n), agent, Duration::from_secs(60)))?;
+        Ok(started.elapsed())
+    }
+
+    /// Cuts fe1's controller links.
+    pub fn partition_fe1(&self) {
+        self.links.iter().for_each(LinkProxy::partition);
+    }
+
+    /// Restores them.
+    pub fn heal_fe1(&self) {
+        self.links.iter().for_each(LinkProxy::heal);
+    }
+
+    /// The next ping's sequence number.
+    pub fn ping_seq(&self) -> u32 {
+        self.prober.sent()
+    }
+
+    /// Pings sent from `seq` on that got no answer (the last 20, still in flight, excepted).
+    pub fn lost_since(&self, seq: u32) -> Vec<u32> {
+        let p = self.prober.probes();
+        p.lost_seqs(seq, p.sent.saturating_sub(20))
+    }
+}
+
+/// The value of label `name` in a Prometheus sample line.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
