@@ -40,7 +40,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
-fn bench(members: &str) -> Value {
+fn bench(members: &str, extra: &[&str]) -> Value {
     // victor-lab looks for victor-controller next to itself; fail clearly if it is not built.
     let controller = victor_testkit::workspace_binary("victor-controller");
     let dir = tempfile::tempdir().unwrap();
@@ -48,6 +48,7 @@ fn bench(members: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_victor-lab"))
         .args(["bench", "--fes", "3", "--bindings", "1000", "--churn", "200", "--seconds", "2"])
         .args(["--etcd-members", members, "--floor-samples", "50", "--json"])
+        .args(extra)
         .arg("--controller-bin")
         .arg(&controller)
         .arg("--output")
@@ -109,14 +110,25 @@ fn check(v: &Value, members: f64) {
     assert!(v["machine"]["loadavg_end"][0].as_f64().is_some(), "load recorded at the end");
 }
 
+/// With `--real-agent` (root): a real fe-agent in a namespace syncs every binding; foreign
+/// bindings go to the userspace forwarding table, not the kernel.
 #[test]
 fn bench_on_one_member_etcd_reports_every_field() {
-    check(&bench("1"), 1.0);
+    let v = bench("1", &["--real-agent"]);
+    check(&v, 1.0);
+    let s = num(&v, "real_agent.full_sync_s");
+    assert!(s > 0.0 && s < 120.0, "real_agent.full_sync_s = {s}");
+    assert_eq!(num(&v, "real_agent.bindings"), 1000.0);
+    assert_eq!(num(&v, "real_agent.reconcile_ops.tunnel_remote"), 1000.0, "every foreign binding programmed once");
+    let routes = num(&v, "real_agent.kernel_routes");
+    assert!((1.0..100.0).contains(&routes), "{routes} kernel routes: foreign bindings leaked into the kernel");
+    let desired = num(&v, "real_agent.desired_state_bytes_per_binding");
+    assert!(desired > 0.0 && desired < 400.0, "desired_state_bytes_per_binding {desired}");
 }
 
 #[test]
 fn bench_on_the_embedded_store_reports_every_field() {
-    let v = bench("0");
+    let v = bench("0", &[]);
     check(&v, 0.0);
     assert_eq!(v["etcd_floor"]["store"], "embedded");
     assert_eq!(num(&v, "replicas"), 1.0);

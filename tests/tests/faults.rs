@@ -540,9 +540,11 @@ async fn compaction_under_a_lagging_watch_relists_without_flaps() -> Result<()> 
 /// A write whose outcome the replica cannot know — etcd applied it, but the answer was lost on
 /// the way back (a member that dies right after committing, a half-broken link) — must not be
 /// answered "nothing was written". Here the replica's etcd link loses every answer for a moment:
-/// a move claimed through `Report` and a `DeclareVm` are both applied by etcd while the replica
-/// times out. Whatever the replica answers must be true: MOVED / the declaration if it was
-/// applied, and "nothing was written" only if it was not.
+/// a move claimed through `Report` is applied by etcd while the replica times out (answered
+/// UNAVAILABLE "did not confirm the write, it may or may not have been applied"); the `DeclareVm`
+/// that follows finds the replica's store probe failing and is refused before anything is sent.
+/// Whatever the replica answers must be true: MOVED / the declaration if it was applied, and
+/// "nothing was written" only if it was not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_outcome_writes_are_not_reported_as_nothing_written() -> Result<()> {
     use victor_proto::v1::agent_service_client::AgentServiceClient;

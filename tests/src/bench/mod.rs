@@ -21,6 +21,7 @@ pub mod agent;
 pub mod cluster;
 pub mod driver;
 pub mod floor;
+pub mod real_agent;
 pub mod stats;
 pub mod sys;
 pub mod wire;
@@ -81,6 +82,10 @@ pub struct BenchArgs {
     /// Concentrating the reporters lets each Report carry many claims at high churn rates.
     #[arg(long, default_value_t = 0)]
     pub churn_fes: usize,
+    /// Also time the full sync of a real `victor-fe-agent` in a namespace (needs root) and report
+    /// its memory and kernel state (`real_agent`).
+    #[arg(long)]
+    pub real_agent: bool,
     /// Observations per Report while loading the bindings (the API allows 1024).
     #[arg(long, default_value_t = 1024)]
     pub report_batch: usize,
@@ -138,6 +143,8 @@ pub struct BenchReport {
     pub cpu_during_churn_s: CpuReport,
     /// Where the time of a move goes inside the controller (its `/debug/moves` traces).
     pub controller_stages_ms: Stages,
+    /// A real agent's full sync in a namespace (`--real-agent`).
+    pub real_agent: Option<real_agent::RealAgentReport>,
     /// The host.
     pub machine: Machine,
     /// The arguments of the run.
@@ -558,6 +565,13 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
         bail!("the full-sync agent received {synced} bindings, expected {}", args.bindings);
     }
 
+    let real_agent = if args.real_agent {
+        progress("full sync of a real fe-agent in a namespace");
+        Some(tokio::task::block_in_place(|| real_agent::full_sync(&cluster, args.bindings))?)
+    } else {
+        None
+    };
+
     progress("cold start of a controller replica");
     let (cold_start_s, cold_rss) = cold_start(&mut cluster).await?;
     machine.loadavg_end = sys::loadavg();
@@ -633,6 +647,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
         },
         cpu_during_churn_s: cpu_report,
         controller_stages_ms: stages,
+        real_agent,
         machine,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     })
@@ -741,6 +756,12 @@ fn print_summary(r: &BenchReport) {
     );
     println!("  cold start          {:.3} s (controller replica, {} bindings)", r.controller_cold_start_s, r.bindings);
     println!("  agent full sync     {:.3} s", r.agent_full_sync_s);
+    if let Some(a) = &r.real_agent {
+        println!(
+            "  real agent          full sync {:.3} s, RSS {:.1} MiB ({:.1} B/binding), {} kernel routes",
+            a.full_sync_s, a.rss_mib, a.rss_bytes_per_binding, a.kernel_routes
+        );
+    }
     println!(
         "  memory per binding  controller {:.1} B, agent {:.1} B",
         r.controller_bytes_per_binding, r.agent_bytes_per_binding

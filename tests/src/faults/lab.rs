@@ -8,7 +8,6 @@
 //! replica 0, fe3 prefers replica 1. Everything a fault test reads from an agent comes from its
 //! own admin port (`/metrics`, `/readyz`).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -16,7 +15,8 @@ use victor_testkit::netns::NetNs;
 
 use super::cluster::Controllers;
 use super::proxy::LinkProxy;
-use crate::lab::agents::{Agent, AgentCommand, agent_get, wait_agent_ready};
+pub use crate::lab::agents::AgentCounters;
+use crate::lab::agents::{Agent, AgentCommand, agent_counters, wait_agent_ready};
 use crate::lab::migrate::controller_netns;
 use crate::lab::probe::{Prober, send_garp};
 use crate::lab::topology::{Topology, VmSpec};
@@ -37,41 +37,6 @@ pub struct RealLab {
     /// The namespaces.
     pub topo: Topology,
     dir: tempfile::TempDir,
-}
-
-/// A snapshot of one agent's counters.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct AgentCounters {
-    /// Controller sessions opened.
-    pub sessions: f64,
-    /// Complete snapshots applied.
-    pub snapshots: f64,
-    /// 1 while a stream is up.
-    pub connected: f64,
-    /// Revision of the applied desired state.
-    pub revision: f64,
-    /// Bindings in the desired state (local + remote).
-    pub bindings: f64,
-    /// Registrations.
-    pub registrations: f64,
-    /// Kernel and data-plane operations by kind.
-    pub ops: BTreeMap<String, f64>,
-}
-
-impl AgentCounters {
-    /// Operations of `op` since `before`.
-    pub fn ops_since(&self, before: &AgentCounters, op: &str) -> f64 {
-        self.ops.get(op).copied().unwrap_or(0.0) - before.ops.get(op).copied().unwrap_or(0.0)
-    }
-
-    /// Kernel route and neighbour operations and tunnel removals since `before`: what would flap a
-    /// route (the lab's VM never moves, the churn only moves VMs between other FEs).
-    pub fn route_churn_since(&self, before: &AgentCounters) -> f64 {
-        ["set_route", "del_route", "set_neighbour", "del_neighbour", "tunnel_remove", "tunnel_local"]
-            .iter()
-            .map(|op| self.ops_since(before, op))
-            .sum()
-    }
 }
 
 impl RealLab {
@@ -122,26 +87,7 @@ impl RealLab {
 
     /// FE `n`'s agent counters.
     pub fn counters(&self, n: usize) -> Result<AgentCounters> {
-        let (code, text) = tokio::task::block_in_place(|| agent_get(self.topo.fe(n), "/metrics"))?;
-        if code != 200 {
-            bail!("fe{n} /metrics answered {code}");
-        }
-        let metric = |name: &str, labels: &str| victor_testkit::http::metric(&text, name, labels);
-        let mut ops = BTreeMap::new();
-        for line in text.lines().filter(|l| l.starts_with("victor_agent_reconcile_ops_total{")) {
-            let (Some(op), Some(value)) = (label(line, "op"), line.rsplit(' ').next()) else { continue };
-            *ops.entry(op.to_owned()).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
-        }
-        Ok(AgentCounters {
-            sessions: metric("victor_agent_controller_sessions_total", ""),
-            snapshots: metric("victor_agent_snapshots_received_total", ""),
-            connected: metric("victor_agent_controller_connected", ""),
-            revision: metric("victor_agent_stream_revision", ""),
-            bindings: metric("victor_agent_bindings", "kind=\"local\"")
-                + metric("victor_agent_bindings", "kind=\"remote\""),
-            registrations: metric("victor_agent_registrations_total", ""),
-            ops,
-        })
+        tokio::task::block_in_place(|| agent_counters(self.topo.fe(n)))
     }
 
     /// Polls FE `n`'s counters until `done` holds; returns them and how long it took.
@@ -204,11 +150,4 @@ impl RealLab {
         let p = self.prober.probes();
         p.lost_seqs(seq, p.sent.saturating_sub(20))
     }
-}
-
-/// The value of label `name` in a Prometheus sample line.
-fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let start = line.find(&format!("{name}=\""))? + name.len() + 2;
-    let len = line[start..].find('"')?;
-    Some(&line[start..start + len])
 }

@@ -1,5 +1,6 @@
 //! `victor-fe-agent` processes inside the FE namespaces, and their admin endpoints.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -138,4 +139,70 @@ pub fn wait_agent_ready(ns: &NetNs, agent: &mut Agent, timeout: Duration) -> Res
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A snapshot of one agent's counters.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct AgentCounters {
+    /// Controller sessions opened.
+    pub sessions: f64,
+    /// Complete snapshots applied.
+    pub snapshots: f64,
+    /// 1 while a stream is up.
+    pub connected: f64,
+    /// Revision of the applied desired state.
+    pub revision: f64,
+    /// Bindings in the desired state (local + remote).
+    pub bindings: f64,
+    /// Registrations.
+    pub registrations: f64,
+    /// Kernel and data-plane operations by kind.
+    pub ops: BTreeMap<String, f64>,
+}
+
+impl AgentCounters {
+    /// Operations of `op` since `before`.
+    pub fn ops_since(&self, before: &AgentCounters, op: &str) -> f64 {
+        self.ops.get(op).copied().unwrap_or(0.0) - before.ops.get(op).copied().unwrap_or(0.0)
+    }
+
+    /// Kernel route and neighbour operations and tunnel removals since `before`: what would flap a
+    /// route (the lab's VM never moves, the churn only moves VMs between other FEs).
+    pub fn route_churn_since(&self, before: &AgentCounters) -> f64 {
+        ["set_route", "del_route", "set_neighbour", "del_neighbour", "tunnel_remove", "tunnel_local"]
+            .iter()
+            .map(|op| self.ops_since(before, op))
+            .sum()
+    }
+}
+
+/// The counters of the agent in `ns`, from its `/metrics`.
+pub fn agent_counters(ns: &NetNs) -> Result<AgentCounters> {
+    let (code, text) = agent_get(ns, "/metrics")?;
+    if code != 200 {
+        bail!("the agent in {} answered /metrics with {code}", ns.name());
+    }
+    let metric = |name: &str, labels: &str| victor_testkit::http::metric(&text, name, labels);
+    let mut ops = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("victor_agent_reconcile_ops_total{")) {
+        let (Some(op), Some(value)) = (label(line, "op"), line.rsplit(' ').next()) else { continue };
+        *ops.entry(op.to_owned()).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(AgentCounters {
+        sessions: metric("victor_agent_controller_sessions_total", ""),
+        snapshots: metric("victor_agent_snapshots_received_total", ""),
+        connected: metric("victor_agent_controller_connected", ""),
+        revision: metric("victor_agent_stream_revision", ""),
+        bindings: metric("victor_agent_bindings", "kind=\"local\"")
+            + metric("victor_agent_bindings", "kind=\"remote\""),
+        registrations: metric("victor_agent_registrations_total", ""),
+        ops,
+    })
+}
+
+/// The value of label `name` in a Prometheus sample line.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
 }
