@@ -7,6 +7,7 @@
 //! 2. fe1's controller links cut for longer than its session TTL: fe1 forwards headless (no ping
 //!    lost), then resumes from its revision (no snapshot);
 //! 3. kill -9 of fe3's agent and its restart: nobody else notices (no ping lost), fe3 resyncs.
+//!
 //! After each step every real agent holds exactly the store's bindings.
 
 use std::time::Duration;
