@@ -6,13 +6,16 @@
 //!    snapshot and without touching a route, and not one ping is lost;
 //! 2. fe1's controller links cut for longer than its session TTL: fe1 forwards headless (no ping
 //!    lost), then resumes from its revision (no snapshot);
-//! 3. kill -9 of fe3's agent and its restart: nobody else notices (no ping lost), fe3 resyncs.
+//! 3. kill -9 of fe3's agent and its restart: nobody else notices (no ping lost), fe3 resyncs;
+//! 4. all of etcd stopped while a new VM announces itself behind fe3: fe3 installs it at once and
+//!    keeps its claim (refused UNAVAILABLE, or queued while fe3 is headless: its heartbeats fail
+//!    too) until etcd is back, when the binding commits without the VM announcing itself again.
 //!
 //! After each step every real agent holds exactly the store's bindings.
 
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, bail, ensure};
 use serde_json::json;
 use victor_tests::faults::lab::{AgentCounters, RealLab};
 use victor_tests::faults::rig::{Rig, RigConfig, emit, ms, now_ns};
@@ -170,8 +173,52 @@ async fn real_agents_forward_through_replica_kill_partition_and_agent_restart() 
         assert_eq!(after[i].route_churn_since(&before[i]), 0.0, "fe{} touched routes: {:?}", i + 1, after[i].ops);
     }
 
+    // 4. etcd stopped; a VM appears behind fe3.
+    let late = u32::from(lab.late_vm.ip);
+    ensure!(
+        !store::read(rig.cluster.etcd.endpoints()).await?.bindings.contains_key(&late),
+        "the late VM is bound before it announced itself"
+    );
+    let before = lab.counters(3)?;
+    rig.cluster.pause_etcd()?;
+    for r in 0..rig.cluster.len() {
+        rig.cluster.wait_readyz(r, SOON, |code, body| code == 503 && body.contains("store unreachable")).await?;
+    }
+    let announced_at = now_ns();
+    lab.announce_late_vm()?;
+    let (during, _) =
+        lab.wait_counters(3, SOON, "the VM installed", |c| c.ops_since(&before, "set_route") >= 1.0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resumed_at = now_ns();
+    rig.cluster.resume_etcd()?;
+    let started = std::time::Instant::now();
+    let bound = loop {
+        let view = store::read(rig.cluster.etcd.endpoints()).await?;
+        if let Some(b) = view.bindings.get(&late) {
+            break b.fe.clone();
+        }
+        ensure!(started.elapsed() < SOON, "the late VM's claim never committed after etcd resumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let after = lab.counters(3)?;
+    emit(
+        "real_agent_claim_during_etcd_outage",
+        &json!({
+            "announce_to_resume_ms": ms(resumed_at - announced_at),
+            "resume_to_bound_ms": started.elapsed().as_secs_f64() * 1e3,
+            "report_retries": after.report_retries - before.report_retries,
+            "fe3_sessions_opened": after.sessions - before.sessions,
+            "fe3_routes_set": after.ops_since(&before, "set_route"),
+            "fe3_routes_deleted": after.ops_since(&before, "del_route"),
+        }),
+    );
+    assert_eq!(bound, "fe3", "the late VM is bound elsewhere");
+    assert_eq!(during.ops_since(&before, "del_route"), 0.0, "fe3 undid its VM during the outage");
+    assert_eq!(after.ops_since(&before, "del_route"), 0.0, "fe3 undid its VM: {:?} -> {:?}", before.ops, after.ops);
+    rig.settle().await;
+
     let verified = rig.verify("real agents in the lab").await?;
     verified.assert_clean();
-    assert_eq!(verified.truth.other_bindings, 1, "the lab's VM is bound");
+    assert_eq!(verified.truth.other_bindings, 2, "the lab's two VMs are bound");
     Ok(())
 }

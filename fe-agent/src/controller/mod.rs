@@ -9,6 +9,7 @@
 //! [`reporter`] keeps its queue.
 
 pub mod connector;
+pub mod heartbeat;
 pub mod reporter;
 
 use std::sync::Arc;
@@ -19,14 +20,15 @@ use tokio::sync::{Notify, mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::agent_service_client::AgentServiceClient;
-use victor_proto::v1::{HeartbeatRequest, RegisterRequest, SyncRequest, SyncUpdate};
+use victor_proto::v1::{RegisterRequest, SyncRequest, SyncUpdate};
 
 use crate::metrics::Metrics;
 use connector::Connector;
+use heartbeat::{Beat, heartbeat, heartbeats};
 use reporter::Backoff;
 
 /// Deadline of Register and Heartbeat calls.
-const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// A session that lived this long resets the failure count (no backoff for the next failover).
 const HEALTHY_SESSION: Duration = Duration::from_secs(5);
 
@@ -258,36 +260,6 @@ impl SessionRun<'_> {
     }
 }
 
-/// Sends a heartbeat every `every` and reports each outcome.
-async fn heartbeats(
-    mut client: AgentServiceClient<Channel>,
-    fe_id: String,
-    every: Duration,
-    out: mpsc::Sender<Result<Beat, String>>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        if out.send(heartbeat(&mut client, &fe_id).await).await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn heartbeat(client: &mut AgentServiceClient<Channel>, fe_id: &str) -> Result<Beat, String> {
-    let mut request = tonic::Request::new(HeartbeatRequest { fe_id: fe_id.to_owned() });
-    request.set_timeout(RPC_TIMEOUT);
-    match client.heartbeat(request).await {
-        Ok(_) => Ok(Beat::Alive),
-        Err(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::FailedPrecondition) => {
-            tracing::info!(message = s.message(), "session expired; registering again");
-            Ok(Beat::NotRegistered)
-        }
-        Err(s) => Err(format!("Heartbeat: {} {}", s.code(), s.message())),
-    }
-}
-
 /// Aborts a task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
@@ -295,10 +267,4 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Beat {
-    Alive,
-    NotRegistered,
 }

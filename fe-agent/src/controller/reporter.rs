@@ -2,7 +2,9 @@
 //! unsent older one, a VM's report is never dropped), drained in batches of at most 1024 into
 //! `AgentService.Report` on whichever controller session is current. A failed call puts its batch
 //! back (unless newer observations of the same IPs arrived meanwhile) and is retried with
-//! exponential backoff; nothing is lost while no controller answers (headless).
+//! exponential backoff; nothing is lost while no controller answers (headless). So does a claim
+//! the controller answered UNAVAILABLE on its own (its store was down, or did not confirm the
+//! write): it is no verdict, the agent keeps what it learned and sends the claim again.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -110,6 +112,25 @@ impl ReportQueue {
     }
 }
 
+/// Splits a batch's answers: results with a verdict (for the core), and the observations the
+/// controller answered UNAVAILABLE — no verdict, to send again.
+pub fn split_transient(
+    observations: Vec<Observation>,
+    results: Vec<ClaimResult>,
+) -> (Vec<Observation>, Vec<ClaimResult>, Vec<Observation>) {
+    let mut answered = (Vec::with_capacity(observations.len()), Vec::with_capacity(results.len()));
+    let mut retry = Vec::new();
+    for (obs, result) in observations.into_iter().zip(results) {
+        if result.code == tonic::Code::Unavailable as i32 {
+            retry.push(obs);
+        } else {
+            answered.0.push(obs);
+            answered.1.push(result);
+        }
+    }
+    (answered.0, answered.1, retry)
+}
+
 /// The handle the agent core submits observations through.
 #[derive(Debug, Clone)]
 pub struct Reporter {
@@ -181,7 +202,6 @@ impl Reporter {
             self.in_flight.store(0, std::sync::atomic::Ordering::Relaxed);
             match result {
                 Ok(response) => {
-                    backoff.reset();
                     metrics.claims_sent.inc_by(batch.len() as u64);
                     let results = response.into_inner().results;
                     if results.len() != batch.len() {
@@ -193,9 +213,21 @@ impl Reporter {
                         self.queue.lock().expect("report queue").put_back(batch);
                         continue;
                     }
-                    let answered = Answered { observations: batch, results, sent_mono, answered_mono };
-                    if answers.send(answered).await.is_err() {
-                        return;
+                    let (observations, results, retry) = split_transient(batch, results);
+                    if !observations.is_empty() {
+                        let answered = Answered { observations, results, sent_mono, answered_mono };
+                        if answers.send(answered).await.is_err() {
+                            return;
+                        }
+                    }
+                    if retry.is_empty() {
+                        backoff.reset();
+                    } else {
+                        metrics.report_retries.inc();
+                        tracing::info!(n = retry.len(), "claims answered UNAVAILABLE (no verdict); will retry");
+                        self.queue.lock().expect("report queue").put_back(retry);
+                        metrics.reports_queued.set(self.queued() as i64);
+                        tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }
                 Err(status) => {
@@ -293,6 +325,19 @@ mod tests {
 
     fn batch_second_ip() -> Ipv4Addr {
         Ipv4Addr::new(10, 10, 1, 0)
+    }
+
+    #[test]
+    fn claims_answered_unavailable_are_retried_not_answered() {
+        let batch = vec![obs(1, 1, ObservationKind::Learned), obs(2, 2, ObservationKind::Learned)];
+        let verdict = ClaimResult { outcome: 2, ..Default::default() };
+        let transient = ClaimResult { outcome: 4, code: tonic::Code::Unavailable as i32, ..Default::default() };
+        let (answered, results, retry) = split_transient(batch.clone(), vec![verdict.clone(), transient]);
+        assert_eq!((answered, results), (vec![batch[0].clone()], vec![verdict]));
+        assert_eq!(retry, vec![batch[1].clone()]);
+        let mut q = ReportQueue::default();
+        q.put_back(retry);
+        assert_eq!(q.take(10), vec![batch[1].clone()], "queued again with its original observation time");
     }
 
     #[test]

@@ -30,9 +30,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
+use victor_fe_agent::controller::heartbeat::{Beat, heartbeat, heartbeats};
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::agent_service_client::AgentServiceClient;
-use victor_proto::v1::{HeartbeatRequest, RegisterRequest, SyncPhase, SyncRequest};
+use victor_proto::v1::{RegisterRequest, SyncPhase, SyncRequest};
 
 use crate::bench::agent::underlay;
 use crate::bench::wire::LeanSyncUpdate;
@@ -282,12 +283,6 @@ struct Link {
     state: Arc<Mutex<AgentState>>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Beat {
-    Alive,
-    NotRegistered,
-}
-
 impl Link {
     fn state(&self) -> MutexGuard<'_, AgentState> {
         self.state.lock().expect("agent state lock")
@@ -446,35 +441,6 @@ async fn open_sync(
         .await
         .map(tonic::Response::into_inner)
         .map_err(|s| format!("Sync: {} {}", s.code(), s.message()))
-}
-
-/// Sends a heartbeat every `every` and reports each outcome.
-async fn heartbeats(
-    mut client: AgentServiceClient<Channel>,
-    fe_id: String,
-    every: Duration,
-    out: mpsc::Sender<Result<Beat, String>>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        if out.send(heartbeat(&mut client, &fe_id).await).await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn heartbeat(client: &mut AgentServiceClient<Channel>, fe_id: &str) -> Result<Beat, String> {
-    let mut request = tonic::Request::new(HeartbeatRequest { fe_id: fe_id.to_owned() });
-    request.set_timeout(RPC_TIMEOUT);
-    match client.heartbeat(request).await {
-        Ok(_) => Ok(Beat::Alive),
-        Err(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::FailedPrecondition) => {
-            Ok(Beat::NotRegistered)
-        }
-        Err(s) => Err(format!("Heartbeat: {} {}", s.code(), s.message())),
-    }
 }
 
 /// Aborts a task when dropped.

@@ -3,6 +3,8 @@
 //! the client pings the VM behind fe2 through fe1's userspace IP-in-IP every 10 ms the whole
 //! time.
 //!
+//! A second VM behind fe3 stays silent until a test announces it.
+//!
 //! fe1's agent reaches each replica through a [`LinkProxy`] so that its controller link alone can
 //! be cut (it is the ingress FE: cutting it tests headless forwarding, I6). fe1 and fe2 prefer
 //! replica 0, fe3 prefers replica 1. Everything a fault test reads from an agent comes from its
@@ -34,6 +36,8 @@ pub struct RealLab {
     pub links: Vec<LinkProxy>,
     /// The VM (behind fe2).
     pub vm: VmSpec,
+    /// A VM behind fe3 that stays silent until [`RealLab::announce_late_vm`].
+    pub late_vm: VmSpec,
     /// The namespaces.
     pub topo: Topology,
     dir: tempfile::TempDir,
@@ -49,6 +53,8 @@ impl RealLab {
         let mut topo = Topology::build(3, &namer)?;
         let vm = VmSpec::numbered(1);
         topo.add_vm(vm.clone(), 2, &namer)?;
+        let late_vm = VmSpec::numbered(2);
+        topo.add_vm(late_vm.clone(), 3, &namer)?;
         let mut links = Vec::new();
         for r in 0..cluster.len() {
             links.push(LinkProxy::start(cluster.grpc(r)).await?);
@@ -74,7 +80,7 @@ impl RealLab {
         }
         send_garp(topo.vm(1), "eth0", &vm.mac, vm.ip)?;
         let prober = Prober::start(&topo.client, vm.ip, PING_INTERVAL)?;
-        let lab = RealLab { prober, agents, links, vm, topo, dir };
+        let lab = RealLab { prober, agents, links, vm, late_vm, topo, dir };
         tokio::task::block_in_place(|| lab.prober.wait_replies_from(0, 20, Duration::from_secs(20)))
             .context("the client cannot reach the VM through fe1 and fe2")?;
         Ok(lab)
@@ -128,6 +134,11 @@ impl RealLab {
         agent.respawn(self.topo.fe(n), n, &dir)?;
         tokio::task::block_in_place(|| wait_agent_ready(self.topo.fe(n), agent, Duration::from_secs(60)))?;
         Ok(started.elapsed())
+    }
+
+    /// The late VM sends its gratuitous ARP.
+    pub fn announce_late_vm(&self) -> Result<()> {
+        send_garp(self.topo.vm(2), "eth0", &self.late_vm.mac, self.late_vm.ip)
     }
 
     /// Cuts fe1's controller links.

@@ -156,6 +156,8 @@ pub struct AgentCounters {
     pub bindings: f64,
     /// Registrations.
     pub registrations: f64,
+    /// Report calls (or claims answered UNAVAILABLE) sent again.
+    pub report_retries: f64,
     /// Kernel and data-plane operations by kind.
     pub ops: BTreeMap<String, f64>,
 }
@@ -196,6 +198,7 @@ pub fn agent_counters(ns: &NetNs) -> Result<AgentCounters> {
         bindings: metric("victor_agent_bindings", "kind=\"local\"")
             + metric("victor_agent_bindings", "kind=\"remote\""),
         registrations: metric("victor_agent_registrations_total", ""),
+        report_retries: metric("victor_agent_report_retries_total", ""),
         ops,
     })
 }
