@@ -99,6 +99,17 @@ pub struct Counters {
     pub malformed: u64,
 }
 
+impl std::ops::AddAssign for Counters {
+    fn add_assign(&mut self, o: Counters) {
+        self.messages += o.messages;
+        self.upserts += o.upserts;
+        self.removals += o.removals;
+        self.redundant += o.redundant;
+        self.snapshots += o.snapshots;
+        self.malformed += o.malformed;
+    }
+}
+
 /// One controller session.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionLog {
@@ -210,14 +221,8 @@ impl AgentState {
             _ if !self.in_snapshot => self.revision = self.revision.max(msg.revision),
             _ => {}
         }
-        for counters in [&mut self.total, &mut self.window] {
-            counters.messages += c.messages;
-            counters.upserts += c.upserts;
-            counters.removals += c.removals;
-            counters.redundant += c.redundant;
-            counters.snapshots += c.snapshots;
-            counters.malformed += c.malformed;
-        }
+        self.total += c;
+        self.window += c;
     }
 }
 

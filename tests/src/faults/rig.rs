@@ -264,13 +264,7 @@ impl Rig {
         let mut sum = Counters::default();
         for &i in agents {
             if let Some(a) = &self.agents.0[i] {
-                let w = a.state().window;
-                sum.messages += w.messages;
-                sum.upserts += w.upserts;
-                sum.removals += w.removals;
-                sum.redundant += w.redundant;
-                sum.snapshots += w.snapshots;
-                sum.malformed += w.malformed;
+                sum += a.state().window;
             }
         }
         sum
