@@ -92,6 +92,13 @@ fn ipv4(bytes: &[u8], len: Option<usize>) -> Option<u32> {
     (len == Some(4)).then(|| u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 
+/// A length-delimited IPv4 address (None if it is not 4 bytes).
+fn read_ipv4(buf: &mut impl Buf) -> Result<Option<u32>, DecodeError> {
+    let mut ip = [0u8; 16];
+    let len = read_small(buf, &mut ip)?;
+    Ok(ipv4(&ip, len))
+}
+
 fn merge_binding(
     entry: &mut LeanBinding,
     ok: &mut bool,
@@ -100,14 +107,10 @@ fn merge_binding(
 ) -> Result<(), DecodeError> {
     let (tag, wire) = decode_key(buf)?;
     match (tag, wire) {
-        (1, WireType::LengthDelimited) => {
-            let mut ip = [0u8; 16];
-            let len = read_small(buf, &mut ip)?;
-            match ipv4(&ip, len) {
-                Some(v) => entry.ip = v,
-                None => *ok = false,
-            }
-        }
+        (1, WireType::LengthDelimited) => match read_ipv4(buf)? {
+            Some(v) => entry.ip = v,
+            None => *ok = false,
+        },
         (2, WireType::LengthDelimited) => {
             let mut name = [0u8; 255];
             match read_small(buf, &mut name)? {
@@ -138,14 +141,10 @@ fn merge_removal(
 ) -> Result<(), DecodeError> {
     let (tag, wire) = decode_key(buf)?;
     match (tag, wire) {
-        (1, WireType::LengthDelimited) => {
-            let mut ip = [0u8; 16];
-            let len = read_small(buf, &mut ip)?;
-            match ipv4(&ip, len) {
-                Some(v) => entry.ip = v,
-                None => *ok = false,
-            }
-        }
+        (1, WireType::LengthDelimited) => match read_ipv4(buf)? {
+            Some(v) => entry.ip = v,
+            None => *ok = false,
+        },
         (2, WireType::Varint) => entry.revision = decode_varint(buf)?,
         _ => skip_field(wire, tag, buf, ctx)?,
     }
