@@ -14,7 +14,7 @@ use super::cluster::Cluster;
 use super::sys;
 use crate::lab::agents::{Agent, AgentCommand, agent_counters, agent_get, wait_agent_ready};
 use crate::lab::migrate::controller_netns;
-use crate::lab::topology::Topology;
+use crate::lab::topology::{Topology, netns_for};
 
 /// What the real agent's full sync cost.
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +44,7 @@ pub struct RealAgentReport {
 pub fn full_sync(cluster: &Cluster, bindings: usize) -> Result<RealAgentReport> {
     victor_testkit::require_root("--real-agent (a namespace lab)");
     let dir = tempfile::Builder::new().prefix("victor-bench-agent-").tempdir()?;
-    let topo = Topology::build(1, &|role: &str| NetNs::new(&format!("vb{}", short(role))))?;
+    let topo = Topology::build(1, &|role: &str| netns_for("vb", role))?;
     let bin = victor_testkit::workspace_binary("victor-fe-agent");
     let controllers = [format!("http://{}", cluster.replicas[0].grpc)];
     let netns = controller_netns()?;
@@ -93,9 +93,4 @@ fn route_count(ns: &NetNs) -> Result<usize> {
         bail!("ip route in {}: {}", ns.name(), String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count())
-}
-
-/// Short namespace names (`client` → `c`, `fe1` → `f1`).
-fn short(role: &str) -> String {
-    role.replace("client", "c").replace("fe", "f").replace("vm", "v")
 }

@@ -13,7 +13,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use victor_testkit::netns::NetNs;
 
 use super::cluster::Controllers;
 use super::proxy::LinkProxy;
@@ -21,7 +20,7 @@ pub use crate::lab::agents::AgentCounters;
 use crate::lab::agents::{Agent, AgentCommand, agent_counters, wait_agent_ready};
 use crate::lab::migrate::controller_netns;
 use crate::lab::probe::{Prober, send_garp};
-use crate::lab::topology::{Topology, VmSpec};
+use crate::lab::topology::{Topology, VmSpec, netns_for};
 
 /// Interval of the client's pings.
 pub const PING_INTERVAL: Duration = Duration::from_millis(10);
@@ -49,7 +48,7 @@ impl RealLab {
     pub async fn start(cluster: &Controllers) -> Result<RealLab> {
         victor_testkit::require_root("the fault suite's namespace lab");
         let dir = tempfile::Builder::new().prefix("victor-faults-lab-").tempdir()?;
-        let namer = |role: &str| NetNs::new(&format!("fl{}", role.replace("fe", "f").replace("vm", "v")));
+        let namer = |role: &str| netns_for("fl", role);
         let mut topo = Topology::build(3, &namer)?;
         let vm = VmSpec::numbered(1);
         topo.add_vm(vm.clone(), 2, &namer)?;

@@ -39,7 +39,7 @@ use super::bgp::{self, AnycastPath};
 use super::controlplane::ControlPlane;
 use super::netlink::LinkSwitch;
 use super::probe::{FrameSender, Prober, Probes, garp_frame};
-use super::topology::{GATEWAY, GATEWAY_MAC, Ingress, Topology, VM_PORT, VmSpec, attach_with};
+use super::topology::{GATEWAY, GATEWAY_MAC, Ingress, Topology, VM_PORT, VmSpec, attach_with, netns_for};
 
 /// How the VM's link is switched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -247,7 +247,7 @@ pub async fn run(args: &MigrateArgs) -> Result<MigrateReport> {
 async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<MigrateReport> {
     let controller_bin = victor_testkit::workspace_binary("victor-controller");
     let agent_bin = victor_testkit::workspace_binary("victor-fe-agent");
-    let namer = |role: &str| NetNs::new(&format!("vm{}", short(role)));
+    let namer = |role: &str| netns_for("vm", role);
     let mut topo = Topology::build_with(3, &namer, if args.bgp { Ingress::Bgp } else { Ingress::Static })?;
     let vm = VmSpec::numbered(1);
     topo.add_vm(vm.clone(), 2, &namer)?;
@@ -722,16 +722,5 @@ pub fn controller_netns() -> Result<String> {
         Ok("/proc/1/ns/net".into())
     } else {
         Ok(format!("/proc/{}/ns/net", std::process::id()))
-    }
-}
-
-/// A short namespace prefix for a role (`client` → `c`, `fe2` → `2`, `vm1` → `v1`).
-fn short(role: &str) -> String {
-    match role {
-        "client" => "c".into(),
-        "ul" => "u".into(),
-        r if r.starts_with("fe") => r[2..].to_owned(),
-        r if r.starts_with("vm") => format!("v{}", &r[2..]),
-        r => r.chars().take(2).collect(),
     }
 }

@@ -93,6 +93,23 @@ pub struct Topology {
 /// How namespaces are named: unique per run (tests) or fixed per lab name (`victor-lab up`).
 pub type Namer<'a> = &'a dyn Fn(&str) -> Result<NetNs>;
 
+/// A fresh namespace for `role`, named `<prefix><short role>` plus NetNs's unique suffix — the
+/// usual [`Namer`]: `|role| netns_for("vm", role)`.
+pub fn netns_for(prefix: &str, role: &str) -> Result<NetNs> {
+    NetNs::new(&format!("{prefix}{}", short(role)))
+}
+
+/// A short name for a role (`client` → `c`, `ul` → `u`, `fe2` → `2`, `vm1` → `v1`).
+fn short(role: &str) -> String {
+    match role {
+        "client" => "c".into(),
+        "ul" => "u".into(),
+        r if r.starts_with("fe") => r[2..].to_owned(),
+        r if r.starts_with("vm") => format!("v{}", &r[2..]),
+        r => r.chars().take(2).collect(),
+    }
+}
+
 impl Topology {
     /// Builds client, underlay and `fes` FEs (no VMs yet). `namer` creates each namespace from a
     /// role name (`client`, `ul`, `fe1`, ...).
