@@ -26,6 +26,27 @@ pub trait DaemonConfig: serde::Serialize {
     fn log_format(&self) -> LogFormat;
 }
 
+/// Implements [`DaemonConfig`] for a config struct with the usual fields `check_config: bool`,
+/// `log: String` and `log_format: LogFormat`.
+#[macro_export]
+macro_rules! impl_daemon_config {
+    ($config:ty) => {
+        impl $crate::DaemonConfig for $config {
+            fn check_config(&self) -> bool {
+                self.check_config
+            }
+
+            fn log_filter(&self) -> &str {
+                &self.log
+            }
+
+            fn log_format(&self) -> $crate::LogFormat {
+                self.log_format
+            }
+        }
+    };
+}
+
 /// Runs a daemon: reports a bad configuration (exit 2), prints it for `--check-config` (exit 0),
 /// sets up logging, runs `run` on a multi-threaded runtime and maps its result to the exit code.
 pub fn main<C, F>(program: &str, loaded: Result<C, ConfigError>, run: impl FnOnce(C) -> F) -> ExitCode

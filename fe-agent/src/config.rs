@@ -502,19 +502,7 @@ fn ser_display_opt<S: serde::Serializer, T: std::fmt::Display>(v: &Option<T>, s:
     }
 }
 
-impl victor_daemon::DaemonConfig for Config {
-    fn check_config(&self) -> bool {
-        self.check_config
-    }
-
-    fn log_filter(&self) -> &str {
-        &self.log
-    }
-
-    fn log_format(&self) -> LogFormat {
-        self.log_format
-    }
-}
+victor_daemon::impl_daemon_config!(Config);
 
 #[cfg(test)]
 mod tests {
