@@ -82,13 +82,17 @@ fn wait_metric(lab: &Lab, n: usize, series: &str, value: f64, timeout: Duration)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it() -> Result<()> {
     let mut lab = Lab::build(3)?;
-    let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
+    // Heartbeats every 30 s (a quarter of the session TTL): fe1's frozen session is not ended by a
+    // failed heartbeat while the test looks at it.
+    let ctl = Controller::start_with(&lab.dir.path().join("ctl"), None, &["--session-ttl", "120s"]).await?;
     let proxy = FreezableProxy::start(ctl.grpc).await?;
-    // fe1 reaches the controller through a proxy first (frozen below), then directly; its stream
-    // timeout leaves a long window without deltas, its hint timeout outlasts it.
-    let fe1_flags = hint_flags(&lab, &["--stream-timeout", "3s", "--move-hint-timeout", "20s"])?;
+    // fe1 reaches the controller through a proxy first (frozen below, then cut), then directly.
+    // Its liveness timers and everyone's hint timeout are far longer than the test: fe1 fails
+    // over when the test cuts the proxy, not when a loaded machine makes a step slow, and no
+    // override expires while the controller commits.
+    let flags = hint_flags(&lab, &["--move-hint-timeout", "60s"])?;
+    let fe1_flags = hint_flags(&lab, &["--stream-timeout", "60s", "--move-hint-timeout", "60s"])?;
     lab.start_agent(1, &[proxy.url(), ctl.url()], &strs(&fe1_flags))?;
-    let flags = hint_flags(&lab, &[])?;
     for n in 2..=3 {
         lab.start_agent(n, &[ctl.url()], &strs(&flags))?;
     }
@@ -135,6 +139,7 @@ async fn a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it() -
     assert_eq!(lab.agent_metric(1, "victor_agent_move_hints_accepted_total{kind=\"move\"}")?, 1.0);
 
     // fe1 fails over to the direct endpoint; the delta confirms the override.
+    proxy.cut();
     wait_metric(
         &lab,
         1,
@@ -160,8 +165,6 @@ async fn a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it() -
         let expired = lab.agent_metric(n, "victor_agent_move_hint_overrides_ended_total{how=\"expired\"}")?;
         assert_eq!(expired, 0.0, "fe{n}");
     }
-    // The frozen proxy connection would hold a graceful shutdown: the replica is just dropped.
-    drop(ctl);
     Ok(())
 }
 

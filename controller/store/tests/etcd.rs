@@ -182,7 +182,8 @@ async fn unreachable_cluster_is_unavailable_within_deadline() {
     let start = Instant::now();
     let err = store.current_revision().await.unwrap_err();
     let took = start.elapsed();
-    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    // The request deadline is 500 ms; the margin is for a loaded CI machine.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(
         matches!(&err, StoreError::Unavailable(m) if m.contains(&endpoints[0]) && m.contains(&endpoints[1])),
         "{err}"

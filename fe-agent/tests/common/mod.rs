@@ -360,10 +360,13 @@ where
 
 /// A TCP proxy on loopback in front of a controller. `freeze()` stops it from moving bytes in
 /// either direction while keeping every connection open — a replica that died silently (host
-/// gone, partition): only the agent's own liveness checks can notice.
+/// gone, partition): only the agent's own liveness checks can notice. `cut()` then closes every
+/// connection and refuses new ones, so a test decides when the agents fail over instead of
+/// racing their liveness timers.
 pub struct FreezableProxy {
     pub addr: SocketAddr,
     frozen: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -372,19 +375,24 @@ impl FreezableProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let frozen = Arc::new(AtomicBool::new(false));
-        let f = frozen.clone();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let (f, c) = (frozen.clone(), cut.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let f = f.clone();
+                let (f, mut cut) = (f.clone(), c.subscribe());
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::join!(pump(cr, sw, f.clone()), pump(sr, cw, f));
+                    // Dropping both halves of both sockets closes the connection.
+                    tokio::select! {
+                        _ = async { tokio::join!(pump(cr, sw, f.clone()), pump(sr, cw, f)) } => {}
+                        _ = cut.wait_for(|cut| *cut) => {}
+                    }
                 });
             }
         });
-        Ok(FreezableProxy { addr, frozen, task })
+        Ok(FreezableProxy { addr, frozen, cut, task })
     }
 
     pub fn url(&self) -> String {
@@ -394,11 +402,17 @@ impl FreezableProxy {
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
     }
+
+    /// Closes every connection and stops listening (new connections are refused).
+    pub fn cut(&self) {
+        self.task.abort();
+        self.cut.send_replace(true);
+    }
 }
 
 impl Drop for FreezableProxy {
     fn drop(&mut self) {
-        self.task.abort();
+        self.cut();
     }
 }
 
@@ -415,7 +429,7 @@ async fn pump(
             Ok(n) => n,
         };
         if frozen.load(Ordering::SeqCst) {
-            // Hold the connection open and silent forever (until the test drops everything).
+            // Hold the connection open and silent until the test cuts it or drops everything.
             std::future::pending::<()>().await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
