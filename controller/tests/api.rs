@@ -507,6 +507,13 @@ async fn health_reflection_metrics_and_persistence() {
     assert_eq!((code, body.as_str()), (200, "ok\n"));
     register(&mut c, "fe2", 2, "a").await;
     learn(&mut c, "fe2", "10.10.0.11", mac(11)).await;
+    // The housekeeper is elected in the background: wait for it rather than race it.
+    let elected = victor_testkit::process::wait_for("housekeeper elected", Duration::from_secs(10), || async {
+        let (_, metrics) = victor_testkit::http::get(server.http_addr, "/metrics").await.ok()?;
+        (victor_testkit::http::metric(&metrics, "victor_housekeeper", "") == 1.0).then_some(())
+    })
+    .await;
+    assert!(elected.is_ok(), "no housekeeper elected");
     let (code, metrics) = victor_testkit::http::get(server.http_addr, "/metrics").await.unwrap();
     assert_eq!(code, 200);
     assert_eq!(victor_testkit::http::metric(&metrics, "victor_bindings", ""), 1.0);

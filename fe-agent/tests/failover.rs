@@ -35,8 +35,7 @@ async fn failover_between_replicas_resumes_without_snapshot() -> anyhow::Result<
     let prober = Prober::start(&lab.client, VM, Duration::from_millis(10))?;
     prober.wait_replies_from(0, 10, Duration::from_secs(5))?;
     let monitor_log = lab.dir.path().join("monitor.log");
-    let mut monitor = lab.fe(2).spawn("monitor", &["ip", "monitor", "route", "neigh"], Some(&monitor_log))?;
-    std::thread::sleep(Duration::from_millis(200));
+    let mut monitor = lab.monitor(2, &["neigh"], &monitor_log)?;
     let from = prober.probes().sent;
 
     // 1. A dies silently: the agents notice through the missing stream heartbeats.

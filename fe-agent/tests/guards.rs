@@ -32,8 +32,7 @@ async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped()
     let spoofer = victor_testkit::netns::NetNs::new("fas")?;
     lab.add_vm(&spoofer, "eth0", "vm5p", 2, declared, "02:00:00:00:00:66")?;
     let monitor_log = lab.dir.path().join("monitor.log");
-    let mut monitor = lab.fe(2).spawn("monitor", &["ip", "monitor", "route"], Some(&monitor_log))?;
-    std::thread::sleep(Duration::from_millis(200));
+    let mut monitor = lab.monitor(2, &[], &monitor_log)?;
     send_garp(&spoofer, "eth0", "02:00:00:00:00:66", declared)?;
     wait("the spoofed claim is rejected", Duration::from_secs(5), || {
         lab.agent_metric(2, "victor_agent_claims_rejected_total{reason=\"mac_mismatch\"}").is_ok_and(|n| n >= 1.0)
@@ -65,7 +64,14 @@ async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped()
     lab.add_vm(&quiet, "eth0", "vm3p", 2, quiet_ip, quiet_mac)?;
     let claims = lab.agent_metric(2, "victor_agent_claims_sent_total")?;
     let t0 = std::time::Instant::now();
-    send_frames(&quiet, "eth0", vec![garp_frame(quiet_mac, quiet_ip); 300])?;
+    // 1 ms apart: a storm the rate limiter sees whole (sent back to back, a descheduled agent's
+    // socket buffer could overflow first and hide frames from it).
+    let storm_sender = FrameSender::open(&quiet, "eth0")?;
+    let storm_frame = garp_frame(quiet_mac, quiet_ip);
+    for _ in 0..300 {
+        storm_sender.send(&storm_frame)?;
+        std::thread::sleep(Duration::from_millis(1));
+    }
     println!("storm of 300 frames sent in {:?}", t0.elapsed());
     ctl.wait_bound(quiet_ip, "fe2", Duration::from_secs(5)).await?;
     let limited = || lab.agent_metric(2, "victor_agent_arp_rate_limited_total").unwrap_or(0.0);

@@ -168,17 +168,24 @@ async fn a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it() -
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn forged_foreign_stale_and_replayed_hints_are_refused_unconfirmed_ones_expire_rejected_claims_cancel()
--> Result<()> {
+/// Three agents with `hint_flags`, the VM declared for dc1 and dc2 only (fe3's claims, site
+/// dc3, are rejected), bound at fe2 and answering the client's pings.
+struct PolicyLab {
+    lab: Lab,
+    ctl: Controller,
+    /// The binding's move sequence at fe2.
+    seq: u64,
+    prober: Prober,
+}
+
+async fn policy_lab(hint_options: &[&str]) -> Result<PolicyLab> {
     let mut lab = Lab::build(3)?;
     let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
-    // The VM may only run in dc1 and dc2: fe3's claim (site dc3) will be rejected.
     let policy = SitePolicy { allowed_sites: vec!["dc1".into(), "dc2".into()] };
     let req =
         DeclareVmRequest { vm_ip: VM.to_string(), mac: VM_MAC.into(), site_policy: Some(policy), ..Default::default() };
     ctl.client().await?.declare_vm(req).await?;
-    let flags = hint_flags(&lab, &["--move-hint-timeout", "500ms"])?;
+    let flags = hint_flags(&lab, hint_options)?;
     for n in 1..=3 {
         lab.start_agent(n, &[ctl.url()], &strs(&flags))?;
     }
@@ -187,58 +194,76 @@ async fn forged_foreign_stale_and_replayed_hints_are_refused_unconfirmed_ones_ex
     }
     send_garp(&lab.vm, "eth0", VM_MAC, VM)?;
     let bound = ctl.wait_bound(VM, "fe2", Duration::from_secs(5)).await?;
-    let seq = bound.move_seq;
     let prober = Prober::start(&lab.client, VM, Duration::from_millis(10))?;
     prober.wait_replies_from(0, 10, Duration::from_secs(5))?;
+    Ok(PolicyLab { lab, ctl, seq: bound.move_seq, prober })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_foreign_stale_and_replayed_hints_are_refused_unconfirmed_ones_expire() -> Result<()> {
+    // A short override (it must expire here) and a long age limit (a replay sent late on a slow
+    // machine must still be judged a replay, not too old).
+    let PolicyLab { lab, ctl: _controller, seq, prober } =
+        policy_lab(&["--move-hint-timeout", "500ms", "--move-hint-max-age", "60s"]).await?;
     let keys = Keys::parse(KEY)?;
     let (fe1, fe3) = (fe_addr(1), fe_addr(3));
     let rejected = |reason: &str| format!("victor_agent_move_hints_rejected_total{{reason=\"{reason}\"}}");
-    let second = Duration::from_secs(1);
+    let patience = Duration::from_secs(5);
 
     // Signed with another key.
     let forged = wire::encode(&hint_from_fe3(seq, 1), &Keys::new(&[&[0x42; 32]])?);
     send_datagram(lab.fe(3), fe3, fe1, forged)?;
-    wait_metric(&lab, 1, &rejected("bad_hmac"), 1.0, second)?;
+    wait_metric(&lab, 1, &rejected("bad_hmac"), 1.0, patience)?;
     // The right key, but from an address that is no registered FE.
     let outsider = Ipv4Addr::new(198, 51, 100, 99);
     lab.ul.add_addr("br0", &format!("{outsider}/24"))?;
     send_datagram(&lab.ul, outsider, fe1, wire::encode(&hint_from_fe3(seq, 2), &keys))?;
-    wait_metric(&lab, 1, &rejected("source_mismatch"), 1.0, second)?;
+    wait_metric(&lab, 1, &rejected("source_mismatch"), 1.0, patience)?;
     // From fe3, for a binding version that is not the current one.
     send_datagram(lab.fe(3), fe3, fe1, wire::encode(&hint_from_fe3(seq + 1, 3), &keys))?;
-    wait_metric(&lab, 1, &rejected("stale_seq"), 1.0, second)?;
+    wait_metric(&lab, 1, &rejected("stale_seq"), 1.0, patience)?;
     assert_eq!(lab.agent_metric(1, "victor_agent_move_hints_accepted_total{kind=\"move\"}")?, 0.0);
     assert_eq!(lab.agent_metric(3, TUNNEL_RX)?, 0.0, "nothing was redirected to fe3");
 
     // A valid hint nobody confirms: fe1 sends the client's traffic to fe3 until it expires...
     let valid = wire::encode(&hint_from_fe3(seq, 4), &keys);
     send_datagram(lab.fe(3), fe3, fe1, valid.clone())?;
-    wait_metric(&lab, 1, "victor_agent_move_hints_accepted_total{kind=\"move\"}", 1.0, second)?;
-    wait("fe3 receives the client's traffic", second, || lab.agent_metric(3, TUNNEL_RX).is_ok_and(|v| v >= 3.0))?;
+    wait_metric(&lab, 1, "victor_agent_move_hints_accepted_total{kind=\"move\"}", 1.0, patience)?;
+    wait("fe3 receives the client's traffic", patience, || lab.agent_metric(3, TUNNEL_RX).is_ok_and(|v| v >= 3.0))?;
     // ...a replay of it is refused...
     send_datagram(lab.fe(3), fe3, fe1, valid)?;
-    wait_metric(&lab, 1, &rejected("replay"), 1.0, second)?;
-    // ...and after the timeout fe1 follows the desired state again: fe3 gets nothing more.
-    wait_metric(&lab, 1, "victor_agent_move_hint_overrides_ended_total{how=\"expired\"}", 1.0, 2 * second)?;
+    wait_metric(&lab, 1, &rejected("replay"), 1.0, patience)?;
+    // ...and after the timeout fe1 follows the desired state again: fe3 gets nothing more (once
+    // what fe1 sent it just before the expiry has arrived).
+    wait_metric(&lab, 1, "victor_agent_move_hint_overrides_ended_total{how=\"expired\"}", 1.0, patience)?;
+    let settle = prober.sent();
+    prober.wait_replies_from(settle, 10, patience)?;
     let redirected = lab.agent_metric(3, TUNNEL_RX)?;
     let from = prober.sent();
-    prober.wait_replies_from(from, 20, Duration::from_secs(2))?;
+    prober.wait_replies_from(from, 20, patience)?;
     assert_eq!(lab.agent_metric(3, TUNNEL_RX)?, redirected, "fe1 still sends to fe3 after the expiry");
     let e = event(&lab, 1, seq + 1)?;
     assert_eq!(e["hint_end"], "expired", "{e}");
     let lived = ns_of(&e, "hint_ended_mono_ns").saturating_sub(ns_of(&e, "hint_applied_mono_ns"));
-    assert!((450_000_000..2_000_000_000).contains(&lived), "override lived {lived} ns with a 500 ms timeout");
+    assert!(lived >= 450_000_000, "override lived {lived} ns with a 500 ms timeout");
+    Ok(())
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rejected_claim_cancels_its_hint_and_the_receivers_revert() -> Result<()> {
+    // Overrides that would outlive the test: only the cancel can end them.
+    let PolicyLab { lab, ctl, seq, prober } = policy_lab(&["--move-hint-timeout", "60s"]).await?;
+    let patience = Duration::from_secs(5);
     // The VM really goes to fe3, whose claim the controller rejects: fe3 cancels its hint.
     lab.move_vm_link(2, 3)?;
     send_garp(&lab.vm, "eth0", VM_MAC, VM)?;
-    wait_metric(&lab, 3, "victor_agent_move_hints_sent_total{kind=\"cancel\"}", 2.0, 2 * second)?;
+    wait_metric(&lab, 3, "victor_agent_move_hints_sent_total{kind=\"cancel\"}", 2.0, patience)?;
     for n in 1..=2 {
-        wait_metric(&lab, n, "victor_agent_move_hint_overrides_ended_total{how=\"cancelled\"}", 1.0, second)?;
+        wait_metric(&lab, n, "victor_agent_move_hint_overrides_ended_total{how=\"cancelled\"}", 1.0, patience)?;
         let e = event(&lab, n, seq + 1)?;
         assert_eq!(e["hint_end"], "cancelled", "fe{n}: {e}");
         let lived = ns_of(&e, "hint_ended_mono_ns").saturating_sub(ns_of(&e, "hint_applied_mono_ns"));
-        assert!(lived < 400_000_000, "fe{n}: the cancel came {lived} ns after the override, not before the timeout");
+        println!("fe{n}: override cancelled {:.3} ms after it was applied", lived as f64 / 1e6);
     }
     assert_eq!(lab.agent_metric(3, "victor_agent_claims_undone_total")?, 1.0, "fe3 undid its own install");
     let still = ctl.binding(VM).await?.expect("binding");

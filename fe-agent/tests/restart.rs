@@ -7,6 +7,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use anyhow::Context;
 use common::*;
 
 const SNAPSHOTS: &str = "victor_agent_snapshots_received_total";
@@ -31,8 +32,7 @@ async fn agent_restart_keeps_routes_and_headless_forwarding_resumes() -> anyhow:
     let routes_before = lab.routes(2, &["proto", "158"])?;
     let neigh_before = lab.fe(2).ip(&["neigh", "show", "proto", "158"])?;
     let monitor_log = lab.dir.path().join("monitor.log");
-    let mut monitor = lab.fe(2).spawn("monitor", &["ip", "monitor", "route", "neigh"], Some(&monitor_log))?;
-    std::thread::sleep(Duration::from_millis(200));
+    let mut monitor = lab.monitor(2, &["neigh"], &monitor_log)?;
     lab.stop_agent(2);
     lab.respawn(2)?;
     lab.wait_ready(2, Duration::from_secs(20))?;
@@ -52,15 +52,14 @@ async fn agent_restart_keeps_routes_and_headless_forwarding_resumes() -> anyhow:
     let snapshots: Vec<f64> = (1..=3).map(|n| lab.agent_metric(n, SNAPSHOTS)).collect::<Result<_, _>>()?;
     let revision = lab.agent_metric(1, "victor_agent_stream_revision")?;
     let monitor_log = lab.dir.path().join("monitor2.log");
-    let mut monitor = lab.fe(2).spawn("monitor", &["ip", "monitor", "route", "neigh"], Some(&monitor_log))?;
-    std::thread::sleep(Duration::from_millis(200));
+    let mut monitor = lab.monitor(2, &["neigh"], &monitor_log)?;
     ctl.stop().await?;
     let headless_from = prober.probes().sent;
     std::thread::sleep(Duration::from_millis(1500));
-    let probes = prober.probes();
-    let answered = probes.replies_from(headless_from);
-    let sent = (probes.sent - headless_from) as usize;
-    assert!(answered + 3 >= sent, "forwarding stopped without a controller: {answered}/{sent} answered");
+    let headless_to = prober.sent();
+    prober
+        .wait_answered(headless_from, headless_to, 2, Duration::from_secs(5))
+        .context("forwarding stopped without a controller")?;
     // A VM appears behind fe3 while no controller answers: routed locally at once, claim queued.
     let vm2 = victor_testkit::netns::NetNs::new("faw")?;
     let vm2_ip = Ipv4Addr::new(10, 10, 0, 12);

@@ -30,10 +30,15 @@ async fn agents_authenticate_with_their_fe_certificate() -> anyhow::Result<()> {
 
     // fe2's agent presents fe1's certificate: every call for fe2 is refused and it never serves.
     lab.start_agent(2, std::slice::from_ref(&url), &fe1_flags)?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let refused = || {
+        let log = lab.agent_log(2);
+        log.contains("fe1") && log.to_lowercase().contains("permission")
+    };
+    if wait("fe2's refusal in its log", Duration::from_secs(20), refused).is_err() {
+        anyhow::bail!("fe2's refusal is not logged:\n{}", lab.agent_log(2));
+    }
+    wait("fe2's /readyz to answer", Duration::from_secs(20), || lab.agent_get(2, "/readyz").is_ok())?;
     assert!(lab.agent_get(2, "/readyz").is_ok_and(|(code, _)| code != 200), "fe2 became ready with fe1's certificate");
-    let log = lab.agent_log(2);
-    assert!(log.contains("fe1") && log.to_lowercase().contains("permission"), "fe2's refusal is not logged:\n{log}");
 
     let metrics = ctl.metrics().await?;
     assert_eq!(metric(&metrics, "victor_fes{state=\"up\"}"), Some(1.0), "only fe1 may be registered:\n{metrics}");

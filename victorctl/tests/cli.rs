@@ -133,7 +133,8 @@ fn assert_refused(run: &Run, code: i32, needles: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subcommand_against_a_real_controller() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--damping-max-moves", "1"]).await;
+    // The FEs registered below send no heartbeats: a long session keeps them "up" for the test.
+    let server = start(dir.path(), &["--damping-max-moves", "1", "--session-ttl", "300s"]).await;
     let addr = server.grpc_addr.to_string();
     let c = addr.as_str();
     let mut a = agent(server.grpc_addr).await;

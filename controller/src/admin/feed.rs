@@ -537,7 +537,9 @@ mod tests {
         traces.committed(trace(0));
         let mut join =
             Join { feed: &feed, traces: &traces, metrics: &metrics, late: VecDeque::new(), awaiting: VecDeque::new() };
-        let p = Pending { revision: 9, vm_ip: ip, applied_mono_ns: 3_500_000, is_move: true, seen: Instant::now() };
+        // Seen "in a minute": no deadline passes while the test runs, however slow the machine.
+        let seen = Instant::now() + Duration::from_secs(60);
+        let p = Pending { revision: 9, vm_ip: ip, applied_mono_ns: 3_500_000, is_move: true, seen };
         join.arrived(vec![p.clone(), Pending { revision: 10, ..p.clone() }]);
         assert_eq!((join.awaiting.len(), join.late.len()), (1, 1), "9 is ours, 10 not (yet)");
         // The first agent stream sends it: the next tick publishes the convergence.
@@ -554,7 +556,7 @@ mod tests {
         assert_eq!(c.claim_to_first_send_ms, Some(4.0));
         assert!(join.awaiting.is_empty());
         // Revision 10 has no trace after the late check: another replica committed it.
-        join.late[0].seen -= LATE_CHECK;
+        join.late[0].seen = Instant::now() - LATE_CHECK;
         join.tick();
         let FeedEvent::Convergence { revision: 10, convergence_state: "other_replica", .. } = &*rx.try_recv().unwrap()
         else {

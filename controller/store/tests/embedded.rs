@@ -104,6 +104,7 @@ async fn kill_9_loses_no_acknowledged_write() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let (twenty_tx, twenty) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut acked = Vec::new();
         for line in BufReader::new(stdout).lines() {
@@ -111,13 +112,18 @@ async fn kill_9_loses_no_acknowledged_write() {
             if let Some(rest) = line.strip_prefix("ACK ") {
                 let (key, rev) = rest.split_once(' ').unwrap();
                 acked.push((key.to_string(), rev.parse::<u64>().unwrap()));
+                if acked.len() == 21 {
+                    let _ = twenty_tx.send(());
+                }
             }
         }
         acked
     });
-    // Let it write for a while, then kill -9 mid-stream.
+    // Let it write for a while (at least 21 acknowledged writes, however slow the disk), then
+    // kill -9 mid-stream.
     let start = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = twenty.recv_timeout(Duration::from_secs(30));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     child.wait().unwrap();
     let acked = reader.join().unwrap();

@@ -317,11 +317,27 @@ impl Lab {
         full.extend_from_slice(args);
         self.fe(n).ip(&full)
     }
+
+    /// Starts `ip monitor route <objects>` in FE `n`, logging to `log`, and returns once it
+    /// listens (a sentinel route changed after the start shows up in the log): it cannot miss
+    /// what the test does next, however slowly it started.
+    pub fn monitor(&self, n: usize, objects: &[&str], log: &std::path::Path) -> Result<ChildGuard> {
+        let mut argv = vec!["ip", "monitor", "route"];
+        argv.extend_from_slice(objects);
+        let child = self.fe(n).spawn("monitor", &argv, Some(log))?;
+        const SENTINEL: &str = "203.0.113.254/32";
+        wait("ip monitor to listen", Duration::from_secs(10), || {
+            let _ = self.fe(n).ip(&["route", "replace", "blackhole", SENTINEL]);
+            let _ = self.fe(n).ip(&["route", "del", "blackhole", SENTINEL]);
+            std::fs::read_to_string(log).is_ok_and(|l| l.contains("203.0.113.254"))
+        })?;
+        Ok(child)
+    }
 }
 
 // ───────────────────────────── packets ─────────────────────────────
 
-pub use victor_tests::lab::probe::{Prober, Probes, send_frames, send_garp, wait};
+pub use victor_tests::lab::probe::{FrameSender, Prober, Probes, send_frames, send_garp, wait};
 
 /// A gratuitous ARP frame (the lab's, for valid MAC text).
 pub fn garp_frame(mac_text: &str, ip: Ipv4Addr) -> Vec<u8> {

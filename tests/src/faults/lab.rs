@@ -155,9 +155,13 @@ impl RealLab {
         self.prober.sent()
     }
 
-    /// Pings sent from `seq` on that got no answer (the last 20, still in flight, excepted).
+    /// Pings sent from `seq` until now that got no answer; replies still in flight get a few
+    /// seconds to arrive (a loaded machine can hold them that long).
     pub fn lost_since(&self, seq: u32) -> Vec<u32> {
-        let p = self.prober.probes();
-        p.lost_seqs(seq, p.sent.saturating_sub(20))
+        let to = self.prober.sent();
+        if self.prober.wait_answered(seq, to, 0, Duration::from_secs(3)).is_ok() {
+            return Vec::new();
+        }
+        self.prober.probes().lost_seqs(seq, to)
     }
 }

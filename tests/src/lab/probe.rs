@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -52,9 +52,16 @@ impl Probes {
     }
 }
 
+/// The prober thread sends and counts, then (after `stop`) only counts late replies, then ends.
+const PROBING: u8 = 0;
+const DRAINING: u8 = 1;
+const STOPPED: u8 = 2;
+/// How long `stop` waits for replies still in flight.
+const DRAIN: Duration = Duration::from_secs(1);
+
 /// Sends ICMP echo requests at exact intervals from a namespace and counts replies by sequence.
 pub struct Prober {
-    stop: Arc<AtomicBool>,
+    phase: Arc<AtomicU8>,
     state: Arc<Mutex<Probes>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
@@ -62,10 +69,10 @@ pub struct Prober {
 impl Prober {
     /// Starts probing `dst` from `ns` every `interval`.
     pub fn start(ns: &NetNs, dst: Ipv4Addr, interval: Duration) -> Result<Prober> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let phase = Arc::new(AtomicU8::new(PROBING));
         let state = Arc::new(Mutex::new(Probes::default()));
         let ident = (std::process::id() as u16) ^ rand::random::<u16>();
-        let (stop2, state2) = (stop.clone(), state.clone());
+        let (phase2, state2) = (phase.clone(), state.clone());
         let thread = ns.spawn_thread("prober", move || -> Result<()> {
             let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
             sock.set_read_timeout(Some(Duration::from_micros(200)))?;
@@ -73,8 +80,20 @@ impl Prober {
             let mut next = Instant::now();
             let mut seq: u32 = 0;
             let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
-            while !stop2.load(Ordering::Relaxed) {
-                if Instant::now() >= next {
+            let mut drain_until = None;
+            loop {
+                match phase2.load(Ordering::Relaxed) {
+                    PROBING => {}
+                    DRAINING => {
+                        let until = *drain_until.get_or_insert_with(|| Instant::now() + DRAIN);
+                        let s = state2.lock().expect("probes");
+                        if Instant::now() >= until || s.replied.len() as u32 >= s.sent {
+                            return Ok(());
+                        }
+                    }
+                    _ => return Ok(()),
+                }
+                if drain_until.is_none() && Instant::now() >= next {
                     let msg = icmp::echo(icmp::TYPE_ECHO_REQUEST, ident, seq as u16, &[0x5a; 56]);
                     let at = monotonic_ns();
                     let _ = sock.send_to(&msg, &dst_addr);
@@ -98,9 +117,8 @@ impl Prober {
                     state2.lock().expect("probes").replied.insert(full);
                 }
             }
-            Ok(())
         })?;
-        Ok(Prober { stop, state, thread: Some(thread) })
+        Ok(Prober { phase, state, thread: Some(thread) })
     }
 
     /// What was seen so far.
@@ -118,9 +136,20 @@ impl Prober {
         wait("echo replies", timeout, || self.probes().replies_from(seq) >= n)
     }
 
-    /// Stops and returns everything seen.
+    /// Waits until every request in `from..to` has its reply but `tolerated`; on timeout, says
+    /// which are missing.
+    pub fn wait_answered(&self, from: u32, to: u32, tolerated: usize, timeout: Duration) -> Result<()> {
+        if wait("echo replies", timeout, || self.probes().lost_seqs(from, to).len() <= tolerated).is_ok() {
+            return Ok(());
+        }
+        let lost = self.probes().lost_seqs(from, to);
+        anyhow::bail!("{} of the echo requests {from}..{to} unanswered after {timeout:?}: {lost:?}", lost.len())
+    }
+
+    /// Stops sending, waits for the replies still in flight (up to a second) and returns
+    /// everything seen.
     pub fn stop(mut self) -> Result<Probes> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.phase.store(DRAINING, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().map_err(|_| anyhow::anyhow!("prober panicked"))??;
         }
@@ -130,7 +159,7 @@ impl Prober {
 
 impl Drop for Prober {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.phase.store(STOPPED, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -253,7 +253,14 @@ impl Store for EtcdStore {
 
     async fn watch(&self, range: KeyRange, from_revision: Revision) -> StoreResult<WatchStream> {
         check_range(&range)?;
-        watch::watch(&self.client, &self.policy, range, from_revision).await
+        // etcd starts a watch without a start revision at the revision of the member serving it,
+        // and a follower may not have applied a write the leader already acknowledged (it would
+        // then be reported as new). "After now" is resolved with a linearizable read instead.
+        let from = match from_revision {
+            0 => self.current_revision().await? + 1,
+            from => from,
+        };
+        watch::watch(&self.client, &self.policy, range, from).await
     }
 
     async fn compact(&self, revision: Revision) -> StoreResult<()> {
