@@ -341,9 +341,18 @@ impl Collector for DataplaneCollector {
                 None,
                 counter.metric_type(),
             )?;
-            for (reason, n) in captures.malformed() {
+            let (malformed, kernel_dropped) = captures.totals();
+            for (reason, n) in malformed {
                 ConstCounter::new(n).encode(family.encode_family(&ReasonLabel { reason: reason.to_owned() })?)?;
             }
+            let counter = ConstCounter::new(kernel_dropped);
+            let metric = encoder.encode_descriptor(
+                "arp_kernel_dropped",
+                "ARP frames the kernel dropped on VM ports because a capture socket's buffer was full",
+                None,
+                counter.metric_type(),
+            )?;
+            counter.encode(metric)?;
         }
         let Some(counters) = self.counters.lock().expect("collector lock").clone() else { return Ok(()) };
         let s = counters.snapshot();

@@ -61,6 +61,8 @@ pub struct CaptureStats {
     pub parsed: u64,
     /// Malformed frames per [`ArpError::reason`].
     pub malformed: Vec<(&'static str, u64)>,
+    /// Frames the kernel dropped because the socket's buffer was full (`PACKET_STATISTICS`).
+    pub kernel_dropped: u64,
 }
 
 impl CaptureStats {
@@ -75,6 +77,8 @@ struct Stats {
     frames: AtomicU64,
     parsed: AtomicU64,
     malformed: [AtomicU64; ArpError::REASONS.len()],
+    /// Kernel drops summed over `PACKET_STATISTICS` reads (each read resets the kernel's count).
+    kernel_dropped: AtomicU64,
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds (the clock [`CapturedArp::mono_ns`] uses).
@@ -120,6 +124,9 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) ->
         .map(drop)
 }
 
+/// Receive buffer of a capture socket: some 5,000 ARP frames (a frame costs ~800 B of buffer).
+const CAPTURE_BUFFER: libc::c_int = 4 << 20;
+
 /// An AF_PACKET socket bound to one interface: its fd, index and MAC.
 struct PacketSocket {
     fd: OwnedFd,
@@ -151,6 +158,13 @@ impl PacketSocket {
             setsockopt(raw, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog).map_err(sys("SO_ATTACH_FILTER"))?;
             setsockopt(raw, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, &1 as &libc::c_int)
                 .map_err(sys("SO_TIMESTAMPNS"))?;
+            // A burst (one VM's storm, many VMs announcing at once after a host move) must reach
+            // the per-source rate limiter instead of overflowing the default ~200 KB buffer,
+            // where the kernel would drop other VMs' announcements on the same port with it.
+            // FORCE passes net.core.rmem_max (we have CAP_NET_ADMIN); without it, the capped size.
+            if setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &CAPTURE_BUFFER).is_err() {
+                setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, &CAPTURE_BUFFER).map_err(sys("SO_RCVBUF"))?;
+            }
             ETH_P_ALL.to_be()
         } else {
             0
@@ -314,7 +328,14 @@ impl ArpCapture {
 
     /// Counters so far.
     pub fn stats(&self) -> CaptureStats {
+        match packet_statistics(self.fd.get_ref().as_raw_fd()) {
+            Ok(kernel) => {
+                self.stats.kernel_dropped.fetch_add(u64::from(kernel.tp_drops), Relaxed);
+            }
+            Err(e) => tracing::debug!(ifname = %self.ifname, error = %e, "PACKET_STATISTICS"),
+        }
         CaptureStats {
+            kernel_dropped: self.stats.kernel_dropped.load(Relaxed),
             frames: self.stats.frames.load(Relaxed),
             parsed: self.stats.parsed.load(Relaxed),
             malformed: ArpError::REASONS
@@ -324,6 +345,18 @@ impl ArpCapture {
                 .collect(),
         }
     }
+}
+
+/// The kernel's counters of an AF_PACKET socket since the last read (reading resets them).
+fn packet_statistics(fd: RawFd) -> io::Result<libc::tpacket_stats> {
+    // SAFETY: all-zero is a valid tpacket_stats.
+    let mut stats: libc::tpacket_stats = unsafe { zeroed() };
+    let mut len = size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: `stats` and `len` are live and `len` is the size of `stats`.
+    check(unsafe {
+        libc::getsockopt(fd, libc::SOL_PACKET, libc::PACKET_STATISTICS, (&raw mut stats).cast(), &mut len)
+    })?;
+    Ok(stats)
 }
 
 /// Converts a wall-clock instant from the recent past to `CLOCK_MONOTONIC` ns by the current

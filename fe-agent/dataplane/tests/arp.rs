@@ -1,6 +1,7 @@
 //! ARP capture and sending on a real VM-facing port (root needed): the VM behind fe2 sends a
 //! gratuitous ARP, fe2's capture sees it with the right IP, MAC and timestamp; garbage is
-//! counted; a proxy-ARP reply sent by fe2 reaches the VM's side.
+//! counted; a burst larger than a default socket buffer waits in the capture's buffer instead of
+//! being dropped by the kernel; a proxy-ARP reply sent by fe2 reaches the VM's side.
 
 mod common;
 
@@ -65,6 +66,37 @@ fn garp_from_the_vm_is_captured_and_garbage_counted() {
     assert_eq!(stats.malformed("hardware_type"), 1, "{stats:?}");
     assert_eq!(stats.malformed("not_arp"), 0, "the BPF filter keeps non-ARP out: {stats:?}");
     assert!(stats.parsed >= 1);
+}
+
+#[test]
+fn a_burst_the_agent_has_not_read_yet_is_kept_not_dropped() {
+    // 800 frames take ~600 KB of socket buffer: three times the kernel's default (212,992 B).
+    const BURST: u64 = 800;
+    let lab = Lab::build(true).unwrap();
+    let vm_mac: MacAddr = VM_MAC.parse().unwrap();
+    let (received, stats) = lab
+        .ns(2)
+        .block_on(|| async {
+            let capture = ArpCapture::open("vm0").unwrap();
+            // Nobody reads while the VM sends the whole burst.
+            lab.vm
+                .run_in(move || {
+                    let sender = ArpSender::open("eth0").unwrap();
+                    let garp = arp::gratuitous(vm_mac, VM, ArpOp::Request, None);
+                    for _ in 0..BURST {
+                        sender.send(&garp).unwrap();
+                    }
+                })
+                .unwrap();
+            let mut received = 0;
+            while let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(500), capture.recv()).await {
+                received += u64::from(c.message.sender_ip == VM && c.message.is_gratuitous());
+            }
+            (received, capture.stats())
+        })
+        .unwrap();
+    assert_eq!(stats.kernel_dropped, 0, "{stats:?}");
+    assert_eq!(received, BURST, "{stats:?}");
 }
 
 #[test]

@@ -82,7 +82,14 @@ pub fn retire(task: Option<tokio::task::JoinHandle<()>>, capture: Option<Arc<Arp
 #[derive(Debug, Default)]
 pub struct Captures {
     live: Mutex<HashMap<u32, Arc<ArpCapture>>>,
-    retired: Mutex<HashMap<&'static str, u64>>,
+    retired: Mutex<Retired>,
+}
+
+/// What captures that are gone counted.
+#[derive(Debug, Default)]
+struct Retired {
+    malformed: HashMap<&'static str, u64>,
+    kernel_dropped: u64,
 }
 
 impl Captures {
@@ -112,20 +119,27 @@ impl Captures {
     fn retire(&self, stats: &CaptureStats) {
         let mut retired = self.retired.lock().expect("captures");
         for (reason, n) in &stats.malformed {
-            *retired.entry(reason).or_default() += n;
+            *retired.malformed.entry(reason).or_default() += n;
         }
+        retired.kernel_dropped += stats.kernel_dropped;
     }
 
-    /// Malformed frames by reason, over every capture this agent has run.
-    pub fn malformed(&self) -> Vec<(&'static str, u64)> {
-        let mut totals = self.retired.lock().expect("captures").clone();
+    /// Malformed frames by reason and frames the kernel dropped (socket buffer full), over every
+    /// capture this agent has run.
+    pub fn totals(&self) -> (Vec<(&'static str, u64)>, u64) {
+        let (mut malformed, mut kernel_dropped) = {
+            let retired = self.retired.lock().expect("captures");
+            (retired.malformed.clone(), retired.kernel_dropped)
+        };
         for capture in self.live.lock().expect("captures").values() {
-            for (reason, n) in capture.stats().malformed {
-                *totals.entry(reason).or_default() += n;
+            let stats = capture.stats();
+            for (reason, n) in stats.malformed {
+                *malformed.entry(reason).or_default() += n;
             }
+            kernel_dropped += stats.kernel_dropped;
         }
-        let mut out: Vec<_> = totals.into_iter().collect();
-        out.sort();
-        out
+        let mut malformed: Vec<_> = malformed.into_iter().collect();
+        malformed.sort();
+        (malformed, kernel_dropped)
     }
 }

@@ -337,7 +337,7 @@ impl Lab {
 
 // ───────────────────────────── packets ─────────────────────────────
 
-pub use victor_tests::lab::probe::{FrameSender, Prober, Probes, send_frames, send_garp, wait};
+pub use victor_tests::lab::probe::{Prober, Probes, send_frames, send_garp, wait};
 
 /// A gratuitous ARP frame (the lab's, for valid MAC text).
 pub fn garp_frame(mac_text: &str, ip: Ipv4Addr) -> Vec<u8> {
