@@ -342,13 +342,16 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         let target = format!("fe{to}");
         let mut garps = 0u32;
         let mut first_garp = 0u64;
+        let announcing_since = std::time::Instant::now();
         let bound = loop {
             let sent = sender.send(&garp)?;
             if garps == 0 {
                 first_garp = sent;
             }
             garps += 1;
-            let poll_until = std::time::Instant::now() + Duration::from_millis(10);
+            // Every 10 ms at first, then every 100 ms (a loaded machine may take a while to
+            // open the capture on the new port).
+            let poll_until = std::time::Instant::now() + Duration::from_millis(if garps < 50 { 10 } else { 100 });
             let mut found = None;
             while std::time::Instant::now() < poll_until {
                 if let Some(b) = plane.binding(vm.ip).await?
@@ -363,7 +366,10 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
             if let Some(b) = found {
                 break b;
             }
-            ensure!(garps < 50, "move {index}: the VM was not bound to {target} after {garps} gratuitous ARPs");
+            ensure!(
+                announcing_since.elapsed() < Duration::from_secs(10),
+                "move {index}: the VM was not bound to {target} after {garps} gratuitous ARPs in 10 s"
+            );
         };
         move_seq = bound.move_seq;
         wait_applied(&topo, vm.ip, move_seq, to, Duration::from_secs(10)).await?;
