@@ -12,10 +12,19 @@
 //! No timer: a batch is whatever is queued when a transaction slot frees up. A lone claim is sent
 //! alone at once (no added latency); under load, claims queue while [`MAX_INFLIGHT`] transactions
 //! are in flight and the next transaction takes them all.
+//!
+//! A transaction unanswered after [`SLOW_TXN`] gives its slot up and keeps waiting for its answer.
+//! When the etcd leader dies, followers forward the writes in flight to it and etcd 3.4 answers
+//! them only at our deadline (`--etcd-timeout`, 3 s): every slot used to sit out that deadline,
+//! and no claim committed for 3 s although etcd had a new leader after ~0.6 s. Now later batches
+//! go out meanwhile and commit once the followers know the new leader (fault suite: first commit
+//! 1.27 s after the kill instead of 3.0 s). At most [`MAX_OUTSTANDING`] transactions are in flight
+//! counting the slow ones. CAS keeps this safe: a claim overtaken by a later transaction on the
+//! same key fails its compare and is decided again.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use victor_store::{Compare, KeyRange, KeyValue, MAX_TXN_OPS, Revision, Store, StoreError, StoreResult, Txn, TxnOp};
@@ -25,8 +34,13 @@ use crate::metrics::Metrics;
 /// Claims per transaction: two compares (binding and declaration) and, on failure, two reads
 /// per claim must fit etcd 3.4's 128 operations per list.
 pub const MAX_BATCH: usize = MAX_TXN_OPS / 2;
-/// Batch transactions in flight at once.
+/// Batch transactions in flight at once (not counting slow ones).
 pub const MAX_INFLIGHT: usize = 4;
+/// A transaction in flight this long stops holding one of the [`MAX_INFLIGHT`] slots: well above
+/// a healthy commit (p99 ≤ 50 ms even with 1,000 FEs here), well below a leader failover.
+pub const SLOW_TXN: Duration = Duration::from_millis(250);
+/// Transactions in flight at most, slow ones included.
+pub const MAX_OUTSTANDING: usize = 64;
 
 /// One CAS: write `op` if the binding key and the declaration key still have these revisions.
 #[derive(Debug, Clone)]
@@ -87,6 +101,7 @@ impl Batcher {
 
 async fn run<S: Store>(store: S, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let outstanding = Arc::new(Semaphore::new(MAX_OUTSTANDING));
     let mut queue: VecDeque<Pending> = VecDeque::new();
     loop {
         if queue.is_empty() {
@@ -96,14 +111,20 @@ async fn run<S: Store>(store: S, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedR
             }
         }
         let slot = slots.clone().acquire_owned().await.expect("semaphore never closed");
+        let counted = outstanding.clone().acquire_owned().await.expect("semaphore never closed");
         while let Ok(p) = rx.try_recv() {
             queue.push_back(p);
         }
         let batch = take_batch(&mut queue);
         let (store, metrics) = (store.clone(), metrics.clone());
         tokio::spawn(async move {
-            commit(&store, &metrics, batch).await;
-            drop(slot);
+            let mut committing = std::pin::pin!(commit(&store, &metrics, batch));
+            if tokio::time::timeout(SLOW_TXN, &mut committing).await.is_err() {
+                tracing::debug!(after = ?SLOW_TXN, "store transaction slow; the next batch goes out meanwhile");
+                drop(slot);
+                committing.await;
+            }
+            drop(counted);
         });
     }
 }
@@ -239,6 +260,72 @@ mod tests {
         assert_eq!(stale.unwrap(), CasOutcome::Conflict { binding: Some(key7.clone()), vm: None });
         assert!(matches!(fresh.unwrap(), CasOutcome::Committed(_)));
         assert_eq!(store.get(b"/t/b/7").await.unwrap().0.unwrap().value, b"x", "the stale claim wrote nothing");
+    }
+
+    /// The embedded store, except that its first `stall` transactions never answer (like writes
+    /// a follower forwarded to an etcd leader that just died).
+    #[derive(Clone)]
+    struct Stalling {
+        inner: EmbeddedStore,
+        stall: Arc<std::sync::atomic::AtomicUsize>,
+        txns: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Store for Stalling {
+        fn kind(&self) -> &'static str {
+            "stalling"
+        }
+        async fn range(&self, req: victor_store::RangeRequest) -> StoreResult<victor_store::RangeResult> {
+            self.inner.range(req).await
+        }
+        async fn txn(&self, txn: Txn) -> StoreResult<victor_store::TxnResult> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.txns.fetch_add(1, SeqCst);
+            if self.stall.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+                std::future::pending::<()>().await;
+            }
+            self.inner.txn(txn).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> StoreResult<victor_store::LeaseId> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, lease: victor_store::LeaseId) -> StoreResult<Duration> {
+            self.inner.lease_keep_alive(lease).await
+        }
+        async fn lease_revoke(&self, lease: victor_store::LeaseId) -> StoreResult<()> {
+            self.inner.lease_revoke(lease).await
+        }
+        async fn watch(&self, range: KeyRange, from: Revision) -> StoreResult<victor_store::WatchStream> {
+            self.inner.watch(range, from).await
+        }
+        async fn compact(&self, revision: Revision) -> StoreResult<()> {
+            self.inner.compact(revision).await
+        }
+        async fn current_revision(&self) -> StoreResult<Revision> {
+            self.inner.current_revision().await
+        }
+    }
+
+    #[tokio::test]
+    async fn transactions_that_never_answer_do_not_hold_back_later_claims() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (_dir, inner) = store().await;
+        let stalling = Stalling { inner, stall: Arc::new(MAX_INFLIGHT.into()), txns: Arc::default() };
+        let batcher = Arc::new(Batcher::start(stalling.clone(), Arc::new(Metrics::new())));
+        // Every slot gets a transaction that never answers (one claim each, sent one by one).
+        let mut stuck = Vec::new();
+        for i in 0..MAX_INFLIGHT {
+            let b = batcher.clone();
+            stuck.push(tokio::spawn(async move { b.submit(req(&format!("stuck{i}"), 0, "x")).await }));
+            while stalling.txns.load(SeqCst) <= i {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        // A later claim still commits (the stuck ones gave their slots up).
+        let later = tokio::time::timeout(Duration::from_secs(10), batcher.submit(req("later", 0, "y"))).await;
+        assert!(matches!(later, Ok(Ok(CasOutcome::Committed(_)))), "{later:?}");
+        assert_eq!(stalling.inner.get(b"/t/b/later").await.unwrap().0.unwrap().value, b"y");
+        assert!(stuck.iter().all(|t| !t.is_finished()), "the stuck claims are still waiting for their answer");
     }
 
     #[test]

@@ -446,7 +446,11 @@ fn replica_clients(cluster: &Controllers) -> Result<Vec<AgentServiceClient<Chann
 }
 
 fn churn_config(scale: &Scale) -> ChurnConfig {
-    ChurnConfig { rate: scale.moves_per_s, tick: Duration::from_millis(10), inflight: 32, seed: 7 }
+    // Room for every call of a 3 s store stall (the etcd request deadline) at the offered rate:
+    // with a cap of 32 the generator itself stopped sending during a stall and the write gap
+    // measured its cap, not how soon the controller commits again.
+    let inflight = (scale.moves_per_s * 4.0) as usize;
+    ChurnConfig { rate: scale.moves_per_s, tick: Duration::from_millis(10), inflight, seed: 7 }
 }
 
 /// Nanoseconds as milliseconds with three decimals.
