@@ -23,7 +23,7 @@ async fn failover_between_replicas_resumes_without_snapshot() -> anyhow::Result<
     let a = Controller::start(&lab.dir.path().join("a"), Some(&endpoints)).await?;
     let mut b = Controller::start(&lab.dir.path().join("b"), Some(&endpoints)).await?;
     let mut c = Controller::start(&lab.dir.path().join("c"), Some(&endpoints)).await?;
-    let proxy = FreezableProxy::start(a.grpc).await?;
+    let proxy = LinkProxy::start(a.grpc).await?;
     for n in 1..=2 {
         lab.start_agent(n, &[proxy.url(), b.url(), c.url()], &[])?;
     }
@@ -40,7 +40,7 @@ async fn failover_between_replicas_resumes_without_snapshot() -> anyhow::Result<
 
     // 1. A dies silently: the agents notice through the missing stream heartbeats.
     let t0 = Instant::now();
-    proxy.freeze();
+    proxy.partition();
     for n in 1..=2 {
         wait("fail over to B", Duration::from_secs(15), || {
             lab.agent_metric(n, SESSIONS).is_ok_and(|s| s >= 2.0)

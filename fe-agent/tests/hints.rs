@@ -85,10 +85,10 @@ async fn a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it() -
     // Heartbeats every 30 s (a quarter of the session TTL): fe1's frozen session is not ended by a
     // failed heartbeat while the test looks at it.
     let ctl = Controller::start_with(&lab.dir.path().join("ctl"), None, &["--session-ttl", "120s"]).await?;
-    let proxy = FreezableProxy::start(ctl.grpc).await?;
-    // fe1 reaches the controller through a proxy first (frozen below, then cut), then directly.
-    // Its liveness timers and everyone's hint timeout are far longer than the test: fe1 fails
-    // over when the test cuts the proxy, not when a loaded machine makes a step slow, and no
+    let proxy = LinkProxy::start(ctl.grpc).await?;
+    // fe1 reaches the controller through a proxy first (partitioned below, then healed, which
+    // resets the held connection), then directly. Its liveness timers and everyone's hint timeout are far longer than the test: fe1 fails
+    // over when the test heals the proxy, not when a loaded machine makes a step slow, and no
     // override expires while the controller commits.
     let flags = hint_flags(&lab, &["--move-hint-timeout", "60s"])?;
     let fe1_flags = hint_flags(&lab, &["--stream-timeout", "60s", "--move-hint-timeout", "60s"])?;
@@ -105,7 +105,7 @@ async fn a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it() -
     prober.wait_replies_from(0, 20, Duration::from_secs(5))?;
 
     // fe1 hears nothing from the controller any more; the VM moves to fe3.
-    proxy.freeze();
+    proxy.partition();
     let move_started = prober.sent();
     lab.move_vm_link(2, 3)?;
     send_garp(&lab.vm, "eth0", VM_MAC, VM)?;
@@ -139,7 +139,7 @@ async fn a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it() -
     assert_eq!(lab.agent_metric(1, "victor_agent_move_hints_accepted_total{kind=\"move\"}")?, 1.0);
 
     // fe1 fails over to the direct endpoint; the delta confirms the override.
-    proxy.cut();
+    proxy.heal();
     wait_metric(
         &lab,
         1,

@@ -15,7 +15,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -372,84 +371,8 @@ where
     bail!("timed out after {timeout:?} waiting for {what}")
 }
 
-// ───────────────────────────── a freezable TCP proxy ─────────────────────────────
+// ───────────────────────────── a partitionable TCP proxy ─────────────────────────────
 
-/// A TCP proxy on loopback in front of a controller. `freeze()` stops it from moving bytes in
-/// either direction while keeping every connection open — a replica that died silently (host
-/// gone, partition): only the agent's own liveness checks can notice. `cut()` then closes every
-/// connection and refuses new ones, so a test decides when the agents fail over instead of
-/// racing their liveness timers.
-pub struct FreezableProxy {
-    pub addr: SocketAddr,
-    frozen: Arc<AtomicBool>,
-    cut: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FreezableProxy {
-    pub async fn start(target: SocketAddr) -> Result<FreezableProxy> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let frozen = Arc::new(AtomicBool::new(false));
-        let (cut, _) = tokio::sync::watch::channel(false);
-        let (f, c) = (frozen.clone(), cut.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let (f, mut cut) = (f.clone(), c.subscribe());
-                tokio::spawn(async move {
-                    let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
-                    let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
-                    // Dropping both halves of both sockets closes the connection.
-                    tokio::select! {
-                        _ = async { tokio::join!(pump(cr, sw, f.clone()), pump(sr, cw, f)) } => {}
-                        _ = cut.wait_for(|cut| *cut) => {}
-                    }
-                });
-            }
-        });
-        Ok(FreezableProxy { addr, frozen, cut, task })
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn freeze(&self) {
-        self.frozen.store(true, Ordering::SeqCst);
-    }
-
-    /// Closes every connection and stops listening (new connections are refused).
-    pub fn cut(&self) {
-        self.task.abort();
-        self.cut.send_replace(true);
-    }
-}
-
-impl Drop for FreezableProxy {
-    fn drop(&mut self) {
-        self.cut();
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    frozen: Arc<AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if frozen.load(Ordering::SeqCst) {
-            // Hold the connection open and silent until the test cuts it or drops everything.
-            std::future::pending::<()>().await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
+/// The fault suite's link proxy: `partition()` freezes every connection (a replica that died
+/// silently: only the agent's liveness checks can tell), `heal()` resets the held ones.
+pub use victor_tests::faults::proxy::LinkProxy;
