@@ -76,7 +76,7 @@ async fn failover_between_replicas_resumes_without_snapshot() -> anyhow::Result<
     let churn: Vec<&str> = events.lines().filter(|l| l.contains(&VM.to_string())).collect();
     assert!(churn.is_empty(), "kernel churn during failover: {churn:?}");
     let probes = prober.stop()?;
-    let lost = (from..probes.sent.saturating_sub(5)).filter(|s| !probes.replied.contains(s)).count();
+    let lost = probes.lost_seqs(from, probes.sent.saturating_sub(5)).len();
     assert_eq!(lost, 0, "traffic lost during the control-plane failovers");
 
     // And the control plane works on C: a new claim lands.
