@@ -27,7 +27,7 @@ done
 step() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
 
 if [[ $(id -u) -ne 0 ]]; then
-    echo "tests/run.sh: the suite builds network namespaces and raw sockets; run it as root (sudo tests/run.sh)" >&2
+    echo "tests/run.sh: the suite builds network namespaces and raw sockets; run it as root (in a root shell: bash tests/run.sh; with sudo: sudo bash tests/run.sh)" >&2
     exit 1
 fi
 
@@ -56,6 +56,9 @@ fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+step "import cycles between modules (tests/tools/import-cycles.py)"
+python3 tests/tools/import-cycles.py .
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
