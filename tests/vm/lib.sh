@@ -14,6 +14,8 @@
 # apt and is cached under $VICTOR_VM_CACHE (default ${XDG_CACHE_HOME:-~/.cache}/victor-vm), keyed
 # by package name and version (the initramfs by a hash of what goes into it).
 
+# The QEMU binary ($VICTOR_VM_QEMU overrides it, e.g. a self-built one).
+VM_QEMU=${VICTOR_VM_QEMU:-qemu-system-x86_64}
 VM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # Modules the initramfs loads to reach the host: PCI virtio transport, 9p over virtio, overlayfs.
 VM_INITRD_MODULES=(virtio_pci 9pnet_virtio 9p overlay)
@@ -174,8 +176,8 @@ vm_initramfs() {
 }
 
 vm_prepare() {
-    command -v qemu-system-x86_64 >/dev/null ||
-        vm_skip "qemu-system-x86_64 is not installed (tests/vm/install.sh installs it)" || return
+    command -v "$VM_QEMU" >/dev/null ||
+        vm_skip "$VM_QEMU is not installed (tests/vm/install.sh installs qemu-system-x86)" || return
     command -v depmod >/dev/null && command -v modprobe >/dev/null ||
         vm_skip "kmod (depmod, modprobe) is not installed (tests/vm/install.sh installs it)" || return
     command -v apt-get >/dev/null && command -v dpkg >/dev/null ||
@@ -231,7 +233,7 @@ vm_boot() { # out accel cpus mem limit init verbose
     local out=$1 limit=$5 verbose=$7 qemu tailer status
     vm_qemu_args "$1" "$2" "$3" "$4" "$6"
     : >"$out/console.log"
-    timeout -k 5 "$limit" qemu-system-x86_64 "${VM_QEMU_ARGS[@]}" 2>"$out/qemu.stderr" &
+    timeout -k 5 "$limit" "$VM_QEMU" "${VM_QEMU_ARGS[@]}" 2>"$out/qemu.stderr" &
     qemu=$!
     # shellcheck disable=SC2064
     trap "kill $qemu 2>/dev/null" INT TERM
@@ -269,7 +271,7 @@ vm_detect_accel() {
         local dir
         dir=$(mktemp -d "$VM_CACHE/tmp.XXXXXX")
         VM_APPEND="victor.probe=1" vm_qemu_args "$dir" kvm 1 512 /bin/true
-        timeout -k 2 30 qemu-system-x86_64 "${VM_QEMU_ARGS[@]}" >/dev/null 2>&1
+        timeout -k 2 30 "$VM_QEMU" "${VM_QEMU_ARGS[@]}" >/dev/null 2>&1
         status=$?
         rm -rf "$dir"
         # The probe's initramfs writes 42 to isa-debug-exit: status 85.
