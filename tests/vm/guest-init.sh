@@ -16,6 +16,7 @@ read -r boot_s _ </proc/uptime
 # Codes: 0 every job passed, 1 a job failed, 2 the guest could not run the jobs.
 power_off() {
     sync
+    # shellcheck disable=SC2059 # the format is the byte to write
     printf "\\$(printf '%03o' "$1")" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
     echo o >/proc/sysrq-trigger
     sleep 10
@@ -64,5 +65,5 @@ while IFS=$'\t' read -r -a job; do
 done <"$out/jobs.tsv"
 read -r end_s _ </proc/uptime
 echo "end_uptime=$end_s" >>"$out/guest.env"
-echo done >"$out/finished"
+echo "done" >"$out/finished"
 power_off "$failed"

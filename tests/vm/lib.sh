@@ -47,6 +47,7 @@ vm_apt_field() { # package field
 # The newest cached, complete entry of a cache subdirectory (when apt cannot tell or fetch).
 vm_newest_cached() { # subdir
     local d
+    # shellcheck disable=SC2012 # the cache's own names, newest first
     d=$(ls -1dt "$VM_CACHE/$1"/*/.ready 2>/dev/null | head -n 1)
     [[ -n $d ]] && dirname "$d"
 }
@@ -118,6 +119,7 @@ vm_kernel() {
         vm_log "apt could not fetch ${pkg:-linux-image-amd64}; using the cached $(basename "$dir")"
     fi
     VM_KPKG=$(basename "$dir")
+    # shellcheck disable=SC2034 # for the scripts that source this file
     VM_KPKG_VERSION=${VM_KPKG#*_}
     VM_KPKG=${VM_KPKG%%_*}
     VM_KVER=$(ls "$dir/lib/modules")
@@ -154,7 +156,7 @@ vm_initramfs() {
         awk '$1 == "insmod" && !seen[$2]++ { print $2 }') || return 1
     key=$( (cat "$VM_LIB_DIR/initramfs-init" && echo "$VM_BUSYBOX $VM_KVER $mods") | sha256sum | cut -c1-16)
     VM_INITRD=$VM_CACHE/initramfs/$key.cpio.gz
-    [[ -f $VM_INITRD ]] && return 0
+    [[ -f $VM_INITRD ]] && touch "$VM_INITRD" && return 0
     vm_log "building the initramfs ($VM_INITRD)"
     mkdir -p "$VM_CACHE/initramfs"
     tmp=$(mktemp -d "$VM_CACHE/tmp.XXXXXX") || return 1
@@ -188,6 +190,10 @@ vm_prepare() {
     local lock status=0
     exec {lock}>"$VM_CACHE/.lock"
     flock "$lock"
+    # Leftovers of an interrupted run (every tmp.* is made under this lock); initramfs images
+    # unused for 30 days (other checkouts may use other versions of initramfs-init).
+    rm -rf "$VM_CACHE"/tmp.*
+    find "$VM_CACHE/initramfs" -name '*.cpio.gz' -mtime +30 -delete 2>/dev/null
     vm_kernel && vm_busybox && vm_initramfs || status=$?
     exec {lock}>&-
     if [[ $status -ne 0 && $status -ne 77 ]]; then
@@ -212,6 +218,7 @@ vm_print_assets() {
 vm_qemu_args() { # out accel cpus mem init
     local out=$1 accel=$2 cpus=$3 mem=$4 init=$5 cpu=max
     [[ $accel == kvm ]] && cpu=host
+    # shellcheck disable=SC2054 # QEMU's option values contain commas
     VM_QEMU_ARGS=(
         -nodefaults -no-user-config -display none -no-reboot
         -M pc -accel "$accel" -cpu "$cpu" -smp "$cpus" -m "$mem"
@@ -269,7 +276,7 @@ vm_detect_accel() {
     probe=$VM_CACHE/kvm-probe-$(cat /proc/sys/kernel/random/boot_id)
     if [[ ! -f $probe ]]; then
         local dir
-        dir=$(mktemp -d "$VM_CACHE/tmp.XXXXXX")
+        dir=$(mktemp -d /tmp/victor-vm-probe.XXXXXX)
         VM_APPEND="victor.probe=1" vm_qemu_args "$dir" kvm 1 512 /bin/true
         timeout -k 2 30 "$VM_QEMU" "${VM_QEMU_ARGS[@]}" >/dev/null 2>&1
         status=$?

@@ -21,7 +21,7 @@ echo "vm selftest: without QEMU: status 77 and '$(grep '^SKIPPED' <<<"$out")'"
 rustc --edition 2021 --test -o "$dir/selftest" "$here/selftest.rs" || fail "rustc could not build selftest.rs"
 out=$("$here/run" --out "$dir/run" "$dir/selftest" 2>&1)
 status=$?
-echo "$out" | sed 's/^/  | /'
+echo "${out//$'\n'/$'\n'  | }"
 [[ $status -eq 77 ]] && { echo "SKIPPED: the VM runner cannot boot a guest here"; exit 77; }
 [[ $status -eq 101 ]] || fail "the runner exited $status with a failing test in the guest, expected 101 (libtest's)"
 grep -q 'FAIL \[' <<<"$out" || fail "the summary has no FAIL line"
