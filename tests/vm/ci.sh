@@ -23,9 +23,9 @@ if ! bash "$here/install.sh"; then
     echo "SKIPPED: the VM kernel suite: QEMU and kmod could not be installed (tests/vm/install.sh failed)"
     exit 77
 fi
-bash "$here/run" --prepare >/dev/null
+prepared=$(bash "$here/run" --prepare 2>&1)
 status=$?
-if [[ $status -eq 77 && $(id -u) -eq 0 ]]; then
+if [[ $status -eq 77 && $(id -u) -eq 0 && $prepared == *"apt cannot fetch"* ]]; then
     # Stale apt lists name a kernel the archive no longer has: refresh them once.
     apt-get update -qq && bash "$here/run" --prepare >/dev/null
     status=$?

@@ -20,6 +20,9 @@ VM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # Modules the initramfs loads to reach the host: PCI virtio transport, 9p over virtio, overlayfs.
 VM_INITRD_MODULES=(virtio_pci 9pnet_virtio 9p overlay)
 
+# The guest mounts fresh tmpfs on these: host files below them are not visible there.
+vm_hidden_path() { [[ $1 =~ ^/(tmp|run|dev|proc|sys)(/|$) ]]; }
+
 vm_skip() {
     echo "SKIPPED: $*"
     return 77
@@ -186,7 +189,11 @@ vm_prepare() {
         vm_skip "no apt/dpkg to fetch Debian's stock kernel on this host" || return
     VM_CACHE=${VICTOR_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/victor-vm}
     mkdir -p "$VM_CACHE" || vm_skip "cannot create the cache directory $VM_CACHE" || return
-    VM_CACHE=$(cd "$VM_CACHE" && pwd)
+    VM_CACHE=$(cd "$VM_CACHE" && pwd -P)
+    if vm_hidden_path "$VM_CACHE"; then
+        echo "tests/vm: VICTOR_VM_CACHE=$VM_CACHE is not visible in the guest (fresh tmpfs there): choose another" >&2
+        return 2
+    fi
     local lock status=0
     exec {lock}>"$VM_CACHE/.lock"
     flock "$lock"
