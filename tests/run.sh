@@ -79,6 +79,12 @@ if [[ $quick -eq 0 ]]; then
     bash fuzz/run.sh 30
 fi
 
+# >>> VM kernel suite (tests/vm/ci.sh): tests that need a stock distribution kernel, in a QEMU guest.
+# Status 77 means it printed `SKIPPED: <reason>` (no QEMU or no kernel here); anything else fails.
+step "kernel suite in a VM (tests/vm/ci.sh)"
+bash tests/vm/ci.sh || [[ $? -eq 77 ]]
+# <<< VM kernel suite
+
 step "leak check"
 leaked=$(comm -13 <(echo "$ns_before") <(namespaces) | tr '\n' ' ')
 if [[ -n "${leaked// /}" ]]; then
