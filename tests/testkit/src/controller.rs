@@ -295,3 +295,70 @@ impl ControllerProcess {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(argv: Vec<OsString>) -> Vec<String> {
+        argv.into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_command_line_names_store_addresses_tls_and_extra_flags() {
+        let grpc: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let etcd = ControllerStore::Etcd(vec!["https://127.0.0.1:1".into(), "https://127.0.0.1:2".into()]);
+        let cmd = ControllerCommand::new("/bin/victor-controller", "r1", "10.10.0.0/16", etcd)
+            .grpc_addr(grpc)
+            .log_filter("warn")
+            .etcd_tls(Path::new("/pki/ca.pem"), Some((Path::new("/pki/c.pem"), Path::new("/pki/c.key"))))
+            .args(["--session-ttl", "3s"]);
+        let argv = text(cmd.argv());
+        let http = cmd.http().to_string();
+        let expected = [
+            "--mobile-prefix",
+            "10.10.0.0/16",
+            "--replica-id",
+            "r1",
+            "--grpc-listen",
+            "127.0.0.1:7001",
+            "--http-listen",
+            &http,
+            "--etcd-endpoints",
+            "https://127.0.0.1:1,https://127.0.0.1:2",
+            "--log",
+            "warn",
+            "--etcd-ca-file",
+            "/pki/ca.pem",
+            "--etcd-cert-file",
+            "/pki/c.pem",
+            "--etcd-key-file",
+            "/pki/c.key",
+            "--session-ttl",
+            "3s",
+        ];
+        assert_eq!(argv, expected);
+
+        let embedded = ControllerStore::Embedded("/data".into());
+        let argv = text(
+            ControllerCommand::new("/bin/victor-controller", "r2", "10.0.0.0/8", embedded)
+                .grpc_tls(Path::new("/pki/s.pem"), Path::new("/pki/s.key"), None)
+                .argv(),
+        );
+        assert_eq!(&argv[8..10], ["--data-dir", "/data"]);
+        assert_eq!(&argv[10..], ["--tls-cert-file", "/pki/s.pem", "--tls-key-file", "/pki/s.key"]);
+        assert!(!argv.contains(&"--log".to_owned()), "no --log unless asked");
+    }
+
+    #[test]
+    fn a_missing_binary_is_named() {
+        let cmd = ControllerCommand::new(
+            "/nonexistent/victor-controller",
+            "r1",
+            "10.10.0.0/16",
+            ControllerStore::Etcd(vec![]),
+        );
+        let err = cmd.spawn().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/victor-controller") && err.contains("cargo build"), "{err}");
+    }
+}
