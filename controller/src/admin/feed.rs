@@ -10,7 +10,7 @@
 //! `victor_move_convergence_seconds` (claim received → first agent stream message carrying the
 //! move left this replica). The registry records a timeline right after its transaction returns,
 //! which can be after the cache applied the change, so an unmatched change is looked up once
-//! more [`LATE_CHECK`] later before it is taken as another replica's commit.
+//! more `LATE_CHECK` later before it is taken as another replica's commit.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -45,7 +45,7 @@ pub struct Convergence {
     /// Committed → applied by this replica's cache.
     pub commit_to_cache_ms: f64,
     /// Committed → first agent stream message carrying it left this replica (None: no agent
-    /// stream on this replica sent it within 3 s).
+    /// stream on this replica sent it within `SEND_WAIT`).
     pub commit_to_first_send_ms: Option<f64>,
     /// Claim received → first agent stream message (the controller's share of convergence).
     pub claim_to_first_send_ms: Option<f64>,
