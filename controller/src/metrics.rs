@@ -21,8 +21,8 @@ pub struct OutcomeLabel {
 /// Label: why a claim was rejected.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// The RejectReason, snake case.
-    pub reason: String,
+    /// The rejection reason, snake case (`stale`, `mac_mismatch`, ...).
+    pub reason: &'static str,
 }
 
 /// Label: a store operation.
@@ -179,10 +179,9 @@ impl Metrics {
         self.claims.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
-    /// Counts one rejection.
-    pub fn rejected(&self, reason: victor_proto::v1::RejectReason) {
-        let name = reason.as_str_name().trim_start_matches("REJECT_REASON_").to_ascii_lowercase();
-        self.claims_rejected.get_or_create(&ReasonLabel { reason: name }).inc();
+    /// Counts one rejection, by the snake-case name of its reason.
+    pub fn rejected(&self, reason: &'static str) {
+        self.claims_rejected.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Counts one refused call.

@@ -15,7 +15,7 @@ pub struct BindingRecord {
     /// Moves since first bound.
     #[prost(uint64, tag = "3")]
     pub move_seq: u64,
-    /// `victor.v1.BindingSource` value.
+    /// A [`BindingSource`] (its number).
     #[prost(int32, tag = "4")]
     pub source: i32,
     /// When the binding FE observed the VM (agent wall clock, ns).
@@ -39,6 +39,17 @@ pub struct BindingRecord {
     /// Until when the announcement holds (ns).
     #[prost(int64, tag = "11")]
     pub pending_until_unix_nanos: i64,
+}
+
+/// Who produced a binding, as stored in [`BindingRecord::source`]. The numbers are those of the
+/// wire's `victor.v1.BindingSource`, so the stored value is sent as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum BindingSource {
+    /// An FE learned the VM from ARP.
+    Arp = 1,
+    /// An orchestrator placed the VM (AnnounceMigration with commit).
+    Orchestrator = 2,
 }
 
 /// A declared VM as stored under `{p}/v/...`.

@@ -28,9 +28,10 @@ use crate::housekeeping::{self, HousekeepingConfig};
 use crate::keys::Keys;
 use crate::lease::KeptLease;
 use crate::metrics::Metrics;
+use crate::move_timeline::MoveTimelines;
 use crate::registry::Registry;
 use crate::registry::rules::{DampingPolicy, Rules};
-use crate::trace::MoveTraces;
+use crate::replica::Replica;
 
 /// Largest gRPC message accepted (requests) — bigger ones fail with OUT_OF_RANGE.
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -67,7 +68,7 @@ impl Server {
         let keys = Keys::new(&config.etcd_prefix);
         let cache = Cache::new(keys, config.stream_history);
         let metrics = Arc::new(Metrics::new());
-        let traces = Arc::new(MoveTraces::new(4096));
+        let timelines = Arc::new(MoveTimelines::new(4096));
         let store_reachable = Arc::new(AtomicBool::new(false));
         let is_housekeeper = Arc::new(AtomicBool::new(false));
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -92,25 +93,24 @@ impl Server {
             ..Rules::default()
         };
         let auth = load_auth(&config, metrics.clone())?;
-        let ctx = Arc::new(ApiContext {
-            registry: Registry::new(store.clone(), cache.clone(), rules, metrics.clone(), traces.clone())
+        let replica = Arc::new(Replica {
+            id: replica_id.clone(),
+            registry: Registry::new(store.clone(), cache.clone(), rules, metrics.clone(), timelines.clone())
                 .with_reachability(store_reachable.clone()),
             cache: cache.clone(),
             metrics: metrics.clone(),
-            traces: traces.clone(),
-            mobile: MobilePrefixes::new(config.mobile_prefixes.clone()),
-            replica_id: replica_id.clone(),
-            session_ttl: config.session_ttl,
-            max_report_observations: config.max_report_observations,
+            timelines: timelines.clone(),
             store_reachable: store_reachable.clone(),
             is_housekeeper: is_housekeeper.clone(),
-            auth,
             shutdown: shutdown_rx.clone(),
-            backfill: Arc::new(crate::cache::backfill::Backfiller::new(
-                store.clone(),
-                cache.clone(),
-                replica_id.clone(),
-            )),
+            backfill: Arc::new(cache::backfill::Backfiller::new(store.clone(), cache.clone(), replica_id.clone())),
+        });
+        let ctx = Arc::new(ApiContext {
+            replica: replica.clone(),
+            mobile: MobilePrefixes::new(config.mobile_prefixes.clone()),
+            session_ttl: config.session_ttl,
+            max_report_observations: config.max_report_observations,
+            auth,
         });
 
         let hk = HousekeepingConfig {
@@ -118,7 +118,7 @@ impl Server {
             fe_dead_after: config.fe_dead_after,
             tick: Duration::from_secs(1),
         };
-        let hk_task = housekeeping::run(ctx.clone(), election_lease.clone(), hk, shutdown_rx.clone());
+        let hk_task = housekeeping::run(replica, election_lease.clone(), hk, shutdown_rx.clone());
         tasks.spawn(async move {
             hk_task.await;
             Ok(())
@@ -128,7 +128,7 @@ impl Server {
         let feed = Arc::new(admin::feed::Feed::new());
         tasks.spawn({
             let run =
-                admin::feed::run(feed.clone(), cache.clone(), traces.clone(), metrics.clone(), shutdown_rx.clone());
+                admin::feed::run(feed.clone(), cache.clone(), timelines.clone(), metrics.clone(), shutdown_rx.clone());
             async move {
                 run.await;
                 Ok(())
@@ -137,7 +137,7 @@ impl Server {
         let admin_state = AdminState {
             cache,
             metrics,
-            traces,
+            timelines,
             store_reachable,
             is_housekeeper,
             feed,
@@ -385,7 +385,7 @@ async fn serve_grpc(
     let binding = BindingServiceServer::new(BindingApi::new(ctx.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
 
     // Health follows readiness: SERVING once the cache is loaded and the store answers.
-    let health_ctx = ctx.clone();
+    let health_ctx = ctx.replica.clone();
     let mut health_shutdown = shutdown.clone();
     tokio::spawn(async move {
         let mut last = None;

@@ -1,6 +1,7 @@
 //! The controller's gRPC and HTTP API on the embedded store, end to end through real sockets:
-//! binding rules (I1–I4), error codes and messages, nothing written on rejection, agent stream
-//! snapshot/delta/resume, watch, paging, health, reflection, metrics and persistence.
+//! binding rules (docs/design.md, invariants I1–I4), error codes and messages, nothing written on
+//! rejection, agent stream snapshot/delta/resume, watch, paging, health, reflection, metrics and
+//! persistence.
 
 mod common;
 

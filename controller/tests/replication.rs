@@ -36,7 +36,7 @@ async fn binding_through_one_replica_reaches_a_stream_on_another_and_resumes_aft
     let resume_at = delta.revision;
 
     // Replica 2 dies (kill -9); a change is written through replica 1 meanwhile.
-    r2.child.kill();
+    r2.process.kill();
     let r = learn(&mut c1, "fe1", "10.10.0.11", mac(11)).await;
     assert_eq!(outcome(&r), ClaimOutcome::Moved);
     assert!(stream.message().await.is_err() || stream.message().await.is_err(), "stream to a killed replica must fail");
@@ -96,7 +96,7 @@ async fn killing_the_etcd_leader_loses_no_committed_binding() {
 #[tokio::test]
 async fn housekeeping_fails_over_to_another_replica() {
     let etcd = EtcdCluster::start(3).await.unwrap();
-    let mut r1 = Replica::spawn("r1", &etcd.endpoints(), &[]).await;
+    let r1 = Replica::spawn("r1", &etcd.endpoints(), &[]).await;
     let r2 = Replica::spawn("r2", &etcd.endpoints(), &[]).await;
     let c2 = r2.clients().await;
     let holder = victor_testkit::process::wait_for("a housekeeper", Duration::from_secs(10), || {
@@ -108,11 +108,8 @@ async fn housekeeping_fails_over_to_another_replica() {
     })
     .await
     .unwrap();
-    let (mut dead, survivor_http, survivor_id) = if holder == "r1" {
-        (r1.child, r2.http, "r2")
-    } else {
-        (std::mem::replace(&mut r1.child, r2.child), r1.http, "r1")
-    };
+    let (mut dead, survivor_http, survivor_id) =
+        if holder == "r1" { (r1.process, r2.http, "r2") } else { (r2.process, r1.http, "r1") };
     dead.kill(); // kill -9: no clean hand-over, the lease must expire
     let killed_at = std::time::Instant::now();
     victor_testkit::process::wait_for("housekeeping fail-over", Duration::from_secs(15), || async move {

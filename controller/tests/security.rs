@@ -16,6 +16,7 @@ use victor_proto::tls::{ClientTlsFiles, endpoint};
 use victor_proto::v1::agent_service_client::AgentServiceClient;
 use victor_proto::v1::binding_service_client::BindingServiceClient;
 use victor_proto::v1::*;
+use victor_testkit::controller::{ControllerCommand, ControllerStore};
 use victor_testkit::etcd::{EtcdCluster, EtcdOptions};
 use victor_testkit::pki::{CertKey, Pki};
 
@@ -292,20 +293,11 @@ async fn controller_talks_to_etcd_over_mutual_tls() {
     .unwrap();
     let endpoint = cluster.member_endpoint(0);
     assert!(endpoint.starts_with("https://"), "{endpoint}");
-    let tls_args = |with_client_cert: bool| {
-        let mut v = vec!["--etcd-ca-file".to_string(), pki.ca.path.display().to_string()];
-        if with_client_cert {
-            v.extend([
-                "--etcd-cert-file".into(),
-                etcd_client.cert.path.display().to_string(),
-                "--etcd-key-file".into(),
-                etcd_client.key.path.display().to_string(),
-            ]);
-        }
-        v
-    };
-
-    let replica = Replica::spawn("tls-a", std::slice::from_ref(&endpoint), &strs(&tls_args(true))).await;
+    let client_cert = (etcd_client.cert.path.as_path(), etcd_client.key.path.as_path());
+    let replica = Replica::spawn_with("tls-a", std::slice::from_ref(&endpoint), |cmd| {
+        cmd.etcd_tls(&pki.ca.path, Some(client_cert))
+    })
+    .await;
     let mut c = replica.clients().await;
     register(&mut c, "fe1", 1, "site-a").await;
     let r = learn(&mut c, "fe1", "10.10.0.31", mac(31)).await;
@@ -318,15 +310,12 @@ async fn controller_talks_to_etcd_over_mutual_tls() {
 
     // Without the client certificate etcd refuses the controller: it never becomes ready.
     let dir = tempfile::tempdir().unwrap();
-    let grpc = victor_testkit::ports::free_addr();
-    let http = victor_testkit::ports::free_addr();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_victor-controller"));
-    cmd.args(["--mobile-prefix", PREFIX, "--replica-id", "tls-b", "--etcd-timeout", "1s"])
-        .args(["--grpc-listen", &grpc.to_string(), "--http-listen", &http.to_string()])
-        .args(["--etcd-endpoints", &endpoint])
-        .args(tls_args(false));
-    let _child =
-        victor_testkit::process::ChildGuard::spawn("controller-tls-b", cmd, Some(&dir.path().join("log"))).unwrap();
+    let tls_b = Replica::command("tls-b", std::slice::from_ref(&endpoint), &dir.path().join("log"))
+        .args(["--etcd-timeout", "1s"])
+        .etcd_tls(&pki.ca.path, None)
+        .spawn()
+        .unwrap();
+    let http = tls_b.http();
     let mut saw_not_ready = false;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -348,17 +337,16 @@ async fn json_logs_carry_the_fe_id_of_refused_calls() {
     let pki = Pki::new("victor-test");
     let server_cert = pki.server("controller");
     let dir = tempfile::tempdir().unwrap();
-    let grpc = victor_testkit::ports::free_addr();
-    let http = victor_testkit::ports::free_addr();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_victor-controller"));
-    cmd.args(["--mobile-prefix", PREFIX, "--log-format", "json"])
-        .args(["--grpc-listen", &grpc.to_string(), "--http-listen", &http.to_string()])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(tls_flags(&pki, &server_cert));
     let log = dir.path().join("controller.log");
-    let child = victor_testkit::process::ChildGuard::spawn("controller-json", cmd, Some(&log)).unwrap();
-    wait_ready(http).await;
+    let bin = env!("CARGO_BIN_EXE_victor-controller");
+    let child = ControllerCommand::new(bin, "json", PREFIX, ControllerStore::Embedded(dir.path().join("data")))
+        .args(["--log-format", "json"])
+        .grpc_tls(&server_cert.cert.path, &server_cert.key.path, Some(&pki.ca.path))
+        .log_file(&log)
+        .start(Duration::from_secs(20))
+        .await
+        .unwrap();
+    let grpc = child.grpc();
     let fe2 = pki.fe("fe2");
     let mut c2 = tls_clients(grpc, &pki, Some(&fe2)).await;
     assert_code(c2.agent.register(register_req("fe1", 1)).await, Code::PermissionDenied, "fe2");

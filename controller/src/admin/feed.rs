@@ -1,16 +1,16 @@
 //! The status page's live feed. One task per replica follows the cache's change frames (like any
 //! stream consumer, from its own cursor) and turns them into [`FeedEvent`]s: binding and FE
 //! changes, moves, and — for moves committed through this replica — their convergence, joined
-//! from the move traces ([`crate::trace`]). Events go to the page's server-sent-event clients
+//! from the move timelines ([`crate::move_timeline`]). Events go to the page's server-sent-event clients
 //! through a bounded broadcast channel: a client that falls behind gets a `resync` event and
 //! reloads the snapshot instead of an unbounded queue.
 //!
-//! The join with the traces also observes `victor_commit_to_cache_seconds` (commit acknowledged
+//! The join with the timelines also observes `victor_commit_to_cache_seconds` (commit acknowledged
 //! by the store → the frame applied by this replica's cache) and
 //! `victor_move_convergence_seconds` (claim received → first agent stream message carrying the
-//! move left this replica). The registry records a trace right after its transaction returns,
+//! move left this replica). The registry records a timeline right after its transaction returns,
 //! which can be after the cache applied the change, so an unmatched change is looked up once
-//! more [`LATE_CHECK`] later before it is taken as another replica's commit.
+//! more `LATE_CHECK` later before it is taken as another replica's commit.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -23,13 +23,13 @@ use victor_store::Revision;
 
 use crate::cache::{BindingView, Cache, CacheChange, FeView, Frame, Since};
 use crate::metrics::Metrics;
-use crate::trace::{MoveTrace, MoveTraces};
+use crate::move_timeline::{MoveTimeline, MoveTimelines};
 
 /// Moves kept for page loads.
 pub const RECENT_MOVES: usize = 100;
 /// Events buffered per SSE client before it must resync.
 const CLIENT_BUFFER: usize = 1024;
-/// How long after a change's frame its trace is looked up a second time.
+/// How long after a change's frame its timeline is looked up a second time.
 const LATE_CHECK: Duration = Duration::from_millis(50);
 /// How long a move of this replica may wait for its first agent stream message.
 const SEND_WAIT: Duration = Duration::from_secs(3);
@@ -45,7 +45,7 @@ pub struct Convergence {
     /// Committed → applied by this replica's cache.
     pub commit_to_cache_ms: f64,
     /// Committed → first agent stream message carrying it left this replica (None: no agent
-    /// stream on this replica sent it within 3 s).
+    /// stream on this replica sent it within `SEND_WAIT`).
     pub commit_to_first_send_ms: Option<f64>,
     /// Claim received → first agent stream message (the controller's share of convergence).
     pub claim_to_first_send_ms: Option<f64>,
@@ -71,7 +71,7 @@ pub struct MoveRecord {
     /// Measured convergence, once known.
     pub convergence: Option<Convergence>,
     /// `pending`, `measured`, `not_sent` (no agent stream here carried it) or `other_replica`
-    /// (committed through another replica: its traces are there).
+    /// (committed through another replica: its timelines are there).
     pub convergence_state: &'static str,
 }
 
@@ -269,7 +269,7 @@ impl Feed {
     }
 }
 
-/// A committed change waiting to be joined with its trace.
+/// A committed change waiting to be joined with its timeline.
 #[derive(Debug, Clone)]
 struct Pending {
     revision: Revision,
@@ -283,7 +283,7 @@ struct Pending {
 pub async fn run(
     feed: Arc<Feed>,
     cache: Arc<Cache>,
-    traces: Arc<MoveTraces>,
+    timelines: Arc<MoveTimelines>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -295,8 +295,13 @@ pub async fn run(
             _ = crate::stream::shutting_down(&mut shutdown) => return,
         }
     }
-    let mut join =
-        Join { feed: &feed, traces: &traces, metrics: &metrics, late: VecDeque::new(), awaiting: VecDeque::new() };
+    let mut join = Join {
+        feed: &feed,
+        timelines: &timelines,
+        metrics: &metrics,
+        late: VecDeque::new(),
+        awaiting: VecDeque::new(),
+    };
     let mut cursor = cache.revision();
     loop {
         match cache.since(cursor) {
@@ -323,7 +328,7 @@ pub async fn run(
     }
 }
 
-/// Publishes a frame's changes; returns the binding upserts to join with traces.
+/// Publishes a frame's changes; returns the binding upserts to join with timelines.
 fn publish_frame(feed: &Feed, cache: &Cache, frame: &Frame) -> Vec<Pending> {
     let mut pending = Vec::new();
     let listening = feed.tx.receiver_count() > 0;
@@ -382,15 +387,15 @@ fn publish_frame(feed: &Feed, cache: &Cache, frame: &Frame) -> Vec<Pending> {
     pending
 }
 
-/// Joins committed changes with this replica's move traces.
+/// Joins committed changes with this replica's move timelines.
 struct Join<'a> {
     feed: &'a Feed,
-    traces: &'a MoveTraces,
+    timelines: &'a MoveTimelines,
     metrics: &'a Metrics,
-    /// Changes whose trace was not there yet at frame time.
+    /// Changes whose timeline was not there yet at frame time.
     late: VecDeque<Pending>,
     /// Moves of this replica waiting for their first agent stream message.
-    awaiting: VecDeque<(Pending, MoveTrace)>,
+    awaiting: VecDeque<(Pending, MoveTimeline)>,
 }
 
 impl Join<'_> {
@@ -404,8 +409,8 @@ impl Join<'_> {
             return;
         }
         let revisions: Vec<Revision> = pending.iter().map(|p| p.revision).collect();
-        for (p, trace) in pending.into_iter().zip(self.traces.get_many(&revisions)) {
-            match trace {
+        for (p, timeline) in pending.into_iter().zip(self.timelines.get_many(&revisions)) {
+            match timeline {
                 Some(t) => self.found(p, t),
                 None => {
                     if self.late.len() >= MAX_LATE {
@@ -424,8 +429,8 @@ impl Join<'_> {
         if due > 0 {
             let batch: Vec<Pending> = self.late.drain(..due).collect();
             let revisions: Vec<Revision> = batch.iter().map(|p| p.revision).collect();
-            for (p, trace) in batch.into_iter().zip(self.traces.get_many(&revisions)) {
-                match trace {
+            for (p, timeline) in batch.into_iter().zip(self.timelines.get_many(&revisions)) {
+                match timeline {
                     Some(t) => self.found(p, t),
                     None if p.is_move => self.feed.update_move(p.revision, p.vm_ip, None, "other_replica"),
                     None => {}
@@ -436,10 +441,10 @@ impl Join<'_> {
             return;
         }
         let revisions: Vec<Revision> = self.awaiting.iter().map(|(p, _)| p.revision).collect();
-        let traces = self.traces.get_many(&revisions);
+        let timelines = self.timelines.get_many(&revisions);
         let waiting = std::mem::take(&mut self.awaiting);
-        for ((p, old), trace) in waiting.into_iter().zip(traces) {
-            let t = trace.unwrap_or(old);
+        for ((p, old), timeline) in waiting.into_iter().zip(timelines) {
+            let t = timeline.unwrap_or(old);
             if t.first_sent_mono_ns != 0 {
                 self.converged(&p, &t);
             } else if now.duration_since(p.seen) >= SEND_WAIT {
@@ -450,7 +455,7 @@ impl Join<'_> {
         }
     }
 
-    fn found(&mut self, p: Pending, t: MoveTrace) {
+    fn found(&mut self, p: Pending, t: MoveTimeline) {
         let cached = p.applied_mono_ns.saturating_sub(t.committed_mono_ns);
         self.metrics.commit_to_cache.observe(cached as f64 / 1e9);
         if !p.is_move {
@@ -466,7 +471,7 @@ impl Join<'_> {
         }
     }
 
-    fn converged(&self, p: &Pending, t: &MoveTrace) {
+    fn converged(&self, p: &Pending, t: &MoveTimeline) {
         let c = convergence(p, t);
         if let Some(ms) = c.claim_to_first_send_ms {
             self.metrics.move_convergence.observe(ms / 1e3);
@@ -476,7 +481,7 @@ impl Join<'_> {
     }
 }
 
-fn convergence(p: &Pending, t: &MoveTrace) -> Convergence {
+fn convergence(p: &Pending, t: &MoveTimeline) -> Convergence {
     let ms = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1e6;
     let sent = (t.first_sent_mono_ns != 0).then_some(t.first_sent_mono_ns);
     Convergence {
@@ -517,12 +522,12 @@ mod tests {
 
     #[test]
     fn join_measures_this_replicas_moves_and_waits_for_the_first_send() {
-        let traces = MoveTraces::new(16);
+        let timelines = MoveTimelines::new(16);
         let metrics = Metrics::new();
         let feed = Feed::new();
         let mut rx = feed.subscribe();
         let ip: IpAddr = "10.10.0.11".parse().unwrap();
-        let trace = |first_sent| MoveTrace {
+        let timeline = |first_sent| MoveTimeline {
             vm_ip: ip,
             move_seq: 1,
             fe_id: "fe2".into(),
@@ -534,16 +539,21 @@ mod tests {
             last_sent_mono_ns: first_sent,
             streams_sent: u32::from(first_sent != 0),
         };
-        traces.committed(trace(0));
-        let mut join =
-            Join { feed: &feed, traces: &traces, metrics: &metrics, late: VecDeque::new(), awaiting: VecDeque::new() };
+        timelines.committed(timeline(0));
+        let mut join = Join {
+            feed: &feed,
+            timelines: &timelines,
+            metrics: &metrics,
+            late: VecDeque::new(),
+            awaiting: VecDeque::new(),
+        };
         // Seen "in a minute": no deadline passes while the test runs, however slow the machine.
         let seen = Instant::now() + Duration::from_secs(60);
         let p = Pending { revision: 9, vm_ip: ip, applied_mono_ns: 3_500_000, is_move: true, seen };
         join.arrived(vec![p.clone(), Pending { revision: 10, ..p.clone() }]);
         assert_eq!((join.awaiting.len(), join.late.len()), (1, 1), "9 is ours, 10 not (yet)");
         // The first agent stream sends it: the next tick publishes the convergence.
-        traces.sent(8, 9, 3_500_000, 5_000_000);
+        timelines.sent(8, 9, 3_500_000, 5_000_000);
         join.tick();
         let FeedEvent::Convergence { revision, convergence: Some(c), convergence_state, .. } = &*rx.try_recv().unwrap()
         else {
@@ -555,7 +565,7 @@ mod tests {
         assert_eq!(c.commit_to_first_send_ms, Some(2.0));
         assert_eq!(c.claim_to_first_send_ms, Some(4.0));
         assert!(join.awaiting.is_empty());
-        // Revision 10 has no trace after the late check: another replica committed it.
+        // Revision 10 has no timeline after the late check: another replica committed it.
         join.late[0].seen = Instant::now() - LATE_CHECK;
         join.tick();
         let FeedEvent::Convergence { revision: 10, convergence_state: "other_replica", .. } = &*rx.try_recv().unwrap()

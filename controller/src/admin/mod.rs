@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::cache::Cache;
 use crate::metrics::Metrics;
-use crate::trace::MoveTraces;
+use crate::move_timeline::MoveTimelines;
 
 /// What the admin handlers read.
 #[derive(Clone)]
@@ -26,8 +26,8 @@ pub struct AdminState {
     pub cache: Arc<Cache>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Move traces.
-    pub traces: Arc<MoveTraces>,
+    /// Per-move stage timestamps.
+    pub timelines: Arc<MoveTimelines>,
     /// Store answered the last probe.
     pub store_reachable: Arc<AtomicBool>,
     /// This replica runs housekeeping.
@@ -88,5 +88,5 @@ struct MovesQuery {
 }
 
 async fn moves(State(state): State<AdminState>, Query(q): Query<MovesQuery>) -> Response {
-    axum::Json(state.traces.list(q.vm)).into_response()
+    axum::Json(state.timelines.list(q.vm)).into_response()
 }

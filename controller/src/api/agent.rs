@@ -9,33 +9,27 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use ipnet::IpNet;
-use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 use victor_proto::Mac;
 use victor_proto::clock::monotonic_ns;
-use victor_proto::types::ip_from_bytes;
+use victor_proto::types::{ip_from_bytes, ip_to_bytes};
 use victor_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use victor_proto::v1::*;
-use victor_store::{Store, StoreError, Txn, TxnOp};
+use victor_store::Store;
 
 use super::ApiContext;
 use super::error::{ApiError, ApiResult};
 use super::validate::{self, is_host_in};
-use crate::cache::FeView;
-use crate::records::{FeRecord, SessionRecord, now_unix_nanos};
-use crate::registry::ValidObservation;
 use crate::registry::rules::Observed;
+use crate::registry::{FeRegistration, Reason, Refusal, Rejection, ValidObservation};
 use crate::stream::agent::{self as sync, SyncContext, SyncMessage};
 use crate::stream::encoded::{EncodedSync, SyncCodec};
-
-/// Observations of one Report processed concurrently: enough to fill several group-committed
-/// transactions (`registry::batch`) from a single Report.
-const REPORT_CONCURRENCY: usize = 4 * crate::registry::batch::MAX_BATCH;
+use crate::wire;
 
 /// The AgentService implementation.
 pub struct AgentApi<S: Store> {
@@ -46,22 +40,6 @@ impl<S: Store> AgentApi<S> {
     /// Serves from `ctx`.
     pub fn new(ctx: Arc<ApiContext<S>>) -> Self {
         AgentApi { ctx }
-    }
-
-    /// The FE's registration from the cache, or from the store if this replica has not seen it yet.
-    async fn registered_fe(&self, fe_id: &str) -> ApiResult<FeView> {
-        if let Some(fe) = self.ctx.cache.read(|s| s.fes.get(fe_id).cloned()) {
-            return Ok(fe);
-        }
-        let key = self.ctx.cache.keys().fe(fe_id);
-        let (kv, _) = self.ctx.registry.store().get(&key).await?;
-        let kv = kv.ok_or_else(|| {
-            ApiError::FailedPrecondition(format!("FE {fe_id} is not registered; call AgentService.Register first"))
-        })?;
-        let record = FeRecord::decode(kv.value.as_slice())
-            .map_err(|e| ApiError::Internal(format!("stored FE {fe_id} is corrupt: {e}")))?;
-        let underlay = ip_from_bytes(&record.underlay_addr).map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok(FeView { fe_id: fe_id.into(), underlay, record, revision: kv.mod_revision, session_revision: 0 })
     }
 
     async fn register(&self, req: RegisterRequest) -> ApiResult<RegisterResponse> {
@@ -95,50 +73,33 @@ impl<S: Store> AgentApi<S> {
         if prefixes.is_empty() {
             prefixes = ctx.mobile.to_strings();
         }
-        let (previous, clash) = ctx.cache.read(|s| {
-            let previous = s.fes.get(req.fe_id.as_str()).map(|f| f.record.session_lease);
-            let clash =
-                s.fes.values().find(|f| f.underlay == underlay && *f.fe_id != *req.fe_id).map(|f| f.fe_id.to_string());
-            (previous, clash)
-        });
-        if let Some(other) = clash {
-            return Err(ApiError::FailedPrecondition(format!(
-                "underlay_addr {underlay} is already registered by FE {other}; every FE needs its own underlay address"
-            )));
-        }
-        let lease = ctx.registry.store().lease_grant(ctx.session_ttl).await.map_err(ApiError::from)?;
-        let keys = ctx.cache.keys();
-        let record = FeRecord {
-            underlay_addr: victor_proto::types::ip_to_bytes(underlay),
+        let registration = FeRegistration {
+            fe_id: req.fe_id,
+            underlay,
             site: req.site,
             mobile_prefixes: prefixes,
-            registered_at_unix_nanos: now_unix_nanos(),
             agent_version: req.agent_version,
-            session_lease: lease,
         };
-        let session = SessionRecord { replica_id: ctx.replica_id.clone(), opened_at_unix_nanos: now_unix_nanos() };
-        let txn = Txn {
-            success: vec![
-                TxnOp::put(keys.fe(&req.fe_id), record.encode_to_vec()),
-                TxnOp::Put { key: keys.session(&req.fe_id), value: session.encode_to_vec(), lease },
-            ],
-            ..Default::default()
-        };
-        let result = ctx.registry.txn(txn).await?;
-        if let Some(old) = previous.filter(|old| *old != lease && *old != 0) {
-            // The old session's key now hangs on the new lease; drop the orphaned lease early.
-            let _ = ctx.registry.store().lease_revoke(old).await;
-        }
-        tracing::info!(fe_id = %req.fe_id, %underlay, "FE registered");
-        ctx.settle(result.revision).await;
+        let replica = &ctx.replica;
+        let revision = replica.registry.register_fe(registration, ctx.session_ttl, &replica.id).await?;
+        replica.settle(revision).await;
         let ttl_ms = ctx.session_ttl.as_millis() as u32;
         Ok(RegisterResponse {
             mobile_prefixes: ctx.mobile.to_strings(),
             heartbeat_interval_ms: ttl_ms / 4,
             session_ttl_ms: ttl_ms,
-            revision: result.revision,
-            replica_id: ctx.replica_id.clone(),
+            revision,
+            replica_id: replica.id.clone(),
         })
+    }
+
+    async fn heartbeat(&self, fe_id: &str) -> ApiResult<HeartbeatResponse> {
+        let registry = &self.ctx.replica.registry;
+        let fe = registry.registered_fe(fe_id).await?.ok_or_else(|| ApiError::NotFound(not_registered(fe_id)))?;
+        match registry.keep_session_alive(&fe).await? {
+            Some(ttl) => Ok(HeartbeatResponse { session_ttl_ms: ttl.as_millis() as u32 }),
+            None => Err(ApiError::NotFound(format!("the session of FE {fe_id} expired; call Register again"))),
+        }
     }
 
     async fn report(&self, req: ReportRequest) -> ApiResult<ReportResponse> {
@@ -150,64 +111,56 @@ impl<S: Store> AgentApi<S> {
                 req.observations.len()
             )));
         }
-        let fe = self.registered_fe(&req.fe_id).await?;
+        let registry = &self.ctx.replica.registry;
+        let fe = registry
+            .registered_fe(&req.fe_id)
+            .await?
+            .ok_or_else(|| ApiError::FailedPrecondition(not_registered(&req.fe_id)))?;
         let served: Vec<IpNet> = fe.record.mobile_prefixes.iter().filter_map(|p| p.parse().ok()).collect();
-        let fe = &fe;
-        let served = &served;
-        let results = futures::stream::iter(req.observations)
-            .map(|obs| async move {
-                match self.validate(obs, served) {
-                    Ok(valid) => self.ctx.registry.observe(fe, valid, received).await,
-                    Err((ip, reason, message)) => {
-                        self.ctx.metrics.claim("rejected");
-                        self.ctx.metrics.rejected(reason);
-                        ClaimResult {
-                            vm_ip: ip,
-                            outcome: ClaimOutcome::Rejected as i32,
-                            reject_reason: reason as i32,
-                            code: tonic::Code::InvalidArgument as i32,
-                            message,
-                            ..Default::default()
-                        }
-                    }
-                }
+        let (ips, checked): (Vec<Vec<u8>>, Vec<_>) = req
+            .observations
+            .into_iter()
+            .map(|obs| match self.validate(&obs, &served) {
+                Ok(valid) => (ip_to_bytes(valid.ip), Ok(valid)),
+                Err(rejection) => (obs.vm_ip, Err(rejection)),
             })
-            .buffered(REPORT_CONCURRENCY)
-            .collect()
-            .await;
+            .unzip();
+        let claims = registry.report(&fe, checked, received).await;
+        let results = ips
+            .into_iter()
+            .zip(claims)
+            .map(|(ip, claim)| match claim {
+                Ok(claim) => wire::claim_result(ip, &claim),
+                Err(err) => wire::claim_failure(ip, &Status::from(err)),
+            })
+            .collect();
         Ok(ReportResponse { results })
     }
 
-    fn validate(
-        &self,
-        obs: VmObservation,
-        served: &[IpNet],
-    ) -> Result<ValidObservation, (Vec<u8>, RejectReason, String)> {
-        let ip = match ip_from_bytes(&obs.vm_ip) {
-            Ok(ip) => ip,
-            Err(e) => return Err((obs.vm_ip, RejectReason::Malformed, format!("vm_ip: {e}"))),
-        };
-        let mac = match Mac::from_bytes(&obs.mac) {
-            Ok(mac) => mac,
-            Err(e) => return Err((obs.vm_ip, RejectReason::Malformed, format!("mac: {e}"))),
-        };
+    /// Checks one observation's addresses and kind, and that its IP is a mobile host address
+    /// this FE serves.
+    fn validate(&self, obs: &VmObservation, served: &[IpNet]) -> Result<ValidObservation, Rejection> {
+        let invalid = |reason, message: String| Rejection::new(reason, Refusal::Invalid, message);
+        let ip = ip_from_bytes(&obs.vm_ip).map_err(|e| invalid(Reason::Malformed, format!("vm_ip: {e}")))?;
+        let mac = Mac::from_bytes(&obs.mac).map_err(|e| invalid(Reason::Malformed, format!("mac: {e}")))?;
         let kind = match ObservationKind::try_from(obs.kind) {
             Ok(ObservationKind::Learned) => Observed::Learned,
             Ok(ObservationKind::Gone) => Observed::Gone,
-            _ => return Err((obs.vm_ip, RejectReason::Malformed, "kind must be LEARNED or GONE".into())),
+            _ => return Err(invalid(Reason::Malformed, "kind must be LEARNED or GONE".into())),
         };
-        if let Err(message) = self.ctx.mobile.check_vm_ip(ip) {
-            return Err((obs.vm_ip, RejectReason::OutsideMobilePrefix, message));
-        }
+        self.ctx.mobile.check_vm_ip(ip).map_err(|message| invalid(Reason::OutsideMobilePrefix, message))?;
         if !is_host_in(ip, served) {
-            return Err((
-                obs.vm_ip,
-                RejectReason::OutsideMobilePrefix,
+            return Err(invalid(
+                Reason::OutsideMobilePrefix,
                 format!("{ip} is outside the prefixes this FE registered to serve"),
             ));
         }
         Ok(ValidObservation { ip, mac, kind, observed_at: obs.observed_at_unix_nanos })
     }
+}
+
+fn not_registered(fe_id: &str) -> String {
+    format!("FE {fe_id} is not registered; call AgentService.Register first")
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncUpdate, Status>> + Send>>;
@@ -226,17 +179,7 @@ impl<S: Store> AgentService for AgentApi<S> {
         validate::name("fe_id", fe_id)?;
         self.ctx.auth.authorize_fe(&request, fe_id)?;
         self.ctx.ready()?;
-        let fe = self.registered_fe(fe_id).await.map_err(|e| match e {
-            ApiError::FailedPrecondition(m) => ApiError::NotFound(m),
-            other => other,
-        })?;
-        match self.ctx.registry.store().lease_keep_alive(fe.record.session_lease).await {
-            Ok(ttl) => Ok(Response::new(HeartbeatResponse { session_ttl_ms: ttl.as_millis() as u32 })),
-            Err(StoreError::LeaseNotFound(_)) => {
-                Err(ApiError::NotFound(format!("the session of FE {fe_id} expired; call Register again")).into())
-            }
-            Err(err) => Err(ApiError::from(err).into()),
-        }
+        Ok(Response::new(self.heartbeat(fe_id).await?))
     }
 
     async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
@@ -263,13 +206,14 @@ impl<S: Store> AgentApi<S> {
         validate::name("fe_id", &req.fe_id)?;
         self.ctx.auth.authorize_fe(&request, &req.fe_id)?;
         self.ctx.ready()?;
+        let replica = &self.ctx.replica;
         let ctx = SyncContext {
-            cache: self.ctx.cache.clone(),
-            metrics: self.ctx.metrics.clone(),
-            traces: self.ctx.traces.clone(),
+            cache: replica.cache.clone(),
+            metrics: replica.metrics.clone(),
+            timelines: replica.timelines.clone(),
             mobile_prefixes: self.ctx.mobile.to_strings(),
-            shutdown: self.ctx.shutdown.clone(),
-            backfill: self.ctx.backfill.clone(),
+            shutdown: replica.shutdown.clone(),
+            backfill: replica.backfill.clone(),
         };
         let req = request.into_inner();
         Ok(sync::start(ctx, req.fe_id, req.from_revision))
@@ -362,16 +306,17 @@ mod tests {
     use crate::keys::Keys;
     use crate::lease::KeptLease;
     use crate::metrics::Metrics;
+    use crate::move_timeline::MoveTimelines;
     use crate::registry::Registry;
     use crate::registry::rules::Rules;
-    use crate::trace::MoveTraces;
+    use crate::replica::Replica;
 
     /// A replica on the embedded store serving only [`AgentGrpc`].
     async fn serve(dir: &std::path::Path) -> (AgentServiceClient<Channel>, tokio::sync::watch::Sender<bool>) {
         let store = EmbeddedStore::open(&dir.join("s.redb"), EmbeddedOptions::default()).await.unwrap();
         let cache = Cache::new(Keys::new("/t"), 10_000);
         let metrics = Arc::new(Metrics::new());
-        let traces = Arc::new(MoveTraces::new(64));
+        let timelines = Arc::new(MoveTimelines::new(64));
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let presence = loader::Presence {
             replica_id: "r1".into(),
@@ -383,20 +328,23 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let backfill = Arc::new(crate::cache::backfill::Backfiller::new(store.clone(), cache.clone(), "r1".into()));
-        let ctx = Arc::new(ApiContext {
-            registry: Registry::new(store, cache.clone(), Rules::default(), metrics.clone(), traces.clone()),
+        let replica = Arc::new(Replica {
+            id: "r1".into(),
+            registry: Registry::new(store, cache.clone(), Rules::default(), metrics.clone(), timelines.clone()),
             cache,
-            backfill,
             metrics,
-            traces,
-            mobile: super::validate::MobilePrefixes::new(vec!["10.10.0.0/16".parse().unwrap()]),
-            replica_id: "r1".into(),
-            session_ttl: Duration::from_secs(10),
-            max_report_observations: 1024,
+            timelines,
             store_reachable: Arc::new(AtomicBool::new(true)),
             is_housekeeper: Arc::new(AtomicBool::new(false)),
-            auth: Default::default(),
             shutdown: shutdown_rx,
+            backfill,
+        });
+        let ctx = Arc::new(ApiContext {
+            replica,
+            mobile: super::validate::MobilePrefixes::new(vec!["10.10.0.0/16".parse().unwrap()]),
+            session_ttl: Duration::from_secs(10),
+            max_report_observations: 1024,
+            auth: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

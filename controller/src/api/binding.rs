@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures::Stream;
 use ipnet::IpNet;
@@ -14,10 +15,10 @@ use victor_store::Store;
 
 use super::auth::Role;
 use super::error::{ApiError, ApiResult};
-use super::{ApiContext, convert, validate};
-use crate::records::{VmRecord, now_unix_nanos};
-use crate::registry::rules::{self, Verdict};
+use super::{ApiContext, validate};
+use crate::records::VmRecord;
 use crate::stream::bindings::{self as watch, WatchSpec};
+use crate::wire;
 
 /// Default lifetime of a migration announcement.
 const DEFAULT_ANNOUNCE_TTL: u32 = 300;
@@ -42,8 +43,9 @@ impl<S: Store> BindingApi<S> {
 
     fn binding_of(&self, ip: IpAddr) -> ApiResult<Binding> {
         self.ctx
+            .replica
             .cache
-            .read(|s| s.bindings.get(&ip).map(|b| convert::binding(s, ip, b)))
+            .read(|s| s.bindings.get(&ip).map(|b| wire::binding(s, ip, b)))
             .ok_or_else(|| ApiError::NotFound(format!("VM {ip} has no binding")))
     }
 
@@ -69,9 +71,10 @@ impl<S: Store> BindingApi<S> {
             )));
         }
         let record = VmRecord { mac: mac.octets().to_vec(), allowed_sites: sites, description: req.description };
-        let revision = self.ctx.registry.declare(ip, record).await?;
-        self.ctx.settle(revision).await;
-        self.ctx.cache.read(|s| s.vms.get(&ip).map(|v| convert::vm(ip, v))).ok_or_else(|| {
+        let replica = &self.ctx.replica;
+        let revision = replica.registry.declare(ip, record).await?;
+        replica.settle(revision).await;
+        replica.cache.read(|s| s.vms.get(&ip).map(|v| wire::vm(ip, v))).ok_or_else(|| {
             ApiError::Unavailable("declaration committed but not yet visible; retry GetBinding/ListVms".into())
         })
     }
@@ -88,63 +91,18 @@ impl<S: Store> BindingApi<S> {
             }
             t => t,
         };
-        let site =
-            self.ctx.cache.read(|s| s.fes.get(req.target_fe_id.as_str()).map(|f| f.record.site.clone())).ok_or_else(
-                || {
-                    ApiError::NotFound(format!(
-                        "FE {:?} is not registered (ListFes shows the registered FEs)",
-                        req.target_fe_id
-                    ))
-                },
-            )?;
-        let rules = *self.ctx.registry.rules();
-        let committed = self
-            .ctx
-            .registry
-            .cas(ip, |cur| {
-                let now = now_unix_nanos();
-                let until = now + i64::from(ttl) * 1_000_000_000;
-                rules::decide_announcement(
-                    &rules,
-                    cur.binding(),
-                    cur.vm(),
-                    &req.target_fe_id,
-                    &site,
-                    req.commit,
-                    until,
-                    now,
-                )
-            })
-            .await?;
-        if let Verdict::Reject(r) = committed.verdict {
-            return Err(ApiError::Rejected(r));
-        }
-        self.ctx.settle(committed.revision).await;
+        let replica = &self.ctx.replica;
+        let ttl = Duration::from_secs(u64::from(ttl));
+        let revision = replica.registry.announce(ip, &req.target_fe_id, req.commit, ttl).await?;
+        replica.settle(revision).await;
         self.binding_of(ip)
     }
 
     async fn clear(&self, req: ClearDampingRequest) -> ApiResult<Binding> {
         let ip = validate::vm_ip(&req.vm_ip, &self.ctx.mobile)?;
-        let committed = self
-            .ctx
-            .registry
-            .cas(ip, |cur| match cur.binding() {
-                None => Verdict::Reject(rules::Rejection {
-                    reason: RejectReason::Unspecified,
-                    code: tonic::Code::NotFound,
-                    message: format!("VM {ip} has no binding"),
-                }),
-                Some(b) => match rules::clear_damping(b, now_unix_nanos()) {
-                    Ok(next) => Verdict::Write(next, rules::Change::Updated),
-                    Err(r) => Verdict::Reject(r),
-                },
-            })
-            .await?;
-        if let Verdict::Reject(r) = committed.verdict {
-            return Err(ApiError::Rejected(r));
-        }
-        tracing::info!(vm_ip = %ip, "flap damping cleared by operator");
-        self.ctx.settle(committed.revision).await;
+        let replica = &self.ctx.replica;
+        let revision = replica.registry.clear_damping(ip).await?;
+        replica.settle(revision).await;
         self.binding_of(ip)
     }
 
@@ -161,7 +119,7 @@ impl<S: Store> BindingApi<S> {
         if !req.fe_id.is_empty() {
             validate::name("fe_id", &req.fe_id)?;
         }
-        let (mut bindings, revision) = self.ctx.cache.read_with_revision(|s| {
+        let (mut bindings, revision) = self.ctx.replica.cache.read_with_revision(|s| {
             let range = match after {
                 Some(ip) => s.bindings.range((std::ops::Bound::Excluded(ip), std::ops::Bound::Unbounded)),
                 None => s.bindings.range(..),
@@ -171,7 +129,7 @@ impl<S: Store> BindingApi<S> {
                     prefix.is_none_or(|p| p.contains(*ip)) && (req.fe_id.is_empty() || *b.fe_id == *req.fe_id)
                 })
                 .take(size + 1)
-                .map(|(ip, b)| convert::binding(s, *ip, b))
+                .map(|(ip, b)| wire::binding(s, *ip, b))
                 .collect::<Vec<_>>()
         });
         let next_page_token = if bindings.len() > size {
@@ -186,12 +144,12 @@ impl<S: Store> BindingApi<S> {
     fn list_vms_page(&self, req: ListVmsRequest) -> ApiResult<ListVmsResponse> {
         let size = validate::page_size(req.page_size)?;
         let after = validate::page_token(&req.page_token)?;
-        let mut vms = self.ctx.cache.read(|s| {
+        let mut vms = self.ctx.replica.cache.read(|s| {
             let range = match after {
                 Some(ip) => s.vms.range((std::ops::Bound::Excluded(ip), std::ops::Bound::Unbounded)),
                 None => s.vms.range(..),
             };
-            range.take(size + 1).map(|(ip, v)| convert::vm(*ip, v)).collect::<Vec<_>>()
+            range.take(size + 1).map(|(ip, v)| wire::vm(*ip, v)).collect::<Vec<_>>()
         });
         let next_page_token = if vms.len() > size {
             vms.truncate(size);
@@ -220,8 +178,9 @@ impl<S: Store> BindingService for BindingApi<S> {
         self.guard(&request, Role::ReadWrite)?;
         let req = request.into_inner();
         let ip = validate::vm_ip(&req.vm_ip, &self.ctx.mobile)?;
-        let revision = self.ctx.registry.undeclare(ip, req.remove_binding).await?;
-        self.ctx.settle(revision).await;
+        let replica = &self.ctx.replica;
+        let revision = replica.registry.undeclare(ip, req.remove_binding).await?;
+        replica.settle(revision).await;
         Ok(Response::new(UndeclareVmResponse { revision }))
     }
 
@@ -265,21 +224,22 @@ impl<S: Store> BindingService for BindingApi<S> {
                     .map_err(|_| ApiError::InvalidArgument(format!("prefix {:?} is not a CIDR prefix", req.prefix)))?,
             )
         };
-        if req.from_revision > self.ctx.cache.revision() + 1_000_000 {
+        if req.from_revision > self.ctx.replica.cache.revision() + 1_000_000 {
             return Err(ApiError::InvalidArgument(format!(
                 "from_revision {} is in the future (current {})",
                 req.from_revision,
-                self.ctx.cache.revision()
+                self.ctx.replica.cache.revision()
             ))
             .into());
         }
         let spec = WatchSpec { from_revision: req.from_revision, include_snapshot: req.include_snapshot, prefix };
+        let replica = &self.ctx.replica;
         Ok(Response::new(Box::pin(watch::start(
-            self.ctx.cache.clone(),
-            self.ctx.metrics.clone(),
+            replica.cache.clone(),
+            replica.metrics.clone(),
             spec,
-            self.ctx.shutdown.clone(),
-            self.ctx.backfill.clone(),
+            replica.shutdown.clone(),
+            replica.backfill.clone(),
         ))))
     }
 
@@ -290,7 +250,7 @@ impl<S: Store> BindingService for BindingApi<S> {
 
     async fn list_fes(&self, request: Request<ListFesRequest>) -> Result<Response<ListFesResponse>, Status> {
         self.guard(&request, Role::ReadOnly)?;
-        let fes = self.ctx.cache.read(|s| s.fes.values().map(|f| convert::fe(s, f)).collect());
+        let fes = self.ctx.replica.cache.read(|s| s.fes.values().map(|f| wire::fe(s, f)).collect());
         Ok(Response::new(ListFesResponse { fes }))
     }
 
@@ -305,8 +265,8 @@ impl<S: Store> BindingService for BindingApi<S> {
 
     async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
         self.ctx.auth.authorize_role(&request, Role::ReadOnly)?;
-        let ctx = &self.ctx;
-        let (binding_count, fe_count, housekeeper_id) = ctx.cache.read(|s| {
+        let replica = &self.ctx.replica;
+        let (binding_count, fe_count, housekeeper_id) = replica.cache.read(|s| {
             (
                 s.bindings.len() as u64,
                 s.fes.len() as u64,
@@ -314,15 +274,15 @@ impl<S: Store> BindingService for BindingApi<S> {
             )
         });
         Ok(Response::new(GetStatusResponse {
-            replica_id: ctx.replica_id.clone(),
-            store_kind: ctx.registry.store().kind().to_owned(),
-            store_reachable: ctx.store_reachable.load(Ordering::Relaxed),
-            cache_revision: ctx.cache.revision(),
+            replica_id: replica.id.clone(),
+            store_kind: replica.registry.store().kind().to_owned(),
+            store_reachable: replica.store_reachable.load(Ordering::Relaxed),
+            cache_revision: replica.cache.revision(),
             housekeeper_id,
             binding_count,
             fe_count,
-            agent_streams: ctx.metrics.agent_streams.get().max(0) as u64,
-            mobile_prefixes: ctx.mobile.to_strings(),
+            agent_streams: replica.metrics.agent_streams.get().max(0) as u64,
+            mobile_prefixes: self.ctx.mobile.to_strings(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }))
     }

@@ -1,9 +1,11 @@
-//! API errors and their gRPC status codes. Every message says what the caller should fix.
+//! API errors and their gRPC status codes, and how the registry's and the store's errors become
+//! them. Every message says what the caller should fix.
 
 use tonic::{Code, Status};
 use victor_store::StoreError;
 
-use crate::registry::rules::Rejection;
+use crate::registry::{RegistryError, Rejection};
+use crate::wire;
 
 /// An error returned by a controller RPC.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,7 +47,7 @@ impl ApiError {
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::Unavailable(_) => Code::Unavailable,
-            ApiError::Rejected(r) => r.code,
+            ApiError::Rejected(r) => wire::status_code(r.refusal),
             ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -69,6 +71,25 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> Self {
+        match err {
+            RegistryError::Rejected(r) => ApiError::Rejected(r),
+            RegistryError::Store(err) => err.into(),
+            RegistryError::StoreUnreachable
+            | RegistryError::BindingContended(_)
+            | RegistryError::DeclarationContended(_) => ApiError::Unavailable(err.to_string()),
+            RegistryError::Corrupt { .. } => ApiError::Internal(err.to_string()),
+        }
+    }
+}
+
+impl From<RegistryError> for Status {
+    fn from(err: RegistryError) -> Self {
+        ApiError::from(err).into()
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
         Status::new(err.code(), err.to_string())
@@ -77,3 +98,49 @@ impl From<ApiError> for Status {
 
 /// Result alias of the API layer.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::registry::{Reason, Refusal};
+
+    #[test]
+    fn registry_errors_keep_their_status_codes_and_messages() {
+        let ip: IpAddr = "10.10.0.11".parse().unwrap();
+        let rejected = |refusal| RegistryError::Rejected(Rejection::new(Reason::Stale, refusal, "why"));
+        let cases = [
+            (
+                RegistryError::StoreUnreachable,
+                Code::Unavailable,
+                "the store is unreachable from this controller replica (its health probe fails); nothing was \
+                 written, retry later",
+            ),
+            (
+                RegistryError::BindingContended(ip),
+                Code::Unavailable,
+                "binding of 10.10.0.11 is changing too fast (gave up after 16 compare-and-swap conflicts); retry",
+            ),
+            (RegistryError::DeclarationContended(ip), Code::Unavailable, "VM 10.10.0.11 is changing too fast; retry"),
+            (
+                RegistryError::Corrupt { what: "binding".into(), detail: "bad wire type".into() },
+                Code::Internal,
+                "internal error: stored binding is corrupt: bad wire type",
+            ),
+            (
+                RegistryError::Store(StoreError::Unavailable("connection refused".into())),
+                Code::Unavailable,
+                "the store is unavailable (connection refused); nothing was written, retry later",
+            ),
+            (rejected(Refusal::Invalid), Code::InvalidArgument, "why"),
+            (rejected(Refusal::Absent), Code::NotFound, "why"),
+            (rejected(Refusal::Precondition), Code::FailedPrecondition, "why"),
+            (rejected(Refusal::Forbidden), Code::PermissionDenied, "why"),
+        ];
+        for (err, code, message) in cases {
+            let status = Status::from(err);
+            assert_eq!((status.code(), status.message()), (code, message));
+        }
+    }
+}

@@ -9,36 +9,36 @@ use victor_store::{Compare, KeyRange, Store, Txn, TxnOp};
 
 use super::HousekeepingConfig;
 use super::tasks::Timers;
-use crate::api::ApiContext;
 use crate::lease::KeptLease;
+use crate::replica::Replica;
 
 /// Campaigns for the housekeeping role and runs the timers while holding it, until `shutdown`.
 pub async fn run<S: Store>(
-    ctx: Arc<ApiContext<S>>,
+    replica: Arc<Replica<S>>,
     lease: Arc<KeptLease<S>>,
     config: HousekeepingConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let key = ctx.cache.keys().election();
+    let key = replica.cache.keys().election();
     let mut lost = lease.lost();
-    let mut revisions = ctx.cache.subscribe();
+    let mut revisions = replica.cache.subscribe();
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let holder = ctx.cache.read(|s| s.housekeeper.as_ref().map(|h| h.0.clone()));
-        let can_campaign = ctx.cache.is_loaded() && holder.as_deref().is_none_or(|h| h == ctx.replica_id);
-        if can_campaign && campaign(&ctx, &lease, &key).await {
-            tracing::info!(replica = %ctx.replica_id, "elected for housekeeping");
-            ctx.is_housekeeper.store(true, Ordering::Relaxed);
-            lead(&ctx, config, &mut lost, &mut shutdown).await;
-            ctx.is_housekeeper.store(false, Ordering::Relaxed);
+        let holder = replica.cache.read(|s| s.housekeeper.as_ref().map(|h| h.0.clone()));
+        let can_campaign = replica.cache.is_loaded() && holder.as_deref().is_none_or(|h| h == replica.id);
+        if can_campaign && campaign(&replica, &lease, &key).await {
+            tracing::info!(replica = %replica.id, "elected for housekeeping");
+            replica.is_housekeeper.store(true, Ordering::Relaxed);
+            lead(&replica, config, &mut lost, &mut shutdown).await;
+            replica.is_housekeeper.store(false, Ordering::Relaxed);
             if *shutdown.borrow() {
                 // Hand over at once: our key vanishes with the lease.
                 lease.revoke().await;
                 return;
             }
-            tracing::warn!(replica = %ctx.replica_id, "lost the housekeeping role");
+            tracing::warn!(replica = %replica.id, "lost the housekeeping role");
             continue;
         }
         tokio::select! {
@@ -50,20 +50,20 @@ pub async fn run<S: Store>(
 }
 
 /// One attempt to take (or confirm) the role.
-async fn campaign<S: Store>(ctx: &ApiContext<S>, lease: &KeptLease<S>, key: &[u8]) -> bool {
+async fn campaign<S: Store>(replica: &Replica<S>, lease: &KeptLease<S>, key: &[u8]) -> bool {
     let Ok(lease_id) = lease.id().await else { return false };
     let txn = Txn {
         compares: vec![Compare::absent(key.to_vec())],
-        success: vec![TxnOp::Put { key: key.to_vec(), value: ctx.replica_id.clone().into_bytes(), lease: lease_id }],
+        success: vec![TxnOp::Put { key: key.to_vec(), value: replica.id.clone().into_bytes(), lease: lease_id }],
         failure: vec![TxnOp::Get(KeyRange::key(key.to_vec()))],
     };
-    match ctx.registry.store().txn(txn).await {
+    match replica.registry.store().txn(txn).await {
         Ok(result) if result.succeeded => true,
         Ok(result) => result
             .reads
             .first()
             .and_then(|r| r.kvs.first())
-            .is_some_and(|kv| kv.value == ctx.replica_id.as_bytes() && kv.lease == lease_id),
+            .is_some_and(|kv| kv.value == replica.id.as_bytes() && kv.lease == lease_id),
         Err(err) => {
             tracing::debug!(%err, "housekeeping campaign failed");
             false
@@ -73,7 +73,7 @@ async fn campaign<S: Store>(ctx: &ApiContext<S>, lease: &KeptLease<S>, key: &[u8
 
 /// Runs the timers until the lease is lost, another replica shows up as holder, or shutdown.
 async fn lead<S: Store>(
-    ctx: &ApiContext<S>,
+    replica: &Replica<S>,
     config: HousekeepingConfig,
     lost: &mut watch::Receiver<u64>,
     shutdown: &mut watch::Receiver<bool>,
@@ -84,11 +84,11 @@ async fn lead<S: Store>(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let holder = ctx.cache.read(|s| s.housekeeper.as_ref().map(|h| h.0.clone()));
-                if holder.as_deref().is_some_and(|h| h != ctx.replica_id) {
+                let holder = replica.cache.read(|s| s.housekeeper.as_ref().map(|h| h.0.clone()));
+                if holder.as_deref().is_some_and(|h| h != replica.id) {
                     return;
                 }
-                timers.run(ctx, config).await;
+                timers.run(replica, config).await;
             }
             _ = lost.changed() => return,
             _ = shutdown.changed() => return,

@@ -5,12 +5,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use victor_store::Store;
+use victor_store::{Revision, Store};
 
 use super::HousekeepingConfig;
-use crate::api::ApiContext;
 use crate::records::now_unix_nanos;
-use crate::registry::rules::{self, Change, Verdict};
+use crate::registry::RegistryResult;
+use crate::replica::Replica;
 
 /// Housekeeper-local memory (restarts with the role: conservative after a fail-over).
 #[derive(Default)]
@@ -20,10 +20,10 @@ pub(super) struct Timers {
 }
 
 impl Timers {
-    pub(super) async fn run<S: Store>(&mut self, ctx: &ApiContext<S>, config: HousekeepingConfig) {
+    pub(super) async fn run<S: Store>(&mut self, replica: &Replica<S>, config: HousekeepingConfig) {
         let now = now_unix_nanos();
         let hold_ns = config.damping_hold.as_nanos() as i64;
-        let (expired_pending, unfreeze, down): (Vec<IpAddr>, Vec<IpAddr>, Vec<Arc<str>>) = ctx.cache.read(|s| {
+        let (expired_pending, unfreeze, down): (Vec<IpAddr>, Vec<IpAddr>, Vec<Arc<str>>) = replica.cache.read(|s| {
             let mut expired = Vec::new();
             let mut thaw = Vec::new();
             for (ip, b) in &s.bindings {
@@ -39,20 +39,13 @@ impl Timers {
             let down = s.fes.values().filter(|f| !f.up()).map(|f| f.fe_id.clone()).collect();
             (expired, thaw, down)
         });
+        let registry = &replica.registry;
         for ip in expired_pending {
-            self.apply(ctx, ip, |cur| match cur.binding().and_then(|b| rules::expire_pending(b, now_unix_nanos())) {
-                Some(next) => Verdict::Write(next, Change::Updated),
-                None => Verdict::Unchanged,
-            })
-            .await;
+            report(ip, registry.expire_announcement(ip).await);
         }
         for ip in unfreeze {
             tracing::info!(vm_ip = %ip, "damping hold expired; unfreezing");
-            self.apply(ctx, ip, |cur| match cur.binding().map(|b| rules::clear_damping(b, now_unix_nanos())) {
-                Some(Ok(next)) => Verdict::Write(next, Change::Updated),
-                _ => Verdict::Unchanged,
-            })
-            .await;
+            report(ip, registry.thaw(ip).await);
         }
         self.down_since.retain(|fe, _| down.contains(fe));
         for fe in &down {
@@ -69,29 +62,20 @@ impl Timers {
             .collect();
         for fe in dead {
             let ips: Vec<IpAddr> =
-                ctx.cache.read(|s| s.bindings.iter().filter(|(_, b)| b.fe_id == fe).map(|(ip, _)| *ip).collect());
+                replica.cache.read(|s| s.bindings.iter().filter(|(_, b)| b.fe_id == fe).map(|(ip, _)| *ip).collect());
             if !ips.is_empty() {
                 tracing::warn!(fe_id = %fe, bindings = ips.len(), "FE down longer than --fe-dead-after; removing its bindings");
             }
             for ip in ips {
-                let fe = fe.clone();
-                self.apply(ctx, ip, move |cur| match cur.binding() {
-                    Some(b) if *b.fe_id == *fe => Verdict::Delete,
-                    _ => Verdict::Unchanged,
-                })
-                .await;
+                report(ip, registry.remove_if_bound_to(ip, &fe).await);
             }
         }
     }
+}
 
-    async fn apply<S: Store>(
-        &self,
-        ctx: &ApiContext<S>,
-        ip: IpAddr,
-        decide: impl FnMut(&crate::registry::Current) -> Verdict,
-    ) {
-        if let Err(err) = ctx.registry.cas(ip, decide).await {
-            tracing::warn!(vm_ip = %ip, %err, "housekeeping update failed; will retry next tick");
-        }
+/// Logs a failed update (the next tick tries again).
+fn report(ip: IpAddr, result: RegistryResult<Revision>) {
+    if let Err(err) = result {
+        tracing::warn!(vm_ip = %ip, %err, "housekeeping update failed; will retry next tick");
     }
 }

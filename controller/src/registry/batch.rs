@@ -13,14 +13,14 @@
 //! alone at once (no added latency); under load, claims queue while [`MAX_INFLIGHT`] transactions
 //! are in flight and the next transaction takes them all.
 //!
-//! A transaction unanswered after [`SLOW_TXN`] gives its slot up and keeps waiting for its answer.
-//! When the etcd leader dies, followers forward the writes in flight to it and etcd 3.4 answers
-//! them only at our deadline (`--etcd-timeout`, 3 s): every slot used to sit out that deadline,
-//! and no claim committed for 3 s although etcd had a new leader after ~0.6 s. Now later batches
-//! go out meanwhile and commit once the followers know the new leader (fault suite: first commit
-//! 1.27 s after the kill instead of 3.0 s). At most [`MAX_OUTSTANDING`] transactions are in flight
-//! counting the slow ones. CAS keeps this safe: a claim overtaken by a later transaction on the
-//! same key fails its compare and is decided again.
+//! A transaction unanswered after [`SLOW_TXN`] gives its slot up and keeps waiting for its answer,
+//! so a transaction stuck on a store that cannot answer yet never holds back later claims: when
+//! the etcd leader dies, followers forward the writes in flight to it and etcd answers them only
+//! at our request deadline (`--etcd-timeout`), while later batches can commit as soon as the
+//! followers know the new leader. At most [`MAX_OUTSTANDING`] transactions are in flight counting
+//! the slow ones. CAS keeps this safe: a claim overtaken by a later transaction on the same key
+//! fails its compare and is decided again. docs/faults.md ("the leader-kill stall") and
+//! BENCHMARKS.md report the write gap this leaves after a leader kill.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -37,7 +37,8 @@ pub const MAX_BATCH: usize = MAX_TXN_OPS / 2;
 /// Batch transactions in flight at once (not counting slow ones).
 pub const MAX_INFLIGHT: usize = 4;
 /// A transaction in flight this long stops holding one of the [`MAX_INFLIGHT`] slots: well above
-/// a healthy commit (p99 ≤ 50 ms even with 1,000 FEs here), well below a leader failover.
+/// a healthy commit (BENCHMARKS.md: the store floor and the 1,000-FE runs), well below a leader
+/// failover.
 pub const SLOW_TXN: Duration = Duration::from_millis(250);
 /// Transactions in flight at most, slow ones included.
 pub const MAX_OUTSTANDING: usize = 64;

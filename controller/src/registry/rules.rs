@@ -1,20 +1,20 @@
-//! The binding rules (BRIEF invariants I1–I4) as pure functions: given the stored binding, the
-//! VM's declaration and one observation or command, decide what to write. No IO, no clocks (the
-//! caller passes `now`), so every rule is unit- and property-tested here; the IO layer
-//! ([`super::Registry`]) only adds compare-and-swap and retries.
+//! The binding rules (docs/design.md, invariants I1–I4) as pure functions: given the stored
+//! binding, the VM's declaration and one observation or command, decide what to write. No IO, no
+//! clocks (the caller passes `now`), so every rule is unit- and property-tested here; the
+//! registry's IO layer only adds compare-and-swap and retries.
 //!
-//! Ordering rules (I2): a binding moves only to an observation that is strictly newer than the
+//! Ordering (invariant I2): a binding moves only to an observation that is strictly newer than the
 //! one it holds (observation time, then FE id as a deterministic tie-break), so a late or stale
 //! report never rolls a newer binding back, and racing claims converge on the newest one whatever
 //! order they are committed in.
 
-use tonic::Code;
 use victor_proto::Mac;
-use victor_proto::v1::{BindingSource, RejectReason};
 
-use crate::records::{BindingRecord, VmRecord};
+use super::rejection::{Reason, Refusal, Rejection};
+use crate::records::{BindingRecord, BindingSource, VmRecord};
 
-/// Flap damping parameters (I4): more than `max_moves` moves within `window_ns` freeze a binding.
+/// Flap damping parameters (invariant I4): more than `max_moves` moves within `window_ns` freeze
+/// a binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DampingPolicy {
     /// Moves allowed within the window.
@@ -68,23 +68,6 @@ pub struct Observation<'a> {
     pub observed_at: i64,
 }
 
-/// A refusal: the reason for metrics/agents, a gRPC code and a message saying what to fix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    /// Machine-readable reason.
-    pub reason: RejectReason,
-    /// The gRPC code a single-item API returns.
-    pub code: Code,
-    /// Human-readable explanation.
-    pub message: String,
-}
-
-impl Rejection {
-    fn new(reason: RejectReason, code: Code, message: impl Into<String>) -> Self {
-        Rejection { reason, code, message: message.into() }
-    }
-}
-
 /// What kind of change a write is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -123,8 +106,8 @@ pub fn decide_observation(
 ) -> Verdict {
     if obs.observed_at <= 0 || obs.observed_at > now.saturating_add(rules.max_clock_skew_ns) {
         return Verdict::Reject(Rejection::new(
-            RejectReason::BadTimestamp,
-            Code::InvalidArgument,
+            Reason::BadTimestamp,
+            Refusal::Invalid,
             format!(
                 "observation time {} ns is unusable (controller time {now} ns); check the FE's clock (NTP)",
                 obs.observed_at
@@ -146,8 +129,8 @@ fn decide_learned(
 ) -> Verdict {
     if !obs.mac.is_unicast() {
         return Verdict::Reject(Rejection::new(
-            RejectReason::Malformed,
-            Code::InvalidArgument,
+            Reason::Malformed,
+            Refusal::Invalid,
             format!("MAC {} is not a unicast address", obs.mac),
         ));
     }
@@ -155,8 +138,8 @@ fn decide_learned(
         Some(vm) => {
             if vm.mac != obs.mac.octets() {
                 return Verdict::Reject(Rejection::new(
-                    RejectReason::MacMismatch,
-                    Code::PermissionDenied,
+                    Reason::MacMismatch,
+                    Refusal::Forbidden,
                     format!(
                         "VM is declared with MAC {} but FE {} saw MAC {}; refusing a possibly spoofed claim",
                         display_mac(&vm.mac),
@@ -171,8 +154,8 @@ fn decide_learned(
         }
         None if rules.require_declared => {
             return Verdict::Reject(Rejection::new(
-                RejectReason::Undeclared,
-                Code::FailedPrecondition,
+                Reason::Undeclared,
+                Refusal::Precondition,
                 "VM is not declared and the controller requires declared VMs; call BindingService.DeclareVm first",
             ));
         }
@@ -218,8 +201,8 @@ fn decide_learned(
 
     if !is_newer(obs.observed_at, obs.fe_id, cur.observed_at_unix_nanos, &cur.fe_id) {
         return Verdict::Reject(Rejection::new(
-            RejectReason::Stale,
-            Code::FailedPrecondition,
+            Reason::Stale,
+            Refusal::Precondition,
             format!(
                 "observation at {} ns is not newer than the binding to FE {} observed at {} ns; ignoring the stale report",
                 obs.observed_at, cur.fe_id, cur.observed_at_unix_nanos
@@ -235,15 +218,15 @@ fn decide_learned(
 fn decide_gone(current: Option<&BindingRecord>, obs: &Observation<'_>) -> Verdict {
     let Some(cur) = current else {
         return Verdict::Reject(Rejection::new(
-            RejectReason::NotBoundHere,
-            Code::NotFound,
+            Reason::NotBoundHere,
+            Refusal::Absent,
             "VM has no binding; nothing to remove",
         ));
     };
     if cur.fe_id != obs.fe_id {
         return Verdict::Reject(Rejection::new(
-            RejectReason::NotBoundHere,
-            Code::FailedPrecondition,
+            Reason::NotBoundHere,
+            Refusal::Precondition,
             format!(
                 "VM is bound to FE {}, not {}; a GONE report only removes a binding to the reporting FE",
                 cur.fe_id, obs.fe_id
@@ -252,8 +235,8 @@ fn decide_gone(current: Option<&BindingRecord>, obs: &Observation<'_>) -> Verdic
     }
     if obs.observed_at < cur.observed_at_unix_nanos {
         return Verdict::Reject(Rejection::new(
-            RejectReason::Stale,
-            Code::FailedPrecondition,
+            Reason::Stale,
+            Refusal::Precondition,
             format!(
                 "GONE observed at {} ns is older than the binding's observation at {} ns",
                 obs.observed_at, cur.observed_at_unix_nanos
@@ -289,15 +272,15 @@ pub fn decide_announcement(
         None => {
             let Some(vm) = vm else {
                 return Verdict::Reject(Rejection::new(
-                    RejectReason::Undeclared,
-                    Code::FailedPrecondition,
+                    Reason::Undeclared,
+                    Refusal::Precondition,
                     "VM has no binding and is not declared, so its MAC is unknown; declare it first (DeclareVm)",
                 ));
             };
             if !commit {
                 return Verdict::Reject(Rejection::new(
-                    RejectReason::NotBoundHere,
-                    Code::FailedPrecondition,
+                    Reason::NotBoundHere,
+                    Refusal::Precondition,
                     "VM has no binding yet; announce with commit = true to place it, or let its FE learn it from ARP",
                 ));
             }
@@ -346,8 +329,8 @@ pub fn check_declaration(current: Option<(&BindingRecord, &str)>, decl: &VmRecor
     };
     if cur.mac != decl.mac {
         return Err(Rejection::new(
-            RejectReason::MacMismatch,
-            Code::FailedPrecondition,
+            Reason::MacMismatch,
+            Refusal::Precondition,
             format!(
                 "VM is bound at FE {} with MAC {}; declaring MAC {} would orphan it — undeclare with remove_binding first",
                 cur.fe_id,
@@ -357,7 +340,7 @@ pub fn check_declaration(current: Option<(&BindingRecord, &str)>, decl: &VmRecor
         ));
     }
     if let Some(mut rejection) = check_site(decl, site) {
-        rejection.code = Code::FailedPrecondition;
+        rejection.refusal = Refusal::Precondition;
         rejection.message = format!(
             "VM is currently bound at FE {} in site {site:?}, which the new policy excludes; move it first",
             cur.fe_id
@@ -371,8 +354,8 @@ pub fn check_declaration(current: Option<(&BindingRecord, &str)>, decl: &VmRecor
 pub fn clear_damping(current: &BindingRecord, now: i64) -> Result<BindingRecord, Rejection> {
     if !current.frozen {
         return Err(Rejection::new(
-            RejectReason::Unspecified,
-            Code::FailedPrecondition,
+            Reason::Unspecified,
+            Refusal::Precondition,
             "binding is not frozen; nothing to clear",
         ));
     }
@@ -436,16 +419,16 @@ fn check_site(vm: &VmRecord, site: &str) -> Option<Rejection> {
         return None;
     }
     Some(Rejection::new(
-        RejectReason::SitePolicy,
-        Code::PermissionDenied,
+        Reason::SitePolicy,
+        Refusal::Forbidden,
         format!("site policy allows only {:?}; site {site:?} is not allowed", vm.allowed_sites),
     ))
 }
 
 fn damped(cur: &BindingRecord) -> Rejection {
     Rejection::new(
-        RejectReason::Damped,
-        Code::FailedPrecondition,
+        Reason::Damped,
+        Refusal::Precondition,
         format!(
             "binding is frozen at FE {} by flap damping ({} moves in the window); an operator must call ClearDamping",
             cur.fe_id,

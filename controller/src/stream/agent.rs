@@ -20,10 +20,10 @@ use victor_store::Revision;
 
 use super::encoded::{self, EncodedSync, EntryRef};
 use super::{HEARTBEAT, MAX_ENTRIES_PER_MESSAGE};
-use crate::api::convert;
 use crate::cache::{Cache, CacheChange, Frame, Since};
 use crate::metrics::Metrics;
-use crate::trace::MoveTraces;
+use crate::move_timeline::MoveTimelines;
+use crate::wire;
 
 /// How long a resume from a revision ahead of this replica's cache may wait for the cache.
 const CATCH_UP: Duration = Duration::from_secs(3);
@@ -32,8 +32,8 @@ const CATCH_UP: Duration = Duration::from_secs(3);
 /// message costs a wake-up, HTTP/2 framing and a `writev` whatever its size, so under churn a
 /// stream that has just sent waits `streams / FANOUT_MESSAGES_PER_S` before its next delta and
 /// folds everything that arrived meanwhile into it. An idle stream sends at once: pacing only
-/// applies to the second message of a burst (60 µs with 3 streams, 20 ms with 1,000). Measured
-/// cost on the 2-core bench host: ~15 µs of replica CPU per stream message, 44 % of it in `writev`.
+/// applies to the second message of a burst, and the gap never exceeds [`MAX_PACING`].
+/// BENCHMARKS.md reports the replica's cost per delivered message.
 const FANOUT_MESSAGES_PER_S: f64 = 50_000.0;
 /// Upper bound of the pacing gap.
 const MAX_PACING: Duration = Duration::from_millis(20);
@@ -50,8 +50,8 @@ pub struct SyncContext {
     pub cache: Arc<Cache>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Move traces.
-    pub traces: Arc<MoveTraces>,
+    /// Per-move stage timestamps.
+    pub timelines: Arc<MoveTimelines>,
     /// The mobile prefixes (sent in the first message).
     pub mobile_prefixes: Vec<String>,
     /// Flips to true when the replica shuts down: the stream ends so the agent fails over.
@@ -251,7 +251,7 @@ async fn send_snapshot<M: SyncMessage>(
     // history), so a snapshot of a million bindings holds up the cache's writer briefly; the wire
     // messages are built after the lock is released.
     let ((fes, bindings), revision) = ctx.cache.read_with_revision(|s| {
-        let fes: Vec<_> = s.fes.values().map(convert::fe_entry).collect();
+        let fes: Vec<_> = s.fes.values().map(wire::fe_entry).collect();
         let bindings: Vec<SnapshotEntry> = s
             .bindings
             .iter()
@@ -310,7 +310,7 @@ async fn send_deltas<M: SyncMessage>(
         ctx.metrics.stream_lag_revisions.observe(ctx.cache.revision().saturating_sub(upto) as f64);
         send(tx, msg).await?;
         let cached = batch.last().map(|f| f.applied_mono_ns).unwrap_or(0);
-        ctx.traces.sent(cursor, upto, cached, monotonic_ns());
+        ctx.timelines.sent(cursor, upto, cached, monotonic_ns());
         cursor = upto;
         start = end;
     }
@@ -334,7 +334,7 @@ fn coalesce(frames: &[Frame], msg: &mut SyncUpdate) {
     for change in bindings.into_values() {
         if let CacheChange::Binding { ip, revision, view } = change {
             match view {
-                Some(view) => msg.binding_upserts.push(convert::binding_entry(*ip, view)),
+                Some(view) => msg.binding_upserts.push(wire::binding_entry(*ip, view)),
                 None => msg.binding_removals.push(BindingRemoval { vm_ip: ip_to_bytes(*ip), revision: *revision }),
             }
         }
@@ -342,7 +342,7 @@ fn coalesce(frames: &[Frame], msg: &mut SyncUpdate) {
     for change in fes.into_values() {
         if let CacheChange::Fe { fe_id, revision, view } = change {
             match view {
-                Some(view) => msg.fe_upserts.push(convert::fe_entry(view)),
+                Some(view) => msg.fe_upserts.push(wire::fe_entry(view)),
                 None => msg.fe_removals.push(FeRemoval { fe_id: fe_id.to_string(), revision: *revision }),
             }
         }

@@ -10,9 +10,9 @@ use victor_proto::v1::{BindingEvent, BindingEventKind, WatchBindingsResponse};
 use victor_store::Revision;
 
 use super::{HEARTBEAT, MAX_ENTRIES_PER_MESSAGE};
-use crate::api::convert;
 use crate::cache::{Cache, CacheChange, Since};
 use crate::metrics::Metrics;
+use crate::wire;
 
 /// What the watcher asked for.
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ async fn run(
                 .filter(|(ip, _)| in_scope(ip))
                 .map(|(ip, b)| BindingEvent {
                     kind: BindingEventKind::Upsert as i32,
-                    binding: Some(convert::binding(s, *ip, b)),
+                    binding: Some(wire::binding(s, *ip, b)),
                 })
                 .collect::<Vec<_>>()
         });
@@ -98,7 +98,7 @@ async fn run(
                             CacheChange::Binding { ip, revision, view } if in_scope(ip) => Some(match view {
                                 Some(view) => BindingEvent {
                                     kind: BindingEventKind::Upsert as i32,
-                                    binding: Some(convert::binding(s, *ip, view)),
+                                    binding: Some(wire::binding(s, *ip, view)),
                                 },
                                 None => BindingEvent {
                                     kind: BindingEventKind::Remove as i32,

@@ -21,8 +21,8 @@ use victor_proto::types::ip_to_bytes;
 use victor_proto::v1::{BindingRemoval, FeEntry, FeRemoval, SyncRequest, SyncUpdate};
 use victor_store::Revision;
 
-use crate::api::convert;
 use crate::cache::{CacheChange, Frame};
+use crate::wire;
 
 /// `SyncUpdate` field numbers of the repeated fields.
 const FE_UPSERTS: u32 = 4;
@@ -143,7 +143,7 @@ pub fn encode_changes(changes: &[CacheChange]) -> Bytes {
                 prost::encoding::message::encode(BINDING_REMOVALS, &removal, &mut buf);
             }
             CacheChange::Fe { view: Some(view), .. } => {
-                prost::encoding::message::encode(FE_UPSERTS, &convert::fe_entry(view), &mut buf);
+                prost::encoding::message::encode(FE_UPSERTS, &wire::fe_entry(view), &mut buf);
             }
             CacheChange::Fe { fe_id, revision, view: None } => {
                 let removal = FeRemoval { fe_id: fe_id.to_string(), revision: *revision };
@@ -304,7 +304,7 @@ mod tests {
             decoded.binding_upserts.iter().map(|e| (e.fe_id.as_str(), e.move_seq, e.revision)).collect();
         assert_eq!(upserts, vec![("fe1", 0, 5), ("fe2", 1, 6)], "both frames' entries, in order");
         assert_eq!(decoded.binding_removals, vec![BindingRemoval { vm_ip: ip_to_bytes(ip2), revision: 6 }]);
-        assert_eq!(decoded.fe_upserts, vec![convert::fe_entry(&fe)]);
+        assert_eq!(decoded.fe_upserts, vec![wire::fe_entry(&fe)]);
         assert_eq!(decoded.fe_removals, vec![FeRemoval { fe_id: "fe8".into(), revision: 6 }]);
     }
 }

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -15,8 +14,7 @@ use victor_proto::clock::unix_nanos;
 use victor_proto::v1::agent_service_client::AgentServiceClient;
 use victor_proto::v1::binding_service_client::BindingServiceClient;
 use victor_proto::v1::*;
-use victor_testkit::ports::free_addr;
-use victor_testkit::process::ChildGuard;
+use victor_testkit::controller::{ControllerCommand, ControllerProcess, ControllerStore};
 
 pub const PREFIX: &str = "10.10.0.0/16";
 
@@ -72,7 +70,7 @@ pub async fn wait_ready(http: SocketAddr) {
 
 /// A controller replica running as a real process.
 pub struct Replica {
-    pub child: ChildGuard,
+    pub process: ControllerProcess,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub id: String,
@@ -80,26 +78,29 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// The command line of replica `id` on etcd at `etcd` (its log goes to `log`).
+    pub fn command(id: &str, etcd: &[String], log: &Path) -> ControllerCommand {
+        let bin = env!("CARGO_BIN_EXE_victor-controller");
+        ControllerCommand::new(bin, id, PREFIX, ControllerStore::Etcd(etcd.to_vec())).log_file(log)
+    }
+
+    /// Starts replica `id` on etcd (extra flags appended) and waits until it is ready.
     pub async fn spawn(id: &str, etcd: &[String], extra: &[&str]) -> Replica {
+        Self::spawn_with(id, etcd, |cmd| cmd.args(extra)).await
+    }
+
+    /// [`Replica::spawn`], with the command line completed by `complete`.
+    pub async fn spawn_with(
+        id: &str,
+        etcd: &[String],
+        complete: impl FnOnce(ControllerCommand) -> ControllerCommand,
+    ) -> Replica {
         let dir = tempfile::tempdir().unwrap();
-        let grpc = free_addr();
-        let http = free_addr();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_victor-controller"));
-        cmd.args(["--mobile-prefix", PREFIX, "--replica-id", id, "--log", "info,victor_controller=debug"])
-            .arg("--grpc-listen")
-            .arg(grpc.to_string())
-            .arg("--http-listen")
-            .arg(http.to_string())
-            .arg("--etcd-endpoints")
-            .arg(etcd.join(","))
-            .arg("--etcd-timeout")
-            .arg("2s")
-            .args(extra);
-        let child =
-            ChildGuard::spawn(format!("controller-{id}"), cmd, Some(&dir.path().join("controller.log"))).unwrap();
-        let replica = Replica { child, grpc, http, id: id.to_owned(), _dir: dir };
-        wait_ready(http).await;
-        replica
+        let cmd = Self::command(id, etcd, &dir.path().join("controller.log"))
+            .log_filter("info,victor_controller=debug")
+            .args(["--etcd-timeout", "2s"]);
+        let process = complete(cmd).start(Duration::from_secs(20)).await.expect("controller ready");
+        Replica { grpc: process.grpc(), http: process.http(), id: id.to_owned(), process, _dir: dir }
     }
 
     pub async fn clients(&self) -> Clients {

@@ -2,51 +2,20 @@
 //! `victor-controller` processes, each with its own ports, data dir and log in a temp dir that
 //! is removed (and every process killed, by PID) when the cluster is dropped.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use victor_testkit::controller::{ControllerCommand, ControllerProcess, ControllerStore};
 use victor_testkit::etcd::EtcdCluster;
-use victor_testkit::ports::free_addr;
-use victor_testkit::process::ChildGuard;
 
 /// The mobile prefix the benchmark binds VMs in (room for 16 M bindings).
 pub const MOBILE_PREFIX: &str = "10.0.0.0/8";
 
-/// One controller process.
-pub struct Replica {
-    /// Replica id.
-    pub id: String,
-    /// gRPC address.
-    pub grpc: SocketAddr,
-    /// HTTP admin address.
-    pub http: SocketAddr,
-    child: ChildGuard,
-}
-
-impl Replica {
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.pid()
-    }
-
-    /// Stops the process (SIGTERM, then SIGKILL after 10 s).
-    pub fn stop(&mut self) {
-        self.child.stop(Duration::from_secs(10));
-    }
-
-    /// The end of its log (for error messages).
-    pub fn log_tail(&self) -> String {
-        self.child.log_tail(2000)
-    }
-}
-
 /// etcd (if any) and the controller replicas.
 pub struct Cluster {
     /// The replicas, in start order.
-    pub replicas: Vec<Replica>,
+    pub replicas: Vec<ControllerProcess>,
     /// The etcd cluster (`None`: embedded store).
     pub etcd: Option<EtcdCluster>,
     controller_bin: PathBuf,
@@ -77,7 +46,7 @@ impl Cluster {
         let mut cluster = Cluster { replicas: Vec::new(), etcd, controller_bin, dir };
         for i in 0..replicas {
             let replica = cluster.spawn(&format!("bench-r{}", i + 1))?;
-            wait_ready(&replica, Duration::from_secs(60)).await?;
+            replica.wait_ready(Duration::from_secs(60)).await?;
             cluster.replicas.push(replica);
         }
         Ok(cluster)
@@ -90,28 +59,18 @@ impl Cluster {
 
     /// Starts a replica process (not waiting for readiness). With the embedded store the data
     /// dir is shared by id, so a restarted replica reopens the same file.
-    pub fn spawn(&self, id: &str) -> Result<Replica> {
-        let grpc = free_addr();
-        let http = free_addr();
-        let mut cmd = Command::new(&self.controller_bin);
-        cmd.args(["--mobile-prefix", MOBILE_PREFIX, "--replica-id", id, "--log", "warn"])
-            .arg("--grpc-listen")
-            .arg(grpc.to_string())
-            .arg("--http-listen")
-            .arg(http.to_string())
-            // Churn moves every VM many times: keep flap damping out of the measurement.
-            .args(["--damping-max-moves", "1000000", "--damping-window", "1s"]);
-        match &self.etcd {
-            Some(etcd) => {
-                cmd.arg("--etcd-endpoints").arg(etcd.endpoints().join(","));
-            }
-            None => {
-                cmd.arg("--data-dir").arg(self.dir.path().join("embedded"));
-            }
-        }
+    pub fn spawn(&self, id: &str) -> Result<ControllerProcess> {
+        let store = match &self.etcd {
+            Some(etcd) => ControllerStore::Etcd(etcd.endpoints()),
+            None => ControllerStore::Embedded(self.dir.path().join("embedded")),
+        };
         let log = self.dir.path().join(format!("{id}-{}.log", victor_testkit::unique_name("l")));
-        let child = ChildGuard::spawn(format!("controller-{id}"), cmd, Some(&log))?;
-        Ok(Replica { id: id.to_owned(), grpc, http, child })
+        ControllerCommand::new(&self.controller_bin, id, MOBILE_PREFIX, store)
+            .log_filter("warn")
+            // Churn moves every VM many times: keep flap damping out of the measurement.
+            .args(["--damping-max-moves", "1000000", "--damping-window", "1s"])
+            .log_file(log)
+            .spawn()
     }
 
     /// PIDs of the running etcd members.
@@ -119,19 +78,5 @@ impl Cluster {
         let Some(etcd) = self.etcd.as_mut() else { return Vec::new() };
         let running: Vec<usize> = (0..etcd.members()).filter(|&i| etcd.is_running(i)).collect();
         running.into_iter().map(|i| etcd.member_pid(i)).collect()
-    }
-}
-
-/// Waits until the replica's /readyz answers 200; returns how long that took.
-pub async fn wait_ready(replica: &Replica, timeout: Duration) -> Result<Duration> {
-    let started = Instant::now();
-    loop {
-        if let Ok((200, _)) = victor_testkit::http::get(replica.http, "/readyz").await {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            bail!("controller {} not ready within {timeout:?}; log tail:\n{}", replica.id, replica.log_tail());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -1,4 +1,4 @@
-//! The controller scale benchmark (BRIEF §4), `victor-lab bench`.
+//! The controller scale benchmark, `victor-lab bench` (BENCHMARKS.md reports its runs).
 //!
 //! One run, in order:
 //! 1. start a real etcd cluster (or the embedded store) and 1–2 real `victor-controller` processes
@@ -275,7 +275,7 @@ impl Stages {
     async fn fetch(cluster: &Cluster, since_ns: u64) -> Stages {
         let mut parts: [Vec<f64>; 4] = Default::default();
         for replica in &cluster.replicas {
-            let Ok((200, body)) = victor_testkit::http::get(replica.http, "/debug/moves").await else { continue };
+            let Ok((200, body)) = replica.get("/debug/moves").await else { continue };
             let Ok(serde_json::Value::Array(traces)) = serde_json::from_str(&body) else { continue };
             for t in traces {
                 let get = |k: &str| t.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
@@ -399,7 +399,7 @@ async fn start_agents(
 ) -> Result<(Agents, Arc<FeTable>)> {
     let ids: Vec<String> = (0..count).map(|i| format!("fe-{i:05}")).collect();
     let table = Arc::new(FeTable::new(ids.iter().map(String::as_str)));
-    let replicas: Vec<_> = cluster.replicas.iter().map(|r| r.grpc).collect();
+    let replicas: Vec<_> = cluster.replicas.iter().map(|r| r.grpc()).collect();
     let fes: Vec<SimFe> = futures::stream::iter(ids.iter().enumerate())
         .map(|(i, id)| SimFe::register(id.clone(), i, replicas[i % replicas.len()], heartbeat_failures.clone()))
         .buffered(32)
@@ -679,7 +679,8 @@ fn check_state(map: &agent::BindingMap, truth: &[u32], uncertain: &std::collecti
 async fn full_sync(cluster: &Cluster, fes: usize, heartbeat_failures: &Arc<AtomicU64>) -> Result<(f64, usize, usize)> {
     let table =
         Arc::new(FeTable::new((0..fes).map(|i| format!("fe-{i:05}")).collect::<Vec<_>>().iter().map(String::as_str)));
-    let fe = SimFe::register("fe-full-sync".into(), fes, cluster.replicas[0].grpc, heartbeat_failures.clone()).await?;
+    let fe =
+        SimFe::register("fe-full-sync".into(), fes, cluster.replicas[0].grpc(), heartbeat_failures.clone()).await?;
     let (stop, stop_rx) = watch::channel(false);
     let started = monotonic_ns();
     let (progress, task) = fe.follow(table, Arc::new(AtomicBool::new(false)), stop_rx).await?;
@@ -701,12 +702,12 @@ async fn cold_start(cluster: &mut Cluster) -> Result<(f64, u64)> {
         "bench-cold".to_owned()
     } else {
         let replica = &mut cluster.replicas[0];
-        replica.stop();
-        replica.id.clone()
+        replica.stop(Duration::from_secs(10));
+        replica.id().to_owned()
     };
     let started = Instant::now();
     let replica = cluster.spawn(&id)?;
-    cluster::wait_ready(&replica, Duration::from_secs(300)).await?;
+    replica.wait_ready(Duration::from_secs(300)).await?;
     let elapsed = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss = sys::rss_bytes(replica.pid())?;

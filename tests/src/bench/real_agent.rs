@@ -1,4 +1,4 @@
-//! `--real-agent`: a real `victor-fe-agent` in a one-FE namespace lab (BRIEF §3) does the full
+//! `--real-agent`: a real `victor-fe-agent` in a one-FE namespace lab (`crate::lab`) does the full
 //! sync of every loaded binding from replica 1 — process start → `/readyz` 200 (stream up,
 //! snapshot applied to its desired state, the userspace data plane's forwarding table and the
 //! kernel) — and reports its memory and the kernel state it left in its namespace.
@@ -46,7 +46,7 @@ pub fn full_sync(cluster: &Cluster, bindings: usize) -> Result<RealAgentReport> 
     let dir = tempfile::Builder::new().prefix("victor-bench-agent-").tempdir()?;
     let topo = Topology::build(1, &|role: &str| netns_for("vb", role))?;
     let bin = victor_testkit::workspace_binary("victor-fe-agent");
-    let controllers = [format!("http://{}", cluster.replicas[0].grpc)];
+    let controllers = [cluster.replicas[0].url()];
     let netns = controller_netns()?;
     let argv =
         AgentCommand { bin: &bin, controllers: &controllers, controller_netns: &netns, extra: &["--log", "warn"] }

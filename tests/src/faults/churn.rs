@@ -9,7 +9,7 @@
 //! VM's known binding. A claim whose outcome the caller cannot know — the call failed, or the
 //! claim came back `UNAVAILABLE` — leaves the VM *uncertain* between its previous FE and the
 //! target (with the controller's message, to check what it promised), and the VM is not moved
-//! again. [`super::store`] then checks the truth against etcd itself.
+//! again.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,7 +29,7 @@ use victor_proto::v1::{ClaimOutcome, ObservationKind, ReportRequest, VmObservati
 
 use crate::bench::driver::{vm_ip, vm_mac};
 
-/// Deadline of one Report call (the controller's own store deadline is 3 s).
+/// Deadline of one Report call: longer than the controller's own store deadline (`--etcd-timeout`).
 const REPORT_TIMEOUT: Duration = Duration::from_secs(8);
 /// A replica whose call failed is avoided this long.
 const AVOID: Duration = Duration::from_secs(1);

@@ -13,15 +13,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use victor_testkit::controller::{ControllerCommand, ControllerProcess, ControllerStore};
 use victor_testkit::etcd::EtcdCluster;
-use victor_testkit::ports::free_addr;
-use victor_testkit::process::ChildGuard;
 
 use super::proxy::LinkProxy;
 use crate::bench::cluster::MOBILE_PREFIX;
@@ -51,11 +49,10 @@ impl Default for ClusterConfig {
 }
 
 struct Replica {
-    id: String,
-    grpc: SocketAddr,
-    http: SocketAddr,
+    /// The command line, on fixed addresses (a restart comes back on them).
+    cmd: ControllerCommand,
     store_links: Vec<LinkProxy>,
-    child: Option<ChildGuard>,
+    child: Option<ControllerProcess>,
     log: PathBuf,
     runs: u32,
 }
@@ -65,8 +62,6 @@ pub struct Controllers {
     replicas: Vec<Replica>,
     /// The etcd cluster.
     pub etcd: EtcdCluster,
-    bin: PathBuf,
-    session_ttl: Duration,
     dir: tempfile::TempDir,
 }
 
@@ -86,17 +81,19 @@ impl Controllers {
                     store_links.push(LinkProxy::start(target).await?);
                 }
             }
-            replicas.push(Replica {
-                id: format!("ctl{}", i + 1),
-                grpc: free_addr(),
-                http: free_addr(),
-                store_links,
-                child: None,
-                log: PathBuf::new(),
-                runs: 0,
-            });
+            let endpoints = match store_links.as_slice() {
+                [] => etcd.endpoints(),
+                links => links.iter().map(LinkProxy::url).collect(),
+            };
+            let cmd =
+                ControllerCommand::new(&bin, &format!("ctl{}", i + 1), MOBILE_PREFIX, ControllerStore::Etcd(endpoints))
+                    .log_filter("info")
+                    .args(["--session-ttl".to_owned(), format!("{}ms", config.session_ttl.as_millis())])
+                    // The churn moves VMs many times: keep flap damping out of the way.
+                    .args(["--damping-max-moves", "1000000", "--damping-window", "1s"]);
+            replicas.push(Replica { cmd, store_links, child: None, log: PathBuf::new(), runs: 0 });
         }
-        let mut cluster = Controllers { replicas, etcd, bin, session_ttl: config.session_ttl, dir };
+        let mut cluster = Controllers { replicas, etcd, dir };
         for i in 0..config.replicas {
             cluster.restart(i)?;
         }
@@ -123,44 +120,28 @@ impl Controllers {
 
     /// gRPC address of replica `i`.
     pub fn grpc(&self, i: usize) -> SocketAddr {
-        self.replicas[i].grpc
+        self.replicas[i].cmd.grpc()
     }
 
     /// HTTP admin address of replica `i`.
     pub fn http(&self, i: usize) -> SocketAddr {
-        self.replicas[i].http
+        self.replicas[i].cmd.http()
     }
 
     /// PID of replica `i` (0 when not running).
     pub fn pid(&self, i: usize) -> u32 {
-        self.replicas[i].child.as_ref().map_or(0, ChildGuard::pid)
+        self.replicas[i].child.as_ref().map_or(0, ControllerProcess::pid)
     }
 
     /// (Re)starts replica `i` on its addresses (not waiting for readiness).
     pub fn restart(&mut self, i: usize) -> Result<()> {
-        let endpoints: Vec<String> = match self.replicas[i].store_links.as_slice() {
-            [] => self.etcd.endpoints(),
-            links => links.iter().map(LinkProxy::url).collect(),
-        };
         let r = &mut self.replicas[i];
-        if r.child.as_mut().is_some_and(ChildGuard::is_running) {
-            bail!("replica {} is still running; kill it first", r.id);
+        if r.child.as_mut().is_some_and(ControllerProcess::is_running) {
+            bail!("replica {} is still running; kill it first", r.cmd.id());
         }
         r.runs += 1;
-        r.log = self.dir.path().join(format!("{}.{}.log", r.id, r.runs));
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(["--mobile-prefix", MOBILE_PREFIX, "--replica-id", &r.id, "--log", "info"])
-            .arg("--grpc-listen")
-            .arg(r.grpc.to_string())
-            .arg("--http-listen")
-            .arg(r.http.to_string())
-            .arg("--etcd-endpoints")
-            .arg(endpoints.join(","))
-            .arg("--session-ttl")
-            .arg(format!("{}ms", self.session_ttl.as_millis()))
-            // The churn moves VMs many times: keep flap damping out of the way.
-            .args(["--damping-max-moves", "1000000", "--damping-window", "1s"]);
-        r.child = Some(ChildGuard::spawn(format!("controller-{}", r.id), cmd, Some(&r.log))?);
+        r.log = self.dir.path().join(format!("{}.{}.log", r.cmd.id(), r.runs));
+        r.child = Some(r.cmd.clone().log_file(&r.log).spawn()?);
         Ok(())
     }
 
@@ -258,18 +239,8 @@ impl Controllers {
         timeout: Duration,
         accept: impl Fn(u16, &str) -> bool,
     ) -> Result<Duration> {
-        let started = Instant::now();
-        loop {
-            let last = match self.get(i, "/readyz").await {
-                Ok((code, body)) if accept(code, &body) => return Ok(started.elapsed()),
-                Ok((code, body)) => format!("{code} {}", body.trim()),
-                Err(e) => format!("{e:#}"),
-            };
-            if started.elapsed() > timeout {
-                bail!("replica {i} /readyz still answers {last:?} after {timeout:?}; log tail:\n{}", self.log_tail(i));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.replicas[i].child.as_ref().with_context(|| format!("replica {i} is not running"))?;
+        child.wait_readyz(timeout, accept).await
     }
 
     /// The end of replica `i`'s current log.

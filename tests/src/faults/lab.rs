@@ -1,4 +1,4 @@
-//! Real `victor-fe-agent`s in the namespace lab (BRIEF §3), attached to a fault scenario's
+//! Real `victor-fe-agent`s in the namespace lab (`crate::lab`), attached to a fault scenario's
 //! controllers so they live through the same faults as the simulated agents, with real traffic:
 //! the client pings the VM behind fe2 through fe1's userspace IP-in-IP every 10 ms the whole
 //! time.
@@ -6,9 +6,9 @@
 //! A second VM behind fe3 stays silent until a test announces it.
 //!
 //! fe1's agent reaches each replica through a [`LinkProxy`] so that its controller link alone can
-//! be cut (it is the ingress FE: cutting it tests headless forwarding, I6). fe1 and fe2 prefer
-//! replica 0, fe3 prefers replica 1. Everything a fault test reads from an agent comes from its
-//! own admin port (`/metrics`, `/readyz`).
+//! be cut (it is the ingress FE: cutting it tests headless forwarding, docs/design.md invariant
+//! I6). fe1 and fe2 prefer replica 0, fe3 prefers replica 1. Everything a fault test reads from an
+//! agent comes from its own admin port (`/metrics`, `/readyz`).
 
 use std::time::{Duration, Instant};
 

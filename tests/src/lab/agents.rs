@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use victor_testkit::netns::NetNs;
 use victor_testkit::process::ChildGuard;
 
-use super::topology::{GATEWAY, GATEWAY_MAC, MOBILE, fe_addr};
+use super::addressing::{GATEWAY, GATEWAY_MAC, MOBILE, fe_addr};
 
 /// Where every agent serves its admin HTTP inside its own namespace.
 pub const AGENT_HTTP: &str = "127.0.0.1:9180";

@@ -1,4 +1,4 @@
-//! The lab's BGP anycast path (paper §2.4): an `upstream` router running real BIRD 2 between the
+//! The lab's BGP anycast path (docs/bgp.md): an `upstream` router running real BIRD 2 between the
 //! client and the FEs. Every FE's agent holds an eBGP session with it (`--bgp-peer`) and announces
 //! the mobile prefix while healthy; BIRD accepts exactly the mobile prefixes from the FEs and
 //! installs one ECMP route over every FE that announces it.
@@ -31,7 +31,7 @@ use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::{NetNs, Veth};
 use victor_testkit::process::ChildGuard;
 
-use super::topology::{CLIENT_GATEWAY, CLIENT_NET, MOBILE};
+use super::addressing::{CLIENT_GATEWAY, CLIENT_NET, MOBILE};
 
 /// The BIRD daemon.
 pub const BIRD: &str = "/usr/sbin/bird";

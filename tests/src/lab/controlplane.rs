@@ -1,43 +1,21 @@
 //! The lab's control plane: etcd (none = embedded store, 1 or 3 members) and controller replicas,
 //! as real processes on the host's loopback.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use victor_proto::v1::binding_service_client::BindingServiceClient;
 use victor_proto::v1::{Binding, GetBindingRequest};
+use victor_testkit::controller::{ControllerCommand, ControllerProcess, ControllerStore};
 use victor_testkit::etcd::EtcdCluster;
-use victor_testkit::ports::free_addr;
-use victor_testkit::process::ChildGuard;
 
-use super::topology::MOBILE;
-
-/// One controller replica process.
-pub struct Replica {
-    /// The process (None after a kill).
-    pub guard: Option<ChildGuard>,
-    /// gRPC address.
-    pub grpc: SocketAddr,
-    /// HTTP admin address.
-    pub http: SocketAddr,
-    /// Log file.
-    pub log: PathBuf,
-}
-
-impl Replica {
-    /// `http://<grpc>`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
-    }
-}
+use super::addressing::MOBILE;
 
 /// etcd and the controller replicas. Field order is drop order: replicas before etcd.
 pub struct ControlPlane {
-    /// The replicas.
-    pub replicas: Vec<Replica>,
+    /// The replicas (ids `ctl1`, `ctl2`, ...).
+    pub replicas: Vec<ControllerProcess>,
     /// The etcd cluster (None = embedded store).
     pub etcd: Option<EtcdCluster>,
     client: std::sync::OnceLock<BindingServiceClient<tonic::transport::Channel>>,
@@ -61,39 +39,26 @@ impl ControlPlane {
         if etcd.is_none() && replicas != 1 {
             bail!("the embedded store serves exactly one controller replica; use --etcd-members 1 or 3 for {replicas}");
         }
+        let store = match &etcd {
+            Some(etcd) => ControllerStore::Etcd(etcd.endpoints()),
+            None => ControllerStore::Embedded(dir.join("store")),
+        };
         let mut plane = ControlPlane { replicas: Vec::new(), etcd, client: std::sync::OnceLock::new() };
         for r in 1..=replicas {
-            let grpc = free_addr();
-            let http = free_addr();
-            let log = dir.join(format!("controller{r}.log"));
-            let mut cmd = Command::new(bin);
-            cmd.args(["--mobile-prefix", MOBILE, "--replica-id", &format!("ctl{r}")])
-                .arg("--grpc-listen")
-                .arg(grpc.to_string())
-                .arg("--http-listen")
-                .arg(http.to_string())
-                .args(extra);
-            match &plane.etcd {
-                Some(etcd) => cmd.arg("--etcd-endpoints").arg(etcd.endpoints().join(",")),
-                None => cmd.arg("--data-dir").arg(dir.join("store")),
-            };
-            let guard = ChildGuard::spawn(format!("controller{r}"), cmd, Some(&log))?;
-            plane.replicas.push(Replica { guard: Some(guard), grpc, http, log });
+            let cmd = ControllerCommand::new(bin, &format!("ctl{r}"), MOBILE, store.clone())
+                .args(extra)
+                .log_file(dir.join(format!("controller{r}.log")));
+            plane.replicas.push(cmd.spawn()?);
         }
         for replica in &plane.replicas {
-            let http = replica.http;
-            victor_testkit::process::wait_for("controller /readyz", Duration::from_secs(30), || async move {
-                matches!(victor_testkit::http::get(http, "/readyz").await, Ok((200, _))).then_some(())
-            })
-            .await
-            .with_context(|| format!("controller not ready; log {}", replica.log.display()))?;
+            replica.wait_ready(Duration::from_secs(30)).await?;
         }
         Ok(plane)
     }
 
     /// Every replica's gRPC URL.
     pub fn urls(&self) -> Vec<String> {
-        self.replicas.iter().map(Replica::url).collect()
+        self.replicas.iter().map(ControllerProcess::url).collect()
     }
 
     /// A client of replica 1 (one connection, reused).

@@ -1,4 +1,4 @@
-//! `victor-lab migrate`: the paper's §5 experiment. A VM moves back and forth between fe2 and fe3
+//! `victor-lab migrate`: the migration experiment (README, "See it work"). A VM moves back and forth between fe2 and fe3
 //! while the client (behind fe1) pings it at a fixed interval; the lab reports the packets lost
 //! per move and the convergence of every move, from timestamps the agents and the controller
 //! take themselves (CLOCK_MONOTONIC, shared by every process on the host):
@@ -16,7 +16,7 @@
 //! With `--bgp` the client enters through the BGP upstream router instead (see [`super::bgp`]).
 //!
 //! Two ways to switch the link (`--switch`):
-//! * `move` (BRIEF §3): the VM's link is moved from the old FE's namespace to the new one's
+//! * `move`: the VM's link is moved from the old FE's namespace to the new one's
 //!   (break before make: while it moves no path to the VM exists), then the VM sends its GARP;
 //! * `clone`: make before break, like a migration whose destination is ready before the source
 //!   stops — a second link to the new FE appears first (same MAC and IP), the VM switches its
@@ -177,7 +177,7 @@ pub struct MoveResult {
     pub dataplane_applied_ms: BTreeMap<String, f64>,
 }
 
-/// The report of `victor-lab migrate` (BRIEF §4).
+/// The report of `victor-lab migrate` (`--json` prints it as one JSON object).
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateReport {
     /// Moves made.
@@ -710,7 +710,7 @@ fn check_forwarding(topo: &Topology, vm: &VmSpec, to: usize, old: usize, mode: S
 async fn controller_traces(plane: &ControlPlane, ip: Ipv4Addr) -> Result<Vec<Value>> {
     let mut all = Vec::new();
     for replica in &plane.replicas {
-        let (_, body) = victor_testkit::http::get(replica.http, &format!("/debug/moves?vm={ip}")).await?;
+        let (_, body) = replica.get(&format!("/debug/moves?vm={ip}")).await?;
         if let Value::Array(list) = serde_json::from_str(&body).with_context(|| format!("/debug/moves: {body}"))? {
             all.extend(list);
         }

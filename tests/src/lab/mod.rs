@@ -1,5 +1,6 @@
-//! The migration testbed of BRIEF §3 (`victor-lab up|down|migrate`), and the pieces the agent's
-//! tests share with it:
+//! The migration testbed of the README's "See it work" (`victor-lab up|down|migrate`), and the
+//! pieces the agent's tests share with it:
+//! * [`addressing`] — the address plan;
 //! * [`topology`] — namespaces, underlay bridge, client, FEs, VMs;
 //! * [`agents`] — `victor-fe-agent` processes inside the FEs and their admin endpoints;
 //! * [`bgp`] — the BGP upstream router (real BIRD 2) of `--bgp`, its FIB watch;
@@ -9,6 +10,7 @@
 //! * [`migrate`] — the experiment and its report;
 //! * [`state`] — what `up` leaves running, so `down` removes exactly that.
 
+pub mod addressing;
 pub mod agents;
 pub mod bgp;
 pub mod controlplane;
@@ -140,13 +142,11 @@ async fn build_up(
         agents.push(agent);
     }
     for (r, replica) in plane.replicas.iter().enumerate() {
-        if let Some(g) = &replica.guard {
-            record.borrow_mut().processes.push(Process {
-                role: format!("controller{}", r + 1),
-                pid: g.pid(),
-                exe: controller_bin.clone(),
-            });
-        }
+        record.borrow_mut().processes.push(Process {
+            role: format!("controller{}", r + 1),
+            pid: replica.pid(),
+            exe: controller_bin.clone(),
+        });
     }
     record.borrow().save()?;
     for n in 1..=3 {
@@ -172,11 +172,9 @@ async fn build_up(
         }
     }
     let replicas: Vec<_> = plane.replicas.drain(..).collect();
-    let http: Vec<_> = replicas.iter().map(|r| r.http).collect();
+    let http: Vec<_> = replicas.iter().map(|r| r.http()).collect();
     for replica in replicas {
-        if let Some(g) = replica.guard {
-            g.detach();
-        }
+        replica.detach();
     }
     if let Some(etcd) = plane.etcd.take() {
         let (pids, data) = etcd.detach();
@@ -205,12 +203,17 @@ async fn build_up(
                 a.client_source,
                 a.ingress_fe
             );
-            println!("  BGP routes : birdc -s {} show route for {} all", socket.display(), topology::MOBILE);
+            println!("  BGP routes : birdc -s {} show route for {} all", socket.display(), addressing::MOBILE);
         }
         _ => println!("  client     : 192.0.2.10 in {name}-client (ingress FE: fe1)"),
     }
-    println!("  VM         : {} (MAC {}) behind fe2, in {name}-vm1, gateway {}", vm.ip, vm.mac, topology::GATEWAY);
-    println!("  underlay   : fe1..fe3 = {}, {}, {}", topology::fe_addr(1), topology::fe_addr(2), topology::fe_addr(3));
+    println!("  VM         : {} (MAC {}) behind fe2, in {name}-vm1, gateway {}", vm.ip, vm.mac, addressing::GATEWAY);
+    println!(
+        "  underlay   : fe1..fe3 = {}, {}, {}",
+        addressing::fe_addr(1),
+        addressing::fe_addr(2),
+        addressing::fe_addr(3)
+    );
     println!("  controllers: {}", urls.join(", "));
     for h in &http {
         println!("  status page: http://{h}/status   (also /readyz, /metrics, /debug/moves)");

@@ -1,4 +1,4 @@
-//! The lab's network (BRIEF §3), in namespaces:
+//! The lab's network (the migration testbed of the README's "See it work"), in namespaces:
 //!
 //! ```text
 //!                                                    fe2 ─vmnet─┐        hv: br2 ─ v1h ── vm1 (10.10.0.11)
@@ -8,8 +8,8 @@
 //! `client` reaches the VMs through fe1 (its ingress FE); every FE has its own underlay address on
 //! a bridge in the `ul` namespace. With [`Ingress::Bgp`] the client sits behind an `upstream`
 //! router instead, linked to every FE, which learns the mobile prefix from the FEs' agents by BGP
-//! and spreads traffic over them (ECMP) — the anycast path of paper §2.4 (see [`super::bgp`]). VMs run "on a hypervisor" (`hv`): each VM's link is a port of
-//! the bridge that belongs to the FE it sits behind (`br<n>`, uplinked to that FE's `vmnet`
+//! and spreads traffic over them (ECMP) — the anycast path of docs/bgp.md. VMs run "on a
+//! hypervisor" (`hv`): each VM's link is a port of the bridge that belongs to the FE it sits behind (`br<n>`, uplinked to that FE's `vmnet`
 //! port). A move re-attaches the VM's port to the other FE's bridge — a hypervisor's vswitch
 //! reconnecting a migrated vNIC — so the FEs' VM ports always exist and the switch itself is one
 //! netlink call. Outbound traffic from a VM leaves at its own FE straight towards the client
@@ -21,23 +21,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use victor_testkit::netns::{NetNs, Veth};
 
-/// The client's address.
-pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-/// The client's gateway on the client network: fe1's address, or the upstream router's.
-pub const CLIENT_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-/// The client network.
-pub const CLIENT_NET: &str = "192.0.2.0/24";
-/// The mobile prefix of the lab.
-pub const MOBILE: &str = "10.10.0.0/16";
-/// The VMs' default gateway (answered by whichever FE a VM sits behind).
-pub const GATEWAY: &str = "10.10.0.1";
-/// The shared virtual router MAC every FE uses on its VM ports (so a VM keeps its gateway's MAC).
-pub const GATEWAY_MAC: &str = "02:00:5e:10:00:01";
-
-/// Underlay address of FE `n`.
-pub fn fe_addr(n: usize) -> Ipv4Addr {
-    Ipv4Addr::new(198, 51, 100, n as u8)
-}
+pub use super::addressing::{CLIENT, CLIENT_GATEWAY, CLIENT_NET, GATEWAY, GATEWAY_MAC, MOBILE, fe_addr};
 
 /// Name of every FE's VM-facing port (matches the agents' `--vm-port vm*`).
 pub const VM_PORT: &str = "vmnet";
@@ -192,8 +176,8 @@ impl Topology {
         Ok(i)
     }
 
-    /// Re-attaches VM `i`'s link to FE `to`'s bridge with an `ip` command (the experiment uses
-    /// [`super::netlink::LinkSwitch`], which does not fork).
+    /// Re-attaches VM `i`'s link to FE `to`'s bridge with an `ip` command (the experiment switches
+    /// links with a netlink socket opened once instead, which does not fork).
     pub fn move_vm_link(&mut self, i: usize, to: usize) -> Result<()> {
         self.hv.ip(&["link", "set", &self.vm_specs[i - 1].port, "master", &format!("br{to}")])?;
         self.vm_at[i - 1] = to;

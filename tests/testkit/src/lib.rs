@@ -1,6 +1,7 @@
 //! Test harness shared by every crate's integration tests and by `victor-lab`.
 //!
 //! Everything here owns real resources and releases them on drop, also when a test panics:
+//! * [`controller`] — `victor-controller` replicas as processes (one builder for every rig);
 //! * [`process::ChildGuard`] — a child process killed (by PID, with its process group) on drop;
 //! * [`etcd::EtcdCluster`] — a real etcd 1- or 3-member cluster on loopback, temp data dirs;
 //! * [`netns`] — network namespaces and veth links with unique names, deleted on drop;
@@ -8,6 +9,7 @@
 //! * [`pki`] — a throw-away CA issuing server, FE and operator certificates (rcgen);
 //! * [`http`] — a minimal GET for the daemons' admin ports.
 
+pub mod controller;
 pub mod etcd;
 pub mod http;
 pub mod netns;

@@ -79,7 +79,7 @@ fn stale_report_never_rolls_back() {
     let Verdict::Reject(r) = decide_observation(&rules(), Some(&cur), None, &learned("fe2", 19 * S), 21 * S) else {
         panic!()
     };
-    assert_eq!((r.reason, r.code), (RejectReason::Stale, Code::FailedPrecondition));
+    assert_eq!((r.reason, r.refusal), (Reason::Stale, Refusal::Precondition));
     assert!(r.message.contains("stale"), "{}", r.message);
 }
 
@@ -87,28 +87,28 @@ fn stale_report_never_rolls_back() {
 fn declared_mac_and_site_are_enforced() {
     let vm = VmRecord { mac: vec![2, 0, 0, 0, 0, 0x99], allowed_sites: vec![], description: String::new() };
     let Verdict::Reject(r) = decide_observation(&rules(), None, Some(&vm), &learned("fe2", S), S) else { panic!() };
-    assert_eq!((r.reason, r.code), (RejectReason::MacMismatch, Code::PermissionDenied));
+    assert_eq!((r.reason, r.refusal), (Reason::MacMismatch, Refusal::Forbidden));
     assert!(r.message.contains("02:00:00:00:00:99") && r.message.contains("02:00:00:00:00:0b"), "{}", r.message);
 
     let vm = VmRecord { mac: MAC.octets().to_vec(), allowed_sites: vec!["site-b".into()], description: String::new() };
     let Verdict::Reject(r) = decide_observation(&rules(), None, Some(&vm), &learned("fe2", S), S) else { panic!() };
-    assert_eq!((r.reason, r.code), (RejectReason::SitePolicy, Code::PermissionDenied));
+    assert_eq!((r.reason, r.refusal), (Reason::SitePolicy, Refusal::Forbidden));
     assert!(r.message.contains("site-a"), "{}", r.message);
 
     let strict = Rules { require_declared: true, ..rules() };
     let Verdict::Reject(r) = decide_observation(&strict, None, None, &learned("fe2", S), S) else { panic!() };
-    assert_eq!(r.reason, RejectReason::Undeclared);
+    assert_eq!(r.reason, Reason::Undeclared);
 }
 
 #[test]
 fn bad_timestamps_and_macs_are_refused() {
     let Verdict::Reject(r) = decide_observation(&rules(), None, None, &learned("fe2", 0), S) else { panic!() };
-    assert_eq!(r.reason, RejectReason::BadTimestamp);
+    assert_eq!(r.reason, Reason::BadTimestamp);
     let Verdict::Reject(r) = decide_observation(&rules(), None, None, &learned("fe2", 100 * S), S) else { panic!() };
-    assert_eq!(r.reason, RejectReason::BadTimestamp);
+    assert_eq!(r.reason, Reason::BadTimestamp);
     let obs = Observation { mac: Mac::BROADCAST, ..learned("fe2", S) };
     let Verdict::Reject(r) = decide_observation(&rules(), None, None, &obs, S) else { panic!() };
-    assert_eq!((r.reason, r.code), (RejectReason::Malformed, Code::InvalidArgument));
+    assert_eq!((r.reason, r.refusal), (Reason::Malformed, Refusal::Invalid));
 }
 
 #[test]
@@ -124,11 +124,11 @@ fn gone_removes_only_own_current_binding() {
     let Verdict::Reject(r) = decide_observation(&rules(), Some(&cur), None, &gone("fe3", 6 * S), 6 * S) else {
         panic!()
     };
-    assert_eq!(r.reason, RejectReason::NotBoundHere);
+    assert_eq!(r.reason, Reason::NotBoundHere);
     let Verdict::Reject(r) = decide_observation(&rules(), Some(&cur), None, &gone("fe2", 4 * S), 6 * S) else {
         panic!()
     };
-    assert_eq!(r.reason, RejectReason::Stale);
+    assert_eq!(r.reason, Reason::Stale);
 }
 
 #[test]
@@ -147,7 +147,7 @@ fn sixth_move_in_window_freezes_then_moves_are_refused_until_cleared() {
     else {
         panic!()
     };
-    assert_eq!(r.reason, RejectReason::Damped);
+    assert_eq!(r.reason, Reason::Damped);
     assert!(r.message.contains("ClearDamping"));
     let cleared = clear_damping(cur.as_ref().unwrap(), 9 * S).unwrap();
     assert!(!cleared.frozen && cleared.recent_moves_unix_nanos.is_empty());
@@ -184,7 +184,7 @@ fn announcement_checks_policy_before_the_move() {
     else {
         panic!()
     };
-    assert_eq!((r.reason, r.code), (RejectReason::SitePolicy, Code::PermissionDenied));
+    assert_eq!((r.reason, r.refusal), (Reason::SitePolicy, Refusal::Forbidden));
     let Verdict::Write(pending, Change::Updated) =
         decide_announcement(&rules(), Some(&cur), Some(&vm), "fe3", "site-a", false, 100 * S, 2 * S)
     else {
@@ -221,10 +221,10 @@ fn announcement_checks_policy_before_the_move() {
 fn declaration_cannot_orphan_a_bound_vm() {
     let cur = BindingRecord { fe_id: "fe2".into(), mac: MAC.octets().to_vec(), ..Default::default() };
     let other_mac = VmRecord { mac: vec![2, 0, 0, 0, 0, 1], ..Default::default() };
-    assert_eq!(check_declaration(Some((&cur, "site-a")), &other_mac).unwrap_err().code, Code::FailedPrecondition);
+    assert_eq!(check_declaration(Some((&cur, "site-a")), &other_mac).unwrap_err().refusal, Refusal::Precondition);
     let wrong_site =
         VmRecord { mac: MAC.octets().to_vec(), allowed_sites: vec!["site-b".into()], ..Default::default() };
-    assert_eq!(check_declaration(Some((&cur, "site-a")), &wrong_site).unwrap_err().reason, RejectReason::SitePolicy);
+    assert_eq!(check_declaration(Some((&cur, "site-a")), &wrong_site).unwrap_err().reason, Reason::SitePolicy);
     let ok = VmRecord { mac: MAC.octets().to_vec(), allowed_sites: vec!["site-a".into()], ..Default::default() };
     assert!(check_declaration(Some((&cur, "site-a")), &ok).is_ok());
     assert!(check_declaration(None, &other_mac).is_ok());

@@ -1,0 +1,333 @@
+//! The registry on a real (embedded) store with its replica cache, in the registry's own terms:
+//! observations in, [`Claim`]s, [`Rejection`]s and [`RegistryError`]s out — no wire types.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use victor_store::embedded::{EmbeddedOptions, EmbeddedStore};
+
+use super::*;
+use crate::cache::loader;
+use crate::keys::Keys;
+use crate::lease::KeptLease;
+use crate::metrics::ReasonLabel;
+
+const S: i64 = 1_000_000_000;
+
+/// A registry over a fresh embedded store, its cache fed by the replica's loader.
+struct Rig {
+    registry: Registry<EmbeddedStore>,
+    cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+    timelines: Arc<MoveTimelines>,
+    reachable: Arc<AtomicBool>,
+    _shutdown: tokio::sync::watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb"), EmbeddedOptions::default()).await.unwrap();
+        let cache = Cache::new(Keys::new("/t"), 10_000);
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let presence = loader::Presence {
+            replica_id: "r1".into(),
+            grpc_addr: String::new(),
+            lease: KeptLease::new(store.clone(), Duration::from_secs(5)),
+        };
+        tokio::spawn(loader::run(store.clone(), cache.clone(), presence, shutdown_rx));
+        while !cache.is_loaded() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let metrics = Arc::new(Metrics::new());
+        let timelines = Arc::new(MoveTimelines::new(64));
+        let reachable = Arc::new(AtomicBool::new(true));
+        let registry = Registry::new(store, cache.clone(), Rules::default(), metrics.clone(), timelines.clone())
+            .with_reachability(reachable.clone());
+        Rig { registry, cache, metrics, timelines, reachable, _shutdown: shutdown, _dir: dir }
+    }
+
+    /// Registers FE `fe_id` (underlay 192.0.2.`n`, site `site`) and returns it as the cache sees it.
+    async fn fe(&self, fe_id: &str, n: u8, site: &str) -> FeView {
+        let reg = FeRegistration {
+            fe_id: fe_id.into(),
+            underlay: IpAddr::from([192, 0, 2, n]),
+            site: site.into(),
+            mobile_prefixes: vec!["10.10.0.0/16".into()],
+            agent_version: "test".into(),
+        };
+        let revision = self.registry.register_fe(reg, Duration::from_secs(30), "r1").await.unwrap();
+        self.settle(revision).await;
+        self.registry.registered_fe(fe_id).await.unwrap().expect("registered")
+    }
+
+    async fn settle(&self, revision: Revision) {
+        assert!(self.cache.wait_for(revision, Duration::from_secs(5)).await, "cache reached {revision}");
+    }
+
+    /// Reports one observation by `fe` and waits until the cache shows what it wrote.
+    async fn observe(&self, fe: &FeView, obs: ValidObservation) -> RegistryResult<Claim> {
+        let claim = self.registry.observe(fe, obs, monotonic_ns()).await;
+        if let Ok(c) = &claim {
+            self.settle(c.revision).await;
+        }
+        claim
+    }
+
+    fn bound_fe(&self, ip: IpAddr) -> Option<String> {
+        self.cache.read(|s| s.bindings.get(&ip).map(|b| b.fe_id.to_string()))
+    }
+
+    fn rejected(&self, reason: Reason) -> u64 {
+        self.metrics.claims_rejected.get_or_create(&ReasonLabel { reason: reason.label() }).get()
+    }
+}
+
+fn vm(last: u8) -> IpAddr {
+    IpAddr::from([10, 10, 0, last])
+}
+
+fn mac(last: u8) -> Mac {
+    Mac([2, 0, 0, 0, 0, last])
+}
+
+fn learned(last: u8, observed_at: i64) -> ValidObservation {
+    ValidObservation { ip: vm(last), mac: mac(last), kind: Observed::Learned, observed_at }
+}
+
+fn gone(last: u8, observed_at: i64) -> ValidObservation {
+    ValidObservation { kind: Observed::Gone, ..learned(last, observed_at) }
+}
+
+fn rejection(result: RegistryResult<Revision>) -> Rejection {
+    match result {
+        Err(RegistryError::Rejected(r)) => r,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_claim_binds_a_newer_one_moves_and_a_stale_one_is_refused() {
+    let rig = Rig::new().await;
+    let (fe1, fe2) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "a").await);
+    let now = now_unix_nanos();
+
+    let bound = rig.observe(&fe1, learned(11, now - 10 * S)).await.unwrap();
+    assert_eq!((bound.outcome, bound.move_seq), (ClaimOutcome::Bound, 0));
+    assert!(bound.revision > 0);
+    let moved = rig.observe(&fe2, learned(11, now - 5 * S)).await.unwrap();
+    assert_eq!((moved.outcome, moved.move_seq), (ClaimOutcome::Moved, 1));
+    assert!(moved.revision > bound.revision);
+    assert_eq!(rig.bound_fe(vm(11)).as_deref(), Some("fe2"));
+    // The move's timeline starts at commit.
+    let timeline = rig.timelines.list(Some(vm(11))).pop().expect("timeline of the move");
+    assert_eq!((timeline.move_seq, timeline.fe_id.as_str(), timeline.revision), (1, "fe2", moved.revision));
+
+    // fe1's report observed between the two arrives late: refused, nothing written.
+    let late = rig.observe(&fe1, learned(11, now - 7 * S)).await.unwrap();
+    let ClaimOutcome::Rejected(r) = &late.outcome else { panic!("{late:?}") };
+    assert_eq!((r.reason, r.refusal), (Reason::Stale, Refusal::Precondition));
+    assert_eq!((late.move_seq, late.revision), (1, 0), "the current binding's move_seq; no write");
+    assert_eq!(rig.bound_fe(vm(11)).as_deref(), Some("fe2"));
+    assert_eq!(rig.rejected(Reason::Stale), 1);
+
+    // Only the FE the VM is bound to can remove it.
+    let not_here = rig.observe(&fe1, gone(11, now)).await.unwrap();
+    assert!(matches!(not_here.outcome, ClaimOutcome::Rejected(Rejection { reason: Reason::NotBoundHere, .. })));
+    let removed = rig.observe(&fe2, gone(11, now)).await.unwrap();
+    assert_eq!(removed.outcome, ClaimOutcome::Removed);
+    assert_eq!(rig.bound_fe(vm(11)), None);
+}
+
+#[tokio::test]
+async fn a_report_answers_in_order_and_refuses_invalid_observations_without_writing() {
+    let rig = Rig::new().await;
+    let fe1 = rig.fe("fe1", 1, "a").await;
+    let now = now_unix_nanos();
+    let invalid = Rejection::new(Reason::OutsideMobilePrefix, Refusal::Invalid, "outside");
+    let observations: Vec<Result<ValidObservation, Rejection>> =
+        (1..=40u8).map(|i| if i % 10 == 0 { Err(invalid.clone()) } else { Ok(learned(i, now)) }).collect();
+    let before = rig.registry.store().current_revision().await.unwrap();
+    let claims = rig.registry.report(&fe1, observations, monotonic_ns()).await;
+    assert_eq!(claims.len(), 40);
+    for (i, claim) in (1..=40u8).zip(&claims) {
+        let claim = claim.as_ref().unwrap();
+        if i % 10 == 0 {
+            assert_eq!(claim, &Claim::refused(invalid.clone()), "observation {i}");
+        } else {
+            assert_eq!(claim.outcome, ClaimOutcome::Bound, "observation {i}");
+        }
+    }
+    let last = claims.iter().filter_map(|c| c.as_ref().ok()).map(|c| c.revision).max().unwrap();
+    rig.settle(last).await;
+    assert_eq!(rig.cache.read(|s| s.bindings.len()), 36);
+    assert_eq!((rig.bound_fe(vm(10)), rig.bound_fe(vm(9)).as_deref()), (None, Some("fe1")));
+    assert_eq!(rig.rejected(Reason::OutsideMobilePrefix), 4);
+    // Group commit: 36 claims, fewer transactions.
+    assert!(rig.registry.store().current_revision().await.unwrap() - before < 36);
+}
+
+#[tokio::test]
+async fn concurrent_claims_from_many_fes_converge_on_the_newest_observation() {
+    let rig = Rig::new().await;
+    let mut fes = Vec::new();
+    for n in 1..=6u8 {
+        fes.push(rig.fe(&format!("fe{n}"), n, "a").await);
+    }
+    let now = now_unix_nanos();
+    // Every FE claims VM .21 at once; fe4's observation is the newest.
+    let at = |n: usize| now - S + if n == 3 { S / 2 } else { n as i64 };
+    let claims = futures::future::join_all(
+        fes.iter().enumerate().map(|(n, fe)| rig.registry.observe(fe, learned(21, at(n)), monotonic_ns())),
+    )
+    .await;
+    let last = claims.iter().map(|c| c.as_ref().unwrap().revision).max().unwrap();
+    rig.settle(last).await;
+    assert_eq!(rig.bound_fe(vm(21)).as_deref(), Some("fe4"));
+    let binding = rig.cache.read(|s| s.bindings.get(&vm(21)).cloned()).unwrap();
+    let committed_moves = claims.iter().filter(|c| c.as_ref().unwrap().outcome == ClaimOutcome::Moved).count();
+    assert_eq!(binding.move_seq, committed_moves as u64, "one move_seq per committed move");
+}
+
+#[tokio::test]
+async fn nothing_is_sent_while_the_store_is_unreachable() {
+    let rig = Rig::new().await;
+    let fe1 = rig.fe("fe1", 1, "a").await;
+    rig.reachable.store(false, Ordering::Relaxed);
+    let before = rig.registry.store().current_revision().await.unwrap();
+    let err = rig.registry.observe(&fe1, learned(11, now_unix_nanos()), monotonic_ns()).await.unwrap_err();
+    assert!(matches!(err, RegistryError::StoreUnreachable), "{err:?}");
+    assert!(err.to_string().contains("nothing was written"), "{err}");
+    let err = rig.registry.declare(vm(12), VmRecord { mac: mac(12).octets().to_vec(), ..Default::default() }).await;
+    assert!(matches!(err, Err(RegistryError::StoreUnreachable)), "{err:?}");
+    assert_eq!(rig.registry.store().current_revision().await.unwrap(), before);
+    assert_eq!(rig.metrics.store_unavailable.get(), 2);
+    assert_eq!(rig.metrics.claims.get_or_create(&crate::metrics::OutcomeLabel { outcome: "rejected" }).get(), 1);
+
+    rig.reachable.store(true, Ordering::Relaxed);
+    let bound = rig.observe(&fe1, learned(11, now_unix_nanos())).await.unwrap();
+    assert_eq!(bound.outcome, ClaimOutcome::Bound);
+}
+
+#[tokio::test]
+async fn declarations_guard_claims_and_cannot_orphan_a_binding() {
+    let rig = Rig::new().await;
+    let (fe1, fe2) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "b").await);
+    let decl = VmRecord { mac: mac(31).octets().to_vec(), allowed_sites: vec!["a".into()], description: "db".into() };
+    rig.settle(rig.registry.declare(vm(31), decl.clone()).await.unwrap()).await;
+
+    // A claim with another MAC, or from a site the policy excludes, is refused.
+    let spoofed = ValidObservation { mac: mac(99), ..learned(31, now_unix_nanos()) };
+    let claim = rig.observe(&fe1, spoofed).await.unwrap();
+    assert!(matches!(
+        claim.outcome,
+        ClaimOutcome::Rejected(Rejection { reason: Reason::MacMismatch, refusal: Refusal::Forbidden, .. })
+    ));
+    let claim = rig.observe(&fe2, learned(31, now_unix_nanos())).await.unwrap();
+    assert!(matches!(claim.outcome, ClaimOutcome::Rejected(Rejection { reason: Reason::SitePolicy, .. })));
+    assert_eq!(rig.observe(&fe1, learned(31, now_unix_nanos())).await.unwrap().outcome, ClaimOutcome::Bound);
+
+    // Re-declaring the bound VM with another MAC is refused; the declaration stays.
+    let other = VmRecord { mac: mac(32).octets().to_vec(), ..decl.clone() };
+    let r = rejection(rig.registry.declare(vm(31), other).await);
+    assert_eq!((r.reason, r.refusal), (Reason::MacMismatch, Refusal::Precondition));
+    assert_eq!(rig.cache.read(|s| s.vms.get(&vm(31)).map(|v| v.record.clone())), Some(decl));
+
+    // Undeclaring with the binding removes both; a second time there is nothing to remove.
+    rig.settle(rig.registry.undeclare(vm(31), true).await.unwrap()).await;
+    assert_eq!(rig.bound_fe(vm(31)), None);
+    let r = rejection(rig.registry.undeclare(vm(31), true).await);
+    assert_eq!((r.refusal, r.message.as_str()), (Refusal::Absent, "VM 10.10.0.31 is not declared"));
+}
+
+#[tokio::test]
+async fn announcements_pend_commit_and_expire() {
+    let rig = Rig::new().await;
+    let (fe1, _fe2) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "a").await);
+    let hour = Duration::from_secs(3600);
+    let r = rejection(rig.registry.announce(vm(41), "fe9", false, hour).await);
+    assert_eq!(
+        (r.refusal, r.message.as_str()),
+        (Refusal::Absent, "FE \"fe9\" is not registered (ListFes shows the registered FEs)")
+    );
+
+    rig.observe(&fe1, learned(41, now_unix_nanos())).await.unwrap();
+    rig.settle(rig.registry.announce(vm(41), "fe2", false, hour).await.unwrap()).await;
+    let pending = |rig: &Rig| rig.cache.read(|s| s.bindings.get(&vm(41)).map(|b| b.pending_fe_id().to_owned()));
+    assert_eq!(pending(&rig).as_deref(), Some("fe2"));
+    // Not expired yet: housekeeping leaves it.
+    assert_eq!(rig.registry.expire_announcement(vm(41)).await.unwrap(), 0);
+    assert_eq!(pending(&rig).as_deref(), Some("fe2"));
+
+    // With commit the binding moves now, as the orchestrator's move.
+    rig.settle(rig.registry.announce(vm(41), "fe2", true, hour).await.unwrap()).await;
+    assert_eq!(rig.bound_fe(vm(41)).as_deref(), Some("fe2"));
+    assert_eq!(pending(&rig).as_deref(), Some(""));
+    let source = rig.cache.read(|s| s.bindings.get(&vm(41)).map(|b| b.source)).unwrap();
+    assert_eq!(i32::from(source), crate::records::BindingSource::Orchestrator as i32);
+
+    // An announcement whose time is up is dropped by housekeeping.
+    rig.settle(rig.registry.announce(vm(41), "fe1", false, Duration::ZERO).await.unwrap()).await;
+    assert_eq!(pending(&rig).as_deref(), Some("fe1"));
+    rig.settle(rig.registry.expire_announcement(vm(41)).await.unwrap()).await;
+    assert_eq!(pending(&rig).as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn damping_freezes_and_only_a_clear_or_the_hold_thaws() {
+    let rig = Rig::new().await;
+    let fes = [rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "a").await];
+    let r = rejection(rig.registry.clear_damping(vm(51)).await);
+    assert_eq!((r.refusal, r.message.as_str()), (Refusal::Absent, "VM 10.10.0.51 has no binding"));
+
+    // The default policy allows 5 moves in the window; the 6th freezes the binding.
+    let start = now_unix_nanos() - 60 * S;
+    for i in 0..=6 {
+        rig.observe(&fes[i % 2], learned(51, start + i as i64 * S)).await.unwrap();
+    }
+    let frozen = |rig: &Rig| rig.cache.read(|s| s.bindings.get(&vm(51)).map(|b| b.frozen)).unwrap();
+    assert!(frozen(&rig));
+    assert_eq!(rig.metrics.damping_frozen.get(), 1);
+    let claim = rig.observe(&fes[1], learned(51, start + 10 * S)).await.unwrap();
+    assert!(matches!(claim.outcome, ClaimOutcome::Rejected(Rejection { reason: Reason::Damped, .. })));
+
+    rig.settle(rig.registry.clear_damping(vm(51)).await.unwrap()).await;
+    assert!(!frozen(&rig));
+    let r = rejection(rig.registry.clear_damping(vm(51)).await);
+    assert_eq!(r.refusal, Refusal::Precondition, "{}", r.message);
+    // Thawing a binding that is not frozen writes nothing.
+    assert_eq!(rig.registry.thaw(vm(51)).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn housekeeping_removes_a_binding_only_from_the_fe_it_names() {
+    let rig = Rig::new().await;
+    let (fe1, fe2) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "a").await);
+    rig.observe(&fe1, learned(61, now_unix_nanos())).await.unwrap();
+    rig.observe(&fe2, learned(62, now_unix_nanos())).await.unwrap();
+    assert_eq!(rig.registry.remove_if_bound_to(vm(61), "fe2").await.unwrap(), 0);
+    rig.settle(rig.registry.remove_if_bound_to(vm(62), "fe2").await.unwrap()).await;
+    assert_eq!((rig.bound_fe(vm(61)).as_deref(), rig.bound_fe(vm(62))), (Some("fe1"), None));
+}
+
+#[tokio::test]
+async fn fes_need_their_own_underlay_and_a_live_session() {
+    let rig = Rig::new().await;
+    let fe1 = rig.fe("fe1", 1, "a").await;
+    assert_eq!(rig.registry.registered_fe("fe9").await.unwrap(), None);
+    let clash = FeRegistration {
+        fe_id: "fe2".into(),
+        underlay: fe1.underlay,
+        site: "a".into(),
+        mobile_prefixes: vec![],
+        agent_version: String::new(),
+    };
+    let r = rejection(rig.registry.register_fe(clash, Duration::from_secs(30), "r1").await);
+    assert_eq!(r.refusal, Refusal::Precondition);
+    assert!(r.message.contains("already registered by FE fe1"), "{}", r.message);
+
+    assert_eq!(rig.registry.keep_session_alive(&fe1).await.unwrap(), Some(Duration::from_secs(30)));
+    rig.registry.store().lease_revoke(fe1.record.session_lease).await.unwrap();
+    assert_eq!(rig.registry.keep_session_alive(&fe1).await.unwrap(), None, "the session expired");
+}
