@@ -16,8 +16,9 @@ use crate::advertise::health::DeviceProbe;
 use crate::advertise::{Advertiser, HealthInputs};
 use crate::arp::{self, Captures};
 use crate::config::Config;
-use crate::controller::connector::{Connector, SocketFactory};
-use crate::controller::{self, LinkConfig, LinkShared, reporter};
+use crate::link::connector::{Connector, SocketFactory};
+use crate::link::feed::EngineFeed;
+use crate::link::{self, LinkConfig, LinkControl, reporter};
 use crate::core::{Core, Inputs, Readiness};
 use crate::dataplane::{self, Dataplane, DataplaneConfig};
 use crate::events::EventLog;
@@ -99,7 +100,8 @@ pub async fn run(config: Config) -> Result<()> {
         )),
         None => None,
     };
-    let link = Arc::new(LinkShared::default());
+    let link = Arc::new(LinkControl::default());
+    let resume = Arc::new(AtomicU64::new(0));
     let (link_tx, link_rx) = mpsc::channel(256);
     let (answers_tx, answers_rx) = mpsc::channel(64);
     let reporter = reporter::spawn(
@@ -113,6 +115,8 @@ pub async fn run(config: Config) -> Result<()> {
         endpoints: config.controller_endpoints().map_err(anyhow::Error::msg)?,
         connect_timeout: config.connect_timeout,
         stream_timeout: config.stream_timeout,
+        heartbeat_failure_ends_session: true,
+        max_message_bytes: link::DEFAULT_MAX_MESSAGE_BYTES,
         register: RegisterRequest {
             fe_id: config.fe_id.clone(),
             underlay_addr: config.underlay_addr.to_string(),
@@ -123,9 +127,10 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let (link, metrics) = (link.clone(), metrics.clone());
+        let feed = EngineFeed::new(link_tx, resume.clone(), metrics.clone());
+        let link = link.clone();
         tasks.spawn(async move {
-            controller::run(link_config, Connector::new(factory), link, link_tx, metrics).await;
+            link::run(link_config, Connector::new(factory), link, feed).await;
             Ok(())
         });
     }
@@ -206,6 +211,7 @@ pub async fn run(config: Config) -> Result<()> {
         arp_budget: (config.arp_rate, config.arp_burst),
         reporter,
         link,
+        resume,
         events,
         metrics,
         readiness,

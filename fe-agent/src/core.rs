@@ -18,9 +18,9 @@ use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, S
 use crate::arp::Captures;
 use crate::arp::classify::{self, Scope, TargetView};
 use crate::arp::ratelimit::RateLimiter;
-use crate::controller::LinkEvent;
-use crate::controller::LinkShared;
-use crate::controller::reporter::{Answered, Observation, Reporter};
+use crate::link::LinkControl;
+use crate::link::feed::LinkEvent;
+use crate::link::reporter::{Answered, Observation, Reporter};
 use crate::events::EventLog;
 use crate::hint::Hints;
 use crate::hint::io::Received;
@@ -119,8 +119,10 @@ pub struct Core {
     pub arp_budget: (u32, u32),
     /// Reporter handle.
     pub reporter: Reporter,
-    /// Link state (resume revision, resync requests).
-    pub link: Arc<LinkShared>,
+    /// The link (resync requests).
+    pub link: Arc<LinkControl>,
+    /// The revision applied completely, where the link resumes (0 = a snapshot is needed).
+    pub resume: Arc<AtomicU64>,
     /// Stage timestamps.
     pub events: Arc<Mutex<EventLog>>,
     /// Metrics.
@@ -195,7 +197,7 @@ impl Core {
                 self.readiness.connected.store(false, Ordering::Relaxed);
                 // A snapshot cut short is dropped; the next stream resumes from what is complete.
                 self.desired.abort_snapshot();
-                self.link.resume.store(self.desired.revision(), Ordering::Release);
+                self.resume.store(self.desired.revision(), Ordering::Release);
             }
             LinkEvent::Connected { generation } => {
                 self.readiness.connected.store(true, Ordering::Relaxed);
@@ -227,7 +229,7 @@ impl Core {
             Ok(applied) => applied,
             Err(err) => {
                 tracing::warn!(%err, "cannot apply a stream message; asking for a full resync");
-                self.link.resume.store(0, Ordering::Release);
+                self.resume.store(0, Ordering::Release);
                 self.link.resync.notify_one();
                 return;
             }
@@ -279,7 +281,7 @@ impl Core {
             self.readiness.synced.store(true, Ordering::Relaxed);
         }
         self.metrics.stream_revision.set(self.desired.revision() as i64);
-        self.link.resume.store(self.desired.revision(), Ordering::Release);
+        self.resume.store(self.desired.revision(), Ordering::Release);
     }
 
     async fn on_arp(&mut self, frame: ArpFrame) {

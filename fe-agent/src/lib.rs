@@ -3,8 +3,8 @@
 //! Module map (each module's `//!` doc says what it owns):
 //! * [`config`] — flags, `VICTOR_*` env and TOML file.
 //! * [`agent`] — wiring: starts every task below and waits.
-//! * [`controller`] — the link to the controller cluster (register, heartbeat, Sync stream,
-//!   failover) and the [`controller::reporter`] of observed VMs.
+//! * [`link`] — the link to the controller cluster (register, heartbeat, Sync stream,
+//!   failover) and the [`link::reporter`] of observed VMs.
 //! * [`core`] — the task that owns the state and drives the reconciler.
 //! * [`state`] — pure: desired state from the stream, VMs seen here and their claims, targets.
 //! * [`reconcile`] — desired vs programmed → minimal ordered kernel/data-plane changes.
@@ -22,11 +22,11 @@ pub mod advertise;
 pub mod agent;
 pub mod arp;
 pub mod config;
-pub mod controller;
 pub mod core;
 pub mod dataplane;
 pub mod events;
 pub mod hint;
+pub mod link;
 pub mod metrics;
 pub mod netlink;
 pub mod ports;

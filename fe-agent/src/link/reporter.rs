@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
+use victor_daemon::Backoff;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::agent_service_client::AgentServiceClient;
 use victor_proto::v1::{ClaimResult, ObservationKind, ReportRequest, VmObservation};
@@ -247,34 +248,6 @@ impl Reporter {
     }
 }
 
-/// Exponential backoff with jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    first: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    /// From `first` doubling up to `max`.
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Backoff { first, max, current: first }
-    }
-
-    /// The next delay (±25 % jitter).
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let jitter = rand::random_range(0.75..1.25);
-        base.mul_f64(jitter)
-    }
-
-    /// Back to the first delay.
-    pub fn reset(&mut self) {
-        self.current = self.first;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,14 +311,5 @@ mod tests {
         let mut q = ReportQueue::default();
         q.put_back(retry);
         assert_eq!(q.take(10), vec![batch[1].clone()], "queued again with its original observation time");
-    }
-
-    #[test]
-    fn backoff_grows_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
-        let d: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
-        assert!((75..=125).contains(&d[0]) && (150..=250).contains(&d[1]) && (300..=500).contains(&d[3]), "{d:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(125));
     }
 }
