@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use victor_daemon::Backoff;
 
-use super::message::{Community, Notification, frame_len, keepalive};
 use super::session::{Params, Reaction, Session, SessionError, State};
+use crate::codec::bgp::{Community, Notification, frame_len, keepalive};
 use crate::metrics::{Metrics, PeerLabel};
 
 /// Time allowed for a TCP connection to be established.

@@ -9,9 +9,9 @@ use tokio::sync::mpsc;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use victor_daemon::task::AbortOnDrop;
+use victor_proto::v1::SyncRequest;
 use victor_proto::v1::agent_service_client::AgentServiceClient;
 use victor_proto::v1::agent_service_server::SERVICE_NAME;
-use victor_proto::v1::SyncRequest;
 
 use super::heartbeat::{Beat, heartbeat, heartbeats};
 use super::{LinkConfig, LinkControl, RPC_TIMEOUT, Session, StreamOpened, SyncSink};

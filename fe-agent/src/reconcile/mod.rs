@@ -1,21 +1,22 @@
 //! The reconciler (kube-rs style): for each VM IP whose desired target may have changed, compare
 //! with what is programmed (kernel /32 routes and neighbours on VM ports, the data-plane entry)
-//! and apply the minimal ordered change ([`plan`]). It owns the record of what it programmed,
+//! and apply the minimal ordered change ([`plan`]) through its [`effects`]. It owns the record of what it programmed,
 //! read back from the kernel at start (objects carrying our route protocol), so an agent restart
 //! changes nothing that is still right and removes only what is stale — after the first complete
 //! snapshot, never before (no flush).
 
+pub mod effects;
 pub mod plan;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use plan::{LocalActual, Op, Plan, Tunnel};
+use effects::Effects;
+use plan::{LocalActual, Op, Plan};
 
-use crate::dataplane::Dataplane;
+use crate::forwarding::Tunnel;
 use crate::metrics::Metrics;
-use crate::netlink::Kernel;
 use crate::state::Target;
 
 /// What applying one IP did.
@@ -44,35 +45,34 @@ pub struct Readback {
 
 /// The reconciler.
 #[derive(Debug)]
-pub struct Reconciler {
-    kernel: Kernel,
-    dataplane: Dataplane,
+pub struct Reconciler<E> {
+    effects: E,
     locals: HashMap<Ipv4Addr, LocalActual>,
     dirty: HashSet<Ipv4Addr>,
     metrics: Arc<Metrics>,
 }
 
-impl Reconciler {
-    /// A reconciler programming `kernel` and `dataplane`.
-    pub fn new(kernel: Kernel, dataplane: Dataplane, metrics: Arc<Metrics>) -> Self {
-        Reconciler { kernel, dataplane, locals: HashMap::new(), dirty: HashSet::new(), metrics }
+impl<E: Effects> Reconciler<E> {
+    /// A reconciler programming through `effects`.
+    pub fn new(effects: E, metrics: Arc<Metrics>) -> Self {
+        Reconciler { effects, locals: HashMap::new(), dirty: HashSet::new(), metrics }
     }
 
-    /// The data plane.
-    pub fn dataplane(&self) -> &Dataplane {
-        &self.dataplane
+    /// What it programs through.
+    pub fn effects(&self) -> &E {
+        &self.effects
     }
 
-    /// The kernel handle.
-    pub fn kernel(&self) -> &Kernel {
-        &self.kernel
+    /// What it programs through, to change or inspect it directly (tests).
+    pub fn effects_mut(&mut self) -> &mut E {
+        &mut self.effects
     }
 
     /// Reads back the /32 routes and neighbour entries carrying our protocol on interfaces for
     /// which `is_vm_port` holds.
     pub async fn read_back(&mut self, is_vm_port: impl Fn(u32) -> bool) -> anyhow::Result<Readback> {
         let mut summary = Readback::default();
-        for r in self.kernel.our_routes().await? {
+        for r in self.effects.our_routes().await? {
             if r.dst.prefix_len() == 32 && r.oif != 0 && is_vm_port(r.oif) {
                 let e = self.locals.entry(r.dst.addr()).or_insert(LocalActual { port: r.oif, route: true, mac: None });
                 e.port = r.oif;
@@ -82,7 +82,7 @@ impl Reconciler {
                 summary.other_routes += 1;
             }
         }
-        for n in self.kernel.our_neighbours().await? {
+        for n in self.effects.our_neighbours().await? {
             if !is_vm_port(n.ifindex) {
                 continue;
             }
@@ -91,7 +91,7 @@ impl Reconciler {
                 Some(e) if e.port == n.ifindex => e.mac = Some(n.mac),
                 Some(_) => {
                     // A neighbour on another port than the route: stale, removed now (it is ours).
-                    let _ = self.kernel.del_neighbour(n.ip, n.ifindex).await;
+                    let _ = self.effects.del_neighbour(n.ip, n.ifindex).await;
                 }
                 None => {
                     self.locals.insert(n.ip, LocalActual { port: n.ifindex, route: false, mac: Some(n.mac) });
@@ -133,7 +133,7 @@ impl Reconciler {
 
     /// The plan for `ip` towards `target` (no side effects).
     pub fn plan(&self, ip: Ipv4Addr, target: Target) -> Plan {
-        plan::plan(self.locals.get(&ip).copied(), self.dataplane.tunnel(ip), target)
+        plan::plan(self.locals.get(&ip).copied(), self.effects.tunnel(ip), target)
     }
 
     /// Makes `ip` match `target`.
@@ -164,7 +164,7 @@ impl Reconciler {
     async fn execute(&mut self, ip: Ipv4Addr, op: Op) -> anyhow::Result<()> {
         match op {
             Op::SetNeighbour { port, mac } => {
-                self.kernel.replace_neighbour(ip, port, mac).await?;
+                self.effects.replace_neighbour(ip, port, mac).await?;
                 let e = self.locals.entry(ip).or_insert(LocalActual { port, route: false, mac: None });
                 if e.port != port {
                     // The old port's entries are handled by later steps; track the new port.
@@ -174,13 +174,13 @@ impl Reconciler {
                 }
             }
             Op::SetRoute { port } => {
-                self.kernel.replace_host_route(ip, port).await?;
+                self.effects.replace_host_route(ip, port).await?;
                 let e = self.locals.entry(ip).or_insert(LocalActual { port, route: true, mac: None });
                 e.port = port;
                 e.route = true;
             }
             Op::DelRoute { port } => {
-                self.kernel.del_host_route(ip, port).await?;
+                self.effects.del_host_route(ip, port).await?;
                 if let Some(e) = self.locals.get_mut(&ip).filter(|e| e.port == port) {
                     e.route = false;
                     if e.mac.is_none() {
@@ -189,7 +189,7 @@ impl Reconciler {
                 }
             }
             Op::DelNeighbour { port } => {
-                self.kernel.del_neighbour(ip, port).await?;
+                self.effects.del_neighbour(ip, port).await?;
                 if let Some(e) = self.locals.get_mut(&ip).filter(|e| e.port == port) {
                     e.mac = None;
                     if !e.route {
@@ -197,14 +197,14 @@ impl Reconciler {
                     }
                 }
             }
-            Op::SetTunnel(t) => self.dataplane.set_tunnel(&self.kernel, ip, t).await?,
+            Op::SetTunnel(t) => self.effects.set_tunnel(ip, t).await?,
         }
         Ok(())
     }
 
     /// Replaces the accepted tunnel peers.
-    pub fn set_peers(&self, peers: &[Ipv4Addr]) {
-        self.dataplane.set_peers(peers);
+    pub fn set_peers(&mut self, peers: &[Ipv4Addr]) {
+        self.effects.set_peers(peers);
     }
 }
 
