@@ -141,6 +141,10 @@ pub struct Reporter {
 }
 
 impl Reporter {
+    fn empty() -> Reporter {
+        Reporter { queue: Arc::default(), in_flight: Arc::default(), wake: Arc::new(Notify::new()) }
+    }
+
     /// Queues an observation for reporting.
     pub fn submit(&self, obs: Observation) {
         self.queue.lock().expect("report queue").push(obs);
@@ -153,6 +157,19 @@ impl Reporter {
     }
 }
 
+#[cfg(test)]
+impl Reporter {
+    /// A reporter without its task: what is submitted stays queued for [`Reporter::take_queued`].
+    pub(crate) fn detached() -> Reporter {
+        Reporter::empty()
+    }
+
+    /// Takes every queued observation, oldest first.
+    pub(crate) fn take_queued(&self) -> Vec<Observation> {
+        self.queue.lock().expect("report queue").take(usize::MAX)
+    }
+}
+
 /// Starts the reporter task: drains the queue into Report calls on the current session and sends
 /// each answer to `answers`.
 pub fn spawn(
@@ -162,7 +179,7 @@ pub fn spawn(
     answers: mpsc::Sender<Answered>,
     metrics: Arc<Metrics>,
 ) -> Reporter {
-    let reporter = Reporter { queue: Arc::default(), in_flight: Arc::default(), wake: Arc::new(Notify::new()) };
+    let reporter = Reporter::empty();
     let task = reporter.clone();
     tokio::spawn(async move { task.run(fe_id, sessions, reregister, answers, metrics).await });
     reporter

@@ -120,6 +120,8 @@ pub fn plan(local: Option<LocalActual>, tunnel: Tunnel, target: Target) -> Plan 
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
