@@ -3,8 +3,8 @@
 //! admin HTTP and the engine that owns the state — until SIGINT/SIGTERM or a fatal error. Kernel
 //! state is left in place on exit: a restarted agent adopts it (no flush).
 //!
-//! [`run`] reads as its phases: [`check_host`], [`start_dataplane`], [`adopt_previous_run`],
-//! [`start_link`], [`start_admin`], [`start_hints`], the engine, then [`wait_for_exit`].
+//! [`run`] reads as its phases: `check_host`, `start_dataplane`, `adopt_previous_run`,
+//! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};

@@ -55,7 +55,7 @@ pub enum Input {
     Port(PortEvent),
     /// A move hint that passed the socket's screening.
     Hint(Received),
-    /// The timers (every [`TICK`]).
+    /// The timers (every 100 ms).
     Tick,
 }
 

@@ -1,7 +1,7 @@
 //! The hint socket: one UDP socket bound to this FE's underlay address and the hint port. Its
 //! receive task drops what is not a fresh, authenticated hint from a sender within budget —
 //! malformed, bad HMAC, per-source rate limit, replay window — counting each reason, and hands the
-//! rest to the core (which owns the desired state the acceptance rules need). The core sends
+//! rest to the engine (which owns the desired state the acceptance rules need). The engine sends
 //! through [`HintSocket::send`], a non-blocking send like its ARP replies (straight to the
 //! kernel: no wait for the reactor to have seen the socket writable).
 
@@ -22,7 +22,7 @@ const MAX_DATAGRAM: usize = 512;
 /// Nonces remembered inside one replay window, over all senders.
 const NONCE_CAP: usize = 131_072;
 
-/// An authenticated, fresh hint, as the receive task hands it to the core.
+/// An authenticated, fresh hint, as the receive task hands it to the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
     /// The hint.

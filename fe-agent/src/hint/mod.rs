@@ -12,16 +12,16 @@
 //!
 //! Trust model: the FEs that may send each other IP-in-IP (the registered underlay addresses)
 //! plus a cluster-wide shared secret, as BGP sessions are protected with TCP-MD5/TCP-AO keys.
-//! Every datagram carries an HMAC-SHA256 ([`wire`]); the UDP source must be the registered
-//! underlay address of the FE the hint names (an FE speaks only for itself); a send time and a
-//! nonce bound replays to a window in which the hinted binding version must still be current;
+//! Every datagram carries an HMAC-SHA256 ([`crate::codec::hint`]); the UDP source must be the
+//! registered underlay address of the FE the hint names (an FE speaks only for itself); a send
+//! time and a nonce bound replays to a window in which the hinted binding version must still be current;
 //! per-sender rate limits and a cap on overrides bound the damage of a compromised FE to what
 //! it could already do by claiming VMs through ARP — and the controller's answer ends it.
 //! Without a key (`--move-hint-key-file`) hints are off.
 //!
-//! Parts: the datagram codec with its HMAC is [`crate::codec::hint`]; here [`accept`] (replay window, acceptance rules), [`overrides`]
-//! (receiver state machine), [`outbox`] (sender state), [`io`] (the socket task) — all but
-//! [`io`] pure. [`Hints`] ties them to the core.
+//! Parts: the datagram and its HMAC are [`crate::codec::hint`]; here [`accept`] (replay window,
+//! acceptance rules), [`overrides`] (receiver state machine), [`outbox`] (sender state), [`io`]
+//! (the socket task) — all but [`io`] pure. [`Hints`] ties them to the engine.
 
 pub mod accept;
 pub mod io;
@@ -62,7 +62,7 @@ pub struct HintConfig {
     pub rate: u32,
 }
 
-/// The core's handle on move hints: what it sent, the overrides in force, and the socket (none
+/// The engine's handle on move hints: what it sent, the overrides in force, and the socket (none
 /// when hints are off: then nothing is sent and nothing overrides).
 #[derive(Debug)]
 pub struct Hints {

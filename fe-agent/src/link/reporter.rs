@@ -113,7 +113,7 @@ impl ReportQueue {
     }
 }
 
-/// Splits a batch's answers: results with a verdict (for the core), and the observations the
+/// Splits a batch's answers: results with a verdict (for the engine), and the observations the
 /// controller answered UNAVAILABLE — no verdict, to send again.
 pub fn split_transient(
     observations: Vec<Observation>,
@@ -132,7 +132,7 @@ pub fn split_transient(
     (answered.0, answered.1, retry)
 }
 
-/// The handle the agent core submits observations through.
+/// The handle the engine submits observations through.
 #[derive(Debug, Clone)]
 pub struct Reporter {
     queue: Arc<Mutex<ReportQueue>>,
