@@ -410,3 +410,18 @@ async fn restart_adopts_the_previous_programming_and_removes_only_stale_entries_
     assert_eq!(rig.effects().routes.iter().collect::<Vec<_>>(), vec![(&kept, &PORT)]);
     assert!(rig.readiness.synced.load(Ordering::Relaxed));
 }
+
+/// A change the kernel refused is made again on the next tick, in the same order.
+#[tokio::test]
+async fn a_refused_change_is_retried_on_the_next_tick() {
+    let mut rig = Rig::new(InMemory::default());
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9)])).await;
+    rig.changes();
+    rig.engine.reconciler.effects_mut().failing.insert(VM);
+    rig.garp(VM, MAC, PORT).await;
+    assert_eq!(rig.changes(), vec![]);
+    assert!(rig.metric("victor_agent_reconcile_ops_total{op=\"set_neighbour\",result=\"error\"} 1"));
+    rig.engine.reconciler.effects_mut().failing.clear();
+    rig.engine.handle(Input::Tick).await;
+    assert_eq!(rig.changes(), local_install(VM, PORT, MAC));
+}

@@ -3,11 +3,11 @@
 //! real thing (rtnetlink and the running data plane); [`InMemory`] keeps the same objects in
 //! maps and logs every change, so the engine's event sequences run in tests without root.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use ipnet::Ipv4Net;
 
 use super::plan::Op;
@@ -115,6 +115,8 @@ pub struct InMemory {
     pub peers: Vec<Ipv4Addr>,
     /// Every change made through [`Effects`], oldest first.
     pub log: Vec<(Ipv4Addr, Op)>,
+    /// Addresses whose changes fail (as a kernel that refuses them), changing nothing.
+    pub failing: BTreeSet<Ipv4Addr>,
 }
 
 impl InMemory {
@@ -132,6 +134,15 @@ impl InMemory {
     pub fn take_log(&mut self) -> Vec<(Ipv4Addr, Op)> {
         std::mem::take(&mut self.log)
     }
+
+    /// Logs `op` on `ip`, or fails if `ip` is failing.
+    fn change(&mut self, ip: Ipv4Addr, op: Op) -> Result<()> {
+        if self.failing.contains(&ip) {
+            bail!("{op:?} of {ip} refused");
+        }
+        self.log.push((ip, op));
+        Ok(())
+    }
 }
 
 impl Effects for InMemory {
@@ -144,28 +155,28 @@ impl Effects for InMemory {
     }
 
     async fn replace_neighbour(&mut self, ip: Ipv4Addr, port: u32, mac: [u8; 6]) -> Result<()> {
+        self.change(ip, Op::SetNeighbour { port, mac })?;
         self.neighbours.insert((ip, port), mac);
-        self.log.push((ip, Op::SetNeighbour { port, mac }));
         Ok(())
     }
 
     async fn replace_host_route(&mut self, ip: Ipv4Addr, port: u32) -> Result<()> {
+        self.change(ip, Op::SetRoute { port })?;
         self.routes.insert(ip, port);
-        self.log.push((ip, Op::SetRoute { port }));
         Ok(())
     }
 
     async fn del_host_route(&mut self, ip: Ipv4Addr, port: u32) -> Result<()> {
+        self.change(ip, Op::DelRoute { port })?;
         if self.routes.get(&ip) == Some(&port) {
             self.routes.remove(&ip);
         }
-        self.log.push((ip, Op::DelRoute { port }));
         Ok(())
     }
 
     async fn del_neighbour(&mut self, ip: Ipv4Addr, port: u32) -> Result<()> {
+        self.change(ip, Op::DelNeighbour { port })?;
         self.neighbours.remove(&(ip, port));
-        self.log.push((ip, Op::DelNeighbour { port }));
         Ok(())
     }
 
@@ -174,11 +185,11 @@ impl Effects for InMemory {
     }
 
     async fn set_tunnel(&mut self, ip: Ipv4Addr, tunnel: Tunnel) -> Result<()> {
+        self.change(ip, Op::SetTunnel(tunnel))?;
         match tunnel {
             Tunnel::None => self.tunnels.remove(&ip),
             t => self.tunnels.insert(ip, t),
         };
-        self.log.push((ip, Op::SetTunnel(tunnel)));
         Ok(())
     }
 

@@ -219,3 +219,50 @@ fn op_label(op: Op) -> &'static str {
         Op::SetTunnel(Tunnel::Remote(_)) => "tunnel_remote",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::effects::InMemory;
+
+    const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+
+    fn reconciler(effects: InMemory) -> Reconciler<InMemory> {
+        Reconciler::new(effects, Arc::new(Metrics::new()))
+    }
+
+    /// A refused step stops the plan — no route without its neighbour — and the IP is retried.
+    #[tokio::test]
+    async fn a_failed_step_stops_the_plan_and_the_ip_is_retried() {
+        let mut r = reconciler(InMemory::default());
+        let here = Target::Local { port: Some(5), mac: MAC };
+        r.effects_mut().failing.insert(VM);
+        let applied = r.apply(VM, here).await;
+        assert_eq!((applied.ops, applied.failed), (0, 1));
+        assert!(r.effects().routes.is_empty(), "the route waits for its neighbour");
+        assert_eq!(r.local_port(VM), None);
+        assert_eq!(r.take_dirty(), vec![VM]);
+        r.effects_mut().failing.clear();
+        let applied = r.apply(VM, here).await;
+        assert_eq!((applied.ops, applied.failed, applied.became_local_on), (3, 0, Some(5)));
+        assert_eq!(r.local_port(VM), Some(5));
+        assert!(r.take_dirty().is_empty());
+    }
+
+    /// Read-back adopts our routes and neighbours on VM ports only; a neighbour of ours on
+    /// another port than the address's route is stale and goes at once.
+    #[tokio::test]
+    async fn read_back_adopts_our_objects_on_vm_ports() {
+        let mut previous = InMemory::with_previous_run(&[(VM, 5, MAC)]);
+        previous.neighbours.insert((VM, 6), MAC);
+        previous.routes.insert(Ipv4Addr::new(10, 10, 0, 12), 9);
+        let mut r = reconciler(previous);
+        let readback = r.read_back(|port| port == 5 || port == 6).await.unwrap();
+        assert_eq!(readback, Readback { host_routes: 1, neighbours: 2, other_routes: 1 });
+        assert_eq!(r.local_ips(), vec![VM]);
+        assert_eq!(r.local_port(VM), Some(5));
+        assert_eq!(r.effects_mut().take_log(), vec![(VM, Op::DelNeighbour { port: 6 })]);
+        assert_eq!(r.plan(VM, Target::Local { port: None, mac: MAC }).ops, vec![Op::SetTunnel(Tunnel::Local)]);
+    }
+}
