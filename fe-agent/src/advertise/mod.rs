@@ -1,6 +1,5 @@
-//! The advertiser: every FE announces the mobile prefixes to the routers
-//! outside VICTOR, so a client's packets enter at the nearest FE — while, and only while, this FE
-//! can forward them.
+//! The advertiser: every FE announces the mobile prefixes to the routers outside VICTOR, so a
+//! client's packets enter at the nearest FE — while, and only while, this FE can forward them.
 //!
 //! The agent is its own BGP speaker, like ExaBGP or GoBGP used as route injectors: it holds one
 //! BGP session per configured router (`--bgp-peer`, the site's BIRD/FRR/any BGP router), announces

@@ -191,10 +191,12 @@ impl Captures {
         }
         retired.kernel_dropped += stats.kernel_dropped;
     }
+}
 
-    /// Malformed frames by reason and frames the kernel dropped (socket buffer full), over every
-    /// capture this agent has run.
-    pub fn totals(&self) -> (Vec<(&'static str, u64)>, u64) {
+/// Malformed frames by reason and frames the kernel dropped (socket buffer full), over every
+/// capture this agent has run.
+impl CaptureCounts for Captures {
+    fn totals(&self) -> (Vec<(&'static str, u64)>, u64) {
         let (mut malformed, mut kernel_dropped) = {
             let retired = self.retired.lock().expect("captures");
             (retired.malformed.clone(), retired.kernel_dropped)
@@ -209,11 +211,5 @@ impl Captures {
         let mut malformed: Vec<_> = malformed.into_iter().collect();
         malformed.sort();
         (malformed, kernel_dropped)
-    }
-}
-
-impl CaptureCounts for Captures {
-    fn totals(&self) -> (Vec<(&'static str, u64)>, u64) {
-        Captures::totals(self)
     }
 }
