@@ -11,7 +11,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 seconds=${1:-30}
 shift || true
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(arp_frame ipip_ingress tun_egress request_validation)
+# Every target in fuzz_targets/ unless named.
+if [[ ${#targets[@]} -eq 0 ]]; then
+    for f in fuzz_targets/*.rs; do
+        targets+=("$(basename "$f" .rs)")
+    done
+fi
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 for t in "${targets[@]}"; do

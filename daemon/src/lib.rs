@@ -3,16 +3,21 @@
 //!   command line: flags > config file > `VICTOR_*` environment > defaults;
 //! * [`duration`] — `180s`-style durations for flags and their JSON form;
 //! * [`logging`] — text or JSON logs on stderr with an `EnvFilter`;
+//! * [`backoff`] — exponential backoff between retries;
+//! * [`task`] — a task aborted when its owner goes ([`task::AbortOnDrop`]);
 //! * [`main`] — the `main` of a daemon: load the config (exit 2 with what to fix), `--check-config`,
 //!   logging, the tokio runtime, and exit codes.
 
+pub mod backoff;
 pub mod config_file;
 pub mod duration;
 pub mod logging;
+pub mod task;
 
 use std::future::Future;
 use std::process::ExitCode;
 
+pub use backoff::Backoff;
 pub use config_file::ConfigError;
 pub use logging::LogFormat;
 

@@ -10,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use crate::core::Readiness;
 use crate::events::EventLog;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 
 /// What the handlers read.
 #[derive(Clone)]

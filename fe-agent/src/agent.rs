@@ -1,41 +1,115 @@
 //! Wiring: checks the host, starts the data plane, reads back what a previous run programmed,
 //! then runs the tasks — controller link, reporter, ARP capture, port watcher, move-hint socket,
-//! admin HTTP and the core that owns the state — until SIGINT/SIGTERM or a fatal error. Kernel state is left in place
-//! on exit: a restarted agent adopts it (no flush).
+//! admin HTTP and the engine that owns the state — until SIGINT/SIGTERM or a fatal error. Kernel
+//! state is left in place on exit: a restarted agent adopts it (no flush).
+//!
+//! [`run`] reads as its phases: `check_host`, `start_dataplane`, `adopt_previous_run`,
+//! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
-use victor_proto::clock::monotonic_ns;
+use tokio::task::JoinSet;
 use victor_proto::v1::RegisterRequest;
 
 use crate::advertise::health::DeviceProbe;
 use crate::advertise::{Advertiser, HealthInputs};
-use crate::arp::{self, Captures};
+use crate::arp::{self, ArpPorts, Captures};
 use crate::config::Config;
-use crate::controller::connector::{Connector, SocketFactory};
-use crate::controller::{self, LinkConfig, LinkShared, reporter};
-use crate::core::{Core, Inputs, Readiness};
-use crate::dataplane::{self, Dataplane, DataplaneConfig};
+use crate::engine::{Engine, Inputs, Parts};
 use crate::events::EventLog;
+use crate::forwarding::{self, Dataplane, DataplaneConfig};
 use crate::hint::Hints;
-use crate::hint::io::{HintSocket, Limits};
+use crate::hint::io::{HintSocket, Limits, Received};
+use crate::link::connector::{Connector, SocketFactory};
+use crate::link::feed::{EngineFeed, LinkEvent};
+use crate::link::reporter::{self, Answered, Reporter};
+use crate::link::{self, LinkConfig, LinkControl};
 use crate::metrics::{KindLabel, Metrics};
 use crate::netlink::Kernel;
 use crate::ports::{self, PortTable};
+use crate::readiness::Readiness;
 use crate::reconcile::Reconciler;
-use crate::state::desired::DesiredState;
-use crate::state::local::{LocalVms, Timers};
+use crate::reconcile::effects::Host;
+use crate::state::local::Timers;
+
+/// The agent's tasks: any of them ending ends the agent.
+type Tasks = JoinSet<Result<()>>;
 
 /// Runs the agent until a signal or a fatal error.
 pub async fn run(config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let kernel = Kernel::connect(config.route_protocol).context("open a netlink socket (needs CAP_NET_ADMIN)")?;
+    let underlay_mtu = check_host(&config, &kernel).await?;
+    let dataplane = start_dataplane(&config, &kernel, underlay_mtu, &metrics).await?;
+    let ports = Arc::new(PortTable::new(vm_port_matcher(&config), config.gateway_mac.map(|m| m.octets())));
+    let reconciler = adopt_previous_run(&kernel, dataplane, &ports, &metrics).await?;
 
-    // Host checks, each with what to fix.
+    let mut tasks = Tasks::new();
+    let resume = Arc::new(AtomicU64::new(0));
+    let link = start_link(&config, &mut tasks, resume.clone(), &metrics)?;
+    // The port watcher; the engine opens an ARP capture on each VM port it announces.
+    let (port_tx, port_rx) = mpsc::channel(64);
+    {
+        let (ports, kernel) = (ports.clone(), kernel.clone());
+        tasks.spawn(async move { ports::watch(ports, kernel, port_tx).await.context("link watcher") });
+    }
+    let readiness = Arc::new(Readiness::new(config.headless_grace.as_nanos() as u64));
+    let events = Arc::new(Mutex::new(EventLog::new(8192)));
+    // The advertiser announces the mobile prefixes while this FE is healthy (readiness and the
+    // data-plane device), and withdraws them before the agent exits.
+    let advertiser = config.advertise().map(|bgp| {
+        tracing::info!(peers = ?bgp.peers, local_as = bgp.local_as, peer_as = bgp.peer_as, "BGP advertiser enabled");
+        let device = DeviceProbe::new(kernel.handle().clone(), config.tun_name.clone());
+        Advertiser::spawn(bgp, HealthInputs { readiness: readiness.clone(), device }, metrics.clone())
+    });
+    start_admin(&config, &mut tasks, &metrics, &readiness, &events).await?;
+    let (hints, hint_rx) = start_hints(&config, &mut tasks, &metrics, &events)?;
+
+    let (arp_tx, arp_rx) = mpsc::channel(4096);
+    let captures = Arc::new(Captures::default());
+    metrics.attach_captures(captures.clone());
+    let engine = Engine::new(Parts {
+        fe_id: config.fe_id.clone(),
+        timers: Timers {
+            probe_after: config.arp_probe_after.as_nanos() as u64,
+            probe_interval: config.arp_probe_interval.as_nanos() as u64,
+            probe_count: config.arp_probe_count,
+            reject_hold: 30_000_000_000,
+        },
+        reconciler,
+        scope: arp::classify::Scope { prefixes: config.mobile_prefixes.clone(), gateways: config.gateways.clone() },
+        ports,
+        arp: ArpPorts::new(captures, arp_tx, (config.arp_rate, config.arp_burst), metrics.clone()),
+        reporter: link.reporter,
+        link: link.control,
+        resume,
+        events,
+        metrics,
+        readiness,
+        hints,
+    });
+    let inputs = Inputs { link: link.events, answers: link.answers, arp: arp_rx, ports: port_rx, hints: hint_rx };
+    tasks.spawn(async move {
+        engine.run(inputs).await;
+        bail!("the agent engine stopped")
+    });
+    tracing::info!(fe_id = %config.fe_id, underlay = %config.underlay_addr, underlay_mtu, "agent running");
+
+    let outcome = wait_for_exit(&mut tasks).await;
+    if let Some(advertiser) = advertiser {
+        // A clean stop keeps forwarding (the tasks still run) while the routers move away.
+        let drain = if outcome.is_ok() { config.bgp_shutdown_drain } else { std::time::Duration::ZERO };
+        advertiser.shutdown(drain).await;
+    }
+    outcome
+}
+
+/// Checks what the agent needs from the host, each failure with what to fix; returns the
+/// underlay MTU.
+async fn check_host(config: &Config, kernel: &Kernel) -> Result<u16> {
     let Some(underlay_if) = kernel.link_of_address(config.underlay_addr).await? else {
         bail!("--underlay-addr {} is not configured on any interface of this host", config.underlay_addr);
     };
@@ -56,9 +130,13 @@ pub async fn run(config: Config) -> Result<()> {
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         tracing::warn!("net.ipv4.ip_forward is 0: this FE will not route between its VM ports and the tunnel");
     }
+    Ok(underlay_mtu)
+}
 
+/// Chooses the data-plane backend (and says why) and starts it.
+async fn start_dataplane(config: &Config, kernel: &Kernel, underlay_mtu: u16, metrics: &Metrics) -> Result<Dataplane> {
     let (backend, why) =
-        dataplane::choose(config.dataplane, victor_dataplane::kernel::ipip_available()).map_err(anyhow::Error::msg)?;
+        forwarding::choose(config.dataplane, victor_dataplane::kernel::ipip_available()).map_err(anyhow::Error::msg)?;
     tracing::info!(dataplane = backend.label(), reason = why, "data plane chosen");
     metrics.dataplane.get_or_create(&KindLabel { kind: backend.label() }).set(1);
     let dp_config = DataplaneConfig {
@@ -68,30 +146,47 @@ pub async fn run(config: Config) -> Result<()> {
         device: config.tun_name.clone(),
         prefixes: config.mobile_prefixes.clone(),
     };
-    let dataplane = Dataplane::start(&dp_config, &kernel).await?;
+    let dataplane = Dataplane::start(&dp_config, kernel).await?;
     if let Some(counters) = dataplane.counters_handle() {
         metrics.attach_dataplane(counters);
     }
+    Ok(dataplane)
+}
 
-    let gateway_mac = config.gateway_mac.map(|m| m.octets());
-    let matcher = {
-        let config = config.clone();
-        move |name: &str| config.is_vm_port(name)
-    };
-    let ports = Arc::new(PortTable::new(matcher, gateway_mac));
-    let captures = Arc::new(Captures::default());
-    metrics.attach_captures(captures.clone());
+fn vm_port_matcher(config: &Config) -> impl Fn(&str) -> bool + Send + Sync + 'static {
+    let config = config.clone();
+    move |name: &str| config.is_vm_port(name)
+}
 
+/// Learns the VM ports and reads back what a previous run programmed on them: kept until the
+/// first complete snapshot says otherwise (restart without flush).
+async fn adopt_previous_run(
+    kernel: &Kernel,
+    dataplane: Dataplane,
+    ports: &PortTable,
+    metrics: &Arc<Metrics>,
+) -> Result<Reconciler<Host>> {
     ports.seed(&kernel.links().await?);
-    let mut reconciler = Reconciler::new(kernel.clone(), dataplane, metrics.clone());
+    let mut reconciler = Reconciler::new(Host::new(kernel.clone(), dataplane), metrics.clone());
     let readback = reconciler.read_back(|i| ports.get(i).is_some()).await?;
     tracing::info!(
         host_routes = readback.host_routes,
         neighbours = readback.neighbours,
         "read back the kernel state of a previous run (kept until the first snapshot says otherwise)"
     );
+    Ok(reconciler)
+}
 
-    // Controller link and reporter.
+/// The running link, as the engine uses it.
+struct LinkParts {
+    control: Arc<LinkControl>,
+    reporter: Reporter,
+    events: mpsc::Receiver<LinkEvent>,
+    answers: mpsc::Receiver<Answered>,
+}
+
+/// Starts the controller link (streams resume from `resume`) and the reporter.
+fn start_link(config: &Config, tasks: &mut Tasks, resume: Arc<AtomicU64>, metrics: &Arc<Metrics>) -> Result<LinkParts> {
     let factory = match &config.controller_netns {
         Some(path) => Some(Arc::new(
             SocketFactory::in_namespace(path)
@@ -99,13 +194,13 @@ pub async fn run(config: Config) -> Result<()> {
         )),
         None => None,
     };
-    let link = Arc::new(LinkShared::default());
+    let control = Arc::new(LinkControl::default());
     let (link_tx, link_rx) = mpsc::channel(256);
     let (answers_tx, answers_rx) = mpsc::channel(64);
     let reporter = reporter::spawn(
         config.fe_id.clone(),
-        link.session.subscribe(),
-        link.reregister.clone(),
+        control.session.subscribe(),
+        control.reregister.clone(),
         answers_tx,
         metrics.clone(),
     );
@@ -113,6 +208,8 @@ pub async fn run(config: Config) -> Result<()> {
         endpoints: config.controller_endpoints().map_err(anyhow::Error::msg)?,
         connect_timeout: config.connect_timeout,
         stream_timeout: config.stream_timeout,
+        heartbeat_failure_ends_session: true,
+        max_message_bytes: link::DEFAULT_MAX_MESSAGE_BYTES,
         register: RegisterRequest {
             fe_id: config.fe_id.clone(),
             underlay_addr: config.underlay_addr.to_string(),
@@ -121,105 +218,64 @@ pub async fn run(config: Config) -> Result<()> {
             agent_version: env!("CARGO_PKG_VERSION").into(),
         },
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    {
-        let (link, metrics) = (link.clone(), metrics.clone());
-        tasks.spawn(async move {
-            controller::run(link_config, Connector::new(factory), link, link_tx, metrics).await;
-            Ok(())
-        });
-    }
-
-    // The port watcher; the core opens an ARP capture on each VM port it announces.
-    let (arp_tx, arp_rx) = mpsc::channel(4096);
-    let (port_tx, port_rx) = mpsc::channel(64);
-    {
-        let (ports, kernel) = (ports.clone(), kernel.clone());
-        tasks.spawn(async move { ports::watch(ports, kernel, port_tx).await.context("link watcher") });
-    }
-
-    // Admin HTTP.
-    let readiness = Arc::new(Readiness {
-        connected: AtomicBool::new(false),
-        synced: AtomicBool::new(false),
-        last_message_mono: AtomicU64::new(monotonic_ns()),
-        grace_ns: config.headless_grace.as_nanos() as u64,
+    let feed = EngineFeed::new(link_tx, resume, metrics.clone());
+    let running = control.clone();
+    tasks.spawn(async move {
+        link::run(link_config, Connector::new(factory), running, feed).await;
+        Ok(())
     });
-    // The advertiser announces the mobile prefixes while this FE is healthy (readiness and the
-    // data-plane device), and withdraws them before the agent exits.
-    let advertiser = config.advertise().map(|bgp| {
-        tracing::info!(peers = ?bgp.peers, local_as = bgp.local_as, peer_as = bgp.peer_as, "BGP advertiser enabled");
-        let device = DeviceProbe::new(kernel.handle().clone(), config.tun_name.clone());
-        Advertiser::spawn(bgp, HealthInputs { readiness: readiness.clone(), device }, metrics.clone())
-    });
-    let events = Arc::new(Mutex::new(EventLog::new(8192)));
+    Ok(LinkParts { control, reporter, events: link_rx, answers: answers_rx })
+}
+
+/// Serves `/healthz`, `/readyz`, `/metrics` and `/debug/events`.
+async fn start_admin(
+    config: &Config,
+    tasks: &mut Tasks,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+    events: &Arc<Mutex<EventLog>>,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("bind --http-listen {}", config.http_listen))?;
-    let admin_state =
+    let state =
         crate::admin::AdminState { metrics: metrics.clone(), readiness: readiness.clone(), events: events.clone() };
-    tasks.spawn(async move { axum::serve(listener, crate::admin::router(admin_state)).await.context("admin HTTP") });
+    tasks.spawn(async move { axum::serve(listener, crate::admin::router(state)).await.context("admin HTTP") });
+    Ok(())
+}
 
-    // Move hints: one UDP socket on the underlay address; its task screens what arrives.
-    let (hints, hint_rx) = match config.move_hints().map_err(anyhow::Error::msg)? {
-        None => (Hints::disabled(&config.fe_id, metrics.clone(), events.clone()), None),
-        Some(hc) => {
-            warn_if_readable_by_others(config.move_hint_key_file.as_deref());
-            let socket = HintSocket::bind(config.underlay_addr, hc.port, hc.keys.clone()).with_context(|| {
-                format!("bind the move-hint socket {}:{} (--move-hint-port)", config.underlay_addr, hc.port)
-            })?;
-            let (tx, rx) = mpsc::channel(1024);
-            let limits = Limits { max_age_ns: hc.max_age_ns, rate: hc.rate };
-            let receiver = socket.clone().receive(limits, metrics.clone(), tx);
-            tasks.spawn(async move {
-                receiver.await;
-                Ok(())
-            });
-            tracing::info!(
-                port = hc.port,
-                keys = hc.keys.len(),
-                timeout_ms = hc.timeout_ns / 1_000_000,
-                "move hints enabled"
-            );
-            let hints = Hints::enabled(&config.fe_id, socket, hc.timeout_ns, metrics.clone(), events.clone());
-            (hints, Some(rx))
-        }
+/// Move hints: one UDP socket on the underlay address; its task screens what arrives. Returns
+/// the engine's handle and the screened hints (None when hints are off).
+fn start_hints(
+    config: &Config,
+    tasks: &mut Tasks,
+    metrics: &Arc<Metrics>,
+    events: &Arc<Mutex<EventLog>>,
+) -> Result<(Hints, Option<mpsc::Receiver<Received>>)> {
+    let Some(hc) = config.move_hints().map_err(anyhow::Error::msg)? else {
+        return Ok((Hints::disabled(&config.fe_id, metrics.clone(), events.clone()), None));
     };
-
-    let ns = 1_000_000_000u64;
-    let timers = Timers {
-        probe_after: config.arp_probe_after.as_nanos() as u64,
-        probe_interval: config.arp_probe_interval.as_nanos() as u64,
-        probe_count: config.arp_probe_count,
-        reject_hold: 30 * ns,
-    };
-    let core = Core {
-        fe_id: config.fe_id.clone(),
-        desired: DesiredState::new(&config.fe_id),
-        local: LocalVms::new(timers),
-        reconciler,
-        scope: arp::classify::Scope { prefixes: config.mobile_prefixes.clone(), gateways: config.gateways.clone() },
-        ports,
-        captures,
-        capture_tasks: HashMap::new(),
-        arp_frames: arp_tx,
-        arp_budget: (config.arp_rate, config.arp_burst),
-        reporter,
-        link,
-        events,
-        metrics,
-        readiness,
-        discovering: HashMap::new(),
-        hints,
-    };
+    warn_if_readable_by_others(config.move_hint_key_file.as_deref());
+    let socket = HintSocket::bind(config.underlay_addr, hc.port, hc.keys.clone()).with_context(|| {
+        format!("bind the move-hint socket {}:{} (--move-hint-port)", config.underlay_addr, hc.port)
+    })?;
+    let (tx, rx) = mpsc::channel(1024);
+    let limits = Limits { max_age_ns: hc.max_age_ns, rate: hc.rate };
+    let receiver = socket.clone().receive(limits, metrics.clone(), tx);
     tasks.spawn(async move {
-        core.run(Inputs { link: link_rx, answers: answers_rx, arp: arp_rx, ports: port_rx, hints: hint_rx }).await;
-        bail!("the agent core stopped")
+        receiver.await;
+        Ok(())
     });
-    tracing::info!(fe_id = %config.fe_id, underlay = %config.underlay_addr, underlay_mtu, "agent running");
+    tracing::info!(port = hc.port, keys = hc.keys.len(), timeout_ms = hc.timeout_ns / 1_000_000, "move hints enabled");
+    let hints = Hints::enabled(&config.fe_id, socket, hc.timeout_ns, metrics.clone(), events.clone());
+    Ok((hints, Some(rx)))
+}
 
+/// Waits for SIGINT, SIGTERM (Ok) or the first task to end (Err: every task runs for the agent's
+/// whole life).
+async fn wait_for_exit(tasks: &mut Tasks) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let outcome = tokio::select! {
+    tokio::select! {
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("SIGINT: exiting (kernel state is kept for the next run)");
             Ok(())
@@ -233,13 +289,7 @@ pub async fn run(config: Config) -> Result<()> {
             Ok(Err(err)) => Err(err),
             Err(err) => Err(anyhow::anyhow!("an agent task failed: {err}")),
         },
-    };
-    if let Some(advertiser) = advertiser {
-        // A clean stop keeps forwarding (the tasks still run) while the routers move away.
-        let drain = if outcome.is_ok() { config.bgp_shutdown_drain } else { std::time::Duration::ZERO };
-        advertiser.shutdown(drain).await;
     }
-    outcome
 }
 
 /// Warns when the move-hint key file can be read by other users (the key lets anyone who can

@@ -6,16 +6,17 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use ipnet::Ipv4Net;
 use serde::Serialize;
 pub use victor_daemon::{ConfigError, LogFormat};
 use victor_proto::Mac;
 
 use crate::advertise::AdvertiseConfig;
-use crate::advertise::message::Community;
+use crate::codec::bgp::Community;
+use crate::codec::hint::Keys;
+pub use crate::forwarding::DataplaneMode;
 use crate::hint::HintConfig;
-use crate::hint::wire::Keys;
 
 /// The route protocol number stamped on every route and neighbour the agent creates (see
 /// `/etc/iproute2/rt_protos`: 158 is unassigned; BGP daemons use 186, zebra 11, OSPF 188).
@@ -25,19 +26,6 @@ pub const DEFAULT_ROUTE_PROTOCOL: u8 = 158;
 /// (4789), VXLAN-GPE (4790), RoCEv2 (4791, which RDMA NICs may consume in hardware), Geneve
 /// (6081), BFD (3784/4784).
 pub const DEFAULT_MOVE_HINT_PORT: u16 = 4796;
-
-/// Which IP-in-IP implementation carries traffic for remote VMs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DataplaneMode {
-    /// The kernel's ipip driver when the kernel has it, else the userspace TUN forwarder.
-    Auto,
-    /// The userspace forwarder on a TUN device.
-    Tun,
-    /// Kernel ipip device in collect-metadata mode with per-route encapsulation (needs the
-    /// kernel's ipip module).
-    Kernel,
-}
 
 /// victor-fe-agent: the VICTOR forwarding-element agent.
 ///

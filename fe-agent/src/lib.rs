@@ -1,34 +1,44 @@
 //! The VICTOR forwarding-element agent (`victor-fe-agent`).
 //!
-//! Module map (each module's `//!` doc says what it owns):
-//! * [`config`] — flags, `VICTOR_*` env and TOML file.
-//! * [`agent`] — wiring: starts every task below and waits.
-//! * [`controller`] — the link to the controller cluster (register, heartbeat, Sync stream,
-//!   failover) and the [`controller::reporter`] of observed VMs.
-//! * [`core`] — the task that owns the state and drives the reconciler.
-//! * [`state`] — pure: desired state from the stream, VMs seen here and their claims, targets.
-//! * [`reconcile`] — desired vs programmed → minimal ordered kernel/data-plane changes.
-//! * [`arp`] — ARP capture on VM ports, rate limiting, what to learn and answer.
-//! * [`ports`] — the VM port table, kept current from link notifications.
-//! * [`netlink`] — the rtnetlink operations (routes, neighbours, links).
-//! * [`dataplane`] — the IP-in-IP backend (userspace TUN forwarder or kernel ipip).
-//! * [`advertise`] — BGP: announces the mobile prefixes to the site's routers while healthy.
-//! * [`hint`] — move hints: authenticated FE-to-FE notices of a move, acted on before the
-//!   controller's update arrives (bounded by it and by a timeout).
-//! * [`events`] / [`metrics`] / [`admin`] — observability.
+//! The crate reads bottom-up, in layers: a layer uses only the layers listed before it (inside the
+//! IO layer, `forwarding`, `reconcile` and `ports` build on `netlink`, `reconcile` on `forwarding`,
+//! `arp` on `ports`):
+//!
+//! * pure parts —
+//!   [`codec`] (the BGP and move-hint wire formats), [`ratelimit`] (per-source token buckets),
+//!   [`metrics`] (named counters; modules give them labels), [`readiness`], [`events`] (per-move
+//!   timestamps), [`state`] (desired state from the stream, VMs seen here and their claims,
+//!   targets);
+//! * kernel and IO —
+//!   [`netlink`] (routes, neighbours, links), [`forwarding`] (the IP-in-IP data plane:
+//!   userspace TUN forwarder or kernel ipip), [`reconcile`] (desired vs programmed → minimal
+//!   ordered changes, through its effects), [`ports`] (the VM port table and its watcher),
+//!   [`arp`] (capture on VM ports, what to learn and answer), [`hint`] (move hints:
+//!   authenticated FE-to-FE notices of a move, acted on before the controller's update arrives),
+//!   [`link`] (the link to the controller cluster and the reporter of observed VMs),
+//!   [`advertise`] (BGP: announces the mobile prefixes while healthy), [`admin`] (HTTP);
+//! * [`engine`] — the task that owns the state and drives the reconciler;
+//! * [`config`] and [`agent`] — flags, and the wiring that starts every task.
 
-pub mod admin;
-pub mod advertise;
-pub mod agent;
-pub mod arp;
-pub mod config;
-pub mod controller;
-pub mod core;
-pub mod dataplane;
+pub mod codec;
 pub mod events;
-pub mod hint;
 pub mod metrics;
+pub mod ratelimit;
+pub mod readiness;
+pub mod state;
+
+pub mod arp;
+pub mod forwarding;
+pub mod hint;
+pub mod link;
 pub mod netlink;
 pub mod ports;
 pub mod reconcile;
-pub mod state;
+
+pub mod admin;
+pub mod advertise;
+
+pub mod engine;
+
+pub mod agent;
+pub mod config;

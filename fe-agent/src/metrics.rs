@@ -1,6 +1,7 @@
 //! Prometheus metrics of the agent (prometheus-client; text exposition at /metrics, names
-//! prefixed `victor_agent_`). Counters are bumped where things happen; the data-plane counters
-//! are read from the forwarder at scrape time.
+//! prefixed `victor_agent_`). Counters are bumped where things happen, with the label each
+//! module gives its own outcomes; the data-plane and ARP-capture counters are read at scrape time
+//! (from the forwarder, and from whatever implements [`CaptureCounts`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +12,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use victor_dataplane::counters::Counters;
+
+/// The ARP captures' counters, read at scrape time.
+pub trait CaptureCounts: Send + Sync + std::fmt::Debug {
+    /// Malformed frames by reason, and frames the kernel dropped, over every capture so far.
+    fn totals(&self) -> (Vec<(&'static str, u64)>, u64);
+}
 
 /// A single label `kind`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -258,7 +265,7 @@ impl Metrics {
     }
 
     /// Starts reporting the ARP captures' malformed-frame counts.
-    pub fn attach_captures(&self, captures: Arc<crate::arp::Captures>) {
+    pub fn attach_captures(&self, captures: Arc<dyn CaptureCounts>) {
         *self.dataplane_counters.captures.lock().expect("collector lock") = Some(captures);
     }
 
@@ -286,23 +293,23 @@ impl Metrics {
     }
 
     /// Counts `n` move-hint datagrams of `kind` sent.
-    pub fn hint_sent(&self, kind: crate::hint::wire::Kind, n: usize) {
-        self.hints_sent.get_or_create(&KindLabel { kind: kind.label() }).inc_by(n as u64);
+    pub fn hint_sent(&self, kind: &'static str, n: usize) {
+        self.hints_sent.get_or_create(&KindLabel { kind }).inc_by(n as u64);
     }
 
-    /// Counts an accepted move hint.
-    pub fn hint_accepted(&self, kind: crate::hint::wire::Kind) {
-        self.hints_accepted.get_or_create(&KindLabel { kind: kind.label() }).inc();
+    /// Counts an accepted move hint of `kind`.
+    pub fn hint_accepted(&self, kind: &'static str) {
+        self.hints_accepted.get_or_create(&KindLabel { kind }).inc();
     }
 
-    /// Counts a rejected move hint.
-    pub fn hint_rejected(&self, reason: crate::hint::accept::Reject) {
-        self.hints_rejected.get_or_create(&ReasonLabel { reason: reason.label().to_owned() }).inc();
+    /// Counts a move hint rejected for `reason`.
+    pub fn hint_rejected(&self, reason: &'static str) {
+        self.hints_rejected.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 
-    /// Counts an ended override.
-    pub fn hint_override_ended(&self, how: crate::hint::overrides::End) {
-        self.hint_overrides_ended.get_or_create(&HowLabel { how: how.label() }).inc();
+    /// Counts an override that ended `how`.
+    pub fn hint_override_ended(&self, how: &'static str) {
+        self.hint_overrides_ended.get_or_create(&HowLabel { how }).inc();
     }
 
     /// Renders the text exposition.
@@ -323,7 +330,7 @@ impl Default for Metrics {
 #[derive(Debug, Default)]
 struct DataplaneCollector {
     counters: Mutex<Option<Arc<Counters>>>,
-    captures: Mutex<Option<Arc<crate::arp::Captures>>>,
+    captures: Mutex<Option<Arc<dyn CaptureCounts>>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

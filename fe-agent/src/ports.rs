@@ -1,7 +1,7 @@
 //! The VM ports: which interfaces of the namespace are VM-facing (by the `--vm-port` names), with
 //! their index and MAC. VM links come and go while the agent runs (a migrating VM's link is moved
 //! into another FE's namespace), so the table is kept current from rtnetlink link notifications.
-//! The watcher task owns the writes (after a seed from the initial link dump); the core reads.
+//! The watcher task owns the writes (after a seed from the initial link dump); the engine reads.
 //! With `--gateway-mac`, the watcher sets that MAC on every VM port it sees.
 
 use std::collections::HashMap;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use common::*;
-use victor_fe_agent::hint::wire::{self, Hint, Keys, Kind};
+use victor_fe_agent::codec::hint::{self as wire, Hint, Keys, Kind};
 use victor_proto::clock::unix_nanos;
 use victor_proto::v1::{DeclareVmRequest, SitePolicy};
 use victor_testkit::netns::NetNs;

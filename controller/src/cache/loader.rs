@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::watch;
+use victor_daemon::Backoff;
 use victor_store::{
     Event, EventKind, KeyRange, RangeRequest, Revision, Store, StoreError, StoreResult, Txn, TxnOp, prefix_end,
 };
@@ -62,7 +63,8 @@ impl<S: Store> Presence<S> {
 /// missed).
 pub async fn run<S: Store>(store: S, cache: Arc<Cache>, presence: Presence<S>, mut shutdown: watch::Receiver<bool>) {
     let mut generation = 0u64;
-    let mut backoff = Backoff::default();
+    // 50 ms doubling to 800 ms between attempts.
+    let mut backoff = Backoff::exact(Duration::from_millis(50), Duration::from_millis(800));
     let mut lost = presence.lease.lost();
     'reload: loop {
         if *shutdown.borrow() {
@@ -73,7 +75,7 @@ pub async fn run<S: Store>(store: S, cache: Arc<Cache>, presence: Presence<S>, m
             Ok(loaded) => loaded,
             Err(err) => {
                 tracing::warn!(%err, "listing the store failed; retrying");
-                backoff.sleep(&mut shutdown).await;
+                pause(&mut backoff, &mut shutdown).await;
                 continue 'reload;
             }
         };
@@ -81,7 +83,7 @@ pub async fn run<S: Store>(store: S, cache: Arc<Cache>, presence: Presence<S>, m
             Ok(rev) => rev,
             Err(err) => {
                 tracing::warn!(%err, "writing the load fence failed; retrying");
-                backoff.sleep(&mut shutdown).await;
+                pause(&mut backoff, &mut shutdown).await;
                 continue 'reload;
             }
         };
@@ -95,7 +97,7 @@ pub async fn run<S: Store>(store: S, cache: Arc<Cache>, presence: Presence<S>, m
                 }
                 Err(err) => {
                     tracing::warn!(%err, from = next, "watch failed; retrying");
-                    backoff.sleep(&mut shutdown).await;
+                    pause(&mut backoff, &mut shutdown).await;
                     continue;
                 }
             };
@@ -146,12 +148,12 @@ pub async fn run<S: Store>(store: S, cache: Arc<Cache>, presence: Presence<S>, m
                     }
                     Some(Err(err)) => {
                         tracing::warn!(%err, from = next, "watch ended; re-watching from the last applied revision");
-                        backoff.sleep(&mut shutdown).await;
+                        pause(&mut backoff, &mut shutdown).await;
                         break;
                     }
                     None => {
                         tracing::warn!(from = next, "watch ended; re-watching");
-                        backoff.sleep(&mut shutdown).await;
+                        pause(&mut backoff, &mut shutdown).await;
                         break;
                     }
                 }
@@ -191,23 +193,10 @@ async fn list<S: Store>(store: &S, cache: &Cache) -> StoreResult<(Option<CacheSt
     Ok((Some(state), first + 1))
 }
 
-/// Exponential backoff between 50 ms and 1 s.
-#[derive(Default)]
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    async fn sleep(&mut self, shutdown: &mut watch::Receiver<bool>) {
-        let delay = Duration::from_millis(50u64 << self.attempt.min(4)).min(Duration::from_secs(1));
-        self.attempt += 1;
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => {}
-        }
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
+/// Sleeps for `backoff`'s next delay, or until `shutdown` changes.
+async fn pause(backoff: &mut Backoff, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = backoff.sleep() => {}
+        _ = shutdown.changed() => {}
     }
 }

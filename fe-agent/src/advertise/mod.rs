@@ -1,6 +1,5 @@
-//! The advertiser (paper §2.1, §2.4): every FE announces the mobile prefixes to the routers
-//! outside VICTOR, so a client's packets enter at the nearest FE — while, and only while, this FE
-//! can forward them.
+//! The advertiser: every FE announces the mobile prefixes to the routers outside VICTOR, so a
+//! client's packets enter at the nearest FE — while, and only while, this FE can forward them.
 //!
 //! The agent is its own BGP speaker, like ExaBGP or GoBGP used as route injectors: it holds one
 //! BGP session per configured router (`--bgp-peer`, the site's BIRD/FRR/any BGP router), announces
@@ -12,13 +11,12 @@
 //! withdraws. Nothing is left behind in the kernel or in the router's configuration for a dead
 //! agent to keep exporting. docs/bgp.md explains the choice and has the router configurations.
 //!
-//! * [`message`] — the BGP-4 codec (pure);
+//! The BGP-4 message codec is [`crate::codec::bgp`]; here:
 //! * [`session`] — the session state machine (pure);
 //! * [`peer`] — one router: TCP, timers, reconnects, announce/withdraw;
 //! * [`health`] — the verdict: synced and fresh (or headless within the grace), data plane up.
 
 pub mod health;
-pub mod message;
 pub mod peer;
 pub mod session;
 
@@ -31,10 +29,10 @@ use ipnet::Ipv4Net;
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::core::Readiness;
+use crate::codec::bgp::Community;
 use crate::metrics::{KindLabel, Metrics};
+use crate::readiness::Readiness;
 use health::{Cause, Device, DeviceProbe, Verdict, judge};
-use message::Community;
 use peer::{Channels, Desired, PeerConfig, PeerStatus};
 use session::Params;
 

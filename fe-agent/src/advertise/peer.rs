@@ -14,9 +14,10 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
+use victor_daemon::Backoff;
 
-use super::message::{Community, Notification, frame_len, keepalive};
 use super::session::{Params, Reaction, Session, SessionError, State};
+use crate::codec::bgp::{Community, Notification, frame_len, keepalive};
 use crate::metrics::{Metrics, PeerLabel};
 
 /// Time allowed for a TCP connection to be established.
@@ -90,7 +91,7 @@ enum PeerError {
 /// Runs the peer until `stop` turns true.
 pub async fn run(config: PeerConfig, mut ch: Channels, metrics: Arc<Metrics>) {
     let label = PeerLabel { peer: config.addr.to_string() };
-    let mut backoff = BACKOFF.0;
+    let mut backoff = Backoff::exact(BACKOFF.0, BACKOFF.1);
     let mut failures = 0u32;
     loop {
         if *ch.stop.borrow() {
@@ -105,7 +106,7 @@ pub async fn run(config: PeerConfig, mut ch: Channels, metrics: Arc<Metrics>) {
                 let mut conn = Connection::new(&config, stream, &label, &metrics, &ch.status);
                 let outcome = conn.run(&mut ch.desired, &mut ch.stop).await;
                 if conn.was_established {
-                    backoff = BACKOFF.0;
+                    backoff.reset();
                     failures = 0;
                 }
                 outcome
@@ -116,23 +117,23 @@ pub async fn run(config: PeerConfig, mut ch: Channels, metrics: Arc<Metrics>) {
         ch.status.send_replace(PeerStatus::default());
         metrics.bgp_session_up.get_or_create(&label).set(0);
         metrics.bgp_announced.get_or_create(&label).set(0);
+        let retry_in = backoff.next_delay();
         match outcome {
             Ok(()) => return,
             Err(err) => {
                 failures += 1;
                 // The first failure of a streak is worth a warning; the retries are not.
                 if failures == 1 || failures.is_multiple_of(60) {
-                    tracing::warn!(peer = %config.addr, error = %err, retry_in = ?backoff, "BGP session down");
+                    tracing::warn!(peer = %config.addr, error = %err, ?retry_in, "BGP session down");
                 } else {
-                    tracing::debug!(peer = %config.addr, error = %err, retry_in = ?backoff, "BGP session down");
+                    tracing::debug!(peer = %config.addr, error = %err, ?retry_in, "BGP session down");
                 }
             }
         }
         tokio::select! {
-            _ = sleep(backoff) => {}
+            _ = sleep(retry_in) => {}
             _ = ch.stop.changed() => return,
         }
-        backoff = (backoff * 2).min(BACKOFF.1);
     }
 }
 

@@ -2,7 +2,7 @@
 //! that announces a few prefixes and accepts none needs): OpenSent → OpenConfirm → Established,
 //! the checks of the peer's OPEN, hold-time negotiation, and the UPDATEs that announce or withdraw
 //! our prefixes with the attributes the session calls for (eBGP: our AS in the path; iBGP: empty
-//! path and LOCAL_PREF). Pure: bytes in, reactions out; [`super::peer`] owns the socket and the
+//! path and LOCAL_PREF). Pure: bytes in, reactions out; the peer task owns the socket and the
 //! timers.
 
 use std::net::Ipv4Addr;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
-use super::message::{
+use crate::codec::bgp::{
     AFI_IPV4, Attributes, Capability, Community, ErrorCode, Message, Notification, Open, SAFI_UNICAST, Update, decode,
 };
 
@@ -258,7 +258,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::advertise::message::keepalive;
+    use crate::codec::bgp::keepalive;
 
     const ME: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
     const PEER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);

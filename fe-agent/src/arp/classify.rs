@@ -1,6 +1,6 @@
 //! What an ARP frame on a VM port means to the agent (pure): whom it teaches us about (a claim
 //! for the sender) and whether we answer it (the gateway address, or proxy ARP for mobile IPs
-//! reached through this FE — BRIEF I8).
+//! reached through this FE: docs/design.md, invariant I8 (proxy ARP)).
 
 use std::net::Ipv4Addr;
 

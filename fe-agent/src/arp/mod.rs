@@ -1,11 +1,10 @@
 //! ARP on the VM ports: one capture task per port on the data-plane crate's
 //! [`victor_dataplane::arp_io::ArpCapture`] (AF_PACKET + BPF, kernel receive timestamps,
-//! malformed frames counted by the capture), storm protection ([`ratelimit`]) and what a frame
-//! means ([`classify`]). A capture task drops sources over their rate budget and hands the rest
-//! to the agent core, which learns and answers.
+//! malformed frames counted by the capture), storm protection ([`crate::ratelimit`]) and what a
+//! frame means ([`classify`]). A capture task drops sources over their rate budget and hands the
+//! rest to the engine, which learns and answers through [`ArpPorts`].
 
 pub mod classify;
-pub mod ratelimit;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,14 +12,27 @@ use std::time::UNIX_EPOCH;
 
 use tokio::sync::mpsc;
 use victor_dataplane::arp_io::{ArpCapture, CaptureStats};
+use victor_dataplane::packet::arp::ArpMessage;
 
-use crate::core::ArpFrame;
-use crate::metrics::Metrics;
+use crate::metrics::{CaptureCounts, KindLabel, Metrics};
 use crate::ports::Port;
-use ratelimit::RateLimiter;
+use crate::ratelimit::RateLimiter;
 
-/// Reads `port`'s ARP frames until `out` closes (the core aborts the task when the port leaves).
-pub async fn capture(
+/// An ARP frame from a VM port, parsed and within its source's rate budget.
+#[derive(Debug, Clone)]
+pub struct ArpFrame {
+    /// The port.
+    pub port: Port,
+    /// The message.
+    pub msg: ArpMessage,
+    /// Capture time, wall ns.
+    pub wall: i64,
+    /// Capture time, monotonic ns.
+    pub mono: u64,
+}
+
+/// Reads `port`'s ARP frames until `out` closes (aborted when the port leaves).
+async fn capture_task(
     capture: Arc<ArpCapture>,
     port: Port,
     mut limiter: RateLimiter,
@@ -65,8 +77,8 @@ pub async fn capture(
 }
 
 /// Stops a capture task and closes its socket off the caller's task: closing a packet socket
-/// waits for an RCU grace period (~10–15 ms), which must not stall the agent core.
-pub fn retire(task: Option<tokio::task::JoinHandle<()>>, capture: Option<Arc<ArpCapture>>) {
+/// waits for an RCU grace period (~10–15 ms), which must not stall the engine.
+fn retire(task: Option<tokio::task::JoinHandle<()>>, capture: Option<Arc<ArpCapture>>) {
     tokio::spawn(async move {
         if let Some(task) = task {
             task.abort();
@@ -76,6 +88,62 @@ pub fn retire(task: Option<tokio::task::JoinHandle<()>>, capture: Option<Arc<Arp
             let _ = tokio::task::spawn_blocking(move || drop(capture)).await;
         }
     });
+}
+
+/// The ARP side of the VM ports, as the engine drives it: a capture (socket and task) per port,
+/// and sending on a port's socket.
+#[derive(Debug)]
+pub struct ArpPorts {
+    captures: Arc<Captures>,
+    tasks: HashMap<u32, tokio::task::JoinHandle<()>>,
+    frames: mpsc::Sender<ArpFrame>,
+    budget: (u32, u32),
+    metrics: Arc<Metrics>,
+}
+
+impl ArpPorts {
+    /// Captures register in `captures`, send what they read to `frames`, each source within
+    /// `budget` (frames/s, burst).
+    pub fn new(
+        captures: Arc<Captures>,
+        frames: mpsc::Sender<ArpFrame>,
+        budget: (u32, u32),
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ArpPorts { captures, tasks: HashMap::new(), frames, budget, metrics }
+    }
+
+    /// Starts capturing ARP on `port` (replacing a capture of the same index).
+    pub fn open(&mut self, port: &Port) {
+        let capture = match ArpCapture::open(&port.name) {
+            Ok(c) => Arc::new(c),
+            Err(err) => {
+                tracing::warn!(port = %port.name, %err, "cannot capture ARP on the VM port");
+                return;
+            }
+        };
+        let replaced = self.captures.insert(port.ifindex, capture.clone());
+        retire(self.tasks.remove(&port.ifindex), replaced);
+        let limiter = RateLimiter::new(self.budget.0, self.budget.1);
+        let task = capture_task(capture, port.clone(), limiter, self.frames.clone(), self.metrics.clone());
+        self.tasks.insert(port.ifindex, tokio::spawn(task));
+    }
+
+    /// Stops capturing on port `ifindex` (it left).
+    pub fn close(&mut self, ifindex: u32) {
+        retire(self.tasks.remove(&ifindex), self.captures.remove(ifindex));
+    }
+
+    /// Sends `msg` on port `ifindex` (counted by `kind`); nothing happens without a capture there.
+    pub fn send(&self, ifindex: u32, msg: &ArpMessage, kind: &'static str) {
+        let Some(capture) = self.captures.get(ifindex) else { return };
+        match capture.send(msg) {
+            Ok(()) => {
+                self.metrics.arp_sent.get_or_create(&KindLabel { kind }).inc();
+            }
+            Err(err) => tracing::debug!(ifindex, %err, kind, "could not send an ARP frame"),
+        }
+    }
 }
 
 /// The capture sockets of the VM ports (for sending, and for their malformed-frame counts).
@@ -123,10 +191,12 @@ impl Captures {
         }
         retired.kernel_dropped += stats.kernel_dropped;
     }
+}
 
-    /// Malformed frames by reason and frames the kernel dropped (socket buffer full), over every
-    /// capture this agent has run.
-    pub fn totals(&self) -> (Vec<(&'static str, u64)>, u64) {
+/// Malformed frames by reason and frames the kernel dropped (socket buffer full), over every
+/// capture this agent has run.
+impl CaptureCounts for Captures {
+    fn totals(&self) -> (Vec<(&'static str, u64)>, u64) {
         let (mut malformed, mut kernel_dropped) = {
             let retired = self.retired.lock().expect("captures");
             (retired.malformed.clone(), retired.kernel_dropped)

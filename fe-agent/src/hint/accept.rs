@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use super::wire::Hint;
+use crate::codec::hint::Hint;
 use crate::state::desired::{DesiredState, FeIdx};
 
 /// Why a hint was not applied (the `reason` label of `victor_agent_move_hints_rejected_total`).
@@ -184,7 +184,7 @@ pub fn check_move(hint: &Hint, src: Ipv4Addr, desired: &DesiredState, local_clai
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hint::wire::Kind;
+    use crate::codec::hint::Kind;
     use victor_proto::v1::{BindingEntry, FeEntry, SyncPhase, SyncUpdate};
 
     const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);

@@ -1,7 +1,7 @@
 //! The hint socket: one UDP socket bound to this FE's underlay address and the hint port. Its
 //! receive task drops what is not a fresh, authenticated hint from a sender within budget —
 //! malformed, bad HMAC, per-source rate limit, replay window — counting each reason, and hands the
-//! rest to the core (which owns the desired state the acceptance rules need). The core sends
+//! rest to the engine (which owns the desired state the acceptance rules need). The engine sends
 //! through [`HintSocket::send`], a non-blocking send like its ARP replies (straight to the
 //! kernel: no wait for the reactor to have seen the socket writable).
 
@@ -13,16 +13,16 @@ use tokio::sync::mpsc;
 use victor_proto::clock::{monotonic_ns, unix_nanos};
 
 use super::accept::{Reject, ReplayGuard};
-use super::wire::{self, Hint, Keys, WireError};
-use crate::arp::ratelimit::RateLimiter;
+use crate::codec::hint::{self as codec, Hint, Keys, WireError};
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
 
 /// Largest datagram read (a hint is at most 143 bytes).
 const MAX_DATAGRAM: usize = 512;
 /// Nonces remembered inside one replay window, over all senders.
 const NONCE_CAP: usize = 131_072;
 
-/// An authenticated, fresh hint, as the receive task hands it to the core.
+/// An authenticated, fresh hint, as the receive task hands it to the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
     /// The hint.
@@ -71,7 +71,7 @@ impl HintSocket {
     /// datagrams left (a full socket buffer or an unreachable peer only loses that copy: the
     /// controller's delta follows anyway).
     pub fn send(&self, hint: &Hint, to: &[Ipv4Addr]) -> usize {
-        let datagram = wire::encode(hint, &self.keys);
+        let datagram = codec::encode(hint, &self.keys);
         let mut sent = 0;
         for peer in to {
             match self.sender.send_to(&datagram, SocketAddrV4::new(*peer, self.port)) {
@@ -106,12 +106,12 @@ impl HintSocket {
                         return;
                     }
                     if out.try_send(Received { hint, src, received_mono }).is_err() {
-                        metrics.hint_rejected(Reject::RateLimited);
+                        metrics.hint_rejected(Reject::RateLimited.label());
                     }
                 }
                 Err(reason) => {
                     tracing::debug!(%src, reason = reason.label(), "move hint dropped");
-                    metrics.hint_rejected(reason);
+                    metrics.hint_rejected(reason.label());
                 }
             }
             if received_mono.saturating_sub(last_gc) >= 1_000_000_000 {
@@ -134,7 +134,7 @@ fn screen(
     now_mono: u64,
     now_wall: i64,
 ) -> Result<Hint, Reject> {
-    let hint = wire::decode(datagram, keys).map_err(|e| match e {
+    let hint = codec::decode(datagram, keys).map_err(|e| match e {
         WireError::Malformed(_) => Reject::Malformed,
         WireError::BadHmac => Reject::BadHmac,
     })?;
@@ -148,7 +148,7 @@ fn screen(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hint::wire::Kind;
+    use crate::codec::hint::Kind;
 
     const S: i64 = 1_000_000_000;
 
@@ -176,12 +176,12 @@ mod tests {
         let mut guard = ReplayGuard::new(2 * S as u64, 16);
         let mut run = |d: &[u8]| screen(d, src, &keys(), &mut limiter, &mut guard, 0, 100 * S);
         assert_eq!(run(b"hello"), Err(Reject::Malformed));
-        let forged = wire::encode(&hint(1), &Keys::new(&[&[8u8; 32]]).unwrap());
+        let forged = codec::encode(&hint(1), &Keys::new(&[&[8u8; 32]]).unwrap());
         assert_eq!(run(&forged), Err(Reject::BadHmac), "forgeries cost no budget");
-        let good = wire::encode(&hint(1), &keys());
+        let good = codec::encode(&hint(1), &keys());
         assert_eq!(run(&good), Ok(hint(1)));
         assert_eq!(run(&good), Err(Reject::Replay));
-        assert_eq!(run(&wire::encode(&hint(2), &keys())), Err(Reject::RateLimited), "burst of 2 spent");
+        assert_eq!(run(&codec::encode(&hint(2), &keys())), Err(Reject::RateLimited), "burst of 2 spent");
     }
 
     #[tokio::test]

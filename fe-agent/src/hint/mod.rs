@@ -1,6 +1,6 @@
-//! Move hints: an authenticated FE-to-FE fast path for make-before-break (BRIEF I5). The
-//! controller stays authoritative; a hint only lets the other FEs act on a move *before* its
-//! delta arrives, for a bounded time.
+//! Move hints: an authenticated FE-to-FE fast path for make-before-break (docs/design.md,
+//! invariant I5). The controller stays authoritative; a hint only lets the other FEs act on a
+//! move *before* its delta arrives, for a bounded time.
 //!
 //! When this FE installs a VM locally from a captured ARP (a claim, before the controller
 //! answers) and the VM's desired binding is at another FE, it sends a hint — VM IP and MAC, this
@@ -12,22 +12,21 @@
 //!
 //! Trust model: the FEs that may send each other IP-in-IP (the registered underlay addresses)
 //! plus a cluster-wide shared secret, as BGP sessions are protected with TCP-MD5/TCP-AO keys.
-//! Every datagram carries an HMAC-SHA256 ([`wire`]); the UDP source must be the registered
-//! underlay address of the FE the hint names (an FE speaks only for itself); a send time and a
-//! nonce bound replays to a window in which the hinted binding version must still be current;
+//! Every datagram carries an HMAC-SHA256 ([`crate::codec::hint`]); the UDP source must be the
+//! registered underlay address of the FE the hint names (an FE speaks only for itself); a send
+//! time and a nonce bound replays to a window in which the hinted binding version must still be current;
 //! per-sender rate limits and a cap on overrides bound the damage of a compromised FE to what
 //! it could already do by claiming VMs through ARP — and the controller's answer ends it.
 //! Without a key (`--move-hint-key-file`) hints are off.
 //!
-//! Parts: [`wire`] (codec + HMAC), [`accept`] (replay window, acceptance rules), [`overrides`]
-//! (receiver state machine), [`outbox`] (sender state), [`io`] (the socket task) — all but
-//! [`io`] pure. [`Hints`] ties them to the core.
+//! Parts: the datagram and its HMAC are [`crate::codec::hint`]; here [`accept`] (replay window,
+//! acceptance rules), [`overrides`] (receiver state machine), [`outbox`] (sender state), [`io`]
+//! (the socket task) — all but [`io`] pure. [`Hints`] ties them to the engine.
 
 pub mod accept;
 pub mod io;
 pub mod outbox;
 pub mod overrides;
-pub mod wire;
 
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -35,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use rand::Rng;
 use victor_proto::clock::{monotonic_ns, unix_nanos};
 
+use crate::codec::hint::{Hint, Keys, Kind};
 use crate::events::EventLog;
 use crate::metrics::Metrics;
 use crate::state::desired::DesiredState;
@@ -43,7 +43,6 @@ use accept::{Reject, check_move, check_sender};
 use io::{HintSocket, Received};
 use outbox::{Outbox, Sent};
 use overrides::{End, Override, Overrides};
-use wire::{Hint, Keys, Kind};
 
 /// Most overrides in force at once.
 const MAX_OVERRIDES: usize = 65_536;
@@ -63,7 +62,7 @@ pub struct HintConfig {
     pub rate: u32,
 }
 
-/// The core's handle on move hints: what it sent, the overrides in force, and the socket (none
+/// The engine's handle on move hints: what it sent, the overrides in force, and the socket (none
 /// when hints are off: then nothing is sent and nothing overrides).
 #[derive(Debug)]
 pub struct Hints {
@@ -131,7 +130,7 @@ impl Hints {
         let now = monotonic_ns();
         let sent = socket.send(&hint, &recipients(desired));
         self.outbox.sent(ip, Sent { mac, move_seq: b.move_seq, observed_at, sent_mono: now });
-        self.metrics.hint_sent(Kind::Move, sent);
+        self.metrics.hint_sent(Kind::Move.label(), sent);
         self.events.lock().expect("events").hint_sent(ip, b.move_seq + 1, now);
         tracing::debug!(%ip, move_seq = b.move_seq, to = sent, "move hint sent");
     }
@@ -151,7 +150,7 @@ impl Hints {
             nonce: rand::rng().random(),
         };
         let sent = socket.send(&hint, &recipients(desired));
-        self.metrics.hint_sent(Kind::Cancel, sent);
+        self.metrics.hint_sent(Kind::Cancel.label(), sent);
         tracing::info!(%ip, move_seq = s.move_seq, to = sent, "claim rejected: move hint cancelled");
     }
 
@@ -168,14 +167,14 @@ impl Hints {
         };
         match outcome {
             Ok(()) => {
-                self.metrics.hint_accepted(hint.kind);
+                self.metrics.hint_accepted(hint.kind.label());
                 self.metrics.hint_overrides.set(self.overrides.len() as i64);
                 Some(ip)
             }
             Err(reason) => {
                 let (kind, reason_label) = (hint.kind.label(), reason.label());
                 tracing::debug!(%ip, fe = %hint.fe_id, %src, kind, reason = reason_label, "move hint rejected");
-                self.metrics.hint_rejected(reason);
+                self.metrics.hint_rejected(reason.label());
                 None
             }
         }
@@ -256,7 +255,7 @@ impl Hints {
     }
 
     fn ended(&self, ip: Ipv4Addr, o: &Override, how: End) {
-        self.metrics.hint_override_ended(how);
+        self.metrics.hint_override_ended(how.label());
         self.metrics.hint_overrides.set(self.overrides.len() as i64);
         self.events.lock().expect("events").hint_ended(ip, o.move_seq + 1, how.label(), monotonic_ns());
         let level_info = matches!(how, End::Expired | End::Cancelled | End::PeerDown);

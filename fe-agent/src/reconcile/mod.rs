@@ -1,21 +1,22 @@
 //! The reconciler (kube-rs style): for each VM IP whose desired target may have changed, compare
 //! with what is programmed (kernel /32 routes and neighbours on VM ports, the data-plane entry)
-//! and apply the minimal ordered change ([`plan`]). It owns the record of what it programmed,
+//! and apply the minimal ordered change ([`plan`]) through its [`effects`]. It owns the record of what it programmed,
 //! read back from the kernel at start (objects carrying our route protocol), so an agent restart
 //! changes nothing that is still right and removes only what is stale — after the first complete
 //! snapshot, never before (no flush).
 
+pub mod effects;
 pub mod plan;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use plan::{LocalActual, Op, Plan, Tunnel};
+use effects::Effects;
+use plan::{LocalActual, Op, Plan};
 
-use crate::dataplane::Dataplane;
+use crate::forwarding::Tunnel;
 use crate::metrics::Metrics;
-use crate::netlink::Kernel;
 use crate::state::Target;
 
 /// What applying one IP did.
@@ -44,35 +45,34 @@ pub struct Readback {
 
 /// The reconciler.
 #[derive(Debug)]
-pub struct Reconciler {
-    kernel: Kernel,
-    dataplane: Dataplane,
+pub struct Reconciler<E> {
+    effects: E,
     locals: HashMap<Ipv4Addr, LocalActual>,
     dirty: HashSet<Ipv4Addr>,
     metrics: Arc<Metrics>,
 }
 
-impl Reconciler {
-    /// A reconciler programming `kernel` and `dataplane`.
-    pub fn new(kernel: Kernel, dataplane: Dataplane, metrics: Arc<Metrics>) -> Self {
-        Reconciler { kernel, dataplane, locals: HashMap::new(), dirty: HashSet::new(), metrics }
+impl<E: Effects> Reconciler<E> {
+    /// A reconciler programming through `effects`.
+    pub fn new(effects: E, metrics: Arc<Metrics>) -> Self {
+        Reconciler { effects, locals: HashMap::new(), dirty: HashSet::new(), metrics }
     }
 
-    /// The data plane.
-    pub fn dataplane(&self) -> &Dataplane {
-        &self.dataplane
+    /// What it programs through.
+    pub fn effects(&self) -> &E {
+        &self.effects
     }
 
-    /// The kernel handle.
-    pub fn kernel(&self) -> &Kernel {
-        &self.kernel
+    /// What it programs through, to change or inspect it directly (tests).
+    pub fn effects_mut(&mut self) -> &mut E {
+        &mut self.effects
     }
 
     /// Reads back the /32 routes and neighbour entries carrying our protocol on interfaces for
     /// which `is_vm_port` holds.
     pub async fn read_back(&mut self, is_vm_port: impl Fn(u32) -> bool) -> anyhow::Result<Readback> {
         let mut summary = Readback::default();
-        for r in self.kernel.our_routes().await? {
+        for r in self.effects.our_routes().await? {
             if r.dst.prefix_len() == 32 && r.oif != 0 && is_vm_port(r.oif) {
                 let e = self.locals.entry(r.dst.addr()).or_insert(LocalActual { port: r.oif, route: true, mac: None });
                 e.port = r.oif;
@@ -82,7 +82,7 @@ impl Reconciler {
                 summary.other_routes += 1;
             }
         }
-        for n in self.kernel.our_neighbours().await? {
+        for n in self.effects.our_neighbours().await? {
             if !is_vm_port(n.ifindex) {
                 continue;
             }
@@ -91,7 +91,7 @@ impl Reconciler {
                 Some(e) if e.port == n.ifindex => e.mac = Some(n.mac),
                 Some(_) => {
                     // A neighbour on another port than the route: stale, removed now (it is ours).
-                    let _ = self.kernel.del_neighbour(n.ip, n.ifindex).await;
+                    let _ = self.effects.del_neighbour(n.ip, n.ifindex).await;
                 }
                 None => {
                     self.locals.insert(n.ip, LocalActual { port: n.ifindex, route: false, mac: Some(n.mac) });
@@ -133,7 +133,7 @@ impl Reconciler {
 
     /// The plan for `ip` towards `target` (no side effects).
     pub fn plan(&self, ip: Ipv4Addr, target: Target) -> Plan {
-        plan::plan(self.locals.get(&ip).copied(), self.dataplane.tunnel(ip), target)
+        plan::plan(self.locals.get(&ip).copied(), self.effects.tunnel(ip), target)
     }
 
     /// Makes `ip` match `target`.
@@ -164,7 +164,7 @@ impl Reconciler {
     async fn execute(&mut self, ip: Ipv4Addr, op: Op) -> anyhow::Result<()> {
         match op {
             Op::SetNeighbour { port, mac } => {
-                self.kernel.replace_neighbour(ip, port, mac).await?;
+                self.effects.replace_neighbour(ip, port, mac).await?;
                 let e = self.locals.entry(ip).or_insert(LocalActual { port, route: false, mac: None });
                 if e.port != port {
                     // The old port's entries are handled by later steps; track the new port.
@@ -174,13 +174,13 @@ impl Reconciler {
                 }
             }
             Op::SetRoute { port } => {
-                self.kernel.replace_host_route(ip, port).await?;
+                self.effects.replace_host_route(ip, port).await?;
                 let e = self.locals.entry(ip).or_insert(LocalActual { port, route: true, mac: None });
                 e.port = port;
                 e.route = true;
             }
             Op::DelRoute { port } => {
-                self.kernel.del_host_route(ip, port).await?;
+                self.effects.del_host_route(ip, port).await?;
                 if let Some(e) = self.locals.get_mut(&ip).filter(|e| e.port == port) {
                     e.route = false;
                     if e.mac.is_none() {
@@ -189,7 +189,7 @@ impl Reconciler {
                 }
             }
             Op::DelNeighbour { port } => {
-                self.kernel.del_neighbour(ip, port).await?;
+                self.effects.del_neighbour(ip, port).await?;
                 if let Some(e) = self.locals.get_mut(&ip).filter(|e| e.port == port) {
                     e.mac = None;
                     if !e.route {
@@ -197,14 +197,14 @@ impl Reconciler {
                     }
                 }
             }
-            Op::SetTunnel(t) => self.dataplane.set_tunnel(&self.kernel, ip, t).await?,
+            Op::SetTunnel(t) => self.effects.set_tunnel(ip, t).await?,
         }
         Ok(())
     }
 
     /// Replaces the accepted tunnel peers.
-    pub fn set_peers(&self, peers: &[Ipv4Addr]) {
-        self.dataplane.set_peers(peers);
+    pub fn set_peers(&mut self, peers: &[Ipv4Addr]) {
+        self.effects.set_peers(peers);
     }
 }
 
@@ -217,5 +217,52 @@ fn op_label(op: Op) -> &'static str {
         Op::SetTunnel(Tunnel::None) => "tunnel_remove",
         Op::SetTunnel(Tunnel::Local) => "tunnel_local",
         Op::SetTunnel(Tunnel::Remote(_)) => "tunnel_remote",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::effects::InMemory;
+
+    const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+
+    fn reconciler(effects: InMemory) -> Reconciler<InMemory> {
+        Reconciler::new(effects, Arc::new(Metrics::new()))
+    }
+
+    /// A refused step stops the plan — no route without its neighbour — and the IP is retried.
+    #[tokio::test]
+    async fn a_failed_step_stops_the_plan_and_the_ip_is_retried() {
+        let mut r = reconciler(InMemory::default());
+        let here = Target::Local { port: Some(5), mac: MAC };
+        r.effects_mut().failing.insert(VM);
+        let applied = r.apply(VM, here).await;
+        assert_eq!((applied.ops, applied.failed), (0, 1));
+        assert!(r.effects().routes.is_empty(), "the route waits for its neighbour");
+        assert_eq!(r.local_port(VM), None);
+        assert_eq!(r.take_dirty(), vec![VM]);
+        r.effects_mut().failing.clear();
+        let applied = r.apply(VM, here).await;
+        assert_eq!((applied.ops, applied.failed, applied.became_local_on), (3, 0, Some(5)));
+        assert_eq!(r.local_port(VM), Some(5));
+        assert!(r.take_dirty().is_empty());
+    }
+
+    /// Read-back adopts our routes and neighbours on VM ports only; a neighbour of ours on
+    /// another port than the address's route is stale and goes at once.
+    #[tokio::test]
+    async fn read_back_adopts_our_objects_on_vm_ports() {
+        let mut previous = InMemory::with_previous_run(&[(VM, 5, MAC)]);
+        previous.neighbours.insert((VM, 6), MAC);
+        previous.routes.insert(Ipv4Addr::new(10, 10, 0, 12), 9);
+        let mut r = reconciler(previous);
+        let readback = r.read_back(|port| port == 5 || port == 6).await.unwrap();
+        assert_eq!(readback, Readback { host_routes: 1, neighbours: 2, other_routes: 1 });
+        assert_eq!(r.local_ips(), vec![VM]);
+        assert_eq!(r.local_port(VM), Some(5));
+        assert_eq!(r.effects_mut().take_log(), vec![(VM, Op::DelNeighbour { port: 6 })]);
+        assert_eq!(r.plan(VM, Target::Local { port: None, mac: MAC }).ops, vec![Op::SetTunnel(Tunnel::Local)]);
     }
 }

@@ -1,5 +1,6 @@
 //! The reconciler's decision, pure: given what is programmed for one VM IP and what it should get,
-//! the minimal ordered list of operations. The order is what makes moves hitless (I5):
+//! the minimal ordered list of operations. The order is what makes moves hitless
+//! (docs/design.md, invariant I5, make-before-break):
 //!
 //! * becoming local: neighbour first, then the /32 route (the route never points at a VM whose
 //!   MAC the kernel would have to resolve), then the tunnel entry is turned to Local;
@@ -8,8 +9,7 @@
 //!   prefix route, into the data plane and out to the new FE — never into a hole;
 //! * → drop: route and neighbour removed, then the tunnel entry.
 
-use std::net::Ipv4Addr;
-
+use crate::forwarding::Tunnel;
 use crate::state::Target;
 
 /// What is programmed for one VM IP on a VM port.
@@ -21,17 +21,6 @@ pub struct LocalActual {
     pub route: bool,
     /// The permanent neighbour entry's MAC, if one exists.
     pub mac: Option<[u8; 6]>,
-}
-
-/// What the data plane does with the IP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tunnel {
-    /// Nothing (packets are dropped).
-    None,
-    /// Delivered locally (the data plane leaves it to the kernel's /32).
-    Local,
-    /// Encapsulated to this underlay address.
-    Remote(Ipv4Addr),
 }
 
 /// One step.
@@ -131,6 +120,8 @@ pub fn plan(local: Option<LocalActual>, tunnel: Tunnel, target: Target) -> Plan 
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];

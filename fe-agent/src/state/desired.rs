@@ -32,7 +32,7 @@ pub type FeIdx = u32;
 pub struct BindingRec {
     /// Store revision of the binding.
     pub revision: u64,
-    /// Move sequence (I2).
+    /// Move sequence: increases with every move (docs/design.md, invariant I2).
     pub move_seq: u64,
     /// The binding FE.
     pub fe: FeIdx,

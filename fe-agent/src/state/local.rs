@@ -2,10 +2,10 @@
 //! as CLOCK_MONOTONIC ns, observation times as wall-clock ns).
 //!
 //! A VM heard on a port for the first time (or back after a move) is *claimed*: it is forwarded
-//! locally at once (make-before-break, BRIEF I5) and reported. The local override holds while the
-//! claim is pending — also while no controller answers (headless, I6) — and after acceptance until
-//! the desired state has caught up with the accepted revision; from then on the desired state
-//! governs. A rejected claim drops the override (the caller undoes the local route) and is not
+//! locally at once (make-before-break: docs/design.md, invariant I5) and reported. The local
+//! override holds while the claim is pending — also while no controller answers (headless,
+//! invariant I6) — and after acceptance until the desired state has caught up with the accepted
+//! revision; from then on the desired state governs. A rejected claim drops the override (the caller undoes the local route) and is not
 //! repeated for the same MAC before a hold time passes.
 //!
 //! Ageing: a VM silent for `probe_after` is probed every `probe_interval`; after `probe_count`

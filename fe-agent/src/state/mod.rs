@@ -1,6 +1,6 @@
 //! The agent's view of the world, pure: the controller's desired state ([`desired`]), the VMs
 //! seen on this FE's ports and their claims ([`local`]), and how the two — with a move hint's
-//! override (`crate::hint`) — combine into what each VM IP should get from this FE ([`target`]).
+//! override — combine into what each VM IP should get from this FE ([`target`]).
 
 pub mod desired;
 pub mod local;

@@ -1,47 +1,36 @@
-//! Simulated FE agents that live through faults: real gRPC clients of the controller cluster that
-//! run the same link logic as the fe-agent (`fe-agent/src/controller/mod.rs`), without a data
-//! plane:
+//! Simulated FE agents that live through faults: the fe-agent's own controller link
+//! ([`victor_fe_agent::link`]: endpoint failover, registration, heartbeats, `Sync` resumed from the
+//! last completely applied revision, backoff) without a data plane. Each agent is the link's
+//! [`SyncSink`]:
 //!
-//! * an ordered list of controller endpoints, one session at a time: connect, register (again
-//!   when the session expired), heartbeat, `Sync` from the last completely applied revision (0 =
-//!   full snapshot);
-//! * a stream silent for `stream_timeout`, a failed heartbeat (optional, as the fe-agent does)
-//!   or a broken connection ends the session; the next endpoint is tried at once, with a backoff
-//!   only after every endpoint failed in a row.
-//!
-//! The desired state is a compact map fed by the lean decoder of [`crate::bench::wire`]. Beyond
-//! the state, everything a fault test asserts on is recorded: every session (endpoint, resume
-//! revision, open / first message / end times, whether it carried a snapshot), and the messages
-//! that would churn routes on a real FE — binding removals and upserts of a binding the agent
-//! already holds at that revision (a re-send) — in totals and in a window the test can reset
-//! ([`AgentState::mark`]).
+//! * the desired state is a compact map fed by the lean decoder of [`crate::bench::wire`] (the
+//!   same bytes as `SyncUpdate`, without an allocation per entry: 200 agents share two cores with
+//!   the controllers and etcd);
+//! * everything a fault test asserts on is recorded: every session (endpoint, resume revision,
+//!   open / first message / end times, whether it carried a snapshot), and the messages that
+//!   would churn routes on a real FE — binding removals and upserts of a binding the agent
+//!   already holds at that revision (a re-send) — in totals and in a window the test can reset
+//!   ([`AgentState::mark`]).
 //!
 //! [`SimAgent::kill`] aborts the task: its connection drops mid-stream, like `kill -9` of the
 //! agent; a restarted agent starts empty, from revision 0.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
-use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint};
-use victor_fe_agent::controller::heartbeat::{Beat, heartbeat, heartbeats};
+use tonic::transport::Endpoint;
+use victor_fe_agent::link::connector::Connector;
+use victor_fe_agent::link::{self, LinkConfig, LinkControl, SessionEnd, StreamOpened, SyncSink};
 use victor_proto::clock::monotonic_ns;
-use victor_proto::v1::agent_service_client::AgentServiceClient;
-use victor_proto::v1::{RegisterRequest, SyncPhase, SyncRequest};
+use victor_proto::v1::{RegisterRequest, SyncPhase};
 
 use crate::bench::agent::underlay;
 use crate::bench::wire::LeanSyncUpdate;
-
-/// Deadline of Register and Heartbeat calls (the fe-agent's).
-const RPC_TIMEOUT: Duration = Duration::from_secs(2);
-/// A session that lived this long resets the failure count (the fe-agent's).
-const HEALTHY_SESSION: Duration = Duration::from_secs(5);
 
 /// How the link behaves.
 #[derive(Debug, Clone, Copy)]
@@ -242,7 +231,16 @@ impl SimAgent {
     /// Starts FE `id` (number `index`) on `endpoints`.
     pub fn start(id: String, index: usize, endpoints: Vec<SocketAddr>, policy: LinkPolicy) -> SimAgent {
         let state = Arc::new(Mutex::new(AgentState::default()));
-        let link = Link {
+        let config = LinkConfig {
+            endpoints: endpoints
+                .iter()
+                .map(|addr| Endpoint::from_shared(format!("http://{addr}")).expect("a socket address is a valid URI"))
+                .collect(),
+            connect_timeout: policy.connect_timeout,
+            stream_timeout: policy.stream_timeout,
+            heartbeat_failure_ends_session: policy.heartbeat_failure_ends_session,
+            // The agent's limit: the controller splits snapshots and deltas into bounded messages.
+            max_message_bytes: link::DEFAULT_MAX_MESSAGE_BYTES,
             register: RegisterRequest {
                 fe_id: id.clone(),
                 underlay_addr: underlay(index).to_string(),
@@ -250,11 +248,9 @@ impl SimAgent {
                 mobile_prefixes: vec![],
                 agent_version: "victor-faults".into(),
             },
-            endpoints: endpoints.clone(),
-            policy,
-            state: state.clone(),
         };
-        let task = tokio::spawn(link.run());
+        let sink = Recorder(state.clone());
+        let task = tokio::spawn(link::run(config, Connector::default(), Arc::new(LinkControl::default()), sink));
         SimAgent { id, index, endpoints, state, task }
     }
 
@@ -281,179 +277,62 @@ impl Drop for SimAgent {
     }
 }
 
-struct Link {
-    register: RegisterRequest,
-    endpoints: Vec<SocketAddr>,
-    policy: LinkPolicy,
-    state: Arc<Mutex<AgentState>>,
-}
+/// The link's sink: applies each message to the shared state and records the sessions.
+struct Recorder(Arc<Mutex<AgentState>>);
 
-impl Link {
+impl Recorder {
     fn state(&self) -> MutexGuard<'_, AgentState> {
-        self.state.lock().expect("agent state lock")
+        self.0.lock().expect("agent state lock")
+    }
+}
+
+impl SyncSink for Recorder {
+    type Message = LeanSyncUpdate;
+
+    fn resume_from(&mut self) -> u64 {
+        self.state().resume_revision()
     }
 
-    async fn run(self) {
-        let n = self.endpoints.len();
-        let (mut index, mut failures, mut registered) = (0usize, 0usize, false);
-        let mut heartbeat_every = Duration::from_secs(1);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let endpoint = index % n;
-            let started = Instant::now();
-            let reason = self.session(endpoint, &mut registered, &mut heartbeat_every).await;
-            {
-                let mut st = self.state();
-                match st.connected.take() {
-                    Some(_) => {
-                        if let Some(s) = st.sessions.last_mut() {
-                            s.ended_ns = monotonic_ns();
-                            s.end = reason;
-                        }
-                    }
-                    None => st.failed_attempts += 1,
-                }
-            }
-            if started.elapsed() >= HEALTHY_SESSION {
-                failures = 0;
-                backoff = Duration::from_millis(100);
-            } else {
-                failures += 1;
-            }
-            index += 1;
-            if failures >= n && failures.is_multiple_of(n) {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
+    async fn opened(&mut self, stream: StreamOpened) -> ControlFlow<()> {
+        let mut st = self.state();
+        st.connected = Some(stream.endpoint);
+        st.sessions.push(SessionLog {
+            endpoint: stream.endpoint,
+            from_revision: stream.from_revision,
+            opened_ns: monotonic_ns(),
+            first_message_ns: 0,
+            snapshot: false,
+            ended_ns: 0,
+            end: String::new(),
+        });
+        ControlFlow::Continue(())
     }
 
-    /// Runs one session until it breaks; returns why.
-    async fn session(&self, endpoint: usize, registered: &mut bool, heartbeat_every: &mut Duration) -> String {
-        let policy = self.policy;
-        let addr = self.endpoints[endpoint];
-        let builder = Endpoint::from(
-            tonic::codegen::http::Uri::try_from(format!("http://{addr}")).expect("a socket address is a valid URI"),
-        )
-        .connect_timeout(policy.connect_timeout)
-        .http2_keep_alive_interval(Duration::from_millis(500))
-        .keep_alive_timeout(policy.stream_timeout)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
-        let connecting = builder.connect();
-        let channel = match tokio::time::timeout(policy.connect_timeout * 2, connecting).await {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => return format!("connect {addr}: {e}"),
-            Err(_) => return format!("connect {addr}: no HTTP/2 handshake in time"),
-        };
-        let mut client = AgentServiceClient::new(channel.clone());
-        let fe_id = self.register.fe_id.clone();
-        let need_register = match *registered {
-            false => true,
-            true => match heartbeat(&mut client, &fe_id).await {
-                Ok(beat) => beat == Beat::NotRegistered,
-                Err(e) => {
-                    self.state().heartbeat_failures += 1;
-                    return e;
-                }
-            },
-        };
-        if need_register {
-            match self.do_register(&mut client).await {
-                Ok(every) => {
-                    *heartbeat_every = every;
-                    *registered = true;
-                }
-                Err(e) => return e,
-            }
-        }
-        let from_revision = self.state().resume_revision();
-        let mut stream =
-            match tokio::time::timeout(policy.stream_timeout, open_sync(channel, &fe_id, from_revision)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return e,
-                Err(_) => return "Sync did not answer in time".into(),
-            };
-        {
-            let mut st = self.state();
-            st.connected = Some(endpoint);
-            st.sessions.push(SessionLog {
-                endpoint,
-                from_revision,
-                opened_ns: monotonic_ns(),
-                first_message_ns: 0,
-                snapshot: false,
-                ended_ns: 0,
-                end: String::new(),
-            });
-        }
-        let (beats_tx, mut beats) = mpsc::channel(1);
-        let beating = tokio::spawn(heartbeats(client.clone(), fe_id, *heartbeat_every, beats_tx));
-        let _abort = AbortOnDrop(beating);
-        let mut deadline = Instant::now() + policy.stream_timeout;
-        loop {
-            tokio::select! {
-                message = stream.message() => match message {
-                    Ok(Some(msg)) => {
-                        deadline = Instant::now() + policy.stream_timeout;
-                        self.state().apply(&msg, monotonic_ns());
-                    }
-                    Ok(None) => return "stream closed by the controller".into(),
-                    Err(status) => return format!("stream: {} {}", status.code(), status.message()),
-                },
-                _ = tokio::time::sleep_until(deadline) => {
-                    return format!("stream silent for {:?}", policy.stream_timeout);
-                }
-                beat = beats.recv() => match beat {
-                    Some(Ok(Beat::Alive)) => {}
-                    Some(Ok(Beat::NotRegistered)) => match self.do_register(&mut client).await {
-                        Ok(every) => *heartbeat_every = every,
-                        Err(e) => return e,
-                    },
-                    Some(Err(e)) => {
-                        self.state().heartbeat_failures += 1;
-                        if policy.heartbeat_failure_ends_session {
-                            return e;
-                        }
-                    }
-                    None => return "heartbeat task ended".into(),
-                },
-            }
-        }
+    async fn message(&mut self, message: LeanSyncUpdate) -> ControlFlow<()> {
+        self.state().apply(&message, monotonic_ns());
+        ControlFlow::Continue(())
     }
 
-    async fn do_register(&self, client: &mut AgentServiceClient<Channel>) -> Result<Duration, String> {
-        let mut request = tonic::Request::new(self.register.clone());
-        request.set_timeout(RPC_TIMEOUT);
-        let r =
-            client.register(request).await.map_err(|s| format!("Register: {} {}", s.code(), s.message()))?.into_inner();
+    async fn ended(&mut self, end: &SessionEnd) -> ControlFlow<()> {
+        let mut st = self.state();
+        if end.stream_opened {
+            st.connected = None;
+            if let Some(s) = st.sessions.last_mut() {
+                s.ended_ns = monotonic_ns();
+                s.end = end.reason.clone();
+            }
+        } else {
+            st.failed_attempts += 1;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn registered(&mut self) {
         self.state().registrations += 1;
-        Ok(Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(100))))
     }
-}
 
-async fn open_sync(
-    channel: Channel,
-    fe_id: &str,
-    from_revision: u64,
-) -> Result<tonic::Streaming<LeanSyncUpdate>, String> {
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(256 << 20);
-    grpc.ready().await.map_err(|e| format!("channel not ready: {e}"))?;
-    let codec = tonic_prost::ProstCodec::<SyncRequest, LeanSyncUpdate>::default();
-    let path = PathAndQuery::from_static("/victor.v1.AgentService/Sync");
-    let request = tonic::Request::new(SyncRequest { fe_id: fe_id.to_owned(), from_revision });
-    grpc.server_streaming(request, path, codec)
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|s| format!("Sync: {} {}", s.code(), s.message()))
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
+    fn heartbeat_failed(&mut self, _reason: &str) {
+        self.state().heartbeat_failures += 1;
     }
 }
 

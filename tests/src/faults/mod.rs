@@ -8,8 +8,8 @@
 //!
 //! * [`cluster`] — real etcd and controller processes to kill, pause, restart and cut off;
 //! * [`proxy`] — a partitionable TCP proxy for cutting one link;
-//! * [`agent`] — simulated agents with the fe-agent's failover logic that record every session,
-//!   snapshot, removal and re-send;
+//! * [`agent`] — simulated agents that run the fe-agent's own controller link and record every
+//!   session, snapshot, removal and re-send;
 //! * [`churn`] — the continuous migrations and the truth they leave;
 //! * [`lab`] — real fe-agents in the namespace lab, with traffic, on the same controllers;
 //! * [`store`] — the bindings read from etcd and the checks against them;

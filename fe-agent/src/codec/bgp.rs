@@ -591,6 +591,8 @@ fn decode_attributes(mut data: &[u8], four_octet: bool) -> Result<Attributes, De
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn net(s: &str) -> Ipv4Net {
@@ -718,6 +720,136 @@ mod tests {
         assert_eq!(c.to_string(), "65010:100");
         for bad in ["65010", "65536:1", "a:b", "1:2:3"] {
             assert!(bad.parse::<Community>().unwrap_err().contains("ASN:VALUE"), "{bad}");
+        }
+    }
+
+    /// Arbitrary values for the round trips.
+    mod strategy {
+        use super::*;
+
+        pub(super) fn prefix() -> impl Strategy<Value = Ipv4Net> {
+            (any::<u32>(), 0u8..=32).prop_map(|(a, len)| Ipv4Net::new(Ipv4Addr::from(a), len).unwrap().trunc())
+        }
+
+        pub(super) fn capability() -> impl Strategy<Value = Capability> {
+            prop_oneof![
+                (any::<u16>(), any::<u8>()).prop_map(|(afi, safi)| Capability::Multiprotocol { afi, safi }),
+                (any::<u8>(), prop::collection::vec(any::<u8>(), 0..16))
+                    .prop_filter("codes with a meaning of their own", |(code, _)| {
+                        *code != CAP_MULTIPROTOCOL && *code != CAP_FOUR_OCTET_AS
+                    })
+                    .prop_map(|(code, value)| Capability::Other { code, value }),
+            ]
+        }
+
+        /// An OPEN as it decodes: its AS is the 4-octet capability's when there is one, else a
+        /// 2-octet number.
+        pub(super) fn open() -> impl Strategy<Value = Open> {
+            (
+                any::<u8>(),
+                any::<u32>(),
+                any::<bool>(),
+                any::<u16>(),
+                any::<u32>(),
+                prop::collection::vec(capability(), 0..8),
+            )
+                .prop_map(|(version, asn, four_octet, hold_time, id, mut capabilities)| {
+                    let asn = if four_octet { asn } else { asn & 0xffff };
+                    if four_octet {
+                        capabilities.push(Capability::FourOctetAs(asn));
+                    }
+                    Open { version, asn, hold_time, router_id: Ipv4Addr::from(id), capabilities }
+                })
+        }
+
+        /// Attributes as they decode (ORIGIN always present) and fit one UPDATE with room for
+        /// prefixes; AS numbers fit the session's width.
+        pub(super) fn attributes(four_octet: bool) -> impl Strategy<Value = Attributes> {
+            let asn = if four_octet { any::<u32>().boxed() } else { any::<u16>().prop_map(u32::from).boxed() };
+            (
+                any::<u8>(),
+                prop::collection::vec(asn, 0..300),
+                prop::option::of(any::<u32>()),
+                prop::option::of(any::<u32>()),
+                prop::option::of(any::<u32>()),
+                prop::collection::vec(any::<u32>().prop_map(Community), 0..80),
+            )
+                .prop_map(|(origin, as_path, next_hop, med, local_pref, communities)| Attributes {
+                    origin: Some(origin),
+                    as_path,
+                    next_hop: next_hop.map(Ipv4Addr::from),
+                    med,
+                    local_pref,
+                    communities,
+                })
+        }
+    }
+
+    fn updates(messages: &[Vec<u8>], four_octet: bool) -> Vec<Update> {
+        messages
+            .iter()
+            .map(|m| {
+                assert!(m.len() <= MAX_LEN, "{} bytes", m.len());
+                assert_eq!(frame_len(m).unwrap(), Some(m.len()));
+                match decode(m, four_octet).unwrap() {
+                    Message::Update(u) => u,
+                    other => panic!("not an UPDATE: {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn open_round_trips(open in strategy::open()) {
+            let bytes = open.encode();
+            prop_assert_eq!(frame_len(&bytes).unwrap(), Some(bytes.len()));
+            prop_assert_eq!(decode(&bytes, true).unwrap(), Message::Open(open));
+        }
+
+        #[test]
+        fn announcements_round_trip_across_as_many_updates_as_needed(
+            (four_octet, attributes) in any::<bool>().prop_flat_map(|f| (Just(f), strategy::attributes(f))),
+            prefixes in prop::collection::vec(strategy::prefix(), 1..1500),
+        ) {
+            let decoded = updates(&Update::announce(&prefixes, &attributes, four_octet), four_octet);
+            for u in &decoded {
+                prop_assert_eq!(&u.attributes, &attributes);
+                prop_assert!(u.withdrawn.is_empty() && !u.nlri.is_empty());
+            }
+            let nlri: Vec<Ipv4Net> = decoded.into_iter().flat_map(|u| u.nlri).collect();
+            prop_assert_eq!(nlri, prefixes);
+        }
+
+        #[test]
+        fn withdrawals_round_trip(prefixes in prop::collection::vec(strategy::prefix(), 1..1500)) {
+            let decoded = updates(&Update::withdraw(&prefixes), true);
+            prop_assert!(decoded.iter().all(|u| u.nlri.is_empty() && u.attributes == Attributes::default()));
+            let withdrawn: Vec<Ipv4Net> = decoded.into_iter().flat_map(|u| u.withdrawn).collect();
+            prop_assert_eq!(withdrawn, prefixes);
+        }
+
+        #[test]
+        fn notifications_round_trip(
+            code in any::<u8>(),
+            subcode in any::<u8>(),
+            data in prop::collection::vec(any::<u8>(), 0..(MAX_LEN - HEADER_LEN - 2)),
+        ) {
+            let n = Notification { code, subcode, data };
+            prop_assert_eq!(decode(&n.encode(), false).unwrap(), Message::Notification(n));
+        }
+
+        /// Arbitrary bytes behind a valid header: a message or the NOTIFICATION to answer, never
+        /// a panic.
+        #[test]
+        fn any_body_decodes_or_names_its_notification(
+            kind in 0u8..8,
+            body in prop::collection::vec(any::<u8>(), 0..512),
+            four_octet in any::<bool>(),
+        ) {
+            if let Err(e) = decode(&frame(kind, &body), four_octet) {
+                prop_assert!((1..=6).contains(&e.notification.code), "{e:?}");
+            }
         }
     }
 }

@@ -184,9 +184,14 @@ pub fn encode(hint: &Hint, keys: &Keys) -> Vec<u8> {
     out.extend_from_slice(&hint.sent_at.to_be_bytes());
     out.extend_from_slice(&hint.nonce.to_be_bytes());
     out.extend_from_slice(id);
-    let tag = hmac::sign(&keys.keys[0], &out);
-    out.extend_from_slice(tag.as_ref());
-    out
+    seal(out, keys)
+}
+
+/// Appends the tag of `signed` (HMAC-SHA256 with the first key): the datagram [`decode`] verifies.
+pub fn seal(mut signed: Vec<u8>, keys: &Keys) -> Vec<u8> {
+    let tag = hmac::sign(&keys.keys[0], &signed);
+    signed.extend_from_slice(tag.as_ref());
+    signed
 }
 
 /// Decodes `datagram` and verifies its tag against every key.
@@ -232,6 +237,8 @@ pub fn decode(datagram: &[u8], keys: &Keys) -> Result<Hint, WireError> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn hint() -> Hint {
@@ -305,11 +312,9 @@ mod tests {
         assert_eq!(decode(&long, &k), Err(WireError::Malformed("length does not match the FE id length")));
         // An unknown kind is only reported once the tag verified (a forger learns nothing).
         let mut h = encode(&hint(), &k);
+        h.truncate(h.len() - TAG);
         h[4] = 9;
-        let signed = h.len() - 32;
-        let tag = hmac::sign(&k.keys[0], &h[..signed]);
-        h[signed..].copy_from_slice(tag.as_ref());
-        assert_eq!(decode(&h, &k), Err(WireError::Malformed("unknown kind")));
+        assert_eq!(decode(&seal(h, &k), &k), Err(WireError::Malformed("unknown kind")));
     }
 
     #[test]
@@ -321,5 +326,58 @@ mod tests {
         assert_eq!(Keys::parse("abc").unwrap_err(), KeyError::BadKey { line: 1 }, "odd length");
         assert!(Keys::parse(&K1.to_uppercase()).is_ok());
         assert!(!format!("{:?}", keys(K1)).contains("0001"), "Debug never shows key material");
+    }
+
+    fn any_hint() -> impl Strategy<Value = Hint> {
+        (
+            any::<bool>(),
+            "[a-z0-9][a-z0-9.-]{0,62}",
+            any::<u32>(),
+            any::<[u8; 6]>(),
+            any::<u64>(),
+            any::<i64>(),
+            any::<i64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(cancel, fe_id, ip, mac, move_seq, observed_at, sent_at, nonce)| Hint {
+                kind: if cancel { Kind::Cancel } else { Kind::Move },
+                fe_id,
+                vm_ip: Ipv4Addr::from(ip),
+                mac,
+                move_seq,
+                observed_at,
+                sent_at,
+                nonce,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn every_hint_round_trips(h in any_hint()) {
+            let k = keys(K1);
+            let bytes = encode(&h, &k);
+            prop_assert_eq!(bytes.len(), HEADER + h.fe_id.len() + TAG);
+            prop_assert_eq!(decode(&bytes, &k), Ok(h));
+        }
+
+        /// Whatever decodes from authenticated bytes encodes back to exactly those bytes.
+        #[test]
+        fn authenticated_bytes_that_decode_encode_back_identically(
+            body in prop::collection::vec(any::<u8>(), 0..140),
+            magic in any::<bool>(),
+        ) {
+            let k = keys(K1);
+            let mut body = body;
+            if magic && body.len() >= 6 {
+                body[..4].copy_from_slice(&MAGIC);
+                body[4] = 1 + body[4] % 2;
+                body[5] = body.len().saturating_sub(HEADER).clamp(1, MAX_FE_ID) as u8;
+                body.iter_mut().skip(HEADER).for_each(|b| *b &= 0x7f);
+            }
+            let datagram = seal(body, &k);
+            if let Ok(h) = decode(&datagram, &k) {
+                prop_assert_eq!(encode(&h, &k), datagram);
+            }
+        }
     }
 }

@@ -1,86 +1,65 @@
-//! The agent core: one task that owns the desired state, the VMs seen here, the move hints and
-//! the reconciler, and turns every input — stream messages, ARP frames, claim answers, move
-//! hints, port changes, timer ticks — into the smallest set of kernel and data-plane changes.
-//! Because one task owns all of it, there are no locks around forwarding state and the order of
-//! changes is the order of events.
+//! The engine: one task that owns the desired state, the VMs seen here, the move hints and the
+//! reconciler, and turns every input ([`Input`]) — stream messages, ARP frames, claim answers,
+//! move hints, port changes, timer ticks — into the smallest set of kernel and data-plane
+//! changes. Because one task owns all of it, there are no locks around forwarding state and the
+//! order of changes is the order of events. [`Engine::handle`] takes one input at a time, so the
+//! event sequences of a move are tested as sequences of calls (`tests`), on in-memory effects.
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use victor_dataplane::packet::arp::ArpMessage;
 use victor_proto::clock::{monotonic_ns, unix_nanos};
 use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, SyncUpdate};
 
-use crate::arp::Captures;
 use crate::arp::classify::{self, Scope, TargetView};
-use crate::arp::ratelimit::RateLimiter;
-use crate::controller::LinkEvent;
-use crate::controller::LinkShared;
-use crate::controller::reporter::{Answered, Observation, Reporter};
+use crate::arp::{ArpFrame, ArpPorts};
 use crate::events::EventLog;
 use crate::hint::Hints;
 use crate::hint::io::Received;
+use crate::link::LinkControl;
+use crate::link::feed::LinkEvent;
+use crate::link::reporter::{Answered, Observation, Reporter};
 use crate::metrics::{KindLabel, Metrics};
-use crate::ports::{Port, PortEvent, PortTable};
+use crate::ports::{PortEvent, PortTable};
+use crate::readiness::Readiness;
+use crate::reconcile::effects::Effects;
 use crate::reconcile::{Applied, Reconciler};
 use crate::state::desired::DesiredState;
-use crate::state::local::{Ageing, ClaimAnswer, Learn, LocalVms, Resolution, Sighting};
+use crate::state::local::{Ageing, ClaimAnswer, Learn, LocalVms, Resolution, Sighting, Timers};
 use crate::state::{Target, desired_view, target};
 
-/// How often the core runs its timers (ageing, retries, gauges).
+/// How often the engine runs its timers (ageing, retries, gauges).
 const TICK: Duration = Duration::from_millis(100);
+/// Between refreshes of the gauges.
+const GAUGES_INTERVAL: u64 = 1_000_000_000;
 /// Between discovery probes of a VM bound here whose port is unknown.
 const DISCOVERY_INTERVAL: u64 = 1_000_000_000;
 
-/// An ARP frame from a VM port, parsed and within its source's rate budget.
-#[derive(Debug, Clone)]
-pub struct ArpFrame {
-    /// The port.
-    pub port: Port,
-    /// The message.
-    pub msg: ArpMessage,
-    /// Capture time, wall ns.
-    pub wall: i64,
-    /// Capture time, monotonic ns.
-    pub mono: u64,
-}
-
-/// Readiness as /readyz reports it.
+/// One input of the engine.
 #[derive(Debug)]
-pub struct Readiness {
-    /// A stream is up.
-    pub connected: AtomicBool,
-    /// A complete snapshot has been applied.
-    pub synced: AtomicBool,
-    /// Last time (monotonic ns) a stream message arrived.
-    pub last_message_mono: AtomicU64,
-    /// Headless grace (ns).
-    pub grace_ns: u64,
+pub enum Input {
+    /// From the controller link.
+    Link(LinkEvent),
+    /// Claim answers from the reporter.
+    Answers(Answered),
+    /// An ARP frame from a VM port.
+    Arp(ArpFrame),
+    /// A VM port appeared or left.
+    Port(PortEvent),
+    /// A move hint that passed the socket's screening.
+    Hint(Received),
+    /// The timers (every 100 ms).
+    Tick,
 }
 
-impl Readiness {
-    /// Ready: synced, and connected or headless for less than the grace period.
-    pub fn check(&self) -> Result<(), String> {
-        if !self.synced.load(Ordering::Relaxed) {
-            return Err("no complete desired state from a controller yet".into());
-        }
-        if self.connected.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let silent = monotonic_ns().saturating_sub(self.last_message_mono.load(Ordering::Relaxed));
-        if silent < self.grace_ns {
-            Ok(())
-        } else {
-            Err(format!("headless for {} s (grace {} s)", silent / 1_000_000_000, self.grace_ns / 1_000_000_000))
-        }
-    }
-}
-
-/// The inputs of the core.
+/// The input channels of the running engine.
 #[derive(Debug)]
 pub struct Inputs {
     /// From the controller link.
@@ -95,72 +74,121 @@ pub struct Inputs {
     pub hints: Option<mpsc::Receiver<Received>>,
 }
 
-/// The core.
-pub struct Core {
+/// What the engine is built from (the tasks and shared state around it).
+#[derive(Debug)]
+pub struct Parts<E> {
     /// This FE's id.
     pub fe_id: String,
-    /// Desired state.
-    pub desired: DesiredState,
-    /// VMs seen here.
-    pub local: LocalVms,
-    /// The reconciler.
-    pub reconciler: Reconciler,
+    /// Ageing and hold times of the VMs seen here.
+    pub timers: Timers,
+    /// The reconciler, with what a previous run left read back.
+    pub reconciler: Reconciler<E>,
     /// Mobile prefixes and gateways.
     pub scope: Scope,
     /// VM ports.
     pub ports: Arc<PortTable>,
-    /// The VM ports' ARP captures (for answers, announcements, probes).
-    pub captures: Arc<Captures>,
-    /// Running capture tasks by port.
-    pub capture_tasks: HashMap<u32, tokio::task::JoinHandle<()>>,
-    /// Where capture tasks send frames.
-    pub arp_frames: mpsc::Sender<ArpFrame>,
-    /// Per-source ARP budget (frames/s, burst).
-    pub arp_budget: (u32, u32),
+    /// ARP on the VM ports.
+    pub arp: ArpPorts,
     /// Reporter handle.
     pub reporter: Reporter,
-    /// Link state (resume revision, resync requests).
-    pub link: Arc<LinkShared>,
+    /// The link (resync requests).
+    pub link: Arc<LinkControl>,
+    /// The revision applied completely, where the link resumes (0 = a snapshot is needed).
+    pub resume: Arc<AtomicU64>,
     /// Stage timestamps.
     pub events: Arc<Mutex<EventLog>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Readiness.
     pub readiness: Arc<Readiness>,
-    /// Discovery probes sent (ip → monotonic ns).
-    pub discovering: HashMap<Ipv4Addr, u64>,
     /// Move hints sent and overrides in force.
     pub hints: Hints,
 }
 
-impl std::fmt::Debug for Core {
+/// The engine.
+pub struct Engine<E> {
+    fe_id: String,
+    desired: DesiredState,
+    local: LocalVms,
+    reconciler: Reconciler<E>,
+    scope: Scope,
+    ports: Arc<PortTable>,
+    arp: ArpPorts,
+    reporter: Reporter,
+    link: Arc<LinkControl>,
+    resume: Arc<AtomicU64>,
+    events: Arc<Mutex<EventLog>>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    /// Discovery probes sent (ip → monotonic ns).
+    discovering: HashMap<Ipv4Addr, u64>,
+    hints: Hints,
+    /// When the gauges were last refreshed (monotonic ns).
+    gauges_at: u64,
+}
+
+impl<E> std::fmt::Debug for Engine<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").field("fe_id", &self.fe_id).finish_non_exhaustive()
+        f.debug_struct("Engine").field("fe_id", &self.fe_id).finish_non_exhaustive()
     }
 }
 
-impl Core {
+impl<E: Effects> Engine<E> {
+    /// An engine with an empty desired state.
+    pub fn new(parts: Parts<E>) -> Self {
+        Engine {
+            desired: DesiredState::new(&parts.fe_id),
+            local: LocalVms::new(parts.timers),
+            fe_id: parts.fe_id,
+            reconciler: parts.reconciler,
+            scope: parts.scope,
+            ports: parts.ports,
+            arp: parts.arp,
+            reporter: parts.reporter,
+            link: parts.link,
+            resume: parts.resume,
+            events: parts.events,
+            metrics: parts.metrics,
+            readiness: parts.readiness,
+            discovering: HashMap::new(),
+            hints: parts.hints,
+            gauges_at: 0,
+        }
+    }
+
     /// Runs until every input closes.
     pub async fn run(mut self, mut inputs: Inputs) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_gauges = 0u64;
         loop {
-            tokio::select! {
-                Some(frame) = inputs.arp.recv() => self.on_arp(frame).await,
-                Some(event) = inputs.link.recv() => self.on_link(event).await,
-                Some(answered) = inputs.answers.recv() => self.on_answers(answered).await,
-                Some(event) = inputs.ports.recv() => self.on_port(event).await,
-                Some(hint) = recv_opt(&mut inputs.hints) => self.on_hint(hint).await,
-                _ = tick.tick() => {
-                    self.on_tick().await;
-                    let now = monotonic_ns();
-                    if now.saturating_sub(last_gauges) >= 1_000_000_000 {
-                        self.refresh_gauges();
-                        last_gauges = now;
-                    }
-                }
+            let input = tokio::select! {
+                Some(frame) = inputs.arp.recv() => Input::Arp(frame),
+                Some(event) = inputs.link.recv() => Input::Link(event),
+                Some(answered) = inputs.answers.recv() => Input::Answers(answered),
+                Some(event) = inputs.ports.recv() => Input::Port(event),
+                Some(hint) = recv_opt(&mut inputs.hints) => Input::Hint(hint),
+                _ = tick.tick() => Input::Tick,
                 else => return,
+            };
+            self.handle(input).await;
+        }
+    }
+
+    /// Acts on one input.
+    pub async fn handle(&mut self, input: Input) {
+        match input {
+            Input::Link(event) => self.on_link(event).await,
+            Input::Answers(answered) => self.on_answers(answered).await,
+            Input::Arp(frame) => self.on_arp(frame).await,
+            Input::Port(event) => self.on_port(event).await,
+            Input::Hint(hint) => self.on_hint(hint).await,
+            Input::Tick => {
+                self.on_tick().await;
+                let now = monotonic_ns();
+                if now.saturating_sub(self.gauges_at) >= GAUGES_INTERVAL {
+                    self.refresh_gauges();
+                    self.gauges_at = now;
+                }
             }
         }
     }
@@ -195,7 +223,7 @@ impl Core {
                 self.readiness.connected.store(false, Ordering::Relaxed);
                 // A snapshot cut short is dropped; the next stream resumes from what is complete.
                 self.desired.abort_snapshot();
-                self.link.resume.store(self.desired.revision(), Ordering::Release);
+                self.resume.store(self.desired.revision(), Ordering::Release);
             }
             LinkEvent::Connected { generation } => {
                 self.readiness.connected.store(true, Ordering::Relaxed);
@@ -227,7 +255,7 @@ impl Core {
             Ok(applied) => applied,
             Err(err) => {
                 tracing::warn!(%err, "cannot apply a stream message; asking for a full resync");
-                self.link.resume.store(0, Ordering::Release);
+                self.resume.store(0, Ordering::Release);
                 self.link.resync.notify_one();
                 return;
             }
@@ -279,7 +307,7 @@ impl Core {
             self.readiness.synced.store(true, Ordering::Relaxed);
         }
         self.metrics.stream_revision.set(self.desired.revision() as i64);
-        self.link.resume.store(self.desired.revision(), Ordering::Release);
+        self.resume.store(self.desired.revision(), Ordering::Release);
     }
 
     async fn on_arp(&mut self, frame: ArpFrame) {
@@ -294,7 +322,7 @@ impl Core {
             Target::Drop => TargetView::Unbound,
         };
         if let Some(answer) = classify::answer(msg, &self.scope, view) {
-            self.send_arp(port, &classify::reply(msg, frame.port.mac), answer.label());
+            self.arp.send(port, &classify::reply(msg, frame.port.mac), answer.label());
         }
         let Some((ip, mac)) = classify::learned(msg, &self.scope) else { return };
         let sighting = Sighting { ip, mac, port, wall: frame.wall, mono: frame.mono };
@@ -376,12 +404,12 @@ impl Core {
     async fn on_port(&mut self, event: PortEvent) {
         match event {
             PortEvent::Up(port) => {
-                self.open_capture(&port);
+                self.arp.open(&port);
                 // VMs bound here whose port is unknown may be behind the new port.
                 let waiting: Vec<Ipv4Addr> = self.discovering.keys().copied().collect();
                 for ip in waiting {
                     if let Target::Local { mac, .. } = self.target(ip) {
-                        self.send_arp(
+                        self.arp.send(
                             port.ifindex,
                             &classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied()),
                             "probe",
@@ -390,7 +418,7 @@ impl Core {
                 }
             }
             PortEvent::Gone(ifindex) => {
-                crate::arp::retire(self.capture_tasks.remove(&ifindex), self.captures.remove(ifindex));
+                self.arp.close(ifindex);
                 let mut ips = self.reconciler.port_gone(ifindex);
                 ips.extend(self.local.port_gone(ifindex));
                 ips.sort();
@@ -409,7 +437,7 @@ impl Core {
                 Ageing::Probe { ip, mac, port } => {
                     if let Some(p) = self.ports.get(port) {
                         let frame = classify::probe(ip, mac, p.mac, self.scope.gateways.first().copied());
-                        self.send_arp(port, &frame, "probe");
+                        self.arp.send(port, &frame, "probe");
                     }
                 }
                 Ageing::Gone { ip, mac, port } => {
@@ -449,8 +477,8 @@ impl Core {
         self.metrics.bindings.get_or_create(&KindLabel { kind: "remote" }).set(remote as i64);
         self.metrics.local_vms.set(self.local.len() as i64);
         self.metrics.desired_bytes.set(self.desired.heap_bytes() as i64);
-        if let Some(fib) = self.reconciler.dataplane().fib() {
-            self.metrics.fib_bytes.set(fib.heap_bytes() as i64);
+        if let Some(bytes) = self.reconciler.effects().table_bytes() {
+            self.metrics.fib_bytes.set(bytes as i64);
         }
         self.metrics.reports_queued.set(self.reporter.queued() as i64);
     }
@@ -460,37 +488,11 @@ impl Core {
         self.reporter.submit(Observation { ip, mac, kind, observed_at, port });
     }
 
-    fn send_arp(&self, ifindex: u32, msg: &ArpMessage, kind: &'static str) {
-        let Some(capture) = self.captures.get(ifindex) else { return };
-        match capture.send(msg) {
-            Ok(()) => {
-                self.metrics.arp_sent.get_or_create(&KindLabel { kind }).inc();
-            }
-            Err(err) => tracing::debug!(ifindex, %err, kind, "could not send an ARP frame"),
-        }
-    }
-
-    /// Starts capturing ARP on `port` (replacing a capture of the same index).
-    fn open_capture(&mut self, port: &Port) {
-        let capture = match victor_dataplane::arp_io::ArpCapture::open(&port.name) {
-            Ok(c) => Arc::new(c),
-            Err(err) => {
-                tracing::warn!(port = %port.name, %err, "cannot capture ARP on the VM port");
-                return;
-            }
-        };
-        let replaced = self.captures.insert(port.ifindex, capture.clone());
-        crate::arp::retire(self.capture_tasks.remove(&port.ifindex), replaced);
-        let limiter = RateLimiter::new(self.arp_budget.0, self.arp_budget.1);
-        let task = crate::arp::capture(capture, port.clone(), limiter, self.arp_frames.clone(), self.metrics.clone());
-        self.capture_tasks.insert(port.ifindex, tokio::spawn(task));
-    }
-
     /// Tells a VM that arrived on `port` where its gateways are (gratuitous ARP per gateway).
     fn announce_gateways(&self, port: u32) {
         let Some(p) = self.ports.get(port) else { return };
         for gw in &self.scope.gateways {
-            self.send_arp(port, &classify::gateway_announcement(*gw, p.mac), "announce");
+            self.arp.send(port, &classify::gateway_announcement(*gw, p.mac), "announce");
         }
     }
 
@@ -504,7 +506,7 @@ impl Core {
         self.discovering.insert(ip, now);
         for port in self.ports.ports() {
             let frame = classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied());
-            self.send_arp(port.ifindex, &frame, "probe");
+            self.arp.send(port.ifindex, &frame, "probe");
         }
     }
 }

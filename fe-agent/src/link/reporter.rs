@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
+use victor_daemon::Backoff;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::agent_service_client::AgentServiceClient;
 use victor_proto::v1::{ClaimResult, ObservationKind, ReportRequest, VmObservation};
@@ -112,7 +113,7 @@ impl ReportQueue {
     }
 }
 
-/// Splits a batch's answers: results with a verdict (for the core), and the observations the
+/// Splits a batch's answers: results with a verdict (for the engine), and the observations the
 /// controller answered UNAVAILABLE — no verdict, to send again.
 pub fn split_transient(
     observations: Vec<Observation>,
@@ -131,7 +132,7 @@ pub fn split_transient(
     (answered.0, answered.1, retry)
 }
 
-/// The handle the agent core submits observations through.
+/// The handle the engine submits observations through.
 #[derive(Debug, Clone)]
 pub struct Reporter {
     queue: Arc<Mutex<ReportQueue>>,
@@ -140,6 +141,10 @@ pub struct Reporter {
 }
 
 impl Reporter {
+    fn empty() -> Reporter {
+        Reporter { queue: Arc::default(), in_flight: Arc::default(), wake: Arc::new(Notify::new()) }
+    }
+
     /// Queues an observation for reporting.
     pub fn submit(&self, obs: Observation) {
         self.queue.lock().expect("report queue").push(obs);
@@ -152,6 +157,19 @@ impl Reporter {
     }
 }
 
+#[cfg(test)]
+impl Reporter {
+    /// A reporter without its task: what is submitted stays queued for [`Reporter::take_queued`].
+    pub(crate) fn detached() -> Reporter {
+        Reporter::empty()
+    }
+
+    /// Takes every queued observation, oldest first.
+    pub(crate) fn take_queued(&self) -> Vec<Observation> {
+        self.queue.lock().expect("report queue").take(usize::MAX)
+    }
+}
+
 /// Starts the reporter task: drains the queue into Report calls on the current session and sends
 /// each answer to `answers`.
 pub fn spawn(
@@ -161,7 +179,7 @@ pub fn spawn(
     answers: mpsc::Sender<Answered>,
     metrics: Arc<Metrics>,
 ) -> Reporter {
-    let reporter = Reporter { queue: Arc::default(), in_flight: Arc::default(), wake: Arc::new(Notify::new()) };
+    let reporter = Reporter::empty();
     let task = reporter.clone();
     tokio::spawn(async move { task.run(fe_id, sessions, reregister, answers, metrics).await });
     reporter
@@ -247,34 +265,6 @@ impl Reporter {
     }
 }
 
-/// Exponential backoff with jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    first: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    /// From `first` doubling up to `max`.
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Backoff { first, max, current: first }
-    }
-
-    /// The next delay (±25 % jitter).
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let jitter = rand::random_range(0.75..1.25);
-        base.mul_f64(jitter)
-    }
-
-    /// Back to the first delay.
-    pub fn reset(&mut self) {
-        self.current = self.first;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,14 +328,5 @@ mod tests {
         let mut q = ReportQueue::default();
         q.put_back(retry);
         assert_eq!(q.take(10), vec![batch[1].clone()], "queued again with its original observation time");
-    }
-
-    #[test]
-    fn backoff_grows_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
-        let d: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
-        assert!((75..=125).contains(&d[0]) && (150..=250).contains(&d[1]) && (300..=500).contains(&d[3]), "{d:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(125));
     }
 }

@@ -1,0 +1,427 @@
+//! Event sequences of the engine on in-memory effects (no root, no kernel): what the engine
+//! programs, and in which order, at each step of a move. FE underlay addresses are on loopback
+//! (127.0.0.n), so the move hints the engine sends go to sockets of the test and nowhere else.
+
+use std::net::{Ipv4Addr, UdpSocket};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use victor_dataplane::packet::arp::{ArpOp, MacAddr, gratuitous};
+use victor_proto::clock::{monotonic_ns, unix_nanos};
+use victor_proto::v1::{
+    BindingEntry, ClaimOutcome, ClaimResult, FeEntry, ObservationKind, RejectReason, SyncPhase, SyncUpdate,
+};
+
+use super::*;
+use crate::arp::Captures;
+use crate::codec::hint::{self as codec, Hint, Keys, Kind};
+use crate::forwarding::Tunnel;
+use crate::hint::io::HintSocket;
+use crate::netlink::Link;
+use crate::reconcile::effects::InMemory;
+use crate::reconcile::plan::Op;
+
+const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+/// The VM ports of this FE (fe1): `vm5` and `vm6`.
+const PORT: u32 = 5;
+const OTHER_PORT: u32 = 6;
+const NO_TIMEOUT: u64 = u64::MAX / 4;
+
+fn underlay(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, n)
+}
+
+fn vm(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 10, 0, last)
+}
+
+fn mac(last: u8) -> [u8; 6] {
+    [2, 0, 0, 0, 0, last]
+}
+
+fn binding(ip: Ipv4Addr, fe: u8, mac: [u8; 6], move_seq: u64, revision: u64) -> BindingEntry {
+    BindingEntry { vm_ip: ip.octets().to_vec(), fe_id: format!("fe{fe}"), mac: mac.to_vec(), move_seq, revision }
+}
+
+/// A complete snapshot at `revision`: fe1 (this FE), fe2 and fe3, all up, and `bindings`.
+fn snapshot(revision: u64, bindings: Vec<BindingEntry>) -> [SyncUpdate; 2] {
+    let fes = (1..=3)
+        .map(|n| FeEntry {
+            fe_id: format!("fe{n}"),
+            underlay_addr: underlay(n).octets().to_vec(),
+            up: true,
+            revision: u64::from(n),
+            ..Default::default()
+        })
+        .collect();
+    let first =
+        SyncUpdate { phase: SyncPhase::Snapshot as i32, revision, reset: true, fe_upserts: fes, ..Default::default() };
+    let end =
+        SyncUpdate { phase: SyncPhase::SnapshotEnd as i32, revision, binding_upserts: bindings, ..Default::default() };
+    [first, end]
+}
+
+fn delta(revision: u64, bindings: Vec<BindingEntry>) -> SyncUpdate {
+    SyncUpdate { phase: SyncPhase::Delta as i32, revision, binding_upserts: bindings, ..Default::default() }
+}
+
+/// An engine for fe1 on in-memory effects, with the handles a test looks through.
+struct Rig {
+    engine: Engine<InMemory>,
+    reporter: Reporter,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    resume: Arc<AtomicU64>,
+}
+
+impl Rig {
+    fn new(effects: InMemory) -> Rig {
+        Rig::build(effects, |metrics, events| Hints::disabled("fe1", metrics, events))
+    }
+
+    /// With move hints on, sending from `socket`; overrides end after `timeout_ns` unconfirmed.
+    fn with_hints(effects: InMemory, socket: HintSocket, timeout_ns: u64) -> Rig {
+        Rig::build(effects, |metrics, events| Hints::enabled("fe1", socket, timeout_ns, metrics, events))
+    }
+
+    fn build(effects: InMemory, hints: impl FnOnce(Arc<Metrics>, Arc<Mutex<EventLog>>) -> Hints) -> Rig {
+        let metrics = Arc::new(Metrics::new());
+        let events = Arc::new(Mutex::new(EventLog::new(64)));
+        let readiness = Arc::new(Readiness::new(NO_TIMEOUT));
+        let resume = Arc::new(AtomicU64::new(0));
+        let reporter = Reporter::detached();
+        let ports = Arc::new(PortTable::new(|name| name.starts_with("vm"), None));
+        ports.seed(&[PORT, OTHER_PORT].map(|index| Link {
+            index,
+            name: format!("vm{index}"),
+            mac: [2, 0xfe, 0, 0, 0, index as u8],
+            mtu: 1500,
+            up: true,
+        }));
+        let (frames, _) = mpsc::channel(1);
+        let engine = Engine::new(Parts {
+            fe_id: "fe1".into(),
+            timers: Timers {
+                probe_after: NO_TIMEOUT,
+                probe_interval: NO_TIMEOUT,
+                probe_count: 3,
+                reject_hold: NO_TIMEOUT,
+            },
+            reconciler: Reconciler::new(effects, metrics.clone()),
+            scope: Scope { prefixes: vec!["10.10.0.0/16".parse().unwrap()], gateways: vec![vm(1)] },
+            arp: ArpPorts::new(Arc::new(Captures::default()), frames, (100, 100), metrics.clone()),
+            ports,
+            reporter: reporter.clone(),
+            link: Arc::new(LinkControl::default()),
+            resume: resume.clone(),
+            events: events.clone(),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            hints: hints(metrics.clone(), events),
+        });
+        Rig { engine, reporter, metrics, readiness, resume }
+    }
+
+    /// Reads back what a previous run left on the VM ports (the agent does it before it starts).
+    async fn adopt(&mut self) -> crate::reconcile::Readback {
+        let ports = self.engine.ports.clone();
+        self.engine.reconciler.read_back(|i| ports.get(i).is_some()).await.unwrap()
+    }
+
+    async fn link(&mut self, event: LinkEvent) {
+        self.engine.handle(Input::Link(event)).await;
+    }
+
+    async fn sync(&mut self, update: SyncUpdate) {
+        let event =
+            LinkEvent::Sync { update: Box::new(update), received_mono: monotonic_ns(), received_wall: unix_nanos() };
+        self.link(event).await;
+    }
+
+    async fn connect_and_sync(&mut self, generation: u64, messages: [SyncUpdate; 2]) {
+        self.link(LinkEvent::Connected { generation }).await;
+        for m in messages {
+            self.sync(m).await;
+        }
+    }
+
+    /// A gratuitous ARP from the VM `ip`/`mac` on `port`.
+    async fn garp(&mut self, ip: Ipv4Addr, mac: [u8; 6], port: u32) {
+        let port = self.engine.ports.get(port).expect("a VM port");
+        let msg = gratuitous(MacAddr(mac), ip, ArpOp::Request, None);
+        let frame = ArpFrame { port, msg, wall: unix_nanos(), mono: monotonic_ns() };
+        self.engine.handle(Input::Arp(frame)).await;
+    }
+
+    /// The controller's answer to `obs`.
+    async fn answer(&mut self, obs: Observation, outcome: ClaimOutcome, reason: RejectReason, revision: u64) {
+        let result = ClaimResult {
+            vm_ip: obs.ip.octets().to_vec(),
+            outcome: outcome as i32,
+            reject_reason: reason as i32,
+            revision,
+            ..Default::default()
+        };
+        let now = monotonic_ns();
+        let answered = Answered { observations: vec![obs], results: vec![result], sent_mono: now, answered_mono: now };
+        self.engine.handle(Input::Answers(answered)).await;
+    }
+
+    /// The changes made since the last call, in order.
+    fn changes(&mut self) -> Vec<(Ipv4Addr, Op)> {
+        self.engine.reconciler.effects_mut().take_log()
+    }
+
+    fn effects(&self) -> &InMemory {
+        self.engine.reconciler.effects()
+    }
+
+    fn metric(&self, line: &str) -> bool {
+        self.metrics.render().lines().any(|l| l == line)
+    }
+}
+
+fn local_install(ip: Ipv4Addr, port: u32, mac: [u8; 6]) -> Vec<(Ipv4Addr, Op)> {
+    vec![(ip, Op::SetNeighbour { port, mac }), (ip, Op::SetRoute { port }), (ip, Op::SetTunnel(Tunnel::Local))]
+}
+
+fn hint_keys() -> Keys {
+    Keys::new(&[&[7u8; 32]]).unwrap()
+}
+
+/// This FE's hint socket on 127.0.0.1 and the sockets of fe2 and fe3, all on one port (hints go
+/// to the hint port of each FE's underlay address).
+fn hint_sockets() -> (HintSocket, [UdpSocket; 2]) {
+    for _ in 0..20 {
+        let fe2 = UdpSocket::bind((underlay(2), 0)).unwrap();
+        let port = fe2.local_addr().unwrap().port();
+        let (Ok(ours), Ok(fe3)) =
+            (HintSocket::bind(underlay(1), port, hint_keys()), UdpSocket::bind((underlay(3), port)))
+        else {
+            continue;
+        };
+        for s in [&fe2, &fe3] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        return (ours, [fe2, fe3]);
+    }
+    panic!("no port free on 127.0.0.1-3");
+}
+
+fn receive_hint(socket: &UdpSocket) -> Hint {
+    let mut buf = [0u8; 512];
+    let (n, _) = socket.recv_from(&mut buf).expect("a move hint arrives");
+    codec::decode(&buf[..n], &hint_keys()).expect("a valid move hint")
+}
+
+/// Make-before-break and its undo: a VM heard on a port is delivered here at once — neighbour,
+/// then route, then data plane — before the controller answers, and the other FEs are told; a
+/// rejected claim puts the tunnel back towards the binding FE before the local route goes, the
+/// hint is cancelled, and the VM's next ARP within the hold time changes nothing.
+#[tokio::test]
+async fn claim_installs_locally_at_once_and_a_rejection_undoes_it() {
+    let (socket, [fe2, fe3]) = hint_sockets();
+    let mut rig = Rig::with_hints(InMemory::default(), socket, NO_TIMEOUT);
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9)])).await;
+    assert_eq!(rig.changes(), vec![(VM, Op::SetTunnel(Tunnel::Remote(underlay(2))))]);
+
+    rig.garp(VM, MAC, PORT).await;
+    assert_eq!(rig.changes(), local_install(VM, PORT, MAC), "provisional local install, in order");
+    let claims = rig.reporter.take_queued();
+    assert_eq!(claims.len(), 1);
+    assert_eq!((claims[0].ip, claims[0].mac, claims[0].kind), (VM, MAC, ObservationKind::Learned));
+    assert_eq!(claims[0].port, "vm5");
+    for peer in [&fe2, &fe3] {
+        let hint = receive_hint(peer);
+        assert_eq!((hint.kind, hint.fe_id.as_str(), hint.vm_ip, hint.move_seq), (Kind::Move, "fe1", VM, 3));
+    }
+    assert!(rig.metric("victor_agent_provisional_installs_total 1"));
+
+    rig.answer(claims[0].clone(), ClaimOutcome::Rejected, RejectReason::MacMismatch, 0).await;
+    assert_eq!(
+        rig.changes(),
+        vec![
+            (VM, Op::SetTunnel(Tunnel::Remote(underlay(2)))),
+            (VM, Op::DelRoute { port: PORT }),
+            (VM, Op::DelNeighbour { port: PORT }),
+        ],
+        "undo: the tunnel points back at fe2 before the local route goes"
+    );
+    assert!(rig.effects().routes.is_empty() && rig.effects().neighbours.is_empty());
+    assert!(rig.metric("victor_agent_claims_undone_total 1"));
+    assert_eq!(receive_hint(&fe2).kind, Kind::Cancel, "the other FEs drop the hint");
+
+    rig.garp(VM, MAC, PORT).await;
+    assert_eq!(rig.changes(), vec![], "a rejected VM is not claimed again within the hold time");
+    assert!(rig.reporter.take_queued().is_empty());
+}
+
+/// An accepted claim keeps the local install, and the delta that confirms it changes nothing.
+#[tokio::test]
+async fn an_accepted_claim_is_kept_and_its_delta_changes_nothing() {
+    let mut rig = Rig::new(InMemory::default());
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9)])).await;
+    rig.changes();
+    rig.garp(VM, MAC, PORT).await;
+    assert_eq!(rig.changes(), local_install(VM, PORT, MAC));
+    let claim = rig.reporter.take_queued().remove(0);
+    rig.answer(claim, ClaimOutcome::Moved, RejectReason::Unspecified, 11).await;
+    rig.sync(delta(11, vec![binding(VM, 1, MAC, 4, 11)])).await;
+    assert_eq!(rig.changes(), vec![]);
+    assert_eq!(rig.effects().routes.get(&VM), Some(&PORT));
+}
+
+/// A move hint from the VM's new FE points the tunnel there before the controller's delta; the
+/// delta then confirms it without another change.
+#[tokio::test]
+async fn a_move_hint_overrides_and_the_delta_confirms_without_a_change() {
+    let (socket, _peers) = hint_sockets();
+    let mut rig = Rig::with_hints(InMemory::default(), socket, NO_TIMEOUT);
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9)])).await;
+    rig.changes();
+
+    rig.engine.handle(Input::Hint(hint_from(3, underlay(3), 3))).await;
+    assert_eq!(rig.changes(), vec![(VM, Op::SetTunnel(Tunnel::Remote(underlay(3))))], "override before the delta");
+    assert!(rig.metric("victor_agent_move_hint_overrides 1"));
+
+    rig.sync(delta(12, vec![binding(VM, 3, MAC, 4, 12)])).await;
+    assert_eq!(rig.changes(), vec![], "the data plane already points at fe3");
+    assert!(rig.metric("victor_agent_move_hint_overrides_ended_total{how=\"confirmed\"} 1"));
+    assert!(rig.metric("victor_agent_move_hint_overrides 0"));
+}
+
+/// A hint the controller never confirms ends after its timeout: back to the desired state.
+#[tokio::test]
+async fn an_unconfirmed_move_hint_expires_back_to_the_desired_state() {
+    let (socket, _peers) = hint_sockets();
+    let mut rig = Rig::with_hints(InMemory::default(), socket, 1);
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9)])).await;
+    rig.changes();
+    rig.engine.handle(Input::Hint(hint_from(3, underlay(3), 3))).await;
+    assert_eq!(rig.changes(), vec![(VM, Op::SetTunnel(Tunnel::Remote(underlay(3))))]);
+    rig.engine.handle(Input::Tick).await;
+    assert_eq!(rig.changes(), vec![(VM, Op::SetTunnel(Tunnel::Remote(underlay(2))))]);
+    assert!(rig.metric("victor_agent_move_hint_overrides_ended_total{how=\"expired\"} 1"));
+}
+
+/// A hint that does not come from the named FE's underlay address, or names an old binding
+/// version, changes nothing.
+#[tokio::test]
+async fn forged_or_stale_move_hints_change_nothing() {
+    let (socket, _peers) = hint_sockets();
+    let mut rig = Rig::with_hints(InMemory::default(), socket, NO_TIMEOUT);
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9)])).await;
+    rig.changes();
+    rig.engine.handle(Input::Hint(hint_from(3, underlay(9), 3))).await;
+    rig.engine.handle(Input::Hint(hint_from(3, underlay(3), 2))).await;
+    assert_eq!(rig.changes(), vec![]);
+    assert!(rig.metric("victor_agent_move_hints_rejected_total{reason=\"source_mismatch\"} 1"));
+    assert!(rig.metric("victor_agent_move_hints_rejected_total{reason=\"stale_seq\"} 1"));
+}
+
+fn hint_from(fe: u8, src: Ipv4Addr, move_seq: u64) -> Received {
+    let hint = Hint {
+        kind: Kind::Move,
+        fe_id: format!("fe{fe}"),
+        vm_ip: VM,
+        mac: MAC,
+        move_seq,
+        observed_at: unix_nanos(),
+        sent_at: unix_nanos(),
+        nonce: 1,
+    };
+    Received { hint, src, received_mono: monotonic_ns() }
+}
+
+/// Headless: when the stream ends the engine keeps what it programmed and keeps learning; the
+/// next session resumes from the last complete revision, the engine reports its VMs again, and a
+/// snapshot cut short by another loss is dropped whole.
+#[tokio::test]
+async fn stream_loss_keeps_forwarding_headless_and_the_next_session_resumes() {
+    let mut rig = Rig::new(InMemory::default());
+    rig.connect_and_sync(1, snapshot(10, vec![binding(vm(11), 2, mac(11), 0, 9)])).await;
+    assert_eq!(rig.resume.load(Ordering::Acquire), 10);
+    assert!(rig.readiness.check().is_ok());
+    let programmed = rig.effects().clone();
+    rig.changes();
+
+    rig.link(LinkEvent::StreamEnded).await;
+    assert_eq!(rig.changes(), vec![], "nothing is removed when the controller goes away");
+    assert!(!rig.readiness.connected.load(Ordering::Relaxed));
+    assert!(rig.readiness.check().is_ok(), "headless within the grace period stays ready");
+    assert_eq!(rig.resume.load(Ordering::Acquire), 10);
+
+    // Headless, a VM arrives: it is delivered here and its claim waits in the reporter.
+    rig.garp(vm(12), mac(12), PORT).await;
+    assert_eq!(rig.changes(), local_install(vm(12), PORT, mac(12)));
+    let waiting = rig.reporter.take_queued();
+    assert_eq!(waiting.len(), 1);
+
+    rig.link(LinkEvent::Connected { generation: 2 }).await;
+    let again = rig.reporter.take_queued();
+    assert_eq!(again, waiting, "reported again on the new session, with the original observation time");
+    rig.sync(delta(11, vec![binding(vm(11), 3, mac(11), 1, 11)])).await;
+    assert_eq!(rig.changes(), vec![(vm(11), Op::SetTunnel(Tunnel::Remote(underlay(3))))]);
+    assert_eq!(rig.resume.load(Ordering::Acquire), 11);
+
+    // A snapshot cut short: nothing of it applies, the resume point stays.
+    rig.link(LinkEvent::StreamEnded).await;
+    rig.link(LinkEvent::Connected { generation: 3 }).await;
+    let [first, _end] = snapshot(20, vec![]);
+    rig.sync(first).await;
+    rig.link(LinkEvent::StreamEnded).await;
+    assert_eq!(rig.changes(), vec![]);
+    assert_eq!(rig.resume.load(Ordering::Acquire), 11);
+    assert_eq!(rig.engine.desired.binding(vm(11)).map(|b| b.revision), Some(11));
+    assert_ne!(rig.effects().tunnels, programmed.tunnels, "the delta's change stays");
+}
+
+/// Restart without flush: what a previous run programmed is read back and kept — no change
+/// before the first complete snapshot — and then only what the snapshot does not want goes.
+#[tokio::test]
+async fn restart_adopts_the_previous_programming_and_removes_only_stale_entries_after_the_snapshot() {
+    let (kept, moved, unbound) = (vm(11), vm(12), vm(13));
+    let previous =
+        InMemory::with_previous_run(&[(kept, PORT, mac(11)), (moved, PORT, mac(12)), (unbound, OTHER_PORT, mac(13))]);
+    let mut rig = Rig::new(previous);
+    let readback = rig.adopt().await;
+    assert_eq!((readback.host_routes, readback.neighbours), (3, 3));
+
+    rig.link(LinkEvent::Connected { generation: 1 }).await;
+    rig.engine.handle(Input::Tick).await;
+    let [first, end] = snapshot(30, vec![binding(kept, 1, mac(11), 2, 21), binding(moved, 2, mac(12), 5, 22)]);
+    rig.sync(first).await;
+    assert_eq!(rig.changes(), vec![], "nothing changes before the snapshot is complete");
+
+    rig.sync(end).await;
+    assert_eq!(
+        rig.changes(),
+        vec![
+            (kept, Op::SetTunnel(Tunnel::Local)),
+            (moved, Op::SetTunnel(Tunnel::Remote(underlay(2)))),
+            (moved, Op::DelRoute { port: PORT }),
+            (moved, Op::DelNeighbour { port: PORT }),
+            (unbound, Op::DelRoute { port: OTHER_PORT }),
+            (unbound, Op::DelNeighbour { port: OTHER_PORT }),
+        ],
+        "the kept VM's route and neighbour are not touched"
+    );
+    assert_eq!(rig.effects().routes.iter().collect::<Vec<_>>(), vec![(&kept, &PORT)]);
+    assert!(rig.readiness.synced.load(Ordering::Relaxed));
+}
+
+/// A change the kernel refused is made again on the next tick, in the same order.
+#[tokio::test]
+async fn a_refused_change_is_retried_on_the_next_tick() {
+    let mut rig = Rig::new(InMemory::default());
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9)])).await;
+    rig.changes();
+    rig.engine.reconciler.effects_mut().failing.insert(VM);
+    rig.garp(VM, MAC, PORT).await;
+    assert_eq!(rig.changes(), vec![]);
+    assert!(rig.metric("victor_agent_reconcile_ops_total{op=\"set_neighbour\",result=\"error\"} 1"));
+    rig.engine.reconciler.effects_mut().failing.clear();
+    rig.engine.handle(Input::Tick).await;
+    assert_eq!(rig.changes(), local_install(VM, PORT, MAC));
+}
