@@ -1,4 +1,4 @@
-//! BGP anycast against a real BIRD 2 (paper §2.1, §2.4): the client sits behind an `upstream`
+//! BGP anycast against a real BIRD 2 (docs/design.md §1, docs/bgp.md): the client sits behind an `upstream`
 //! router running BIRD, linked to every FE; every FE's agent holds an eBGP session with it and
 //! announces the mobile prefix while healthy.
 //!

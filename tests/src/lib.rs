@@ -1,6 +1,6 @@
 //! End-to-end tests of VICTOR and the `victor-lab` testbed.
 //!
-//! * [`lab`] — the migration testbed of BRIEF §3 (`up`, `down`, `migrate`).
+//! * [`lab`] — the migration testbed of docs/design.md §6 (`up`, `down`, `migrate`).
 //! * [`bench`] — the controller scale benchmark with simulated agents (`bench`).
 //! * [`faults`] — fault injection for the fault suite (`tests/faults.rs`).
 

@@ -1,4 +1,4 @@
-//! The fault suite (BRIEF §2 I6, §4; `docs/faults.md`). Each test assembles a real 3-member
+//! The fault suite (docs/design.md invariant I6 and the fault targets of §6; `docs/faults.md`). Each test assembles a real 3-member
 //! etcd, two real controller replicas and simulated agents (real gRPC clients with the fe-agent's
 //! failover logic), loads thousands of bindings and keeps migrating VMs between FEs the whole
 //! time; then it breaks one thing and checks, against etcd itself:
