@@ -52,7 +52,9 @@ async fn send_all(sh: &Shared, mmsg: &mut Mmsg, packets: &[(&[u8], Ipv4Addr)]) -
     let (mut sent, mut bytes) = (0usize, 0u64);
     while sent < packets.len() {
         let mut guard = sh.sock.writable().await?;
-        match guard.try_io(|s| mmsg.send(s.as_raw_fd(), &packets[sent..])) {
+        let r = guard.try_io(|s| mmsg.send(s.as_raw_fd(), &packets[sent..]));
+        sh.counters.underlay_sends(1);
+        match r {
             Err(_would_block) => continue,
             Ok(Ok(n)) => {
                 bytes += packets[sent..sent + n].iter().map(|(p, _)| p.len() as u64).sum::<u64>();
@@ -84,7 +86,10 @@ pub(crate) async fn egress_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>
             r = sh.dev.recv_multiple(&mut original, &mut bufs, &mut sizes, HEADER_LEN) => r,
         };
         let mut filled = match first {
-            Ok(n) => n,
+            Ok(n) => {
+                sh.counters.tun_read(n > 1);
+                n
+            }
             Err(e) if is_fatal(&e) => return Err(e),
             Err(e) => {
                 tracing::debug!(error = %e, "unusable packet from TUN");
@@ -94,7 +99,10 @@ pub(crate) async fn egress_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>
         };
         while EGRESS_BATCH - filled >= EGRESS_MIN_FREE {
             match sh.dev.try_recv_multiple(&mut original, &mut bufs[filled..], &mut sizes[filled..], HEADER_LEN) {
-                Ok(n) => filled += n,
+                Ok(n) => {
+                    sh.counters.tun_read(n > 1);
+                    filled += n
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if is_fatal(&e) => return Err(e),
                 Err(_) => sh.counters.discard(DropReason::Malformed),
@@ -173,6 +181,7 @@ pub(crate) async fn ingress_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool
                 continue;
             }
         };
+        sh.counters.underlay_recv(0);
         let mut accepted = 0;
         for i in 0..n {
             let len = bufs[i].as_ref().len() - RECV_OFFSET;
