@@ -19,10 +19,6 @@
 //! (`AF_PACKET` datagram socket with `PACKET_QDISC_BYPASS`: no route, IP output or neighbour
 //! work). Writes `bench-results/dataplane-send-floor.json`.
 
-#[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
-mod common;
-
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};

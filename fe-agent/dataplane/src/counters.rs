@@ -36,11 +36,14 @@ pub enum DropReason {
     EcnDrop,
     /// Writing into TUN failed.
     TunWriteError,
+    /// From the underlay: a packet the underlay NIC's GRO coalesced beyond the tunnel MTU that is
+    /// not TCP (its segment boundaries are lost, it cannot be split again).
+    CoalescedNotTcp,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::NoBinding,
         DropReason::LocalWithoutRoute,
         DropReason::NotIpv4,
@@ -55,6 +58,7 @@ impl DropReason {
         DropReason::InnerMalformed,
         DropReason::EcnDrop,
         DropReason::TunWriteError,
+        DropReason::CoalescedNotTcp,
     ];
 
     /// A stable label for metrics (`reason="no_binding"`).
@@ -74,6 +78,7 @@ impl DropReason {
             DropReason::InnerMalformed => "inner_malformed",
             DropReason::EcnDrop => "ecn_drop",
             DropReason::TunWriteError => "tun_write_error",
+            DropReason::CoalescedNotTcp => "coalesced_not_tcp",
         }
     }
 
@@ -110,7 +115,7 @@ pub struct Counters {
 /// A point-in-time copy of [`Counters`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CounterSnapshot {
-    /// Packets read from TUN (towards the tunnel).
+    /// Packets read from TUN (towards the tunnel); each segment of a super-packet counts.
     pub tun_rx_packets: u64,
     /// Bytes read from TUN.
     pub tun_rx_bytes: u64,
@@ -118,11 +123,13 @@ pub struct CounterSnapshot {
     pub tunnel_tx_packets: u64,
     /// Bytes sent to peers (outer packets).
     pub tunnel_tx_bytes: u64,
-    /// IP-in-IP packets received from the underlay (all, before checks).
+    /// IP-in-IP packets received from the underlay (all, before checks); a packet the underlay
+    /// NIC coalesced counts once (see `underlay_rx_coalesced`).
     pub tunnel_rx_packets: u64,
     /// Bytes received from the underlay (outer packets).
     pub tunnel_rx_bytes: u64,
-    /// Decapsulated packets written into TUN.
+    /// Decapsulated packets written into TUN (as received from the underlay: the packets
+    /// coalesced into one write count one each; `tun_writes` counts the writes).
     pub tun_tx_packets: u64,
     /// Bytes written into TUN.
     pub tun_tx_bytes: u64,
@@ -167,8 +174,9 @@ impl CounterSnapshot {
 }
 
 impl Counters {
-    pub(crate) fn tun_rx(&self, bytes: usize) {
-        self.tun_rx_packets.fetch_add(1, Relaxed);
+    /// `packets` read from TUN (the segments of a super-packet count one each), `bytes` in all.
+    pub(crate) fn tun_rx(&self, packets: u64, bytes: usize) {
+        self.tun_rx_packets.fetch_add(packets, Relaxed);
         self.tun_rx_bytes.fetch_add(bytes as u64, Relaxed);
     }
 
