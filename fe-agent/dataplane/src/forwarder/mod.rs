@@ -25,20 +25,28 @@
 //! encapsulated segments ([`crate::packet::gso`]); received segments are coalesced back into
 //! super-packets for the TUN write ([`crate::packet::gro`]). See [`worker`] for the loops.
 //!
+//! # Surviving a restart
+//! With [`ForwarderConfig::persist`] the TUN device is persistent: when the process dies the
+//! device stays, with its address and every route into it (packets routed into it meanwhile are
+//! dropped by the kernel, as no queue is attached), and the next forwarder adopts it.
+//!
 //! Modules: [`pipeline`] (per-packet decisions, pure), `worker` (the loops), `raw` (the
 //! underlay socket, `sendmmsg`/`recvmmsg`), `steer` (the per-worker socket filters),
-//! `ratelimit` (the ICMP token bucket), `buf` (receive buffers).
+//! `ratelimit` (the ICMP token bucket), `tun` (persistence ioctls), `buf` (receive buffers).
 
 mod buf;
 pub mod pipeline;
 mod ratelimit;
 mod raw;
 mod steer;
+mod tun;
 mod worker;
+
+pub use tun::remove_persistent as remove_persistent_tun;
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -70,6 +78,11 @@ pub struct ForwarderConfig {
     pub icmp_rate_per_s: u32,
     /// How many ICMP errors may go out back to back before the rate applies.
     pub icmp_burst: u32,
+    /// Make the TUN device persistent (`TUNSETPERSIST`): it — and every route the agent pointed
+    /// into it — outlives this forwarder and its process, and the next forwarder started with
+    /// the same name adopts it (see [`Forwarder::adopted`]). Remove it with
+    /// [`Forwarder::remove`] or [`remove_persistent_tun`].
+    pub persist: bool,
 }
 
 impl ForwarderConfig {
@@ -85,6 +98,7 @@ impl ForwarderConfig {
             queues: 0,
             icmp_rate_per_s: 1000,
             icmp_burst: 50,
+            persist: false,
         }
     }
 
@@ -133,7 +147,8 @@ pub enum ForwarderError {
 }
 
 /// A running forwarder. Dropping it stops it (like [`Forwarder::stop`]); the TUN device
-/// disappears with it, and with it every route the agent pointed into it.
+/// disappears with it, and with it every route the agent pointed into it — unless the device is
+/// persistent ([`ForwarderConfig::persist`]).
 pub struct Forwarder {
     tun_name: String,
     tun_index: u32,
@@ -141,6 +156,10 @@ pub struct Forwarder {
     counters: Arc<Counters>,
     stop: watch::Sender<bool>,
     threads: Vec<JoinHandle<io::Result<()>>>,
+    /// For a persistent device: a duplicate of queue 0's descriptor, to clear the persistence
+    /// flag from wherever [`Forwarder::remove`] is called.
+    control: Option<OwnedFd>,
+    adopted: bool,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -179,15 +198,34 @@ impl Forwarder {
         // The TUN device carries the underlay address as a /32: the kernel's reverse-path
         // check drops everything arriving on an address-less interface whenever rp_filter is on,
         // and packets the FE itself sends towards remote VMs get a routable source.
-        let dev = tun_rs::DeviceBuilder::new()
-            .name(&config.tun_name)
-            .ipv4(local, 32u8, None)
-            .mtu(tunnel_mtu)
-            .offload(config.offload)
-            .multi_queue(workers > 1)
-            .enable(false)
-            .build_sync()
-            .map_err(tun_err)?;
+        let existed = config.persist && tun::exists(&config.tun_name);
+        let build = |adopt: bool| {
+            let builder = tun_rs::DeviceBuilder::new()
+                .name(&config.tun_name)
+                .ipv4(local, 32u8, None)
+                .mtu(tunnel_mtu)
+                .offload(config.offload)
+                .multi_queue(workers > 1);
+            // An adopted device stays up: taking it down would flush every route into it.
+            if adopt { builder.inherit_enable_state() } else { builder.enable(false) }.build_sync()
+        };
+        let (dev, adopted) = match build(existed) {
+            Ok(dev) => (dev, existed),
+            // A device left by an earlier forwarder with other flags (queues, offload): it
+            // cannot be adopted, so it is replaced (the agent re-installs its routes).
+            Err(e) if existed && e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(tun = %config.tun_name, "persistent TUN device has other flags; replacing it");
+                tun::remove_persistent(&config.tun_name).map_err(tun_err)?;
+                (build(false).map_err(tun_err)?, false)
+            }
+            Err(e) => return Err(tun_err(e)),
+        };
+        let control = if config.persist {
+            dev.persist().map_err(tun_err)?;
+            Some(dev.as_fd().try_clone_to_owned().map_err(tun_err)?)
+        } else {
+            None
+        };
         let tun_index = dev.if_index().map_err(tun_err)?;
         // Decapsulated packets arrive on TUN from clients reached through other interfaces:
         // loose reverse-path filtering (the effective value is max(all, dev), so strict mode
@@ -256,7 +294,7 @@ impl Forwarder {
                 .map_err(ForwarderError::Thread)?;
             threads.push(thread);
         }
-        Ok(Forwarder { tun_name: config.tun_name, tun_index, tunnel_mtu, counters, stop, threads })
+        Ok(Forwarder { tun_name: config.tun_name, tun_index, tunnel_mtu, counters, stop, threads, control, adopted })
     }
 
     /// Name of the TUN device (route the mobile prefix and remote /32s into it).
@@ -285,6 +323,21 @@ impl Forwarder {
         self.counters.clone()
     }
 
+    /// True when the TUN device was left by an earlier (persistent) forwarder and adopted, with
+    /// its interface index and the routes into it unchanged.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Stops forwarding and deletes the TUN device even if it is persistent (with it, every
+    /// route into it).
+    pub fn remove(mut self) -> io::Result<()> {
+        if let Some(fd) = self.control.take() {
+            tun::set_persist(fd.as_raw_fd(), false)?;
+        }
+        self.shutdown()
+    }
+
     /// Number of workers (TUN queues).
     pub fn queues(&self) -> usize {
         self.threads.len()
@@ -295,8 +348,9 @@ impl Forwarder {
         !self.threads.is_empty() && self.threads.iter().all(|t| !t.is_finished())
     }
 
-    /// Stops forwarding, waits for the worker and closes the TUN device and socket. Returns the
-    /// error that had ended the worker early, if any.
+    /// Stops forwarding, waits for the workers and closes their TUN queues and sockets: the TUN
+    /// device disappears with them unless it is persistent ([`ForwarderConfig::persist`]).
+    /// Returns the error that had ended a worker early, if any.
     pub fn stop(mut self) -> io::Result<()> {
         self.shutdown()
     }

@@ -373,9 +373,11 @@ pub(crate) async fn ingress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch
                 let gso_size = gso::layout(p, GsoKind::Tcp).map(|l| sh.tunnel_mtu.saturating_sub(l.headers_len()));
                 match gso_size.map(|g| gso::segment(p, GsoKind::Tcp, g.max(1), None, &mut arena, &mut segs)) {
                     Ok(Ok(())) => {
-                        for s in &segs {
+                        // Counted as the one packet received.
+                        for (k, s) in segs.iter().enumerate() {
                             let iov = [IoSlice::new(&arena[s.header.clone()]), IoSlice::new(&p[s.payload.clone()])];
-                            write_tun(&sh, &q, &iov, 1, s.len() as u64, false).await?;
+                            let (packets, bytes) = if k == 0 { (1, p.len() as u64) } else { (0, 0) };
+                            write_tun(&sh, &q, &iov, packets, bytes, false).await?;
                         }
                     }
                     _ => sh.counters.discard(DropReason::CoalescedNotTcp),
