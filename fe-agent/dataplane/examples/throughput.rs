@@ -8,13 +8,15 @@
 //! ```text
 //! cargo run --release -p victor-dataplane --example throughput -- \
 //!     [--seconds 5] [--repeats 5] [--flows 1,4] [--queues 0] [--no-offload] \
-//!     [--underlay veth|gro] [--out bench-results/dataplane.json]
+//!     [--underlay veth|gro] [--out bench-results/dataplane-throughput.json]
 //! ```
-//! `--underlay gro` makes the underlay bridge ports behave like a NIC with GRO: `gro on` and
-//! threaded NAPI on the veth ends that receive from the FEs (and `rx-udp-gro-forwarding`, without
-//! which a veth hands packets from a TSO-capable sender to NAPI only when they come from a UDP
-//! socket). It changes nothing for the veth baseline, whose packets are GSO already and never go
-//! through NAPI. Per run: Gbit/s, retransmits, CPU (forwarder threads, iperf3 client + server,
+//! `--underlay gro` makes the underlay behave like NICs with GRO: `gro on` and threaded NAPI on
+//! the bridge ports that receive from the FEs (and `rx-udp-gro-forwarding`, without which a veth
+//! hands packets from a TSO-capable sender to NAPI only when they come from a UDP socket), and a
+//! 1000-packet `pfifo` on each FE's underlay port so a full NAPI ring pushes back instead of
+//! dropping. It changes nothing for the veth baseline's packets, which are GSO already and never
+//! go through NAPI. `VICTOR_BENCH_DEBUG=1` prints the qdisc, link and socket drop counters along
+//! the path after each tunnel run. Per run: Gbit/s, retransmits, CPU (forwarder threads, iperf3 client + server,
 //! softirq threads; and the whole machine, which includes other load) per Gbit/s, and the
 //! forwarders' batching counters. Prints a summary and writes the JSON file.
 
@@ -48,7 +50,7 @@ fn parse_args() -> Result<Args> {
         queues: 0,
         offload: true,
         underlay_gro: false,
-        out: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench-results/dataplane.json"),
+        out: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench-results/dataplane-throughput.json"),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -171,8 +173,9 @@ fn underlay_gro(lab: &Lab) -> Result<()> {
         let port = format!("p{n}");
         lab.ul.exec(&["ethtool", "-K", &port, "gro", "on", "rx-udp-gro-forwarding", "on"])?;
         lab.ul.exec(&["sh", "-c", &format!("echo 1 > /sys/class/net/{port}/threaded")])?;
-        lab.ns(n).exec(&["ethtool", "-K", "ul0", "gro", "on", "rx-udp-gro-forwarding", "on"])?;
-        lab.ns(n).exec(&["sh", "-c", "echo 1 > /sys/class/net/ul0/threaded"])?;
+        // A queue in front of the ring, so a full ring pushes back on the sender instead of
+        // dropping (veth has no qdisc by default; a NIC driver has its ring and a qdisc).
+        lab.ns(n).exec(&["tc", "qdisc", "replace", "dev", "ul0", "root", "pfifo", "limit", "1000"])?;
     }
     Ok(())
 }
@@ -196,6 +199,22 @@ fn iperf(lab: &Lab, seconds: u32, flows: u32, reverse: bool, tag: &str) -> Resul
     let after = cpu_sample();
     let json: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     Ok((json, before, after))
+}
+
+/// Where packets were dropped along the tunnel path (cumulative), on stderr.
+fn debug_drops(lab: &Lab) {
+    let show = |ns: &victor_testkit::netns::NetNs, argv: &[&str]| {
+        let out = ns.exec(argv).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        eprintln!("[{}] {}:\n{out}", ns.name(), argv.join(" "));
+    };
+    for n in 1..=2 {
+        show(lab.ns(n), &["tc", "-s", "qdisc", "show", "dev", "ul0"]);
+        show(lab.ns(n), &["ip", "-s", "link", "show", "ul0"]);
+        show(lab.ns(n), &["cat", "/proc/net/raw"]);
+        show(lab.ns(n), &["ip", "-s", "link", "show", &lab.fe(n).tun]);
+    }
+    show(&lab.ul, &["ip", "-s", "link"]);
+    show(&lab.vm, &["ip", "-s", "link", "show", "eth0"]);
 }
 
 fn counters_delta(a: &CounterSnapshot, b: &CounterSnapshot) -> Value {
@@ -252,6 +271,9 @@ fn main() -> Result<()> {
                     let tag = format!("{}-{flows}-{reverse}-{rep}", path.name());
                     let (json, before, after) = iperf(&lab, args.seconds, flows, reverse, &tag)?;
                     let c2 = (lab.fe(1).fwd().counters(), lab.fe(2).fwd().counters());
+                    if std::env::var_os("VICTOR_BENCH_DEBUG").is_some() && path == Path::Tunnel {
+                        debug_drops(&lab);
+                    }
                     let end = &json["end"];
                     let gbps = end["sum_received"]["bits_per_second"]
                         .as_f64()

@@ -17,8 +17,14 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::buf::PacketBuf;
 use crate::packet::ipv4::PROTO_IPIP;
 
-/// Socket buffer size asked for (with `SO_*BUFFORCE`, as root, beyond `rmem_max`).
-const SOCKET_BUFFER: usize = 8 << 20;
+/// Receive buffer asked for (with `SO_RCVBUFFORCE`, as root, beyond `rmem_max`): room for
+/// bursts while the worker is busy writing into TUN.
+const RECEIVE_BUFFER: usize = 8 << 20;
+/// Send buffer asked for (the kernel doubles it): it bounds the packets this socket has queued
+/// below it at once (~2.3 KB of memory each), so a burst waits in `sendmmsg` instead of
+/// overflowing the underlay device's queue — a raw socket is not told when its packets are
+/// dropped there. 512 KiB: ~440 packets, half a default 1000-packet qdisc.
+const SEND_BUFFER: usize = 512 << 10;
 
 /// Opens the underlay socket bound to `local` (so only tunnel packets addressed to this FE's
 /// underlay address are received), non-blocking.
@@ -27,12 +33,12 @@ pub(crate) fn open(local: Ipv4Addr) -> io::Result<Socket> {
     socket.set_header_included_v4(true)?;
     socket.bind(&SocketAddr::V4(SocketAddrV4::new(local, 0)).into())?;
     socket.set_nonblocking(true)?;
-    for (force, fallback) in [
-        (libc::SO_RCVBUFFORCE, Socket::set_recv_buffer_size as fn(&Socket, usize) -> io::Result<()>),
-        (libc::SO_SNDBUFFORCE, Socket::set_send_buffer_size),
+    for (force, fallback, size) in [
+        (libc::SO_RCVBUFFORCE, Socket::set_recv_buffer_size as fn(&Socket, usize) -> io::Result<()>, RECEIVE_BUFFER),
+        (libc::SO_SNDBUFFORCE, Socket::set_send_buffer_size, SEND_BUFFER),
     ] {
-        if setsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, force, SOCKET_BUFFER as libc::c_int).is_err() {
-            fallback(&socket, SOCKET_BUFFER)?;
+        if setsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, force, size as libc::c_int).is_err() {
+            fallback(&socket, size)?;
         }
     }
     Ok(socket)
