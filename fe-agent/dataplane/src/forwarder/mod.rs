@@ -19,11 +19,11 @@
 //! [`ForwarderConfig::queues`] workers (default: one per core), each on its own thread with its
 //! own TUN queue (`IFF_MULTI_QUEUE`) and its own raw socket. The kernel picks the TUN queue of a
 //! packet by its flow hash (and keeps a flow on the queue that last wrote its other direction);
-//! received tunnel packets are steered to workers by their inner flow ([`steer`]), so every flow
+//! received tunnel packets are steered to workers by their inner flow (module `steer`), so every flow
 //! is handled by one worker and TCP sees no reordering. With offloads on (virtio-net header), a
 //! read from TUN returns a GSO super-packet of up to 64 KiB which the worker splits once into
 //! encapsulated segments ([`crate::packet::gso`]); received segments are coalesced back into
-//! super-packets for the TUN write ([`crate::packet::gro`]). See [`worker`] for the loops.
+//! super-packets for the TUN write ([`crate::packet::gro`]). See module `worker` for the loops.
 //!
 //! # Surviving a restart
 //! With [`ForwarderConfig::persist`] the TUN device is persistent: when the process dies the
