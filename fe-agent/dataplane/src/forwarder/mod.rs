@@ -247,8 +247,7 @@ impl Forwarder {
         let mut sockets = Vec::with_capacity(workers);
         for i in 0..workers {
             let socket_err = |source| ForwarderError::Socket { addr: local, source };
-            let sock = raw::open(local).map_err(socket_err)?;
-            steer::attach(sock.as_raw_fd(), i as u32, workers as u32).map_err(socket_err)?;
+            let sock = raw::open(local, i as u32, workers as u32).map_err(socket_err)?;
             sockets.push(sock);
         }
 

@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::buf::PacketBuf;
+use super::steer;
 use crate::packet::ipv4::PROTO_IPIP;
 
 /// Receive buffer asked for (with `SO_RCVBUFFORCE`, as root, beyond `rmem_max`): room for
@@ -26,10 +27,12 @@ const RECEIVE_BUFFER: usize = 8 << 20;
 /// dropped there. 512 KiB: ~440 packets, half a default 1000-packet qdisc.
 const SEND_BUFFER: usize = 512 << 10;
 
-/// Opens the underlay socket bound to `local` (so only tunnel packets addressed to this FE's
-/// underlay address are received), non-blocking.
-pub(crate) fn open(local: Ipv4Addr) -> io::Result<Socket> {
+/// Opens worker `worker`'s (of `workers`) underlay socket bound to `local` (so only tunnel
+/// packets addressed to this FE's underlay address are received), non-blocking, with the flow
+/// filter attached before anything can be received.
+pub(crate) fn open(local: Ipv4Addr, worker: u32, workers: u32) -> io::Result<Socket> {
     let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(i32::from(PROTO_IPIP))))?;
+    steer::attach(socket.as_raw_fd(), worker, workers)?;
     socket.set_header_included_v4(true)?;
     socket.bind(&SocketAddr::V4(SocketAddrV4::new(local, 0)).into())?;
     socket.set_nonblocking(true)?;
