@@ -33,7 +33,8 @@ use crate::registry::Registry;
 use crate::registry::rules::{DampingPolicy, Rules};
 use crate::replica::Replica;
 
-/// Largest gRPC message accepted (requests) — bigger ones fail with OUT_OF_RANGE.
+/// Largest gRPC request message accepted — bigger ones fail with RESOURCE_EXHAUSTED
+/// (`api::request_size`).
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// TTL of the replica's presence and election leases.
 const REPLICA_LEASE_TTL: Duration = Duration::from_secs(5);
@@ -374,11 +375,15 @@ async fn serve_grpc(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(victor_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("build reflection service")?;
+    // Reflection in both versions: grpc.reflection.v1 and the older v1alpha that many clients
+    // (older grpcurl, several GUI clients) still speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(victor_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("build reflection service (v1)")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("build reflection service (v1alpha)")?;
     // The agents' service with the Sync stream written from pre-encoded frames (each change is
     // encoded once for every stream); its other methods are the generated ones.
     let agent = AgentGrpc::new(ctx.clone(), MAX_REQUEST_BYTES);
@@ -414,10 +419,12 @@ async fn serve_grpc(
     // or small stream messages wait for the agent's delayed ACK (Nagle: up to 40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     builder
+        .layer(crate::api::request_size::RequestSizeLayer::new(MAX_REQUEST_BYTES))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(agent)
         .add_service(binding)
         .serve_with_incoming_shutdown(incoming, async move {

@@ -5,7 +5,6 @@
 //! every agent is encoded once instead of once per stream; the bytes on the wire obey the same
 //! contract.
 
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -44,14 +43,7 @@ impl<S: Store> AgentApi<S> {
 
     async fn register(&self, req: RegisterRequest) -> ApiResult<RegisterResponse> {
         let ctx = &self.ctx;
-        let underlay: IpAddr = req.underlay_addr.trim().parse().map_err(|_| {
-            ApiError::InvalidArgument(format!("underlay_addr {:?} is not an IP address", req.underlay_addr))
-        })?;
-        if underlay.is_unspecified() || underlay.is_multicast() {
-            return Err(ApiError::InvalidArgument(format!(
-                "underlay_addr {underlay} cannot be a tunnel endpoint (unspecified or multicast)"
-            )));
-        }
+        let underlay = validate::underlay(&req.underlay_addr, &ctx.mobile)?;
         validate::name("site", &req.site)?;
         if req.agent_version.len() > validate::MAX_NAME_LEN {
             return Err(ApiError::InvalidArgument("agent_version is too long (at most 63 bytes)".into()));
@@ -59,7 +51,10 @@ impl<S: Store> AgentApi<S> {
         let mut prefixes = Vec::with_capacity(req.mobile_prefixes.len());
         for text in &req.mobile_prefixes {
             let net: IpNet = text.parse().map_err(|_| {
-                ApiError::InvalidArgument(format!("mobile prefix {text:?} is not a CIDR prefix like 10.10.0.0/16"))
+                ApiError::InvalidArgument(format!(
+                    "mobile prefix {} is not a CIDR prefix like 10.10.0.0/16",
+                    validate::quoted(text)
+                ))
             })?;
             if net.trunc() != net {
                 return Err(ApiError::InvalidArgument(format!(
@@ -111,11 +106,20 @@ impl<S: Store> AgentApi<S> {
                 req.observations.len()
             )));
         }
-        let registry = &self.ctx.replica.registry;
+        let replica = &self.ctx.replica;
+        let registry = &replica.registry;
         let fe = registry
             .registered_fe(&req.fe_id)
             .await?
             .ok_or_else(|| ApiError::FailedPrecondition(not_registered(&req.fe_id)))?;
+        // An FE whose session expired is down for every replica: what it reports now must not
+        // bind. The agent registers again on this answer and sends the batch again.
+        if !replica.session_alive(&fe).await? {
+            return Err(ApiError::FailedPrecondition(format!(
+                "the session of FE {} expired; call Register again (nothing of this report was applied)",
+                req.fe_id
+            )));
+        }
         let served: Vec<IpNet> = fe.record.mobile_prefixes.iter().filter_map(|p| p.parse().ok()).collect();
         let (ips, checked): (Vec<Vec<u8>>, Vec<_>) = req
             .observations
@@ -126,6 +130,8 @@ impl<S: Store> AgentApi<S> {
             })
             .unzip();
         let claims = registry.report(&fe, checked, received).await;
+        // Read-your-writes: answer once this replica's cache shows every write of the report.
+        replica.settle(claims.iter().filter_map(|c| c.as_ref().ok()).map(|c| c.revision).max().unwrap_or(0)).await;
         let results = ips
             .into_iter()
             .zip(claims)
@@ -192,13 +198,13 @@ impl<S: Store> AgentService for AgentApi<S> {
     type SyncStream = SyncStream;
 
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
-        Ok(Response::new(Box::pin(self.open_sync::<SyncUpdate>(request)?)))
+        Ok(Response::new(Box::pin(self.open_sync::<SyncUpdate>(request).await?)))
     }
 }
 
 impl<S: Store> AgentApi<S> {
     /// Checks a Sync request and starts its stream.
-    fn open_sync<M: SyncMessage>(
+    async fn open_sync<M: SyncMessage>(
         &self,
         request: Request<SyncRequest>,
     ) -> Result<ReceiverStream<Result<M, Status>>, Status> {
@@ -207,6 +213,9 @@ impl<S: Store> AgentApi<S> {
         self.ctx.auth.authorize_fe(&request, &req.fe_id)?;
         self.ctx.ready()?;
         let replica = &self.ctx.replica;
+        if replica.registry.registered_fe(&req.fe_id).await?.is_none() {
+            return Err(ApiError::FailedPrecondition(not_registered(&req.fe_id)).into());
+        }
         let ctx = SyncContext {
             cache: replica.cache.clone(),
             metrics: replica.metrics.clone(),
@@ -288,7 +297,7 @@ impl<S: Store> tonic::server::ServerStreamingService<SyncRequest> for EncodedSyn
 
     fn call(&mut self, request: Request<SyncRequest>) -> Self::Future {
         let api = self.0.clone();
-        Box::pin(async move { api.open_sync::<EncodedSync>(request).map(Response::new) })
+        Box::pin(async move { api.open_sync::<EncodedSync>(request).await.map(Response::new) })
     }
 }
 

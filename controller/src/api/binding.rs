@@ -113,7 +113,10 @@ impl<S: Store> BindingApi<S> {
             None
         } else {
             Some(req.prefix.parse().map_err(|_| {
-                ApiError::InvalidArgument(format!("prefix {:?} is not a CIDR prefix like 10.10.1.0/24", req.prefix))
+                ApiError::InvalidArgument(format!(
+                    "prefix {} is not a CIDR prefix like 10.10.1.0/24",
+                    validate::quoted(&req.prefix)
+                ))
             })?)
         };
         if !req.fe_id.is_empty() {
@@ -218,11 +221,12 @@ impl<S: Store> BindingService for BindingApi<S> {
         let prefix = if req.prefix.is_empty() {
             None
         } else {
-            Some(
-                req.prefix
-                    .parse::<IpNet>()
-                    .map_err(|_| ApiError::InvalidArgument(format!("prefix {:?} is not a CIDR prefix", req.prefix)))?,
-            )
+            Some(req.prefix.parse::<IpNet>().map_err(|_| {
+                ApiError::InvalidArgument(format!(
+                    "prefix {} is not a CIDR prefix like 10.10.1.0/24",
+                    validate::quoted(&req.prefix)
+                ))
+            })?)
         };
         if req.from_revision > self.ctx.replica.cache.revision() + 1_000_000 {
             return Err(ApiError::InvalidArgument(format!(

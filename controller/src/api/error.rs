@@ -90,9 +90,23 @@ impl From<RegistryError> for Status {
     }
 }
 
+/// Longest status message sent. Messages quote offending values only in short form
+/// (`validate::quoted`); this is the backstop that keeps any message well inside a client's
+/// header limit.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
-        Status::new(err.code(), err.to_string())
+        let mut message = err.to_string();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        Status::new(err.code(), message)
     }
 }
 

@@ -2,11 +2,13 @@
 //! [`agent::AgentApi`] (fe-agents). A thin skin over the [`Replica`]: each method authenticates
 //! the caller ([`auth`]), validates the request ([`validate`]), calls the registry or opens a
 //! stream, and turns the answer into a wire message (`crate::wire`) or a status ([`error`]).
+//! [`request_size`] refuses oversized requests for every service before they are decoded.
 
 pub mod agent;
 pub mod auth;
 pub mod binding;
 pub mod error;
+pub mod request_size;
 pub mod validate;
 
 use std::sync::Arc;
