@@ -26,6 +26,7 @@ use super::error::{ApiError, ApiResult};
 use super::validate::{self, is_host_in};
 use crate::registry::rules::Observed;
 use crate::registry::{FeRegistration, Reason, Refusal, Rejection, ValidObservation};
+use crate::stream::admission::StreamKind;
 use crate::stream::agent::{self as sync, SyncContext, SyncMessage};
 use crate::stream::encoded::{EncodedSync, SyncCodec};
 use crate::wire;
@@ -216,6 +217,7 @@ impl<S: Store> AgentApi<S> {
         if replica.registry.registered_fe(&req.fe_id).await?.is_none() {
             return Err(ApiError::FailedPrecondition(not_registered(&req.fe_id)).into());
         }
+        let ticket = self.ctx.admit(StreamKind::Agent, &request)?;
         let ctx = SyncContext {
             cache: replica.cache.clone(),
             metrics: replica.metrics.clone(),
@@ -223,9 +225,10 @@ impl<S: Store> AgentApi<S> {
             mobile_prefixes: self.ctx.mobile.to_strings(),
             shutdown: replica.shutdown.clone(),
             backfill: replica.backfill.clone(),
+            pacer: self.ctx.pacer.clone(),
         };
         let req = request.into_inner();
-        Ok(sync::start(ctx, req.fe_id, req.from_revision))
+        Ok(sync::start(ctx, req.fe_id, req.from_revision, ticket))
     }
 }
 
@@ -354,6 +357,11 @@ mod tests {
             session_ttl: Duration::from_secs(10),
             max_report_observations: 1024,
             auth: Default::default(),
+            admission: crate::stream::admission::Admission::new(
+                crate::stream::admission::StreamLimits { per_connection: 8, agent: 8, watch: 8 },
+                Arc::new(Metrics::new()),
+            ),
+            pacer: Arc::new(crate::stream::pacer::SnapshotPacer::new(0)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

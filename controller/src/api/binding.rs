@@ -17,7 +17,8 @@ use super::auth::Role;
 use super::error::{ApiError, ApiResult};
 use super::{ApiContext, validate};
 use crate::records::VmRecord;
-use crate::stream::bindings::{self as watch, WatchSpec};
+use crate::stream::admission::StreamKind;
+use crate::stream::bindings::{self as watch, WatchContext, WatchSpec};
 use crate::wire;
 
 /// Default lifetime of a migration announcement.
@@ -217,6 +218,7 @@ impl<S: Store> BindingService for BindingApi<S> {
         request: Request<WatchBindingsRequest>,
     ) -> Result<Response<Self::WatchBindingsStream>, Status> {
         self.guard(&request, Role::ReadOnly)?;
+        let ticket = self.ctx.admit(StreamKind::Watch, &request)?;
         let req = request.into_inner();
         let prefix = if req.prefix.is_empty() {
             None
@@ -238,13 +240,14 @@ impl<S: Store> BindingService for BindingApi<S> {
         }
         let spec = WatchSpec { from_revision: req.from_revision, include_snapshot: req.include_snapshot, prefix };
         let replica = &self.ctx.replica;
-        Ok(Response::new(Box::pin(watch::start(
-            replica.cache.clone(),
-            replica.metrics.clone(),
-            spec,
-            replica.shutdown.clone(),
-            replica.backfill.clone(),
-        ))))
+        let ctx = WatchContext {
+            cache: replica.cache.clone(),
+            metrics: replica.metrics.clone(),
+            shutdown: replica.shutdown.clone(),
+            backfill: replica.backfill.clone(),
+            pacer: self.ctx.pacer.clone(),
+        };
+        Ok(Response::new(Box::pin(watch::start(ctx, spec, ticket))))
     }
 
     async fn list_vms(&self, request: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// nothing was written or the outcome of a write is unknown).
     #[error("{0}")]
     Unavailable(String),
+    /// A limit of this replica refuses the request (the message names the limit).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A binding rule refused the request.
     #[error("{}", .0.message)]
     Rejected(Rejection),
@@ -47,6 +50,7 @@ impl ApiError {
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
             ApiError::Rejected(r) => wire::status_code(r.refusal),
             ApiError::Internal(_) => Code::Internal,
         }

@@ -17,6 +17,8 @@ use std::time::Duration;
 use victor_store::Store;
 
 use crate::replica::Replica;
+use crate::stream::admission::{Admission, StreamKind, StreamTicket};
+use crate::stream::pacer::SnapshotPacer;
 use error::{ApiError, ApiResult};
 use validate::MobilePrefixes;
 
@@ -32,9 +34,20 @@ pub struct ApiContext<S: Store> {
     pub max_report_observations: usize,
     /// How callers are authenticated.
     pub auth: auth::Auth,
+    /// How many streams a connection and this replica may have.
+    pub admission: Arc<Admission>,
+    /// The snapshot lane every stream of this replica shares.
+    pub pacer: Arc<SnapshotPacer>,
 }
 
 impl<S: Store> ApiContext<S> {
+    /// Admits a stream of `kind` for the caller of `request` (RESOURCE_EXHAUSTED over a limit).
+    pub fn admit<T>(&self, kind: StreamKind, request: &tonic::Request<T>) -> ApiResult<StreamTicket> {
+        self.admission
+            .admit(kind, request.remote_addr())
+            .map_err(|refused| ApiError::ResourceExhausted(refused.to_string()))
+    }
+
     /// Fails with UNAVAILABLE until the cache has loaded.
     pub fn ready(&self) -> ApiResult<()> {
         if self.replica.cache.is_loaded() {
