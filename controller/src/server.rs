@@ -93,7 +93,7 @@ impl Server {
                 "connection caps lowered to fit the open-file limit (raise it, e.g. LimitNOFILE / ulimit -n, for more)"
             );
         }
-        let store = open_store(&config).await?;
+        let store = open_store(&config, "clients").await?;
         let control = ControlRuntime::start().context("start the control runtime")?;
         // The control runtime's own store client: its connection is driven by the control
         // runtime, not by the one serving clients.
@@ -101,7 +101,7 @@ impl Server {
             AnyStore::Embedded(_) => store.clone(),
             AnyStore::Etcd(_) => {
                 let config = config.clone();
-                control.run(async move { open_store(&config).await }).await?
+                control.run(async move { open_store(&config, "control").await }).await?
             }
         };
         let replica_id = config.replica_id();
@@ -270,7 +270,8 @@ impl Server {
     }
 }
 
-async fn open_store(config: &Config) -> Result<AnyStore> {
+/// Opens the store; with etcd, one client `for_runtime` ("clients" or "control").
+async fn open_store(config: &Config, for_runtime: &'static str) -> Result<AnyStore> {
     if config.uses_embedded_store() {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("create --data-dir {}", config.data_dir.display()))?;
@@ -295,6 +296,7 @@ async fn open_store(config: &Config) -> Result<AnyStore> {
             endpoints = %config.etcd_endpoints.join(","),
             tls = etcd.tls.is_some(),
             client_cert = etcd.tls.as_ref().is_some_and(|t| t.client_cert_pem.is_some()),
+            runtime = for_runtime,
             "using etcd"
         );
         Ok(AnyStore::Etcd(store))

@@ -227,9 +227,9 @@ impl Admitted {
     }
 }
 
-fn follow<T: Send + 'static>(mut stream: tonic::Streaming<T>, reader: Reader, held: &mut Vec<tonic::Streaming<T>>)
+fn follow<T>(mut stream: tonic::Streaming<T>, reader: Reader, held: &mut Vec<tonic::Streaming<T>>)
 where
-    T: prost::Message + Default,
+    T: prost::Message + Default + Send + 'static,
 {
     match reader {
         Reader::Never => held.push(stream),
@@ -434,7 +434,7 @@ async fn a_stream_flood_delays_no_lease_no_heartbeat_and_stays_bounded() {
     assert!(timed_out >= (SILENT_SOCKETS + HALF_PREFACES) as f64, "silent sockets and half prefaces were kept");
     // Memory: at most a few messages per stream (each at most a snapshot part) on top of the
     // replica before the flood.
-    let streams = (agent + admitted.watch.load(Ordering::Relaxed)) as u64;
+    let streams = agent + admitted.watch.load(Ordering::Relaxed);
     let bound = rss_before + streams * 4 * (80 << 10) + (256 << 20);
     assert!(peak_rss <= bound, "RSS peaked at {:.0} MiB, bound {:.0} MiB", mib(peak_rss), mib(bound));
     drop((held_sync, held_watch, sockets));
