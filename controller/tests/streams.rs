@@ -265,6 +265,36 @@ async fn a_snapshot_read_while_bindings_move_ends_exact() {
 }
 
 #[tokio::test]
+async fn a_snapshot_waiting_for_its_turn_keeps_its_stream_alive() {
+    // At 32 KiB/s every 64 KiB part waits two seconds, longer than an agent's 1.5 s stream
+    // timeout: the stream sends empty snapshot parts meanwhile.
+    let dir = tempfile::tempdir().unwrap();
+    let server = embedded(dir.path(), &["--snapshot-rate", "32KiB"]).await;
+    let mut c = connect(server.grpc_addr).await;
+    let fe = long_fe('k');
+    register(&mut c, &fe, 1, "a").await;
+    bind_many(&mut c, &fe, 2_000, unix_nanos()).await;
+    let mut stream = c.agent.sync(SyncRequest { fe_id: fe.clone(), from_revision: 0 }).await.unwrap().into_inner();
+    let mut view = AgentView::default();
+    let (mut empty, mut last, mut longest_gap) = (0, std::time::Instant::now(), Duration::ZERO);
+    loop {
+        let m = next(&mut stream).await;
+        longest_gap = longest_gap.max(last.elapsed());
+        last = std::time::Instant::now();
+        if m.phase == SyncPhase::Snapshot as i32 && m.binding_upserts.is_empty() && m.fe_upserts.is_empty() {
+            empty += 1;
+        }
+        view.apply(&m);
+        if m.phase == SyncPhase::SnapshotEnd as i32 {
+            break;
+        }
+    }
+    println!("{} messages, {empty} empty parts, longest silence {longest_gap:?}", view.messages);
+    assert!(empty >= 2, "no keep-alive parts while the snapshot waited for the lane");
+    assert_eq!(view.state().len(), 2_000, "the keep-alive parts disturbed the snapshot");
+}
+
+#[tokio::test]
 async fn streams_over_a_limit_are_refused_with_the_limit_named() {
     let dir = tempfile::tempdir().unwrap();
     let limits = ["--max-streams-per-connection", "4", "--max-agent-streams", "6", "--max-watch-streams", "2"];

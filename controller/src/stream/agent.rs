@@ -306,15 +306,13 @@ async fn send_snapshot<M: SyncMessage>(
         let (last, base) = loop {
             let slot = out.slot().await?;
             let with_fes = base.is_none();
-            let (part, read_at) = ctx
-                .pacer
-                .part(|| {
-                    let (part, read_at) = ctx.cache.read_with_revision(|s| read_part(s, after, with_fes));
-                    let bytes = part.bytes;
-                    ctx.metrics.snapshot_bytes.inc_by(bytes as u64);
-                    ((part, read_at), bytes)
-                })
-                .await;
+            let building = ctx.pacer.part(|| {
+                let (part, read_at) = ctx.cache.read_with_revision(|s| read_part(s, after, with_fes));
+                let bytes = part.bytes;
+                ctx.metrics.snapshot_bytes.inc_by(bytes as u64);
+                ((part, read_at), bytes)
+            });
+            let (part, read_at) = keep_alive(ctx, out, first, base, building).await;
             let base = *base.get_or_insert(read_at);
             after = part.last_ip;
             let mut msg: M = message(ctx, first, SyncPhase::Snapshot, base);
@@ -345,6 +343,31 @@ async fn send_snapshot<M: SyncMessage>(
         out.send(last).await?;
         let phases = (SyncPhase::Snapshot, SyncPhase::SnapshotEnd);
         return send_frames(ctx, out, base, &frames, revision, first, phases).await;
+    }
+}
+
+/// Waits for `building` (a snapshot part waiting for its turn in the replica's lane), sending an
+/// empty snapshot part every [`HEARTBEAT`] meanwhile when the client has room for it: an agent
+/// ends a stream it has not heard from for its stream timeout (1.5 s by default), and a thousand
+/// snapshots sharing the lane can leave one stream waiting longer than that. Before the first
+/// real part (`base` is None) the empty part opens the snapshot (reset).
+async fn keep_alive<M: SyncMessage, T>(
+    ctx: &SyncContext,
+    out: &Out<M>,
+    first: &mut bool,
+    base: Option<Revision>,
+    building: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(building);
+    loop {
+        tokio::select! {
+            built = &mut building => return built,
+            _ = tokio::time::sleep(HEARTBEAT) => {
+                let mut empty: M = message(ctx, first, SyncPhase::Snapshot, base.unwrap_or(0));
+                empty.header_mut().reset = base.is_none();
+                out.try_send(empty);
+            }
+        }
     }
 }
 

@@ -73,10 +73,21 @@ impl<M> Out<M> {
     }
 
     /// Room for one message.
-    pub(crate) async fn slot(&mut self) -> Result<mpsc::Permit<'_, Result<M, tonic::Status>>, Closed> {
+    pub(crate) async fn slot(&mut self) -> Result<mpsc::OwnedPermit<Result<M, tonic::Status>>, Closed> {
         tokio::select! {
-            permit = self.tx.reserve() => permit.map_err(|_| Closed),
+            permit = self.tx.clone().reserve_owned() => permit.map_err(|_| Closed),
             _ = shutting_down(&mut self.shutdown) => Err(Closed),
+        }
+    }
+
+    /// Sends `msg` if there is room for it now; false if not (the client has messages waiting).
+    pub(crate) fn try_send(&self, msg: M) -> bool {
+        match self.tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(Ok(msg));
+                true
+            }
+            Err(_) => false,
         }
     }
 

@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-/// Bytes the rate may run ahead by (a small snapshot goes out at once).
+/// Most bytes the rate may run ahead by (a small snapshot goes out at once): a second's worth of
+/// the rate, at most this.
 pub const BURST_BYTES: u64 = 4 << 20;
 
 /// The replica's snapshot lane.
@@ -25,6 +26,8 @@ pub struct SnapshotPacer {
     lane: Semaphore,
     /// Bytes per second; 0 = unpaced (the lane still serialises).
     rate: u64,
+    /// Bytes the rate may run ahead by.
+    burst: u64,
     bucket: Mutex<Bucket>,
 }
 
@@ -38,10 +41,12 @@ struct Bucket {
 impl SnapshotPacer {
     /// A lane producing at most `bytes_per_second` (0 = no rate limit).
     pub fn new(bytes_per_second: u64) -> SnapshotPacer {
+        let burst = bytes_per_second.min(BURST_BYTES);
         SnapshotPacer {
             lane: Semaphore::new(1),
             rate: bytes_per_second,
-            bucket: Mutex::new(Bucket { tokens: BURST_BYTES as f64, refilled: Instant::now() }),
+            burst,
+            bucket: Mutex::new(Bucket { tokens: burst as f64, refilled: Instant::now() }),
         }
     }
 
@@ -65,7 +70,7 @@ impl SnapshotPacer {
         let rate = self.rate as f64;
         let mut bucket = self.bucket.lock().expect("pacer lock");
         let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(BURST_BYTES as f64) - bytes as f64;
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(self.burst as f64) - bytes as f64;
         bucket.refilled = now;
         if bucket.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-bucket.tokens / rate) }
     }
@@ -77,17 +82,25 @@ mod tests {
 
     #[test]
     fn the_rate_holds_after_the_burst() {
-        let pacer = SnapshotPacer::new(1 << 20);
+        let pacer = SnapshotPacer::new(64 << 20);
         let t0 = Instant::now();
         assert_eq!(pacer.charge(BURST_BYTES, t0), Duration::ZERO, "the burst goes at once");
-        assert_eq!(pacer.charge(1 << 19, t0), Duration::from_millis(500), "then 1 MiB/s");
-        // Half a second later the debt is paid; a quarter MiB more costs a quarter second.
+        assert_eq!(pacer.charge(32 << 20, t0), Duration::from_millis(500), "then 64 MiB/s");
+        // Half a second later the debt is paid; 16 MiB more cost a quarter second.
         let t1 = t0 + Duration::from_millis(500);
-        assert_eq!(pacer.charge(1 << 18, t1), Duration::from_millis(250));
+        assert_eq!(pacer.charge(16 << 20, t1), Duration::from_millis(250));
         // Idle time refills up to the burst, not beyond.
         let t2 = t1 + Duration::from_secs(3600);
         assert_eq!(pacer.charge(BURST_BYTES, t2), Duration::ZERO);
         assert!(pacer.charge(1, t2) > Duration::ZERO);
+    }
+
+    #[test]
+    fn a_slow_rate_bursts_one_seconds_worth() {
+        let pacer = SnapshotPacer::new(1 << 20);
+        let t0 = Instant::now();
+        assert_eq!(pacer.charge(1 << 20, t0), Duration::ZERO);
+        assert_eq!(pacer.charge(1 << 19, t0), Duration::from_millis(500));
     }
 
     #[test]
