@@ -104,6 +104,14 @@ pub struct Metrics {
     pub stream_lag_revisions: Histogram,
     /// Snapshots sent to agents.
     pub snapshots_sent: Counter,
+    /// Agent stream messages sent (snapshot parts, deltas, heartbeats).
+    pub stream_messages: Counter,
+    /// Agent stream heartbeats sent (messages of idle streams).
+    pub stream_heartbeats: Counter,
+    /// Ticks of the fan-out clock (each lets every current agent stream send one delta).
+    pub fanout_ticks: Counter,
+    /// Fan-out time: from a tick until the last stream waiting for it has sent.
+    pub fanout_seconds: Histogram,
     /// Binding watch streams being served.
     pub binding_watchers: Gauge,
     /// Streams refused by a limit.
@@ -156,6 +164,10 @@ impl Metrics {
             agent_streams: Gauge::default(),
             stream_lag_revisions: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             snapshots_sent: Counter::default(),
+            stream_messages: Counter::default(),
+            stream_heartbeats: Counter::default(),
+            fanout_ticks: Counter::default(),
+            fanout_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 16)),
             binding_watchers: Gauge::default(),
             streams_refused: Family::default(),
             snapshot_bytes: Counter::default(),
@@ -203,6 +215,18 @@ impl Metrics {
             m.stream_lag_revisions.clone(),
         );
         registry.register("snapshots_sent", "Full snapshots sent to agents", m.snapshots_sent.clone());
+        registry.register("stream_messages", "Agent stream messages sent", m.stream_messages.clone());
+        registry.register("stream_heartbeats", "Agent stream heartbeats sent", m.stream_heartbeats.clone());
+        registry.register(
+            "fanout_ticks",
+            "Ticks of the fan-out clock (each lets every current agent stream send one delta)",
+            m.fanout_ticks.clone(),
+        );
+        registry.register(
+            "fanout_seconds",
+            "Time from a fan-out tick until the last agent stream waiting for it has sent",
+            m.fanout_seconds.clone(),
+        );
         registry.register("binding_watchers", "WatchBindings streams served", m.binding_watchers.clone());
         registry.register("streams_refused", "Streams refused by a limit", m.streams_refused.clone());
         registry.register(

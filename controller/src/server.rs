@@ -44,6 +44,7 @@ use crate::registry::Registry;
 use crate::registry::rules::{DampingPolicy, Rules};
 use crate::replica::Replica;
 use crate::stream::admission::{Admission, StreamLimits};
+use crate::stream::clock::FanoutClock;
 use crate::stream::pacer::SnapshotPacer;
 use control::ControlRuntime;
 use net::{Gate, Timeouts};
@@ -173,6 +174,7 @@ impl Server {
             agent: config.max_agent_streams,
             watch: config.max_watch_streams,
         };
+        let clock = Arc::new(FanoutClock::new());
         let ctx = Arc::new(ApiContext {
             replica,
             mobile: MobilePrefixes::new(config.mobile_prefixes.clone()),
@@ -181,6 +183,14 @@ impl Server {
             auth,
             admission: Admission::new(limits, metrics.clone()),
             pacer: Arc::new(SnapshotPacer::new(config.snapshot_rate)),
+            clock: clock.clone(),
+        });
+        tasks.spawn({
+            let (cache, metrics, shutdown) = (cache.clone(), metrics.clone(), shutdown_rx.clone());
+            async move {
+                clock.run(&cache, &metrics, shutdown).await;
+                Ok(())
+            }
         });
 
         let hk = HousekeepingConfig {

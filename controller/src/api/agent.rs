@@ -1,16 +1,17 @@
 //! `victor.v1.AgentService`: FE registration and liveness, VM reports, desired-state stream.
 //!
 //! [`AgentApi`] implements the generated service. [`AgentGrpc`] serves the same service but
-//! answers `Sync` with pre-encoded messages ([`crate::stream::encoded`]): a change fanned out to
-//! every agent is encoded once instead of once per stream; the bytes on the wire obey the same
-//! contract.
+//! answers `Sync` with pre-encoded, gRPC-framed messages written as they are
+//! ([`crate::stream::encoded`], [`crate::stream::body`]): a change fanned out to every agent is
+//! encoded once instead of once per stream; the bytes on the wire obey the same contract.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use ipnet::IpNet;
-use tokio_stream::wrappers::ReceiverStream;
+use prost::Message;
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
@@ -27,8 +28,9 @@ use super::validate::{self, is_host_in};
 use crate::registry::rules::Observed;
 use crate::registry::{FeRegistration, Reason, Refusal, Rejection, ValidObservation};
 use crate::stream::admission::StreamKind;
-use crate::stream::agent::{self as sync, SyncContext, SyncMessage};
-use crate::stream::encoded::{EncodedSync, SyncCodec};
+use crate::stream::agent::{self as sync, SyncContext};
+use crate::stream::encoded::GRPC_PREFIX_LEN;
+use crate::stream::{Pump, body};
 use crate::wire;
 
 /// The AgentService implementation.
@@ -199,16 +201,19 @@ impl<S: Store> AgentService for AgentApi<S> {
     type SyncStream = SyncStream;
 
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
-        Ok(Response::new(Box::pin(self.open_sync::<SyncUpdate>(request).await?)))
+        // The same messages as [`AgentGrpc`] sends, decoded for tonic to encode again.
+        let decoded = self.open_sync(request).await?.map(|framed| {
+            framed.and_then(|bytes| {
+                SyncUpdate::decode(&bytes[GRPC_PREFIX_LEN..]).map_err(|e| Status::internal(e.to_string()))
+            })
+        });
+        Ok(Response::new(Box::pin(decoded)))
     }
 }
 
 impl<S: Store> AgentApi<S> {
-    /// Checks a Sync request and starts its stream.
-    async fn open_sync<M: SyncMessage>(
-        &self,
-        request: Request<SyncRequest>,
-    ) -> Result<ReceiverStream<Result<M, Status>>, Status> {
+    /// Checks a Sync request and starts its stream (gRPC-framed messages).
+    async fn open_sync(&self, request: Request<SyncRequest>) -> Result<Pump<Bytes>, Status> {
         let req = request.get_ref();
         validate::name("fe_id", &req.fe_id)?;
         self.ctx.auth.authorize_fe(&request, &req.fe_id)?;
@@ -226,6 +231,7 @@ impl<S: Store> AgentApi<S> {
             shutdown: replica.shutdown.clone(),
             backfill: replica.backfill.clone(),
             pacer: self.ctx.pacer.clone(),
+            clock: self.ctx.clock.clone(),
         };
         let req = request.into_inner();
         Ok(sync::start(ctx, req.fe_id, req.from_revision, ticket))
@@ -282,25 +288,18 @@ where
         if req.uri().path() != SYNC_PATH {
             return self.generated.call(req);
         }
-        let method = EncodedSyncMethod(self.api.clone());
+        let api = self.api.clone();
         let max = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(SyncCodec).apply_max_message_size_config(Some(max), None);
-            Ok(grpc.server_streaming(method, req).await)
+            let request = match body::read_request::<SyncRequest, _>(req, max).await {
+                Ok(request) => request,
+                Err(status) => return Ok(status.into_http()),
+            };
+            Ok(match api.open_sync(request).await {
+                Ok(stream) => body::response(stream),
+                Err(status) => status.into_http(),
+            })
         })
-    }
-}
-
-struct EncodedSyncMethod<S: Store>(Arc<AgentApi<S>>);
-
-impl<S: Store> tonic::server::ServerStreamingService<SyncRequest> for EncodedSyncMethod<S> {
-    type Response = EncodedSync;
-    type ResponseStream = ReceiverStream<Result<EncodedSync, Status>>;
-    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: Request<SyncRequest>) -> Self::Future {
-        let api = self.0.clone();
-        Box::pin(async move { api.open_sync::<EncodedSync>(request).await.map(Response::new) })
     }
 }
 
@@ -340,6 +339,12 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let backfill = Arc::new(crate::cache::backfill::Backfiller::new(store.clone(), cache.clone(), "r1".into()));
+        let clock = Arc::new(crate::stream::clock::FanoutClock::new());
+        tokio::spawn({
+            let (clock, cache, metrics, shutdown) =
+                (clock.clone(), cache.clone(), metrics.clone(), shutdown_rx.clone());
+            async move { clock.run(&cache, &metrics, shutdown).await }
+        });
         let replica = Arc::new(Replica {
             id: "r1".into(),
             registry: Registry::new(store, cache.clone(), Rules::default(), metrics.clone(), timelines.clone()),
@@ -362,6 +367,7 @@ mod tests {
                 Arc::new(Metrics::new()),
             ),
             pacer: Arc::new(crate::stream::pacer::SnapshotPacer::new(0)),
+            clock: clock.clone(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -18,6 +18,7 @@ use victor_store::Store;
 
 use crate::replica::Replica;
 use crate::stream::admission::{Admission, StreamKind, StreamTicket};
+use crate::stream::clock::FanoutClock;
 use crate::stream::pacer::SnapshotPacer;
 use error::{ApiError, ApiResult};
 use validate::MobilePrefixes;
@@ -38,6 +39,8 @@ pub struct ApiContext<S: Store> {
     pub admission: Arc<Admission>,
     /// The snapshot lane every stream of this replica shares.
     pub pacer: Arc<SnapshotPacer>,
+    /// When the agent streams of this replica send their deltas.
+    pub clock: Arc<FanoutClock>,
 }
 
 impl<S: Store> ApiContext<S> {

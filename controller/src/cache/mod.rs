@@ -203,6 +203,12 @@ impl Cache {
         self.revision_tx.send_replace(revision);
     }
 
+    /// The revision of the newest frame (0 before the first): advances only with changes agents
+    /// must hear about.
+    pub fn latest_frame_revision(&self) -> Revision {
+        self.inner.read().expect("cache lock poisoned").history.back().map_or(0, |f| f.revision)
+    }
+
     /// The oldest revision deltas are available from.
     pub fn floor(&self) -> Revision {
         self.inner.read().expect("cache lock poisoned").floor

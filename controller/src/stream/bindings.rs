@@ -8,15 +8,14 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::Status;
 use victor_proto::v1::{Binding, BindingEvent, BindingEventKind, WatchBindingsResponse};
 use victor_store::Revision;
 
 use super::admission::StreamTicket;
 use super::pacer::SnapshotPacer;
-use super::{CHANNEL_MESSAGES, Closed, HEARTBEAT, MAX_MESSAGE_BYTES, Out, SNAPSHOT_PART_BYTES, split_by_bytes};
+use super::{Closed, HEARTBEAT, MAX_MESSAGE_BYTES, Out, Pump, SNAPSHOT_PART_BYTES, split_by_bytes};
 use crate::cache::{BindingView, Cache, CacheChange, CacheState, Frame, Since};
 use crate::metrics::Metrics;
 use crate::wire;
@@ -69,24 +68,16 @@ pub struct WatchContext {
     pub pacer: Arc<SnapshotPacer>,
 }
 
-/// Starts a watch stream; it holds `ticket` (its admission) while it runs.
-pub fn start(
-    ctx: WatchContext,
-    spec: WatchSpec,
-    ticket: StreamTicket,
-) -> ReceiverStream<Result<WatchBindingsResponse, Status>> {
-    let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
-    tokio::spawn(async move {
+/// A watch stream; it holds `ticket` (its admission) while it runs, and ends when dropped.
+pub fn start(ctx: WatchContext, spec: WatchSpec, ticket: StreamTicket) -> Pump<WatchBindingsResponse> {
+    Pump::new(ctx.shutdown.clone(), move |out| async move {
         let _ticket = ticket;
-        ctx.metrics.binding_watchers.inc();
-        let mut out = Out::new(tx, ctx.shutdown.clone());
-        let _ = run(&ctx, &mut out, spec).await;
-        ctx.metrics.binding_watchers.dec();
-    });
-    ReceiverStream::new(rx)
+        let _counted = super::Counted::new(&ctx.metrics.binding_watchers);
+        let _ = run(&ctx, &out, spec).await;
+    })
 }
 
-async fn run(ctx: &WatchContext, out: &mut Out<WatchBindingsResponse>, spec: WatchSpec) -> Result<(), Closed> {
+async fn run(ctx: &WatchContext, out: &Out<WatchBindingsResponse>, spec: WatchSpec) -> Result<(), Closed> {
     let cache = &ctx.cache;
     let mut cursor = if spec.from_revision == 0 { cache.revision() } else { spec.from_revision };
     if spec.include_snapshot {
@@ -121,7 +112,6 @@ async fn run(ctx: &WatchContext, out: &mut Out<WatchBindingsResponse>, spec: Wat
                 out.send(WatchBindingsResponse { revision: idle_revision, events: vec![], snapshot_done: false }).await?;
                 cursor = idle_revision;
             }
-            _ = out.closed() => return Err(Closed),
             _ = super::shutting_down(&mut shutdown) => {
                 out.try_fail(Status::unavailable(
                     "controller replica is shutting down; watch again (from the last revision) on another replica",
@@ -158,13 +148,13 @@ fn event_len(e: &BindingEvent) -> usize {
 /// it returns.
 async fn send_snapshot(
     ctx: &WatchContext,
-    out: &mut Out<WatchBindingsResponse>,
+    out: &Out<WatchBindingsResponse>,
     spec: &WatchSpec,
 ) -> Result<Revision, Closed> {
     let mut after = None;
     let mut base = None;
     let (last, base) = loop {
-        let slot = out.slot().await?;
+        out.room().await?;
         let ((events, last_ip, exhausted), read_at) = ctx
             .pacer
             .part(|| {
@@ -193,7 +183,7 @@ async fn send_snapshot(
         if exhausted {
             break (msg, base);
         }
-        slot.send(Ok(msg));
+        out.put(msg);
     };
     // The patch; without it, the parts read at later revisions would not add up to one state.
     let mut frames = ctx.cache.since(base);
@@ -246,7 +236,7 @@ fn event_len_sum(events: &[BindingEvent]) -> usize {
 /// message is split, and only its last piece advances the revision.
 async fn send_changes(
     ctx: &WatchContext,
-    out: &mut Out<WatchBindingsResponse>,
+    out: &Out<WatchBindingsResponse>,
     mut cursor: Revision,
     frames: &[Frame],
     revision: Revision,

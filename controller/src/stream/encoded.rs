@@ -5,20 +5,17 @@
 //! fields, and agents keep the highest revision per key whatever the order. So every cache
 //! [`Frame`] is encoded once, lazily, as the repeated-field records of its changes
 //! ([`frame_bytes`]), and a stream's delta is a small header (phase, revision, ...) followed by
-//! the shared bytes of its frames ([`EncodedSync`]). Unlike the decoded path, a key changed in
-//! several frames of one message is sent once per frame (the agent keeps the newest): the price of
-//! sharing the encoding. [`SyncCodec`] writes such messages as the gRPC body; everything else is
-//! standard prost. Pure apart from the codec glue: no IO.
+//! the shared bytes of its frames ([`EncodedSync`]), copied once into the gRPC-framed buffer the
+//! connection writes ([`framed`]). A key changed in several frames of one message is sent once
+//! per frame (the agent keeps the newest): the price of sharing the encoding. Pure: no IO.
 
 use std::net::IpAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
-use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use victor_proto::types::ip_to_bytes;
-use victor_proto::v1::{BindingRemoval, FeEntry, FeRemoval, SyncRequest, SyncUpdate};
+use victor_proto::v1::{BindingRemoval, FeEntry, FeRemoval, SyncUpdate};
 use victor_store::Revision;
 
 use crate::cache::{CacheChange, Frame};
@@ -47,12 +44,12 @@ impl EncodedSync {
 
     /// The whole message as one buffer (tests, and the decoded view).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded_len());
-        self.header.encode(&mut out).expect("Vec grows");
-        for part in &self.parts {
-            out.extend_from_slice(part);
-        }
-        out
+        framed(&self.header, &self.parts)[GRPC_PREFIX_LEN..].to_vec()
+    }
+
+    /// The message with its gRPC prefix, as the connection writes it.
+    pub fn framed(&self) -> Bytes {
+        framed(&self.header, &self.parts)
     }
 }
 
@@ -202,54 +199,29 @@ pub fn encode_fes(fes: &[FeEntry]) -> Bytes {
     buf.freeze()
 }
 
-/// The gRPC codec of the pre-encoded stream: writes [`EncodedSync`], reads `SyncRequest`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SyncCodec;
+/// Length of the gRPC message prefix (compression flag, big-endian length).
+pub const GRPC_PREFIX_LEN: usize = 5;
 
-/// Writes an [`EncodedSync`] as the message body.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SyncEncoder;
+/// A gRPC length-prefixed message of `header` followed by `body_len` bytes that `body` appends,
+/// in one buffer of exactly the right size.
+pub fn framed_with(header: &SyncUpdate, body_len: usize, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let len = header.encoded_len() + body_len;
+    let mut buf = BytesMut::with_capacity(GRPC_PREFIX_LEN + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).expect("stream messages are far below 4 GiB"));
+    header.encode(&mut buf).expect("the buffer has room");
+    body(&mut buf);
+    debug_assert_eq!(buf.len(), GRPC_PREFIX_LEN + len, "body_len matches what body wrote");
+    buf.freeze()
+}
 
-impl Encoder for SyncEncoder {
-    type Item = EncodedSync;
-    type Error = Status;
-
-    fn encode(&mut self, item: EncodedSync, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(item.encoded_len());
-        item.header.encode(dst).map_err(|e| Status::internal(format!("encoding a sync header: {e}")))?;
-        for part in &item.parts {
-            dst.put_slice(part);
+/// A gRPC length-prefixed message: `header`, then the pre-encoded `parts`.
+pub fn framed(header: &SyncUpdate, parts: &[Bytes]) -> Bytes {
+    framed_with(header, parts.iter().map(Bytes::len).sum(), |buf| {
+        for part in parts {
+            buf.put_slice(part);
         }
-        Ok(())
-    }
-}
-
-/// Reads a `SyncRequest`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RequestDecoder;
-
-impl Decoder for RequestDecoder {
-    type Item = SyncRequest;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<SyncRequest>, Status> {
-        SyncRequest::decode(src).map(Some).map_err(|e| Status::invalid_argument(format!("malformed SyncRequest: {e}")))
-    }
-}
-
-impl Codec for SyncCodec {
-    type Encode = EncodedSync;
-    type Decode = SyncRequest;
-    type Encoder = SyncEncoder;
-    type Decoder = RequestDecoder;
-
-    fn encoder(&mut self) -> SyncEncoder {
-        SyncEncoder
-    }
-
-    fn decoder(&mut self) -> RequestDecoder {
-        RequestDecoder
-    }
+    })
 }
 
 #[cfg(test)]

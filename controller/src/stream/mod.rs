@@ -20,26 +20,30 @@
 pub mod admission;
 pub mod agent;
 pub mod bindings;
+pub mod body;
+pub mod clock;
 pub mod encoded;
 pub mod pacer;
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::ops::Bound;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
 use crate::cache::BindingView;
 
-/// How often an idle stream sends a heartbeat.
+/// How often an idle stream sends a heartbeat (agents end a stream silent for 1.5 s).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Target size of one snapshot part (a part ends with the entry that reaches it).
 pub const SNAPSHOT_PART_BYTES: usize = 64 << 10;
 /// Largest stream message: deltas, and the patch that ends a snapshot, are split to stay under
 /// it (far below the 4 MiB gRPC clients accept by default).
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
-/// Messages a stream may have waiting for its client.
-pub const CHANNEL_MESSAGES: usize = 2;
 
 /// The bindings after `after` (all of them for `None`), in IP order.
 pub fn bindings_after(
@@ -52,67 +56,136 @@ pub fn bindings_after(
     }
 }
 
+/// Counts a stream in a gauge while it lives (a stream is dropped, not ended, when its client
+/// goes away).
+pub(crate) struct Counted(prometheus_client::metrics::gauge::Gauge);
+
+impl Counted {
+    pub(crate) fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Counted {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The client went away (or the replica is shutting down).
 #[derive(Debug)]
 pub(crate) struct Closed;
 
-/// The sending end of a stream: a message is built only once the channel has room for it, so a
-/// client that does not read holds at most [`CHANNEL_MESSAGES`] built messages.
+/// One message (or the status that ends the stream) waiting for the response body to take it.
+type Mailbox<M> = Arc<Mutex<Option<Result<M, tonic::Status>>>>;
+
+/// The producing end of a stream: the stream's loop puts one message at a time into a mailbox that
+/// the response body empties ([`Pump`]). The loop runs inside the body's poll (no task, no
+/// channel of its own), so it builds a message only when the connection is ready to take one: a
+/// client that reads slowly or never holds one built message here and one in the HTTP/2 layer.
 pub(crate) struct Out<M> {
-    tx: mpsc::Sender<Result<M, tonic::Status>>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    mailbox: Mailbox<M>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl<M> Out<M> {
-    /// Sends to `tx` until `shutdown` turns true.
-    pub(crate) fn new(
-        tx: mpsc::Sender<Result<M, tonic::Status>>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> Self {
-        Out { tx, shutdown }
+    fn has_room(&self) -> bool {
+        self.mailbox.lock().expect("mailbox lock").is_none()
     }
 
-    /// Room for one message.
-    pub(crate) async fn slot(&mut self) -> Result<mpsc::OwnedPermit<Result<M, tonic::Status>>, Closed> {
-        tokio::select! {
-            permit = self.tx.clone().reserve_owned() => permit.map_err(|_| Closed),
-            _ = shutting_down(&mut self.shutdown) => Err(Closed),
-        }
+    /// Waits until the previous message was taken; `Closed` once the replica shuts down.
+    ///
+    /// No waker is registered: a full mailbox means [`Pump`] is about to hand its message over,
+    /// and it polls this loop again right after.
+    pub(crate) async fn room(&self) -> Result<(), Closed> {
+        std::future::poll_fn(|_| if self.has_room() { Poll::Ready(()) } else { Poll::Pending }).await;
+        if *self.shutdown.borrow() { Err(Closed) } else { Ok(()) }
     }
 
-    /// Sends `msg` if there is room for it now; false if not (the client has messages waiting).
+    /// Puts a message into the (empty) mailbox: call after [`Out::room`].
+    pub(crate) fn put(&self, msg: M) {
+        let previous = self.mailbox.lock().expect("mailbox lock").replace(Ok(msg));
+        debug_assert!(previous.is_none(), "put without room");
+    }
+
+    /// Sends `msg` if there is room for it now; false if not (the client has a message waiting).
     pub(crate) fn try_send(&self, msg: M) -> bool {
-        match self.tx.try_reserve() {
-            Ok(permit) => {
-                permit.send(Ok(msg));
-                true
-            }
-            Err(_) => false,
+        let mut mailbox = self.mailbox.lock().expect("mailbox lock");
+        if mailbox.is_some() {
+            return false;
         }
+        *mailbox = Some(Ok(msg));
+        true
     }
 
     /// Sends one message once there is room.
-    pub(crate) async fn send(&mut self, msg: M) -> Result<(), Closed> {
-        self.slot().await?.send(Ok(msg));
+    pub(crate) async fn send(&self, msg: M) -> Result<(), Closed> {
+        self.room().await?;
+        self.put(msg);
         Ok(())
     }
 
     /// Ends the stream with `status` once there is room for it.
-    pub(crate) async fn fail(&mut self, status: tonic::Status) {
-        if let Ok(slot) = self.slot().await {
-            slot.send(Err(status));
-        }
+    pub(crate) async fn fail(&self, status: tonic::Status) {
+        std::future::poll_fn(|_| if self.has_room() { Poll::Ready(()) } else { Poll::Pending }).await;
+        *self.mailbox.lock().expect("mailbox lock") = Some(Err(status));
     }
 
     /// Ends the stream with `status` if there is room for it now (a client that still reads
     /// learns why its stream ends).
     pub(crate) fn try_fail(&self, status: tonic::Status) {
-        let _ = self.tx.try_send(Err(status));
+        let mut mailbox = self.mailbox.lock().expect("mailbox lock");
+        if mailbox.is_none() {
+            *mailbox = Some(Err(status));
+        }
+    }
+}
+
+/// A server stream whose messages are produced by a loop polled from the stream's own `poll_next`
+/// (in hyper, the task that writes the response): one wake-up per message instead of a task per
+/// stream handing messages over a channel to the writer. Dropping the stream (the client went
+/// away) drops the loop and everything it holds (its admission ticket).
+pub struct Pump<M> {
+    producer: Pin<Box<dyn Future<Output = ()> + Send>>,
+    mailbox: Mailbox<M>,
+    finished: bool,
+}
+
+impl<M: Send + 'static> Pump<M> {
+    /// A stream fed by `producer`, which gets the [`Out`] to send with; its loop ends when the
+    /// replica shuts down (`shutdown` turns true) at the latest.
+    pub(crate) fn new<F>(shutdown: watch::Receiver<bool>, producer: impl FnOnce(Out<M>) -> F) -> Pump<M>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mailbox: Mailbox<M> = Arc::new(Mutex::new(None));
+        let out = Out { mailbox: mailbox.clone(), shutdown };
+        Pump { producer: Box::pin(producer(out)), mailbox, finished: false }
     }
 
-    /// Resolves when the client went away.
-    pub(crate) async fn closed(&self) {
-        self.tx.closed().await;
+    fn take(&self) -> Option<Result<M, tonic::Status>> {
+        self.mailbox.lock().expect("mailbox lock").take()
+    }
+}
+
+impl<M: Send + 'static> futures::Stream for Pump<M> {
+    type Item = Result<M, tonic::Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(item) = self.take() {
+                return Poll::Ready(Some(item));
+            }
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            match self.producer.as_mut().poll(cx) {
+                // The loop ended: hand over what it left (its last message or status), then end.
+                Poll::Ready(()) => self.finished = true,
+                Poll::Pending => return self.take().map_or(Poll::Pending, |item| Poll::Ready(Some(item))),
+            }
+        }
     }
 }
 
