@@ -56,8 +56,12 @@ const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 const REPLICA_LEASE_TTL: Duration = Duration::from_secs(5);
 /// HTTP/2 keepalive: a ping after this long without frames from the client...
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// ...which must be answered within this, or the connection is closed.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// ...which must be answered within this, or the connection is closed (hyper sends GOAWAY
+/// NO_ERROR and drops it, failing every stream and call on it). It only has to catch dead peers
+/// (a live agent's connection carries its session heartbeats every quarter TTL), so it is gRPC's
+/// default of 20 s: a pong is late when either host is busy, and 5 s cut live agents off while a
+/// 2-core host was saturated (issue 17: `GoAway(NO_ERROR, Remote)` during a 1,000-FE load).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// HTTP/2 streams a connection may have beyond its Sync/WatchBindings streams (unary calls in
 /// flight), announced in the connection's SETTINGS.
 const UNARY_STREAMS_PER_CONNECTION: u32 = 128;

@@ -106,6 +106,20 @@ fn check(v: &Value, members: f64) {
     assert!(num(v, "delivery.entries") >= 3.0 * 1000.0, "every FE received every binding");
     assert!(num(v, "memory.controller_rss_after_mib") > 0.0);
     assert!(num(v, "cpu_during_churn_s.wall") > 0.0);
+    // The controller's cost: every figure present, the churn's per-unit costs positive; the idle
+    // window saw stream heartbeats (each stream sends one a second when nothing changes).
+    for field in ["us_per_message", "us_per_entry", "us_per_move", "churn_cores"] {
+        let x = num(v, &format!("controller_cost.{field}"));
+        assert!(x > 0.0 && x.is_finite(), "controller_cost.{field} = {x}");
+    }
+    assert!(num(v, "controller_cost.idle_stream_heartbeats") >= 3.0, "{:#}", v["controller_cost"]);
+    assert!(num(v, "controller_cost.us_per_heartbeat").is_finite());
+    assert!(num(v, "delivery.stream_drops") >= 0.0);
+    assert!(v["delivery"]["drop_causes"].is_object());
+    assert!(v["preload"]["retries"].is_object());
+    if num(v, "machine.cpus") >= 2.0 {
+        assert_eq!(v["pinning"]["controller_cpus"].as_array().map(Vec::len), Some(1), "replicas pinned to one CPU");
+    }
     assert!(num(v, "machine.cpus") >= 1.0);
     assert!(v["machine"]["loadavg_end"][0].as_f64().is_some(), "load recorded at the end");
 }
@@ -150,4 +164,65 @@ fn agent_map_size_formula_matches_the_allocator() {
         let formula = hash_map_heap_bytes(map.capacity(), std::mem::size_of::<(u32, Rec)>());
         assert_eq!(counted, formula, "{n} entries, capacity {}", map.capacity());
     }
+}
+
+/// A simulated agent whose replica restarts (its stream and connection drop) reconnects, resumes
+/// from its revision without a snapshot, counts the drop with its cause and ends equal to the
+/// truth — as a real agent does, instead of failing the benchmark.
+#[test]
+fn a_simulated_agent_resumes_after_its_replica_restarts() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use victor_testkit::controller::{ControllerCommand, ControllerStore};
+    use victor_tests::bench::agent::{Causes, FeTable, Sessions, SimFe};
+    use victor_tests::bench::{cluster::MOBILE_PREFIX, driver};
+
+    async fn wait_for(progress: &victor_tests::bench::agent::Progress, revision: u64) {
+        let started = std::time::Instant::now();
+        while progress.revision.load(Ordering::Acquire) < revision {
+            assert!(started.elapsed() < Duration::from_secs(60), "the agent never reached revision {revision}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = victor_testkit::workspace_binary("victor-controller");
+        let store = ControllerStore::Embedded(dir.path().join("store"));
+        let command = ControllerCommand::new(&bin, "resume", MOBILE_PREFIX, store).log_filter("warn");
+        let mut replica = command.start(Duration::from_secs(60)).await.unwrap();
+        let sessions = Arc::new(Sessions::default());
+        let ids = ["fe-00000", "fe-00001"];
+        let mut fes = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            fes.push(SimFe::register(id.to_string(), i, replica.grpc(), sessions.clone()).await.unwrap());
+        }
+        let reporters: driver::Reporters = Arc::new(fes.iter().map(|f| (f.id.clone(), f.client.clone())).collect());
+        let retries = Causes::default();
+        let first = driver::preload(&reporters, 100, 1024, 2, &retries).await.unwrap();
+
+        let drops = Arc::new(Causes::default());
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let table = Arc::new(FeTable::new(ids));
+        let recording = Arc::new(AtomicBool::new(false));
+        let (progress, task) = fes[0].follow(table, recording, stop_rx, drops.clone()).await.unwrap();
+        wait_for(&progress, first.revision).await;
+
+        replica.stop(Duration::from_secs(10));
+        replica = command.start(Duration::from_secs(60)).await.unwrap();
+        // VMs 0..100 are unchanged, 100..200 are new: delivered on the resumed stream.
+        let second = driver::preload(&reporters, 200, 1024, 2, &retries).await.unwrap();
+        wait_for(&progress, second.revision).await;
+
+        stop.send_replace(true);
+        let state = task.await.unwrap();
+        assert_eq!(state.error, None);
+        assert_eq!(state.map.len(), 200, "the resumed stream delivered the bindings made after the restart");
+        assert!(progress.drops.load(Ordering::Relaxed) >= 1, "the drop was counted");
+        assert!(drops.total() >= 1 && !drops.counts().is_empty(), "with its cause: {:?}", drops.counts());
+        assert_eq!(progress.snapshots.load(Ordering::Relaxed), 1, "resumed from its revision, no second snapshot");
+        drop(replica);
+    });
 }

@@ -5,10 +5,10 @@
 //! when each message was applied. Nothing else: 1,000 of them share two cores with the system
 //! under test.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -58,6 +58,56 @@ impl FeTable {
     }
 }
 
+/// Failures counted by cause (shared by every agent of a run).
+#[derive(Debug, Default)]
+pub struct Causes(Mutex<BTreeMap<String, u64>>);
+
+impl Causes {
+    /// Counts one failure with `cause`.
+    pub fn count(&self, cause: String) {
+        *self.0.lock().expect("causes lock").entry(cause).or_default() += 1;
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.0.lock().expect("causes lock").clone()
+    }
+
+    /// How many failures were counted.
+    pub fn total(&self) -> u64 {
+        self.0.lock().expect("causes lock").values().sum()
+    }
+}
+
+/// The cause of a failed call or stream: its code, its message and the errors underneath (the
+/// HTTP/2 or IO error of a dropped connection), in one line.
+pub fn cause(status: &tonic::Status) -> String {
+    let mut cause = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        cause.push_str(&format!(" <- {err}"));
+        source = err.source();
+    }
+    cause
+}
+
+/// The session heartbeats of every agent of a run.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    /// Heartbeat calls answered.
+    pub heartbeats: AtomicU64,
+    /// Heartbeat calls that failed, by cause.
+    pub failures: Causes,
+    /// Registrations renewed after the controller said the session had expired (as the real
+    /// agent does).
+    pub reregistered: AtomicU64,
+}
+
+/// How long a simulated agent keeps trying to reconnect its stream before it gives up.
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+/// Backoff between reconnection attempts: from the first to the last, doubling.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+
 /// Progress of one agent, read by the benchmark while the stream runs.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -71,9 +121,15 @@ pub struct Progress {
     pub entries: AtomicU64,
     /// Encoded bytes received.
     pub bytes: AtomicU64,
+    /// Heartbeat messages received (stream messages of an idle stream).
+    pub heartbeats: AtomicU64,
+    /// Streams that dropped and were reopened (causes in the run's [`Causes`]).
+    pub drops: AtomicU64,
+    /// Snapshots received (the first one included): a resume that needed a snapshot adds one.
+    pub snapshots: AtomicU64,
     /// Malformed entries or unknown FE ids (should stay 0).
     pub anomalies: AtomicU64,
-    /// The stream failed or ended before it was stopped.
+    /// The stream dropped and could not be reopened within [`RECONNECT_FOR`].
     pub failed: AtomicBool,
 }
 
@@ -84,7 +140,7 @@ pub struct AgentState {
     pub map: BindingMap,
     /// `(revision, applied_ns)` of every message applied while recording was on.
     pub log: Vec<(u64, u64)>,
-    /// Why the stream ended early, if it did.
+    /// Why the stream ended for good before it was stopped, if it did.
     pub error: Option<String>,
 }
 
@@ -105,8 +161,8 @@ pub fn underlay(i: usize) -> Ipv4Addr {
 
 impl SimFe {
     /// Connects to `grpc` and registers FE `id` with underlay [`underlay`]`(i)`; keeps the session
-    /// alive from then on (failures are counted in `heartbeat_failures`).
-    pub async fn register(id: String, i: usize, grpc: SocketAddr, heartbeat_failures: Arc<AtomicU64>) -> Result<SimFe> {
+    /// alive from then on (counted in `sessions`).
+    pub async fn register(id: String, i: usize, grpc: SocketAddr, sessions: Arc<Sessions>) -> Result<SimFe> {
         let channel = Channel::from_shared(format!("http://{grpc}"))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
@@ -114,51 +170,74 @@ impl SimFe {
             .await
             .with_context(|| format!("connect {id} to controller {grpc}"))?;
         let mut client = AgentServiceClient::new(channel.clone()).max_decoding_message_size(256 << 20);
-        let resp = client
-            .register(RegisterRequest {
-                fe_id: id.clone(),
-                underlay_addr: underlay(i).to_string(),
-                site: format!("site-{}", i % 4),
-                mobile_prefixes: vec![],
-                agent_version: "victor-lab-bench".into(),
-            })
-            .await
-            .with_context(|| format!("register {id}"))?
-            .into_inner();
+        let registration = RegisterRequest {
+            fe_id: id.clone(),
+            underlay_addr: underlay(i).to_string(),
+            site: format!("site-{}", i % 4),
+            mobile_prefixes: vec![],
+            agent_version: "victor-lab-bench".into(),
+        };
+        let resp = client.register(registration.clone()).await.with_context(|| format!("register {id}"))?.into_inner();
         let interval = Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(100)));
         let mut hb_client = client.clone();
-        let hb_id = id.clone();
         let heartbeat = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
-                if hb_client.heartbeat(HeartbeatRequest { fe_id: hb_id.clone() }).await.is_err() {
-                    heartbeat_failures.fetch_add(1, Ordering::Relaxed);
+                match hb_client.heartbeat(HeartbeatRequest { fe_id: registration.fe_id.clone() }).await {
+                    Ok(_) => {
+                        sessions.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(status) => {
+                        sessions.failures.count(cause(&status));
+                        // The session expired (the FE was marked down): register again.
+                        if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound)
+                            && hb_client.register(registration.clone()).await.is_ok()
+                        {
+                            sessions.reregistered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
             }
         });
         Ok(SimFe { id, client, channel, heartbeat: Some(heartbeat) })
     }
 
-    /// Opens `Sync` from revision 0 and follows it in a task until `stop` flips to true.
+    /// Opens `Sync` from revision 0 and follows it in a task until `stop` flips to true; a dropped
+    /// stream is reopened from the agent's revision and counted in `drops`.
     pub async fn follow(
         &self,
         fes: Arc<FeTable>,
         recording: Arc<AtomicBool>,
         stop: watch::Receiver<bool>,
+        drops: Arc<Causes>,
     ) -> Result<(Arc<Progress>, JoinHandle<AgentState>)> {
+        let sync = SyncOpener { id: self.id.clone(), channel: self.channel.clone() };
+        let stream = sync.open(0).await?;
+        let progress = Arc::new(Progress::default());
+        let follower = Follower { sync, fes, recording, stop, progress: progress.clone(), drops };
+        let task = tokio::spawn(follower.run(stream));
+        Ok((progress, task))
+    }
+}
+
+/// Opens the `Sync` stream of one FE on its connection.
+struct SyncOpener {
+    id: String,
+    channel: Channel,
+}
+
+impl SyncOpener {
+    async fn open(&self, from_revision: u64) -> Result<tonic::Streaming<LeanSyncUpdate>> {
         let mut grpc = tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(256 << 20);
         grpc.ready().await.with_context(|| format!("{}: channel not ready", self.id))?;
         let codec = tonic_prost::ProstCodec::<SyncRequest, LeanSyncUpdate>::default();
         let path = PathAndQuery::from_static("/victor.v1.AgentService/Sync");
-        let request = tonic::Request::new(SyncRequest { fe_id: self.id.clone(), from_revision: 0 });
-        let stream = grpc
-            .server_streaming(request, path, codec)
-            .await
+        let request = tonic::Request::new(SyncRequest { fe_id: self.id.clone(), from_revision });
+        let response = grpc.server_streaming(request, path, codec).await;
+        Ok(response
+            .map_err(|status| anyhow::anyhow!(cause(&status)))
             .with_context(|| format!("{}: Sync", self.id))?
-            .into_inner();
-        let progress = Arc::new(Progress::default());
-        let task = tokio::spawn(run(stream, fes, recording, stop, progress.clone()));
-        Ok((progress, task))
+            .into_inner())
     }
 }
 
@@ -170,51 +249,106 @@ impl Drop for SimFe {
     }
 }
 
-async fn run(
-    mut stream: tonic::Streaming<LeanSyncUpdate>,
+/// One agent's stream follower.
+struct Follower {
+    sync: SyncOpener,
     fes: Arc<FeTable>,
     recording: Arc<AtomicBool>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     progress: Arc<Progress>,
-) -> AgentState {
-    let mut state = AgentState::default();
-    loop {
-        let msg = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            msg = stream.message() => msg,
-        };
-        let msg = match msg {
-            Ok(Some(msg)) => msg,
-            Ok(None) => {
-                state.error = Some("stream ended".into());
-                break;
+    drops: Arc<Causes>,
+}
+
+impl Follower {
+    async fn run(mut self, mut stream: tonic::Streaming<LeanSyncUpdate>) -> AgentState {
+        let mut state = AgentState::default();
+        // The revision the agent's state is complete at: 0 while a snapshot is under way.
+        let mut resume_from = 0;
+        let mut in_snapshot = false;
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = self.stop.wait_for(|s| *s) => break,
+                msg = stream.message() => msg,
+            };
+            let msg = match msg {
+                Ok(Some(msg)) => msg,
+                dropped => {
+                    let why = match dropped {
+                        Err(status) => cause(&status),
+                        _ => "the controller ended the stream".to_owned(),
+                    };
+                    self.drops.count(why);
+                    self.progress.drops.fetch_add(1, Ordering::Relaxed);
+                    match self.reopen(resume_from).await {
+                        Ok(Some(reopened)) => {
+                            stream = reopened;
+                            continue;
+                        }
+                        Ok(None) => break,
+                        Err(err) => {
+                            state.error = Some(format!("{err:#}"));
+                            break;
+                        }
+                    }
+                }
+            };
+            let anomalies = apply(&mut state.map, &self.fes, &msg);
+            let now = monotonic_ns();
+            if self.recording.load(Ordering::Relaxed) {
+                state.log.push((msg.revision, now));
             }
-            Err(status) => {
-                state.error = Some(format!("stream failed: {status}"));
-                break;
+            let p = &self.progress;
+            p.messages.fetch_add(1, Ordering::Relaxed);
+            p.entries.fetch_add((msg.upserts.len() + msg.removals.len()) as u64, Ordering::Relaxed);
+            p.bytes.fetch_add(msg.encoded_bytes as u64, Ordering::Relaxed);
+            if anomalies > 0 {
+                p.anomalies.fetch_add(anomalies, Ordering::Relaxed);
             }
-        };
-        let anomalies = apply(&mut state.map, &fes, &msg);
-        let now = monotonic_ns();
-        if recording.load(Ordering::Relaxed) {
-            state.log.push((msg.revision, now));
+            if msg.reset {
+                in_snapshot = true;
+                p.snapshots.fetch_add(1, Ordering::Relaxed);
+            }
+            if msg.phase == SyncPhase::Heartbeat as i32 {
+                p.heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+            if msg.phase == SyncPhase::SnapshotEnd as i32 {
+                in_snapshot = false;
+                if p.snapshot_end_ns.load(Ordering::Relaxed) == 0 {
+                    p.snapshot_end_ns.store(now, Ordering::Release);
+                }
+            }
+            if !in_snapshot {
+                resume_from = msg.revision;
+            }
+            p.revision.store(msg.revision, Ordering::Release);
         }
-        progress.messages.fetch_add(1, Ordering::Relaxed);
-        progress.entries.fetch_add((msg.upserts.len() + msg.removals.len()) as u64, Ordering::Relaxed);
-        progress.bytes.fetch_add(msg.encoded_bytes as u64, Ordering::Relaxed);
-        if anomalies > 0 {
-            progress.anomalies.fetch_add(anomalies, Ordering::Relaxed);
+        if state.error.is_some() {
+            self.progress.failed.store(true, Ordering::Release);
         }
-        if msg.phase == SyncPhase::SnapshotEnd as i32 && progress.snapshot_end_ns.load(Ordering::Relaxed) == 0 {
-            progress.snapshot_end_ns.store(now, Ordering::Release);
-        }
-        progress.revision.store(msg.revision, Ordering::Release);
+        state
     }
-    if state.error.is_some() {
-        progress.failed.store(true, Ordering::Release);
+
+    /// Reopens the stream from `revision`, retrying with backoff for [`RECONNECT_FOR`]; `None`
+    /// when stopped meanwhile. Failed attempts are counted as drops too.
+    async fn reopen(&mut self, revision: u64) -> Result<Option<tonic::Streaming<LeanSyncUpdate>>> {
+        let started = tokio::time::Instant::now();
+        let mut backoff = BACKOFF.0;
+        loop {
+            tokio::select! {
+                _ = self.stop.wait_for(|s| *s) => return Ok(None),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match self.sync.open(revision).await {
+                Ok(stream) => return Ok(Some(stream)),
+                Err(err) if started.elapsed() < RECONNECT_FOR => {
+                    self.drops.count(format!("reopening: {}", err.root_cause()));
+                    backoff = (backoff * 2).min(BACKOFF.1);
+                }
+                Err(err) => return Err(err.context(format!("stream not reopened within {RECONNECT_FOR:?}"))),
+            }
+        }
     }
-    state
 }
 
 /// Applies one message (highest revision per key wins); returns the number of anomalies.

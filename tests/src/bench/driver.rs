@@ -25,6 +25,7 @@ use victor_proto::clock::{monotonic_ns, unix_nanos};
 use victor_proto::v1::agent_service_client::AgentServiceClient;
 use victor_proto::v1::{ClaimOutcome, ClaimResult, ObservationKind, ReportRequest, VmObservation};
 
+use super::agent::{Causes, cause};
 use super::stats::Committed;
 
 /// The `i`-th VM's IP (inside [`super::cluster::MOBILE_PREFIX`], never the network address).
@@ -68,9 +69,23 @@ pub struct Preloaded {
     pub revision: u64,
 }
 
+/// Attempts of one preload Report before the run fails, and the backoff between them (doubling
+/// from the first to the second figure): long enough for an FE whose session expired to
+/// register again at its next heartbeat.
+const PRELOAD_ATTEMPTS: usize = 10;
+const PRELOAD_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
+
 /// Binds VMs `0..bindings`, VM `i` at FE `i % fes`, in Reports of at most `batch` observations,
-/// `inflight` calls at a time. Every claim must be bound (or already be, on a re-run).
-pub async fn preload(reporters: &Reporters, bindings: usize, batch: usize, inflight: usize) -> Result<Preloaded> {
+/// `inflight` calls at a time. Every claim must be bound (or already be, on a re-run). A failed
+/// call is sent again (claims are idempotent: a VM already bound where it is reported is
+/// unchanged), as an agent's reporter does; every failure is counted in `retries` by cause.
+pub async fn preload(
+    reporters: &Reporters,
+    bindings: usize,
+    batch: usize,
+    inflight: usize,
+    retries: &Causes,
+) -> Result<Preloaded> {
     let fes = reporters.len();
     let mut calls = Vec::new();
     for fe in 0..fes {
@@ -83,15 +98,19 @@ pub async fn preload(reporters: &Reporters, bindings: usize, batch: usize, infli
     let started = Instant::now();
     let mut results = futures::stream::iter(calls)
         .map(|(fe, vms)| async move {
-            let mut attempt = 0;
+            let (mut attempt, mut backoff) = (1, PRELOAD_BACKOFF.0);
             loop {
                 match report(reporters, fe, &vms).await {
                     Ok(results) => return Ok::<_, anyhow::Error>(results),
-                    Err(status) if attempt < 5 && status.code() == tonic::Code::Unavailable => {
+                    Err(status) if attempt < PRELOAD_ATTEMPTS => {
+                        retries.count(cause(&status));
                         attempt += 1;
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(PRELOAD_BACKOFF.1);
                     }
-                    Err(status) => bail!("preload Report from FE {fe} failed: {status}"),
+                    Err(status) => {
+                        bail!("preload Report from FE {fe} failed {attempt} times; last: {}", cause(&status))
+                    }
                 }
             }
         })
@@ -234,7 +253,7 @@ fn settle(outcome: Outcome, truth: &mut [u32], busy: &mut [bool], out: &mut Chur
         Ok(results) => results,
         Err(status) => {
             out.failed_calls += 1;
-            out.first_rejection.get_or_insert_with(|| format!("Report failed: {status}"));
+            out.first_rejection.get_or_insert_with(|| format!("Report failed: {}", cause(&status)));
             out.uncertain.extend(&outcome.vms);
             return;
         }

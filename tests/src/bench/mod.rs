@@ -16,6 +16,12 @@
 //!
 //! All timestamps are CLOCK_MONOTONIC on one host. The machine's load is recorded with the
 //! results: the numbers are only as quiet as the host was.
+//!
+//! The controller's cost is measured per core: the replicas are pinned to one CPU, etcd and this
+//! process (the simulated agents) to the others ([`Pinning`]), and the replicas' CPU time
+//! (`/proc/<pid>/stat`) is divided by what they delivered — per message, entry and move during the
+//! churn, per heartbeat in an idle window before it ([`ControllerCost`]). Simulated agents
+//! reconnect and resume like real ones; drops are counted with their cause.
 
 pub mod agent;
 pub mod cluster;
@@ -26,6 +32,7 @@ pub mod stats;
 pub mod sys;
 pub mod wire;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,7 +48,7 @@ use victor_proto::clock::monotonic_ns;
 use victor_store::embedded::{EmbeddedOptions, EmbeddedStore};
 use victor_store::etcd::{EtcdConfig, EtcdStore};
 
-use agent::{AgentState, FeTable, Progress, Rec, SimFe};
+use agent::{AgentState, Causes, FeTable, Progress, Rec, Sessions, SimFe};
 use cluster::Cluster;
 use driver::{ChurnConfig, Reporters};
 use floor::Floor;
@@ -101,6 +108,13 @@ pub struct BenchArgs {
     /// Seed of the churn's random choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Do not pin the controller replicas to the first CPU and etcd and the simulated agents to
+    /// the others (pinning needs at least two CPUs).
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Length of the idle window (no churn) in which the cost of heartbeats is measured (s).
+    #[arg(long, default_value_t = 3.0)]
+    pub idle_seconds: f64,
 }
 
 /// The result of one run (printed with `--json`, always written to the output file).
@@ -141,6 +155,10 @@ pub struct BenchReport {
     pub memory: MemoryReport,
     /// CPU seconds used during the churn (and its drain), by process.
     pub cpu_during_churn_s: CpuReport,
+    /// The replicas' CPU time per unit delivered.
+    pub controller_cost: ControllerCost,
+    /// Where the processes ran (`None`: not pinned).
+    pub pinning: Option<Pinning>,
     /// Where the time of a move goes inside the controller (its `/debug/moves` traces).
     pub controller_stages_ms: Stages,
     /// A real agent's full sync in a namespace (`--real-agent`).
@@ -202,6 +220,8 @@ pub struct PreloadReport {
     pub batch: usize,
     /// Time until every FE had applied the last binding (s, from the preload's start).
     pub delivered_s: f64,
+    /// Report calls sent again after a failure, by cause.
+    pub retries: BTreeMap<String, u64>,
 }
 
 /// Delivery to the agents.
@@ -225,12 +245,24 @@ pub struct DeliveryReport {
     pub first_inconsistency: Option<String>,
     /// VMs left out of the check (a failed Report may or may not have committed).
     pub uncertain_vms: usize,
-    /// Streams that failed or ended (must be 0).
+    /// Streams that dropped and could not be reopened (must be 0).
     pub stream_failures: usize,
+    /// Streams that dropped (or failed to reopen) and were reopened, whole run.
+    pub stream_drops: u64,
+    /// The causes of the drops and failed reopenings.
+    pub drop_causes: BTreeMap<String, u64>,
+    /// Snapshots received beyond each agent's first (resumes that needed one).
+    pub resync_snapshots: u64,
     /// Malformed entries or unknown FE ids (must be 0).
     pub anomalies: u64,
-    /// Heartbeats that failed.
+    /// Session heartbeats answered.
+    pub heartbeats: u64,
+    /// Session heartbeats that failed.
     pub heartbeat_failures: u64,
+    /// Their causes.
+    pub heartbeat_failure_causes: BTreeMap<String, u64>,
+    /// FEs that registered again after the controller expired their session.
+    pub reregistered: u64,
 }
 
 /// Memory.
@@ -303,6 +335,65 @@ impl Stages {
             fan_out: p(&parts[3]),
         }
     }
+}
+
+/// Where the processes of the run were pinned (`sched_setaffinity` on every thread).
+#[derive(Debug, Clone, Serialize)]
+pub struct Pinning {
+    /// The controller replicas' CPUs.
+    pub controller_cpus: Vec<usize>,
+    /// etcd's and the benchmark's (the simulated agents') CPUs.
+    pub others_cpus: Vec<usize>,
+}
+
+impl Pinning {
+    /// The first allowed CPU for the replicas, the others for the rest; `None` with one CPU.
+    fn plan() -> Option<Pinning> {
+        let cpus = sys::allowed_cpus();
+        (cpus.len() >= 2).then(|| Pinning { controller_cpus: vec![cpus[0]], others_cpus: cpus[1..].to_vec() })
+    }
+
+    /// Pins the replicas, etcd and this process (again: threads created since inherited the mask
+    /// of their creator, so this only catches threads a process started before it was pinned).
+    fn apply(&self, cluster: &mut Cluster) -> Result<()> {
+        for replica in &cluster.replicas {
+            sys::pin(replica.pid(), &self.controller_cpus)?;
+        }
+        for pid in cluster.etcd_pids().into_iter().chain([std::process::id()]) {
+            sys::pin(pid, &self.others_cpus)?;
+        }
+        Ok(())
+    }
+}
+
+/// The controller replicas' CPU time divided by what they delivered. During the churn a replica
+/// also commits the moves and reads them back from etcd, so the per-message and per-entry figures
+/// carry that share too; the idle window has no moves.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ControllerCost {
+    /// Churn: the replicas' CPU seconds (churn and drain).
+    pub churn_cpu_s: f64,
+    /// Churn: µs per stream message applied by an agent.
+    pub us_per_message: f64,
+    /// Churn: µs per binding entry applied by an agent.
+    pub us_per_entry: f64,
+    /// Churn: µs per move (committed and delivered to every FE).
+    pub us_per_move: f64,
+    /// Churn: the replicas' CPU use in cores (CPU seconds / wall seconds).
+    pub churn_cores: f64,
+    /// Idle window: length (s).
+    pub idle_s: f64,
+    /// Idle window: the replicas' CPU seconds.
+    pub idle_cpu_s: f64,
+    /// Idle window: stream heartbeats applied by the agents.
+    pub idle_stream_heartbeats: u64,
+    /// Idle window: session heartbeats answered.
+    pub idle_session_heartbeats: u64,
+    /// Idle window: µs per stream heartbeat — an upper bound: it also pays for the session
+    /// heartbeats and the replicas' own housekeeping.
+    pub us_per_heartbeat: f64,
+    /// Idle window: µs of replica CPU per FE per second.
+    pub idle_us_per_fe_per_s: f64,
 }
 
 /// CPU use during the churn.
@@ -395,13 +486,14 @@ impl Agents {
 async fn start_agents(
     cluster: &Cluster,
     count: usize,
-    heartbeat_failures: &Arc<AtomicU64>,
+    sessions: &Arc<Sessions>,
+    drops: &Arc<Causes>,
 ) -> Result<(Agents, Arc<FeTable>)> {
     let ids: Vec<String> = (0..count).map(|i| format!("fe-{i:05}")).collect();
     let table = Arc::new(FeTable::new(ids.iter().map(String::as_str)));
     let replicas: Vec<_> = cluster.replicas.iter().map(|r| r.grpc()).collect();
     let fes: Vec<SimFe> = futures::stream::iter(ids.iter().enumerate())
-        .map(|(i, id)| SimFe::register(id.clone(), i, replicas[i % replicas.len()], heartbeat_failures.clone()))
+        .map(|(i, id)| SimFe::register(id.clone(), i, replicas[i % replicas.len()], sessions.clone()))
         .buffered(32)
         .collect::<Vec<_>>()
         .await
@@ -412,7 +504,7 @@ async fn start_agents(
     let mut progress = Vec::with_capacity(count);
     let mut tasks = Vec::with_capacity(count);
     for fe in &fes {
-        let (p, task) = fe.follow(table.clone(), recording.clone(), stop_rx.clone()).await?;
+        let (p, task) = fe.follow(table.clone(), recording.clone(), stop_rx.clone(), drops.clone()).await?;
         progress.push(p);
         tasks.push(task);
     }
@@ -463,16 +555,27 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     };
     let rss_empty = sys::rss_bytes(cluster.replicas[0].pid())?;
 
+    let pinning = if args.no_pin { None } else { Pinning::plan() };
+    if let Some(pinning) = &pinning {
+        progress(format!(
+            "pinning the replicas to CPU {:?}, etcd and the agents to {:?}",
+            pinning.controller_cpus, pinning.others_cpus
+        ));
+        pinning.apply(&mut cluster)?;
+    }
+
     progress(format!("registering {} FEs and opening their streams", args.fes));
-    let heartbeat_failures = Arc::new(AtomicU64::new(0));
-    let (agents, _table) = start_agents(&cluster, args.fes, &heartbeat_failures).await?;
+    let sessions = Arc::new(Sessions::default());
+    let drops = Arc::new(Causes::default());
+    let (agents, _table) = start_agents(&cluster, args.fes, &sessions, &drops).await?;
     wait_snapshots(&agents.progress, Duration::from_secs(120)).await?;
     let rss_before = sys::rss_bytes(cluster.replicas[0].pid())?;
 
     progress(format!("loading {} bindings through Report", args.bindings));
     let reporters: Reporters = Arc::new(agents.fes.iter().map(|f| (f.id.clone(), f.client.clone())).collect());
     let preload_started = Instant::now();
-    let preloaded = driver::preload(&reporters, args.bindings, args.report_batch, args.inflight).await?;
+    let retries = Causes::default();
+    let preloaded = driver::preload(&reporters, args.bindings, args.report_batch, args.inflight, &retries).await?;
     agents.wait_revision(preloaded.revision, Duration::from_secs(600)).await?;
     let delivered_s = preload_started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -483,11 +586,25 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
         args.bindings as f64 / preloaded.elapsed.as_secs_f64()
     ));
 
-    progress(format!("churning {} moves/s for {} s", args.churn, args.seconds));
-    let mut truth: Vec<u32> = (0..args.bindings).map(|i| (i % args.fes) as u32).collect();
+    if let Some(pinning) = &pinning {
+        pinning.apply(&mut cluster)?;
+    }
     let pids: Vec<u32> = cluster.replicas.iter().map(|r| r.pid()).collect();
     let etcd_pids = cluster.etcd_pids();
     let cpu = |pids: &[u32]| pids.iter().map(|&p| sys::cpu_seconds(p).unwrap_or(0.0)).collect::<Vec<_>>();
+
+    progress(format!("idle for {} s (the cost of heartbeats)", args.idle_seconds));
+    let idle_cpu0: f64 = cpu(&pids).iter().sum();
+    let (hb0, session0) = (agents.sum(|p| &p.heartbeats), sessions.heartbeats.load(Ordering::Relaxed));
+    let idle_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(args.idle_seconds.max(0.0))).await;
+    let idle_s = idle_started.elapsed().as_secs_f64();
+    let idle_cpu_s = cpu(&pids).iter().sum::<f64>() - idle_cpu0;
+    let idle_stream_heartbeats = agents.sum(|p| &p.heartbeats) - hb0;
+    let idle_session_heartbeats = sessions.heartbeats.load(Ordering::Relaxed) - session0;
+
+    progress(format!("churning {} moves/s for {} s", args.churn, args.seconds));
+    let mut truth: Vec<u32> = (0..args.bindings).map(|i| (i % args.fes) as u32).collect();
     let (ctl_cpu0, etcd_cpu0, me_cpu0) = (cpu(&pids), cpu(&etcd_pids), sys::cpu_seconds(std::process::id())?);
     let (messages0, entries0) = (agents.sum(|p| &p.messages), agents.sum(|p| &p.entries));
     let churn_started = Instant::now();
@@ -524,8 +641,13 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     let (churn_messages, churn_entries) = (messages - messages0, entries - entries0);
     let bytes = agents.sum(|p| &p.bytes);
     let anomalies = agents.sum(|p| &p.anomalies);
+    let stream_drops = agents.sum(|p| &p.drops);
+    let resync_snapshots = agents.progress.iter().map(|p| p.snapshots.load(Ordering::Relaxed).saturating_sub(1)).sum();
     let (fes, states) = agents.stop().await?;
     let stream_failures = states.iter().filter(|s| s.error.is_some()).count();
+    if let Some(err) = states.iter().find_map(|s| s.error.as_ref()) {
+        progress(format!("{stream_failures} streams were not reopened; first: {err}"));
+    }
 
     // Convergence and delivered rate.
     let logs: Vec<&[(u64, u64)]> = states.iter().map(|s| s.log.as_slice()).collect();
@@ -560,7 +682,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     drop(fes);
 
     progress("full sync of a fresh agent");
-    let (full_sync_s, agent_map_bytes, synced) = full_sync(&cluster, args.fes, &heartbeat_failures).await?;
+    let (full_sync_s, agent_map_bytes, synced) = full_sync(&cluster, args.fes, &sessions).await?;
     if synced != args.bindings {
         bail!("the full-sync agent received {synced} bindings, expected {}", args.bindings);
     }
@@ -573,13 +695,28 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     };
 
     progress("cold start of a controller replica");
-    let (cold_start_s, cold_rss) = cold_start(&mut cluster).await?;
+    let (cold_start_s, cold_rss) = cold_start(&mut cluster, pinning.as_ref()).await?;
     machine.loadavg_end = sys::loadavg();
 
     let m = args.bindings as f64;
     let convergence_ms = Percentiles::of(&convergence).rounded();
     let preload_rate = m / preloaded.elapsed.as_secs_f64();
     let entry_bytes = std::mem::size_of::<(u32, Rec)>();
+    let churn_cpu_s: f64 = cpu_report.controllers.iter().sum();
+    let per = |cpu_s: f64, n: u64| if n == 0 { 0.0 } else { round3(cpu_s * 1e6 / n as f64) };
+    let controller_cost = ControllerCost {
+        churn_cpu_s: round3(churn_cpu_s),
+        us_per_message: per(churn_cpu_s, churn_messages),
+        us_per_entry: per(churn_cpu_s, churn_entries),
+        us_per_move: per(churn_cpu_s, delivered as u64),
+        churn_cores: round3(churn_cpu_s / cpu_report.wall.max(1e-9)),
+        idle_s: round3(idle_s),
+        idle_cpu_s: round3(idle_cpu_s),
+        idle_stream_heartbeats,
+        idle_session_heartbeats,
+        us_per_heartbeat: per(idle_cpu_s, idle_stream_heartbeats),
+        idle_us_per_fe_per_s: round3(idle_cpu_s * 1e6 / (args.fes as f64 * idle_s.max(1e-9))),
+    };
     Ok(BenchReport {
         fes: args.fes,
         bindings: args.bindings,
@@ -618,6 +755,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
             reports: preloaded.reports,
             batch: args.report_batch,
             delivered_s: round3(delivered_s),
+            retries: retries.counts(),
         },
         delivery: DeliveryReport {
             messages,
@@ -630,8 +768,14 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
             first_inconsistency,
             uncertain_vms: uncertain.len(),
             stream_failures,
+            stream_drops,
+            drop_causes: drops.counts(),
+            resync_snapshots,
             anomalies,
-            heartbeat_failures: heartbeat_failures.load(Ordering::Relaxed),
+            heartbeats: sessions.heartbeats.load(Ordering::Relaxed),
+            heartbeat_failures: sessions.failures.total(),
+            heartbeat_failure_causes: sessions.failures.counts(),
+            reregistered: sessions.reregistered.load(Ordering::Relaxed),
         },
         memory: MemoryReport {
             controller_rss_empty_mib: round3(rss_empty as f64 / MIB),
@@ -646,6 +790,8 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
                            in tests/bench_smoke.rs), divided by the bindings",
         },
         cpu_during_churn_s: cpu_report,
+        controller_cost,
+        pinning,
         controller_stages_ms: stages,
         real_agent,
         machine,
@@ -676,14 +822,14 @@ fn check_state(map: &agent::BindingMap, truth: &[u32], uncertain: &std::collecti
 
 /// A fresh agent syncs from revision 0; returns the time to SNAPSHOT_END applied, its map's heap
 /// bytes and the number of bindings it holds.
-async fn full_sync(cluster: &Cluster, fes: usize, heartbeat_failures: &Arc<AtomicU64>) -> Result<(f64, usize, usize)> {
+async fn full_sync(cluster: &Cluster, fes: usize, sessions: &Arc<Sessions>) -> Result<(f64, usize, usize)> {
     let table =
         Arc::new(FeTable::new((0..fes).map(|i| format!("fe-{i:05}")).collect::<Vec<_>>().iter().map(String::as_str)));
-    let fe =
-        SimFe::register("fe-full-sync".into(), fes, cluster.replicas[0].grpc(), heartbeat_failures.clone()).await?;
+    let fe = SimFe::register("fe-full-sync".into(), fes, cluster.replicas[0].grpc(), sessions.clone()).await?;
     let (stop, stop_rx) = watch::channel(false);
     let started = monotonic_ns();
-    let (progress, task) = fe.follow(table, Arc::new(AtomicBool::new(false)), stop_rx).await?;
+    let drops = Arc::new(Causes::default());
+    let (progress, task) = fe.follow(table, Arc::new(AtomicBool::new(false)), stop_rx, drops).await?;
     wait_snapshots(std::slice::from_ref(&progress), Duration::from_secs(300)).await?;
     let end = progress.snapshot_end_ns.load(Ordering::Acquire);
     stop.send_replace(true);
@@ -697,7 +843,7 @@ async fn full_sync(cluster: &Cluster, fes: usize, heartbeat_failures: &Arc<Atomi
 
 /// Starts a fresh replica against the loaded store (with the embedded store: restarts the only
 /// replica on its file); returns the time to /readyz and its RSS once ready.
-async fn cold_start(cluster: &mut Cluster) -> Result<(f64, u64)> {
+async fn cold_start(cluster: &mut Cluster, pinning: Option<&Pinning>) -> Result<(f64, u64)> {
     let id = if cluster.etcd.is_some() {
         "bench-cold".to_owned()
     } else {
@@ -707,6 +853,9 @@ async fn cold_start(cluster: &mut Cluster) -> Result<(f64, u64)> {
     };
     let started = Instant::now();
     let replica = cluster.spawn(&id)?;
+    if let Some(pinning) = pinning {
+        sys::pin(replica.pid(), &pinning.controller_cpus)?;
+    }
     replica.wait_ready(Duration::from_secs(300)).await?;
     let elapsed = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -767,9 +916,22 @@ fn print_summary(r: &BenchReport) {
         "  memory per binding  controller {:.1} B, agent {:.1} B",
         r.controller_bytes_per_binding, r.agent_bytes_per_binding
     );
+    let c = &r.controller_cost;
+    println!(
+        "  controller cost     churn: {:.2} µs/message, {:.3} µs/entry, {:.0} µs/move ({:.2} cores); idle: {:.2} µs/heartbeat, {:.1} µs per FE per s",
+        c.us_per_message, c.us_per_entry, c.us_per_move, c.churn_cores, c.us_per_heartbeat, c.idle_us_per_fe_per_s
+    );
     println!(
         "  checks              {}/{} agents consistent, {} undelivered, {} stream failures, {} rejected",
         r.delivery.agents_consistent, r.fes, r.churn.undelivered, r.delivery.stream_failures, r.churn.rejected
+    );
+    println!(
+        "  drops               {} streams reopened {:?}; {} resync snapshots; {} preload retries; {} session heartbeats failed",
+        r.delivery.stream_drops,
+        r.delivery.drop_causes,
+        r.delivery.resync_snapshots,
+        r.preload.retries.values().sum::<u64>(),
+        r.delivery.heartbeat_failures
     );
     println!("  load average        {:?} → {:?}", r.machine.loadavg_start, r.machine.loadavg_end);
 }

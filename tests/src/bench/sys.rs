@@ -1,6 +1,6 @@
 //! What the benchmark reads from `/proc`: resident memory and CPU time of a process, and the
 //! machine's load (other developers share this host, so every result carries the load it ran
-//! under).
+//! under); and the CPU pinning of the processes it started ([`pin`]).
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -36,6 +36,44 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; the size matches the set passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET only reads the set, for indices below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}
+
+/// Pins every thread of process `pid` to `cpus` (threads it creates later inherit the mask of
+/// their creator). Returns the number of threads pinned.
+pub fn pin(pid: u32, cpus: &[usize]) -> Result<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: CPU_SET writes inside the set for indices below CPU_SETSIZE (checked by the caller's
+        // CPU list, which comes from sched_getaffinity).
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("list threads of {pid}"))?;
+    let mut pinned = 0;
+    for task in tasks {
+        let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse::<libc::pid_t>().ok()) else { continue };
+        // SAFETY: the set is initialised and its size is passed; a thread that exited meanwhile
+        // makes the call fail with ESRCH, which is ignored.
+        if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } == 0 {
+            pinned += 1;
+        }
+    }
+    if pinned == 0 {
+        anyhow::bail!("could not pin any thread of {pid} to CPUs {cpus:?}");
+    }
+    Ok(pinned)
 }
 
 /// The 1, 5 and 15 minute load averages.
@@ -94,5 +132,18 @@ mod tests {
         assert!(rss_bytes(me).unwrap() > 1 << 20);
         assert!(cpu_seconds(me).unwrap() >= 0.0);
         assert!(loadavg()[0] >= 0.0);
+    }
+
+    #[test]
+    fn pins_a_child_to_one_cpu() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty());
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert_eq!(pin(child.id(), &cpus[..1]).unwrap(), 1);
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let allowed = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
+        assert_eq!(allowed.split_whitespace().nth(1).unwrap(), cpus[0].to_string());
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

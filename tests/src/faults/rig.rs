@@ -175,7 +175,9 @@ impl Rig {
 
         let clients = replica_clients(&cluster)?;
         let reporters: Reporters = Arc::new(fes.iter().map(|id| (id.clone(), clients[0].clone())).collect());
-        let loaded = driver::preload(&reporters, scale.bindings, 1024, 8).await.context("load the bindings")?;
+        let loaded = driver::preload(&reporters, scale.bindings, 1024, 8, &Default::default())
+            .await
+            .context("load the bindings")?;
         agents.wait_revision(loaded.revision, Duration::from_secs(60)).await.context("deliver the loaded bindings")?;
         let initial = (0..scale.bindings).map(|vm| (vm % scale.fes) as u32).collect();
         let churn = Churn::start(clients, fes.clone(), initial, churn_config(&scale));
