@@ -67,6 +67,15 @@ pub fn start(ctx: SyncContext, fe_id: String, from_revision: Revision, ticket: S
     })
 }
 
+/// What a stream waiting for the snapshot lane keeps its client alive with.
+#[derive(Debug, Clone, Copy)]
+enum Waiting {
+    /// A snapshot part (the snapshot's base revision once its first part was read).
+    Snapshot(Option<Revision>),
+    /// A delta after this cursor.
+    Delta(Revision),
+}
+
 /// Why a parked stream woke up.
 enum Woke {
     Tick,
@@ -217,7 +226,7 @@ impl AgentStream<'_> {
                     ctx.metrics.snapshot_bytes.inc_by(bytes as u64);
                     ((part, read_at), bytes)
                 });
-                let (part, read_at) = self.keep_alive(base, building).await;
+                let (part, read_at) = self.keep_alive(Waiting::Snapshot(base), building).await;
                 let base = *base.get_or_insert(read_at);
                 after = part.last_ip;
                 let mut header = self.header(SyncPhase::Snapshot, base);
@@ -248,25 +257,61 @@ impl AgentStream<'_> {
         }
     }
 
-    /// Waits for `building` (a snapshot part waiting for its turn in the replica's lane), sending an
-    /// empty snapshot part every [`HEARTBEAT`] meanwhile when the client has room for it: an agent
+    /// Waits for `building` (a message waiting for its turn in the replica's lane), sending an
+    /// empty message every [`HEARTBEAT`] meanwhile when the client has room for it: an agent
     /// ends a stream it has not heard from for its stream timeout (1.5 s by default), and a
-    /// thousand snapshots sharing the lane can leave one stream waiting longer than that. Before
-    /// the first real part (`base` is None) the empty part opens the snapshot (reset).
-    async fn keep_alive<T>(&mut self, base: Option<Revision>, building: impl std::future::Future<Output = T>) -> T {
+    /// thousand snapshots sharing the lane can leave one stream waiting longer than that. For a
+    /// snapshot it is an empty snapshot part (before the first real part, `base` None, it opens
+    /// the snapshot: reset); for a delta, a heartbeat at the stream's cursor.
+    async fn keep_alive<T>(&mut self, waiting: Waiting, building: impl std::future::Future<Output = T>) -> T {
         tokio::pin!(building);
         loop {
             tokio::select! {
                 built = &mut building => return built,
                 _ = tokio::time::sleep(HEARTBEAT) => {
-                    let mut header = self.header(SyncPhase::Snapshot, base.unwrap_or(0));
-                    header.reset = base.is_none();
+                    let header = match waiting {
+                        Waiting::Snapshot(base) => {
+                            let mut header = self.header(SyncPhase::Snapshot, base.unwrap_or(0));
+                            header.reset = base.is_none();
+                            header
+                        }
+                        Waiting::Delta(cursor) => self.header(SyncPhase::Heartbeat, cursor),
+                    };
                     if self.out.try_send(encoded::framed(&header, &[])) {
                         self.sent();
                     }
                 }
             }
         }
+    }
+
+    /// Sends one delta message of `body_len` bytes built by `build`. A large one — a stream far
+    /// behind catching up, e.g. every agent after a bulk load — costs as much as a snapshot part,
+    /// so from [`SNAPSHOT_PART_BYTES`] on it is built in the replica's snapshot lane and shares its
+    /// byte rate: a thousand streams catching up at once must not starve the unary calls
+    /// (heartbeats that keep sessions alive, reports) of the replica's CPU. Small deltas, the
+    /// steady state, go at once.
+    async fn send_delta(
+        &mut self,
+        waiting: Waiting,
+        body_len: usize,
+        build: impl FnOnce() -> Bytes,
+    ) -> Result<(), Closed> {
+        self.out.room().await?;
+        if body_len < SNAPSHOT_PART_BYTES {
+            self.out.put(build());
+            self.sent();
+            return Ok(());
+        }
+        let pacer = self.ctx.pacer.clone();
+        let building = pacer.part(|| {
+            let message = build();
+            let len = message.len();
+            (message, len)
+        });
+        let message = self.keep_alive(waiting, building).await;
+        // Not `put`: a keep-alive may have taken the room while the message waited.
+        self.send(message).await
     }
 
     /// Every change after `base` and the cache revision they lead to, from the history (extended
@@ -298,28 +343,33 @@ impl AgentStream<'_> {
         let ctx = self.ctx;
         let encoded: Vec<Bytes> = frames.iter().map(encoded::frame_bytes).collect();
         let groups = split_by_bytes(encoded.iter().map(Bytes::len), MAX_MESSAGE_BYTES);
+        // Keep-alives while a large message waits for the lane: inside a snapshot's patch, empty
+        // snapshot parts; otherwise heartbeats.
+        let in_snapshot = phases.1 == SyncPhase::SnapshotEnd;
         for (n, group) in groups.iter().enumerate() {
             let batch = &frames[group.clone()];
             let last_group = n + 1 == groups.len();
             let upto = if last_group { revision } else { batch.last().expect("non-empty").revision };
             let phase = if last_group { phases.1 } else { phases.0 };
+            let waiting = if in_snapshot { Waiting::Snapshot(Some(cursor)) } else { Waiting::Delta(cursor) };
             if let [frame] = batch
                 && encoded[group.start].len() > MAX_MESSAGE_BYTES
             {
                 let pieces = split_by_bytes(frame.changes.iter().map(encoded::change_len), MAX_MESSAGE_BYTES);
                 for (i, piece) in pieces.iter().enumerate() {
                     let whole = i + 1 == pieces.len();
-                    self.out.room().await?;
                     let (phase, at) = if whole { (phase, upto) } else { (phases.0, cursor) };
                     let header = self.header(phase, at);
-                    self.out.put(encoded::framed(&header, &[encoded::encode_changes(&frame.changes[piece.clone()])]));
-                    self.sent();
+                    let changes = &frame.changes[piece.clone()];
+                    let len = changes.iter().map(encoded::change_len).sum();
+                    self.send_delta(waiting, len, || encoded::framed(&header, &[encoded::encode_changes(changes)]))
+                        .await?;
                 }
             } else {
-                self.out.room().await?;
                 let header = self.header(phase, upto);
-                self.out.put(encoded::framed(&header, &encoded[group.clone()]));
-                self.sent();
+                let parts = &encoded[group.clone()];
+                let len = parts.iter().map(Bytes::len).sum();
+                self.send_delta(waiting, len, || encoded::framed(&header, parts)).await?;
             }
             ctx.metrics.stream_lag_revisions.observe(ctx.cache.revision().saturating_sub(upto) as f64);
             let cached = batch.last().map(|f| f.applied_mono_ns).unwrap_or(0);
