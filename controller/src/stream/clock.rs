@@ -17,6 +17,11 @@
 //! of a core on fan-out and folds everything that arrives meanwhile into the next tick. The
 //! added delay is at most the gap plus one fan-out.
 //!
+//! A stream whose client does not read is not polled (HTTP/2 flow control holds its body), so it
+//! cannot answer a tick until the client reads again: the fan-out counts as done once all but
+//! 1/[`STRAGGLERS`] of the streams woken have answered, so a few stuck clients do not hold every
+//! tick to [`MAX_GAP`].
+//!
 //! The clock also keeps the heartbeat message shared by idle streams ([`FanoutClock::heartbeat`]):
 //! encoded once, not once per stream.
 
@@ -39,6 +44,8 @@ use crate::metrics::Metrics;
 pub const GAP_PER_FANOUT: u32 = 2;
 /// Longest gap between two ticks while changes are waiting (the clock's share of convergence).
 pub const MAX_GAP: Duration = Duration::from_millis(25);
+/// One woken stream in this many may still be unanswered when the fan-out counts as done.
+pub const STRAGGLERS: i64 = 64;
 /// How long a shared heartbeat may be reused (its `sent_at` is at most this old).
 const HEARTBEAT_REUSE: Duration = Duration::from_millis(10);
 
@@ -59,6 +66,8 @@ pub struct FanoutClock {
     parked: AtomicI64,
     /// Streams woken by the last tick that have not answered it yet.
     pending: AtomicI64,
+    /// How many of them may still be unanswered when the fan-out counts as done.
+    stragglers: AtomicI64,
     /// When the last stream answered the last tick (CLOCK_MONOTONIC ns).
     answered_ns: AtomicU64,
     all_answered: Notify,
@@ -87,6 +96,7 @@ impl Default for FanoutClock {
             tick: watch::channel(Tick::default()).0,
             parked: AtomicI64::new(0),
             pending: AtomicI64::new(0),
+            stragglers: AtomicI64::new(0),
             answered_ns: AtomicU64::new(0),
             all_answered: Notify::new(),
             heartbeat: Mutex::new(None),
@@ -113,7 +123,7 @@ impl FanoutClock {
 
     /// A stream woken by a tick has sent what it had (or had nothing to send).
     pub fn answered(&self) {
-        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) - 1 == self.stragglers.load(Ordering::Acquire) {
             self.answered_ns.store(monotonic_ns(), Ordering::Release);
             self.all_answered.notify_one();
         }
@@ -160,14 +170,14 @@ impl FanoutClock {
             let answered = self.all_answered.notified();
             tokio::pin!(answered);
             answered.as_mut().enable();
-            if self.pending.load(Ordering::Acquire) > 0 {
+            if self.unanswered() {
                 tokio::select! {
                     _ = &mut answered => {}
                     _ = tokio::time::sleep_until(last_tick + MAX_GAP) => {}
                     _ = super::shutting_down(&mut shutdown) => return self.stop(),
                 }
             }
-            let sample = if self.pending.load(Ordering::Acquire) > 0 {
+            let sample = if self.unanswered() {
                 last_tick.elapsed()
             } else {
                 Duration::from_nanos(self.answered_ns.load(Ordering::Acquire).saturating_sub(last_tick_ns))
@@ -184,11 +194,19 @@ impl FanoutClock {
             ticked = cache.latest_frame_revision();
             last_tick = Instant::now();
             last_tick_ns = monotonic_ns();
-            self.pending.store(self.parked.load(Ordering::Acquire), Ordering::Release);
+            let woken = self.parked.load(Ordering::Acquire);
+            self.stragglers.store(woken / STRAGGLERS, Ordering::Release);
+            self.pending.store(woken, Ordering::Release);
             self.tick.send_modify(|t| t.seq += 1);
             metrics.fanout_ticks.inc();
             metrics.fanout_seconds.observe(sample.as_secs_f64());
         }
+    }
+
+    /// The last tick's fan-out is not done: more streams than the stragglers allowed have not
+    /// answered it.
+    fn unanswered(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > self.stragglers.load(Ordering::Acquire)
     }
 
     fn stop(&self) {
@@ -216,6 +234,22 @@ mod tests {
         assert_eq!(clock.answered_ns.load(Ordering::Acquire), 0);
         clock.answered();
         assert!(clock.answered_ns.load(Ordering::Acquire) > 0);
+    }
+
+    #[test]
+    fn a_few_stragglers_do_not_hold_the_fan_out() {
+        let clock = FanoutClock::new();
+        let woken = 128;
+        clock.stragglers.store(woken / STRAGGLERS, Ordering::Release);
+        clock.pending.store(woken, Ordering::Release);
+        for _ in 0..woken - 3 {
+            clock.answered();
+        }
+        assert!(clock.unanswered(), "3 unanswered of 128, 2 allowed");
+        assert_eq!(clock.answered_ns.load(Ordering::Acquire), 0);
+        clock.answered();
+        assert!(!clock.unanswered());
+        assert!(clock.answered_ns.load(Ordering::Acquire) > 0, "done with 2 stragglers left");
     }
 
     #[test]
