@@ -63,9 +63,10 @@ impl FeTable {
 pub struct Causes(Mutex<BTreeMap<String, u64>>);
 
 impl Causes {
-    /// Counts one failure with `cause`.
+    /// Counts one failure with `cause` (FE ids in it are replaced by `<fe>`, so that one cause
+    /// is one entry whichever FEs it hit).
     pub fn count(&self, cause: String) {
-        *self.0.lock().expect("causes lock").entry(cause).or_default() += 1;
+        *self.0.lock().expect("causes lock").entry(without_fe_ids(&cause)).or_default() += 1;
     }
 
     /// The counts so far.
@@ -77,6 +78,11 @@ impl Causes {
     pub fn total(&self) -> u64 {
         self.0.lock().expect("causes lock").values().sum()
     }
+}
+
+/// `text` with every word that starts with `fe-` (an FE id) replaced by `<fe>`.
+fn without_fe_ids(text: &str) -> String {
+    text.split(' ').map(|word| if word.starts_with("fe-") { "<fe>" } else { word }).collect::<Vec<_>>().join(" ")
 }
 
 /// The cause of a failed call or stream: its code, its message and the errors underneath (the
@@ -383,6 +389,18 @@ fn apply(map: &mut BindingMap, fes: &FeTable, msg: &LeanSyncUpdate) -> u64 {
 mod tests {
     use super::*;
     use crate::bench::wire::{LeanBinding, LeanRemoval};
+
+    #[test]
+    fn causes_are_counted_without_fe_ids() {
+        let causes = Causes::default();
+        causes.count("NotFound: the session of FE fe-00001 expired".into());
+        causes.count("NotFound: the session of FE fe-00913 expired".into());
+        causes.count("Unavailable: GoAway".into());
+        let counts = causes.counts();
+        assert_eq!(counts["NotFound: the session of FE <fe> expired"], 2);
+        assert_eq!(counts["Unavailable: GoAway"], 1);
+        assert_eq!(causes.total(), 3);
+    }
 
     #[test]
     fn highest_revision_wins_whatever_the_order() {
