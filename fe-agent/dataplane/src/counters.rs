@@ -44,11 +44,14 @@ pub enum DropReason {
     CoalescedNotTcp,
     /// From the underlay: 6in4 (protocol 41) whose inner packet is not IPv6.
     InnerNotIpv6,
+    /// From TUN: IPv6 to a multicast group (e.g. the kernel's own MLD reports on the device):
+    /// bindings are unicast, nothing multicast is ever tunnelled.
+    Multicast,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::NoBinding,
         DropReason::LocalWithoutRoute,
         DropReason::NotIp,
@@ -65,6 +68,7 @@ impl DropReason {
         DropReason::TunWriteError,
         DropReason::CoalescedNotTcp,
         DropReason::InnerNotIpv6,
+        DropReason::Multicast,
     ];
 
     /// A stable label for metrics (`reason="no_binding"`).
@@ -86,6 +90,7 @@ impl DropReason {
             DropReason::TunWriteError => "tun_write_error",
             DropReason::CoalescedNotTcp => "coalesced_not_tcp",
             DropReason::InnerNotIpv6 => "inner_not_ipv6",
+            DropReason::Multicast => "multicast",
         }
     }
 

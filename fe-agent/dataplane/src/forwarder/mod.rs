@@ -255,13 +255,17 @@ impl Forwarder {
         // Decapsulated packets arrive on TUN from clients reached through other interfaces:
         // loose reverse-path filtering (the effective value is max(all, dev), so strict mode
         // on `all` would still drop them; the agent checks that).
-        // IPv6 on, but no address of its own (no link-local, so no DAD, router solicitation or
-        // MLD chatter to count as drops; none is needed to route through it) and no router
-        // advertisements taken from it. addr_gen_mode first: enabling IPv6 on an up device
-        // generates the link-local address at once.
+        // IPv6 on, but quiet: no address of its own (no link-local, so no DAD or router
+        // solicitation; none is needed to route through it), not a router *on this device*
+        // (per-device `forwarding` 0: it joins no all-routers groups, so the kernel sends no MLD
+        // reports into it — forwarding itself follows `all.forwarding`), no router advertisements
+        // taken from it. addr_gen_mode first: enabling IPv6 on an up device generates the
+        // link-local address at once. (Writing `all.forwarding` later resets the device's value:
+        // its MLD reports then reach the forwarder, which drops them as `multicast`.)
         for (key, value) in [
             ("ipv4/conf/{}/rp_filter", "2"),
             ("ipv6/conf/{}/addr_gen_mode", "1"),
+            ("ipv6/conf/{}/forwarding", "0"),
             ("ipv6/conf/{}/accept_ra", "0"),
             ("ipv6/conf/{}/disable_ipv6", "0"),
         ] {

@@ -82,6 +82,9 @@ fn decide4(packet: &mut [u8], fib: &Fib, tunnel_mtu: usize, segment: Option<usiz
 
 fn decide6(packet: &mut [u8], fib: &Fib, tunnel_mtu: usize, segment: Option<usize>) -> Egress {
     let Ok(header) = ipv6::parse(packet) else { return Egress::Drop(DropReason::Malformed) };
+    if header.dst.is_multicast() {
+        return Egress::Drop(DropReason::Multicast);
+    }
     let peer = match peer_of(fib, header.dst) {
         Ok(peer) => peer,
         Err(reason) => return Egress::Drop(reason),
@@ -226,6 +229,7 @@ mod tests {
             (to6(VM6, 1, 100), Egress::DropWithIcmp6(DropReason::TtlExceeded, Icmp6Error::TimeExceeded)),
             (to6(VM6, 10, 1481), too_big),
             (vec![0x60; 30], Egress::Drop(DropReason::Malformed)),
+            (to6("ff02::16".parse().unwrap(), 1, 76), Egress::Drop(DropReason::Multicast)),
             // An IPv4-mapped address is never looked up in the IPv4 table.
             (to6("::ffff:10.10.0.11".parse().unwrap(), 10, 100), Egress::Drop(DropReason::NoBinding)),
         ];
