@@ -193,8 +193,8 @@ impl NdpMessage {
 
     /// The routable address the sender says it owns, and its MAC: a DAD target, an advertised
     /// target, or the source of an ordinary solicitation; the MAC from the link-layer option, else
-    /// the Ethernet source. `None` for router messages and for link-local, multicast, unspecified,
-    /// loopback or IPv4-mapped addresses (never bound).
+    /// the Ethernet source. `None` for router messages, for link-local, multicast, unspecified,
+    /// loopback or IPv4-mapped addresses (never bound) and for a group MAC in the option.
     pub fn claim(&self) -> Option<(Ipv6Addr, MacAddr)> {
         let (addr, ll) = match self.body {
             Ndp::NeighborSolicitation { target, .. } if self.ip_src.is_unspecified() => (target, None),
@@ -202,7 +202,8 @@ impl NdpMessage {
             Ndp::NeighborAdvertisement { target, target_ll, .. } => (target, target_ll),
             Ndp::RouterSolicitation { .. } | Ndp::RouterAdvertisement(_) => return None,
         };
-        ipv6::is_routable_unicast(&addr).then(|| (addr, ll.unwrap_or(self.eth_src)))
+        let mac = ll.unwrap_or(self.eth_src);
+        (ipv6::is_routable_unicast(&addr) && !mac.is_multicast()).then_some((addr, mac))
     }
 }
 
@@ -271,11 +272,14 @@ pub enum NdpError {
     /// The Ethernet source is a group address.
     #[error("Ethernet source {0} is a multicast/broadcast address")]
     MulticastSender(MacAddr),
+    /// The IPv6 source is a multicast group (RFC 4291 §2.7: never a source).
+    #[error("IPv6 source {0} is a multicast address")]
+    MulticastSource(Ipv6Addr),
 }
 
 impl NdpError {
     /// Every [`NdpError::reason`] label, in a fixed order (for counter arrays).
-    pub const REASONS: [&'static str; 17] = [
+    pub const REASONS: [&'static str; 18] = [
         "too_short",
         "stacked_vlan",
         "not_ipv6",
@@ -293,6 +297,7 @@ impl NdpError {
         "solicited_to_multicast",
         "router_not_link_local",
         "multicast_sender",
+        "multicast_source",
     ];
 
     /// A short stable label, for per-reason counters.
@@ -315,6 +320,7 @@ impl NdpError {
             NdpError::SolicitedToMulticast(_) => "solicited_to_multicast",
             NdpError::RouterNotLinkLocal(_) => "router_not_link_local",
             NdpError::MulticastSender(_) => "multicast_sender",
+            NdpError::MulticastSource(_) => "multicast_source",
         }
     }
 
@@ -386,6 +392,9 @@ pub fn parse_frame(frame: &[u8]) -> Result<NdpMessage, NdpError> {
     }
     let packet = &frame[eth.payload_at..];
     let ip = ipv6::parse(packet).map_err(NdpError::Ipv6)?;
+    if ip.src.is_multicast() {
+        return Err(NdpError::MulticastSource(ip.src));
+    }
     let upper = ipv6::upper_layer(packet, &ip).map_err(NdpError::Ipv6)?;
     if upper.fragment {
         return Err(NdpError::Fragmented);
@@ -790,6 +799,7 @@ mod tests {
             (patch(12, &[0x88, 0xa8]), "stacked_vlan"),
             (patch(12, &[0x08, 0x00]), "not_ipv6"),
             (patch(6, &[0x01]), "multicast_sender"),
+            (fix(patch(14 + 8, &[0xff]), icmp), "multicast_source"),
             (good[..14 + 50].to_vec(), "ipv6_header"),
             (patch(14 + 6, &[17]), "not_icmpv6"),
             (patch(14 + 7, &[64]), "hop_limit"),
