@@ -404,7 +404,10 @@ impl NeighCapture {
             ETHERTYPE_IPV6 if self.protocols.ndp => {
                 ndp::parse_frame(frame).map(Frame::Ndp).map_err(|e| stats.ndp.count(e.reason()))
             }
-            _ => Err(stats.ethernet.count("other_ethertype")),
+            _ => {
+                stats.ethernet.count("other_ethertype");
+                Err(())
+            }
         };
         let frame = parsed.ok()?;
         let index = PROTOCOLS.iter().position(|p| *p == frame.protocol()).expect("every protocol is listed");

@@ -395,6 +395,9 @@ pub(crate) async fn egress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch:
     }
 }
 
+/// [`pipeline::ingress`] or [`pipeline::ingress6`].
+type Decapsulate = fn(&mut [u8], &Fib) -> Result<Range<usize>, DropReason>;
+
 /// Underlay → TUN until `stop` fires or the socket/device fails: the IP-in-IP socket
 /// (`family` V4) or the 6in4 socket (V6).
 pub(crate) async fn ingress_loop(
@@ -403,8 +406,7 @@ pub(crate) async fn ingress_loop(
     family: Family,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let (sock, decapsulate): (&AsyncFd<Socket>, fn(&mut [u8], &Fib) -> Result<Range<usize>, DropReason>) = match family
-    {
+    let (sock, decapsulate): (&AsyncFd<Socket>, Decapsulate) = match family {
         Family::V4 => (&q.sock, pipeline::ingress),
         Family::V6 => (&q.sock6, pipeline::ingress6),
     };
