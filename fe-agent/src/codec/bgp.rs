@@ -318,7 +318,12 @@ impl Update {
         chunks(prefixes, MAX_LEN - HEADER_LEN - 2 - 2 - MP_ATTR_HEADER - family.len())
             .map(|nlri| {
                 let mut attr = Vec::with_capacity(MP_ATTR_HEADER + family.len() + nlri.len());
-                push_attribute(&mut attr, FLAG_OPTIONAL | FLAG_EXTENDED, ATTR_MP_UNREACH, &[&family[..], &nlri].concat());
+                push_attribute(
+                    &mut attr,
+                    FLAG_OPTIONAL | FLAG_EXTENDED,
+                    ATTR_MP_UNREACH,
+                    &[&family[..], &nlri].concat(),
+                );
                 frame(UPDATE, &path_attributes_only(&attr))
             })
             .collect()
@@ -879,16 +884,14 @@ mod tests {
 
     #[test]
     fn ipv6_announcement_matches_the_hand_computed_bytes() {
-        let next_hop = NextHop6 { global: "2001:db8::1".parse().unwrap(), link_local: Some("fe80::1".parse().unwrap()) };
+        let next_hop =
+            NextHop6 { global: "2001:db8::1".parse().unwrap(), link_local: Some("fe80::1".parse().unwrap()) };
         let p = net6("2001:db8:1::/48");
         // The IPv4 NEXT_HOP of the attributes is not written: the MP_REACH_NLRI has the next hop.
         let attrs = Attributes { next_hop: Some(Ipv4Addr::new(192, 0, 2, 1)), ..ebgp_attrs() };
         assert_eq!(Update::announce6(&[p], &attrs, next_hop, true), vec![IPV6_ANNOUNCE.to_vec()]);
-        let want = Update {
-            attributes: ebgp_attrs(),
-            reach6: Some(Reach6 { next_hop, nlri: vec![p] }),
-            ..Update::default()
-        };
+        let want =
+            Update { attributes: ebgp_attrs(), reach6: Some(Reach6 { next_hop, nlri: vec![p] }), ..Update::default() };
         assert_eq!(decode(&IPV6_ANNOUNCE, true).unwrap(), Message::Update(want.clone()));
         // The same with a 1-byte attribute length (flags 0x80): 83 bytes, same meaning.
         let mut short = IPV6_ANNOUNCE.to_vec();
@@ -985,7 +988,8 @@ mod tests {
         let prefixes: Vec<Ipv6Net> = (0..3000u128)
             .map(|i| Ipv6Net::new(Ipv6Addr::from((0x2001_0db8u128 << 96) | (i << 16)), 112).unwrap())
             .collect();
-        let next_hop = NextHop6 { global: "2001:db8::1".parse().unwrap(), link_local: Some("fe80::1".parse().unwrap()) };
+        let next_hop =
+            NextHop6 { global: "2001:db8::1".parse().unwrap(), link_local: Some("fe80::1".parse().unwrap()) };
         let announced = updates(&Update::announce6(&prefixes, &ebgp_attrs(), next_hop, true), true);
         assert!(announced.len() > 1);
         let nlri: Vec<Ipv6Net> = announced.into_iter().flat_map(|u| u.reach6.unwrap().nlri).collect();
