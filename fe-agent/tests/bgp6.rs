@@ -103,7 +103,7 @@ impl Bgp6Lab {
         for n in 1..=fes {
             wait_agent_ready(lab.topo.fe(n), &mut lab.agents[n - 1], Duration::from_secs(30))?;
         }
-        lab.wait_paths(&(1..=fes).collect::<Vec<_>>(), 0)?;
+        lab.wait_paths(&(1..=fes).collect::<Vec<_>>(), 0).with_context(|| lab.agent_logs())?;
         Ok(lab)
     }
 
@@ -135,7 +135,19 @@ impl Bgp6Lab {
         self.agents[n - 1].respawn(self.topo.fe(n), n, self.dir.path())?;
         wait_agent_ready(self.topo.fe(n), &mut self.agents[n - 1], Duration::from_secs(30))?;
         let all: Vec<usize> = (1..=self.agents.len()).collect();
-        self.wait_paths(&all, t).map(drop)
+        self.wait_paths(&all, t).map(drop).with_context(|| self.agent_logs())
+    }
+
+    /// The end of every agent's log, for a failure.
+    fn agent_logs(&self) -> String {
+        let mut out = String::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            let log = agent.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+            out.push_str(&format!("fe{}'s agent log ends:\n{tail}\n", i + 1));
+        }
+        out
     }
 
     fn signal(&self, n: usize, signal: Signal) -> Result<()> {

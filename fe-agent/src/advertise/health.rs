@@ -116,11 +116,6 @@ impl DeviceProbe {
         &self.name
     }
 
-    /// Its netlink handle (the advertiser reads interface addresses with it too).
-    pub fn handle(&self) -> &Handle {
-        &self.handle
-    }
-
     /// The device now.
     pub async fn probe(&self) -> Device {
         match self.handle.link().get().match_name(self.name.clone()).execute().try_next().await {

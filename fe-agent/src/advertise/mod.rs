@@ -115,7 +115,6 @@ impl Advertiser {
                 communities: config.communities.clone(),
                 prefixes: config.prefixes.clone(),
                 prefixes6: config.prefixes6.clone(),
-                netlink: inputs.device.handle().clone(),
             };
             let channels = Channels { desired: desired_rx.clone(), stop: stop_rx.clone(), status };
             peers.spawn(peer::run(peer, channels, metrics.clone()));

@@ -5,13 +5,13 @@
 //! session announces IPv6 prefixes via the interface's global IPv6 address, an IPv6 session IPv4
 //! prefixes via its IPv4 address). IPv6 routes also carry the interface's link-local address when
 //! the router shares that link (RFC 2545). [`choose`] is the pure rule; [`link_of`] reads the
-//! interface's addresses from the kernel when the session is connected.
+//! interface's addresses from the kernel when the session is connected, on a netlink socket of
+//! its own (a dump on a socket that is dumping something else fails with EBUSY).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::{Ipv4Net, Ipv6Net};
-use rtnetlink::Handle;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage};
 
 use crate::codec::bgp::NextHop6;
@@ -78,9 +78,23 @@ pub fn choose(local: IpAddr, peer: IpAddr, configured: Configured, link: &LinkAd
     NextHops { v4, v6 }
 }
 
+/// Why the interface addresses could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// No netlink socket.
+    #[error("cannot open a netlink socket: {0}")]
+    Open(#[from] std::io::Error),
+    /// The dump failed.
+    #[error("cannot list the addresses: {0}")]
+    Dump(#[from] rtnetlink::Error),
+}
+
 /// The usable addresses of the interface that has address `local`; None if no interface has it
 /// (e.g. a session through a NAT).
-pub async fn link_of(handle: &Handle, local: IpAddr) -> Result<Option<LinkAddresses>, rtnetlink::Error> {
+pub async fn link_of(local: IpAddr) -> Result<Option<LinkAddresses>, ReadError> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    // Ends when `handle` is dropped.
+    tokio::spawn(connection);
     let all: Vec<AddressMessage> = handle.address().get().execute().try_collect().await?;
     let Some(index) = all.iter().find(|m| address(m) == Some(local)).map(|m| m.header.index) else {
         return Ok(None);

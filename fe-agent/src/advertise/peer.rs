@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use rtnetlink::Handle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -48,8 +47,6 @@ pub struct PeerConfig {
     pub prefixes: Vec<Ipv4Net>,
     /// The IPv6 prefixes.
     pub prefixes6: Vec<Ipv6Net>,
-    /// Reads the addresses of the interface towards the router (for the next hops).
-    pub netlink: Handle,
 }
 
 /// What the advertiser wants the routers to see.
@@ -152,7 +149,7 @@ async fn routes_towards(config: &PeerConfig, stream: &TcpStream) -> (Routes, Str
     let mut link = LinkAddresses::default();
     let next_hops = match stream.local_addr() {
         Ok(local) => {
-            match nexthop::link_of(&config.netlink, local.ip()).await {
+            match nexthop::link_of(local.ip()).await {
                 Ok(Some(found)) => link = found,
                 Ok(None) => tracing::debug!(peer = %config.addr, %local, "no interface has the session's address"),
                 Err(e) => tracing::warn!(peer = %config.addr, error = %e, "cannot read the interface addresses"),
