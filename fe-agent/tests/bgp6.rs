@@ -162,8 +162,8 @@ impl Bgp6Lab {
         let (gone4, gone6) = (edge_addr(n), edge_addr6(n));
         let v4 = self.watch4.wait_for(&format!("fe{n} withdrawn"), since, timeout, |g| !g.contains(&gone4))?;
         let v6 = self.watch6.wait_for(&format!("fe{n} withdrawn"), since, timeout, |g| !g.contains(&gone6))?;
-        // The route over the other FEs stays (or is back: BIRD rewrites an IPv6 multipath route
-        // one next hop at a time).
+        // The route over the other FEs stays. For IPv6 it is awaited rather than read off the
+        // withdrawal event: an IPv6 multipath route may reach the kernel in more than one step.
         let want6: Vec<Ipv6Addr> = others.iter().map(|m| edge_addr6(*m)).collect();
         self.watch6.wait_for("the other FEs' IPv6 paths", since, timeout, |g| g == want6.as_slice())?;
         let want4: Vec<Ipv4Addr> = others.iter().map(|m| edge_addr(*m)).collect();

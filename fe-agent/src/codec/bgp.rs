@@ -624,9 +624,12 @@ fn invalid_prefix() -> DecodeError {
     DecodeError::new(ErrorCode::Update, 10, Vec::new(), "UPDATE: invalid prefix".into())
 }
 
+/// The IPv6 unicast routes of an MP_(UN)REACH_NLRI, with the next hop of an MP_REACH_NLRI.
+type Mp6 = (Option<NextHop6>, Vec<Ipv6Net>);
+
 /// The IPv6 unicast content of an MP_REACH_NLRI (`reach`: its next hop and prefixes) or an
 /// MP_UNREACH_NLRI (no next hop); None for another family, which a route injector skips.
-fn decode_mp(value: &[u8], reach: bool) -> Result<Option<(Option<NextHop6>, Vec<Ipv6Net>)>, DecodeError> {
+fn decode_mp(value: &[u8], reach: bool) -> Result<Option<Mp6>, DecodeError> {
     let name = if reach { "MP_REACH_NLRI" } else { "MP_UNREACH_NLRI" };
     // RFC 4271 §6.3: a malformed optional attribute is an Optional Attribute Error.
     let bad = |what: &str| DecodeError::new(ErrorCode::Update, 9, Vec::new(), format!("UPDATE: {name}: {what}"));

@@ -213,14 +213,24 @@ template bgp victor_fe {{
         out.push_str(&format!("protocol bgp {name} from victor_fe {{ neighbor {addr} as {}; }}\n", c.fe_as));
     }
     for (addr, asn) in &c.providers {
-        let (name, channel, set) = match addr {
-            IpAddr::V4(_) => ("provider", "ipv4", "VICTOR_MOBILE"),
-            IpAddr::V6(_) => ("provider6", "ipv6", "VICTOR_MOBILE6"),
+        let (name, channel, set, comment) = match addr {
+            IpAddr::V4(_) => (
+                "provider",
+                "ipv4",
+                "VICTOR_MOBILE",
+                "# The provider learns the mobile prefixes from this site while at least one FE here announces\n\
+                 # them (path: this AS, then the FEs' AS).",
+            ),
+            IpAddr::V6(_) => (
+                "provider6",
+                "ipv6",
+                "VICTOR_MOBILE6",
+                "# The provider's IPv6 session: the IPv6 mobile prefixes, on the same condition.",
+            ),
         };
         out.push_str(&format!(
             r#"
-# The provider learns the mobile prefixes from this site while at least one FE here announces
-# them (path: this AS, then the FEs' AS).
+{comment}
 protocol bgp {name} {{
   local as {local_as};
   neighbor {addr} as {asn};
