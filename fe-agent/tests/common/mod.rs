@@ -376,3 +376,11 @@ where
 /// The fault suite's link proxy: `partition()` freezes every connection (a replica that died
 /// silently: only the agent's liveness checks can tell), `heal()` resets the held ones.
 pub use victor_tests::faults::proxy::LinkProxy;
+
+/// p50, max and every value of a benchmark series, as the BGP tests report them.
+pub fn summary(values: &[f64]) -> serde_json::Value {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let pick = |q: f64| v[(((q * v.len() as f64).ceil() as usize).max(1) - 1).min(v.len() - 1)];
+    serde_json::json!({ "p50": pick(0.5), "max": pick(1.0), "all": values })
+}
