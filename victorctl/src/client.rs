@@ -122,7 +122,7 @@ impl Controllers {
                 Ok(Err(status)) if status.code() == Code::Unavailable => {
                     failures.push(format!("{address}: UNAVAILABLE: {}", status.message()));
                 }
-                Ok(Err(status)) => return Err(CtlError::Rpc(status)),
+                Ok(Err(status)) => return Err(CtlError::from_status(address, status)),
                 Err(_) => {
                     return Err(CtlError::Rpc(Status::deadline_exceeded(format!(
                         "{address} did not answer within {} (--timeout); the call may or may not have been applied",
