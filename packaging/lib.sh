@@ -80,8 +80,11 @@ pk_rootfs() { # suite variant include [mmdebstrap options...]
     fi
     tmp=$PK_CACHE/rootfs/tmp.$$.tar.zst
     pk_log "mmdebstrap $suite ($variant${include:+, +$include}): a root file system from Debian's archive"
-    if mmdebstrap --quiet --mode=root --variant="$variant" ${include:+--include="$include"} "$@" \
-        "$suite" "$tmp" "$PK_MIRROR" </dev/null >"$PK_CACHE/rootfs/mmdebstrap.log" 2>&1; then
+    # In a private mount namespace: its mounts (/proc, /dev in the new root) neither propagate to
+    # other namespaces (whose users could keep them busy at unmount) nor outlive it.
+    if unshare --mount --propagation private -- mmdebstrap --quiet --mode=root --variant="$variant" \
+        ${include:+--include="$include"} "$@" "$suite" "$tmp" "$PK_MIRROR" \
+        </dev/null >"$PK_CACHE/rootfs/mmdebstrap.log" 2>&1; then
         mv "$tmp" "$tar"
         # Older roots of the same kind are of no further use.
         find "$PK_CACHE/rootfs" -name "$suite-$variant-*.tar.zst" ! -path "$tar" -mtime +30 -delete

@@ -80,6 +80,9 @@ for f in /usr/bin/victorctl /usr/bin/victor-fe-agent /usr/bin/victor-controller 
     /etc/victor/fe-agent.toml /etc/victor/controller.toml; do
     check "installed $f" test -e "$root$f"
 done
+check "the units are not enabled on a first install (the configs must be filled in first)" \
+    test ! -e "$root/etc/systemd/system/multi-user.target.wants/victor-fe-agent.service" \
+    -a ! -e "$root/etc/systemd/system/multi-user.target.wants/victor-controller.service"
 check "the configs are conffiles" pk_chroot "$root" sh -c \
     'dpkg-query -W -f="\${Conffiles}\n" victor-fe-agent victor-controller | grep -c "^ /etc/victor/" | grep -qx 2'
 
@@ -219,6 +222,12 @@ for c in $caps; do
         test "$status" != timeout -a "$status" != 0 -a -n "$why"
     [[ $status == timeout ]] && kill "$pid"
 done
+
+# ---- purge leaves nothing of the packages but the user and /var/lib/victor
+pk_chroot "$root" dpkg --purge victor-fe-agent victor-controller victorctl >"$work/purge.log" 2>&1
+check "dpkg --purge of the three packages" test $? -eq 0
+check "  ... binaries, units and configs are gone" sh -c "! ls '$root'/usr/bin/victor* '$root'/etc/victor/*.toml \
+    '$root'/usr/lib/systemd/system/victor-* 2>/dev/null"
 
 echo "install-test: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

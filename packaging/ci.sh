@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# CI step of tests/run.sh: VICTOR as operators install it.
+#
+#  1. the Debian packages (build-debs.sh, from the debug binaries CI has just built);
+#  2. on a clean Debian root (tests/install-test.sh): dpkg -i, systemd-analyze verify of the
+#     units, --check-config from the installed paths, a real start as the units' user with exactly
+#     their capabilities (and each capability shown to be needed), purge;
+#  3. under systemd (tests/vm-test.sh, in the VM runner's guest, beside the rest): both units
+#     started with systemctl (Type=notify, ready when synced), their user and capabilities,
+#     ARP learning, the journal, a watchdog restart, an upgrade restart, a clean stop;
+#  4. the container image the Helm chart runs, built from the Dockerfile without a Docker
+#     engine (image/build-image.sh) and run as the chart runs it (image/run-test.sh);
+#  5. the Dockerfile reader refuses what it does not reproduce.
+#
+# Prints each part's result and duration, then the step's. Exit 0 when nothing failed (a part
+# that cannot run here prints `SKIPPED: <reason>`), 1 otherwise. Expects `cargo build
+# --workspace --bins` to have run (tests/run.sh builds before). Needs root.
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+# shellcheck source=packaging/lib.sh
+. "$here/lib.sh"
+cd "$repo" || exit 1
+start=$SECONDS
+logs=$repo/target/packaging/logs
+mkdir -p "$logs"
+failed=()
+
+# Runs a part with its output in $logs/<name>.log, then prints that output and the result.
+part_report() { # name status seconds
+    local name=$1 status=$2 secs=$3
+    sed 's/^/    /' "$logs/$name.log"
+    case $status in
+        0) echo "packaging ci: $name passed (${secs} s)" ;;
+        77) echo "packaging ci: $name SKIPPED (${secs} s): $(grep -h -m1 '^SKIPPED' "$logs/$name.log")" ;;
+        *) echo "packaging ci: $name FAILED with status $status (${secs} s; log $logs/$name.log)"; failed+=("$name") ;;
+    esac
+}
+part() { # name command...
+    local name=$1 t0=$SECONDS status
+    shift
+    "$@" >"$logs/$name.log" 2>&1
+    status=$?
+    part_report "$name" "$status" $((SECONDS - t0))
+    return "$status"
+}
+
+pk_need dpkg-deb dpkg-shlibdeps strip zstd jq curl python3 >/dev/null
+
+part packages bash "$here/build-debs.sh" || { echo "packaging ci: FAILED: no packages (after $((SECONDS - start)) s)"; exit 1; }
+
+# The VM boots in the background (one vCPU under TCG, minutes): the rest runs meanwhile.
+vm_t0=$SECONDS
+bash "$here/tests/vm-test.sh" >"$logs/systemd-in-vm.log" 2>&1 &
+vm_pid=$!
+
+part install-test bash "$here/tests/install-test.sh"
+if part image-build bash "$here/image/build-image.sh"; then
+    part image-run bash "$here/image/run-test.sh"
+fi
+# The reader of the Dockerfile stops at an instruction it does not reproduce.
+bad=$(mktemp)
+sed 's/^USER /VOLUME \/data\nUSER /' Dockerfile >"$bad"
+if python3 "$here/image/dockerfile.py" "$bad" >/dev/null 2>"$logs/dockerfile-reader.log"; then
+    failed+=(dockerfile-reader)
+    echo "packaging ci: dockerfile-reader FAILED: it accepted a VOLUME it does not reproduce"
+elif grep -q "VOLUME in the runtime stage is not reproduced" "$logs/dockerfile-reader.log"; then
+    echo "packaging ci: dockerfile-reader passed (refuses an instruction it does not reproduce)"
+else
+    failed+=(dockerfile-reader)
+    echo "packaging ci: dockerfile-reader FAILED: $(cat "$logs/dockerfile-reader.log")"
+fi
+rm -f "$bad"
+
+wait "$vm_pid"
+part_report systemd-in-vm $? $((SECONDS - vm_t0))
+
+if [[ ${#failed[@]} -gt 0 ]]; then
+    echo "packaging ci: FAILED: ${failed[*]} (after $((SECONDS - start)) s)"
+    exit 1
+fi
+echo "packaging ci: passed after $((SECONDS - start)) s"
