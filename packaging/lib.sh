@@ -22,7 +22,8 @@
 
 PK_CACHE=${VICTOR_PACKAGING_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/victor/packaging}
 PK_MIRROR=${VICTOR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# What debian:*-slim leaves out (the official images' dpkg configuration).
+# What debian:*-slim leaves out (the official images' dpkg configuration; image/build-image.sh).
+# shellcheck disable=SC2034
 PK_SLIM_OPTS=(
     --dpkgopt='path-exclude=/usr/share/man/*'
     --dpkgopt='path-exclude=/usr/share/doc/*'
@@ -56,6 +57,7 @@ pk_need() {
             jq) pkg=jq ;;
             setpriv | unshare) pkg=util-linux ;;
             capsh) pkg=libcap2-bin ;;
+            etcd) pkg=etcd-server ;;
             *) pkg=$cmd ;;
         esac
         want+=("$pkg")
@@ -107,6 +109,7 @@ pk_unpack() { # tarball dir
 }
 
 # The mount namespace's setup before the chroot ($1 = root, then the command).
+# shellcheck disable=SC2016 # expanded by the bash that runs it
 PK_CHROOT_SH='r=$1; shift
 mount --rbind /dev "$r/dev" && mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" &&
     mount -t tmpfs -o mode=755 tmpfs "$r/run" && mount -t tmpfs -o mode=1777 tmpfs "$r/tmp" || exit 125

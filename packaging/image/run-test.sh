@@ -77,7 +77,7 @@ for port in $(jq -r '.ports[]' "$work/pod.json"); do
 done
 umoci unpack --image "$layout:$tag" "$work/bundle" >"$work/unpack.log" 2>&1 || { cat "$work/unpack.log"; exit 1; }
 rootfs=$work/bundle/rootfs
-while read -r binary dest; do
+while read -r _ dest; do
     check "$dest is there, executable, and runs on the image's libc ($(chroot "$rootfs" "$dest" --version 2>&1 | head -n 1))" \
         sh -c "chroot '$rootfs' '$dest' --version >/dev/null"
 done < <(jq -r '.copies[] | "\(.binary) \(.dest)"' <<<"$plan")

@@ -7,8 +7,8 @@
 #  2. `systemd-analyze verify` of the installed units (inside the root: binaries and all);
 #  3. `--check-config` from the installed paths: the shipped configs parse (and say what is
 #     missing), a filled-in config is accepted;
-#  4. a real start from the installed paths in a network namespace: the controller as the unit's
-#     user without any capability, the agent as the unit's user with exactly the unit's
+#  4. a real start from the installed paths in a network namespace: the controller (on etcd) as
+#     the unit's user without any capability, the agent as the unit's user with exactly the unit's
 #     AmbientCapabilities (read from the installed unit); the agent becomes ready (/readyz),
 #     programs its TUN device and its sysctls, learns a VM from ARP on a VM port and the
 #     controller binds it (victorctl from the installed package shows it);
@@ -18,6 +18,7 @@
 #
 # Prints PASS/FAIL per check and `N passed, M failed`; exit 0 when all passed, 77 with
 # `SKIPPED: <reason>` when no clean root can be had, 1 otherwise. Needs root.
+# shellcheck disable=SC2016 # single-quoted commands run in the clean root
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -25,7 +26,7 @@ repo=$(cd "$here/../.." && pwd)
 . "$here/../lib.sh"
 debs=$(cd "${1:-$repo/target/packaging/debs}" && pwd) || exit 1
 
-pk_need mmdebstrap zstd curl jq setpriv capsh
+pk_need mmdebstrap zstd curl jq setpriv capsh etcd
 suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
 tarball=$(pk_rootfs "$suite" minbase systemd) || exit $?
 
@@ -107,11 +108,12 @@ for daemon in fe-agent controller; do
         grep -q "required arguments were not provided" "$work/check.log" || cat "$work/check.log"
     check "  ... exit status 2, the unit's RestartPreventExitStatus" test $status -eq 2
 done
+# The controller on etcd here (the VM test runs it on its embedded store).
 cat >"$root/etc/victor/controller.toml" <<'EOF'
 mobile-prefix = ["10.10.0.0/16"]
 grpc-listen = "127.0.0.1:50051"
 http-listen = "127.0.0.1:8080"
-data-dir = "/var/lib/victor/controller"
+etcd-endpoints = ["http://127.0.0.1:2379"]
 EOF
 cat >"$root/etc/victor/fe-agent.toml" <<'EOF'
 controller = ["http://127.0.0.1:50051"]
@@ -141,7 +143,10 @@ ip -n "$vm_ns" link set lo up
 ip -n "$vm_ns" addr add 10.10.0.11/16 dev eth0
 ip -n "$vm_ns" link set eth0 up
 ip -n "$vm_ns" route add default via 10.10.0.1
-pk_chroot "$root" install -d -o victor -g victor -m 0750 /var/lib/victor /var/lib/victor/controller
+mkdir -p "$work/etcd"
+ip netns exec "$fe_ns" etcd --data-dir "$work/etcd" --listen-client-urls http://127.0.0.1:2379 \
+    --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 >"$work/etcd.log" 2>&1 &
+pids+=($!)
 
 setpriv_caps() { # "CAP_A CAP_B" -> +a,+b
     local out="" c
@@ -158,7 +163,7 @@ run_as_unit() { # log caps cmd... (in the background; its PID is appended to pid
 }
 run_as_unit "$work/controller.log" "" victor-controller --config /etc/victor/controller.toml
 if pk_wait_http http://127.0.0.1:8080/readyz 60 "$fe_ns"; then
-    pass "the controller runs from /usr/bin as victor without capabilities, /readyz 200"
+    pass "the controller runs from /usr/bin as victor without capabilities, on etcd, /readyz 200"
 else
     fail "the controller did not become ready (log below)"
     tail -n 20 "$work/controller.log"
@@ -176,10 +181,10 @@ fi
 victor_uid=$(pk_chroot "$root" id -u victor)
 field() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 names() { capsh --decode="$1" | cut -d= -f2; }
-want=$(tr '[:upper:] ' '[:lower:]\n' <<<"$caps" | grep . | sort | paste -sd,)
+want_caps=$(tr '[:upper:] ' '[:lower:]\n' <<<"$caps" | grep . | sort | paste -sd,)
 for set in CapEff CapPrm CapBnd CapAmb; do
     got=$(names "$(field "$agent" "$set")")
-    check "the running agent's $set is exactly $want (${got:-empty})" test "$got" = "$want"
+    check "the running agent's $set is exactly $want_caps (${got:-empty})" test "$got" = "$want_caps"
 done
 check "the running agent's uid is victor's ($victor_uid)" test "$(field "$agent" Uid)" = "$victor_uid"
 check "the agent created its TUN device victor0 and set its rp_filter (a network sysctl) to 2" \
@@ -199,13 +204,16 @@ check "a VM's ARP on the VM port was captured and bound to fe1 (victorctl bindin
     test "$learned" = fe1
 PK_NETNS=$fe_ns pk_chroot "$root" victorctl binding list >"$work/bindings.log" 2>&1
 ip netns exec "$fe_ns" curl -s --max-time 2 http://127.0.0.1:9180/metrics >"$work/agent-metrics.log" 2>&1 || true
+PK_NETNS=$fe_ns pk_chroot "$root" victorctl -o json status >"$work/status.json" 2>&1
+check "the installed victorctl reaches the controller: store $(jq -r .store_kind "$work/status.json" 2>/dev/null), 1 FE" \
+    jq -e '.store_kind == "etcd" and .fe_count == 1' "$work/status.json" >/dev/null
 kill -TERM "$agent"
 wait "$agent" 2>/dev/null
 check "the agent exits 0 on SIGTERM" test $? -eq 0
 
 # ---- 5. minimal: each capability is needed
 for c in $caps; do
-    rest=$(setpriv_caps "$(sed "s/\b$c\b//" <<<"$caps")")
+    rest=$(setpriv_caps "${caps//$c/}")
     run_as_unit "$work/agent-without-$c.log" "$rest" victor-fe-agent --config /etc/victor/fe-agent.toml
     pid=${pids[-1]}
     status=timeout

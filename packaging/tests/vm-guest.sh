@@ -12,6 +12,7 @@
 # learning through the unit's capabilities, logs in the journal, a watchdog restart of a frozen
 # agent, the restart an upgrade's postinst does, a clean stop. Writes `PASS|FAIL <check>` lines to results.txt in the out share, the
 # journal of both units to journal.txt, then powers the VM off (isa-debug-exit: 0 passed, 1 not).
+# shellcheck disable=SC2016 # single-quoted commands run by sh -c
 out=/run/victor-vm/out
 exec </dev/null >"$out/guest.log" 2>&1
 set -u
