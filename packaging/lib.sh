@@ -15,7 +15,8 @@
 #                      network namespace $PK_NETNS when set
 #   pk_wait_http URL SECONDS [NETNS]
 #                      waits until URL answers 200 (curl, inside NETNS when given)
-#   pk_need CMD...     installs the Debian packages providing missing commands
+#   pk_need CMD...     installs the Debian packages providing missing commands; when apt cannot,
+#                      prints `SKIPPED: <reason>` and returns 77 (callers: `pk_need ... || exit`)
 #
 # Debian's archive is the only source: nothing binary is committed. The cache is
 # $VICTOR_PACKAGING_CACHE, default ${XDG_CACHE_HOME:-~/.cache}/victor/packaging.
@@ -42,31 +43,31 @@ pk_skip() {
 
 # The Debian package that provides each command; installs those missing (as root, quietly).
 pk_need() {
-    local want=() cmd pkg
+    local want=() missing=() cmd pkg
     for cmd in "$@"; do
         command -v "$cmd" >/dev/null && continue
+        missing+=("$cmd")
         case $cmd in
-            mmdebstrap) pkg=mmdebstrap ;;
-            umoci) pkg=umoci ;;
-            runc) pkg=runc ;;
-            zstd) pkg=zstd ;;
             dpkg-shlibdeps) pkg=dpkg-dev ;;
             strip) pkg=binutils ;;
-            systemd-analyze) pkg=systemd ;;
-            curl) pkg=curl ;;
-            jq) pkg=jq ;;
+            systemd-analyze | systemctl) pkg=systemd ;;
             setpriv | unshare) pkg=util-linux ;;
             capsh) pkg=libcap2-bin ;;
             etcd) pkg=etcd-server ;;
-            *) pkg=$cmd ;;
+            ip) pkg=iproute2 ;;
+            modprobe) pkg=kmod ;;
+            *) pkg=$cmd ;; # mmdebstrap, umoci, runc, zstd, curl, jq, python3
         esac
         want+=("$pkg")
     done
     [[ ${#want[@]} -eq 0 ]] && return 0
     pk_log "installing ${want[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null 2>&1 && return 0
+    # Stale or missing package lists (a fresh machine has none): refresh once.
+    apt-get update -qq >/dev/null 2>&1
     apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null 2>&1 ||
-        { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null; }
+        pk_skip "apt-get cannot install ${want[*]} (for ${missing[*]})"
 }
 
 pk_rootfs() { # suite variant include [mmdebstrap options...]

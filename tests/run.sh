@@ -88,9 +88,10 @@ bash tests/vm/ci.sh || [[ $? -eq 77 ]]
 
 # >>> packaging (packaging/ci.sh): the Debian packages and their systemd units on a clean root and
 # under systemd in a VM, the container image built from the Dockerfile and run as the Helm chart
-# runs it. A part that cannot run here prints `SKIPPED: <reason>`; a failure fails the suite.
+# runs it. Status 77 means a part could not run here and said `SKIPPED: <reason>` (a tool apt
+# cannot install, no QEMU, Debian's archive unreachable with nothing cached); a failure fails.
 step "packages, systemd units and the container image (packaging/ci.sh)"
-bash packaging/ci.sh
+bash packaging/ci.sh || [[ $? -eq 77 ]]
 # <<< packaging
 
 step "leak check"

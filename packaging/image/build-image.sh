@@ -16,7 +16,7 @@
 #
 # The binaries come from the cargo build of --profile (default debug, what CI has built; the
 # Dockerfile's own build stage builds release). Exit 77 with `SKIPPED: <reason>` when Debian's
-# archive cannot be reached and nothing is cached.
+# archive cannot be reached and nothing is cached, or when mmdebstrap or umoci cannot be installed.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -33,7 +33,7 @@ while [[ $# -gt 0 ]]; do
 done
 bindir=${CARGO_TARGET_DIR:-$repo/target}/$profile
 version=$(sed -n '/^\[workspace.package\]/,/^\[/ s/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml")
-pk_need mmdebstrap umoci zstd jq strip
+pk_need mmdebstrap umoci zstd jq strip python3 || exit
 
 plan=$(python3 "$here/dockerfile.py" "$repo/Dockerfile")
 suite=$(jq -r .suite <<<"$plan")

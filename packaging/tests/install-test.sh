@@ -17,7 +17,7 @@
 #   packaging/tests/install-test.sh [DEBS_DIR]     (default target/packaging/debs)
 #
 # Prints PASS/FAIL per check and `N passed, M failed`; exit 0 when all passed, 77 with
-# `SKIPPED: <reason>` when no clean root can be had, 1 otherwise. Needs root.
+# `SKIPPED: <reason>` when no clean root can be had or a tool cannot be installed, 1 otherwise. Needs root.
 # shellcheck disable=SC2016 # single-quoted commands run in the clean root
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -26,7 +26,7 @@ repo=$(cd "$here/../.." && pwd)
 . "$here/../lib.sh"
 debs=$(cd "${1:-$repo/target/packaging/debs}" && pwd) || exit 1
 
-pk_need mmdebstrap zstd curl jq setpriv capsh etcd
+pk_need mmdebstrap zstd curl jq setpriv capsh etcd ip python3 || exit
 suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
 tarball=$(pk_rootfs "$suite" minbase systemd) || exit $?
 

@@ -9,7 +9,7 @@
 #
 # Prints the guest's PASS/FAIL lines and `N passed, M failed`. Exit 0 all passed; 77 with
 # `SKIPPED: <reason>` when no guest can boot here (tests/vm/run's own reasons: no QEMU, no
-# kernel); 1 otherwise. Logs: target/vm/runs/packaging/ (console.log, guest.log, journal.txt).
+# kernel) or systemd cannot be installed; 1 otherwise. Logs: target/vm/runs/packaging/ (console.log, guest.log, journal.txt).
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -18,8 +18,9 @@ repo=$(cd "$here/../.." && pwd)
 debs=$(cd "${1:-$repo/target/packaging/debs}" && pwd) || exit 1
 vm=$repo/tests/vm
 
+# The guest boots the host's root: systemd and the tools vm-guest.sh uses must be installed here.
+pk_need systemctl curl jq capsh python3 ip || exit
 [[ -x /lib/systemd/systemd ]] || pk_skip "the packages under systemd: the host root has no /lib/systemd/systemd for the guest to boot" || exit
-pk_need curl jq capsh python3
 bash "$vm/install.sh" >/dev/null 2>&1 || pk_skip "the packages under systemd: QEMU cannot be installed (tests/vm/install.sh)" || exit
 out=$repo/target/vm/runs/packaging
 rm -rf "$out" && mkdir -p "$out"
