@@ -382,10 +382,28 @@ async fn mistakes_say_what_to_fix_and_a_closed_pipe_ends_quietly() {
     let server = start(&dir.path().join("data"), &[]).await;
     let c = server.grpc_addr.to_string();
 
-    // The HTTP admin port given as a controller address.
+    // The HTTP admin port given as a controller address (HTTP/1.1 only: the gRPC call fails at
+    // the transport, and victorctl finds out what answers there).
     let http = server.http_addr.to_string();
     let run = ctl(&http, &["status"]).await;
-    assert_refused(&run, 1, &["UNIMPLEMENTED", &http, "probably an HTTP admin port", "port 50051 by default"]);
+    assert_refused(
+        &run,
+        1,
+        &[&http, "answers HTTP but not gRPC", "probably an HTTP admin port", "port 50051 by default"],
+    );
+    // A port where nothing speaks HTTP is not called one.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let closer = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = silent.accept().await.unwrap();
+            drop(tcp);
+        }
+    });
+    let run = ctl(&silent_addr, &["status"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(!run.stderr.contains("HTTP admin port"), "{run:?}");
+    closer.abort();
 
     // A prefix length out of range is named as such, for lists and watches, IPv4 and IPv6.
     let run = ctl(&c, &["binding", "list", "--prefix", "10.10.230.0/33"]).await;
