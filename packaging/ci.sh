@@ -50,18 +50,38 @@ part() { # name command...
     part_report "$name" "$status" $((SECONDS - t0))
     return "$status"
 }
+# The same in the background; join_part waits for it and reports.
+declare -A part_pid part_t0
+bg_part() { # name command...
+    local name=$1
+    shift
+    part_t0[$name]=$SECONDS
+    "$@" >"$logs/$name.log" 2>&1 &
+    part_pid[$name]=$!
+}
+join_part() { # name
+    local name=$1 status
+    wait "${part_pid[$name]}"
+    status=$?
+    part_report "$name" "$status" $((SECONDS - part_t0[$name]))
+    return "$status"
+}
 
 pk_need dpkg-deb dpkg-shlibdeps strip zstd jq curl python3 || { echo "packaging ci: no packages can be built"; exit 77; }
 
+# The other parts' tools, now and one apt at a time (the parts run concurrently); what cannot be
+# installed makes its part say SKIPPED.
+pk_need mmdebstrap umoci runc etcd setpriv capsh ip systemctl >/dev/null
+bash tests/vm/install.sh >/dev/null 2>&1
+
 part packages bash "$here/build-debs.sh" || { echo "packaging ci: FAILED: no packages (after $((SECONDS - start)) s)"; exit 1; }
 
-# The VM boots in the background (one vCPU under TCG, minutes): the rest runs meanwhile.
-vm_t0=$SECONDS
-bash "$here/tests/vm-test.sh" >"$logs/systemd-in-vm.log" 2>&1 &
-vm_pid=$!
-
+# Three chains side by side: the VM (one vCPU under TCG, minutes), the image (its Debian root
+# is fetched on a fresh machine) and the install test (the same for its root).
+bg_part systemd-in-vm bash "$here/tests/vm-test.sh"
+bg_part image-build bash "$here/image/build-image.sh"
 part install-test bash "$here/tests/install-test.sh"
-if part image-build bash "$here/image/build-image.sh"; then
+if join_part image-build; then
     part image-run bash "$here/image/run-test.sh"
 fi
 # The reader of the Dockerfile stops at an instruction it does not reproduce.
@@ -78,8 +98,7 @@ else
 fi
 rm -f "$bad"
 
-wait "$vm_pid"
-part_report systemd-in-vm $? $((SECONDS - vm_t0))
+join_part systemd-in-vm
 
 if [[ ${#failed[@]} -gt 0 ]]; then
     echo "packaging ci: FAILED: ${failed[*]} (after $((SECONDS - start)) s)"

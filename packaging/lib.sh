@@ -63,17 +63,19 @@ pk_need() {
     [[ ${#want[@]} -eq 0 ]] && return 0
     pk_log "installing ${want[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null 2>&1 && return 0
+    # Parts of packaging/ci.sh run concurrently: wait for another apt rather than fail.
+    local apt=(apt-get -o DPkg::Lock::Timeout=600 -qq)
+    "${apt[@]}" install -y --no-install-recommends "${want[@]}" >/dev/null 2>&1 && return 0
     # Stale or missing package lists (a fresh machine has none): refresh once.
-    apt-get update -qq >/dev/null 2>&1
-    apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null 2>&1 ||
+    "${apt[@]}" update >/dev/null 2>&1
+    "${apt[@]}" install -y --no-install-recommends "${want[@]}" >/dev/null 2>&1 ||
         pk_skip "apt-get cannot install ${want[*]} (for ${missing[*]})"
 }
 
 pk_rootfs() { # suite variant include [mmdebstrap options...]
     local suite=$1 variant=$2 include=$3
     shift 3
-    local key tar tmp
+    local key tar tmp log
     key=$(printf '%s\n' "$suite" "$variant" "$include" "$PK_MIRROR" "$@" | sha256sum | cut -c1-16)
     mkdir -p "$PK_CACHE/rootfs"
     tar=$PK_CACHE/rootfs/$suite-$variant-$key.tar.zst
@@ -85,9 +87,10 @@ pk_rootfs() { # suite variant include [mmdebstrap options...]
     pk_log "mmdebstrap $suite ($variant${include:+, +$include}): a root file system from Debian's archive"
     # In a private mount namespace: its mounts (/proc, /dev in the new root) neither propagate to
     # other namespaces (whose users could keep them busy at unmount) nor outlive it.
+    log=$PK_CACHE/rootfs/mmdebstrap-$suite-$variant.log
     if unshare --mount --propagation private -- mmdebstrap --quiet --mode=root --variant="$variant" \
         ${include:+--include="$include"} "$@" "$suite" "$tmp" "$PK_MIRROR" \
-        </dev/null >"$PK_CACHE/rootfs/mmdebstrap.log" 2>&1; then
+        </dev/null >"$log" 2>&1; then
         mv "$tmp" "$tar"
         # Older roots of the same kind are of no further use.
         find "$PK_CACHE/rootfs" -name "$suite-$variant-*.tar.zst" ! -path "$tar" -mtime +30 -delete
@@ -96,13 +99,13 @@ pk_rootfs() { # suite variant include [mmdebstrap options...]
     fi
     rm -f "$tmp"
     if [[ -f $tar ]]; then
-        pk_log "mmdebstrap failed (tail of $PK_CACHE/rootfs/mmdebstrap.log below); using the cached root of $(date -r "$tar" +%F)"
-        tail -n 5 "$PK_CACHE/rootfs/mmdebstrap.log" >&2
+        pk_log "mmdebstrap failed (tail of $log below); using the cached root of $(date -r "$tar" +%F)"
+        tail -n 5 "$log" >&2
         echo "$tar"
         return 0
     fi
-    tail -n 5 "$PK_CACHE/rootfs/mmdebstrap.log" >&2
-    pk_skip "mmdebstrap cannot fetch $suite from $PK_MIRROR and no root is cached (log: $PK_CACHE/rootfs/mmdebstrap.log)"
+    tail -n 5 "$log" >&2
+    pk_skip "mmdebstrap cannot fetch $suite from $PK_MIRROR and no root is cached (log: $log)"
 }
 
 pk_unpack() { # tarball dir

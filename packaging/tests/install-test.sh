@@ -51,10 +51,22 @@ root=$work/root
 tag=vpk$$
 fe_ns=$tag-fe vm_ns=$tag-vm
 pids=()
+# Stops a background process: SIGTERM, up to 15 s, then SIGKILL. Returns its exit status
+# (137 when it had to be killed).
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return; }
+    for _ in $(seq 1 75); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+}
 cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
+    local i
+    # The last started first: the daemons before their etcd.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do stop_pid "${pids[i]}"; done
     ip netns del "$fe_ns" 2>/dev/null
     ip netns del "$vm_ns" 2>/dev/null
     # The daemons' logs stay for a look: target/packaging/logs/install-test/.
@@ -162,6 +174,7 @@ run_as_unit() { # log caps cmd... (in the background; its PID is appended to pid
     pids+=($!)
 }
 run_as_unit "$work/controller.log" "" victor-controller --config /etc/victor/controller.toml
+controller=${pids[-1]}
 if pk_wait_http http://127.0.0.1:8080/readyz 60 "$fe_ns"; then
     pass "the controller runs from /usr/bin as victor without capabilities, on etcd, /readyz 200"
 else
@@ -207,8 +220,7 @@ ip netns exec "$fe_ns" curl -s --max-time 2 http://127.0.0.1:9180/metrics >"$wor
 PK_NETNS=$fe_ns pk_chroot "$root" victorctl -o json status >"$work/status.json" 2>&1
 check "the installed victorctl reaches the controller: store $(jq -r .store_kind "$work/status.json" 2>/dev/null), 1 FE" \
     jq -e '.store_kind == "etcd" and .fe_count == 1' "$work/status.json" >/dev/null
-kill -TERM "$agent"
-wait "$agent" 2>/dev/null
+stop_pid "$agent"
 check "the agent exits 0 on SIGTERM" test $? -eq 0
 
 # ---- 5. minimal: each capability is needed
@@ -230,6 +242,9 @@ for c in $caps; do
         test "$status" != timeout -a "$status" != 0 -a -n "$why"
     [[ $status == timeout ]] && kill "$pid"
 done
+
+stop_pid "$controller"
+check "the controller exits 0 on SIGTERM" test $? -eq 0
 
 # ---- purge leaves nothing of the packages but the user and /var/lib/victor
 pk_chroot "$root" dpkg --purge victor-fe-agent victor-controller victorctl >"$work/purge.log" 2>&1
