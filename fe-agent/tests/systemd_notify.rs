@@ -33,7 +33,7 @@ async fn until_line(socket: &UnixDatagram, seen: &mut Vec<String>, want: impl Fn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_only_when_synced_watchdog_pings_and_stopping_on_sigterm() -> anyhow::Result<()> {
-    let mut lab = Lab::build(2)?;
+    let lab = Lab::build(2)?;
     // The controller's ports are fixed at its first start; it is down when the agent starts.
     let mut ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
     ctl.stop().await?;
