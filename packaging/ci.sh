@@ -50,20 +50,26 @@ part() { # name command...
     part_report "$name" "$status" $((SECONDS - t0))
     return "$status"
 }
-# The same in the background; join_part waits for it and reports.
-declare -A part_pid part_t0
+# The same in the background (its own duration in $logs/<name>.secs); join_part waits for it and
+# reports.
+declare -A part_pid
 bg_part() { # name command...
     local name=$1
     shift
-    part_t0[$name]=$SECONDS
-    "$@" >"$logs/$name.log" 2>&1 &
+    (
+        t0=$SECONDS
+        "$@" >"$logs/$name.log" 2>&1
+        status=$?
+        echo $((SECONDS - t0)) >"$logs/$name.secs"
+        exit "$status"
+    ) &
     part_pid[$name]=$!
 }
 join_part() { # name
     local name=$1 status
     wait "${part_pid[$name]}"
     status=$?
-    part_report "$name" "$status" $((SECONDS - part_t0[$name]))
+    part_report "$name" "$status" "$(cat "$logs/$name.secs" 2>/dev/null)"
     return "$status"
 }
 

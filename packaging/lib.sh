@@ -10,7 +10,8 @@
 #   pk_unpack TARBALL DIR
 #                      unpacks a root file system
 #   pk_chroot ROOT CMD...
-#                      runs CMD chrooted in ROOT with /dev, /proc, /sys, a fresh /run and /tmp,
+#                      runs CMD chrooted in ROOT (with Debian's default PATH, not the host's)
+#                      with /dev, /proc, /sys, a fresh /run and /tmp,
 #                      in a mount namespace of its own (nothing stays mounted afterwards); in the
 #                      network namespace $PK_NETNS when set
 #   pk_wait_http URL SECONDS [NETNS]
@@ -117,7 +118,7 @@ pk_unpack() { # tarball dir
 PK_CHROOT_SH='r=$1; shift
 mount --rbind /dev "$r/dev" && mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" &&
     mount -t tmpfs -o mode=755 tmpfs "$r/run" && mount -t tmpfs -o mode=1777 tmpfs "$r/tmp" || exit 125
-exec chroot "$r" "$@"'
+exec chroot "$r" /usr/bin/env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"'
 
 # The command line of pk_chroot (every step execs the next: a background job's $! is CMD's PID).
 pk_chroot_cmd() { # root cmd...
