@@ -15,7 +15,7 @@
 #
 # Prints PASS/FAIL per check and `N passed, M failed`; exit 0 all passed, 1 a check failed, 77
 # with `SKIPPED: <reason>` when no container can run here (then step 1 still ran and passed) or
-# umoci/runc cannot be installed.
+# umoci/runc or the Helm engine (the chart tests' Python tools) cannot be installed.
 # Seccomp (the chart's RuntimeDefault profile) is the container runtime's own and not reproduced.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -53,10 +53,19 @@ cleanup() {
 trap cleanup EXIT
 
 # ---- the chart's view of the container
+# The Helm engine is the chart tests' (helm/tests/run.sh installs it: a virtualenv, or pip --user
+# where there is no venv module).
 py=${VICTOR_HELM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/victor/helm-tests-venv}/bin/python
-if ! "$py" -c 'import helm_python' 2>/dev/null; then
+helm_engine() { "$py" -c 'import helm_python' 2>/dev/null || { py=python3 && "$py" -c 'import helm_python' 2>/dev/null; }; }
+if ! helm_engine; then
     echo "run-test: installing the chart tests' Python tools (helm/tests/run.sh --collect-only)"
-    bash "$repo/helm/tests/run.sh" --collect-only -q >/dev/null 2>&1
+    bash "$repo/helm/tests/run.sh" --collect-only -q >"$work/helm-tools.log" 2>&1
+    py=${VICTOR_HELM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/victor/helm-tests-venv}/bin/python
+    helm_engine || {
+        tail -n 5 "$work/helm-tools.log"
+        pk_skip "the image as the chart runs it: the Helm engine (PyPI helm-python-sdk) cannot be installed (helm/tests/run.sh)"
+        exit 77
+    }
 fi
 "$py" "$here/chart_pod.py" http://127.0.0.1:2379 "victor-5d8f7c9b6-x2x7q" >"$work/pod.json" ||
     { echo "run-test: cannot render the chart (chart_pod.py)" >&2; exit 1; }
