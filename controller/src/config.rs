@@ -166,8 +166,10 @@ pub struct Config {
     #[arg(long, env = "VICTOR_TLS_KEY_FILE", value_name = "FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
 
-    /// CA (PEM) that signs client certificates. With it, clients must present a certificate:
-    /// fe-agents are identified by it (mutual TLS).
+    /// CA (PEM) that signs the fe-agents' client certificates (mutual TLS). A client certificate
+    /// is optional at the TLS layer (operators may connect with a bearer token only), but every
+    /// AgentService call must come with one signed by this CA that names the FE it acts for
+    /// (DNS SAN `<fe_id>.fe.victor`); a certificate from another CA fails the handshake.
     #[arg(long, env = "VICTOR_TLS_CLIENT_CA_FILE", value_name = "FILE", requires = "tls_cert_file")]
     pub tls_client_ca_file: Option<PathBuf>,
 

@@ -4,7 +4,8 @@
 //! state is left in place on exit: a restarted agent adopts it (no flush).
 //!
 //! [`run`] reads as its phases: `check_host`, `start_dataplane`, `adopt_previous_run`,
-//! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`.
+//! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`. Under systemd it
+//! also reports readiness and pings the watchdog ([`crate::service`]).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use victor_daemon::systemd::{Liveness, Service};
 use victor_proto::v1::RegisterRequest;
 
 use crate::advertise::health::DeviceProbe;
@@ -33,6 +35,7 @@ use crate::ports::{self, PortTable};
 use crate::readiness::Readiness;
 use crate::reconcile::Reconciler;
 use crate::reconcile::effects::Host;
+use crate::service::AgentChecks;
 use crate::state::local::Timers;
 
 /// The agent's tasks: any of them ending ends the agent.
@@ -57,6 +60,7 @@ pub async fn run(config: Config) -> Result<()> {
         tasks.spawn(async move { ports::watch(ports, kernel, port_tx).await.context("link watcher") });
     }
     let readiness = Arc::new(Readiness::new(config.headless_grace.as_nanos() as u64));
+    let service_readiness = readiness.clone();
     let events = Arc::new(Mutex::new(EventLog::new(8192)));
     // The advertiser announces the mobile prefixes while this FE is healthy (readiness and the
     // data-plane device), and withdraws them before the agent exits.
@@ -92,13 +96,17 @@ pub async fn run(config: Config) -> Result<()> {
         hints,
     });
     let inputs = Inputs { link: link.events, answers: link.answers, arp: arp_rx, ports: port_rx, hints: hint_rx };
+    // Under systemd: READY=1 once synced, watchdog pings while the engine runs (see `service`).
+    let (engine_run, engine_alive) = Liveness::track(engine.run(inputs));
+    let service = Service::start(AgentChecks { readiness: service_readiness, engine: engine_alive });
     tasks.spawn(async move {
-        engine.run(inputs).await;
+        engine_run.await;
         bail!("the agent engine stopped")
     });
     tracing::info!(fe_id = %config.fe_id, underlay = %config.underlay_addr, underlay_mtu, "agent running");
 
     let outcome = wait_for_exit(&mut tasks).await;
+    service.stopping();
     if let Some(advertiser) = advertiser {
         // A clean stop keeps forwarding (the tasks still run) while the routers move away.
         let drain = if outcome.is_ok() { config.bgp_shutdown_drain } else { std::time::Duration::ZERO };

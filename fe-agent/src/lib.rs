@@ -16,7 +16,8 @@
 //!   [`arp`] (capture on VM ports, what to learn and answer), [`hint`] (move hints:
 //!   authenticated FE-to-FE notices of a move, acted on before the controller's update arrives),
 //!   [`link`] (the link to the controller cluster and the reporter of observed VMs),
-//!   [`advertise`] (BGP: announces the mobile prefixes while healthy), [`admin`] (HTTP);
+//!   [`advertise`] (BGP: announces the mobile prefixes while healthy), [`admin`] (HTTP),
+//!   [`service`] (what systemd is told: ready, healthy, status);
 //! * [`engine`] — the task that owns the state and drives the reconciler;
 //! * [`config`] and [`agent`] — flags, and the wiring that starts every task.
 
@@ -37,6 +38,7 @@ pub mod reconcile;
 
 pub mod admin;
 pub mod advertise;
+pub mod service;
 
 pub mod engine;
 
