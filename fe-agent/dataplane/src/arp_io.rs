@@ -24,26 +24,9 @@ use tokio::io::unix::AsyncFd;
 
 use crate::neigh_io::{self, Protocols};
 use crate::packet::arp::{self, ArpError, ArpMessage, MacAddr};
+pub use crate::psock::CaptureError;
 pub use crate::psock::monotonic_ns;
 use crate::psock::{self, PacketSocket};
-
-/// Why an ARP socket could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum ArpIoError {
-    /// No such interface in this network namespace.
-    #[error("interface {0:?} not found in this network namespace")]
-    NoInterface(String),
-    /// A system call failed.
-    #[error("{what} on {ifname}: {source} (AF_PACKET needs CAP_NET_RAW)")]
-    Sys {
-        /// The failing step.
-        what: &'static str,
-        /// Interface.
-        ifname: String,
-        /// Cause.
-        source: io::Error,
-    },
-}
 
 /// A captured ARP message with its capture time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +75,7 @@ pub struct ArpSender {
 
 impl ArpSender {
     /// Opens a send-only socket on `ifname` in the calling thread's network namespace.
-    pub fn open(ifname: &str) -> Result<Self, ArpIoError> {
+    pub fn open(ifname: &str) -> Result<Self, CaptureError> {
         Ok(ArpSender { sock: PacketSocket::open(ifname, None)? })
     }
 
@@ -129,11 +112,11 @@ impl std::fmt::Debug for ArpCapture {
 impl ArpCapture {
     /// Opens a capture on `ifname` in the calling thread's network namespace. Must be called
     /// inside a tokio runtime (the socket is registered with its reactor).
-    pub fn open(ifname: &str) -> Result<Self, ArpIoError> {
+    pub fn open(ifname: &str) -> Result<Self, CaptureError> {
         let filter = neigh_io::filter(Protocols::ARP);
         let sock = PacketSocket::open(ifname, Some(&filter))?;
         let sender = ArpSender::open(ifname)?;
-        let fd = crate::aio::register(sock.fd).map_err(|source| ArpIoError::Sys {
+        let fd = crate::aio::register(sock.fd).map_err(|source| CaptureError::Sys {
             what: "register with tokio",
             ifname: ifname.to_owned(),
             source,

@@ -28,7 +28,6 @@ use std::time::SystemTime;
 
 use tokio::io::unix::AsyncFd;
 
-use crate::arp_io::ArpIoError;
 use crate::bpf::{ABS, B, H, Insn, JEQ, JMP, K, LD, RET, SKF_AD_OFF, SKF_AD_PKTTYPE, W};
 use crate::packet::arp::{self, ArpError, ArpMessage};
 use crate::packet::eth::{self, ETHERTYPE_IPV6, ETHERTYPE_VLAN, EthError, MacAddr};
@@ -36,6 +35,7 @@ use crate::packet::icmp6::{TYPE_NEIGHBOR_ADVERTISEMENT, TYPE_NEIGHBOR_SOLICITATI
 use crate::packet::ipv6::NEXT_ICMPV6;
 use crate::packet::ndp::{self, NdpError, NdpMessage};
 use crate::packet::rarp::{self, ETHERTYPE_RARP, RarpError, RarpMessage};
+pub use crate::psock::CaptureError;
 use crate::psock::{self, PacketSocket};
 
 /// Which protocols a capture receives.
@@ -286,7 +286,7 @@ pub struct FrameSender {
 
 impl FrameSender {
     /// Opens a send-only socket on `ifname` in the calling thread's network namespace.
-    pub fn open(ifname: &str) -> Result<Self, ArpIoError> {
+    pub fn open(ifname: &str) -> Result<Self, CaptureError> {
         Ok(FrameSender { sock: PacketSocket::open(ifname, None)? })
     }
 
@@ -337,11 +337,11 @@ impl std::fmt::Debug for NeighCapture {
 impl NeighCapture {
     /// Opens a capture of `protocols` on `ifname` in the calling thread's network namespace. Must
     /// be called inside a tokio runtime (the socket is registered with its reactor).
-    pub fn open(ifname: &str, protocols: Protocols) -> Result<Self, ArpIoError> {
+    pub fn open(ifname: &str, protocols: Protocols) -> Result<Self, CaptureError> {
         let program = filter(protocols);
         let sock = PacketSocket::open(ifname, Some(&program))?;
         let sender = FrameSender::open(ifname)?;
-        let fd = crate::aio::register(sock.fd).map_err(|source| ArpIoError::Sys {
+        let fd = crate::aio::register(sock.fd).map_err(|source| CaptureError::Sys {
             what: "register with tokio",
             ifname: ifname.to_owned(),
             source,

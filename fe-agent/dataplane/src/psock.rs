@@ -9,8 +9,25 @@ use std::mem::{size_of, zeroed};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::arp_io::ArpIoError;
 use crate::packet::eth::MacAddr;
+
+/// Why a capture socket on a VM port could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// No such interface in this network namespace.
+    #[error("interface {0:?} not found in this network namespace")]
+    NoInterface(String),
+    /// A system call failed.
+    #[error("{what} on {ifname}: {source} (AF_PACKET needs CAP_NET_RAW)")]
+    Sys {
+        /// The failing step.
+        what: &'static str,
+        /// Interface.
+        ifname: String,
+        /// Cause.
+        source: io::Error,
+    },
+}
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of capture times
 /// ([`crate::arp_io::CapturedArp::mono_ns`], [`crate::neigh_io::Captured::mono_ns`]).
@@ -47,13 +64,13 @@ pub(crate) struct PacketSocket {
 impl PacketSocket {
     /// Opens a socket on `ifname` (in the calling thread's namespace). With a `filter`, it
     /// receives what the filter passes, timestamped; without, it receives nothing (send only).
-    pub(crate) fn open(ifname: &str, filter: Option<&[libc::sock_filter]>) -> Result<Self, ArpIoError> {
+    pub(crate) fn open(ifname: &str, filter: Option<&[libc::sock_filter]>) -> Result<Self, CaptureError> {
         let sys = |what| {
             let ifname = ifname.to_owned();
-            move |source| ArpIoError::Sys { what, ifname, source }
+            move |source| CaptureError::Sys { what, ifname, source }
         };
         let ifindex =
-            nix::net::if_::if_nametoindex(ifname).map_err(|_| ArpIoError::NoInterface(ifname.to_owned()))? as i32;
+            nix::net::if_::if_nametoindex(ifname).map_err(|_| CaptureError::NoInterface(ifname.to_owned()))? as i32;
         // Protocol 0: no frame is queued before the filter is attached and the socket bound.
         // SAFETY: plain socket(2).
         let raw = check(unsafe {
