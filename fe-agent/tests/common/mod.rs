@@ -285,7 +285,7 @@ pub fn reconcile_ops(body: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with("victor_agent_reconcile_ops_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 // ───────────────────────────── lab ─────────────────────────────
@@ -380,6 +380,11 @@ impl Lab {
     /// Starts the agent of FE `n` (agents are indexed by FE number − 1).
     pub fn start_agent(&mut self, n: usize, controllers: &[String], extra: &[&str]) -> Result<()> {
         let argv = self.agent_argv(n, controllers, extra);
+        self.start_argv(n, argv)
+    }
+
+    /// Starts `argv` (an agent command line, maybe wrapped) as the agent of FE `n`.
+    pub fn start_argv(&mut self, n: usize, argv: Vec<String>) -> Result<()> {
         while self.agents.len() < n {
             self.agents.push(Agent { guard: None, argv: Vec::new(), log: PathBuf::new(), runs: 0 });
         }

@@ -211,15 +211,21 @@ pub async fn by_name(handle: &Handle, name: &str) -> Result<Option<Device>, Devi
     Ok(all(handle).await?.into_iter().find(|d| d.name == name))
 }
 
-async fn add(handle: &Handle, msg: LinkMessage, name: &str) -> Result<Device, DeviceError> {
+/// Creates a device, then gives it its alias (the kernel ignores IFLA_IFALIAS when creating).
+async fn add(handle: &Handle, msg: LinkMessage, name: &str, role: Role) -> Result<Device, DeviceError> {
     handle.link().add(msg).execute().await.map_err(nl(format!("create device {name}")))?;
-    by_name(handle, name).await?.ok_or_else(|| DeviceError::Vanished(name.to_owned()))
+    let mut dev = by_name(handle, name).await?.ok_or_else(|| DeviceError::Vanished(name.to_owned()))?;
+    let alias = alias(role);
+    fix(handle, &dev, dev.mtu, &alias).await?;
+    dev.alias = alias;
+    dev.up = true;
+    Ok(dev)
 }
 
 /// Creates the catch-all device `name`: ipip in collect-metadata mode, `mtu`, up.
 pub async fn create_catch_all(handle: &Handle, name: &str, mtu: u32) -> Result<Device, DeviceError> {
-    let msg = LinkIpIp::new(name).collect_metadata(true).mtu(mtu).alias(alias(Role::CatchAll)).up().build();
-    add(handle, msg, name).await
+    let msg = LinkIpIp::new(name).collect_metadata(true).mtu(mtu).up().build();
+    add(handle, msg, name, Role::CatchAll).await
 }
 
 /// Creates the tunnel device to `peer`: ipip from `local` to `peer`, TTL 64, path MTU discovery
@@ -233,17 +239,16 @@ pub async fn create_peer(handle: &Handle, peer: Ipv4Addr, local: Ipv4Addr, mtu: 
         .ttl(TUNNEL_TTL)
         .pmtudisc(true)
         .mtu(mtu)
-        .alias(alias(Role::Peer(peer)))
         .up()
         .build();
-    add(handle, msg, &name).await
+    add(handle, msg, &name, Role::Peer(peer)).await
 }
 
 /// Creates the sink: a dummy device, MTU 65535 (unbound traffic is dropped, never answered with
 /// "fragmentation needed"), up.
 pub async fn create_sink(handle: &Handle) -> Result<Device, DeviceError> {
-    let msg = LinkDummy::new(SINK_NAME).mtu(65535).alias(alias(Role::Sink)).up().build();
-    add(handle, msg, SINK_NAME).await
+    let msg = LinkDummy::new(SINK_NAME).mtu(65535).up().build();
+    add(handle, msg, SINK_NAME, Role::Sink).await
 }
 
 /// Sets what differs of MTU, up and alias on `dev` (nothing when it already matches).
