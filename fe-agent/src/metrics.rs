@@ -439,13 +439,19 @@ fn encode_tunnels(s: &TunnelSnapshot, encoder: &mut DescriptorEncoder<'_>) -> Re
     }
     type Pick = fn(&PeerCounts) -> [(&'static str, u64); 2];
     let families: [(&str, &str, Pick); 3] = [
-        ("dataplane_peer_packets", "Packets through the tunnel to each registered FE (tx: sent to it, rx: received from it)", |p| {
-            [("tx", p.tx_packets), ("rx", p.rx_packets)]
+        (
+            "dataplane_peer_packets",
+            "Packets through the tunnel to each registered FE (tx: sent to it, rx: received from it)",
+            |p| [("tx", p.tx_packets), ("rx", p.rx_packets)],
+        ),
+        ("dataplane_peer_bytes", "Bytes through the tunnel to each registered FE", |p| {
+            [("tx", p.tx_bytes), ("rx", p.rx_bytes)]
         }),
-        ("dataplane_peer_bytes", "Bytes through the tunnel to each registered FE", |p| [("tx", p.tx_bytes), ("rx", p.rx_bytes)]),
-        ("dataplane_peer_errors", "Errors on the tunnel to each registered FE (tx: could not be sent; rx: malformed)", |p| {
-            [("tx", p.tx_errors), ("rx", p.rx_errors)]
-        }),
+        (
+            "dataplane_peer_errors",
+            "Errors on the tunnel to each registered FE (tx: could not be sent; rx: malformed)",
+            |p| [("tx", p.tx_errors), ("rx", p.rx_errors)],
+        ),
     ];
     for (name, help, pick) in families {
         let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;

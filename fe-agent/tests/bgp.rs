@@ -206,7 +206,10 @@ fn summary(values: &[f64]) -> serde_json::Value {
     json!({ "p50": pick(0.5), "max": pick(1.0), "all": values })
 }
 
-common::plane_tests!(anycast_ecmp_tunnel_and_withdrawal_on_stop_and_kill, withdraws_on_dataplane_failure_hang_and_headless_beyond_grace);
+common::plane_tests!(
+    anycast_ecmp_tunnel_and_withdrawal_on_stop_and_kill,
+    withdraws_on_dataplane_failure_hang_and_headless_beyond_grace
+);
 
 async fn anycast_ecmp_tunnel_and_withdrawal_on_stop_and_kill(plane: common::Plane) -> Result<()> {
     victor_testkit::require_root("BGP namespace test");

@@ -101,7 +101,10 @@ async fn kernel_dataplane() -> anyhow::Result<()> {
         let status = lab.agents[0].guard.as_mut().unwrap().wait_exit(Duration::from_secs(10))?;
         assert!(!status.success());
         let log = lab.agent_log(1);
-        assert!(log.contains("--dataplane kernel needs the kernel's ipip module, which cannot be loaded here"), "{log}");
+        assert!(
+            log.contains("--dataplane kernel needs the kernel's ipip module, which cannot be loaded here"),
+            "{log}"
+        );
         println!(
             "SKIPPED kernel data-plane forwarding: the kernel's ipip module cannot be loaded here ({why}); \
              checked instead that --dataplane kernel refuses to start with that reason"

@@ -79,7 +79,9 @@ async fn auto_loads_ipip_with_modprobe_or_says_why_not() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn auto_gets_ipip_from_the_kernel_without_modprobe() -> Result<()> {
     if let Some(why) = Plane::Kernel.unavailable() {
-        println!("SKIPPED: auto_gets_ipip_from_the_kernel_without_modprobe: the kernel's ipip module cannot be loaded here: {why}");
+        println!(
+            "SKIPPED: auto_gets_ipip_from_the_kernel_without_modprobe: the kernel's ipip module cannot be loaded here: {why}"
+        );
         return Ok(());
     }
     if !unload_ipip() {
@@ -92,7 +94,8 @@ async fn auto_gets_ipip_from_the_kernel_without_modprobe() -> Result<()> {
     let mut lab = Lab::build(2)?;
     // The agent's own mount namespace hides modprobe (the kernel's helper runs outside it).
     let hide = "mount --bind /dev/null /usr/sbin/modprobe && exec \"$0\" \"$@\"";
-    let (line, choice) = start_auto(&mut lab, &["unshare", "--mount", "--propagation", "private", "sh", "-c", hide]).await?;
+    let (line, choice) =
+        start_auto(&mut lab, &["unshare", "--mount", "--propagation", "private", "sh", "-c", hide]).await?;
     assert_eq!(line, "kernel (auto: the kernel loaded its ipip module when asked for an ipip link)");
     assert!(choice.contains("why=\"ipip_autoloaded\""), "{choice}");
     let probe_left = lab.fe(1).ip(&["link", "show"])?;
@@ -148,7 +151,17 @@ async fn restart_adopts_fixes_drift_and_removes_stale_state() -> Result<()> {
         let left_dev = victor_fe_agent::forwarding::kernel::devices::peer_name(left);
         let fe1 = lab.fe(1);
         fe1.ip(&["route", "add", &format!("{gone_vm}/32"), "dev", &tunnel_device(2), "proto", "158"])?;
-        fe1.ip(&["link", "add", &left_dev, "type", "ipip", "local", &fe_addr(1).to_string(), "remote", &left.to_string()])?;
+        fe1.ip(&[
+            "link",
+            "add",
+            &left_dev,
+            "type",
+            "ipip",
+            "local",
+            &fe_addr(1).to_string(),
+            "remote",
+            &left.to_string(),
+        ])?;
         fe1.ip(&["link", "set", &left_dev, "alias", "victor-fe-agent: IP-in-IP tunnel to FE 198.51.100.50", "up"])?;
         fe1.ip(&["link", "set", &tunnel_device(2), "mtu", "1400"])?;
         let monitor_log = lab.dir.path().join("monitor.log");
@@ -192,7 +205,9 @@ async fn restart_adopts_fixes_drift_and_removes_stale_state() -> Result<()> {
         assert!(!links.contains("victor-"), "the kernel data plane's devices are gone: {links}");
         assert!(lab.routes(1, &[&format!("{VM}/32")])?.trim().is_empty());
         let from = prober.sent();
-        prober.wait_replies_from(from, 10, Duration::from_secs(10)).context("forwarding through the userspace plane")?;
+        prober
+            .wait_replies_from(from, 10, Duration::from_secs(10))
+            .context("forwarding through the userspace plane")?;
         let probes = prober.stop()?;
         println!("adoption, cleanup and the switch to tun: {} echo requests, {} lost", probes.sent, probes.lost(5));
         Ok(())

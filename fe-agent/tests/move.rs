@@ -42,9 +42,11 @@ async fn arp_learning_tunnel_and_hitless_move(plane: Plane) -> anyhow::Result<()
         // The kernel forwards: a /32 through fe1's tunnel device to fe2, counted per peer.
         Plane::Kernel => {
             assert_eq!(fe1_route.trim(), tunnel_route(VM, 2));
-            let series = format!("victor_agent_dataplane_peer_packets_total{{peer=\"{}\",direction=\"tx\"}}", fe_addr(2));
+            let series =
+                format!("victor_agent_dataplane_peer_packets_total{{peer=\"{}\",direction=\"tx\"}}", fe_addr(2));
             assert!(lab.agent_metric(1, &series)? >= 20.0, "{series}");
-            let series = format!("victor_agent_dataplane_peer_packets_total{{peer=\"{}\",direction=\"rx\"}}", fe_addr(1));
+            let series =
+                format!("victor_agent_dataplane_peer_packets_total{{peer=\"{}\",direction=\"rx\"}}", fe_addr(1));
             assert!(lab.agent_metric(2, &series)? >= 20.0, "fe2 decapsulated from fe1: {series}");
         }
         // The forwarder's table holds remote VMs; the kernel only routes the prefix into it.

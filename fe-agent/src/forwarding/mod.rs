@@ -33,8 +33,8 @@ use victor_dataplane::fib::Fib;
 use victor_dataplane::kernel::ModuleLoad;
 
 use crate::netlink::Kernel;
-pub use kernel::PeerChanges;
 use kernel::KernelPlane;
+pub use kernel::PeerChanges;
 use kernel::counters::KernelCounters;
 use tun::TunPlane;
 
@@ -197,7 +197,9 @@ pub async fn start(mode: DataplaneMode, config: &DataplaneConfig, kernel: &Kerne
                     mode,
                     backend: Backend::Tun,
                     code: "kernel_failed",
-                    why: format!("auto: the kernel data plane could not start ({err}); using the userspace TUN forwarder"),
+                    why: format!(
+                        "auto: the kernel data plane could not start ({err}); using the userspace TUN forwarder"
+                    ),
                 };
                 tracing::warn!(error = %err, "kernel data plane failed to start; falling back to the userspace forwarder");
                 return Ok((start_tun(config, kernel).await?, fallback));

@@ -213,7 +213,10 @@ where
     Fut: std::future::Future<Output = Result<()>>,
 {
     if let Some(why) = plane.unavailable() {
-        println!("SKIPPED: {test} on the {} data plane: the kernel's ipip module cannot be loaded here: {why}", plane.label());
+        println!(
+            "SKIPPED: {test} on the {} data plane: the kernel's ipip module cannot be loaded here: {why}",
+            plane.label()
+        );
         return Ok(());
     }
     println!("data plane under test: {}", plane.label());

@@ -31,9 +31,9 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
-use victor_proto::clock::monotonic_ns;
 use victor_fe_agent::forwarding::DataplaneMode;
 use victor_fe_agent::forwarding::kernel::devices::peer_name;
+use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::NetNs;
 
 use super::addressing::fe_addr;

@@ -7,7 +7,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{InfoData, InfoIpTunnel, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoIpTunnel, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use rtnetlink::{Handle, LinkDummy, LinkIpIp, LinkUnspec};
 
 /// Start of the alias of every device the agent creates.
@@ -37,7 +39,9 @@ pub enum DeviceError {
         source: rtnetlink::Error,
     },
     /// A device has the name we need but is not one of ours.
-    #[error("a device named {0} exists and is not the agent's (no \"{ALIAS_PREFIX}\" alias); remove it or choose another name")]
+    #[error(
+        "a device named {0} exists and is not the agent's (no \"{ALIAS_PREFIX}\" alias); remove it or choose another name"
+    )]
     NotOurs(String),
     /// A device we created could not be found afterwards.
     #[error("device {0} vanished right after it was created")]
@@ -233,14 +237,7 @@ pub async fn create_catch_all(handle: &Handle, name: &str, mtu: u32) -> Result<D
 /// `mtu`, up.
 pub async fn create_peer(handle: &Handle, peer: Ipv4Addr, local: Ipv4Addr, mtu: u32) -> Result<Device, DeviceError> {
     let name = peer_name(peer);
-    let msg = LinkIpIp::new(&name)
-        .local(local)
-        .remote(peer)
-        .ttl(TUNNEL_TTL)
-        .pmtudisc(true)
-        .mtu(mtu)
-        .up()
-        .build();
+    let msg = LinkIpIp::new(&name).local(local).remote(peer).ttl(TUNNEL_TTL).pmtudisc(true).mtu(mtu).up().build();
     add(handle, msg, &name, Role::Peer(peer)).await
 }
 

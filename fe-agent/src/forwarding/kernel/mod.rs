@@ -139,7 +139,8 @@ impl KernelPlane {
         let catch_all = match all.iter().find(|d| d.name == config.device) {
             // A collect-metadata ipip device under our name (also one from before aliases).
             Some(d) if d.is_external_ipip() => {
-                found.devices_fixed += usize::from(devices::fix(handle, d, tunnel_mtu, &devices::alias(Role::CatchAll)).await?);
+                found.devices_fixed +=
+                    usize::from(devices::fix(handle, d, tunnel_mtu, &devices::alias(Role::CatchAll)).await?);
                 found.devices_adopted += 1;
                 d.index
             }
@@ -251,11 +252,18 @@ impl KernelPlane {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(r.dst.network(), r.dst.prefix_len())
             .protocol(RouteProtocol::from(kernel.protocol()));
-        b = if r.oif == 0 { b.kind(RouteType::BlackHole) } else { b.output_interface(r.oif).scope(RouteScope::Universe) };
-        kernel.handle().route().del(b.build()).execute().await.map_err(|source| KernelError::Route {
-            what: format!("delete the stale route {}", r.dst),
-            source,
-        })
+        b = if r.oif == 0 {
+            b.kind(RouteType::BlackHole)
+        } else {
+            b.output_interface(r.oif).scope(RouteScope::Universe)
+        };
+        kernel
+            .handle()
+            .route()
+            .del(b.build())
+            .execute()
+            .await
+            .map_err(|source| KernelError::Route { what: format!("delete the stale route {}", r.dst), source })
     }
 
     /// What start found and changed.
