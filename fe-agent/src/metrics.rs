@@ -540,3 +540,57 @@ impl Collector for DataplaneCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Fixed(TunnelSnapshot);
+
+    impl TunnelCounts for Fixed {
+        fn snapshot(&self) -> TunnelSnapshot {
+            self.0.clone()
+        }
+    }
+
+    /// The kernel data plane's counters come out under the userspace forwarder's family names
+    /// where they mean the same, plus the per-peer families and the choice.
+    #[test]
+    fn kernel_counters_and_the_choice_are_exposed() {
+        let m = Metrics::new();
+        let peer = std::net::Ipv4Addr::new(198, 51, 100, 2);
+        m.attach_tunnels(Arc::new(Fixed(TunnelSnapshot {
+            tx_packets: 30,
+            tx_bytes: 3000,
+            rx_packets: 4,
+            rx_bytes: 400,
+            drops: vec![("unknown_peer", 5), ("no_binding", 7)],
+            peers: vec![PeerCounts {
+                peer,
+                tx_packets: 30,
+                tx_bytes: 3000,
+                tx_errors: 1,
+                rx_packets: 4,
+                rx_bytes: 400,
+                rx_errors: 0,
+            }],
+        })));
+        let label = ChoiceLabel { backend: "kernel", mode: "auto", why: "ipip_modprobed" };
+        m.dataplane_choice.get_or_create(&label).set(1);
+        let text = m.render();
+        for line in [
+            "victor_agent_dataplane_packets_total{direction=\"tunnel_tx\"} 30",
+            "victor_agent_dataplane_bytes_total{direction=\"tunnel_rx\"} 400",
+            "victor_agent_dataplane_drops_total{reason=\"unknown_peer\"} 5",
+            "victor_agent_dataplane_drops_total{reason=\"no_binding\"} 7",
+            "victor_agent_dataplane_peer_packets_total{peer=\"198.51.100.2\",direction=\"tx\"} 30",
+            "victor_agent_dataplane_peer_bytes_total{peer=\"198.51.100.2\",direction=\"rx\"} 400",
+            "victor_agent_dataplane_peer_errors_total{peer=\"198.51.100.2\",direction=\"tx\"} 1",
+            "victor_agent_dataplane_peers 1",
+            "victor_agent_dataplane_choice{backend=\"kernel\",mode=\"auto\",why=\"ipip_modprobed\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+    }
+}

@@ -30,7 +30,8 @@ fn env_or(name: &str, default: u32) -> u32 {
 fn iperf(lab: &Lab, seconds: u32) -> Result<(f64, u64)> {
     let port = victor_testkit::ports::free_port().to_string();
     let log = lab.dir.path().join(format!("iperf3-server-{port}.log"));
-    let _server = lab.vm.spawn("iperf3-server", &["iperf3", "-s", "-1", "-B", &VM.to_string(), "-p", &port], Some(&log))?;
+    let _server =
+        lab.vm.spawn("iperf3-server", &["iperf3", "-s", "-1", "-B", &VM.to_string(), "-p", &port], Some(&log))?;
     wait("iperf3 server", Duration::from_secs(20), || {
         lab.vm.exec(&["ss", "-Hltn", &format!("sport = :{port}")]).is_ok_and(|o| !o.stdout.is_empty())
     })?;

@@ -210,9 +210,14 @@ pub async fn all(handle: &Handle) -> Result<Vec<Device>, DeviceError> {
     Ok(msgs.iter().map(Device::from_message).collect())
 }
 
-/// The device named `name`, if any.
+/// The device named `name`, if any (one request, not a dump).
 pub async fn by_name(handle: &Handle, name: &str) -> Result<Option<Device>, DeviceError> {
-    Ok(all(handle).await?.into_iter().find(|d| d.name == name))
+    let found: Result<Vec<LinkMessage>, _> = handle.link().get().match_name(name).execute().try_collect().await;
+    match found {
+        Ok(msgs) => Ok(msgs.first().map(Device::from_message)),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.code.is_some_and(|c| -c.get() == libc::ENODEV) => Ok(None),
+        Err(e) => Err(nl(format!("look up device {name}"))(e)),
+    }
 }
 
 /// Creates a device, then gives it its alias (the kernel ignores IFLA_IFALIAS when creating).
