@@ -26,7 +26,9 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-throughput=$(ls -t target/release/deps/throughput-* 2>/dev/null | grep -v '\.d$' | head -1)
+# the newest release build of the throughput test (executables only: not .d or leftover objects)
+throughput=$(find target/release/deps -maxdepth 1 -name 'throughput-*' -type f -executable -printf '%T@ %p\n' 2>/dev/null |
+    sort -rn | head -1 | cut -d' ' -f2)
 for bin in target/release/victor-lab target/release/victor-controller target/release/victor-fe-agent "$throughput"; do
     [[ -n $bin && -x $bin ]] || { echo "missing release build ${bin:-throughput test}: see the header of $0" >&2; exit 2; }
 done
