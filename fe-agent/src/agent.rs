@@ -22,14 +22,15 @@ use crate::arp::{self, ArpPorts, Captures};
 use crate::config::Config;
 use crate::engine::{Engine, Inputs, Parts};
 use crate::events::EventLog;
-use crate::forwarding::{self, Dataplane, DataplaneConfig};
+use crate::forwarding::kernel::counters::KernelCounters;
+use crate::forwarding::{self, Choice, Dataplane, DataplaneConfig};
 use crate::hint::Hints;
 use crate::hint::io::{HintSocket, Limits, Received};
 use crate::link::connector::{Connector, SocketFactory};
 use crate::link::feed::{EngineFeed, LinkEvent};
 use crate::link::reporter::{self, Answered, Reporter};
 use crate::link::{self, LinkConfig, LinkControl};
-use crate::metrics::{KindLabel, Metrics};
+use crate::metrics::{ChoiceLabel, KindLabel, Metrics};
 use crate::netlink::Kernel;
 use crate::ports::{self, PortTable};
 use crate::readiness::Readiness;
@@ -46,7 +47,8 @@ pub async fn run(config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let kernel = Kernel::connect(config.route_protocol).context("open a netlink socket (needs CAP_NET_ADMIN)")?;
     let underlay_mtu = check_host(&config, &kernel).await?;
-    let dataplane = start_dataplane(&config, &kernel, underlay_mtu, &metrics).await?;
+    let (dataplane, choice) = start_dataplane(&config, &kernel, underlay_mtu, &metrics).await?;
+    let kernel_counters = dataplane.kernel_counters();
     let ports = Arc::new(PortTable::new(vm_port_matcher(&config), config.gateway_mac.map(|m| m.octets())));
     let reconciler = adopt_previous_run(&kernel, dataplane, &ports, &metrics).await?;
 
@@ -61,6 +63,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
     let readiness = Arc::new(Readiness::new(config.headless_grace.as_nanos() as u64));
     let service_readiness = readiness.clone();
+    readiness.set_dataplane(choice.describe());
     let events = Arc::new(Mutex::new(EventLog::new(8192)));
     // The advertiser announces the mobile prefixes while this FE is healthy (readiness and the
     // data-plane device), and withdraws them before the agent exits.
@@ -69,7 +72,7 @@ pub async fn run(config: Config) -> Result<()> {
         let device = DeviceProbe::new(kernel.handle().clone(), config.tun_name.clone());
         Advertiser::spawn(bgp, HealthInputs { readiness: readiness.clone(), device }, metrics.clone())
     });
-    start_admin(&config, &mut tasks, &metrics, &readiness, &events).await?;
+    start_admin(&config, &mut tasks, &metrics, &readiness, &events, kernel_counters).await?;
     let (hints, hint_rx) = start_hints(&config, &mut tasks, &metrics, &events)?;
 
     let (arp_tx, arp_rx) = mpsc::channel(4096);
@@ -141,24 +144,33 @@ async fn check_host(config: &Config, kernel: &Kernel) -> Result<u16> {
     Ok(underlay_mtu)
 }
 
-/// Chooses the data-plane backend (and says why) and starts it.
-async fn start_dataplane(config: &Config, kernel: &Kernel, underlay_mtu: u16, metrics: &Metrics) -> Result<Dataplane> {
-    let (backend, why) =
-        forwarding::choose(config.dataplane, victor_dataplane::kernel::ipip_available()).map_err(anyhow::Error::msg)?;
-    tracing::info!(dataplane = backend.label(), reason = why, "data plane chosen");
-    metrics.dataplane.get_or_create(&KindLabel { kind: backend.label() }).set(1);
+/// Chooses the data-plane backend (probing and loading the kernel's ipip module for
+/// `--dataplane auto|kernel`), starts it and says which runs and why: log, metrics, and the
+/// returned [`Choice`] for `/readyz`.
+async fn start_dataplane(
+    config: &Config,
+    kernel: &Kernel,
+    underlay_mtu: u16,
+    metrics: &Metrics,
+) -> Result<(Dataplane, Choice)> {
     let dp_config = DataplaneConfig {
-        backend,
         underlay: config.underlay_addr,
         underlay_mtu,
         device: config.tun_name.clone(),
         prefixes: config.mobile_prefixes.clone(),
     };
-    let dataplane = Dataplane::start(&dp_config, kernel).await?;
+    let (dataplane, choice) = forwarding::start(config.dataplane, &dp_config, kernel).await?;
+    tracing::info!(dataplane = choice.backend.label(), mode = choice.mode.label(), reason = %choice.why, "data plane chosen");
+    metrics.dataplane.get_or_create(&KindLabel { kind: choice.backend.label() }).set(1);
+    let label = ChoiceLabel { backend: choice.backend.label(), mode: choice.mode.label(), why: choice.code };
+    metrics.dataplane_choice.get_or_create(&label).set(1);
     if let Some(counters) = dataplane.counters_handle() {
         metrics.attach_dataplane(counters);
     }
-    Ok(dataplane)
+    if let Some(counters) = dataplane.kernel_counters() {
+        metrics.attach_tunnels(counters);
+    }
+    Ok((dataplane, choice))
 }
 
 fn vm_port_matcher(config: &Config) -> impl Fn(&str) -> bool + Send + Sync + 'static {
@@ -242,12 +254,17 @@ async fn start_admin(
     metrics: &Arc<Metrics>,
     readiness: &Arc<Readiness>,
     events: &Arc<Mutex<EventLog>>,
+    kernel_counters: Option<Arc<KernelCounters>>,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("bind --http-listen {}", config.http_listen))?;
-    let state =
-        crate::admin::AdminState { metrics: metrics.clone(), readiness: readiness.clone(), events: events.clone() };
+    let state = crate::admin::AdminState {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        events: events.clone(),
+        kernel_counters,
+    };
     tasks.spawn(async move { axum::serve(listener, crate::admin::router(state)).await.context("admin HTTP") });
     Ok(())
 }

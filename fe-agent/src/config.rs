@@ -129,11 +129,13 @@ pub struct Config {
     #[serde(serialize_with = "ser_display_opt")]
     pub gateway_mac: Option<Mac>,
 
-    /// IP-in-IP implementation: auto (kernel ipip if the kernel has it, else tun), tun, kernel.
+    /// IP-in-IP implementation: auto (the kernel's ipip if the module is loaded or can be loaded,
+    /// else tun), tun (userspace forwarder), kernel (refuses to start without ipip).
     #[arg(long, env = "VICTOR_DATAPLANE", value_enum, default_value = "auto")]
     pub dataplane: DataplaneMode,
 
-    /// Name of the TUN device of the userspace data plane (at most 15 bytes).
+    /// Name of the TUN device of the userspace data plane, or of the kernel data plane's catch-all
+    /// ipip device (at most 15 bytes).
     #[arg(long, env = "VICTOR_TUN_NAME", default_value = "victor0")]
     pub tun_name: String,
 

@@ -1,12 +1,15 @@
 //! The migration testbed end to end (short runs; numbers are benchmark output, not assertions):
 //! the VM answers after every move and every FE points at the right place (checked inside each
 //! move by `migrate::run`), and the report has every field with sane values — with a 1-member
-//! etcd and move hints, and with the embedded store and without hints, in both switch modes.
+//! etcd and move hints, and with the embedded store and without hints, in both switch modes, on
+//! the userspace data plane; and once on the kernel data plane (`SKIPPED` where the kernel's ipip
+//! module cannot be loaded). The report names the data plane that ran.
 //! `victor-lab up`/`down` leave nothing behind, also when a process of the lab died.
 
 use std::process::Command;
 use std::time::Duration;
 
+use victor_fe_agent::forwarding::DataplaneMode;
 use victor_tests::lab::migrate::{self, MigrateArgs, MigrateReport, SwitchMode};
 use victor_tests::lab::state::LabState;
 
@@ -16,7 +19,8 @@ fn check(report: &MigrateReport, args: &MigrateArgs) {
         (report.ping_interval_ms, report.etcd_members, report.switch),
         (args.ping_interval_ms, args.etcd_members, args.switch)
     );
-    assert!(report.dataplane.starts_with("tun"), "this kernel has no ipip module: {}", report.dataplane);
+    let plane = args.dataplane.label();
+    assert!(report.dataplane.starts_with(&format!("{plane} (")), "asked for {plane}, ran {}", report.dataplane);
     assert!(report.probes_sent as u64 > 50, "{} probes", report.probes_sent);
     assert!(report.lost_max_per_move <= report.lost_total && report.lost_during_link_switch <= report.lost_total);
     for (i, m) in report.per_move.iter().enumerate() {
@@ -92,7 +96,7 @@ fn check(report: &MigrateReport, args: &MigrateArgs) {
     }
 }
 
-async fn run(etcd_members: usize, switch: SwitchMode, move_hints: bool) {
+async fn run(dataplane: DataplaneMode, etcd_members: usize, switch: SwitchMode, move_hints: bool) {
     victor_testkit::require_root("the migration lab");
     let args = MigrateArgs {
         moves: 3,
@@ -101,6 +105,7 @@ async fn run(etcd_members: usize, switch: SwitchMode, move_hints: bool) {
         switch,
         settle_ms: 100,
         move_hints,
+        dataplane,
         ..MigrateArgs::default()
     };
     let report = migrate::run(&args).await.expect("migrate");
@@ -110,12 +115,21 @@ async fn run(etcd_members: usize, switch: SwitchMode, move_hints: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_with_one_member_etcd() {
-    run(1, SwitchMode::Move, true).await;
+    run(DataplaneMode::Tun, 1, SwitchMode::Move, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_with_the_embedded_store_make_before_break_without_move_hints() {
-    run(0, SwitchMode::Clone, false).await;
+    run(DataplaneMode::Tun, 0, SwitchMode::Clone, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_on_the_kernel_data_plane() {
+    if let victor_dataplane::kernel::ModuleLoad::Unavailable(why) = victor_dataplane::kernel::load_module("ipip") {
+        println!("SKIPPED: migrate_on_the_kernel_data_plane: the kernel's ipip module cannot be loaded here: {why}");
+        return;
+    }
+    run(DataplaneMode::Kernel, 0, SwitchMode::Move, true).await;
 }
 
 #[test]

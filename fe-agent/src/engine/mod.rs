@@ -275,7 +275,7 @@ impl<E: Effects> Engine<E> {
         }
         if !applied.fes.is_empty() {
             // Tunnels to an FE whose underlay address changed (or that left) change with it.
-            self.reconciler.set_peers(&self.desired.peers());
+            self.reconciler.set_peers(&self.desired.peers()).await;
             let changed: std::collections::HashSet<u32> = applied.fes.iter().map(|f| f.0).collect();
             todo.extend(self.desired.bindings().filter(|(_, b)| changed.contains(&b.fe)).map(|(ip, _)| ip));
         }
