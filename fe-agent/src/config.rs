@@ -515,8 +515,8 @@ fn ser_display_opt<S: serde::Serializer, T: std::fmt::Display>(v: &Option<T>, s:
 
 victor_daemon::impl_daemon_config!(Config);
 
-/// Parses `--clock-offset`: a duration with an optional sign, in ns.
-fn parse_clock_offset(text: &str) -> Result<i64, String> {
+/// Parses `--clock-offset`: a duration with an optional sign (`-5s`, `+250ms`), in ns.
+pub fn parse_clock_offset(text: &str) -> Result<i64, String> {
     let (sign, magnitude) = match text.trim().as_bytes().first() {
         Some(b'-') => (-1, &text.trim()[1..]),
         Some(b'+') => (1, &text.trim()[1..]),
