@@ -19,7 +19,7 @@
 //! Ageing: a VM silent for `probe_after` is probed every `probe_interval`; after `probe_count`
 //! unanswered probes it is reported gone and forgotten.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 /// Ageing and retry timers.
@@ -193,12 +193,15 @@ pub enum Ageing {
 pub struct LocalVms {
     timers: Timers,
     vms: HashMap<Ipv4Addr, LocalVm>,
+    /// VMs whose STALE claim has not been probed yet (so that [`LocalVms::reverify`], run on every
+    /// stream message, looks at them only).
+    unprobed: HashSet<Ipv4Addr>,
 }
 
 impl LocalVms {
     /// An empty table.
     pub fn new(timers: Timers) -> Self {
-        LocalVms { timers, vms: HashMap::new() }
+        LocalVms { timers, vms: HashMap::new(), unprobed: HashSet::new() }
     }
 
     /// The VM with `ip`.
@@ -309,6 +312,7 @@ impl LocalVms {
             ClaimAnswer::Stale { revision } => {
                 let was_override = vm.overrides();
                 vm.claim = Claim::Superseded { revision, probed_at: None };
+                self.unprobed.insert(ip);
                 if was_override { Resolution::Undo } else { Resolution::Kept }
             }
         }
@@ -318,16 +322,19 @@ impl LocalVms {
     /// probe each once on its port (at `now`); a reply claims it again.
     pub fn reverify(&mut self, known: u64, now: u64) -> Vec<Ageing> {
         let mut probes = Vec::new();
-        for (ip, vm) in &mut self.vms {
-            if let Claim::Superseded { revision, probed_at: probed @ None } = &mut vm.claim
-                && known >= *revision
-            {
-                *probed = Some(now);
-                if vm.port != 0 {
-                    probes.push(Ageing::Probe { ip: *ip, mac: vm.mac, port: vm.port });
-                }
+        let vms = &mut self.vms;
+        self.unprobed.retain(|ip| {
+            let Some(vm) = vms.get_mut(ip) else { return false };
+            let Claim::Superseded { revision, probed_at: probed @ None } = &mut vm.claim else { return false };
+            if known < *revision {
+                return true;
             }
-        }
+            *probed = Some(now);
+            if vm.port != 0 {
+                probes.push(Ageing::Probe { ip: *ip, mac: vm.mac, port: vm.port });
+            }
+            false
+        });
         probes.sort_by_key(|p| match p {
             Ageing::Probe { ip, .. } | Ageing::Gone { ip, .. } => *ip,
         });
