@@ -121,6 +121,49 @@ pub struct Config {
     #[arg(long, env = "VICTOR_STREAM_HISTORY", default_value_t = 200_000)]
     pub stream_history: usize,
 
+    /// Most open gRPC connections; further ones are closed as they arrive. Lowered at start if
+    /// needed so that both servers' caps fit the open-file limit (raised to its hard limit) with
+    /// descriptors to spare.
+    #[arg(long, env = "VICTOR_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Most open connections to the HTTP admin port.
+    #[arg(long, env = "VICTOR_MAX_HTTP_CONNECTIONS", default_value_t = 64)]
+    pub max_http_connections: usize,
+
+    /// A new connection must complete TLS and the HTTP/2 preface (gRPC), or send a request head
+    /// (HTTP admin; also the longest wait for the next request), within this.
+    #[arg(long, env = "VICTOR_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
+    pub handshake_timeout: Duration,
+
+    /// A connection on which nothing was received or sent for this long is closed. gRPC clients
+    /// answer the server's keepalive pings (every 10s), so only dead or silent sockets reach it.
+    #[arg(long, env = "VICTOR_IDLE_TIMEOUT", default_value = "60s", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
+    pub idle_timeout: Duration,
+
+    /// Most streams (Sync and WatchBindings together) one client connection may have open;
+    /// more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VICTOR_MAX_STREAMS_PER_CONNECTION", default_value_t = 32)]
+    pub max_streams_per_connection: usize,
+
+    /// Most agent streams (AgentService.Sync) this replica serves; more are refused with
+    /// RESOURCE_EXHAUSTED (agents fail over to another replica).
+    #[arg(long, env = "VICTOR_MAX_AGENT_STREAMS", default_value_t = 4096)]
+    pub max_agent_streams: usize,
+
+    /// Most binding watches (BindingService.WatchBindings) this replica serves; more are refused
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VICTOR_MAX_WATCH_STREAMS", default_value_t = 256)]
+    pub max_watch_streams: usize,
+
+    /// Snapshot bytes per second this replica builds for all its streams together (agents'
+    /// full syncs and binding-watch snapshots), e.g. `128MiB`, `512KiB`; 0 = unpaced. Keeps a
+    /// flood of snapshots from starving heartbeats and other calls.
+    #[arg(long, env = "VICTOR_SNAPSHOT_RATE", default_value = "128MiB", value_parser = parse_bytes)]
+    pub snapshot_rate: u64,
+
     /// Most observations accepted in one AgentService.Report call.
     #[arg(long, env = "VICTOR_MAX_REPORT_OBSERVATIONS", default_value_t = 1024)]
     pub max_report_observations: usize,
@@ -197,6 +240,27 @@ impl Config {
         if self.max_report_observations == 0 || self.max_report_observations > 65_536 {
             return bad("--max-report-observations must be between 1 and 65536".into());
         }
+        for (flag, value) in [
+            ("--max-connections", self.max_connections),
+            ("--max-http-connections", self.max_http_connections),
+            ("--max-streams-per-connection", self.max_streams_per_connection),
+            ("--max-agent-streams", self.max_agent_streams),
+            ("--max-watch-streams", self.max_watch_streams),
+        ] {
+            if value == 0 {
+                return bad(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.handshake_timeout < Duration::from_secs(1) {
+            return bad(format!("--handshake-timeout {:?} is too short; use at least 1s", self.handshake_timeout));
+        }
+        if self.idle_timeout < MIN_IDLE_TIMEOUT {
+            return bad(format!(
+                "--idle-timeout {:?} is too short: live clients only answer keepalive pings every 10s; use at \
+                 least {MIN_IDLE_TIMEOUT:?}",
+                self.idle_timeout
+            ));
+        }
         for url in &self.etcd_endpoints {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return bad(format!("--etcd-endpoints entry {url:?} must be a URL like http://127.0.0.1:2379"));
@@ -240,6 +304,29 @@ impl Config {
 
 victor_daemon::impl_daemon_config!(Config);
 
+/// Shortest `--idle-timeout`: longer than the server's keepalive interval and timeout together.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Parses a byte count: a number with an optional unit, binary (`KiB`, `MiB`, `GiB`) or decimal
+/// (`KB`, `MB`, `GB`), e.g. `128MiB`, `500KB`, `1048576`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a byte count like 128MiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("unknown unit {other:?} in {text:?}; use B, KiB, MiB, GiB, KB, MB or GB")),
+    };
+    number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +355,23 @@ mod tests {
             load(&["--mobile-prefix", "10.10.0.0/16", "--etcd-endpoints", "127.0.0.1:2379"]).unwrap_err().to_string();
         assert!(err.contains("must be a URL"), "{err}");
         assert!(load(&[]).is_err(), "a mobile prefix is required");
+    }
+
+    #[test]
+    fn byte_counts_and_connection_limits() {
+        assert_eq!(parse_bytes("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_bytes("500KB"), Ok(500_000));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert!(parse_bytes("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("MiB").is_err());
+        let c = load(&["--mobile-prefix", "10.10.0.0/16"]).unwrap();
+        assert_eq!((c.max_connections, c.max_streams_per_connection, c.snapshot_rate), (4096, 32, 128 << 20));
+        let c = load(&["--mobile-prefix", "10.10.0.0/16", "--snapshot-rate", "1GiB"]).unwrap();
+        assert_eq!(c.snapshot_rate, 1 << 30);
+        let err = load(&["--mobile-prefix", "10.10.0.0/16", "--idle-timeout", "5s"]).unwrap_err().to_string();
+        assert!(err.contains("--idle-timeout"), "{err}");
+        let err = load(&["--mobile-prefix", "10.10.0.0/16", "--max-agent-streams", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--max-agent-streams must be at least 1"), "{err}");
     }
 
     #[test]

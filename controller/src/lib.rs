@@ -10,11 +10,13 @@
 //! * [`registry`] — binding rules (pure) and their application to the store (CAS); no gRPC.
 //! * [`replica`] — what the parts of one replica share (registry, cache, status).
 //! * [`wire`] — the controller's types as `victor.v1` messages and status codes.
-//! * [`stream`] — the agents' desired-state streams and the orchestrators' binding watches.
+//! * [`stream`] — the agents' desired-state streams and the orchestrators' binding watches, their
+//!   admission (stream limits) and the paced snapshot lane.
 //! * [`api`] — the gRPC services, a thin skin over the replica.
 //! * [`housekeeping`] — timers run by the one elected replica.
 //! * [`admin`] — the HTTP admin port (health, metrics, status page).
-//! * [`server`] — wires one replica together.
+//! * [`server`] — wires one replica together: the control runtime (leases, housekeeping, cache
+//!   loader) and the connection gate of both servers (caps, handshake and idle timeouts).
 
 pub mod admin;
 pub mod api;

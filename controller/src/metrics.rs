@@ -48,6 +48,29 @@ pub struct AuthLabel {
     pub reason: &'static str,
 }
 
+/// Label: a stream limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// connection | agent | watch
+    pub limit: &'static str,
+}
+
+/// Label: one of the replica's servers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabel {
+    /// grpc | http
+    pub server: &'static str,
+}
+
+/// Labels: a connection closed by a timeout.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabel {
+    /// grpc | http
+    pub server: &'static str,
+    /// handshake | idle
+    pub reason: &'static str,
+}
+
 /// All metrics of the replica.
 pub struct Metrics {
     registry: Registry,
@@ -85,6 +108,18 @@ pub struct Metrics {
     pub snapshots_sent: Counter,
     /// Binding watch streams being served.
     pub binding_watchers: Gauge,
+    /// Streams refused by a limit.
+    pub streams_refused: Family<LimitLabel, Counter>,
+    /// Bytes of snapshot parts built (agent streams and binding watches).
+    pub snapshot_bytes: Counter,
+    /// Open client connections per server.
+    pub connections: Family<ServerLabel, Gauge>,
+    /// Connections closed at once because the server had its maximum.
+    pub connections_refused: Family<ServerLabel, Counter>,
+    /// Connections closed by the handshake or idle timeout.
+    pub connections_timed_out: Family<TimeoutLabel, Counter>,
+    /// Leases of this replica (presence, housekeeping election) that expired before renewal.
+    pub replica_leases_lost: Counter,
     /// Bindings (from the cache).
     pub bindings: Gauge,
     /// Frozen bindings (from the cache).
@@ -125,6 +160,12 @@ impl Metrics {
             stream_lag_revisions: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             snapshots_sent: Counter::default(),
             binding_watchers: Gauge::default(),
+            streams_refused: Family::default(),
+            snapshot_bytes: Counter::default(),
+            connections: Family::default(),
+            connections_refused: Family::default(),
+            connections_timed_out: Family::default(),
+            replica_leases_lost: Counter::default(),
             bindings: Gauge::default(),
             bindings_frozen: Gauge::default(),
             vms: Gauge::default(),
@@ -171,6 +212,28 @@ impl Metrics {
         );
         registry.register("snapshots_sent", "Full snapshots sent to agents", m.snapshots_sent.clone());
         registry.register("binding_watchers", "WatchBindings streams served", m.binding_watchers.clone());
+        registry.register("streams_refused", "Streams refused by a limit", m.streams_refused.clone());
+        registry.register(
+            "snapshot_bytes",
+            "Bytes of snapshot parts built for agent streams and binding watches",
+            m.snapshot_bytes.clone(),
+        );
+        registry.register("connections", "Open client connections per server", m.connections.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the server had its maximum",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_timed_out",
+            "Connections closed by the handshake or idle timeout",
+            m.connections_timed_out.clone(),
+        );
+        registry.register(
+            "replica_leases_lost",
+            "Leases of this replica (presence, housekeeping election) that expired before renewal",
+            m.replica_leases_lost.clone(),
+        );
         registry.register("bindings", "Bindings in the cache", m.bindings.clone());
         registry.register("bindings_frozen", "Bindings frozen by flap damping", m.bindings_frozen.clone());
         registry.register("vms_declared", "Declared VMs", m.vms.clone());
@@ -197,6 +260,11 @@ impl Metrics {
         self.auth_failures.get_or_create(&AuthLabel { service, reason }).inc();
     }
 
+    /// Counts one refused stream, by limit.
+    pub fn stream_refused(&self, limit: &'static str) {
+        self.streams_refused.get_or_create(&LimitLabel { limit }).inc();
+    }
+
     /// Observes a store request's latency.
     pub fn store_op(&self, op: &'static str, started: std::time::Instant) {
         self.store_latency.get_or_create(&OpLabel { op }).observe(started.elapsed().as_secs_f64());
@@ -219,6 +287,12 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
 

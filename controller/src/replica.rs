@@ -7,10 +7,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use victor_store::{Revision, Store};
+use victor_store::{Revision, Store, StoreResult};
 
-use crate::cache::Cache;
 use crate::cache::backfill::Backfiller;
+use crate::cache::{Cache, FeView};
 use crate::metrics::Metrics;
 use crate::move_timeline::MoveTimelines;
 use crate::registry::Registry;
@@ -43,6 +43,12 @@ pub struct Replica<S: Store> {
 
 impl<S: Store> Replica<S> {
     /// Waits (bounded by [`READ_YOUR_WRITES`]) until this replica's cache shows `revision`.
+    ///
+    /// Every API call that writes settles on its write's revision before it answers: reads
+    /// (GetBinding, listings) and the decisions of later conditional writes (AnnounceMigration,
+    /// ClearDamping, a GONE report) are made on the cache, and a rule that refuses on the cached
+    /// state writes nothing, so no compare-and-swap would reveal a cache that lags the write the
+    /// same client just had acknowledged.
     pub async fn settle(&self, revision: Revision) {
         if revision > 0 && !self.cache.wait_for(revision, READ_YOUR_WRITES).await {
             tracing::warn!(
@@ -50,5 +56,16 @@ impl<S: Store> Replica<S> {
                 "cache did not show our own write in time; the response may be older than the write"
             );
         }
+    }
+
+    /// Whether `fe`'s liveness session exists. The cache answers when it shows the session; when
+    /// it does not (expired, or this replica has not seen a registration made elsewhere yet), the
+    /// store decides.
+    pub async fn session_alive(&self, fe: &FeView) -> StoreResult<bool> {
+        if fe.up() {
+            return Ok(true);
+        }
+        let (session, _) = self.registry.store().get(&self.cache.keys().session(&fe.fe_id)).await?;
+        Ok(session.is_some())
     }
 }

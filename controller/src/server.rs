@@ -1,6 +1,14 @@
 //! Wires one replica together: store → cache loader → registry → gRPC services, HTTP admin,
 //! store prober and housekeeping; and shuts it down cleanly (leases revoked so peers take over
 //! at once).
+//!
+//! Two runtimes: the main one (the process's) serves the clients; the control runtime
+//! ([`control`]) keeps the replica's leases, runs housekeeping, the store prober and the cache
+//! loader, with a store client of its own, so that no client load can delay them. Both servers
+//! accept connections through [`net`] (connection caps, handshake and idle timeouts).
+
+pub mod control;
+pub mod net;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +19,8 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 use victor_proto::v1::binding_service_server::BindingServiceServer;
 use victor_store::embedded::{EmbeddedOptions, EmbeddedStore};
 use victor_store::etcd::{EtcdConfig, EtcdStore, EtcdTls};
@@ -21,6 +31,7 @@ use crate::api::ApiContext;
 use crate::api::agent::AgentGrpc;
 use crate::api::auth::Auth;
 use crate::api::binding::BindingApi;
+use crate::api::request_size::RequestSizeLayer;
 use crate::api::validate::MobilePrefixes;
 use crate::cache::{self, Cache};
 use crate::config::Config;
@@ -32,11 +43,25 @@ use crate::move_timeline::MoveTimelines;
 use crate::registry::Registry;
 use crate::registry::rules::{DampingPolicy, Rules};
 use crate::replica::Replica;
+use crate::stream::admission::{Admission, StreamLimits};
+use crate::stream::pacer::SnapshotPacer;
+use control::ControlRuntime;
+use net::{Gate, Timeouts};
 
-/// Largest gRPC message accepted (requests) — bigger ones fail with OUT_OF_RANGE.
+/// Largest gRPC request message accepted — bigger ones fail with RESOURCE_EXHAUSTED
+/// (`api::request_size`).
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// TTL of the replica's presence and election leases.
 const REPLICA_LEASE_TTL: Duration = Duration::from_secs(5);
+/// HTTP/2 keepalive: a ping after this long without frames from the client...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ...which must be answered within this, or the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 streams a connection may have beyond its Sync/WatchBindings streams (unary calls in
+/// flight), announced in the connection's SETTINGS.
+const UNARY_STREAMS_PER_CONNECTION: u32 = 128;
+/// How long in-flight work may take to finish at shutdown before connections are dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// A running replica.
 pub struct Server {
@@ -49,6 +74,7 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<Result<()>>,
     leases: Vec<Arc<KeptLease<AnyStore>>>,
+    control: ControlRuntime,
 }
 
 impl Server {
@@ -56,7 +82,28 @@ impl Server {
     /// loading in the background; /readyz says when it is done).
     pub async fn start(config: Config) -> Result<Server> {
         let tls = grpc_tls(&config)?;
-        let store = open_store(&config).await?;
+        let fd_limit = net::raise_fd_limit().context("read the open-file limit")?;
+        let ((grpc_cap, http_cap), lowered) =
+            net::fit_caps(config.max_connections, config.max_http_connections, fd_limit);
+        if lowered {
+            tracing::warn!(
+                fd_limit,
+                grpc = grpc_cap,
+                http = http_cap,
+                "connection caps lowered to fit the open-file limit (raise it, e.g. LimitNOFILE / ulimit -n, for more)"
+            );
+        }
+        let store = open_store(&config, "clients").await?;
+        let control = ControlRuntime::start().context("start the control runtime")?;
+        // The control runtime's own store client: its connection is driven by the control
+        // runtime, not by the one serving clients.
+        let control_store = match &store {
+            AnyStore::Embedded(_) => store.clone(),
+            AnyStore::Etcd(_) => {
+                let config = config.clone();
+                control.run(async move { open_store(&config, "control").await }).await?
+            }
+        };
         let replica_id = config.replica_id();
         let grpc =
             TcpListener::bind(config.grpc_listen).await.with_context(|| format!("bind gRPC {}", config.grpc_listen))?;
@@ -74,15 +121,25 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
-        let presence_lease = KeptLease::new(store.clone(), REPLICA_LEASE_TTL);
-        let election_lease = KeptLease::new(store.clone(), REPLICA_LEASE_TTL);
+        // Created inside the control runtime: their keep-alive tasks run there.
+        let (presence_lease, election_lease) = {
+            let _control = control.handle().enter();
+            (
+                KeptLease::new(control_store.clone(), REPLICA_LEASE_TTL),
+                KeptLease::new(control_store.clone(), REPLICA_LEASE_TTL),
+            )
+        };
         let presence = cache::loader::Presence {
             replica_id: replica_id.clone(),
             grpc_addr: grpc_addr.to_string(),
             lease: presence_lease.clone(),
         };
-        tasks.spawn(loader(store.clone(), cache.clone(), presence, shutdown_rx.clone()));
-        tasks.spawn(probe(store.clone(), store_reachable.clone(), shutdown_rx.clone()));
+        let on_control = control.handle();
+        tasks.spawn_on(loader(control_store.clone(), cache.clone(), presence, shutdown_rx.clone()), on_control);
+        tasks.spawn_on(probe(control_store.clone(), store_reachable.clone(), shutdown_rx.clone()), on_control);
+        for lease in [&presence_lease, &election_lease] {
+            tasks.spawn_on(count_lost_leases(lease.lost(), metrics.clone(), shutdown_rx.clone()), on_control);
+        }
 
         let rules = Rules {
             damping: DampingPolicy {
@@ -92,24 +149,37 @@ impl Server {
             require_declared: config.require_declared,
         };
         let auth = load_auth(&config, metrics.clone())?;
-        let replica = Arc::new(Replica {
-            id: replica_id.clone(),
-            registry: Registry::new(store.clone(), cache.clone(), rules, metrics.clone(), timelines.clone())
-                .with_reachability(store_reachable.clone()),
-            cache: cache.clone(),
-            metrics: metrics.clone(),
-            timelines: timelines.clone(),
-            store_reachable: store_reachable.clone(),
-            is_housekeeper: is_housekeeper.clone(),
-            shutdown: shutdown_rx.clone(),
-            backfill: Arc::new(cache::backfill::Backfiller::new(store.clone(), cache.clone(), replica_id.clone())),
-        });
+        // One replica view per runtime: the same cache, metrics and flags, each with a registry
+        // (and so a store client) of its runtime.
+        let replica_on = |store: &AnyStore| {
+            Arc::new(Replica {
+                id: replica_id.clone(),
+                registry: Registry::new(store.clone(), cache.clone(), rules, metrics.clone(), timelines.clone())
+                    .with_reachability(store_reachable.clone()),
+                cache: cache.clone(),
+                metrics: metrics.clone(),
+                timelines: timelines.clone(),
+                store_reachable: store_reachable.clone(),
+                is_housekeeper: is_housekeeper.clone(),
+                shutdown: shutdown_rx.clone(),
+                backfill: Arc::new(cache::backfill::Backfiller::new(store.clone(), cache.clone(), replica_id.clone())),
+            })
+        };
+        let replica = replica_on(&store);
+        let housekeeping_replica = replica_on(&control_store);
+        let limits = StreamLimits {
+            per_connection: config.max_streams_per_connection,
+            agent: config.max_agent_streams,
+            watch: config.max_watch_streams,
+        };
         let ctx = Arc::new(ApiContext {
-            replica: replica.clone(),
+            replica,
             mobile: MobilePrefixes::new(config.mobile_prefixes.clone()),
             session_ttl: config.session_ttl,
             max_report_observations: config.max_report_observations,
             auth,
+            admission: Admission::new(limits, metrics.clone()),
+            pacer: Arc::new(SnapshotPacer::new(config.snapshot_rate)),
         });
 
         let hk = HousekeepingConfig {
@@ -118,13 +188,18 @@ impl Server {
             tombstone_retention: config.tombstone_retention,
             tick: Duration::from_secs(1),
         };
-        let hk_task = housekeeping::run(replica, election_lease.clone(), hk, shutdown_rx.clone());
-        tasks.spawn(async move {
-            hk_task.await;
-            Ok(())
-        });
+        let hk_task = housekeeping::run(housekeeping_replica, election_lease.clone(), hk, shutdown_rx.clone());
+        tasks.spawn_on(
+            async move {
+                hk_task.await;
+                Ok(())
+            },
+            on_control,
+        );
 
-        tasks.spawn(serve_grpc(ctx, grpc, tls, shutdown_rx.clone()));
+        let timeouts = Timeouts { handshake: config.handshake_timeout, idle: config.idle_timeout };
+        let grpc_gate = Gate::new("grpc", grpc_cap, timeouts, metrics.clone());
+        tasks.spawn(serve_grpc(ctx, grpc, grpc_gate, tls, shutdown_rx.clone()));
         let feed = Arc::new(admin::feed::Feed::new());
         tasks.spawn({
             let run =
@@ -136,7 +211,7 @@ impl Server {
         });
         let admin_state = AdminState {
             cache,
-            metrics,
+            metrics: metrics.clone(),
             timelines,
             store_reachable,
             is_housekeeper,
@@ -145,17 +220,18 @@ impl Server {
             store_kind: store.kind(),
             mobile_prefixes: config.mobile_prefixes.iter().map(ToString::to_string).collect(),
         };
-        let mut http_shutdown = shutdown_rx.clone();
-        tasks.spawn(async move {
-            axum::serve(http, admin::router(admin_state))
-                .with_graceful_shutdown(async move {
-                    let _ = http_shutdown.wait_for(|s| *s).await;
-                })
-                .await
-                .context("HTTP admin server")
-        });
+        let http_gate = Gate::new("http", http_cap, timeouts, metrics);
+        tasks.spawn(admin::serve(http, http_gate, admin::router(admin_state), shutdown_rx.clone()));
         tracing::info!(%grpc_addr, %http_addr, replica = %replica_id, store = store.kind(), "controller started");
-        Ok(Server { grpc_addr, http_addr, replica_id, shutdown, tasks, leases: vec![presence_lease, election_lease] })
+        Ok(Server {
+            grpc_addr,
+            http_addr,
+            replica_id,
+            shutdown,
+            tasks,
+            leases: vec![presence_lease, election_lease],
+            control,
+        })
     }
 
     /// Stops serving, revokes this replica's leases and waits for every task.
@@ -177,6 +253,7 @@ impl Server {
                 Err(_) => {}
             }
         }
+        self.control.stop().await;
         first_error.map_or(Ok(()), Err)
     }
 
@@ -193,7 +270,8 @@ impl Server {
     }
 }
 
-async fn open_store(config: &Config) -> Result<AnyStore> {
+/// Opens the store; with etcd, one client `for_runtime` ("clients" or "control").
+async fn open_store(config: &Config, for_runtime: &'static str) -> Result<AnyStore> {
     if config.uses_embedded_store() {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("create --data-dir {}", config.data_dir.display()))?;
@@ -218,6 +296,7 @@ async fn open_store(config: &Config) -> Result<AnyStore> {
             endpoints = %config.etcd_endpoints.join(","),
             tls = etcd.tls.is_some(),
             client_cert = etcd.tls.as_ref().is_some_and(|t| t.client_cert_pem.is_some()),
+            runtime = for_runtime,
             "using etcd"
         );
         Ok(AnyStore::Etcd(store))
@@ -254,32 +333,49 @@ fn etcd_tls(config: &Config) -> Result<Option<EtcdTls>> {
 }
 
 /// The gRPC server's TLS from `--tls-cert-file`/`--tls-key-file`, verifying client certificates
-/// against `--tls-client-ca-file` when given. Client certificates are optional at the TLS layer:
-/// operators may connect with a bearer token only, while every AgentService call checks the
-/// agent's certificate itself (UNAUTHENTICATED without one, see `api::auth`).
-fn grpc_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+/// against `--tls-client-ca-file` when given (ALPN h2, as tonic's own acceptor). Client
+/// certificates are optional at the TLS layer: operators may connect with a bearer token only,
+/// while every AgentService call checks the agent's certificate itself (UNAUTHENTICATED without
+/// one, see `api::auth`). The handshake runs in the accept loop ([`net`]) under
+/// `--handshake-timeout`.
+fn grpc_tls(config: &Config) -> Result<Option<TlsAcceptor>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
         return Ok(None);
     };
-    let identity = tonic::transport::Identity::from_pem(
-        read_pem("--tls-cert-file", cert, "CERTIFICATE")?,
-        read_pem("--tls-key-file", key, "PRIVATE KEY")?,
-    );
-    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity).timeout(Duration::from_secs(10));
-    if let Some(ca) = &config.tls_client_ca_file {
-        tls = tls
-            .client_ca_root(tonic::transport::Certificate::from_pem(read_pem(
-                "--tls-client-ca-file",
-                ca,
-                "CERTIFICATE",
-            )?))
-            .client_auth_optional(true);
-    }
-    // Building the acceptor parses the key and certificates: fail now, not in the serving task.
-    tonic::transport::Server::builder().tls_config(tls.clone()).map_err(|e| {
-        anyhow::anyhow!("gRPC TLS: {e} (check --tls-cert-file, --tls-key-file and --tls-client-ca-file)")
-    })?;
-    Ok(Some(tls))
+    let cert_pem = read_pem("--tls-cert-file", cert, "CERTIFICATE")?;
+    let key_pem = read_pem("--tls-key-file", key, "PRIVATE KEY")?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--tls-cert-file {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| anyhow::anyhow!("--tls-key-file {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .context("gRPC TLS protocol versions")?;
+    let builder = match &config.tls_client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let ca_pem = read_pem("--tls-client-ca-file", ca, "CERTIFICATE")?;
+            let mut roots = rustls::RootCertStore::empty();
+            for der in CertificateDer::pem_slice_iter(&ca_pem) {
+                let der = der.map_err(|e| anyhow::anyhow!("--tls-client-ca-file {}: {e}", ca.display()))?;
+                roots.add(der).map_err(|e| anyhow::anyhow!("--tls-client-ca-file {}: {e}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| anyhow::anyhow!("--tls-client-ca-file {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| anyhow::anyhow!("gRPC TLS: {e} (check that --tls-key-file is the key of --tls-cert-file)"))?;
+    tls.alpn_protocols.push(b"h2".to_vec());
+    Ok(Some(TlsAcceptor::from(Arc::new(tls))))
 }
 
 /// Reads a PEM file named by `flag` and checks it holds a `label` block (so a key passed as a
@@ -367,22 +463,47 @@ async fn probe(store: AnyStore, reachable: Arc<AtomicBool>, mut shutdown: watch:
     }
 }
 
+/// Counts the losses of one of this replica's leases (`victor_replica_leases_lost_total`).
+async fn count_lost_leases(
+    mut lost: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    loop {
+        tokio::select! {
+            changed = lost.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                metrics.replica_leases_lost.inc();
+            }
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
 async fn serve_grpc(
     ctx: Arc<ApiContext<AnyStore>>,
     listener: TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    gate: Gate,
+    tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(victor_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("build reflection service")?;
+    // Reflection in both versions: grpc.reflection.v1 and the older v1alpha that many clients
+    // (older grpcurl, several GUI clients) still speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(victor_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("build reflection service (v1)")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("build reflection service (v1alpha)")?;
     // The agents' service with the Sync stream written from pre-encoded frames (each change is
     // encoded once for every stream); its other methods are the generated ones.
     let agent = AgentGrpc::new(ctx.clone(), MAX_REQUEST_BYTES);
     let binding = BindingServiceServer::new(BindingApi::new(ctx.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let streams_per_connection = u32::try_from(ctx.admission.limits().per_connection).unwrap_or(u32::MAX);
 
     // Health follows readiness: SERVING once the cache is loaded and the store answers.
     let health_ctx = ctx.replica.clone();
@@ -406,25 +527,54 @@ async fn serve_grpc(
         }
     });
 
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls).context("gRPC TLS (--tls-cert-file/--tls-key-file)")?;
-    }
-    // `serve_with_incoming*` ignores the builder's tcp_nodelay: set it on the incoming sockets,
-    // or small stream messages wait for the agent's delayed ACK (Nagle: up to 40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    builder
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+    let router = tonic::transport::Server::builder()
+        .layer(RequestSizeLayer::new(MAX_REQUEST_BYTES))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(streams_per_connection.saturating_add(UNARY_STREAMS_PER_CONNECTION))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(agent)
-        .add_service(binding)
-        .serve_with_incoming_shutdown(incoming, async move {
+        .add_service(binding);
+    let signal = {
+        let mut shutdown = shutdown.clone();
+        async move {
             let _ = shutdown.wait_for(|s| *s).await;
             // Streams end on shutdown; give unary calls in flight a moment to finish.
             tokio::time::sleep(Duration::from_millis(100)).await;
-        })
-        .await
-        .context("gRPC server")
+        }
+    };
+    // Connections go through the gate: cap, TLS and the HTTP/2 preface within the handshake
+    // timeout, idle timeout. (The accepted sockets have TCP_NODELAY set: small stream messages
+    // must not wait for the agent's delayed ACK.)
+    let serving = async move {
+        match tls {
+            None => {
+                let accepted = gate.accept(listener, net::HTTP2_PREFACE_LEN, |tcp| async move { Ok(tcp) });
+                router.serve_with_incoming_shutdown(incoming(accepted), signal).await
+            }
+            Some(tls) => {
+                let accepted = gate.accept(listener, net::HTTP2_PREFACE_LEN, move |tcp| tls.accept(tcp));
+                router.serve_with_incoming_shutdown(incoming(accepted), signal).await
+            }
+        }
+    };
+    // Graceful shutdown waits for every stream to end; a client that stopped reading would hold
+    // it forever, so it gets SHUTDOWN_GRACE.
+    tokio::select! {
+        served = serving => served.context("gRPC server"),
+        _ = async {
+            let _ = shutdown.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => Ok(()),
+    }
+}
+
+/// The accepted connections as the stream tonic serves from.
+fn incoming<IO>(
+    accepted: tokio::sync::mpsc::Receiver<net::Guarded<IO>>,
+) -> impl futures::Stream<Item = Result<net::Guarded<IO>, std::io::Error>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::ReceiverStream::new(accepted).map(Ok)
 }

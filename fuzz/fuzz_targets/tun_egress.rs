@@ -1,5 +1,8 @@
-//! The encapsulation decision for a packet read from TUN: never panics; an encapsulated packet
-//! had its TTL decremented with a valid header checksum.
+//! What the forwarder does with a packet read from TUN: the encapsulation decision never panics
+//! and an encapsulated packet had its TTL decremented with a valid header checksum; read as a
+//! GSO super-packet (the first input byte picks TCP or UDP and the segment size), the split into
+//! IP-in-IP segments never panics, and every segment is a valid tunnel packet of at most the
+//! segment size whose inner checksums verify, the payloads together being the original payload.
 #![no_main]
 
 use std::net::Ipv4Addr;
@@ -7,9 +10,11 @@ use std::net::Ipv4Addr;
 use libfuzzer_sys::fuzz_target;
 use victor_dataplane::fib::{Action, Fib};
 use victor_dataplane::forwarder::pipeline::{self, Egress};
-use victor_dataplane::packet::ipv4;
+use victor_dataplane::packet::gso::{self, GsoKind};
+use victor_dataplane::packet::{checksum, ipv4};
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(|input: &[u8]| {
+    let Some((&control, data)) = input.split_first() else { return };
     let fib = Fib::new(Ipv4Addr::new(192, 0, 2, 1));
     fib.set_peers([Ipv4Addr::new(192, 0, 2, 2)]);
     let _ = fib.set(Ipv4Addr::new(10, 10, 0, 11), Action::Remote(Ipv4Addr::new(192, 0, 2, 2)));
@@ -22,4 +27,28 @@ fuzz_target!(|data: &[u8]| {
         let after = ipv4::parse(&packet).expect("TTL decrement keeps the header valid");
         assert_eq!(after.ttl + 1, before.ttl);
     }
+
+    let kind = if control & 1 == 0 { GsoKind::Tcp } else { GsoKind::Udp };
+    let gso_size = usize::from(control >> 1) * 12 + 1;
+    let tunnel = ipv4::Tunnel { src: Ipv4Addr::new(192, 0, 2, 1), dst: Ipv4Addr::new(192, 0, 2, 2), ttl: 64 };
+    let (mut arena, mut segs) = (Vec::new(), Vec::new());
+    let Ok(()) = gso::segment(data, kind, gso_size, Some(&tunnel), &mut arena, &mut segs) else {
+        assert!(arena.is_empty() && segs.is_empty(), "nothing written on error");
+        return;
+    };
+    let layout = gso::layout(data, kind).expect("segmented packets have a layout");
+    let mut payload = Vec::new();
+    for s in &segs {
+        assert!(s.payload.len() <= gso_size);
+        let mut outer = arena[s.header.clone()].to_vec();
+        outer.extend_from_slice(&data[s.payload.clone()]);
+        let d = ipv4::decapsulate(&mut outer).expect("each segment is a valid tunnel packet");
+        let inner = &outer[d.inner.clone()];
+        let h = ipv4::parse(inner).expect("valid inner header");
+        let l4 = &inner[h.header_len..h.total_len];
+        let pseudo = checksum::pseudo_header(h.src.octets(), h.dst.octets(), h.protocol, l4.len() as u16);
+        assert_eq!(checksum::finish(u32::from(checksum::add(pseudo, checksum::sum(l4)))), 0, "transport checksum");
+        payload.extend_from_slice(&l4[layout.l4_len..]);
+    }
+    assert_eq!(&payload[..], &data[layout.headers_len()..layout.ip.total_len]);
 });

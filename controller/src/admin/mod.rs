@@ -1,5 +1,6 @@
 //! The HTTP admin port (axum): `/healthz`, `/readyz`, `/metrics`, `/debug/moves` and the status
-//! page (`/status`, see [`status`]) with its live feed ([`feed`]).
+//! page (`/status`, see [`status`]) with its live feed ([`feed`]). [`serve`] runs it over HTTP/1.1
+//! behind the replica's connection gate (cap, request-head and idle timeouts).
 
 pub mod feed;
 pub mod status;
@@ -7,6 +8,7 @@ pub mod status;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -18,6 +20,7 @@ use serde::Deserialize;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 use crate::move_timeline::MoveTimelines;
+use crate::server::net::Gate;
 
 /// What the admin handlers read.
 #[derive(Clone)]
@@ -56,6 +59,58 @@ pub fn router(state: AdminState) -> Router {
         .route("/status/api/bindings", get(status::bindings))
         .route("/status/events", get(status::events))
         .with_state(state)
+}
+
+/// How long connections may finish their responses at shutdown (the status page's event stream
+/// never ends by itself).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves `router` on `listener` until `shutdown` turns true. Each connection comes through
+/// `gate`; hyper closes one whose request head does not arrive within the gate's handshake
+/// timeout (which also bounds the wait for the next request on a kept-alive connection).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gate: Gate,
+    router: Router,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let head_timeout = gate.timeouts().handshake;
+    let mut accepted = gate.accept(listener, 0, |tcp| async move { Ok(tcp) });
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let io = tokio::select! {
+            io = accepted.recv() => match io {
+                Some(io) => io,
+                None => break,
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut stopping = stop.subscribe();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(head_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            tokio::pin!(conn);
+            let stop = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            };
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(accepted);
+    stop.send_replace(true);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} }).await;
+    connections.abort_all();
+    Ok(())
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {

@@ -5,7 +5,6 @@
 //! every agent is encoded once instead of once per stream; the bytes on the wire obey the same
 //! contract.
 
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -27,6 +26,7 @@ use super::error::{ApiError, ApiResult};
 use super::validate::{self, is_host_in};
 use crate::registry::rules::Observed;
 use crate::registry::{FeRegistration, Reason, Refusal, Rejection, ValidObservation};
+use crate::stream::admission::StreamKind;
 use crate::stream::agent::{self as sync, SyncContext, SyncMessage};
 use crate::stream::encoded::{EncodedSync, SyncCodec};
 use crate::wire;
@@ -44,14 +44,7 @@ impl<S: Store> AgentApi<S> {
 
     async fn register(&self, req: RegisterRequest) -> ApiResult<RegisterResponse> {
         let ctx = &self.ctx;
-        let underlay: IpAddr = req.underlay_addr.trim().parse().map_err(|_| {
-            ApiError::InvalidArgument(format!("underlay_addr {:?} is not an IP address", req.underlay_addr))
-        })?;
-        if underlay.is_unspecified() || underlay.is_multicast() {
-            return Err(ApiError::InvalidArgument(format!(
-                "underlay_addr {underlay} cannot be a tunnel endpoint (unspecified or multicast)"
-            )));
-        }
+        let underlay = validate::underlay(&req.underlay_addr, &ctx.mobile)?;
         validate::name("site", &req.site)?;
         if req.agent_version.len() > validate::MAX_NAME_LEN {
             return Err(ApiError::InvalidArgument("agent_version is too long (at most 63 bytes)".into()));
@@ -59,7 +52,10 @@ impl<S: Store> AgentApi<S> {
         let mut prefixes = Vec::with_capacity(req.mobile_prefixes.len());
         for text in &req.mobile_prefixes {
             let net: IpNet = text.parse().map_err(|_| {
-                ApiError::InvalidArgument(format!("mobile prefix {text:?} is not a CIDR prefix like 10.10.0.0/16"))
+                ApiError::InvalidArgument(format!(
+                    "mobile prefix {} is not a CIDR prefix like 10.10.0.0/16",
+                    validate::quoted(text)
+                ))
             })?;
             if net.trunc() != net {
                 return Err(ApiError::InvalidArgument(format!(
@@ -111,11 +107,20 @@ impl<S: Store> AgentApi<S> {
                 req.observations.len()
             )));
         }
-        let registry = &self.ctx.replica.registry;
+        let replica = &self.ctx.replica;
+        let registry = &replica.registry;
         let fe = registry
             .registered_fe(&req.fe_id)
             .await?
             .ok_or_else(|| ApiError::FailedPrecondition(not_registered(&req.fe_id)))?;
+        // An FE whose session expired is down for every replica: what it reports now must not
+        // bind. The agent registers again on this answer and sends the batch again.
+        if !replica.session_alive(&fe).await? {
+            return Err(ApiError::FailedPrecondition(format!(
+                "the session of FE {} expired; call Register again (nothing of this report was applied)",
+                req.fe_id
+            )));
+        }
         let served: Vec<IpNet> = fe.record.mobile_prefixes.iter().filter_map(|p| p.parse().ok()).collect();
         let (ips, checked): (Vec<Vec<u8>>, Vec<_>) = req
             .observations
@@ -126,6 +131,8 @@ impl<S: Store> AgentApi<S> {
             })
             .unzip();
         let claims = registry.report(&fe, checked, received).await;
+        // Read-your-writes: answer once this replica's cache shows every write of the report.
+        replica.settle(claims.iter().filter_map(|c| c.as_ref().ok()).map(|c| c.revision).max().unwrap_or(0)).await;
         let results = ips
             .into_iter()
             .zip(claims)
@@ -198,13 +205,13 @@ impl<S: Store> AgentService for AgentApi<S> {
     type SyncStream = SyncStream;
 
     async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
-        Ok(Response::new(Box::pin(self.open_sync::<SyncUpdate>(request)?)))
+        Ok(Response::new(Box::pin(self.open_sync::<SyncUpdate>(request).await?)))
     }
 }
 
 impl<S: Store> AgentApi<S> {
     /// Checks a Sync request and starts its stream.
-    fn open_sync<M: SyncMessage>(
+    async fn open_sync<M: SyncMessage>(
         &self,
         request: Request<SyncRequest>,
     ) -> Result<ReceiverStream<Result<M, Status>>, Status> {
@@ -213,6 +220,10 @@ impl<S: Store> AgentApi<S> {
         self.ctx.auth.authorize_fe(&request, &req.fe_id)?;
         self.ctx.ready()?;
         let replica = &self.ctx.replica;
+        if replica.registry.registered_fe(&req.fe_id).await?.is_none() {
+            return Err(ApiError::FailedPrecondition(not_registered(&req.fe_id)).into());
+        }
+        let ticket = self.ctx.admit(StreamKind::Agent, &request)?;
         let ctx = SyncContext {
             cache: replica.cache.clone(),
             metrics: replica.metrics.clone(),
@@ -220,9 +231,10 @@ impl<S: Store> AgentApi<S> {
             mobile_prefixes: self.ctx.mobile.to_strings(),
             shutdown: replica.shutdown.clone(),
             backfill: replica.backfill.clone(),
+            pacer: self.ctx.pacer.clone(),
         };
         let req = request.into_inner();
-        Ok(sync::start(ctx, req.fe_id, req.from_revision))
+        Ok(sync::start(ctx, req.fe_id, req.from_revision, ticket))
     }
 }
 
@@ -294,7 +306,7 @@ impl<S: Store> tonic::server::ServerStreamingService<SyncRequest> for EncodedSyn
 
     fn call(&mut self, request: Request<SyncRequest>) -> Self::Future {
         let api = self.0.clone();
-        Box::pin(async move { api.open_sync::<EncodedSync>(request).map(Response::new) })
+        Box::pin(async move { api.open_sync::<EncodedSync>(request).await.map(Response::new) })
     }
 }
 
@@ -351,6 +363,11 @@ mod tests {
             session_ttl: Duration::from_secs(10),
             max_report_observations: 1024,
             auth: Default::default(),
+            admission: crate::stream::admission::Admission::new(
+                crate::stream::admission::StreamLimits { per_connection: 8, agent: 8, watch: 8 },
+                Arc::new(Metrics::new()),
+            ),
+            pacer: Arc::new(crate::stream::pacer::SnapshotPacer::new(0)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

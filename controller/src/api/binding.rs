@@ -17,7 +17,8 @@ use super::auth::Role;
 use super::error::{ApiError, ApiResult};
 use super::{ApiContext, validate};
 use crate::records::VmRecord;
-use crate::stream::bindings::{self as watch, WatchSpec};
+use crate::stream::admission::StreamKind;
+use crate::stream::bindings::{self as watch, WatchContext, WatchSpec};
 use crate::wire;
 
 /// Default lifetime of a migration announcement.
@@ -113,7 +114,10 @@ impl<S: Store> BindingApi<S> {
             None
         } else {
             Some(req.prefix.parse().map_err(|_| {
-                ApiError::InvalidArgument(format!("prefix {:?} is not a CIDR prefix like 10.10.1.0/24", req.prefix))
+                ApiError::InvalidArgument(format!(
+                    "prefix {} is not a CIDR prefix like 10.10.1.0/24",
+                    validate::quoted(&req.prefix)
+                ))
             })?)
         };
         if !req.fe_id.is_empty() {
@@ -214,15 +218,17 @@ impl<S: Store> BindingService for BindingApi<S> {
         request: Request<WatchBindingsRequest>,
     ) -> Result<Response<Self::WatchBindingsStream>, Status> {
         self.guard(&request, Role::ReadOnly)?;
+        let ticket = self.ctx.admit(StreamKind::Watch, &request)?;
         let req = request.into_inner();
         let prefix = if req.prefix.is_empty() {
             None
         } else {
-            Some(
-                req.prefix
-                    .parse::<IpNet>()
-                    .map_err(|_| ApiError::InvalidArgument(format!("prefix {:?} is not a CIDR prefix", req.prefix)))?,
-            )
+            Some(req.prefix.parse::<IpNet>().map_err(|_| {
+                ApiError::InvalidArgument(format!(
+                    "prefix {} is not a CIDR prefix like 10.10.1.0/24",
+                    validate::quoted(&req.prefix)
+                ))
+            })?)
         };
         if req.from_revision > self.ctx.replica.cache.revision() + 1_000_000 {
             return Err(ApiError::InvalidArgument(format!(
@@ -234,13 +240,14 @@ impl<S: Store> BindingService for BindingApi<S> {
         }
         let spec = WatchSpec { from_revision: req.from_revision, include_snapshot: req.include_snapshot, prefix };
         let replica = &self.ctx.replica;
-        Ok(Response::new(Box::pin(watch::start(
-            replica.cache.clone(),
-            replica.metrics.clone(),
-            spec,
-            replica.shutdown.clone(),
-            replica.backfill.clone(),
-        ))))
+        let ctx = WatchContext {
+            cache: replica.cache.clone(),
+            metrics: replica.metrics.clone(),
+            shutdown: replica.shutdown.clone(),
+            backfill: replica.backfill.clone(),
+            pacer: self.ctx.pacer.clone(),
+        };
+        Ok(Response::new(Box::pin(watch::start(ctx, spec, ticket))))
     }
 
     async fn list_vms(&self, request: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// nothing was written or the outcome of a write is unknown).
     #[error("{0}")]
     Unavailable(String),
+    /// A limit of this replica refuses the request (the message names the limit).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A binding rule refused the request.
     #[error("{}", .0.message)]
     Rejected(Rejection),
@@ -47,6 +50,7 @@ impl ApiError {
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
             ApiError::Rejected(r) => wire::status_code(r.refusal),
             ApiError::Internal(_) => Code::Internal,
         }
@@ -90,9 +94,23 @@ impl From<RegistryError> for Status {
     }
 }
 
+/// Longest status message sent. Messages quote offending values only in short form
+/// (`validate::quoted`); this is the backstop that keeps any message well inside a client's
+/// header limit.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
-        Status::new(err.code(), err.to_string())
+        let mut message = err.to_string();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        Status::new(err.code(), message)
     }
 }
 

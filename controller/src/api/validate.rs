@@ -18,6 +18,18 @@ pub const MAX_POLICY_SITES: usize = 64;
 pub const MAX_PAGE_SIZE: u32 = 10_000;
 /// Page size when none is given.
 pub const DEFAULT_PAGE_SIZE: u32 = 500;
+/// Characters of an offending value an error message quotes; the rest is elided, so a huge
+/// field never turns into a huge status header.
+pub const QUOTED_CHARS: usize = 40;
+
+/// `value` quoted for an error message: at most [`QUOTED_CHARS`] characters, and when it is
+/// longer, how long it was (`"aaaa…" (1048576 bytes)`).
+pub fn quoted(value: &str) -> String {
+    match value.char_indices().nth(QUOTED_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?} ({} bytes)", format!("{}…", &value[..cut]), value.len()),
+    }
+}
 
 /// The controller's mobile prefixes.
 #[derive(Debug, Clone)]
@@ -73,7 +85,7 @@ pub fn is_host_in(ip: IpAddr, prefixes: &[IpNet]) -> bool {
 /// Parses a VM IP given as text and checks it against the mobile prefixes.
 pub fn vm_ip(text: &str, mobile: &MobilePrefixes) -> ApiResult<IpAddr> {
     let ip: IpAddr = text.trim().parse().map_err(|_| {
-        ApiError::InvalidArgument(format!("vm_ip {text:?} is not an IP address (expected e.g. 10.10.0.11)"))
+        ApiError::InvalidArgument(format!("vm_ip {} is not an IP address (expected e.g. 10.10.0.11)", quoted(text)))
     })?;
     mobile.check_vm_ip(ip).map_err(|m| {
         ApiError::InvalidArgument(format!(
@@ -83,9 +95,46 @@ pub fn vm_ip(text: &str, mobile: &MobilePrefixes) -> ApiResult<IpAddr> {
     Ok(ip)
 }
 
+/// Parses an FE's underlay (tunnel endpoint) address: a unicast address other FEs can reach,
+/// outside the mobile prefixes (the FEs would route it as a VM).
+pub fn underlay(text: &str, mobile: &MobilePrefixes) -> ApiResult<IpAddr> {
+    let ip: IpAddr = text.trim().parse().map_err(|_| {
+        ApiError::InvalidArgument(format!(
+            "underlay_addr {} is not an IP address; give the address other FEs send IP-in-IP packets to",
+            quoted(text)
+        ))
+    })?;
+    let ip = ip.to_canonical();
+    let problem = match ip {
+        _ if ip.is_unspecified() => Some("is unspecified"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("is the broadcast address"),
+        _ if ip.is_multicast() => Some("is a multicast address"),
+        _ if ip.is_loopback() => Some("is a loopback address, which other FEs cannot reach"),
+        _ => None,
+    };
+    if let Some(problem) = problem {
+        return Err(ApiError::InvalidArgument(format!(
+            "underlay_addr {ip} {problem}; give this FE's unicast address on the underlay network (the one \
+             other FEs send IP-in-IP packets to)"
+        )));
+    }
+    if let Some(prefix) = mobile.as_slice().iter().find(|p| p.contains(&ip)) {
+        return Err(ApiError::InvalidArgument(format!(
+            "underlay_addr {ip} lies inside the mobile prefix {prefix}; tunnel endpoints must be outside the \
+             mobile prefixes (use the FE's underlay address, not a VM-side one)"
+        )));
+    }
+    Ok(ip)
+}
+
 /// Parses a VM MAC given as text.
 pub fn vm_mac(text: &str) -> ApiResult<Mac> {
-    let mac: Mac = text.parse().map_err(|e: victor_proto::TypeError| ApiError::InvalidArgument(format!("mac: {e}")))?;
+    let mac: Mac = text.parse().map_err(|_| {
+        ApiError::InvalidArgument(format!(
+            "mac {} is not a MAC address: expected six hex octets like 02:00:0a:0a:00:0b",
+            quoted(text)
+        ))
+    })?;
     if !mac.is_unicast() {
         return Err(ApiError::InvalidArgument(format!(
             "mac {mac} is not a unicast address (zero, broadcast and multicast MACs cannot belong to a VM)"
@@ -103,7 +152,8 @@ pub fn name(field: &str, value: &str) -> ApiResult<()> {
         || !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
         return Err(ApiError::InvalidArgument(format!(
-            "{field} {value:?} is invalid: use 1-{MAX_NAME_LEN} letters, digits, '-', '_' or '.'"
+            "{field} {} is invalid: use 1-{MAX_NAME_LEN} letters, digits, '-', '_' or '.'",
+            quoted(value)
         )));
     }
     Ok(())
@@ -127,7 +177,8 @@ pub fn page_token(token: &str) -> ApiResult<Option<IpAddr>> {
     }
     token.parse().map(Some).map_err(|_| {
         ApiError::InvalidArgument(format!(
-            "page_token {token:?} is invalid; pass next_page_token from the previous response"
+            "page_token {} is invalid; pass next_page_token from the previous response",
+            quoted(token)
         ))
     })
 }
@@ -164,5 +215,39 @@ mod tests {
         assert!(page_size(10_001).is_err());
         assert_eq!(page_size(0).unwrap(), 500);
         assert!(page_token("x").is_err());
+    }
+
+    #[test]
+    fn underlay_addresses_must_be_reachable_unicast_outside_the_mobile_prefixes() {
+        assert_eq!(underlay("192.0.2.1", &mobile()).unwrap(), "192.0.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(underlay("2001:db8::1", &mobile()).unwrap(), "2001:db8::1".parse::<IpAddr>().unwrap());
+        for (bad, hint) in [
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("255.255.255.255", "broadcast"),
+            ("224.0.0.5", "multicast"),
+            ("ff02::1", "multicast"),
+            ("127.0.0.1", "loopback"),
+            ("::1", "loopback"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("10.10.3.4", "inside the mobile prefix 10.10.0.0/16"),
+            ("fe1", "not an IP address"),
+        ] {
+            let err = underlay(bad, &mobile()).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(err.to_string().contains(hint), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn long_values_are_quoted_short() {
+        assert_eq!(quoted("fe1"), "\"fe1\"");
+        let huge = "x".repeat(1 << 20);
+        let q = quoted(&huge);
+        assert!(q.len() < 80 && q.contains("(1048576 bytes)"), "{q}");
+        let err = name("fe_id", &huge).unwrap_err().to_string();
+        assert!(err.len() < 200, "{err}");
+        let multibyte = "é".repeat(100);
+        assert!(quoted(&multibyte).contains("(200 bytes)"));
     }
 }

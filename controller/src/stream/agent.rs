@@ -1,16 +1,17 @@
-//! The agents' desired-state stream (`AgentService.Sync`): a snapshot at a revision, then deltas.
+//! The agents' desired-state stream (`AgentService.Sync`): a snapshot, then deltas.
 //!
 //! One task per stream, generic over how its messages are represented ([`SyncMessage`]): decoded
 //! `SyncUpdate`s for the generated gRPC service (deltas coalesced per key), or pre-encoded
 //! [`EncodedSync`] bytes that share each frame's encoding across every stream
-//! ([`super::encoded`]).
+//! ([`super::encoded`]). The snapshot is read in parts through the replica's
+//! [`SnapshotPacer`] and ends with its patch (see [`super`]); every message is bounded by bytes.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use victor_proto::clock::{monotonic_ns, unix_nanos};
@@ -18,9 +19,11 @@ use victor_proto::types::ip_to_bytes;
 use victor_proto::v1::{BindingEntry, BindingRemoval, FeEntry, FeRemoval, SyncPhase, SyncUpdate};
 use victor_store::Revision;
 
+use super::admission::StreamTicket;
 use super::encoded::{self, EncodedSync, EntryRef};
-use super::{HEARTBEAT, MAX_ENTRIES_PER_MESSAGE};
-use crate::cache::{Cache, CacheChange, Frame, Since};
+use super::pacer::SnapshotPacer;
+use super::{CHANNEL_MESSAGES, Closed, HEARTBEAT, MAX_MESSAGE_BYTES, Out, SNAPSHOT_PART_BYTES, split_by_bytes};
+use crate::cache::{Cache, CacheChange, CacheState, Frame, Since};
 use crate::metrics::Metrics;
 use crate::move_timeline::MoveTimelines;
 use crate::wire;
@@ -55,9 +58,11 @@ pub struct SyncContext {
     /// The mobile prefixes (sent in the first message).
     pub mobile_prefixes: Vec<String>,
     /// Flips to true when the replica shuts down: the stream ends so the agent fails over.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub shutdown: watch::Receiver<bool>,
     /// Reads history this replica does not hold back from the store (resumes after restarts).
     pub backfill: Arc<dyn crate::cache::backfill::Backfill>,
+    /// The replica's snapshot lane.
+    pub pacer: Arc<SnapshotPacer>,
 }
 
 /// How a stream's messages are represented.
@@ -68,10 +73,12 @@ pub trait SyncMessage: Send + Sized + 'static {
     fn header_mut(&mut self) -> &mut SyncUpdate;
     /// Adds the FEs of a snapshot.
     fn add_fes(&mut self, fes: Vec<FeEntry>);
-    /// Adds a chunk of a snapshot's bindings.
-    fn add_snapshot(&mut self, chunk: &[SnapshotEntry]);
+    /// Adds a part of a snapshot's bindings.
+    fn add_snapshot(&mut self, part: &[SnapshotEntry]);
     /// Adds the changes of consecutive frames.
     fn add_frames(&mut self, frames: &[Frame]);
+    /// Adds some of the changes of one frame (a frame too large for one message).
+    fn add_changes(&mut self, changes: &[CacheChange]);
 }
 
 impl SyncMessage for SyncUpdate {
@@ -87,12 +94,16 @@ impl SyncMessage for SyncUpdate {
         self.fe_upserts.extend(fes);
     }
 
-    fn add_snapshot(&mut self, chunk: &[SnapshotEntry]) {
-        self.binding_upserts.extend(chunk.iter().map(SnapshotEntry::to_wire));
+    fn add_snapshot(&mut self, part: &[SnapshotEntry]) {
+        self.binding_upserts.extend(part.iter().map(SnapshotEntry::to_wire));
     }
 
     fn add_frames(&mut self, frames: &[Frame]) {
-        coalesce(frames, self);
+        coalesce(frames.iter().flat_map(|f| f.changes.iter()), self);
+    }
+
+    fn add_changes(&mut self, changes: &[CacheChange]) {
+        coalesce(changes.iter(), self);
     }
 }
 
@@ -109,9 +120,9 @@ impl SyncMessage for EncodedSync {
         self.parts.push(encoded::encode_fes(&fes));
     }
 
-    fn add_snapshot(&mut self, chunk: &[SnapshotEntry]) {
-        let mut buf = bytes::BytesMut::with_capacity(chunk.len() * 40);
-        for e in chunk {
+    fn add_snapshot(&mut self, part: &[SnapshotEntry]) {
+        let mut buf = bytes::BytesMut::with_capacity(part.iter().map(|e| encoded::binding_len(&e.as_ref())).sum());
+        for e in part {
             encoded::put_binding(&mut buf, &e.as_ref());
         }
         self.parts.push(buf.freeze());
@@ -120,18 +131,25 @@ impl SyncMessage for EncodedSync {
     fn add_frames(&mut self, frames: &[Frame]) {
         self.parts.extend(frames.iter().map(encoded::frame_bytes));
     }
+
+    fn add_changes(&mut self, changes: &[CacheChange]) {
+        self.parts.push(encoded::encode_changes(changes));
+    }
 }
 
-/// Starts the stream for one agent.
+/// Starts the stream for one agent; it holds `ticket` (its admission) while it runs.
 pub fn start<M: SyncMessage>(
     ctx: SyncContext,
     fe_id: String,
     from_revision: Revision,
+    ticket: StreamTicket,
 ) -> ReceiverStream<Result<M, Status>> {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
     tokio::spawn(async move {
+        let _ticket = ticket;
         ctx.metrics.agent_streams.inc();
-        let result = run(&ctx, &tx, from_revision).await;
+        let mut out = Out::new(tx, ctx.shutdown.clone());
+        let result = run(&ctx, &mut out, from_revision).await;
         ctx.metrics.agent_streams.dec();
         if let Err(Closed) = result {
             tracing::debug!(fe_id, "agent stream closed");
@@ -140,14 +158,7 @@ pub fn start<M: SyncMessage>(
     ReceiverStream::new(rx)
 }
 
-/// The client went away.
-struct Closed;
-
-async fn run<M: SyncMessage>(
-    ctx: &SyncContext,
-    tx: &mpsc::Sender<Result<M, Status>>,
-    from_revision: Revision,
-) -> Result<(), Closed> {
+async fn run<M: SyncMessage>(ctx: &SyncContext, out: &mut Out<M>, from_revision: Revision) -> Result<(), Closed> {
     let mut revisions = ctx.cache.subscribe();
     let mut shutdown = ctx.shutdown.clone();
     let mut first = true;
@@ -160,7 +171,7 @@ async fn run<M: SyncMessage>(
     let mut next_delta = tokio::time::Instant::now();
     loop {
         if need_snapshot {
-            cursor = send_snapshot(ctx, tx, &mut first).await?;
+            cursor = send_snapshot(ctx, out, &mut first).await?;
             need_snapshot = false;
         }
         if ctx.cache.revision() > cursor {
@@ -184,7 +195,8 @@ async fn run<M: SyncMessage>(
                 continue;
             }
             Since::Frames { frames, revision } if !frames.is_empty() => {
-                cursor = send_deltas(ctx, tx, cursor, &frames, revision, &mut first).await?;
+                let phases = (SyncPhase::Delta, SyncPhase::Delta);
+                cursor = send_frames(ctx, out, cursor, &frames, revision, &mut first, phases).await?;
                 next_delta = tokio::time::Instant::now() + pacing(ctx.metrics.agent_streams.get());
                 continue;
             }
@@ -198,12 +210,15 @@ async fn run<M: SyncMessage>(
                 }
             }
             _ = tokio::time::sleep(HEARTBEAT) => {
-                send(tx, message::<M>(ctx, &mut first, SyncPhase::Heartbeat, idle_revision)).await?;
+                out.send(message::<M>(ctx, &mut first, SyncPhase::Heartbeat, idle_revision)).await?;
                 cursor = idle_revision;
             }
-            _ = tx.closed() => return Err(Closed),
+            _ = out.closed() => return Err(Closed),
             _ = super::shutting_down(&mut shutdown) => {
-                let _ = tx.send(Err(Status::unavailable("controller replica is shutting down; reconnect to another replica and resume"))).await;
+                // Best effort: a client that still reads learns why its stream ends.
+                out.try_fail(Status::unavailable(
+                    "controller replica is shutting down; reconnect to another replica and resume",
+                ));
                 return Err(Closed);
             }
         }
@@ -242,86 +257,188 @@ impl SnapshotEntry {
     }
 }
 
-async fn send_snapshot<M: SyncMessage>(
-    ctx: &SyncContext,
-    tx: &mpsc::Sender<Result<M, Status>>,
-    first: &mut bool,
-) -> Result<Revision, Closed> {
-    // Only what the agents need is copied under the read lock (not whole views with their damping
-    // history), so a snapshot of a million bindings holds up the cache's writer briefly; the wire
-    // messages are built after the lock is released.
-    let ((fes, bindings), revision) = ctx.cache.read_with_revision(|s| {
-        let fes: Vec<_> = s.fes.values().map(wire::fe_entry).collect();
-        let bindings: Vec<SnapshotEntry> = s
-            .bindings
-            .iter()
-            .map(|(ip, b)| SnapshotEntry {
-                ip: *ip,
-                fe_id: b.fe_id.clone(),
-                mac: b.mac,
-                move_seq: b.move_seq,
-                revision: b.revision,
-            })
-            .collect();
-        (fes, bindings)
-    });
-    ctx.metrics.snapshots_sent.inc();
-    let mut msg: M = message(ctx, first, SyncPhase::Snapshot, revision);
-    msg.header_mut().reset = true;
-    msg.add_fes(fes);
-    let mut chunks = bindings.chunks(MAX_ENTRIES_PER_MESSAGE).peekable();
-    if chunks.peek().is_none() {
-        msg.header_mut().phase = SyncPhase::SnapshotEnd as i32;
-        send(tx, msg).await?;
-        return Ok(revision);
-    }
-    while let Some(chunk) = chunks.next() {
-        msg.add_snapshot(chunk);
-        if chunks.peek().is_none() {
-            msg.header_mut().phase = SyncPhase::SnapshotEnd as i32;
-        }
-        send(tx, std::mem::replace(&mut msg, message(ctx, first, SyncPhase::Snapshot, revision))).await?;
-    }
-    Ok(revision)
+/// One snapshot part as read from the cache.
+struct Part {
+    fes: Vec<FeEntry>,
+    entries: Vec<SnapshotEntry>,
+    /// The last IP of the part (the next part starts after it).
+    last_ip: Option<IpAddr>,
+    /// No binding after this part.
+    exhausted: bool,
+    /// Encoded size.
+    bytes: usize,
 }
 
-async fn send_deltas<M: SyncMessage>(
+/// Reads the bindings after `after` up to [`SNAPSHOT_PART_BYTES`], and the FEs if asked. Only
+/// what the agents need is copied, so the read lock is held briefly; the wire message is built
+/// after it is released.
+fn read_part(s: &CacheState, after: Option<IpAddr>, with_fes: bool) -> Part {
+    let fes: Vec<FeEntry> = if with_fes { s.fes.values().map(wire::fe_entry).collect() } else { Vec::new() };
+    let mut bytes: usize = fes.iter().map(|f| prost::encoding::message::encoded_len(4, f)).sum();
+    let mut part = Part { fes, entries: Vec::new(), last_ip: after, exhausted: true, bytes: 0 };
+    for (ip, b) in super::bindings_after(&s.bindings, after) {
+        if bytes >= SNAPSHOT_PART_BYTES {
+            part.exhausted = false;
+            break;
+        }
+        let entry =
+            SnapshotEntry { ip: *ip, fe_id: b.fe_id.clone(), mac: b.mac, move_seq: b.move_seq, revision: b.revision };
+        bytes += encoded::binding_len(&entry.as_ref());
+        part.entries.push(entry);
+        part.last_ip = Some(*ip);
+    }
+    part.bytes = bytes;
+    part
+}
+
+/// Sends a full snapshot: parts read through the pacer (each at the cache's revision of the
+/// moment), then the patch — every change after the first part's revision — ending with
+/// `SNAPSHOT_END` at the revision it brings the agent to, which it returns.
+async fn send_snapshot<M: SyncMessage>(
     ctx: &SyncContext,
-    tx: &mpsc::Sender<Result<M, Status>>,
+    out: &mut Out<M>,
+    first: &mut bool,
+) -> Result<Revision, Closed> {
+    loop {
+        ctx.metrics.snapshots_sent.inc();
+        let mut after = None;
+        let mut base = None;
+        let (last, base) = loop {
+            let slot = out.slot().await?;
+            let with_fes = base.is_none();
+            let building = ctx.pacer.part(|| {
+                let (part, read_at) = ctx.cache.read_with_revision(|s| read_part(s, after, with_fes));
+                let bytes = part.bytes;
+                ctx.metrics.snapshot_bytes.inc_by(bytes as u64);
+                ((part, read_at), bytes)
+            });
+            let (part, read_at) = keep_alive(ctx, out, first, base, building).await;
+            let base = *base.get_or_insert(read_at);
+            after = part.last_ip;
+            let mut msg: M = message(ctx, first, SyncPhase::Snapshot, base);
+            if with_fes {
+                msg.header_mut().reset = true;
+                msg.add_fes(part.fes);
+            }
+            msg.add_snapshot(&part.entries);
+            if part.exhausted {
+                break (msg, base);
+            }
+            slot.send(Ok(msg));
+        };
+        let Some((frames, revision)) = patch(ctx, base).await else {
+            // The history no longer reaches back to the first part: start over (reset).
+            tracing::info!(base, "snapshot outlived the history it needs to be exact; sending it again");
+            out.send(last).await?;
+            continue;
+        };
+        if frames.is_empty() {
+            let mut last = last;
+            let header = last.header_mut();
+            header.phase = SyncPhase::SnapshotEnd as i32;
+            header.revision = revision;
+            out.send(last).await?;
+            return Ok(revision);
+        }
+        out.send(last).await?;
+        let phases = (SyncPhase::Snapshot, SyncPhase::SnapshotEnd);
+        return send_frames(ctx, out, base, &frames, revision, first, phases).await;
+    }
+}
+
+/// Waits for `building` (a snapshot part waiting for its turn in the replica's lane), sending an
+/// empty snapshot part every [`HEARTBEAT`] meanwhile when the client has room for it: an agent
+/// ends a stream it has not heard from for its stream timeout (1.5 s by default), and a thousand
+/// snapshots sharing the lane can leave one stream waiting longer than that. Before the first
+/// real part (`base` is None) the empty part opens the snapshot (reset).
+async fn keep_alive<M: SyncMessage, T>(
+    ctx: &SyncContext,
+    out: &Out<M>,
+    first: &mut bool,
+    base: Option<Revision>,
+    building: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(building);
+    loop {
+        tokio::select! {
+            built = &mut building => return built,
+            _ = tokio::time::sleep(HEARTBEAT) => {
+                let mut empty: M = message(ctx, first, SyncPhase::Snapshot, base.unwrap_or(0));
+                empty.header_mut().reset = base.is_none();
+                out.try_send(empty);
+            }
+        }
+    }
+}
+
+/// Every change after `base` and the cache revision they lead to, from the history (extended
+/// from the store if needed); `None` when they cannot be had any more.
+async fn patch(ctx: &SyncContext, base: Revision) -> Option<(Vec<Frame>, Revision)> {
+    if let Since::Frames { frames, revision } = ctx.cache.since(base) {
+        return Some((frames, revision));
+    }
+    ctx.backfill.extend_to(base).await.ok()?;
+    match ctx.cache.since(base) {
+        Since::Frames { frames, revision } => Some((frames, revision)),
+        Since::TooOld { .. } => None,
+    }
+}
+
+/// Bytes a frame takes in a message.
+fn frame_len(frame: &Frame) -> usize {
+    encoded::frame_bytes(frame).len()
+}
+
+/// Sends `frames` (every change after `cursor`, read at cache revision `revision`) in messages
+/// of at most [`MAX_MESSAGE_BYTES`], all of phase `phases.0` but the last (`phases.1`). A message
+/// brings the agent to the revision of its last whole frame — the last one to `revision`; a frame
+/// too large for one message is split by changes, and only its last piece advances the revision.
+async fn send_frames<M: SyncMessage>(
+    ctx: &SyncContext,
+    out: &mut Out<M>,
     mut cursor: Revision,
     frames: &[Frame],
     revision: Revision,
     first: &mut bool,
+    phases: (SyncPhase, SyncPhase),
 ) -> Result<Revision, Closed> {
-    let mut start = 0;
-    while start < frames.len() {
-        // Take frames until the message is full (never split a frame).
-        let mut end = start;
-        let mut entries = 0;
-        while end < frames.len() && (end == start || entries + frames[end].changes.len() <= MAX_ENTRIES_PER_MESSAGE) {
-            entries += frames[end].changes.len();
-            end += 1;
+    let groups = split_by_bytes(frames.iter().map(frame_len), MAX_MESSAGE_BYTES);
+    for (n, group) in groups.iter().enumerate() {
+        let batch = &frames[group.clone()];
+        let last_group = n + 1 == groups.len();
+        let upto = if last_group { revision } else { batch.last().expect("non-empty").revision };
+        let phase = if last_group { phases.1 } else { phases.0 };
+        if let [frame] = batch
+            && frame_len(frame) > MAX_MESSAGE_BYTES
+        {
+            let pieces = split_by_bytes(frame.changes.iter().map(encoded::change_len), MAX_MESSAGE_BYTES);
+            for (i, piece) in pieces.iter().enumerate() {
+                let whole = i + 1 == pieces.len();
+                let slot = out.slot().await?;
+                let (phase, at) = if whole { (phase, upto) } else { (phases.0, cursor) };
+                let mut msg: M = message(ctx, first, phase, at);
+                msg.add_changes(&frame.changes[piece.clone()]);
+                slot.send(Ok(msg));
+            }
+        } else {
+            let slot = out.slot().await?;
+            let mut msg: M = message(ctx, first, phase, upto);
+            msg.add_frames(batch);
+            slot.send(Ok(msg));
         }
-        let batch = &frames[start..end];
-        // The last message brings the agent to the cache revision read with the frames.
-        let upto = if end == frames.len() { revision } else { batch.last().expect("non-empty").revision };
-        let mut msg: M = message(ctx, first, SyncPhase::Delta, upto);
-        msg.add_frames(batch);
         ctx.metrics.stream_lag_revisions.observe(ctx.cache.revision().saturating_sub(upto) as f64);
-        send(tx, msg).await?;
         let cached = batch.last().map(|f| f.applied_mono_ns).unwrap_or(0);
         ctx.timelines.sent(cursor, upto, cached, monotonic_ns());
         cursor = upto;
-        start = end;
     }
     Ok(cursor)
 }
 
-/// Folds frames into one message, keeping only the latest change per key.
-fn coalesce(frames: &[Frame], msg: &mut SyncUpdate) {
+/// Folds changes into one message, keeping only the latest change per key.
+fn coalesce<'a>(changes: impl Iterator<Item = &'a CacheChange>, msg: &mut SyncUpdate) {
     let mut bindings: HashMap<IpAddr, &CacheChange> = HashMap::new();
     let mut fes: HashMap<&str, &CacheChange> = HashMap::new();
-    for change in frames.iter().flat_map(|f| f.changes.iter()) {
+    for change in changes {
         match change {
             CacheChange::Binding { ip, .. } => {
                 bindings.insert(*ip, change);
@@ -358,10 +475,6 @@ fn message<M: SyncMessage>(ctx: &SyncContext, first: &mut bool, phase: SyncPhase
         sent_at_unix_nanos: unix_nanos(),
         ..Default::default()
     })
-}
-
-async fn send<M>(tx: &mpsc::Sender<Result<M, Status>>, msg: M) -> Result<(), Closed> {
-    tx.send(Ok(msg)).await.map_err(|_| Closed)
 }
 
 #[cfg(test)]

@@ -1,16 +1,23 @@
-//! The orchestrators' binding watch (`BindingService.WatchBindings`).
+//! The orchestrators' binding watch (`BindingService.WatchBindings`): an optional snapshot, then
+//! every change in revision order. The snapshot is read in parts through the replica's
+//! [`SnapshotPacer`] and ends with its patch (see [`super`]); messages are bounded by bytes.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use victor_proto::v1::{BindingEvent, BindingEventKind, WatchBindingsResponse};
+use victor_proto::v1::{Binding, BindingEvent, BindingEventKind, WatchBindingsResponse};
 use victor_store::Revision;
 
-use super::{HEARTBEAT, MAX_ENTRIES_PER_MESSAGE};
-use crate::cache::{Cache, CacheChange, Since};
+use super::admission::StreamTicket;
+use super::pacer::SnapshotPacer;
+use super::{CHANNEL_MESSAGES, Closed, HEARTBEAT, MAX_MESSAGE_BYTES, Out, SNAPSHOT_PART_BYTES, split_by_bytes};
+use crate::cache::{BindingView, Cache, CacheChange, CacheState, Frame, Since};
 use crate::metrics::Metrics;
 use crate::wire;
 
@@ -25,117 +32,261 @@ pub struct WatchSpec {
     pub prefix: Option<IpNet>,
 }
 
-type Tx = mpsc::Sender<Result<WatchBindingsResponse, Status>>;
+impl WatchSpec {
+    fn in_scope(&self, ip: &IpAddr) -> bool {
+        self.prefix.is_none_or(|p| p.contains(ip))
+    }
 
-/// Starts a watch stream.
+    /// The bindings in scope after `after`, in IP order.
+    fn range<'s>(
+        &self,
+        bindings: &'s BTreeMap<IpAddr, BindingView>,
+        after: Option<IpAddr>,
+    ) -> impl Iterator<Item = (&'s IpAddr, &'s BindingView)> + 's {
+        let Some(prefix) = self.prefix else { return super::bindings_after(bindings, after) };
+        let (first, last) = (prefix.network(), prefix.broadcast());
+        let low = match after {
+            // Past the prefix's end the range is empty: (last, last].
+            Some(ip) if ip >= first => Bound::Excluded(ip.min(last)),
+            _ => Bound::Included(first),
+        };
+        bindings.range((low, Bound::Included(last)))
+    }
+}
+
+/// Everything a watch task needs.
+#[derive(Clone)]
+pub struct WatchContext {
+    /// The replica cache.
+    pub cache: Arc<Cache>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Flips to true when the replica shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Reads history this replica does not hold back from the store.
+    pub backfill: Arc<dyn crate::cache::backfill::Backfill>,
+    /// The replica's snapshot lane.
+    pub pacer: Arc<SnapshotPacer>,
+}
+
+/// Starts a watch stream; it holds `ticket` (its admission) while it runs.
 pub fn start(
-    cache: Arc<Cache>,
-    metrics: Arc<Metrics>,
+    ctx: WatchContext,
     spec: WatchSpec,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-    backfill: Arc<dyn crate::cache::backfill::Backfill>,
+    ticket: StreamTicket,
 ) -> ReceiverStream<Result<WatchBindingsResponse, Status>> {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
     tokio::spawn(async move {
-        metrics.binding_watchers.inc();
-        let _ = run(&cache, &tx, spec, shutdown, &*backfill).await;
-        metrics.binding_watchers.dec();
+        let _ticket = ticket;
+        ctx.metrics.binding_watchers.inc();
+        let mut out = Out::new(tx, ctx.shutdown.clone());
+        let _ = run(&ctx, &mut out, spec).await;
+        ctx.metrics.binding_watchers.dec();
     });
     ReceiverStream::new(rx)
 }
 
-async fn run(
-    cache: &Cache,
-    tx: &Tx,
-    spec: WatchSpec,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-    backfill: &dyn crate::cache::backfill::Backfill,
-) -> Result<(), ()> {
-    let in_scope = |ip: &std::net::IpAddr| spec.prefix.is_none_or(|p| p.contains(ip));
+async fn run(ctx: &WatchContext, out: &mut Out<WatchBindingsResponse>, spec: WatchSpec) -> Result<(), Closed> {
+    let cache = &ctx.cache;
     let mut cursor = if spec.from_revision == 0 { cache.revision() } else { spec.from_revision };
     if spec.include_snapshot {
-        let (events, revision) = cache.read_with_revision(|s| {
-            s.bindings
-                .iter()
-                .filter(|(ip, _)| in_scope(ip))
-                .map(|(ip, b)| BindingEvent {
-                    kind: BindingEventKind::Upsert as i32,
-                    binding: Some(wire::binding(s, *ip, b)),
-                })
-                .collect::<Vec<_>>()
-        });
-        let mut chunks = events.chunks(MAX_ENTRIES_PER_MESSAGE).peekable();
-        if chunks.peek().is_none() {
-            send(tx, WatchBindingsResponse { revision, events: vec![], snapshot_done: true }).await?;
-        }
-        while let Some(chunk) = chunks.next() {
-            let snapshot_done = chunks.peek().is_none();
-            send(tx, WatchBindingsResponse { revision, events: chunk.to_vec(), snapshot_done }).await?;
-        }
-        cursor = revision;
+        cursor = send_snapshot(ctx, out, &spec).await?;
     }
     let mut revisions = cache.subscribe();
+    let mut shutdown = ctx.shutdown.clone();
     loop {
         let idle_revision = match cache.since(cursor) {
             Since::TooOld { floor } => {
                 // Older than this replica's history: read it back from the store if it still has it.
-                if backfill.extend_to(cursor).await.is_ok() && !matches!(cache.since(cursor), Since::TooOld { .. }) {
+                if ctx.backfill.extend_to(cursor).await.is_ok() && !matches!(cache.since(cursor), Since::TooOld { .. })
+                {
                     continue;
                 }
-                let _ = tx
-                    .send(Err(Status::out_of_range(format!(
-                        "revision {cursor} is no longer retained by this replica (history starts after {floor}); list the bindings again and watch from the listing's revision"
-                    ))))
-                    .await;
-                return Err(());
+                out.fail(Status::out_of_range(format!(
+                    "revision {cursor} is no longer retained by this replica (history starts after {floor}); list \
+                     the bindings again and watch from the listing's revision"
+                )))
+                .await;
+                return Err(Closed);
             }
             Since::Frames { frames, revision } if !frames.is_empty() => {
-                let events: Vec<BindingEvent> = cache.read(|s| {
-                    frames
-                        .iter()
-                        .flat_map(|f| f.changes.iter())
-                        .filter_map(|change| match change {
-                            CacheChange::Binding { ip, revision, view } if in_scope(ip) => Some(match view {
-                                Some(view) => BindingEvent {
-                                    kind: BindingEventKind::Upsert as i32,
-                                    binding: Some(wire::binding(s, *ip, view)),
-                                },
-                                None => BindingEvent {
-                                    kind: BindingEventKind::Remove as i32,
-                                    binding: Some(victor_proto::v1::Binding {
-                                        vm_ip: ip.to_string(),
-                                        revision: *revision,
-                                        ..Default::default()
-                                    }),
-                                },
-                            }),
-                            _ => None,
-                        })
-                        .collect()
-                });
-                for chunk in events.chunks(MAX_ENTRIES_PER_MESSAGE) {
-                    send(tx, WatchBindingsResponse { revision, events: chunk.to_vec(), snapshot_done: false }).await?;
-                }
-                cursor = revision;
+                cursor = send_changes(ctx, out, cursor, &frames, revision, &spec).await?;
                 continue;
             }
             Since::Frames { revision, .. } => revision,
         };
         tokio::select! {
-            changed = revisions.changed() => changed.map_err(|_| ())?,
+            changed = revisions.changed() => changed.map_err(|_| Closed)?,
             _ = tokio::time::sleep(HEARTBEAT) => {
-                send(tx, WatchBindingsResponse { revision: idle_revision, events: vec![], snapshot_done: false }).await?;
+                out.send(WatchBindingsResponse { revision: idle_revision, events: vec![], snapshot_done: false }).await?;
                 cursor = idle_revision;
             }
-            _ = tx.closed() => return Err(()),
+            _ = out.closed() => return Err(Closed),
             _ = super::shutting_down(&mut shutdown) => {
-                let _ = tx.send(Err(Status::unavailable("controller replica is shutting down; watch again (from the last revision) on another replica"))).await;
-                return Err(());
+                out.try_fail(Status::unavailable(
+                    "controller replica is shutting down; watch again (from the last revision) on another replica",
+                ));
+                return Err(Closed);
             }
         }
     }
 }
 
-async fn send(tx: &Tx, msg: WatchBindingsResponse) -> Result<(), ()> {
-    tx.send(Ok(msg)).await.map_err(|_| ())
+fn upsert(s: &CacheState, ip: IpAddr, view: &BindingView) -> BindingEvent {
+    BindingEvent { kind: BindingEventKind::Upsert as i32, binding: Some(wire::binding(s, ip, view)) }
+}
+
+fn event(s: &CacheState, change: &CacheChange) -> Option<BindingEvent> {
+    let CacheChange::Binding { ip, revision, view } = change else { return None };
+    Some(match view {
+        Some(view) => upsert(s, *ip, view),
+        None => BindingEvent {
+            kind: BindingEventKind::Remove as i32,
+            binding: Some(Binding { vm_ip: ip.to_string(), revision: *revision, ..Default::default() }),
+        },
+    })
+}
+
+/// Bytes an event takes in a response.
+fn event_len(e: &BindingEvent) -> usize {
+    prost::encoding::message::encoded_len(2, e)
+}
+
+/// Sends every binding in scope: parts read through the pacer (each at the cache's revision of
+/// the moment), then the patch — the latest change of every key in scope changed after the first
+/// part's revision — ending with `snapshot_done` at the revision it brings the watcher to, which
+/// it returns.
+async fn send_snapshot(
+    ctx: &WatchContext,
+    out: &mut Out<WatchBindingsResponse>,
+    spec: &WatchSpec,
+) -> Result<Revision, Closed> {
+    let mut after = None;
+    let mut base = None;
+    let (last, base) = loop {
+        let slot = out.slot().await?;
+        let ((events, last_ip, exhausted), read_at) = ctx
+            .pacer
+            .part(|| {
+                let (part, read_at) = ctx.cache.read_with_revision(|s| {
+                    let (mut events, mut bytes, mut last_ip, mut exhausted) = (Vec::new(), 0, after, true);
+                    for (ip, view) in spec.range(&s.bindings, after) {
+                        if bytes >= SNAPSHOT_PART_BYTES {
+                            exhausted = false;
+                            break;
+                        }
+                        let e = upsert(s, *ip, view);
+                        bytes += event_len(&e);
+                        events.push(e);
+                        last_ip = Some(*ip);
+                    }
+                    (events, last_ip, exhausted, bytes)
+                });
+                let (events, last_ip, exhausted, bytes) = part;
+                ctx.metrics.snapshot_bytes.inc_by(bytes as u64);
+                (((events, last_ip, exhausted), read_at), bytes)
+            })
+            .await;
+        let base = *base.get_or_insert(read_at);
+        after = last_ip;
+        let msg = WatchBindingsResponse { revision: base, events, snapshot_done: false };
+        if exhausted {
+            break (msg, base);
+        }
+        slot.send(Ok(msg));
+    };
+    // The patch; without it, the parts read at later revisions would not add up to one state.
+    let mut frames = ctx.cache.since(base);
+    if matches!(frames, Since::TooOld { .. }) && ctx.backfill.extend_to(base).await.is_ok() {
+        frames = ctx.cache.since(base);
+    }
+    let Since::Frames { frames, revision } = frames else {
+        out.fail(Status::aborted(
+            "the snapshot took so long that the changes made meanwhile are no longer retained; watch again",
+        ))
+        .await;
+        return Err(Closed);
+    };
+    let mut latest: BTreeMap<IpAddr, &CacheChange> = BTreeMap::new();
+    for change in frames.iter().flat_map(|f| f.changes.iter()) {
+        if let CacheChange::Binding { ip, .. } = change
+            && spec.in_scope(ip)
+        {
+            latest.insert(*ip, change);
+        }
+    }
+    let patch: Vec<BindingEvent> = ctx.cache.read(|s| latest.values().filter_map(|c| event(s, c)).collect());
+    let mut last = last;
+    if event_len_sum(&last.events) + event_len_sum(&patch) <= MAX_MESSAGE_BYTES {
+        last.events.extend(patch);
+        last.revision = revision;
+        last.snapshot_done = true;
+        out.send(last).await?;
+        return Ok(revision);
+    }
+    out.send(last).await?;
+    let pieces = split_by_bytes(patch.iter().map(event_len), MAX_MESSAGE_BYTES);
+    let mut patch = patch.into_iter();
+    for (n, piece) in pieces.iter().enumerate() {
+        let done = n + 1 == pieces.len();
+        let events: Vec<_> = patch.by_ref().take(piece.len()).collect();
+        let at = if done { revision } else { base };
+        out.send(WatchBindingsResponse { revision: at, events, snapshot_done: done }).await?;
+    }
+    Ok(revision)
+}
+
+fn event_len_sum(events: &[BindingEvent]) -> usize {
+    events.iter().map(event_len).sum()
+}
+
+/// Sends the changes in scope of `frames` (every change after `cursor`, read at cache revision
+/// `revision`) in order, in messages of at most [`MAX_MESSAGE_BYTES`]. A message's revision is
+/// that of its last whole frame (the last message's is `revision`); a frame too large for one
+/// message is split, and only its last piece advances the revision.
+async fn send_changes(
+    ctx: &WatchContext,
+    out: &mut Out<WatchBindingsResponse>,
+    mut cursor: Revision,
+    frames: &[Frame],
+    revision: Revision,
+    spec: &WatchSpec,
+) -> Result<Revision, Closed> {
+    let mut pending: Vec<BindingEvent> = Vec::new();
+    let mut pending_bytes = 0;
+    for (n, frame) in frames.iter().enumerate() {
+        let events: Vec<BindingEvent> = ctx.cache.read(|s| {
+            frame
+                .changes
+                .iter()
+                .filter(|c| matches!(c, CacheChange::Binding { ip, .. } if spec.in_scope(ip)))
+                .filter_map(|c| event(s, c))
+                .collect()
+        });
+        let bytes = event_len_sum(&events);
+        if !pending.is_empty() && pending_bytes + bytes > MAX_MESSAGE_BYTES {
+            let msg =
+                WatchBindingsResponse { revision: cursor, events: std::mem::take(&mut pending), snapshot_done: false };
+            out.send(msg).await?;
+            pending_bytes = 0;
+        }
+        let upto = if n + 1 == frames.len() { revision } else { frame.revision };
+        if bytes > MAX_MESSAGE_BYTES {
+            let pieces = split_by_bytes(events.iter().map(event_len), MAX_MESSAGE_BYTES);
+            let mut events = events.into_iter();
+            for (i, piece) in pieces.iter().enumerate() {
+                let at = if i + 1 == pieces.len() { upto } else { cursor };
+                let events: Vec<_> = events.by_ref().take(piece.len()).collect();
+                out.send(WatchBindingsResponse { revision: at, events, snapshot_done: false }).await?;
+            }
+        } else {
+            pending.extend(events);
+            pending_bytes += bytes;
+        }
+        cursor = upto;
+    }
+    if !pending.is_empty() {
+        out.send(WatchBindingsResponse { revision: cursor, events: pending, snapshot_done: false }).await?;
+    }
+    Ok(cursor)
 }

@@ -95,6 +95,43 @@ fn varint_field_len(value: u64) -> usize {
     if value == 0 { 0 } else { 1 + encoded_len_varint(value) }
 }
 
+/// Length of the body of one `binding_upserts` record.
+fn binding_body_len(e: &EntryRef<'_>) -> usize {
+    let ip_len = if e.ip.is_ipv4() { 4 } else { 16 };
+    bytes_field_len(ip_len)
+        + bytes_field_len(e.fe_id.len())
+        + bytes_field_len(e.mac.len())
+        + varint_field_len(e.move_seq)
+        + varint_field_len(e.revision)
+}
+
+/// Bytes [`put_binding`] appends for `e` (tag and length prefix included).
+pub fn binding_len(e: &EntryRef<'_>) -> usize {
+    let body = binding_body_len(e);
+    1 + encoded_len_varint(body as u64) + body
+}
+
+/// Bytes one cache change takes in a `SyncUpdate` (what [`encode_changes`] writes for it).
+pub fn change_len(change: &CacheChange) -> usize {
+    use prost::encoding::message::encoded_len;
+    match change {
+        CacheChange::Binding { ip, view: Some(view), .. } => binding_len(&EntryRef {
+            ip: *ip,
+            fe_id: &view.fe_id,
+            mac: view.mac.octets(),
+            move_seq: view.move_seq,
+            revision: view.revision,
+        }),
+        CacheChange::Binding { ip, revision, view: None } => {
+            encoded_len(BINDING_REMOVALS, &BindingRemoval { vm_ip: ip_to_bytes(*ip), revision: *revision })
+        }
+        CacheChange::Fe { view: Some(view), .. } => encoded_len(FE_UPSERTS, &wire::fe_entry(view)),
+        CacheChange::Fe { fe_id, revision, view: None } => {
+            encoded_len(FE_REMOVALS, &FeRemoval { fe_id: fe_id.to_string(), revision: *revision })
+        }
+    }
+}
+
 /// Appends one `binding_upserts` record, byte for byte what prost writes for the same
 /// `BindingEntry`, without building one (no allocation per entry).
 pub fn put_binding(buf: &mut BytesMut, e: &EntryRef<'_>) {
@@ -109,11 +146,7 @@ pub fn put_binding(buf: &mut BytesMut, e: &EntryRef<'_>) {
             &ip_buf
         }
     };
-    let len = bytes_field_len(ip.len())
-        + bytes_field_len(e.fe_id.len())
-        + bytes_field_len(e.mac.len())
-        + varint_field_len(e.move_seq)
-        + varint_field_len(e.revision);
+    let len = binding_body_len(e);
     encode_key(BINDING_UPSERTS, WireType::LengthDelimited, buf);
     encode_varint(len as u64, buf);
     put_bytes_field(buf, 1, ip);
@@ -254,7 +287,9 @@ mod tests {
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             let mut ours = BytesMut::new();
-            put_binding(&mut ours, &EntryRef { ip, fe_id: fe, mac: [2, 0, 0, 0, 0, 7], move_seq: seq, revision: rev });
+            let entry = EntryRef { ip, fe_id: fe, mac: [2, 0, 0, 0, 0, 7], move_seq: seq, revision: rev };
+            put_binding(&mut ours, &entry);
+            assert_eq!(binding_len(&entry), ours.len(), "{ip} {fe}");
             let msg = SyncUpdate {
                 binding_upserts: vec![BindingEntry {
                     vm_ip: ip_to_bytes(ip),
@@ -296,6 +331,16 @@ mod tests {
             sent_at_unix_nanos: 77,
             ..Default::default()
         };
+        let changes_a = [
+            CacheChange::Binding { ip: ip1, revision: 5, view: Some(view("fe1", 0, 5)) },
+            CacheChange::Fe { fe_id: Arc::from("fe9"), revision: 4, view: Some(fe.clone()) },
+        ];
+        assert_eq!(changes_a.iter().map(change_len).sum::<usize>(), a.len(), "lengths match the encoding");
+        let removals = [
+            CacheChange::Binding { ip: ip2, revision: 6, view: None },
+            CacheChange::Fe { fe_id: Arc::from("fe8"), revision: 6, view: None },
+        ];
+        assert_eq!(removals.iter().map(change_len).sum::<usize>(), encode_changes(&removals).len());
         let msg = EncodedSync { header: header.clone(), parts: vec![a, b] };
         let bytes = msg.to_bytes();
         assert_eq!(bytes.len(), msg.encoded_len());

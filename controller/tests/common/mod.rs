@@ -84,6 +84,22 @@ impl Replica {
         ControllerCommand::new(bin, id, PREFIX, ControllerStore::Etcd(etcd.to_vec())).log_file(log)
     }
 
+    /// Starts replica `id` on the embedded store in a fresh data dir (extra flags appended) and
+    /// waits until it is ready.
+    pub async fn spawn_embedded(id: &str, extra: &[&str]) -> Replica {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = env!("CARGO_BIN_EXE_victor-controller");
+        let store = ControllerStore::Embedded(dir.path().join("data"));
+        let process = ControllerCommand::new(bin, id, PREFIX, store)
+            .log_file(dir.path().join("controller.log"))
+            .log_filter("info,victor_controller=debug")
+            .args(extra)
+            .start(Duration::from_secs(20))
+            .await
+            .expect("controller ready");
+        Replica { grpc: process.grpc(), http: process.http(), id: id.to_owned(), process, _dir: dir }
+    }
+
     /// Starts replica `id` on etcd (extra flags appended) and waits until it is ready.
     pub async fn spawn(id: &str, etcd: &[String], extra: &[&str]) -> Replica {
         Self::spawn_with(id, etcd, |cmd| cmd.args(extra)).await

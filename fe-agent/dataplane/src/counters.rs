@@ -36,11 +36,14 @@ pub enum DropReason {
     EcnDrop,
     /// Writing into TUN failed.
     TunWriteError,
+    /// From the underlay: a packet the underlay NIC's GRO coalesced beyond the tunnel MTU that is
+    /// not TCP (its segment boundaries are lost, it cannot be split again).
+    CoalescedNotTcp,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::NoBinding,
         DropReason::LocalWithoutRoute,
         DropReason::NotIpv4,
@@ -55,6 +58,7 @@ impl DropReason {
         DropReason::InnerMalformed,
         DropReason::EcnDrop,
         DropReason::TunWriteError,
+        DropReason::CoalescedNotTcp,
     ];
 
     /// A stable label for metrics (`reason="no_binding"`).
@@ -74,6 +78,7 @@ impl DropReason {
             DropReason::InnerMalformed => "inner_malformed",
             DropReason::EcnDrop => "ecn_drop",
             DropReason::TunWriteError => "tun_write_error",
+            DropReason::CoalescedNotTcp => "coalesced_not_tcp",
         }
     }
 
@@ -96,13 +101,21 @@ pub struct Counters {
     icmp_time_exceeded: AtomicU64,
     icmp_frag_needed: AtomicU64,
     icmp_suppressed: AtomicU64,
+    icmp_rate_limited: AtomicU64,
+    tun_reads: AtomicU64,
+    tun_reads_gso: AtomicU64,
+    tun_writes: AtomicU64,
+    tun_writes_gso: AtomicU64,
+    underlay_sends: AtomicU64,
+    underlay_recvs: AtomicU64,
+    underlay_rx_coalesced: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
 /// A point-in-time copy of [`Counters`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CounterSnapshot {
-    /// Packets read from TUN (towards the tunnel).
+    /// Packets read from TUN (towards the tunnel); each segment of a super-packet counts.
     pub tun_rx_packets: u64,
     /// Bytes read from TUN.
     pub tun_rx_bytes: u64,
@@ -110,11 +123,13 @@ pub struct CounterSnapshot {
     pub tunnel_tx_packets: u64,
     /// Bytes sent to peers (outer packets).
     pub tunnel_tx_bytes: u64,
-    /// IP-in-IP packets received from the underlay (all, before checks).
+    /// IP-in-IP packets received from the underlay (all, before checks); a packet the underlay
+    /// NIC coalesced counts once (see `underlay_rx_coalesced`).
     pub tunnel_rx_packets: u64,
     /// Bytes received from the underlay (outer packets).
     pub tunnel_rx_bytes: u64,
-    /// Decapsulated packets written into TUN.
+    /// Decapsulated packets written into TUN (as received from the underlay: the packets
+    /// coalesced into one write count one each; `tun_writes` counts the writes).
     pub tun_tx_packets: u64,
     /// Bytes written into TUN.
     pub tun_tx_bytes: u64,
@@ -124,6 +139,24 @@ pub struct CounterSnapshot {
     pub icmp_frag_needed: u64,
     /// ICMP errors not sent because the offending packet must not be answered.
     pub icmp_suppressed: u64,
+    /// ICMP errors not sent because the forwarder's ICMP rate limit was exhausted.
+    pub icmp_rate_limited: u64,
+    /// `read` calls on TUN that returned a packet (one call may return a GSO super-packet of
+    /// many segments: segments per read = `tun_rx_packets / tun_reads`).
+    pub tun_reads: u64,
+    /// Of those, reads that returned a GSO super-packet.
+    pub tun_reads_gso: u64,
+    /// `write` calls into TUN (one may carry a coalesced super-packet of many received packets).
+    pub tun_writes: u64,
+    /// Of those, writes of a super-packet (virtio-net header with GSO).
+    pub tun_writes_gso: u64,
+    /// `sendmmsg` calls on the underlay socket (packets per call = `tunnel_tx_packets / this`).
+    pub underlay_sends: u64,
+    /// `recvmmsg` calls on the underlay socket that returned packets.
+    pub underlay_recvs: u64,
+    /// Packets from the underlay longer than the tunnel MTU: segments the kernel's GRO had
+    /// already coalesced (the underlay NIC does GRO), forwarded into TUN as one super-packet.
+    pub underlay_rx_coalesced: u64,
     /// Drops per reason, in [`DropReason::ALL`] order.
     pub drops: Vec<(DropReason, u64)>,
 }
@@ -141,8 +174,9 @@ impl CounterSnapshot {
 }
 
 impl Counters {
-    pub(crate) fn tun_rx(&self, bytes: usize) {
-        self.tun_rx_packets.fetch_add(1, Relaxed);
+    /// `packets` read from TUN (the segments of a super-packet count one each), `bytes` in all.
+    pub(crate) fn tun_rx(&self, packets: u64, bytes: usize) {
+        self.tun_rx_packets.fetch_add(packets, Relaxed);
         self.tun_rx_bytes.fetch_add(bytes as u64, Relaxed);
     }
 
@@ -170,6 +204,37 @@ impl Counters {
         self.icmp_suppressed.fetch_add(1, Relaxed);
     }
 
+    pub(crate) fn icmp_rate_limited(&self) {
+        self.icmp_rate_limited.fetch_add(1, Relaxed);
+    }
+
+    /// One `read` from TUN; `gso` when it returned a super-packet.
+    pub(crate) fn tun_read(&self, gso: bool) {
+        self.tun_reads.fetch_add(1, Relaxed);
+        if gso {
+            self.tun_reads_gso.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// One `write` into TUN; `gso` when it carried a super-packet.
+    pub(crate) fn tun_write(&self, gso: bool) {
+        self.tun_writes.fetch_add(1, Relaxed);
+        if gso {
+            self.tun_writes_gso.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// `calls` `sendmmsg` calls on the underlay socket.
+    pub(crate) fn underlay_sends(&self, calls: u64) {
+        self.underlay_sends.fetch_add(calls, Relaxed);
+    }
+
+    /// One `recvmmsg` that returned packets, `coalesced` of them longer than the tunnel MTU.
+    pub(crate) fn underlay_recv(&self, coalesced: u64) {
+        self.underlay_recvs.fetch_add(1, Relaxed);
+        self.underlay_rx_coalesced.fetch_add(coalesced, Relaxed);
+    }
+
     pub(crate) fn discard(&self, reason: DropReason) {
         self.drops_n(reason, 1);
     }
@@ -192,6 +257,14 @@ impl Counters {
             icmp_time_exceeded: self.icmp_time_exceeded.load(Relaxed),
             icmp_frag_needed: self.icmp_frag_needed.load(Relaxed),
             icmp_suppressed: self.icmp_suppressed.load(Relaxed),
+            icmp_rate_limited: self.icmp_rate_limited.load(Relaxed),
+            tun_reads: self.tun_reads.load(Relaxed),
+            tun_reads_gso: self.tun_reads_gso.load(Relaxed),
+            tun_writes: self.tun_writes.load(Relaxed),
+            tun_writes_gso: self.tun_writes_gso.load(Relaxed),
+            underlay_sends: self.underlay_sends.load(Relaxed),
+            underlay_recvs: self.underlay_recvs.load(Relaxed),
+            underlay_rx_coalesced: self.underlay_rx_coalesced.load(Relaxed),
             drops: DropReason::ALL.iter().map(|&r| (r, self.drops[r.index()].load(Relaxed))).collect(),
         }
     }

@@ -217,3 +217,258 @@ fn kernel_ipip_probe_matches_the_kernel() {
     let created = ns.ip(&["link", "add", "t0", "type", "ipip", "local", "192.0.2.1", "remote", "192.0.2.2"]).is_ok();
     assert_eq!(victor_dataplane::kernel::ipip_available(), created);
 }
+
+#[test]
+fn several_queues_carry_parallel_flows_intact() {
+    let lab = Lab::build_with(LabConfig { queues: 3, ..LabConfig::default() }).unwrap();
+    let tun = lab.fe(1).tun.clone();
+    assert_eq!(lab.fe(1).fwd().queues(), 3);
+    let queues = lab.ns(1).exec(&["ls", &format!("/sys/class/net/{tun}/queues")]).unwrap();
+    let tx = String::from_utf8_lossy(&queues.stdout).split_whitespace().filter(|q| q.starts_with("tx-")).count();
+    assert_eq!(tx, 3, "one TUN queue per worker");
+
+    // Eight TCP connections at once, each a different pattern; each server side answers with
+    // the length and a position-weighted sum of what it received.
+    const FLOWS: usize = 8;
+    const BYTES: usize = 1_500_000;
+    let pattern = |flow: usize, i: usize| (i.wrapping_mul(31) ^ flow.wrapping_mul(7)) as u8;
+    let digest = |data: &[u8]| -> u64 {
+        data.iter().enumerate().fold(0u64, |acc, (i, &b)| acc.wrapping_mul(1_000_003).wrapping_add(b as u64 ^ i as u64))
+    };
+    let listener = lab.vm.run_in(|| std::net::TcpListener::bind((VM, 0)).unwrap()).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut handles = Vec::new();
+        for _ in 0..FLOWS {
+            let (mut s, _) = listener.accept().unwrap();
+            handles.push(std::thread::spawn(move || {
+                let mut data = Vec::new();
+                s.read_to_end(&mut data).unwrap();
+                s.write_all(&[(data.len() as u64).to_be_bytes(), digest(&data).to_be_bytes()].concat()).unwrap();
+            }));
+        }
+        handles.into_iter().for_each(|h| h.join().unwrap());
+    });
+    let answers = lab
+        .client
+        .run_in(move || {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..FLOWS)
+                    .map(|flow| {
+                        scope.spawn(move || {
+                            use std::io::{Read, Write};
+                            let data: Vec<u8> = (0..BYTES).map(|i| pattern(flow, i)).collect();
+                            let mut s = std::net::TcpStream::connect_timeout(&(VM, port).into(), T).unwrap();
+                            s.write_all(&data).unwrap();
+                            s.shutdown(std::net::Shutdown::Write).unwrap();
+                            let mut answer = [0u8; 16];
+                            s.read_exact(&mut answer).unwrap();
+                            (answer, digest(&data))
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+            })
+        })
+        .unwrap();
+    server.join().unwrap();
+    for (answer, want) in answers {
+        assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), BYTES as u64);
+        assert_eq!(u64::from_be_bytes(answer[8..].try_into().unwrap()), want, "bytes arrived intact and in order");
+    }
+    let (f1, f2) = (lab.fe(1).fwd().counters(), lab.fe(2).fwd().counters());
+    assert_eq!(f1.dropped_total() + f2.dropped_total(), 0, "{f1:?} {f2:?}");
+    assert!(f1.tun_rx_packets > f1.tun_reads, "fe1 read GSO super-packets: {f1:?}");
+}
+
+/// Sends `inner` from fe3 to fe2 through the tunnel as one IP-in-IP packet, over an underlay
+/// whose MTU was raised so that it arrives whole: what fe2's raw socket sees when the underlay
+/// NIC coalesced a run of segments (GRO).
+fn send_coalesced(lab: &Lab, inner: &[u8]) {
+    for dev in ["br0", "p2", "p3"] {
+        lab.ul.set_mtu(dev, 9000).unwrap();
+    }
+    for n in [2, 3] {
+        lab.ns(n).set_mtu("ul0", 9000).unwrap();
+    }
+    let outer = ipv4::encapsulate(inner, &ipv4::Tunnel { src: fe_addr(3), dst: fe_addr(2), ttl: 64 }, 0).unwrap();
+    lab.ns(3)
+        .run_in(move || {
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::from(4)))
+                    .unwrap();
+            sock.set_header_included_v4(true).unwrap();
+            sock.send_to(&outer, &std::net::SocketAddr::from((fe_addr(2), 0)).into()).unwrap();
+        })
+        .unwrap();
+}
+
+/// TCP payload bytes the VM's namespace receives for destination port `port` within `window`
+/// (a raw TCP socket sees every TCP packet), and the packets' lengths.
+fn vm_tcp_capture(lab: &Lab, port: u16, window: Duration) -> std::thread::JoinHandle<(Vec<u8>, Vec<usize>)> {
+    lab.vm
+        .spawn_thread("vm-capture", move || {
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let deadline = std::time::Instant::now() + window;
+            let (mut payload, mut lens) = (Vec::new(), Vec::new());
+            let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 70000];
+            while std::time::Instant::now() < deadline {
+                let Ok(n) = sock.recv(&mut buf) else { continue };
+                // SAFETY: recv initialised the first n bytes.
+                let p: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+                let h = ipv4::parse(&p).unwrap();
+                let tcp = &p[h.header_len..h.total_len];
+                if u16::from_be_bytes([tcp[2], tcp[3]]) == port {
+                    lens.push(h.total_len);
+                    payload.extend_from_slice(&tcp[usize::from(tcp[12] >> 4) * 4..]);
+                }
+            }
+            (payload, lens)
+        })
+        .unwrap()
+}
+
+fn coalesced_tcp_reaches_the_vm(offload: bool) {
+    let lab = Lab::build(offload).unwrap();
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let mut inner = Vec::new();
+    etherparse::PacketBuilder::ipv4(CLIENT.octets(), VM.octets(), 60)
+        .tcp(40000, 5555, 1, 1000)
+        .ack(1)
+        .write(&mut inner, &payload)
+        .unwrap();
+    let capture = vm_tcp_capture(&lab, 5555, Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(200));
+    send_coalesced(&lab, &inner);
+    let (got, lens) = capture.join().unwrap();
+    assert_eq!(got, payload, "the VM received the whole payload in order (packets {lens:?})");
+    let c = lab.fe(2).fwd().counters();
+    assert_eq!((c.underlay_rx_coalesced, c.tun_tx_packets), (1, 1), "{c:?}");
+    if offload {
+        // One write with a GSO header; the kernel segments it (or hands it on whole, over veth).
+        assert_eq!((c.tun_writes, c.tun_writes_gso), (1, 1), "{c:?}");
+    } else {
+        // Split in userspace: segments of at most the tunnel MTU.
+        assert_eq!(c.tun_writes, 4, "{c:?}");
+        assert!(lens.iter().all(|&l| l <= usize::from(UNDERLAY_MTU) - 20), "{lens:?}");
+    }
+}
+
+#[test]
+fn coalesced_tcp_from_the_underlay_reaches_the_vm_with_offload() {
+    coalesced_tcp_reaches_the_vm(true);
+}
+
+#[test]
+fn coalesced_tcp_from_the_underlay_reaches_the_vm_without_offload() {
+    coalesced_tcp_reaches_the_vm(false);
+}
+
+#[test]
+fn coalesced_udp_from_the_underlay_is_dropped_and_counted() {
+    let lab = Lab::build(true).unwrap();
+    let mut inner = Vec::new();
+    etherparse::PacketBuilder::ipv4(CLIENT.octets(), VM.octets(), 60)
+        .udp(4433, 443)
+        .write(&mut inner, &[7; 4000])
+        .unwrap();
+    send_coalesced(&lab, &inner);
+    let fwd = lab.fe(2).fwd();
+    wait_until("fe2 to drop the coalesced UDP packet", T, || fwd.counters().dropped(DropReason::CoalescedNotTcp) == 1)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", fwd.counters()));
+    assert_eq!(fwd.counters().tun_tx_packets, 0);
+}
+
+#[test]
+fn icmp_errors_are_rate_limited() {
+    let lab = Lab::build_with(LabConfig { icmp_rate_per_s: 1, icmp_burst: 3, ..LabConfig::default() }).unwrap();
+    const SENT: usize = 40;
+    let started = std::time::Instant::now();
+    let replies = lab
+        .client
+        .run_in(|| {
+            let sock = IcmpSocket::open().unwrap();
+            // TTL 2: each one expires at fe1's forwarder, which owes a time exceeded for it.
+            for seq in 0..SENT as u16 {
+                sock.send(&IcmpSocket::echo_packet(CLIENT, &Probe::echo(VM, 100 + seq).ttl(2))).unwrap();
+            }
+            sock.replies(Duration::from_millis(700))
+        })
+        .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let c = lab.fe(1).fwd().counters();
+    assert_eq!(c.dropped(DropReason::TtlExceeded), SENT as u64, "{c:?}");
+    assert_eq!(c.icmp_time_exceeded + c.icmp_rate_limited, SENT as u64, "every one is answered or limited: {c:?}");
+    // The burst, plus one per second that passed.
+    let allowed = 3 + elapsed.ceil() as u64;
+    assert!(c.icmp_time_exceeded <= allowed, "{} sent, at most {allowed} allowed: {c:?}", c.icmp_time_exceeded);
+    assert!(c.icmp_time_exceeded >= 3, "the burst goes out: {c:?}");
+    let errors = replies.iter().filter(|r| matches!(r, ProbeReply::Error { icmp_type: 11, .. })).count() as u64;
+    assert_eq!(errors, c.icmp_time_exceeded, "what was counted as sent arrived: {replies:?}");
+}
+
+#[test]
+fn persistent_tun_outlives_its_forwarder_and_is_adopted_with_its_routes() {
+    let mut lab = Lab::build(true).unwrap();
+    let (tun, fib) = (lab.fe(1).tun.clone(), lab.fe(1).fib.clone());
+    let start = |lab: &Lab| {
+        let mut config = victor_dataplane::forwarder::ForwarderConfig::new(&tun);
+        config.persist = true;
+        let fib = fib.clone();
+        lab.ns(1).run_in(move || victor_dataplane::forwarder::Forwarder::start(config, fib)).unwrap().unwrap()
+    };
+    // Replace fe1's forwarder by a persistent one (a new device: the old one died with its
+    // forwarder, and with it the mobile-prefix route, which the agent would re-install).
+    lab.fes[0].forwarder.take().unwrap().stop().unwrap();
+    wait_until("the old TUN device to go", T, || !lab.ns(1).links().unwrap().contains(&tun)).unwrap();
+    let first = start(&lab);
+    assert!(!first.adopted());
+    lab.ns(1).route(&[MOBILE_PREFIX, "dev", &tun]).unwrap();
+    let index = first.tun_index();
+    lab.fes[0].forwarder = Some(first);
+    assert_eq!(client_probe(&lab, Probe::echo(VM, 20), T).unwrap(), Some(ProbeReply::EchoReply { from: VM }));
+
+    // The forwarder goes away (a process restart): the device and the route stay.
+    drop(lab.fes[0].forwarder.take());
+    assert!(lab.ns(1).links().unwrap().contains(&tun));
+    // Without a queue attached the device has no carrier ("linkdown"), the route stays.
+    let routes_of = |lab: &Lab| lab.ns(1).ip(&["route", "show", "dev", &tun]).unwrap().replace(" linkdown", "");
+    let routes = routes_of(&lab);
+    assert!(routes.contains(MOBILE_PREFIX), "route into the device kept: {routes}");
+    assert_eq!(client_probe(&lab, Probe::echo(VM, 21), Duration::from_millis(600)).unwrap(), None, "nobody forwards");
+
+    // The next forwarder adopts it: same interface, route untouched, forwarding again.
+    let second = start(&lab);
+    assert!(second.adopted());
+    assert_eq!(second.tun_index(), index);
+    lab.fes[0].forwarder = Some(second);
+    assert_eq!(routes_of(&lab), routes, "no route was touched");
+    assert_eq!(client_probe(&lab, Probe::echo(VM, 22), T).unwrap(), Some(ProbeReply::EchoReply { from: VM }));
+
+    // remove() deletes it for good.
+    lab.fes[0].forwarder.take().unwrap().remove().unwrap();
+    wait_until("the persistent device to go", T, || !lab.ns(1).links().unwrap().contains(&tun)).unwrap();
+}
+
+#[test]
+fn a_leftover_persistent_tun_can_be_removed() {
+    let mut lab = Lab::build(true).unwrap();
+    let (tun, fib) = (lab.fe(1).tun.clone(), lab.fe(1).fib.clone());
+    lab.fes[0].forwarder.take().unwrap().stop().unwrap();
+    wait_until("the old TUN device to go", T, || !lab.ns(1).links().unwrap().contains(&tun)).unwrap();
+    let mut config = victor_dataplane::forwarder::ForwarderConfig::new(&tun);
+    config.persist = true;
+    config.queues = 2;
+    let fwd = lab.ns(1).run_in(move || victor_dataplane::forwarder::Forwarder::start(config, fib)).unwrap().unwrap();
+    drop(fwd);
+    assert!(lab.ns(1).links().unwrap().contains(&tun), "persistent");
+    let name = tun.clone();
+    let removed = lab.ns(1).run_in(move || victor_dataplane::forwarder::remove_persistent_tun(&name)).unwrap();
+    assert!(removed.unwrap());
+    wait_until("the device to go", T, || !lab.ns(1).links().unwrap().contains(&tun)).unwrap();
+    let name = tun.clone();
+    assert!(!lab.ns(1).run_in(move || victor_dataplane::forwarder::remove_persistent_tun(&name)).unwrap().unwrap());
+}

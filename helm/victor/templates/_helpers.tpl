@@ -138,6 +138,14 @@ podAntiAffinity:
 - --damping-hold={{ $c.damping.hold }}
 - --stream-history={{ int64 $c.streamHistory }}
 - --max-report-observations={{ int64 $c.maxReportObservations }}
+- --max-connections={{ int64 $c.limits.maxConnections }}
+- --max-http-connections={{ int64 $c.limits.maxHttpConnections }}
+- --handshake-timeout={{ $c.limits.handshakeTimeout }}
+- --idle-timeout={{ $c.limits.idleTimeout }}
+- --max-streams-per-connection={{ int64 $c.limits.maxStreamsPerConnection }}
+- --max-agent-streams={{ int64 $c.limits.maxAgentStreams }}
+- --max-watch-streams={{ int64 $c.limits.maxWatchStreams }}
+- --snapshot-rate={{ $c.limits.snapshotRate }}
 {{- if $c.requireDeclared }}
 - --require-declared
 {{- end }}

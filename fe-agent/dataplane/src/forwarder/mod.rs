@@ -10,19 +10,46 @@
 //!   relays it to the new binding FE (each pass through the kernel costs a TTL, so loops end).
 //!
 //! ICMP errors are sent through the raw socket (locally originated, routed by the kernel, no
-//! martian-source issue that writing them into TUN with our own source address would have).
+//! martian-source issue that writing them into TUN with our own source address would have),
+//! at most [`ForwarderConfig::icmp_rate_per_s`] per second (token bucket shared by the workers).
 //! The TUN MTU is the underlay MTU − 20, so the kernel fragments or answers "fragmentation
 //! needed" itself before packets reach us; our own check covers a TUN MTU raised by hand.
+//!
+//! # Workers, queues, batches
+//! [`ForwarderConfig::queues`] workers (default: one per core), each on its own thread with its
+//! own TUN queue (`IFF_MULTI_QUEUE`) and its own raw socket. The kernel picks the TUN queue of a
+//! packet by its flow hash (and keeps a flow on the queue that last wrote its other direction);
+//! received tunnel packets are steered to workers by their inner flow (module `steer`), so every flow
+//! is handled by one worker and TCP sees no reordering. With offloads on (virtio-net header), a
+//! read from TUN returns a GSO super-packet of up to 64 KiB which the worker splits once into
+//! encapsulated segments ([`crate::packet::gso`]); received segments are coalesced back into
+//! super-packets for the TUN write ([`crate::packet::gro`]). See module `worker` for the loops.
+//!
+//! # Surviving a restart
+//! With [`ForwarderConfig::persist`] the TUN device is persistent: when the process dies the
+//! device stays, with its address and every route into it (packets routed into it meanwhile are
+//! dropped by the kernel, as no queue is attached), and the next forwarder adopts it.
+//!
+//! Modules: [`pipeline`] (per-packet decisions, pure), `worker` (the loops), `raw` (the
+//! underlay socket, `sendmmsg`/`recvmmsg`), `steer` (the per-worker socket filters),
+//! `ratelimit` (the ICMP token bucket), `tun` (persistence ioctls), `buf` (receive buffers).
 
 mod buf;
 pub mod pipeline;
+mod ratelimit;
 mod raw;
+mod steer;
+mod tun;
 mod worker;
+
+pub use tun::remove_persistent as remove_persistent_tun;
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -45,10 +72,22 @@ pub struct ForwarderConfig {
     pub icmp_source: Option<Ipv4Addr>,
     /// Use TUN offloads (virtio-net header: GSO super-packets in, GRO-coalesced writes out).
     pub offload: bool,
+    /// Workers, each with its own TUN queue, raw socket and thread; 0 = one per core.
+    pub queues: usize,
+    /// Most ICMP errors the forwarder sends per second (0: none at all).
+    pub icmp_rate_per_s: u32,
+    /// How many ICMP errors may go out back to back before the rate applies.
+    pub icmp_burst: u32,
+    /// Make the TUN device persistent (`TUNSETPERSIST`): it — and every route the agent pointed
+    /// into it — outlives this forwarder and its process, and the next forwarder started with
+    /// the same name adopts it (see [`Forwarder::adopted`]). Remove it with
+    /// [`Forwarder::remove`] or [`remove_persistent_tun`].
+    pub persist: bool,
 }
 
 impl ForwarderConfig {
-    /// Defaults: underlay MTU 1500, outer TTL 64, ICMP from the underlay address, offload on.
+    /// Defaults: underlay MTU 1500, outer TTL 64, ICMP from the underlay address, offload on,
+    /// one worker per core, ICMP errors at most 1000/s with bursts of 50 (Linux's defaults).
     pub fn new(tun_name: impl Into<String>) -> Self {
         ForwarderConfig {
             tun_name: tun_name.into(),
@@ -56,6 +95,10 @@ impl ForwarderConfig {
             outer_ttl: DEFAULT_OUTER_TTL,
             icmp_source: None,
             offload: true,
+            queues: 0,
+            icmp_rate_per_s: 1000,
+            icmp_burst: 50,
+            persist: false,
         }
     }
 
@@ -63,7 +106,18 @@ impl ForwarderConfig {
     pub fn tunnel_mtu(&self) -> u16 {
         self.underlay_mtu.saturating_sub(HEADER_LEN as u16)
     }
+
+    /// The number of workers `queues` asks for (0 resolved to the number of cores).
+    pub fn worker_count(&self) -> usize {
+        match self.queues {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
+
+/// Most workers (TUN queues) a forwarder runs.
+pub const MAX_QUEUES: usize = 64;
 
 /// Why the forwarder could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,14 +147,19 @@ pub enum ForwarderError {
 }
 
 /// A running forwarder. Dropping it stops it (like [`Forwarder::stop`]); the TUN device
-/// disappears with it, and with it every route the agent pointed into it.
+/// disappears with it, and with it every route the agent pointed into it — unless the device is
+/// persistent ([`ForwarderConfig::persist`]).
 pub struct Forwarder {
     tun_name: String,
     tun_index: u32,
     tunnel_mtu: u16,
     counters: Arc<Counters>,
     stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<io::Result<()>>>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    /// For a persistent device: a duplicate of queue 0's descriptor, to clear the persistence
+    /// flag from wherever [`Forwarder::remove`] is called.
+    control: Option<OwnedFd>,
+    adopted: bool,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -113,9 +172,9 @@ impl std::fmt::Debug for Forwarder {
 }
 
 impl Forwarder {
-    /// Creates the TUN device (up, MTU = tunnel MTU) and the underlay socket bound to
-    /// `fib.local_underlay()` in the calling thread's network namespace, then forwards on a
-    /// dedicated thread until stopped.
+    /// Creates the TUN device (up, MTU = tunnel MTU, one queue per worker) and one underlay
+    /// socket per worker bound to `fib.local_underlay()` in the calling thread's network
+    /// namespace, then forwards on the workers' threads until stopped.
     pub fn start(config: ForwarderConfig, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
         if config.tun_name.is_empty() || config.tun_name.len() > 15 {
             return Err(ForwarderError::Config(format!("tun_name {:?} must be 1..=15 bytes", config.tun_name)));
@@ -129,20 +188,44 @@ impl Forwarder {
         if config.outer_ttl == 0 {
             return Err(ForwarderError::Config("outer_ttl must be at least 1".into()));
         }
+        let workers = config.worker_count();
+        if workers > MAX_QUEUES {
+            return Err(ForwarderError::Config(format!("queues {workers} is more than {MAX_QUEUES}")));
+        }
         let local = fib.local_underlay();
         let tunnel_mtu = config.tunnel_mtu();
         let tun_err = |source| ForwarderError::Tun { name: config.tun_name.clone(), source };
         // The TUN device carries the underlay address as a /32: the kernel's reverse-path
         // check drops everything arriving on an address-less interface whenever rp_filter is on,
         // and packets the FE itself sends towards remote VMs get a routable source.
-        let dev = tun_rs::DeviceBuilder::new()
-            .name(&config.tun_name)
-            .ipv4(local, 32u8, None)
-            .mtu(tunnel_mtu)
-            .offload(config.offload)
-            .enable(false)
-            .build_sync()
-            .map_err(tun_err)?;
+        let existed = config.persist && tun::exists(&config.tun_name);
+        let build = |adopt: bool| {
+            let builder = tun_rs::DeviceBuilder::new()
+                .name(&config.tun_name)
+                .ipv4(local, 32u8, None)
+                .mtu(tunnel_mtu)
+                .offload(config.offload)
+                .multi_queue(workers > 1);
+            // An adopted device stays up: taking it down would flush every route into it.
+            if adopt { builder.inherit_enable_state() } else { builder.enable(false) }.build_sync()
+        };
+        let (dev, adopted) = match build(existed) {
+            Ok(dev) => (dev, existed),
+            // A device left by an earlier forwarder with other flags (queues, offload): it
+            // cannot be adopted, so it is replaced (the agent re-installs its routes).
+            Err(e) if existed && e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(tun = %config.tun_name, "persistent TUN device has other flags; replacing it");
+                tun::remove_persistent(&config.tun_name).map_err(tun_err)?;
+                (build(false).map_err(tun_err)?, false)
+            }
+            Err(e) => return Err(tun_err(e)),
+        };
+        let control = if config.persist {
+            dev.persist().map_err(tun_err)?;
+            Some(dev.as_fd().try_clone_to_owned().map_err(tun_err)?)
+        } else {
+            None
+        };
         let tun_index = dev.if_index().map_err(tun_err)?;
         // Decapsulated packets arrive on TUN from clients reached through other interfaces:
         // loose reverse-path filtering (the effective value is max(all, dev), so strict mode
@@ -155,41 +238,62 @@ impl Forwarder {
                 tracing::warn!(%path, error = %e, "could not set a sysctl of the TUN device");
             }
         }
-        dev.enabled(true).map_err(tun_err)?;
-        let sock = raw::open(local).map_err(|source| ForwarderError::Socket { addr: local, source })?;
+        let mut queues = Vec::with_capacity(workers);
+        for _ in 1..workers {
+            queues.push(dev.try_clone().map_err(tun_err)?);
+        }
+        queues.insert(0, dev);
+        queues[0].enabled(true).map_err(tun_err)?;
+        let mut sockets = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let socket_err = |source| ForwarderError::Socket { addr: local, source };
+            let sock = raw::open(local, i as u32, workers as u32).map_err(socket_err)?;
+            sockets.push(sock);
+        }
 
         let counters = Arc::new(Counters::default());
         let (stop, stop_rx) = watch::channel(false);
-        let icmp_source = config.icmp_source.unwrap_or(local);
-        let thread_counters = counters.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("fwd-{}", config.tun_name))
-            .spawn(move || -> io::Result<()> {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
-                rt.block_on(async move {
-                    let shared = Arc::new(worker::Shared {
-                        dev: tun_rs::AsyncDevice::new(dev)?,
-                        sock: crate::aio::register(sock)?,
-                        fib,
-                        counters: thread_counters,
-                        tunnel_mtu: usize::from(tunnel_mtu),
-                        outer_ttl: config.outer_ttl,
-                        icmp_source,
-                    });
-                    let egress = worker::egress_loop(shared.clone(), stop_rx.clone());
-                    let ingress = worker::ingress_loop(shared, stop_rx);
-                    let (e, i) = tokio::join!(egress, ingress);
-                    if let Err(err) = &e {
-                        tracing::error!(error = %err, "forwarder TUN → underlay loop failed");
-                    }
-                    if let Err(err) = &i {
-                        tracing::error!(error = %err, "forwarder underlay → TUN loop failed");
-                    }
-                    e.and(i)
+        let shared = Arc::new(worker::Shared {
+            fib,
+            counters: counters.clone(),
+            tunnel_mtu: usize::from(tunnel_mtu),
+            outer_ttl: config.outer_ttl,
+            icmp_source: config.icmp_source.unwrap_or(local),
+            icmp_limit: Mutex::new(ratelimit::TokenBucket::new(
+                config.icmp_rate_per_s,
+                config.icmp_burst,
+                Instant::now(),
+            )),
+            offload: config.offload,
+        });
+        let mut threads = Vec::with_capacity(workers);
+        for (i, (dev, sock)) in queues.into_iter().zip(sockets).enumerate() {
+            let (shared, stop_rx) = (shared.clone(), stop_rx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("fwd-{}-{i}", config.tun_name))
+                .spawn(move || -> io::Result<()> {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+                    rt.block_on(async move {
+                        let queue = Arc::new(worker::Queue {
+                            dev: tun_rs::AsyncDevice::new(dev)?,
+                            sock: crate::aio::register(sock)?,
+                        });
+                        let egress = worker::egress_loop(shared.clone(), queue.clone(), stop_rx.clone());
+                        let ingress = worker::ingress_loop(shared, queue, stop_rx);
+                        let (e, i) = tokio::join!(egress, ingress);
+                        if let Err(err) = &e {
+                            tracing::error!(error = %err, "forwarder TUN → underlay loop failed");
+                        }
+                        if let Err(err) = &i {
+                            tracing::error!(error = %err, "forwarder underlay → TUN loop failed");
+                        }
+                        e.and(i)
+                    })
                 })
-            })
-            .map_err(ForwarderError::Thread)?;
-        Ok(Forwarder { tun_name: config.tun_name, tun_index, tunnel_mtu, counters, stop, thread: Some(thread) })
+                .map_err(ForwarderError::Thread)?;
+            threads.push(thread);
+        }
+        Ok(Forwarder { tun_name: config.tun_name, tun_index, tunnel_mtu, counters, stop, threads, control, adopted })
     }
 
     /// Name of the TUN device (route the mobile prefix and remote /32s into it).
@@ -218,23 +322,46 @@ impl Forwarder {
         self.counters.clone()
     }
 
-    /// True while both forwarding loops run (false after a fatal device/socket error).
-    pub fn is_running(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    /// True when the TUN device was left by an earlier (persistent) forwarder and adopted, with
+    /// its interface index and the routes into it unchanged.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
-    /// Stops forwarding, waits for the worker and closes the TUN device and socket. Returns the
-    /// error that had ended the worker early, if any.
+    /// Stops forwarding and deletes the TUN device even if it is persistent (with it, every
+    /// route into it).
+    pub fn remove(mut self) -> io::Result<()> {
+        if let Some(fd) = self.control.take() {
+            tun::set_persist(fd.as_raw_fd(), false)?;
+        }
+        self.shutdown()
+    }
+
+    /// Number of workers (TUN queues).
+    pub fn queues(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// True while every worker runs (false after a fatal device/socket error in any).
+    pub fn is_running(&self) -> bool {
+        !self.threads.is_empty() && self.threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Stops forwarding, waits for the workers and closes their TUN queues and sockets: the TUN
+    /// device disappears with them unless it is persistent ([`ForwarderConfig::persist`]).
+    /// Returns the error that had ended a worker early, if any.
     pub fn stop(mut self) -> io::Result<()> {
         self.shutdown()
     }
 
     fn shutdown(&mut self) -> io::Result<()> {
         let _ = self.stop.send(true);
-        match self.thread.take() {
-            Some(t) => t.join().unwrap_or_else(|_| Err(io::Error::other("forwarder thread panicked"))),
-            None => Ok(()),
+        let mut result = Ok(());
+        for t in self.threads.drain(..) {
+            let r = t.join().unwrap_or_else(|_| Err(io::Error::other("forwarder thread panicked")));
+            result = result.and(r);
         }
+        result
     }
 }
 

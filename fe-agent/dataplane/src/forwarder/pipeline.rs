@@ -25,6 +25,17 @@ pub enum Egress {
 /// hop: TTL ≤ 1 is answered with time exceeded, otherwise the TTL is decremented in place. A
 /// packet longer than `tunnel_mtu` with DF gets "fragmentation needed" carrying `tunnel_mtu`.
 pub fn egress(packet: &mut [u8], fib: &Fib, tunnel_mtu: usize) -> Egress {
+    decide(packet, fib, tunnel_mtu, None)
+}
+
+/// [`egress`] for a super-packet read from TUN that will leave as segments of at most
+/// `largest_segment` bytes (IPv4 header included): the decision is taken once for all of them,
+/// and the MTU check applies to a segment.
+pub fn egress_super(packet: &mut [u8], fib: &Fib, tunnel_mtu: usize, largest_segment: usize) -> Egress {
+    decide(packet, fib, tunnel_mtu, Some(largest_segment))
+}
+
+fn decide(packet: &mut [u8], fib: &Fib, tunnel_mtu: usize, segment: Option<usize>) -> Egress {
     let header = match ipv4::parse(packet) {
         Ok(h) => h,
         Err(ipv4::Ipv4Error::Version(_)) => return Egress::Drop(DropReason::NotIpv4),
@@ -38,7 +49,7 @@ pub fn egress(packet: &mut [u8], fib: &Fib, tunnel_mtu: usize) -> Egress {
     if header.ttl <= 1 {
         return Egress::DropWithIcmp(DropReason::TtlExceeded, IcmpError::TimeExceeded);
     }
-    if header.total_len > tunnel_mtu {
+    if segment.unwrap_or(header.total_len) > tunnel_mtu {
         return if header.dont_fragment {
             let mtu = u16::try_from(tunnel_mtu).unwrap_or(u16::MAX);
             Egress::DropWithIcmp(DropReason::TooBigDf, IcmpError::FragmentationNeeded { mtu })
@@ -112,6 +123,24 @@ mod tests {
         }
         let mut exact = to(VM, 10, true, 1480);
         assert_eq!(egress(&mut exact, &fib, 1480), Egress::Encap(PEER));
+    }
+
+    #[test]
+    fn super_packets_are_judged_by_their_segments() {
+        let fib = fib();
+        let mut sp = to(VM, 10, true, 30_000);
+        assert_eq!(egress_super(&mut sp, &fib, 1480, 1480), Egress::Encap(PEER));
+        assert_eq!(ipv4::parse(&sp).unwrap().ttl, 9);
+        let mut sp = to(VM, 10, true, 30_000);
+        assert_eq!(
+            egress_super(&mut sp, &fib, 1480, 1500),
+            Egress::DropWithIcmp(DropReason::TooBigDf, IcmpError::FragmentationNeeded { mtu: 1480 })
+        );
+        let mut sp = to(VM, 1, true, 30_000);
+        assert_eq!(
+            egress_super(&mut sp, &fib, 1480, 1480),
+            Egress::DropWithIcmp(DropReason::TtlExceeded, IcmpError::TimeExceeded)
+        );
     }
 
     #[test]

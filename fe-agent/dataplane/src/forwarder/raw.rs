@@ -15,24 +15,33 @@ use std::os::fd::{AsRawFd, RawFd};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::buf::PacketBuf;
+use super::steer;
 use crate::packet::ipv4::PROTO_IPIP;
 
-/// Socket buffer size asked for (with `SO_*BUFFORCE`, as root, beyond `rmem_max`).
-const SOCKET_BUFFER: usize = 8 << 20;
+/// Receive buffer asked for (with `SO_RCVBUFFORCE`, as root, beyond `rmem_max`): room for
+/// bursts while the worker is busy writing into TUN.
+const RECEIVE_BUFFER: usize = 8 << 20;
+/// Send buffer asked for (the kernel doubles it): it bounds the packets this socket has queued
+/// below it at once (~2.3 KB of memory each), so a burst waits in `sendmmsg` instead of
+/// overflowing the underlay device's queue — a raw socket is not told when its packets are
+/// dropped there. 512 KiB: ~440 packets, half a default 1000-packet qdisc.
+const SEND_BUFFER: usize = 512 << 10;
 
-/// Opens the underlay socket bound to `local` (so only tunnel packets addressed to this FE's
-/// underlay address are received), non-blocking.
-pub(crate) fn open(local: Ipv4Addr) -> io::Result<Socket> {
+/// Opens worker `worker`'s (of `workers`) underlay socket bound to `local` (so only tunnel
+/// packets addressed to this FE's underlay address are received), non-blocking, with the flow
+/// filter attached before anything can be received.
+pub(crate) fn open(local: Ipv4Addr, worker: u32, workers: u32) -> io::Result<Socket> {
     let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(i32::from(PROTO_IPIP))))?;
+    steer::attach(socket.as_raw_fd(), worker, workers)?;
     socket.set_header_included_v4(true)?;
     socket.bind(&SocketAddr::V4(SocketAddrV4::new(local, 0)).into())?;
     socket.set_nonblocking(true)?;
-    for (force, fallback) in [
-        (libc::SO_RCVBUFFORCE, Socket::set_recv_buffer_size as fn(&Socket, usize) -> io::Result<()>),
-        (libc::SO_SNDBUFFORCE, Socket::set_send_buffer_size),
+    for (force, fallback, size) in [
+        (libc::SO_RCVBUFFORCE, Socket::set_recv_buffer_size as fn(&Socket, usize) -> io::Result<()>, RECEIVE_BUFFER),
+        (libc::SO_SNDBUFFORCE, Socket::set_send_buffer_size, SEND_BUFFER),
     ] {
-        if setsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, force, SOCKET_BUFFER as libc::c_int).is_err() {
-            fallback(&socket, SOCKET_BUFFER)?;
+        if setsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, force, size as libc::c_int).is_err() {
+            fallback(&socket, size)?;
         }
     }
     Ok(socket)
@@ -61,6 +70,9 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_in {
     }
 }
 
+/// Most messages per `sendmmsg` / `recvmmsg` call (the kernel's `UIO_MAXIOV`).
+pub(crate) const MAX_BATCH: usize = 1024;
+
 /// Reusable `mmsghdr` / `iovec` / address arrays for batched calls.
 pub(crate) struct Mmsg {
     hdrs: Vec<libc::mmsghdr>,
@@ -74,53 +86,69 @@ unsafe impl Send for Mmsg {}
 
 impl Mmsg {
     pub(crate) fn with_capacity(n: usize) -> Self {
-        Mmsg { hdrs: Vec::with_capacity(n), iovs: Vec::with_capacity(n), addrs: Vec::with_capacity(n) }
+        Mmsg { hdrs: Vec::with_capacity(n), iovs: Vec::with_capacity(2 * n), addrs: Vec::with_capacity(n) }
     }
 
-    fn build(&mut self) {
-        self.hdrs.clear();
-        for i in 0..self.iovs.len() {
-            // SAFETY: all-zero is a valid `mmsghdr` (null pointers, zero lengths).
-            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_iov = &mut self.iovs[i];
-            h.msg_hdr.msg_iovlen = 1;
-            if let Some(a) = self.addrs.get_mut(i) {
-                h.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
-                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            }
-            self.hdrs.push(h);
-        }
-    }
-
-    /// Sends `packets` (complete IPv4 packets and their destinations) with one `sendmmsg`.
-    /// Returns how many were sent (≥ 1), or the error of the first one (`WouldBlock` when the
-    /// socket buffer is full).
-    pub(crate) fn send(&mut self, fd: RawFd, packets: &[(&[u8], Ipv4Addr)]) -> io::Result<usize> {
+    /// Sends messages `first..first + count` (at most [`MAX_BATCH`]) with one `sendmmsg`:
+    /// `message(i)` gives message `i` as two byte slices sent back to back (the second may be
+    /// empty; together one complete IPv4 packet) and its destination. Returns how many were
+    /// sent (≥ 1), or the error of the first one (`WouldBlock` when the socket buffer is full).
+    pub(crate) fn send<'a>(
+        &mut self,
+        fd: RawFd,
+        first: usize,
+        count: usize,
+        message: impl Fn(usize) -> (&'a [u8], &'a [u8], Ipv4Addr),
+    ) -> io::Result<usize> {
+        let count = count.min(MAX_BATCH);
         self.iovs.clear();
         self.addrs.clear();
-        for (data, dst) in packets {
-            self.iovs.push(libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() });
-            self.addrs.push(sockaddr(*dst));
+        self.hdrs.clear();
+        for i in first..first + count {
+            let (head, tail, dst) = message(i);
+            self.iovs.push(libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: head.len() });
+            if !tail.is_empty() {
+                self.iovs.push(libc::iovec { iov_base: tail.as_ptr() as *mut libc::c_void, iov_len: tail.len() });
+            }
+            self.addrs.push(sockaddr(dst));
+            // SAFETY: all-zero is a valid mmsghdr; pointers are filled in below.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iovlen = if tail.is_empty() { 1 } else { 2 };
+            self.hdrs.push(h);
         }
-        self.build();
-        // SAFETY: every pointer in `hdrs` points into `iovs`, `addrs` or `packets`, all alive and
-        // unmoved for the duration of the call; the kernel only reads the packet bytes.
+        // Point the headers into the (no longer growing) arrays.
+        let mut iov = self.iovs.as_mut_ptr();
+        for (h, a) in self.hdrs.iter_mut().zip(self.addrs.iter_mut()) {
+            h.msg_hdr.msg_iov = iov;
+            // SAFETY: the iovecs of all messages were pushed in order, msg_iovlen each.
+            iov = unsafe { iov.add(h.msg_hdr.msg_iovlen) };
+            h.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        }
+        // SAFETY: every pointer in `hdrs` points into `iovs`, `addrs` or the slices `message`
+        // returned, which live for 'a, beyond this call; the kernel only reads them.
         let n =
             unsafe { libc::sendmmsg(fd, self.hdrs.as_mut_ptr(), self.hdrs.len() as libc::c_uint, libc::MSG_DONTWAIT) };
         if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
     }
 
-    /// Receives up to `bufs.len()` packets with one `recvmmsg`, each into its buffer from
-    /// `offset` on; sets each filled buffer's length to `offset + packet length`. Returns how
-    /// many were received (`WouldBlock` when none is waiting).
-    pub(crate) fn recv(&mut self, fd: RawFd, bufs: &mut [PacketBuf], offset: usize) -> io::Result<usize> {
+    /// Receives up to `bufs.len()` packets with one `recvmmsg`, each into its buffer; sets each
+    /// filled buffer's length to the packet's. Returns how many were received (`WouldBlock`
+    /// when none is waiting).
+    pub(crate) fn recv(&mut self, fd: RawFd, bufs: &mut [PacketBuf]) -> io::Result<usize> {
         self.iovs.clear();
-        self.addrs.clear();
-        for buf in bufs.iter_mut() {
-            let room = &mut buf.storage_mut()[offset..];
+        self.hdrs.clear();
+        for buf in bufs.iter_mut().take(MAX_BATCH) {
+            let room = buf.storage_mut();
             self.iovs.push(libc::iovec { iov_base: room.as_mut_ptr().cast(), iov_len: room.len() });
         }
-        self.build();
+        for iov in self.iovs.iter_mut() {
+            // SAFETY: all-zero is a valid mmsghdr.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            self.hdrs.push(h);
+        }
         // SAFETY: every iovec points into a distinct live buffer, writable for its length, and
         // the headers into `iovs`; nothing moves during the call.
         let n = unsafe {
@@ -137,7 +165,7 @@ impl Mmsg {
         }
         let n = n as usize;
         for (buf, h) in bufs.iter_mut().zip(&self.hdrs).take(n) {
-            buf.set_len(offset + h.msg_len as usize);
+            buf.set_len(h.msg_len as usize);
         }
         Ok(n)
     }

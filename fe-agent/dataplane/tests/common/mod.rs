@@ -48,6 +48,26 @@ impl Fe {
     }
 }
 
+/// How the lab's forwarders run.
+#[derive(Debug, Clone, Copy)]
+pub struct LabConfig {
+    /// TUN offloads (virtio-net header).
+    pub offload: bool,
+    /// Workers per forwarder (0: one per core).
+    pub queues: usize,
+    /// ICMP errors per second and burst.
+    pub icmp_rate_per_s: u32,
+    pub icmp_burst: u32,
+}
+
+impl Default for LabConfig {
+    /// The forwarder's defaults.
+    fn default() -> Self {
+        let c = ForwarderConfig::new("x");
+        LabConfig { offload: c.offload, queues: c.queues, icmp_rate_per_s: c.icmp_rate_per_s, icmp_burst: c.icmp_burst }
+    }
+}
+
 /// The lab. Field order is drop order: forwarders stop first, then links, then namespaces.
 pub struct Lab {
     pub fes: Vec<Fe>,
@@ -68,8 +88,13 @@ impl Lab {
         &self.fe_ns[n - 1]
     }
 
-    /// Builds the lab with `offload` on or off for all forwarders.
+    /// Builds the lab with `offload` on or off for all forwarders, one worker per core.
     pub fn build(offload: bool) -> Result<Lab> {
+        Self::build_with(LabConfig { offload, ..LabConfig::default() })
+    }
+
+    /// Builds the lab with forwarders configured as `lab`.
+    pub fn build_with(lab_config: LabConfig) -> Result<Lab> {
         victor_testkit::require_root("the data-plane lab");
         let client = NetNs::new("dpc")?;
         let ul = NetNs::new("dpu")?;
@@ -118,7 +143,10 @@ impl Lab {
             let tun = format!("vtun{n}");
             let mut config = ForwarderConfig::new(&tun);
             config.underlay_mtu = UNDERLAY_MTU;
-            config.offload = offload;
+            config.offload = lab_config.offload;
+            config.queues = lab_config.queues;
+            config.icmp_rate_per_s = lab_config.icmp_rate_per_s;
+            config.icmp_burst = lab_config.icmp_burst;
             let ns = &lab.fe_ns[n as usize - 1];
             let fwd_fib = fib.clone();
             let forwarder = ns.run_in(move || Forwarder::start(config, fwd_fib))??;
@@ -245,6 +273,38 @@ impl IcmpSocket {
             }
         }
         None
+    }
+}
+
+impl IcmpSocket {
+    /// Every ICMP reply to one of our echoes (any sequence number) that arrives within `window`.
+    pub fn replies(&self, window: Duration) -> Vec<ProbeReply> {
+        let ident = (std::process::id() & 0xffff) as u16;
+        let deadline = Instant::now() + window;
+        let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 65536];
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            let Ok(n) = self.sock.recv(&mut buf) else { continue };
+            // SAFETY: recv initialised the first n bytes.
+            let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let seq = data.get(20..).and_then(|icmp| match icmp.first() {
+                Some(&icmp::TYPE_ECHO_REPLY) => icmp.get(6..8).map(|s| u16::from_be_bytes([s[0], s[1]])),
+                // An error quotes our header (20 bytes) and the echo's first 8 bytes.
+                _ => icmp.get(34..36).map(|s| u16::from_be_bytes([s[0], s[1]])),
+            });
+            if let Some(reply) = seq.and_then(|seq| match_reply(&data, ident, seq)) {
+                out.push(reply);
+            }
+        }
+        out
+    }
+
+    /// The echo request `probe` from `src` as a packet (what [`IcmpSocket::probe`] sends).
+    pub fn echo_packet(src: Ipv4Addr, probe: &Probe) -> Vec<u8> {
+        let Probe { dst, ttl, total_len, df, seq } = *probe;
+        let ident = (std::process::id() & 0xffff) as u16;
+        let request = icmp::echo(icmp::TYPE_ECHO_REQUEST, ident, seq, &vec![0x5a; total_len.saturating_sub(28)]);
+        ipv4::build_packet(src, dst, ipv4::PROTO_ICMP, ttl, 0, df, &request)
     }
 }
 
