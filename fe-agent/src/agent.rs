@@ -89,7 +89,7 @@ pub async fn run(config: Config) -> Result<()> {
         reconciler,
         scope: arp::classify::Scope { prefixes: config.mobile_prefixes.clone(), gateways: config.gateways.clone() },
         ports,
-        arp: ArpPorts::new(captures, arp_tx, (config.arp_rate, config.arp_burst), metrics.clone()),
+        arp: ArpPorts::new(captures, arp_tx, (config.arp_rate, config.arp_burst), metrics.clone(), config.clock()),
         reporter: link.reporter,
         link: link.control,
         resume,
@@ -97,6 +97,7 @@ pub async fn run(config: Config) -> Result<()> {
         metrics,
         readiness,
         hints,
+        clock: config.clock(),
     });
     let inputs = Inputs { link: link.events, answers: link.answers, arp: arp_rx, ports: port_rx, hints: hint_rx };
     // Under systemd: READY=1 once synced, watchdog pings while the engine runs (see `service`).
@@ -285,14 +286,14 @@ fn start_hints(
         format!("bind the move-hint socket {}:{} (--move-hint-port)", config.underlay_addr, hc.port)
     })?;
     let (tx, rx) = mpsc::channel(1024);
-    let limits = Limits { max_age_ns: hc.max_age_ns, rate: hc.rate };
+    let limits = Limits { max_age_ns: hc.max_age_ns, rate: hc.rate, clock: hc.clock };
     let receiver = socket.clone().receive(limits, metrics.clone(), tx);
     tasks.spawn(async move {
         receiver.await;
         Ok(())
     });
     tracing::info!(port = hc.port, keys = hc.keys.len(), timeout_ms = hc.timeout_ns / 1_000_000, "move hints enabled");
-    let hints = Hints::enabled(&config.fe_id, socket, hc.timeout_ns, metrics.clone(), events.clone());
+    let hints = Hints::enabled(&config.fe_id, socket, hc.timeout_ns, hc.clock, metrics.clone(), events.clone());
     Ok((hints, Some(rx)))
 }
 

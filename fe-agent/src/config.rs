@@ -13,6 +13,7 @@ pub use victor_daemon::{ConfigError, LogFormat};
 use victor_proto::Mac;
 
 use crate::advertise::AdvertiseConfig;
+use crate::clock::WallClock;
 use crate::codec::bgp::Community;
 use crate::codec::hint::Keys;
 pub use crate::forwarding::DataplaneMode;
@@ -272,6 +273,22 @@ pub struct Config {
     #[arg(long, env = "VICTOR_MOVE_HINT_RATE", default_value_t = 1000)]
     pub move_hint_rate: u32,
 
+    /// Testing aid: shifts every wall-clock time this agent stamps — observation times
+    /// (including the kernel's ARP capture times), GONE times, move-hint send and receive times —
+    /// by this much, e.g. `-5s` or `+5s`. The lab uses it to run FEs whose clocks disagree (the
+    /// kernel's capture times escape libfaketime); nothing in VICTOR compares two FEs' clocks.
+    /// Leave it at 0s in production.
+    #[arg(
+        long,
+        env = "VICTOR_CLOCK_OFFSET",
+        default_value = "0s",
+        value_parser = parse_clock_offset,
+        allow_hyphen_values = true,
+        value_name = "[+|-]DURATION"
+    )]
+    #[serde(serialize_with = "serialize_clock_offset")]
+    pub clock_offset: i64,
+
     /// Log format.
     #[arg(long, env = "VICTOR_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -455,7 +472,13 @@ impl Config {
             timeout_ns: timeout.as_nanos() as u64,
             max_age_ns: max_age.as_nanos() as u64,
             rate: self.move_hint_rate,
+            clock: self.clock(),
         }))
+    }
+
+    /// The agent's wall clock (`--clock-offset`).
+    pub fn clock(&self) -> WallClock {
+        WallClock::with_offset(self.clock_offset)
     }
 
     fn validate_bgp(&self) -> Result<(), ConfigError> {
@@ -557,6 +580,28 @@ fn ser_display_opt<S: serde::Serializer, T: std::fmt::Display>(v: &Option<T>, s:
 }
 
 victor_daemon::impl_daemon_config!(Config);
+
+/// Parses `--clock-offset`: a duration with an optional sign (`-5s`, `+250ms`), in ns.
+pub fn parse_clock_offset(text: &str) -> Result<i64, String> {
+    let (sign, magnitude) = match text.trim().as_bytes().first() {
+        Some(b'-') => (-1, &text.trim()[1..]),
+        Some(b'+') => (1, &text.trim()[1..]),
+        _ => (1, text.trim()),
+    };
+    let d = victor_daemon::duration::parse(magnitude)?;
+    let ns = i64::try_from(d.as_nanos()).map_err(|_| format!("{text} is too large"))?;
+    Ok(sign * ns)
+}
+
+fn serialize_clock_offset<S: serde::Serializer>(ns: &i64, s: S) -> Result<S::Ok, S::Error> {
+    let (sign, n) = (if *ns < 0 { "-" } else { "" }, ns.unsigned_abs());
+    let text = match n {
+        _ if n % 1_000_000_000 == 0 => format!("{sign}{}s", n / 1_000_000_000),
+        _ if n % 1_000_000 == 0 => format!("{sign}{}ms", n / 1_000_000),
+        _ => format!("{sign}{n}ns"),
+    };
+    s.serialize_str(&text)
+}
 
 #[cfg(test)]
 mod tests {
@@ -711,6 +756,21 @@ mod tests {
         for bad in ["[2001:db8::1]:x", "2001:db8::1]:179", "router1:179"] {
             assert!(parse_peer(bad).unwrap_err().contains("[IPv6]:PORT"), "{bad}");
         }
+    }
+
+    #[test]
+    fn clock_offset_is_signed_and_off_by_default() {
+        assert_eq!(load(&[]).unwrap().clock_offset, 0);
+        for (text, ns, shown) in
+            [("-5s", -5_000_000_000, "-5s"), ("+5s", 5_000_000_000, "5s"), ("250ms", 250_000_000, "250ms")]
+        {
+            let c = load(&["--clock-offset", text]).unwrap();
+            assert_eq!(c.clock_offset, ns, "{text}");
+            assert_eq!(c.clock().shift(10_000_000_000), 10_000_000_000 + ns);
+            let json = serde_json::to_value(&c).unwrap();
+            assert_eq!(json["clock_offset"], shown);
+        }
+        assert!(load(&["--clock-offset", "-soon"]).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `arp` on `ports`):
 //!
 //! * pure parts —
+//!   [`clock`] (the agent's wall clock and observation stamps),
 //!   [`codec`] (the BGP and move-hint wire formats), [`ratelimit`] (per-source token buckets),
 //!   [`metrics`] (named counters; modules give them labels), [`readiness`], [`events`] (per-move
 //!   timestamps), [`state`] (desired state from the stream, VMs seen here and their claims,
@@ -21,6 +22,7 @@
 //! * [`engine`] — the task that owns the state and drives the reconciler;
 //! * [`config`] and [`agent`] — flags, and the wiring that starts every task.
 
+pub mod clock;
 pub mod codec;
 pub mod events;
 pub mod metrics;

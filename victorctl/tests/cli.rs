@@ -102,6 +102,7 @@ async fn learn(a: &mut AgentServiceClient<Channel>, fe_id: &str, ip: &str, mac_l
         kind: ObservationKind::Learned as i32,
         observed_at_unix_nanos: unix_nanos(),
         port: "vm0".into(),
+        known_revision: None,
     };
     a.report(ReportRequest { fe_id: fe_id.into(), observations: vec![obs] })
         .await

@@ -102,6 +102,22 @@ pub struct MigrateArgs {
     /// when it can be loaded, else the userspace forwarder; the report names what ran.
     #[arg(long, value_enum, default_value = "auto")]
     pub dataplane: DataplaneMode,
+    /// Shifts FE N's clock by OFFSET (its agent's test-only `--clock-offset`; repeatable), e.g.
+    /// `--fe-clock-offset 2=-5s --fe-clock-offset 3=+5s`: FEs whose clocks disagree move VMs as
+    /// fast as FEs that agree (docs/design.md, section 3).
+    #[arg(long = "fe-clock-offset", value_name = "N=OFFSET", value_parser = parse_fe_clock_offset, allow_hyphen_values = true)]
+    pub fe_clock_offsets: Vec<(usize, String)>,
+}
+
+/// Parses `N=OFFSET` (N an FE number 1–3, OFFSET a signed duration like `-5s`).
+fn parse_fe_clock_offset(text: &str) -> Result<(usize, String), String> {
+    let (n, offset) = text.split_once('=').ok_or_else(|| format!("{text:?}: expected N=OFFSET, e.g. 2=-5s"))?;
+    let n: usize = n.trim().parse().map_err(|_| format!("{n:?} is not an FE number (1-3)"))?;
+    if !(1..=3).contains(&n) {
+        return Err(format!("FE {n} does not exist (the lab has fe1-fe3)"));
+    }
+    victor_fe_agent::config::parse_clock_offset(offset)?;
+    Ok((n, offset.trim().to_owned()))
 }
 
 impl Default for MigrateArgs {
@@ -119,6 +135,7 @@ impl Default for MigrateArgs {
             bgp: false,
             move_hints: true,
             dataplane: DataplaneMode::Auto,
+            fe_clock_offsets: Vec::new(),
         }
     }
 }
@@ -228,6 +245,9 @@ pub struct MigrateReport {
     pub load_avg_1m: f64,
     /// The paper's figure for comparison: packets lost per handoff at a 10 ms ping interval.
     pub paper_lost_per_move_at_10ms: &'static str,
+    /// FE clock offsets (`--fe-clock-offset`), by FE.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub fe_clock_offsets: BTreeMap<String, String>,
     /// With `--bgp`: the anycast path the client's traffic took.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bgp: Option<AnycastPath>,
@@ -292,6 +312,9 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         let mut flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
         flags.extend(hint_flags.iter().cloned());
         flags.extend(["--dataplane".to_owned(), args.dataplane.label().to_owned()]);
+        for (_, offset) in args.fe_clock_offsets.iter().filter(|(fe, _)| *fe == n) {
+            flags.extend(["--clock-offset".to_owned(), offset.clone()]);
+        }
         let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
         let argv =
             AgentCommand { bin: &agent_bin, controllers: &ordered, controller_netns: &netns_path, extra: &extra }
@@ -571,6 +594,7 @@ fn report(
         per_move,
         load_avg_1m,
         paper_lost_per_move_at_10ms: "1-2 (Hao et al. §5, physical host moved between access points)",
+        fe_clock_offsets: args.fe_clock_offsets.iter().map(|(n, o)| (format!("fe{n}"), o.clone())).collect(),
         bgp: None,
     }
 }
@@ -598,6 +622,10 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
         report.dataplane,
         if report.move_hints { "on" } else { "off" }
     );
+    if !report.fe_clock_offsets.is_empty() {
+        let offsets: Vec<String> = report.fe_clock_offsets.iter().map(|(fe, o)| format!("{fe} {o}")).collect();
+        println!("FE clocks shifted: {}", offsets.join(", "));
+    }
     if let Some(b) = &report.bgp {
         println!(
             "ingress: BGP upstream ({}) with ECMP over {}; the client's flow (source {}) enters at {}",
