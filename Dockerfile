@@ -8,6 +8,11 @@
 # Stage 1 builds release binaries with the workspace's pinned dependencies (Cargo.lock); protoc is
 # vendored by the build, so the builder needs nothing beyond the Rust image. Stage 2 is a slim
 # Debian of the same release (same glibc) with the binaries only.
+#
+# CI builds stage 2 without a Docker engine from this file (packaging/image/build-image.sh, via
+# packaging/image/dockerfile.py, which refuses instructions it does not reproduce) and runs it as
+# the Helm chart does: keep the runtime stage to RUN, COPY --from=build /out/<binary>, EXPOSE,
+# USER, CMD, ENV, LABEL and WORKDIR, or teach that reader first.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=trixie

@@ -6,8 +6,9 @@
 # Helm chart tests), then checks
 # formatting and lints, builds everything and runs every test — unit, property, store
 # conformance against real 1- and 3-member etcd, controller replication, network-namespace labs
-# with real TUN/raw sockets/BIRD, the Helm chart rendered by the real Helm engine, and a short
-# run of every fuzz target (cargo-fuzz) from its committed corpus.
+# with real TUN/raw sockets/BIRD, the Helm chart rendered by the real Helm engine, a short
+# run of every fuzz target (cargo-fuzz) from its committed corpus, and the Debian packages and the
+# container image as operators install and run them.
 #
 # Options: --quick skips the Helm chart tests and fuzzing; extra arguments after `--` go to cargo nextest.
 set -euo pipefail
@@ -84,6 +85,14 @@ fi
 step "kernel suite in a VM (tests/vm/ci.sh)"
 bash tests/vm/ci.sh || [[ $? -eq 77 ]]
 # <<< VM kernel suite
+
+# >>> packaging (packaging/ci.sh): the Debian packages and their systemd units on a clean root and
+# under systemd in a VM, the container image built from the Dockerfile and run as the Helm chart
+# runs it. Status 77 means a part could not run here and said `SKIPPED: <reason>` (a tool apt
+# cannot install, no QEMU, Debian's archive unreachable with nothing cached); a failure fails.
+step "packages, systemd units and the container image (packaging/ci.sh)"
+bash packaging/ci.sh || [[ $? -eq 77 ]]
+# <<< packaging
 
 step "leak check"
 leaked=$(comm -13 <(echo "$ns_before") <(namespaces) | tr '\n' ' ')

@@ -103,6 +103,16 @@ pub struct Config {
     #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub damping_hold: Duration,
 
+    /// How long the tombstone of a removed binding is kept (docs/design.md, section 3): a report
+    /// made before the removal that arrives within this time is recognised as older. Later,
+    /// housekeeping collects the tombstone and raises the tombstone horizon: a report of a VM
+    /// without any record made knowing less than the horizon is then answered STALE and the
+    /// agent observes the VM again — never wrong, only one more ARP round trip. Keep it above
+    /// the longest time a report can wait in an agent's queue or in flight.
+    #[arg(long, env = "VICTOR_TOMBSTONE_RETENTION", default_value = "10m", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
+    pub tombstone_retention: Duration,
+
     /// Only VMs declared through BindingService.DeclareVm can be bound.
     #[arg(long, env = "VICTOR_REQUIRE_DECLARED", default_value_t = false)]
     pub require_declared: bool,
@@ -166,8 +176,10 @@ pub struct Config {
     #[arg(long, env = "VICTOR_TLS_KEY_FILE", value_name = "FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
 
-    /// CA (PEM) that signs client certificates. With it, clients must present a certificate:
-    /// fe-agents are identified by it (mutual TLS).
+    /// CA (PEM) that signs the fe-agents' client certificates (mutual TLS). A client certificate
+    /// is optional at the TLS layer (operators may connect with a bearer token only), but every
+    /// AgentService call must come with one signed by this CA that names the FE it acts for
+    /// (DNS SAN `<fe_id>.fe.victor`); a certificate from another CA fails the handshake.
     #[arg(long, env = "VICTOR_TLS_CLIENT_CA_FILE", value_name = "FILE", requires = "tls_cert_file")]
     pub tls_client_ca_file: Option<PathBuf>,
 

@@ -9,6 +9,7 @@
 //! | `{p}/e/housekeeper`          | replica id       | housekeeping election, leased          |
 //! | `{p}/r/<replica_id>`         | `ReplicaRecord`  | live replicas, leased; also the cache's load fence |
 //! | `{p}/m/fence/<replica_id>`   | revision text    | backfill fence (`cache::backfill`), ignored by caches |
+//! | `{p}/m/tombstone-horizon`    | `HorizonRecord`  | highest removal revision of collected tombstones (`registry::rules`) |
 //!
 //! IPs are hex-encoded so that byte order equals numeric order (listing pages come out in IP
 //! order) and keys stay short (etcd stores every key once per revision).
@@ -31,6 +32,8 @@ pub enum KeyKind {
     Election,
     /// A live controller replica, by id.
     Replica(String),
+    /// The tombstone horizon.
+    TombstoneHorizon,
 }
 
 /// Builds and parses keys under one prefix.
@@ -95,6 +98,11 @@ impl Keys {
         format!("{}/m/fence/{replica_id}", self.prefix).into_bytes()
     }
 
+    /// The tombstone horizon key.
+    pub fn tombstone_horizon(&self) -> Vec<u8> {
+        format!("{}/m/tombstone-horizon", self.prefix).into_bytes()
+    }
+
     /// Classifies a key read from the store; `None` for keys we do not own.
     pub fn parse(&self, key: &[u8]) -> Option<KeyKind> {
         let key = std::str::from_utf8(key).ok()?;
@@ -107,6 +115,7 @@ impl Keys {
             "s" if !tail.is_empty() => Some(KeyKind::Session(tail.to_owned())),
             "e" if tail == "housekeeper" => Some(KeyKind::Election),
             "r" if !tail.is_empty() => Some(KeyKind::Replica(tail.to_owned())),
+            "m" if tail == "tombstone-horizon" => Some(KeyKind::TombstoneHorizon),
             _ => None,
         }
     }
@@ -163,6 +172,8 @@ mod tests {
         assert_eq!(k.fe("fe1"), b"/victor/f/fe1".to_vec());
         assert_eq!(k.parse(b"/victor/s/fe2"), Some(KeyKind::Session("fe2".into())));
         assert_eq!(k.parse(b"/victor/e/housekeeper"), Some(KeyKind::Election));
+        assert_eq!(k.parse(&k.tombstone_horizon()), Some(KeyKind::TombstoneHorizon));
+        assert_eq!(k.parse(&k.fence("r1")), None, "fences are not the caches' business");
         assert_eq!(k.parse(b"/other/b/4/0a0a000b"), None);
         assert_eq!(k.parse(b"/victor/b/4/0A0A000B"), None);
         assert_eq!(k.parse(b"/victor/b/4/0a0a00"), None);

@@ -84,6 +84,8 @@ pub struct Metrics {
     pub damping_frozen: Counter,
     /// CAS conflicts that needed a re-read.
     pub cas_retries: Counter,
+    /// Tombstones of removed bindings collected by housekeeping.
+    pub tombstones_collected: Counter,
     /// Store request latency by operation.
     pub store_latency: Family<OpLabel, Histogram>,
     /// Store requests that failed as unavailable.
@@ -155,6 +157,7 @@ impl Metrics {
             moves: Counter::default(),
             damping_frozen: Counter::default(),
             cas_retries: Counter::default(),
+            tombstones_collected: Counter::default(),
             store_latency: Family::new_with_constructor(latency),
             store_unavailable: Counter::default(),
             commit_to_cache: latency(),
@@ -190,6 +193,11 @@ impl Metrics {
         registry.register("moves", "Committed VM moves", m.moves.clone());
         registry.register("damping_frozen", "Bindings frozen by flap damping", m.damping_frozen.clone());
         registry.register("cas_retries", "Compare-and-swap conflicts that needed a re-read", m.cas_retries.clone());
+        registry.register(
+            "tombstones_collected",
+            "Tombstones of removed bindings collected after --tombstone-retention",
+            m.tombstones_collected.clone(),
+        );
         registry.register("store_request_seconds", "Store request latency", m.store_latency.clone());
         registry.register(
             "store_unavailable",

@@ -3,22 +3,28 @@
 
 use prost::Message;
 
-/// A binding as stored under `{p}/b/...`.
+/// A binding as stored under `{p}/b/...` — or, with `removed`, its tombstone: what is left of a
+/// removed binding so that a report made before the removal cannot bring it back (docs/design.md,
+/// section 3). Tombstones are hidden from every reader but the registry and are collected by
+/// housekeeping after `--tombstone-retention`.
 #[derive(Clone, PartialEq, Eq, Message)]
 pub struct BindingRecord {
-    /// The FE the VM sits behind.
+    /// The FE the VM sits behind. In a tombstone: the FE whose GONE removed it ("" when the
+    /// controller removed it: UndeclareVm with remove_binding, or housekeeping).
     #[prost(string, tag = "1")]
     pub fe_id: String,
     /// VM MAC (6 bytes).
     #[prost(bytes = "vec", tag = "2")]
     pub mac: Vec<u8>,
-    /// Moves since first bound.
+    /// Moves since first bound (a binding created again over a tombstone continues it: + 1).
     #[prost(uint64, tag = "3")]
     pub move_seq: u64,
     /// A [`BindingSource`] (its number).
     #[prost(int32, tag = "4")]
     pub source: i32,
-    /// When the binding FE observed the VM (agent wall clock, ns).
+    /// When `fe_id` last observed the VM (that FE's own wall clock, ns; for an orchestrator's
+    /// placement the controller's commit time). In a tombstone: the remover's GONE time (0 when
+    /// the controller removed it). Compared only with later observations of the same FE.
     #[prost(int64, tag = "5")]
     pub observed_at_unix_nanos: i64,
     /// When the binding was committed (controller wall clock, ns).
@@ -39,6 +45,27 @@ pub struct BindingRecord {
     /// Until when the announcement holds (ns).
     #[prost(int64, tag = "11")]
     pub pending_until_unix_nanos: i64,
+    /// A tombstone: the binding was removed (GONE, UndeclareVm, housekeeping).
+    #[prost(bool, tag = "12")]
+    pub removed: bool,
+    /// The store revision at which the observation this record holds was committed: the bind or
+    /// move, the owner's latest newer observation, the orchestrator's placement, the removal.
+    /// A report from another FE orders after it only if it was made knowing this revision. 0 =
+    /// this record's own mod revision (a write cannot know its revision before it commits; a
+    /// later write that keeps the observation stores the value explicitly).
+    #[prost(uint64, tag = "13")]
+    pub observed_revision: u64,
+}
+
+/// The tombstone horizon as stored under `{p}/m/tombstone-horizon`: the highest removal revision
+/// of the tombstones housekeeping has collected. An observation of a VM without any record that
+/// was made knowing less than this may be older than a removal whose trace is gone, so it is
+/// answered STALE (the agent observes again).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct HorizonRecord {
+    /// The revision.
+    #[prost(uint64, tag = "1")]
+    pub revision: u64,
 }
 
 /// Who produced a binding, as stored in [`BindingRecord::source`]. The numbers are those of the

@@ -152,7 +152,6 @@ impl Server {
                 window_ns: config.damping_window.as_nanos() as i64,
             },
             require_declared: config.require_declared,
-            ..Rules::default()
         };
         let auth = load_auth(&config, metrics.clone())?;
         // One replica view per runtime: the same cache, metrics and flags, each with a registry
@@ -200,6 +199,7 @@ impl Server {
         let hk = HousekeepingConfig {
             damping_hold: config.damping_hold,
             fe_dead_after: config.fe_dead_after,
+            tombstone_retention: config.tombstone_retention,
             tick: Duration::from_secs(1),
         };
         let hk_task = housekeeping::run(housekeeping_replica, election_lease.clone(), hk, shutdown_rx.clone());

@@ -35,16 +35,20 @@ async fn claims_bind_move_and_never_roll_back() {
     );
     assert_eq!(b.source, BindingSource::Arp as i32);
 
-    let r = learn_at(&mut c, "fe3", "10.10.0.11", mac(11), t0 + 1_000).await;
+    let bound_at = r.revision;
+    let r = learn_knowing(&mut c, "fe3", "10.10.0.11", mac(11), t0 - 60_000_000_000, bound_at).await;
     assert_eq!((outcome(&r), r.move_seq), (ClaimOutcome::Moved, 1), "{r:?}");
     assert_eq!(binding(&mut c, "10.10.0.11").await.unwrap().fe_id, "fe3");
+    let moved_at = r.revision;
 
-    // A late report from the old FE (older observation) is refused and writes nothing.
+    // A late report from the old FE (made before the move, whatever its clock says) is refused,
+    // writes nothing and names the revision to wait for.
     let before = fingerprint(&mut c).await;
-    let r = learn_at(&mut c, "fe2", "10.10.0.11", mac(11), t0 + 500).await;
+    let r = learn_knowing(&mut c, "fe2", "10.10.0.11", mac(11), t0 + 60_000_000_000, bound_at).await;
     assert_eq!(outcome(&r), ClaimOutcome::Rejected);
     assert_eq!(r.reject_reason, RejectReason::Stale as i32);
     assert_eq!(r.code, Code::FailedPrecondition as i32);
+    assert_eq!(r.revision, moved_at);
     assert!(r.message.contains("stale"), "{}", r.message);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(fingerprint(&mut c).await, before, "a rejected claim wrote something");
@@ -156,6 +160,7 @@ async fn bad_input_gets_precise_errors_and_writes_nothing() {
                 kind: 1,
                 observed_at_unix_nanos: unix_nanos(),
                 port: String::new(),
+                known_revision: None,
             },
             VmObservation {
                 vm_ip: vec![10, 10, 0, 7],
@@ -163,9 +168,10 @@ async fn bad_input_gets_precise_errors_and_writes_nothing() {
                 kind: 1,
                 observed_at_unix_nanos: unix_nanos(),
                 port: String::new(),
+                known_revision: None,
             },
             observation("192.168.1.1", mac(1), ObservationKind::Learned, unix_nanos()),
-            observation("10.10.0.7", mac(1), ObservationKind::Learned, unix_nanos() + 3_600_000_000_000),
+            observation("10.10.0.7", mac(1), ObservationKind::Learned, 0),
             observation("10.10.0.8", victor_proto::Mac::BROADCAST, ObservationKind::Learned, unix_nanos()),
         ],
     };

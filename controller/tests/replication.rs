@@ -122,27 +122,33 @@ async fn housekeeping_fails_over_to_another_replica() {
 }
 
 #[tokio::test]
-async fn concurrent_claims_through_two_replicas_converge_on_the_newest() {
+async fn concurrent_claims_through_two_replicas_leave_one_winner_per_vm() {
     let etcd = EtcdCluster::start(3).await.unwrap();
     let r1 = Replica::spawn("r1", &etcd.endpoints(), &[]).await;
     let r2 = Replica::spawn("r2", &etcd.endpoints(), &[]).await;
     let mut c1 = r1.clients().await;
     let c2 = r2.clients().await;
+    let mut known = 0;
     for (i, fe) in ["fe1", "fe2", "fe3", "fe4"].iter().enumerate() {
-        register(&mut c1, fe, i as u8 + 1, "a").await;
+        known = register(&mut c1, fe, i as u8 + 1, "a").await.revision;
     }
-    // 8 VMs; each gets 12 claims from 4 FEs with distinct observation times, fired all at once
-    // through both replicas in a scrambled order.
-    let base = unix_nanos() - 1_000_000_000;
+    // 8 VMs; each gets 12 claims from 4 FEs whose clocks disagree by seconds, none knowing of the
+    // others' claims (all made knowing the same revision), fired all at once through both
+    // replicas in a scrambled order. Whichever commits first wins; every claim of another FE is
+    // STALE and names the revision of the winner's observation then in force — its bind, or a
+    // later claim of the winner that is newer by the winner's own clock and refreshed it (its
+    // agent would probe the VM once it knows that revision).
+    let base = unix_nanos();
     let mut tasks = Vec::new();
     for vm in 1..=8u8 {
         for k in 0..12i64 {
-            let fe = ["fe1", "fe2", "fe3", "fe4"][(k as usize * 7 + vm as usize) % 4];
-            let at = base + ((k * 5 + vm as i64 * 3) % 12) * 1_000 + vm as i64;
+            let n = (k as usize * 7 + vm as usize) % 4;
+            let fe = ["fe1", "fe2", "fe3", "fe4"][n];
+            let at = base + (n as i64 - 2) * 5_000_000_000 + k;
             let mut c = if k % 2 == 0 { c1.clone() } else { c2.clone() };
             tasks.push(tokio::spawn(async move {
-                let r = learn_at(&mut c, fe, &format!("10.10.2.{vm}"), mac(vm), at).await;
-                (vm, fe, at, r)
+                let r = learn_knowing(&mut c, fe, &format!("10.10.2.{vm}"), mac(vm), at, known).await;
+                (vm, fe, r)
             }));
         }
     }
@@ -152,7 +158,12 @@ async fn concurrent_claims_through_two_replicas_converge_on_the_newest() {
     }
     for vm in 1..=8u8 {
         let mine: Vec<_> = results.iter().filter(|(v, ..)| *v == vm).collect();
-        let (_, winner_fe, winner_at, _) = mine.iter().max_by_key(|(_, fe, at, _)| (*at, *fe)).unwrap();
+        let winners: Vec<_> = mine.iter().filter(|(.., r)| outcome(r) == ClaimOutcome::Bound).collect();
+        assert_eq!(winners.len(), 1, "VM {vm}: {mine:?}");
+        let (_, winner_fe, _) = winners[0];
+        // The revisions at which the winner's observations were committed (bind and refreshes).
+        let observed: Vec<u64> =
+            mine.iter().filter(|(_, fe, r)| fe == winner_fe && r.revision > 0).map(|(.., r)| r.revision).collect();
         // Claims committed through replica 2 reach replica 1's cache a moment later.
         let last = mine.iter().map(|(.., r)| r.revision).max().unwrap();
         let ip = format!("10.10.2.{vm}");
@@ -163,19 +174,16 @@ async fn concurrent_claims_through_two_replicas_converge_on_the_newest() {
         })
         .await
         .unwrap();
-        assert_eq!(
-            (b.fe_id.as_str(), b.observed_at_unix_nanos),
-            (*winner_fe, *winner_at),
-            "VM {vm} did not converge on the newest claim"
-        );
-        let moves = mine.iter().filter(|(.., r)| outcome(r) == ClaimOutcome::Moved).count() as u64;
-        assert_eq!(b.move_seq, moves, "VM {vm}: move_seq must count the committed moves");
-        for (_, _, _, r) in &mine {
-            assert!(
-                matches!(outcome(r), ClaimOutcome::Bound | ClaimOutcome::Moved | ClaimOutcome::Unchanged)
-                    || r.reject_reason == RejectReason::Stale as i32,
-                "unexpected result {r:?}"
-            );
+        assert_eq!((b.fe_id.as_str(), b.move_seq), (*winner_fe, 0), "VM {vm} did not stay with the first claim");
+        for (_, fe, r) in &mine {
+            if fe == winner_fe {
+                assert!(matches!(outcome(r), ClaimOutcome::Bound | ClaimOutcome::Unchanged), "VM {vm}: {r:?}");
+            } else {
+                assert!(
+                    r.reject_reason == RejectReason::Stale as i32 && observed.contains(&r.revision),
+                    "VM {vm} from {fe}: {r:?} (the winner's observations: {observed:?})"
+                );
+            }
         }
     }
     // Both replicas' caches agree.

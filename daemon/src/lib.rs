@@ -5,6 +5,8 @@
 //! * [`logging`] — text or JSON logs on stderr with an `EnvFilter`;
 //! * [`backoff`] — exponential backoff between retries;
 //! * [`task`] — a task aborted when its owner goes ([`task::AbortOnDrop`]);
+//! * [`systemd`] — `Type=notify` units: readiness, status and a watchdog pinged only while the
+//!   daemon is healthy (sd_notify);
 //! * [`main`] — the `main` of a daemon: load the config (exit 2 with what to fix), `--check-config`,
 //!   logging, the tokio runtime, and exit codes.
 
@@ -12,6 +14,7 @@ pub mod backoff;
 pub mod config_file;
 pub mod duration;
 pub mod logging;
+pub mod systemd;
 pub mod task;
 
 use std::future::Future;

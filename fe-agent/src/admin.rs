@@ -1,4 +1,6 @@
-//! The HTTP admin port (axum): `/healthz`, `/readyz`, `/metrics` and `/debug/events`.
+//! The HTTP admin port (axum): `/healthz`, `/readyz` (with a `dataplane:` line saying which
+//! backend runs and why), `/metrics` (the kernel data plane's counters are read from the kernel
+//! just before rendering) and `/debug/events`.
 
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -11,6 +13,7 @@ use axum::routing::get;
 use serde::Deserialize;
 
 use crate::events::EventLog;
+use crate::forwarding::kernel::counters::KernelCounters;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 
@@ -23,6 +26,8 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     /// Stage timestamps.
     pub events: Arc<Mutex<EventLog>>,
+    /// The kernel data plane's counters (refreshed on every scrape), if it runs.
+    pub kernel_counters: Option<Arc<KernelCounters>>,
 }
 
 /// The router.
@@ -36,13 +41,19 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
+    let dataplane = state.readiness.dataplane().map(|d| format!("dataplane: {d}\n")).unwrap_or_default();
     match state.readiness.check() {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Ok(()) => (StatusCode::OK, format!("ready\n{dataplane}")).into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n{dataplane}")).into_response(),
     }
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    if let Some(counters) = &state.kernel_counters
+        && let Err(err) = counters.refresh().await
+    {
+        tracing::warn!(error = %err, "cannot read the kernel data plane's counters");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
 

@@ -4,7 +4,8 @@
 //! state is left in place on exit: a restarted agent adopts it (no flush).
 //!
 //! [`run`] reads as its phases: `check_host`, `start_dataplane`, `adopt_previous_run`,
-//! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`.
+//! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`. Under systemd it
+//! also reports readiness and pings the watchdog ([`crate::service`]).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use victor_daemon::systemd::{Liveness, Service};
 use victor_proto::v1::RegisterRequest;
 
 use crate::advertise::health::DeviceProbe;
@@ -20,19 +22,21 @@ use crate::arp::{self, ArpPorts, Captures};
 use crate::config::Config;
 use crate::engine::{Engine, Inputs, Parts};
 use crate::events::EventLog;
-use crate::forwarding::{self, Dataplane, DataplaneConfig};
+use crate::forwarding::kernel::counters::KernelCounters;
+use crate::forwarding::{self, Choice, Dataplane, DataplaneConfig};
 use crate::hint::Hints;
 use crate::hint::io::{HintSocket, Limits, Received};
 use crate::link::connector::{Connector, SocketFactory};
 use crate::link::feed::{EngineFeed, LinkEvent};
 use crate::link::reporter::{self, Answered, Reporter};
 use crate::link::{self, LinkConfig, LinkControl};
-use crate::metrics::{KindLabel, Metrics};
+use crate::metrics::{ChoiceLabel, KindLabel, Metrics};
 use crate::netlink::Kernel;
 use crate::ports::{self, PortTable};
 use crate::readiness::Readiness;
 use crate::reconcile::Reconciler;
 use crate::reconcile::effects::Host;
+use crate::service::AgentChecks;
 use crate::state::local::Timers;
 
 /// The agent's tasks: any of them ending ends the agent.
@@ -43,7 +47,8 @@ pub async fn run(config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let kernel = Kernel::connect(config.route_protocol).context("open a netlink socket (needs CAP_NET_ADMIN)")?;
     let underlay_mtu = check_host(&config, &kernel).await?;
-    let dataplane = start_dataplane(&config, &kernel, underlay_mtu, &metrics).await?;
+    let (dataplane, choice) = start_dataplane(&config, &kernel, underlay_mtu, &metrics).await?;
+    let kernel_counters = dataplane.kernel_counters();
     let ports = Arc::new(PortTable::new(vm_port_matcher(&config), config.gateway_mac.map(|m| m.octets())));
     let reconciler = adopt_previous_run(&kernel, dataplane, &ports, &metrics).await?;
 
@@ -57,6 +62,8 @@ pub async fn run(config: Config) -> Result<()> {
         tasks.spawn(async move { ports::watch(ports, kernel, port_tx).await.context("link watcher") });
     }
     let readiness = Arc::new(Readiness::new(config.headless_grace.as_nanos() as u64));
+    let service_readiness = readiness.clone();
+    readiness.set_dataplane(choice.describe());
     let events = Arc::new(Mutex::new(EventLog::new(8192)));
     // The advertiser announces the mobile prefixes while this FE is healthy (readiness and the
     // data-plane device), and withdraws them before the agent exits.
@@ -65,7 +72,7 @@ pub async fn run(config: Config) -> Result<()> {
         let device = DeviceProbe::new(kernel.handle().clone(), config.tun_name.clone());
         Advertiser::spawn(bgp, HealthInputs { readiness: readiness.clone(), device }, metrics.clone())
     });
-    start_admin(&config, &mut tasks, &metrics, &readiness, &events).await?;
+    start_admin(&config, &mut tasks, &metrics, &readiness, &events, kernel_counters).await?;
     let (hints, hint_rx) = start_hints(&config, &mut tasks, &metrics, &events)?;
 
     let (arp_tx, arp_rx) = mpsc::channel(4096);
@@ -82,7 +89,7 @@ pub async fn run(config: Config) -> Result<()> {
         reconciler,
         scope: arp::classify::Scope { prefixes: config.mobile_prefixes.clone(), gateways: config.gateways.clone() },
         ports,
-        arp: ArpPorts::new(captures, arp_tx, (config.arp_rate, config.arp_burst), metrics.clone()),
+        arp: ArpPorts::new(captures, arp_tx, (config.arp_rate, config.arp_burst), metrics.clone(), config.clock()),
         reporter: link.reporter,
         link: link.control,
         resume,
@@ -90,15 +97,20 @@ pub async fn run(config: Config) -> Result<()> {
         metrics,
         readiness,
         hints,
+        clock: config.clock(),
     });
     let inputs = Inputs { link: link.events, answers: link.answers, arp: arp_rx, ports: port_rx, hints: hint_rx };
+    // Under systemd: READY=1 once synced, watchdog pings while the engine runs (see `service`).
+    let (engine_run, engine_alive) = Liveness::track(engine.run(inputs));
+    let service = Service::start(AgentChecks { readiness: service_readiness, engine: engine_alive });
     tasks.spawn(async move {
-        engine.run(inputs).await;
+        engine_run.await;
         bail!("the agent engine stopped")
     });
     tracing::info!(fe_id = %config.fe_id, underlay = %config.underlay_addr, underlay_mtu, "agent running");
 
     let outcome = wait_for_exit(&mut tasks).await;
+    service.stopping();
     if let Some(advertiser) = advertiser {
         // A clean stop keeps forwarding (the tasks still run) while the routers move away.
         let drain = if outcome.is_ok() { config.bgp_shutdown_drain } else { std::time::Duration::ZERO };
@@ -133,24 +145,33 @@ async fn check_host(config: &Config, kernel: &Kernel) -> Result<u16> {
     Ok(underlay_mtu)
 }
 
-/// Chooses the data-plane backend (and says why) and starts it.
-async fn start_dataplane(config: &Config, kernel: &Kernel, underlay_mtu: u16, metrics: &Metrics) -> Result<Dataplane> {
-    let (backend, why) =
-        forwarding::choose(config.dataplane, victor_dataplane::kernel::ipip_available()).map_err(anyhow::Error::msg)?;
-    tracing::info!(dataplane = backend.label(), reason = why, "data plane chosen");
-    metrics.dataplane.get_or_create(&KindLabel { kind: backend.label() }).set(1);
+/// Chooses the data-plane backend (probing and loading the kernel's ipip module for
+/// `--dataplane auto|kernel`), starts it and says which runs and why: log, metrics, and the
+/// returned [`Choice`] for `/readyz`.
+async fn start_dataplane(
+    config: &Config,
+    kernel: &Kernel,
+    underlay_mtu: u16,
+    metrics: &Metrics,
+) -> Result<(Dataplane, Choice)> {
     let dp_config = DataplaneConfig {
-        backend,
         underlay: config.underlay_addr,
         underlay_mtu,
         device: config.tun_name.clone(),
         prefixes: config.mobile_prefixes.clone(),
     };
-    let dataplane = Dataplane::start(&dp_config, kernel).await?;
+    let (dataplane, choice) = forwarding::start(config.dataplane, &dp_config, kernel).await?;
+    tracing::info!(dataplane = choice.backend.label(), mode = choice.mode.label(), reason = %choice.why, "data plane chosen");
+    metrics.dataplane.get_or_create(&KindLabel { kind: choice.backend.label() }).set(1);
+    let label = ChoiceLabel { backend: choice.backend.label(), mode: choice.mode.label(), why: choice.code };
+    metrics.dataplane_choice.get_or_create(&label).set(1);
     if let Some(counters) = dataplane.counters_handle() {
         metrics.attach_dataplane(counters);
     }
-    Ok(dataplane)
+    if let Some(counters) = dataplane.kernel_counters() {
+        metrics.attach_tunnels(counters);
+    }
+    Ok((dataplane, choice))
 }
 
 fn vm_port_matcher(config: &Config) -> impl Fn(&str) -> bool + Send + Sync + 'static {
@@ -234,12 +255,17 @@ async fn start_admin(
     metrics: &Arc<Metrics>,
     readiness: &Arc<Readiness>,
     events: &Arc<Mutex<EventLog>>,
+    kernel_counters: Option<Arc<KernelCounters>>,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("bind --http-listen {}", config.http_listen))?;
-    let state =
-        crate::admin::AdminState { metrics: metrics.clone(), readiness: readiness.clone(), events: events.clone() };
+    let state = crate::admin::AdminState {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        events: events.clone(),
+        kernel_counters,
+    };
     tasks.spawn(async move { axum::serve(listener, crate::admin::router(state)).await.context("admin HTTP") });
     Ok(())
 }
@@ -260,14 +286,14 @@ fn start_hints(
         format!("bind the move-hint socket {}:{} (--move-hint-port)", config.underlay_addr, hc.port)
     })?;
     let (tx, rx) = mpsc::channel(1024);
-    let limits = Limits { max_age_ns: hc.max_age_ns, rate: hc.rate };
+    let limits = Limits { max_age_ns: hc.max_age_ns, rate: hc.rate, clock: hc.clock };
     let receiver = socket.clone().receive(limits, metrics.clone(), tx);
     tasks.spawn(async move {
         receiver.await;
         Ok(())
     });
     tracing::info!(port = hc.port, keys = hc.keys.len(), timeout_ms = hc.timeout_ns / 1_000_000, "move hints enabled");
-    let hints = Hints::enabled(&config.fe_id, socket, hc.timeout_ns, metrics.clone(), events.clone());
+    let hints = Hints::enabled(&config.fe_id, socket, hc.timeout_ns, hc.clock, metrics.clone(), events.clone());
     Ok((hints, Some(rx)))
 }
 

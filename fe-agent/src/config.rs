@@ -2,17 +2,18 @@
 //! file, in that order of precedence (flag > env > file > default) — the controller's scheme: the
 //! file's keys are the long flag names and are turned into arguments placed before the real ones.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Serialize;
 pub use victor_daemon::{ConfigError, LogFormat};
 use victor_proto::Mac;
 
 use crate::advertise::AdvertiseConfig;
+use crate::clock::WallClock;
 use crate::codec::bgp::Community;
 use crate::codec::hint::Keys;
 pub use crate::forwarding::DataplaneMode;
@@ -101,8 +102,19 @@ pub struct Config {
 
     /// A mobile VM prefix this FE serves (repeatable; env: comma separated). Routed into the data
     /// plane; only VMs inside it are learned. Must lie inside the controller's mobile prefixes.
+    /// IPv4 or IPv6; the IPv6 ones are announced by BGP (--bgp-peer) next to the IPv4 ones. At
+    /// least one must be IPv4.
     #[arg(long = "mobile-prefix", env = "VICTOR_MOBILE_PREFIX", value_delimiter = ',', required = true)]
+    #[serde(skip)]
+    pub mobile_prefix: Vec<IpNet>,
+
+    /// The IPv4 prefixes of --mobile-prefix.
+    #[arg(skip)]
     pub mobile_prefixes: Vec<Ipv4Net>,
+
+    /// The IPv6 prefixes of --mobile-prefix.
+    #[arg(skip)]
+    pub mobile_prefixes6: Vec<Ipv6Net>,
 
     /// A default-gateway address of the VMs (repeatable; env: comma separated), e.g. 10.10.0.1.
     /// The agent answers ARP for it on VM ports and announces it (gratuitous ARP) on the port of
@@ -118,11 +130,13 @@ pub struct Config {
     #[serde(serialize_with = "ser_display_opt")]
     pub gateway_mac: Option<Mac>,
 
-    /// IP-in-IP implementation: auto (kernel ipip if the kernel has it, else tun), tun, kernel.
+    /// IP-in-IP implementation: auto (the kernel's ipip if the module is loaded or can be loaded,
+    /// else tun), tun (userspace forwarder), kernel (refuses to start without ipip).
     #[arg(long, env = "VICTOR_DATAPLANE", value_enum, default_value = "auto")]
     pub dataplane: DataplaneMode,
 
-    /// Name of the TUN device of the userspace data plane (at most 15 bytes).
+    /// Name of the TUN device of the userspace data plane, or of the kernel data plane's catch-all
+    /// ipip device (at most 15 bytes).
     #[arg(long, env = "VICTOR_TUN_NAME", default_value = "victor0")]
     pub tun_name: String,
 
@@ -175,12 +189,13 @@ pub struct Config {
     #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub headless_grace: Duration,
 
-    /// A BGP router to announce the mobile prefixes to (repeatable; env: comma separated):
-    /// `IP` or `IP:PORT` (default port 179). The agent connects to it, announces every
-    /// --mobile-prefix with itself as next hop while this FE is healthy, and withdraws them when
-    /// it is not (see docs/bgp.md). Without it the agent announces nothing.
+    /// A BGP router to announce the mobile prefixes to (repeatable; env: comma separated): an
+    /// IPv4 or IPv6 address, with a port as `IPv4:PORT` or `[IPv6]:PORT` (default 179). The agent
+    /// connects to it, announces every --mobile-prefix (IPv4 and IPv6, each family if the router
+    /// negotiates it) with itself as next hop while this FE is healthy, and withdraws them when it
+    /// is not (see docs/bgp.md). Without it the agent announces nothing.
     #[arg(long = "bgp-peer", env = "VICTOR_BGP_PEER", value_delimiter = ',', value_parser = parse_peer, value_name = "IP[:PORT]")]
-    pub bgp_peers: Vec<SocketAddrV4>,
+    pub bgp_peers: Vec<SocketAddr>,
 
     /// This FE's AS number for BGP (with --bgp-peer). Use the same on every FE: the mobile
     /// prefixes then have one origin AS everywhere, as multi-homing expects.
@@ -196,10 +211,19 @@ pub struct Config {
     #[arg(long, env = "VICTOR_BGP_ROUTER_ID", value_name = "IP")]
     pub bgp_router_id: Option<Ipv4Addr>,
 
-    /// NEXT_HOP of the announced prefixes. Default: this FE's address on each BGP session
-    /// (next-hop self), which is where the router should send the traffic.
+    /// NEXT_HOP of the announced IPv4 prefixes. Default: this FE's IPv4 address on each BGP
+    /// session (next-hop self), which is where the router should send the traffic; on an IPv6
+    /// session, the IPv4 address of the interface that carries it.
     #[arg(long, env = "VICTOR_BGP_NEXT_HOP", value_name = "IP")]
     pub bgp_next_hop: Option<Ipv4Addr>,
+
+    /// Next hop of the announced IPv6 prefixes (a global address). Default: this FE's global IPv6
+    /// address on each BGP session (the session's own address on an IPv6 session, else the
+    /// global IPv6 address of the interface that carries it), plus that interface's link-local
+    /// address when the router is on the same link (RFC 2545). A session without one announces
+    /// no IPv6 prefixes.
+    #[arg(long, env = "VICTOR_BGP_NEXT_HOP6", value_name = "IPV6")]
+    pub bgp_next_hop6: Option<Ipv6Addr>,
 
     /// BGP hold time proposed to the routers (0 or at least 3 s; the smaller of both sides
     /// applies). A hung agent is withdrawn by the router after this long.
@@ -249,6 +273,22 @@ pub struct Config {
     #[arg(long, env = "VICTOR_MOVE_HINT_RATE", default_value_t = 1000)]
     pub move_hint_rate: u32,
 
+    /// Testing aid: shifts every wall-clock time this agent stamps — observation times
+    /// (including the kernel's ARP capture times), GONE times, move-hint send and receive times —
+    /// by this much, e.g. `-5s` or `+5s`. The lab uses it to run FEs whose clocks disagree (the
+    /// kernel's capture times escape libfaketime); nothing in VICTOR compares two FEs' clocks.
+    /// Leave it at 0s in production.
+    #[arg(
+        long,
+        env = "VICTOR_CLOCK_OFFSET",
+        default_value = "0s",
+        value_parser = parse_clock_offset,
+        allow_hyphen_values = true,
+        value_name = "[+|-]DURATION"
+    )]
+    #[serde(serialize_with = "serialize_clock_offset")]
+    pub clock_offset: i64,
+
     /// Log format.
     #[arg(long, env = "VICTOR_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -271,9 +311,22 @@ impl Config {
 
     /// Parses `args` (including the program name), merging the config file if any.
     pub fn load_from(args: Vec<String>) -> Result<Config, ConfigError> {
-        let config = Config::try_parse_from(victor_daemon::config_file::merge(args)?)?;
+        let mut config = Config::try_parse_from(victor_daemon::config_file::merge(args)?)?;
+        config.split_mobile_prefixes();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Fills [`Config::mobile_prefixes`] and [`Config::mobile_prefixes6`] from --mobile-prefix.
+    fn split_mobile_prefixes(&mut self) {
+        self.mobile_prefixes.clear();
+        self.mobile_prefixes6.clear();
+        for p in &self.mobile_prefix {
+            match p {
+                IpNet::V4(p) => self.mobile_prefixes.push(*p),
+                IpNet::V6(p) => self.mobile_prefixes6.push(*p),
+            }
+        }
     }
 
     /// The client TLS files (all `None` = plaintext).
@@ -317,15 +370,24 @@ impl Config {
         if ul.is_unspecified() || ul.is_multicast() || ul.is_broadcast() || ul.is_loopback() {
             return bad(format!("--underlay-addr {ul} cannot be a tunnel endpoint; use this FE's underlay IPv4"));
         }
-        if let Some(a) = self.mobile_prefixes.iter().find(|a| a.trunc() != **a) {
+        if let Some(a) = self.mobile_prefix.iter().find(|a| a.trunc() != **a) {
             return bad(format!("--mobile-prefix {a} has host bits set; did you mean {}?", a.trunc()));
         }
-        for (i, a) in self.mobile_prefixes.iter().enumerate() {
-            for b in &self.mobile_prefixes[i + 1..] {
+        for (i, a) in self.mobile_prefix.iter().enumerate() {
+            for b in &self.mobile_prefix[i + 1..] {
                 if a.contains(b) || b.contains(a) {
                     return bad(format!("--mobile-prefix {a} and {b} overlap; give each range once"));
                 }
             }
+        }
+        if self.mobile_prefixes.is_empty() {
+            return bad(format!(
+                "--mobile-prefix {} has no IPv4 prefix; give at least one (IPv6 prefixes are announced by BGP \
+                 next to the IPv4 ones)",
+                self.mobile_prefixes6.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+            ));
+        }
+        for a in &self.mobile_prefixes {
             if a.contains(&ul) {
                 return bad(format!(
                     "--underlay-addr {ul} lies inside --mobile-prefix {a}; the underlay must be outside"
@@ -410,7 +472,13 @@ impl Config {
             timeout_ns: timeout.as_nanos() as u64,
             max_age_ns: max_age.as_nanos() as u64,
             rate: self.move_hint_rate,
+            clock: self.clock(),
         }))
+    }
+
+    /// The agent's wall clock (`--clock-offset`).
+    pub fn clock(&self) -> WallClock {
+        WallClock::with_offset(self.clock_offset)
     }
 
     fn validate_bgp(&self) -> Result<(), ConfigError> {
@@ -430,16 +498,29 @@ impl Config {
         if hold.subsec_nanos() != 0 || (hold.as_secs() != 0 && !(3..=65535).contains(&hold.as_secs())) {
             return bad(format!("--bgp-hold-time {hold:?} must be 0 or whole seconds from 3s to 65535s"));
         }
+        let link_local = |a: &Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
         for (flag, addr) in self
             .bgp_peers
             .iter()
-            .map(|p| ("--bgp-peer", *p.ip()))
-            .chain(self.bgp_next_hop.map(|n| ("--bgp-next-hop", n)))
+            .map(|p| ("--bgp-peer", p.ip()))
+            .chain(self.bgp_next_hop.map(|n| ("--bgp-next-hop", IpAddr::V4(n))))
+            .chain(self.bgp_next_hop6.map(|n| ("--bgp-next-hop6", IpAddr::V6(n))))
         {
-            if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() {
+            let unicast = match addr {
+                IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+                IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast() || a.is_loopback()),
+            };
+            if !unicast {
                 return bad(format!("{flag} {addr} is not a unicast address"));
             }
-            if let Some(p) = self.mobile_prefixes.iter().find(|p| p.contains(&addr)) {
+            if let IpAddr::V6(a) = addr
+                && link_local(&a)
+            {
+                return bad(format!(
+                    "{flag} {addr} is link-local; give a global address (the agent adds the link-local next hop itself)"
+                ));
+            }
+            if let Some(p) = self.mobile_prefix.iter().find(|p| p.contains(&addr)) {
                 return bad(format!("{flag} {addr} lies inside --mobile-prefix {p}; it must be outside"));
             }
         }
@@ -461,8 +542,10 @@ impl Config {
             router_id: self.bgp_router_id.unwrap_or(self.underlay_addr),
             hold_time: u16::try_from(self.bgp_hold_time.as_secs()).unwrap_or(u16::MAX),
             next_hop: self.bgp_next_hop,
+            next_hop6: self.bgp_next_hop6,
             communities: self.bgp_communities.clone(),
             prefixes: self.mobile_prefixes.clone(),
+            prefixes6: self.mobile_prefixes6.clone(),
         })
     }
 
@@ -475,12 +558,18 @@ impl Config {
     }
 }
 
-/// Parses a BGP router address: `IP` (port 179) or `IP:PORT`.
-fn parse_peer(text: &str) -> Result<SocketAddrV4, String> {
-    if let Ok(ip) = text.parse::<Ipv4Addr>() {
-        return Ok(SocketAddrV4::new(ip, 179));
+/// Parses a BGP router address: `IP` (port 179), `IPv4:PORT` or `[IPv6]:PORT`.
+fn parse_peer(text: &str) -> Result<SocketAddr, String> {
+    let bare = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(text);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 179));
     }
-    text.parse().map_err(|_| format!("{text:?} is not IPv4 or IPv4:PORT (e.g. 203.0.113.1 or 203.0.113.1:1179)"))
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not IP, IPv4:PORT or [IPv6]:PORT (e.g. 203.0.113.1, 203.0.113.1:1179, 2001:db8::1 or \
+             [2001:db8::1]:1179)"
+        )
+    })
 }
 
 fn ser_display_opt<S: serde::Serializer, T: std::fmt::Display>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
@@ -491,6 +580,28 @@ fn ser_display_opt<S: serde::Serializer, T: std::fmt::Display>(v: &Option<T>, s:
 }
 
 victor_daemon::impl_daemon_config!(Config);
+
+/// Parses `--clock-offset`: a duration with an optional sign (`-5s`, `+250ms`), in ns.
+pub fn parse_clock_offset(text: &str) -> Result<i64, String> {
+    let (sign, magnitude) = match text.trim().as_bytes().first() {
+        Some(b'-') => (-1, &text.trim()[1..]),
+        Some(b'+') => (1, &text.trim()[1..]),
+        _ => (1, text.trim()),
+    };
+    let d = victor_daemon::duration::parse(magnitude)?;
+    let ns = i64::try_from(d.as_nanos()).map_err(|_| format!("{text} is too large"))?;
+    Ok(sign * ns)
+}
+
+fn serialize_clock_offset<S: serde::Serializer>(ns: &i64, s: S) -> Result<S::Ok, S::Error> {
+    let (sign, n) = (if *ns < 0 { "-" } else { "" }, ns.unsigned_abs());
+    let text = match n {
+        _ if n % 1_000_000_000 == 0 => format!("{sign}{}s", n / 1_000_000_000),
+        _ if n % 1_000_000 == 0 => format!("{sign}{}ms", n / 1_000_000),
+        _ => format!("{sign}{n}ns"),
+    };
+    s.serialize_str(&text)
+}
 
 #[cfg(test)]
 mod tests {
@@ -568,6 +679,7 @@ mod tests {
         assert_eq!((a.local_as, a.peer_as, a.hold_time), (65010, 65000, 9));
         assert_eq!(a.router_id, c.underlay_addr);
         assert_eq!(a.prefixes, c.mobile_prefixes);
+        assert!(a.prefixes6.is_empty() && a.next_hop6.is_none());
         assert_eq!(a.communities[0].to_string(), "65010:100");
         assert_eq!(c.bgp_shutdown_drain, Duration::from_secs(1));
         let bgp = ["--bgp-peer", "203.0.113.1", "--bgp-local-as", "65010", "--bgp-peer-as", "65000"];
@@ -579,6 +691,11 @@ mod tests {
             (&["--bgp-local-as", "23456"][..], "reserved"),
             (&["--bgp-next-hop", "10.10.0.1"][..], "inside --mobile-prefix"),
             (&["--bgp-peer", "0.0.0.0"][..], "not a unicast address"),
+            (&["--bgp-peer", "ff02::1"][..], "not a unicast address"),
+            (&["--bgp-peer", "fe80::1"][..], "link-local"),
+            (&["--bgp-next-hop6", "fe80::2"][..], "link-local"),
+            (&["--bgp-next-hop6", "::"][..], "not a unicast address"),
+            (&["--mobile-prefix", "2001:db8:a::/48", "--bgp-next-hop6", "2001:db8:a::1"][..], "inside --mobile-prefix"),
         ] {
             let args: Vec<&str> = bgp.iter().copied().chain(extra.iter().copied()).collect();
             let err = load(&args).map(|_| ()).unwrap_err().to_string();
@@ -588,6 +705,72 @@ mod tests {
             let args: Vec<&str> = bgp.iter().copied().chain(bad.iter().copied()).collect();
             assert!(load(&args).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn ipv6_mobile_prefixes_and_bgp_peers() {
+        let c = load(&[
+            "--mobile-prefix",
+            "2001:db8:a::/48,2001:db8:b::/48",
+            "--bgp-peer",
+            "2001:db8:ff:1::1,[2001:db8:ff:2::1]:1179,203.0.113.1",
+            "--bgp-local-as",
+            "65010",
+            "--bgp-peer-as",
+            "65000",
+            "--bgp-next-hop6",
+            "2001:db8:ff::9",
+        ])
+        .unwrap();
+        // The rest of the agent sees the IPv4 prefixes as before; the advertiser gets both.
+        assert_eq!(c.mobile_prefixes, vec!["10.10.0.0/16".parse::<Ipv4Net>().unwrap()]);
+        let six: Vec<Ipv6Net> = vec!["2001:db8:a::/48".parse().unwrap(), "2001:db8:b::/48".parse().unwrap()];
+        assert_eq!(c.mobile_prefixes6, six);
+        let a = c.advertise().unwrap();
+        assert_eq!((a.prefixes.len(), &a.prefixes6), (1, &six));
+        assert_eq!(a.next_hop6, Some("2001:db8:ff::9".parse().unwrap()));
+        let peers: Vec<SocketAddr> = ["[2001:db8:ff:1::1]:179", "[2001:db8:ff:2::1]:1179", "203.0.113.1:179"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(a.peers, peers);
+        for (extra, needle) in [
+            (&["--mobile-prefix", "2001:db8:a::1/48"][..], "did you mean 2001:db8:a::/48"),
+            (&["--mobile-prefix", "2001:db8::/32,2001:db8:a::/48"][..], "overlap"),
+        ] {
+            let err = load(extra).unwrap_err().to_string();
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+        // IPv6 alone is not (yet) an FE: the rest of the agent serves IPv4.
+        let args = ["victor-fe-agent", "--controller", "http://127.0.0.1:50051", "--fe-id", "fe1"].into_iter().chain([
+            "--underlay-addr",
+            "198.51.100.1",
+            "--vm-port",
+            "vm0",
+            "--mobile-prefix",
+            "2001:db8:a::/48",
+        ]);
+        let err = Config::load_from(args.map(String::from).collect()).unwrap_err().to_string();
+        assert!(err.contains("no IPv4 prefix"), "{err}");
+        assert_eq!(parse_peer("[2001:db8::1]"), Ok("[2001:db8::1]:179".parse().unwrap()));
+        for bad in ["[2001:db8::1]:x", "2001:db8::1]:179", "router1:179"] {
+            assert!(parse_peer(bad).unwrap_err().contains("[IPv6]:PORT"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn clock_offset_is_signed_and_off_by_default() {
+        assert_eq!(load(&[]).unwrap().clock_offset, 0);
+        for (text, ns, shown) in
+            [("-5s", -5_000_000_000, "-5s"), ("+5s", 5_000_000_000, "5s"), ("250ms", 250_000_000, "250ms")]
+        {
+            let c = load(&["--clock-offset", text]).unwrap();
+            assert_eq!(c.clock_offset, ns, "{text}");
+            assert_eq!(c.clock().shift(10_000_000_000), 10_000_000_000 + ns);
+            let json = serde_json::to_value(&c).unwrap();
+            assert_eq!(json["clock_offset"], shown);
+        }
+        assert!(load(&["--clock-offset", "-soon"]).is_err());
     }
 
     #[test]

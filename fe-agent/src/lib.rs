@@ -5,6 +5,7 @@
 //! `arp` on `ports`):
 //!
 //! * pure parts —
+//!   [`clock`] (the agent's wall clock and observation stamps),
 //!   [`codec`] (the BGP and move-hint wire formats), [`ratelimit`] (per-source token buckets),
 //!   [`metrics`] (named counters; modules give them labels), [`readiness`], [`events`] (per-move
 //!   timestamps), [`state`] (desired state from the stream, VMs seen here and their claims,
@@ -16,10 +17,12 @@
 //!   [`arp`] (capture on VM ports, what to learn and answer), [`hint`] (move hints:
 //!   authenticated FE-to-FE notices of a move, acted on before the controller's update arrives),
 //!   [`link`] (the link to the controller cluster and the reporter of observed VMs),
-//!   [`advertise`] (BGP: announces the mobile prefixes while healthy), [`admin`] (HTTP);
+//!   [`advertise`] (BGP: announces the mobile prefixes while healthy), [`admin`] (HTTP),
+//!   [`service`] (what systemd is told: ready, healthy, status);
 //! * [`engine`] — the task that owns the state and drives the reconciler;
 //! * [`config`] and [`agent`] — flags, and the wiring that starts every task.
 
+pub mod clock;
 pub mod codec;
 pub mod events;
 pub mod metrics;
@@ -37,6 +40,7 @@ pub mod reconcile;
 
 pub mod admin;
 pub mod advertise;
+pub mod service;
 
 pub mod engine;
 

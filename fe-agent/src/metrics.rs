@@ -1,7 +1,8 @@
 //! Prometheus metrics of the agent (prometheus-client; text exposition at /metrics, names
 //! prefixed `victor_agent_`). Counters are bumped where things happen, with the label each
 //! module gives its own outcomes; the data-plane and ARP-capture counters are read at scrape time
-//! (from the forwarder, and from whatever implements [`CaptureCounts`]).
+//! (from the userspace forwarder, or from whatever implements [`TunnelCounts`] — the kernel data
+//! plane —, and from whatever implements [`CaptureCounts`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -9,7 +10,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use victor_dataplane::counters::Counters;
 
@@ -17,6 +18,59 @@ use victor_dataplane::counters::Counters;
 pub trait CaptureCounts: Send + Sync + std::fmt::Debug {
     /// Malformed frames by reason, and frames the kernel dropped, over every capture so far.
     fn totals(&self) -> (Vec<(&'static str, u64)>, u64);
+}
+
+/// The kernel data plane's counters, read at scrape time.
+pub trait TunnelCounts: Send + Sync + std::fmt::Debug {
+    /// The counters as last read from the kernel.
+    fn snapshot(&self) -> TunnelSnapshot;
+}
+
+/// Counters of the kernel data plane: totals over the tunnel devices, drops by reason, per peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunnelSnapshot {
+    /// Packets encapsulated towards peers.
+    pub tx_packets: u64,
+    /// Bytes encapsulated towards peers.
+    pub tx_bytes: u64,
+    /// Packets decapsulated from peers.
+    pub rx_packets: u64,
+    /// Bytes decapsulated from peers.
+    pub rx_bytes: u64,
+    /// Dropped packets by reason.
+    pub drops: Vec<(&'static str, u64)>,
+    /// Per registered FE.
+    pub peers: Vec<PeerCounts>,
+}
+
+/// The tunnel to one FE, each way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCounts {
+    /// The FE's underlay address.
+    pub peer: std::net::Ipv4Addr,
+    /// Packets sent to it.
+    pub tx_packets: u64,
+    /// Bytes sent to it.
+    pub tx_bytes: u64,
+    /// Packets that could not be sent to it.
+    pub tx_errors: u64,
+    /// Packets received from it.
+    pub rx_packets: u64,
+    /// Bytes received from it.
+    pub rx_bytes: u64,
+    /// Malformed packets received from it.
+    pub rx_errors: u64,
+}
+
+/// Labels of the data-plane choice.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChoiceLabel {
+    /// The backend running (tun, kernel).
+    pub backend: &'static str,
+    /// What was asked for (--dataplane auto, tun, kernel).
+    pub mode: &'static str,
+    /// Why this backend (a short code; the log and /readyz say it in words).
+    pub why: &'static str,
 }
 
 /// A single label `kind`.
@@ -112,6 +166,8 @@ pub struct Metrics {
     pub fib_bytes: Gauge,
     /// 1 for the data-plane backend in use.
     pub dataplane: Family<KindLabel, Gauge>,
+    /// 1 for the data-plane backend in use, with what was asked for and why it runs.
+    pub dataplane_choice: Family<ChoiceLabel, Gauge>,
     /// 1 while the BGP session to a router is established.
     pub bgp_session_up: Family<PeerLabel, Gauge>,
     /// 1 while a router has the mobile prefixes from us.
@@ -171,6 +227,7 @@ impl Metrics {
             desired_bytes: Gauge::default(),
             fib_bytes: Gauge::default(),
             dataplane: Family::default(),
+            dataplane_choice: Family::default(),
             bgp_session_up: Family::default(),
             bgp_announced: Family::default(),
             bgp_sessions_established: Family::default(),
@@ -222,6 +279,11 @@ impl Metrics {
         );
         registry.register("fib_bytes", "Heap bytes of the forwarding table (estimate)", m.fib_bytes.clone());
         registry.register("dataplane_backend", "1 for the data-plane backend in use", m.dataplane.clone());
+        registry.register(
+            "dataplane_choice",
+            "1 for the data-plane backend in use: asked for (mode) and why (requested, ipip_loaded, ipip_modprobed, ipip_autoloaded, ipip_unavailable, kernel_failed)",
+            m.dataplane_choice.clone(),
+        );
         registry.register("bgp_session_up", "1 while the BGP session to the router is up", m.bgp_session_up.clone());
         registry.register(
             "bgp_announced",
@@ -272,6 +334,11 @@ impl Metrics {
     /// Starts reporting the forwarder's counters.
     pub fn attach_dataplane(&self, counters: Arc<Counters>) {
         *self.dataplane_counters.counters.lock().expect("collector lock") = Some(counters);
+    }
+
+    /// Starts reporting the kernel data plane's counters.
+    pub fn attach_tunnels(&self, tunnels: Arc<dyn TunnelCounts>) {
+        *self.dataplane_counters.tunnels.lock().expect("collector lock") = Some(tunnels);
     }
 
     /// Counts one reconcile operation.
@@ -330,12 +397,79 @@ impl Default for Metrics {
 #[derive(Debug, Default)]
 struct DataplaneCollector {
     counters: Mutex<Option<Arc<Counters>>>,
+    tunnels: Mutex<Option<Arc<dyn TunnelCounts>>>,
     captures: Mutex<Option<Arc<dyn CaptureCounts>>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
     direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerDirectionLabel {
+    peer: String,
+    direction: &'static str,
+}
+
+/// Renders the kernel data plane's counters (the same families as the userspace forwarder's
+/// where they mean the same: `dataplane_packets`/`dataplane_bytes` by direction,
+/// `dataplane_drops` by reason), plus per-peer families.
+fn encode_tunnels(s: &TunnelSnapshot, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    let counter = ConstCounter::new(0u64);
+    let directions = [("tunnel_tx", s.tx_packets, s.tx_bytes), ("tunnel_rx", s.rx_packets, s.rx_bytes)];
+    for (name, help, bytes) in [
+        ("dataplane_packets", "Kernel data plane packets by direction (sums over the peer tunnel devices)", false),
+        ("dataplane_bytes", "Kernel data plane bytes by direction (sums over the peer tunnel devices)", true),
+    ] {
+        let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+        for (direction, packets, octets) in directions {
+            let value = if bytes { octets } else { packets };
+            ConstCounter::new(value).encode(family.encode_family(&DirectionLabel { direction })?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "dataplane_drops",
+        "Packets the kernel data plane dropped by reason (unknown_peer = IP-in-IP from an unregistered source; no_binding = for a mobile IP without a binding; tunnel_tx_error, tunnel_rx_error)",
+        None,
+        counter.metric_type(),
+    )?;
+    for (reason, n) in &s.drops {
+        ConstCounter::new(*n).encode(family.encode_family(&ReasonLabel { reason: (*reason).to_owned() })?)?;
+    }
+    type Pick = fn(&PeerCounts) -> [(&'static str, u64); 2];
+    let families: [(&str, &str, Pick); 3] = [
+        (
+            "dataplane_peer_packets",
+            "Packets through the tunnel to each registered FE (tx: sent to it, rx: received from it)",
+            |p| [("tx", p.tx_packets), ("rx", p.rx_packets)],
+        ),
+        ("dataplane_peer_bytes", "Bytes through the tunnel to each registered FE", |p| {
+            [("tx", p.tx_bytes), ("rx", p.rx_bytes)]
+        }),
+        (
+            "dataplane_peer_errors",
+            "Errors on the tunnel to each registered FE (tx: could not be sent; rx: malformed)",
+            |p| [("tx", p.tx_errors), ("rx", p.rx_errors)],
+        ),
+    ];
+    for (name, help, pick) in families {
+        let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+        for p in &s.peers {
+            for (direction, value) in pick(p) {
+                let label = PeerDirectionLabel { peer: p.peer.to_string(), direction };
+                ConstCounter::new(value).encode(family.encode_family(&label)?)?;
+            }
+        }
+    }
+    let gauge = ConstGauge::new(s.peers.len() as i64);
+    let metric = encoder.encode_descriptor(
+        "dataplane_peers",
+        "Registered FEs with a tunnel device (kernel data plane)",
+        None,
+        gauge.metric_type(),
+    )?;
+    gauge.encode(metric)
 }
 
 impl Collector for DataplaneCollector {
@@ -360,6 +494,9 @@ impl Collector for DataplaneCollector {
                 counter.metric_type(),
             )?;
             counter.encode(metric)?;
+        }
+        if let Some(tunnels) = self.tunnels.lock().expect("collector lock").clone() {
+            encode_tunnels(&tunnels.snapshot(), &mut encoder)?;
         }
         let Some(counters) = self.counters.lock().expect("collector lock").clone() else { return Ok(()) };
         let s = counters.snapshot();
@@ -401,5 +538,59 @@ impl Collector for DataplaneCollector {
             ConstCounter::new(n).encode(family.encode_family(&KindLabel { kind })?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Fixed(TunnelSnapshot);
+
+    impl TunnelCounts for Fixed {
+        fn snapshot(&self) -> TunnelSnapshot {
+            self.0.clone()
+        }
+    }
+
+    /// The kernel data plane's counters come out under the userspace forwarder's family names
+    /// where they mean the same, plus the per-peer families and the choice.
+    #[test]
+    fn kernel_counters_and_the_choice_are_exposed() {
+        let m = Metrics::new();
+        let peer = std::net::Ipv4Addr::new(198, 51, 100, 2);
+        m.attach_tunnels(Arc::new(Fixed(TunnelSnapshot {
+            tx_packets: 30,
+            tx_bytes: 3000,
+            rx_packets: 4,
+            rx_bytes: 400,
+            drops: vec![("unknown_peer", 5), ("no_binding", 7)],
+            peers: vec![PeerCounts {
+                peer,
+                tx_packets: 30,
+                tx_bytes: 3000,
+                tx_errors: 1,
+                rx_packets: 4,
+                rx_bytes: 400,
+                rx_errors: 0,
+            }],
+        })));
+        let label = ChoiceLabel { backend: "kernel", mode: "auto", why: "ipip_modprobed" };
+        m.dataplane_choice.get_or_create(&label).set(1);
+        let text = m.render();
+        for line in [
+            "victor_agent_dataplane_packets_total{direction=\"tunnel_tx\"} 30",
+            "victor_agent_dataplane_bytes_total{direction=\"tunnel_rx\"} 400",
+            "victor_agent_dataplane_drops_total{reason=\"unknown_peer\"} 5",
+            "victor_agent_dataplane_drops_total{reason=\"no_binding\"} 7",
+            "victor_agent_dataplane_peer_packets_total{peer=\"198.51.100.2\",direction=\"tx\"} 30",
+            "victor_agent_dataplane_peer_bytes_total{peer=\"198.51.100.2\",direction=\"rx\"} 400",
+            "victor_agent_dataplane_peer_errors_total{peer=\"198.51.100.2\",direction=\"tx\"} 1",
+            "victor_agent_dataplane_peers 1",
+            "victor_agent_dataplane_choice{backend=\"kernel\",mode=\"auto\",why=\"ipip_modprobed\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
     }
 }

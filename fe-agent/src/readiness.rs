@@ -1,7 +1,9 @@
 //! Whether this FE may attract traffic, as `/readyz` reports it and the BGP advertiser judges it:
 //! a complete desired state has been applied, and a controller stream is up or went away less
-//! than the headless grace period ago. The engine writes it; readers only load.
+//! than the headless grace period ago. The engine writes it; readers only load. It also carries
+//! which data plane runs and why, for the `/readyz` body.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use victor_proto::clock::monotonic_ns;
@@ -17,6 +19,8 @@ pub struct Readiness {
     pub last_message_mono: AtomicU64,
     /// Headless grace (ns).
     pub grace_ns: u64,
+    /// The data plane running and why (set once at start).
+    dataplane: OnceLock<String>,
 }
 
 impl Readiness {
@@ -27,7 +31,18 @@ impl Readiness {
             synced: AtomicBool::new(false),
             last_message_mono: AtomicU64::new(monotonic_ns()),
             grace_ns,
+            dataplane: OnceLock::new(),
         }
+    }
+
+    /// Records which data plane runs and why (e.g. `kernel (auto: ...)`); the first call wins.
+    pub fn set_dataplane(&self, text: String) {
+        let _ = self.dataplane.set(text);
+    }
+
+    /// Which data plane runs and why, if recorded.
+    pub fn dataplane(&self) -> Option<&str> {
+        self.dataplane.get().map(String::as_str)
     }
 
     /// Ready: synced, and connected or headless for less than the grace period.

@@ -8,8 +8,11 @@
 //!   the traffic moves to the other FEs; a restarted agent is announced again. The time from the
 //!   signal to the upstream's FIB change and the probes lost meanwhile are benchmark output
 //!   (JSON on stdout; `VICTOR_BGP_BENCH_OUT=file` also writes it, `VICTOR_BGP_ROUNDS=n` repeats).
-//! * A data-plane failure (TUN device gone), a hung agent (SIGSTOP: the router's hold timer) and a
-//!   controller outage longer than `--headless-grace` withdraw too; recovery re-announces.
+//! * A data-plane failure (the data-plane device gone: the TUN device, or the kernel data plane's
+//!   catch-all ipip device), a hung agent (SIGSTOP: the router's hold timer) and a controller
+//!   outage longer than `--headless-grace` withdraw too; recovery re-announces.
+//!
+//! Both run on both data planes (`<test>::tun`, `<test>::kernel`).
 //!
 //! Every BIRD runs with its own config and control socket in the test's temp dir, inside the
 //! test's namespaces, as a ChildGuard; everything is released on drop, also on failure.
@@ -52,8 +55,8 @@ fn namer(role: &str) -> Result<NetNs> {
 }
 
 impl BgpLab {
-    /// `fes` FEs behind the upstream, agents running with `extra` flags and announcing.
-    async fn start(fes: usize, extra: &[&str]) -> Result<BgpLab> {
+    /// `fes` FEs behind the upstream, agents running `plane` with `extra` flags and announcing.
+    async fn start(plane: common::Plane, fes: usize, extra: &[&str]) -> Result<BgpLab> {
         let dir = tempfile::tempdir()?;
         let topo = Topology::build_with(fes, &namer, Ingress::Bgp)?;
         let upstream = topo.upstream.as_ref().context("upstream")?;
@@ -65,7 +68,7 @@ impl BgpLab {
         let urls = [lab.ctl.url()];
         for n in 1..=fes {
             let mut flags = bgp::agent_flags(n);
-            flags.extend(extra.iter().map(|s| s.to_string()));
+            flags.extend(extra.iter().chain(&plane.flags()).map(|s| s.to_string()));
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             let bin = Path::new(env!("CARGO_BIN_EXE_victor-fe-agent"));
             let argv = AgentCommand { bin, controllers: &urls, controller_netns: &netns, extra: &flags }.argv(n);
@@ -73,6 +76,8 @@ impl BgpLab {
         }
         for n in 1..=fes {
             wait_agent_ready(lab.topo.fe(n), &mut lab.agents[n - 1], Duration::from_secs(30))?;
+            let dataplane = victor_tests::lab::migrate::dataplane_of(lab.topo.fe(n))?;
+            ensure!(dataplane.starts_with(plane.label()), "fe{n} runs {dataplane}, not {plane:?}");
         }
         lab.wait_paths(&(1..=fes).collect::<Vec<_>>(), 0)?;
         Ok(lab)
@@ -201,10 +206,14 @@ fn summary(values: &[f64]) -> serde_json::Value {
     json!({ "p50": pick(0.5), "max": pick(1.0), "all": values })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn anycast_ecmp_tunnel_and_withdrawal_on_stop_and_kill() -> Result<()> {
+common::plane_tests!(
+    anycast_ecmp_tunnel_and_withdrawal_on_stop_and_kill,
+    withdraws_on_dataplane_failure_hang_and_headless_beyond_grace
+);
+
+async fn anycast_ecmp_tunnel_and_withdrawal_on_stop_and_kill(plane: common::Plane) -> Result<()> {
     victor_testkit::require_root("BGP namespace test");
-    let mut lab = BgpLab::start(3, &[]).await?;
+    let mut lab = BgpLab::start(plane, 3, &[]).await?;
     let vm = VmSpec::numbered(1);
     lab.topo.add_vm(vm.clone(), 2, &namer)?;
     send_garp(lab.topo.vm(1), "eth0", &vm.mac, vm.ip)?;
@@ -281,16 +290,16 @@ async fn anycast_ecmp_tunnel_and_withdrawal_on_stop_and_kill() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn withdraws_on_dataplane_failure_hang_and_headless_beyond_grace() -> Result<()> {
+async fn withdraws_on_dataplane_failure_hang_and_headless_beyond_grace(plane: common::Plane) -> Result<()> {
     victor_testkit::require_root("BGP namespace test");
-    let mut lab = BgpLab::start(2, &["--headless-grace", "8s", "--bgp-hold-time", "3s"]).await?;
+    let mut lab = BgpLab::start(plane, 2, &["--headless-grace", "8s", "--bgp-hold-time", "3s"]).await?;
     let peer = format!("{{peer=\"{}:179\"}}", bgp::upstream_addr(1));
     assert_eq!(lab.metric(1, &format!("victor_agent_bgp_session_up{peer}"))?, 1.0);
     assert_eq!(lab.metric(1, &format!("victor_agent_bgp_announced{peer}"))?, 1.0);
     assert_eq!(lab.metric(1, "victor_agent_bgp_healthy")?, 1.0);
 
-    // Data-plane failure: fe1's TUN device disappears; fe1 withdraws over its live session.
+    // Data-plane failure: fe1's data-plane device (TUN, or the kernel data plane's catch-all)
+    // disappears; fe1 withdraws over its live session.
     let t0 = monotonic_ns();
     lab.topo.fe(1).ip(&["link", "del", "vtun1"])?;
     let t = lab.wait_paths(&[2], t0)?;

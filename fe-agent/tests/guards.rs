@@ -1,5 +1,7 @@
-//! What the agent refuses: a spoofed claim for a declared VM (installed at once, undone when the
-//! controller rejects it), IP-in-IP from a source that is not a registered FE, and traffic for
+//! What the agent refuses, on both data planes: a spoofed claim for a declared VM (installed at
+//! once, undone when the controller rejects it), IP-in-IP from a source that is not a registered
+//! FE (the userspace forwarder drops it; the kernel data plane never decapsulates it — it has no
+//! tunnel device for that source — and counts it on its catch-all device), and traffic for
 //! addresses without a binding.
 
 mod common;
@@ -11,9 +13,10 @@ use common::*;
 use socket2::{Domain, Protocol, Socket, Type};
 use victor_dataplane::packet::{icmp, ipv4};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped() -> anyhow::Result<()> {
-    let mut lab = Lab::build(2)?;
+plane_tests!(spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped);
+
+async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped(plane: Plane) -> anyhow::Result<()> {
+    let mut lab = Lab::build_on(2, plane)?;
     let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
     lab.start_agent(1, &[ctl.url()], &[])?;
     // fe2 ages silent VMs fast.
@@ -99,6 +102,9 @@ async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped()
     let stranger = Ipv4Addr::new(198, 51, 100, 99);
     lab.ul.add_addr("br0", &format!("{stranger}/24"))?;
     let before = lab.agent_metric(1, "victor_agent_dataplane_drops_total{reason=\"unknown_peer\"}")?;
+    const TUNNEL_TX: &str = "victor_agent_dataplane_packets_total{direction=\"tunnel_tx\"}";
+    const TUNNEL_RX: &str = "victor_agent_dataplane_packets_total{direction=\"tunnel_rx\"}";
+    let (tx_before, rx_before) = (lab.agent_metric(1, TUNNEL_TX)?, lab.agent_metric(1, TUNNEL_RX)?);
     lab.ul.run_in(move || -> anyhow::Result<()> {
         let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(4)))?;
         let echo = icmp::echo(icmp::TYPE_ECHO_REQUEST, 7, 1, &[0; 32]);
@@ -112,8 +118,28 @@ async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped()
         lab.agent_metric(1, "victor_agent_dataplane_drops_total{reason=\"unknown_peer\"}")
             .is_ok_and(|n| n >= before + 5.0)
     })?;
-    let delivered = lab.agent_metric(1, "victor_agent_dataplane_packets_total{direction=\"tun_tx\"}")?;
-    assert_eq!(delivered, 0.0, "nothing from the stranger was decapsulated");
+    // Nothing of it was forwarded on to fe2, where the VM is.
+    assert_eq!(lab.agent_metric(1, TUNNEL_TX)?, tx_before, "the stranger's packets were forwarded to the VM");
+    match plane {
+        // The forwarder counts what it reads from its raw socket (tunnel_rx), then drops it.
+        Plane::Tun => {
+            let delivered = lab.agent_metric(1, "victor_agent_dataplane_packets_total{direction=\"tun_tx\"}")?;
+            assert_eq!(delivered, 0.0, "nothing from the stranger was decapsulated");
+        }
+        Plane::Kernel => {
+            // Only what a peer device decapsulated is tunnel traffic.
+            assert_eq!(lab.agent_metric(1, TUNNEL_RX)?, rx_before, "the stranger's packets counted as tunnel traffic");
+            // The registered FE has its tunnel device; the stranger has none: the kernel handed
+            // its packets to the catch-all, whose reverse-path filter dropped them.
+            let devices = lab.fe(1).ip(&["-d", "link", "show", "type", "ipip"])?;
+            assert!(devices.contains(&tunnel_device(2)), "fe1 has a tunnel to fe2: {devices}");
+            assert!(!devices.contains(&stranger.to_string()), "fe1 has a tunnel to the stranger: {devices}");
+            let stats = lab.fe(1).ip(&["-s", "link", "show", "vtun1"])?;
+            println!("fe1's catch-all device after the stranger's packets:\n{stats}");
+            let series = format!("victor_agent_dataplane_peer_packets_total{{peer=\"{stranger}\",direction=\"rx\"}}");
+            assert!(metric(&lab.agent_get(1, "/metrics")?.1, &series).is_none(), "no peer series for the stranger");
+        }
+    }
 
     // ── No binding: the client's packets for an unbound mobile IP are dropped and counted.
     let unbound = Ipv4Addr::new(10, 10, 0, 99);

@@ -7,6 +7,9 @@
 //!   or replayed are refused and counted; a valid hint nobody confirms expires and fe1 goes back
 //!   to the desired state; a claim the controller rejects (site policy) is cancelled by its
 //!   sender and the receivers revert at once.
+//!
+//! Each runs on both data planes (`<test>::tun`, `<test>::kernel`): a hint repoints the
+//! forwarder's table entry or the kernel's /32 route alike.
 
 mod common;
 
@@ -79,9 +82,14 @@ fn wait_metric(lab: &Lab, n: usize, series: &str, value: f64, timeout: Duration)
         .map_err(|e| anyhow::anyhow!("{e}; now {:?}\nfe{n} log:\n{}", lab.agent_metric(n, series), lab.agent_log(n)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it() -> Result<()> {
-    let mut lab = Lab::build(3)?;
+plane_tests!(
+    a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it,
+    forged_foreign_stale_and_replayed_hints_are_refused_unconfirmed_ones_expire,
+    a_rejected_claim_cancels_its_hint_and_the_receivers_revert,
+);
+
+async fn a_move_hint_repoints_fe1_before_its_delta_and_the_delta_confirms_it(plane: Plane) -> Result<()> {
+    let mut lab = Lab::build_on(3, plane)?;
     // Heartbeats every 30 s (a quarter of the session TTL): fe1's frozen session is not ended by a
     // failed heartbeat while the test looks at it.
     let ctl = Controller::start_with(&lab.dir.path().join("ctl"), None, &["--session-ttl", "120s"]).await?;
@@ -178,8 +186,8 @@ struct PolicyLab {
     prober: Prober,
 }
 
-async fn policy_lab(hint_options: &[&str]) -> Result<PolicyLab> {
-    let mut lab = Lab::build(3)?;
+async fn policy_lab(plane: Plane, hint_options: &[&str]) -> Result<PolicyLab> {
+    let mut lab = Lab::build_on(3, plane)?;
     let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
     let policy = SitePolicy { allowed_sites: vec!["dc1".into(), "dc2".into()] };
     let req =
@@ -199,12 +207,11 @@ async fn policy_lab(hint_options: &[&str]) -> Result<PolicyLab> {
     Ok(PolicyLab { lab, ctl, seq: bound.move_seq, prober })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn forged_foreign_stale_and_replayed_hints_are_refused_unconfirmed_ones_expire() -> Result<()> {
+async fn forged_foreign_stale_and_replayed_hints_are_refused_unconfirmed_ones_expire(plane: Plane) -> Result<()> {
     // A short override (it must expire here) and a long age limit (a replay sent late on a slow
     // machine must still be judged a replay, not too old).
     let PolicyLab { lab, ctl: _controller, seq, prober } =
-        policy_lab(&["--move-hint-timeout", "500ms", "--move-hint-max-age", "60s"]).await?;
+        policy_lab(plane, &["--move-hint-timeout", "500ms", "--move-hint-max-age", "60s"]).await?;
     let keys = Keys::parse(KEY)?;
     let (fe1, fe3) = (fe_addr(1), fe_addr(3));
     let rejected = |reason: &str| format!("victor_agent_move_hints_rejected_total{{reason=\"{reason}\"}}");
@@ -249,10 +256,9 @@ async fn forged_foreign_stale_and_replayed_hints_are_refused_unconfirmed_ones_ex
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rejected_claim_cancels_its_hint_and_the_receivers_revert() -> Result<()> {
+async fn a_rejected_claim_cancels_its_hint_and_the_receivers_revert(plane: Plane) -> Result<()> {
     // Overrides that would outlive the test: only the cancel can end them.
-    let PolicyLab { lab, ctl, seq, prober } = policy_lab(&["--move-hint-timeout", "60s"]).await?;
+    let PolicyLab { lab, ctl, seq, prober } = policy_lab(plane, &["--move-hint-timeout", "60s"]).await?;
     let patience = Duration::from_secs(5);
     // The VM really goes to fe3, whose claim the controller rejects: fe3 cancels its hint.
     lab.move_vm_link(2, 3)?;

@@ -1,5 +1,7 @@
 //! A VM is learned from its gratuitous ARP, reached through the tunnel, and moved to another FE
-//! while a client pings it (real agents, real controller on the embedded store).
+//! while a client pings it (real agents, real controller on the embedded store), on both data
+//! planes: the tunnel's MTU answers too-big packets with "fragmentation needed", the old FE
+//! answers ARP for the moved VM (proxy ARP).
 
 mod common;
 
@@ -7,9 +9,10 @@ use std::time::Duration;
 
 use common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn arp_learning_tunnel_and_hitless_move() -> anyhow::Result<()> {
-    let mut lab = Lab::build(3)?;
+plane_tests!(arp_learning_tunnel_and_hitless_move);
+
+async fn arp_learning_tunnel_and_hitless_move(plane: Plane) -> anyhow::Result<()> {
+    let mut lab = Lab::build_on(3, plane)?;
     let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
     for n in 1..=3 {
         lab.start_agent(n, &[ctl.url()], &[])?;
@@ -17,8 +20,6 @@ async fn arp_learning_tunnel_and_hitless_move() -> anyhow::Result<()> {
     for n in 1..=3 {
         lab.wait_ready(n, Duration::from_secs(20))?;
     }
-    let log = lab.agent_log(1);
-    assert!(log.contains("auto: the kernel has no ipip module"), "auto must say why it chose tun:\n{log}");
 
     // ARP from the VM → a binding in the store with the right FE and MAC.
     send_garp(&lab.vm, "eth0", VM_MAC, VM)?;
@@ -36,6 +37,26 @@ async fn arp_learning_tunnel_and_hitless_move() -> anyhow::Result<()> {
     prober.wait_replies_from(0, 20, Duration::from_secs(5))?;
     let tx = lab.agent_metric(1, "victor_agent_dataplane_packets_total{direction=\"tunnel_tx\"}")?;
     assert!(tx >= 20.0, "fe1 encapsulated {tx} packets");
+    let fe1_route = lab.routes(1, &[&format!("{VM}/32")])?;
+    match plane {
+        // The kernel forwards: a /32 through fe1's tunnel device to fe2, counted per peer.
+        Plane::Kernel => {
+            assert_eq!(fe1_route.trim(), tunnel_route(VM, 2));
+            let series =
+                format!("victor_agent_dataplane_peer_packets_total{{peer=\"{}\",direction=\"tx\"}}", fe_addr(2));
+            assert!(lab.agent_metric(1, &series)? >= 20.0, "{series}");
+            let series =
+                format!("victor_agent_dataplane_peer_packets_total{{peer=\"{}\",direction=\"rx\"}}", fe_addr(1));
+            assert!(lab.agent_metric(2, &series)? >= 20.0, "fe2 decapsulated from fe1: {series}");
+        }
+        // The forwarder's table holds remote VMs; the kernel only routes the prefix into it.
+        Plane::Tun => assert!(fe1_route.trim().is_empty(), "{fe1_route}"),
+    }
+    // Too big for the tunnel with DF set: "fragmentation needed" with the tunnel's MTU
+    // (underlay 1500 − 20), from fe1.
+    let mtu = frag_needed_mtu(&lab.client, CLIENT, VM, 1500)?;
+    assert_eq!(mtu, Some(1480), "path MTU through the tunnel");
+    println!("path MTU through the {} tunnel: {mtu:?}", plane.label());
 
     // The VM moves to fe3: link switched, gratuitous ARP; the ping keeps working.
     let before = prober.probes().sent;
@@ -50,7 +71,13 @@ async fn arp_learning_tunnel_and_hitless_move() -> anyhow::Result<()> {
 
     // fe2 no longer delivers locally; fe3 does; fe1 and fe2 tunnel to fe3.
     let fe2 = lab.routes(2, &[&format!("{VM}/32")])?;
-    assert!(fe2.trim().is_empty(), "fe2 still has a route for the VM: {fe2}");
+    match plane {
+        Plane::Kernel => {
+            assert_eq!(fe2.trim(), tunnel_route(VM, 3), "fe2 relays to fe3");
+            assert_eq!(lab.routes(1, &[&format!("{VM}/32")])?.trim(), tunnel_route(VM, 3), "fe1 repointed to fe3");
+        }
+        Plane::Tun => assert!(fe2.trim().is_empty(), "fe2 still has a route for the VM: {fe2}"),
+    }
     assert!(lab.routes(3, &["proto", "158"])?.contains(&format!("{VM} dev {VM_PORT}")));
 
     // Stage timestamps: fe3 captured the GARP and installed before the controller answered;

@@ -1,7 +1,7 @@
 //! BGP-4 message codec of the agent's BGP speaker on arbitrary bytes from a router: framing and
 //! decoding never panic, every refusal names a NOTIFICATION, and what decodes re-encodes to a
 //! message that decodes to the same value (OPEN, NOTIFICATION, and the routes and attributes of
-//! an UPDATE). The first byte chooses the session's AS number width.
+//! an UPDATE, IPv4 and IPv6). The first byte chooses the session's AS number width.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -71,5 +71,28 @@ fn round_trip_update(update: &Update, four_octet: bool, len: usize) {
             withdrawn.extend(u.withdrawn);
         }
         assert_eq!(withdrawn, update.withdrawn);
+    }
+    // IPv6 (MP_REACH_NLRI): the next hop travels in the attribute, the IPv4 NEXT_HOP is left out;
+    // written back with an extended length, it may take one byte more.
+    if let Some(reach) = update.reach6.as_ref().filter(|r| !r.nlri.is_empty())
+        && len + 5 <= bgp::MAX_LEN
+    {
+        let mut nlri = Vec::new();
+        for m in Update::announce6(&reach.nlri, &attributes, reach.next_hop, four_octet) {
+            let Message::Update(u) = bgp::decode(&m, four_octet).unwrap() else { panic!("not an UPDATE") };
+            assert_eq!(u.attributes, Attributes { next_hop: None, ..attributes.clone() });
+            let back = u.reach6.expect("MP_REACH_NLRI");
+            assert_eq!(back.next_hop, reach.next_hop);
+            nlri.extend(back.nlri);
+        }
+        assert_eq!(nlri, reach.nlri);
+    }
+    if !update.unreach6.is_empty() {
+        let mut withdrawn = Vec::new();
+        for m in Update::withdraw6(&update.unreach6) {
+            let Message::Update(u) = bgp::decode(&m, four_octet).unwrap() else { panic!("not an UPDATE") };
+            withdrawn.extend(u.unreach6);
+        }
+        assert_eq!(withdrawn, update.unreach6);
     }
 }

@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use victor_controller::api::validate::{self, MobilePrefixes};
 use victor_controller::records::BindingRecord;
-use victor_controller::registry::rules::{self, Observation, Observed, Rules, Verdict};
+use victor_controller::registry::rules::{self, Knowledge, Observation, Observed, Rules, State, Verdict};
 use victor_proto::v1::{DeclareVmRequest, ReportRequest};
 
 fuzz_target!(|data: &[u8]| {
@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(req) = ReportRequest::decode(data) {
         let current = BindingRecord { fe_id: "fe1".into(), mac: vec![2, 0, 0, 0, 0, 1], observed_at_unix_nanos: 5, ..Default::default() };
+        let removed = BindingRecord { removed: true, ..current.clone() };
         for obs in req.observations.iter().take(64) {
             let Ok(mac) = victor_proto::Mac::from_bytes(&obs.mac) else { continue };
             if victor_proto::types::ip_from_bytes(&obs.vm_ip).is_err() {
@@ -33,9 +34,11 @@ fuzz_target!(|data: &[u8]| {
                 fe_site: "a",
                 mac,
                 observed_at: obs.observed_at_unix_nanos,
+                known: Knowledge::from_wire(obs.known_revision),
             };
-            for cur in [None, Some(&current)] {
-                if let Verdict::Reject(r) = rules::decide_observation(&Rules::default(), cur, None, &o, 1_000_000) {
+            for record in [None, Some(current.clone()), Some(removed.clone())] {
+                let state = State::stored(record, 7, 3);
+                if let Verdict::Reject(r) = rules::decide_observation(&Rules::default(), &state, None, &o, 1_000_000) {
                     assert!(!r.message.is_empty());
                 }
             }

@@ -593,6 +593,7 @@ async fn unknown_outcome_writes_are_not_reported_as_nothing_written() -> Result<
             kind: ObservationKind::Learned as i32,
             observed_at_unix_nanos: victor_proto::clock::unix_nanos(),
             port: "faults".into(),
+            known_revision: None,
         }],
     };
     let bound = agents.report(claim("fe-a")).await?.into_inner().results.remove(0);

@@ -4,9 +4,14 @@
 # the guest's assets (cached in ~/.cache/victor-vm), checks the runner itself (tests/vm/selftest.sh:
 # a deliberately failing test must fail it), then runs the suite and prints its duration.
 #
-# The suite for now: the kernel IP-in-IP probe and the kernel data-plane forwarding test, which
-# print SKIPPED on hosts without the ipip module, with ipip loaded in the guest as on a border
-# router. They must not skip there.
+# The suite: every namespace suite's kernel-data-plane variant (`<test>::kernel`: move + proxy ARP
+# + path MTU, restart without flap + headless, kill -9 on the path, guards incl. a spoofed
+# IP-in-IP sender, move hints, BGP health), the kernel-only suite (fe-agent/tests/kernel.rs:
+# auto loads ipip, adoption/drift/stale state, the switch to tun), the kernel forwarding CLI test,
+# the lab's short migrate on the kernel data plane, and the ipip probe. On the host (no ipip) they
+# print SKIPPED and their userspace variants run instead; in the guest they must not skip. The
+# guest starts without ipip loaded: the agents load it themselves (`--dataplane auto|kernel`).
+# The userspace variants do not run here (the host ran them): ~10x slower under TCG.
 #
 # Exit status: 0 passed; 77 SKIPPED (printed with the reason: no QEMU, no kernel); else failed.
 # Expects the workspace's binaries to be built (tests/run.sh builds them before).
@@ -16,8 +21,9 @@ cd "$here/../.." || exit 1
 start=$(date +%s)
 took() { echo "vm ci: $1 after $(($(date +%s) - start)) s"; }
 
-suite=(-p victor-dataplane -p victor-fe-agent
-    -E 'test(=kernel_ipip_probe_matches_the_kernel) | (binary(cli) & test(=kernel_dataplane))')
+suite=(-p victor-dataplane -p victor-fe-agent -p victor-tests
+    -E 'test(=kernel_ipip_probe_matches_the_kernel) | (package(victor-fe-agent) & (test(/::kernel$/) | binary(kernel)))
+        | (binary(cli) & test(=kernel_dataplane)) | (binary(lab) & test(=migrate_on_the_kernel_data_plane))')
 
 if ! bash "$here/install.sh"; then
     echo "SKIPPED: the VM kernel suite: QEMU and kmod could not be installed (tests/vm/install.sh failed)"
@@ -46,7 +52,7 @@ echo "vm ci: runner self-test passed (a deliberately failing test in the guest f
 
 out=target/vm/runs/ci
 rm -rf "$out"
-bash "$here/run" --out "$out" --timeout 300 --modprobe ipip --nextest "${suite[@]}"
+bash "$here/run" --out "$out" --timeout 300 --nextest "${suite[@]}"
 status=$?
 if [[ $status -eq 0 ]] && grep -l 'SKIPPED' "$out"/logs/*.log; then
     echo "vm ci: a kernel test skipped inside the guest, where the kernel has what it needs (logs above)" >&2

@@ -130,16 +130,16 @@ pub enum BindingCommand {
         #[arg(long)]
         fe: Option<String>,
         /// Only bindings inside this prefix, e.g. 10.10.1.0/24.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_prefix)]
         prefix: Option<IpNet>,
-        /// Stop after this many bindings.
-        #[arg(long)]
+        /// Stop after this many bindings (at least 1; without it every binding is listed).
+        #[arg(long, value_parser = parse_limit)]
         limit: Option<usize>,
     },
     /// Follows binding changes as they happen; resumes on another controller if one goes away.
     Watch {
         /// Only bindings inside this prefix.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_prefix)]
         prefix: Option<IpNet>,
         /// Start with every current binding.
         #[arg(long)]
@@ -238,6 +238,34 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 10s, 5m)"))
 }
 
+/// `ADDRESS/LENGTH`, saying which half is wrong (ipnet alone answers "invalid IP address syntax"
+/// for a prefix length of 33).
+fn parse_prefix(text: &str) -> Result<IpNet, String> {
+    let Some((addr, len)) = text.split_once('/') else {
+        return Err("a prefix is ADDRESS/LENGTH, e.g. 10.10.1.0/24".into());
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 =
+        len.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
+            format!("the prefix length must be 0 to {max} for an {} address, not {len:?}", family(addr))
+        })?;
+    IpNet::new(addr, len).map_err(|e| e.to_string())
+}
+
+fn family(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// A `--limit`: 0 would list nothing, which is never what was meant.
+fn parse_limit(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (omit --limit to list every binding)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e} (a count of bindings, at least 1)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +287,23 @@ mod tests {
         assert!(
             matches!(cli.command, Command::Migrate(MigrateCommand::Announce { ttl: Some(t), .. }) if t.as_secs() == 120)
         );
+    }
+
+    #[test]
+    fn prefixes_say_which_half_is_wrong() {
+        assert_eq!(parse_prefix("10.10.1.0/24").unwrap().to_string(), "10.10.1.0/24");
+        assert_eq!(parse_prefix("fd00:10::/64").unwrap().to_string(), "fd00:10::/64");
+        assert_eq!(
+            parse_prefix("10.10.230.0/33").unwrap_err(),
+            "the prefix length must be 0 to 32 for an IPv4 address, not \"33\""
+        );
+        assert!(parse_prefix("fd00::/129").unwrap_err().contains("0 to 128 for an IPv6 address"));
+        assert!(parse_prefix("10.10.230.0/x").unwrap_err().contains("not \"x\""));
+        assert!(
+            parse_prefix("10.10.230.300/24").unwrap_err().contains("\"10.10.230.300\" is not an IPv4 or IPv6 address")
+        );
+        assert!(parse_prefix("10.10.230.0").unwrap_err().contains("ADDRESS/LENGTH"));
+        assert!(parse_limit("0").unwrap_err().contains("at least 1"));
+        assert_eq!(parse_limit("7"), Ok(7));
     }
 }

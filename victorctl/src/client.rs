@@ -6,6 +6,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -122,7 +124,7 @@ impl Controllers {
                 Ok(Err(status)) if status.code() == Code::Unavailable => {
                     failures.push(format!("{address}: UNAVAILABLE: {}", status.message()));
                 }
-                Ok(Err(status)) => return Err(CtlError::Rpc(status)),
+                Ok(Err(status)) => return Err(classify(address, endpoint, status).await),
                 Err(_) => {
                     return Err(CtlError::Rpc(Status::deadline_exceeded(format!(
                         "{address} did not answer within {} (--timeout); the call may or may not have been applied",
@@ -133,4 +135,31 @@ impl Controllers {
         }
         Err(CtlError::Unreachable(failures.join("; ")))
     }
+}
+
+/// Classifies a call's error status ([`CtlError::from_status`]); in addition, a call that failed
+/// at the transport against an address answering plain HTTP/1.1 reached an HTTP/1-only server
+/// (the controller's admin port serves HTTP/1.1 only, so a gRPC call there ends in a transport
+/// error rather than an HTTP status): [`CtlError::NotGrpc`].
+async fn classify(address: &str, endpoint: &Endpoint, status: Status) -> CtlError {
+    let transport_failure = status.code() == Code::Unknown && status.message().contains("transport error");
+    match endpoint.uri().authority() {
+        Some(authority) if transport_failure && answers_http1(authority.as_str()).await => {
+            CtlError::NotGrpc { address: address.to_owned(), status }
+        }
+        _ => CtlError::from_status(address, status),
+    }
+}
+
+/// Whether `authority` (host:port) answers an HTTP/1.1 request within a second.
+async fn answers_http1(authority: &str) -> bool {
+    let probe = async {
+        let mut tcp = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let request = format!("HEAD /healthz HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 7];
+        tcp.read_exact(&mut head).await.ok()?;
+        Some(&head == b"HTTP/1.")
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(1), probe).await, Ok(Some(true)))
 }

@@ -188,7 +188,7 @@ async fn watch(
                 Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal) => {
                     break format!("{}: {}", code_name(status.code()), status.message());
                 }
-                Err(status) => return Err(CtlError::Rpc(status)),
+                Err(status) => return Err(CtlError::from_status(ctl.current_address(), status)),
             }
         };
         eprintln!(

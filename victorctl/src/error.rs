@@ -12,20 +12,54 @@ pub enum CtlError {
     /// A controller answered with an error (exit 1).
     #[error("{}: {}{}", code_name(.0.code()), .0.message(), hint(.0))]
     Rpc(Status),
+    /// An address answered HTTP without gRPC (exit 1): most likely a daemon's HTTP admin port.
+    #[error(
+        "{}: {} — {address} answers HTTP but not gRPC: it is probably an HTTP admin port (/healthz, \
+         /metrics, the status page; 8080 by default). The controller's gRPC API listens on its \
+         --grpc-listen address, port {DEFAULT_GRPC_PORT} by default: --controller HOST:{DEFAULT_GRPC_PORT}",
+        code_name(.status.code()),
+        .status.message()
+    )]
+    NotGrpc {
+        /// The `--controller` address that answered.
+        address: String,
+        /// What tonic made of the HTTP answer.
+        status: Status,
+    },
     /// No controller could be reached (exit 1).
     #[error("no controller answered: {0}")]
     Unreachable(String),
-    /// Writing the output failed (exit 1), e.g. a closed pipe.
+    /// Writing the output failed (exit 1; a closed pipe is not reported, see
+    /// [`CtlError::is_closed_output`]).
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
 }
+
+/// The controller's default gRPC port (`--grpc-listen 127.0.0.1:50051`).
+pub const DEFAULT_GRPC_PORT: u16 = 50051;
 
 impl CtlError {
     /// The process exit status.
     pub fn exit_code(&self) -> u8 {
         match self {
             CtlError::Usage(_) => 2,
-            CtlError::Rpc(_) | CtlError::Unreachable(_) | CtlError::Output(_) => 1,
+            CtlError::Rpc(_) | CtlError::NotGrpc { .. } | CtlError::Unreachable(_) | CtlError::Output(_) => 1,
+        }
+    }
+
+    /// The reader of our output went away (`victorctl ... | head`): it has what it wanted, so
+    /// victorctl stops quietly with status 0, as a pipeline expects.
+    pub fn is_closed_output(&self) -> bool {
+        matches!(self, CtlError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+
+    /// Classifies a call's error status: an HTTP answer without gRPC becomes [`CtlError::NotGrpc`].
+    pub fn from_status(address: &str, status: Status) -> CtlError {
+        // tonic's words when the HTTP/2 response carries no grpc-status: a plain HTTP server.
+        if status.code() == Code::Unimplemented && status.message().contains("grpc-status header missing") {
+            CtlError::NotGrpc { address: address.to_owned(), status }
+        } else {
+            CtlError::Rpc(status)
         }
     }
 }

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     let what = cli.command.describe();
     match runtime.block_on(victorctl::commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is_closed_output() => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("victorctl: {what}: {err}");
             ExitCode::from(err.exit_code())

@@ -102,6 +102,7 @@ async fn learn(a: &mut AgentServiceClient<Channel>, fe_id: &str, ip: &str, mac_l
         kind: ObservationKind::Learned as i32,
         observed_at_unix_nanos: unix_nanos(),
         port: "vm0".into(),
+        known_revision: None,
     };
     a.report(ReportRequest { fe_id: fe_id.into(), observations: vec![obs] })
         .await
@@ -356,5 +357,92 @@ async fn tls_and_bearer_tokens() {
     // Plaintext against a TLS controller fails with exit 1 and says why.
     let plain = ctl_env(&["--controller", c.as_str(), "status"], &ro).await;
     assert_eq!(plain.code, 1, "{plain:?}");
+
+    // With --tls-client-ca-file a client certificate is optional at the TLS layer (every call
+    // above came without one), and the agent API insists on one: as the flag's help says.
+    let tls =
+        victor_proto::tls::ClientTlsFiles { ca_file: Some(pki.ca.path.clone()), ..Default::default() }.load().unwrap();
+    let channel =
+        victor_proto::tls::endpoint(&c, tls.as_ref(), Duration::from_secs(5)).unwrap().connect().await.unwrap();
+    let refused =
+        AgentServiceClient::new(channel).heartbeat(HeartbeatRequest { fe_id: "fe1".into() }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let help = <Config as clap::CommandFactory>::command().render_long_help().to_string();
+    let flag_help = help.split("--tls-client-ca-file").nth(1).unwrap().split("\n      --").next().unwrap();
+    let flag_help = flag_help.split_whitespace().collect::<Vec<_>>().join(" ");
+    for needle in ["optional at the TLS layer", "AgentService call", "<fe_id>.fe.victor"] {
+        assert!(flag_help.contains(needle), "--tls-client-ca-file help should say {needle:?}: {flag_help}");
+    }
+    assert!(!flag_help.contains("must present a certificate"), "{flag_help}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistakes_say_what_to_fix_and_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), &[]).await;
+    let c = server.grpc_addr.to_string();
+
+    // The HTTP admin port given as a controller address (HTTP/1.1 only: the gRPC call fails at
+    // the transport, and victorctl finds out what answers there).
+    let http = server.http_addr.to_string();
+    let run = ctl(&http, &["status"]).await;
+    assert_refused(
+        &run,
+        1,
+        &[&http, "answers HTTP but not gRPC", "probably an HTTP admin port", "port 50051 by default"],
+    );
+    // A port where nothing speaks HTTP is not called one.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let closer = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = silent.accept().await.unwrap();
+            drop(tcp);
+        }
+    });
+    let run = ctl(&silent_addr, &["status"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(!run.stderr.contains("HTTP admin port"), "{run:?}");
+    closer.abort();
+
+    // A prefix length out of range is named as such, for lists and watches, IPv4 and IPv6.
+    let run = ctl(&c, &["binding", "list", "--prefix", "10.10.230.0/33"]).await;
+    assert_refused(&run, 2, &["the prefix length must be 0 to 32 for an IPv4 address, not \"33\""]);
+    assert!(!run.stderr.contains("invalid IP address syntax"), "{run:?}");
+    let run = ctl(&c, &["binding", "watch", "--prefix", "fd00:10::/129"]).await;
+    assert_refused(&run, 2, &["0 to 128 for an IPv6 address"]);
+    let run = ctl(&c, &["binding", "list", "--prefix", "10.10.300.0/24"]).await;
+    assert_refused(&run, 2, &["\"10.10.300.0\" is not an IPv4 or IPv6 address"]);
+
+    // --limit 0 would print a bare header: refused.
+    let run = ctl(&c, &["binding", "list", "--limit", "0"]).await;
+    assert_refused(&run, 2, &["--limit", "at least 1"]);
+    assert!(run.stdout.is_empty(), "{run:?}");
+
+    // A reader that went away (`victorctl vm list | head -0`): status 0 and nothing on stderr.
+    let declare = ["vm", "declare", "10.10.0.21", "--mac", "02:00:00:00:00:15"];
+    assert_eq!(ctl(&c, &declare).await.code, 0);
+    for args in [&["vm", "list"][..], &["-o", "json", "vm", "list"], &["binding", "watch", "--snapshot"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let stderr = tempfile::NamedTempFile::new().unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_victorctl"))
+            .args(["--controller", c.as_str()])
+            .args(args)
+            .env_remove("VICTOR_OUTPUT")
+            .stdout(writer)
+            .stderr(stderr.reopen().unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("victorctl {args:?} did not end on a closed pipe"))
+            .unwrap();
+        let stderr = std::fs::read_to_string(stderr.path()).unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?} should end quietly: {stderr}");
+    }
     server.shutdown().await.unwrap();
 }

@@ -508,6 +508,8 @@ mod tests {
             revision: 7,
             observed_at: committed_at,
             committed_at,
+            observed_revision: 0,
+            removed: false,
             extra: (!recent.is_empty()).then(|| Box::new(BindingExtra { recent_moves: recent, ..Default::default() })),
         }
     }

@@ -164,7 +164,13 @@ impl<S: Store> AgentApi<S> {
                 format!("{ip} is outside the prefixes this FE registered to serve"),
             ));
         }
-        Ok(ValidObservation { ip, mac, kind, observed_at: obs.observed_at_unix_nanos })
+        Ok(ValidObservation {
+            ip,
+            mac,
+            kind,
+            observed_at: obs.observed_at_unix_nanos,
+            known_revision: obs.known_revision,
+        })
     }
 }
 
@@ -387,6 +393,7 @@ mod tests {
                 kind: ObservationKind::Learned as i32,
                 observed_at_unix_nanos: victor_proto::clock::unix_nanos(),
                 port: "p".into(),
+                known_revision: None,
             }],
         }
     }

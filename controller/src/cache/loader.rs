@@ -89,6 +89,11 @@ pub async fn run<S: Store>(store: S, cache: Arc<Cache>, presence: Presence<S>, m
         };
         let root = cache.keys().root();
         loop {
+            // A shutdown seen by `pause` (or the stream's select) is not seen again by
+            // `changed()`: check the flag itself before every new watch.
+            if *shutdown.borrow() {
+                return;
+            }
             let mut stream = match store.watch(KeyRange::prefix(root.clone()), next).await {
                 Ok(stream) => stream,
                 Err(StoreError::Compacted { .. }) => {

@@ -3,6 +3,10 @@
 //!
 //! Applying is idempotent and order-safe: a put older than (or equal to) what the state already
 //! holds for the key is ignored, so the loader can replay events that a paged load already saw.
+//!
+//! Tombstones (removed bindings, `BindingRecord::removed`) are kept apart from the bindings: to
+//! every consumer but the registry a tombstone is no binding (agents see a removal), and the
+//! tombstone horizon is kept with them (`registry::rules`, docs/design.md section 3).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -14,7 +18,7 @@ use victor_proto::types::ip_from_bytes;
 use victor_store::{Event, EventKind, Revision};
 
 use crate::keys::{KeyKind, Keys};
-use crate::records::{BindingRecord, FeRecord, ReplicaRecord, VmRecord};
+use crate::records::{BindingRecord, FeRecord, HorizonRecord, ReplicaRecord, VmRecord};
 
 /// A binding as the cache holds it: compact (about 70 bytes plus the map entry), with the rarely
 /// used fields boxed.
@@ -36,6 +40,10 @@ pub struct BindingView {
     pub observed_at: i64,
     /// Commit time (ns).
     pub committed_at: i64,
+    /// `BindingRecord::observed_revision`.
+    pub observed_revision: Revision,
+    /// A tombstone (held in [`CacheState::tombstones`], never in the bindings).
+    pub removed: bool,
     /// Damping history and announcement, when present.
     pub extra: Option<Box<BindingExtra>>,
 }
@@ -74,6 +82,8 @@ impl BindingView {
             revision,
             observed_at: rec.observed_at_unix_nanos,
             committed_at: rec.committed_at_unix_nanos,
+            observed_revision: rec.observed_revision,
+            removed: rec.removed,
             extra,
         }
     }
@@ -93,6 +103,8 @@ impl BindingView {
             recent_moves_unix_nanos: extra.recent_moves,
             pending_fe_id: extra.pending_fe_id,
             pending_until_unix_nanos: extra.pending_until,
+            removed: self.removed,
+            observed_revision: self.observed_revision,
         }
     }
 
@@ -194,8 +206,12 @@ impl CacheChange {
 pub struct CacheState {
     /// Highest revision applied.
     pub revision: Revision,
-    /// Bindings by VM IP (ordered: listings page in IP order).
+    /// Bindings by VM IP (ordered: listings page in IP order). Live ones only.
     pub bindings: BTreeMap<IpAddr, BindingView>,
+    /// Tombstones of removed bindings by VM IP (the registry's business alone).
+    pub tombstones: HashMap<IpAddr, BindingView>,
+    /// The tombstone horizon and the mod revision of its key (0 = never set).
+    pub tombstone_horizon: (Revision, Revision),
     /// Declared VMs.
     pub vms: BTreeMap<IpAddr, VmView>,
     /// Registered FEs.
@@ -239,25 +255,47 @@ impl CacheState {
         let put = event.kind == EventKind::Put;
         match kind {
             KeyKind::Binding(ip) => {
-                let held = self.bindings.get(&ip).map(|b| b.revision).unwrap_or(0);
+                let held = self.bindings.get(&ip).or_else(|| self.tombstones.get(&ip)).map_or(0, |b| b.revision);
                 if rev <= held {
                     return ApplyResult::Stale;
                 }
+                self.tombstones.remove(&ip);
                 if put {
                     let Ok(rec) = BindingRecord::decode(event.kv.value.as_slice()) else {
                         return ApplyResult::Undecodable;
                     };
                     let fe = self.intern(&rec.fe_id);
                     let view = BindingView::from_record(rec, rev, fe.clone());
-                    if let Some(old) = self.bindings.insert(ip, view.clone()) {
-                        self.count_binding(&old.fe_id, -1);
+                    if view.removed {
+                        self.tombstones.insert(ip, view);
+                        if let Some(old) = self.bindings.remove(&ip) {
+                            self.count_binding(&old.fe_id, -1);
+                            out.push(CacheChange::Binding { ip, revision: rev, view: None });
+                        }
+                    } else {
+                        if let Some(old) = self.bindings.insert(ip, view.clone()) {
+                            self.count_binding(&old.fe_id, -1);
+                        }
+                        self.count_binding(&fe, 1);
+                        out.push(CacheChange::Binding { ip, revision: rev, view: Some(view) });
                     }
-                    self.count_binding(&fe, 1);
-                    out.push(CacheChange::Binding { ip, revision: rev, view: Some(view) });
                 } else if let Some(old) = self.bindings.remove(&ip) {
                     self.count_binding(&old.fe_id, -1);
                     out.push(CacheChange::Binding { ip, revision: rev, view: None });
                 }
+            }
+            KeyKind::TombstoneHorizon => {
+                if rev <= self.tombstone_horizon.1 && put {
+                    return ApplyResult::Stale;
+                }
+                self.tombstone_horizon = if put {
+                    let Ok(rec) = HorizonRecord::decode(event.kv.value.as_slice()) else {
+                        return ApplyResult::Undecodable;
+                    };
+                    (rec.revision, rev)
+                } else {
+                    (0, 0)
+                };
             }
             KeyKind::Vm(ip) => {
                 if self.vms.get(&ip).is_some_and(|v| v.revision >= rev) {
@@ -343,7 +381,8 @@ impl CacheState {
                     let rec = BindingRecord::decode(event.kv.value.as_slice()).ok()?;
                     let fe =
                         self.names.get(rec.fe_id.as_str()).cloned().unwrap_or_else(|| Arc::from(rec.fe_id.as_str()));
-                    Some(BindingView::from_record(rec, rev, fe))
+                    // A tombstone is a removal to consumers.
+                    Some(BindingView::from_record(rec, rev, fe)).filter(|v| !v.removed)
                 } else {
                     None
                 };
@@ -490,6 +529,43 @@ mod tests {
     }
 
     #[test]
+    fn tombstones_are_no_binding_to_consumers() {
+        let keys = Keys::new("/v");
+        let ip: IpAddr = "10.10.0.11".parse().unwrap();
+        let tomb = |fe: &str| {
+            BindingRecord { fe_id: fe.into(), removed: true, observed_at_unix_nanos: 2, ..Default::default() }
+                .encode_to_vec()
+        };
+        let mut s = CacheState::default();
+        let mut out = Vec::new();
+        s.apply(&keys, &put(keys.binding(ip), binding("fe2"), 5), &mut out);
+        // The removal: consumers see the binding go; the tombstone is kept apart.
+        s.apply(&keys, &put(keys.binding(ip), tomb("fe2"), 6), &mut out);
+        assert!(matches!(out.last(), Some(CacheChange::Binding { revision: 6, view: None, .. })));
+        assert!(s.bindings.is_empty() && s.bindings_per_fe.is_empty());
+        assert_eq!(s.tombstones[&ip].revision, 6);
+        // A tombstone over a tombstone, and its collection, change nothing for consumers.
+        let before = out.len();
+        s.apply(&keys, &put(keys.binding(ip), tomb("fe3"), 7), &mut out);
+        assert_eq!(s.apply(&keys, &put(keys.binding(ip), tomb("fe1"), 7), &mut out), ApplyResult::Stale);
+        s.apply(&keys, &del(keys.binding(ip), 8), &mut out);
+        assert_eq!(out.len(), before);
+        assert!(s.tombstones.is_empty());
+        // The horizon comes with its key's revision.
+        let horizon = crate::records::HorizonRecord { revision: 7 }.encode_to_vec();
+        s.apply(&keys, &put(keys.tombstone_horizon(), horizon, 8), &mut out);
+        assert_eq!(s.tombstone_horizon, (7, 8));
+        // Bound again over a tombstone: an upsert.
+        s.apply(&keys, &put(keys.binding(ip), tomb("fe2"), 9), &mut out);
+        s.apply(&keys, &put(keys.binding(ip), binding("fe3"), 10), &mut out);
+        assert!(matches!(out.last(), Some(CacheChange::Binding { revision: 10, view: Some(_), .. })));
+        assert!(s.tombstones.is_empty() && s.bindings[&ip].fe_id.as_ref() == "fe3");
+        // Replayed history (stream backfill) shows a tombstone as a removal.
+        let replayed = s.replayed_change(&keys, &put(keys.binding(ip), tomb("fe3"), 11));
+        assert!(matches!(replayed, Some(CacheChange::Binding { view: None, .. })));
+    }
+
+    #[test]
     fn sessions_flip_fe_health_in_either_order() {
         let keys = Keys::new("/v");
         let mut s = CacheState::default();
@@ -550,6 +626,8 @@ mod tests {
             recent_moves_unix_nanos: vec![1, 2],
             pending_fe_id: "fe3".into(),
             pending_until_unix_nanos: 99,
+            removed: true,
+            observed_revision: 4,
         };
         let view = BindingView::from_record(rec.clone(), 5, Arc::from("fe9"));
         assert_eq!(view.to_record(), rec);

@@ -1,6 +1,8 @@
 //! Housekeeping: one replica, elected through the store with a leased key, runs the timers that
-//! must not run on every replica — damping hold expiry, migration-announcement expiry, and the
-//! removal of bindings of FEs that have been down longer than `--fe-dead-after`.
+//! must not run on every replica — damping hold expiry, migration-announcement expiry, the
+//! removal of bindings of FEs that have been down longer than `--fe-dead-after`, and the
+//! collection of tombstones older than `--tombstone-retention` (which raises the tombstone
+//! horizon, docs/design.md section 3).
 //!
 //! Election: `{p}/e/housekeeper` is created (compare: absent) with this replica's id, attached to
 //! its election lease. The holder works while its lease lives; if it dies, the lease expires,
@@ -21,6 +23,8 @@ pub struct HousekeepingConfig {
     pub damping_hold: Duration,
     /// Remove the bindings of FEs down this long (zero = never).
     pub fe_dead_after: Duration,
+    /// Collect tombstones older than this.
+    pub tombstone_retention: Duration,
     /// How often the timers run.
     pub tick: Duration,
 }

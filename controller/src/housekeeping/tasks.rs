@@ -40,6 +40,7 @@ impl Timers {
             (expired, thaw, down)
         });
         let registry = &replica.registry;
+        collect_tombstones(replica, now, config.tombstone_retention).await;
         for ip in expired_pending {
             report(ip, registry.expire_announcement(ip).await);
         }
@@ -68,6 +69,39 @@ impl Timers {
             }
             for ip in ips {
                 report(ip, registry.remove_if_bound_to(ip, &fe).await);
+            }
+        }
+    }
+}
+
+/// Collects the tombstones written more than `retention` before `now`, a transaction's worth at a
+/// time (at most a few per tick: the rest waits for the next tick).
+async fn collect_tombstones<S: Store>(replica: &Replica<S>, now: i64, retention: std::time::Duration) {
+    const ROUNDS_PER_TICK: usize = 8;
+    let older_than = now.saturating_sub(i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX));
+    for _ in 0..ROUNDS_PER_TICK {
+        let due: Vec<IpAddr> = replica.cache.read(|s| {
+            s.tombstones
+                .iter()
+                .filter(|(_, t)| t.committed_at < older_than)
+                .map(|(ip, _)| *ip)
+                .take(victor_store::MAX_TXN_OPS - 1)
+                .collect()
+        });
+        if due.is_empty() {
+            return;
+        }
+        match replica.registry.collect_tombstones(&due, older_than).await {
+            // The next round must see what this one deleted.
+            Ok((n, revision)) if n > 0 => {
+                if !replica.cache.wait_for(revision, std::time::Duration::from_secs(2)).await {
+                    return;
+                }
+            }
+            Ok(_) => return,
+            Err(err) => {
+                tracing::warn!(%err, "collecting tombstones failed; will retry next tick");
+                return;
             }
         }
     }

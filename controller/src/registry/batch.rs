@@ -31,8 +31,8 @@ use victor_store::{Compare, KeyRange, KeyValue, MAX_TXN_OPS, Revision, Store, St
 
 use crate::metrics::Metrics;
 
-/// Claims per transaction: two compares (binding and declaration) and, on failure, two reads
-/// per claim must fit etcd 3.4's 128 operations per list.
+/// Claims per transaction: two compares (binding and declaration; three with a guard) and, on
+/// failure, as many reads per claim must fit etcd 3.4's 128 operations per list.
 pub const MAX_BATCH: usize = MAX_TXN_OPS / 2;
 /// Batch transactions in flight at once (not counting slow ones).
 pub const MAX_INFLIGHT: usize = 4;
@@ -56,6 +56,16 @@ pub struct CasRequest {
     pub vm_rev: Revision,
     /// The write (a put or a delete of the binding key).
     pub op: TxnOp,
+    /// One more key whose mod revision must still be this one (the tombstone horizon, for a
+    /// decision made on a binding key without any record).
+    pub guard: Option<(Vec<u8>, Revision)>,
+}
+
+impl CasRequest {
+    /// Compares (and reads on failure) this claim adds to a transaction.
+    fn ops(&self) -> usize {
+        2 + usize::from(self.guard.is_some())
+    }
 }
 
 /// How a CAS ended.
@@ -130,15 +140,21 @@ async fn run<S: Store>(store: S, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedR
     }
 }
 
-/// Takes up to [`MAX_BATCH`] claims on distinct keys from the front of the queue (a second claim
-/// on a key waits for the next batch, keeping its order).
+/// Takes claims on distinct keys from the front of the queue, as many as fit one transaction
+/// ([`MAX_TXN_OPS`] compares; a second claim on a key waits for the next batch, keeping its
+/// order).
 fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
     let mut batch = Vec::with_capacity(queue.len().min(MAX_BATCH));
     let mut keys = HashSet::new();
     let mut later = VecDeque::new();
-    while batch.len() < MAX_BATCH {
-        let Some(p) = queue.pop_front() else { break };
+    let mut ops = 0;
+    while let Some(p) = queue.pop_front() {
+        if ops + p.req.ops() > MAX_TXN_OPS {
+            queue.push_front(p);
+            break;
+        }
         if keys.insert(p.req.binding_key.clone()) {
+            ops += p.req.ops();
             batch.push(p);
         } else {
             later.push_back(p);
@@ -150,10 +166,11 @@ fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
 }
 
 fn transaction(batch: &[Pending]) -> Txn {
+    let ops = batch.iter().map(|p| p.req.ops()).sum();
     let mut txn = Txn {
-        compares: Vec::with_capacity(2 * batch.len()),
+        compares: Vec::with_capacity(ops),
         success: Vec::with_capacity(batch.len()),
-        failure: Vec::with_capacity(2 * batch.len()),
+        failure: Vec::with_capacity(ops),
     };
     for Pending { req, .. } in batch {
         txn.compares.push(Compare::mod_revision(req.binding_key.clone(), req.binding_rev));
@@ -161,6 +178,10 @@ fn transaction(batch: &[Pending]) -> Txn {
         txn.success.push(req.op.clone());
         txn.failure.push(TxnOp::Get(KeyRange::key(req.binding_key.clone())));
         txn.failure.push(TxnOp::Get(KeyRange::key(req.vm_key.clone())));
+        if let Some((key, revision)) = &req.guard {
+            txn.compares.push(Compare::mod_revision(key.clone(), *revision));
+            txn.failure.push(TxnOp::Get(KeyRange::key(key.clone())));
+        }
     }
     txn
 }
@@ -200,8 +221,13 @@ fn split_conflicts(batch: Vec<Pending>, reads: Vec<victor_store::RangeResult>) -
     for p in batch {
         let binding = reads.next().flatten();
         let vm = reads.next().flatten();
+        let guard_moved = p
+            .req
+            .guard
+            .as_ref()
+            .is_some_and(|(_, expected)| reads.next().flatten().map_or(0, |kv| kv.mod_revision) != *expected);
         let now = (binding.as_ref().map_or(0, |kv| kv.mod_revision), vm.as_ref().map_or(0, |kv| kv.mod_revision));
-        if now == (p.req.binding_rev, p.req.vm_rev) {
+        if now == (p.req.binding_rev, p.req.vm_rev) && !guard_moved {
             innocent.push(p);
         } else {
             let _ = p.reply.send(Ok(CasOutcome::Conflict { binding, vm }));
@@ -222,6 +248,7 @@ mod tests {
             binding_rev,
             vm_rev: 0,
             op: TxnOp::put(format!("/t/b/{key}"), value),
+            guard: None,
         }
     }
 
@@ -343,5 +370,26 @@ mod tests {
         assert_eq!(queue.front().unwrap().req.binding_key, b"/t/b/a", "the second claim on a waits, first in line");
         assert_eq!(queue.len(), 104 - MAX_BATCH);
         assert!(transaction(&batch).compares.len() <= MAX_TXN_OPS);
+        // Guarded claims take three operations each: fewer of them fit.
+        let guarded = |k: String| CasRequest { guard: Some((b"/t/m/h".to_vec(), 3)), ..req(&k, 0, "v") };
+        let mut queue: VecDeque<Pending> =
+            (0..100).map(|i| Pending { req: guarded(format!("g{i}")), reply: oneshot::channel().0 }).collect();
+        let batch = take_batch(&mut queue);
+        assert_eq!(batch.len(), MAX_TXN_OPS / 3);
+        let txn = transaction(&batch);
+        assert!(txn.compares.len() <= MAX_TXN_OPS && txn.failure.len() <= MAX_TXN_OPS);
+    }
+
+    #[tokio::test]
+    async fn a_moved_guard_is_a_conflict() {
+        let (_dir, store) = store().await;
+        let batcher = Batcher::start(store.clone(), Arc::new(Metrics::new()));
+        store.txn(Txn { compares: vec![], success: vec![TxnOp::put("/t/m/h", "1")], failure: vec![] }).await.unwrap();
+        let stale_guard = CasRequest { guard: Some((b"/t/m/h".to_vec(), 0)), ..req("x", 0, "v") };
+        assert!(matches!(batcher.submit(stale_guard).await.unwrap(), CasOutcome::Conflict { binding: None, .. }));
+        assert_eq!(store.get(b"/t/b/x").await.unwrap().0, None, "nothing written");
+        let (h, _) = store.get(b"/t/m/h").await.unwrap();
+        let fresh_guard = CasRequest { guard: Some((b"/t/m/h".to_vec(), h.unwrap().mod_revision)), ..req("x", 0, "v") };
+        assert!(matches!(batcher.submit(fresh_guard).await.unwrap(), CasOutcome::Committed(_)));
     }
 }

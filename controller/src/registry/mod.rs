@@ -2,7 +2,11 @@
 //! pure [`rules`] deciding and compare-and-swap committing.
 //!
 //! Every change to a binding is a compare-and-swap transaction on the binding key's mod revision
-//! (and on the VM declaration's, so a concurrent re-declaration cannot be bypassed). The first
+//! (and on the VM declaration's, so a concurrent re-declaration cannot be bypassed). A removal
+//! writes a tombstone at the binding key (docs/design.md, section 3), which the cache hides from
+//! every other reader; housekeeping collects old tombstones ([`Registry::collect_tombstones`]) and
+//! raises the tombstone horizon with them. Several observations of one VM in one report are
+//! decided together, in observation order, and committed as one write. The first
 //! attempt decides on the replica's cache (no extra read round-trip); when the cache was behind,
 //! the CAS fails, its failure branch returns the current values, and the rule is decided again on
 //! them. Concurrent claims therefore converge on the rules' winner (docs/design.md, invariant I2),
@@ -37,17 +41,17 @@ use futures::StreamExt;
 use prost::Message;
 use victor_proto::Mac;
 use victor_proto::clock::monotonic_ns;
-use victor_store::{Compare, KeyRange, KeyValue, Revision, Store, Txn, TxnOp, TxnResult};
+use victor_store::{Compare, KeyRange, KeyValue, MAX_TXN_OPS, Revision, Store, Txn, TxnOp, TxnResult};
 
 use crate::cache::{Cache, FeView};
 use crate::metrics::Metrics;
 use crate::move_timeline::{MoveTimeline, MoveTimelines};
-use crate::records::{BindingRecord, VmRecord, now_unix_nanos};
+use crate::records::{BindingRecord, HorizonRecord, VmRecord, now_unix_nanos};
 use batch::{Batcher, CasOutcome, CasRequest};
 pub use error::{MAX_ATTEMPTS, RegistryError, RegistryResult};
 pub use fes::FeRegistration;
 pub use rejection::{Reason, Refusal, Rejection};
-use rules::{Change, Observation, Observed, Rules, Verdict};
+use rules::{Change, Knowledge, Observation, Observed, Rules, State, Verdict};
 
 /// Observations of one report applied concurrently: enough to fill several group-committed
 /// transactions from a single report.
@@ -62,8 +66,11 @@ pub struct ValidObservation {
     pub mac: Mac,
     /// Learned or gone.
     pub kind: Observed,
-    /// Agent's observation time (ns).
+    /// Agent's observation time (ns, its own clock).
     pub observed_at: i64,
+    /// The store revision the agent's desired state was complete up to when it observed (None:
+    /// not said).
+    pub known_revision: Option<u64>,
 }
 
 /// What one FE observation did to the binding.
@@ -88,7 +95,8 @@ pub struct Claim {
     pub outcome: ClaimOutcome,
     /// The binding's move sequence afterwards (0 without a binding).
     pub move_seq: u64,
-    /// Revision of the write (0 if nothing was written).
+    /// Revision of the write (0 if nothing was written); for a STALE rejection the revision the
+    /// FE must know before it observes again.
     pub revision: Revision,
 }
 
@@ -101,30 +109,33 @@ impl Claim {
 
 /// What a CAS loop ended with.
 #[derive(Debug, Clone)]
-struct Committed {
-    /// The final verdict (the one that was written, or why nothing was).
-    verdict: Verdict,
+struct Committed<T> {
+    /// What the decision said (for the write that was made, or why nothing was).
+    outcome: T,
     /// Revision of the write (0 if nothing was written).
     revision: Revision,
-    /// The binding after the operation (None if absent/removed).
-    binding: Option<BindingRecord>,
+    /// The record after the operation (binding, tombstone or none).
+    record: Option<BindingRecord>,
 }
 
-impl Committed {
+impl Committed<Verdict> {
     /// The revision written (0 for "already so"), or the rules' rejection as an error.
     fn into_revision(self) -> RegistryResult<Revision> {
-        match self.verdict {
+        match self.outcome {
             Verdict::Reject(r) => Err(RegistryError::Rejected(r)),
             _ => Ok(self.revision),
         }
     }
 }
 
-/// The current binding and declaration of one VM with their mod revisions.
+/// The current state of one VM (binding or tombstone, and the horizon) and its declaration, with
+/// their mod revisions.
 #[derive(Debug, Clone, Default)]
 struct Current {
-    binding: Option<BindingRecord>,
+    state: State,
     binding_rev: Revision,
+    /// Mod revision of the tombstone horizon key (0 = absent).
+    horizon_rev: Revision,
     vm: Option<VmRecord>,
     vm_rev: Revision,
 }
@@ -194,73 +205,135 @@ impl<S: Store> Registry<S> {
 
     /// Applies the observations of one report by `fe`; the answers are in the order of the
     /// observations. Observations that failed validation (`Err`) are counted and answered as
-    /// rejected without touching the store. An `Err` answer is a failure of the store or the
-    /// replica for that observation alone (the agent retries it); nothing is half-written.
+    /// rejected without touching the store. Several observations of one VM are decided together,
+    /// in observation order, and committed as one write. An `Err` answer is a failure of the store
+    /// or the replica for that VM's observations alone (the agent retries them); nothing is
+    /// half-written.
     pub async fn report(
         &self,
         fe: &FeView,
         observations: Vec<Result<ValidObservation, Rejection>>,
         received_mono_ns: u64,
     ) -> Vec<RegistryResult<Claim>> {
-        futures::stream::iter(observations)
-            .map(|obs| async move {
-                match obs {
-                    Ok(obs) => self.observe(fe, obs, received_mono_ns).await,
-                    Err(rejection) => {
-                        self.count_rejection(&rejection);
-                        Ok(Claim::refused(rejection))
-                    }
+        let mut answers: Vec<Option<RegistryResult<Claim>>> = Vec::with_capacity(observations.len());
+        let mut groups: Vec<(IpAddr, Vec<(usize, ValidObservation)>)> = Vec::new();
+        let mut group_of: std::collections::HashMap<IpAddr, usize> = std::collections::HashMap::new();
+        for (i, obs) in observations.into_iter().enumerate() {
+            match obs {
+                Ok(obs) => {
+                    answers.push(None);
+                    let g = *group_of.entry(obs.ip).or_insert_with(|| {
+                        groups.push((obs.ip, Vec::new()));
+                        groups.len() - 1
+                    });
+                    groups[g].1.push((i, obs));
                 }
+                Err(rejection) => {
+                    self.count_rejection(&rejection);
+                    answers.push(Some(Ok(Claim::refused(rejection))));
+                }
+            }
+        }
+        let decided: Vec<_> = futures::stream::iter(groups)
+            .map(|(ip, group)| async move {
+                let (indices, obs): (Vec<usize>, Vec<ValidObservation>) = group.into_iter().unzip();
+                (indices, self.observe_all(fe, ip, &obs, received_mono_ns).await)
             })
             .buffered(REPORT_CONCURRENCY)
             .collect()
-            .await
+            .await;
+        for (indices, result) in decided {
+            match result {
+                Ok(claims) => {
+                    for (i, claim) in indices.into_iter().zip(claims) {
+                        answers[i] = Some(Ok(claim));
+                    }
+                }
+                Err(err) => {
+                    for i in indices {
+                        answers[i] = Some(Err(err.clone()));
+                    }
+                }
+            }
+        }
+        answers.into_iter().map(|a| a.expect("every observation answered")).collect()
     }
 
     /// Applies one observation by `fe` (received at `received_mono_ns`, for the move timeline).
     pub async fn observe(&self, fe: &FeView, obs: ValidObservation, received_mono_ns: u64) -> RegistryResult<Claim> {
-        let observation = Observation {
-            kind: obs.kind,
-            fe_id: &fe.fe_id,
-            fe_site: &fe.record.site,
-            mac: obs.mac,
-            observed_at: obs.observed_at,
-        };
-        let committed = self
-            .cas(obs.ip, |cur| {
-                rules::decide_observation(
-                    &self.rules,
-                    cur.binding.as_ref(),
-                    cur.vm.as_ref(),
-                    &observation,
-                    now_unix_nanos(),
-                )
+        let mut claims = self.observe_all(fe, obs.ip, &[obs], received_mono_ns).await?;
+        Ok(claims.remove(0))
+    }
+
+    /// Applies observations of the VM `ip` by `fe` (request order) as one write.
+    async fn observe_all(
+        &self,
+        fe: &FeView,
+        ip: IpAddr,
+        obs: &[ValidObservation],
+        received_mono_ns: u64,
+    ) -> RegistryResult<Vec<Claim>> {
+        let observations: Vec<Observation<'_>> = obs
+            .iter()
+            .map(|o| Observation {
+                kind: o.kind,
+                fe_id: &fe.fe_id,
+                fe_site: &fe.record.site,
+                mac: o.mac,
+                observed_at: o.observed_at,
+                known: Knowledge::from_wire(o.known_revision),
+            })
+            .collect();
+        let mut committed = self
+            .cas(ip, |cur| {
+                rules::decide_batch(&self.rules, &cur.state, cur.vm.as_ref(), &observations, now_unix_nanos())
             })
             .await
-            .inspect_err(|_| self.metrics.claim("rejected"))?;
-        let move_seq = committed.binding.as_ref().map(|b| b.move_seq).unwrap_or(0);
-        let outcome = match committed.verdict {
-            Verdict::Write(_, Change::Bound) => ClaimOutcome::Bound,
-            Verdict::Write(_, Change::Moved { .. }) => ClaimOutcome::Moved,
-            Verdict::Write(_, Change::Updated) | Verdict::Unchanged => ClaimOutcome::Unchanged,
-            Verdict::Delete => ClaimOutcome::Removed,
-            Verdict::Reject(r) => ClaimOutcome::Rejected(r),
-        };
-        if matches!(outcome, ClaimOutcome::Bound | ClaimOutcome::Moved) {
-            self.timelines.committed(MoveTimeline {
-                vm_ip: obs.ip,
-                move_seq,
-                fe_id: fe.fe_id.to_string(),
-                revision: committed.revision,
-                received_mono_ns,
-                committed_mono_ns: monotonic_ns(),
-                cached_mono_ns: 0,
-                first_sent_mono_ns: 0,
-                last_sent_mono_ns: 0,
-                streams_sent: 0,
-            });
+            .inspect_err(|_| {
+                for _ in obs {
+                    self.metrics.claim("rejected");
+                }
+            })?;
+        if committed.revision != 0 {
+            rules::name_commit_revision(&mut committed.outcome, committed.revision);
         }
-        Ok(Claim { outcome, move_seq, revision: committed.revision })
+        let final_seq = committed.record.as_ref().filter(|b| !b.removed).map_or(0, |b| b.move_seq);
+        let mut claims = Vec::with_capacity(obs.len());
+        for verdict in committed.outcome {
+            self.count(&verdict);
+            let move_seq = match &verdict {
+                Verdict::Write(record, _) if record.removed => 0,
+                Verdict::Write(record, _) => record.move_seq,
+                Verdict::Unchanged | Verdict::Reject(_) => final_seq,
+            };
+            let (outcome, revision) = match verdict {
+                Verdict::Write(_, Change::Bound) => (ClaimOutcome::Bound, committed.revision),
+                Verdict::Write(_, Change::Moved { .. }) => (ClaimOutcome::Moved, committed.revision),
+                Verdict::Write(_, Change::Updated) => (ClaimOutcome::Unchanged, committed.revision),
+                Verdict::Write(_, Change::Removed) => (ClaimOutcome::Removed, committed.revision),
+                Verdict::Unchanged => (ClaimOutcome::Unchanged, 0),
+                Verdict::Reject(r) => {
+                    let needed = r.revision;
+                    (ClaimOutcome::Rejected(r), needed)
+                }
+            };
+            if matches!(outcome, ClaimOutcome::Bound | ClaimOutcome::Moved) {
+                self.timelines.committed(MoveTimeline {
+                    vm_ip: ip,
+                    move_seq,
+                    fe_id: fe.fe_id.to_string(),
+                    revision: committed.revision,
+                    received_mono_ns,
+                    committed_mono_ns: monotonic_ns(),
+                    cached_mono_ns: 0,
+                    first_sent_mono_ns: 0,
+                    last_sent_mono_ns: 0,
+                    streams_sent: 0,
+                });
+            }
+            claims.push(Claim { outcome, move_seq, revision });
+        }
+        Ok(claims)
     }
 
     /// An orchestrator announces that the VM `ip` migrates to FE `target_fe`: recorded as
@@ -276,11 +349,11 @@ impl<S: Store> Registry<S> {
         })?;
         let ttl_ns = i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX);
         let committed = self
-            .cas(ip, |cur| {
+            .cas_verdict(ip, |cur| {
                 let now = now_unix_nanos();
                 rules::decide_announcement(
                     &self.rules,
-                    cur.binding.as_ref(),
+                    &cur.state,
                     cur.vm.as_ref(),
                     target_fe,
                     &site,
@@ -296,13 +369,13 @@ impl<S: Store> Registry<S> {
     /// An operator unfreezes a binding frozen by flap damping.
     pub async fn clear_damping(&self, ip: IpAddr) -> RegistryResult<Revision> {
         let revision = self
-            .cas(ip, |cur| match cur.binding.as_ref() {
+            .cas_verdict(ip, |cur| match cur.state.binding() {
                 None => Verdict::Reject(Rejection::new(
                     Reason::Unspecified,
                     Refusal::Absent,
                     format!("VM {ip} has no binding"),
                 )),
-                Some(b) => match rules::clear_damping(b, now_unix_nanos()) {
+                Some(_) => match rules::clear_damping(&cur.state, now_unix_nanos()) {
                     Ok(next) => Verdict::Write(next, Change::Updated),
                     Err(r) => Verdict::Reject(r),
                 },
@@ -315,7 +388,7 @@ impl<S: Store> Registry<S> {
 
     /// Housekeeping: drops the VM's migration announcement if it has expired.
     pub async fn expire_announcement(&self, ip: IpAddr) -> RegistryResult<Revision> {
-        self.cas(ip, |cur| match cur.binding.as_ref().and_then(|b| rules::expire_pending(b, now_unix_nanos())) {
+        self.cas_verdict(ip, |cur| match rules::expire_pending(&cur.state, now_unix_nanos()) {
             Some(next) => Verdict::Write(next, Change::Updated),
             None => Verdict::Unchanged,
         })
@@ -325,66 +398,144 @@ impl<S: Store> Registry<S> {
 
     /// Housekeeping: unfreezes the VM's binding (its damping hold has expired).
     pub async fn thaw(&self, ip: IpAddr) -> RegistryResult<Revision> {
-        self.cas(ip, |cur| match cur.binding.as_ref().map(|b| rules::clear_damping(b, now_unix_nanos())) {
-            Some(Ok(next)) => Verdict::Write(next, Change::Updated),
-            _ => Verdict::Unchanged,
+        self.cas_verdict(ip, |cur| match rules::clear_damping(&cur.state, now_unix_nanos()) {
+            Ok(next) => Verdict::Write(next, Change::Updated),
+            Err(_) => Verdict::Unchanged,
         })
         .await?
         .into_revision()
     }
 
-    /// Housekeeping: removes the VM's binding if it still points at FE `fe_id` (down too long).
+    /// Housekeeping: removes the VM's binding (leaving a tombstone) if it still points at FE
+    /// `fe_id` (down too long).
     pub async fn remove_if_bound_to(&self, ip: IpAddr, fe_id: &str) -> RegistryResult<Revision> {
-        self.cas(ip, |cur| match cur.binding.as_ref() {
-            Some(b) if b.fe_id == fe_id => Verdict::Delete,
+        self.cas_verdict(ip, |cur| match cur.state.binding() {
+            Some(b) if b.fe_id == fe_id => match rules::remove(&cur.state, now_unix_nanos()) {
+                Some(tombstone) => Verdict::Write(tombstone, Change::Removed),
+                None => Verdict::Unchanged,
+            },
             _ => Verdict::Unchanged,
         })
         .await?
         .into_revision()
     }
 
-    /// Runs `decide` on the VM's current state and commits its verdict with compare-and-swap,
-    /// re-deciding on fresh state after every conflict. Rejections are returned in the verdict,
-    /// not as errors; errors are store failures.
-    async fn cas(&self, ip: IpAddr, mut decide: impl FnMut(&Current) -> Verdict) -> RegistryResult<Committed> {
+    /// Housekeeping: deletes the tombstones of `ips` that are still the ones the cache shows and
+    /// were written before `older_than` (controller wall clock, ns), raising the tombstone horizon
+    /// to the highest removal revision among them — one transaction, all or nothing (a tombstone
+    /// that changed meanwhile fails it; the next round tries again). Returns how many were
+    /// collected and the revision of the deletion (0 if none).
+    pub async fn collect_tombstones(&self, ips: &[IpAddr], older_than: i64) -> RegistryResult<(usize, Revision)> {
+        let keys = self.cache.keys();
+        let horizon_key = keys.tombstone_horizon();
+        let (victims, horizon, horizon_rev) = self.cache.read(|s| {
+            let victims: Vec<(IpAddr, Revision, Revision)> = ips
+                .iter()
+                .filter_map(|ip| s.tombstones.get(ip).map(|t| (*ip, t)))
+                .filter(|(_, t)| t.committed_at < older_than)
+                .take(MAX_TXN_OPS - 1)
+                .map(|(ip, t)| {
+                    (ip, t.revision, if t.observed_revision != 0 { t.observed_revision } else { t.revision })
+                })
+                .collect();
+            (victims, s.tombstone_horizon.0, s.tombstone_horizon.1)
+        });
+        if victims.is_empty() {
+            return Ok((0, 0));
+        }
+        let new_horizon = victims.iter().map(|(_, _, removed_at)| *removed_at).max().unwrap_or(0).max(horizon);
+        let mut compares = vec![Compare::mod_revision(horizon_key.clone(), horizon_rev)];
+        let mut success = vec![TxnOp::put(horizon_key, HorizonRecord { revision: new_horizon }.encode_to_vec())];
+        for (ip, revision, _) in &victims {
+            compares.push(Compare::mod_revision(keys.binding(*ip), *revision));
+            success.push(TxnOp::delete(keys.binding(*ip)));
+        }
+        let result = self.txn(Txn { compares, success, failure: vec![] }).await?;
+        if !result.succeeded {
+            return Ok((0, 0));
+        }
+        self.metrics.tombstones_collected.inc_by(victims.len() as u64);
+        tracing::debug!(collected = victims.len(), horizon = new_horizon, "tombstones collected");
+        Ok((victims.len(), result.revision))
+    }
+
+    /// [`Registry::cas`] for a decision that is one verdict (counted in the metrics).
+    async fn cas_verdict(
+        &self,
+        ip: IpAddr,
+        mut decide: impl FnMut(&Current) -> Verdict,
+    ) -> RegistryResult<Committed<Verdict>> {
+        let committed = self
+            .cas(ip, |cur| {
+                let verdict = decide(cur);
+                let write = match &verdict {
+                    Verdict::Write(record, _) => Some(record.clone()),
+                    Verdict::Unchanged | Verdict::Reject(_) => None,
+                };
+                (write, verdict)
+            })
+            .await?;
+        self.count(&committed.outcome);
+        Ok(committed)
+    }
+
+    /// Runs `decide` on the VM's current state and commits the record it returns (if any) with
+    /// compare-and-swap, re-deciding on fresh state after every conflict. Rejections are in the
+    /// decision, not errors; errors are store failures.
+    async fn cas<T>(
+        &self,
+        ip: IpAddr,
+        mut decide: impl FnMut(&Current) -> (Option<BindingRecord>, T),
+    ) -> RegistryResult<Committed<T>> {
         let keys = self.cache.keys();
         let binding_key = keys.binding(ip);
         let vm_key = keys.vm(ip);
+        let horizon_key = keys.tombstone_horizon();
         let mut current = self.cached(ip);
         for _ in 0..MAX_ATTEMPTS {
-            let verdict = decide(&current);
-            let op = match &verdict {
-                Verdict::Write(record, _) => TxnOp::put(binding_key.clone(), record.encode_to_vec()),
-                Verdict::Delete => TxnOp::delete(binding_key.clone()),
-                Verdict::Unchanged | Verdict::Reject(_) => {
-                    self.count(&verdict);
-                    return Ok(Committed { verdict, revision: 0, binding: current.binding });
-                }
+            let (write, outcome) = decide(&current);
+            let Some(record) = write else {
+                return Ok(Committed { outcome, revision: 0, record: current.state.record });
             };
             let request = CasRequest {
                 binding_key: binding_key.clone(),
                 vm_key: vm_key.clone(),
                 binding_rev: current.binding_rev,
                 vm_rev: current.vm_rev,
-                op,
+                op: TxnOp::put(binding_key.clone(), record.encode_to_vec()),
+                // Decided on "no record" (the horizon mattered): a collection meanwhile moves
+                // the horizon key, and the decision is made again.
+                guard: current.state.record.is_none().then(|| (horizon_key.clone(), current.horizon_rev)),
             };
             self.writable()?;
             match self.batcher().submit(request).await? {
-                CasOutcome::Committed(revision) => {
-                    self.count(&verdict);
-                    let binding = match &verdict {
-                        Verdict::Write(record, _) => Some(record.clone()),
-                        _ => None,
-                    };
-                    return Ok(Committed { verdict, revision, binding });
-                }
+                CasOutcome::Committed(revision) => return Ok(Committed { outcome, revision, record: Some(record) }),
                 CasOutcome::Conflict { binding, vm } => {
                     self.metrics.cas_retries.inc();
                     current = Current::decode(binding, vm)?;
+                    if current.state.record.is_none() {
+                        // A tombstone may just have been collected: the horizon that replaced it
+                        // comes from the store (the cache may not show it yet).
+                        (current.state.horizon, current.horizon_rev) = self.stored_horizon().await?;
+                    }
                 }
             }
         }
         Err(RegistryError::BindingContended(ip))
+    }
+
+    /// The tombstone horizon as the store has it, with its mod revision.
+    async fn stored_horizon(&self) -> RegistryResult<(Revision, Revision)> {
+        let key = self.cache.keys().tombstone_horizon();
+        match self.store.get(&key).await?.0 {
+            Some(kv) => Ok((
+                HorizonRecord::decode(kv.value.as_slice())
+                    .map_err(|e| RegistryError::Corrupt { what: "tombstone horizon".into(), detail: e.to_string() })?
+                    .revision,
+                kv.mod_revision,
+            )),
+            None => Ok((0, 0)),
+        }
     }
 
     /// Writes a VM declaration after checking it against the current binding.
@@ -392,7 +543,7 @@ impl<S: Store> Registry<S> {
         let keys = self.cache.keys();
         let mut current = self.cached(ip);
         for _ in 0..MAX_ATTEMPTS {
-            if let Some(binding) = &current.binding {
+            if let Some(binding) = current.state.binding() {
                 let site = self
                     .cache
                     .read(|s| s.fes.get(binding.fe_id.as_str()).map(|f| f.record.site.clone()))
@@ -421,31 +572,41 @@ impl<S: Store> Registry<S> {
         Err(RegistryError::DeclarationContended(ip))
     }
 
-    /// Removes a declaration (and optionally the binding) atomically.
+    /// Removes a declaration (and optionally the binding, leaving a tombstone) atomically.
     pub async fn undeclare(&self, ip: IpAddr, remove_binding: bool) -> RegistryResult<Revision> {
         let keys = self.cache.keys();
-        let mut success = vec![TxnOp::delete(keys.vm(ip))];
-        if remove_binding {
-            success.push(TxnOp::delete(keys.binding(ip)));
-        }
-        let txn = Txn {
-            compares: vec![Compare {
+        let mut current = self.cached(ip);
+        for _ in 0..MAX_ATTEMPTS {
+            let mut compares = vec![Compare {
                 key: keys.vm(ip),
                 op: victor_store::CmpOp::NotEqual,
                 target: victor_store::CompareTarget::Version(0),
-            }],
-            success,
-            failure: vec![],
-        };
-        let result = self.txn(txn).await?;
-        if !result.succeeded {
-            return Err(RegistryError::Rejected(Rejection::new(
-                Reason::Unspecified,
-                Refusal::Absent,
-                format!("VM {ip} is not declared"),
-            )));
+            }];
+            let mut success = vec![TxnOp::delete(keys.vm(ip))];
+            if remove_binding {
+                compares.push(Compare::mod_revision(keys.binding(ip), current.binding_rev));
+                if let Some(tombstone) = rules::remove(&current.state, now_unix_nanos()) {
+                    success.push(TxnOp::put(keys.binding(ip), tombstone.encode_to_vec()));
+                }
+            }
+            let failure = vec![TxnOp::Get(KeyRange::key(keys.binding(ip))), TxnOp::Get(KeyRange::key(keys.vm(ip)))];
+            let result = self.txn(Txn { compares, success, failure }).await?;
+            if result.succeeded {
+                return Ok(result.revision);
+            }
+            let mut reads = result.reads.into_iter().map(|r| r.kvs.into_iter().next());
+            let (binding, vm) = (reads.next().flatten(), reads.next().flatten());
+            if vm.is_none() {
+                return Err(RegistryError::Rejected(Rejection::new(
+                    Reason::Unspecified,
+                    Refusal::Absent,
+                    format!("VM {ip} is not declared"),
+                )));
+            }
+            self.metrics.cas_retries.inc();
+            current = Current::decode(binding, vm)?;
         }
-        Ok(result.revision)
+        Err(RegistryError::DeclarationContended(ip))
     }
 
     /// Runs a transaction (refused while the store is known to be unreachable), timing it and
@@ -465,10 +626,15 @@ impl<S: Store> Registry<S> {
 
     fn cached(&self, ip: IpAddr) -> Current {
         self.cache.read(|s| {
-            let (binding, binding_rev) =
-                s.bindings.get(&ip).map(|b| (Some(b.to_record()), b.revision)).unwrap_or((None, 0));
+            let (record, binding_rev) = s
+                .bindings
+                .get(&ip)
+                .or_else(|| s.tombstones.get(&ip))
+                .map(|b| (Some(b.to_record()), b.revision))
+                .unwrap_or((None, 0));
             let (vm, vm_rev) = s.vms.get(&ip).map(|v| (Some(v.record.clone()), v.revision)).unwrap_or((None, 0));
-            Current { binding, binding_rev, vm, vm_rev }
+            let (horizon, horizon_rev) = s.tombstone_horizon;
+            Current { state: State::stored(record, binding_rev, horizon), binding_rev, horizon_rev, vm, vm_rev }
         })
     }
 
@@ -484,7 +650,7 @@ impl<S: Store> Registry<S> {
                 }
             }
             Verdict::Write(_, Change::Updated) | Verdict::Unchanged => self.metrics.claim("unchanged"),
-            Verdict::Delete => self.metrics.claim("removed"),
+            Verdict::Write(_, Change::Removed) => self.metrics.claim("removed"),
             Verdict::Reject(r) => self.count_rejection(r),
         }
     }
@@ -496,6 +662,7 @@ impl<S: Store> Registry<S> {
 }
 
 impl Current {
+    /// From store reads (the horizon is left 0: the caller fills it in when it matters).
     fn decode(binding: Option<KeyValue>, vm: Option<KeyValue>) -> RegistryResult<Current> {
         let corrupt =
             |what: &str, e: prost::DecodeError| RegistryError::Corrupt { what: what.into(), detail: e.to_string() };
@@ -512,6 +679,6 @@ impl Current {
             ),
             None => (None, 0),
         };
-        Ok(Current { binding, binding_rev, vm, vm_rev })
+        Ok(Current { state: State::stored(binding, binding_rev, 0), binding_rev, horizon_rev: 0, vm, vm_rev })
     }
 }

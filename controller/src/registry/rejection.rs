@@ -15,15 +15,17 @@ pub enum Reason {
     MacMismatch,
     /// The VM's site policy does not allow the site (invariant I3).
     SitePolicy,
-    /// The observation is not newer than the current binding (invariant I2).
+    /// The observation cannot be ordered after the current binding or removal (invariant I2):
+    /// it may be older. The rejection names the revision the FE must know before it observes
+    /// again.
     Stale,
     /// Flap damping froze the binding (invariant I4).
     Damped,
-    /// A GONE observation for a binding that points elsewhere, or no binding at all.
+    /// A GONE observation for a binding that points to another FE.
     NotBoundHere,
     /// The controller requires declared VMs and this one is not declared.
     Undeclared,
-    /// The observation time is unusable (zero or too far in the future).
+    /// The observation time is unusable (not positive).
     BadTimestamp,
 }
 
@@ -82,11 +84,20 @@ pub struct Rejection {
     pub refusal: Refusal,
     /// Human-readable explanation (what to fix).
     pub message: String,
+    /// For [`Reason::Stale`]: the store revision the reporting FE must have applied before an
+    /// observation of it orders after the current state (0 = none).
+    pub revision: u64,
 }
 
 impl Rejection {
     /// A rejection.
     pub fn new(reason: Reason, refusal: Refusal, message: impl Into<String>) -> Self {
-        Rejection { reason, refusal, message: message.into() }
+        Rejection { reason, refusal, message: message.into(), revision: 0 }
+    }
+
+    /// The same, naming the revision an observation must know (see [`Rejection::revision`]).
+    pub fn needing(mut self, revision: u64) -> Self {
+        self.revision = revision;
+        self
     }
 }

@@ -1,14 +1,23 @@
 //! The binding rules (docs/design.md, invariants I1–I4) as pure functions: given the stored
-//! binding, the VM's declaration and one observation or command, decide what to write. No IO, no
-//! clocks (the caller passes `now`), so every rule is unit- and property-tested here; the
+//! state of a VM IP, the VM's declaration and one observation or command, decide what to write. No
+//! IO, no clocks (the caller passes `now`), so every rule is unit- and property-tested here; the
 //! registry's IO layer only adds compare-and-swap and retries.
 //!
-//! Ordering (invariant I2): a binding moves only to an observation that is strictly newer than the
-//! one it holds (observation time, then FE id as a deterministic tie-break), so a late or stale
-//! report never rolls a newer binding back, and racing claims converge on the newest one whatever
-//! order they are committed in.
+//! Ordering (invariant I2, docs/design.md section 3) never compares two FEs' clocks:
+//!
+//! * every record holds the revision at which its observation was committed
+//!   ([`BindingRecord::observed_revision`]); a report from another FE orders after it only if it
+//!   was made knowing that revision (its `known_revision`, the agent's stream position when it
+//!   captured the frame) — otherwise it may be older, and is STALE with the revision to wait for;
+//! * observations of one FE are ordered by that FE's own clock (the agent keeps it monotonic), or
+//!   by knowledge of the record's revision;
+//! * a removal leaves a tombstone, so a report older than the removal finds it; collected
+//!   tombstones leave a horizon revision below which an observation of an unknown VM is STALE;
+//! * several observations of one VM in one report are applied in observation order
+//!   ([`decide_batch`]), each on the state the previous left.
 
 use victor_proto::Mac;
+use victor_store::Revision;
 
 use super::rejection::{Reason, Refusal, Rejection};
 use crate::records::{BindingRecord, BindingSource, VmRecord};
@@ -30,17 +39,11 @@ pub struct Rules {
     pub damping: DampingPolicy,
     /// Only declared VMs may be bound.
     pub require_declared: bool,
-    /// Observations more than this far in the future (agent clock ahead) are refused.
-    pub max_clock_skew_ns: i64,
 }
 
 impl Default for Rules {
     fn default() -> Self {
-        Rules {
-            damping: DampingPolicy { max_moves: 5, window_ns: 180 * 1_000_000_000 },
-            require_declared: false,
-            max_clock_skew_ns: 30 * 1_000_000_000,
-        }
+        Rules { damping: DampingPolicy { max_moves: 5, window_ns: 180 * 1_000_000_000 }, require_declared: false }
     }
 }
 
@@ -51,6 +54,44 @@ pub enum Observed {
     Learned,
     /// The VM stopped answering here.
     Gone,
+}
+
+/// What the reporting FE knew of the cluster when it made an observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Knowledge {
+    /// Every change up to this store revision (the agent's stream position).
+    Upto(Revision),
+    /// Not said (a client that does not track revisions): across FEs, reports order by arrival;
+    /// one FE's own reports by its clock alone.
+    Unstated,
+}
+
+impl Knowledge {
+    /// From the wire's optional `known_revision`.
+    pub fn from_wire(known_revision: Option<u64>) -> Knowledge {
+        known_revision.map_or(Knowledge::Unstated, Knowledge::Upto)
+    }
+
+    /// Whether an observation made with this knowledge was made after `committed` (None: a write
+    /// of this same report, not committed yet, which nobody can know). Unstated counts as yes.
+    fn after(self, committed: Option<Revision>) -> bool {
+        match self {
+            Knowledge::Upto(k) => committed.is_some_and(|r| k >= r),
+            Knowledge::Unstated => true,
+        }
+    }
+
+    /// [`Knowledge::after`], but Unstated counts as no (for one FE's own reports the clock decides).
+    fn surely_after(self, committed: Option<Revision>) -> bool {
+        matches!(self, Knowledge::Upto(_)) && self.after(committed)
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Knowledge::Upto(k) => format!("revision {k}"),
+            Knowledge::Unstated => "no revision".into(),
+        }
+    }
 }
 
 /// One observation from one FE, already validated for address syntax and mobile prefixes.
@@ -64,69 +105,173 @@ pub struct Observation<'a> {
     pub fe_site: &'a str,
     /// The VM's MAC as seen.
     pub mac: Mac,
-    /// When the FE saw it (ns).
+    /// When the FE saw it (ns, the FE's own clock: compared only with that FE's other reports).
     pub observed_at: i64,
+    /// What the FE knew when it saw it.
+    pub known: Knowledge,
+}
+
+/// The stored state of one VM IP, as the rules decide on it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    /// The binding or its tombstone (`removed`); None: no record.
+    pub record: Option<BindingRecord>,
+    /// The record's mod revision; None while it is the result of an earlier observation of the
+    /// same report that is not committed yet.
+    pub mod_revision: Option<Revision>,
+    /// The tombstone horizon (only consulted when there is no record).
+    pub horizon: Revision,
+}
+
+impl State {
+    /// The state of a stored record (`mod_revision` 0 = none).
+    pub fn stored(record: Option<BindingRecord>, mod_revision: Revision, horizon: Revision) -> State {
+        State { record, mod_revision: Some(mod_revision), horizon }
+    }
+
+    /// The live binding, if any (not a tombstone).
+    pub fn binding(&self) -> Option<&BindingRecord> {
+        self.record.as_ref().filter(|r| !r.removed)
+    }
+
+    /// The tombstone, if the binding was removed.
+    pub fn tombstone(&self) -> Option<&BindingRecord> {
+        self.record.as_ref().filter(|r| r.removed)
+    }
+
+    /// The revision at which the record's observation was committed (None: not yet).
+    pub fn observed_revision(&self) -> Option<Revision> {
+        let record = self.record.as_ref()?;
+        if record.observed_revision != 0 { Some(record.observed_revision) } else { self.mod_revision }
+    }
+
+    /// What a rewrite that keeps the record's observation stores as its `observed_revision`.
+    fn carried_revision(&self) -> Revision {
+        self.observed_revision().unwrap_or(0)
+    }
+
+    /// The state after `verdict` was decided on it (not committed).
+    fn after(&self, verdict: &Verdict) -> State {
+        match verdict {
+            Verdict::Write(record, _) => {
+                State { record: Some(record.clone()), mod_revision: None, horizon: self.horizon }
+            }
+            Verdict::Unchanged | Verdict::Reject(_) => self.clone(),
+        }
+    }
 }
 
 /// What kind of change a write is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// A new binding.
+    /// A new binding (also over a tombstone).
     Bound,
     /// The binding moved to another FE; `froze` when this move tripped flap damping.
     Moved {
         /// Damping froze the binding with this move.
         froze: bool,
     },
-    /// Same FE, but something stored changed (MAC, pending announcement cleared, damping).
+    /// Same FE (or still removed), but something stored changed: a newer observation, the MAC, a
+    /// pending announcement, damping, the tombstone's remover.
     Updated,
+    /// The binding was removed (a tombstone is written).
+    Removed,
 }
 
 /// The decision for one observation or command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    /// Store this record.
+    /// Store this record (a binding or a tombstone).
     Write(BindingRecord, Change),
-    /// Delete the binding.
-    Delete,
     /// Nothing to do (already so).
     Unchanged,
     /// Refused.
     Reject(Rejection),
 }
 
-/// Decides what an FE's observation does to the binding (`current`) of a VM (`vm` = its
-/// declaration, if any).
-pub fn decide_observation(
+/// Decides several observations of one VM by one FE (`obs`, in request order): they are applied
+/// in observation order — one FE, one clock; equal times keep request order — each on the state
+/// the previous one left. Returns the record to write for the final state (None when nothing
+/// changed) and each observation's verdict, in request order. A STALE verdict against a write of
+/// this same batch cannot name its revision yet: [`name_commit_revision`] fills it in.
+pub fn decide_batch(
     rules: &Rules,
-    current: Option<&BindingRecord>,
+    state: &State,
     vm: Option<&VmRecord>,
-    obs: &Observation<'_>,
+    obs: &[Observation<'_>],
     now: i64,
-) -> Verdict {
-    if obs.observed_at <= 0 || obs.observed_at > now.saturating_add(rules.max_clock_skew_ns) {
-        return Verdict::Reject(Rejection::new(
-            Reason::BadTimestamp,
-            Refusal::Invalid,
-            format!(
-                "observation time {} ns is unusable (controller time {now} ns); check the FE's clock (NTP)",
-                obs.observed_at
-            ),
-        ));
+) -> (Option<BindingRecord>, Vec<Verdict>) {
+    let mut order: Vec<usize> = (0..obs.len()).collect();
+    order.sort_by_key(|&i| obs[i].observed_at);
+    let mut verdicts = vec![Verdict::Unchanged; obs.len()];
+    let mut current = state.clone();
+    let mut write = None;
+    for i in order {
+        let verdict = decide_observation(rules, &current, vm, &obs[i], now);
+        if let Verdict::Write(record, _) = &verdict {
+            write = Some(record.clone());
+        }
+        current = current.after(&verdict);
+        verdicts[i] = verdict;
     }
-    match obs.kind {
-        Observed::Learned => decide_learned(rules, current, vm, obs, now),
-        Observed::Gone => decide_gone(current, obs),
+    (write, verdicts)
+}
+
+/// Fills the revision of the batch's commit into its STALE verdicts that were decided against an
+/// earlier write of the same batch (they name 0 until then).
+pub fn name_commit_revision(verdicts: &mut [Verdict], committed: Revision) {
+    for verdict in verdicts {
+        if let Verdict::Reject(r) = verdict
+            && r.reason == Reason::Stale
+            && r.revision == 0
+        {
+            r.revision = committed;
+            r.message = r.message.replace("(this report)", &committed.to_string());
+        }
     }
 }
 
-fn decide_learned(
+/// Decides what an FE's observation does to the state of a VM (`vm` = its declaration, if any).
+pub fn decide_observation(
     rules: &Rules,
-    current: Option<&BindingRecord>,
+    state: &State,
     vm: Option<&VmRecord>,
     obs: &Observation<'_>,
     now: i64,
 ) -> Verdict {
+    if obs.observed_at <= 0 {
+        return Verdict::Reject(Rejection::new(
+            Reason::BadTimestamp,
+            Refusal::Invalid,
+            format!("observation time {} ns is unusable; it must be positive", obs.observed_at),
+        ));
+    }
+    match obs.kind {
+        Observed::Learned => decide_learned(rules, state, vm, obs, now),
+        Observed::Gone => decide_gone(state, obs, now),
+    }
+}
+
+/// Whether `obs` is newer than the observation `record` holds, which the reporting FE itself made
+/// (so the clocks compare) unless the record is an orchestrator's placement: a later time by
+/// that FE's clock, or made knowing the record's revision.
+fn newer_than_own(state: &State, record: &BindingRecord, obs: &Observation<'_>) -> bool {
+    let own_clock = record.source != BindingSource::Orchestrator as i32 || record.removed;
+    if own_clock {
+        obs.observed_at > record.observed_at_unix_nanos || obs.known.surely_after(state.observed_revision())
+    } else {
+        obs.known.after(state.observed_revision())
+    }
+}
+
+fn stale(needed: Option<Revision>, message: String) -> Verdict {
+    Verdict::Reject(
+        Rejection::new(Reason::Stale, Refusal::Precondition, format!("stale report: {message}"))
+            .needing(needed.unwrap_or(0)),
+    )
+}
+
+fn decide_learned(rules: &Rules, state: &State, vm: Option<&VmRecord>, obs: &Observation<'_>, now: i64) -> Verdict {
     if !obs.mac.is_unicast() {
         return Verdict::Reject(Rejection::new(
             Reason::Malformed,
@@ -162,36 +307,71 @@ fn decide_learned(
         None => {}
     }
 
-    let Some(cur) = current else {
-        let record = BindingRecord {
-            fe_id: obs.fe_id.to_owned(),
-            mac: obs.mac.octets().to_vec(),
-            move_seq: 0,
-            source: BindingSource::Arp as i32,
-            observed_at_unix_nanos: obs.observed_at,
-            committed_at_unix_nanos: now,
-            ..Default::default()
-        };
-        return Verdict::Write(record, Change::Bound);
+    let fresh = |move_seq: u64| BindingRecord {
+        fe_id: obs.fe_id.to_owned(),
+        mac: obs.mac.octets().to_vec(),
+        move_seq,
+        source: BindingSource::Arp as i32,
+        observed_at_unix_nanos: obs.observed_at,
+        committed_at_unix_nanos: now,
+        ..Default::default()
+    };
+    let Some(record) = &state.record else {
+        if state.horizon > 0 && !obs.known.after(Some(state.horizon)) {
+            return stale(
+                Some(state.horizon),
+                format!(
+                    "the observation was made knowing {} but removals up to revision {} are no longer \
+                     remembered, so it cannot be ordered; observe the VM again once revision {} is known",
+                    obs.known.describe(),
+                    state.horizon,
+                    state.horizon
+                ),
+            );
+        }
+        return Verdict::Write(fresh(0), Change::Bound);
     };
 
-    if cur.fe_id == obs.fe_id {
-        // Already bound here. A newer observation is recorded (else a delayed claim from another
-        // FE observed in between could win and roll the binding back); an old one — agents
-        // re-report their VMs on reconnect with the original observation times — writes nothing.
-        let mut next = cur.clone();
-        let mut changed = false;
-        if obs.observed_at > cur.observed_at_unix_nanos {
+    if record.removed {
+        let newer = if !record.fe_id.is_empty() && record.fe_id == obs.fe_id {
+            newer_than_own(state, record, obs)
+        } else {
+            obs.known.after(state.observed_revision())
+        };
+        if !newer {
+            return stale(
+                state.observed_revision(),
+                format!(
+                    "the VM's binding was removed at revision {} and this observation may be older (made knowing {}); \
+                     observe the VM again",
+                    display_rev(state.observed_revision()),
+                    obs.known.describe()
+                ),
+            );
+        }
+        return Verdict::Write(fresh(record.move_seq + 1), Change::Bound);
+    }
+
+    if record.fe_id == obs.fe_id {
+        // Already bound here. A newer observation is recorded (its revision then orders other
+        // FEs' reports: one made before it cannot take the VM away); an older one — agents
+        // re-report their VMs on reconnect with the original observation — writes nothing.
+        let mut next = record.clone();
+        let observed = newer_than_own(state, record, obs);
+        if observed {
             next.mac = obs.mac.octets().to_vec();
             next.observed_at_unix_nanos = obs.observed_at;
-            changed = true;
+            next.source = BindingSource::Arp as i32;
+            next.observed_revision = 0;
+        } else {
+            next.observed_revision = state.carried_revision();
         }
-        if next.pending_fe_id == obs.fe_id {
+        let announced_here = next.pending_fe_id == obs.fe_id;
+        if announced_here {
             next.pending_fe_id.clear();
             next.pending_until_unix_nanos = 0;
-            changed = true;
         }
-        return if changed {
+        return if observed || announced_here {
             next.committed_at_unix_nanos = now;
             Verdict::Write(next, Change::Updated)
         } else {
@@ -199,54 +379,122 @@ fn decide_learned(
         };
     }
 
-    if !is_newer(obs.observed_at, obs.fe_id, cur.observed_at_unix_nanos, &cur.fe_id) {
-        return Verdict::Reject(Rejection::new(
-            Reason::Stale,
-            Refusal::Precondition,
+    if !obs.known.after(state.observed_revision()) {
+        return stale(
+            state.observed_revision(),
             format!(
-                "observation at {} ns is not newer than the binding to FE {} observed at {} ns; ignoring the stale report",
-                obs.observed_at, cur.fe_id, cur.observed_at_unix_nanos
+                "the VM is bound to FE {} since revision {} and this observation was made knowing {}, so it may be \
+                 older; observe the VM again once revision {} is known",
+                record.fe_id,
+                display_rev(state.observed_revision()),
+                obs.known.describe(),
+                display_rev(state.observed_revision())
             ),
-        ));
+        );
     }
-    if cur.frozen {
-        return Verdict::Reject(damped(cur));
+    if record.frozen {
+        return Verdict::Reject(damped(record));
     }
-    move_to(rules, cur, obs.fe_id, obs.mac, obs.observed_at, BindingSource::Arp, now)
+    move_to(rules, record, obs.fe_id, obs.mac, obs.observed_at, BindingSource::Arp, now)
 }
 
-fn decide_gone(current: Option<&BindingRecord>, obs: &Observation<'_>) -> Verdict {
-    let Some(cur) = current else {
-        return Verdict::Reject(Rejection::new(
-            Reason::NotBoundHere,
-            Refusal::Absent,
-            "VM has no binding; nothing to remove",
-        ));
+fn decide_gone(state: &State, obs: &Observation<'_>, now: i64) -> Verdict {
+    let Some(record) = &state.record else {
+        // Nothing to remove — but this FE's own LEARNED may still be on its way (reports can be
+        // reordered): the absence is recorded, so that it cannot bind the VM after this GONE.
+        // Not when the GONE may be older than a collected removal: its tombstone would let this
+        // FE's reports that are newer by its clock, but maybe older than that removal, through
+        // (without it they meet the horizon).
+        if state.horizon > 0 && !obs.known.after(Some(state.horizon)) {
+            return Verdict::Unchanged;
+        }
+        let absence = BindingRecord {
+            fe_id: obs.fe_id.to_owned(),
+            mac: obs.mac.octets().to_vec(),
+            source: BindingSource::Arp as i32,
+            observed_at_unix_nanos: obs.observed_at,
+            committed_at_unix_nanos: now,
+            removed: true,
+            ..Default::default()
+        };
+        return Verdict::Write(absence, Change::Updated);
     };
-    if cur.fe_id != obs.fe_id {
+    if record.removed {
+        // Already removed. A newer absence is recorded as the tombstone's (so that this FE's
+        // reports made before it stay older than the tombstone); anything else writes nothing.
+        let newer = if record.fe_id == obs.fe_id {
+            newer_than_own(state, record, obs)
+        } else {
+            obs.known.after(state.observed_revision())
+        };
+        if !newer {
+            return Verdict::Unchanged;
+        }
+        let next = BindingRecord {
+            fe_id: obs.fe_id.to_owned(),
+            source: BindingSource::Arp as i32,
+            observed_at_unix_nanos: obs.observed_at,
+            committed_at_unix_nanos: now,
+            observed_revision: 0,
+            ..record.clone()
+        };
+        return Verdict::Write(next, Change::Updated);
+    }
+    if record.fe_id != obs.fe_id {
+        if obs.known.surely_after(state.observed_revision()) {
+            // This FE saw the VM after the binding's observation and then lost it: its LEARNED
+            // from in between may still be on its way, and would take the VM. The binding's
+            // observation revision moves to this write, so that LEARNED is STALE when it comes.
+            let mut next = record.clone();
+            next.observed_revision = 0;
+            next.committed_at_unix_nanos = now;
+            return Verdict::Write(next, Change::Updated);
+        }
         return Verdict::Reject(Rejection::new(
             Reason::NotBoundHere,
             Refusal::Precondition,
             format!(
                 "VM is bound to FE {}, not {}; a GONE report only removes a binding to the reporting FE",
-                cur.fe_id, obs.fe_id
+                record.fe_id, obs.fe_id
             ),
         ));
     }
-    if obs.observed_at < cur.observed_at_unix_nanos {
-        return Verdict::Reject(Rejection::new(
-            Reason::Stale,
-            Refusal::Precondition,
+    if !newer_than_own(state, record, obs) {
+        return stale(
+            state.observed_revision(),
             format!(
-                "GONE observed at {} ns is older than the binding's observation at {} ns",
-                obs.observed_at, cur.observed_at_unix_nanos
+                "GONE observed at {} ns is not newer than this FE's observation at {} ns recorded at revision {}",
+                obs.observed_at,
+                record.observed_at_unix_nanos,
+                display_rev(state.observed_revision())
             ),
-        ));
+        );
     }
-    if cur.frozen {
-        return Verdict::Reject(damped(cur));
+    if record.frozen {
+        return Verdict::Reject(damped(record));
     }
-    Verdict::Delete
+    Verdict::Write(tombstone(record, obs.fe_id, obs.observed_at, now), Change::Removed)
+}
+
+/// The tombstone of `record`, removed by FE `by` ("" = the controller) whose GONE was at `at`
+/// (its clock; 0 for the controller).
+pub fn tombstone(record: &BindingRecord, by: &str, at: i64, now: i64) -> BindingRecord {
+    BindingRecord {
+        fe_id: by.to_owned(),
+        mac: record.mac.clone(),
+        move_seq: record.move_seq,
+        source: if by.is_empty() { BindingSource::Orchestrator } else { BindingSource::Arp } as i32,
+        observed_at_unix_nanos: at,
+        committed_at_unix_nanos: now,
+        removed: true,
+        ..Default::default()
+    }
+}
+
+/// The controller removes the binding in `state` (UndeclareVm with remove_binding, housekeeping):
+/// a tombstone, or None when there is no live binding.
+pub fn remove(state: &State, now: i64) -> Option<BindingRecord> {
+    state.binding().map(|b| tombstone(b, "", 0, now))
 }
 
 /// Decides an orchestrator's announcement of a migration to `target` (at `target_site`).
@@ -255,7 +503,7 @@ fn decide_gone(current: Option<&BindingRecord>, obs: &Observation<'_>) -> Verdic
 #[allow(clippy::too_many_arguments)]
 pub fn decide_announcement(
     rules: &Rules,
-    current: Option<&BindingRecord>,
+    state: &State,
     vm: Option<&VmRecord>,
     target: &str,
     target_site: &str,
@@ -268,7 +516,7 @@ pub fn decide_announcement(
     {
         return Verdict::Reject(rejection);
     }
-    match current {
+    match state.binding() {
         None => {
             let Some(vm) = vm else {
                 return Verdict::Reject(Rejection::new(
@@ -287,6 +535,7 @@ pub fn decide_announcement(
             let record = BindingRecord {
                 fe_id: target.to_owned(),
                 mac: vm.mac.clone(),
+                move_seq: state.tombstone().map_or(0, |t| t.move_seq + 1),
                 source: BindingSource::Orchestrator as i32,
                 observed_at_unix_nanos: now,
                 committed_at_unix_nanos: now,
@@ -302,20 +551,21 @@ pub fn decide_announcement(
                 next.pending_fe_id.clear();
                 next.pending_until_unix_nanos = 0;
                 next.committed_at_unix_nanos = now;
+                next.observed_revision = state.carried_revision();
                 Verdict::Write(next, Change::Updated)
             }
         }
         Some(cur) if cur.frozen => Verdict::Reject(damped(cur)),
         Some(cur) if commit => {
             let mac = Mac::from_bytes(&cur.mac).unwrap_or(Mac::ZERO);
-            let observed = now.max(cur.observed_at_unix_nanos + 1);
-            move_to(rules, cur, target, mac, observed, BindingSource::Orchestrator, now)
+            move_to(rules, cur, target, mac, now, BindingSource::Orchestrator, now)
         }
         Some(cur) => {
             let mut next = cur.clone();
             next.pending_fe_id = target.to_owned();
             next.pending_until_unix_nanos = pending_until;
             next.committed_at_unix_nanos = now;
+            next.observed_revision = state.carried_revision();
             Verdict::Write(next, Change::Updated)
         }
     }
@@ -351,24 +601,26 @@ pub fn check_declaration(current: Option<(&BindingRecord, &str)>, decl: &VmRecor
 }
 
 /// Unfreezes a damped binding (operator's ClearDamping or the damping hold timer).
-pub fn clear_damping(current: &BindingRecord, now: i64) -> Result<BindingRecord, Rejection> {
-    if !current.frozen {
+pub fn clear_damping(state: &State, now: i64) -> Result<BindingRecord, Rejection> {
+    let Some(current) = state.binding().filter(|b| b.frozen) else {
         return Err(Rejection::new(
             Reason::Unspecified,
             Refusal::Precondition,
             "binding is not frozen; nothing to clear",
         ));
-    }
+    };
     let mut next = current.clone();
     next.frozen = false;
     next.frozen_at_unix_nanos = 0;
     next.recent_moves_unix_nanos.clear();
     next.committed_at_unix_nanos = now;
+    next.observed_revision = state.carried_revision();
     Ok(next)
 }
 
 /// Removes an expired migration announcement; `None` if there is nothing to expire.
-pub fn expire_pending(current: &BindingRecord, now: i64) -> Option<BindingRecord> {
+pub fn expire_pending(state: &State, now: i64) -> Option<BindingRecord> {
+    let current = state.binding()?;
     if current.pending_fe_id.is_empty() || current.pending_until_unix_nanos > now {
         return None;
     }
@@ -376,13 +628,8 @@ pub fn expire_pending(current: &BindingRecord, now: i64) -> Option<BindingRecord
     next.pending_fe_id.clear();
     next.pending_until_unix_nanos = 0;
     next.committed_at_unix_nanos = now;
+    next.observed_revision = state.carried_revision();
     Some(next)
-}
-
-/// True when observation (`at`, `fe`) is strictly newer than (`cur_at`, `cur_fe`): later time, or
-/// the same time and a larger FE id (a deterministic tie-break so racing claims converge).
-pub fn is_newer(at: i64, fe: &str, cur_at: i64, cur_fe: &str) -> bool {
-    (at, fe) > (cur_at, cur_fe)
 }
 
 fn move_to(
@@ -408,8 +655,7 @@ fn move_to(
         frozen: froze,
         frozen_at_unix_nanos: if froze { now } else { 0 },
         recent_moves_unix_nanos: recent,
-        pending_fe_id: String::new(),
-        pending_until_unix_nanos: 0,
+        ..Default::default()
     };
     Verdict::Write(record, Change::Moved { froze })
 }
@@ -437,9 +683,15 @@ fn damped(cur: &BindingRecord) -> Rejection {
     )
 }
 
+fn display_rev(revision: Option<Revision>) -> String {
+    revision.map_or_else(|| "(this report)".into(), |r| r.to_string())
+}
+
 fn display_mac(bytes: &[u8]) -> String {
     Mac::from_bytes(bytes).map(|m| m.to_string()).unwrap_or_else(|_| format!("{bytes:02x?}"))
 }
 
+#[cfg(test)]
+mod interleavings;
 #[cfg(test)]
 mod tests;

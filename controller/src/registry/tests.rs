@@ -92,8 +92,14 @@ fn mac(last: u8) -> Mac {
     Mac([2, 0, 0, 0, 0, last])
 }
 
+/// A LEARNED that does not say what its FE knew (other FEs' reports order by arrival).
 fn learned(last: u8, observed_at: i64) -> ValidObservation {
-    ValidObservation { ip: vm(last), mac: mac(last), kind: Observed::Learned, observed_at }
+    ValidObservation { ip: vm(last), mac: mac(last), kind: Observed::Learned, observed_at, known_revision: None }
+}
+
+/// A LEARNED made knowing revision `known`.
+fn learned_knowing(last: u8, observed_at: i64, known: Revision) -> ValidObservation {
+    ValidObservation { known_revision: Some(known), ..learned(last, observed_at) }
 }
 
 fn gone(last: u8, observed_at: i64) -> ValidObservation {
@@ -116,7 +122,7 @@ async fn a_claim_binds_a_newer_one_moves_and_a_stale_one_is_refused() {
     let bound = rig.observe(&fe1, learned(11, now - 10 * S)).await.unwrap();
     assert_eq!((bound.outcome, bound.move_seq), (ClaimOutcome::Bound, 0));
     assert!(bound.revision > 0);
-    let moved = rig.observe(&fe2, learned(11, now - 5 * S)).await.unwrap();
+    let moved = rig.observe(&fe2, learned_knowing(11, now - 50 * S, bound.revision)).await.unwrap();
     assert_eq!((moved.outcome, moved.move_seq), (ClaimOutcome::Moved, 1));
     assert!(moved.revision > bound.revision);
     assert_eq!(rig.bound_fe(vm(11)).as_deref(), Some("fe2"));
@@ -124,11 +130,12 @@ async fn a_claim_binds_a_newer_one_moves_and_a_stale_one_is_refused() {
     let timeline = rig.timelines.list(Some(vm(11))).pop().expect("timeline of the move");
     assert_eq!((timeline.move_seq, timeline.fe_id.as_str(), timeline.revision), (1, "fe2", moved.revision));
 
-    // fe1's report observed between the two arrives late: refused, nothing written.
-    let late = rig.observe(&fe1, learned(11, now - 7 * S)).await.unwrap();
+    // fe1's report made before the move arrives late (its clock ahead): refused, nothing written;
+    // the answer names the revision fe1 must know before it observes again.
+    let late = rig.observe(&fe1, learned_knowing(11, now + 60 * S, bound.revision)).await.unwrap();
     let ClaimOutcome::Rejected(r) = &late.outcome else { panic!("{late:?}") };
     assert_eq!((r.reason, r.refusal), (Reason::Stale, Refusal::Precondition));
-    assert_eq!((late.move_seq, late.revision), (1, 0), "the current binding's move_seq; no write");
+    assert_eq!((late.move_seq, late.revision), (1, moved.revision), "the current binding's move_seq; no write");
     assert_eq!(rig.bound_fe(vm(11)).as_deref(), Some("fe2"));
     assert_eq!(rig.rejected(Reason::Stale), 1);
 
@@ -136,8 +143,73 @@ async fn a_claim_binds_a_newer_one_moves_and_a_stale_one_is_refused() {
     let not_here = rig.observe(&fe1, gone(11, now)).await.unwrap();
     assert!(matches!(not_here.outcome, ClaimOutcome::Rejected(Rejection { reason: Reason::NotBoundHere, .. })));
     let removed = rig.observe(&fe2, gone(11, now)).await.unwrap();
-    assert_eq!(removed.outcome, ClaimOutcome::Removed);
+    assert_eq!((removed.outcome, removed.move_seq), (ClaimOutcome::Removed, 0));
     assert_eq!(rig.bound_fe(vm(11)), None);
+}
+
+#[tokio::test]
+async fn removals_leave_tombstones_that_only_the_registry_sees_until_they_are_collected() {
+    let rig = Rig::new().await;
+    let (fe1, fe2) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "a").await);
+    let now = now_unix_nanos();
+    let bound = rig.observe(&fe1, learned_knowing(12, now, 0)).await.unwrap();
+    let removed =
+        rig.observe(&fe1, ValidObservation { known_revision: Some(bound.revision), ..gone(12, now + S) }).await;
+    let removed = removed.unwrap();
+    assert_eq!(removed.outcome, ClaimOutcome::Removed);
+    // No binding to readers and agents; the tombstone stays for the registry.
+    assert_eq!(rig.bound_fe(vm(12)), None);
+    let tombstone = rig.cache.read(|s| s.tombstones.get(&vm(12)).cloned()).expect("tombstone");
+    assert_eq!((tombstone.fe_id.as_ref(), tombstone.revision, tombstone.removed), ("fe1", removed.revision, true));
+    // Reports made before the removal cannot bring the binding back.
+    let late = rig.observe(&fe1, learned_knowing(12, now + S / 2, bound.revision)).await.unwrap();
+    assert!(matches!(late.outcome, ClaimOutcome::Rejected(Rejection { reason: Reason::Stale, .. })), "{late:?}");
+    let late = rig.observe(&fe2, learned_knowing(12, now + 99 * S, bound.revision)).await.unwrap();
+    assert!(matches!(late.outcome, ClaimOutcome::Rejected(Rejection { reason: Reason::Stale, .. })), "{late:?}");
+    assert_eq!(late.revision, removed.revision);
+
+    // Housekeeping collects it (not before its time) and the horizon remembers the removal.
+    assert_eq!(rig.registry.collect_tombstones(&[vm(12)], tombstone.committed_at).await.unwrap().0, 0);
+    let (n, at) = rig.registry.collect_tombstones(&[vm(12)], tombstone.committed_at + 1).await.unwrap();
+    assert_eq!(n, 1);
+    rig.settle(at).await;
+    assert_eq!(rig.cache.read(|s| (s.tombstones.len(), s.tombstone_horizon.0)), (0, removed.revision));
+    assert_eq!(rig.metrics.tombstones_collected.get(), 1);
+    let late = rig.observe(&fe2, learned_knowing(12, now + 99 * S, bound.revision)).await.unwrap();
+    let ClaimOutcome::Rejected(r) = &late.outcome else { panic!("{late:?}") };
+    assert!(r.message.contains("no longer remembered"), "{}", r.message);
+    assert_eq!(late.revision, removed.revision, "wait for the horizon");
+    // Observed knowing the horizon: bound again.
+    let again = rig.observe(&fe2, learned_knowing(12, now, removed.revision)).await.unwrap();
+    assert_eq!(again.outcome, ClaimOutcome::Bound);
+    assert_eq!(rig.bound_fe(vm(12)).as_deref(), Some("fe2"));
+}
+
+#[tokio::test]
+async fn several_observations_of_a_vm_in_one_report_commit_once_in_observation_order() {
+    let rig = Rig::new().await;
+    let fe1 = rig.fe("fe1", 1, "a").await;
+    let t = now_unix_nanos();
+    rig.observe(&fe1, learned(13, t)).await.unwrap();
+    // Bound at t; [GONE t+2, LEARNED t+1] in one report (listed out of order): removed.
+    let report = vec![Ok(gone(13, t + 2 * S)), Ok(learned(14, t)), Ok(learned(13, t + S))];
+    let claims: Vec<Claim> =
+        rig.registry.report(&fe1, report, monotonic_ns()).await.into_iter().map(|c| c.unwrap()).collect();
+    assert_eq!(
+        claims.iter().map(|c| c.outcome.clone()).collect::<Vec<_>>(),
+        vec![ClaimOutcome::Removed, ClaimOutcome::Bound, ClaimOutcome::Unchanged],
+        "answers in request order"
+    );
+    assert_eq!(claims[0].revision, claims[2].revision, "one write for VM .13");
+    rig.settle(claims[0].revision.max(claims[1].revision)).await;
+    assert_eq!((rig.bound_fe(vm(13)), rig.bound_fe(vm(14)).as_deref()), (None, Some("fe1")));
+    // A new VM with [LEARNED t, GONE t+1]: bound and removed in the same write.
+    let report = vec![Ok(learned(15, t)), Ok(gone(15, t + S))];
+    let claims: Vec<Claim> =
+        rig.registry.report(&fe1, report, monotonic_ns()).await.into_iter().map(|c| c.unwrap()).collect();
+    assert_eq!((claims[0].outcome.clone(), claims[1].outcome.clone()), (ClaimOutcome::Bound, ClaimOutcome::Removed));
+    rig.settle(claims[1].revision).await;
+    assert_eq!(rig.bound_fe(vm(15)), None);
 }
 
 #[tokio::test]
@@ -169,25 +241,39 @@ async fn a_report_answers_in_order_and_refuses_invalid_observations_without_writ
 }
 
 #[tokio::test]
-async fn concurrent_claims_from_many_fes_converge_on_the_newest_observation() {
+async fn concurrent_claims_from_many_fes_leave_one_winner_and_the_others_wait_for_it() {
     let rig = Rig::new().await;
     let mut fes = Vec::new();
     for n in 1..=6u8 {
         fes.push(rig.fe(&format!("fe{n}"), n, "a").await);
     }
-    let now = now_unix_nanos();
-    // Every FE claims VM .21 at once; fe4's observation is the newest.
-    let at = |n: usize| now - S + if n == 3 { S / 2 } else { n as i64 };
-    let claims = futures::future::join_all(
-        fes.iter().enumerate().map(|(n, fe)| rig.registry.observe(fe, learned(21, at(n)), monotonic_ns())),
-    )
+    let known = rig.registry.store().current_revision().await.unwrap();
+    // Every FE claims VM .21 at once, none knowing of the others' claims (their clocks disagree
+    // wildly): the first to commit wins, every other one is STALE and names the winner's revision
+    // (its agent probes the VM once it knows it: only where the VM really is does it answer).
+    let claims = futures::future::join_all(fes.iter().enumerate().map(|(n, fe)| {
+        let at = now_unix_nanos() + (n as i64 - 3) * 10 * S;
+        rig.registry.observe(fe, learned_knowing(21, at, known), monotonic_ns())
+    }))
     .await;
-    let last = claims.iter().map(|c| c.as_ref().unwrap().revision).max().unwrap();
-    rig.settle(last).await;
-    assert_eq!(rig.bound_fe(vm(21)).as_deref(), Some("fe4"));
-    let binding = rig.cache.read(|s| s.bindings.get(&vm(21)).cloned()).unwrap();
-    let committed_moves = claims.iter().filter(|c| c.as_ref().unwrap().outcome == ClaimOutcome::Moved).count();
-    assert_eq!(binding.move_seq, committed_moves as u64, "one move_seq per committed move");
+    let claims: Vec<Claim> = claims.into_iter().map(|c| c.unwrap()).collect();
+    let winners: Vec<usize> = (0..6).filter(|n| claims[*n].outcome == ClaimOutcome::Bound).collect();
+    assert_eq!(winners.len(), 1, "{claims:?}");
+    let winner = &claims[winners[0]];
+    rig.settle(winner.revision).await;
+    assert_eq!(rig.bound_fe(vm(21)), Some(format!("fe{}", winners[0] + 1)));
+    for (n, claim) in claims.iter().enumerate().filter(|(n, _)| *n != winners[0]) {
+        assert!(
+            matches!(&claim.outcome, ClaimOutcome::Rejected(r) if r.reason == Reason::Stale)
+                && claim.revision == winner.revision,
+            "fe{}: {claim:?}",
+            n + 1
+        );
+    }
+    // The loser where the VM really is observes again knowing the winner's revision: it moves.
+    let loser = (winners[0] + 1) % 6;
+    let moved = rig.observe(&fes[loser], learned_knowing(21, now_unix_nanos(), winner.revision)).await.unwrap();
+    assert_eq!((moved.outcome, moved.move_seq), (ClaimOutcome::Moved, 1));
 }
 
 #[tokio::test]
@@ -234,9 +320,12 @@ async fn declarations_guard_claims_and_cannot_orphan_a_binding() {
     assert_eq!((r.reason, r.refusal), (Reason::MacMismatch, Refusal::Precondition));
     assert_eq!(rig.cache.read(|s| s.vms.get(&vm(31)).map(|v| v.record.clone())), Some(decl));
 
-    // Undeclaring with the binding removes both; a second time there is nothing to remove.
+    // Undeclaring with the binding removes both (a tombstone remains); a second time there is
+    // nothing to remove.
     rig.settle(rig.registry.undeclare(vm(31), true).await.unwrap()).await;
     assert_eq!(rig.bound_fe(vm(31)), None);
+    let tombstone = rig.cache.read(|s| s.tombstones.get(&vm(31)).cloned()).expect("tombstone");
+    assert_eq!(tombstone.fe_id.as_ref(), "", "removed by the controller");
     let r = rejection(rig.registry.undeclare(vm(31), true).await);
     assert_eq!((r.refusal, r.message.as_str()), (Refusal::Absent, "VM 10.10.0.31 is not declared"));
 }
@@ -309,6 +398,11 @@ async fn housekeeping_removes_a_binding_only_from_the_fe_it_names() {
     assert_eq!(rig.registry.remove_if_bound_to(vm(61), "fe2").await.unwrap(), 0);
     rig.settle(rig.registry.remove_if_bound_to(vm(62), "fe2").await.unwrap()).await;
     assert_eq!((rig.bound_fe(vm(61)).as_deref(), rig.bound_fe(vm(62))), (Some("fe1"), None));
+    assert!(rig.cache.read(|s| s.tombstones.contains_key(&vm(62))), "the removal is remembered");
+    // fe2's report from before it went down does not bring it back.
+    let known = rig.cache.read(|s| s.tombstones[&vm(62)].revision) - 1;
+    let late = rig.observe(&fe2, learned_knowing(62, now_unix_nanos(), known)).await.unwrap();
+    assert!(matches!(late.outcome, ClaimOutcome::Rejected(Rejection { reason: Reason::Stale, .. })), "{late:?}");
 }
 
 #[tokio::test]

@@ -244,6 +244,8 @@ mod tests {
             revision,
             observed_at: 1,
             committed_at: 2,
+            observed_revision: 0,
+            removed: false,
             extra: None,
         }
     }

@@ -155,12 +155,20 @@ pub fn observation(ip: &str, mac: Mac, kind: ObservationKind, observed_at: i64) 
         kind: kind as i32,
         observed_at_unix_nanos: observed_at,
         port: "vm0".into(),
+        known_revision: None,
     }
 }
 
 /// Reports one LEARNED observation (observed now) and returns its result.
 pub async fn learn(c: &mut Clients, fe_id: &str, ip: &str, mac: Mac) -> ClaimResult {
     learn_at(c, fe_id, ip, mac, unix_nanos()).await
+}
+
+/// Reports one LEARNED observed at `at` by `fe_id`'s clock, made knowing store revision `known`.
+pub async fn learn_knowing(c: &mut Clients, fe_id: &str, ip: &str, mac: Mac, at: i64, known: u64) -> ClaimResult {
+    let obs = VmObservation { known_revision: Some(known), ..observation(ip, mac, ObservationKind::Learned, at) };
+    let req = ReportRequest { fe_id: fe_id.into(), observations: vec![obs] };
+    c.agent.report(req).await.expect("report").into_inner().results.remove(0)
 }
 
 pub async fn learn_at(c: &mut Clients, fe_id: &str, ip: &str, mac: Mac, at: i64) -> ClaimResult {

@@ -1,13 +1,17 @@
-//! Throughput of the userspace IP-in-IP data plane against plain veth routing, in the same run:
+//! Throughput of the userspace tunnel data plane against plain veth routing, in the same run:
 //! iperf3 TCP between the client (behind fe1) and the VM (behind fe2), one flow and four flows,
 //! both directions, each through the tunnel (fe1 ⇄ fe2 userspace forwarders, both directions
 //! tunnelled: data one way, ACKs the other) and through the same namespaces and veths with plain
 //! kernel routing. Tunnel and veth runs alternate; every combination is repeated. Needs root
 //! and iperf3 (`--underlay gro` also ethtool).
 //!
+//! `--family ipv6` measures IPv6 TCP (client 2001:db8:2::10 → VM 2001:db8:10::11) through the
+//! 6in4 tunnel over the same IPv4 underlay, against plain IPv6 routing over the underlay veths
+//! (which carry IPv6 addresses for this baseline only).
+//!
 //! ```text
 //! cargo run --release -p victor-dataplane --example throughput -- \
-//!     [--seconds 5] [--repeats 5] [--flows 1,4] [--queues 0] [--no-offload] \
+//!     [--family ipv4|ipv6] [--seconds 5] [--repeats 5] [--flows 1,4] [--queues 0] [--no-offload] \
 //!     [--underlay veth|gro] [--out bench-results/dataplane-throughput.json]
 //! ```
 //! `--underlay gro` makes the underlay behave like NICs with GRO: `gro on` and threaded NAPI on
@@ -33,6 +37,7 @@ use victor_dataplane::counters::CounterSnapshot;
 use victor_dataplane::fib::Action;
 
 struct Args {
+    ipv6: bool,
     seconds: u32,
     repeats: usize,
     flows: Vec<u32>,
@@ -44,6 +49,7 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
+        ipv6: false,
         seconds: 5,
         repeats: 5,
         flows: vec![1, 4],
@@ -56,6 +62,13 @@ fn parse_args() -> Result<Args> {
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
+            "--family" => {
+                args.ipv6 = match value()?.as_str() {
+                    "ipv4" => false,
+                    "ipv6" => true,
+                    other => bail!("--family {other:?}: ipv4 or ipv6"),
+                }
+            }
             "--seconds" => args.seconds = value()?.parse().context("--seconds")?,
             "--repeats" => args.repeats = value()?.parse().context("--repeats")?,
             "--flows" => {
@@ -72,7 +85,7 @@ fn parse_args() -> Result<Args> {
             }
             "--out" => args.out = value()?.into(),
             other => bail!(
-                "unknown argument {other:?}; see the example's doc: --seconds --repeats --flows --queues --no-offload --underlay --out"
+                "unknown argument {other:?}; see the example's doc: --family --seconds --repeats --flows --queues --no-offload --underlay --out"
             ),
         }
     }
@@ -152,7 +165,21 @@ impl Path {
 }
 
 /// Routes client ⇄ VM through the tunnel (both directions) or plainly over the underlay.
-fn set_path(lab: &Lab, path: Path) -> Result<()> {
+fn set_path(lab: &Lab, path: Path, ipv6: bool) -> Result<()> {
+    if ipv6 {
+        let vm128 = format!("{VM6}/128");
+        match path {
+            Path::Tunnel => {
+                let _ = lab.ns(1).ip(&["-6", "route", "del", &vm128]);
+                lab.ns(2).ip(&["-6", "route", "replace", CLIENT_NET6, "dev", &lab.fe(2).tun])?;
+            }
+            Path::Veth => {
+                lab.ns(1).ip(&["-6", "route", "replace", &vm128, "via", &fe_addr6(2).to_string()])?;
+                lab.ns(2).ip(&["-6", "route", "replace", CLIENT_NET6, "via", &fe_addr6(1).to_string()])?;
+            }
+        }
+        return Ok(());
+    }
     let (vm32, client_net) = (format!("{VM}/32"), "192.0.2.0/24");
     match path {
         Path::Tunnel => {
@@ -180,17 +207,25 @@ fn underlay_gro(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// One iperf3 run: `flows` TCP flows client → VM (or VM → client with `reverse`).
-fn iperf(lab: &Lab, seconds: u32, flows: u32, reverse: bool, tag: &str) -> Result<(Value, CpuSample, CpuSample)> {
+/// One iperf3 run: `flows` TCP flows client → VM (or VM → client with `reverse`), over IPv6
+/// with `ipv6`.
+fn iperf(
+    lab: &Lab,
+    seconds: u32,
+    flows: u32,
+    reverse: bool,
+    ipv6: bool,
+    tag: &str,
+) -> Result<(Value, CpuSample, CpuSample)> {
     let port = victor_testkit::ports::free_port().to_string();
     let log = std::env::temp_dir().join(format!("victor-iperf3-server-{tag}-{}.log", std::process::id()));
-    let _server =
-        lab.vm.spawn("iperf3-server", &["iperf3", "-s", "-1", "-B", &VM.to_string(), "-p", &port], Some(&log))?;
+    let vm = if ipv6 { VM6.to_string() } else { VM.to_string() };
+    let _server = lab.vm.spawn("iperf3-server", &["iperf3", "-s", "-1", "-B", &vm, "-p", &port], Some(&log))?;
     wait_until("iperf3 server", Duration::from_secs(5), || {
         lab.vm.exec(&["ss", "-Hltn", &format!("sport = :{port}")]).map(|o| !o.stdout.is_empty()).unwrap_or(false)
     })?;
     let (secs, p) = (seconds.to_string(), flows.to_string());
-    let mut argv = vec!["iperf3", "-c", "10.10.0.11", "-p", &port, "-t", &secs, "-P", &p, "-J"];
+    let mut argv = vec!["iperf3", "-c", &vm, "-p", &port, "-t", &secs, "-P", &p, "-J"];
     if reverse {
         argv.push("-R");
     }
@@ -228,6 +263,8 @@ fn counters_delta(a: &CounterSnapshot, b: &CounterSnapshot) -> Value {
         "tunnel_rx_packets": d(a.tunnel_rx_packets, b.tunnel_rx_packets),
         "packets_per_recvmmsg": per(d(a.tunnel_rx_packets, b.tunnel_rx_packets), d(a.underlay_recvs, b.underlay_recvs)),
         "underlay_rx_coalesced": d(a.underlay_rx_coalesced, b.underlay_rx_coalesced),
+        "ipv6_tunnel_tx_packets": d(a.ipv6_tunnel_tx_packets, b.ipv6_tunnel_tx_packets),
+        "ipv6_tunnel_rx_packets": d(a.ipv6_tunnel_rx_packets, b.ipv6_tunnel_rx_packets),
         "tun_tx_packets": d(a.tun_tx_packets, b.tun_tx_packets),
         "packets_per_tun_write": per(d(a.tun_tx_packets, b.tun_tx_packets), d(a.tun_writes, b.tun_writes)),
         "drops": d(a.dropped_total(), b.dropped_total()),
@@ -252,11 +289,16 @@ fn main() -> Result<()> {
     if args.underlay_gro {
         underlay_gro(&lab)?;
     }
-    // fe2 tunnels replies to the client back to fe1.
+    // fe2 tunnels replies to the client back to fe1 (the lab binds the client's IPv6 address).
     lab.fe(2).fib.set(CLIENT, Action::Remote(fe_addr(1)))?;
-    set_path(&lab, Path::Tunnel)?;
-    let reply = client_probe(&lab, Probe::echo(VM, 1), Duration::from_secs(5))?;
-    anyhow::ensure!(reply == Some(ProbeReply::EchoReply { from: VM }), "tunnel path broken: {reply:?}");
+    set_path(&lab, Path::Tunnel, args.ipv6)?;
+    if args.ipv6 {
+        let reply = client_probe6(&lab, VM6, 1, 64, 104, Duration::from_secs(5))?;
+        anyhow::ensure!(reply == Some(Probe6Reply::EchoReply { from: VM6 }), "6in4 tunnel path broken: {reply:?}");
+    } else {
+        let reply = client_probe(&lab, Probe::echo(VM, 1), Duration::from_secs(5))?;
+        anyhow::ensure!(reply == Some(ProbeReply::EchoReply { from: VM }), "tunnel path broken: {reply:?}");
+    }
 
     let mut runs = Vec::new();
     for rep in 0..args.repeats {
@@ -265,11 +307,11 @@ fn main() -> Result<()> {
                 // Alternate which path goes first, so slow drifts of the machine's load hit both.
                 let order = if rep % 2 == 0 { [Path::Tunnel, Path::Veth] } else { [Path::Veth, Path::Tunnel] };
                 for path in order {
-                    set_path(&lab, path)?;
+                    set_path(&lab, path, args.ipv6)?;
                     let c1 = (lab.fe(1).fwd().counters(), lab.fe(2).fwd().counters());
                     let load_before = loadavg();
                     let tag = format!("{}-{flows}-{reverse}-{rep}", path.name());
-                    let (json, before, after) = iperf(&lab, args.seconds, flows, reverse, &tag)?;
+                    let (json, before, after) = iperf(&lab, args.seconds, flows, reverse, args.ipv6, &tag)?;
                     let c2 = (lab.fe(1).fwd().counters(), lab.fe(2).fwd().counters());
                     if std::env::var_os("VICTOR_BENCH_DEBUG").is_some() && path == Path::Tunnel {
                         debug_drops(&lab);
@@ -356,8 +398,9 @@ fn main() -> Result<()> {
     }
     let result = json!({
         "benchmark": "dataplane",
+        "family": if args.ipv6 { "ipv6 (6in4 over the IPv4 underlay; baseline: plain IPv6 routing)" } else { "ipv4 (IP-in-IP)" },
         "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "what": "iperf3 TCP client <-> VM; tunnel: client -> fe1 (encap) -> fe2 (decap) -> VM and back through the tunnel; veth: the same namespaces and veths with plain kernel routing",
+        "what": "iperf3 TCP client <-> VM; tunnel: client -> fe1 (encap) -> fe2 (decap) -> VM and back through the tunnel; veth: the same namespaces and veths with plain kernel routing of the same family",
         "seconds": args.seconds, "repeats": args.repeats, "offload": args.offload,
         "queues": lab.fe(1).fwd().queues(),
         "underlay": if args.underlay_gro { "gro (gro on + threaded NAPI on the receiving veth ends)" } else { "veth defaults" },

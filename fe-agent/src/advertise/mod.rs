@@ -11,21 +11,26 @@
 //! withdraws. Nothing is left behind in the kernel or in the router's configuration for a dead
 //! agent to keep exporting. docs/bgp.md explains the choice and has the router configurations.
 //!
+//! IPv4 and IPv6 mobile prefixes are announced side by side (multiprotocol BGP, RFC 4760), over an
+//! IPv4 or an IPv6 session, each family only to a router that negotiated it.
+//!
 //! The BGP-4 message codec is [`crate::codec::bgp`]; here:
 //! * [`session`] — the session state machine (pure);
 //! * [`peer`] — one router: TCP, timers, reconnects, announce/withdraw;
+//! * [`nexthop`] — the next hop of each family on a session (configured, or next-hop self);
 //! * [`health`] — the verdict: synced and fresh (or headless within the grace), data plane up.
 
 pub mod health;
+pub mod nexthop;
 pub mod peer;
 pub mod session;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -33,8 +38,9 @@ use crate::codec::bgp::Community;
 use crate::metrics::{KindLabel, Metrics};
 use crate::readiness::Readiness;
 use health::{Cause, Device, DeviceProbe, Verdict, judge};
+use nexthop::Configured;
 use peer::{Channels, Desired, PeerConfig, PeerStatus};
-use session::Params;
+use session::{Families, Params};
 
 /// How often health is evaluated (the withdrawal delay after a failure is at most this).
 pub const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
@@ -42,8 +48,8 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 /// What to announce, to whom.
 #[derive(Debug, Clone)]
 pub struct AdvertiseConfig {
-    /// The routers.
-    pub peers: Vec<SocketAddrV4>,
+    /// The routers (IPv4 or IPv6 addresses).
+    pub peers: Vec<SocketAddr>,
     /// Our AS.
     pub local_as: u32,
     /// The routers' AS.
@@ -52,12 +58,17 @@ pub struct AdvertiseConfig {
     pub router_id: Ipv4Addr,
     /// Hold time we propose (s).
     pub hold_time: u16,
-    /// NEXT_HOP; None = the local address of each session.
+    /// NEXT_HOP of the IPv4 prefixes; None = this FE's IPv4 address towards each router.
     pub next_hop: Option<Ipv4Addr>,
+    /// Next hop of the IPv6 prefixes; None = this FE's global IPv6 address (and link-local one)
+    /// on the interface towards each router.
+    pub next_hop6: Option<Ipv6Addr>,
     /// Communities on the routes.
     pub communities: Vec<Community>,
-    /// The mobile prefixes.
+    /// The IPv4 mobile prefixes.
     pub prefixes: Vec<Ipv4Net>,
+    /// The IPv6 mobile prefixes.
+    pub prefixes6: Vec<Ipv6Net>,
 }
 
 /// What health is judged from.
@@ -87,6 +98,7 @@ impl Advertiser {
         let (shutdown, shutdown_rx) = oneshot::channel();
         let mut peers = JoinSet::new();
         let mut statuses = Vec::new();
+        let families = Families { ipv4: !config.prefixes.is_empty(), ipv6: !config.prefixes6.is_empty() };
         for addr in &config.peers {
             let (status, status_rx) = watch::channel(PeerStatus::default());
             statuses.push(status_rx);
@@ -97,10 +109,12 @@ impl Advertiser {
                     peer_as: config.peer_as,
                     router_id: config.router_id,
                     hold_time: config.hold_time,
+                    families,
                 },
-                next_hop: config.next_hop,
+                next_hops: Configured { v4: config.next_hop, v6: config.next_hop6 },
                 communities: config.communities.clone(),
                 prefixes: config.prefixes.clone(),
+                prefixes6: config.prefixes6.clone(),
             };
             let channels = Channels { desired: desired_rx.clone(), stop: stop_rx.clone(), status };
             peers.spawn(peer::run(peer, channels, metrics.clone()));

@@ -1,14 +1,16 @@
 //! One BGP peer (the site's border router): connects to it, runs a [`Session`] over TCP, keeps the
 //! session alive (KEEPALIVEs, hold timer) and keeps the router's view of our prefixes equal to the
-//! desired one — announced while the FE is healthy, withdrawn otherwise. Reconnects with backoff.
-//! On stop it closes with a Cease NOTIFICATION. If the agent process dies, the kernel closes the
-//! connection and the router withdraws at once; if the agent hangs, the router's hold timer does.
+//! desired one — announced while the FE is healthy, withdrawn otherwise, for each address family
+//! the session negotiated and has a next hop for ([`super::nexthop`], read when it connects).
+//! Reconnects with backoff. On stop it closes with a Cease NOTIFICATION. If the agent process
+//! dies, the kernel closes the connection and the router withdraws at once; if the agent hangs,
+//! the router's hold timer does.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -16,7 +18,8 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use victor_daemon::Backoff;
 
-use super::session::{Params, Reaction, Session, SessionError, State};
+use super::nexthop::{self, Configured, LinkAddresses};
+use super::session::{Families, Params, Reaction, Routes, Session, SessionError, State};
 use crate::codec::bgp::{Community, Notification, frame_len, keepalive};
 use crate::metrics::{Metrics, PeerLabel};
 
@@ -32,16 +35,18 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::fro
 /// One peer's configuration.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
-    /// Where the router listens.
-    pub addr: SocketAddrV4,
+    /// Where the router listens (IPv4 or IPv6).
+    pub addr: SocketAddr,
     /// Session parameters.
     pub params: Params,
-    /// NEXT_HOP of our routes; None = the local address of the connection (next-hop self).
-    pub next_hop: Option<Ipv4Addr>,
+    /// Configured next hops; a family without one uses this FE's address towards the router.
+    pub next_hops: Configured,
     /// Communities on our routes.
     pub communities: Vec<Community>,
-    /// The prefixes.
+    /// The IPv4 prefixes.
     pub prefixes: Vec<Ipv4Net>,
+    /// The IPv6 prefixes.
+    pub prefixes6: Vec<Ipv6Net>,
 }
 
 /// What the advertiser wants the routers to see.
@@ -103,7 +108,8 @@ pub async fn run(config: PeerConfig, mut ch: Channels, metrics: Arc<Metrics>) {
         };
         let outcome = match connected {
             Ok(Ok(stream)) => {
-                let mut conn = Connection::new(&config, stream, &label, &metrics, &ch.status);
+                let (routes, link) = routes_towards(&config, &stream).await;
+                let mut conn = Connection::new(&config, stream, routes, link, &label, &metrics, &ch.status);
                 let outcome = conn.run(&mut ch.desired, &mut ch.stop).await;
                 if conn.was_established {
                     backoff.reset();
@@ -137,13 +143,69 @@ pub async fn run(config: PeerConfig, mut ch: Channels, metrics: Arc<Metrics>) {
     }
 }
 
+/// Our prefixes with their next hops on the connection `stream` to the router, and the name of
+/// the interface it runs over.
+async fn routes_towards(config: &PeerConfig, stream: &TcpStream) -> (Routes, String) {
+    let mut link = LinkAddresses::default();
+    let next_hops = match stream.local_addr() {
+        Ok(local) => {
+            match nexthop::link_of(local.ip()).await {
+                Ok(Some(found)) => link = found,
+                Ok(None) => tracing::debug!(peer = %config.addr, %local, "no interface has the session's address"),
+                Err(e) => tracing::warn!(peer = %config.addr, error = %e, "cannot read the interface addresses"),
+            }
+            nexthop::choose(local.ip(), config.addr.ip(), config.next_hops, &link)
+        }
+        Err(e) => {
+            tracing::warn!(peer = %config.addr, error = %e, "the connection has no local address");
+            nexthop::NextHops { v4: config.next_hops.v4, v6: None }
+        }
+    };
+    let routes = Routes {
+        v4: config.prefixes.clone(),
+        next_hop4: next_hops.v4,
+        v6: config.prefixes6.clone(),
+        next_hop6: next_hops.v6,
+    };
+    (routes, link.name)
+}
+
+/// Why a family of ours is not announced on a session that negotiated `families`, per family
+/// that has prefixes but is not sent.
+fn not_announced(routes: &Routes, families: Families, link: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, has, negotiated, next_hop, flag) in [
+        ("IPv4", !routes.v4.is_empty(), families.ipv4, routes.next_hop4.is_some(), "--bgp-next-hop"),
+        ("IPv6", !routes.v6.is_empty(), families.ipv6, routes.next_hop6.is_some(), "--bgp-next-hop6"),
+    ] {
+        if !has {
+            continue;
+        }
+        if !negotiated {
+            out.push(format!(
+                "the router did not negotiate {name} unicast: the {name} mobile prefixes are not announced"
+            ));
+        } else if !next_hop {
+            let link = if link.is_empty() { "the interface towards the router" } else { link };
+            out.push(format!(
+                "no {name} next hop: {link} has no usable {name} address and {flag} is not set; \
+                 the {name} mobile prefixes are not announced"
+            ));
+        }
+    }
+    out
+}
+
 /// One TCP connection to the router.
 struct Connection<'a> {
     config: &'a PeerConfig,
     rd: tokio::net::tcp::OwnedReadHalf,
     wr: OwnedWriteHalf,
     session: Session,
-    next_hop: Ipv4Addr,
+    /// Our prefixes and their next hops on this connection.
+    routes: Routes,
+    /// The interface towards the router (for the log).
+    link: String,
     /// When the peer's silence ends the session (its OPEN, then the negotiated hold time).
     hold_deadline: Option<Instant>,
     /// When we send the next KEEPALIVE.
@@ -159,22 +221,21 @@ impl<'a> Connection<'a> {
     fn new(
         config: &'a PeerConfig,
         stream: TcpStream,
+        routes: Routes,
+        link: String,
         label: &'a PeerLabel,
         metrics: &'a Metrics,
         status: &'a watch::Sender<PeerStatus>,
     ) -> Self {
         let _ = stream.set_nodelay(true);
-        let local = match stream.local_addr() {
-            Ok(SocketAddr::V4(a)) => *a.ip(),
-            _ => Ipv4Addr::UNSPECIFIED,
-        };
         let (rd, wr) = stream.into_split();
         Connection {
             config,
             rd,
             wr,
             session: Session::new(config.params),
-            next_hop: config.next_hop.unwrap_or(local),
+            routes,
+            link,
             hold_deadline: Some(Instant::now() + OPEN_WAIT),
             keepalive_at: None,
             announced: false,
@@ -278,9 +339,14 @@ impl<'a> Connection<'a> {
                     peer = %self.config.addr,
                     peer_id = %n.peer_id,
                     hold_time = n.hold_time,
-                    next_hop = %self.next_hop,
+                    families = %n.families,
+                    next_hop = ?self.routes.next_hop4,
+                    next_hop6 = ?self.routes.next_hop6,
                     "BGP session established"
                 );
+                for why in not_announced(&self.routes, n.families, &self.link) {
+                    tracing::warn!(peer = %self.config.addr, "BGP: {why}");
+                }
                 self.status.send_modify(|s| s.established = true);
                 self.metrics.bgp_session_up.get_or_create(self.label).set(1);
                 self.metrics.bgp_sessions_established.get_or_create(self.label).inc();
@@ -303,11 +369,10 @@ impl<'a> Connection<'a> {
         if announce == self.announced && !(again && announce) {
             return Ok(());
         }
-        let prefixes = &self.config.prefixes;
         let msgs = if announce {
-            self.session.announce(prefixes, self.next_hop, &self.config.communities)
+            self.session.announce(&self.routes, &self.config.communities)
         } else {
-            self.session.withdraw(prefixes)
+            self.session.withdraw(&self.routes)
         };
         for m in &msgs {
             self.write(m).await?;
@@ -315,16 +380,25 @@ impl<'a> Connection<'a> {
         self.announced = announce;
         self.status.send_modify(|s| s.announced = announce);
         self.metrics.bgp_announced.get_or_create(self.label).set(i64::from(announce));
+        let families = self.session.sendable(&self.routes);
+        let r = &self.routes;
+        let (v4, v6) = (families.ipv4.then_some(&r.v4), families.ipv6.then_some(&r.v6));
         match want {
             Desired::Announce => tracing::info!(
                 peer = %self.config.addr,
-                prefixes = ?prefixes,
-                next_hop = %self.next_hop,
+                prefixes = ?v4,
+                next_hop = ?families.ipv4.then_some(r.next_hop4).flatten(),
+                prefixes6 = ?v6,
+                next_hop6 = ?families.ipv6.then_some(r.next_hop6).flatten(),
                 "BGP: mobile prefixes announced"
             ),
-            Desired::Withdraw(why) => {
-                tracing::info!(peer = %self.config.addr, prefixes = ?prefixes, reason = %why, "BGP: mobile prefixes withdrawn")
-            }
+            Desired::Withdraw(why) => tracing::info!(
+                peer = %self.config.addr,
+                prefixes = ?v4,
+                prefixes6 = ?v6,
+                reason = %why,
+                "BGP: mobile prefixes withdrawn"
+            ),
         }
         Ok(())
     }
@@ -335,5 +409,34 @@ impl<'a> Connection<'a> {
             Ok(Err(e)) => Err(PeerError::Io("write", e)),
             Err(_) => Err(PeerError::Timeout("write")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_that_are_not_announced_say_why() {
+        let routes = Routes {
+            v4: vec!["10.10.0.0/16".parse().unwrap()],
+            next_hop4: Some("203.0.113.2".parse().unwrap()),
+            v6: vec!["2001:db8:a::/48".parse().unwrap()],
+            next_hop6: None,
+        };
+        let both = Families { ipv4: true, ipv6: true };
+        let why = not_announced(&routes, both, "up0");
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].contains("up0 has no usable IPv6 address and --bgp-next-hop6 is not set"), "{why:?}");
+        let why = not_announced(&routes, Families { ipv4: true, ipv6: false }, "up0");
+        assert!(why[0].contains("did not negotiate IPv6 unicast"), "{why:?}");
+        // Nothing to say when every family with prefixes goes out, or a family has none.
+        let full = Routes {
+            next_hop6: Some(crate::codec::bgp::NextHop6 { global: "2001:db8::2".parse().unwrap(), link_local: None }),
+            ..routes.clone()
+        };
+        assert!(not_announced(&full, both, "up0").is_empty());
+        let v4_only = Routes { v6: vec![], ..routes };
+        assert!(not_announced(&v4_only, Families { ipv4: true, ipv6: false }, "up0").is_empty());
     }
 }

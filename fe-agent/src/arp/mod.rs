@@ -2,7 +2,8 @@
 //! [`victor_dataplane::arp_io::ArpCapture`] (AF_PACKET + BPF, kernel receive timestamps,
 //! malformed frames counted by the capture), storm protection ([`crate::ratelimit`]) and what a
 //! frame means ([`classify`]). A capture task drops sources over their rate budget and hands the
-//! rest to the engine, which learns and answers through [`ArpPorts`].
+//! rest to the engine, which learns and answers through [`ArpPorts`]. The kernel's receive time
+//! is put on the agent's clock ([`WallClock`]: the test-only `--clock-offset` shifts it too).
 
 pub mod classify;
 
@@ -14,6 +15,7 @@ use tokio::sync::mpsc;
 use victor_dataplane::arp_io::{ArpCapture, CaptureStats};
 use victor_dataplane::packet::arp::ArpMessage;
 
+use crate::clock::WallClock;
 use crate::metrics::{CaptureCounts, KindLabel, Metrics};
 use crate::ports::Port;
 use crate::ratelimit::RateLimiter;
@@ -25,7 +27,7 @@ pub struct ArpFrame {
     pub port: Port,
     /// The message.
     pub msg: ArpMessage,
-    /// Capture time, wall ns.
+    /// Capture time (the kernel's), wall ns on the agent's clock.
     pub wall: i64,
     /// Capture time, monotonic ns.
     pub mono: u64,
@@ -38,6 +40,7 @@ async fn capture_task(
     mut limiter: RateLimiter,
     out: mpsc::Sender<ArpFrame>,
     metrics: Arc<Metrics>,
+    clock: WallClock,
 ) {
     let mut last_gc = 0u64;
     loop {
@@ -64,7 +67,7 @@ async fn capture_task(
             limiter.gc(rx.mono_ns);
             last_gc = rx.mono_ns;
         }
-        let wall = rx.wall.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let wall = clock.shift(rx.wall.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0));
         let frame = ArpFrame { port: port.clone(), msg, wall, mono: rx.mono_ns };
         match out.try_send(frame) {
             Ok(()) => {}
@@ -99,18 +102,20 @@ pub struct ArpPorts {
     frames: mpsc::Sender<ArpFrame>,
     budget: (u32, u32),
     metrics: Arc<Metrics>,
+    clock: WallClock,
 }
 
 impl ArpPorts {
     /// Captures register in `captures`, send what they read to `frames`, each source within
-    /// `budget` (frames/s, burst).
+    /// `budget` (frames/s, burst), capture times on `clock`.
     pub fn new(
         captures: Arc<Captures>,
         frames: mpsc::Sender<ArpFrame>,
         budget: (u32, u32),
         metrics: Arc<Metrics>,
+        clock: WallClock,
     ) -> Self {
-        ArpPorts { captures, tasks: HashMap::new(), frames, budget, metrics }
+        ArpPorts { captures, tasks: HashMap::new(), frames, budget, metrics, clock }
     }
 
     /// Starts capturing ARP on `port` (replacing a capture of the same index).
@@ -125,7 +130,7 @@ impl ArpPorts {
         let replaced = self.captures.insert(port.ifindex, capture.clone());
         retire(self.tasks.remove(&port.ifindex), replaced);
         let limiter = RateLimiter::new(self.budget.0, self.budget.1);
-        let task = capture_task(capture, port.clone(), limiter, self.frames.clone(), self.metrics.clone());
+        let task = capture_task(capture, port.clone(), limiter, self.frames.clone(), self.metrics.clone(), self.clock);
         self.tasks.insert(port.ifindex, tokio::spawn(task));
     }
 

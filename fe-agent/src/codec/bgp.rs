@@ -1,14 +1,16 @@
 //! BGP-4 messages, as much of them as a route injector needs: OPEN with capabilities (RFC 4271,
-//! RFC 5492; multiprotocol IPv4 unicast RFC 4760; 4-octet AS numbers RFC 6793), UPDATE with
-//! ORIGIN, AS_PATH, NEXT_HOP, LOCAL_PREF and COMMUNITIES (RFC 1997), KEEPALIVE, NOTIFICATION and
-//! ROUTE-REFRESH. Pure: bytes in, values out. Every decoding error names the NOTIFICATION
-//! (code, subcode, data) RFC 4271 §6 says to answer it with.
+//! RFC 5492; multiprotocol extensions RFC 4760; 4-octet AS numbers RFC 6793), UPDATE with
+//! ORIGIN, AS_PATH, NEXT_HOP, MED, LOCAL_PREF and COMMUNITIES (RFC 1997) for IPv4 unicast in the
+//! classic fields and IPv6 unicast in MP_REACH_NLRI / MP_UNREACH_NLRI (RFC 4760; global and
+//! link-local next hop, RFC 2545), KEEPALIVE, NOTIFICATION and ROUTE-REFRESH. Pure: bytes in,
+//! values out. Every decoding error names the NOTIFICATION (code, subcode, data) RFC 4271 §6 says
+//! to answer it with.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Length of the message header (marker, length, type).
 pub const HEADER_LEN: usize = 19;
@@ -34,13 +36,17 @@ const ATTR_NEXT_HOP: u8 = 3;
 const ATTR_MED: u8 = 4;
 const ATTR_LOCAL_PREF: u8 = 5;
 const ATTR_COMMUNITIES: u8 = 8;
+const ATTR_MP_REACH: u8 = 14;
+const ATTR_MP_UNREACH: u8 = 15;
 const FLAG_OPTIONAL: u8 = 0x80;
 const FLAG_TRANSITIVE: u8 = 0x40;
 const FLAG_EXTENDED: u8 = 0x10;
 const AS_SEQUENCE: u8 = 2;
 
-/// Address family IPv4, subsequent address family unicast.
+/// Address family IPv4.
 pub const AFI_IPV4: u16 = 1;
+/// Address family IPv6.
+pub const AFI_IPV6: u16 = 2;
 /// Unicast SAFI.
 pub const SAFI_UNICAST: u8 = 1;
 
@@ -205,15 +211,48 @@ pub struct Attributes {
     pub communities: Vec<Community>,
 }
 
-/// An UPDATE message (IPv4 unicast in the classic fields).
+/// An UPDATE message: IPv4 unicast in the classic fields, IPv6 unicast in the multiprotocol
+/// attributes (other families are skipped when decoding).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Update {
-    /// Withdrawn routes.
+    /// Withdrawn IPv4 routes.
     pub withdrawn: Vec<Ipv4Net>,
-    /// Path attributes (meaningful only with `nlri`).
+    /// Path attributes (meaningful only with `nlri` or `reach6`).
     pub attributes: Attributes,
-    /// Announced routes.
+    /// Announced IPv4 routes.
     pub nlri: Vec<Ipv4Net>,
+    /// Announced IPv6 routes with their next hop (MP_REACH_NLRI), if the UPDATE has them.
+    pub reach6: Option<Reach6>,
+    /// Withdrawn IPv6 routes (MP_UNREACH_NLRI; empty in an IPv6 End-of-RIB).
+    pub unreach6: Vec<Ipv6Net>,
+}
+
+/// The IPv6 unicast part of an MP_REACH_NLRI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach6 {
+    /// Where the routes lead.
+    pub next_hop: NextHop6,
+    /// The announced prefixes.
+    pub nlri: Vec<Ipv6Net>,
+}
+
+/// The next hop of IPv6 routes (RFC 2545): a global address, and the link-local address of the
+/// same interface when the peer shares that link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextHop6 {
+    /// Global address.
+    pub global: Ipv6Addr,
+    /// Link-local address (sent only to a peer on the same link).
+    pub link_local: Option<Ipv6Addr>,
+}
+
+impl fmt::Display for NextHop6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.link_local {
+            Some(ll) => write!(f, "{} ({ll})", self.global),
+            None => write!(f, "{}", self.global),
+        }
+    }
 }
 
 impl Update {
@@ -245,6 +284,51 @@ impl Update {
             .collect()
     }
 
+    /// Encodes UPDATEs announcing the IPv6 `prefixes` via `next_hop` in MP_REACH_NLRI, with
+    /// `attributes` (whose IPv4 `next_hop` is not sent), as many as needed. MP_REACH_NLRI comes
+    /// first (RFC 7606 §5.1) and always with an extended length, as BIRD and FRR write it.
+    pub fn announce6(
+        prefixes: &[Ipv6Net],
+        attributes: &Attributes,
+        next_hop: NextHop6,
+        four_octet: bool,
+    ) -> Vec<Vec<u8>> {
+        let attrs = encode_attributes(&Attributes { next_hop: None, ..attributes.clone() }, four_octet);
+        let mut head = mp_family(AFI_IPV6);
+        head.push(if next_hop.link_local.is_some() { 32 } else { 16 });
+        head.extend_from_slice(&next_hop.global.octets());
+        if let Some(ll) = next_hop.link_local {
+            head.extend_from_slice(&ll.octets());
+        }
+        head.push(0); // reserved (formerly the number of SNPAs)
+        let fixed = HEADER_LEN + 2 + 2 + MP_ATTR_HEADER + head.len() + attrs.len();
+        chunks(prefixes, MAX_LEN - fixed)
+            .map(|nlri| {
+                let mut all = Vec::with_capacity(MP_ATTR_HEADER + head.len() + nlri.len() + attrs.len());
+                push_attribute(&mut all, FLAG_OPTIONAL | FLAG_EXTENDED, ATTR_MP_REACH, &[&head[..], &nlri].concat());
+                all.extend_from_slice(&attrs);
+                frame(UPDATE, &path_attributes_only(&all))
+            })
+            .collect()
+    }
+
+    /// Encodes UPDATEs withdrawing the IPv6 `prefixes` in MP_UNREACH_NLRI (as many as needed).
+    pub fn withdraw6(prefixes: &[Ipv6Net]) -> Vec<Vec<u8>> {
+        let family = mp_family(AFI_IPV6);
+        chunks(prefixes, MAX_LEN - HEADER_LEN - 2 - 2 - MP_ATTR_HEADER - family.len())
+            .map(|nlri| {
+                let mut attr = Vec::with_capacity(MP_ATTR_HEADER + family.len() + nlri.len());
+                push_attribute(
+                    &mut attr,
+                    FLAG_OPTIONAL | FLAG_EXTENDED,
+                    ATTR_MP_UNREACH,
+                    &[&family[..], &nlri].concat(),
+                );
+                frame(UPDATE, &path_attributes_only(&attr))
+            })
+            .collect()
+    }
+
     fn decode(body: &[u8], four_octet: bool) -> Result<Update, DecodeError> {
         let bad = |what: &str| DecodeError::new(ErrorCode::Update, 1, Vec::new(), format!("UPDATE: {what}"));
         let wlen = usize::from(u16::from_be_bytes(*body.first_chunk().ok_or_else(|| bad("shorter than 4 bytes"))?));
@@ -253,17 +337,29 @@ impl Update {
         let alen = usize::from(u16::from_be_bytes(*rest.first_chunk().ok_or_else(|| bad("no attribute length"))?));
         let attrs = rest.get(2..2 + alen).ok_or_else(|| bad("path attributes overrun the message"))?;
         let nlri = &rest[2 + alen..];
-        let prefixes = |data: &[u8]| {
-            decode_prefixes(data)
-                .ok_or_else(|| DecodeError::new(ErrorCode::Update, 10, Vec::new(), "UPDATE: invalid prefix".into()))
-        };
-        Ok(Update {
-            withdrawn: prefixes(withdrawn)?,
-            attributes: decode_attributes(attrs, four_octet)?,
-            nlri: prefixes(nlri)?,
-        })
+        let prefixes = |data: &[u8]| decode_prefixes(data).ok_or_else(invalid_prefix);
+        let (attributes, reach6, unreach6) = decode_attributes(attrs, four_octet)?;
+        Ok(Update { withdrawn: prefixes(withdrawn)?, attributes, nlri: prefixes(nlri)?, reach6, unreach6 })
     }
 }
+
+/// The UPDATE body of path attributes `attrs` without classic routes.
+fn path_attributes_only(attrs: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(4 + attrs.len());
+    body.extend_from_slice(&[0, 0]);
+    body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+    body.extend_from_slice(attrs);
+    body
+}
+
+/// AFI and SAFI (unicast) as they open an MP_(UN)REACH_NLRI.
+fn mp_family(afi: u16) -> Vec<u8> {
+    let a = afi.to_be_bytes();
+    vec![a[0], a[1], SAFI_UNICAST]
+}
+
+/// Flags, type and 2-byte length of an extended-length attribute.
+const MP_ATTR_HEADER: usize = 4;
 
 /// A NOTIFICATION: why a session is closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -458,8 +554,8 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Prefixes encoded back to back, cut into pieces of at most `room` bytes.
-fn chunks(prefixes: &[Ipv4Net], room: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
+/// Prefixes (IPv4 or IPv6) encoded back to back, cut into pieces of at most `room` bytes.
+fn chunks<P: Copy + Into<IpNet>>(prefixes: &[P], room: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
     let mut rest = prefixes;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -467,35 +563,106 @@ fn chunks(prefixes: &[Ipv4Net], room: usize) -> impl Iterator<Item = Vec<u8>> + 
         }
         let mut out = Vec::new();
         while let Some((p, tail)) = rest.split_first() {
+            let p: IpNet = (*p).into();
             let bytes = usize::from(p.prefix_len()).div_ceil(8);
             if !out.is_empty() && out.len() + 1 + bytes > room {
                 break;
             }
             out.push(p.prefix_len());
-            out.extend_from_slice(&p.network().octets()[..bytes]);
+            match p.network() {
+                IpAddr::V4(a) => out.extend_from_slice(&a.octets()[..bytes]),
+                IpAddr::V6(a) => out.extend_from_slice(&a.octets()[..bytes]),
+            }
             rest = tail;
         }
         Some(out)
     })
 }
 
-fn decode_prefixes(mut data: &[u8]) -> Option<Vec<Ipv4Net>> {
+/// A prefix type of the NLRI encoding (length in bits, then as many address bytes as it needs).
+trait Prefix: Sized {
+    /// Bytes of the address.
+    const BYTES: usize;
+    /// The prefix of `len` bits whose address starts with `octets` (zero-padded), host bits
+    /// cleared.
+    fn from_octets(octets: &[u8], len: u8) -> Option<Self>;
+}
+
+impl Prefix for Ipv4Net {
+    const BYTES: usize = 4;
+    fn from_octets(octets: &[u8], len: u8) -> Option<Self> {
+        let mut a = [0u8; 4];
+        a[..octets.len()].copy_from_slice(octets);
+        Some(Ipv4Net::new(Ipv4Addr::from(a), len).ok()?.trunc())
+    }
+}
+
+impl Prefix for Ipv6Net {
+    const BYTES: usize = 16;
+    fn from_octets(octets: &[u8], len: u8) -> Option<Self> {
+        let mut a = [0u8; 16];
+        a[..octets.len()].copy_from_slice(octets);
+        Some(Ipv6Net::new(Ipv6Addr::from(a), len).ok()?.trunc())
+    }
+}
+
+/// Prefixes back to back; None if one is longer than the address or overruns.
+fn decode_prefixes<P: Prefix>(mut data: &[u8]) -> Option<Vec<P>> {
     let mut out = Vec::new();
     while let [len, rest @ ..] = data {
         let bytes = usize::from(*len).div_ceil(8);
-        if *len > 32 || rest.len() < bytes {
+        if bytes > P::BYTES || rest.len() < bytes {
             return None;
         }
-        let mut octets = [0u8; 4];
-        octets[..bytes].copy_from_slice(&rest[..bytes]);
-        out.push(Ipv4Net::new(Ipv4Addr::from(octets), *len).ok()?.trunc());
+        out.push(P::from_octets(&rest[..bytes], *len)?);
         data = &rest[bytes..];
     }
     Some(out)
 }
 
+fn invalid_prefix() -> DecodeError {
+    DecodeError::new(ErrorCode::Update, 10, Vec::new(), "UPDATE: invalid prefix".into())
+}
+
+/// The IPv6 unicast routes of an MP_(UN)REACH_NLRI, with the next hop of an MP_REACH_NLRI.
+type Mp6 = (Option<NextHop6>, Vec<Ipv6Net>);
+
+/// The IPv6 unicast content of an MP_REACH_NLRI (`reach`: its next hop and prefixes) or an
+/// MP_UNREACH_NLRI (no next hop); None for another family, which a route injector skips.
+fn decode_mp(value: &[u8], reach: bool) -> Result<Option<Mp6>, DecodeError> {
+    let name = if reach { "MP_REACH_NLRI" } else { "MP_UNREACH_NLRI" };
+    // RFC 4271 §6.3: a malformed optional attribute is an Optional Attribute Error.
+    let bad = |what: &str| DecodeError::new(ErrorCode::Update, 9, Vec::new(), format!("UPDATE: {name}: {what}"));
+    let [a0, a1, safi, ref rest @ ..] = *value else {
+        return Err(bad("shorter than its address family"));
+    };
+    if (u16::from_be_bytes([a0, a1]), safi) != (AFI_IPV6, SAFI_UNICAST) {
+        return Ok(None);
+    }
+    let (next_hop, nlri) = if reach {
+        let [nh_len, ref rest @ ..] = *rest else {
+            return Err(bad("no next hop length"));
+        };
+        let nh = rest.get(..usize::from(nh_len)).ok_or_else(|| bad("the next hop overruns"))?;
+        let addr = |b: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(b).expect("16 bytes"));
+        let next_hop = match nh.len() {
+            16 => NextHop6 { global: addr(nh), link_local: None },
+            32 => NextHop6 { global: addr(&nh[..16]), link_local: Some(addr(&nh[16..])) },
+            n => return Err(bad(&format!("IPv6 next hop of {n} bytes (16 or 32)"))),
+        };
+        // One reserved byte (formerly the number of SNPAs) between the next hop and the routes.
+        let nlri = rest.get(usize::from(nh_len) + 1..).ok_or_else(|| bad("no reserved byte after the next hop"))?;
+        (Some(next_hop), nlri)
+    } else {
+        (None, rest)
+    };
+    Ok(Some((next_hop, decode_prefixes(nlri).ok_or_else(invalid_prefix)?)))
+}
+
+/// Writes one path attribute; with an extended (2-byte) length if `flags` asks for it or the
+/// value needs it.
 fn push_attribute(out: &mut Vec<u8>, flags: u8, kind: u8, value: &[u8]) {
-    if value.len() > 255 {
+    if flags & FLAG_EXTENDED != 0 || value.len() > 255 {
         out.push(flags | FLAG_EXTENDED);
         out.push(kind);
         out.extend_from_slice(&(value.len() as u16).to_be_bytes());
@@ -539,9 +706,13 @@ fn encode_attributes(a: &Attributes, four_octet: bool) -> Vec<u8> {
     out
 }
 
-fn decode_attributes(mut data: &[u8], four_octet: bool) -> Result<Attributes, DecodeError> {
+/// The attributes of an UPDATE with the IPv6 routes of its MP_REACH_NLRI / MP_UNREACH_NLRI.
+type DecodedAttributes = (Attributes, Option<Reach6>, Vec<Ipv6Net>);
+
+fn decode_attributes(mut data: &[u8], four_octet: bool) -> Result<DecodedAttributes, DecodeError> {
     let bad = |subcode: u8, what: String| DecodeError::new(ErrorCode::Update, subcode, Vec::new(), what);
     let mut a = Attributes::default();
+    let (mut reach6, mut unreach6) = (None, Vec::new());
     while !data.is_empty() {
         let [flags, kind, ref rest @ ..] = *data else {
             return Err(bad(1, "UPDATE: truncated path attribute".into()));
@@ -583,10 +754,20 @@ fn decode_attributes(mut data: &[u8], four_octet: bool) -> Result<Attributes, De
                     value.chunks(4).map(|c| Community(u32::from_be_bytes([c[0], c[1], c[2], c[3]]))).collect()
             }
             ATTR_COMMUNITIES => return Err(bad(5, "COMMUNITIES length".into())),
+            ATTR_MP_REACH => {
+                if let Some((Some(next_hop), nlri)) = decode_mp(value, true)? {
+                    reach6 = Some(Reach6 { next_hop, nlri });
+                }
+            }
+            ATTR_MP_UNREACH => {
+                if let Some((_, nlri)) = decode_mp(value, false)? {
+                    unreach6 = nlri;
+                }
+            }
             _ => {}
         }
     }
-    Ok(a)
+    Ok((a, reach6, unreach6))
 }
 
 #[cfg(test)]
@@ -650,7 +831,7 @@ mod tests {
         let msgs = Update::announce(&prefixes, &attrs, true);
         assert_eq!(msgs.len(), 1);
         let Message::Update(u) = decode(&msgs[0], true).unwrap() else { panic!() };
-        assert_eq!(u, Update { withdrawn: vec![], attributes: attrs.clone(), nlri: prefixes.to_vec() });
+        assert_eq!(u, Update { attributes: attrs.clone(), nlri: prefixes.to_vec(), ..Update::default() });
         // 2-octet AS_PATH when the session did not negotiate 4-octet AS numbers.
         let msgs = Update::announce(&prefixes[..1], &attrs, false);
         let Message::Update(u) = decode(&msgs[0], false).unwrap() else { panic!() };
@@ -675,6 +856,150 @@ mod tests {
             }
             assert_eq!(seen, prefixes);
         }
+    }
+
+    /// `2001:db8:1::/48` via 2001:db8::1 and fe80::1, eBGP from AS 65010 (4-octet), computed by
+    /// hand from RFC 4760 §3 and RFC 2545 §3; netgauze-bgp-pkt writes the same 84 bytes
+    /// (`fuzz/corpus/bgp_message/update_ipv6_announce` behind the fuzzer's flag byte).
+    #[rustfmt::skip]
+    const IPV6_ANNOUNCE: [u8; 84] = [
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, // marker
+        0x00, 0x54, 0x02, // length 84, UPDATE
+        0x00, 0x00, // no withdrawn IPv4 routes
+        0x00, 0x3d, // 61 bytes of path attributes
+        0x90, 0x0e, 0x00, 0x2c, // MP_REACH_NLRI: optional, extended length, 44 bytes
+        0x00, 0x02, 0x01, 0x20, // AFI 2 (IPv6), SAFI 1 (unicast), next hop of 32 bytes:
+        0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, // global 2001:db8::1
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, // link-local fe80::1
+        0x00, // reserved
+        0x30, 0x20, 0x01, 0x0d, 0xb8, 0x00, 0x01, // 2001:db8:1::/48
+        0x40, 0x01, 0x01, 0x00, // ORIGIN IGP
+        0x40, 0x02, 0x06, 0x02, 0x01, 0x00, 0x00, 0xfd, 0xf2, // AS_PATH: AS_SEQUENCE of one, 65010
+    ];
+
+    fn net6(s: &str) -> Ipv6Net {
+        s.parse().unwrap()
+    }
+
+    fn ebgp_attrs() -> Attributes {
+        Attributes { origin: Some(0), as_path: vec![65010], ..Attributes::default() }
+    }
+
+    #[test]
+    fn ipv6_announcement_matches_the_hand_computed_bytes() {
+        let next_hop =
+            NextHop6 { global: "2001:db8::1".parse().unwrap(), link_local: Some("fe80::1".parse().unwrap()) };
+        let p = net6("2001:db8:1::/48");
+        // The IPv4 NEXT_HOP of the attributes is not written: the MP_REACH_NLRI has the next hop.
+        let attrs = Attributes { next_hop: Some(Ipv4Addr::new(192, 0, 2, 1)), ..ebgp_attrs() };
+        assert_eq!(Update::announce6(&[p], &attrs, next_hop, true), vec![IPV6_ANNOUNCE.to_vec()]);
+        let want =
+            Update { attributes: ebgp_attrs(), reach6: Some(Reach6 { next_hop, nlri: vec![p] }), ..Update::default() };
+        assert_eq!(decode(&IPV6_ANNOUNCE, true).unwrap(), Message::Update(want.clone()));
+        // The same with a 1-byte attribute length (flags 0x80): 83 bytes, same meaning.
+        let mut short = IPV6_ANNOUNCE.to_vec();
+        short.remove(25);
+        short[23] = 0x80;
+        short[17] = 83;
+        short[22] = 60;
+        assert_eq!(decode(&short, true).unwrap(), Message::Update(want));
+        // Global next hop only: 16 bytes.
+        let global = NextHop6 { link_local: None, ..next_hop };
+        let Message::Update(u) = decode(&Update::announce6(&[p], &attrs, global, true)[0], true).unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.reach6, Some(Reach6 { next_hop: global, nlri: vec![p] }));
+    }
+
+    #[test]
+    fn ipv6_withdrawal_matches_the_hand_computed_bytes() {
+        #[rustfmt::skip]
+        let want = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x00, 0x25, 0x02, // length 37, UPDATE
+            0x00, 0x00, 0x00, 0x0e, // no withdrawn IPv4 routes, 14 bytes of attributes
+            0x90, 0x0f, 0x00, 0x0a, // MP_UNREACH_NLRI, extended length 10
+            0x00, 0x02, 0x01, // IPv6 unicast
+            0x30, 0x20, 0x01, 0x0d, 0xb8, 0x00, 0x01, // 2001:db8:1::/48
+        ];
+        let p = net6("2001:db8:1::/48");
+        assert_eq!(Update::withdraw6(&[p]), vec![want.to_vec()]);
+        assert_eq!(decode(&want, false).unwrap(), Message::Update(Update { unreach6: vec![p], ..Update::default() }));
+        // BIRD's IPv6 End-of-RIB (RFC 4724): an empty MP_UNREACH_NLRI.
+        let eor = frame(UPDATE, &[0, 0, 0, 6, 0x80, 15, 3, 0, 2, 1]);
+        assert_eq!(decode(&eor, true).unwrap(), Message::Update(Update::default()));
+    }
+
+    #[test]
+    fn bird_open_offers_ipv4_and_ipv6_unicast() {
+        // BIRD 2.0.12's OPEN on a session with an ipv4 and an ipv6 channel
+        // (`fuzz/corpus/bgp_message/open_bird_dual_stack`).
+        #[rustfmt::skip]
+        let caps: &[u8] = &[
+            1, 4, 0, 1, 0, 1, // multiprotocol IPv4 unicast
+            1, 4, 0, 2, 0, 1, // multiprotocol IPv6 unicast
+            2, 0, // route refresh
+            64, 2, 0, 120, // graceful restart
+            65, 4, 0, 0, 0xfd, 0xe8, // 4-octet AS 65000
+            70, 0, // enhanced route refresh
+            71, 0, // long-lived graceful restart
+        ];
+        let mut body = vec![4, 0xfd, 0xe8, 0, 9, 192, 0, 2, 1, (caps.len() + 2) as u8, 2, caps.len() as u8];
+        body.extend_from_slice(caps);
+        let bytes = frame(OPEN, &body);
+        assert_eq!(bytes.len(), 59);
+        let Message::Open(o) = decode(&bytes, false).unwrap() else { panic!() };
+        assert_eq!((o.asn, o.hold_time, o.router_id), (65000, 9, Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(
+            o.capabilities[..2],
+            [
+                Capability::Multiprotocol { afi: AFI_IPV4, safi: SAFI_UNICAST },
+                Capability::Multiprotocol { afi: AFI_IPV6, safi: SAFI_UNICAST }
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_multiprotocol_attributes_name_their_notification() {
+        let update = |attrs: &[u8]| {
+            let mut body = vec![0, 0];
+            body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+            body.extend_from_slice(attrs);
+            decode(&frame(UPDATE, &body), true)
+        };
+        let code = |r: Result<Message, DecodeError>| {
+            let e = r.unwrap_err();
+            (e.notification.code, e.notification.subcode)
+        };
+        // Next hop of 3 bytes; next hop overrunning; no reserved byte; family cut short.
+        assert_eq!(code(update(&[0x80, 14, 8, 0, 2, 1, 3, 1, 2, 3, 0])), (3, 9));
+        assert_eq!(code(update(&[0x80, 14, 6, 0, 2, 1, 16, 0, 0])), (3, 9));
+        let mut no_reserved = vec![0x80, 14, 20, 0, 2, 1, 16];
+        no_reserved.extend([0; 16]);
+        assert_eq!(code(update(&no_reserved)), (3, 9));
+        assert_eq!(code(update(&[0x80, 15, 2, 0, 2])), (3, 9));
+        // A /129 and a prefix that overruns.
+        assert_eq!(code(update(&[0x80, 15, 5, 0, 2, 1, 129, 0])), (3, 10));
+        assert_eq!(code(update(&[0x80, 15, 5, 0, 2, 1, 48, 0x20])), (3, 10));
+        // Another family (IPv4 flowspec) is skipped, whatever it holds.
+        let Message::Update(u) = update(&[0x80, 14, 5, 0, 1, 133, 0xff, 0xff]).unwrap() else { panic!() };
+        assert_eq!(u, Update::default());
+    }
+
+    #[test]
+    fn many_ipv6_prefixes_are_split_into_messages_within_4096_bytes() {
+        let prefixes: Vec<Ipv6Net> = (0..3000u128)
+            .map(|i| Ipv6Net::new(Ipv6Addr::from((0x2001_0db8u128 << 96) | (i << 16)), 112).unwrap())
+            .collect();
+        let next_hop =
+            NextHop6 { global: "2001:db8::1".parse().unwrap(), link_local: Some("fe80::1".parse().unwrap()) };
+        let announced = updates(&Update::announce6(&prefixes, &ebgp_attrs(), next_hop, true), true);
+        assert!(announced.len() > 1);
+        let nlri: Vec<Ipv6Net> = announced.into_iter().flat_map(|u| u.reach6.unwrap().nlri).collect();
+        assert_eq!(nlri, prefixes);
+        let withdrawn = updates(&Update::withdraw6(&prefixes), true);
+        assert!(withdrawn.len() > 1);
+        assert_eq!(withdrawn.into_iter().flat_map(|u| u.unreach6).collect::<Vec<_>>(), prefixes);
     }
 
     #[test]
@@ -729,6 +1054,17 @@ mod tests {
 
         pub(super) fn prefix() -> impl Strategy<Value = Ipv4Net> {
             (any::<u32>(), 0u8..=32).prop_map(|(a, len)| Ipv4Net::new(Ipv4Addr::from(a), len).unwrap().trunc())
+        }
+
+        pub(super) fn prefix6() -> impl Strategy<Value = Ipv6Net> {
+            (any::<u128>(), 0u8..=128).prop_map(|(a, len)| Ipv6Net::new(Ipv6Addr::from(a), len).unwrap().trunc())
+        }
+
+        pub(super) fn next_hop6() -> impl Strategy<Value = NextHop6> {
+            (any::<u128>(), prop::option::of(any::<u64>())).prop_map(|(global, ll)| NextHop6 {
+                global: Ipv6Addr::from(global),
+                link_local: ll.map(|l| Ipv6Addr::from((0xfe80u128 << 112) | u128::from(l))),
+            })
         }
 
         pub(super) fn capability() -> impl Strategy<Value = Capability> {
@@ -819,6 +1155,34 @@ mod tests {
             }
             let nlri: Vec<Ipv4Net> = decoded.into_iter().flat_map(|u| u.nlri).collect();
             prop_assert_eq!(nlri, prefixes);
+        }
+
+        #[test]
+        fn ipv6_announcements_round_trip_across_as_many_updates_as_needed(
+            (four_octet, attributes) in any::<bool>().prop_flat_map(|f| (Just(f), strategy::attributes(f))),
+            next_hop in strategy::next_hop6(),
+            prefixes in prop::collection::vec(strategy::prefix6(), 1..800),
+        ) {
+            let decoded = updates(&Update::announce6(&prefixes, &attributes, next_hop, four_octet), four_octet);
+            let mut nlri = Vec::new();
+            for u in decoded {
+                // Everything but the IPv4 NEXT_HOP, which an IPv6 announcement leaves out.
+                prop_assert_eq!(&u.attributes, &Attributes { next_hop: None, ..attributes.clone() });
+                prop_assert!(u.withdrawn.is_empty() && u.nlri.is_empty() && u.unreach6.is_empty());
+                let reach = u.reach6.expect("MP_REACH_NLRI in every UPDATE");
+                prop_assert_eq!(reach.next_hop, next_hop);
+                prop_assert!(!reach.nlri.is_empty());
+                nlri.extend(reach.nlri);
+            }
+            prop_assert_eq!(nlri, prefixes);
+        }
+
+        #[test]
+        fn ipv6_withdrawals_round_trip(prefixes in prop::collection::vec(strategy::prefix6(), 1..800)) {
+            let decoded = updates(&Update::withdraw6(&prefixes), true);
+            prop_assert!(decoded.iter().all(|u| u.reach6.is_none() && u.withdrawn.is_empty() && !u.unreach6.is_empty()));
+            let withdrawn: Vec<Ipv6Net> = decoded.into_iter().flat_map(|u| u.unreach6).collect();
+            prop_assert_eq!(withdrawn, prefixes);
         }
 
         #[test]

@@ -15,11 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use victor_proto::clock::{monotonic_ns, unix_nanos};
+use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, SyncUpdate};
 
 use crate::arp::classify::{self, Scope, TargetView};
 use crate::arp::{ArpFrame, ArpPorts};
+use crate::clock::{Stamps, WallClock};
 use crate::events::EventLog;
 use crate::hint::Hints;
 use crate::hint::io::Received;
@@ -32,6 +33,7 @@ use crate::readiness::Readiness;
 use crate::reconcile::effects::Effects;
 use crate::reconcile::{Applied, Reconciler};
 use crate::state::desired::DesiredState;
+use crate::state::known::KnownRevisions;
 use crate::state::local::{Ageing, ClaimAnswer, Learn, LocalVms, Resolution, Sighting, Timers};
 use crate::state::{Target, desired_view, target};
 
@@ -103,6 +105,8 @@ pub struct Parts<E> {
     pub readiness: Arc<Readiness>,
     /// Move hints sent and overrides in force.
     pub hints: Hints,
+    /// The agent's wall clock (observation times).
+    pub clock: WallClock,
 }
 
 /// The engine.
@@ -125,6 +129,11 @@ pub struct Engine<E> {
     hints: Hints,
     /// When the gauges were last refreshed (monotonic ns).
     gauges_at: u64,
+    /// The stream revisions applied over time (what an observation knew).
+    known: KnownRevisions,
+    /// This FE's observation times, strictly increasing.
+    stamps: Stamps,
+    clock: WallClock,
 }
 
 impl<E> std::fmt::Debug for Engine<E> {
@@ -153,6 +162,9 @@ impl<E: Effects> Engine<E> {
             discovering: HashMap::new(),
             hints: parts.hints,
             gauges_at: 0,
+            known: KnownRevisions::default(),
+            stamps: Stamps::default(),
+            clock: parts.clock,
         }
     }
 
@@ -229,15 +241,15 @@ impl<E: Effects> Engine<E> {
                 self.readiness.connected.store(true, Ordering::Relaxed);
                 if generation > 1 {
                     // Back after a disconnection: report every VM still here again with its
-                    // original observation time (the controller may have lost or aged them).
+                    // original observation (the controller may have lost or aged them).
                     let again: Vec<_> = self
                         .local
                         .iter()
                         .filter(|(_, vm)| vm.is_ours())
-                        .map(|(ip, vm)| (ip, vm.mac, vm.observed_at, vm.port))
+                        .map(|(ip, vm)| (ip, vm.mac, vm.observed_at, vm.known_revision, vm.port))
                         .collect();
-                    for (ip, mac, observed_at, port) in again {
-                        self.report(ip, mac, ObservationKind::Learned, observed_at, port);
+                    for (ip, mac, observed_at, known, port) in again {
+                        self.report(ip, mac, ObservationKind::Learned, observed_at, known, port);
                     }
                 }
             }
@@ -275,7 +287,7 @@ impl<E: Effects> Engine<E> {
         }
         if !applied.fes.is_empty() {
             // Tunnels to an FE whose underlay address changed (or that left) change with it.
-            self.reconciler.set_peers(&self.desired.peers());
+            self.reconciler.set_peers(&self.desired.peers()).await;
             let changed: std::collections::HashSet<u32> = applied.fes.iter().map(|f| f.0).collect();
             todo.extend(self.desired.bindings().filter(|(_, b)| changed.contains(&b.fe)).map(|(ip, _)| ip));
         }
@@ -306,8 +318,23 @@ impl<E: Effects> Engine<E> {
         if applied.snapshot_completed {
             self.readiness.synced.store(true, Ordering::Relaxed);
         }
+        // Stamped once everything is applied: a frame captured meanwhile knew the older revision.
+        self.known.applied(self.desired.revision(), monotonic_ns());
+        self.reverify();
         self.metrics.stream_revision.set(self.desired.revision() as i64);
         self.resume.store(self.desired.revision(), Ordering::Release);
+    }
+
+    /// Probes the VMs whose STALE claim waited for a revision the desired state now has.
+    fn reverify(&mut self) {
+        for probe in self.local.reverify(self.desired.revision(), monotonic_ns()) {
+            if let Ageing::Probe { ip, mac, port } = probe
+                && let Some(p) = self.ports.get(port)
+            {
+                tracing::debug!(%ip, port = %p.name, "stale claim: the stream has caught up; probing the VM");
+                self.arp.send(port, &classify::probe(ip, mac, p.mac, self.scope.gateways.first().copied()), "probe");
+            }
+        }
     }
 
     async fn on_arp(&mut self, frame: ArpFrame) {
@@ -325,12 +352,16 @@ impl<E: Effects> Engine<E> {
             self.arp.send(port, &classify::reply(msg, frame.port.mac), answer.label());
         }
         let Some((ip, mac)) = classify::learned(msg, &self.scope) else { return };
-        let sighting = Sighting { ip, mac, port, wall: frame.wall, mono: frame.mono };
+        // What this FE knew when the kernel captured the frame, not now: a delta applied since
+        // must not lend a late frame its knowledge.
+        let known = self.known.at(frame.mono);
+        let wall = self.stamps.stamp(frame.wall);
+        let sighting = Sighting { ip, mac, port, wall, mono: frame.mono, known };
         match self.local.sighting(sighting, desired_view(&self.desired, ip)) {
             Learn::Claim { observed_at } => {
                 self.events.lock().expect("events").captured(ip, observed_at, frame.mono);
                 // Make-before-break: the claim goes out, and the VM is local before any answer.
-                self.report(ip, mac, ObservationKind::Learned, observed_at, port);
+                self.report(ip, mac, ObservationKind::Learned, observed_at, known, port);
                 let applied = self.reconcile(ip).await;
                 if applied.ops > 0 {
                     self.metrics.provisional_installs.inc();
@@ -368,6 +399,10 @@ impl<E: Effects> Engine<E> {
                 ClaimOutcome::Bound | ClaimOutcome::Moved | ClaimOutcome::Unchanged => {
                     ClaimAnswer::Accepted { revision: result.revision }
                 }
+                ClaimOutcome::Rejected if reason == RejectReason::Stale && result.revision > 0 => {
+                    tracing::info!(ip = %obs.ip, wait_for = result.revision, message = %result.message, "claim stale; will probe the VM once the stream has the revision");
+                    ClaimAnswer::Stale { revision: result.revision }
+                }
                 ClaimOutcome::Rejected => {
                     tracing::warn!(ip = %obs.ip, reason = reason.as_str_name(), message = %result.message, "claim rejected");
                     ClaimAnswer::Rejected { reason: result.reject_reason }
@@ -399,6 +434,8 @@ impl<E: Effects> Engine<E> {
                 }
             }
         }
+        // A STALE answer may name a revision the stream has already delivered.
+        self.reverify();
     }
 
     async fn on_port(&mut self, event: PortEvent) {
@@ -442,7 +479,8 @@ impl<E: Effects> Engine<E> {
                 }
                 Ageing::Gone { ip, mac, port } => {
                     tracing::info!(%ip, "VM stopped answering ARP probes; reporting it gone");
-                    self.report(ip, mac, ObservationKind::Gone, unix_nanos(), port);
+                    let at = self.stamps.stamp(self.clock.now());
+                    self.report(ip, mac, ObservationKind::Gone, at, self.desired.revision(), port);
                     self.reconcile(ip).await;
                 }
             }
@@ -483,9 +521,9 @@ impl<E: Effects> Engine<E> {
         self.metrics.reports_queued.set(self.reporter.queued() as i64);
     }
 
-    fn report(&self, ip: Ipv4Addr, mac: [u8; 6], kind: ObservationKind, observed_at: i64, port: u32) {
+    fn report(&self, ip: Ipv4Addr, mac: [u8; 6], kind: ObservationKind, observed_at: i64, known: u64, port: u32) {
         let port = self.ports.get(port).map(|p| p.name).unwrap_or_default();
-        self.reporter.submit(Observation { ip, mac, kind, observed_at, port });
+        self.reporter.submit(Observation { ip, mac, kind, observed_at, known_revision: known, port });
     }
 
     /// Tells a VM that arrived on `port` where its gateways are (gratuitous ARP per gateway).

@@ -20,6 +20,7 @@ use crate::hint::io::HintSocket;
 use crate::netlink::Link;
 use crate::reconcile::effects::InMemory;
 use crate::reconcile::plan::Op;
+use crate::state::local::Claim;
 
 const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
 const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
@@ -82,7 +83,9 @@ impl Rig {
 
     /// With move hints on, sending from `socket`; overrides end after `timeout_ns` unconfirmed.
     fn with_hints(effects: InMemory, socket: HintSocket, timeout_ns: u64) -> Rig {
-        Rig::build(effects, |metrics, events| Hints::enabled("fe1", socket, timeout_ns, metrics, events))
+        Rig::build(effects, |metrics, events| {
+            Hints::enabled("fe1", socket, timeout_ns, WallClock::default(), metrics, events)
+        })
     }
 
     fn build(effects: InMemory, hints: impl FnOnce(Arc<Metrics>, Arc<Mutex<EventLog>>) -> Hints) -> Rig {
@@ -110,7 +113,13 @@ impl Rig {
             },
             reconciler: Reconciler::new(effects, metrics.clone()),
             scope: Scope { prefixes: vec!["10.10.0.0/16".parse().unwrap()], gateways: vec![vm(1)] },
-            arp: ArpPorts::new(Arc::new(Captures::default()), frames, (100, 100), metrics.clone()),
+            arp: ArpPorts::new(
+                Arc::new(Captures::default()),
+                frames,
+                (100, 100),
+                metrics.clone(),
+                WallClock::default(),
+            ),
             ports,
             reporter: reporter.clone(),
             link: Arc::new(LinkControl::default()),
@@ -119,6 +128,7 @@ impl Rig {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             hints: hints(metrics.clone(), events),
+            clock: WallClock::default(),
         });
         Rig { engine, reporter, metrics, readiness, resume }
     }
@@ -146,11 +156,16 @@ impl Rig {
         }
     }
 
-    /// A gratuitous ARP from the VM `ip`/`mac` on `port`.
+    /// A gratuitous ARP from the VM `ip`/`mac` on `port`, captured now.
     async fn garp(&mut self, ip: Ipv4Addr, mac: [u8; 6], port: u32) {
+        self.garp_captured_at(ip, mac, port, monotonic_ns()).await;
+    }
+
+    /// The same, captured by the kernel at `mono` (and handled now).
+    async fn garp_captured_at(&mut self, ip: Ipv4Addr, mac: [u8; 6], port: u32, mono: u64) {
         let port = self.engine.ports.get(port).expect("a VM port");
         let msg = gratuitous(MacAddr(mac), ip, ArpOp::Request, None);
-        let frame = ArpFrame { port, msg, wall: unix_nanos(), mono: monotonic_ns() };
+        let frame = ArpFrame { port, msg, wall: unix_nanos(), mono };
         self.engine.handle(Input::Arp(frame)).await;
     }
 
@@ -255,6 +270,58 @@ async fn claim_installs_locally_at_once_and_a_rejection_undoes_it() {
     rig.garp(VM, MAC, PORT).await;
     assert_eq!(rig.changes(), vec![], "a rejected VM is not claimed again within the hold time");
     assert!(rig.reporter.take_queued().is_empty());
+}
+
+/// A STALE claim (made before this FE knew of the VM's last move) is undone but not held: once
+/// the stream has the revision the answer named, the VM is probed, frames captured before that
+/// change nothing, and the first one captured after is a new claim that knew the revision.
+#[tokio::test]
+async fn a_stale_claim_is_undone_and_claimed_again_once_the_stream_has_its_revision() {
+    let mut rig = Rig::new(InMemory::default());
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9)])).await;
+    rig.changes();
+    rig.garp(VM, MAC, PORT).await;
+    assert_eq!(rig.changes(), local_install(VM, PORT, MAC));
+    let claim = rig.reporter.take_queued().remove(0);
+    assert_eq!(claim.known_revision, 10, "the claim says what the agent knew when it captured the frame");
+    // fe3 took the VM at revision 12 meanwhile; this FE's stream has not delivered it yet.
+    rig.answer(claim.clone(), ClaimOutcome::Rejected, RejectReason::Stale, 12).await;
+    assert_eq!(
+        rig.changes(),
+        vec![
+            (VM, Op::SetTunnel(Tunnel::Remote(underlay(2)))),
+            (VM, Op::DelRoute { port: PORT }),
+            (VM, Op::DelNeighbour { port: PORT }),
+        ],
+        "undone, towards what the desired state says"
+    );
+    assert!(matches!(rig.engine.local.get(VM).unwrap().claim, Claim::Superseded { revision: 12, probed_at: None }));
+    rig.garp(VM, MAC, PORT).await;
+    assert_eq!((rig.changes(), rig.reporter.take_queued()), (vec![], vec![]), "captured knowing only 10");
+    // The delta arrives: the VM is probed on its port, once.
+    rig.sync(delta(12, vec![binding(VM, 3, MAC, 4, 12)])).await;
+    assert_eq!(rig.changes(), vec![(VM, Op::SetTunnel(Tunnel::Remote(underlay(3))))]);
+    assert!(matches!(rig.engine.local.get(VM).unwrap().claim, Claim::Superseded { probed_at: Some(_), .. }));
+    // It answers: it really is here. Claimed again, knowing revision 12.
+    rig.garp(VM, MAC, PORT).await;
+    assert_eq!(rig.changes(), local_install(VM, PORT, MAC));
+    let again = rig.reporter.take_queued().remove(0);
+    assert_eq!((again.kind, again.known_revision), (ObservationKind::Learned, 12));
+    assert!(again.observed_at > claim.observed_at, "this FE's observation times only go forwards");
+}
+
+/// A frame the kernel captured before a delta was applied, handled after it, claims only what the
+/// agent knew at the capture.
+#[tokio::test]
+async fn a_claim_knows_what_was_applied_before_its_capture_not_after() {
+    let mut rig = Rig::new(InMemory::default());
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9)])).await;
+    let captured = monotonic_ns();
+    rig.sync(delta(11, vec![binding(vm(12), 2, mac(12), 0, 11)])).await;
+    rig.garp_captured_at(VM, MAC, PORT, captured).await;
+    assert_eq!(rig.reporter.take_queued().remove(0).known_revision, 10);
+    rig.garp(vm(13), mac(13), PORT).await;
+    assert_eq!(rig.reporter.take_queued().remove(0).known_revision, 11);
 }
 
 /// An accepted claim keeps the local install, and the delta that confirms it changes nothing.

@@ -1,14 +1,21 @@
-//! The IP-in-IP data plane behind the reconciler — which backend forwards ([`choose`]), starting
-//! it, and each VM IP's entry in it ([`Tunnel`]):
+//! The IP-in-IP data plane behind the reconciler — which backend forwards and why ([`start`],
+//! [`choose`]), and each VM IP's entry in it ([`Tunnel`]):
 //!
 //! * **Userspace** ([`tun`]): the `victor_dataplane` crate's forwarder on a TUN device. The mobile
 //!   prefixes are routed into the TUN device (proto = ours); the forwarding table says per VM IP
 //!   Local / Remote(peer) / nothing (drop); tunnel packets are accepted only from the registered
 //!   FEs' underlay addresses ([`Dataplane::set_peers`]).
-//! * **Kernel** ([`kernel`], needs the `ipip` module): an ipip device in collect-metadata
-//!   (external) mode; each remote VM gets a /32 route through it with `encap ip dst PEER`; the
-//!   mobile prefixes are blackholed (no binding → drop). The kernel's ipip receive path has no
-//!   peer filter: restricting tunnel sources to registered FEs needs a firewall rule there.
+//! * **Kernel** ([`kernel`], needs the `ipip` module): one point-to-point ipip device per
+//!   registered FE and a /32 route per remote VM through it; the kernel decapsulates only what
+//!   matches a device, so only registered FEs' packets get in (the catch-all device counts and
+//!   drops the rest); the mobile prefixes go to a dummy device that drops and counts. Everything
+//!   stays in the kernel across agent restarts (forwarding goes on while the agent is down) and
+//!   is adopted by the next run.
+//!
+//! `--dataplane auto` runs the kernel backend when the `ipip` module is there or can be loaded
+//! (`modprobe`, then the kernel's own module autoload through a netlink request), else the
+//! userspace one; the choice and its reason go to the log, `/readyz` and
+//! `victor_agent_dataplane_choice`.
 
 pub mod kernel;
 pub mod tun;
@@ -16,28 +23,44 @@ pub mod tun;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::ValueEnum;
 use ipnet::Ipv4Net;
+use rtnetlink::LinkIpIp;
 use serde::Serialize;
 use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::Fib;
+use victor_dataplane::kernel::ModuleLoad;
 
 use crate::netlink::Kernel;
 use kernel::KernelPlane;
+pub use kernel::PeerChanges;
+use kernel::counters::KernelCounters;
 use tun::TunPlane;
 
 /// Which IP-in-IP implementation carries traffic for remote VMs (`--dataplane`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataplaneMode {
-    /// The kernel's ipip driver when the kernel has it, else the userspace TUN forwarder.
+    /// The kernel's ipip driver when the kernel has it or can load it, else the userspace TUN
+    /// forwarder.
     Auto,
     /// The userspace forwarder on a TUN device.
     Tun,
-    /// Kernel ipip device in collect-metadata mode with per-route encapsulation (needs the
-    /// kernel's ipip module).
+    /// The kernel's ipip driver: one tunnel device per registered FE (needs the kernel's ipip
+    /// module; loaded if possible).
     Kernel,
+}
+
+impl DataplaneMode {
+    /// The flag value (`auto` / `tun` / `kernel`).
+    pub fn label(self) -> &'static str {
+        match self {
+            DataplaneMode::Auto => "auto",
+            DataplaneMode::Tun => "tun",
+            DataplaneMode::Kernel => "kernel",
+        }
+    }
 }
 
 /// The backend actually used.
@@ -45,7 +68,7 @@ pub enum DataplaneMode {
 pub enum Backend {
     /// Userspace forwarder on TUN.
     Tun,
-    /// Kernel ipip with per-route encapsulation.
+    /// Kernel ipip, one device per registered FE.
     Kernel,
 }
 
@@ -59,20 +82,142 @@ impl Backend {
     }
 }
 
-/// Picks the backend for `mode`, given whether the kernel has ipip; says why.
-pub fn choose(mode: DataplaneMode, kernel_has_ipip: bool) -> Result<(Backend, &'static str), String> {
-    match (mode, kernel_has_ipip) {
-        (DataplaneMode::Tun, _) => Ok((Backend::Tun, "--dataplane tun")),
-        (DataplaneMode::Kernel, true) => Ok((Backend::Kernel, "--dataplane kernel")),
-        (DataplaneMode::Kernel, false) => Err("--dataplane kernel needs the kernel's ipip module, which this kernel \
-             does not have (/sys/module/ipip is missing; try `modprobe ipip`), or use --dataplane tun"
-            .into()),
-        (DataplaneMode::Auto, true) => Ok((Backend::Kernel, "auto: the kernel has the ipip module")),
-        (DataplaneMode::Auto, false) => Ok((
-            Backend::Tun,
-            "auto: the kernel has no ipip module (/sys/module/ipip missing), using the userspace TUN forwarder",
-        )),
+/// Whether the kernel's ipip module is there, and how we know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpipSupport {
+    /// Loaded or built in already.
+    Present,
+    /// Loaded now with `modprobe`.
+    Modprobed,
+    /// Loaded now by the kernel itself, asked for an ipip link through netlink.
+    Autoloaded,
+    /// Cannot be had: why.
+    Unavailable(String),
+}
+
+/// The backend chosen: what was asked for, what runs and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// What `--dataplane` said.
+    pub mode: DataplaneMode,
+    /// What runs.
+    pub backend: Backend,
+    /// Why, as a short code (a metric label): `requested`, `ipip_loaded`, `ipip_modprobed`,
+    /// `ipip_autoloaded`, `ipip_unavailable`, `kernel_failed`.
+    pub code: &'static str,
+    /// Why, in words (log, `/readyz`).
+    pub why: String,
+}
+
+impl Choice {
+    /// `kernel (auto: ...)`, for `/readyz`.
+    pub fn describe(&self) -> String {
+        format!("{} ({})", self.backend.label(), self.why)
     }
+}
+
+/// Picks the backend for `mode` given what the kernel offers; says why. Only
+/// `--dataplane kernel` on a kernel without ipip is an error.
+pub fn choose(mode: DataplaneMode, ipip: &IpipSupport) -> Result<Choice, String> {
+    let how = match ipip {
+        IpipSupport::Present => "the kernel has the ipip module",
+        IpipSupport::Modprobed => "loaded the kernel's ipip module with modprobe",
+        IpipSupport::Autoloaded => "the kernel loaded its ipip module when asked for an ipip link",
+        IpipSupport::Unavailable(_) => "",
+    };
+    let choice = |backend, code, why: String| Ok(Choice { mode, backend, code, why });
+    match (mode, ipip) {
+        (DataplaneMode::Tun, _) => choice(Backend::Tun, "requested", "--dataplane tun".into()),
+        (DataplaneMode::Kernel, IpipSupport::Unavailable(why)) => Err(format!(
+            "--dataplane kernel needs the kernel's ipip module, which cannot be loaded here ({why}); \
+             use --dataplane tun (or auto)"
+        )),
+        (DataplaneMode::Kernel, _) => choice(Backend::Kernel, "requested", format!("--dataplane kernel; {how}")),
+        (DataplaneMode::Auto, IpipSupport::Unavailable(why)) => choice(
+            Backend::Tun,
+            "ipip_unavailable",
+            format!("auto: the kernel's ipip module cannot be loaded ({why}); using the userspace TUN forwarder"),
+        ),
+        (DataplaneMode::Auto, IpipSupport::Present) => choice(Backend::Kernel, "ipip_loaded", format!("auto: {how}")),
+        (DataplaneMode::Auto, IpipSupport::Modprobed) => {
+            choice(Backend::Kernel, "ipip_modprobed", format!("auto: {how}"))
+        }
+        (DataplaneMode::Auto, IpipSupport::Autoloaded) => {
+            choice(Backend::Kernel, "ipip_autoloaded", format!("auto: {how}"))
+        }
+    }
+}
+
+/// Finds out whether the kernel has ipip, loading it if it can: `/sys/module/ipip`, then
+/// `modprobe ipip`, then a netlink request for an ipip link (the kernel autoloads the module
+/// through its own helper — that works where the agent has no `modprobe`, e.g. in a container).
+pub async fn probe_ipip(kernel: &Kernel) -> IpipSupport {
+    let modprobe = match victor_dataplane::kernel::load_module("ipip") {
+        ModuleLoad::Present => return IpipSupport::Present,
+        ModuleLoad::Loaded => return IpipSupport::Modprobed,
+        ModuleLoad::Unavailable(why) => why,
+    };
+    let asked = request_ipip_link(kernel).await;
+    if victor_dataplane::kernel::ipip_available() {
+        return IpipSupport::Autoloaded;
+    }
+    let netlink = match asked {
+        Ok(()) => "created, yet /sys/module/ipip is missing".to_owned(),
+        Err(e) => e,
+    };
+    IpipSupport::Unavailable(format!("{modprobe}; netlink request for an ipip link: {netlink}"))
+}
+
+/// Asks the kernel for a throwaway ipip link (loopback addresses no packet carries) and removes
+/// it again.
+async fn request_ipip_link(kernel: &Kernel) -> Result<(), String> {
+    const NAME: &str = "victor-probe";
+    let msg = LinkIpIp::new(NAME).local(Ipv4Addr::new(127, 0, 0, 2)).remote(Ipv4Addr::new(127, 0, 0, 3)).build();
+    let result = kernel.handle().link().add(msg).execute().await.map_err(|e| e.to_string());
+    if let Ok(Some(dev)) = kernel::devices::by_name(kernel.handle(), NAME).await {
+        let _ = kernel::devices::delete(kernel.handle(), dev.index, NAME).await;
+    }
+    result
+}
+
+/// Chooses the backend for `mode` (probing and loading ipip unless `tun` was asked for), starts
+/// it and routes the mobile prefixes into it. In `auto` mode a kernel data plane that fails to
+/// start is removed again and the userspace one runs instead, saying why.
+pub async fn start(mode: DataplaneMode, config: &DataplaneConfig, kernel: &Kernel) -> Result<(Dataplane, Choice)> {
+    let choice = match mode {
+        DataplaneMode::Tun => choose(mode, &IpipSupport::Unavailable("not probed".into())),
+        _ => choose(mode, &probe_ipip(kernel).await),
+    }
+    .map_err(anyhow::Error::msg)?;
+    if choice.backend == Backend::Kernel {
+        match KernelPlane::start(config, kernel).await {
+            Ok(plane) => return Ok((Dataplane::Kernel(plane), choice)),
+            Err(err) if mode == DataplaneMode::Auto => {
+                let fallback = Choice {
+                    mode,
+                    backend: Backend::Tun,
+                    code: "kernel_failed",
+                    why: format!(
+                        "auto: the kernel data plane could not start ({err}); using the userspace TUN forwarder"
+                    ),
+                };
+                tracing::warn!(error = %err, "kernel data plane failed to start; falling back to the userspace forwarder");
+                return Ok((start_tun(config, kernel).await?, fallback));
+            }
+            Err(err) => return Err(err).context("start the kernel data plane (--dataplane kernel)"),
+        }
+    }
+    Ok((start_tun(config, kernel).await?, choice))
+}
+
+/// Starts the userspace backend after removing what a kernel data plane left here (it would
+/// otherwise keep forwarding beside it).
+async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplane> {
+    let removed = kernel::remove_leftovers(kernel).await.context("remove the devices of a kernel data plane")?;
+    if removed > 0 {
+        tracing::info!(removed, "removed the devices a kernel data plane left in this namespace");
+    }
+    Ok(Dataplane::Tun(TunPlane::start(config, kernel).await?))
 }
 
 /// What the data plane does with one VM IP.
@@ -89,13 +234,11 @@ pub enum Tunnel {
 /// How to start the data plane.
 #[derive(Debug, Clone)]
 pub struct DataplaneConfig {
-    /// Backend.
-    pub backend: Backend,
     /// This FE's underlay address.
     pub underlay: Ipv4Addr,
     /// Underlay MTU.
     pub underlay_mtu: u16,
-    /// TUN (or ipip) device name.
+    /// The TUN device's name (userspace) or the catch-all ipip device's (kernel).
     pub device: String,
     /// Mobile prefixes routed into the data plane.
     pub prefixes: Vec<Ipv4Net>,
@@ -111,15 +254,6 @@ pub enum Dataplane {
 }
 
 impl Dataplane {
-    /// Starts the data plane in the calling thread's namespace and routes the mobile prefixes
-    /// into it.
-    pub async fn start(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplane> {
-        Ok(match config.backend {
-            Backend::Tun => Dataplane::Tun(TunPlane::start(config, kernel).await?),
-            Backend::Kernel => Dataplane::Kernel(KernelPlane::start(config, kernel).await?),
-        })
-    }
-
     /// The backend.
     pub fn backend(&self) -> Backend {
         match self {
@@ -144,18 +278,31 @@ impl Dataplane {
         }
     }
 
+    /// Remote VMs the data plane has an entry for that a previous run left (kernel backend: its
+    /// routes outlive the agent; the userspace table starts empty).
+    pub fn tunnel_ips(&self) -> Vec<Ipv4Addr> {
+        match self {
+            Dataplane::Tun(_) => Vec::new(),
+            Dataplane::Kernel(plane) => plane.tunnel_ips(),
+        }
+    }
+
     /// Sets the data-plane entry of `ip`.
     pub async fn set_tunnel(&mut self, kernel: &Kernel, ip: Ipv4Addr, tunnel: Tunnel) -> Result<()> {
         match self {
             Dataplane::Tun(plane) => plane.set_tunnel(ip, tunnel),
-            Dataplane::Kernel(plane) => plane.set_tunnel(kernel, ip, tunnel).await,
+            Dataplane::Kernel(plane) => Ok(plane.set_tunnel(kernel, ip, tunnel).await?),
         }
     }
 
     /// Replaces the set of FEs whose tunnel packets are accepted.
-    pub fn set_peers(&self, peers: &[Ipv4Addr]) {
-        if let Dataplane::Tun(plane) = self {
-            plane.set_peers(peers);
+    pub async fn set_peers(&mut self, kernel: &Kernel, peers: &[Ipv4Addr]) -> Result<PeerChanges> {
+        match self {
+            Dataplane::Tun(plane) => {
+                plane.set_peers(peers);
+                Ok(PeerChanges::default())
+            }
+            Dataplane::Kernel(plane) => Ok(plane.set_peers(kernel, peers).await?),
         }
     }
 
@@ -167,7 +314,7 @@ impl Dataplane {
         }
     }
 
-    /// Live counters handle (for /metrics).
+    /// Live counters handle (for /metrics; userspace backend).
     pub fn counters_handle(&self) -> Option<Arc<Counters>> {
         match self {
             Dataplane::Tun(plane) => Some(plane.counters_handle()),
@@ -175,7 +322,15 @@ impl Dataplane {
         }
     }
 
-    /// False once the userspace forwarder has died.
+    /// The kernel devices' counters (for /metrics; kernel backend).
+    pub fn kernel_counters(&self) -> Option<Arc<KernelCounters>> {
+        match self {
+            Dataplane::Tun(_) => None,
+            Dataplane::Kernel(plane) => Some(plane.counters()),
+        }
+    }
+
+    /// False once the userspace forwarder has died (the kernel's forwards without us).
     pub fn is_running(&self) -> bool {
         match self {
             Dataplane::Tun(plane) => plane.is_running(),
@@ -190,11 +345,23 @@ mod tests {
 
     #[test]
     fn choice_says_why() {
-        assert_eq!(choose(DataplaneMode::Auto, false).unwrap().0, Backend::Tun);
-        assert!(choose(DataplaneMode::Auto, false).unwrap().1.contains("no ipip module"));
-        assert_eq!(choose(DataplaneMode::Auto, true).unwrap().0, Backend::Kernel);
-        assert_eq!(choose(DataplaneMode::Tun, true).unwrap().0, Backend::Tun);
-        let err = choose(DataplaneMode::Kernel, false).unwrap_err();
-        assert!(err.contains("ipip module") && err.contains("--dataplane tun"), "{err}");
+        let missing = IpipSupport::Unavailable("modprobe: FATAL: Module ipip not found".into());
+        let auto = choose(DataplaneMode::Auto, &missing).unwrap();
+        assert_eq!((auto.backend, auto.code), (Backend::Tun, "ipip_unavailable"));
+        assert!(auto.why.contains("cannot be loaded") && auto.why.contains("Module ipip not found"), "{}", auto.why);
+        for (support, code) in [
+            (IpipSupport::Present, "ipip_loaded"),
+            (IpipSupport::Modprobed, "ipip_modprobed"),
+            (IpipSupport::Autoloaded, "ipip_autoloaded"),
+        ] {
+            let c = choose(DataplaneMode::Auto, &support).unwrap();
+            assert_eq!((c.backend, c.code), (Backend::Kernel, code));
+            assert!(c.describe().starts_with("kernel (auto: "), "{}", c.describe());
+        }
+        assert_eq!(choose(DataplaneMode::Tun, &IpipSupport::Present).unwrap().backend, Backend::Tun);
+        let kernel = choose(DataplaneMode::Kernel, &IpipSupport::Modprobed).unwrap();
+        assert_eq!((kernel.backend, kernel.code), (Backend::Kernel, "requested"));
+        let err = choose(DataplaneMode::Kernel, &missing).unwrap_err();
+        assert!(err.contains("ipip module") && err.contains("--dataplane tun") && err.contains("not found"), "{err}");
     }
 }

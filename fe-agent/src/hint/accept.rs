@@ -25,7 +25,8 @@ pub enum Reject {
     Malformed,
     /// The HMAC does not verify with any configured key.
     BadHmac,
-    /// Sent outside the replay window (or the sender's clock is off).
+    /// Sent longer ago than the replay window allows, by the sender's own clock (its hints'
+    /// usual offset from this FE's clock taken out).
     Clock,
     /// A nonce already seen inside the window.
     Replay,
@@ -51,7 +52,8 @@ pub enum Reject {
     MacMismatch,
     /// This FE has a claim of its own in progress for the VM.
     LocalClaim,
-    /// A competing hint for the same move with a newer observation is in place.
+    /// A competing hint for the same move is already in place (the first one holds until the
+    /// controller decides).
     Outranked,
     /// The same override is already in place.
     Duplicate,
@@ -88,46 +90,97 @@ impl Reject {
     }
 }
 
-/// Replay protection: a hint must have been sent within `max_age` of the receiver's wall clock
-/// (either way: FE clocks are NTP-synchronised, as the controller's observation rules already
-/// require), and its (source, nonce) must not have been seen inside that window.
+/// Senders' clocks are estimated over epochs of this length (see [`ReplayGuard`]).
+const EPOCH_NS: u64 = 60_000_000_000;
+
+/// Replay protection that never compares the sender's clock with the receiver's (FE clocks need
+/// not agree, docs/design.md section 3). Per sender, the smallest *receive time − send time* seen
+/// recently is that sender's clock offset plus its fastest delivery; a hint is fresh if its own
+/// receive − send is within `max_age` of that smallest one — its age by the sender's clock as the
+/// receiver sees it. The smallest is kept over the current and the previous epoch, so a sender
+/// whose clock was stepped back is believed again two epochs later; the first hint from a sender
+/// (or after two quiet epochs) sets it. A (source, nonce) seen within the window is a replay; a
+/// replayed hint older than the window is too old. A replay that does get through (the sender
+/// quiet for two epochs) can only repeat a move for the exact binding version it named, for the
+/// hint timeout (see [`check_move`] and the override timeout).
 #[derive(Debug)]
 pub struct ReplayGuard {
     max_age_ns: i64,
     cap: usize,
-    seen: HashMap<(Ipv4Addr, u64), i64>,
+    /// (source, nonce) → when it was received (monotonic ns).
+    seen: HashMap<(Ipv4Addr, u64), u64>,
+    senders: HashMap<Ipv4Addr, SenderClock>,
+}
+
+/// What one sender's hints say about its clock.
+#[derive(Debug, Clone, Copy)]
+struct SenderClock {
+    /// Smallest receive − send (ns) in the current epoch and in the previous one.
+    current: i64,
+    previous: i64,
+    /// When the current epoch started (monotonic ns).
+    epoch_start: u64,
+}
+
+impl SenderClock {
+    /// Records a sample taken at `now` and returns the smallest over the two epochs.
+    fn observe(&mut self, sample: i64, now: u64) -> i64 {
+        let epochs = now.saturating_sub(self.epoch_start) / EPOCH_NS;
+        if epochs >= 2 {
+            (self.previous, self.current, self.epoch_start) = (i64::MAX, sample, now);
+        } else if epochs == 1 {
+            (self.previous, self.current, self.epoch_start) = (self.current, sample, now);
+        } else {
+            self.current = self.current.min(sample);
+        }
+        self.current.min(self.previous)
+    }
 }
 
 impl ReplayGuard {
     /// A window of `max_age_ns`, remembering at most `cap` nonces (more hints inside one window
-    /// than that are refused until older ones leave it).
+    /// than that are refused until older ones leave it) and as many senders.
     pub fn new(max_age_ns: u64, cap: usize) -> Self {
-        ReplayGuard { max_age_ns: i64::try_from(max_age_ns).unwrap_or(i64::MAX), cap, seen: HashMap::new() }
+        ReplayGuard {
+            max_age_ns: i64::try_from(max_age_ns).unwrap_or(i64::MAX),
+            cap,
+            seen: HashMap::new(),
+            senders: HashMap::new(),
+        }
     }
 
-    /// Checks (and records) an authenticated hint from `src` at receiver wall time `now`.
-    pub fn check(&mut self, src: Ipv4Addr, hint: &Hint, now: i64) -> Result<(), Reject> {
-        if now.abs_diff(hint.sent_at) > self.max_age_ns.unsigned_abs() {
+    /// Checks (and records) an authenticated hint from `src`, received at `now_wall` (this FE's
+    /// clock) and `now_mono`.
+    pub fn check(&mut self, src: Ipv4Addr, hint: &Hint, now_wall: i64, now_mono: u64) -> Result<(), Reject> {
+        if self.seen.len() >= self.cap || self.senders.len() >= self.cap {
+            self.prune(now_mono);
+            if self.seen.len() >= self.cap || self.senders.len() >= self.cap {
+                return Err(Reject::RateLimited);
+            }
+        }
+        let sample = now_wall.saturating_sub(hint.sent_at);
+        let fastest = self
+            .senders
+            .entry(src)
+            .or_insert(SenderClock { current: sample, previous: i64::MAX, epoch_start: now_mono })
+            .observe(sample, now_mono);
+        if sample.saturating_sub(fastest) > self.max_age_ns {
             return Err(Reject::Clock);
         }
         let key = (src, hint.nonce);
         if self.seen.contains_key(&key) {
             return Err(Reject::Replay);
         }
-        if self.seen.len() >= self.cap {
-            self.prune(now);
-            if self.seen.len() >= self.cap {
-                return Err(Reject::RateLimited);
-            }
-        }
-        self.seen.insert(key, hint.sent_at);
+        self.seen.insert(key, now_mono);
         Ok(())
     }
 
-    /// Forgets nonces that left the window (a replay of them now fails the time check).
-    pub fn prune(&mut self, now: i64) {
-        let max = self.max_age_ns;
-        self.seen.retain(|_, sent| now.saturating_sub(*sent) <= max);
+    /// Forgets nonces received longer ago than the window (a replay of them now is too old) and
+    /// senders quiet for two epochs.
+    pub fn prune(&mut self, now_mono: u64) {
+        let max = self.max_age_ns.unsigned_abs();
+        self.seen.retain(|_, received| now_mono.saturating_sub(*received) <= max);
+        self.senders.retain(|_, c| now_mono.saturating_sub(c.epoch_start) < 2 * EPOCH_NS);
     }
 
     /// Nonces remembered.
@@ -275,19 +328,50 @@ mod tests {
     fn replay_window_and_nonces() {
         let mut g = ReplayGuard::new(2 * S as u64, 3);
         let h = hint("fe3", 4);
-        assert_eq!(g.check(ul(3), &h, 100 * S), Ok(()));
-        assert_eq!(g.check(ul(3), &h, 100 * S + 1), Err(Reject::Replay), "same nonce inside the window");
-        assert_eq!(g.check(ul(2), &h, 100 * S), Ok(()), "nonces are per source");
-        assert_eq!(g.check(ul(3), &h, 103 * S), Err(Reject::Clock), "too old");
-        assert_eq!(g.check(ul(3), &Hint { nonce: 2, ..h.clone() }, 97 * S), Err(Reject::Clock), "from the future");
-        assert_eq!(g.check(ul(3), &Hint { nonce: 3, ..h.clone() }, 101 * S), Ok(()));
+        let mono = |s: i64| (s * S) as u64;
+        assert_eq!(g.check(ul(3), &h, 100 * S, mono(1)), Ok(()));
+        assert_eq!(g.check(ul(3), &h, 100 * S + 1, mono(1)), Err(Reject::Replay), "same nonce inside the window");
+        assert_eq!(g.check(ul(2), &h, 100 * S, mono(1)), Ok(()), "nonces are per source");
+        assert_eq!(g.check(ul(3), &Hint { nonce: 2, ..h.clone() }, 103 * S, mono(4)), Err(Reject::Clock), "3 s old");
+        assert_eq!(g.check(ul(3), &Hint { nonce: 3, sent_at: 101 * S, ..h.clone() }, 102 * S, mono(3)), Ok(()));
         assert_eq!(g.len(), 3);
         // Full: nothing has left the window yet, so the next one is refused...
         let late = Hint { nonce: 4, sent_at: 102 * S, ..h.clone() };
-        assert_eq!(g.check(ul(3), &late, 101 * S), Err(Reject::RateLimited));
+        assert_eq!(g.check(ul(3), &late, 102 * S, mono(3)), Err(Reject::RateLimited));
         // ...until the first ones have.
-        assert_eq!(g.check(ul(3), &late, 102 * S + 1), Ok(()));
-        g.prune(200 * S);
+        assert_eq!(g.check(ul(3), &late, 102 * S, mono(3) + 1), Ok(()));
+        g.prune(mono(200));
         assert!(g.is_empty());
+    }
+
+    /// Two FEs whose clocks are 5 s behind and 5 s ahead of the receiver's: their fresh hints pass,
+    /// their stale ones (by their own clocks) and replays do not.
+    #[test]
+    fn senders_clocks_need_not_agree_with_the_receivers() {
+        let mut g = ReplayGuard::new(2 * S as u64, 100);
+        let now = 1_000 * S;
+        for (n, offset) in [(2u8, -5 * S), (3, 5 * S)] {
+            let sent = |at: i64, nonce| Hint { sent_at: at + offset, nonce, ..hint(&format!("fe{n}"), 4) };
+            // 3 ms on the wire; the first hint sets what this sender's clock looks like.
+            assert_eq!(g.check(ul(n), &sent(now, 1), now + 3_000_000, 10 * S as u64), Ok(()), "fe{n}");
+            assert_eq!(g.check(ul(n), &sent(now + S, 2), now + S + 1_000_000, 11 * S as u64), Ok(()));
+            // Sent 3 s before it arrived, by the sender's own clock: too old however its clock runs.
+            assert_eq!(g.check(ul(n), &sent(now + 2 * S, 3), now + 5 * S, 15 * S as u64), Err(Reject::Clock), "fe{n}");
+            // A copy of the first one, replayed 10 s later.
+            assert_eq!(g.check(ul(n), &sent(now, 1), now + 10 * S, 20 * S as u64), Err(Reject::Clock));
+        }
+    }
+
+    /// A sender whose clock is stepped back is believed again two epochs later.
+    #[test]
+    fn a_sender_whose_clock_steps_back_recovers() {
+        let mut g = ReplayGuard::new(2 * S as u64, 100);
+        let step = 10 * S;
+        let at = |epoch_s: u64| epoch_s * S as u64;
+        assert_eq!(g.check(ul(3), &Hint { sent_at: 0, ..hint("fe3", 4) }, 0, at(0)), Ok(()));
+        let stepped = |nonce, t: i64| Hint { sent_at: t - step, nonce, ..hint("fe3", 4) };
+        assert_eq!(g.check(ul(3), &stepped(2, S), S, at(1)), Err(Reject::Clock));
+        assert_eq!(g.check(ul(3), &stepped(3, 70 * S), 70 * S, at(70)), Err(Reject::Clock), "one epoch later");
+        assert_eq!(g.check(ul(3), &stepped(4, 130 * S), 130 * S, at(130)), Ok(()), "two epochs later");
     }
 }

@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use victor_proto::clock::{monotonic_ns, unix_nanos};
+use victor_proto::clock::monotonic_ns;
 
 use super::accept::{Reject, ReplayGuard};
+use crate::clock::WallClock;
 use crate::codec::hint::{self as codec, Hint, Keys, WireError};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -36,10 +37,12 @@ pub struct Received {
 /// Receive-side limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Replay window (ns).
+    /// Replay window (ns, by the sender's clock; see [`ReplayGuard`]).
     pub max_age_ns: u64,
     /// Hints per second per source (and the burst).
     pub rate: u32,
+    /// This FE's wall clock (receive times).
+    pub clock: WallClock,
 }
 
 /// The socket.
@@ -100,7 +103,7 @@ impl HintSocket {
             let received_mono = monotonic_ns();
             let SocketAddr::V4(from) = from else { continue };
             let src = *from.ip();
-            match screen(&buf[..n], src, &self.keys, &mut limiter, &mut guard, received_mono, unix_nanos()) {
+            match screen(&buf[..n], src, &self.keys, &mut limiter, &mut guard, received_mono, limits.clock.now()) {
                 Ok(hint) => {
                     if out.is_closed() {
                         return;
@@ -115,7 +118,7 @@ impl HintSocket {
                 }
             }
             if received_mono.saturating_sub(last_gc) >= 1_000_000_000 {
-                guard.prune(unix_nanos());
+                guard.prune(received_mono);
                 limiter.gc(received_mono);
                 last_gc = received_mono;
             }
@@ -141,7 +144,7 @@ fn screen(
     if !limiter.allow(src, now_mono) {
         return Err(Reject::RateLimited);
     }
-    guard.check(src, &hint, now_wall)?;
+    guard.check(src, &hint, now_wall, now_mono)?;
     Ok(hint)
 }
 
@@ -191,9 +194,9 @@ mod tests {
         let b = HintSocket { port, ..HintSocket::bind(Ipv4Addr::LOCALHOST, 0, keys()).unwrap() };
         let metrics = Arc::new(Metrics::new());
         let (tx, mut rx) = mpsc::channel(4);
-        let limits = Limits { max_age_ns: 5 * S as u64, rate: 100 };
+        let limits = Limits { max_age_ns: 5 * S as u64, rate: 100, clock: WallClock::default() };
         let task = tokio::spawn(a.clone().receive(limits, metrics.clone(), tx));
-        let h = Hint { sent_at: unix_nanos(), ..hint(9) };
+        let h = Hint { sent_at: victor_proto::clock::unix_nanos(), ..hint(9) };
         let stranger = HintSocket { keys: Arc::new(Keys::new(&[&[1u8; 32]]).unwrap()), ..b.clone() };
         assert_eq!(stranger.send(&h, &[Ipv4Addr::LOCALHOST]), 1);
         assert_eq!(b.send(&h, &[Ipv4Addr::LOCALHOST]), 1);

@@ -14,7 +14,8 @@
 //! plus a cluster-wide shared secret, as BGP sessions are protected with TCP-MD5/TCP-AO keys.
 //! Every datagram carries an HMAC-SHA256 ([`crate::codec::hint`]); the UDP source must be the
 //! registered underlay address of the FE the hint names (an FE speaks only for itself); a send
-//! time and a nonce bound replays to a window in which the hinted binding version must still be current;
+//! time (judged against that sender's usual clock offset, never against the receiver's clock) and
+//! a nonce bound replays to a window in which the hinted binding version must still be current;
 //! per-sender rate limits and a cap on overrides bound the damage of a compromised FE to what
 //! it could already do by claiming VMs through ARP — and the controller's answer ends it.
 //! Without a key (`--move-hint-key-file`) hints are off.
@@ -32,8 +33,9 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
-use victor_proto::clock::{monotonic_ns, unix_nanos};
+use victor_proto::clock::monotonic_ns;
 
+use crate::clock::WallClock;
 use crate::codec::hint::{Hint, Keys, Kind};
 use crate::events::EventLog;
 use crate::metrics::Metrics;
@@ -56,10 +58,12 @@ pub struct HintConfig {
     pub port: u16,
     /// An unconfirmed override ends after this long (ns).
     pub timeout_ns: u64,
-    /// Replay window (ns).
+    /// Replay window (ns, by the sender's clock).
     pub max_age_ns: u64,
     /// Hints per second accepted from one FE.
     pub rate: u32,
+    /// This FE's wall clock (send times).
+    pub clock: WallClock,
 }
 
 /// The engine's handle on move hints: what it sent, the overrides in force, and the socket (none
@@ -72,6 +76,7 @@ pub struct Hints {
     outbox: Outbox,
     metrics: Arc<Metrics>,
     events: Arc<Mutex<EventLog>>,
+    clock: WallClock,
 }
 
 impl Hints {
@@ -84,14 +89,17 @@ impl Hints {
             outbox: Outbox::new(0),
             metrics,
             events,
+            clock: WallClock::default(),
         }
     }
 
-    /// Hints on, sending through `socket`; overrides end after `timeout_ns` unconfirmed.
+    /// Hints on, sending through `socket` with send times on `clock`; overrides end after
+    /// `timeout_ns` unconfirmed.
     pub fn enabled(
         me: &str,
         socket: HintSocket,
         timeout_ns: u64,
+        clock: WallClock,
         metrics: Arc<Metrics>,
         events: Arc<Mutex<EventLog>>,
     ) -> Hints {
@@ -103,6 +111,7 @@ impl Hints {
             outbox: Outbox::new(timeout_ns.saturating_mul(2)),
             metrics,
             events,
+            clock,
         }
     }
 
@@ -123,7 +132,7 @@ impl Hints {
             mac,
             move_seq: b.move_seq,
             observed_at,
-            sent_at: unix_nanos(),
+            sent_at: self.clock.now(),
             nonce: rand::rng().random(),
         };
         // Stamped before the datagrams leave: a receiver may read one before send() returns.
@@ -146,7 +155,7 @@ impl Hints {
             mac: s.mac,
             move_seq: s.move_seq,
             observed_at,
-            sent_at: unix_nanos(),
+            sent_at: self.clock.now(),
             nonce: rand::rng().random(),
         };
         let sent = socket.send(&hint, &recipients(desired));

@@ -9,8 +9,10 @@
 //!   [`Overrides::senders_changed`];
 //! * no confirmation arrived within the timeout — [`Overrides::expire`].
 //!
-//! Two hints for the same move (two FEs both heard the VM) are ranked as the controller ranks
-//! their claims: the newer observation wins, then the larger FE id.
+//! Two hints for the same move (two FEs both heard the VM before either's claim committed) cannot
+//! be ranked without comparing the two FEs' clocks, which nothing in VICTOR does: the first one
+//! accepted holds (its claim most likely commits first: the controller takes the first of such
+//! concurrent claims, docs/design.md section 3) until the controller's answer ends it.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -30,18 +32,12 @@ pub struct Override {
     pub peer: Ipv4Addr,
     /// The hinted binding version (the move makes `move_seq + 1`).
     pub move_seq: u64,
-    /// Observation time of the capture at the new FE (wall ns).
+    /// Observation time of the capture at the new FE (wall ns, that FE's clock; informational).
     pub observed_at: i64,
     /// When it was accepted (monotonic ns).
     pub accepted_mono: u64,
     /// When it expires without confirmation (monotonic ns).
     pub expires: u64,
-}
-
-impl Override {
-    fn outranks(&self, other: &Override) -> bool {
-        (self.observed_at, &*self.fe_id) > (other.observed_at, &*other.fe_id)
-    }
 }
 
 /// How an override ended (the `how` label of `victor_agent_move_hint_overrides_ended_total`).
@@ -57,7 +53,7 @@ pub enum End {
     Cancelled,
     /// The sender left, went down or changed its underlay address.
     PeerDown,
-    /// A competing hint for the same move outranked it.
+    /// A hint for a later move of the VM replaced it.
     Replaced,
 }
 
@@ -116,7 +112,7 @@ impl Overrides {
         o.expires = now.saturating_add(self.timeout_ns);
         match self.by_ip.get(&ip) {
             Some(cur) if cur.fe == o.fe && cur.move_seq == o.move_seq => Err(Reject::Duplicate),
-            Some(cur) if cur.move_seq == o.move_seq && !o.outranks(cur) => Err(Reject::Outranked),
+            Some(cur) if cur.move_seq == o.move_seq => Err(Reject::Outranked),
             Some(_) => Ok(self.by_ip.insert(ip, o)),
             None if self.by_ip.len() >= self.cap => Err(Reject::TooMany),
             None => Ok(self.by_ip.insert(ip, o)),
@@ -231,16 +227,18 @@ mod tests {
     }
 
     #[test]
-    fn competing_hints_rank_like_claims_and_duplicates_change_nothing() {
+    fn the_first_of_competing_hints_holds_and_duplicates_change_nothing() {
         let mut o = overrides();
         o.offer(VM, from(FE3, 4, 10), 0).unwrap();
         assert_eq!(o.offer(VM, from(FE3, 4, 10), 7), Err(Reject::Duplicate));
         assert_eq!(o.get(VM).unwrap().expires, 1000 * MS, "a duplicate does not extend the timeout");
-        assert_eq!(o.offer(VM, from(FE4, 4, 9), 0), Err(Reject::Outranked), "older observation");
-        let replaced = o.offer(VM, from(FE4, 4, 11), 0).unwrap().unwrap();
-        assert_eq!(replaced.fe, FE3);
-        assert_eq!(o.get(VM).unwrap().fe, FE4);
-        assert_eq!(o.offer(VM, from(FE3, 4, 11), 0), Err(Reject::Outranked), "same time: larger FE id wins");
+        // Another FE's hint for the same move: their clocks say nothing; the first one holds.
+        assert_eq!(o.offer(VM, from(FE4, 4, 9), 0), Err(Reject::Outranked));
+        assert_eq!(o.offer(VM, from(FE4, 4, 11), 0), Err(Reject::Outranked));
+        assert_eq!(o.get(VM).unwrap().fe, FE3);
+        // A hint for a later move replaces it.
+        let replaced = o.offer(VM, from(FE4, 5, 1), 0).unwrap().unwrap();
+        assert_eq!((replaced.fe, o.get(VM).unwrap().fe), (FE3, FE4));
     }
 
     #[test]

@@ -34,8 +34,10 @@ pub struct Observation {
     pub mac: [u8; 6],
     /// LEARNED or GONE.
     pub kind: ObservationKind,
-    /// Observation time (wall ns) — kept across retries and reconnections.
+    /// Observation time (wall ns, this FE's clock) — kept across retries and reconnections.
     pub observed_at: i64,
+    /// The stream revision known when the observation was made — kept with it.
+    pub known_revision: u64,
     /// Port name (informational).
     pub port: String,
 }
@@ -48,6 +50,7 @@ impl Observation {
             kind: self.kind as i32,
             observed_at_unix_nanos: self.observed_at,
             port: self.port.clone(),
+            known_revision: Some(self.known_revision),
         }
     }
 }
@@ -275,6 +278,7 @@ mod tests {
             mac: [2, 0, 0, 0, 0, last],
             kind,
             observed_at: at,
+            known_revision: 0,
             port: "vm0".into(),
         }
     }
@@ -328,5 +332,7 @@ mod tests {
         let mut q = ReportQueue::default();
         q.put_back(retry);
         assert_eq!(q.take(10), vec![batch[1].clone()], "queued again with its original observation time");
+        let wire = batch[1].to_wire();
+        assert_eq!((wire.observed_at_unix_nanos, wire.known_revision), (2, Some(0)), "what it knew goes with it");
     }
 }

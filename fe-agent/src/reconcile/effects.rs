@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use ipnet::Ipv4Net;
 
 use super::plan::Op;
-use crate::forwarding::{Dataplane, Tunnel};
+use crate::forwarding::{Dataplane, PeerChanges, Tunnel};
 use crate::netlink::{Kernel, OurNeighbour, OurRoute};
 
 /// The kernel and data-plane operations of the reconciler. Deleting what is already gone is not
@@ -33,8 +33,10 @@ pub trait Effects: Send {
     fn tunnel(&self, ip: Ipv4Addr) -> Tunnel;
     /// Sets the data-plane entry of `ip`.
     fn set_tunnel(&mut self, ip: Ipv4Addr, tunnel: Tunnel) -> impl Future<Output = Result<()>> + Send;
+    /// Data-plane entries of remote VMs a previous run left (to sweep after a snapshot).
+    fn tunnel_ips(&self) -> Vec<Ipv4Addr>;
     /// Accepts tunnel packets only from these underlay addresses.
-    fn set_peers(&mut self, peers: &[Ipv4Addr]);
+    fn set_peers(&mut self, peers: &[Ipv4Addr]) -> impl Future<Output = Result<PeerChanges>> + Send;
     /// Heap bytes of the data plane's forwarding table, if it has one in this process.
     fn table_bytes(&self) -> Option<usize>;
 }
@@ -91,8 +93,12 @@ impl Effects for Host {
         self.dataplane.set_tunnel(&self.kernel, ip, tunnel).await
     }
 
-    fn set_peers(&mut self, peers: &[Ipv4Addr]) {
-        self.dataplane.set_peers(peers);
+    fn tunnel_ips(&self) -> Vec<Ipv4Addr> {
+        self.dataplane.tunnel_ips()
+    }
+
+    async fn set_peers(&mut self, peers: &[Ipv4Addr]) -> Result<PeerChanges> {
+        self.dataplane.set_peers(&self.kernel, peers).await
     }
 
     fn table_bytes(&self) -> Option<usize> {
@@ -193,8 +199,13 @@ impl Effects for InMemory {
         Ok(())
     }
 
-    fn set_peers(&mut self, peers: &[Ipv4Addr]) {
+    fn tunnel_ips(&self) -> Vec<Ipv4Addr> {
+        self.tunnels.iter().filter(|(_, t)| matches!(t, Tunnel::Remote(_))).map(|(ip, _)| *ip).collect()
+    }
+
+    async fn set_peers(&mut self, peers: &[Ipv4Addr]) -> Result<PeerChanges> {
         self.peers = peers.to_vec();
+        Ok(PeerChanges::default())
     }
 
     fn table_bytes(&self) -> Option<usize> {

@@ -106,9 +106,13 @@ impl<E: Effects> Reconciler<E> {
         self.locals.get(&ip).map(|l| l.port)
     }
 
-    /// IPs with something programmed on a VM port.
+    /// IPs with something programmed on a VM port, and the remote VMs whose data-plane entries
+    /// a previous run left (kernel backend): what a complete snapshot may make stale.
     pub fn local_ips(&self) -> Vec<Ipv4Addr> {
-        self.locals.keys().copied().collect()
+        let mut ips: Vec<Ipv4Addr> = self.locals.keys().copied().chain(self.effects.tunnel_ips()).collect();
+        ips.sort_unstable();
+        ips.dedup();
+        ips
     }
 
     /// Number of IPs delivered on VM ports.
@@ -202,9 +206,24 @@ impl<E: Effects> Reconciler<E> {
         Ok(())
     }
 
-    /// Replaces the accepted tunnel peers.
-    pub fn set_peers(&mut self, peers: &[Ipv4Addr]) {
-        self.effects.set_peers(peers);
+    /// Replaces the accepted tunnel peers (kernel backend: creates and deletes tunnel devices,
+    /// counted as `peer_add` / `peer_remove` operations). A failure is logged; a device still
+    /// missing is created when a VM behind that peer is reconciled.
+    pub async fn set_peers(&mut self, peers: &[Ipv4Addr]) {
+        match self.effects.set_peers(peers).await {
+            Ok(changes) => {
+                for _ in 0..changes.added {
+                    self.metrics.reconcile_op("peer_add", true);
+                }
+                for _ in 0..changes.removed {
+                    self.metrics.reconcile_op("peer_remove", true);
+                }
+            }
+            Err(err) => {
+                self.metrics.reconcile_op("set_peers", false);
+                tracing::warn!(error = %format!("{err:#}"), "updating the tunnel peers failed");
+            }
+        }
     }
 }
 

@@ -5,13 +5,21 @@
 //! locally at once (make-before-break: docs/design.md, invariant I5) and reported. The local
 //! override holds while the claim is pending — also while no controller answers (headless,
 //! invariant I6) — and after acceptance until the desired state has caught up with the accepted
-//! revision; from then on the desired state governs. A rejected claim drops the override (the caller undoes the local route) and is not
-//! repeated for the same MAC before a hold time passes.
+//! revision; from then on the desired state governs. A rejected claim drops the override (the
+//! caller undoes the local route) and is not repeated for the same MAC before a hold time passes.
+//!
+//! A STALE claim (the controller could not order it after the current binding: it was made
+//! knowing less than the revision the answer names, docs/design.md section 3) also drops the
+//! override, but is not held: once the desired state has reached that revision the VM is probed
+//! once on its port ([`LocalVms::reverify`]); a reply — any frame captured knowing the revision —
+//! is a new claim. A VM that is really here (it moved here before this FE heard of the move before)
+//! is so claimed again within a probe's round trip; one that is not (a late report) never answers
+//! and is forgotten.
 //!
 //! Ageing: a VM silent for `probe_after` is probed every `probe_interval`; after `probe_count`
 //! unanswered probes it is reported gone and forgotten.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 /// Ageing and retry timers.
@@ -46,6 +54,14 @@ pub enum Claim {
         /// Monotonic ns.
         retry_at: u64,
     },
+    /// STALE: the desired state governs; a frame captured knowing `revision` claims again, and
+    /// once the desired state has it the VM is probed (at `probed_at`, monotonic ns).
+    Superseded {
+        /// The revision the answer named.
+        revision: u64,
+        /// When the probe went out (None: not yet).
+        probed_at: Option<u64>,
+    },
 }
 
 /// A VM seen on a VM port.
@@ -57,6 +73,9 @@ pub struct LocalVm {
     pub port: u32,
     /// Observation time of the current claim (wall ns) — sent with every report of it.
     pub observed_at: i64,
+    /// The stream revision known when the frame of the current claim was captured — sent with
+    /// every report of it.
+    pub known_revision: u64,
     /// When the frame that started the current claim was captured (monotonic ns).
     pub captured_mono: u64,
     /// Last frame from it (monotonic ns).
@@ -75,9 +94,9 @@ impl LocalVm {
         matches!(self.claim, Claim::Pending | Claim::Accepted { .. })
     }
 
-    /// True unless the claim was rejected.
+    /// True unless the claim was rejected or found stale.
     pub fn is_ours(&self) -> bool {
-        !matches!(self.claim, Claim::Rejected { .. })
+        !matches!(self.claim, Claim::Rejected { .. } | Claim::Superseded { .. })
     }
 }
 
@@ -110,10 +129,12 @@ pub struct Sighting {
     pub mac: [u8; 6],
     /// Port index.
     pub port: u32,
-    /// Capture time, wall ns.
+    /// Capture time, wall ns (the observation time it is reported with).
     pub wall: i64,
     /// Capture time, monotonic ns.
     pub mono: u64,
+    /// The stream revision this agent had applied when the frame was captured.
+    pub known: u64,
 }
 
 /// What a sighting means.
@@ -128,7 +149,8 @@ pub enum Learn {
     Moved,
     /// Known VM: refreshed.
     Refreshed,
-    /// A VM whose claim was rejected and is on hold: ignored.
+    /// A VM whose claim was rejected and is on hold, or found stale and not yet known to be
+    /// here: ignored.
     Suppressed,
 }
 
@@ -171,12 +193,15 @@ pub enum Ageing {
 pub struct LocalVms {
     timers: Timers,
     vms: HashMap<Ipv4Addr, LocalVm>,
+    /// VMs whose STALE claim has not been probed yet (so that [`LocalVms::reverify`], run on every
+    /// stream message, looks at them only).
+    unprobed: HashSet<Ipv4Addr>,
 }
 
 impl LocalVms {
     /// An empty table.
     pub fn new(timers: Timers) -> Self {
-        LocalVms { timers, vms: HashMap::new() }
+        LocalVms { timers, vms: HashMap::new(), unprobed: HashSet::new() }
     }
 
     /// The VM with `ip`.
@@ -205,6 +230,7 @@ impl LocalVms {
             mac: s.mac,
             port: s.port,
             observed_at: s.wall,
+            known_revision: s.known,
             captured_mono: s.mono,
             last_seen: s.mono,
             probes: 0,
@@ -227,7 +253,11 @@ impl LocalVms {
         };
         let reclaim = match vm.claim {
             Claim::Rejected { retry_at, .. } => vm.mac != s.mac || s.mono >= retry_at,
-            Claim::Settled => stray,
+            // A frame captured knowing the revision the STALE answer named is a new observation.
+            Claim::Superseded { revision, .. } => vm.mac != s.mac || s.known >= revision,
+            // Back on a port after its port had left: it arrived again (a move here may race the
+            // claim of the FE it just left) — report it.
+            Claim::Settled => stray || vm.port == 0,
             Claim::Pending | Claim::Accepted { .. } => vm.mac != s.mac,
         };
         if reclaim {
@@ -279,7 +309,36 @@ impl LocalVms {
                 vm.claim = Claim::Rejected { reason, retry_at: now + self.timers.reject_hold };
                 if was_override { Resolution::Undo } else { Resolution::Kept }
             }
+            ClaimAnswer::Stale { revision } => {
+                let was_override = vm.overrides();
+                vm.claim = Claim::Superseded { revision, probed_at: None };
+                self.unprobed.insert(ip);
+                if was_override { Resolution::Undo } else { Resolution::Kept }
+            }
         }
+    }
+
+    /// The VMs whose STALE claim waited for a revision the desired state (at `known`) now has:
+    /// probe each once on its port (at `now`); a reply claims it again.
+    pub fn reverify(&mut self, known: u64, now: u64) -> Vec<Ageing> {
+        let mut probes = Vec::new();
+        let vms = &mut self.vms;
+        self.unprobed.retain(|ip| {
+            let Some(vm) = vms.get_mut(ip) else { return false };
+            let Claim::Superseded { revision, probed_at: probed @ None } = &mut vm.claim else { return false };
+            if known < *revision {
+                return true;
+            }
+            *probed = Some(now);
+            if vm.port != 0 {
+                probes.push(Ageing::Probe { ip: *ip, mac: vm.mac, port: vm.port });
+            }
+            false
+        });
+        probes.sort_by_key(|p| match p {
+            Ageing::Probe { ip, .. } | Ageing::Gone { ip, .. } => *ip,
+        });
+        probes
     }
 
     /// The desired binding of `ip` changed (at `revision`). Ends an accepted claim's override once
@@ -290,6 +349,9 @@ impl LocalVms {
         if let Claim::Accepted { until_revision } = vm.claim
             && revision >= until_revision
         {
+            vm.claim = Claim::Settled;
+        }
+        if matches!(vm.claim, Claim::Superseded { .. }) && matches!(desired, DesiredView::Here(m, _) if m == vm.mac) {
             vm.claim = Claim::Settled;
         }
         let here = matches!(desired, DesiredView::Here(..));
@@ -321,6 +383,17 @@ impl LocalVms {
         for (ip, vm) in &mut self.vms {
             if let Claim::Rejected { retry_at, .. } = vm.claim {
                 if now >= retry_at && now.saturating_sub(vm.last_seen) >= t.reject_hold {
+                    forget.push((*ip, None));
+                }
+                continue;
+            }
+            if let Claim::Superseded { probed_at, .. } = vm.claim {
+                // Not ours: never reported gone. Forgotten once the probe went unanswered, or
+                // after the hold time without a frame (the revision never came).
+                let unanswered = probed_at.is_some_and(|p| {
+                    now.saturating_sub(p) >= t.probe_interval.saturating_mul(u64::from(t.probe_count))
+                });
+                if unanswered || now.saturating_sub(vm.last_seen) >= t.reject_hold {
                     forget.push((*ip, None));
                 }
                 continue;
@@ -357,6 +430,11 @@ pub enum ClaimAnswer {
         /// `RejectReason` number.
         reason: i32,
     },
+    /// REJECTED with reason STALE, naming the revision to wait for.
+    Stale {
+        /// `ClaimResult.revision`.
+        revision: u64,
+    },
 }
 
 #[cfg(test)]
@@ -373,7 +451,7 @@ mod tests {
     }
 
     fn seen(mac: [u8; 6], port: u32, at: u64) -> Sighting {
-        Sighting { ip: VM, mac, port, wall: 1_700_000_000 * S as i64 + at as i64, mono: at }
+        Sighting { ip: VM, mac, port, wall: 1_700_000_000 * S as i64 + at as i64, mono: at, known: 0 }
     }
 
     #[test]
@@ -467,13 +545,51 @@ mod tests {
     }
 
     #[test]
-    fn port_gone_keeps_the_vm_portless_until_it_shows_up_or_ages_out() {
+    fn port_gone_keeps_the_vm_portless_until_it_shows_up_again_and_is_reported() {
         let mut v = vms();
         v.sighting(seen(MAC, 5, 0), DesiredView::Here(MAC, 7));
         assert!(v.port_gone(6).is_empty());
         assert_eq!(v.port_gone(5), vec![VM]);
         assert_eq!(v.get(VM).unwrap().port, 0);
-        assert_eq!(v.sighting(seen(MAC, 8, S), DesiredView::Here(MAC, 7)), Learn::Moved);
+        // It arrived again (a move back here may race the claim of the FE it just left).
+        assert!(matches!(v.sighting(seen(MAC, 8, S), DesiredView::Here(MAC, 7)), Learn::Claim { .. }));
         assert_eq!(v.get(VM).unwrap().port, 8);
+        assert_eq!(v.sighting(seen(MAC, 9, 2 * S), DesiredView::Here(MAC, 7)), Learn::Moved, "port to port");
+    }
+
+    #[test]
+    fn a_stale_claim_waits_for_its_revision_then_probes_once() {
+        let mut v = vms();
+        let Learn::Claim { observed_at } = v.sighting(seen(MAC, 5, S), DesiredView::Elsewhere(10)) else { panic!() };
+        let r = v.resolved(VM, MAC, observed_at, ClaimAnswer::Stale { revision: 12 }, S, DesiredView::Elsewhere(10));
+        assert_eq!(r, Resolution::Undo, "the local override goes");
+        assert!(!v.get(VM).unwrap().is_ours());
+        // Frames captured before the stream had revision 12 change nothing; no probe yet.
+        assert_eq!(
+            v.sighting(Sighting { known: 11, ..seen(MAC, 5, 2 * S) }, DesiredView::Elsewhere(12)),
+            Learn::Suppressed
+        );
+        assert!(v.reverify(11, 2 * S).is_empty());
+        // The stream has 12: one probe on its port, once.
+        assert_eq!(v.reverify(12, 3 * S), vec![Ageing::Probe { ip: VM, mac: MAC, port: 5 }]);
+        assert!(v.reverify(13, 3 * S).is_empty());
+        // The reply (captured knowing 12) is a new claim, reported with what it knew.
+        let Learn::Claim { .. } =
+            v.sighting(Sighting { known: 12, ..seen(MAC, 5, 3 * S + 1) }, DesiredView::Elsewhere(12))
+        else {
+            panic!()
+        };
+        assert_eq!((v.get(VM).unwrap().known_revision, v.get(VM).unwrap().claim), (12, Claim::Pending));
+    }
+
+    #[test]
+    fn a_stale_claim_that_no_one_answers_is_forgotten_without_a_gone() {
+        let mut v = vms();
+        let Learn::Claim { observed_at } = v.sighting(seen(MAC, 5, S), DesiredView::Elsewhere(10)) else { panic!() };
+        v.resolved(VM, MAC, observed_at, ClaimAnswer::Stale { revision: 10 }, S, DesiredView::Elsewhere(10));
+        assert_eq!(v.reverify(10, 2 * S).len(), 1);
+        assert!(v.age(4 * S).is_empty(), "3 probe intervals not over yet");
+        assert!(v.age(5 * S).is_empty(), "forgotten, and not reported gone: it was never ours");
+        assert!(v.is_empty());
     }
 }

@@ -1,8 +1,10 @@
-//! The agent's view of the world, pure: the controller's desired state ([`desired`]), the VMs
-//! seen on this FE's ports and their claims ([`local`]), and how the two — with a move hint's
-//! override — combine into what each VM IP should get from this FE ([`target`]).
+//! The agent's view of the world, pure: the controller's desired state ([`desired`]), what it knew
+//! of it when ([`known`]), the VMs seen on this FE's ports and their claims ([`local`]), and how
+//! the two — with a move hint's override — combine into what each VM IP should get from this FE
+//! ([`target`]).
 
 pub mod desired;
+pub mod known;
 pub mod local;
 
 use std::net::Ipv4Addr;
@@ -118,7 +120,7 @@ mod tests {
     fn a_pending_claim_wins_and_a_rejection_gives_back() {
         let d = desired(Some("fe2"));
         let mut l = local();
-        let s = Sighting { ip: VM, mac: MAC, port: 7, wall: 5, mono: 5 };
+        let s = Sighting { ip: VM, mac: MAC, port: 7, wall: 5, mono: 5, known: 0 };
         l.sighting(s, desired_view(&d, VM));
         assert_eq!(target(&d, &l, None, VM), Target::Local { port: Some(7), mac: MAC });
         assert_eq!(target(&d, &l, Some(FE3), VM), Target::Local { port: Some(7), mac: MAC }, "ours wins");
@@ -132,7 +134,7 @@ mod tests {
         assert_eq!(target(&desired(Some("fe2")), &l, Some(FE3), VM), Target::Remote(FE3));
         // The old FE: bound here and seen here (settled), the hint turns it into a tunnel.
         let d = desired(Some("fe1"));
-        l.sighting(Sighting { ip: VM, mac: MAC, port: 7, wall: 5, mono: 5 }, desired_view(&d, VM));
+        l.sighting(Sighting { ip: VM, mac: MAC, port: 7, wall: 5, mono: 5, known: 0 }, desired_view(&d, VM));
         assert_eq!(target(&d, &l, None, VM), Target::Local { port: Some(7), mac: MAC });
         assert_eq!(target(&d, &l, Some(FE3), VM), Target::Remote(FE3));
     }

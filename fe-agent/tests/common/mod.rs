@@ -10,7 +10,13 @@
 //! controller — in-process in the test, on loopback of the root namespace — through
 //! `--controller-netns /proc/<test pid>/ns/net`. Everything is released on drop, also when a test
 //! fails: agents are killed (ChildGuard), then links, then namespaces.
-#![allow(dead_code, unreachable_pub, unused_imports)]
+//!
+//! **Data planes.** The namespace suites run against both backends ([`Plane`]): [`plane_tests!`]
+//! makes `<test>::tun` and `<test>::kernel` of one body, the agents get `--dataplane <plane>`,
+//! [`Lab::wait_ready`] checks their `/readyz` names that backend, and the kernel variant prints
+//! `SKIPPED: <reason>` where the `ipip` module cannot be loaded (then it checks nothing). Checks
+//! that hold for one backend only are written under `match plane`.
+#![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -166,6 +172,125 @@ impl Controller {
     }
 }
 
+// ───────────────────────────── data planes ─────────────────────────────
+
+/// A data-plane backend a suite runs against (`--dataplane`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// The userspace forwarder on TUN.
+    Tun,
+    /// The kernel's ipip, one device per registered FE.
+    Kernel,
+}
+
+impl Plane {
+    /// `tun` / `kernel`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Plane::Tun => "tun",
+            Plane::Kernel => "kernel",
+        }
+    }
+
+    /// Why this backend cannot run here (the kernel's ipip module cannot be loaded), or None.
+    pub fn unavailable(self) -> Option<String> {
+        match (self, victor_dataplane::kernel::load_module("ipip")) {
+            (Plane::Kernel, victor_dataplane::kernel::ModuleLoad::Unavailable(why)) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// The agent flags selecting it.
+    pub fn flags(self) -> [&'static str; 2] {
+        ["--dataplane", self.label()]
+    }
+}
+
+/// Runs `body` on `plane`, or prints `SKIPPED: ...` (and passes) where it cannot run.
+pub async fn run_on<F, Fut>(test: &str, plane: Plane, body: F) -> Result<()>
+where
+    F: FnOnce(Plane) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    if let Some(why) = plane.unavailable() {
+        println!(
+            "SKIPPED: {test} on the {} data plane: the kernel's ipip module cannot be loaded here: {why}",
+            plane.label()
+        );
+        return Ok(());
+    }
+    println!("data plane under test: {}", plane.label());
+    body(plane).await
+}
+
+/// `plane_tests!(name, ...)`: for each `async fn name(plane: Plane) -> anyhow::Result<()>` in
+/// scope, the tests `name::tun` and `name::kernel`.
+macro_rules! plane_tests {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            use super::common::{Plane, run_on};
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn tun() -> anyhow::Result<()> {
+                run_on(stringify!($name), Plane::Tun, super::$name).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn kernel() -> anyhow::Result<()> {
+                run_on(stringify!($name), Plane::Kernel, super::$name).await
+            }
+        }
+    )+};
+}
+pub(crate) use plane_tests;
+
+/// FE `from`'s route to `ip` through its kernel tunnel device to FE `to`, as `ip route` shows it.
+pub fn tunnel_route(ip: Ipv4Addr, to: usize) -> String {
+    format!("{ip} dev {} proto 158 scope link", tunnel_device(to))
+}
+
+/// The name of the kernel tunnel device to FE `to`.
+pub fn tunnel_device(to: usize) -> String {
+    victor_fe_agent::forwarding::kernel::devices::peer_name(fe_addr(to))
+}
+
+/// Sends one `size`-byte ICMP echo request with DF set from `ns` (source `src`) to `dst` and
+/// returns the next-hop MTU of the ICMP "fragmentation needed" that comes back within 3 s, if
+/// any.
+pub fn frag_needed_mtu(ns: &NetNs, src: Ipv4Addr, dst: Ipv4Addr, size: usize) -> Result<Option<u16>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use victor_dataplane::packet::{icmp, ipv4};
+    ns.run_in(move || -> Result<Option<u16>> {
+        let listen = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+        listen.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let send = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+        let echo = icmp::echo(icmp::TYPE_ECHO_REQUEST, 0x7a7a, 1, &vec![0x5a; size - 28]);
+        let packet = ipv4::build_packet(src, dst, ipv4::PROTO_ICMP, 64, 0, true, &echo);
+        send.send_to(&packet, &std::net::SocketAddr::from((dst, 0)).into())?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+        while Instant::now() < deadline {
+            let Ok(n) = listen.recv(&mut buf) else { continue };
+            // SAFETY: recv initialised the first n bytes.
+            let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let Ok(h) = ipv4::parse(&data) else { continue };
+            let m = &data[h.header_len..];
+            if m.len() >= 8 && m[0] == icmp::TYPE_DEST_UNREACHABLE && m[1] == icmp::CODE_FRAG_NEEDED {
+                return Ok(Some(u16::from_be_bytes([m[6], m[7]])));
+            }
+        }
+        Ok(None)
+    })?
+}
+
+/// The sum of every `victor_agent_reconcile_ops_total` series in a metrics body.
+pub fn reconcile_ops(body: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with("victor_agent_reconcile_ops_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
 // ───────────────────────────── lab ─────────────────────────────
 
 /// An agent process.
@@ -186,9 +311,18 @@ pub struct Lab {
     pub fes: Vec<NetNs>,
     pub vm: NetNs,
     pub dir: tempfile::TempDir,
+    /// The data plane every agent is started with (None: the agent's default, auto).
+    pub plane: Option<Plane>,
 }
 
 impl Lab {
+    /// [`Lab::build`] whose agents run `plane`.
+    pub fn build_on(n: usize, plane: Plane) -> Result<Lab> {
+        let mut lab = Lab::build(n)?;
+        lab.plane = Some(plane);
+        Ok(lab)
+    }
+
     /// Builds client, underlay, `n` FEs and the VM behind fe2 (no agents yet).
     pub fn build(n: usize) -> Result<Lab> {
         victor_testkit::require_root("the fe-agent lab");
@@ -196,7 +330,8 @@ impl Lab {
         let ul = NetNs::new("fau")?;
         let fes = (1..=n).map(|i| NetNs::new(&format!("fa{i}"))).collect::<Result<Vec<_>>>()?;
         let vm = NetNs::new("fav")?;
-        let mut lab = Lab { agents: Vec::new(), links: Vec::new(), client, ul, fes, vm, dir: tempfile::tempdir()? };
+        let mut lab =
+            Lab { agents: Vec::new(), links: Vec::new(), client, ul, fes, vm, dir: tempfile::tempdir()?, plane: None };
         lab.ul.ip(&["link", "add", "br0", "type", "bridge"])?;
         lab.ul.link_up("br0")?;
         for i in 1..=n {
@@ -238,12 +373,21 @@ impl Lab {
     pub fn agent_argv(&self, n: usize, controllers: &[String], extra: &[&str]) -> Vec<String> {
         let netns = format!("/proc/{}/ns/net", std::process::id());
         let bin = std::path::Path::new(env!("CARGO_BIN_EXE_victor-fe-agent"));
-        AgentCommand { bin, controllers, controller_netns: &netns, extra }.argv(n)
+        let mut extra = extra.to_vec();
+        if let Some(plane) = self.plane {
+            extra.extend(plane.flags());
+        }
+        AgentCommand { bin, controllers, controller_netns: &netns, extra: &extra }.argv(n)
     }
 
     /// Starts the agent of FE `n` (agents are indexed by FE number − 1).
     pub fn start_agent(&mut self, n: usize, controllers: &[String], extra: &[&str]) -> Result<()> {
         let argv = self.agent_argv(n, controllers, extra);
+        self.start_argv(n, argv)
+    }
+
+    /// Starts `argv` (an agent command line, maybe wrapped) as the agent of FE `n`.
+    pub fn start_argv(&mut self, n: usize, argv: Vec<String>) -> Result<()> {
         while self.agents.len() < n {
             self.agents.push(Agent { guard: None, argv: Vec::new(), log: PathBuf::new(), runs: 0 });
         }
@@ -284,11 +428,16 @@ impl Lab {
         Ok(metric(&body, series).unwrap_or(0.0))
     }
 
-    /// Waits until agent `n` reports ready (stream up, snapshot applied).
+    /// Waits until agent `n` reports ready (stream up, snapshot applied) — on the lab's data
+    /// plane, if it has one: its `/readyz` must name it.
     pub fn wait_ready(&mut self, n: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.agent_get(n, "/readyz").is_ok_and(|(code, _)| code == 200) {
+            if let Ok((200, body)) = self.agent_get(n, "/readyz") {
+                if let Some(plane) = self.plane {
+                    let want = format!("dataplane: {} ", plane.label());
+                    anyhow::ensure!(body.contains(&want), "agent {n} runs another data plane than {plane:?}: {body}");
+                }
                 return Ok(());
             }
             if let Some(g) = self.agents[n - 1].guard.as_mut()
@@ -376,3 +525,11 @@ where
 /// The fault suite's link proxy: `partition()` freezes every connection (a replica that died
 /// silently: only the agent's liveness checks can tell), `heal()` resets the held ones.
 pub use victor_tests::faults::proxy::LinkProxy;
+
+/// p50, max and every value of a benchmark series, as the BGP tests report them.
+pub fn summary(values: &[f64]) -> serde_json::Value {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let pick = |q: f64| v[(((q * v.len() as f64).ceil() as usize).max(1) - 1).min(v.len() - 1)];
+    serde_json::json!({ "p50": pick(0.5), "max": pick(1.0), "all": values })
+}

@@ -46,6 +46,7 @@ fn observation(vm: usize) -> VmObservation {
         kind: ObservationKind::Learned as i32,
         observed_at_unix_nanos: unix_nanos(),
         port: "bench".into(),
+        known_revision: None,
     }
 }
 

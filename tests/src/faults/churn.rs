@@ -370,6 +370,7 @@ impl Call {
                 kind: ObservationKind::Learned as i32,
                 observed_at_unix_nanos: unix_nanos(),
                 port: "faults".into(),
+                known_revision: None,
             })
             .collect();
         let mut request = tonic::Request::new(ReportRequest { fe_id: self.fe_id.clone(), observations });

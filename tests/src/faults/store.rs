@@ -74,6 +74,9 @@ pub async fn read(endpoints: Vec<String>) -> Result<StoreView> {
         };
         let record = BindingRecord::decode(kv.value.as_slice())
             .with_context(|| format!("stored binding of {ip} does not decode"))?;
+        if record.removed {
+            continue; // a removed binding's tombstone (docs/design.md, section 3): no binding
+        }
         view.bindings.insert(
             u32::from(ip),
             Stored { fe: record.fe_id, mac: record.mac, move_seq: record.move_seq, revision: kv.mod_revision },

@@ -8,14 +8,17 @@
 //!  192.0.2.10      192.0.2.1                  ├─ fe2 ── 203.0.113.4/30 ── fe2 up0
 //!                                             └─ fe3 ── 203.0.113.8/30 ── fe3 up0
 //! ```
-//! * [`wire_upstream`] — the links and routes (called by the topology);
-//! * [`router_config`] — the BIRD configuration of a border router for VICTOR (docs/bgp.md shows
-//!   its output; a test keeps them equal);
+//! * [`wire_upstream`] — the links and routes (called by the topology); [`wire_upstream6`] adds
+//!   IPv6 to the links (2001:db8:ff:<n>::/64) for IPv6 anycast ([`MOBILE6`]);
+//! * [`router_config`] — the BIRD configuration of a border router for VICTOR, IPv4 and IPv6
+//!   (docs/bgp.md shows its output; a test keeps them equal);
 //! * [`Bird`] — a BIRD process with its own config, control socket and log in a directory;
-//! * [`FibWatch`] — the upstream kernel's route for the mobile prefix as it changes, timestamped;
+//! * [`FibWatch`] — the upstream kernel's route for a mobile prefix (IPv4 or IPv6) as it changes,
+//!   timestamped;
 //! * [`pin_client`] — makes the client's flow hash to a chosen FE (ECMP is per flow).
 
-use std::net::Ipv4Addr;
+use std::fmt::Debug;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,6 +60,19 @@ pub fn peer_name(n: usize) -> String {
     format!("fe{n}")
 }
 
+/// The IPv6 mobile prefix the lab's FEs announce with IPv6 anycast.
+pub const MOBILE6: &str = "2001:db8:a::/48";
+
+/// The upstream router's IPv6 address on its link to FE `n` ([`wire_upstream6`]).
+pub fn upstream_addr6(n: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xff, n as u16, 0, 0, 0, 1)
+}
+
+/// FE `n`'s IPv6 address on its link to the upstream router (its IPv6 next hop).
+pub fn edge_addr6(n: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xff, n as u16, 0, 0, 0, 2)
+}
+
 /// Links `upstream` (interfaces `fe<n>`) to every FE (interface `up0`), /30 each; every FE
 /// routes the client network via the upstream (outbound traffic leaves at the VM's own FE).
 pub fn wire_upstream(upstream: &NetNs, fes: &[NetNs]) -> Result<()> {
@@ -69,6 +85,43 @@ pub fn wire_upstream(upstream: &NetNs, fes: &[NetNs]) -> Result<()> {
         fe.route(&[CLIENT_NET, "via", &upstream_addr(n).to_string()])?;
     }
     Ok(())
+}
+
+/// Adds IPv6 to the links of [`wire_upstream`]: 2001:db8:ff:<n>::1/64 at the upstream,
+/// 2001:db8:ff:<n>::2/64 at FE `n` (no duplicate address detection: usable at once). Returns once
+/// every link-local address of those links is past its duplicate address detection too (the
+/// agents send theirs as the link-local next hop).
+pub fn wire_upstream6(upstream: &NetNs, fes: &[NetNs]) -> Result<()> {
+    upstream.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    for (i, fe) in fes.iter().enumerate() {
+        let n = i + 1;
+        upstream.ip(&["-6", "addr", "add", &format!("{}/64", upstream_addr6(n)), "dev", &peer_name(n), "nodad"])?;
+        fe.ip(&["-6", "addr", "add", &format!("{}/64", edge_addr6(n)), "dev", "up0", "nodad"])?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let links = fes.iter().map(|fe| (fe, "up0".to_owned())).chain((1..=fes.len()).map(|n| (upstream, peer_name(n))));
+    for (ns, dev) in links {
+        loop {
+            let addrs = ns.ip(&["-6", "addr", "show", "dev", &dev, "scope", "link"])?;
+            if addrs.contains("inet6 fe80:") && !addrs.contains("tentative") {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "{dev} in {} has no usable link-local address: {addrs}", ns.name());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+/// FE `n`'s link-local address on its link to the upstream router.
+pub fn edge_link_local(fe: &NetNs) -> Result<Ipv6Addr> {
+    let addrs = fe.ip(&["-6", "-o", "addr", "show", "dev", "up0", "scope", "link"])?;
+    addrs
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+        .with_context(|| format!("no link-local address on up0 in {}: {addrs}", fe.name()))
 }
 
 /// The agent flags of FE `n` for the lab's upstream.
@@ -94,18 +147,23 @@ pub struct RouterConfig {
     pub router_id: Ipv4Addr,
     /// The router's AS.
     pub local_as: u32,
-    /// The mobile prefixes: exactly these are accepted from the FEs.
+    /// The IPv4 mobile prefixes: exactly these are accepted from the FEs.
     pub mobile: Vec<String>,
+    /// The IPv6 mobile prefixes: exactly these are accepted from the FEs (none: IPv4 only).
+    pub mobile6: Vec<String>,
     /// The FEs' AS.
     pub fe_as: u32,
-    /// The FEs: protocol name and the agent's address.
-    pub fes: Vec<(String, Ipv4Addr)>,
-    /// An upstream provider to announce the mobile prefixes to: its address and AS.
-    pub provider: Option<(Ipv4Addr, u32)>,
+    /// The FEs: protocol name and the agent's address (IPv4 or IPv6; either session carries
+    /// both families).
+    pub fes: Vec<(String, IpAddr)>,
+    /// Upstream providers to announce the mobile prefixes to: address and AS; one with an IPv4
+    /// address gets the IPv4 prefixes, one with an IPv6 address the IPv6 ones.
+    pub providers: Vec<(IpAddr, u32)>,
 }
 
 /// The BIRD 2 configuration of `c`.
 pub fn router_config(c: &RouterConfig) -> String {
+    let dual = !c.mobile6.is_empty();
     let mut out = format!(
         r#"log {log};
 router id {id};
@@ -115,21 +173,26 @@ protocol device {{
 
 # The mobile prefixes: exactly these (no more-specifics) are accepted from the FE agents.
 define VICTOR_MOBILE = [ {mobile} ];
-
-filter victor_from_fe {{
-  if net ~ VICTOR_MOBILE then accept;
-  reject;
-}}
-
-# One kernel route per prefix with a next hop per announcing FE (ECMP).
-protocol kernel {{
-  ipv4 {{
-    import none;
-    export where source = RTS_BGP;
-  }};
-  merge paths on;
-}}
-
+"#,
+        log = c.log,
+        id = c.router_id,
+        mobile = c.mobile.join(", "),
+    );
+    if dual {
+        out.push_str(&format!("define VICTOR_MOBILE6 = [ {} ];\n", c.mobile6.join(", ")));
+    }
+    out.push_str(&filter("victor_from_fe", "VICTOR_MOBILE"));
+    if dual {
+        out.push_str(&filter("victor6_from_fe", "VICTOR_MOBILE6"));
+    }
+    out.push_str("\n# One kernel route per prefix with a next hop per announcing FE (ECMP).\n");
+    out.push_str(&kernel("ipv4"));
+    if dual {
+        out.push('\n');
+        out.push_str(&kernel("ipv6"));
+    }
+    out.push_str(&format!(
+        r#"
 # The FE agents connect (passive) and announce the mobile prefixes while healthy; a session
 # that ends (agent stopped, crashed or silent for the hold time) withdraws them at once. After
 # an error (e.g. hold timer expired) BIRD refuses the agent for `error wait time` (default 60 s,
@@ -139,32 +202,41 @@ template bgp victor_fe {{
   passive on;
   hold time 9;
   error wait time 1, 30;
-  ipv4 {{
-    import filter victor_from_fe;
-    export none;
-  }};
-}}
+{channels}}}
 "#,
-        log = c.log,
-        id = c.router_id,
-        mobile = c.mobile.join(", "),
         local_as = c.local_as,
-    );
+        channels = fe_channel("ipv4", "victor_from_fe")
+            + &if dual { fe_channel("ipv6", "victor6_from_fe") } else { String::new() },
+    ));
     out.push_str("\n# One protocol per FE agent.\n");
     for (name, addr) in &c.fes {
         out.push_str(&format!("protocol bgp {name} from victor_fe {{ neighbor {addr} as {}; }}\n", c.fe_as));
     }
-    if let Some((addr, asn)) = c.provider {
+    for (addr, asn) in &c.providers {
+        let (name, channel, set, comment) = match addr {
+            IpAddr::V4(_) => (
+                "provider",
+                "ipv4",
+                "VICTOR_MOBILE",
+                "# The provider learns the mobile prefixes from this site while at least one FE here announces\n\
+                 # them (path: this AS, then the FEs' AS).",
+            ),
+            IpAddr::V6(_) => (
+                "provider6",
+                "ipv6",
+                "VICTOR_MOBILE6",
+                "# The provider's IPv6 session: the IPv6 mobile prefixes, on the same condition.",
+            ),
+        };
         out.push_str(&format!(
             r#"
-# The provider learns the mobile prefixes from this site while at least one FE here announces
-# them (path: this AS, then the FEs' AS).
-protocol bgp provider {{
+{comment}
+protocol bgp {name} {{
   local as {local_as};
   neighbor {addr} as {asn};
-  ipv4 {{
+  {channel} {{
     import all;
-    export where net ~ VICTOR_MOBILE && bgp_path.last = {fe_as};
+    export where net ~ {set} && bgp_path.last = {fe_as};
   }};
 }}
 "#,
@@ -175,16 +247,51 @@ protocol bgp provider {{
     out
 }
 
-/// The lab upstream's configuration for `fes` FEs.
+/// A filter accepting exactly the prefixes of set `set`.
+fn filter(name: &str, set: &str) -> String {
+    format!("\nfilter {name} {{\n  if net ~ {set} then accept;\n  reject;\n}}\n")
+}
+
+/// A kernel protocol exporting the BGP routes of one family, the paths of a prefix merged (ECMP).
+fn kernel(channel: &str) -> String {
+    format!(
+        "protocol kernel {{\n  {channel} {{\n    import none;\n    export where source = RTS_BGP;\n  }};\n  \
+         merge paths on;\n}}\n"
+    )
+}
+
+/// A channel of the FE template: routes through `filter` in, nothing out.
+fn fe_channel(channel: &str, filter: &str) -> String {
+    format!("  {channel} {{\n    import filter {filter};\n    export none;\n  }};\n")
+}
+
+/// The lab upstream's configuration for `fes` FEs (IPv4 anycast, IPv4 sessions).
 pub fn upstream_config(fes: usize) -> String {
     router_config(&RouterConfig {
         log: "stderr all".into(),
         router_id: upstream_addr(1),
         local_as: UPSTREAM_AS,
         mobile: vec![MOBILE.into()],
+        mobile6: Vec::new(),
         fe_as: VICTOR_AS,
-        fes: (1..=fes).map(|n| (peer_name(n), edge_addr(n))).collect(),
-        provider: None,
+        fes: (1..=fes).map(|n| (peer_name(n), IpAddr::V4(edge_addr(n)))).collect(),
+        providers: Vec::new(),
+    })
+}
+
+/// The lab upstream's configuration for `fes` FEs announcing [`MOBILE`] and [`MOBILE6`], over
+/// sessions to each FE's IPv4 address, or its IPv6 one (`ipv6_sessions`; [`wire_upstream6`]).
+pub fn upstream_config_dual(fes: usize, ipv6_sessions: bool) -> String {
+    let addr = |n| if ipv6_sessions { IpAddr::V6(edge_addr6(n)) } else { IpAddr::V4(edge_addr(n)) };
+    router_config(&RouterConfig {
+        log: "stderr all".into(),
+        router_id: upstream_addr(1),
+        local_as: UPSTREAM_AS,
+        mobile: vec![MOBILE.into()],
+        mobile6: vec![MOBILE6.into()],
+        fe_as: VICTOR_AS,
+        fes: (1..=fes).map(|n| (peer_name(n), addr(n))).collect(),
+        providers: Vec::new(),
     })
 }
 
@@ -324,31 +431,71 @@ fn path_str(p: &Path) -> Result<&str> {
     p.to_str().with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
+/// An address family [`FibWatch`] follows: IPv4 ([`Ipv4Addr`]) or IPv6 ([`Ipv6Addr`]).
+pub trait FibFamily: Copy + Ord + Debug + Send + Sync + 'static {
+    /// The rtnetlink notifications of its routes.
+    const GROUP: MulticastGroup;
+    /// A dump request for its routes.
+    fn dump() -> RouteMessage;
+    /// The address of this family in a route attribute.
+    fn of(address: &RouteAddress) -> Option<Self>;
+    /// Parses `address/len`.
+    fn prefix(text: &str) -> Option<(Self, u8)>;
+}
+
+impl FibFamily for Ipv4Addr {
+    const GROUP: MulticastGroup = MulticastGroup::Ipv4Route;
+    fn dump() -> RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new().build()
+    }
+    fn of(address: &RouteAddress) -> Option<Self> {
+        if let RouteAddress::Inet(a) = address { Some(*a) } else { None }
+    }
+    fn prefix(text: &str) -> Option<(Self, u8)> {
+        let (a, l) = text.split_once('/')?;
+        Some((a.parse().ok()?, l.parse().ok()?))
+    }
+}
+
+impl FibFamily for Ipv6Addr {
+    const GROUP: MulticastGroup = MulticastGroup::Ipv6Route;
+    fn dump() -> RouteMessage {
+        RouteMessageBuilder::<Ipv6Addr>::new().build()
+    }
+    fn of(address: &RouteAddress) -> Option<Self> {
+        if let RouteAddress::Inet6(a) = address { Some(*a) } else { None }
+    }
+    fn prefix(text: &str) -> Option<(Self, u8)> {
+        let (a, l) = text.split_once('/')?;
+        Some((a.parse().ok()?, l.parse().ok()?))
+    }
+}
+
 /// The kernel route of one prefix in a namespace at one moment: its gateways (none = no route).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FibEvent {
+pub struct FibEvent<A = Ipv4Addr> {
     /// When the change was seen (CLOCK_MONOTONIC ns).
     pub mono_ns: u64,
     /// The next hops, sorted.
-    pub gateways: Vec<Ipv4Addr>,
+    pub gateways: Vec<A>,
 }
 
 /// Follows the kernel route of one prefix (main table) in a namespace through rtnetlink route
 /// notifications, timestamping every change: when a router's FIB stops sending traffic to an FE.
-pub struct FibWatch {
-    events: Arc<Mutex<Vec<FibEvent>>>,
+/// Each notification about the prefix is followed by a read of the route as it then is (an IPv6
+/// multipath route changes one next hop at a time, and a deleted next hop's notification says
+/// nothing of the others), recorded with the notification's time.
+pub struct FibWatch<A: FibFamily = Ipv4Addr> {
+    events: Arc<Mutex<Vec<FibEvent<A>>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
-impl FibWatch {
-    /// Starts watching `prefix` (e.g. `10.10.0.0/16`) in `ns`; the first event is the route as it
-    /// is now.
-    pub fn start(ns: &NetNs, prefix: &str) -> Result<FibWatch> {
-        let net = prefix
-            .split_once('/')
-            .and_then(|(a, l)| Some((a.parse::<Ipv4Addr>().ok()?, l.parse::<u8>().ok()?)))
-            .with_context(|| format!("{prefix:?} is not an IPv4 prefix"))?;
+impl<A: FibFamily> FibWatch<A> {
+    /// Starts watching `prefix` (e.g. `10.10.0.0/16`, or `2001:db8:a::/48` for a
+    /// `FibWatch<Ipv6Addr>`) in `ns`; the first event is the route as it is now.
+    pub fn start(ns: &NetNs, prefix: &str) -> Result<FibWatch<A>> {
+        let net = A::prefix(prefix).with_context(|| format!("{prefix:?} is not a prefix of this family"))?;
         let events = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (ev, st) = (events.clone(), stop.clone());
@@ -356,24 +503,29 @@ impl FibWatch {
         let thread = ns.spawn_thread("fib-watch", move || -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
-                let (conn, handle, mut messages) =
-                    match rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Route]) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(anyhow::anyhow!("netlink route monitor: {e}")));
-                            return Ok(());
-                        }
-                    };
-                tokio::spawn(conn);
-                // Subscribed first, then the current state: no change can fall in between.
-                let dump = RouteMessageBuilder::<Ipv4Addr>::new().build();
-                let mut routes = handle.route().get(dump).execute();
-                let mut now = Vec::new();
-                while let Some(Ok(m)) = routes.next().await {
-                    if matches(&m, net) {
-                        now = gateways(&m);
+                let (conn, handle, mut messages) = match rtnetlink::new_multicast_connection(&[A::GROUP]) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("netlink route monitor: {e}")));
+                        return Ok(());
                     }
-                }
+                };
+                tokio::spawn(conn);
+                // The route as it is now: one entry per next hop where the kernel lists them so.
+                let current = || async {
+                    let mut routes = handle.route().get(A::dump()).execute();
+                    let mut now = Vec::new();
+                    while let Some(Ok(m)) = routes.next().await {
+                        if matches(&m, net) {
+                            now.extend(gateways::<A>(&m));
+                        }
+                    }
+                    now.sort();
+                    now.dedup();
+                    now
+                };
+                // Subscribed first, then the current state: no change can fall in between.
+                let now = current().await;
                 ev.lock().expect("events").push(FibEvent { mono_ns: monotonic_ns(), gateways: now });
                 let _ = ready_tx.send(Ok(()));
                 while !st.load(Ordering::Relaxed) {
@@ -382,16 +534,17 @@ impl FibWatch {
                     };
                     let Some((msg, _)) = next else { break };
                     let at = monotonic_ns();
-                    let gw = match msg.payload {
-                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) if matches(&m, net) => {
-                            gateways(&m)
-                        }
-                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(m)) if matches(&m, net) => {
-                            Vec::new()
-                        }
+                    match msg.payload {
+                        NetlinkPayload::InnerMessage(
+                            RouteNetlinkMessage::NewRoute(m) | RouteNetlinkMessage::DelRoute(m),
+                        ) if matches(&m, net) => {}
                         _ => continue,
-                    };
-                    ev.lock().expect("events").push(FibEvent { mono_ns: at, gateways: gw });
+                    }
+                    let gateways = current().await;
+                    let mut events = ev.lock().expect("events");
+                    if events.last().is_none_or(|e| e.gateways != gateways) {
+                        events.push(FibEvent { mono_ns: at, gateways });
+                    }
                 }
                 Ok(())
             })
@@ -401,12 +554,12 @@ impl FibWatch {
     }
 
     /// Every event so far.
-    pub fn events(&self) -> Vec<FibEvent> {
+    pub fn events(&self) -> Vec<FibEvent<A>> {
         self.events.lock().expect("events").clone()
     }
 
     /// The current gateways.
-    pub fn gateways(&self) -> Vec<Ipv4Addr> {
+    pub fn gateways(&self) -> Vec<A> {
         self.events.lock().expect("events").last().map(|e| e.gateways.clone()).unwrap_or_default()
     }
 
@@ -417,8 +570,8 @@ impl FibWatch {
         what: &str,
         since: u64,
         timeout: Duration,
-        check: impl Fn(&[Ipv4Addr]) -> bool,
-    ) -> Result<FibEvent> {
+        check: impl Fn(&[A]) -> bool,
+    ) -> Result<FibEvent<A>> {
         let deadline = Instant::now() + timeout;
         loop {
             {
@@ -436,7 +589,7 @@ impl FibWatch {
     }
 }
 
-impl Drop for FibWatch {
+impl<A: FibFamily> Drop for FibWatch<A> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -445,7 +598,7 @@ impl Drop for FibWatch {
     }
 }
 
-fn matches(m: &RouteMessage, (network, len): (Ipv4Addr, u8)) -> bool {
+fn matches<A: FibFamily>(m: &RouteMessage, (network, len): (A, u8)) -> bool {
     let table = m
         .attributes
         .iter()
@@ -453,19 +606,19 @@ fn matches(m: &RouteMessage, (network, len): (Ipv4Addr, u8)) -> bool {
         .unwrap_or(u32::from(m.header.table));
     table == 254
         && m.header.destination_prefix_length == len
-        && m.attributes.iter().any(|a| matches!(a, RouteAttribute::Destination(RouteAddress::Inet(d)) if *d == network))
+        && m.attributes.iter().any(|a| matches!(a, RouteAttribute::Destination(d) if A::of(d) == Some(network)))
 }
 
-fn gateways(m: &RouteMessage) -> Vec<Ipv4Addr> {
+fn gateways<A: FibFamily>(m: &RouteMessage) -> Vec<A> {
     let mut out = Vec::new();
     for a in &m.attributes {
         match a {
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => out.push(*g),
+            RouteAttribute::Gateway(g) => out.extend(A::of(g)),
             RouteAttribute::MultiPath(hops) => {
                 for hop in hops {
                     for h in &hop.attributes {
-                        if let RouteAttribute::Gateway(RouteAddress::Inet(g)) = h {
-                            out.push(*g);
+                        if let RouteAttribute::Gateway(g) = h {
+                            out.extend(A::of(g));
                         }
                     }
                 }
@@ -537,16 +690,21 @@ pub fn pin_client(client: &NetNs, upstream: &NetNs, dst: Ipv4Addr, fe: usize) ->
 mod tests {
     use super::*;
 
-    /// The sample of docs/bgp.md: a border router with two FEs and a provider.
+    /// The sample of docs/bgp.md: a border router with two FEs (one over IPv4, one over IPv6)
+    /// announcing IPv4 and IPv6 mobile prefixes, and a provider reached over both families.
     fn docs_sample() -> RouterConfig {
         RouterConfig {
             log: "syslog all".into(),
             router_id: Ipv4Addr::new(192, 0, 2, 254),
             local_as: 64500,
             mobile: vec!["10.10.0.0/16".into(), "10.20.0.0/16".into()],
+            mobile6: vec!["2001:db8:10::/48".into()],
             fe_as: 65010,
-            fes: vec![("fe1".into(), Ipv4Addr::new(203, 0, 113, 2)), ("fe2".into(), Ipv4Addr::new(203, 0, 113, 6))],
-            provider: Some((Ipv4Addr::new(198, 18, 0, 1), 64496)),
+            fes: vec![
+                ("fe1".into(), "203.0.113.2".parse().unwrap()),
+                ("fe2".into(), "2001:db8:ff:2::2".parse().unwrap()),
+            ],
+            providers: vec![("198.18.0.1".parse().unwrap(), 64496), ("2001:db8:ffff::1".parse().unwrap(), 64496)],
         }
     }
 
@@ -560,7 +718,19 @@ mod tests {
         );
         check_config(&config).unwrap();
         check_config(&upstream_config(3)).unwrap();
+        check_config(&upstream_config_dual(2, false)).unwrap();
+        check_config(&upstream_config_dual(2, true)).unwrap();
         assert!(check_config("protocol bgp {").is_err());
+    }
+
+    #[test]
+    fn ipv4_only_routers_have_no_ipv6_parts() {
+        let config = upstream_config(2);
+        assert!(!config.contains("ipv6") && !config.contains("VICTOR_MOBILE6"), "{config}");
+        let dual = upstream_config_dual(2, true);
+        assert!(dual.contains(&format!("define VICTOR_MOBILE6 = [ {MOBILE6} ];")), "{dual}");
+        assert!(dual.contains("neighbor 2001:db8:ff:2::2 as 65010;"), "{dual}");
+        assert_eq!(dual.matches("merge paths on;").count(), 2, "an ECMP kernel protocol per family: {dual}");
     }
 
     #[test]
@@ -568,5 +738,9 @@ mod tests {
         assert_eq!((upstream_addr(1), edge_addr(1)), (Ipv4Addr::new(203, 0, 113, 1), Ipv4Addr::new(203, 0, 113, 2)));
         assert_eq!((upstream_addr(3), edge_addr(3)), (Ipv4Addr::new(203, 0, 113, 9), Ipv4Addr::new(203, 0, 113, 10)));
         assert_eq!(agent_flags(2)[..2], ["--bgp-peer".to_owned(), "203.0.113.5".to_owned()]);
+        assert_eq!(
+            (upstream_addr6(2), edge_addr6(2)),
+            ("2001:db8:ff:2::1".parse().unwrap(), "2001:db8:ff:2::2".parse().unwrap())
+        );
     }
 }

@@ -31,9 +31,12 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
+use victor_fe_agent::forwarding::DataplaneMode;
+use victor_fe_agent::forwarding::kernel::devices::peer_name;
 use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::NetNs;
 
+use super::addressing::fe_addr;
 use super::agents::{Agent, AgentCommand, agent_get, move_hint_flags, wait_agent_ready};
 use super::bgp::{self, AnycastPath};
 use super::controlplane::ControlPlane;
@@ -95,6 +98,26 @@ pub struct MigrateArgs {
         value_name = "on|off"
     )]
     pub move_hints: bool,
+    /// The agents' data plane (`--dataplane` of victor-fe-agent): auto picks the kernel's ipip
+    /// when it can be loaded, else the userspace forwarder; the report names what ran.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dataplane: DataplaneMode,
+    /// Shifts FE N's clock by OFFSET (its agent's test-only `--clock-offset`; repeatable), e.g.
+    /// `--fe-clock-offset 2=-5s --fe-clock-offset 3=+5s`: FEs whose clocks disagree move VMs as
+    /// fast as FEs that agree (docs/design.md, section 3).
+    #[arg(long = "fe-clock-offset", value_name = "N=OFFSET", value_parser = parse_fe_clock_offset, allow_hyphen_values = true)]
+    pub fe_clock_offsets: Vec<(usize, String)>,
+}
+
+/// Parses `N=OFFSET` (N an FE number 1–3, OFFSET a signed duration like `-5s`).
+fn parse_fe_clock_offset(text: &str) -> Result<(usize, String), String> {
+    let (n, offset) = text.split_once('=').ok_or_else(|| format!("{text:?}: expected N=OFFSET, e.g. 2=-5s"))?;
+    let n: usize = n.trim().parse().map_err(|_| format!("{n:?} is not an FE number (1-3)"))?;
+    if !(1..=3).contains(&n) {
+        return Err(format!("FE {n} does not exist (the lab has fe1-fe3)"));
+    }
+    victor_fe_agent::config::parse_clock_offset(offset)?;
+    Ok((n, offset.trim().to_owned()))
 }
 
 impl Default for MigrateArgs {
@@ -111,6 +134,8 @@ impl Default for MigrateArgs {
             log_dir: None,
             bgp: false,
             move_hints: true,
+            dataplane: DataplaneMode::Auto,
+            fe_clock_offsets: Vec::new(),
         }
     }
 }
@@ -188,7 +213,8 @@ pub struct MigrateReport {
     pub etcd_members: usize,
     /// Controller replicas.
     pub replicas: usize,
-    /// The data plane the agents chose.
+    /// The data plane the agents run and why (`kernel (auto: ...)`, `tun (--dataplane tun)`),
+    /// as fe1's `/readyz` says.
     pub dataplane: String,
     /// How links were switched.
     pub switch: SwitchMode,
@@ -219,9 +245,21 @@ pub struct MigrateReport {
     pub load_avg_1m: f64,
     /// The paper's figure for comparison: packets lost per handoff at a 10 ms ping interval.
     pub paper_lost_per_move_at_10ms: &'static str,
+    /// FE clock offsets (`--fe-clock-offset`), by FE.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub fe_clock_offsets: BTreeMap<String, String>,
     /// With `--bgp`: the anycast path the client's traffic took.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bgp: Option<AnycastPath>,
+}
+
+/// The data plane the agent in `ns` runs and why: the `dataplane:` line of its `/readyz`.
+pub fn dataplane_of(ns: &NetNs) -> Result<String> {
+    let (_, body) = agent_get(ns, "/readyz")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("dataplane: "))
+        .map(str::to_owned)
+        .with_context(|| format!("the agent in {} does not say which data plane runs: {body:?}", ns.name()))
 }
 
 /// Builds the lab, runs the experiment, tears everything down and returns the report.
@@ -273,6 +311,10 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         ordered.rotate_left((n - 1) % urls.len());
         let mut flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
         flags.extend(hint_flags.iter().cloned());
+        flags.extend(["--dataplane".to_owned(), args.dataplane.label().to_owned()]);
+        for (_, offset) in args.fe_clock_offsets.iter().filter(|(fe, _)| *fe == n) {
+            flags.extend(["--clock-offset".to_owned(), offset.clone()]);
+        }
         let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
         let argv =
             AgentCommand { bin: &agent_bin, controllers: &ordered, controller_netns: &netns_path, extra: &extra }
@@ -282,13 +324,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     for n in 1..=3 {
         wait_agent_ready(topo.fe(n), &mut agents[n - 1], Duration::from_secs(30))?;
     }
-    let dataplane = if agents[0].log_text().contains("chose tun")
-        || agents[0].log_text().contains("auto: the kernel has no ipip")
-    {
-        "tun (userspace IP-in-IP)".to_owned()
-    } else {
-        "kernel ipip".to_owned()
-    };
+    let dataplane = dataplane_of(topo.fe(1))?;
 
     // The VM appears behind fe2.
     let mut vm_if = "eth0".to_owned();
@@ -378,7 +414,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         prober
             .wait_replies_from(after, 3, Duration::from_secs(5))
             .with_context(|| format!("move {index}: the VM stopped answering after moving to {target}"))?;
-        check_forwarding(&topo, &vm, to, if to == 2 { 3 } else { 2 }, args.switch)?;
+        check_forwarding(&topo, &vm, to, if to == 2 { 3 } else { 2 }, args.switch, &dataplane)?;
         if args.switch == SwitchMode::Clone {
             // Break after make: the old link goes once every FE has converged.
             topo.vm(1).ip(&["link", "del", &vm_if])?;
@@ -558,6 +594,7 @@ fn report(
         per_move,
         load_avg_1m,
         paper_lost_per_move_at_10ms: "1-2 (Hao et al. §5, physical host moved between access points)",
+        fe_clock_offsets: args.fe_clock_offsets.iter().map(|(n, o)| (format!("fe{n}"), o.clone())).collect(),
         bgp: None,
     }
 }
@@ -585,6 +622,10 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
         report.dataplane,
         if report.move_hints { "on" } else { "off" }
     );
+    if !report.fe_clock_offsets.is_empty() {
+        let offsets: Vec<String> = report.fe_clock_offsets.iter().map(|(fe, o)| format!("{fe} {o}")).collect();
+        println!("FE clocks shifted: {}", offsets.join(", "));
+    }
     if let Some(b) = &report.bgp {
         println!(
             "ingress: BGP upstream ({}) with ECMP over {}; the client's flow (source {}) enters at {}",
@@ -691,8 +732,17 @@ async fn wait_applied(topo: &Topology, ip: Ipv4Addr, move_seq: u64, local_fe: us
 }
 
 /// After a move to FE `to`: `to` delivers the VM on its port (host route with VICTOR's protocol),
-/// the old FE `old` no longer does, and the client's FE (fe1) has no local route for it.
-fn check_forwarding(topo: &Topology, vm: &VmSpec, to: usize, old: usize, mode: SwitchMode) -> Result<()> {
+/// the old FE `old` no longer does, and the client's FE (fe1) has no local route for it. With
+/// the kernel data plane (`dataplane` starts with `kernel`) fe1 and `old` route it through their
+/// tunnel device to `to` instead (the userspace one keeps remote VMs in its own table).
+fn check_forwarding(
+    topo: &Topology,
+    vm: &VmSpec,
+    to: usize,
+    old: usize,
+    mode: SwitchMode,
+    dataplane: &str,
+) -> Result<()> {
     let host = format!("{}/32", vm.ip);
     let new_routes = topo.routes(to, &[&host, "proto", "158"])?;
     ensure!(
@@ -700,9 +750,22 @@ fn check_forwarding(topo: &Topology, vm: &VmSpec, to: usize, old: usize, mode: S
         "fe{to} has no host route to {} on a VM port: {new_routes:?}",
         vm.ip
     );
+    let tunnel = peer_name(fe_addr(to));
     for n in [1, old] {
         let routes = topo.routes(n, &[&host])?;
-        ensure!(routes.trim().is_empty(), "fe{n} still routes {} locally after the move ({mode:?}): {routes:?}", vm.ip);
+        if dataplane.starts_with("kernel") {
+            ensure!(
+                routes.trim() == format!("{} dev {tunnel} proto 158 scope link", vm.ip),
+                "fe{n} does not route {} through its tunnel to fe{to} ({tunnel}) after the move ({mode:?}): {routes:?}",
+                vm.ip
+            );
+        } else {
+            ensure!(
+                routes.trim().is_empty(),
+                "fe{n} still routes {} locally after the move ({mode:?}): {routes:?}",
+                vm.ip
+            );
+        }
     }
     Ok(())
 }

@@ -252,9 +252,10 @@ impl ControllerProcess {
         self.child.kill();
     }
 
-    /// SIGTERM, then SIGKILL after `timeout`.
-    pub fn stop(&mut self, timeout: Duration) {
-        self.child.stop(timeout);
+    /// SIGTERM, then SIGKILL after `timeout`. Returns the exit status if the process exited on
+    /// its own within `timeout`.
+    pub fn stop(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.child.stop(timeout)
     }
 
     /// Lets the process outlive this value; returns its PID, which the caller must record to

@@ -1,19 +1,25 @@
-//! The userspace IP-in-IP forwarder: a TUN device (the agent routes the mobile prefix and
-//! remote /32s into it) and a raw IPv4 socket for protocol 4 on the underlay.
+//! The userspace tunnel forwarder: a TUN device (the agent routes the mobile prefixes and remote
+//! host routes into it, IPv4 and IPv6) and raw IPv4 sockets on the underlay for protocol 4
+//! (IP-in-IP, RFC 2003) and protocol 41 (6in4, RFC 4213). The underlay is IPv4 for both families.
 //!
-//! * From TUN: look the destination up in the [`Fib`]; `Remote(peer)` → decrement TTL,
-//!   encapsulate, send to `peer`; no binding → drop; TTL ≤ 1 → ICMP time exceeded; longer than
-//!   the tunnel MTU with DF → ICMP fragmentation needed carrying the tunnel MTU (PMTUD).
-//! * From the underlay: only IP-in-IP whose outer source is a registered peer and whose inner
-//!   packet is valid IPv4 is accepted; the inner packet is written into TUN and the kernel routes
-//!   it — by its /32 to a local VM, or back into TUN when the VM has moved on, so the forwarder
-//!   relays it to the new binding FE (each pass through the kernel costs a TTL, so loops end).
+//! * From TUN: look the destination up in the [`Fib`] (/32 or /128); `Remote(peer)` → decrement
+//!   TTL / hop limit, encapsulate (IP-in-IP or 6in4), send to `peer`; no binding → drop; TTL /
+//!   hop limit ≤ 1 → ICMP / ICMPv6 time exceeded; longer than the tunnel MTU → ICMP
+//!   fragmentation needed (IPv4 with DF) or ICMPv6 packet too big (IPv6), carrying the tunnel MTU
+//!   (PMTUD).
+//! * From the underlay: only tunnel packets whose outer source is a registered peer and whose
+//!   inner packet is valid IPv4 (protocol 4) or IPv6 (protocol 41) are accepted; the inner packet
+//!   is written into TUN and the kernel routes it — by its host route to a local VM, or back into
+//!   TUN when the VM has moved on, so the forwarder relays it to the new binding FE (each pass
+//!   through the kernel costs a TTL / hop limit, so loops end).
 //!
-//! ICMP errors are sent through the raw socket (locally originated, routed by the kernel, no
-//! martian-source issue that writing them into TUN with our own source address would have),
-//! at most [`ForwarderConfig::icmp_rate_per_s`] per second (token bucket shared by the workers).
-//! The TUN MTU is the underlay MTU − 20, so the kernel fragments or answers "fragmentation
-//! needed" itself before packets reach us; our own check covers a TUN MTU raised by hand.
+//! ICMP errors are sent through the raw IP-in-IP socket, ICMPv6 errors through a raw IPv6 socket
+//! (locally originated, routed by the kernel, no martian-source issue that writing them into TUN
+//! with our own source address would have), together at most [`ForwarderConfig::icmp_rate_per_s`]
+//! per second (token bucket shared by the workers). The TUN MTU is the underlay MTU − 20, so the
+//! kernel fragments or answers "fragmentation needed" / "packet too big" itself before packets
+//! reach us; our own check covers a TUN MTU raised by hand and GSO super-packets. IPv6 needs a
+//! tunnel MTU of at least 1280 (the kernel disables IPv6 on a smaller device).
 //!
 //! # Workers, queues, batches
 //! [`ForwarderConfig::queues`] workers (default: one per core), each on its own thread with its
@@ -31,7 +37,7 @@
 //! dropped by the kernel, as no queue is attached), and the next forwarder adopts it.
 //!
 //! Modules: [`pipeline`] (per-packet decisions, pure), `worker` (the loops), `raw` (the
-//! underlay socket, `sendmmsg`/`recvmmsg`), `steer` (the per-worker socket filters),
+//! underlay sockets, `sendmmsg`/`recvmmsg`), `steer` (the per-worker socket filters),
 //! `ratelimit` (the ICMP token bucket), `tun` (persistence ioctls), `buf` (receive buffers).
 
 mod buf;
@@ -45,7 +51,7 @@ mod worker;
 pub use tun::remove_persistent as remove_persistent_tun;
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -55,9 +61,10 @@ use tokio::sync::watch;
 
 pub use pipeline::{Egress, egress, ingress};
 
-use crate::counters::{CounterSnapshot, Counters};
+use crate::counters::{CounterSnapshot, Counters, Family};
 use crate::fib::Fib;
-use crate::packet::ipv4::{DEFAULT_OUTER_TTL, HEADER_LEN};
+use crate::packet::ipv4::{DEFAULT_OUTER_TTL, HEADER_LEN, PROTO_IPIP, PROTO_IPV6};
+use crate::packet::ipv6;
 
 /// How to run a forwarder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,11 +77,15 @@ pub struct ForwarderConfig {
     pub outer_ttl: u8,
     /// Source address of the ICMP errors we send (default: the FE's underlay address).
     pub icmp_source: Option<Ipv4Addr>,
+    /// Source address of the ICMPv6 errors we send (default: [`ForwarderConfig::icmp6_source_for`]
+    /// of the ICMP source — the 6to4 address embedding it, RFC 3056). The agent sets an address of
+    /// the FE's (e.g. the gateway's on the VM ports).
+    pub icmp6_source: Option<Ipv6Addr>,
     /// Use TUN offloads (virtio-net header: GSO super-packets in, GRO-coalesced writes out).
     pub offload: bool,
     /// Workers, each with its own TUN queue, raw socket and thread; 0 = one per core.
     pub queues: usize,
-    /// Most ICMP errors the forwarder sends per second (0: none at all).
+    /// Most ICMP and ICMPv6 errors (together) the forwarder sends per second (0: none at all).
     pub icmp_rate_per_s: u32,
     /// How many ICMP errors may go out back to back before the rate applies.
     pub icmp_burst: u32,
@@ -94,6 +105,7 @@ impl ForwarderConfig {
             underlay_mtu: 1500,
             outer_ttl: DEFAULT_OUTER_TTL,
             icmp_source: None,
+            icmp6_source: None,
             offload: true,
             queues: 0,
             icmp_rate_per_s: 1000,
@@ -105,6 +117,14 @@ impl ForwarderConfig {
     /// The tunnel MTU: the largest inner packet, underlay MTU − 20.
     pub fn tunnel_mtu(&self) -> u16 {
         self.underlay_mtu.saturating_sub(HEADER_LEN as u16)
+    }
+
+    /// The default ICMPv6 source for an FE whose ICMP source is `v4`: the 6to4 address
+    /// `2002:<v4>::` (RFC 3056), a routable unicast address that names this FE without it having
+    /// to own an IPv6 address.
+    pub fn icmp6_source_for(v4: Ipv4Addr) -> Ipv6Addr {
+        let o = v4.octets();
+        Ipv6Addr::new(0x2002, u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([o[2], o[3]]), 0, 0, 0, 0, 0)
     }
 
     /// The number of workers `queues` asks for (0 resolved to the number of cores).
@@ -133,8 +153,10 @@ pub enum ForwarderError {
         /// Cause.
         source: io::Error,
     },
-    /// The raw underlay socket could not be opened.
-    #[error("raw IP-in-IP socket on {addr}: {source} (needs CAP_NET_RAW; is {addr} configured on an interface?)")]
+    /// A raw underlay socket could not be opened.
+    #[error(
+        "raw IP-in-IP / 6in4 / ICMPv6 socket on {addr}: {source} (needs CAP_NET_RAW; is {addr} configured on an interface?)"
+    )]
     Socket {
         /// Underlay address.
         addr: Ipv4Addr,
@@ -194,6 +216,9 @@ impl Forwarder {
         }
         let local = fib.local_underlay();
         let tunnel_mtu = config.tunnel_mtu();
+        if usize::from(tunnel_mtu) < ipv6::MIN_MTU {
+            tracing::warn!(tunnel_mtu, "tunnel MTU below 1280: the kernel carries no IPv6 on the TUN device");
+        }
         let tun_err = |source| ForwarderError::Tun { name: config.tun_name.clone(), source };
         // The TUN device carries the underlay address as a /32: the kernel's reverse-path
         // check drops everything arriving on an address-less interface whenever rp_filter is on,
@@ -230,9 +255,20 @@ impl Forwarder {
         // Decapsulated packets arrive on TUN from clients reached through other interfaces:
         // loose reverse-path filtering (the effective value is max(all, dev), so strict mode
         // on `all` would still drop them; the agent checks that).
-        // VICTOR carries IPv4 only: no IPv6 link-local chatter (router solicitations, MLD) to
-        // count as drops.
-        for (key, value) in [("ipv4/conf/{}/rp_filter", "2"), ("ipv6/conf/{}/disable_ipv6", "1")] {
+        // IPv6 on, but quiet: no address of its own (no link-local, so no DAD or router
+        // solicitation; none is needed to route through it), not a router *on this device*
+        // (per-device `forwarding` 0: it joins no all-routers groups, so the kernel sends no MLD
+        // reports into it — forwarding itself follows `all.forwarding`), no router advertisements
+        // taken from it. addr_gen_mode first: enabling IPv6 on an up device generates the
+        // link-local address at once. (Writing `all.forwarding` later resets the device's value:
+        // its MLD reports then reach the forwarder, which drops them as `multicast`.)
+        for (key, value) in [
+            ("ipv4/conf/{}/rp_filter", "2"),
+            ("ipv6/conf/{}/addr_gen_mode", "1"),
+            ("ipv6/conf/{}/forwarding", "0"),
+            ("ipv6/conf/{}/accept_ra", "0"),
+            ("ipv6/conf/{}/disable_ipv6", "0"),
+        ] {
             let path = format!("/proc/sys/net/{}", key.replace("{}", &config.tun_name));
             if let Err(e) = std::fs::write(&path, value) {
                 tracing::warn!(%path, error = %e, "could not set a sysctl of the TUN device");
@@ -247,8 +283,10 @@ impl Forwarder {
         let mut sockets = Vec::with_capacity(workers);
         for i in 0..workers {
             let socket_err = |source| ForwarderError::Socket { addr: local, source };
-            let sock = raw::open(local, i as u32, workers as u32).map_err(socket_err)?;
-            sockets.push(sock);
+            let sock = raw::open(local, PROTO_IPIP, i as u32, workers as u32).map_err(socket_err)?;
+            let sock6 = raw::open(local, PROTO_IPV6, i as u32, workers as u32).map_err(socket_err)?;
+            let icmp6 = raw::open_icmp6().map_err(socket_err)?;
+            sockets.push((sock, sock6, icmp6));
         }
 
         let counters = Arc::new(Counters::default());
@@ -259,6 +297,9 @@ impl Forwarder {
             tunnel_mtu: usize::from(tunnel_mtu),
             outer_ttl: config.outer_ttl,
             icmp_source: config.icmp_source.unwrap_or(local),
+            icmp6_source: config
+                .icmp6_source
+                .unwrap_or_else(|| ForwarderConfig::icmp6_source_for(config.icmp_source.unwrap_or(local))),
             icmp_limit: Mutex::new(ratelimit::TokenBucket::new(
                 config.icmp_rate_per_s,
                 config.icmp_burst,
@@ -267,7 +308,7 @@ impl Forwarder {
             offload: config.offload,
         });
         let mut threads = Vec::with_capacity(workers);
-        for (i, (dev, sock)) in queues.into_iter().zip(sockets).enumerate() {
+        for (i, (dev, (sock, sock6, icmp6))) in queues.into_iter().zip(sockets).enumerate() {
             let (shared, stop_rx) = (shared.clone(), stop_rx.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("fwd-{}-{i}", config.tun_name))
@@ -277,17 +318,20 @@ impl Forwarder {
                         let queue = Arc::new(worker::Queue {
                             dev: tun_rs::AsyncDevice::new(dev)?,
                             sock: crate::aio::register(sock)?,
+                            sock6: crate::aio::register(sock6)?,
+                            icmp6,
                         });
                         let egress = worker::egress_loop(shared.clone(), queue.clone(), stop_rx.clone());
-                        let ingress = worker::ingress_loop(shared, queue, stop_rx);
-                        let (e, i) = tokio::join!(egress, ingress);
-                        if let Err(err) = &e {
-                            tracing::error!(error = %err, "forwarder TUN → underlay loop failed");
+                        let ingress = worker::ingress_loop(shared.clone(), queue.clone(), Family::V4, stop_rx.clone());
+                        let ingress6 = worker::ingress_loop(shared, queue, Family::V6, stop_rx);
+                        let (e, i, i6) = tokio::join!(egress, ingress, ingress6);
+                        for (result, what) in [(&e, "TUN → underlay"), (&i, "IP-in-IP → TUN"), (&i6, "6in4 → TUN")]
+                        {
+                            if let Err(err) = result {
+                                tracing::error!(error = %err, "forwarder {what} loop failed");
+                            }
                         }
-                        if let Err(err) = &i {
-                            tracing::error!(error = %err, "forwarder underlay → TUN loop failed");
-                        }
-                        e.and(i)
+                        e.and(i).and(i6)
                     })
                 })
                 .map_err(ForwarderError::Thread)?;

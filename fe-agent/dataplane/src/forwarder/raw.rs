@@ -1,12 +1,18 @@
-//! The underlay socket: a raw IPv4 socket for protocol 4 with `IP_HDRINCL`, and batched
-//! `recvmmsg` / `sendmmsg` over it.
+//! The underlay sockets: raw IPv4 sockets for protocol 4 (IP-in-IP) and protocol 41 (6in4) with
+//! `IP_HDRINCL`, batched `recvmmsg` / `sendmmsg` over them, and the raw IPv6 socket the ICMPv6
+//! errors leave by.
 //!
 //! Why `IP_HDRINCL` (we write the outer header): the forwarder already has 20 bytes of headroom
 //! in front of each inner packet, so writing the header costs nothing, and it lets every packet
 //! carry its own DF bit and DSCP/ECN copied from the inner header (with a kernel-built header
 //! these are per-socket options). The kernel still fills in the checksum, total length and, if
-//! zero, the identification. The same socket sends the ICMP errors we originate (complete IPv4
-//! packets), through the kernel's output path, so they are routed like any local packet.
+//! zero, the identification. With `IP_HDRINCL` the header's protocol is what goes out, so the
+//! protocol-4 socket sends 6in4 packets too (one `sendmmsg` batch for both families); the
+//! protocol-41 socket exists to receive them (a raw socket receives only its protocol). The
+//! protocol-4 socket also sends the ICMP errors we originate (complete IPv4 packets), through the
+//! kernel's output path, so they are routed like any local packet; ICMPv6 errors leave by an
+//! `IPPROTO_RAW` IPv6 socket ([`open_icmp6`], header included, routed the same way — it needs an
+//! IPv6 route to the offending source and some IPv6 address on the FE for the route lookup).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -16,7 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::buf::PacketBuf;
 use super::steer;
-use crate::packet::ipv4::PROTO_IPIP;
+use crate::packet::ipv4::PROTO_IPV6;
 
 /// Receive buffer asked for (with `SO_RCVBUFFORCE`, as root, beyond `rmem_max`): room for
 /// bursts while the worker is busy writing into TUN.
@@ -27,12 +33,12 @@ const RECEIVE_BUFFER: usize = 8 << 20;
 /// dropped there. 512 KiB: ~440 packets, half a default 1000-packet qdisc.
 const SEND_BUFFER: usize = 512 << 10;
 
-/// Opens worker `worker`'s (of `workers`) underlay socket bound to `local` (so only tunnel
-/// packets addressed to this FE's underlay address are received), non-blocking, with the flow
-/// filter attached before anything can be received.
-pub(crate) fn open(local: Ipv4Addr, worker: u32, workers: u32) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(i32::from(PROTO_IPIP))))?;
-    steer::attach(socket.as_raw_fd(), worker, workers)?;
+/// Opens worker `worker`'s (of `workers`) underlay socket for `protocol` (IP-in-IP or 6in4)
+/// bound to `local` (so only tunnel packets addressed to this FE's underlay address are
+/// received), non-blocking, with the flow filter attached before anything can be received.
+pub(crate) fn open(local: Ipv4Addr, protocol: u8, worker: u32, workers: u32) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(i32::from(protocol))))?;
+    steer::attach(socket.as_raw_fd(), worker, workers, protocol == PROTO_IPV6)?;
     socket.set_header_included_v4(true)?;
     socket.bind(&SocketAddr::V4(SocketAddrV4::new(local, 0)).into())?;
     socket.set_nonblocking(true)?;
@@ -44,6 +50,15 @@ pub(crate) fn open(local: Ipv4Addr, worker: u32, workers: u32) -> io::Result<Soc
             fallback(&socket, size)?;
         }
     }
+    Ok(socket)
+}
+
+/// Opens the send-only raw IPv6 socket for the ICMPv6 errors (complete IPv6 packets:
+/// `IPPROTO_RAW` implies `IPV6_HDRINCL`, set explicitly too; it receives nothing), non-blocking.
+pub(crate) fn open_icmp6() -> io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+    setsockopt_int(socket.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_HDRINCL, 1)?;
+    socket.set_nonblocking(true)?;
     Ok(socket)
 }
 

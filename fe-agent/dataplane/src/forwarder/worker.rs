@@ -1,20 +1,22 @@
-//! One forwarding worker: a TUN queue and a raw underlay socket, served on the worker's own
-//! thread by two loops on a tokio current-thread runtime.
+//! One forwarding worker: a TUN queue, the raw underlay sockets (IP-in-IP and 6in4) and an ICMPv6
+//! socket, served on the worker's own thread by three loops on a tokio current-thread runtime.
 //!
-//! * [`egress_loop`]: TUN → encapsulate → underlay. Reads up to [`FRAMES`] packets per wake-up,
-//!   each possibly a 64 KiB GSO super-packet; decides once per super-packet
+//! * [`egress_loop`]: TUN → encapsulate → underlay, IPv4 and IPv6 alike. Reads up to [`FRAMES`]
+//!   packets per wake-up, each possibly a 64 KiB GSO super-packet; decides once per super-packet
 //!   ([`pipeline::egress_super`]); splits it with [`gso::segment`], which writes each segment's
-//!   outer + inner headers into an arena and leaves the payload in place; sends everything with
-//!   `sendmmsg`, each message `[headers, payload slice]`. One checksum pass over the payload,
-//!   one copy (the kernel's), no allocation per packet.
-//! * [`ingress_loop`]: underlay → decapsulate → TUN. Receives up to [`INGRESS_BATCH`] packets
-//!   with one `recvmmsg`, decapsulates in place, and writes into TUN what [`gro::Coalescer`]
-//!   plans: runs of TCP segments as one super-packet each (virtio-net GSO header + the segments'
-//!   bytes gathered with `writev`), packets the underlay's GRO already coalesced as super-packets,
-//!   everything else as it is.
+//!   outer (IP-in-IP or 6in4) + inner headers into an arena and leaves the payload in place;
+//!   sends everything with `sendmmsg` on the IP-in-IP socket (header included, so 6in4 too), each
+//!   message `[headers, payload slice]`. One checksum pass over the payload, one copy (the
+//!   kernel's), no allocation per packet.
+//! * [`ingress_loop`], once per protocol: underlay → decapsulate → TUN. Receives up to
+//!   [`INGRESS_BATCH`] packets with one `recvmmsg`, decapsulates in place ([`pipeline::ingress`]
+//!   or [`pipeline::ingress6`]), and writes into TUN what [`gro::Coalescer`] plans: runs of TCP
+//!   segments as one super-packet each (virtio-net GSO header + the segments' bytes gathered with
+//!   `writev`), packets the underlay's GRO already coalesced as super-packets, everything else as
+//!   it is.
 
 use std::io::{self, IoSlice};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -29,12 +31,14 @@ use super::buf::PacketBuf;
 use super::pipeline::{self, Egress};
 use super::ratelimit::TokenBucket;
 use super::raw::Mmsg;
-use crate::counters::{Counters, DropReason};
+use crate::counters::{Counters, DropReason, Family};
 use crate::fib::Fib;
 use crate::packet::gro::{self, Coalescer};
 use crate::packet::gso::{self, GsoKind, Segment, VNET_F_NEEDS_CSUM, VNET_HDR_LEN, VnetHdr};
 use crate::packet::icmp::{self, IcmpError};
+use crate::packet::icmp6::{self, Icmp6Error};
 use crate::packet::ipv4::{self, HEADER_LEN, MAX_PACKET_LEN, Tunnel};
+use crate::packet::{ipv6, sixin4};
 
 /// Packets (each possibly a super-packet) read from TUN per batch.
 pub(crate) const FRAMES: usize = 8;
@@ -52,6 +56,8 @@ pub(crate) struct Shared {
     pub(crate) tunnel_mtu: usize,
     pub(crate) outer_ttl: u8,
     pub(crate) icmp_source: Ipv4Addr,
+    pub(crate) icmp6_source: Ipv6Addr,
+    /// Shared by ICMP and ICMPv6 errors.
     pub(crate) icmp_limit: Mutex<TokenBucket>,
     /// The TUN queues carry a virtio-net header.
     pub(crate) offload: bool,
@@ -60,7 +66,17 @@ pub(crate) struct Shared {
 /// One worker's descriptors.
 pub(crate) struct Queue {
     pub(crate) dev: AsyncDevice,
+    /// IP-in-IP: receives protocol 4, sends every tunnel packet and the ICMP errors.
     pub(crate) sock: AsyncFd<Socket>,
+    /// 6in4: receives protocol 41.
+    pub(crate) sock6: AsyncFd<Socket>,
+    /// Sends the ICMPv6 errors.
+    pub(crate) icmp6: Socket,
+}
+
+/// The family of the packet starting `p` (by its version nibble; anything but 6 counts as IPv4).
+fn family_of(p: &[u8]) -> Family {
+    if ipv4::version(p) == Some(6) { Family::V6 } else { Family::V4 }
 }
 
 /// An IO error that ends the forwarder (device or socket gone), as opposed to one bad packet.
@@ -97,8 +113,11 @@ async fn send_all<'a>(
             Ok(Err(e)) if is_fatal(&e) => return Err(e),
             Ok(Err(e)) => {
                 calls += 1;
-                tracing::debug!(error = %e, dst = %message(sent).2, "underlay send failed");
-                sh.counters.discard(DropReason::UnderlaySendError);
+                let (head, _, dst) = message(sent);
+                tracing::debug!(error = %e, %dst, "underlay send failed");
+                // The outer header's protocol tells the inner family.
+                let family = if head.get(9) == Some(&ipv4::PROTO_IPV6) { Family::V6 } else { Family::V4 };
+                sh.counters.discard(family, DropReason::UnderlaySendError);
                 sent += 1;
             }
         }
@@ -122,7 +141,10 @@ struct EgressState {
     arena: Vec<u8>,
     segs: Vec<Segment>,
     out: Vec<(Out, Ipv4Addr)>,
+    /// Of `out`: 6in4 messages.
+    out_v6: u64,
     icmp: Vec<Vec<u8>>,
+    icmp6: Vec<Vec<u8>>,
 }
 
 impl EgressState {
@@ -130,7 +152,7 @@ impl EgressState {
     /// `vnet`).
     fn frame(&mut self, sh: &Shared, f: usize, read: usize, vnet: bool) {
         let Some(len) = read.checked_sub(if vnet { VNET_HDR_LEN } else { 0 }) else {
-            sh.counters.discard(DropReason::Malformed);
+            sh.counters.discard(Family::V4, DropReason::Malformed);
             return;
         };
         let frame = &mut self.frames[f];
@@ -138,58 +160,79 @@ impl EgressState {
         let gso = hdr.map_or(Ok(None), |h| h.gso());
         sh.counters.tun_read(matches!(gso, Ok(Some(_))));
         let packet = &mut frame[PACKET_AT..PACKET_AT + len];
+        let family = family_of(packet);
         match (gso, hdr) {
             (Ok(Some(kind)), Some(h)) => self.super_packet(sh, f, len, kind, usize::from(h.gso_size)),
             (Ok(None), h) => {
-                sh.counters.tun_rx(1, len);
+                sh.counters.tun_rx(family, 1, len);
                 if let Some(h) = h.filter(|h| h.flags & VNET_F_NEEDS_CSUM != 0)
                     && gso::complete_checksum(packet, usize::from(h.csum_start), usize::from(h.csum_offset)).is_err()
                 {
-                    sh.counters.discard(DropReason::Malformed);
+                    sh.counters.discard(family, DropReason::Malformed);
                     return;
                 }
                 self.single(sh, f, len);
             }
             (Err(_), _) | (Ok(Some(_)), None) => {
-                sh.counters.tun_rx(1, len);
-                let reason = if ipv4::version(packet) == Some(6) { DropReason::NotIpv4 } else { DropReason::Malformed };
-                sh.counters.discard(reason);
+                sh.counters.tun_rx(family, 1, len);
+                sh.counters.discard(family, DropReason::Malformed);
             }
         }
+    }
+
+    /// Queues the encapsulated frame `f` (outer header written in place) for `peer`.
+    fn push_whole(&mut self, f: usize, len: usize, peer: Ipv4Addr, family: Family) {
+        self.out.push((Out::Whole { frame: f, len }, peer));
+        self.out_v6 += u64::from(family == Family::V6);
     }
 
     fn single(&mut self, sh: &Shared, f: usize, len: usize) {
         let frame = &mut self.frames[f];
         let packet = &mut frame[PACKET_AT..PACKET_AT + len];
+        let family = family_of(packet);
         match pipeline::egress(packet, &sh.fib, sh.tunnel_mtu) {
             Egress::Encap(peer) => {
                 let tunnel = Tunnel { src: sh.fib.local_underlay(), dst: peer, ttl: sh.outer_ttl };
-                match ipv4::encapsulate_in_place(&mut frame[..PACKET_AT + len], &tunnel, 0) {
-                    Ok(outer_len) => self.out.push((Out::Whole { frame: f, len: outer_len }, peer)),
-                    Err(_) => sh.counters.discard(DropReason::Malformed),
+                let whole = &mut frame[..PACKET_AT + len];
+                let encapsulated = match family {
+                    Family::V4 => ipv4::encapsulate_in_place(whole, &tunnel, 0).ok(),
+                    Family::V6 => sixin4::encapsulate_in_place(whole, &tunnel, 0).ok(),
+                };
+                match encapsulated {
+                    Some(outer_len) => self.push_whole(f, outer_len, peer, family),
+                    None => sh.counters.discard(family, DropReason::Malformed),
                 }
             }
-            Egress::Drop(reason) => sh.counters.discard(reason),
+            Egress::Drop(reason) => sh.counters.discard(family, reason),
             Egress::DropWithIcmp(reason, error) => {
-                sh.counters.discard(reason);
+                sh.counters.discard(family, reason);
                 answer(sh, packet, error, &mut self.icmp);
+            }
+            Egress::DropWithIcmp6(reason, error) => {
+                sh.counters.discard(family, reason);
+                answer6(sh, packet, error, &mut self.icmp6);
             }
         }
     }
 
     fn super_packet(&mut self, sh: &Shared, f: usize, len: usize, kind: GsoKind, gso_size: usize) {
         let packet = &mut self.frames[f][PACKET_AT..PACKET_AT + len];
+        let family = family_of(packet);
         let layout = match gso::layout(packet, kind) {
             Ok(l) if gso_size > 0 && l.payload_len() > 0 => l,
             _ => {
-                sh.counters.tun_rx(1, len);
-                let reason = if ipv4::version(packet) == Some(6) { DropReason::NotIpv4 } else { DropReason::Malformed };
-                sh.counters.discard(reason);
+                sh.counters.tun_rx(family, 1, len);
+                let reason = if matches!(ipv4::version(packet), Some(4 | 6)) {
+                    DropReason::Malformed
+                } else {
+                    DropReason::NotIp
+                };
+                sh.counters.discard(family, reason);
                 return;
             }
         };
         let segments = layout.payload_len().div_ceil(gso_size) as u64;
-        sh.counters.tun_rx(segments, len);
+        sh.counters.tun_rx(family, segments, len);
         let largest = layout.headers_len() + gso_size.min(layout.payload_len());
         match pipeline::egress_super(packet, &sh.fib, sh.tunnel_mtu, largest) {
             Egress::Encap(peer) => {
@@ -198,14 +241,21 @@ impl EgressState {
                 match gso::segment(packet, kind, gso_size, Some(&tunnel), &mut self.arena, &mut self.segs) {
                     Ok(()) => {
                         self.out.extend((first..self.segs.len()).map(|seg| (Out::Segment { frame: f, seg }, peer)));
+                        if family == Family::V6 {
+                            self.out_v6 += (self.segs.len() - first) as u64;
+                        }
                     }
-                    Err(_) => sh.counters.drops_n(DropReason::Malformed, segments),
+                    Err(_) => sh.counters.drops_n(family, DropReason::Malformed, segments),
                 }
             }
-            Egress::Drop(reason) => sh.counters.drops_n(reason, segments),
+            Egress::Drop(reason) => sh.counters.drops_n(family, reason, segments),
             Egress::DropWithIcmp(reason, error) => {
-                sh.counters.drops_n(reason, segments);
+                sh.counters.drops_n(family, reason, segments);
                 answer(sh, packet, error, &mut self.icmp);
+            }
+            Egress::DropWithIcmp6(reason, error) => {
+                sh.counters.drops_n(family, reason, segments);
+                answer6(sh, packet, error, &mut self.icmp6);
             }
         }
     }
@@ -223,6 +273,15 @@ impl EgressState {
     }
 }
 
+/// Takes a token from the ICMP rate limit, counting a refusal.
+fn icmp_allowed(sh: &Shared) -> bool {
+    let allowed = sh.icmp_limit.lock().expect("ICMP limiter lock").allow(Instant::now());
+    if !allowed {
+        sh.counters.icmp_rate_limited();
+    }
+    allowed
+}
+
 /// Queues the ICMP error `error` about `offending` for sending, unless the packet must not be
 /// answered or the rate limit is exhausted.
 fn answer(sh: &Shared, offending: &[u8], error: IcmpError, icmp_out: &mut Vec<Vec<u8>>) {
@@ -230,8 +289,7 @@ fn answer(sh: &Shared, offending: &[u8], error: IcmpError, icmp_out: &mut Vec<Ve
         sh.counters.icmp_suppressed();
         return;
     }
-    if !sh.icmp_limit.lock().expect("ICMP limiter lock").allow(Instant::now()) {
-        sh.counters.icmp_rate_limited();
+    if !icmp_allowed(sh) {
         return;
     }
     match icmp::error_for(offending, error, sh.icmp_source) {
@@ -240,6 +298,36 @@ fn answer(sh: &Shared, offending: &[u8], error: IcmpError, icmp_out: &mut Vec<Ve
             icmp_out.push(reply);
         }
         Err(_) => sh.counters.icmp_suppressed(),
+    }
+}
+
+/// The ICMPv6 counterpart of [`answer`] (same rate limit).
+fn answer6(sh: &Shared, offending: &[u8], error: Icmp6Error, icmp_out: &mut Vec<Vec<u8>>) {
+    if icmp6::check_may_answer(offending, error).is_err() {
+        sh.counters.icmp_suppressed();
+        return;
+    }
+    if !icmp_allowed(sh) {
+        return;
+    }
+    match icmp6::error_for(offending, error, sh.icmp6_source) {
+        Ok(reply) => {
+            sh.counters.icmp6_sent(matches!(error, Icmp6Error::PacketTooBig { .. }));
+            icmp_out.push(reply);
+        }
+        Err(_) => sh.counters.icmp_suppressed(),
+    }
+}
+
+/// Sends ICMPv6 errors (complete IPv6 packets) on the raw IPv6 socket; a refusal (no route back,
+/// buffer full) loses that error only.
+fn send_icmp6(q: &Queue, errors: &[Vec<u8>]) {
+    for e in errors {
+        let Ok(h) = ipv6::parse(e) else { continue };
+        let dst = SocketAddr::from((h.dst, 0));
+        if let Err(err) = q.icmp6.send_to(e, &dst.into()) {
+            tracing::debug!(error = %err, dst = %h.dst, "ICMPv6 error not sent");
+        }
     }
 }
 
@@ -252,7 +340,9 @@ pub(crate) async fn egress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch:
         arena: Vec::new(),
         segs: Vec::new(),
         out: Vec::new(),
+        out_v6: 0,
         icmp: Vec::new(),
+        icmp6: Vec::new(),
     };
     let mut mmsg = Mmsg::with_capacity(FRAMES * 64);
     let mut reads = [0usize; FRAMES];
@@ -285,14 +375,18 @@ pub(crate) async fn egress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch:
         st.arena.clear();
         st.segs.clear();
         st.out.clear();
+        st.out_v6 = 0;
         st.icmp.clear();
+        st.icmp6.clear();
         for (f, &read) in reads.iter().enumerate().take(n) {
             st.frame(&sh, f, read, vnet);
         }
         if !st.out.is_empty() {
             let (packets, bytes) = send_all(&sh, &q, &mut mmsg, st.out.len(), |i| st.message(i)).await?;
             sh.counters.tunnel_tx(packets, bytes);
+            sh.counters.ipv6_tunnel_tx(st.out_v6);
         }
+        send_icmp6(&q, &st.icmp6);
         if !st.icmp.is_empty() {
             let icmp = &st.icmp;
             let dst = |p: &[u8]| ipv4::parse(p).map(|h| h.dst).unwrap_or(Ipv4Addr::UNSPECIFIED);
@@ -301,8 +395,21 @@ pub(crate) async fn egress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch:
     }
 }
 
-/// Underlay → TUN until `stop` fires or the socket/device fails.
-pub(crate) async fn ingress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch::Receiver<bool>) -> io::Result<()> {
+/// [`pipeline::ingress`] or [`pipeline::ingress6`].
+type Decapsulate = fn(&mut [u8], &Fib) -> Result<Range<usize>, DropReason>;
+
+/// Underlay → TUN until `stop` fires or the socket/device fails: the IP-in-IP socket
+/// (`family` V4) or the 6in4 socket (V6).
+pub(crate) async fn ingress_loop(
+    sh: Arc<Shared>,
+    q: Arc<Queue>,
+    family: Family,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let (sock, decapsulate): (&AsyncFd<Socket>, Decapsulate) = match family {
+        Family::V4 => (&q.sock, pipeline::ingress),
+        Family::V6 => (&q.sock6, pipeline::ingress6),
+    };
     let mut bufs: Vec<PacketBuf> = (0..INGRESS_BATCH).map(|_| PacketBuf::new(MAX_PACKET_LEN)).collect();
     let mut mmsg = Mmsg::with_capacity(INGRESS_BATCH);
     let mut accepted: Vec<(usize, Range<usize>)> = Vec::with_capacity(INGRESS_BATCH);
@@ -313,7 +420,7 @@ pub(crate) async fn ingress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch
             _ = stop.changed() => return Ok(()),
             r = async {
                 loop {
-                    let mut guard = q.sock.readable().await?;
+                    let mut guard = sock.readable().await?;
                     match guard.try_io(|s| mmsg.recv(s.as_raw_fd(), &mut bufs)) {
                         Ok(r) => return r,
                         Err(_would_block) => continue,
@@ -331,10 +438,10 @@ pub(crate) async fn ingress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch
         };
         accepted.clear();
         for (i, buf) in bufs.iter_mut().enumerate().take(n) {
-            sh.counters.tunnel_rx(buf.as_ref().len());
-            match pipeline::ingress(buf.as_mut(), &sh.fib) {
+            sh.counters.tunnel_rx(family, buf.as_ref().len());
+            match decapsulate(buf.as_mut(), &sh.fib) {
                 Ok(inner) => accepted.push((i, inner)),
-                Err(reason) => sh.counters.discard(reason),
+                Err(reason) => sh.counters.discard(family, reason),
             }
         }
         let coalesced = accepted.iter().filter(|(_, r)| r.len() > sh.tunnel_mtu).count();
@@ -346,7 +453,7 @@ pub(crate) async fn ingress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch
         if sh.offload {
             coalescer.plan(accepted.len(), inner, sh.tunnel_mtu);
             for _ in coalescer.rejected() {
-                sh.counters.discard(DropReason::CoalescedNotTcp);
+                sh.counters.discard(family, DropReason::CoalescedNotTcp);
             }
             for w in coalescer.writes() {
                 let members = &coalescer.members()[w.members.clone()];
@@ -358,13 +465,14 @@ pub(crate) async fn ingress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch
                     bytes += p.len();
                     *slot = IoSlice::new(&p[w.skip..]);
                 }
-                write_tun(&sh, &q, &iov[..=members.len()], members.len() as u64, bytes as u64, w.gso).await?;
+                let packets = members.len() as u64;
+                write_tun(&sh, &q, family, &iov[..=members.len()], packets, bytes as u64, w.gso).await?;
             }
         } else {
             for k in 0..accepted.len() {
                 let p = inner(k);
                 if p.len() <= sh.tunnel_mtu {
-                    write_tun(&sh, &q, &[IoSlice::new(p)], 1, p.len() as u64, false).await?;
+                    write_tun(&sh, &q, family, &[IoSlice::new(p)], 1, p.len() as u64, false).await?;
                     continue;
                 }
                 // Coalesced by the underlay and no GSO towards TUN: split it here.
@@ -377,10 +485,10 @@ pub(crate) async fn ingress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch
                         for (k, s) in segs.iter().enumerate() {
                             let iov = [IoSlice::new(&arena[s.header.clone()]), IoSlice::new(&p[s.payload.clone()])];
                             let (packets, bytes) = if k == 0 { (1, p.len() as u64) } else { (0, 0) };
-                            write_tun(&sh, &q, &iov, packets, bytes, false).await?;
+                            write_tun(&sh, &q, family, &iov, packets, bytes, false).await?;
                         }
                     }
-                    _ => sh.counters.discard(DropReason::CoalescedNotTcp),
+                    _ => sh.counters.discard(family, DropReason::CoalescedNotTcp),
                 }
             }
         }
@@ -388,17 +496,25 @@ pub(crate) async fn ingress_loop(sh: Arc<Shared>, q: Arc<Queue>, mut stop: watch
 }
 
 /// One gather write into TUN carrying `packets` received packets (`bytes` of them).
-async fn write_tun(sh: &Shared, q: &Queue, iov: &[IoSlice<'_>], packets: u64, bytes: u64, gso: bool) -> io::Result<()> {
+async fn write_tun(
+    sh: &Shared,
+    q: &Queue,
+    family: Family,
+    iov: &[IoSlice<'_>],
+    packets: u64,
+    bytes: u64,
+    gso: bool,
+) -> io::Result<()> {
     match q.dev.send_vectored(iov).await {
         Ok(_) => {
             sh.counters.tun_write(gso);
-            sh.counters.tun_tx(packets, bytes);
+            sh.counters.tun_tx(family, packets, bytes);
             Ok(())
         }
         Err(e) if is_fatal(&e) => Err(e),
         Err(e) => {
             tracing::debug!(error = %e, "TUN write failed");
-            sh.counters.drops_n(DropReason::TunWriteError, packets);
+            sh.counters.drops_n(family, DropReason::TunWriteError, packets);
             Ok(())
         }
     }

@@ -7,79 +7,21 @@
 //! oracle in the tests.
 //!
 //! One 802.1Q tag is understood (its VLAN id is kept and echoed in replies); stacked tags
-//! (QinQ, 0x88a8 or a second 0x8100) are rejected with [`ArpError::StackedVlan`].
+//! (QinQ, 0x88a8 or a second 0x8100) are rejected with [`ArpError::StackedVlan`]. The Ethernet
+//! framing ([`MacAddr`] and the header) is [`super::eth`]'s, re-exported here; the ARP layout is
+//! shared with [`super::rarp`].
 
-use std::fmt;
 use std::net::Ipv4Addr;
+
+use super::eth::{self, EthError, EthHeader, be16, mac_at};
+pub use super::eth::{
+    ETH_HEADER_LEN, ETHERTYPE_QINQ, ETHERTYPE_VLAN, MIN_FRAME_LEN, MacAddr, MacParseError, VLAN_TAG_LEN,
+};
 
 /// EtherType of ARP.
 pub const ETHERTYPE_ARP: u16 = 0x0806;
-/// EtherType of an 802.1Q VLAN tag.
-pub const ETHERTYPE_VLAN: u16 = 0x8100;
-/// EtherType of an 802.1ad (QinQ) service tag.
-pub const ETHERTYPE_QINQ: u16 = 0x88a8;
-/// Length of an Ethernet header without a tag.
-pub const ETH_HEADER_LEN: usize = 14;
-/// Length of an 802.1Q tag.
-pub const VLAN_TAG_LEN: usize = 4;
 /// Length of an ARP message for Ethernet/IPv4.
 pub const ARP_LEN: usize = 28;
-/// Minimum Ethernet frame length without FCS; shorter frames are padded with zeros.
-pub const MIN_FRAME_LEN: usize = 60;
-
-/// A MAC address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// ff:ff:ff:ff:ff:ff.
-    pub const BROADCAST: MacAddr = MacAddr([0xff; 6]);
-    /// 00:00:00:00:00:00 (the target MAC of an ARP request).
-    pub const ZERO: MacAddr = MacAddr([0; 6]);
-
-    /// True for a group (multicast or broadcast) address.
-    pub fn is_multicast(&self) -> bool {
-        self.0[0] & 1 == 1
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
-
-impl fmt::Debug for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-/// Error parsing a [`MacAddr`] from text.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid MAC address {0:?}: expected six hex bytes like 02:00:00:00:00:01")]
-pub struct MacParseError(pub String);
-
-impl std::str::FromStr for MacAddr {
-    type Err = MacParseError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut out = [0u8; 6];
-        let mut parts = s.split([':', '-']);
-        for byte in &mut out {
-            let part = parts.next().ok_or_else(|| MacParseError(s.to_owned()))?;
-            if part.len() != 2 {
-                return Err(MacParseError(s.to_owned()));
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| MacParseError(s.to_owned()))?;
-        }
-        if parts.next().is_some() {
-            return Err(MacParseError(s.to_owned()));
-        }
-        Ok(MacAddr(out))
-    }
-}
 
 /// ARP operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -228,45 +170,32 @@ impl ArpError {
     }
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn mac_at(b: &[u8], at: usize) -> MacAddr {
-    let mut m = [0u8; 6];
-    m.copy_from_slice(&b[at..at + 6]);
-    MacAddr(m)
-}
-
 fn ip_at(b: &[u8], at: usize) -> Ipv4Addr {
     Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
 }
 
-/// Parses an Ethernet frame (without FCS; trailing padding is ignored) as an ARP message.
-pub fn parse_frame(frame: &[u8]) -> Result<ArpMessage, ArpError> {
-    if frame.len() < ETH_HEADER_LEN {
-        return Err(ArpError::TooShort { len: frame.len(), needed: ETH_HEADER_LEN + ARP_LEN });
+/// The fields of an Ethernet/IPv4 ARP-layout message (ARP or RARP), operation not yet checked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    pub(crate) eth: EthHeader,
+    pub(crate) op: u16,
+    pub(crate) sender_mac: MacAddr,
+    pub(crate) sender_ip: Ipv4Addr,
+    pub(crate) target_mac: MacAddr,
+    pub(crate) target_ip: Ipv4Addr,
+}
+
+/// Parses a frame of EtherType `ethertype` laid out like ARP for Ethernet/IPv4 (ARP, RARP). The
+/// EtherType mismatch is reported as [`ArpError::NotArp`] carrying the frame's EtherType.
+pub(crate) fn parse_layout(frame: &[u8], ethertype: u16) -> Result<Layout, ArpError> {
+    let eth = eth::parse(frame).map_err(|e| match e {
+        EthError::TooShort { len, needed } => ArpError::TooShort { len, needed: needed + ARP_LEN },
+        EthError::StackedVlan => ArpError::StackedVlan,
+    })?;
+    if eth.ethertype != ethertype {
+        return Err(ArpError::NotArp(eth.ethertype));
     }
-    let mut ethertype = be16(frame, 12);
-    let mut at = ETH_HEADER_LEN;
-    let mut vlan = None;
-    if ethertype == ETHERTYPE_QINQ {
-        return Err(ArpError::StackedVlan);
-    }
-    if ethertype == ETHERTYPE_VLAN {
-        if frame.len() < ETH_HEADER_LEN + VLAN_TAG_LEN {
-            return Err(ArpError::TooShort { len: frame.len(), needed: ETH_HEADER_LEN + VLAN_TAG_LEN + ARP_LEN });
-        }
-        vlan = Some(be16(frame, 14) & 0x0fff);
-        ethertype = be16(frame, 16);
-        at += VLAN_TAG_LEN;
-        if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
-            return Err(ArpError::StackedVlan);
-        }
-    }
-    if ethertype != ETHERTYPE_ARP {
-        return Err(ArpError::NotArp(ethertype));
-    }
+    let at = eth.payload_at;
     if frame.len() < at + ARP_LEN {
         return Err(ArpError::TooShort { len: frame.len(), needed: at + ARP_LEN });
     }
@@ -276,54 +205,83 @@ pub fn parse_frame(frame: &[u8]) -> Result<ArpMessage, ArpError> {
         return Err(ArpError::HardwareType(htype));
     }
     let ptype = be16(arp, 2);
-    if ptype != 0x0800 {
+    if ptype != eth::ETHERTYPE_IPV4 {
         return Err(ArpError::ProtocolType(ptype));
     }
     if arp[4] != 6 || arp[5] != 4 {
         return Err(ArpError::AddressLengths { hlen: arp[4], plen: arp[5] });
     }
-    let op = match be16(arp, 6) {
-        1 => ArpOp::Request,
-        2 => ArpOp::Reply,
-        other => return Err(ArpError::Operation(other)),
-    };
-    let sender_mac = mac_at(arp, 8);
-    if sender_mac.is_multicast() {
-        return Err(ArpError::MulticastSender(sender_mac));
-    }
-    Ok(ArpMessage {
-        eth_dst: mac_at(frame, 0),
-        eth_src: mac_at(frame, 6),
-        vlan,
-        op,
-        sender_mac,
+    Ok(Layout {
+        eth,
+        op: be16(arp, 6),
+        sender_mac: mac_at(arp, 8),
         sender_ip: ip_at(arp, 14),
         target_mac: mac_at(arp, 18),
         target_ip: ip_at(arp, 24),
     })
 }
 
+/// Serialises an ARP-layout message of EtherType `ethertype` and operation `op` as a
+/// minimum-size (zero-padded) Ethernet frame.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build_layout(
+    ethertype: u16,
+    eth_dst: MacAddr,
+    eth_src: MacAddr,
+    vlan: Option<u16>,
+    op: u16,
+    sender: (MacAddr, Ipv4Addr),
+    target: (MacAddr, Ipv4Addr),
+) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(MIN_FRAME_LEN + VLAN_TAG_LEN);
+    eth::write_header(&mut frame, eth_dst, eth_src, vlan, ethertype);
+    frame.extend_from_slice(&1u16.to_be_bytes());
+    frame.extend_from_slice(&eth::ETHERTYPE_IPV4.to_be_bytes());
+    frame.extend_from_slice(&[6, 4]);
+    frame.extend_from_slice(&op.to_be_bytes());
+    frame.extend_from_slice(&sender.0.0);
+    frame.extend_from_slice(&sender.1.octets());
+    frame.extend_from_slice(&target.0.0);
+    frame.extend_from_slice(&target.1.octets());
+    eth::pad(&mut frame);
+    frame
+}
+
+/// Parses an Ethernet frame (without FCS; trailing padding is ignored) as an ARP message.
+pub fn parse_frame(frame: &[u8]) -> Result<ArpMessage, ArpError> {
+    let l = parse_layout(frame, ETHERTYPE_ARP)?;
+    let op = match l.op {
+        1 => ArpOp::Request,
+        2 => ArpOp::Reply,
+        other => return Err(ArpError::Operation(other)),
+    };
+    if l.sender_mac.is_multicast() {
+        return Err(ArpError::MulticastSender(l.sender_mac));
+    }
+    Ok(ArpMessage {
+        eth_dst: l.eth.dst,
+        eth_src: l.eth.src,
+        vlan: l.eth.vlan,
+        op,
+        sender_mac: l.sender_mac,
+        sender_ip: l.sender_ip,
+        target_mac: l.target_mac,
+        target_ip: l.target_ip,
+    })
+}
+
 /// Serialises `msg` as a minimum-size (60-byte, zero-padded) Ethernet frame, tagged if
 /// `msg.vlan` is set.
 pub fn build_frame(msg: &ArpMessage) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(MIN_FRAME_LEN);
-    frame.extend_from_slice(&msg.eth_dst.0);
-    frame.extend_from_slice(&msg.eth_src.0);
-    if let Some(vid) = msg.vlan {
-        frame.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
-        frame.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
-    }
-    frame.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
-    frame.extend_from_slice(&1u16.to_be_bytes());
-    frame.extend_from_slice(&0x0800u16.to_be_bytes());
-    frame.extend_from_slice(&[6, 4]);
-    frame.extend_from_slice(&msg.op.code().to_be_bytes());
-    frame.extend_from_slice(&msg.sender_mac.0);
-    frame.extend_from_slice(&msg.sender_ip.octets());
-    frame.extend_from_slice(&msg.target_mac.0);
-    frame.extend_from_slice(&msg.target_ip.octets());
-    frame.resize(frame.len().max(MIN_FRAME_LEN), 0);
-    frame
+    build_layout(
+        ETHERTYPE_ARP,
+        msg.eth_dst,
+        msg.eth_src,
+        msg.vlan,
+        msg.op.code(),
+        (msg.sender_mac, msg.sender_ip),
+        (msg.target_mac, msg.target_ip),
+    )
 }
 
 /// The reply answering `request` on behalf of `answer_mac` (proxy ARP): "request.target_ip is at

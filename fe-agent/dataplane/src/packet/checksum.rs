@@ -58,6 +58,16 @@ pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], protocol: u8, len: u16) -> u16 
     acc as u16
 }
 
+/// The IPv6 pseudo-header sum (RFC 8200 §8.1) for an upper-layer packet of `len` bytes with
+/// next header `next_header` (ICMPv6, TCP, UDP over IPv6).
+pub fn pseudo_header_v6(src: &[u8; 16], dst: &[u8; 16], next_header: u8, len: u32) -> u16 {
+    let mut acc = u32::from(sum(src)) + u32::from(sum(dst)) + (len >> 16) + (len & 0xffff) + u32::from(next_header);
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
 /// Folds a running sum to 16 bits and complements it: the value to store in a checksum field.
 pub fn finish(mut acc: u32) -> u16 {
     while acc >> 16 != 0 {
@@ -130,6 +140,18 @@ mod tests {
         bytes.extend_from_slice(&dst);
         bytes.extend_from_slice(&[0, 6, 0x05, 0xb4]);
         assert_eq!(pseudo_header(src, dst, 6, 1460), naive(&bytes));
+    }
+
+    #[test]
+    fn v6_pseudo_header_matches_summing_its_bytes() {
+        let src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        let dst = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xab, 0xcd, 0, 1];
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&src);
+        bytes.extend_from_slice(&dst);
+        bytes.extend_from_slice(&0x0001_0020u32.to_be_bytes());
+        bytes.extend_from_slice(&[0, 0, 0, 58]);
+        assert_eq!(pseudo_header_v6(&src, &dst, 58, 0x0001_0020), naive(&bytes));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Coalescing decapsulated packets into TUN writes (userspace GRO): consecutive TCP segments of
-//! one flow in a received batch become one super-packet, written with a virtio-net header that
+//! Coalescing decapsulated packets into TUN writes (userspace GRO): consecutive TCP segments (over
+//! IPv4 or IPv6) of one flow in a received batch become one super-packet, written with a virtio-net header that
 //! asks the kernel for segmentation offload, so the rest of the path (IP forward, veth, the VM's
 //! TCP) handles one packet instead of dozens. Packets the underlay's NIC already coalesced
 //! (longer than the tunnel MTU) are written as super-packets too.
@@ -7,7 +7,8 @@
 //! [`Coalescer::plan`] only decides: it returns [`TunWrite`]s made of rewritten headers (in its
 //! own arena) followed by the members' bytes where they lie, to be written with one gather write
 //! each — no payload byte is copied. Rules follow the kernel's TCP GRO: same 4-tuple, ACK, flags
-//! (PSH ends a super-packet, CWR only on its first segment), TCP options, TOS, TTL and DF;
+//! (PSH ends a super-packet, CWR only on its first segment), TCP options, TOS, TTL and DF (IPv6:
+//! traffic class, flow label and hop limit; a packet with extension headers is never merged);
 //! contiguous sequence numbers; equal segment sizes except the last; every member's TCP checksum
 //! verified first (the super-packet is handed over with a partial checksum, so a corrupted
 //! segment must never be merged). A flow's packets keep their order: a packet that cannot join
@@ -17,8 +18,9 @@
 use std::ops::Range;
 
 use super::checksum;
-use super::gso::{PROTO_TCP, VNET_F_NEEDS_CSUM, VNET_GSO_ECN, VNET_GSO_TCPV4, VnetHdr};
+use super::gso::{PROTO_TCP, VNET_F_NEEDS_CSUM, VNET_GSO_ECN, VNET_GSO_TCPV4, VNET_GSO_TCPV6, VnetHdr};
 use super::ipv4::{self, MAX_PACKET_LEN};
+use super::ipv6;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -33,7 +35,7 @@ pub const MAX_SEGMENTS: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunWrite {
     /// In [`Coalescer::arena`]: the virtio-net header, then — for a super-packet — its rewritten
-    /// IPv4 and TCP headers.
+    /// IP and TCP headers.
     pub header: Range<usize>,
     /// In [`Coalescer::members`]: the batch indices of the packets whose bytes follow, in order.
     pub members: Range<usize>,
@@ -47,15 +49,19 @@ pub struct TunWrite {
 /// Why a received packet cannot be written into TUN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum GroError {
-    /// Longer than the tunnel MTU (coalesced by the underlay's GRO) but not TCP over IPv4: its
-    /// segment boundaries cannot be recovered.
+    /// Longer than the tunnel MTU (coalesced by the underlay's GRO) but not TCP: its segment
+    /// boundaries cannot be recovered.
     #[error("coalesced packet of protocol {0} cannot be segmented again")]
     CoalescedNotTcp(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FlowKey {
-    addrs: u64,
+    /// Source and destination (IPv4 addresses in the low 32 bits; the version keeps families
+    /// apart).
+    src: u128,
+    dst: u128,
+    version: u8,
     ports: u32,
 }
 
@@ -66,11 +72,14 @@ struct Seg {
     seq: u32,
     ack: u32,
     flags: u8,
-    tos: u8,
-    ttl: u8,
-    df: bool,
+    /// IPv4: TOS, TTL, DF; IPv6: version/traffic class/flow label word, hop limit. Must match to
+    /// merge.
+    ip_attrs: u64,
+    /// IP header length (IPv6: 40).
     ihl: usize,
     thl: usize,
+    /// IP total length.
+    total: usize,
     payload: usize,
 }
 
@@ -105,36 +114,76 @@ pub struct Coalescer {
     next: Vec<usize>,
 }
 
-fn tcp_segment(p: &[u8]) -> Option<(ipv4::Ipv4Header, Seg)> {
-    let h = ipv4::parse(p).ok()?;
-    if h.protocol != PROTO_TCP || h.is_fragment() {
-        return None;
+/// The IP total length of a valid IPv4 or IPv6 packet (else its length).
+fn ip_total_len(p: &[u8]) -> usize {
+    match ipv4::version(p) {
+        Some(4) => ipv4::parse(p).map(|h| h.total_len).unwrap_or(p.len()),
+        Some(6) => ipv6::parse(p).map(|h| h.total_len()).unwrap_or(p.len()),
+        _ => p.len(),
     }
-    let tcp = &p[h.header_len..h.total_len];
+}
+
+/// The IP protocol (IPv6: first next header) of a packet, for error reports.
+fn ip_protocol(p: &[u8]) -> u8 {
+    let at = if ipv4::version(p) == Some(6) { 6 } else { 9 };
+    p.get(at).copied().unwrap_or(0)
+}
+
+fn tcp_segment(p: &[u8]) -> Option<Seg> {
+    let (key, ip_attrs, ihl, total) = match ipv4::version(p)? {
+        4 => {
+            let h = ipv4::parse(p).ok()?;
+            if h.protocol != PROTO_TCP || h.is_fragment() {
+                return None;
+            }
+            let key = FlowKey { src: u32::from(h.src).into(), dst: u32::from(h.dst).into(), version: 4, ports: 0 };
+            let attrs = u64::from(h.tos) << 16 | u64::from(h.ttl) << 8 | u64::from(h.dont_fragment);
+            (key, attrs, h.header_len, h.total_len)
+        }
+        6 => {
+            let h = ipv6::parse(p).ok()?;
+            if h.next_header != PROTO_TCP {
+                return None;
+            }
+            let key = FlowKey { src: h.src.to_bits(), dst: h.dst.to_bits(), version: 6, ports: 0 };
+            let word = u32::from_be_bytes(p[0..4].try_into().expect("IPv6 header"));
+            (key, u64::from(word) << 8 | u64::from(h.hop_limit), ipv6::HEADER_LEN, h.total_len())
+        }
+        _ => return None,
+    };
+    let tcp = &p[ihl..total];
     let thl = usize::from(*tcp.get(12)? >> 4) * 4;
     if thl < 20 || thl > tcp.len() {
         return None;
     }
     let be32 = |at: usize| u32::from_be_bytes(tcp[at..at + 4].try_into().expect("in TCP header"));
-    let key = FlowKey { addrs: u64::from(u32::from(h.src)) << 32 | u64::from(u32::from(h.dst)), ports: be32(0) };
-    let seg = Seg {
-        key,
+    Some(Seg {
+        key: FlowKey { ports: be32(0), ..key },
         seq: be32(4),
         ack: be32(8),
         flags: tcp[13],
-        tos: h.tos,
-        ttl: h.ttl,
-        df: h.dont_fragment,
-        ihl: h.header_len,
+        ip_attrs,
+        ihl,
         thl,
+        total,
         payload: tcp.len() - thl,
-    };
-    Some((h, seg))
+    })
 }
 
-fn tcp_checksum_ok(p: &[u8], h: &ipv4::Ipv4Header) -> bool {
-    let tcp = &p[h.header_len..h.total_len];
-    let pseudo = checksum::pseudo_header(h.src.octets(), h.dst.octets(), PROTO_TCP, tcp.len() as u16);
+/// The TCP pseudo-header sum of segment `s` of packet `p` carrying `tcp_len` bytes of TCP.
+fn pseudo_header(p: &[u8], version: u8, tcp_len: usize) -> u16 {
+    if version == 6 {
+        let addr = |at: usize| -> &[u8; 16] { p[at..at + 16].try_into().expect("IPv6 header") };
+        checksum::pseudo_header_v6(addr(8), addr(24), PROTO_TCP, tcp_len as u32)
+    } else {
+        let addr = |at: usize| -> [u8; 4] { p[at..at + 4].try_into().expect("IPv4 header") };
+        checksum::pseudo_header(addr(12), addr(16), PROTO_TCP, tcp_len as u16)
+    }
+}
+
+fn tcp_checksum_ok(p: &[u8], s: &Seg) -> bool {
+    let tcp = &p[s.ihl..s.total];
+    let pseudo = pseudo_header(p, s.key.version, tcp.len());
     checksum::finish(u32::from(checksum::add(pseudo, checksum::sum(tcp)))) == 0
 }
 
@@ -145,7 +194,7 @@ impl Coalescer {
     }
 
     /// Plans the writes for a batch of `count` packets, `packet(i)` being the `i`th (exactly one
-    /// IPv4 packet, decapsulated and valid), on a TUN device whose MTU is `tunnel_mtu`. Packets
+    /// IPv4 or IPv6 packet, decapsulated and valid), on a TUN device whose MTU is `tunnel_mtu`. Packets
     /// that cannot be written are listed by [`Coalescer::rejected`]. Returns how many writes
     /// [`Coalescer::writes`] now lists.
     pub fn plan<'a>(&mut self, count: usize, packet: impl Fn(usize) -> &'a [u8], tunnel_mtu: usize) -> usize {
@@ -159,26 +208,23 @@ impl Coalescer {
         for i in 0..count {
             let p = packet(i);
             let tcp = tcp_segment(p);
-            let total = ipv4::parse(p).map(|h| h.total_len).unwrap_or(p.len());
+            let total = tcp.map_or_else(|| ip_total_len(p), |s| s.total);
             if total > tunnel_mtu {
                 match tcp {
-                    Some((_, s)) => {
+                    Some(s) => {
                         self.close(s.key);
                         self.push_group(Some(s.key), i, Kind::Super { ihl: s.ihl, thl: s.thl }, false);
                     }
-                    None => {
-                        let protocol = p.get(9).copied().unwrap_or(0);
-                        self.rejected.push((i, GroError::CoalescedNotTcp(protocol)));
-                    }
+                    None => self.rejected.push((i, GroError::CoalescedNotTcp(ip_protocol(p)))),
                 }
                 continue;
             }
-            let Some((h, s)) = tcp else {
+            let Some(s) = tcp else {
                 self.push_group(None, i, Kind::Single, false);
                 continue;
             };
             let mergeable =
-                s.payload > 0 && s.flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG) == 0 && tcp_checksum_ok(p, &h);
+                s.payload > 0 && s.flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG) == 0 && tcp_checksum_ok(p, &s);
             if !mergeable {
                 self.close(s.key);
                 self.push_group(Some(s.key), i, Kind::Single, false);
@@ -248,7 +294,7 @@ impl Coalescer {
             && s.ack == first.ack
             && s.flags & TCP_CWR == 0
             && s.flags & !TCP_PSH == first.flags & !(TCP_PSH | TCP_CWR)
-            && (s.tos, s.ttl, s.df, s.ihl, s.thl) == (first.tos, first.ttl, first.df, first.ihl, first.thl)
+            && (s.ip_attrs, s.ihl, s.thl) == (first.ip_attrs, first.ihl, first.thl)
             && *last_len == first.payload
             && s.payload <= first.payload
             && first.ihl + first.thl + total_payload + s.payload <= MAX_PACKET_LEN
@@ -293,7 +339,7 @@ impl Coalescer {
                     let hdrs = s.ihl + s.thl;
                     let vnet = VnetHdr {
                         flags: VNET_F_NEEDS_CSUM,
-                        gso_type: VNET_GSO_TCPV4 | if s.flags & TCP_CWR != 0 { VNET_GSO_ECN } else { 0 },
+                        gso_type: gso_type(first) | if s.flags & TCP_CWR != 0 { VNET_GSO_ECN } else { 0 },
                         hdr_len: hdrs as u16,
                         gso_size: s.payload as u16,
                         csum_start: s.ihl as u16,
@@ -304,14 +350,14 @@ impl Coalescer {
                 }
                 Kind::Super { ihl, thl } => {
                     let hdrs = ihl + thl;
-                    let total_payload = ipv4::parse(first).map(|h| h.total_len).unwrap_or(first.len()) - hdrs;
+                    let total_payload = ip_total_len(first) - hdrs;
                     // Each segment as large as the tunnel carries: what arrived was cut at most
                     // this fine (the sender's real segment size is not in the packet).
                     let gso_size = tunnel_mtu.saturating_sub(hdrs).max(1);
                     let cwr = first[ihl + 13] & TCP_CWR != 0;
                     let vnet = VnetHdr {
                         flags: VNET_F_NEEDS_CSUM,
-                        gso_type: VNET_GSO_TCPV4 | if cwr { VNET_GSO_ECN } else { 0 },
+                        gso_type: gso_type(first) | if cwr { VNET_GSO_ECN } else { 0 },
                         hdr_len: hdrs as u16,
                         gso_size: gso_size.min(usize::from(u16::MAX)) as u16,
                         csum_start: ihl as u16,
@@ -330,24 +376,32 @@ impl Coalescer {
     }
 
     /// Appends `vnet` and `first`'s IP + TCP headers rewritten for `total_payload` bytes of
-    /// payload: total length and header checksum, PSH if any member had it, and the TCP checksum
-    /// field set to the pseudo-header sum (completed by the kernel: `VNET_F_NEEDS_CSUM`).
+    /// payload: total length (IPv6: payload length) and IPv4 header checksum, PSH if any member
+    /// had it, and the TCP checksum field set to the pseudo-header sum (completed by the kernel:
+    /// `VNET_F_NEEDS_CSUM`).
     fn super_headers(&mut self, vnet: &VnetHdr, first: &[u8], ihl: usize, thl: usize, total_payload: usize, psh: bool) {
         self.arena.extend_from_slice(&vnet.encode());
         let h = self.arena.len();
         self.arena.extend_from_slice(&first[..ihl + thl]);
         let hdr = &mut self.arena[h..];
-        let total = (ihl + thl + total_payload) as u16;
-        hdr[2..4].copy_from_slice(&total.to_be_bytes());
-        ipv4::fix_checksum(hdr);
+        let version = hdr[0] >> 4;
+        if version == 6 {
+            hdr[4..6].copy_from_slice(&((thl + total_payload) as u16).to_be_bytes());
+        } else {
+            hdr[2..4].copy_from_slice(&((ihl + thl + total_payload) as u16).to_be_bytes());
+            ipv4::fix_checksum(hdr);
+        }
         if psh {
             hdr[ihl + 13] |= TCP_PSH;
         }
-        let src: [u8; 4] = hdr[12..16].try_into().expect("IPv4 header");
-        let dst: [u8; 4] = hdr[16..20].try_into().expect("IPv4 header");
-        let pseudo = checksum::pseudo_header(src, dst, PROTO_TCP, (thl + total_payload) as u16);
+        let pseudo = pseudo_header(hdr, version, thl + total_payload);
         hdr[ihl + 16..ihl + 18].copy_from_slice(&pseudo.to_be_bytes());
     }
+}
+
+/// The virtio-net GSO type for TCP over `packet`'s IP version.
+fn gso_type(packet: &[u8]) -> u8 {
+    if ipv4::version(packet) == Some(6) { VNET_GSO_TCPV6 } else { VNET_GSO_TCPV4 }
 }
 
 #[cfg(test)]
@@ -375,8 +429,8 @@ mod tests {
             if w.gso {
                 assert_eq!(vnet.flags, VNET_F_NEEDS_CSUM);
                 assert_eq!(vnet.gso(), Ok(Some(GsoKind::Tcp)));
-                let h = ipv4::parse(packet).unwrap();
-                assert_eq!(h.total_len, packet.len());
+                assert_eq!(vnet.gso_type & !VNET_GSO_ECN, gso_type(packet));
+                assert_eq!(ip_total_len(packet), packet.len());
                 // Complete the partial checksum, as the kernel would before segmenting.
                 let mut full = packet.to_vec();
                 gso::complete_checksum(&mut full, usize::from(vnet.csum_start), usize::from(vnet.csum_offset)).unwrap();
@@ -476,6 +530,56 @@ mod tests {
         let want: Vec<u8> = [&big, &small].iter().flat_map(|p| payload_of(p).1).collect();
         assert_eq!(bytes, want);
         assert!(got.iter().all(|p| p.len() <= MTU));
+    }
+
+    #[test]
+    fn ipv6_segments_coalesce_and_flows_stay_apart() {
+        let seg6 = |seq: u32, flags: u8, len: usize| {
+            let payload: Vec<u8> = (0..len).map(|i| (seq as usize * 3 + i) as u8).collect();
+            gso::tests::tcp6_packet_from(40000, seq, flags, &payload)
+        };
+        let hop12 = |seq: u32, flags: u8, len: usize| {
+            let mut p = seg6(seq, flags, len);
+            p[7] = 12;
+            p
+        };
+        // Two IPv6 segments with an IPv4 segment of the same ports in between (another flow),
+        // then two in sequence with another hop limit (they cannot join the first two).
+        let pkts = [
+            seg6(0, 0x10, 1000),
+            seg(0, 0x10, 1000),
+            seg6(1000, 0x10, 1000),
+            hop12(2000, 0x10, 1000),
+            hop12(3000, 0x18, 200),
+        ];
+        let refs: Vec<&[u8]> = pkts.iter().map(|p| &p[..]).collect();
+        let mut c = Coalescer::new();
+        c.plan(refs.len(), |i| refs[i], MTU);
+        let writes = c.writes().to_vec();
+        let shapes: Vec<Vec<usize>> = writes.iter().map(|w| c.members()[w.members.clone()].to_vec()).collect();
+        assert_eq!(shapes, vec![vec![0, 2], vec![1], vec![3, 4]]);
+        let vnet = VnetHdr::decode(&c.arena()[writes[0].header.clone()]).unwrap();
+        assert_eq!((vnet.gso_type, vnet.csum_start, vnet.hdr_len), (VNET_GSO_TCPV6, 40, 72));
+        let got = delivered(&c, &writes, &refs);
+        let v6: Vec<Vec<u8>> = got.iter().filter(|p| p[0] >> 4 == 6).cloned().collect();
+        let want: Vec<Vec<u8>> = vec![pkts[0].clone(), pkts[2].clone(), pkts[3].clone(), pkts[4].clone()];
+        assert!(v6 == want, "IPv6 segments delivered as sent");
+    }
+
+    #[test]
+    fn ipv6_underlay_super_packets_are_written_with_gso() {
+        let big = gso::tests::tcp6_packet_from(1, 0, 0x10, &[3; 5000]);
+        let udp = gso::tests::udp6_packet(&[0; 3000]);
+        let refs: Vec<&[u8]> = vec![&big, &udp];
+        let mut c = Coalescer::new();
+        c.plan(refs.len(), |i| refs[i], MTU);
+        assert_eq!(c.rejected(), &[(1, GroError::CoalescedNotTcp(17))]);
+        let writes = c.writes().to_vec();
+        let vnet = VnetHdr::decode(&c.arena()[writes[0].header.clone()]).unwrap();
+        assert_eq!((vnet.gso_type, usize::from(vnet.gso_size)), (VNET_GSO_TCPV6, MTU - 72));
+        let got = delivered(&c, &writes, &refs);
+        assert!(got.iter().all(|p| p.len() <= MTU));
+        assert_eq!(got.iter().map(|p| p.len() - 72).sum::<usize>(), 5000);
     }
 
     #[test]

@@ -14,6 +14,8 @@ use super::checksum;
 pub const PROTO_ICMP: u8 = 1;
 /// IP protocol number of IP-in-IP (RFC 2003).
 pub const PROTO_IPIP: u8 = 4;
+/// IP protocol number of IPv6 in IPv4 (6in4, RFC 4213).
+pub const PROTO_IPV6: u8 = 41;
 /// Length of an IPv4 header without options.
 pub const HEADER_LEN: usize = 20;
 /// TTL of outer headers unless configured otherwise.
@@ -246,24 +248,43 @@ pub fn write_outer_header(
     tunnel: &Tunnel,
     ident: u16,
 ) -> Result<(), EncapError> {
-    let total = inner.total_len + HEADER_LEN;
+    if write_tunnel_header(out, PROTO_IPIP, inner.tos, inner.dont_fragment, inner.total_len, tunnel, ident) {
+        Ok(())
+    } else {
+        Err(EncapError::TooBig(inner.total_len))
+    }
+}
+
+/// Writes an outer header from `tunnel` carrying `inner_len` bytes of `protocol` (IP-in-IP, or
+/// 6in4) with the given TOS and DF. Returns false (nothing written) when the outer packet would
+/// exceed 65535 bytes.
+pub fn write_tunnel_header(
+    out: &mut [u8; HEADER_LEN],
+    protocol: u8,
+    tos: u8,
+    dont_fragment: bool,
+    inner_len: usize,
+    tunnel: &Tunnel,
+    ident: u16,
+) -> bool {
+    let total = inner_len + HEADER_LEN;
     if total > MAX_PACKET_LEN {
-        return Err(EncapError::TooBig(inner.total_len));
+        return false;
     }
     out[0] = 0x45;
-    out[1] = inner.tos;
+    out[1] = tos;
     out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     out[4..6].copy_from_slice(&ident.to_be_bytes());
-    let flags = if inner.dont_fragment { FLAG_DF } else { 0 };
+    let flags = if dont_fragment { FLAG_DF } else { 0 };
     out[6..8].copy_from_slice(&flags.to_be_bytes());
     out[8] = tunnel.ttl;
-    out[9] = PROTO_IPIP;
+    out[9] = protocol;
     out[10..12].fill(0);
     out[12..16].copy_from_slice(&tunnel.src.octets());
     out[16..20].copy_from_slice(&tunnel.dst.octets());
     let sum = checksum::checksum(&out[..]);
     out[10..12].copy_from_slice(&sum.to_be_bytes());
-    Ok(())
+    true
 }
 
 /// Encapsulates in place: `buf` is 20 bytes of headroom followed by exactly one inner packet

@@ -2,9 +2,14 @@
 //!
 //! ```text
 //!  client ──(192.0.2.0/24)── fe1 ═╗                       ╔═ fe2 ──(10.10.0.1/32 port)── vm
-//!                                 ╚══ ul: bridge, underlay 198.51.100.0/24 ══╣
+//!         (2001:db8:2::/64)       ╚══ ul: bridge, underlay 198.51.100.0/24 ══╣   (2001:db8:10::1/128)
 //!                                                         ╚═ fe3 ──(10.10.0.1/32 port)── vm3
 //! ```
+//! Dual stack: the VM is also 2001:db8:10::11/64 (mobile prefix 2001:db8:10::/48, gateway
+//! 2001:db8:10::1 on each FE's VM port), the client 2001:db8:2::10/64 behind fe1. The underlay is
+//! IPv4 only, so IPv6 goes through the tunnel (6in4) both ways: fe2 and fe3 route the client's
+//! /64 into their TUN and bind the client /128 to fe1 (the underlay also carries IPv6 addresses,
+//! 2001:db8:ff::n/64, used only by the throughput example's plain-veth baseline).
 //! Each FE runs an in-process [`Forwarder`] (started on a thread inside its namespace). The
 //! routes and bindings the agent will later program are set up here with `ip` and [`Fib`] calls:
 //! the mobile prefix 10.10.0.0/16 points into each FE's TUN; fe2 has the VM's /32 on its VM port
@@ -12,7 +17,7 @@
 //! (plain routing, no tunnel: no triangle routing).
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +25,7 @@ use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, Socket, Type};
 use victor_dataplane::fib::{Action, Fib};
 use victor_dataplane::forwarder::{Forwarder, ForwarderConfig};
-use victor_dataplane::packet::{icmp, ipv4};
+use victor_dataplane::packet::{icmp, icmp6, ipv4};
 use victor_testkit::netns::{NetNs, Veth};
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -30,6 +35,17 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 pub const VM_MAC: &str = "02:00:00:00:00:11";
 pub const MOBILE_PREFIX: &str = "10.10.0.0/16";
 pub const UNDERLAY_MTU: u16 = 1500;
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x10);
+pub const FE1_CLIENT_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+pub const VM6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x11);
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 1);
+pub const MOBILE_PREFIX6: &str = "2001:db8:10::/48";
+pub const CLIENT_NET6: &str = "2001:db8:2::/64";
+
+/// IPv6 address of FE `n` on the underlay (plain-veth baseline only; tunnels run over IPv4).
+pub fn fe_addr6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, u16::from(n))
+}
 
 /// Underlay address of FE `n` (1-based).
 pub fn fe_addr(n: u8) -> Ipv4Addr {
@@ -116,7 +132,9 @@ impl Lab {
             links.push(Veth::create(ns, "ul0", &ul, &port)?);
             ul.ip(&["link", "set", &port, "master", "br0"])?;
             ns.add_addr("ul0", &format!("{}/24", fe_addr(i as u8 + 1)))?;
+            ns.ip(&["-6", "addr", "add", &format!("{}/64", fe_addr6(i as u8 + 1)), "dev", "ul0", "nodad"])?;
             ns.enable_forwarding()?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
 
         // Client behind fe1.
@@ -124,6 +142,9 @@ impl Lab {
         client.add_addr("eth0", &format!("{CLIENT}/24"))?;
         client.route(&["default", "via", &FE1_CLIENT_SIDE.to_string()])?;
         fe_ns[0].add_addr("cl0", &format!("{FE1_CLIENT_SIDE}/24"))?;
+        client.ip(&["-6", "addr", "add", &format!("{CLIENT6}/64"), "dev", "eth0", "nodad"])?;
+        client.ip(&["-6", "route", "replace", "default", "via", &FE1_CLIENT_SIDE6.to_string()])?;
+        fe_ns[0].ip(&["-6", "addr", "add", &format!("{FE1_CLIENT_SIDE6}/64"), "dev", "cl0", "nodad"])?;
 
         // VMs: `vm` behind fe2, `vm3` (the same VM after a move) behind fe3.
         for (vm_ns, fe) in [(&vm, &fe_ns[1]), (&vm3, &fe_ns[2])] {
@@ -134,6 +155,9 @@ impl Lab {
             fe.add_addr("vm0", &format!("{GATEWAY}/32"))?;
             // The client's network is reached directly over the underlay via fe1 (not tunnelled).
             fe.route(&["192.0.2.0/24", "via", &fe_addr(1).to_string()])?;
+            vm_ns.ip(&["-6", "addr", "add", &format!("{VM6}/64"), "dev", "eth0", "nodad"])?;
+            vm_ns.ip(&["-6", "route", "replace", "default", "via", &GATEWAY6.to_string()])?;
+            fe.ip(&["-6", "addr", "add", &format!("{GATEWAY6}/128"), "dev", "vm0", "nodad"])?;
         }
 
         let mut lab = Lab { fes: Vec::new(), links, client, ul, fe_ns, vm, vm3 };
@@ -151,11 +175,19 @@ impl Lab {
             let fwd_fib = fib.clone();
             let forwarder = ns.run_in(move || Forwarder::start(config, fwd_fib))??;
             ns.route(&[MOBILE_PREFIX, "dev", &tun])?;
+            ns.ip(&["-6", "route", "replace", MOBILE_PREFIX6, "dev", &tun])?;
+            if n != 1 {
+                // IPv6 back to the client: through the tunnel to fe1 (the underlay is IPv4).
+                ns.ip(&["-6", "route", "replace", CLIENT_NET6, "dev", &tun])?;
+                fib.set(CLIENT6, Action::Remote(fe_addr(1)))?;
+            }
             lab.fes.push(Fe { fib, forwarder: Some(forwarder), tun });
         }
         // Initial state: the VM is bound to fe2; fe1 tunnels to fe2; fe2 delivers locally.
-        lab.fe(1).fib.set(VM, Action::Remote(fe_addr(2)))?;
-        lab.fe(3).fib.set(VM, Action::Remote(fe_addr(2)))?;
+        for n in [1, 3] {
+            lab.fe(n).fib.set(VM, Action::Remote(fe_addr(2)))?;
+            lab.fe(n).fib.set(VM6, Action::Remote(fe_addr(2)))?;
+        }
         lab.bind_local(2)?;
         Ok(lab)
     }
@@ -167,14 +199,19 @@ impl Lab {
         ns.route(&[&format!("{VM}/32"), "dev", "vm0"])?;
         ns.ip(&["neigh", "replace", &VM.to_string(), "lladdr", VM_MAC, "dev", "vm0", "nud", "permanent"])?;
         self.fe(n).fib.set(VM, Action::Local)?;
+        ns.ip(&["-6", "route", "replace", &format!("{VM6}/128"), "dev", "vm0"])?;
+        ns.ip(&["-6", "neigh", "replace", &VM6.to_string(), "lladdr", VM_MAC, "dev", "vm0", "nud", "permanent"])?;
+        self.fe(n).fib.set(VM6, Action::Local)?;
         Ok(())
     }
 
-    /// Makes FE `n` tunnel the VM to FE `to`: binding Remote, /32 removed (the prefix route
-    /// sends it into TUN).
+    /// Makes FE `n` tunnel the VM to FE `to`: binding Remote, host routes removed (the prefix
+    /// routes send it into TUN).
     pub fn bind_remote(&self, n: usize, to: u8) -> Result<()> {
         self.fe(n).fib.set(VM, Action::Remote(fe_addr(to)))?;
         let _ = self.ns(n).ip(&["route", "del", &format!("{VM}/32")]);
+        self.fe(n).fib.set(VM6, Action::Remote(fe_addr(to)))?;
+        let _ = self.ns(n).ip(&["-6", "route", "del", &format!("{VM6}/128")]);
         Ok(())
     }
 }
@@ -341,6 +378,139 @@ pub fn client_probe(lab: &Lab, probe: Probe, timeout: Duration) -> Result<Option
         let sock = IcmpSocket::open()?;
         Ok(sock.probe(CLIENT, &probe, timeout))
     })?
+}
+
+/// A raw ICMPv6 socket, opened inside a namespace (call from `run_in`): sends echo requests with
+/// a chosen hop limit and size (never fragmented locally, above a learned path MTU too), receives
+/// every ICMPv6 message addressed to the namespace (the kernel strips the IPv6 header).
+pub struct Icmp6Socket {
+    sock: Socket,
+}
+
+/// What came back for an IPv6 probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe6Reply {
+    EchoReply { from: Ipv6Addr },
+    Error { from: Ipv6Addr, icmp_type: u8, code: u8, mtu: u32 },
+}
+
+fn setsockopt_int(sock: &Socket, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> Result<()> {
+    // SAFETY: plain setsockopt with an int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(sock),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(rc == 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+impl Icmp6Socket {
+    pub fn open() -> Result<Self> {
+        let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        setsockopt_int(&sock, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_PROBE)?;
+        setsockopt_int(&sock, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1)?;
+        Ok(Icmp6Socket { sock })
+    }
+
+    /// Sends one echo request of `total_len` IPv6 bytes to `dst` with hop limit `hop`.
+    pub fn send_echo(&self, dst: Ipv6Addr, seq: u16, hop: u8, total_len: usize) -> Result<()> {
+        setsockopt_int(&self.sock, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, i32::from(hop))?;
+        let ident = (std::process::id() & 0xffff) as u16;
+        // The kernel fills in the checksum of ICMPv6 raw sockets.
+        let request = icmp6::echo(
+            &Ipv6Addr::UNSPECIFIED,
+            &dst,
+            icmp6::TYPE_ECHO_REQUEST,
+            ident,
+            seq,
+            &vec![0x5a; total_len.saturating_sub(48)],
+        );
+        self.sock.send_to(&request, &std::net::SocketAddr::from((dst, 0)).into()).context("send ICMPv6 probe")?;
+        Ok(())
+    }
+
+    /// Sends the echo (resending every 250 ms) and waits up to `timeout` for its reply or an
+    /// error about it.
+    pub fn probe(&self, dst: Ipv6Addr, seq: u16, hop: u8, total_len: usize, timeout: Duration) -> Option<Probe6Reply> {
+        let deadline = Instant::now() + timeout;
+        let mut next_send = Instant::now();
+        while Instant::now() < deadline {
+            if Instant::now() >= next_send {
+                self.send_echo(dst, seq, hop, total_len).ok()?;
+                next_send = Instant::now() + Duration::from_millis(250);
+            }
+            if let Some(reply) = self.recv().filter(|(s, _)| *s == seq).map(|(_, r)| r) {
+                return Some(reply);
+            }
+        }
+        None
+    }
+
+    /// Every reply to one of our echoes arriving within `window`.
+    pub fn replies(&self, window: Duration) -> Vec<Probe6Reply> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            if let Some((_, r)) = self.recv() {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// One ICMPv6 message about one of our echoes: (sequence, reply).
+    fn recv(&self) -> Option<(u16, Probe6Reply)> {
+        let ident = (std::process::id() & 0xffff) as u16;
+        let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 65536];
+        let (n, from) = self.sock.recv_from(&mut buf).ok()?;
+        // SAFETY: recv_from initialised the first n bytes.
+        let icmp: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+        let from = *from.as_socket_ipv6()?.ip();
+        let ours =
+            |msg: &[u8]| msg.len() >= 8 && msg[0] == icmp6::TYPE_ECHO_REQUEST && msg[4..6] == ident.to_be_bytes();
+        let seq = |msg: &[u8]| u16::from_be_bytes([msg[6], msg[7]]);
+        match *icmp.first()? {
+            icmp6::TYPE_ECHO_REPLY if icmp.len() >= 8 && icmp[4..6] == ident.to_be_bytes() => {
+                Some((seq(&icmp), Probe6Reply::EchoReply { from }))
+            }
+            t if icmp6::is_error_type(t) => {
+                let quoted = icmp.get(8 + 40..)?;
+                if icmp.get(8 + 6) != Some(&58) || !ours(quoted) {
+                    return None;
+                }
+                let mtu = u32::from_be_bytes(icmp[4..8].try_into().ok()?);
+                Some((seq(quoted), Probe6Reply::Error { from, icmp_type: t, code: icmp[1], mtu }))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// IPv6 probe from the client namespace (socket opened inside it).
+pub fn client_probe6(
+    lab: &Lab,
+    dst: Ipv6Addr,
+    seq: u16,
+    hop: u8,
+    total_len: usize,
+    timeout: Duration,
+) -> Result<Option<Probe6Reply>> {
+    lab.client.run_in(move || -> Result<Option<Probe6Reply>> {
+        let sock = Icmp6Socket::open()?;
+        Ok(sock.probe(dst, seq, hop, total_len, timeout))
+    })?
+}
+
+/// Drops other than the kernel's own multicast chatter on the TUN device (MLD reports sent while
+/// the device is first brought up, before the forwarder's sysctls apply; dropped as `multicast`).
+pub fn unexpected_drops(c: &victor_dataplane::counters::CounterSnapshot) -> u64 {
+    c.dropped_total() - c.dropped(victor_dataplane::counters::DropReason::Multicast)
 }
 
 /// Waits until `check` holds (polling every 10 ms) or fails with `what`.
