@@ -39,6 +39,9 @@ pub struct BindingRecord {
     /// Until when the announcement holds (ns).
     #[prost(int64, tag = "11")]
     pub pending_until_unix_nanos: i64,
+    /// The FE the binding pointed at before its latest move ("" = never moved).
+    #[prost(string, tag = "12")]
+    pub moved_from_fe_id: String,
 }
 
 /// Who produced a binding, as stored in [`BindingRecord::source`]. The numbers are those of the

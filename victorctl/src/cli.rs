@@ -114,6 +114,26 @@ pub enum Command {
 pub enum FeCommand {
     /// Lists the registered FEs with health, site and binding count.
     List,
+    /// Removes a decommissioned FE: it is no longer listed and every agent drops it. Refused while
+    /// its agent holds a live session (stop the agent and wait until the FE shows down), and while
+    /// bindings point at it unless --force.
+    Remove {
+        /// The FE's id.
+        fe_id: String,
+        /// Also remove every binding that points at the FE (those VMs' traffic is dropped until an
+        /// FE learns them again). Does not override a live session.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Binding sources, for filtering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceArg {
+    /// Learned by an FE from ARP.
+    Arp,
+    /// Placed by an orchestrator (AnnounceMigration with commit).
+    Orchestrator,
 }
 
 /// `victorctl binding ...`
@@ -124,14 +144,23 @@ pub enum BindingCommand {
         /// The VM's IP address.
         vm_ip: IpAddr,
     },
-    /// Lists bindings in IP order (all pages).
+    /// Lists bindings in IP order (all pages). Filters combine.
     List {
         /// Only bindings at this FE.
         #[arg(long)]
         fe: Option<String>,
         /// Only bindings inside this prefix, e.g. 10.10.1.0/24.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_prefix)]
         prefix: Option<IpNet>,
+        /// Only bindings frozen by flap damping.
+        #[arg(long, conflicts_with = "not_frozen")]
+        frozen: bool,
+        /// Only bindings that are not frozen.
+        #[arg(long)]
+        not_frozen: bool,
+        /// Only bindings from this source.
+        #[arg(long, value_enum)]
+        source: Option<SourceArg>,
         /// Stop after this many bindings.
         #[arg(long)]
         limit: Option<usize>,
@@ -139,8 +168,12 @@ pub enum BindingCommand {
     /// Follows binding changes as they happen; resumes on another controller if one goes away.
     Watch {
         /// Only bindings inside this prefix.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_prefix)]
         prefix: Option<IpNet>,
+        /// Only the bindings at this FE; a binding that leaves it shows once more (its new FE, or
+        /// its removal).
+        #[arg(long)]
+        fe: Option<String>,
         /// Start with every current binding.
         #[arg(long)]
         snapshot: bool,
@@ -181,8 +214,17 @@ pub enum VmCommand {
         #[arg(long)]
         remove_binding: bool,
     },
-    /// Lists declared VMs.
-    List,
+    /// Shows one VM's declaration (exit 1 with NOT_FOUND if it is not declared).
+    Get {
+        /// The VM's IP address.
+        vm_ip: IpAddr,
+    },
+    /// Lists declared VMs in IP order (all pages).
+    List {
+        /// Only VMs inside this prefix, e.g. 10.10.1.0/24.
+        #[arg(long, value_parser = parse_prefix)]
+        prefix: Option<IpNet>,
+    },
 }
 
 /// `victorctl migrate ...`
@@ -202,6 +244,15 @@ pub enum MigrateCommand {
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
     },
+    /// Withdraws a pending migration announcement (the binding stays where it is). Exit 1 with
+    /// NOT_FOUND when there is none, e.g. when a previous cancel already did it.
+    Cancel {
+        /// The VM's IP address.
+        vm_ip: IpAddr,
+        /// Cancel only if the announcement is to this FE.
+        #[arg(long = "to", value_name = "FE")]
+        target_fe: Option<String>,
+    },
 }
 
 /// `victorctl damping ...`
@@ -219,17 +270,30 @@ impl Command {
     pub fn describe(&self) -> String {
         match self {
             Command::Fe(FeCommand::List) => "fe list".into(),
+            Command::Fe(FeCommand::Remove { fe_id, .. }) => format!("fe remove {fe_id}"),
             Command::Binding(BindingCommand::Get { vm_ip }) => format!("binding get {vm_ip}"),
             Command::Binding(BindingCommand::List { .. }) => "binding list".into(),
             Command::Binding(BindingCommand::Watch { .. }) => "binding watch".into(),
             Command::Vm(VmCommand::Declare { vm_ip, .. }) => format!("vm declare {vm_ip}"),
             Command::Vm(VmCommand::Undeclare { vm_ip, .. }) => format!("vm undeclare {vm_ip}"),
-            Command::Vm(VmCommand::List) => "vm list".into(),
+            Command::Vm(VmCommand::Get { vm_ip }) => format!("vm get {vm_ip}"),
+            Command::Vm(VmCommand::List { .. }) => "vm list".into(),
             Command::Migrate(MigrateCommand::Announce { vm_ip, target_fe, .. }) => {
                 format!("migrate announce {vm_ip} --to {target_fe}")
             }
+            Command::Migrate(MigrateCommand::Cancel { vm_ip, .. }) => format!("migrate cancel {vm_ip}"),
             Command::Damping(DampingCommand::Clear { vm_ip }) => format!("damping clear {vm_ip}"),
             Command::Status => "status".into(),
+        }
+    }
+}
+
+/// A CIDR prefix, with a message that says what to write when it is not one.
+fn parse_prefix(text: &str) -> Result<IpNet, String> {
+    match victor_proto::types::prefix_problem(text) {
+        Some(problem) => Err(problem),
+        None => {
+            text.parse::<IpNet>().map(|net| net.trunc()).map_err(|_| "is not a CIDR prefix like 10.10.1.0/24".into())
         }
     }
 }
@@ -259,5 +323,23 @@ mod tests {
         assert!(
             matches!(cli.command, Command::Migrate(MigrateCommand::Announce { ttl: Some(t), .. }) if t.as_secs() == 120)
         );
+    }
+
+    #[test]
+    fn prefixes_and_filters_parse_with_messages_that_say_what_to_fix() {
+        let cli =
+            Cli::try_parse_from(["victorctl", "binding", "list", "--prefix", "10.10.1.7/24", "--frozen"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Binding(BindingCommand::List { prefix: Some(p), frozen: true, not_frozen: false, .. })
+                if p.to_string() == "10.10.1.0/24"
+        ));
+        let err = Cli::try_parse_from(["victorctl", "vm", "list", "--prefix", "10.10.230.0/33"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("has prefix length 33, longer than 32"), "{err}");
+        let err = Cli::try_parse_from(["victorctl", "binding", "list", "--frozen", "--not-frozen"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let cli = Cli::try_parse_from(["victorctl", "fe", "remove", "fe3", "--force"]).unwrap();
+        assert!(matches!(cli.command, Command::Fe(FeCommand::Remove { ref fe_id, force: true }) if fe_id == "fe3"));
     }
 }

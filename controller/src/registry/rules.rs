@@ -410,6 +410,7 @@ fn move_to(
         recent_moves_unix_nanos: recent,
         pending_fe_id: String::new(),
         pending_until_unix_nanos: 0,
+        moved_from_fe_id: cur.fe_id.clone(),
     };
     Verdict::Write(record, Change::Moved { froze })
 }
