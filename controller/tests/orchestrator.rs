@@ -64,18 +64,23 @@ async fn list_all(c: &mut Clients, req: ListBindingsRequest) -> (Vec<String>, us
     }
 }
 
-/// The next watch event (skipping heartbeats).
-async fn next_event(watch: &mut tonic::Streaming<WatchBindingsResponse>) -> BindingEvent {
+/// The next `n` watch events (skipping heartbeats); fails if a message brings more.
+async fn next_events(watch: &mut tonic::Streaming<WatchBindingsResponse>, n: usize) -> Vec<BindingEvent> {
     tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
+        let mut events = Vec::new();
+        while events.len() < n {
             let msg = watch.message().await.expect("watch error").expect("watch ended");
-            if let Some(e) = msg.events.into_iter().next() {
-                return e;
-            }
+            events.extend(msg.events);
         }
+        assert_eq!(events.len(), n, "more events than expected: {events:?}");
+        events
     })
     .await
-    .expect("no watch event within 10 s")
+    .expect("the expected watch events did not arrive within 10 s")
+}
+
+async fn next_event(watch: &mut tonic::Streaming<WatchBindingsResponse>) -> BindingEvent {
+    next_events(watch, 1).await.remove(0)
 }
 
 fn event_of(e: &BindingEvent) -> (&'static str, String, String) {
@@ -293,10 +298,7 @@ async fn orchestrator_calls_and_their_refusals(c: &mut Clients) {
     let forced = c.binding.remove_fe(remove("fe2", true)).await.unwrap().into_inner();
     assert_eq!((forced.removed_bindings, forced.cancelled_announcements), (3, 0));
     assert!(forced.revision > gone.revision);
-    let mut removed = Vec::new();
-    for _ in 0..3 {
-        removed.push(event_of(&next_event(&mut at_fe2).await));
-    }
+    let mut removed: Vec<_> = next_events(&mut at_fe2, 3).await.iter().map(event_of).collect();
     removed.sort();
     let expected: Vec<_> =
         ["10.10.1.1", "10.10.2.1", "10.10.3.1"].iter().map(|ip| ("remove", ip.to_string(), String::new())).collect();
