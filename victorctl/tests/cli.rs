@@ -336,6 +336,11 @@ async fn tls_and_bearer_tokens() {
     assert_eq!(s["binding_count"].as_u64(), Some(0));
     let declare = ["vm", "declare", "10.10.0.21", "--mac", "02:00:00:00:00:15"];
     assert_refused(&ctl_env(&with(&declare), &ro).await, 1, &["PERMISSION_DENIED", "read-only"]);
+    // The new writes need read-write too; GetVm is a read.
+    assert_refused(&ctl_env(&with(&["fe", "remove", "fe1"]), &ro).await, 1, &["PERMISSION_DENIED", "read-only"]);
+    let cancel = ["migrate", "cancel", "10.10.0.21"];
+    assert_refused(&ctl_env(&with(&cancel), &ro).await, 1, &["PERMISSION_DENIED", "read-only"]);
+    assert_refused(&ctl_env(&with(&["vm", "get", "10.10.0.21"]), &ro).await, 1, &["NOT_FOUND", "not declared"]);
     assert_refused(&ctl_env(&with(&["status"]), &[]).await, 1, &["UNAUTHENTICATED", "--token"]);
     assert_refused(
         &ctl_env(&with(&["status", "--token", "nope"]), &[]).await,
