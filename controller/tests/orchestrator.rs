@@ -234,6 +234,7 @@ async fn orchestrator_calls_and_their_refusals(c: &mut Clients) {
     // Without snapshot, from now: fe3 holds 10.10.3.1.
     let mut at_fe3 = c.binding.watch_bindings(watch_req("fe3", false)).await.unwrap().into_inner();
     tokio::time::sleep(Duration::from_millis(200)).await; // the watch has started from "now"
+    let before_moves = status(c).await.cache_revision;
     // 10.10.1.2 leaves fe2 (to fe3): fe2's watcher sees it once more, at its new FE.
     announce(c, "10.10.1.2", "fe3", true).await;
     assert_eq!(event_of(&next_event(&mut at_fe2).await), ("upsert", "10.10.1.2".into(), "fe3".into()));
@@ -245,6 +246,13 @@ async fn orchestrator_calls_and_their_refusals(c: &mut Clients) {
     announce(c, "10.10.3.1", "fe2", true).await;
     assert_eq!(event_of(&next_event(&mut at_fe2).await), ("upsert", "10.10.3.1".into(), "fe2".into()));
     assert_eq!(event_of(&next_event(&mut at_fe3).await), ("upsert", "10.10.3.1".into(), "fe2".into()));
+    // Resumed from before those moves without a snapshot: the server cannot know what the client
+    // held then, so every change since is sent (the client ignores bindings it does not hold).
+    let resumed = WatchBindingsRequest { from_revision: before_moves, ..watch_req("fe3", false) };
+    let mut resumed = c.binding.watch_bindings(resumed).await.unwrap().into_inner();
+    let replayed: Vec<_> = next_events(&mut resumed, 3).await.iter().map(event_of).collect();
+    let want = [("10.10.1.2", "fe3"), ("10.10.1.2", "fe1"), ("10.10.3.1", "fe2")];
+    assert_eq!(replayed, want.map(|(ip, fe)| ("upsert", ip.to_string(), fe.to_string())));
     let bad = c.binding.watch_bindings(WatchBindingsRequest { fe_id: "fe/2".into(), ..Default::default() }).await;
     assert_refused("watch bad fe_id", bad.map(|_| ()), Code::InvalidArgument, &["fe_id"]);
     let bad =
