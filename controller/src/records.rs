@@ -39,8 +39,9 @@ pub struct BindingRecord {
     /// Until when the announcement holds (ns).
     #[prost(int64, tag = "11")]
     pub pending_until_unix_nanos: i64,
-    /// The FE the binding pointed at before its latest move ("" = never moved).
-    #[prost(string, tag = "12")]
+    /// The FE the binding pointed at before its latest move ("" = never moved). Tag 14: 12 and 13
+    /// are taken on main (tombstone flag, observation revision).
+    #[prost(string, tag = "14")]
     pub moved_from_fe_id: String,
 }
 
