@@ -6,6 +6,7 @@
 //! * [`keys`] / [`records`] — the key layout and the stored values.
 //! * [`lease`] — leases this replica keeps alive.
 //! * [`cache`] — the watch-fed replica cache and its history of frames.
+//! * [`filter`] — which bindings a listing or a watch selects, and paging with a scan budget.
 //! * [`metrics`] / [`move_timeline`] — counters, and per-move stage timestamps.
 //! * [`registry`] — binding rules (pure) and their application to the store (CAS); no gRPC.
 //! * [`replica`] — what the parts of one replica share (registry, cache, status).
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod config;
+pub mod filter;
 pub mod housekeeping;
 pub mod keys;
 pub mod lease;

@@ -55,6 +55,9 @@ pub struct BindingRecord {
     /// later write that keeps the observation stores the value explicitly).
     #[prost(uint64, tag = "13")]
     pub observed_revision: u64,
+    /// The FE the binding pointed at before its latest move ("" = never moved).
+    #[prost(string, tag = "14")]
+    pub moved_from_fe_id: String,
 }
 
 /// The tombstone horizon as stored under `{p}/m/tombstone-horizon`: the highest removal revision

@@ -88,6 +88,7 @@ pub fn binding(state: &CacheState, ip: IpAddr, view: &BindingView) -> v1::Bindin
         site: state.fes.get(&view.fe_id).map(|f| f.record.site.clone()).unwrap_or_default(),
         committed_at_unix_nanos: view.committed_at,
         pending_fe_id: extra.map(|e| e.pending_fe_id.clone()).unwrap_or_default(),
+        previous_fe_id: view.moved_from().to_owned(),
     }
 }
 

@@ -452,6 +452,7 @@ async fn watch_and_paged_listing() {
             include_snapshot: true,
             prefix: "10.10.0.0/30".into(),
             from_revision: 0,
+            fe_id: String::new(),
         })
         .await
         .unwrap()

@@ -1,7 +1,8 @@
 //! The status page in a real browser: Debian's headless Chromium, driven over the DevTools
 //! protocol (a WebSocket client sends `Runtime.evaluate`). The page loads, shows FEs and a binding
 //! created through the API, then — without a reload — shows a new binding, a VM move with its
-//! convergence measured by this replica, a damping alert, and filters bindings by search.
+//! convergence measured by this replica, a damping alert, a pending migration (listed, then
+//! cancelled), filters bindings by search, and after a reload still shows where each VM moved from.
 //! Needs `/usr/bin/chromium` (tests/run.sh installs it).
 
 mod common;
@@ -221,6 +222,21 @@ async fn status_page_shows_bindings_and_updates_live_in_chromium() {
     let alert = page.eval(&text_of("#alerts li[data-ip='10.10.0.11']")).await;
     assert!(alert.as_str().unwrap().contains("victorctl damping clear 10.10.0.11"), "{alert}");
     assert_eq!(page.eval(&text_of("#bindings tr[data-ip='10.10.0.11'] td.state")).await, "frozen");
+
+    // Live: a pending migration announcement is listed with the command that withdraws it, and
+    // leaves the list when it is cancelled.
+    let announce =
+        AnnounceMigrationRequest { vm_ip: "10.10.0.12".into(), target_fe_id: "fe1".into(), ..Default::default() };
+    c.binding.announce_migration(announce).await.unwrap();
+    let pending = "document.querySelector(\"#pending li[data-ip='10.10.0.12']\")";
+    page.wait_true("the pending migration", &format!("{pending} !== null")).await;
+    let text = page.eval(&text_of("#pending li[data-ip='10.10.0.12']")).await;
+    assert!(text.as_str().unwrap().contains("to fe1; withdraw with victorctl migrate cancel 10.10.0.12"), "{text}");
+    c.binding
+        .cancel_migration(CancelMigrationRequest { vm_ip: "10.10.0.12".into(), ..Default::default() })
+        .await
+        .unwrap();
+    page.wait_true("the cancelled migration gone", &format!("{pending} === null")).await;
     assert_eq!(page.eval("window.__noReload").await, 42, "the page reloaded instead of updating live");
 
     // Search: an exact IP shows only that binding; clearing it shows both again.
@@ -269,6 +285,15 @@ async fn status_page_shows_bindings_and_updates_live_in_chromium() {
         let shot = page.call("Page.captureScreenshot", json!({"format": "png"})).await;
         std::fs::write(path, shot["data"].as_str().unwrap()).unwrap();
     }
+    // After a reload the moves come from the snapshot, and still say which FE each VM left.
+    page.call("Page.navigate", json!({"url": format!("http://{}/status", server.http_addr)})).await;
+    page.wait_true("the reloaded page", "window.__noReload === undefined").await;
+    let moves = "[...document.querySelectorAll(\"#moves tr[data-ip='10.10.0.11'] td.fe\")].map((td) => td.textContent)";
+    page.wait_true(
+        "the moves after a reload",
+        &format!("JSON.stringify({moves}) === JSON.stringify(['fe2 → fe1 (frozen)', 'fe1 → fe2'])"),
+    )
+    .await;
     page.session = None;
     let _ = page.call("Browser.close", json!({})).await;
     for s in streams {
@@ -283,22 +308,40 @@ async fn status_api_snapshot_and_search() {
     let server = embedded(dir.path(), &[]).await;
     let mut c = connect(server.grpc_addr).await;
     register(&mut c, "fe1", 1, "site-a").await;
+    register(&mut c, "fe2", 2, "site-b").await;
     for i in 1..=5u8 {
         learn(&mut c, "fe1", &format!("10.10.{}.{i}", i % 2), mac(i)).await;
     }
+    // 10.10.0.2 moves to fe2 and back (each move records the FE it left); 10.10.1.3 is announced
+    // to migrate.
+    assert_eq!(outcome(&learn(&mut c, "fe2", "10.10.0.2", mac(2)).await), ClaimOutcome::Moved);
+    assert_eq!(outcome(&learn(&mut c, "fe1", "10.10.0.2", mac(2)).await), ClaimOutcome::Moved);
+    let announce =
+        AnnounceMigrationRequest { vm_ip: "10.10.1.3".into(), target_fe_id: "fe2".into(), ..Default::default() };
+    c.binding.announce_migration(announce).await.unwrap();
     let get = |path: &'static str| async move {
         let (code, body) = victor_testkit::http::get(server.http_addr, path).await.unwrap();
         assert_eq!(code, 200, "{path}: {body}");
         serde_json::from_str::<Value>(&body).unwrap()
     };
-    victor_testkit::process::wait_for("5 bindings", Duration::from_secs(5), || async {
-        (get("/status/api/summary").await["binding_count"] == 5).then_some(())
+    victor_testkit::process::wait_for("5 bindings and 2 moves", Duration::from_secs(5), || async {
+        let s = get("/status/api/summary").await;
+        (s["binding_count"] == 5 && s["moves"].as_array().map(Vec::len) == Some(2)).then_some(())
     })
     .await
     .unwrap();
     let s = get("/status/api/summary").await;
     assert_eq!(s["fes"][0]["fe_id"], "fe1");
     assert_eq!(s["fes"][0]["bindings"], 5);
+    let moves: Vec<(&str, &str)> = s["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["from_fe_id"].as_str().unwrap(), m["fe_id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(moves, [("fe2", "fe1"), ("fe1", "fe2")], "newest first, each with the FE it left");
+    assert_eq!(s["pending"][0]["vm_ip"], "10.10.1.3");
+    assert_eq!(s["pending"][0]["pending_fe_id"], "fe2");
     assert_eq!(s["store_kind"], "embedded");
     let ips = |v: &Value| {
         v["bindings"].as_array().unwrap().iter().map(|b| b["vm_ip"].as_str().unwrap().to_owned()).collect::<Vec<_>>()

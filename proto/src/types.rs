@@ -110,10 +110,60 @@ pub fn parse_ip(text: &str) -> Result<IpAddr, TypeError> {
     text.trim().parse().map_err(|_| TypeError::IpText(text.to_owned()))
 }
 
+/// What is wrong with `text` as a CIDR prefix (`10.10.1.0/24`, `2001:db8::/64`), said so that
+/// the fix is obvious; `None` when it is one. Host bits are not a problem (`10.10.1.7/24`). The
+/// text is never quoted back, so the caller decides how much of it to show.
+pub fn prefix_problem(text: &str) -> Option<String> {
+    let Some((addr, len)) = text.split_once('/') else {
+        return Some(match text.parse::<IpAddr>() {
+            Ok(ip) => format!(
+                "has no prefix length: write {ip}/{} for this address alone, or a network like 10.10.1.0/24",
+                if ip.is_ipv4() { 32 } else { 128 }
+            ),
+            Err(_) => "is not a CIDR prefix: write an address, '/' and a length, like 10.10.1.0/24".into(),
+        });
+    };
+    let Ok(ip) = addr.parse::<IpAddr>() else {
+        return Some("is not a CIDR prefix: the part before '/' is not an IP address (write e.g. 10.10.1.0/24)".into());
+    };
+    let (family, max) = if ip.is_ipv4() { (4, 32) } else { (6, 128) };
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(format!(
+            "has a prefix length that is not a number; write a number from 0 to {max} after the '/' (e.g. {ip}/24)"
+        ));
+    }
+    match len.parse::<u32>() {
+        Ok(n) if n <= max => None,
+        Ok(n) => Some(format!("has prefix length {n}, longer than {max} (the most an IPv{family} prefix has)")),
+        Err(_) => Some(format!("has a prefix length longer than {max} (the most an IPv{family} prefix has)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn prefix_problems_say_what_to_write() {
+        for good in ["10.10.1.0/24", "10.10.1.7/24", "0.0.0.0/0", "10.10.0.11/32", "2001:db8::/64", "::/0"] {
+            assert_eq!(prefix_problem(good), None, "{good}");
+        }
+        for (bad, says) in [
+            ("10.10.230.0/33", "has prefix length 33, longer than 32 (the most an IPv4 prefix has)"),
+            ("2001:db8::/129", "longer than 128 (the most an IPv6 prefix has)"),
+            ("10.10.0.0/x", "not a number; write a number from 0 to 32 after the '/' (e.g. 10.10.0.0/24)"),
+            ("10.10.0.0/", "not a number"),
+            ("10.10.0.0/+24", "not a number"),
+            ("10.10.0.0/99999999999", "longer than 32"),
+            ("10.10.0.0", "has no prefix length: write 10.10.0.0/32 for this address alone"),
+            ("10.10.0.300/24", "the part before '/' is not an IP address"),
+            ("fe1", "is not a CIDR prefix: write an address, '/' and a length"),
+        ] {
+            let problem = prefix_problem(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(problem.contains(says), "{bad}: {problem}");
+        }
+    }
 
     #[test]
     fn mac_text_forms() {

@@ -114,6 +114,26 @@ pub enum Command {
 pub enum FeCommand {
     /// Lists the registered FEs with health, site and binding count.
     List,
+    /// Removes a decommissioned FE: it is no longer listed and every agent drops it. Refused while
+    /// its agent holds a live session (stop the agent and wait until the FE shows down), and while
+    /// bindings point at it unless --force.
+    Remove {
+        /// The FE's id.
+        fe_id: String,
+        /// Also remove every binding that points at the FE (those VMs' traffic is dropped until an
+        /// FE learns them again). Does not override a live session.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Binding sources, for filtering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceArg {
+    /// Learned by an FE from ARP.
+    Arp,
+    /// Placed by an orchestrator (AnnounceMigration with commit).
+    Orchestrator,
 }
 
 /// `victorctl binding ...`
@@ -124,7 +144,7 @@ pub enum BindingCommand {
         /// The VM's IP address.
         vm_ip: IpAddr,
     },
-    /// Lists bindings in IP order (all pages).
+    /// Lists bindings in IP order (all pages). Filters combine.
     List {
         /// Only bindings at this FE.
         #[arg(long)]
@@ -132,6 +152,15 @@ pub enum BindingCommand {
         /// Only bindings inside this prefix, e.g. 10.10.1.0/24.
         #[arg(long, value_parser = parse_prefix)]
         prefix: Option<IpNet>,
+        /// Only bindings frozen by flap damping.
+        #[arg(long, conflicts_with = "not_frozen")]
+        frozen: bool,
+        /// Only bindings that are not frozen.
+        #[arg(long)]
+        not_frozen: bool,
+        /// Only bindings from this source.
+        #[arg(long, value_enum)]
+        source: Option<SourceArg>,
         /// Stop after this many bindings (at least 1; without it every binding is listed).
         #[arg(long, value_parser = parse_limit)]
         limit: Option<usize>,
@@ -141,6 +170,10 @@ pub enum BindingCommand {
         /// Only bindings inside this prefix.
         #[arg(long, value_parser = parse_prefix)]
         prefix: Option<IpNet>,
+        /// Only the bindings at this FE; a binding that leaves it shows once more (its new FE, or
+        /// its removal).
+        #[arg(long)]
+        fe: Option<String>,
         /// Start with every current binding.
         #[arg(long)]
         snapshot: bool,
@@ -181,8 +214,17 @@ pub enum VmCommand {
         #[arg(long)]
         remove_binding: bool,
     },
-    /// Lists declared VMs.
-    List,
+    /// Shows one VM's declaration (exit 1 with NOT_FOUND if it is not declared).
+    Get {
+        /// The VM's IP address.
+        vm_ip: IpAddr,
+    },
+    /// Lists declared VMs in IP order (all pages).
+    List {
+        /// Only VMs inside this prefix, e.g. 10.10.1.0/24.
+        #[arg(long, value_parser = parse_prefix)]
+        prefix: Option<IpNet>,
+    },
 }
 
 /// `victorctl migrate ...`
@@ -202,6 +244,15 @@ pub enum MigrateCommand {
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
     },
+    /// Withdraws a pending migration announcement (the binding stays where it is). Exit 1 with
+    /// NOT_FOUND when there is none, e.g. when a previous cancel already did it.
+    Cancel {
+        /// The VM's IP address.
+        vm_ip: IpAddr,
+        /// Cancel only if the announcement is to this FE.
+        #[arg(long = "to", value_name = "FE")]
+        target_fe: Option<String>,
+    },
 }
 
 /// `victorctl damping ...`
@@ -219,42 +270,36 @@ impl Command {
     pub fn describe(&self) -> String {
         match self {
             Command::Fe(FeCommand::List) => "fe list".into(),
+            Command::Fe(FeCommand::Remove { fe_id, .. }) => format!("fe remove {fe_id}"),
             Command::Binding(BindingCommand::Get { vm_ip }) => format!("binding get {vm_ip}"),
             Command::Binding(BindingCommand::List { .. }) => "binding list".into(),
             Command::Binding(BindingCommand::Watch { .. }) => "binding watch".into(),
             Command::Vm(VmCommand::Declare { vm_ip, .. }) => format!("vm declare {vm_ip}"),
             Command::Vm(VmCommand::Undeclare { vm_ip, .. }) => format!("vm undeclare {vm_ip}"),
-            Command::Vm(VmCommand::List) => "vm list".into(),
+            Command::Vm(VmCommand::Get { vm_ip }) => format!("vm get {vm_ip}"),
+            Command::Vm(VmCommand::List { .. }) => "vm list".into(),
             Command::Migrate(MigrateCommand::Announce { vm_ip, target_fe, .. }) => {
                 format!("migrate announce {vm_ip} --to {target_fe}")
             }
+            Command::Migrate(MigrateCommand::Cancel { vm_ip, .. }) => format!("migrate cancel {vm_ip}"),
             Command::Damping(DampingCommand::Clear { vm_ip }) => format!("damping clear {vm_ip}"),
             Command::Status => "status".into(),
         }
     }
 }
 
+/// A CIDR prefix, with a message that says what to write when it is not one.
+fn parse_prefix(text: &str) -> Result<IpNet, String> {
+    match victor_proto::types::prefix_problem(text) {
+        Some(problem) => Err(problem),
+        None => {
+            text.parse::<IpNet>().map(|net| net.trunc()).map_err(|_| "is not a CIDR prefix like 10.10.1.0/24".into())
+        }
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 10s, 5m)"))
-}
-
-/// `ADDRESS/LENGTH`, saying which half is wrong (ipnet alone answers "invalid IP address syntax"
-/// for a prefix length of 33).
-fn parse_prefix(text: &str) -> Result<IpNet, String> {
-    let Some((addr, len)) = text.split_once('/') else {
-        return Err("a prefix is ADDRESS/LENGTH, e.g. 10.10.1.0/24".into());
-    };
-    let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    let len: u8 =
-        len.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
-            format!("the prefix length must be 0 to {max} for an {} address, not {len:?}", family(addr))
-        })?;
-    IpNet::new(addr, len).map_err(|e| e.to_string())
-}
-
-fn family(addr: IpAddr) -> &'static str {
-    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// A `--limit`: 0 would list nothing, which is never what was meant.
@@ -290,20 +335,26 @@ mod tests {
     }
 
     #[test]
-    fn prefixes_say_which_half_is_wrong() {
-        assert_eq!(parse_prefix("10.10.1.0/24").unwrap().to_string(), "10.10.1.0/24");
-        assert_eq!(parse_prefix("fd00:10::/64").unwrap().to_string(), "fd00:10::/64");
-        assert_eq!(
-            parse_prefix("10.10.230.0/33").unwrap_err(),
-            "the prefix length must be 0 to 32 for an IPv4 address, not \"33\""
-        );
-        assert!(parse_prefix("fd00::/129").unwrap_err().contains("0 to 128 for an IPv6 address"));
-        assert!(parse_prefix("10.10.230.0/x").unwrap_err().contains("not \"x\""));
-        assert!(
-            parse_prefix("10.10.230.300/24").unwrap_err().contains("\"10.10.230.300\" is not an IPv4 or IPv6 address")
-        );
-        assert!(parse_prefix("10.10.230.0").unwrap_err().contains("ADDRESS/LENGTH"));
+    fn limits_are_at_least_one() {
         assert!(parse_limit("0").unwrap_err().contains("at least 1"));
         assert_eq!(parse_limit("7"), Ok(7));
+    }
+
+    #[test]
+    fn prefixes_and_filters_parse_with_messages_that_say_what_to_fix() {
+        let cli =
+            Cli::try_parse_from(["victorctl", "binding", "list", "--prefix", "10.10.1.7/24", "--frozen"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Binding(BindingCommand::List { prefix: Some(p), frozen: true, not_frozen: false, .. })
+                if p.to_string() == "10.10.1.0/24"
+        ));
+        let err = Cli::try_parse_from(["victorctl", "vm", "list", "--prefix", "10.10.230.0/33"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("has prefix length 33, longer than 32"), "{err}");
+        let err = Cli::try_parse_from(["victorctl", "binding", "list", "--frozen", "--not-frozen"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let cli = Cli::try_parse_from(["victorctl", "fe", "remove", "fe3", "--force"]).unwrap();
+        assert!(matches!(cli.command, Command::Fe(FeCommand::Remove { ref fe_id, force: true }) if fe_id == "fe3"));
     }
 }

@@ -8,7 +8,9 @@ use serde_json::{Value, json};
 use tonic::Code;
 use victor_proto::v1::*;
 
-use crate::cli::{BindingCommand, Cli, Command, DampingCommand, FeCommand, MigrateCommand, Output, VmCommand};
+use crate::cli::{
+    BindingCommand, Cli, Command, DampingCommand, FeCommand, MigrateCommand, Output, SourceArg, VmCommand,
+};
 use crate::client::Controllers;
 use crate::error::{CtlError, code_name};
 use crate::render;
@@ -22,10 +24,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             let s = ctl.call(|mut c| async move { c.get_status(GetStatusRequest {}).await }).await?;
             out.one(render::status(&s), || render::status_lines(&s))
         }
-        Command::Fe(FeCommand::List) => {
-            let fes = ctl.call(|mut c| async move { c.list_fes(ListFesRequest {}).await }).await?.fes;
-            out.many(fes.iter().map(render::fe).collect(), &render::FE_HEADER, fes.iter().map(render::fe_row).collect())
-        }
+        Command::Fe(cmd) => fe(&mut ctl, out, cmd).await,
         Command::Binding(cmd) => binding(&mut ctl, out, cmd).await,
         Command::Vm(cmd) => vm(&mut ctl, out, cmd).await,
         Command::Migrate(MigrateCommand::Announce { vm_ip, target_fe, commit, ttl }) => {
@@ -49,6 +48,30 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .await?;
             out.binding(&b.binding.unwrap_or_default())
         }
+        Command::Migrate(MigrateCommand::Cancel { vm_ip, target_fe }) => {
+            let req = CancelMigrationRequest { vm_ip: vm_ip.to_string(), target_fe_id: target_fe.unwrap_or_default() };
+            let r = ctl
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.cancel_migration(r).await }
+                })
+                .await?;
+            out.one(
+                json!({
+                    "vm_ip": vm_ip.to_string(),
+                    "cancelled_fe_id": r.cancelled_fe_id,
+                    "revision": r.revision,
+                    "binding": render::binding(&r.binding.clone().unwrap_or_default()),
+                }),
+                || {
+                    let at = r.binding.as_ref().map(|b| b.fe_id.as_str()).unwrap_or("");
+                    format!(
+                        "{vm_ip}: migration to {} cancelled at revision {}; stays at {at}\n",
+                        r.cancelled_fe_id, r.revision
+                    )
+                },
+            )
+        }
         Command::Damping(DampingCommand::Clear { vm_ip }) => {
             let req = ClearDampingRequest { vm_ip: vm_ip.to_string() };
             let b = ctl
@@ -58,6 +81,38 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 })
                 .await?;
             out.binding(&b.binding.unwrap_or_default())
+        }
+    }
+}
+
+async fn fe(ctl: &mut Controllers, out: Printer, cmd: FeCommand) -> Result<(), CtlError> {
+    match cmd {
+        FeCommand::List => {
+            let fes = ctl.call(|mut c| async move { c.list_fes(ListFesRequest {}).await }).await?.fes;
+            out.many(fes.iter().map(render::fe).collect(), &render::FE_HEADER, fes.iter().map(render::fe_row).collect())
+        }
+        FeCommand::Remove { fe_id, force } => {
+            let req = RemoveFeRequest { fe_id: fe_id.clone(), force };
+            let r = ctl
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.remove_fe(r).await }
+                })
+                .await?;
+            out.one(
+                json!({
+                    "fe_id": fe_id,
+                    "revision": r.revision,
+                    "removed_bindings": r.removed_bindings,
+                    "cancelled_announcements": r.cancelled_announcements,
+                }),
+                || {
+                    format!(
+                        "FE {fe_id} removed at revision {} ({} binding(s) removed, {} announcement(s) cancelled)\n",
+                        r.revision, r.removed_bindings, r.cancelled_announcements
+                    )
+                },
+            )
         }
     }
 }
@@ -74,7 +129,17 @@ async fn binding(ctl: &mut Controllers, out: Printer, cmd: BindingCommand) -> Re
                 .await?;
             out.binding(&b)
         }
-        BindingCommand::List { fe, prefix, limit } => {
+        BindingCommand::List { fe, prefix, frozen, not_frozen, source, limit } => {
+            let frozen = match (frozen, not_frozen) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            let source = match source {
+                None => BindingSource::Unspecified,
+                Some(SourceArg::Arp) => BindingSource::Arp,
+                Some(SourceArg::Orchestrator) => BindingSource::Orchestrator,
+            };
             let mut bindings = Vec::new();
             let mut page_token = String::new();
             loop {
@@ -83,6 +148,8 @@ async fn binding(ctl: &mut Controllers, out: Printer, cmd: BindingCommand) -> Re
                     page_token: page_token.clone(),
                     fe_id: fe.clone().unwrap_or_default(),
                     prefix: prefix.map(|p| p.to_string()).unwrap_or_default(),
+                    frozen,
+                    source: source as i32,
                 };
                 let page = ctl
                     .call(|mut c| {
@@ -106,9 +173,14 @@ async fn binding(ctl: &mut Controllers, out: Printer, cmd: BindingCommand) -> Re
                 bindings.iter().map(render::binding_row).collect(),
             )
         }
-        BindingCommand::Watch { prefix, snapshot, from_revision, count, duration } => {
+        BindingCommand::Watch { prefix, fe, snapshot, from_revision, count, duration } => {
             let deadline = duration.map(|d| Instant::now() + d);
-            let watch = watch(ctl, out, prefix, snapshot, from_revision, count);
+            let filter = WatchBindingsRequest {
+                prefix: prefix.map(|p| p.to_string()).unwrap_or_default(),
+                fe_id: fe.unwrap_or_default(),
+                ..Default::default()
+            };
+            let watch = watch(ctl, out, filter, snapshot, from_revision, count);
             match deadline {
                 None => watch.await,
                 Some(at) => match tokio::time::timeout_at(at.into(), watch).await {
@@ -120,12 +192,13 @@ async fn binding(ctl: &mut Controllers, out: Printer, cmd: BindingCommand) -> Re
     }
 }
 
-/// Follows WatchBindings; when the stream breaks (controller gone or shutting down) it resumes on
-/// the next controller from the last revision it printed, so no change is lost or repeated.
+/// Follows WatchBindings (with the filters of `filter`); when the stream breaks (controller gone or
+/// shutting down) it resumes on the next controller from the last revision it printed, so no
+/// change is lost or repeated.
 async fn watch(
     ctl: &mut Controllers,
     out: Printer,
-    prefix: Option<ipnet::IpNet>,
+    filter: WatchBindingsRequest,
     snapshot: bool,
     from_revision: u64,
     count: Option<u64>,
@@ -143,11 +216,7 @@ async fn watch(
         cursor = ctl.call(|mut c| async move { c.get_status(GetStatusRequest {}).await }).await?.cache_revision;
     }
     loop {
-        let req = WatchBindingsRequest {
-            from_revision: cursor,
-            include_snapshot,
-            prefix: prefix.map(|p| p.to_string()).unwrap_or_default(),
-        };
+        let req = WatchBindingsRequest { from_revision: cursor, include_snapshot, ..filter.clone() };
         let mut stream = ctl
             .call(|mut c| {
                 let r = req.clone();
@@ -231,11 +300,25 @@ async fn vm(ctl: &mut Controllers, out: Printer, cmd: VmCommand) -> Result<(), C
                 || format!("{vm_ip} {what} at revision {}\n", r.revision),
             )
         }
-        VmCommand::List => {
+        VmCommand::Get { vm_ip } => {
+            let req = GetVmRequest { vm_ip: vm_ip.to_string() };
+            let v = ctl
+                .call(|mut c| {
+                    let r = req.clone();
+                    async move { c.get_vm(r).await }
+                })
+                .await?;
+            out.many_or_one(render::vm(&v), &render::VM_HEADER, vec![render::vm_row(&v)])
+        }
+        VmCommand::List { prefix } => {
             let mut vms = Vec::new();
             let mut page_token = String::new();
             loop {
-                let req = ListVmsRequest { page_size: 1000, page_token: page_token.clone() };
+                let req = ListVmsRequest {
+                    page_size: 1000,
+                    page_token: page_token.clone(),
+                    prefix: prefix.map(|p| p.to_string()).unwrap_or_default(),
+                };
                 let page = ctl
                     .call(|mut c| {
                         let r = req.clone();

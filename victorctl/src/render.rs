@@ -15,6 +15,7 @@ pub fn binding(b: &Binding) -> Value {
         "source": source(b.source),
         "frozen": b.frozen,
         "pending_fe_id": b.pending_fe_id,
+        "previous_fe_id": b.previous_fe_id,
         "revision": b.revision,
         "observed_at_unix_nanos": b.observed_at_unix_nanos,
         "committed_at_unix_nanos": b.committed_at_unix_nanos,

@@ -337,6 +337,11 @@ async fn tls_and_bearer_tokens() {
     assert_eq!(s["binding_count"].as_u64(), Some(0));
     let declare = ["vm", "declare", "10.10.0.21", "--mac", "02:00:00:00:00:15"];
     assert_refused(&ctl_env(&with(&declare), &ro).await, 1, &["PERMISSION_DENIED", "read-only"]);
+    // The new writes need read-write too; GetVm is a read.
+    assert_refused(&ctl_env(&with(&["fe", "remove", "fe1"]), &ro).await, 1, &["PERMISSION_DENIED", "read-only"]);
+    let cancel = ["migrate", "cancel", "10.10.0.21"];
+    assert_refused(&ctl_env(&with(&cancel), &ro).await, 1, &["PERMISSION_DENIED", "read-only"]);
+    assert_refused(&ctl_env(&with(&["vm", "get", "10.10.0.21"]), &ro).await, 1, &["NOT_FOUND", "not declared"]);
     assert_refused(&ctl_env(&with(&["status"]), &[]).await, 1, &["UNAUTHENTICATED", "--token"]);
     assert_refused(
         &ctl_env(&with(&["status", "--token", "nope"]), &[]).await,
@@ -444,5 +449,121 @@ async fn mistakes_say_what_to_fix_and_a_closed_pipe_ends_quietly() {
         assert_eq!(status.code(), Some(0), "{args:?}: {stderr}");
         assert!(stderr.is_empty(), "{args:?} should end quietly: {stderr}");
     }
+    server.shutdown().await.unwrap();
+}
+
+/// Polls `fe list` until `fe` shows `health`.
+async fn wait_health(c: &str, fe: &str, health: &str) {
+    victor_testkit::process::wait_for("FE health", Duration::from_secs(30), || async move {
+        let fes = ctl(c, &["fe", "list", "-o", "json"]).await.json();
+        fes.as_array()?.iter().any(|f| f["fe_id"] == fe && f["health"] == health).then_some(())
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{fe} did not become {health}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_subcommands_and_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    // Short sessions: FEs without heartbeats go down within seconds (fe3 is kept up).
+    let server = start(dir.path(), &["--damping-max-moves", "1", "--session-ttl", "2s"]).await;
+    let addr = server.grpc_addr.to_string();
+    let c = addr.as_str();
+    let mut a = agent(server.grpc_addr).await;
+    register(&mut a, "fe1", 1, "site-a").await;
+    register(&mut a, "fe2", 2, "site-b").await;
+    register(&mut a, "fe3", 3, "site-c").await;
+    let heartbeats = {
+        let mut a = a.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = a.heartbeat(HeartbeatRequest { fe_id: "fe3".into() }).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    assert_eq!(learn(&mut a, "fe1", "10.10.0.11", 11).await.outcome, ClaimOutcome::Bound as i32);
+    assert_eq!(learn(&mut a, "fe1", "10.10.1.5", 5).await.outcome, ClaimOutcome::Bound as i32);
+
+    // vm get / vm list --prefix
+    for (ip, mac) in [("10.10.0.21", "02:00:00:00:00:15"), ("10.10.1.21", "02:00:00:00:01:15")] {
+        assert_eq!(ctl(c, &["vm", "declare", ip, "--mac", mac]).await.code, 0);
+    }
+    let vm = ctl(c, &["vm", "get", "10.10.0.21", "-o", "json"]).await.json();
+    assert_eq!((vm["vm_ip"].as_str(), vm["mac"].as_str()), (Some("10.10.0.21"), Some("02:00:00:00:00:15")));
+    assert!(ctl(c, &["vm", "get", "10.10.0.21"]).await.stdout.starts_with("VM_IP"));
+    assert_refused(&ctl(c, &["vm", "get", "10.10.0.11"]).await, 1, &["vm get 10.10.0.11", "NOT_FOUND", "not declared"]);
+    let listed = ctl(c, &["vm", "list", "--prefix", "10.10.1.0/24", "-o", "json"]).await.json();
+    assert_eq!(
+        listed.as_array().unwrap().iter().map(|v| v["vm_ip"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["10.10.1.21"]
+    );
+    assert_refused(
+        &ctl(c, &["vm", "list", "--prefix", "10.10.230.0/33"]).await,
+        2,
+        &["10.10.230.0/33", "has prefix length 33, longer than 32"],
+    );
+
+    // binding list --frozen / --not-frozen / --source
+    assert_eq!(learn(&mut a, "fe2", "10.10.0.11", 11).await.outcome, ClaimOutcome::Moved as i32);
+    assert_eq!(learn(&mut a, "fe1", "10.10.0.11", 11).await.outcome, ClaimOutcome::Moved as i32);
+    assert_eq!(ctl(c, &["migrate", "announce", "10.10.0.21", "--to", "fe2", "--commit"]).await.code, 0);
+    let ips =
+        |v: Value| v.as_array().unwrap().iter().map(|b| b["vm_ip"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let frozen = ctl(c, &["binding", "list", "--frozen", "-o", "json"]).await.json();
+    assert_eq!((frozen[0]["vm_ip"].as_str(), frozen[0]["previous_fe_id"].as_str()), (Some("10.10.0.11"), Some("fe2")));
+    assert_eq!(ips(frozen), ["10.10.0.11"]);
+    assert_eq!(
+        ips(ctl(c, &["binding", "list", "--not-frozen", "-o", "json"]).await.json()),
+        ["10.10.0.21", "10.10.1.5"]
+    );
+    let placed = ctl(c, &["binding", "list", "--source", "orchestrator", "-o", "json"]).await.json();
+    assert_eq!(ips(placed), ["10.10.0.21"]);
+    let arp_at_fe1 = ctl(c, &["binding", "list", "--source", "arp", "--fe", "fe1", "--limit", "1", "-o", "json"]).await;
+    assert_eq!(ips(arp_at_fe1.json()), ["10.10.0.11"]);
+    assert_refused(&ctl(c, &["binding", "list", "--frozen", "--not-frozen"]).await, 2, &["cannot be used with"]);
+
+    // migrate cancel
+    assert_eq!(ctl(c, &["migrate", "announce", "10.10.1.5", "--to", "fe2"]).await.code, 0);
+    let other = ctl(c, &["migrate", "cancel", "10.10.1.5", "--to", "fe3"]).await;
+    assert_refused(&other, 1, &["migrate cancel 10.10.1.5", "FAILED_PRECONDITION", "to FE fe2, not fe3"]);
+    let cancelled = ctl(c, &["migrate", "cancel", "10.10.1.5", "-o", "json"]).await.json();
+    assert_eq!(cancelled["cancelled_fe_id"].as_str(), Some("fe2"));
+    assert_eq!(cancelled["binding"]["pending_fe_id"].as_str(), Some(""));
+    let again = ctl(c, &["migrate", "cancel", "10.10.1.5"]).await;
+    assert_refused(&again, 1, &["NOT_FOUND", "no pending migration announcement"]);
+
+    // binding watch --fe: fe1's snapshot, a change at fe2 (not shown), then 10.10.1.5 leaving fe1
+    let watch = {
+        let c = addr.clone();
+        tokio::spawn(async move {
+            ctl(&c, &["binding", "watch", "--fe", "fe1", "--snapshot", "--count", "3", "-o", "json"]).await
+        })
+    };
+    wait_watchers(server.http_addr, 1).await;
+    assert_eq!(ctl(c, &["migrate", "announce", "10.10.0.21", "--to", "fe1"]).await.code, 0);
+    assert_eq!(ctl(c, &["migrate", "announce", "10.10.1.5", "--to", "fe2", "--commit"]).await.code, 0);
+    let run = tokio::time::timeout(Duration::from_secs(10), watch).await.expect("watch did not end").unwrap();
+    let events: Vec<Value> = run.stdout.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect();
+    let seen: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.get("kind").is_some())
+        .map(|e| (e["binding"]["vm_ip"].as_str().unwrap().into(), e["binding"]["fe_id"].as_str().unwrap().into()))
+        .collect();
+    let want = [("10.10.0.11", "fe1"), ("10.10.1.5", "fe1"), ("10.10.1.5", "fe2")];
+    assert_eq!(seen, want.map(|(ip, fe)| (ip.to_owned(), fe.to_owned())), "{run:?}");
+
+    // fe remove: unknown, live, with bindings (refused, then forced), gone from the list
+    assert_refused(&ctl(c, &["fe", "remove", "fe9"]).await, 1, &["fe remove fe9", "NOT_FOUND", "not registered"]);
+    assert_refused(&ctl(c, &["fe", "remove", "fe3", "--force"]).await, 1, &["FAILED_PRECONDITION", "live session"]);
+    wait_health(c, "fe2", "down").await;
+    let held = ctl(c, &["fe", "remove", "fe2"]).await;
+    assert_refused(&held, 1, &["FAILED_PRECONDITION", "FE fe2 still holds 2 binding(s)", "force"]);
+    let removed = ctl(c, &["fe", "remove", "fe2", "--force", "-o", "json"]).await.json();
+    assert_eq!(removed["removed_bindings"].as_u64(), Some(2), "{removed}");
+    let text = ctl(c, &["fe", "list"]).await.stdout;
+    assert!(!text.contains("fe2"), "{text}");
+    assert_refused(&ctl(c, &["binding", "get", "10.10.1.5"]).await, 1, &["NOT_FOUND"]);
+    heartbeats.abort();
     server.shutdown().await.unwrap();
 }

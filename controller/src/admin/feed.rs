@@ -58,6 +58,8 @@ pub struct Convergence {
 pub struct MoveRecord {
     /// VM IP.
     pub vm_ip: IpAddr,
+    /// The FE it moved from.
+    pub from_fe_id: String,
     /// The FE it moved to.
     pub fe_id: String,
     /// Move sequence after the move.
@@ -348,6 +350,7 @@ fn publish_frame(feed: &Feed, cache: &Cache, frame: &Frame) -> Vec<Pending> {
                     if moved {
                         let record = MoveRecord {
                             vm_ip: *ip,
+                            from_fe_id: b.moved_from().to_owned(),
                             fe_id: b.fe_id.to_string(),
                             move_seq: b.move_seq,
                             revision: *revision,

@@ -15,7 +15,7 @@ const S = {
   fes: new Map(),
   bindings: new Map(), // vm_ip -> row shown in the table
   frozen: new Map(),   // vm_ip -> row (damping alerts)
-  lastFe: new Map(),   // vm_ip -> fe_id, for "from" in the moves table
+  pending: new Map(),  // vm_ip -> row (pending migration announcements)
   moves: [],
   total: 0,
   truncated: false,
@@ -100,9 +100,9 @@ function applySummary(summary) {
   $("revision").textContent = summary.revision;
   S.fes = new Map(summary.fes.map((fe) => [fe.fe_id, fe]));
   S.frozen = new Map(summary.frozen.map((b) => [b.vm_ip, b]));
-  // The server does not know where a VM moved from; keep what this page saw live.
-  const from = new Map(S.moves.map((m) => [m.revision, m.from_fe_id]));
-  S.moves = summary.moves.slice(0, MOVES_SHOWN).map((m) => ({ ...m, from_fe_id: from.get(m.revision) || "" }));
+  S.pending = new Map(summary.pending.map((b) => [b.vm_ip, b]));
+  // Every move names the FE it left (the binding records it), live or from the snapshot.
+  S.moves = summary.moves.slice(0, MOVES_SHOWN);
   S.total = summary.binding_count;
 }
 
@@ -110,7 +110,6 @@ function applyBindings(result) {
   S.bindingsRevision = result.revision;
   S.bindings = new Map(result.bindings.map((b) => [b.vm_ip, b]));
   S.truncated = result.truncated;
-  for (const b of result.bindings) S.lastFe.set(b.vm_ip, b.fe_id);
 }
 
 // ---- live events
@@ -128,15 +127,18 @@ function apply(name, data) {
       if (b.revision > S.summaryRevision) {
         if (b.frozen) S.frozen.set(b.vm_ip, b);
         else S.frozen.delete(b.vm_ip);
+        if (b.pending_fe_id) S.pending.set(b.vm_ip, b);
+        else S.pending.delete(b.vm_ip);
       }
-      S.lastFe.set(b.vm_ip, b.fe_id);
       bumpRevision(b.revision);
       break;
     }
     case "binding_removed":
       if (data.revision > S.bindingsRevision) S.bindings.delete(data.vm_ip);
-      if (data.revision > S.summaryRevision) S.frozen.delete(data.vm_ip);
-      S.lastFe.delete(data.vm_ip);
+      if (data.revision > S.summaryRevision) {
+        S.frozen.delete(data.vm_ip);
+        S.pending.delete(data.vm_ip);
+      }
       bumpRevision(data.revision);
       break;
     case "move": {
@@ -144,7 +146,6 @@ function apply(name, data) {
       // Deduplicated by revision only: the feed may publish a move just after a snapshot whose
       // cache revision already covers it but whose move list did not have it yet.
       if (S.moves.some((x) => x.revision === m.revision)) break;
-      m.from_fe_id = S.lastFe.get(m.vm_ip) || "";
       S.moves.unshift(m);
       S.moves.length = Math.min(S.moves.length, MOVES_SHOWN);
       break;
@@ -187,6 +188,7 @@ function render() {
     renderMoves();
     renderBindings();
     renderAlerts();
+    renderPending();
   }, 50);
 }
 
@@ -198,11 +200,16 @@ function renderFes() {
       .map((fe) => {
         const tr = document.createElement("tr");
         tr.dataset.fe = fe.fe_id;
+        const health = cell(fe.up ? "up" : "down", fe.up ? "up health" : "down health");
+        if (!fe.up) {
+          health.title = `Decommissioned? Remove it with: victorctl fe remove ${fe.fe_id}` +
+            (fe.bindings ? ` --force (also removes its ${fe.bindings} binding(s))` : "");
+        }
         tr.append(
           cell(fe.fe_id),
           cell(fe.site),
           cell(fe.underlay),
-          cell(fe.up ? "up" : "down", fe.up ? "up health" : "down health"),
+          health,
           cell(fe.bindings, "num"),
           cell(fe.agent_version, "muted"),
         );
@@ -305,6 +312,30 @@ function renderAlerts() {
     );
   }
   $("alert-count").textContent = S.frozen.size ? `(${S.frozen.size})` : "";
+}
+
+function renderPending() {
+  const list = $("pending");
+  if (S.pending.size === 0) {
+    const li = document.createElement("li");
+    li.className = "muted";
+    li.textContent = "none";
+    list.replaceChildren(li);
+  } else {
+    list.replaceChildren(
+      ...[...S.pending.values()].map((b) => {
+        const li = document.createElement("li");
+        li.dataset.ip = b.vm_ip;
+        const strong = document.createElement("b");
+        strong.textContent = b.vm_ip;
+        const code = document.createElement("code");
+        code.textContent = `victorctl migrate cancel ${b.vm_ip}`;
+        li.append(strong, ` at ${b.fe_id}, announced to migrate to ${b.pending_fe_id}; withdraw with `, code);
+        return li;
+      }),
+    );
+  }
+  $("pending-count").textContent = S.pending.size ? `(${S.pending.size})` : "";
 }
 
 // ---- wiring

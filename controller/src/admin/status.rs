@@ -56,6 +56,8 @@ pub struct Summary {
     pub binding_count: usize,
     /// Bindings frozen by flap damping (the damping alerts).
     pub frozen: Vec<BindingRow>,
+    /// Bindings with a pending migration announcement (at most 1000).
+    pub pending: Vec<BindingRow>,
     /// Latest moves, newest first.
     pub moves: Vec<MoveRecord>,
     /// Agent streams served by this replica.
@@ -64,21 +66,23 @@ pub struct Summary {
 
 /// `GET /status/api/summary`.
 pub async fn summary(State(state): State<AdminState>) -> axum::Json<Summary> {
-    let ((fes, binding_count, frozen, housekeeper_id), revision) = state.cache.read_with_revision(|s| {
+    let ((fes, binding_count, (frozen, pending), housekeeper_id), revision) = state.cache.read_with_revision(|s| {
         let site = |fe: &str| s.fes.get(fe).map(|f| f.record.site.clone()).unwrap_or_default();
         let fes = s
             .fes
             .values()
             .map(|f| FeRow::new(f, s.bindings_per_fe.get(&f.fe_id).copied().unwrap_or(0)))
             .collect::<Vec<_>>();
-        let frozen = s
-            .bindings
-            .iter()
-            .filter(|(_, b)| b.frozen)
-            .take(MAX_LIMIT)
-            .map(|(ip, b)| BindingRow::new(*ip, b, site(&b.fe_id)))
-            .collect::<Vec<_>>();
-        (fes, s.bindings.len(), frozen, s.housekeeper.as_ref().map(|h| h.0.clone()).unwrap_or_default())
+        let (mut frozen, mut pending) = (Vec::new(), Vec::new());
+        for (ip, b) in &s.bindings {
+            if b.frozen && frozen.len() < MAX_LIMIT {
+                frozen.push(BindingRow::new(*ip, b, site(&b.fe_id)));
+            }
+            if !b.pending_fe_id().is_empty() && pending.len() < MAX_LIMIT {
+                pending.push(BindingRow::new(*ip, b, site(&b.fe_id)));
+            }
+        }
+        (fes, s.bindings.len(), (frozen, pending), s.housekeeper.as_ref().map(|h| h.0.clone()).unwrap_or_default())
     });
     axum::Json(Summary {
         replica_id: state.replica_id.clone(),
@@ -90,6 +94,7 @@ pub async fn summary(State(state): State<AdminState>) -> axum::Json<Summary> {
         fes,
         binding_count,
         frozen,
+        pending,
         moves: state.feed.recent_moves(),
         agent_streams: state.metrics.agent_streams.get(),
     })

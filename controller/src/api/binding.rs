@@ -1,4 +1,5 @@
-//! `victor.v1.BindingService`: declare VMs, announce migrations, read and watch bindings.
+//! `victor.v1.BindingService`: declare VMs, announce (and cancel) migrations, read and watch
+//! bindings, list and remove FEs.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -7,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::Stream;
-use ipnet::IpNet;
 use tonic::{Request, Response, Status};
 use victor_proto::v1::binding_service_server::BindingService;
 use victor_proto::v1::*;
@@ -16,6 +16,7 @@ use victor_store::Store;
 use super::auth::Role;
 use super::error::{ApiError, ApiResult};
 use super::{ApiContext, validate};
+use crate::filter::{self, BindingFilter};
 use crate::records::VmRecord;
 use crate::stream::admission::StreamKind;
 use crate::stream::bindings::{self as watch, WatchContext, WatchSpec};
@@ -107,61 +108,82 @@ impl<S: Store> BindingApi<S> {
         self.binding_of(ip)
     }
 
+    async fn cancel(&self, req: CancelMigrationRequest) -> ApiResult<CancelMigrationResponse> {
+        let ip = validate::vm_ip(&req.vm_ip, &self.ctx.mobile)?;
+        let expected = if req.target_fe_id.is_empty() {
+            None
+        } else {
+            validate::name("target_fe_id", &req.target_fe_id)?;
+            Some(req.target_fe_id.as_str())
+        };
+        let replica = &self.ctx.replica;
+        let (revision, cancelled_fe_id) = replica.registry.cancel_announcement(ip, expected).await?;
+        replica.settle(revision).await;
+        Ok(CancelMigrationResponse { binding: Some(self.binding_of(ip)?), cancelled_fe_id, revision })
+    }
+
+    async fn remove(&self, req: RemoveFeRequest) -> ApiResult<RemoveFeResponse> {
+        validate::name("fe_id", &req.fe_id)?;
+        let replica = &self.ctx.replica;
+        let removed = replica.registry.remove_fe(&req.fe_id, req.force).await?;
+        replica.settle(removed.last_revision).await;
+        Ok(RemoveFeResponse {
+            revision: removed.revision,
+            removed_bindings: removed.removed_bindings,
+            cancelled_announcements: removed.cancelled_announcements,
+        })
+    }
+
+    fn binding_filter(req: &ListBindingsRequest) -> ApiResult<BindingFilter> {
+        let fe_id = if req.fe_id.is_empty() {
+            None
+        } else {
+            validate::name("fe_id", &req.fe_id)?;
+            Some(req.fe_id.clone())
+        };
+        let source = match BindingSource::try_from(req.source) {
+            Ok(BindingSource::Unspecified) => None,
+            Ok(source) => Some(source as u8),
+            Err(_) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "source {} is not a BindingSource: use BINDING_SOURCE_ARP (1) or BINDING_SOURCE_ORCHESTRATOR (2), \
+                     or leave it unset for any source",
+                    req.source
+                )));
+            }
+        };
+        Ok(BindingFilter { prefix: validate::filter_prefix("prefix", &req.prefix)?, fe_id, frozen: req.frozen, source })
+    }
+
     fn list_bindings_page(&self, req: ListBindingsRequest) -> ApiResult<ListBindingsResponse> {
         let size = validate::page_size(req.page_size)?;
         let after = validate::page_token(&req.page_token)?;
-        let prefix: Option<IpNet> = if req.prefix.is_empty() {
-            None
-        } else {
-            Some(req.prefix.parse().map_err(|_| {
-                ApiError::InvalidArgument(format!(
-                    "prefix {} is not a CIDR prefix like 10.10.1.0/24",
-                    validate::quoted(&req.prefix)
-                ))
-            })?)
-        };
-        if !req.fe_id.is_empty() {
-            validate::name("fe_id", &req.fe_id)?;
-        }
-        let (mut bindings, revision) = self.ctx.replica.cache.read_with_revision(|s| {
-            let range = match after {
-                Some(ip) => s.bindings.range((std::ops::Bound::Excluded(ip), std::ops::Bound::Unbounded)),
-                None => s.bindings.range(..),
-            };
-            range
-                .filter(|(ip, b)| {
-                    prefix.is_none_or(|p| p.contains(*ip)) && (req.fe_id.is_empty() || *b.fe_id == *req.fe_id)
-                })
-                .take(size + 1)
-                .map(|(ip, b)| wire::binding(s, *ip, b))
-                .collect::<Vec<_>>()
+        let filter = Self::binding_filter(&req)?;
+        let (page, revision) = self.ctx.replica.cache.read_with_revision(|s| {
+            filter::page(filter.range(&s.bindings, after), size, filter::SCAN_BUDGET, |ip, b| {
+                filter.matches(ip, b).then(|| wire::binding(s, *ip, b))
+            })
         });
-        let next_page_token = if bindings.len() > size {
-            bindings.truncate(size);
-            bindings.last().map(|b| b.vm_ip.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(ListBindingsResponse { bindings, next_page_token, revision })
+        Ok(ListBindingsResponse {
+            bindings: page.items.into_iter().map(|(_, b)| b).collect(),
+            next_page_token: page.next.map(|ip| ip.to_string()).unwrap_or_default(),
+            revision,
+        })
     }
 
     fn list_vms_page(&self, req: ListVmsRequest) -> ApiResult<ListVmsResponse> {
         let size = validate::page_size(req.page_size)?;
         let after = validate::page_token(&req.page_token)?;
-        let mut vms = self.ctx.replica.cache.read(|s| {
-            let range = match after {
-                Some(ip) => s.vms.range((std::ops::Bound::Excluded(ip), std::ops::Bound::Unbounded)),
-                None => s.vms.range(..),
-            };
-            range.take(size + 1).map(|(ip, v)| wire::vm(*ip, v)).collect::<Vec<_>>()
+        let prefix = validate::filter_prefix("prefix", &req.prefix)?;
+        let page = self.ctx.replica.cache.read(|s| {
+            filter::page(filter::range_after(&s.vms, prefix, after), size, filter::SCAN_BUDGET, |ip, v| {
+                Some(wire::vm(*ip, v))
+            })
         });
-        let next_page_token = if vms.len() > size {
-            vms.truncate(size);
-            vms.last().map(|v| v.vm_ip.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(ListVmsResponse { vms, next_page_token })
+        Ok(ListVmsResponse {
+            vms: page.items.into_iter().map(|(_, v)| v).collect(),
+            next_page_token: page.next.map(|ip| ip.to_string()).unwrap_or_default(),
+        })
     }
 }
 
@@ -220,15 +242,12 @@ impl<S: Store> BindingService for BindingApi<S> {
         self.guard(&request, Role::ReadOnly)?;
         let ticket = self.ctx.admit(StreamKind::Watch, &request)?;
         let req = request.into_inner();
-        let prefix = if req.prefix.is_empty() {
+        let prefix = validate::filter_prefix("prefix", &req.prefix)?;
+        let fe_id = if req.fe_id.is_empty() {
             None
         } else {
-            Some(req.prefix.parse::<IpNet>().map_err(|_| {
-                ApiError::InvalidArgument(format!(
-                    "prefix {} is not a CIDR prefix like 10.10.1.0/24",
-                    validate::quoted(&req.prefix)
-                ))
-            })?)
+            validate::name("fe_id", &req.fe_id)?;
+            Some(req.fe_id)
         };
         if req.from_revision > self.ctx.replica.cache.revision() + 1_000_000 {
             return Err(ApiError::InvalidArgument(format!(
@@ -238,7 +257,8 @@ impl<S: Store> BindingService for BindingApi<S> {
             ))
             .into());
         }
-        let spec = WatchSpec { from_revision: req.from_revision, include_snapshot: req.include_snapshot, prefix };
+        let spec =
+            WatchSpec { from_revision: req.from_revision, include_snapshot: req.include_snapshot, prefix, fe_id };
         let replica = &self.ctx.replica;
         let ctx = WatchContext {
             cache: replica.cache.clone(),
@@ -253,6 +273,31 @@ impl<S: Store> BindingService for BindingApi<S> {
     async fn list_vms(&self, request: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
         self.guard(&request, Role::ReadOnly)?;
         Ok(Response::new(self.list_vms_page(request.into_inner())?))
+    }
+
+    async fn get_vm(&self, request: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
+        self.guard(&request, Role::ReadOnly)?;
+        let ip = validate::vm_ip(&request.get_ref().vm_ip, &self.ctx.mobile)?;
+        let vm = self.ctx.replica.cache.read(|s| s.vms.get(&ip).map(|v| wire::vm(ip, v)));
+        Ok(Response::new(vm.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "VM {ip} is not declared (DeclareVm declares it; a VM learned from ARP has a binding without a \
+                 declaration: GetBinding)"
+            ))
+        })?))
+    }
+
+    async fn cancel_migration(
+        &self,
+        request: Request<CancelMigrationRequest>,
+    ) -> Result<Response<CancelMigrationResponse>, Status> {
+        self.guard(&request, Role::ReadWrite)?;
+        Ok(Response::new(self.cancel(request.into_inner()).await?))
+    }
+
+    async fn remove_fe(&self, request: Request<RemoveFeRequest>) -> Result<Response<RemoveFeResponse>, Status> {
+        self.guard(&request, Role::ReadWrite)?;
+        Ok(Response::new(self.remove(request.into_inner()).await?))
     }
 
     async fn list_fes(&self, request: Request<ListFesRequest>) -> Result<Response<ListFesResponse>, Status> {

@@ -82,7 +82,8 @@ impl From<RegistryError> for ApiError {
             RegistryError::Store(err) => err.into(),
             RegistryError::StoreUnreachable
             | RegistryError::BindingContended(_)
-            | RegistryError::DeclarationContended(_) => ApiError::Unavailable(err.to_string()),
+            | RegistryError::DeclarationContended(_)
+            | RegistryError::FeContended(_) => ApiError::Unavailable(err.to_string()),
             RegistryError::Corrupt { .. } => ApiError::Internal(err.to_string()),
         }
     }

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use victor_proto::Mac;
+use victor_proto::types::prefix_problem;
 
 use super::error::{ApiError, ApiResult};
 
@@ -159,6 +160,25 @@ pub fn name(field: &str, value: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// Parses an optional filter prefix (empty = no filter). Host bits are dropped (`10.10.1.7/24` is
+/// 10.10.1.0/24), so any address inside the network names it; every other mistake is refused
+/// with what to write instead.
+pub fn filter_prefix(field: &str, text: &str) -> ApiResult<Option<IpNet>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let trimmed = text.trim();
+    let problem = prefix_problem(trimmed);
+    match (problem, trimmed.parse::<IpNet>()) {
+        (None, Ok(net)) => Ok(Some(net.trunc())),
+        (problem, _) => Err(ApiError::InvalidArgument(format!(
+            "{field} {} {}",
+            quoted(text),
+            problem.unwrap_or_else(|| "is not a CIDR prefix like 10.10.1.0/24".into())
+        ))),
+    }
+}
+
 /// Validates a page size (0 = default).
 pub fn page_size(requested: u32) -> ApiResult<usize> {
     match requested {
@@ -215,6 +235,25 @@ mod tests {
         assert!(page_size(10_001).is_err());
         assert_eq!(page_size(0).unwrap(), 500);
         assert!(page_token("x").is_err());
+    }
+
+    #[test]
+    fn filter_prefixes_say_what_to_fix() {
+        assert_eq!(filter_prefix("prefix", "").unwrap(), None);
+        assert_eq!(filter_prefix("prefix", "10.10.1.7/24").unwrap().unwrap().to_string(), "10.10.1.0/24");
+        assert_eq!(filter_prefix("prefix", "2001:db8::1/64").unwrap().unwrap().to_string(), "2001:db8::/64");
+        for (bad, hint) in [
+            ("10.10.230.0/33", "prefix length 33, longer than 32 (the most an IPv4 prefix has)"),
+            ("10.10.0.0/x", "not a number; write a number from 0 to 32"),
+            ("10.10.0.0", "has no prefix length: write 10.10.0.0/32 for this address alone"),
+            ("10.10.0.300/24", "the part before '/' is not an IP address"),
+            ("fe1", "is not a CIDR prefix: write an address, '/' and a length"),
+        ] {
+            let err = filter_prefix("prefix", bad).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(err.to_string().starts_with(&format!("prefix {bad:?} ")), "{bad}: {err}");
+            assert!(err.to_string().contains(hint), "{bad}: {err}");
+        }
     }
 
     #[test]

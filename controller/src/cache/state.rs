@@ -59,20 +59,26 @@ pub struct BindingExtra {
     pub pending_fe_id: String,
     /// Announcement expiry.
     pub pending_until: i64,
+    /// The FE before the latest move (interned).
+    pub moved_from: Option<Arc<str>>,
 }
 
 impl BindingView {
-    fn from_record(rec: BindingRecord, revision: Revision, fe_id: Arc<str>) -> Self {
-        let extra =
-            (rec.frozen_at_unix_nanos != 0 || !rec.recent_moves_unix_nanos.is_empty() || !rec.pending_fe_id.is_empty())
-                .then(|| {
-                    Box::new(BindingExtra {
-                        frozen_at: rec.frozen_at_unix_nanos,
-                        recent_moves: rec.recent_moves_unix_nanos,
-                        pending_fe_id: rec.pending_fe_id,
-                        pending_until: rec.pending_until_unix_nanos,
-                    })
-                });
+    /// The view of a stored record; `fe_id` and `moved_from` are the record's FE ids, interned.
+    fn from_record(rec: BindingRecord, revision: Revision, fe_id: Arc<str>, moved_from: Option<Arc<str>>) -> Self {
+        let extra = (rec.frozen_at_unix_nanos != 0
+            || !rec.recent_moves_unix_nanos.is_empty()
+            || !rec.pending_fe_id.is_empty()
+            || moved_from.is_some())
+        .then(|| {
+            Box::new(BindingExtra {
+                frozen_at: rec.frozen_at_unix_nanos,
+                recent_moves: rec.recent_moves_unix_nanos,
+                pending_fe_id: rec.pending_fe_id,
+                pending_until: rec.pending_until_unix_nanos,
+                moved_from,
+            })
+        });
         BindingView {
             fe_id,
             mac: Mac::from_bytes(&rec.mac).unwrap_or(Mac::ZERO),
@@ -105,12 +111,18 @@ impl BindingView {
             pending_until_unix_nanos: extra.pending_until,
             removed: self.removed,
             observed_revision: self.observed_revision,
+            moved_from_fe_id: extra.moved_from.as_deref().unwrap_or_default().to_owned(),
         }
     }
 
     /// The announced migration target, if any.
     pub fn pending_fe_id(&self) -> &str {
         self.extra.as_deref().map(|e| e.pending_fe_id.as_str()).unwrap_or("")
+    }
+
+    /// The FE before the latest move ("" if it never moved).
+    pub fn moved_from(&self) -> &str {
+        self.extra.as_deref().and_then(|e| e.moved_from.as_deref()).unwrap_or("")
     }
 }
 
@@ -265,7 +277,8 @@ impl CacheState {
                         return ApplyResult::Undecodable;
                     };
                     let fe = self.intern(&rec.fe_id);
-                    let view = BindingView::from_record(rec, rev, fe.clone());
+                    let from = (!rec.moved_from_fe_id.is_empty()).then(|| self.intern(&rec.moved_from_fe_id));
+                    let view = BindingView::from_record(rec, rev, fe.clone(), from);
                     if view.removed {
                         self.tombstones.insert(ip, view);
                         if let Some(old) = self.bindings.remove(&ip) {
@@ -379,10 +392,11 @@ impl CacheState {
             KeyKind::Binding(ip) => {
                 let view = if put {
                     let rec = BindingRecord::decode(event.kv.value.as_slice()).ok()?;
-                    let fe =
-                        self.names.get(rec.fe_id.as_str()).cloned().unwrap_or_else(|| Arc::from(rec.fe_id.as_str()));
+                    let name = |id: &str| self.names.get(id).cloned().unwrap_or_else(|| Arc::from(id));
+                    let fe = name(&rec.fe_id);
+                    let from = (!rec.moved_from_fe_id.is_empty()).then(|| name(&rec.moved_from_fe_id));
                     // A tombstone is a removal to consumers.
-                    Some(BindingView::from_record(rec, rev, fe)).filter(|v| !v.removed)
+                    Some(BindingView::from_record(rec, rev, fe, from)).filter(|v| !v.removed)
                 } else {
                     None
                 };
@@ -628,10 +642,12 @@ mod tests {
             pending_until_unix_nanos: 99,
             removed: true,
             observed_revision: 4,
+            moved_from_fe_id: "fe1".into(),
         };
-        let view = BindingView::from_record(rec.clone(), 5, Arc::from("fe9"));
+        let view = BindingView::from_record(rec.clone(), 5, Arc::from("fe9"), Some(Arc::from("fe1")));
         assert_eq!(view.to_record(), rec);
+        assert_eq!(view.moved_from(), "fe1");
         let plain = BindingRecord { fe_id: "fe9".into(), mac: vec![2, 1, 2, 3, 4, 5], ..Default::default() };
-        assert!(BindingView::from_record(plain, 1, Arc::from("fe9")).extra.is_none());
+        assert!(BindingView::from_record(plain, 1, Arc::from("fe9"), None).extra.is_none());
     }
 }

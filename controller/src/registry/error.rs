@@ -32,6 +32,9 @@ pub enum RegistryError {
     /// The VM's binding or declaration changed under every attempt to declare it.
     #[error("VM {0} is changing too fast; retry")]
     DeclarationContended(IpAddr),
+    /// The FE's registration or session changed under every attempt to remove it.
+    #[error("FE {0} registered again or changed under every attempt to remove it; check ListFes and retry")]
+    FeContended(String),
     /// A stored value does not decode (a bug or a foreign writer).
     #[error("stored {what} is corrupt: {detail}")]
     Corrupt {

@@ -23,10 +23,12 @@
 //! * [`error`] — why an operation failed.
 //! * [`batch`] — group commit of concurrent compare-and-swap writes.
 //! * `fes` — FE registrations and their liveness sessions.
+//! * [`operator`] — withdrawing a migration announcement, removing a decommissioned FE.
 
 pub mod batch;
 pub mod error;
 mod fes;
+pub mod operator;
 pub mod rejection;
 pub mod rules;
 #[cfg(test)]
@@ -50,6 +52,7 @@ use crate::records::{BindingRecord, HorizonRecord, VmRecord, now_unix_nanos};
 use batch::{Batcher, CasOutcome, CasRequest};
 pub use error::{MAX_ATTEMPTS, RegistryError, RegistryResult};
 pub use fes::FeRegistration;
+pub use operator::FeRemoved;
 pub use rejection::{Reason, Refusal, Rejection};
 use rules::{Change, Knowledge, Observation, Observed, Rules, State, Verdict};
 

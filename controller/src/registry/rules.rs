@@ -655,6 +655,7 @@ fn move_to(
         frozen: froze,
         frozen_at_unix_nanos: if froze { now } else { 0 },
         recent_moves_unix_nanos: recent,
+        moved_from_fe_id: cur.fe_id.clone(),
         ..Default::default()
     };
     Verdict::Write(record, Change::Moved { froze })

@@ -1,10 +1,11 @@
 //! The orchestrators' binding watch (`BindingService.WatchBindings`): an optional snapshot, then
 //! every change in revision order. The snapshot is read in parts through the replica's
 //! [`SnapshotPacer`] and ends with its patch (see [`super`]); messages are bounded by bytes.
+//! A watch filtered by FE follows the FE's set of bindings ([`FeScope`]): a binding that leaves
+//! the FE gets one last event.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::ops::Bound;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -17,6 +18,7 @@ use super::admission::StreamTicket;
 use super::pacer::SnapshotPacer;
 use super::{Closed, HEARTBEAT, MAX_MESSAGE_BYTES, Out, Pump, SNAPSHOT_PART_BYTES, split_by_bytes};
 use crate::cache::{BindingView, Cache, CacheChange, CacheState, Frame, Since};
+use crate::filter::{FeScope, SCAN_BUDGET, range_after};
 use crate::metrics::Metrics;
 use crate::wire;
 
@@ -29,6 +31,8 @@ pub struct WatchSpec {
     pub include_snapshot: bool,
     /// Only bindings inside this prefix.
     pub prefix: Option<IpNet>,
+    /// Only the bindings at this FE (and the last change of each that leaves it).
+    pub fe_id: Option<String>,
 }
 
 impl WatchSpec {
@@ -36,21 +40,20 @@ impl WatchSpec {
         self.prefix.is_none_or(|p| p.contains(ip))
     }
 
-    /// The bindings in scope after `after`, in IP order.
+    /// The bindings inside the prefix after `after`, in IP order.
     fn range<'s>(
         &self,
         bindings: &'s BTreeMap<IpAddr, BindingView>,
         after: Option<IpAddr>,
     ) -> impl Iterator<Item = (&'s IpAddr, &'s BindingView)> + 's {
-        let Some(prefix) = self.prefix else { return super::bindings_after(bindings, after) };
-        let (first, last) = (prefix.network(), prefix.broadcast());
-        let low = match after {
-            // Past the prefix's end the range is empty: (last, last].
-            Some(ip) if ip >= first => Bound::Excluded(ip.min(last)),
-            _ => Bound::Included(first),
-        };
-        bindings.range((low, Bound::Included(last)))
+        range_after(bindings, self.prefix, after)
     }
+}
+
+/// Whether a change in the prefix is sent: every one without an FE filter, else as the scope says.
+fn admit(scope: &mut Option<FeScope>, change: &CacheChange) -> bool {
+    let CacheChange::Binding { ip, revision, view } = change else { return false };
+    scope.as_mut().is_none_or(|scope| scope.admit(*ip, *revision, view.as_ref()))
 }
 
 /// Everything a watch task needs.
@@ -80,8 +83,15 @@ pub fn start(ctx: WatchContext, spec: WatchSpec, ticket: StreamTicket) -> Pump<W
 async fn run(ctx: &WatchContext, out: &Out<WatchBindingsResponse>, spec: WatchSpec) -> Result<(), Closed> {
     let cache = &ctx.cache;
     let mut cursor = if spec.from_revision == 0 { cache.revision() } else { spec.from_revision };
+    let mut scope = spec.fe_id.as_deref().map(FeScope::new);
     if spec.include_snapshot {
-        cursor = send_snapshot(ctx, out, &spec).await?;
+        cursor = send_snapshot(ctx, out, &spec, &mut scope).await?;
+    } else if let Some(scope) = scope.as_mut() {
+        // What the client may hold: the FE's bindings now, and whatever changed since `cursor`.
+        let (held, now) = cache.read_with_revision(|s| {
+            spec.range(&s.bindings, None).filter(|(_, b)| scope.is_here(b)).map(|(ip, _)| *ip).collect::<Vec<_>>()
+        });
+        scope.resume(held, now);
     }
     let mut revisions = cache.subscribe();
     let mut shutdown = ctx.shutdown.clone();
@@ -101,7 +111,7 @@ async fn run(ctx: &WatchContext, out: &Out<WatchBindingsResponse>, spec: WatchSp
                 return Err(Closed);
             }
             Since::Frames { frames, revision } if !frames.is_empty() => {
-                cursor = send_changes(ctx, out, cursor, &frames, revision, &spec).await?;
+                cursor = send_changes(ctx, out, cursor, &frames, revision, &spec, &mut scope).await?;
                 continue;
             }
             Since::Frames { revision, .. } => revision,
@@ -150,6 +160,7 @@ async fn send_snapshot(
     ctx: &WatchContext,
     out: &Out<WatchBindingsResponse>,
     spec: &WatchSpec,
+    scope: &mut Option<FeScope>,
 ) -> Result<Revision, Closed> {
     let mut after = None;
     let mut base = None;
@@ -160,15 +171,21 @@ async fn send_snapshot(
             .part(|| {
                 let (part, read_at) = ctx.cache.read_with_revision(|s| {
                     let (mut events, mut bytes, mut last_ip, mut exhausted) = (Vec::new(), 0, after, true);
-                    for (ip, view) in spec.range(&s.bindings, after) {
-                        if bytes >= SNAPSHOT_PART_BYTES {
+                    for (examined, (ip, view)) in spec.range(&s.bindings, after).enumerate() {
+                        if bytes >= SNAPSHOT_PART_BYTES || examined == SCAN_BUDGET {
                             exhausted = false;
                             break;
+                        }
+                        last_ip = Some(*ip);
+                        if let Some(scope) = scope.as_mut() {
+                            if !scope.is_here(view) {
+                                continue;
+                            }
+                            scope.shown(*ip);
                         }
                         let e = upsert(s, *ip, view);
                         bytes += event_len(&e);
                         events.push(e);
-                        last_ip = Some(*ip);
                     }
                     (events, last_ip, exhausted, bytes)
                 });
@@ -205,6 +222,7 @@ async fn send_snapshot(
             latest.insert(*ip, change);
         }
     }
+    latest.retain(|_, change| admit(scope, change));
     let patch: Vec<BindingEvent> = ctx.cache.read(|s| latest.values().filter_map(|c| event(s, c)).collect());
     let mut last = last;
     if event_len_sum(&last.events) + event_len_sum(&patch) <= MAX_MESSAGE_BYTES {
@@ -241,6 +259,7 @@ async fn send_changes(
     frames: &[Frame],
     revision: Revision,
     spec: &WatchSpec,
+    scope: &mut Option<FeScope>,
 ) -> Result<Revision, Closed> {
     let mut pending: Vec<BindingEvent> = Vec::new();
     let mut pending_bytes = 0;
@@ -250,6 +269,7 @@ async fn send_changes(
                 .changes
                 .iter()
                 .filter(|c| matches!(c, CacheChange::Binding { ip, .. } if spec.in_scope(ip)))
+                .filter(|c| admit(scope, c))
                 .filter_map(|c| event(s, c))
                 .collect()
         });
