@@ -176,6 +176,8 @@ mod tests {
             revision: 1,
             observed_at: 1,
             committed_at: 1,
+            observed_revision: 0,
+            removed: false,
             extra: None,
         }
     }

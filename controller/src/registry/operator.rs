@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use victor_store::{Compare, Revision, Store, Txn, TxnOp};
 
-use super::rules::{Change, Verdict};
+use super::rules::{Change, State, Verdict};
 use super::{MAX_ATTEMPTS, Reason, Refusal, Registry, RegistryError, RegistryResult, Rejection};
 use crate::records::{BindingRecord, now_unix_nanos};
 
@@ -51,12 +51,12 @@ pub struct FeRemoved {
 /// Withdraws the pending announcement of the binding `current` of VM `ip` (only if it names
 /// `expected`, when given). Returns the binding without it and the FE it named.
 pub fn cancel_pending(
-    current: Option<&BindingRecord>,
+    state: &State,
     ip: IpAddr,
     expected: Option<&str>,
     now: i64,
 ) -> Result<(BindingRecord, String), Rejection> {
-    let Some(cur) = current else {
+    let Some(cur) = state.binding() else {
         return Err(Rejection::new(
             Reason::Unspecified,
             Refusal::Absent,
@@ -90,6 +90,8 @@ pub fn cancel_pending(
     let target = std::mem::take(&mut next.pending_fe_id);
     next.pending_until_unix_nanos = 0;
     next.committed_at_unix_nanos = now;
+    // The observation the binding holds is unchanged (docs/design.md, section 3).
+    next.observed_revision = state.carried_revision();
     Ok((next, target))
 }
 
@@ -134,7 +136,7 @@ impl<S: Store> Registry<S> {
     pub async fn cancel_announcement(&self, ip: IpAddr, expected: Option<&str>) -> RegistryResult<(Revision, String)> {
         let mut cancelled = String::new();
         let committed = self
-            .cas(ip, |cur| match cancel_pending(cur.binding.as_ref(), ip, expected, now_unix_nanos()) {
+            .cas_verdict(ip, |cur| match cancel_pending(&cur.state, ip, expected, now_unix_nanos()) {
                 Ok((next, target)) => {
                     cancelled = target;
                     Verdict::Write(next, Change::Updated)
@@ -259,13 +261,18 @@ mod tests {
         }
     }
 
+    /// A stored record written at revision 5 (its observation's revision).
+    fn stored(record: BindingRecord) -> State {
+        State::stored(Some(record), 5, 0)
+    }
+
     fn ip() -> IpAddr {
         "10.10.0.11".parse().unwrap()
     }
 
     #[test]
     fn cancelling_clears_only_a_pending_announcement() {
-        let (next, target) = cancel_pending(Some(&bound("fe3")), ip(), None, 7).unwrap();
+        let (next, target) = cancel_pending(&stored(bound("fe3")), ip(), None, 7).unwrap();
         assert_eq!(target, "fe3");
         assert_eq!(
             next,
@@ -273,19 +280,20 @@ mod tests {
                 pending_fe_id: String::new(),
                 pending_until_unix_nanos: 0,
                 committed_at_unix_nanos: 7,
+                observed_revision: 5,
                 ..bound("fe3")
             }
         );
-        let (_, target) = cancel_pending(Some(&bound("fe3")), ip(), Some("fe3"), 7).unwrap();
+        let (_, target) = cancel_pending(&stored(bound("fe3")), ip(), Some("fe3"), 7).unwrap();
         assert_eq!(target, "fe3");
 
-        let none = cancel_pending(None, ip(), None, 7).unwrap_err();
+        let none = cancel_pending(&State::stored(None, 0, 0), ip(), None, 7).unwrap_err();
         assert_eq!(none.refusal, Refusal::Absent);
         assert!(none.message.contains("VM 10.10.0.11 has no binding"), "{}", none.message);
-        let idle = cancel_pending(Some(&bound("")), ip(), None, 7).unwrap_err();
+        let idle = cancel_pending(&stored(bound("")), ip(), None, 7).unwrap_err();
         assert_eq!(idle.refusal, Refusal::Absent);
         assert!(idle.message.contains("bound at FE fe2) has no pending migration announcement"), "{}", idle.message);
-        let other = cancel_pending(Some(&bound("fe3")), ip(), Some("fe4"), 7).unwrap_err();
+        let other = cancel_pending(&stored(bound("fe3")), ip(), Some("fe4"), 7).unwrap_err();
         assert_eq!(other.refusal, Refusal::Precondition);
         assert!(other.message.contains("to FE fe3, not fe4; nothing was cancelled"), "{}", other.message);
     }

@@ -146,7 +146,7 @@ impl State {
     }
 
     /// What a rewrite that keeps the record's observation stores as its `observed_revision`.
-    fn carried_revision(&self) -> Revision {
+    pub(crate) fn carried_revision(&self) -> Revision {
         self.observed_revision().unwrap_or(0)
     }
 
