@@ -150,6 +150,8 @@ async fn moves_between_fes_with_skewed_clocks_converge_as_without_skew() {
         switch: SwitchMode::Move,
         settle_ms: 200,
         move_hints: true,
+        // The ordering does not depend on the data plane: the one that runs everywhere.
+        dataplane: DataplaneMode::Tun,
         ..MigrateArgs::default()
     };
     let skewed_args =
