@@ -2,11 +2,11 @@
 # The migration benchmark matrix of BENCHMARKS.md: `victor-lab migrate` with 20 moves at 10 ms and
 # 1 ms ping intervals, 1- and 3-member etcd, both switch modes, on a release build. Writes one JSON
 # per run into bench-results/ and prints a summary line each. Run as root.
-# Usage: tests/bench-migrate.sh [moves]
+# Usage: tests/bench-migrate.sh [moves]   (VICTOR_BENCH_NO_BUILD=1: use the release build as it is)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 moves=${1:-20}
-cargo build --release -q -p victor-tests -p victor-controller -p victor-fe-agent --bins
+[[ ${VICTOR_BENCH_NO_BUILD:-0} == 1 ]] || cargo build --release -q -p victor-tests -p victor-controller -p victor-fe-agent --bins
 mkdir -p bench-results
 for switch in move clone; do
     for etcd in 1 3; do
