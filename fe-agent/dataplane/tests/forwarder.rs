@@ -227,58 +227,9 @@ fn several_queues_carry_parallel_flows_intact() {
     let tx = String::from_utf8_lossy(&queues.stdout).split_whitespace().filter(|q| q.starts_with("tx-")).count();
     assert_eq!(tx, 3, "one TUN queue per worker");
 
-    // Eight TCP connections at once, each a different pattern; each server side answers with
-    // the length and a position-weighted sum of what it received.
-    const FLOWS: usize = 8;
-    const BYTES: usize = 1_500_000;
-    let pattern = |flow: usize, i: usize| (i.wrapping_mul(31) ^ flow.wrapping_mul(7)) as u8;
-    let digest = |data: &[u8]| -> u64 {
-        data.iter().enumerate().fold(0u64, |acc, (i, &b)| acc.wrapping_mul(1_000_003).wrapping_add(b as u64 ^ i as u64))
-    };
-    let listener = lab.vm.run_in(|| std::net::TcpListener::bind((VM, 0)).unwrap()).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let mut handles = Vec::new();
-        for _ in 0..FLOWS {
-            let (mut s, _) = listener.accept().unwrap();
-            handles.push(std::thread::spawn(move || {
-                let mut data = Vec::new();
-                s.read_to_end(&mut data).unwrap();
-                s.write_all(&[(data.len() as u64).to_be_bytes(), digest(&data).to_be_bytes()].concat()).unwrap();
-            }));
-        }
-        handles.into_iter().for_each(|h| h.join().unwrap());
-    });
-    let answers = lab
-        .client
-        .run_in(move || {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..FLOWS)
-                    .map(|flow| {
-                        scope.spawn(move || {
-                            use std::io::{Read, Write};
-                            let data: Vec<u8> = (0..BYTES).map(|i| pattern(flow, i)).collect();
-                            let mut s = std::net::TcpStream::connect_timeout(&(VM, port).into(), T).unwrap();
-                            s.write_all(&data).unwrap();
-                            s.shutdown(std::net::Shutdown::Write).unwrap();
-                            let mut answer = [0u8; 16];
-                            s.read_exact(&mut answer).unwrap();
-                            (answer, digest(&data))
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
-            })
-        })
-        .unwrap();
-    server.join().unwrap();
-    for (answer, want) in answers {
-        assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), BYTES as u64);
-        assert_eq!(u64::from_be_bytes(answer[8..].try_into().unwrap()), want, "bytes arrived intact and in order");
-    }
-    let (f1, f2) = (lab.fe(1).fwd().counters(), lab.fe(2).fwd().counters());
-    assert_eq!(unexpected_drops(&f1) + unexpected_drops(&f2), 0, "{f1:?} {f2:?}");
+    // Eight TCP connections at once, each a different pattern, intact and in order.
+    parallel_flows_arrive_intact(&lab, VM.into(), 8, 1_500_000, T);
+    let f1 = lab.fe(1).fwd().counters();
     assert!(f1.tun_rx_packets > f1.tun_reads, "fe1 read GSO super-packets: {f1:?}");
 }
 

@@ -214,56 +214,7 @@ fn moved_ipv6_vm_is_relayed_by_the_old_fe() {
 #[test]
 fn several_queues_carry_parallel_ipv6_flows_intact() {
     let lab = Lab::build_with(LabConfig { queues: 3, ..LabConfig::default() }).unwrap();
-    const FLOWS: usize = 6;
-    const BYTES: usize = 1_000_000;
-    let pattern = |flow: usize, i: usize| (i.wrapping_mul(29) ^ flow.wrapping_mul(11)) as u8;
-    let digest = |data: &[u8]| -> u64 {
-        data.iter().enumerate().fold(0u64, |acc, (i, &b)| acc.wrapping_mul(1_000_003).wrapping_add(b as u64 ^ i as u64))
-    };
-    let listener = lab.vm.run_in(|| std::net::TcpListener::bind((VM6, 0)).unwrap()).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let mut handles = Vec::new();
-        for _ in 0..FLOWS {
-            let (mut s, _) = listener.accept().unwrap();
-            handles.push(std::thread::spawn(move || {
-                let mut data = Vec::new();
-                s.read_to_end(&mut data).unwrap();
-                s.write_all(&[(data.len() as u64).to_be_bytes(), digest(&data).to_be_bytes()].concat()).unwrap();
-            }));
-        }
-        handles.into_iter().for_each(|h| h.join().unwrap());
-    });
-    let answers = lab
-        .client
-        .run_in(move || {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..FLOWS)
-                    .map(|flow| {
-                        scope.spawn(move || {
-                            use std::io::{Read, Write};
-                            let data: Vec<u8> = (0..BYTES).map(|i| pattern(flow, i)).collect();
-                            let mut s = std::net::TcpStream::connect_timeout(&(VM6, port).into(), T).unwrap();
-                            s.write_all(&data).unwrap();
-                            s.shutdown(std::net::Shutdown::Write).unwrap();
-                            let mut answer = [0u8; 16];
-                            s.read_exact(&mut answer).unwrap();
-                            (answer, digest(&data))
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
-            })
-        })
-        .unwrap();
-    server.join().unwrap();
-    for (answer, want) in answers {
-        assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), BYTES as u64);
-        assert_eq!(u64::from_be_bytes(answer[8..].try_into().unwrap()), want, "bytes arrived intact and in order");
-    }
-    let (f1, f2) = (lab.fe(1).fwd().counters(), lab.fe(2).fwd().counters());
-    assert_eq!(unexpected_drops(&f1) + unexpected_drops(&f2), 0, "{f1:?} {f2:?}");
+    parallel_flows_arrive_intact(&lab, VM6.into(), 6, 1_000_000, T);
 }
 
 /// TCP payload bytes the VM's namespace receives over IPv6 for destination port `port` within

@@ -17,7 +17,7 @@
 //! (plain routing, no tunnel: no triangle routing).
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -523,4 +523,59 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
         std::thread::sleep(Duration::from_millis(10));
     }
     bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+/// Opens `flows` TCP connections at once from the client to `vm_addr` (a listener in the VM's
+/// namespace), each sending `bytes` of a different pattern; the VM's side of each answers with the
+/// length and a position-weighted sum of what it received. Asserts that every flow arrived intact
+/// and in order.
+pub fn parallel_flows_arrive_intact(lab: &Lab, vm_addr: IpAddr, flows: usize, bytes: usize, timeout: Duration) {
+    let pattern = move |flow: usize, i: usize| (i.wrapping_mul(31) ^ flow.wrapping_mul(7)) as u8;
+    let digest = |data: &[u8]| -> u64 {
+        data.iter().enumerate().fold(0u64, |acc, (i, &b)| acc.wrapping_mul(1_000_003).wrapping_add(b as u64 ^ i as u64))
+    };
+    let listener = lab.vm.run_in(|| std::net::TcpListener::bind((vm_addr, 0)).unwrap()).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut handles = Vec::new();
+        for _ in 0..flows {
+            let (mut s, _) = listener.accept().unwrap();
+            handles.push(std::thread::spawn(move || {
+                let mut data = Vec::new();
+                s.read_to_end(&mut data).unwrap();
+                s.write_all(&[(data.len() as u64).to_be_bytes(), digest(&data).to_be_bytes()].concat()).unwrap();
+            }));
+        }
+        handles.into_iter().for_each(|h| h.join().unwrap());
+    });
+    let answers = lab
+        .client
+        .run_in(move || {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..flows)
+                    .map(|flow| {
+                        scope.spawn(move || {
+                            use std::io::{Read, Write};
+                            let data: Vec<u8> = (0..bytes).map(|i| pattern(flow, i)).collect();
+                            let mut s = std::net::TcpStream::connect_timeout(&(vm_addr, port).into(), timeout).unwrap();
+                            s.write_all(&data).unwrap();
+                            s.shutdown(std::net::Shutdown::Write).unwrap();
+                            let mut answer = [0u8; 16];
+                            s.read_exact(&mut answer).unwrap();
+                            (answer, digest(&data))
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+            })
+        })
+        .unwrap();
+    server.join().unwrap();
+    for (answer, want) in answers {
+        assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), bytes as u64);
+        assert_eq!(u64::from_be_bytes(answer[8..].try_into().unwrap()), want, "bytes arrived intact and in order");
+    }
+    let (f1, f2) = (lab.fe(1).fwd().counters(), lab.fe(2).fwd().counters());
+    assert_eq!(unexpected_drops(&f1) + unexpected_drops(&f2), 0, "{f1:?} {f2:?}");
 }
