@@ -44,14 +44,7 @@ struct BgpLab {
 }
 
 fn namer(role: &str) -> Result<NetNs> {
-    let short = match role {
-        "client" => "c".to_owned(),
-        "upstream" => "u".to_owned(),
-        "ul" => "l".to_owned(),
-        "hv" => "h".to_owned(),
-        r => r.replace("fe", "").replace("vm", "v"),
-    };
-    NetNs::new(&format!("bg{short}"))
+    common::short_netns("bg", role)
 }
 
 impl BgpLab {

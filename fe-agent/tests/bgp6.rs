@@ -49,14 +49,7 @@ struct Bgp6Lab {
 }
 
 fn namer(role: &str) -> Result<NetNs> {
-    let short = match role {
-        "client" => "c".to_owned(),
-        "upstream" => "u".to_owned(),
-        "ul" => "l".to_owned(),
-        "hv" => "h".to_owned(),
-        r => r.replace("fe", "").replace("vm", "v"),
-    };
-    NetNs::new(&format!("b6{short}"))
+    common::short_netns("b6", role)
 }
 
 /// How the agents reach the upstream.

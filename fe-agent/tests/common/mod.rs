@@ -533,3 +533,16 @@ pub fn summary(values: &[f64]) -> serde_json::Value {
     let pick = |q: f64| v[(((q * v.len() as f64).ceil() as usize).max(1) - 1).min(v.len() - 1)];
     serde_json::json!({ "p50": pick(0.5), "max": pick(1.0), "all": values })
 }
+
+/// A namespace for a lab role, named `<tag><short role>` (`NetNs::new` makes it unique per run):
+/// the BGP labs keep names short, as their interface names must fit in 15 characters.
+pub fn short_netns(tag: &str, role: &str) -> Result<NetNs> {
+    let short = match role {
+        "client" => "c".to_owned(),
+        "upstream" => "u".to_owned(),
+        "ul" => "l".to_owned(),
+        "hv" => "h".to_owned(),
+        r => r.replace("fe", "").replace("vm", "v"),
+    };
+    NetNs::new(&format!("{tag}{short}"))
+}
