@@ -289,53 +289,54 @@ function renderBindings() {
     : S.bindings.size === 0 ? "No binding matches." : "";
 }
 
-function renderAlerts() {
-  const list = $("alerts");
-  if (S.frozen.size === 0) {
+/** Fills list `id` with one item per binding of `bindings` ("none" when empty): the VM's IP in
+ * bold (class `strongClass`), `text(b)`, and the victorctl command `command(b)` that acts on it;
+ * element `countId` shows how many. */
+function renderBindingList(id, countId, bindings, strongClass, text, command) {
+  const list = $(id);
+  if (bindings.size === 0) {
     const li = document.createElement("li");
     li.className = "muted";
     li.textContent = "none";
     list.replaceChildren(li);
   } else {
     list.replaceChildren(
-      ...[...S.frozen.values()].map((b) => {
+      ...[...bindings.values()].map((b) => {
         const li = document.createElement("li");
         li.dataset.ip = b.vm_ip;
         const strong = document.createElement("b");
-        strong.className = "frozen";
+        if (strongClass) strong.className = strongClass;
         strong.textContent = b.vm_ip;
         const code = document.createElement("code");
-        code.textContent = `victorctl damping clear ${b.vm_ip}`;
-        li.append(strong, ` frozen at ${b.fe_id} after ${b.move_seq} moves (flap damping); clear with `, code);
+        code.textContent = command(b);
+        li.append(strong, text(b), code);
         return li;
       }),
     );
   }
-  $("alert-count").textContent = S.frozen.size ? `(${S.frozen.size})` : "";
+  $(countId).textContent = bindings.size ? `(${bindings.size})` : "";
+}
+
+function renderAlerts() {
+  renderBindingList(
+    "alerts",
+    "alert-count",
+    S.frozen,
+    "frozen",
+    (b) => ` frozen at ${b.fe_id} after ${b.move_seq} moves (flap damping); clear with `,
+    (b) => `victorctl damping clear ${b.vm_ip}`,
+  );
 }
 
 function renderPending() {
-  const list = $("pending");
-  if (S.pending.size === 0) {
-    const li = document.createElement("li");
-    li.className = "muted";
-    li.textContent = "none";
-    list.replaceChildren(li);
-  } else {
-    list.replaceChildren(
-      ...[...S.pending.values()].map((b) => {
-        const li = document.createElement("li");
-        li.dataset.ip = b.vm_ip;
-        const strong = document.createElement("b");
-        strong.textContent = b.vm_ip;
-        const code = document.createElement("code");
-        code.textContent = `victorctl migrate cancel ${b.vm_ip}`;
-        li.append(strong, ` at ${b.fe_id}, announced to migrate to ${b.pending_fe_id}; withdraw with `, code);
-        return li;
-      }),
-    );
-  }
-  $("pending-count").textContent = S.pending.size ? `(${S.pending.size})` : "";
+  renderBindingList(
+    "pending",
+    "pending-count",
+    S.pending,
+    "",
+    (b) => ` at ${b.fe_id}, announced to migrate to ${b.pending_fe_id}; withdraw with `,
+    (b) => `victorctl migrate cancel ${b.vm_ip}`,
+  );
 }
 
 // ---- wiring
