@@ -18,7 +18,6 @@ use victor_proto::v1::RegisterRequest;
 
 use crate::advertise::health::DeviceProbe;
 use crate::advertise::{Advertiser, HealthInputs};
-use crate::arp::{self, ArpPorts, Captures};
 use crate::config::Config;
 use crate::engine::{Engine, Inputs, Parts};
 use crate::events::EventLog;
@@ -31,6 +30,7 @@ use crate::link::feed::{EngineFeed, LinkEvent};
 use crate::link::reporter::{self, Answered, Reporter};
 use crate::link::{self, LinkConfig, LinkControl};
 use crate::metrics::{ChoiceLabel, KindLabel, Metrics};
+use crate::neigh::{self, Captures, NeighPorts};
 use crate::netlink::Kernel;
 use crate::ports::{self, PortTable};
 use crate::readiness::Readiness;
@@ -75,7 +75,7 @@ pub async fn run(config: Config) -> Result<()> {
     start_admin(&config, &mut tasks, &metrics, &readiness, &events, kernel_counters).await?;
     let (hints, hint_rx) = start_hints(&config, &mut tasks, &metrics, &events)?;
 
-    let (arp_tx, arp_rx) = mpsc::channel(4096);
+    let (neigh_tx, neigh_rx) = mpsc::channel(4096);
     let captures = Arc::new(Captures::default());
     metrics.attach_captures(captures.clone());
     let engine = Engine::new(Parts {
@@ -87,9 +87,15 @@ pub async fn run(config: Config) -> Result<()> {
             reject_hold: 30_000_000_000,
         },
         reconciler,
-        scope: arp::classify::Scope { prefixes: config.mobile_prefixes.clone(), gateways: config.gateways.clone() },
+        scope: neigh::arp::Scope { prefixes: config.mobile_prefixes.clone(), gateways: config.gateways.clone() },
         ports,
-        arp: ArpPorts::new(captures, arp_tx, (config.arp_rate, config.arp_burst), metrics.clone(), config.clock()),
+        neigh: NeighPorts::new(
+            captures,
+            neigh_tx,
+            (config.arp_rate, config.arp_burst),
+            metrics.clone(),
+            config.clock(),
+        ),
         reporter: link.reporter,
         link: link.control,
         resume,
@@ -99,7 +105,7 @@ pub async fn run(config: Config) -> Result<()> {
         hints,
         clock: config.clock(),
     });
-    let inputs = Inputs { link: link.events, answers: link.answers, arp: arp_rx, ports: port_rx, hints: hint_rx };
+    let inputs = Inputs { link: link.events, answers: link.answers, neigh: neigh_rx, ports: port_rx, hints: hint_rx };
     // Under systemd: READY=1 once synced, watchdog pings while the engine runs (see `service`).
     let (engine_run, engine_alive) = Liveness::track(engine.run(inputs));
     let service = Service::start(AgentChecks { readiness: service_readiness, engine: engine_alive });

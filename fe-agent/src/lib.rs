@@ -2,7 +2,7 @@
 //!
 //! The crate reads bottom-up, in layers: a layer uses only the layers listed before it (inside the
 //! IO layer, `forwarding`, `reconcile` and `ports` build on `netlink`, `reconcile` on `forwarding`,
-//! `arp` on `ports`):
+//! `neigh` on `ports`):
 //!
 //! * pure parts —
 //!   [`clock`] (the agent's wall clock and observation stamps),
@@ -14,7 +14,7 @@
 //!   [`netlink`] (routes, neighbours, links), [`forwarding`] (the IP-in-IP data plane:
 //!   userspace TUN forwarder or kernel ipip), [`reconcile`] (desired vs programmed → minimal
 //!   ordered changes, through its effects), [`ports`] (the VM port table and its watcher),
-//!   [`arp`] (capture on VM ports, what to learn and answer), [`hint`] (move hints:
+//!   [`neigh`] (ARP/RARP/NDP capture on VM ports, what to learn and answer), [`hint`] (move hints:
 //!   authenticated FE-to-FE notices of a move, acted on before the controller's update arrives),
 //!   [`link`] (the link to the controller cluster and the reporter of observed VMs),
 //!   [`advertise`] (BGP: announces the mobile prefixes while healthy), [`admin`] (HTTP),
@@ -30,10 +30,10 @@ pub mod ratelimit;
 pub mod readiness;
 pub mod state;
 
-pub mod arp;
 pub mod forwarding;
 pub mod hint;
 pub mod link;
+pub mod neigh;
 pub mod netlink;
 pub mod ports;
 pub mod reconcile;

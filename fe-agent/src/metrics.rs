@@ -1,9 +1,10 @@
 //! Prometheus metrics of the agent (prometheus-client; text exposition at /metrics, names
 //! prefixed `victor_agent_`). Counters are bumped where things happen, with the label each
-//! module gives its own outcomes; the data-plane and ARP-capture counters are read at scrape time
+//! module gives its own outcomes; the data-plane and VM-port capture counters are read at scrape time
 //! (from the userspace forwarder, or from whatever implements [`TunnelCounts`] — the kernel data
 //! plane —, and from whatever implements [`CaptureCounts`]).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
@@ -13,11 +14,31 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use victor_dataplane::counters::Counters;
+use victor_dataplane::neigh_io::NeighStats;
 
-/// The ARP captures' counters, read at scrape time.
+/// The VM-port captures' counters (ARP, RARP, NDP), read at scrape time.
 pub trait CaptureCounts: Send + Sync + std::fmt::Debug {
-    /// Malformed frames by reason, and frames the kernel dropped, over every capture so far.
-    fn totals(&self) -> (Vec<(&'static str, u64)>, u64);
+    /// Malformed frames and frames the kernel dropped, over every capture so far.
+    fn totals(&self) -> CaptureTotals;
+}
+
+/// What VM-port captures counted: malformed frames by (protocol, reason), kernel drops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureTotals {
+    /// Malformed frames by (protocol label, reason label).
+    pub malformed: BTreeMap<(&'static str, &'static str), u64>,
+    /// Frames the kernel dropped because a capture socket's buffer was full.
+    pub kernel_dropped: u64,
+}
+
+impl CaptureTotals {
+    /// Adds one capture's counters.
+    pub fn add(&mut self, stats: &NeighStats) {
+        for (protocol, reason, n) in &stats.malformed {
+            *self.malformed.entry((protocol, reason)).or_default() += n;
+        }
+        self.kernel_dropped += stats.kernel_dropped;
+    }
 }
 
 /// The kernel data plane's counters, read at scrape time.
@@ -80,6 +101,20 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// A single label `protocol` (`arp`, `rarp`, `ndp`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    /// The protocol.
+    pub protocol: &'static str,
+}
+
+/// Labels `protocol` and `reason` (malformed frames).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MalformedLabel {
+    protocol: &'static str,
+    reason: &'static str,
+}
+
 /// A single label `reason`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -136,10 +171,12 @@ pub struct Metrics {
     pub report_retries: Counter,
     /// ARP frames received on VM ports by kind.
     pub arp_frames: Family<KindLabel, Counter>,
-    /// ARP frames dropped by the per-source rate limit.
-    pub arp_rate_limited: Counter,
+    /// Frames (ARP, RARP, NDP) dropped by the per-source rate limit, by protocol.
+    pub neigh_rate_limited: Family<ProtocolLabel, Counter>,
     /// ARP frames sent by kind (gateway / proxy / announce / probe).
     pub arp_sent: Family<KindLabel, Counter>,
+    /// NDP frames sent by kind.
+    pub ndp_sent: Family<KindLabel, Counter>,
     /// Reconcile operations by op and result.
     pub reconcile_ops: Family<OpLabel, Counter>,
     /// Local installs done before the controller answered (make-before-break).
@@ -212,8 +249,9 @@ impl Metrics {
             reports_queued: Gauge::default(),
             report_retries: Counter::default(),
             arp_frames: Family::default(),
-            arp_rate_limited: Counter::default(),
+            neigh_rate_limited: Family::default(),
             arp_sent: Family::default(),
+            ndp_sent: Family::default(),
             reconcile_ops: Family::default(),
             provisional_installs: Counter::default(),
             claims_undone: Counter::default(),
@@ -249,11 +287,12 @@ impl Metrics {
         registry.register("report_retries", "Report calls that failed and were retried", m.report_retries.clone());
         registry.register("arp_frames", "ARP frames received on VM ports by kind", m.arp_frames.clone());
         registry.register(
-            "arp_rate_limited",
-            "ARP frames dropped by the per-source rate limit",
-            m.arp_rate_limited.clone(),
+            "neigh_rate_limited",
+            "Frames on VM ports (ARP, RARP, NDP) dropped by the per-source rate limit, by protocol",
+            m.neigh_rate_limited.clone(),
         );
         registry.register("arp_sent", "ARP frames sent by kind", m.arp_sent.clone());
+        registry.register("ndp_sent", "NDP frames sent by kind", m.ndp_sent.clone());
         registry.register("reconcile_ops", "Kernel and data-plane operations", m.reconcile_ops.clone());
         registry.register(
             "provisional_installs",
@@ -477,19 +516,19 @@ impl Collector for DataplaneCollector {
         if let Some(captures) = self.captures.lock().expect("collector lock").clone() {
             let counter = ConstCounter::new(0u64);
             let mut family = encoder.encode_descriptor(
-                "arp_malformed",
-                "Malformed ARP frames on VM ports by reason",
+                "neigh_malformed",
+                "Malformed frames on VM ports by protocol (arp, rarp, ndp, ethernet) and reason",
                 None,
                 counter.metric_type(),
             )?;
-            let (malformed, kernel_dropped) = captures.totals();
-            for (reason, n) in malformed {
-                ConstCounter::new(n).encode(family.encode_family(&ReasonLabel { reason: reason.to_owned() })?)?;
+            let totals = captures.totals();
+            for ((protocol, reason), n) in totals.malformed {
+                ConstCounter::new(n).encode(family.encode_family(&MalformedLabel { protocol, reason })?)?;
             }
-            let counter = ConstCounter::new(kernel_dropped);
+            let counter = ConstCounter::new(totals.kernel_dropped);
             let metric = encoder.encode_descriptor(
-                "arp_kernel_dropped",
-                "ARP frames the kernel dropped on VM ports because a capture socket's buffer was full",
+                "neigh_kernel_dropped",
+                "Frames (ARP, RARP, NDP) the kernel dropped on VM ports because a capture socket's buffer was full",
                 None,
                 counter.metric_type(),
             )?;

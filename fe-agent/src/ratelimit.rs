@@ -1,13 +1,14 @@
-//! Storm protection: a token bucket per source — per ARP source (sender MAC, sender IP) on the
-//! VM ports, per sending FE for move hints. Frames over the budget are dropped before they reach
+//! Storm protection: a token bucket per source — per frame source on the VM ports (sender MAC
+//! and sender IP of an ARP, RARP or NDP frame), per sending FE for move hints. Frames over the budget are dropped before they reach
 //! learning, answering or the controller. Pure: time is passed in (CLOCK_MONOTONIC ns).
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-/// An ARP source: sender MAC and sender IP.
-pub type ArpSource = ([u8; 6], Ipv4Addr);
+/// A VM-port frame's source: sender MAC and sender IP
+/// ([`victor_dataplane::neigh_io::Frame::source`]).
+pub type FrameSource = ([u8; 6], IpAddr);
 
 /// Most sources tracked; beyond it, unknown sources share one bucket (a flood of spoofed sources
 /// cannot grow memory without bound).
@@ -21,7 +22,7 @@ struct Bucket {
 
 /// Per-source token buckets, keyed by `K`.
 #[derive(Debug)]
-pub struct RateLimiter<K = ArpSource> {
+pub struct RateLimiter<K = FrameSource> {
     rate_per_ns: f64,
     burst: f64,
     buckets: HashMap<K, Bucket>,
@@ -79,15 +80,19 @@ impl<K: Hash + Eq> RateLimiter<K> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     const MS: u64 = 1_000_000;
 
     #[test]
     fn burst_then_rate_per_source() {
-        let mut rl = RateLimiter::new(10, 5);
-        let (a, b) =
-            (([2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 10, 0, 1)), ([2, 0, 0, 0, 0, 2], Ipv4Addr::new(10, 10, 0, 2)));
+        let mut rl: RateLimiter = RateLimiter::new(10, 5);
+        let (a, b) = (
+            ([2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 10, 0, 1).into()),
+            ([2, 0, 0, 0, 0, 2], Ipv4Addr::new(10, 10, 0, 2).into()),
+        );
         let allowed = (0..100).filter(|_| rl.allow(a, 0)).count();
         assert_eq!(allowed, 5, "burst");
         assert!(rl.allow(b, 0), "another source has its own bucket");
@@ -100,8 +105,8 @@ mod tests {
 
     #[test]
     fn gc_forgets_refilled_sources() {
-        let mut rl = RateLimiter::new(10, 5);
-        assert!(rl.allow(([2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 10, 0, 1)), 0));
+        let mut rl: RateLimiter = RateLimiter::new(10, 5);
+        assert!(rl.allow(([2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 10, 0, 1).into()), 0));
         rl.gc(10 * MS);
         assert_eq!(rl.len(), 1, "still refilling");
         rl.gc(1000 * MS);

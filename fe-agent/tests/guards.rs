@@ -70,19 +70,19 @@ async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped(p
     send_frames(&quiet, "eth0", vec![garp_frame(quiet_mac, quiet_ip); 300])?;
     println!("storm of 300 frames sent in {:?}", t0.elapsed());
     ctl.wait_bound(quiet_ip, "fe2", Duration::from_secs(5)).await?;
-    let limited = || lab.agent_metric(2, "victor_agent_arp_rate_limited_total").unwrap_or(0.0);
+    let limited = || lab.agent_metric(2, "victor_agent_neigh_rate_limited_total{protocol=\"arp\"}").unwrap_or(0.0);
     let frames = || lab.agent_metric(2, "victor_agent_arp_frames_total{kind=\"gratuitous\"}").unwrap_or(0.0);
     let storm = wait("the storm is rate-limited", Duration::from_secs(3), || limited() >= 200.0);
     assert!(storm.is_ok(), "rate-limited {} of 300; {} gratuitous frames passed", limited(), frames());
     // The capture socket's buffer holds the whole storm even if the agent is descheduled: the
     // rate limiter, not the kernel, drops it (the kernel would drop other VMs' frames too).
-    assert_eq!(lab.agent_metric(2, "victor_agent_arp_kernel_dropped_total")?, 0.0);
+    assert_eq!(lab.agent_metric(2, "victor_agent_neigh_kernel_dropped_total")?, 0.0);
     assert_eq!(lab.agent_metric(2, "victor_agent_claims_sent_total")?, claims + 1.0, "one claim for the storm");
     let mut bad = garp_frame(quiet_mac, quiet_ip);
     bad[14..16].copy_from_slice(&6u16.to_be_bytes()); // hardware type 6 (IEEE 802) instead of Ethernet
     send_frames(&quiet, "eth0", vec![bad])?;
     wait("the malformed frame is counted", Duration::from_secs(3), || {
-        lab.agent_metric(2, "victor_agent_arp_malformed_total{reason=\"hardware_type\"}").is_ok_and(|n| n >= 1.0)
+        lab.agent_metric(2, "victor_agent_neigh_malformed_total{protocol=\"arp\",reason=\"hardware_type\"}").is_ok_and(|n| n >= 1.0)
     })?;
     quiet.ip(&["addr", "flush", "dev", "eth0"])?;
     let deadline = std::time::Instant::now() + Duration::from_secs(8);

@@ -1,5 +1,6 @@
 //! The engine: one task that owns the desired state, the VMs seen here, the move hints and the
-//! reconciler, and turns every input ([`Input`]) — stream messages, ARP frames, claim answers,
+//! reconciler, and turns every input ([`Input`]) — stream messages, VM-port frames (ARP, RARP,
+//! NDP), claim answers,
 //! move hints, port changes, timer ticks — into the smallest set of kernel and data-plane
 //! changes. Because one task owns all of it, there are no locks around forwarding state and the
 //! order of changes is the order of events. [`Engine::handle`] takes one input at a time, so the
@@ -15,11 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use victor_dataplane::neigh_io::Frame;
+use victor_dataplane::packet::arp::ArpMessage;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, SyncUpdate};
 
-use crate::arp::classify::{self, Scope, TargetView};
-use crate::arp::{ArpFrame, ArpPorts};
 use crate::clock::{Stamps, WallClock};
 use crate::events::EventLog;
 use crate::hint::Hints;
@@ -28,6 +29,8 @@ use crate::link::LinkControl;
 use crate::link::feed::LinkEvent;
 use crate::link::reporter::{Answered, Observation, Reporter};
 use crate::metrics::{KindLabel, Metrics};
+use crate::neigh::arp::{self as classify, Scope, TargetView};
+use crate::neigh::{NeighFrame, NeighPorts};
 use crate::ports::{PortEvent, PortTable};
 use crate::readiness::Readiness;
 use crate::reconcile::effects::Effects;
@@ -51,8 +54,8 @@ pub enum Input {
     Link(LinkEvent),
     /// Claim answers from the reporter.
     Answers(Answered),
-    /// An ARP frame from a VM port.
-    Arp(ArpFrame),
+    /// A frame from a VM port (ARP, RARP or NDP).
+    Neigh(NeighFrame),
     /// A VM port appeared or left.
     Port(PortEvent),
     /// A move hint that passed the socket's screening.
@@ -68,8 +71,8 @@ pub struct Inputs {
     pub link: mpsc::Receiver<LinkEvent>,
     /// Claim answers from the reporter.
     pub answers: mpsc::Receiver<Answered>,
-    /// ARP frames.
-    pub arp: mpsc::Receiver<ArpFrame>,
+    /// VM-port frames (ARP, RARP, NDP).
+    pub neigh: mpsc::Receiver<NeighFrame>,
     /// Port changes.
     pub ports: mpsc::Receiver<PortEvent>,
     /// Move hints that passed the socket's screening (None: hints off).
@@ -89,8 +92,8 @@ pub struct Parts<E> {
     pub scope: Scope,
     /// VM ports.
     pub ports: Arc<PortTable>,
-    /// ARP on the VM ports.
-    pub arp: ArpPorts,
+    /// Neighbour discovery (ARP, RARP, NDP) on the VM ports.
+    pub neigh: NeighPorts,
     /// Reporter handle.
     pub reporter: Reporter,
     /// The link (resync requests).
@@ -117,7 +120,7 @@ pub struct Engine<E> {
     reconciler: Reconciler<E>,
     scope: Scope,
     ports: Arc<PortTable>,
-    arp: ArpPorts,
+    neigh: NeighPorts,
     reporter: Reporter,
     link: Arc<LinkControl>,
     resume: Arc<AtomicU64>,
@@ -152,7 +155,7 @@ impl<E: Effects> Engine<E> {
             reconciler: parts.reconciler,
             scope: parts.scope,
             ports: parts.ports,
-            arp: parts.arp,
+            neigh: parts.neigh,
             reporter: parts.reporter,
             link: parts.link,
             resume: parts.resume,
@@ -174,7 +177,7 @@ impl<E: Effects> Engine<E> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let input = tokio::select! {
-                Some(frame) = inputs.arp.recv() => Input::Arp(frame),
+                Some(frame) = inputs.neigh.recv() => Input::Neigh(frame),
                 Some(event) = inputs.link.recv() => Input::Link(event),
                 Some(answered) = inputs.answers.recv() => Input::Answers(answered),
                 Some(event) = inputs.ports.recv() => Input::Port(event),
@@ -191,7 +194,7 @@ impl<E: Effects> Engine<E> {
         match input {
             Input::Link(event) => self.on_link(event).await,
             Input::Answers(answered) => self.on_answers(answered).await,
-            Input::Arp(frame) => self.on_arp(frame).await,
+            Input::Neigh(frame) => self.on_frame(frame).await,
             Input::Port(event) => self.on_port(event).await,
             Input::Hint(hint) => self.on_hint(hint).await,
             Input::Tick => {
@@ -332,13 +335,22 @@ impl<E: Effects> Engine<E> {
                 && let Some(p) = self.ports.get(port)
             {
                 tracing::debug!(%ip, port = %p.name, "stale claim: the stream has caught up; probing the VM");
-                self.arp.send(port, &classify::probe(ip, mac, p.mac, self.scope.gateways.first().copied()), "probe");
+                self.neigh.send(port, &classify::probe(ip, mac, p.mac, self.scope.gateways.first().copied()), "probe");
             }
         }
     }
 
-    async fn on_arp(&mut self, frame: ArpFrame) {
-        let msg = &frame.msg;
+    async fn on_frame(&mut self, frame: NeighFrame) {
+        match frame.frame {
+            Frame::Arp(msg) => self.on_arp(&frame, &msg).await,
+            // Not learned from yet (issue 15: NDP and RARP learning).
+            Frame::Rarp(_) | Frame::Ndp(_) => {
+                tracing::debug!(port = %frame.port.name, protocol = frame.frame.protocol().as_str(), "frame ignored");
+            }
+        }
+    }
+
+    async fn on_arp(&mut self, frame: &NeighFrame, msg: &ArpMessage) {
         self.metrics.arp_frames.get_or_create(&KindLabel { kind: classify::kind_label(msg.kind()) }).inc();
         // Answer first: the asker is waiting.
         let port = frame.port.ifindex;
@@ -349,7 +361,7 @@ impl<E: Effects> Engine<E> {
             Target::Drop => TargetView::Unbound,
         };
         if let Some(answer) = classify::answer(msg, &self.scope, view) {
-            self.arp.send(port, &classify::reply(msg, frame.port.mac), answer.label());
+            self.neigh.send(port, &classify::reply(msg, frame.port.mac), answer.label());
         }
         let Some((ip, mac)) = classify::learned(msg, &self.scope) else { return };
         // What this FE knew when the kernel captured the frame, not now: a delta applied since
@@ -441,12 +453,12 @@ impl<E: Effects> Engine<E> {
     async fn on_port(&mut self, event: PortEvent) {
         match event {
             PortEvent::Up(port) => {
-                self.arp.open(&port);
+                self.neigh.open(&port);
                 // VMs bound here whose port is unknown may be behind the new port.
                 let waiting: Vec<Ipv4Addr> = self.discovering.keys().copied().collect();
                 for ip in waiting {
                     if let Target::Local { mac, .. } = self.target(ip) {
-                        self.arp.send(
+                        self.neigh.send(
                             port.ifindex,
                             &classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied()),
                             "probe",
@@ -455,7 +467,7 @@ impl<E: Effects> Engine<E> {
                 }
             }
             PortEvent::Gone(ifindex) => {
-                self.arp.close(ifindex);
+                self.neigh.close(ifindex);
                 let mut ips = self.reconciler.port_gone(ifindex);
                 ips.extend(self.local.port_gone(ifindex));
                 ips.sort();
@@ -474,7 +486,7 @@ impl<E: Effects> Engine<E> {
                 Ageing::Probe { ip, mac, port } => {
                     if let Some(p) = self.ports.get(port) {
                         let frame = classify::probe(ip, mac, p.mac, self.scope.gateways.first().copied());
-                        self.arp.send(port, &frame, "probe");
+                        self.neigh.send(port, &frame, "probe");
                     }
                 }
                 Ageing::Gone { ip, mac, port } => {
@@ -530,7 +542,7 @@ impl<E: Effects> Engine<E> {
     fn announce_gateways(&self, port: u32) {
         let Some(p) = self.ports.get(port) else { return };
         for gw in &self.scope.gateways {
-            self.arp.send(port, &classify::gateway_announcement(*gw, p.mac), "announce");
+            self.neigh.send(port, &classify::gateway_announcement(*gw, p.mac), "announce");
         }
     }
 
@@ -544,7 +556,7 @@ impl<E: Effects> Engine<E> {
         self.discovering.insert(ip, now);
         for port in self.ports.ports() {
             let frame = classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied());
-            self.arp.send(port.ifindex, &frame, "probe");
+            self.neigh.send(port.ifindex, &frame, "probe");
         }
     }
 }

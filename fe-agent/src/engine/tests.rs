@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use victor_dataplane::neigh_io::Frame;
 use victor_dataplane::packet::arp::{ArpOp, MacAddr, gratuitous};
 use victor_proto::clock::{monotonic_ns, unix_nanos};
 use victor_proto::v1::{
@@ -13,10 +14,10 @@ use victor_proto::v1::{
 };
 
 use super::*;
-use crate::arp::Captures;
 use crate::codec::hint::{self as codec, Hint, Keys, Kind};
 use crate::forwarding::Tunnel;
 use crate::hint::io::HintSocket;
+use crate::neigh::Captures;
 use crate::netlink::Link;
 use crate::reconcile::effects::InMemory;
 use crate::reconcile::plan::Op;
@@ -113,7 +114,7 @@ impl Rig {
             },
             reconciler: Reconciler::new(effects, metrics.clone()),
             scope: Scope { prefixes: vec!["10.10.0.0/16".parse().unwrap()], gateways: vec![vm(1)] },
-            arp: ArpPorts::new(
+            neigh: NeighPorts::new(
                 Arc::new(Captures::default()),
                 frames,
                 (100, 100),
@@ -165,8 +166,8 @@ impl Rig {
     async fn garp_captured_at(&mut self, ip: Ipv4Addr, mac: [u8; 6], port: u32, mono: u64) {
         let port = self.engine.ports.get(port).expect("a VM port");
         let msg = gratuitous(MacAddr(mac), ip, ArpOp::Request, None);
-        let frame = ArpFrame { port, msg, wall: unix_nanos(), mono };
-        self.engine.handle(Input::Arp(frame)).await;
+        let frame = NeighFrame { port, frame: Frame::Arp(msg), wall: unix_nanos(), mono };
+        self.engine.handle(Input::Neigh(frame)).await;
     }
 
     /// The controller's answer to `obs`.

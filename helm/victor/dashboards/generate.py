@@ -157,8 +157,8 @@ AGENTS = [
         [
             ("received {{kind}}", f"sum by (kind) (rate(victor_agent_arp_frames_total{A}{RATE}))"),
             ("sent {{kind}}", f"sum by (kind) (rate(victor_agent_arp_sent_total{A}{RATE}))"),
-            ("rate-limited", f"sum(rate(victor_agent_arp_rate_limited_total{A}{RATE}))"),
-            ("dropped by the kernel (capture buffer full)", f"sum(rate(victor_agent_arp_kernel_dropped_total{A}{RATE}))"),
+            ("rate-limited", f"sum(rate(victor_agent_neigh_rate_limited_total{A}{RATE}))"),
+            ("dropped by the kernel (capture buffer full)", f"sum(rate(victor_agent_neigh_kernel_dropped_total{A}{RATE}))"),
         ],
     ),
     (
