@@ -2,7 +2,7 @@
 //! backend runs and why), `/metrics` (the kernel data plane's counters are read from the kernel
 //! just before rendering) and `/debug/events`.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -59,7 +59,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 
 #[derive(Deserialize)]
 struct EventsQuery {
-    vm: Option<Ipv4Addr>,
+    vm: Option<IpAddr>,
 }
 
 async fn events(State(state): State<AdminState>, Query(q): Query<EventsQuery>) -> Response {

@@ -7,6 +7,7 @@
 //! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`. Under systemd it
 //! also reports readiness and pings the watchdog ([`crate::service`]).
 
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -87,7 +88,22 @@ pub async fn run(config: Config) -> Result<()> {
             reject_hold: 30_000_000_000,
         },
         reconciler,
-        scope: neigh::arp::Scope { prefixes: config.mobile_prefixes.clone(), gateways: config.gateways.clone() },
+        scope: neigh::arp::Scope {
+            prefixes: config.mobile_prefixes.clone(),
+            gateways: config
+                .gateways
+                .iter()
+                .filter_map(|g| if let IpAddr::V4(g) = g { Some(*g) } else { None })
+                .collect(),
+        },
+        scope6: neigh::ndp::Scope {
+            prefixes: config.mobile_prefixes6.clone(),
+            gateways: config
+                .gateways
+                .iter()
+                .filter_map(|g| if let IpAddr::V6(g) = g { Some(*g) } else { None })
+                .collect(),
+        },
         ports,
         neigh: NeighPorts::new(
             captures,
@@ -165,6 +181,7 @@ async fn start_dataplane(
         underlay_mtu,
         device: config.tun_name.clone(),
         prefixes: config.mobile_prefixes.clone(),
+        prefixes6: config.mobile_prefixes6.clone(),
     };
     let (dataplane, choice) = forwarding::start(config.dataplane, &dp_config, kernel).await?;
     tracing::info!(dataplane = choice.backend.label(), mode = choice.mode.label(), reason = %choice.why, "data plane chosen");

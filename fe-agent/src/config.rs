@@ -116,11 +116,12 @@ pub struct Config {
     #[arg(skip)]
     pub mobile_prefixes6: Vec<Ipv6Net>,
 
-    /// A default-gateway address of the VMs (repeatable; env: comma separated), e.g. 10.10.0.1.
-    /// The agent answers ARP for it on VM ports and announces it (gratuitous ARP) on the port of
-    /// every VM that arrives here.
+    /// A default-gateway address of the VMs (repeatable; env: comma separated), e.g. 10.10.0.1 or
+    /// fd00:10::1. The agent answers ARP (IPv4) or Neighbor Solicitations (IPv6, router flag) for
+    /// it on VM ports and announces it (gratuitous ARP, unsolicited Neighbor Advertisement) on the
+    /// port of every VM that arrives here.
     #[arg(long = "gateway", env = "VICTOR_GATEWAY", value_delimiter = ',', value_name = "IP")]
-    pub gateways: Vec<Ipv4Addr>,
+    pub gateways: Vec<IpAddr>,
 
     /// A virtual router MAC set on every VM port (the same on every FE, like EVPN's anycast
     /// gateway MAC), so a VM keeps a valid gateway MAC in its ARP cache when it moves to another
@@ -403,7 +404,7 @@ impl Config {
             }
         }
         for gw in &self.gateways {
-            if !self.mobile_prefixes.iter().any(|p| p.contains(gw)) {
+            if !self.mobile_prefix.iter().any(|p| p.contains(gw)) {
                 return bad(format!(
                     "--gateway {gw} is outside every --mobile-prefix; the VMs' gateway must be in their subnet"
                 ));
@@ -639,7 +640,7 @@ mod tests {
     fn repeatable_and_wildcard_ports() {
         let c = load(&["--vm-port", "tap*", "--gateway", "10.10.0.1", "--gateway-mac", "02:00:5e:10:00:01"]).unwrap();
         assert!(c.is_vm_port("tap17") && c.is_vm_port("vm0") && !c.is_vm_port("eth0"));
-        assert_eq!(c.gateways, vec![Ipv4Addr::new(10, 10, 0, 1)]);
+        assert_eq!(c.gateways, vec![IpAddr::V4(Ipv4Addr::new(10, 10, 0, 1))]);
         assert_eq!(c.gateway_mac.unwrap().to_string(), "02:00:5e:10:00:01");
     }
 

@@ -8,7 +8,7 @@
 //! log of the most recent moves.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -16,7 +16,7 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MoveEvent {
     /// VM IP.
-    pub vm_ip: Ipv4Addr,
+    pub vm_ip: IpAddr,
     /// Move sequence of the binding.
     pub move_seq: u64,
     /// The binding FE.
@@ -66,9 +66,9 @@ struct Capture {
 #[derive(Debug)]
 pub struct EventLog {
     capacity: usize,
-    events: HashMap<(Ipv4Addr, u64), MoveEvent>,
-    order: VecDeque<(Ipv4Addr, u64)>,
-    captures: HashMap<Ipv4Addr, Capture>,
+    events: HashMap<(IpAddr, u64), MoveEvent>,
+    order: VecDeque<(IpAddr, u64)>,
+    captures: HashMap<IpAddr, Capture>,
 }
 
 impl EventLog {
@@ -77,7 +77,7 @@ impl EventLog {
         EventLog { capacity, events: HashMap::new(), order: VecDeque::new(), captures: HashMap::new() }
     }
 
-    fn entry(&mut self, ip: Ipv4Addr, move_seq: u64) -> &mut MoveEvent {
+    fn entry(&mut self, ip: IpAddr, move_seq: u64) -> &mut MoveEvent {
         let key = (ip, move_seq);
         if !self.events.contains_key(&key) {
             self.order.push_back(key);
@@ -110,7 +110,7 @@ impl EventLog {
     }
 
     /// A claim started from a frame captured at `captured_mono_ns`.
-    pub fn captured(&mut self, ip: Ipv4Addr, observed_at: i64, captured_mono_ns: u64) {
+    pub fn captured(&mut self, ip: IpAddr, observed_at: i64, captured_mono_ns: u64) {
         if self.captures.len() >= self.capacity {
             self.captures.clear();
         }
@@ -118,7 +118,7 @@ impl EventLog {
     }
 
     /// The claimed VM was installed locally.
-    pub fn provisional_applied(&mut self, ip: Ipv4Addr, at: u64) {
+    pub fn provisional_applied(&mut self, ip: IpAddr, at: u64) {
         if let Some(c) = self.captures.get_mut(&ip) {
             c.provisional_applied_mono_ns = at;
         }
@@ -128,7 +128,7 @@ impl EventLog {
     #[allow(clippy::too_many_arguments)]
     pub fn claim_answered(
         &mut self,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         observed_at: i64,
         move_seq: u64,
         fe_id: &str,
@@ -151,15 +151,7 @@ impl EventLog {
 
     /// The stream delivered binding (`ip`, `move_seq`) at `received` and it was applied at
     /// `applied`.
-    pub fn delta_applied(
-        &mut self,
-        ip: Ipv4Addr,
-        move_seq: u64,
-        fe_id: &str,
-        local: bool,
-        received: u64,
-        applied: u64,
-    ) {
+    pub fn delta_applied(&mut self, ip: IpAddr, move_seq: u64, fe_id: &str, local: bool, received: u64, applied: u64) {
         let e = self.entry(ip, move_seq);
         if e.delta_received_mono_ns == 0 {
             e.delta_received_mono_ns = received;
@@ -170,12 +162,12 @@ impl EventLog {
     }
 
     /// The new FE sent a move hint for the move that makes `move_seq`.
-    pub fn hint_sent(&mut self, ip: Ipv4Addr, move_seq: u64, at: u64) {
+    pub fn hint_sent(&mut self, ip: IpAddr, move_seq: u64, at: u64) {
         self.entry(ip, move_seq).hint_sent_mono_ns = at;
     }
 
     /// A hint from `fe_id` for the move that makes `move_seq` was accepted (read at `received`).
-    pub fn hint_received(&mut self, ip: Ipv4Addr, move_seq: u64, fe_id: &str, received: u64) {
+    pub fn hint_received(&mut self, ip: IpAddr, move_seq: u64, fe_id: &str, received: u64) {
         let e = self.entry(ip, move_seq);
         e.hint_from = fe_id.to_owned();
         e.hint_received_mono_ns = received;
@@ -185,7 +177,7 @@ impl EventLog {
     }
 
     /// Its override was applied.
-    pub fn hint_applied(&mut self, ip: Ipv4Addr, move_seq: u64, at: u64) {
+    pub fn hint_applied(&mut self, ip: IpAddr, move_seq: u64, at: u64) {
         let e = self.entry(ip, move_seq);
         if e.hint_applied_mono_ns == 0 {
             e.hint_applied_mono_ns = at;
@@ -193,14 +185,14 @@ impl EventLog {
     }
 
     /// Its override ended.
-    pub fn hint_ended(&mut self, ip: Ipv4Addr, move_seq: u64, how: &str, at: u64) {
+    pub fn hint_ended(&mut self, ip: IpAddr, move_seq: u64, how: &str, at: u64) {
         let e = self.entry(ip, move_seq);
         e.hint_end = how.to_owned();
         e.hint_ended_mono_ns = at;
     }
 
     /// The events, ordered by IP and move_seq, optionally for one VM.
-    pub fn list(&self, vm: Option<Ipv4Addr>) -> Vec<MoveEvent> {
+    pub fn list(&self, vm: Option<IpAddr>) -> Vec<MoveEvent> {
         let mut out: Vec<MoveEvent> =
             self.events.values().filter(|e| vm.is_none_or(|v| e.vm_ip == v)).cloned().collect();
         out.sort_by_key(|e| (e.vm_ip, e.move_seq));
@@ -212,7 +204,7 @@ impl EventLog {
 mod tests {
     use super::*;
 
-    const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+    const VM: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 10, 0, 11));
 
     #[test]
     fn capture_claim_and_delta_merge_into_one_event_in_any_order() {

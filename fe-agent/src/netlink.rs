@@ -1,12 +1,12 @@
-//! The kernel objects the agent programs, through rtnetlink: host routes and permanent neighbour
-//! entries for local VMs, prefix routes into the data plane, link lookups — all IPv4, main
-//! table. Every route and neighbour we create carries our route protocol number; the read-back
+//! The kernel objects the agent programs, through rtnetlink: host routes (/32, /128) and permanent
+//! neighbour entries (ARP, NDP) for local VMs of both families, prefix routes into the data plane,
+//! link lookups — main table. Every route and neighbour we create carries our route protocol number; the read-back
 //! functions return only objects carrying it, so the agent never touches anyone else's.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
@@ -88,7 +88,7 @@ impl Link {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OurRoute {
     /// Destination.
-    pub dst: Ipv4Net,
+    pub dst: IpNet,
     /// Output interface (0 if none).
     pub oif: u32,
 }
@@ -97,7 +97,7 @@ pub struct OurRoute {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OurNeighbour {
     /// IP.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Interface.
     pub ifindex: u32,
     /// MAC.
@@ -129,30 +129,55 @@ impl Kernel {
         self.protocol
     }
 
-    fn host_route(&self, ip: Ipv4Addr, ifindex: u32) -> rtnetlink::packet_route::route::RouteMessage {
-        RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(ip, 32)
-            .output_interface(ifindex)
-            .protocol(RouteProtocol::from(self.protocol))
-            .scope(RouteScope::Link)
-            .build()
+    fn host_route(&self, ip: IpAddr, ifindex: u32) -> rtnetlink::packet_route::route::RouteMessage {
+        let protocol = RouteProtocol::from(self.protocol);
+        match ip {
+            IpAddr::V4(ip) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(ip, 32)
+                .output_interface(ifindex)
+                .protocol(protocol)
+                .scope(RouteScope::Link)
+                .build(),
+            IpAddr::V6(ip) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(ip, 128)
+                .output_interface(ifindex)
+                .protocol(protocol)
+                .build(),
+        }
     }
 
-    /// `ip route replace IP/32 dev IFINDEX proto P scope link`.
-    pub async fn replace_host_route(&self, ip: Ipv4Addr, ifindex: u32) -> NlResult<()> {
+    /// `ip route replace IP/32 dev IFINDEX proto P scope link` (IPv6: `IP/128`).
+    pub async fn replace_host_route(&self, ip: IpAddr, ifindex: u32) -> NlResult<()> {
         self.handle
             .route()
             .add(self.host_route(ip, ifindex))
             .replace()
             .execute()
             .await
-            .map_err(|e| NetlinkError::new(format!("replace route {ip}/32 dev #{ifindex}"), e))
+            .map_err(|e| NetlinkError::new(format!("replace host route {ip} dev #{ifindex}"), e))
     }
 
-    /// `ip route del IP/32 dev IFINDEX proto P`; a route already gone is not an error.
-    pub async fn del_host_route(&self, ip: Ipv4Addr, ifindex: u32) -> NlResult<()> {
+    /// `ip route del IP/32 dev IFINDEX proto P` (IPv6: `IP/128`); a route already gone is not an
+    /// error.
+    pub async fn del_host_route(&self, ip: IpAddr, ifindex: u32) -> NlResult<()> {
         let result = self.handle.route().del(self.host_route(ip, ifindex)).execute().await;
-        ignore_missing(result.map_err(|e| NetlinkError::new(format!("delete route {ip}/32 dev #{ifindex}"), e)))
+        ignore_missing(result.map_err(|e| NetlinkError::new(format!("delete host route {ip} dev #{ifindex}"), e)))
+    }
+
+    /// `ip -6 route replace NET dev IFINDEX proto P` (the IPv6 mobile prefixes into the data plane).
+    pub async fn replace_prefix_route6(&self, net: ipnet::Ipv6Net, ifindex: u32) -> NlResult<()> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .output_interface(ifindex)
+            .protocol(RouteProtocol::from(self.protocol))
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::new(format!("replace route {net} dev #{ifindex}"), e))
     }
 
     /// `ip route replace NET dev IFINDEX proto P` (the mobile prefixes into the data plane).
@@ -172,12 +197,12 @@ impl Kernel {
             .map_err(|e| NetlinkError::new(format!("replace route {net} dev #{ifindex}"), e))
     }
 
-    /// `ip neigh replace IP lladdr MAC dev IFINDEX nud permanent proto P`.
-    pub async fn replace_neighbour(&self, ip: Ipv4Addr, ifindex: u32, mac: [u8; 6]) -> NlResult<()> {
+    /// `ip neigh replace IP lladdr MAC dev IFINDEX nud permanent proto P` (ARP or NDP entry).
+    pub async fn replace_neighbour(&self, ip: IpAddr, ifindex: u32, mac: [u8; 6]) -> NlResult<()> {
         let mut req = self
             .handle
             .neighbours()
-            .add(ifindex, IpAddr::V4(ip))
+            .add(ifindex, ip)
             .link_layer_address(&mac)
             .state(NeighbourState::Permanent)
             .replace();
@@ -186,18 +211,22 @@ impl Kernel {
     }
 
     /// `ip neigh del IP dev IFINDEX`; an entry already gone is not an error.
-    pub async fn del_neighbour(&self, ip: Ipv4Addr, ifindex: u32) -> NlResult<()> {
+    pub async fn del_neighbour(&self, ip: IpAddr, ifindex: u32) -> NlResult<()> {
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
         msg.header.ifindex = ifindex;
-        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        let (family, dst) = match ip {
+            IpAddr::V4(a) => (AddressFamily::Inet, NeighbourAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, NeighbourAddress::Inet6(a)),
+        };
+        msg.header.family = family;
+        msg.attributes.push(NeighbourAttribute::Destination(dst));
         let result = self.handle.neighbours().del(msg).execute().await;
         ignore_missing(result.map_err(|e| NetlinkError::new(format!("delete neighbour {ip} dev #{ifindex}"), e)))
     }
 
-    /// IPv4 routes of the main table carrying our protocol.
+    /// Routes of the main table carrying our protocol, both families.
     pub async fn our_routes(&self) -> NlResult<Vec<OurRoute>> {
-        let msgs: Vec<_> = self
+        let mut msgs: Vec<_> = self
             .handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -205,6 +234,15 @@ impl Kernel {
             .try_collect()
             .await
             .map_err(|e| NetlinkError::new("dump routes", e))?;
+        let v6: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::new("dump IPv6 routes", e))?;
+        msgs.extend(v6);
         let mut out = Vec::new();
         for m in msgs {
             let table = m
@@ -216,33 +254,41 @@ impl Kernel {
             {
                 continue;
             }
-            let mut dst = Ipv4Addr::UNSPECIFIED;
+            let mut dst = match m.header.address_family {
+                AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            };
             let mut oif = 0;
             for a in &m.attributes {
                 match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = IpAddr::V4(*d),
+                    RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = IpAddr::V6(*d),
                     RouteAttribute::Oif(i) => oif = *i,
                     _ => {}
                 }
             }
-            if let Ok(net) = Ipv4Net::new(dst, m.header.destination_prefix_length) {
+            if let Ok(net) = IpNet::new(dst, m.header.destination_prefix_length) {
                 out.push(OurRoute { dst: net, oif });
             }
         }
         Ok(out)
     }
 
-    /// IPv4 neighbour entries carrying our protocol.
+    /// Neighbour entries (ARP and NDP) carrying our protocol.
     pub async fn our_neighbours(&self) -> NlResult<Vec<OurNeighbour>> {
-        let msgs: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| NetlinkError::new("dump neighbours", e))?;
+        let mut msgs: Vec<_> = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let part: Vec<_> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| NetlinkError::new("dump neighbours", e))?;
+            msgs.extend(part);
+        }
         let ours = RouteProtocol::from(self.protocol);
         let mut out = Vec::new();
         for m in msgs {
@@ -251,7 +297,8 @@ impl Kernel {
             let mut proto = None;
             for a in &m.attributes {
                 match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => ip = Some(*d),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => ip = Some(IpAddr::V4(*d)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => ip = Some(IpAddr::V6(*d)),
                     NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                         mac = Some(<[u8; 6]>::try_from(l.as_slice()).expect("6 bytes"))
                     }

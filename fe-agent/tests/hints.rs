@@ -68,7 +68,7 @@ fn hint_from_fe3(move_seq: u64, nonce: u64) -> Hint {
     Hint {
         kind: Kind::Move,
         fe_id: "fe3".into(),
-        vm_ip: VM,
+        vm_ip: VM.into(),
         mac: mac(VM_MAC),
         move_seq,
         observed_at: unix_nanos(),

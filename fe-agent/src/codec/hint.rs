@@ -2,13 +2,14 @@
 //! signing/verification with the cluster's hint keys (ring's HMAC, constant-time verification;
 //! ring is already in the agent for TLS).
 //!
-//! Layout (big-endian, one UDP datagram, 80–142 bytes):
+//! Layout (big-endian, one UDP datagram, 81–143 bytes for an IPv4 VM; an IPv6 VM's hint is the
+//! same with a 16-byte address, every later field 12 bytes further on):
 //!
 //! ```text
 //!  0  4  magic "VMH" + version 1
-//!  4  1  kind: 1 = move, 2 = cancel
+//!  4  1  kind: 1 = move, 2 = cancel; + 0x10 when the VM address is IPv6
 //!  5  1  length n of the new FE's id (1..=63)
-//!  6  4  VM IPv4 address
+//!  6  4  VM IPv4 address (IPv6: 16 bytes, and the offsets below + 12)
 //! 10  6  VM MAC
 //! 16  8  move_seq: the binding version this move follows (the move makes move_seq + 1)
 //! 24  8  observation time of the capture (wall ns, as in the claim)
@@ -22,14 +23,21 @@
 //! after `#` and blank lines are ignored). The first key signs; every key verifies, so keys rotate
 //! without a flag day (add the new key second everywhere, then first, then drop the old one).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ring::hmac;
 
 /// Magic and version.
 pub const MAGIC: [u8; 4] = *b"VMH\x01";
-/// Bytes before the FE id.
+/// Bytes before the FE id (IPv4 VM).
 const HEADER: usize = 48;
+/// The kind byte's flag for an IPv6 VM address.
+const KIND_IPV6: u8 = 0x10;
+
+/// Bytes before the FE id for a VM address of `len` bytes (4 or 16).
+const fn header(addr_len: usize) -> usize {
+    HEADER - 4 + addr_len
+}
 /// HMAC-SHA256 tag length.
 const TAG: usize = 32;
 /// Longest FE id (as the agent's `--fe-id` rule).
@@ -63,8 +71,8 @@ pub struct Hint {
     pub kind: Kind,
     /// The new FE (the sender).
     pub fe_id: String,
-    /// VM IP.
-    pub vm_ip: Ipv4Addr,
+    /// VM IP (either family).
+    pub vm_ip: IpAddr,
     /// VM MAC.
     pub mac: [u8; 6],
     /// The binding version the move follows.
@@ -170,14 +178,21 @@ pub fn encode(hint: &Hint, keys: &Keys) -> Vec<u8> {
     let id = hint.fe_id.as_bytes();
     debug_assert!(!id.is_empty() && id.len() <= MAX_FE_ID, "FE ids are validated at start");
     let id = &id[..id.len().min(MAX_FE_ID)];
-    let mut out = Vec::with_capacity(HEADER + id.len() + TAG);
+    let mut out = Vec::with_capacity(header(16) + id.len() + TAG);
     out.extend_from_slice(&MAGIC);
-    out.push(match hint.kind {
-        Kind::Move => 1,
-        Kind::Cancel => 2,
-    });
+    let family = if hint.vm_ip.is_ipv6() { KIND_IPV6 } else { 0 };
+    out.push(
+        family
+            | match hint.kind {
+                Kind::Move => 1,
+                Kind::Cancel => 2,
+            },
+    );
     out.push(id.len() as u8);
-    out.extend_from_slice(&hint.vm_ip.octets());
+    match hint.vm_ip {
+        IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
+    }
     out.extend_from_slice(&hint.mac);
     out.extend_from_slice(&hint.move_seq.to_be_bytes());
     out.extend_from_slice(&hint.observed_at.to_be_bytes());
@@ -206,28 +221,36 @@ pub fn decode(datagram: &[u8], keys: &Keys) -> Result<Hint, WireError> {
     if id_len == 0 || id_len > MAX_FE_ID {
         return Err(WireError::Malformed("bad FE id length"));
     }
-    if datagram.len() != HEADER + id_len + TAG {
+    let addr_len = if datagram[4] & KIND_IPV6 != 0 { 16 } else { 4 };
+    let head = header(addr_len);
+    if datagram.len() != head + id_len + TAG {
         return Err(WireError::Malformed("length does not match the FE id length"));
     }
-    let (signed, tag) = datagram.split_at(HEADER + id_len);
+    let (signed, tag) = datagram.split_at(head + id_len);
     if !keys.keys.iter().any(|k| hmac::verify(k, signed, tag).is_ok()) {
         return Err(WireError::BadHmac);
     }
     // Authenticated from here on.
-    let kind = match datagram[4] {
+    let kind = match datagram[4] & !KIND_IPV6 {
         1 => Kind::Move,
         2 => Kind::Cancel,
         _ => return Err(WireError::Malformed("unknown kind")),
     };
-    let u64_at = |at: usize| u64::from_be_bytes(datagram[at..at + 8].try_into().expect("8 bytes"));
-    let fe_id = std::str::from_utf8(&datagram[HEADER..HEADER + id_len])
+    let at = addr_len - 4; // every field after the address moves with its length
+    let u64_at = |o: usize| u64::from_be_bytes(datagram[at + o..at + o + 8].try_into().expect("8 bytes"));
+    let fe_id = std::str::from_utf8(&datagram[head..head + id_len])
         .map_err(|_| WireError::Malformed("FE id is not UTF-8"))?
         .to_owned();
+    let addr = &datagram[6..6 + addr_len];
+    let vm_ip = match <[u8; 16]>::try_from(addr) {
+        Ok(v6) => IpAddr::V6(Ipv6Addr::from(v6)),
+        Err(_) => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+    };
     Ok(Hint {
         kind,
         fe_id,
-        vm_ip: Ipv4Addr::new(datagram[6], datagram[7], datagram[8], datagram[9]),
-        mac: datagram[10..16].try_into().expect("6 bytes"),
+        vm_ip,
+        mac: datagram[at + 10..at + 16].try_into().expect("6 bytes"),
         move_seq: u64_at(16),
         observed_at: u64_at(24) as i64,
         sent_at: u64_at(32) as i64,
@@ -245,7 +268,7 @@ mod tests {
         Hint {
             kind: Kind::Move,
             fe_id: "fe3".into(),
-            vm_ip: Ipv4Addr::new(10, 10, 0, 11),
+            vm_ip: IpAddr::V4(Ipv4Addr::new(10, 10, 0, 11)),
             mac: [2, 0, 0, 0, 0, 0x11],
             move_seq: 7,
             observed_at: 1_700_000_000_123_456_789,
@@ -270,6 +293,22 @@ mod tests {
             assert_eq!(bytes.len(), 48 + 3 + 32);
             assert_eq!(decode(&bytes, &k), Ok(h));
         }
+    }
+
+    #[test]
+    fn ipv6_vms_round_trip_with_their_16_byte_address() {
+        let k = keys(K1);
+        for kind in [Kind::Move, Kind::Cancel] {
+            let h = Hint { kind, vm_ip: "fd00:10::11".parse().unwrap(), ..hint() };
+            let bytes = encode(&h, &k);
+            assert_eq!(bytes.len(), 60 + 3 + 32);
+            assert_eq!(bytes[4] & KIND_IPV6, KIND_IPV6);
+            assert_eq!(decode(&bytes, &k), Ok(h));
+        }
+        // The family flag is authenticated: flipped, the length no longer matches.
+        let mut bad = encode(&hint(), &k);
+        bad[4] ^= KIND_IPV6;
+        assert_eq!(decode(&bad, &k), Err(WireError::Malformed("length does not match the FE id length")));
     }
 
     #[test]
@@ -332,7 +371,10 @@ mod tests {
         (
             any::<bool>(),
             "[a-z0-9][a-z0-9.-]{0,62}",
-            any::<u32>(),
+            prop_oneof![
+                any::<u32>().prop_map(|a| IpAddr::V4(a.into())),
+                any::<u128>().prop_map(|a| IpAddr::V6(a.into()))
+            ],
             any::<[u8; 6]>(),
             any::<u64>(),
             any::<i64>(),
@@ -342,7 +384,7 @@ mod tests {
             .prop_map(|(cancel, fe_id, ip, mac, move_seq, observed_at, sent_at, nonce)| Hint {
                 kind: if cancel { Kind::Cancel } else { Kind::Move },
                 fe_id,
-                vm_ip: Ipv4Addr::from(ip),
+                vm_ip: ip,
                 mac,
                 move_seq,
                 observed_at,
@@ -356,7 +398,7 @@ mod tests {
         fn every_hint_round_trips(h in any_hint()) {
             let k = keys(K1);
             let bytes = encode(&h, &k);
-            prop_assert_eq!(bytes.len(), HEADER + h.fe_id.len() + TAG);
+            prop_assert_eq!(bytes.len(), header(if h.vm_ip.is_ipv6() { 16 } else { 4 }) + h.fe_id.len() + TAG);
             prop_assert_eq!(decode(&bytes, &k), Ok(h));
         }
 

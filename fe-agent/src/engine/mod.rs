@@ -10,7 +10,7 @@
 mod tests;
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use victor_dataplane::neigh_io::Frame;
 use victor_dataplane::packet::arp::ArpMessage;
+use victor_dataplane::packet::ndp::NdpMessage;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, SyncUpdate};
 
@@ -30,6 +31,7 @@ use crate::link::feed::LinkEvent;
 use crate::link::reporter::{Answered, Observation, Reporter};
 use crate::metrics::{KindLabel, Metrics};
 use crate::neigh::arp::{self as classify, Scope, TargetView};
+use crate::neigh::ndp;
 use crate::neigh::{NeighFrame, NeighPorts};
 use crate::ports::{PortEvent, PortTable};
 use crate::readiness::Readiness;
@@ -88,8 +90,10 @@ pub struct Parts<E> {
     pub timers: Timers,
     /// The reconciler, with what a previous run left read back.
     pub reconciler: Reconciler<E>,
-    /// Mobile prefixes and gateways.
+    /// IPv4 mobile prefixes and gateways.
     pub scope: Scope,
+    /// IPv6 mobile prefixes and gateways.
+    pub scope6: ndp::Scope,
     /// VM ports.
     pub ports: Arc<PortTable>,
     /// Neighbour discovery (ARP, RARP, NDP) on the VM ports.
@@ -119,6 +123,7 @@ pub struct Engine<E> {
     local: LocalVms,
     reconciler: Reconciler<E>,
     scope: Scope,
+    scope6: ndp::Scope,
     ports: Arc<PortTable>,
     neigh: NeighPorts,
     reporter: Reporter,
@@ -128,7 +133,7 @@ pub struct Engine<E> {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     /// Discovery probes sent (ip → monotonic ns).
-    discovering: HashMap<Ipv4Addr, u64>,
+    discovering: HashMap<IpAddr, u64>,
     hints: Hints,
     /// When the gauges were last refreshed (monotonic ns).
     gauges_at: u64,
@@ -154,6 +159,7 @@ impl<E: Effects> Engine<E> {
             fe_id: parts.fe_id,
             reconciler: parts.reconciler,
             scope: parts.scope,
+            scope6: parts.scope6,
             ports: parts.ports,
             neigh: parts.neigh,
             reporter: parts.reporter,
@@ -209,13 +215,13 @@ impl<E: Effects> Engine<E> {
     }
 
     /// What `ip` should get from this FE now.
-    fn target(&self, ip: Ipv4Addr) -> Target {
+    fn target(&self, ip: IpAddr) -> Target {
         target(&self.desired, &self.local, self.hints.peer(ip), ip)
     }
 
     /// Makes `ip` match its target and does what the change implies (gateway announcement on a
     /// port a VM just arrived on; discovery of a VM bound here on an unknown port).
-    async fn reconcile(&mut self, ip: Ipv4Addr) -> Applied {
+    async fn reconcile(&mut self, ip: IpAddr) -> Applied {
         let t = self.target(ip);
         let applied = self.reconciler.apply(ip, t).await;
         if let Some(port) = applied.became_local_on {
@@ -278,7 +284,7 @@ impl<E: Effects> Engine<E> {
         if applied.skipped > 0 {
             tracing::warn!(skipped = applied.skipped, "stream entries skipped (malformed or IPv6)");
         }
-        let mut todo: Vec<Ipv4Addr> = Vec::with_capacity(applied.bindings.len());
+        let mut todo: Vec<IpAddr> = Vec::with_capacity(applied.bindings.len());
         for &(ip, revision) in &applied.bindings {
             self.local.desired_changed(ip, revision, desired_view(&self.desired, ip));
             self.hints.desired_changed(ip, &self.desired);
@@ -335,7 +341,7 @@ impl<E: Effects> Engine<E> {
                 && let Some(p) = self.ports.get(port)
             {
                 tracing::debug!(%ip, port = %p.name, "stale claim: the stream has caught up; probing the VM");
-                self.neigh.send(port, &classify::probe(ip, mac, p.mac, self.scope.gateways.first().copied()), "probe");
+                self.probe(port, p.mac, ip, mac);
             }
         }
     }
@@ -343,10 +349,21 @@ impl<E: Effects> Engine<E> {
     async fn on_frame(&mut self, frame: NeighFrame) {
         match frame.frame {
             Frame::Arp(msg) => self.on_arp(&frame, &msg).await,
-            // Not learned from yet (issue 15: NDP and RARP learning).
-            Frame::Rarp(_) | Frame::Ndp(_) => {
+            Frame::Ndp(msg) => self.on_ndp(&frame, &msg).await,
+            // Not learned from yet (issue 15: RARP learning).
+            Frame::Rarp(_) => {
                 tracing::debug!(port = %frame.port.name, protocol = frame.frame.protocol().as_str(), "frame ignored");
             }
+        }
+    }
+
+    /// Where the mobile IP `t` asked about on `port` is, seen from that port.
+    fn view(&self, t: IpAddr, port: u32) -> TargetView {
+        match self.target(t) {
+            Target::Local { port: Some(p), .. } if p == port => TargetView::SamePort,
+            Target::Local { port: None, .. } if self.reconciler.local_port(t) == Some(port) => TargetView::SamePort,
+            Target::Local { .. } | Target::Remote(_) => TargetView::ReachedThroughUs,
+            Target::Drop => TargetView::Unbound,
         }
     }
 
@@ -354,16 +371,30 @@ impl<E: Effects> Engine<E> {
         self.metrics.arp_frames.get_or_create(&KindLabel { kind: classify::kind_label(msg.kind()) }).inc();
         // Answer first: the asker is waiting.
         let port = frame.port.ifindex;
-        let view = |t: Ipv4Addr| match self.target(t) {
-            Target::Local { port: Some(p), .. } if p == port => TargetView::SamePort,
-            Target::Local { port: None, .. } if self.reconciler.local_port(t) == Some(port) => TargetView::SamePort,
-            Target::Local { .. } | Target::Remote(_) => TargetView::ReachedThroughUs,
-            Target::Drop => TargetView::Unbound,
-        };
-        if let Some(answer) = classify::answer(msg, &self.scope, view) {
+        if let Some(answer) = classify::answer(msg, &self.scope, |t| self.view(IpAddr::V4(t), port)) {
             self.neigh.send(port, &classify::reply(msg, frame.port.mac), answer.label());
         }
         let Some((ip, mac)) = classify::learned(msg, &self.scope) else { return };
+        self.learn(frame, IpAddr::V4(ip), mac).await;
+    }
+
+    /// An NDP frame: proxy NDP and the gateway's advertisements first, then what it teaches.
+    async fn on_ndp(&mut self, frame: &NeighFrame, msg: &NdpMessage) {
+        self.metrics.ndp_frames.get_or_create(&KindLabel { kind: ndp::kind_label(msg.kind()) }).inc();
+        let port = frame.port.ifindex;
+        if let Some(answer) = ndp::answer(msg, &self.scope6, |t| self.view(IpAddr::V6(t), port))
+            && let Some(reply) = ndp::reply(msg, frame.port.mac, answer)
+        {
+            self.neigh.send_ndp(port, &reply, answer.label());
+        }
+        let Some((ip, mac)) = ndp::learned(msg, &self.scope6) else { return };
+        self.learn(frame, IpAddr::V6(ip), mac).await;
+    }
+
+    /// The VM `ip` at `mac` was heard on the frame's port (ARP or NDP): a claim, a port change or
+    /// a refresh.
+    async fn learn(&mut self, frame: &NeighFrame, ip: IpAddr, mac: [u8; 6]) {
+        let port = frame.port.ifindex;
         // What this FE knew when the kernel captured the frame, not now: a delta applied since
         // must not lend a late frame its knowledge.
         let known = self.known.at(frame.mono);
@@ -455,14 +486,10 @@ impl<E: Effects> Engine<E> {
             PortEvent::Up(port) => {
                 self.neigh.open(&port);
                 // VMs bound here whose port is unknown may be behind the new port.
-                let waiting: Vec<Ipv4Addr> = self.discovering.keys().copied().collect();
+                let waiting: Vec<IpAddr> = self.discovering.keys().copied().collect();
                 for ip in waiting {
                     if let Target::Local { mac, .. } = self.target(ip) {
-                        self.neigh.send(
-                            port.ifindex,
-                            &classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied()),
-                            "probe",
-                        );
+                        self.probe(port.ifindex, port.mac, ip, mac);
                     }
                 }
             }
@@ -485,12 +512,11 @@ impl<E: Effects> Engine<E> {
             match action {
                 Ageing::Probe { ip, mac, port } => {
                     if let Some(p) = self.ports.get(port) {
-                        let frame = classify::probe(ip, mac, p.mac, self.scope.gateways.first().copied());
-                        self.neigh.send(port, &frame, "probe");
+                        self.probe(port, p.mac, ip, mac);
                     }
                 }
                 Ageing::Gone { ip, mac, port } => {
-                    tracing::info!(%ip, "VM stopped answering ARP probes; reporting it gone");
+                    tracing::info!(%ip, "VM stopped answering probes (ARP or NDP); reporting it gone");
                     let at = self.stamps.stamp(self.clock.now());
                     self.report(ip, mac, ObservationKind::Gone, at, self.desired.revision(), port);
                     self.reconcile(ip).await;
@@ -503,7 +529,7 @@ impl<E: Effects> Engine<E> {
         for ip in self.reconciler.take_dirty() {
             self.reconcile(ip).await;
         }
-        let due: Vec<Ipv4Addr> = self
+        let due: Vec<IpAddr> = self
             .discovering
             .iter()
             .filter(|(_, sent)| now.saturating_sub(**sent) >= DISCOVERY_INTERVAL)
@@ -533,21 +559,37 @@ impl<E: Effects> Engine<E> {
         self.metrics.reports_queued.set(self.reporter.queued() as i64);
     }
 
-    fn report(&self, ip: Ipv4Addr, mac: [u8; 6], kind: ObservationKind, observed_at: i64, known: u64, port: u32) {
+    fn report(&self, ip: IpAddr, mac: [u8; 6], kind: ObservationKind, observed_at: i64, known: u64, port: u32) {
         let port = self.ports.get(port).map(|p| p.name).unwrap_or_default();
         self.reporter.submit(Observation { ip, mac, kind, observed_at, known_revision: known, port });
     }
 
-    /// Tells a VM that arrived on `port` where its gateways are (gratuitous ARP per gateway).
+    /// Tells a VM that arrived on `port` where its gateways are: a gratuitous ARP per IPv4
+    /// gateway, an unsolicited Neighbor Advertisement (router flag) per IPv6 gateway.
     fn announce_gateways(&self, port: u32) {
         let Some(p) = self.ports.get(port) else { return };
         for gw in &self.scope.gateways {
             self.neigh.send(port, &classify::gateway_announcement(*gw, p.mac), "announce");
         }
+        for gw in &self.scope6.gateways {
+            self.neigh.send_ndp(port, &ndp::gateway_announcement(*gw, p.mac), "announce");
+        }
+    }
+
+    /// Asks the VM `ip` at `mac` on `port` (whose MAC is `port_mac`) to answer: a unicast ARP
+    /// request for IPv4, a NUD Neighbor Solicitation for IPv6.
+    fn probe(&self, port: u32, port_mac: [u8; 6], ip: IpAddr, mac: [u8; 6]) {
+        match ip {
+            IpAddr::V4(ip) => {
+                let frame = classify::probe(ip, mac, port_mac, self.scope.gateways.first().copied());
+                self.neigh.send(port, &frame, "probe");
+            }
+            IpAddr::V6(ip) => self.neigh.send_ndp(port, &ndp::probe(ip, mac, port_mac, &self.scope6), "probe"),
+        }
     }
 
     /// Probes every VM port for a VM bound here whose port is unknown (at most once a second).
-    fn discover(&mut self, ip: Ipv4Addr, t: Target) {
+    fn discover(&mut self, ip: IpAddr, t: Target) {
         let Target::Local { mac, .. } = t else { return };
         let now = monotonic_ns();
         if self.discovering.get(&ip).is_some_and(|sent| now.saturating_sub(*sent) < DISCOVERY_INTERVAL) {
@@ -555,8 +597,7 @@ impl<E: Effects> Engine<E> {
         }
         self.discovering.insert(ip, now);
         for port in self.ports.ports() {
-            let frame = classify::probe(ip, mac, port.mac, self.scope.gateways.first().copied());
-            self.neigh.send(port.ifindex, &frame, "probe");
+            self.probe(port.ifindex, port.mac, ip, mac);
         }
     }
 }

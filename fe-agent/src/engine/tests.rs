@@ -2,12 +2,13 @@
 //! programs, and in which order, at each step of a move. FE underlay addresses are on loopback
 //! (127.0.0.n), so the move hints the engine sends go to sockets of the test and nowhere else.
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use victor_dataplane::neigh_io::Frame;
 use victor_dataplane::packet::arp::{ArpOp, MacAddr, gratuitous};
+use victor_dataplane::packet::ndp::{dad, unsolicited_advertisement};
 use victor_proto::clock::{monotonic_ns, unix_nanos};
 use victor_proto::v1::{
     BindingEntry, ClaimOutcome, ClaimResult, FeEntry, ObservationKind, RejectReason, SyncPhase, SyncUpdate,
@@ -23,7 +24,7 @@ use crate::reconcile::effects::InMemory;
 use crate::reconcile::plan::Op;
 use crate::state::local::Claim;
 
-const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+const VM: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 10, 0, 11));
 const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
 /// The VM ports of this FE (fe1): `vm5` and `vm6`.
 const PORT: u32 = 5;
@@ -34,16 +35,22 @@ fn underlay(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, n)
 }
 
-fn vm(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 10, 0, last)
+fn vm(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 10, 0, last))
 }
 
 fn mac(last: u8) -> [u8; 6] {
     [2, 0, 0, 0, 0, last]
 }
 
-fn binding(ip: Ipv4Addr, fe: u8, mac: [u8; 6], move_seq: u64, revision: u64) -> BindingEntry {
-    BindingEntry { vm_ip: ip.octets().to_vec(), fe_id: format!("fe{fe}"), mac: mac.to_vec(), move_seq, revision }
+fn binding(ip: IpAddr, fe: u8, mac: [u8; 6], move_seq: u64, revision: u64) -> BindingEntry {
+    BindingEntry {
+        vm_ip: victor_proto::types::ip_to_bytes(ip),
+        fe_id: format!("fe{fe}"),
+        mac: mac.to_vec(),
+        move_seq,
+        revision,
+    }
 }
 
 /// A complete snapshot at `revision`: fe1 (this FE), fe2 and fe3, all up, and `bindings`.
@@ -113,7 +120,14 @@ impl Rig {
                 reject_hold: NO_TIMEOUT,
             },
             reconciler: Reconciler::new(effects, metrics.clone()),
-            scope: Scope { prefixes: vec!["10.10.0.0/16".parse().unwrap()], gateways: vec![vm(1)] },
+            scope: Scope {
+                prefixes: vec!["10.10.0.0/16".parse().unwrap()],
+                gateways: vec![Ipv4Addr::new(10, 10, 0, 1)],
+            },
+            scope6: ndp::Scope {
+                prefixes: vec!["fd00:10::/64".parse().unwrap()],
+                gateways: vec!["fd00:10::1".parse().unwrap()],
+            },
             neigh: NeighPorts::new(
                 Arc::new(Captures::default()),
                 frames,
@@ -158,22 +172,30 @@ impl Rig {
     }
 
     /// A gratuitous ARP from the VM `ip`/`mac` on `port`, captured now.
-    async fn garp(&mut self, ip: Ipv4Addr, mac: [u8; 6], port: u32) {
+    async fn garp(&mut self, ip: IpAddr, mac: [u8; 6], port: u32) {
         self.garp_captured_at(ip, mac, port, monotonic_ns()).await;
     }
 
     /// The same, captured by the kernel at `mono` (and handled now).
-    async fn garp_captured_at(&mut self, ip: Ipv4Addr, mac: [u8; 6], port: u32, mono: u64) {
+    async fn garp_captured_at(&mut self, ip: IpAddr, mac: [u8; 6], port: u32, mono: u64) {
+        let IpAddr::V4(ip) = ip else { panic!("ARP is IPv4") };
         let port = self.engine.ports.get(port).expect("a VM port");
         let msg = gratuitous(MacAddr(mac), ip, ArpOp::Request, None);
         let frame = NeighFrame { port, frame: Frame::Arp(msg), wall: unix_nanos(), mono };
         self.engine.handle(Input::Neigh(frame)).await;
     }
 
+    /// An NDP frame `msg` from the VM on `port`, captured now.
+    async fn ndp(&mut self, msg: NdpMessage, port: u32) {
+        let port = self.engine.ports.get(port).expect("a VM port");
+        let frame = NeighFrame { port, frame: Frame::Ndp(msg), wall: unix_nanos(), mono: monotonic_ns() };
+        self.engine.handle(Input::Neigh(frame)).await;
+    }
+
     /// The controller's answer to `obs`.
     async fn answer(&mut self, obs: Observation, outcome: ClaimOutcome, reason: RejectReason, revision: u64) {
         let result = ClaimResult {
-            vm_ip: obs.ip.octets().to_vec(),
+            vm_ip: victor_proto::types::ip_to_bytes(obs.ip),
             outcome: outcome as i32,
             reject_reason: reason as i32,
             revision,
@@ -185,7 +207,7 @@ impl Rig {
     }
 
     /// The changes made since the last call, in order.
-    fn changes(&mut self) -> Vec<(Ipv4Addr, Op)> {
+    fn changes(&mut self) -> Vec<(IpAddr, Op)> {
         self.engine.reconciler.effects_mut().take_log()
     }
 
@@ -198,7 +220,7 @@ impl Rig {
     }
 }
 
-fn local_install(ip: Ipv4Addr, port: u32, mac: [u8; 6]) -> Vec<(Ipv4Addr, Op)> {
+fn local_install(ip: IpAddr, port: u32, mac: [u8; 6]) -> Vec<(IpAddr, Op)> {
     vec![(ip, Op::SetNeighbour { port, mac }), (ip, Op::SetRoute { port }), (ip, Op::SetTunnel(Tunnel::Local))]
 }
 
@@ -492,4 +514,84 @@ async fn a_refused_change_is_retried_on_the_next_tick() {
     rig.engine.reconciler.effects_mut().failing.clear();
     rig.engine.handle(Input::Tick).await;
     assert_eq!(rig.changes(), local_install(VM, PORT, MAC));
+}
+
+fn vm6(last: u8) -> IpAddr {
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, u16::from(last)))
+}
+
+/// An IPv6 VM announced by an unsolicited Neighbor Advertisement is claimed as a gratuitous ARP
+/// claims an IPv4 one: installed locally at once (neighbour, /128 route, data plane), reported
+/// with its 16-byte address, and the other FEs get a move hint carrying it. A link-local
+/// announcement and an advertisement without the override flag claim nothing; the move away
+/// (the delta) points the tunnel at the new FE before the local route goes.
+#[tokio::test]
+async fn an_unsolicited_neighbor_advertisement_claims_an_ipv6_vm() {
+    let (socket, [fe2, fe3]) = hint_sockets();
+    let mut rig = Rig::with_hints(InMemory::default(), socket, NO_TIMEOUT);
+    let vm = vm6(0x11);
+    let IpAddr::V6(addr) = vm else { unreachable!() };
+    rig.connect_and_sync(1, snapshot(10, vec![binding(vm, 2, MAC, 3, 9), binding(VM, 2, MAC, 3, 9)])).await;
+    let mut first = rig.changes();
+    first.sort_by_key(|(ip, _)| *ip);
+    assert_eq!(
+        first,
+        vec![(VM, Op::SetTunnel(Tunnel::Remote(underlay(2)))), (vm, Op::SetTunnel(Tunnel::Remote(underlay(2))))],
+        "the IPv6 VM is tunnelled to its FE's IPv4 underlay address (6in4)"
+    );
+
+    let link_local = crate::neigh::ndp::link_local(MAC);
+    rig.ndp(unsolicited_advertisement(MacAddr(MAC), link_local, false, None), PORT).await;
+    let mut anycast = unsolicited_advertisement(MacAddr(MAC), addr, false, None);
+    if let victor_dataplane::packet::ndp::Ndp::NeighborAdvertisement { flags, .. } = &mut anycast.body {
+        flags.override_ = false;
+    }
+    rig.ndp(anycast, PORT).await;
+    assert_eq!(rig.changes(), vec![], "link-local and override-less advertisements claim nothing");
+
+    rig.ndp(unsolicited_advertisement(MacAddr(MAC), addr, false, None), PORT).await;
+    assert_eq!(rig.changes(), local_install(vm, PORT, MAC), "provisional local install, in order");
+    let claims = rig.reporter.take_queued();
+    assert_eq!(claims.len(), 1);
+    assert_eq!((claims[0].ip, claims[0].mac, claims[0].kind), (vm, MAC, ObservationKind::Learned));
+    for peer in [&fe2, &fe3] {
+        let hint = receive_hint(peer);
+        assert_eq!((hint.kind, hint.vm_ip, hint.move_seq), (Kind::Move, vm, 3), "the hint carries the IPv6 VM");
+    }
+    assert!(rig.metric("victor_agent_ndp_frames_total{kind=\"unsolicited_advertisement\"} 3"));
+    assert_eq!(rig.engine.local.get(VM), None, "the IPv4 address of the same MAC is not claimed by NDP");
+
+    // A DAD probe of the same address from the same VM is a refresh, not a second claim.
+    rig.ndp(dad(MacAddr(MAC), addr, None), PORT).await;
+    assert_eq!(rig.changes(), vec![]);
+    assert!(rig.reporter.take_queued().is_empty());
+
+    // Accepted, then the VM moves on to fe3: tunnel first, then the local route and neighbour go.
+    rig.answer(claims[0].clone(), ClaimOutcome::Moved, RejectReason::Unspecified, 11).await;
+    rig.sync(delta(11, vec![binding(vm, 1, MAC, 4, 11)])).await;
+    assert_eq!(rig.changes(), vec![]);
+    rig.sync(delta(12, vec![binding(vm, 3, MAC, 5, 12)])).await;
+    assert_eq!(
+        rig.changes(),
+        vec![
+            (vm, Op::SetTunnel(Tunnel::Remote(underlay(3)))),
+            (vm, Op::DelRoute { port: PORT }),
+            (vm, Op::DelNeighbour { port: PORT }),
+        ]
+    );
+}
+
+/// A VM that only probes its address (duplicate address detection, source ::) claims it.
+#[tokio::test]
+async fn a_dad_probe_claims_the_ipv6_address() {
+    let mut rig = Rig::new(InMemory::default());
+    let vm = vm6(0x12);
+    let IpAddr::V6(addr) = vm else { unreachable!() };
+    rig.connect_and_sync(1, snapshot(10, vec![binding(vm, 2, MAC, 0, 9)])).await;
+    rig.changes();
+    rig.ndp(dad(MacAddr(MAC), addr, None), OTHER_PORT).await;
+    assert_eq!(rig.changes(), local_install(vm, OTHER_PORT, MAC));
+    let claims = rig.reporter.take_queued();
+    assert_eq!((claims.len(), claims[0].ip, claims[0].port.as_str()), (1, vm, "vm6"));
+    assert!(rig.metric("victor_agent_ndp_frames_total{kind=\"dad\"} 1"));
 }

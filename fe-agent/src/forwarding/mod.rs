@@ -12,6 +12,12 @@
 //!   stays in the kernel across agent restarts (forwarding goes on while the agent is down) and
 //!   is adopted by the next run.
 //!
+//! IPv6 VMs (/128 bindings) are carried over the IPv4 underlay as 6in4 (IP protocol 41, RFC 4213)
+//! by the userspace forwarder; the IPv6 mobile prefixes are routed into its TUN device too. The
+//! kernel backend has no `sit` counterpart of its ipip devices yet: `--dataplane kernel` refuses
+//! IPv6 mobile prefixes, and `auto` runs the userspace forwarder when there are any
+//! ([`ipv6_choice`]).
+//!
 //! `--dataplane auto` runs the kernel backend when the `ipip` module is there or can be loaded
 //! (`modprobe`, then the kernel's own module autoload through a netlink request), else the
 //! userspace one; the choice and its reason go to the log, `/readyz` and
@@ -20,16 +26,16 @@
 pub mod kernel;
 pub mod tun;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::LinkIpIp;
 use serde::Serialize;
 use victor_dataplane::counters::{CounterSnapshot, Counters};
-use victor_dataplane::fib::Fib;
+use victor_dataplane::fib::{Action, Fib};
 use victor_dataplane::kernel::ModuleLoad;
 
 use crate::netlink::Kernel;
@@ -184,6 +190,10 @@ async fn request_ipip_link(kernel: &Kernel) -> Result<(), String> {
 /// it and routes the mobile prefixes into it. In `auto` mode a kernel data plane that fails to
 /// start is removed again and the userspace one runs instead, saying why.
 pub async fn start(mode: DataplaneMode, config: &DataplaneConfig, kernel: &Kernel) -> Result<(Dataplane, Choice)> {
+    if let Some(choice) = ipv6_choice(mode, &config.prefixes6) {
+        let choice = choice.map_err(anyhow::Error::msg)?;
+        return Ok((start_tun(config, kernel).await?, choice));
+    }
     let choice = match mode {
         DataplaneMode::Tun => choose(mode, &IpipSupport::Unavailable("not probed".into())),
         _ => choose(mode, &probe_ipip(kernel).await),
@@ -217,7 +227,66 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
     if removed > 0 {
         tracing::info!(removed, "removed the devices a kernel data plane left in this namespace");
     }
-    Ok(Dataplane::Tun(TunPlane::start(config, kernel).await?))
+    let plane = TunPlane::start(config, kernel).await?;
+    if !config.prefixes6.is_empty() {
+        let tun = kernel
+            .link_by_name(&config.device)
+            .await?
+            .with_context(|| format!("the TUN device {} vanished", config.device))?;
+        for net in &config.prefixes6 {
+            kernel.replace_prefix_route6(*net, tun.index).await?;
+        }
+    }
+    Ok(Dataplane::Tun(plane))
+}
+
+/// The backend when IPv6 mobile prefixes are configured (None: there are none, choose as usual):
+/// the kernel backend has no `sit` devices yet, so `kernel` is refused and `auto` runs the
+/// userspace forwarder (which carries IPv6 as 6in4).
+pub fn ipv6_choice(mode: DataplaneMode, prefixes6: &[Ipv6Net]) -> Option<Result<Choice, String>> {
+    let first = prefixes6.first()?;
+    Some(match mode {
+        DataplaneMode::Kernel => Err(format!(
+            "--dataplane kernel does not carry IPv6 VMs yet (no sit tunnel devices), but --mobile-prefix {first} is              IPv6; use --dataplane tun (or auto), whose userspace forwarder carries IPv6 as 6in4"
+        )),
+        DataplaneMode::Auto => Ok(Choice {
+            mode,
+            backend: Backend::Tun,
+            code: "ipv6_prefixes",
+            why: format!(
+                "auto: --mobile-prefix {first} is IPv6, which only the userspace forwarder carries (6in4); using it"
+            ),
+        }),
+        DataplaneMode::Tun => {
+            Ok(Choice { mode, backend: Backend::Tun, code: "requested", why: "--dataplane tun".into() })
+        }
+    })
+}
+
+/// What the userspace forwarder's table does with `ip`.
+fn fib_tunnel(fib: &Fib, ip: IpAddr) -> Tunnel {
+    match fib.lookup(ip) {
+        None => Tunnel::None,
+        Some(Action::Local) => Tunnel::Local,
+        Some(Action::Remote(p)) => Tunnel::Remote(p),
+    }
+}
+
+/// Sets `ip`'s entry in the userspace forwarder's table (an IPv6 VM's remote peer is the IPv4
+/// underlay address its 6in4 packets go to).
+fn set_fib_tunnel(fib: &Fib, ip: IpAddr, tunnel: Tunnel) -> Result<()> {
+    match tunnel {
+        Tunnel::None => {
+            fib.remove(ip);
+        }
+        Tunnel::Local => {
+            fib.set(ip, Action::Local)?;
+        }
+        Tunnel::Remote(peer) => {
+            fib.set(ip, Action::Remote(peer))?;
+        }
+    }
+    Ok(())
 }
 
 /// What the data plane does with one VM IP.
@@ -227,7 +296,7 @@ pub enum Tunnel {
     None,
     /// Delivered locally (the data plane leaves it to the kernel's /32).
     Local,
-    /// Encapsulated to this underlay address.
+    /// Encapsulated to this underlay address (IPv6 VMs too: 6in4 over the IPv4 underlay).
     Remote(Ipv4Addr),
 }
 
@@ -242,6 +311,8 @@ pub struct DataplaneConfig {
     pub device: String,
     /// Mobile prefixes routed into the data plane.
     pub prefixes: Vec<Ipv4Net>,
+    /// IPv6 mobile prefixes routed into the data plane (userspace backend only).
+    pub prefixes6: Vec<Ipv6Net>,
 }
 
 /// A running data plane.
@@ -271,16 +342,16 @@ impl Dataplane {
     }
 
     /// What the data plane does with `ip` now.
-    pub fn tunnel(&self, ip: Ipv4Addr) -> Tunnel {
+    pub fn tunnel(&self, ip: IpAddr) -> Tunnel {
         match self {
-            Dataplane::Tun(plane) => plane.tunnel(ip),
+            Dataplane::Tun(plane) => fib_tunnel(plane.fib(), ip),
             Dataplane::Kernel(plane) => plane.tunnel(ip),
         }
     }
 
     /// Remote VMs the data plane has an entry for that a previous run left (kernel backend: its
     /// routes outlive the agent; the userspace table starts empty).
-    pub fn tunnel_ips(&self) -> Vec<Ipv4Addr> {
+    pub fn tunnel_ips(&self) -> Vec<IpAddr> {
         match self {
             Dataplane::Tun(_) => Vec::new(),
             Dataplane::Kernel(plane) => plane.tunnel_ips(),
@@ -288,9 +359,9 @@ impl Dataplane {
     }
 
     /// Sets the data-plane entry of `ip`.
-    pub async fn set_tunnel(&mut self, kernel: &Kernel, ip: Ipv4Addr, tunnel: Tunnel) -> Result<()> {
+    pub async fn set_tunnel(&mut self, kernel: &Kernel, ip: IpAddr, tunnel: Tunnel) -> Result<()> {
         match self {
-            Dataplane::Tun(plane) => plane.set_tunnel(ip, tunnel),
+            Dataplane::Tun(plane) => set_fib_tunnel(plane.fib(), ip, tunnel),
             Dataplane::Kernel(plane) => Ok(plane.set_tunnel(kernel, ip, tunnel).await?),
         }
     }
@@ -363,5 +434,31 @@ mod tests {
         assert_eq!((kernel.backend, kernel.code), (Backend::Kernel, "requested"));
         let err = choose(DataplaneMode::Kernel, &missing).unwrap_err();
         assert!(err.contains("ipip module") && err.contains("--dataplane tun") && err.contains("not found"), "{err}");
+    }
+
+    #[test]
+    fn ipv6_prefixes_need_the_userspace_forwarder() {
+        assert!(ipv6_choice(DataplaneMode::Kernel, &[]).is_none(), "IPv4 only: the usual choice");
+        let v6: Vec<Ipv6Net> = vec!["fd00:10::/64".parse().unwrap()];
+        let err = ipv6_choice(DataplaneMode::Kernel, &v6).unwrap().unwrap_err();
+        assert!(err.contains("fd00:10::/64") && err.contains("--dataplane tun"), "{err}");
+        let auto = ipv6_choice(DataplaneMode::Auto, &v6).unwrap().unwrap();
+        assert_eq!((auto.backend, auto.code), (Backend::Tun, "ipv6_prefixes"));
+        assert_eq!(ipv6_choice(DataplaneMode::Tun, &v6).unwrap().unwrap().backend, Backend::Tun);
+    }
+
+    #[test]
+    fn the_userspace_table_takes_ipv6_vms_with_an_ipv4_peer() {
+        let fib = Fib::new(Ipv4Addr::new(198, 51, 100, 1));
+        let vm: IpAddr = "fd00:10::11".parse().unwrap();
+        let peer = Ipv4Addr::new(198, 51, 100, 2);
+        assert_eq!(fib_tunnel(&fib, vm), Tunnel::None);
+        set_fib_tunnel(&fib, vm, Tunnel::Remote(peer)).unwrap();
+        assert_eq!(fib_tunnel(&fib, vm), Tunnel::Remote(peer));
+        assert_eq!(fib.len_v6(), 1);
+        set_fib_tunnel(&fib, vm, Tunnel::Local).unwrap();
+        assert_eq!(fib_tunnel(&fib, vm), Tunnel::Local);
+        set_fib_tunnel(&fib, vm, Tunnel::None).unwrap();
+        assert_eq!(fib_tunnel(&fib, vm), Tunnel::None);
     }
 }

@@ -238,9 +238,10 @@ pub fn check_move(hint: &Hint, src: Ipv4Addr, desired: &DesiredState, local_clai
 mod tests {
     use super::*;
     use crate::codec::hint::Kind;
+    use std::net::IpAddr;
     use victor_proto::v1::{BindingEntry, FeEntry, SyncPhase, SyncUpdate};
 
-    const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+    const VM: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 10, 0, 11));
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
     const S: i64 = 1_000_000_000;
 
@@ -263,7 +264,7 @@ mod tests {
             reset: true,
             fe_upserts: vec![fe(1, true), fe(2, true), fe(3, true), fe(4, false)],
             binding_upserts: vec![BindingEntry {
-                vm_ip: VM.octets().to_vec(),
+                vm_ip: victor_proto::types::ip_to_bytes(VM),
                 fe_id: "fe2".into(),
                 mac: MAC.to_vec(),
                 move_seq: 4,
@@ -319,7 +320,7 @@ mod tests {
         assert_eq!(check_move(&hint("fe2", 4), ul(2), &d, false), Err(Reject::AlreadyThere));
         let other_mac = Hint { mac: [2, 0, 0, 0, 0, 0x99], ..hint("fe3", 4) };
         assert_eq!(check_move(&other_mac, ul(3), &d, false), Err(Reject::MacMismatch));
-        let unbound = Hint { vm_ip: Ipv4Addr::new(10, 10, 0, 12), ..hint("fe3", 4) };
+        let unbound = Hint { vm_ip: IpAddr::V4(Ipv4Addr::new(10, 10, 0, 12)), ..hint("fe3", 4) };
         assert_eq!(check_move(&unbound, ul(3), &d, false), Err(Reject::Unbound));
         assert_eq!(check_move(&hint("fe3", 4), ul(3), &d, true), Err(Reject::LocalClaim));
     }

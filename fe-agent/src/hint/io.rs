@@ -163,7 +163,7 @@ mod tests {
         Hint {
             kind: Kind::Move,
             fe_id: "fe3".into(),
-            vm_ip: Ipv4Addr::new(10, 10, 0, 11),
+            vm_ip: Ipv4Addr::new(10, 10, 0, 11).into(),
             mac: [2, 0, 0, 0, 0, 0x11],
             move_seq: 4,
             observed_at: 100 * S,

@@ -29,7 +29,7 @@ pub mod io;
 pub mod outbox;
 pub mod overrides;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -116,13 +116,13 @@ impl Hints {
     }
 
     /// The tunnel peer an override puts in front of the desired state for `ip`.
-    pub fn peer(&self, ip: Ipv4Addr) -> Option<Ipv4Addr> {
+    pub fn peer(&self, ip: IpAddr) -> Option<Ipv4Addr> {
         self.overrides.peer(ip)
     }
 
     /// This FE just installed `ip` locally for a new claim (observed at `observed_at`): if the VM
     /// is bound to another FE, tell every other FE that is up.
-    pub fn claimed(&mut self, ip: Ipv4Addr, mac: [u8; 6], observed_at: i64, desired: &DesiredState) {
+    pub fn claimed(&mut self, ip: IpAddr, mac: [u8; 6], observed_at: i64, desired: &DesiredState) {
         let Some(socket) = &self.socket else { return };
         let Some(b) = desired.binding(ip).filter(|b| b.fe != desired.me()) else { return };
         let hint = Hint {
@@ -145,7 +145,7 @@ impl Hints {
     }
 
     /// The claim of `ip` observed at `observed_at` was answered; a rejected one is cancelled.
-    pub fn claim_answered(&mut self, ip: Ipv4Addr, observed_at: i64, rejected: bool, desired: &DesiredState) {
+    pub fn claim_answered(&mut self, ip: IpAddr, observed_at: i64, rejected: bool, desired: &DesiredState) {
         let Some(socket) = &self.socket else { return };
         let Some(s) = self.outbox.resolved(ip, observed_at, rejected) else { return };
         let hint = Hint {
@@ -165,7 +165,7 @@ impl Hints {
 
     /// A hint that passed the socket's screening. Returns the VM to reconcile when it changed
     /// this FE's target for it.
-    pub fn received(&mut self, r: Received, desired: &DesiredState, local: &LocalVms) -> Option<Ipv4Addr> {
+    pub fn received(&mut self, r: Received, desired: &DesiredState, local: &LocalVms) -> Option<IpAddr> {
         let Received { hint, src, received_mono } = r;
         let ip = hint.vm_ip;
         let outcome = match hint.kind {
@@ -218,14 +218,14 @@ impl Hints {
     }
 
     /// The change a hint made to `ip` is in the data plane now.
-    pub fn applied(&self, ip: Ipv4Addr, at: u64) {
+    pub fn applied(&self, ip: IpAddr, at: u64) {
         if let Some(o) = self.overrides.get(ip) {
             self.events.lock().expect("events").hint_applied(ip, o.move_seq + 1, at);
         }
     }
 
     /// The desired binding of `ip` changed: an override past its version ends.
-    pub fn desired_changed(&mut self, ip: Ipv4Addr, desired: &DesiredState) {
+    pub fn desired_changed(&mut self, ip: IpAddr, desired: &DesiredState) {
         if self.overrides.is_empty() {
             return;
         }
@@ -237,7 +237,7 @@ impl Hints {
 
     /// FEs changed: overrides whose sender is no longer registered, up and at the same underlay
     /// address end. Returns their VMs.
-    pub fn senders_changed(&mut self, desired: &DesiredState) -> Vec<Ipv4Addr> {
+    pub fn senders_changed(&mut self, desired: &DesiredState) -> Vec<IpAddr> {
         if self.overrides.is_empty() {
             return Vec::new();
         }
@@ -247,13 +247,13 @@ impl Hints {
     }
 
     /// Timers: overrides unconfirmed for too long end (returns their VMs); old hints are forgotten.
-    pub fn tick(&mut self, now: u64) -> Vec<Ipv4Addr> {
+    pub fn tick(&mut self, now: u64) -> Vec<IpAddr> {
         self.outbox.expire(now);
         let expired = self.overrides.expire(now);
         self.end_all(expired, End::Expired)
     }
 
-    fn end_all(&mut self, ended: Vec<(Ipv4Addr, Override)>, how: End) -> Vec<Ipv4Addr> {
+    fn end_all(&mut self, ended: Vec<(IpAddr, Override)>, how: End) -> Vec<IpAddr> {
         ended
             .into_iter()
             .map(|(ip, o)| {
@@ -263,7 +263,7 @@ impl Hints {
             .collect()
     }
 
-    fn ended(&self, ip: Ipv4Addr, o: &Override, how: End) {
+    fn ended(&self, ip: IpAddr, o: &Override, how: End) {
         self.metrics.hint_override_ended(how.label());
         self.metrics.hint_overrides.set(self.overrides.len() as i64);
         self.events.lock().expect("events").hint_ended(ip, o.move_seq + 1, how.label(), monotonic_ns());

@@ -3,7 +3,7 @@
 //! waiting for their timeout); when it accepts, the stream confirms it and nothing more is sent.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// A move hint sent for a pending claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub struct Sent {
 #[derive(Debug)]
 pub struct Outbox {
     keep_ns: u64,
-    by_ip: HashMap<Ipv4Addr, Sent>,
+    by_ip: HashMap<IpAddr, Sent>,
 }
 
 impl Outbox {
@@ -32,13 +32,13 @@ impl Outbox {
     }
 
     /// A hint for `ip` went out (replaces an older one for the same VM).
-    pub fn sent(&mut self, ip: Ipv4Addr, sent: Sent) {
+    pub fn sent(&mut self, ip: IpAddr, sent: Sent) {
         self.by_ip.insert(ip, sent);
     }
 
     /// The claim of `ip` observed at `observed_at` was answered. Returns the hint to cancel when
     /// the claim was rejected.
-    pub fn resolved(&mut self, ip: Ipv4Addr, observed_at: i64, rejected: bool) -> Option<Sent> {
+    pub fn resolved(&mut self, ip: IpAddr, observed_at: i64, rejected: bool) -> Option<Sent> {
         let sent = self.by_ip.get(&ip).filter(|s| s.observed_at == observed_at).copied()?;
         self.by_ip.remove(&ip);
         rejected.then_some(sent)
@@ -65,7 +65,7 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+    const VM: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 10, 0, 11));
 
     fn sent(observed_at: i64, at: u64) -> Sent {
         Sent { mac: [2, 0, 0, 0, 0, 0x11], move_seq: 4, observed_at, sent_mono: at }

@@ -15,7 +15,7 @@
 //! concurrent claims, docs/design.md section 3) until the controller's answer ends it.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use super::accept::Reject;
@@ -76,7 +76,7 @@ impl End {
 pub struct Overrides {
     timeout_ns: u64,
     cap: usize,
-    by_ip: HashMap<Ipv4Addr, Override>,
+    by_ip: HashMap<IpAddr, Override>,
 }
 
 impl Overrides {
@@ -86,12 +86,12 @@ impl Overrides {
     }
 
     /// The tunnel peer overriding the desired state for `ip`.
-    pub fn peer(&self, ip: Ipv4Addr) -> Option<Ipv4Addr> {
+    pub fn peer(&self, ip: IpAddr) -> Option<Ipv4Addr> {
         self.by_ip.get(&ip).map(|o| o.peer)
     }
 
     /// The override of `ip`.
-    pub fn get(&self, ip: Ipv4Addr) -> Option<&Override> {
+    pub fn get(&self, ip: IpAddr) -> Option<&Override> {
         self.by_ip.get(&ip)
     }
 
@@ -107,7 +107,7 @@ impl Overrides {
 
     /// Offers an accepted hint for `ip` at `now` (`o.accepted_mono` and `o.expires` are set here).
     /// Returns the override it replaced, if any.
-    pub fn offer(&mut self, ip: Ipv4Addr, mut o: Override, now: u64) -> Result<Option<Override>, Reject> {
+    pub fn offer(&mut self, ip: IpAddr, mut o: Override, now: u64) -> Result<Option<Override>, Reject> {
         o.accepted_mono = now;
         o.expires = now.saturating_add(self.timeout_ns);
         match self.by_ip.get(&ip) {
@@ -120,7 +120,7 @@ impl Overrides {
     }
 
     /// The sender `fe` cancels its hint for `ip` after version `move_seq`.
-    pub fn cancel(&mut self, ip: Ipv4Addr, fe: FeIdx, move_seq: u64) -> Result<Override, Reject> {
+    pub fn cancel(&mut self, ip: IpAddr, fe: FeIdx, move_seq: u64) -> Result<Override, Reject> {
         match self.by_ip.get(&ip) {
             Some(o) if o.fe == fe && o.move_seq == move_seq => Ok(self.by_ip.remove(&ip).expect("present")),
             _ => Err(Reject::NoOverride),
@@ -128,7 +128,7 @@ impl Overrides {
     }
 
     /// The desired binding of `ip` changed to `binding` (FE, move_seq), or was removed.
-    pub fn desired_changed(&mut self, ip: Ipv4Addr, binding: Option<(FeIdx, u64)>) -> Option<(Override, End)> {
+    pub fn desired_changed(&mut self, ip: IpAddr, binding: Option<(FeIdx, u64)>) -> Option<(Override, End)> {
         let o = self.by_ip.get(&ip)?;
         let end = match binding {
             None => End::Superseded,
@@ -145,17 +145,17 @@ impl Overrides {
     }
 
     /// Ends every override whose sender no longer passes `still_valid(fe, peer)`.
-    pub fn senders_changed(&mut self, still_valid: impl Fn(FeIdx, Ipv4Addr) -> bool) -> Vec<(Ipv4Addr, Override)> {
+    pub fn senders_changed(&mut self, still_valid: impl Fn(FeIdx, Ipv4Addr) -> bool) -> Vec<(IpAddr, Override)> {
         self.take(|o| !still_valid(o.fe, o.peer))
     }
 
     /// Ends every override unconfirmed at `now`.
-    pub fn expire(&mut self, now: u64) -> Vec<(Ipv4Addr, Override)> {
+    pub fn expire(&mut self, now: u64) -> Vec<(IpAddr, Override)> {
         self.take(|o| now >= o.expires)
     }
 
-    fn take(&mut self, pred: impl Fn(&Override) -> bool) -> Vec<(Ipv4Addr, Override)> {
-        let ips: Vec<Ipv4Addr> = self.by_ip.iter().filter(|(_, o)| pred(o)).map(|(ip, _)| *ip).collect();
+    fn take(&mut self, pred: impl Fn(&Override) -> bool) -> Vec<(IpAddr, Override)> {
+        let ips: Vec<IpAddr> = self.by_ip.iter().filter(|(_, o)| pred(o)).map(|(ip, _)| *ip).collect();
         let mut out: Vec<_> = ips.into_iter().filter_map(|ip| Some((ip, self.by_ip.remove(&ip)?))).collect();
         out.sort_by_key(|(ip, _)| *ip);
         out
@@ -166,7 +166,7 @@ impl Overrides {
 mod tests {
     use super::*;
 
-    const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+    const VM: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 10, 0, 11));
     const MS: u64 = 1_000_000;
     const FE2: FeIdx = 1;
     const FE3: FeIdx = 2;
@@ -245,9 +245,9 @@ mod tests {
     fn bounded_and_ended_when_the_sender_goes() {
         let mut o = overrides();
         o.offer(VM, from(FE3, 4, 10), 0).unwrap();
-        let vm2 = Ipv4Addr::new(10, 10, 0, 12);
+        let vm2 = IpAddr::V4(Ipv4Addr::new(10, 10, 0, 12));
         o.offer(vm2, from(FE4, 1, 10), 0).unwrap();
-        assert_eq!(o.offer(Ipv4Addr::new(10, 10, 0, 13), from(FE3, 1, 10), 0), Err(Reject::TooMany));
+        assert_eq!(o.offer(IpAddr::V4(Ipv4Addr::new(10, 10, 0, 13)), from(FE3, 1, 10), 0), Err(Reject::TooMany));
         let gone = o.senders_changed(|fe, _| fe != FE4);
         assert_eq!(gone.iter().map(|(ip, _)| *ip).collect::<Vec<_>>(), vec![vm2]);
         assert_eq!(o.len(), 1);

@@ -7,7 +7,7 @@
 //! write): it is no verdict, the agent keeps what it learned and sends the claim again.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
     /// VM IP.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// VM MAC.
     pub mac: [u8; 6],
     /// LEARNED or GONE.
@@ -45,7 +45,7 @@ pub struct Observation {
 impl Observation {
     fn to_wire(&self) -> VmObservation {
         VmObservation {
-            vm_ip: self.ip.octets().to_vec(),
+            vm_ip: victor_proto::types::ip_to_bytes(self.ip),
             mac: self.mac.to_vec(),
             kind: self.kind as i32,
             observed_at_unix_nanos: self.observed_at,
@@ -71,8 +71,8 @@ pub struct Answered {
 /// The queue (pure).
 #[derive(Debug, Default)]
 pub struct ReportQueue {
-    order: VecDeque<Ipv4Addr>,
-    pending: HashMap<Ipv4Addr, Observation>,
+    order: VecDeque<IpAddr>,
+    pending: HashMap<IpAddr, Observation>,
 }
 
 impl ReportQueue {
@@ -274,7 +274,7 @@ mod tests {
 
     fn obs(last: u8, at: i64, kind: ObservationKind) -> Observation {
         Observation {
-            ip: Ipv4Addr::new(10, 10, 0, last),
+            ip: std::net::Ipv4Addr::new(10, 10, 0, last).into(),
             mac: [2, 0, 0, 0, 0, last],
             kind,
             observed_at: at,
@@ -300,7 +300,10 @@ mod tests {
         let mut q = ReportQueue::default();
         for i in 0..=255u8 {
             for j in 0..5i64 {
-                q.push(Observation { ip: Ipv4Addr::new(10, 10, j as u8, i), ..obs(i, j, ObservationKind::Learned) });
+                q.push(Observation {
+                    ip: std::net::Ipv4Addr::new(10, 10, j as u8, i).into(),
+                    ..obs(i, j, ObservationKind::Learned)
+                });
             }
         }
         let batch = q.take(MAX_BATCH);
@@ -317,8 +320,8 @@ mod tests {
         assert_eq!(newest.observed_at, 99);
     }
 
-    fn batch_second_ip() -> Ipv4Addr {
-        Ipv4Addr::new(10, 10, 1, 0)
+    fn batch_second_ip() -> IpAddr {
+        std::net::Ipv4Addr::new(10, 10, 1, 0).into()
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! What the reconciler changes, behind one trait ([`Effects`]): the permanent neighbour entries
-//! and /32 routes of local VMs on the VM ports, and each VM IP's data-plane entry. [`Host`] is the
+//! and host routes (/32, /128) of local VMs on the VM ports, and each VM IP's data-plane entry. [`Host`] is the
 //! real thing (rtnetlink and the running data plane); [`InMemory`] keeps the same objects in
 //! maps and logs every change, so the engine's event sequences run in tests without root.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::plan::Op;
 use crate::forwarding::{Dataplane, PeerChanges, Tunnel};
@@ -22,19 +22,19 @@ pub trait Effects: Send {
     /// The neighbour entries carrying our protocol.
     fn our_neighbours(&mut self) -> impl Future<Output = Result<Vec<OurNeighbour>>> + Send;
     /// Installs or replaces the permanent neighbour entry of `ip` on `port`.
-    fn replace_neighbour(&mut self, ip: Ipv4Addr, port: u32, mac: [u8; 6]) -> impl Future<Output = Result<()>> + Send;
-    /// Installs or replaces the /32 route of `ip` through `port`.
-    fn replace_host_route(&mut self, ip: Ipv4Addr, port: u32) -> impl Future<Output = Result<()>> + Send;
-    /// Removes the /32 route of `ip` through `port`.
-    fn del_host_route(&mut self, ip: Ipv4Addr, port: u32) -> impl Future<Output = Result<()>> + Send;
+    fn replace_neighbour(&mut self, ip: IpAddr, port: u32, mac: [u8; 6]) -> impl Future<Output = Result<()>> + Send;
+    /// Installs or replaces the host route (/32 or /128) of `ip` through `port`.
+    fn replace_host_route(&mut self, ip: IpAddr, port: u32) -> impl Future<Output = Result<()>> + Send;
+    /// Removes the host route of `ip` through `port`.
+    fn del_host_route(&mut self, ip: IpAddr, port: u32) -> impl Future<Output = Result<()>> + Send;
     /// Removes the neighbour entry of `ip` on `port`.
-    fn del_neighbour(&mut self, ip: Ipv4Addr, port: u32) -> impl Future<Output = Result<()>> + Send;
+    fn del_neighbour(&mut self, ip: IpAddr, port: u32) -> impl Future<Output = Result<()>> + Send;
     /// What the data plane does with `ip` now.
-    fn tunnel(&self, ip: Ipv4Addr) -> Tunnel;
+    fn tunnel(&self, ip: IpAddr) -> Tunnel;
     /// Sets the data-plane entry of `ip`.
-    fn set_tunnel(&mut self, ip: Ipv4Addr, tunnel: Tunnel) -> impl Future<Output = Result<()>> + Send;
+    fn set_tunnel(&mut self, ip: IpAddr, tunnel: Tunnel) -> impl Future<Output = Result<()>> + Send;
     /// Data-plane entries of remote VMs a previous run left (to sweep after a snapshot).
-    fn tunnel_ips(&self) -> Vec<Ipv4Addr>;
+    fn tunnel_ips(&self) -> Vec<IpAddr>;
     /// Accepts tunnel packets only from these underlay addresses.
     fn set_peers(&mut self, peers: &[Ipv4Addr]) -> impl Future<Output = Result<PeerChanges>> + Send;
     /// Heap bytes of the data plane's forwarding table, if it has one in this process.
@@ -69,31 +69,31 @@ impl Effects for Host {
         Ok(self.kernel.our_neighbours().await?)
     }
 
-    async fn replace_neighbour(&mut self, ip: Ipv4Addr, port: u32, mac: [u8; 6]) -> Result<()> {
+    async fn replace_neighbour(&mut self, ip: IpAddr, port: u32, mac: [u8; 6]) -> Result<()> {
         Ok(self.kernel.replace_neighbour(ip, port, mac).await?)
     }
 
-    async fn replace_host_route(&mut self, ip: Ipv4Addr, port: u32) -> Result<()> {
+    async fn replace_host_route(&mut self, ip: IpAddr, port: u32) -> Result<()> {
         Ok(self.kernel.replace_host_route(ip, port).await?)
     }
 
-    async fn del_host_route(&mut self, ip: Ipv4Addr, port: u32) -> Result<()> {
+    async fn del_host_route(&mut self, ip: IpAddr, port: u32) -> Result<()> {
         Ok(self.kernel.del_host_route(ip, port).await?)
     }
 
-    async fn del_neighbour(&mut self, ip: Ipv4Addr, port: u32) -> Result<()> {
+    async fn del_neighbour(&mut self, ip: IpAddr, port: u32) -> Result<()> {
         Ok(self.kernel.del_neighbour(ip, port).await?)
     }
 
-    fn tunnel(&self, ip: Ipv4Addr) -> Tunnel {
+    fn tunnel(&self, ip: IpAddr) -> Tunnel {
         self.dataplane.tunnel(ip)
     }
 
-    async fn set_tunnel(&mut self, ip: Ipv4Addr, tunnel: Tunnel) -> Result<()> {
+    async fn set_tunnel(&mut self, ip: IpAddr, tunnel: Tunnel) -> Result<()> {
         self.dataplane.set_tunnel(&self.kernel, ip, tunnel).await
     }
 
-    fn tunnel_ips(&self) -> Vec<Ipv4Addr> {
+    fn tunnel_ips(&self) -> Vec<IpAddr> {
         self.dataplane.tunnel_ips()
     }
 
@@ -107,27 +107,27 @@ impl Effects for Host {
 }
 
 /// Routes, neighbours and tunnel entries in maps, with the kernel's semantics where the
-/// reconciler relies on them (one /32 route per address; neighbour entries per port; deleting
+/// reconciler relies on them (one host route per address; neighbour entries per port; deleting
 /// what is gone succeeds), and a log of every change in order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct InMemory {
-    /// /32 routes: address → port.
-    pub routes: BTreeMap<Ipv4Addr, u32>,
+    /// Host routes: address → port.
+    pub routes: BTreeMap<IpAddr, u32>,
     /// Permanent neighbour entries: (address, port) → MAC.
-    pub neighbours: BTreeMap<(Ipv4Addr, u32), [u8; 6]>,
+    pub neighbours: BTreeMap<(IpAddr, u32), [u8; 6]>,
     /// Data-plane entries (absent = [`Tunnel::None`]).
-    pub tunnels: BTreeMap<Ipv4Addr, Tunnel>,
+    pub tunnels: BTreeMap<IpAddr, Tunnel>,
     /// Accepted tunnel sources.
     pub peers: Vec<Ipv4Addr>,
     /// Every change made through [`Effects`], oldest first.
-    pub log: Vec<(Ipv4Addr, Op)>,
+    pub log: Vec<(IpAddr, Op)>,
     /// Addresses whose changes fail (as a kernel that refuses them), changing nothing.
-    pub failing: BTreeSet<Ipv4Addr>,
+    pub failing: BTreeSet<IpAddr>,
 }
 
 impl InMemory {
     /// What a previous run left: routes and neighbours carrying our protocol (not logged).
-    pub fn with_previous_run(local: &[(Ipv4Addr, u32, [u8; 6])]) -> Self {
+    pub fn with_previous_run(local: &[(IpAddr, u32, [u8; 6])]) -> Self {
         let mut m = InMemory::default();
         for &(ip, port, mac) in local {
             m.routes.insert(ip, port);
@@ -137,12 +137,12 @@ impl InMemory {
     }
 
     /// Takes the log (the changes since the last call).
-    pub fn take_log(&mut self) -> Vec<(Ipv4Addr, Op)> {
+    pub fn take_log(&mut self) -> Vec<(IpAddr, Op)> {
         std::mem::take(&mut self.log)
     }
 
     /// Logs `op` on `ip`, or fails if `ip` is failing.
-    fn change(&mut self, ip: Ipv4Addr, op: Op) -> Result<()> {
+    fn change(&mut self, ip: IpAddr, op: Op) -> Result<()> {
         if self.failing.contains(&ip) {
             bail!("{op:?} of {ip} refused");
         }
@@ -153,26 +153,26 @@ impl InMemory {
 
 impl Effects for InMemory {
     async fn our_routes(&mut self) -> Result<Vec<OurRoute>> {
-        Ok(self.routes.iter().map(|(ip, port)| OurRoute { dst: Ipv4Net::from(*ip), oif: *port }).collect())
+        Ok(self.routes.iter().map(|(ip, port)| OurRoute { dst: IpNet::from(*ip), oif: *port }).collect())
     }
 
     async fn our_neighbours(&mut self) -> Result<Vec<OurNeighbour>> {
         Ok(self.neighbours.iter().map(|(&(ip, ifindex), &mac)| OurNeighbour { ip, ifindex, mac }).collect())
     }
 
-    async fn replace_neighbour(&mut self, ip: Ipv4Addr, port: u32, mac: [u8; 6]) -> Result<()> {
+    async fn replace_neighbour(&mut self, ip: IpAddr, port: u32, mac: [u8; 6]) -> Result<()> {
         self.change(ip, Op::SetNeighbour { port, mac })?;
         self.neighbours.insert((ip, port), mac);
         Ok(())
     }
 
-    async fn replace_host_route(&mut self, ip: Ipv4Addr, port: u32) -> Result<()> {
+    async fn replace_host_route(&mut self, ip: IpAddr, port: u32) -> Result<()> {
         self.change(ip, Op::SetRoute { port })?;
         self.routes.insert(ip, port);
         Ok(())
     }
 
-    async fn del_host_route(&mut self, ip: Ipv4Addr, port: u32) -> Result<()> {
+    async fn del_host_route(&mut self, ip: IpAddr, port: u32) -> Result<()> {
         self.change(ip, Op::DelRoute { port })?;
         if self.routes.get(&ip) == Some(&port) {
             self.routes.remove(&ip);
@@ -180,17 +180,17 @@ impl Effects for InMemory {
         Ok(())
     }
 
-    async fn del_neighbour(&mut self, ip: Ipv4Addr, port: u32) -> Result<()> {
+    async fn del_neighbour(&mut self, ip: IpAddr, port: u32) -> Result<()> {
         self.change(ip, Op::DelNeighbour { port })?;
         self.neighbours.remove(&(ip, port));
         Ok(())
     }
 
-    fn tunnel(&self, ip: Ipv4Addr) -> Tunnel {
+    fn tunnel(&self, ip: IpAddr) -> Tunnel {
         self.tunnels.get(&ip).copied().unwrap_or(Tunnel::None)
     }
 
-    async fn set_tunnel(&mut self, ip: Ipv4Addr, tunnel: Tunnel) -> Result<()> {
+    async fn set_tunnel(&mut self, ip: IpAddr, tunnel: Tunnel) -> Result<()> {
         self.change(ip, Op::SetTunnel(tunnel))?;
         match tunnel {
             Tunnel::None => self.tunnels.remove(&ip),
@@ -199,7 +199,7 @@ impl Effects for InMemory {
         Ok(())
     }
 
-    fn tunnel_ips(&self) -> Vec<Ipv4Addr> {
+    fn tunnel_ips(&self) -> Vec<IpAddr> {
         self.tunnels.iter().filter(|(_, t)| matches!(t, Tunnel::Remote(_))).map(|(ip, _)| *ip).collect()
     }
 

@@ -1,5 +1,5 @@
 //! The reconciler (kube-rs style): for each VM IP whose desired target may have changed, compare
-//! with what is programmed (kernel /32 routes and neighbours on VM ports, the data-plane entry)
+//! with what is programmed (kernel /32 and /128 host routes and neighbours on VM ports, the data-plane entry)
 //! and apply the minimal ordered change ([`plan`]) through its [`effects`]. It owns the record of what it programmed,
 //! read back from the kernel at start (objects carrying our route protocol), so an agent restart
 //! changes nothing that is still right and removes only what is stale — after the first complete
@@ -9,7 +9,7 @@ pub mod effects;
 pub mod plan;
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use effects::Effects;
@@ -35,7 +35,7 @@ pub struct Applied {
 /// Summary of the kernel read-back at start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Readback {
-    /// /32 routes on VM ports.
+    /// Host routes (/32, /128) on VM ports.
     pub host_routes: usize,
     /// Neighbour entries.
     pub neighbours: usize,
@@ -47,8 +47,8 @@ pub struct Readback {
 #[derive(Debug)]
 pub struct Reconciler<E> {
     effects: E,
-    locals: HashMap<Ipv4Addr, LocalActual>,
-    dirty: HashSet<Ipv4Addr>,
+    locals: HashMap<IpAddr, LocalActual>,
+    dirty: HashSet<IpAddr>,
     metrics: Arc<Metrics>,
 }
 
@@ -68,12 +68,12 @@ impl<E: Effects> Reconciler<E> {
         &mut self.effects
     }
 
-    /// Reads back the /32 routes and neighbour entries carrying our protocol on interfaces for
+    /// Reads back the host routes (/32, /128) and neighbour entries carrying our protocol on interfaces for
     /// which `is_vm_port` holds.
     pub async fn read_back(&mut self, is_vm_port: impl Fn(u32) -> bool) -> anyhow::Result<Readback> {
         let mut summary = Readback::default();
         for r in self.effects.our_routes().await? {
-            if r.dst.prefix_len() == 32 && r.oif != 0 && is_vm_port(r.oif) {
+            if r.dst.prefix_len() == r.dst.max_prefix_len() && r.oif != 0 && is_vm_port(r.oif) {
                 let e = self.locals.entry(r.dst.addr()).or_insert(LocalActual { port: r.oif, route: true, mac: None });
                 e.port = r.oif;
                 e.route = true;
@@ -102,14 +102,14 @@ impl<E: Effects> Reconciler<E> {
     }
 
     /// The port the kernel delivers `ip` to, if any.
-    pub fn local_port(&self, ip: Ipv4Addr) -> Option<u32> {
+    pub fn local_port(&self, ip: IpAddr) -> Option<u32> {
         self.locals.get(&ip).map(|l| l.port)
     }
 
     /// IPs with something programmed on a VM port, and the remote VMs whose data-plane entries
     /// a previous run left (kernel backend): what a complete snapshot may make stale.
-    pub fn local_ips(&self) -> Vec<Ipv4Addr> {
-        let mut ips: Vec<Ipv4Addr> = self.locals.keys().copied().chain(self.effects.tunnel_ips()).collect();
+    pub fn local_ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self.locals.keys().copied().chain(self.effects.tunnel_ips()).collect();
         ips.sort_unstable();
         ips.dedup();
         ips
@@ -121,14 +121,14 @@ impl<E: Effects> Reconciler<E> {
     }
 
     /// IPs whose last reconcile failed (to retry).
-    pub fn take_dirty(&mut self) -> Vec<Ipv4Addr> {
+    pub fn take_dirty(&mut self) -> Vec<IpAddr> {
         self.dirty.drain().collect()
     }
 
     /// A VM port vanished: the kernel dropped its routes and neighbours. Returns the IPs that
     /// were delivered through it (to reconcile again).
-    pub fn port_gone(&mut self, port: u32) -> Vec<Ipv4Addr> {
-        let ips: Vec<Ipv4Addr> = self.locals.iter().filter(|(_, l)| l.port == port).map(|(ip, _)| *ip).collect();
+    pub fn port_gone(&mut self, port: u32) -> Vec<IpAddr> {
+        let ips: Vec<IpAddr> = self.locals.iter().filter(|(_, l)| l.port == port).map(|(ip, _)| *ip).collect();
         for ip in &ips {
             self.locals.remove(ip);
         }
@@ -136,12 +136,12 @@ impl<E: Effects> Reconciler<E> {
     }
 
     /// The plan for `ip` towards `target` (no side effects).
-    pub fn plan(&self, ip: Ipv4Addr, target: Target) -> Plan {
+    pub fn plan(&self, ip: IpAddr, target: Target) -> Plan {
         plan::plan(self.locals.get(&ip).copied(), self.effects.tunnel(ip), target)
     }
 
     /// Makes `ip` match `target`.
-    pub async fn apply(&mut self, ip: Ipv4Addr, target: Target) -> Applied {
+    pub async fn apply(&mut self, ip: IpAddr, target: Target) -> Applied {
         let plan = self.plan(ip, target);
         let mut out = Applied { discover: plan.discover, ..Applied::default() };
         for op in plan.ops {
@@ -165,7 +165,7 @@ impl<E: Effects> Reconciler<E> {
         out
     }
 
-    async fn execute(&mut self, ip: Ipv4Addr, op: Op) -> anyhow::Result<()> {
+    async fn execute(&mut self, ip: IpAddr, op: Op) -> anyhow::Result<()> {
         match op {
             Op::SetNeighbour { port, mac } => {
                 self.effects.replace_neighbour(ip, port, mac).await?;
@@ -244,7 +244,7 @@ mod tests {
     use super::*;
     use crate::reconcile::effects::InMemory;
 
-    const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+    const VM: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 10, 0, 11));
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
 
     fn reconciler(effects: InMemory) -> Reconciler<InMemory> {
@@ -275,7 +275,7 @@ mod tests {
     async fn read_back_adopts_our_objects_on_vm_ports() {
         let mut previous = InMemory::with_previous_run(&[(VM, 5, MAC)]);
         previous.neighbours.insert((VM, 6), MAC);
-        previous.routes.insert(Ipv4Addr::new(10, 10, 0, 12), 9);
+        previous.routes.insert(IpAddr::V4(Ipv4Addr::new(10, 10, 0, 12)), 9);
         let mut r = reconciler(previous);
         let readback = r.read_back(|port| port == 5 || port == 6).await.unwrap();
         assert_eq!(readback, Readback { host_routes: 1, neighbours: 2, other_routes: 1 });

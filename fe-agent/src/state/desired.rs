@@ -12,12 +12,13 @@
 //! in whole at its end, so an agent that already forwards keeps its old state until the new one
 //! is complete — a resync never opens a window without bindings.
 //!
-//! Memory: a binding is a `u32` key plus a 32-byte [`BindingRec`] (FE ids are interned to a
+//! Memory: an IPv4 binding is a `u32` key plus a 32-byte [`BindingRec`] (FE ids are interned to a
 //! `u32`), ~80 bytes per binding with hashbrown's spare capacity at 1,000,000 bindings (measured
-//! by `tests/memory.rs`).
+//! by `tests/memory.rs`). IPv6 bindings (16-byte `vm_ip`) live in a second table keyed by `u128`,
+//! so the IPv4 table keeps its size.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use foldhash::fast::RandomState;
@@ -108,7 +109,84 @@ impl FeTable {
     }
 }
 
-type Bindings = HashMap<u32, BindingRec, RandomState>;
+/// The bindings of both families: IPv4 keyed by `u32`, IPv6 by `u128`.
+#[derive(Debug, Default, Clone)]
+struct Bindings {
+    v4: HashMap<u32, BindingRec, RandomState>,
+    v6: HashMap<u128, BindingRec, RandomState>,
+}
+
+impl Bindings {
+    fn get(&self, ip: IpAddr) -> Option<&BindingRec> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&u32::from(a)),
+            IpAddr::V6(a) => self.v6.get(&u128::from(a)),
+        }
+    }
+
+    fn get_mut(&mut self, ip: IpAddr) -> Option<&mut BindingRec> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get_mut(&u32::from(a)),
+            IpAddr::V6(a) => self.v6.get_mut(&u128::from(a)),
+        }
+    }
+
+    fn insert(&mut self, ip: IpAddr, rec: BindingRec) {
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(u32::from(a), rec),
+            IpAddr::V6(a) => self.v6.insert(u128::from(a), rec),
+        };
+    }
+
+    fn remove(&mut self, ip: IpAddr) -> Option<BindingRec> {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(&u32::from(a)),
+            IpAddr::V6(a) => self.v6.remove(&u128::from(a)),
+        }
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.get(ip).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (IpAddr, &BindingRec)> + '_ {
+        let v4 = self.v4.iter().map(|(&ip, b)| (IpAddr::V4(Ipv4Addr::from(ip)), b));
+        v4.chain(self.v6.iter().map(|(&ip, b)| (IpAddr::V6(std::net::Ipv6Addr::from(ip)), b)))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &BindingRec> + '_ {
+        self.v4.values().chain(self.v6.values())
+    }
+
+    fn reserve(&mut self, n: usize) {
+        self.v4.reserve(n);
+    }
+
+    fn shrink_to_fit(&mut self) {
+        self.v4.shrink_to_fit();
+        self.v6.shrink_to_fit();
+    }
+
+    /// Heap bytes (capacity-based estimate of hashbrown's layout).
+    fn heap_bytes(&self) -> usize {
+        fn table<K>(cap: usize) -> usize {
+            if cap == 0 {
+                return 0;
+            }
+            let buckets = (cap * 8 / 7).next_power_of_two();
+            buckets * (std::mem::size_of::<(K, BindingRec)>() + 1) + 16
+        }
+        table::<u32>(self.v4.capacity()) + table::<u128>(self.v6.capacity())
+    }
+}
 
 /// An FE whose forwarding-relevant facts changed (underlay address or registration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,12 +196,12 @@ pub struct FeChanged(pub FeIdx);
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// Bindings that changed, with the revision of the change (upsert or removal).
-    pub bindings: Vec<(Ipv4Addr, u64)>,
+    pub bindings: Vec<(IpAddr, u64)>,
     /// FEs whose underlay or registration changed (their bindings' tunnels change).
     pub fes: Vec<FeChanged>,
     /// A snapshot was completed by this message (the agent may remove what is stale).
     pub snapshot_completed: bool,
-    /// Entries skipped because they were malformed (bad lengths) or IPv6 (not carried).
+    /// Entries skipped because they were malformed (bad lengths, not a unicast address).
     pub skipped: usize,
 }
 
@@ -216,8 +294,8 @@ impl DesiredState {
     }
 
     /// The binding of `ip`.
-    pub fn binding(&self, ip: Ipv4Addr) -> Option<BindingRec> {
-        self.bindings.get(&u32::from(ip)).copied()
+    pub fn binding(&self, ip: IpAddr) -> Option<BindingRec> {
+        self.bindings.get(ip).copied()
     }
 
     /// Number of bindings.
@@ -231,8 +309,8 @@ impl DesiredState {
     }
 
     /// Every binding (unordered).
-    pub fn bindings(&self) -> impl Iterator<Item = (Ipv4Addr, BindingRec)> + '_ {
-        self.bindings.iter().map(|(&ip, &b)| (Ipv4Addr::from(ip), b))
+    pub fn bindings(&self) -> impl Iterator<Item = (IpAddr, BindingRec)> + '_ {
+        self.bindings.iter().map(|(ip, &b)| (ip, b))
     }
 
     /// Bindings split into (local, remote) counts.
@@ -260,12 +338,7 @@ impl DesiredState {
 
     /// Heap bytes held by the binding table (capacity-based estimate of hashbrown's layout).
     pub fn heap_bytes(&self) -> usize {
-        let cap = self.bindings.capacity();
-        if cap == 0 {
-            return 0;
-        }
-        let buckets = (cap * 8 / 7).next_power_of_two();
-        buckets * (std::mem::size_of::<(u32, BindingRec)>() + 1) + 16
+        self.bindings.heap_bytes()
     }
 
     /// Drops a snapshot that was cut short (the stream broke before its end).
@@ -339,9 +412,9 @@ impl DesiredState {
             }
         }
         // Bindings: highest revision per IP wins within the message.
-        let mut newest: HashMap<u32, (u64, Option<BindingRec>), RandomState> = HashMap::default();
+        let mut newest: HashMap<IpAddr, (u64, Option<BindingRec>), RandomState> = HashMap::default();
         for b in &msg.binding_upserts {
-            let Some(ip) = ipv4_of(&b.vm_ip) else {
+            let Some(ip) = vm_ip_of(&b.vm_ip) else {
                 out.skipped += 1;
                 continue;
             };
@@ -350,17 +423,17 @@ impl DesiredState {
                 continue;
             };
             let rec = BindingRec { revision: b.revision, move_seq: b.move_seq, fe: self.fes.intern(&b.fe_id), mac };
-            keep_newest(&mut newest, u32::from(ip), b.revision, Some(rec));
+            keep_newest(&mut newest, ip, b.revision, Some(rec));
         }
         for r in &msg.binding_removals {
-            let Some(ip) = ipv4_of(&r.vm_ip) else {
+            let Some(ip) = vm_ip_of(&r.vm_ip) else {
                 out.skipped += 1;
                 continue;
             };
-            keep_newest(&mut newest, u32::from(ip), r.revision, None);
+            keep_newest(&mut newest, ip, r.revision, None);
         }
         for (ip, (revision, rec)) in newest {
-            let current = self.bindings.get(&ip).map(|b| b.revision);
+            let current = self.bindings.get(ip).map(|b| b.revision);
             if current.is_some_and(|c| c >= revision) {
                 continue;
             }
@@ -369,12 +442,12 @@ impl DesiredState {
                     self.bindings.insert(ip, rec);
                 }
                 None => {
-                    if self.bindings.remove(&ip).is_none() {
+                    if self.bindings.remove(ip).is_none() {
                         continue;
                     }
                 }
             }
-            out.bindings.push((Ipv4Addr::from(ip), revision));
+            out.bindings.push((ip, revision));
         }
         out
     }
@@ -417,14 +490,14 @@ impl DesiredState {
         }
         // Bindings: diff old against new, then swap.
         let old = std::mem::replace(&mut self.bindings, staging.bindings);
-        for (&ip, new) in &self.bindings {
-            if old.get(&ip) != Some(new) {
-                out.bindings.push((Ipv4Addr::from(ip), new.revision));
+        for (ip, new) in self.bindings.iter() {
+            if old.get(ip) != Some(new) {
+                out.bindings.push((ip, new.revision));
             }
         }
-        for ip in old.keys() {
-            if !self.bindings.contains_key(ip) {
-                out.bindings.push((Ipv4Addr::from(*ip), revision));
+        for (ip, _) in old.iter() {
+            if !self.bindings.contains(ip) {
+                out.bindings.push((ip, revision));
             }
         }
         self.bindings.shrink_to_fit();
@@ -457,26 +530,26 @@ impl DesiredState {
         }
         staging.bindings.reserve(msg.binding_upserts.len());
         for b in &msg.binding_upserts {
-            let (Some(ip), Ok(mac)) = (ipv4_of(&b.vm_ip), <[u8; 6]>::try_from(b.mac.as_slice())) else {
+            let (Some(ip), Ok(mac)) = (vm_ip_of(&b.vm_ip), <[u8; 6]>::try_from(b.mac.as_slice())) else {
                 skipped += 1;
                 continue;
             };
             let rec = BindingRec { revision: b.revision, move_seq: b.move_seq, fe: self.fes.intern(&b.fe_id), mac };
-            match staging.bindings.get_mut(&u32::from(ip)) {
+            match staging.bindings.get_mut(ip) {
                 Some(cur) if cur.revision >= rec.revision => {}
                 Some(cur) => *cur = rec,
                 None => {
-                    staging.bindings.insert(u32::from(ip), rec);
+                    staging.bindings.insert(ip, rec);
                 }
             }
         }
         for r in &msg.binding_removals {
-            let Some(ip) = ipv4_of(&r.vm_ip) else {
+            let Some(ip) = vm_ip_of(&r.vm_ip) else {
                 skipped += 1;
                 continue;
             };
-            if staging.bindings.get(&u32::from(ip)).is_some_and(|cur| cur.revision < r.revision) {
-                staging.bindings.remove(&u32::from(ip));
+            if staging.bindings.get(ip).is_some_and(|cur| cur.revision < r.revision) {
+                staging.bindings.remove(ip);
             }
         }
         skipped
@@ -496,6 +569,12 @@ fn keep_newest<K: std::hash::Hash + Eq, R: Ord, V, S: std::hash::BuildHasher>(
             map.insert(key, (revision, value));
         }
     }
+}
+
+/// A VM address from wire bytes, either family (None for malformed bytes and for addresses that
+/// cannot be a VM's: unspecified, multicast, loopback).
+pub fn vm_ip_of(bytes: &[u8]) -> Option<IpAddr> {
+    ip_from_bytes(bytes).ok().filter(|ip| !(ip.is_unspecified() || ip.is_multicast() || ip.is_loopback()))
 }
 
 /// An IPv4 address from wire bytes (None for IPv6 or malformed).
@@ -534,8 +613,8 @@ mod tests {
         SyncUpdate { phase: phase as i32, revision, ..Default::default() }
     }
 
-    fn vm(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 10, 0, last)
+    fn vm(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 10, 0, last))
     }
 
     /// fe1 (me), fe2, fe3 and VMs .11 at fe2, .12 at fe1, snapshot at revision 10.
@@ -687,6 +766,32 @@ mod tests {
         let applied = s.apply(&end).unwrap();
         assert_eq!(applied.skipped, 3);
         assert!(s.is_empty() && s.is_complete());
+    }
+
+    #[test]
+    fn ipv6_bindings_live_beside_the_ipv4_ones() {
+        let mut s = synced();
+        let v6: IpAddr = "fd00:10::11".parse().unwrap();
+        let bytes = victor_proto::types::ip_to_bytes(v6);
+        let mut d = msg(SyncPhase::Delta, 11);
+        d.binding_upserts = vec![BindingEntry { vm_ip: bytes.clone(), ..bind(11, "fe3", 0, 11) }];
+        assert_eq!(s.apply(&d).unwrap().bindings, vec![(v6, 11)]);
+        assert_eq!(s.binding(v6).unwrap().fe, s.fes().lookup("fe3").unwrap());
+        assert_eq!(s.binding(vm(11)).unwrap().fe, s.fes().lookup("fe2").unwrap(), "10.10.0.11 is another VM");
+        assert_eq!((s.len(), s.counts()), (3, (1, 2)));
+        assert!(s.bindings().any(|(ip, _)| ip == v6));
+        // A snapshot without it reports it gone; a removal removes it.
+        let mut snap = msg(SyncPhase::SnapshotEnd, 20);
+        snap.reset = true;
+        snap.fe_upserts = vec![fe("fe1", 1, 3), fe("fe2", 2, 4), fe("fe3", 3, 5)];
+        snap.binding_upserts = vec![BindingEntry { vm_ip: bytes.clone(), ..bind(11, "fe2", 1, 19) }];
+        let mut applied = s.apply(&snap).unwrap();
+        applied.bindings.sort();
+        assert_eq!(applied.bindings, vec![(vm(11), 20), (vm(12), 20), (v6, 19)]);
+        let mut d = msg(SyncPhase::Delta, 21);
+        d.binding_removals = vec![BindingRemoval { vm_ip: bytes, revision: 21 }];
+        assert_eq!(s.apply(&d).unwrap().bindings, vec![(v6, 21)]);
+        assert!(s.is_empty());
     }
 
     proptest! {

@@ -20,7 +20,7 @@
 //! unanswered probes it is reported gone and forgotten.
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Ageing and retry timers.
 #[derive(Debug, Clone, Copy)]
@@ -120,11 +120,11 @@ impl DesiredView {
     }
 }
 
-/// An ARP frame from a VM: where, what, when.
+/// A frame from a VM (ARP or NDP): where, what, when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sighting {
     /// VM IP.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// VM MAC.
     pub mac: [u8; 6],
     /// Port index.
@@ -168,10 +168,10 @@ pub enum Resolution {
 /// An ageing action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ageing {
-    /// Send an ARP probe to the VM.
+    /// Send a probe to the VM (ARP for IPv4, an NDP Neighbor Solicitation for IPv6).
     Probe {
         /// VM IP.
-        ip: Ipv4Addr,
+        ip: IpAddr,
         /// VM MAC.
         mac: [u8; 6],
         /// Port.
@@ -180,7 +180,7 @@ pub enum Ageing {
     /// The VM stopped answering: report GONE (it has been forgotten).
     Gone {
         /// VM IP.
-        ip: Ipv4Addr,
+        ip: IpAddr,
         /// VM MAC.
         mac: [u8; 6],
         /// Port.
@@ -192,10 +192,10 @@ pub enum Ageing {
 #[derive(Debug)]
 pub struct LocalVms {
     timers: Timers,
-    vms: HashMap<Ipv4Addr, LocalVm>,
+    vms: HashMap<IpAddr, LocalVm>,
     /// VMs whose STALE claim has not been probed yet (so that [`LocalVms::reverify`], run on every
     /// stream message, looks at them only).
-    unprobed: HashSet<Ipv4Addr>,
+    unprobed: HashSet<IpAddr>,
 }
 
 impl LocalVms {
@@ -205,12 +205,12 @@ impl LocalVms {
     }
 
     /// The VM with `ip`.
-    pub fn get(&self, ip: Ipv4Addr) -> Option<&LocalVm> {
+    pub fn get(&self, ip: IpAddr) -> Option<&LocalVm> {
         self.vms.get(&ip)
     }
 
     /// Every VM (unordered).
-    pub fn iter(&self) -> impl Iterator<Item = (Ipv4Addr, &LocalVm)> {
+    pub fn iter(&self) -> impl Iterator<Item = (IpAddr, &LocalVm)> {
         self.vms.iter().map(|(ip, vm)| (*ip, vm))
     }
 
@@ -224,7 +224,7 @@ impl LocalVms {
         self.vms.is_empty()
     }
 
-    /// Handles an ARP frame from a VM.
+    /// Handles a frame (ARP or NDP) from a VM.
     pub fn sighting(&mut self, s: Sighting, desired: DesiredView) -> Learn {
         let claim_new = |s: &Sighting| LocalVm {
             mac: s.mac,
@@ -280,7 +280,7 @@ impl LocalVms {
     /// `outcome`/`reason`/`revision` are from the `ClaimResult`.
     pub fn resolved(
         &mut self,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         mac: [u8; 6],
         observed_at: i64,
         result: ClaimAnswer,
@@ -344,7 +344,7 @@ impl LocalVms {
     /// The desired binding of `ip` changed (at `revision`). Ends an accepted claim's override once
     /// the desired state has caught up, and forgets a VM the desired state now places elsewhere.
     /// Returns true if the VM was forgotten.
-    pub fn desired_changed(&mut self, ip: Ipv4Addr, revision: u64, desired: DesiredView) -> bool {
+    pub fn desired_changed(&mut self, ip: IpAddr, revision: u64, desired: DesiredView) -> bool {
         let Some(vm) = self.vms.get_mut(&ip) else { return false };
         if let Claim::Accepted { until_revision } = vm.claim
             && revision >= until_revision
@@ -366,7 +366,7 @@ impl LocalVms {
     /// that shows up on another port is re-pointed, one that never answers again ages out and is
     /// reported gone. No GONE is sent at once: the link usually left because the VM is migrating,
     /// and the new FE's claim must not race a removal. Returns the affected IPs.
-    pub fn port_gone(&mut self, port: u32) -> Vec<Ipv4Addr> {
+    pub fn port_gone(&mut self, port: u32) -> Vec<IpAddr> {
         let mut affected = Vec::new();
         for (ip, vm) in self.vms.iter_mut().filter(|(_, vm)| vm.port == port && port != 0) {
             vm.port = 0;
@@ -442,7 +442,7 @@ mod tests {
     use super::*;
 
     const S: u64 = 1_000_000_000;
-    const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+    const VM: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 10, 0, 11));
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
     const OTHER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
 

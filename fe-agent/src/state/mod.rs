@@ -7,7 +7,7 @@ pub mod desired;
 pub mod known;
 pub mod local;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use desired::DesiredState;
 use local::{DesiredView, LocalVms};
@@ -15,7 +15,7 @@ use local::{DesiredView, LocalVms};
 /// What this FE should do with traffic for one VM IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    /// Deliver on a VM port: /32 route + permanent neighbour. `port` is None when the VM is bound
+    /// Deliver on a VM port: host route (/32 or /128) + permanent neighbour. `port` is None when the VM is bound
     /// here but this agent has not (yet) seen it on a port (after a restart the kernel's existing
     /// route tells; otherwise the VM is probed on every port).
     Local {
@@ -31,7 +31,7 @@ pub enum Target {
 }
 
 /// The desired binding of `ip` as [`LocalVms`] sees it.
-pub fn desired_view(desired: &DesiredState, ip: Ipv4Addr) -> DesiredView {
+pub fn desired_view(desired: &DesiredState, ip: IpAddr) -> DesiredView {
     match desired.binding(ip) {
         Some(b) if b.fe == desired.me() => DesiredView::Here(b.mac, b.revision),
         Some(b) => DesiredView::Elsewhere(b.revision),
@@ -42,7 +42,7 @@ pub fn desired_view(desired: &DesiredState, ip: Ipv4Addr) -> DesiredView {
 /// What `ip` should get: a local claim in progress wins (make-before-break), then an accepted
 /// move hint's tunnel peer (`hinted`: the VM is moving to that FE), otherwise the desired state
 /// decides.
-pub fn target(desired: &DesiredState, local: &LocalVms, hinted: Option<Ipv4Addr>, ip: Ipv4Addr) -> Target {
+pub fn target(desired: &DesiredState, local: &LocalVms, hinted: Option<Ipv4Addr>, ip: IpAddr) -> Target {
     let seen = local.get(ip).filter(|vm| vm.is_ours());
     if let Some(vm) = seen.filter(|vm| vm.overrides()) {
         return Target::Local { port: (vm.port != 0).then_some(vm.port), mac: vm.mac };
@@ -65,7 +65,7 @@ mod tests {
     use local::{ClaimAnswer, Sighting, Timers};
     use victor_proto::v1::{BindingEntry, FeEntry, SyncPhase, SyncUpdate};
 
-    const VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+    const VM: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 10, 0, 11));
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
     const FE2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
     const FE3: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
@@ -92,7 +92,7 @@ mod tests {
         ];
         if let Some(fe) = binding_fe {
             end.binding_upserts = vec![BindingEntry {
-                vm_ip: VM.octets().to_vec(),
+                vm_ip: victor_proto::types::ip_to_bytes(VM),
                 fe_id: fe.into(),
                 mac: MAC.to_vec(),
                 move_seq: 1,

@@ -25,15 +25,15 @@ pub mod counters;
 pub mod devices;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::route::{RouteProtocol, RouteScope, RouteType};
 
 use super::{DataplaneConfig, Tunnel};
-use crate::netlink::{Kernel, NetlinkError, OurRoute};
+use crate::netlink::{Kernel, NetlinkError};
 use counters::{KernelCounters, watched_of};
 use devices::{Device, DeviceError, Role, SINK_GATEWAY, SINK_NAME};
 
@@ -59,6 +59,9 @@ pub enum KernelError {
         #[source]
         source: rtnetlink::Error,
     },
+    /// An IPv6 VM behind another FE: this backend has no `sit` devices (6in4) yet.
+    #[error("{0} is an IPv6 VM behind another FE; the kernel data plane carries IPv4 only (use --dataplane tun)")]
+    Ipv6Remote(IpAddr),
     /// A tunnel to an address that is not a registered FE (the kernel would accept its packets).
     #[error("{0} is not a registered FE: no tunnel device for it")]
     NotRegistered(Ipv4Addr),
@@ -110,8 +113,8 @@ pub struct KernelPlane {
     peers: BTreeMap<Ipv4Addr, u32>,
     /// Remote VMs and their peers as programmed.
     remotes: HashMap<Ipv4Addr, Ipv4Addr>,
-    /// Local VMs (no data-plane object: their /32 on the VM port is the reconciler's).
-    locals: HashSet<Ipv4Addr>,
+    /// Local VMs (no data-plane object: their host route on the VM port is the reconciler's).
+    locals: HashSet<IpAddr>,
     counters: Arc<KernelCounters>,
     adoption: Adoption,
 }
@@ -206,26 +209,33 @@ impl KernelPlane {
         let by_index: HashMap<u32, Ipv4Addr> = self.peers.iter().map(|(p, i)| (*i, *p)).collect();
         let routes = kernel.our_routes().await?;
         for net in &config.prefixes {
-            if !routes.iter().any(|r| r.dst == *net && r.oif == self.sink) {
+            if !routes.iter().any(|r| r.dst == IpNet::V4(*net) && r.oif == self.sink) {
                 self.route_prefix(kernel, *net).await?;
                 self.adoption.prefix_routes_set += 1;
             }
         }
         for r in &routes {
-            if r.dst.prefix_len() == 32 {
-                let ip = r.dst.addr();
+            let IpNet::V4(dst) = r.dst else {
+                // IPv6: only local VMs' /128s on VM ports (the reconciler's); nothing else is ours.
+                if r.dst.prefix_len() == 128 && r.oif != 0 {
+                    self.locals.insert(r.dst.addr());
+                }
+                continue;
+            };
+            if dst.prefix_len() == 32 {
+                let ip = dst.addr();
                 if let Some(peer) = by_index.get(&r.oif) {
                     self.remotes.insert(ip, *peer);
                     self.adoption.tunnel_routes += 1;
                 } else if r.oif == self.catch_all.1 || r.oif == self.sink {
                     // Nothing of ours is routed there (an older run's encap route): stale.
-                    kernel.del_host_route(ip, r.oif).await?;
+                    kernel.del_host_route(IpAddr::V4(ip), r.oif).await?;
                     self.adoption.stale_routes_removed += 1;
                 } else if r.oif != 0 {
-                    self.locals.insert(ip);
+                    self.locals.insert(IpAddr::V4(ip));
                 }
-            } else if (r.oif == self.sink || r.oif == 0) && !config.prefixes.contains(&r.dst) {
-                self.del_prefix_route(kernel, r).await?;
+            } else if (r.oif == self.sink || r.oif == 0) && !config.prefixes.contains(&dst) {
+                self.del_prefix_route(kernel, dst, r.oif).await?;
                 self.adoption.stale_routes_removed += 1;
             }
         }
@@ -248,22 +258,18 @@ impl KernelPlane {
     }
 
     /// Deletes one of our prefix routes (into the sink, or a blackhole of an older run).
-    async fn del_prefix_route(&self, kernel: &Kernel, r: &OurRoute) -> Result<(), KernelError> {
+    async fn del_prefix_route(&self, kernel: &Kernel, dst: Ipv4Net, oif: u32) -> Result<(), KernelError> {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(r.dst.network(), r.dst.prefix_len())
+            .destination_prefix(dst.network(), dst.prefix_len())
             .protocol(RouteProtocol::from(kernel.protocol()));
-        b = if r.oif == 0 {
-            b.kind(RouteType::BlackHole)
-        } else {
-            b.output_interface(r.oif).scope(RouteScope::Universe)
-        };
+        b = if oif == 0 { b.kind(RouteType::BlackHole) } else { b.output_interface(oif).scope(RouteScope::Universe) };
         kernel
             .handle()
             .route()
             .del(b.build())
             .execute()
             .await
-            .map_err(|source| KernelError::Route { what: format!("delete the stale route {}", r.dst), source })
+            .map_err(|source| KernelError::Route { what: format!("delete the stale route {dst}"), source })
     }
 
     /// What start found and changed.
@@ -277,8 +283,8 @@ impl KernelPlane {
     }
 
     /// Remote VMs with a route (to sweep stale ones after a complete snapshot).
-    pub fn tunnel_ips(&self) -> Vec<Ipv4Addr> {
-        self.remotes.keys().copied().collect()
+    pub fn tunnel_ips(&self) -> Vec<IpAddr> {
+        self.remotes.keys().map(|ip| IpAddr::V4(*ip)).collect()
     }
 
     /// The peers with a tunnel device.
@@ -287,8 +293,12 @@ impl KernelPlane {
     }
 
     /// What the kernel does with `ip` now (as programmed or adopted).
-    pub fn tunnel(&self, ip: Ipv4Addr) -> Tunnel {
-        match self.remotes.get(&ip) {
+    pub fn tunnel(&self, ip: IpAddr) -> Tunnel {
+        let remote = match ip {
+            IpAddr::V4(v4) => self.remotes.get(&v4),
+            IpAddr::V6(_) => None,
+        };
+        match remote {
             Some(p) => Tunnel::Remote(*p),
             None if self.locals.contains(&ip) => Tunnel::Local,
             None => Tunnel::None,
@@ -296,20 +306,33 @@ impl KernelPlane {
     }
 
     /// Programs `ip`'s entry: a /32 through the peer's device for a remote VM, none otherwise.
-    pub async fn set_tunnel(&mut self, kernel: &Kernel, ip: Ipv4Addr, tunnel: Tunnel) -> Result<(), KernelError> {
+    /// IPv6 VMs can only be local here ([`KernelError::Ipv6Remote`]).
+    pub async fn set_tunnel(&mut self, kernel: &Kernel, ip: IpAddr, tunnel: Tunnel) -> Result<(), KernelError> {
+        let v4 = match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) if matches!(tunnel, Tunnel::Remote(_)) => return Err(KernelError::Ipv6Remote(ip)),
+            IpAddr::V6(_) => {
+                if tunnel == Tunnel::Local {
+                    self.locals.insert(ip);
+                } else {
+                    self.locals.remove(&ip);
+                }
+                return Ok(());
+            }
+        };
         match tunnel {
             Tunnel::Remote(peer) => {
                 let dev = self.peer_device(kernel, peer).await?;
                 kernel.replace_host_route(ip, dev).await?;
-                self.remotes.insert(ip, peer);
+                self.remotes.insert(v4, peer);
                 self.locals.remove(&ip);
             }
             Tunnel::Local | Tunnel::None => {
                 // A route of ours through the peer device, unless a local /32 replaced it.
-                if let Some(dev) = self.remotes.get(&ip).and_then(|p| self.peers.get(p)) {
+                if let Some(dev) = self.remotes.get(&v4).and_then(|p| self.peers.get(p)) {
                     kernel.del_host_route(ip, *dev).await?;
                 }
-                self.remotes.remove(&ip);
+                self.remotes.remove(&v4);
                 if tunnel == Tunnel::Local {
                     self.locals.insert(ip);
                 } else {
