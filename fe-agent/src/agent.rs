@@ -258,7 +258,7 @@ fn start_link(config: &Config, tasks: &mut Tasks, resume: Arc<AtomicU64>, metric
             fe_id: config.fe_id.clone(),
             underlay_addr: config.underlay_addr.to_string(),
             site: config.site.clone(),
-            mobile_prefixes: config.mobile_prefixes.iter().map(|p| p.to_string()).collect(),
+            mobile_prefixes: config.mobile_prefix.iter().map(|p| p.to_string()).collect(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
         },
     };

@@ -282,7 +282,7 @@ impl<E: Effects> Engine<E> {
             }
         };
         if applied.skipped > 0 {
-            tracing::warn!(skipped = applied.skipped, "stream entries skipped (malformed or IPv6)");
+            tracing::warn!(skipped = applied.skipped, "stream entries skipped (malformed)");
         }
         let mut todo: Vec<IpAddr> = Vec::with_capacity(applied.bindings.len());
         for &(ip, revision) in &applied.bindings {

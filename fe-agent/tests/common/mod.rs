@@ -18,7 +18,7 @@
 //! that hold for one backend only are written under `match plane`.
 #![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +39,12 @@ pub const VM_MAC: &str = "02:00:00:00:00:11";
 pub const GATEWAY: &str = "10.10.0.1";
 pub const GATEWAY_MAC: &str = "02:00:5e:10:00:01";
 pub const MOBILE: &str = "10.10.0.0/16";
+/// The VM's IPv6 address (the dual-stack lab: [`Lab::add_ipv6`]).
+pub const VM6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x11);
+/// The client's IPv6 address, behind fe1.
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x10);
+pub const GATEWAY6: &str = "fd00:10::1";
+pub const MOBILE6: &str = "fd00:10::/64";
 /// The FE-side name of the VM's link (the same in every FE it moves to).
 pub const VM_PORT: &str = "vm1p";
 
@@ -135,7 +141,8 @@ impl Controller {
     }
 
     /// The binding of `ip`, or None (NOT_FOUND).
-    pub async fn binding(&self, ip: Ipv4Addr) -> Result<Option<Binding>> {
+    pub async fn binding(&self, ip: impl Into<IpAddr>) -> Result<Option<Binding>> {
+        let ip = ip.into();
         match self.client().await?.get_binding(GetBindingRequest { vm_ip: ip.to_string() }).await {
             Ok(b) => Ok(Some(b.into_inner())),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
@@ -144,7 +151,8 @@ impl Controller {
     }
 
     /// Waits until `ip` is bound to `fe`.
-    pub async fn wait_bound(&self, ip: Ipv4Addr, fe: &str, timeout: Duration) -> Result<Binding> {
+    pub async fn wait_bound(&self, ip: impl Into<IpAddr>, fe: &str, timeout: Duration) -> Result<Binding> {
+        let ip = ip.into();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(b) = self.binding(ip).await?
@@ -352,6 +360,27 @@ impl Lab {
         lab.fes[0].add_addr("cl0", "192.0.2.1/24")?;
         lab.add_vm(&lab.vm, "eth0", VM_PORT, 2, VM, VM_MAC)?;
         Ok(lab)
+    }
+
+    /// Makes the lab dual-stack: the client (fd00:99::10/64, behind fe1), IPv6 on the underlay
+    /// (fd00:198::n/64; fe2 and fe3 route the client's prefix through fe1, as for IPv4) and
+    /// forwarding in every FE, and the VM's IPv6 address fd00:10::11/64 with its default route via
+    /// the IPv6 gateway. Addresses skip duplicate address detection: the tests send the VM's
+    /// announcements (NA, DAD) themselves.
+    pub fn add_ipv6(&self) -> Result<()> {
+        for (i, fe) in self.fes.iter().enumerate() {
+            fe.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            fe.ip(&["-6", "addr", "add", &format!("fd00:198::{}/64", i + 1), "dev", "ul0", "nodad"])?;
+            if i > 0 {
+                fe.ip(&["-6", "route", "add", "fd00:99::/64", "via", "fd00:198::1"])?;
+            }
+        }
+        self.fes[0].ip(&["-6", "addr", "add", "fd00:99::1/64", "dev", "cl0", "nodad"])?;
+        self.client.ip(&["-6", "addr", "add", &format!("{CLIENT6}/64"), "dev", "eth0", "nodad"])?;
+        self.client.ip(&["-6", "route", "add", "default", "via", "fd00:99::1"])?;
+        self.vm.ip(&["-6", "addr", "add", &format!("{VM6}/64"), "dev", "eth0", "nodad"])?;
+        self.vm.ip(&["-6", "route", "add", "default", "via", GATEWAY6])?;
+        Ok(())
     }
 
     /// Adds a VM interface `vm_if` in `ns` (IP/24, MAC, default via the gateway) linked to

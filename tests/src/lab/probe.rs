@@ -1,12 +1,12 @@
 //! Measuring instruments of the lab, both resident in a namespace so they add no start-up delay:
-//! * [`Prober`] — ICMP echo requests at exact intervals from the client, replies counted by
+//! * [`Prober`] — ICMP (or ICMPv6) echo requests at exact intervals from the client, replies counted by
 //!   sequence number, each send time recorded (iputils `ping -i 0.01` really sends every ~16 ms
 //!   and slows down while replies are missing, so it under-counts loss);
 //! * [`FrameSender`] — the VM's gratuitous ARP from an AF_PACKET socket opened once (opening one
 //!   per move would add a syscall storm, and `arping` takes 35–70 ms to start), timestamped.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 use victor_dataplane::arp_io::ArpSender;
 use victor_dataplane::packet::arp::{ArpOp, MacAddr, build_frame, gratuitous};
-use victor_dataplane::packet::{icmp, ipv4};
+use victor_dataplane::packet::{icmp, icmp6, ipv4};
 use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::NetNs;
 
@@ -69,12 +69,20 @@ pub struct Prober {
 impl Prober {
     /// Starts probing `dst` from `ns` every `interval`.
     pub fn start(ns: &NetNs, dst: Ipv4Addr, interval: Duration) -> Result<Prober> {
+        Self::start_ip(ns, IpAddr::V4(dst), interval)
+    }
+
+    /// Starts probing `dst` (IPv4: ICMP, IPv6: ICMPv6) from `ns` every `interval`.
+    pub fn start_ip(ns: &NetNs, dst: IpAddr, interval: Duration) -> Result<Prober> {
         let phase = Arc::new(AtomicU8::new(PROBING));
         let state = Arc::new(Mutex::new(Probes::default()));
         let ident = (std::process::id() as u16) ^ rand::random::<u16>();
         let (phase2, state2) = (phase.clone(), state.clone());
         let thread = ns.spawn_thread("prober", move || -> Result<()> {
-            let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+            let sock = match dst {
+                IpAddr::V4(_) => Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?,
+                IpAddr::V6(_) => Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?,
+            };
             sock.set_read_timeout(Some(Duration::from_micros(200)))?;
             let dst_addr = SocketAddr::from((dst, 0)).into();
             let mut next = Instant::now();
@@ -94,7 +102,18 @@ impl Prober {
                     _ => return Ok(()),
                 }
                 if drain_until.is_none() && Instant::now() >= next {
-                    let msg = icmp::echo(icmp::TYPE_ECHO_REQUEST, ident, seq as u16, &[0x5a; 56]);
+                    let msg = match dst {
+                        IpAddr::V4(_) => icmp::echo(icmp::TYPE_ECHO_REQUEST, ident, seq as u16, &[0x5a; 56]),
+                        // The kernel fills in an ICMPv6 raw socket's checksum.
+                        IpAddr::V6(d) => icmp6::echo(
+                            &Ipv6Addr::UNSPECIFIED,
+                            &d,
+                            icmp6::TYPE_ECHO_REQUEST,
+                            ident,
+                            seq as u16,
+                            &[0x5a; 56],
+                        ),
+                    };
                     let at = monotonic_ns();
                     let _ = sock.send_to(&msg, &dst_addr);
                     let mut s = state2.lock().expect("probes");
@@ -107,9 +126,15 @@ impl Prober {
                 let Ok(n) = sock.recv(&mut buf) else { continue };
                 // SAFETY: recv initialised the first n bytes.
                 let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-                let Ok(h) = ipv4::parse(&data) else { continue };
-                let m = &data[h.header_len..];
-                if m.len() >= 8 && m[0] == icmp::TYPE_ECHO_REPLY && m[4..6] == ident.to_be_bytes() {
+                // An ICMPv6 raw socket delivers the message without its IPv6 header.
+                let (m, reply) = match dst {
+                    IpAddr::V4(_) => {
+                        let Ok(h) = ipv4::parse(&data) else { continue };
+                        (&data[h.header_len..], icmp::TYPE_ECHO_REPLY)
+                    }
+                    IpAddr::V6(_) => (&data[..], icmp6::TYPE_ECHO_REPLY),
+                };
+                if m.len() >= 8 && m[0] == reply && m[4..6] == ident.to_be_bytes() {
                     let low = u16::from_be_bytes([m[6], m[7]]) as u32;
                     // Rebuild the full sequence number from its low 16 bits (sent recently).
                     let full = (seq.saturating_sub(1) & !0xffff) | low;
