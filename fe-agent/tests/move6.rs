@@ -3,7 +3,8 @@
 //! controller on the embedded store, userspace data plane): announced after the first move by an
 //! unsolicited Neighbor Advertisement, after the second only by a duplicate address detection
 //! probe. Link-local announcements bind nothing; a malformed NDP frame is counted; the agent
-//! answers the VM's solicitations for its IPv6 gateway (proxy NDP). The kernel data plane has no
+//! answers the VM's solicitations for its IPv6 gateway, and for IPv6 addresses reached through it
+//! (proxy NDP). The kernel data plane has no
 //! `sit` devices yet: `--dataplane kernel` refuses IPv6 mobile prefixes with a clear message.
 
 mod common;
@@ -105,6 +106,22 @@ async fn ndp_learning_6in4_tunnel_and_moves_announced_by_na_and_by_dad() -> anyh
     // Loose sanity bound (a broken path loses every packet from the move on); the benchmark
     // measures the real figure.
     assert!(lost_per_move.iter().all(|l| *l <= 10), "loss per move {lost_per_move:?}");
+
+    // Proxy NDP: a host on another FE's segment (fe3; the VM is back behind fe2) reaches the VM
+    // on-link: fe3 answers its solicitation for the VM, fe2 the VM's for the host (bound at fe3
+    // once it asked from its address), and the packets go through the tunnel.
+    let nb = victor_testkit::netns::NetNs::new("fa6n")?;
+    let nb_ip: std::net::Ipv6Addr = "fd00:10::9".parse()?;
+    lab.add_vm(&nb, "eth0", "vm9p", 3, std::net::Ipv4Addr::new(10, 10, 0, 9), "02:00:00:00:00:09")?;
+    nb.ip(&["-6", "addr", "add", &format!("{nb_ip}/64"), "dev", "eth0", "nodad"])?;
+    let prober = Prober::start_ip(&nb, VM6.into(), Duration::from_millis(10))?;
+    prober.wait_replies_from(0, 10, Duration::from_secs(5))?;
+    drop(prober);
+    assert_eq!(ctl.binding(nb_ip).await?.map(|b| b.fe_id), Some("fe3".into()), "the host is bound at fe3");
+    assert!(lab.agent_metric(3, "victor_agent_ndp_sent_total{kind=\"proxy\"}")? >= 1.0, "fe3 answered for the VM");
+    assert!(lab.agent_metric(2, "victor_agent_ndp_sent_total{kind=\"proxy\"}")? >= 1.0, "fe2 answered for the host");
+    let nb_neigh = nb.ip(&["-6", "neigh", "show", &VM6.to_string()])?;
+    assert!(nb_neigh.contains(GATEWAY_MAC), "the other segment resolves the VM to the FE: {nb_neigh}");
     Ok(())
 }
 
