@@ -150,12 +150,13 @@ pub struct Config {
     #[arg(long, env = "VICTOR_ROUTE_PROTOCOL", default_value_t = DEFAULT_ROUTE_PROTOCOL)]
     pub route_protocol: u8,
 
-    /// Probe a local VM with ARP after it has been silent this long.
+    /// Probe a local VM (ARP request; IPv6: NUD Neighbor Solicitation) after it has been silent
+    /// this long.
     #[arg(long, env = "VICTOR_ARP_PROBE_AFTER", default_value = "30s", value_parser = victor_daemon::duration::parse)]
     #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub arp_probe_after: Duration,
 
-    /// Interval between ARP probes of a silent VM.
+    /// Interval between probes (ARP, NDP) of a silent VM.
     #[arg(long, env = "VICTOR_ARP_PROBE_INTERVAL", default_value = "1s", value_parser = victor_daemon::duration::parse)]
     #[serde(serialize_with = "victor_daemon::duration::serialize")]
     pub arp_probe_interval: Duration,

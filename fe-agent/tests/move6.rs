@@ -125,6 +125,42 @@ async fn ndp_learning_6in4_tunnel_and_moves_announced_by_na_and_by_dad() -> anyh
     Ok(())
 }
 
+/// Ageing by NUD: a silent IPv6 VM is probed with a unicast Neighbor Solicitation and its answer
+/// (a solicited advertisement) keeps it; once it stops answering it is reported gone and the
+/// binding goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_ipv6_vm_is_probed_by_nud_and_aged_out_when_it_stops_answering() -> anyhow::Result<()> {
+    let mut lab = Lab::build_on(2, Plane::Tun)?;
+    lab.add_ipv6()?;
+    let ctl = Controller::start_with(&lab.dir.path().join("ctl"), None, &["--mobile-prefix", MOBILE6]).await?;
+    let mut flags = V6_FLAGS.to_vec();
+    flags.extend(["--arp-probe-after", "1s", "--arp-probe-interval", "300ms", "--arp-probe-count", "2"]);
+    lab.start_agent(2, &[ctl.url()], &flags)?;
+    lab.wait_ready(2, Duration::from_secs(20))?;
+    send_frames(&lab.vm, "eth0", vec![na_frame(VM6)])?;
+    ctl.wait_bound(VM6, "fe2", Duration::from_secs(5)).await?;
+
+    let probes = "victor_agent_ndp_sent_total{kind=\"probe\"}";
+    let answers = "victor_agent_ndp_frames_total{kind=\"solicited_advertisement\"}";
+    let answered = wait("NUD probes answered by the VM", Duration::from_secs(10), || {
+        lab.agent_metric(2, probes).is_ok_and(|n| n >= 3.0) && lab.agent_metric(2, answers).is_ok_and(|n| n >= 3.0)
+    });
+    if let Err(e) = answered {
+        let (_, metrics) = lab.agent_get(2, "/metrics")?;
+        let ndp: Vec<&str> = metrics.lines().filter(|l| l.contains("ndp")).collect();
+        anyhow::bail!("{e:#}: {ndp:#?}\nfe2's log:\n{}", lab.agent_log(2));
+    }
+    assert_eq!(ctl.binding(VM6).await?.map(|b| b.fe_id), Some("fe2".into()), "an answering VM stays");
+
+    // The VM goes silent (its interface down): two unanswered probes, then GONE.
+    lab.vm.ip(&["link", "set", "eth0", "down"])?;
+    wait_async("the binding of the silent VM to go", Duration::from_secs(10), || async {
+        ctl.binding(VM6).await.is_ok_and(|b| b.is_none())
+    })
+    .await?;
+    Ok(())
+}
+
 /// The kernel data plane cannot carry IPv6 VMs yet: asked for explicitly with an IPv6 mobile
 /// prefix, the agent refuses to start and says what to use instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -523,7 +523,7 @@ fn vm6(last: u8) -> IpAddr {
 /// An IPv6 VM announced by an unsolicited Neighbor Advertisement is claimed as a gratuitous ARP
 /// claims an IPv4 one: installed locally at once (neighbour, /128 route, data plane), reported
 /// with its 16-byte address, and the other FEs get a move hint carrying it. A link-local
-/// announcement and an advertisement without the override flag claim nothing; the move away
+/// announcement and an unsolicited advertisement without the override flag claim nothing; the move away
 /// (the delta) points the tunnel at the new FE before the local route goes.
 #[tokio::test]
 async fn an_unsolicited_neighbor_advertisement_claims_an_ipv6_vm() {

@@ -6,8 +6,10 @@
 //! Learned (the VM says it owns an address): an unsolicited Neighbor Advertisement with the
 //! override flag (what a host or hypervisor sends after a move), a DAD solicitation (source `::`,
 //! target = the address the VM is about to use: it claims it), an ordinary solicitation from the
-//! VM's address, and a solicited advertisement (the VM answering our NUD probe). An advertisement
-//! without the override flag is an anycast or proxy answer (RFC 4861 §7.2.4), not a claim.
+//! VM's address, and a solicited advertisement (the VM answering our NUD probe, with or without
+//! the override flag: Linux clears it when answering a unicast solicitation). An *unsolicited*
+//! advertisement without the override flag is an anycast or proxy announcement (RFC 4861
+//! §7.2.6), not a claim.
 //! Link-local addresses (fe80::/10) and anything outside the IPv6 mobile prefixes are never
 //! learned; router messages never.
 
@@ -71,6 +73,7 @@ pub fn kind_label(kind: NdpKind) -> &'static str {
 pub fn learned(msg: &NdpMessage, scope: &Scope) -> Option<(Ipv6Addr, [u8; 6])> {
     if let Ndp::NeighborAdvertisement { flags, .. } = msg.body
         && !flags.override_
+        && !flags.solicited
     {
         return None;
     }
@@ -163,6 +166,9 @@ mod tests {
         assert_eq!(learned(&asks, &s), Some((vm(), VM_MAC)), "resolving its gateway from its address");
         let answers = wire(na(vm(), NaFlags { router: false, solicited: true, override_: true }));
         assert_eq!(learned(&answers, &s), Some((vm(), VM_MAC)), "answering our NUD probe");
+        // Linux answers a unicast solicitation (our NUD probe) with the override flag clear.
+        let linux = wire(na(vm(), NaFlags { router: false, solicited: true, override_: false }));
+        assert_eq!(learned(&linux, &s), Some((vm(), VM_MAC)), "a Linux VM answering our NUD probe");
     }
 
     #[test]
@@ -176,7 +182,7 @@ mod tests {
         assert_eq!(learned(&wire(unsolicited_advertisement(MacAddr(VM_MAC), outside, false, None)), &s), None);
         assert_eq!(learned(&wire(unsolicited_advertisement(MacAddr(VM_MAC), gw(), false, None)), &s), None);
         let anycast = wire(na(vm(), NaFlags { router: false, solicited: false, override_: false }));
-        assert_eq!(learned(&anycast, &s), None, "no override flag: anycast or proxy, not a claim");
+        assert_eq!(learned(&anycast, &s), None, "unsolicited without override: anycast or proxy, not a claim");
         let subnet_router: Ipv6Addr = "fd00:10::".parse().unwrap();
         assert!(!s.is_vm_ip(subnet_router));
         let rs = NdpMessage { body: Ndp::RouterSolicitation { source_ll: Some(MacAddr(VM_MAC)) }, ..asks_from(vm()) };
