@@ -284,4 +284,18 @@ mod tests {
         assert_eq!(r.effects_mut().take_log(), vec![(VM, Op::DelNeighbour { port: 6 })]);
         assert_eq!(r.plan(VM, Target::Local { port: None, mac: MAC }).ops, vec![Op::SetTunnel(Tunnel::Local)]);
     }
+
+    /// An IPv6 VM's /128 route and NDP entry are adopted as an IPv4 VM's /32 and ARP entry.
+    #[tokio::test]
+    async fn read_back_adopts_ipv6_host_routes_and_ndp_entries() {
+        let vm6: IpAddr = "fd00:10::11".parse().unwrap();
+        let mut r = reconciler(InMemory::with_previous_run(&[(VM, 5, MAC), (vm6, 5, MAC)]));
+        let readback = r.read_back(|port| port == 5).await.unwrap();
+        assert_eq!(readback, Readback { host_routes: 2, neighbours: 2, other_routes: 0 });
+        assert_eq!(r.local_ips(), vec![VM, vm6]);
+        assert_eq!(r.plan(vm6, Target::Local { port: None, mac: MAC }).ops, vec![Op::SetTunnel(Tunnel::Local)]);
+        let applied = r.apply(vm6, Target::Remote(Ipv4Addr::new(198, 51, 100, 3))).await;
+        assert_eq!(applied.ops, 3, "tunnel first, then the /128 and the NDP entry go");
+        assert!(r.effects().routes.keys().all(|ip| *ip == VM));
+    }
 }
