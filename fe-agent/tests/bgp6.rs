@@ -73,7 +73,8 @@ impl Bgp6Lab {
         let bird = Bird::start(upstream, "upstream", &config, dir.path())?;
         let watch4 = FibWatch::start(upstream, MOBILE)?;
         let watch6 = FibWatch::start(upstream, MOBILE6)?;
-        let ctl = common::Controller::start(&dir.path().join("ctl"), None).await?;
+        // The agents register their IPv6 prefix too: the controller must serve it.
+        let ctl = common::Controller::start_with(&dir.path().join("ctl"), None, &["--mobile-prefix", MOBILE6]).await?;
         let mut lab = Bgp6Lab { agents: Vec::new(), watch4, watch6, bird, ctl, topo, dir };
         let netns = format!("/proc/{}/ns/net", std::process::id());
         let urls = [lab.ctl.url()];
