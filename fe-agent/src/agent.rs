@@ -7,7 +7,6 @@
 //! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`. Under systemd it
 //! also reports readiness and pings the watchdog ([`crate::service`]).
 
-use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -88,22 +87,8 @@ pub async fn run(config: Config) -> Result<()> {
             reject_hold: 30_000_000_000,
         },
         reconciler,
-        scope: neigh::arp::Scope {
-            prefixes: config.mobile_prefixes.clone(),
-            gateways: config
-                .gateways
-                .iter()
-                .filter_map(|g| if let IpAddr::V4(g) = g { Some(*g) } else { None })
-                .collect(),
-        },
-        scope6: neigh::ndp::Scope {
-            prefixes: config.mobile_prefixes6.clone(),
-            gateways: config
-                .gateways
-                .iter()
-                .filter_map(|g| if let IpAddr::V6(g) = g { Some(*g) } else { None })
-                .collect(),
-        },
+        scope: neigh::arp::Scope { prefixes: config.mobile_prefixes.clone(), gateways: config.gateways_v4() },
+        scope6: neigh::ndp::Scope { prefixes: config.mobile_prefixes6.clone(), gateways: config.gateways_v6() },
         ports,
         neigh: NeighPorts::new(
             captures,

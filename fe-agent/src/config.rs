@@ -319,6 +319,16 @@ impl Config {
         Ok(config)
     }
 
+    /// The IPv4 addresses of --gateway.
+    pub fn gateways_v4(&self) -> Vec<Ipv4Addr> {
+        self.gateways.iter().filter_map(|g| if let IpAddr::V4(a) = g { Some(*a) } else { None }).collect()
+    }
+
+    /// The IPv6 addresses of --gateway.
+    pub fn gateways_v6(&self) -> Vec<Ipv6Addr> {
+        self.gateways.iter().filter_map(|g| if let IpAddr::V6(a) = g { Some(*a) } else { None }).collect()
+    }
+
     /// Fills [`Config::mobile_prefixes`] and [`Config::mobile_prefixes6`] from --mobile-prefix.
     fn split_mobile_prefixes(&mut self) {
         self.mobile_prefixes.clear();
@@ -643,6 +653,15 @@ mod tests {
         assert!(c.is_vm_port("tap17") && c.is_vm_port("vm0") && !c.is_vm_port("eth0"));
         assert_eq!(c.gateways, vec![IpAddr::V4(Ipv4Addr::new(10, 10, 0, 1))]);
         assert_eq!(c.gateway_mac.unwrap().to_string(), "02:00:5e:10:00:01");
+    }
+
+    #[test]
+    fn ipv6_gateways_need_an_ipv6_mobile_prefix() {
+        let c = load(&["--mobile-prefix", "fd00:10::/64", "--gateway", "10.10.0.1,fd00:10::1"]).unwrap();
+        assert_eq!(c.gateways_v4(), vec![Ipv4Addr::new(10, 10, 0, 1)]);
+        assert_eq!(c.gateways_v6(), vec!["fd00:10::1".parse::<Ipv6Addr>().unwrap()]);
+        let err = load(&["--gateway", "fd00:10::1"]).unwrap_err().to_string();
+        assert!(err.contains("--gateway fd00:10::1 is outside every --mobile-prefix"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   timestamps), [`state`] (desired state from the stream, VMs seen here and their claims,
 //!   targets);
 //! * kernel and IO —
-//!   [`netlink`] (routes, neighbours, links), [`forwarding`] (the IP-in-IP data plane:
+//!   [`netlink`] (routes, neighbours, links), [`forwarding`] (the IP-in-IP / 6in4 data plane:
 //!   userspace TUN forwarder or kernel ipip), [`reconcile`] (desired vs programmed → minimal
 //!   ordered changes, through its effects), [`ports`] (the VM port table and its watcher),
 //!   [`neigh`] (ARP/RARP/NDP capture on VM ports, what to learn and answer), [`hint`] (move hints:

@@ -2,7 +2,7 @@
 //! the minimal ordered list of operations. The order is what makes moves hitless
 //! (docs/design.md, invariant I5, make-before-break):
 //!
-//! * becoming local: neighbour first, then the /32 route (the route never points at a VM whose
+//! * becoming local: neighbour first, then the host route (/32, IPv6 /128) (the route never points at a VM whose
 //!   MAC the kernel would have to resolve), then the tunnel entry is turned to Local;
 //! * local → remote (the VM moved away): the tunnel entry is pointed at the new FE *before* the
 //!   /32 route is removed, so from the moment the route is gone packets fall into the mobile
@@ -17,7 +17,7 @@ use crate::state::Target;
 pub struct LocalActual {
     /// The port.
     pub port: u32,
-    /// A /32 route through the port exists.
+    /// A host route (/32 or /128) through the port exists.
     pub route: bool,
     /// The permanent neighbour entry's MAC, if one exists.
     pub mac: Option<[u8; 6]>,
@@ -33,12 +33,12 @@ pub enum Op {
         /// MAC.
         mac: [u8; 6],
     },
-    /// Install/replace the /32 route through a port.
+    /// Install/replace the host route through a port.
     SetRoute {
         /// Port.
         port: u32,
     },
-    /// Remove the /32 route through a port.
+    /// Remove the host route through a port.
     DelRoute {
         /// Port.
         port: u32,
