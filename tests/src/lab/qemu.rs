@@ -22,8 +22,8 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -129,18 +129,20 @@ fn frame_kind(frame: &Frame) -> &'static str {
 /// threads inside their namespaces.
 pub struct AnnouncementWatch {
     stop: Arc<AtomicBool>,
-    threads: Vec<(usize, std::thread::JoinHandle<Result<Vec<Captured>>>)>,
+    seen: Arc<Mutex<Vec<(usize, Captured)>>>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl AnnouncementWatch {
     /// Starts capturing on FEs `fes` of `topo` (returns once every capture is open).
     pub fn start(topo: &Topology, fes: &[usize], mac: MacAddr) -> Result<AnnouncementWatch> {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        let seen: Arc<Mutex<Vec<(usize, Captured)>>> = Arc::default();
+        let mut watch = AnnouncementWatch { stop: stop.clone(), seen: seen.clone(), threads: Vec::new() };
         for &fe in fes {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let stop = stop.clone();
-            let thread = topo.fe(fe).spawn_thread(&format!("watch-fe{fe}"), move || -> Result<Vec<Captured>> {
+            let (stop, seen) = (stop.clone(), seen.clone());
+            let thread = topo.fe(fe).spawn_thread(&format!("watch-fe{fe}"), move || -> Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async {
                     let capture = match NeighCapture::open(VM_PORT, Protocols::ALL) {
@@ -150,35 +152,44 @@ impl AnnouncementWatch {
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(anyhow::anyhow!("capture on fe{fe} {VM_PORT}: {e}")));
-                            return Ok(Vec::new());
+                            return Ok(());
                         }
                     };
-                    let mut seen = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
                         if let Ok(frame) = tokio::time::timeout(Duration::from_millis(50), capture.recv()).await {
                             let frame = frame?;
                             if frame.frame.eth_src() == mac {
-                                seen.push(frame);
+                                seen.lock().expect("announcements").push((fe, frame));
                             }
                         }
                     }
-                    Ok(seen)
+                    Ok(())
                 })
             })?;
+            watch.threads.push(thread);
             ready_rx.recv().context("capture thread died")??;
-            threads.push((fe, thread));
         }
-        Ok(AnnouncementWatch { stop, threads })
+        Ok(watch)
     }
 
-    /// Stops the captures; returns what each FE saw (FE number, frame).
+    /// What FE `fe` saw from `since_ns` on, relative to `zero_ns` (for error messages).
+    pub fn describe(&self, fe: usize, since_ns: u64, zero_ns: u64) -> String {
+        let seen = self.seen.lock().expect("announcements");
+        let list: Vec<String> = seen
+            .iter()
+            .filter(|(f, c)| *f == fe && c.mono_ns >= since_ns)
+            .map(|(_, c)| format!("{} {:+.1}", frame_kind(&c.frame), (c.mono_ns as f64 - zero_ns as f64) / 1e6))
+            .collect();
+        if list.is_empty() { "nothing".into() } else { list.join(", ") }
+    }
+
+    /// Stops the captures; returns what each FE saw (FE number, frame), in time order.
     pub fn stop(mut self) -> Result<Vec<(usize, Captured)>> {
         self.stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for (fe, thread) in self.threads.drain(..) {
-            let seen = thread.join().map_err(|_| anyhow::anyhow!("capture thread of fe{fe} panicked"))??;
-            all.extend(seen.into_iter().map(|c| (fe, c)));
+        for thread in self.threads.drain(..) {
+            thread.join().map_err(|_| anyhow::anyhow!("a capture thread panicked"))??;
         }
+        let mut all = std::mem::take(&mut *self.seen.lock().expect("announcements"));
         all.sort_by_key(|(_, c)| c.mono_ns);
         Ok(all)
     }
@@ -187,7 +198,7 @@ impl AnnouncementWatch {
 impl Drop for AnnouncementWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for (_, thread) in self.threads.drain(..) {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -366,9 +377,14 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
         std::mem::replace(&mut running, dest).quit()?;
 
         let target = format!("fe{to}");
-        let bound = wait_moved(&lab.plane, vm.ip, &target, move_seq, Duration::from_secs(15))
-            .await
-            .with_context(|| format!("move {index} ({} NIC)", args.nic.as_str()))?;
+        let bound =
+            wait_moved(&lab.plane, vm.ip, &target, move_seq, Duration::from_secs(15)).await.with_context(|| {
+                format!(
+                    "move {index} ({} NIC): {target}'s VM port saw from the VM: {} (ms after RESUME)",
+                    args.nic.as_str(),
+                    watch.describe(to, stop_ns, resume_ns)
+                )
+            })?;
         move_seq = bound;
         wait_applied(&lab.topo, vm.ip, move_seq, to, Duration::from_secs(10)).await?;
         let after = prober.sent();
