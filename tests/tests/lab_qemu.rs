@@ -55,6 +55,7 @@ fn check(report: &QemuReport, args: &MigrateArgs) {
         assert!(m.convergence_ms.is_some_and(|c| c >= 0.0), "move {}: {:?}", m.index, m.convergence_ms);
         // The losses add up, and the VM answered after the move.
         assert_eq!(m.lost_in_pause + m.lost_beyond_pause, m.lost, "move {}", m.index);
+        assert!(m.lost_in_pause <= m.sent_in_pause, "move {}: {m:?}", m.index);
         assert!(m.first_reply_sent_ms.is_some(), "move {}: no reply after the migration", m.index);
     }
     assert_eq!(report.lost_total, report.per_move.iter().map(|m| m.lost).sum::<u32>());

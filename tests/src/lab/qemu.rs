@@ -238,7 +238,10 @@ pub struct QemuMove {
     pub convergence_ms: Option<f64>,
     /// Echo requests without a reply, sent from this migration's start to the next one's.
     pub lost: u32,
-    /// Of those, sent while the VM was paused (from 1 ms before `STOP` to `RESUME`).
+    /// Echo requests sent while the VM was paused (from 1 ms before `STOP` to `RESUME`): the
+    /// prober's real rate in the pause (a starved prober sends in bursts).
+    pub sent_in_pause: u32,
+    /// Of the lost ones, sent while the VM was paused.
     pub lost_in_pause: u32,
     /// lost − lost_in_pause: VICTOR's share.
     pub lost_beyond_pause: u32,
@@ -494,6 +497,7 @@ impl PendingMove {
         let pause = self.stop_ns.saturating_sub(IN_FLIGHT_NS)..=self.resume_ns;
         let lost_in_pause =
             lost.iter().filter(|s| probes.sent_at.get(**s as usize).is_some_and(|t| pause.contains(t))).count() as u32;
+        let sent_in_pause = probes.sent_at.iter().filter(|t| pause.contains(t)).count() as u32;
         let first_reply = probes
             .replied
             .range(probes.first_sent_after(self.stop_ns)..)
@@ -518,6 +522,7 @@ impl PendingMove {
             bound_from,
             convergence_ms,
             lost: lost.len() as u32,
+            sent_in_pause,
             lost_in_pause,
             lost_beyond_pause: lost.len() as u32 - lost_in_pause,
             first_reply_sent_ms: first_reply,
@@ -582,7 +587,7 @@ pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
     );
     println!("guest boot: {:.0} ms", report.guest_boot_ms);
     println!(
-        "{:>4}  {:<10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>12} {:>5} {:>6} {:>7}",
+        "{:>4}  {:<10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>12} {:>5} {:>6} {:>7} {:>14}",
         "move",
         "from→to",
         "move_seq",
@@ -593,12 +598,13 @@ pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
         "convergence",
         "lost",
         "pause",
-        "beyond"
+        "beyond",
+        "sent in pause"
     );
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into());
     for m in &report.per_move {
         println!(
-            "{:>4}  {:<10} {:>9} {:>7.0} ms {:>6.1} ms {:>7.0} ms {:>10} {:>12} {:>5} {:>6} {:>7}",
+            "{:>4}  {:<10} {:>9} {:>7.0} ms {:>6.1} ms {:>7.0} ms {:>10} {:>12} {:>5} {:>6} {:>7} {:>14}",
             m.index,
             format!("{}→{}", m.from, m.to),
             m.move_seq,
@@ -609,7 +615,8 @@ pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
             opt(m.convergence_ms),
             m.lost,
             m.lost_in_pause,
-            m.lost_beyond_pause
+            m.lost_beyond_pause,
+            m.sent_in_pause
         );
         let seen: Vec<String> = m.announcements.iter().map(|a| format!("{} {:+.1}", a.kind, a.at_ms)).collect();
         println!(
