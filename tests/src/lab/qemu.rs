@@ -640,3 +640,57 @@ pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    /// Requests every 10 ms from t = 0; the VM paused from 100 ms (STOP) to 150 ms (RESUME).
+    fn pending() -> PendingMove {
+        PendingMove {
+            index: 1,
+            from: 2,
+            to: 3,
+            move_seq: 1,
+            start_seq: 5,
+            start_ns: 50 * MS,
+            stop_ns: 100 * MS,
+            resume_ns: 150 * MS,
+            info: json!({ "status": "completed", "downtime": 40, "total-time": 90, "setup-time": 1,
+                          "ram": { "transferred": 2_097_152 } }),
+        }
+    }
+
+    fn probes(lost: &[u32]) -> Probes {
+        let sent = 30;
+        Probes {
+            sent,
+            sent_at: (0..sent as u64).map(|s| s * 10 * MS).collect(),
+            replied: (0..sent).filter(|s| !lost.contains(s)).collect(),
+        }
+    }
+
+    #[test]
+    fn losses_split_at_the_pause() {
+        // Requests 10..=15 were sent from STOP − 1 ms to RESUME (99 ms .. 150 ms): 10 at 100 ms
+        // up to 15 at 150 ms. 9 (90 ms) went out before the pause, 16 and 17 after the resume.
+        let p = probes(&[9, 10, 11, 12, 13, 14, 15, 16, 17]);
+        let m = pending().result(&p, 25, u64::MAX, &[], None, &[]);
+        assert_eq!((m.lost, m.sent_in_pause, m.lost_in_pause, m.lost_beyond_pause), (9, 6, 6, 3));
+        assert_eq!((m.qemu_downtime_ms, m.qemu_total_time_ms, m.transferred_mib), (40.0, 90.0, 2.0));
+        assert_eq!(m.paused_ms, 50.0);
+        // The first answered request after STOP is 18, sent 30 ms after the resume.
+        assert_eq!(m.first_reply_sent_ms, Some(30.0));
+        assert_eq!((m.bound_from.as_deref(), m.convergence_ms), (None, None));
+    }
+
+    #[test]
+    fn losses_before_the_move_or_after_the_window_do_not_count() {
+        // 2 is before the move's first request (5), 27 after its window (end_seq 25).
+        let m = pending().result(&probes(&[2, 27]), 25, u64::MAX, &[], None, &[]);
+        assert_eq!((m.lost, m.lost_beyond_pause), (0, 0));
+        assert_eq!(m.first_reply_sent_ms, Some(-50.0), "10 at 100 ms answered: nothing lost in the pause");
+    }
+}
