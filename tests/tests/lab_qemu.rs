@@ -27,6 +27,7 @@ fn check(report: &QemuReport, args: &MigrateArgs) {
     assert_eq!((report.moves, report.per_move.len()), (args.moves, args.moves));
     assert_eq!((report.vm, report.nic), ("qemu", args.nic));
     assert!(report.guest_boot_ms > 0.0);
+    assert!(report.migration_parameters.contains_key("announce-rounds"), "{:?}", report.migration_parameters);
     assert!(report.probes_sent > 50, "{} probes", report.probes_sent);
     for (i, m) in report.per_move.iter().enumerate() {
         let (from, to) = if i % 2 == 0 { ("fe2", "fe3") } else { ("fe3", "fe2") };

@@ -296,6 +296,9 @@ pub struct QemuReport {
     pub bound_from_capture_ms: Summary,
     /// Convergence (latest apply − that capture).
     pub convergence_ms: Summary,
+    /// QEMU's migration parameters of the first move (`query-migrate-parameters`): the
+    /// `announce-*` schedule of its RARPs (ms), `downtime-limit` (ms), `max-bandwidth` (bytes/s).
+    pub migration_parameters: BTreeMap<String, u64>,
     /// Each move.
     pub per_move: Vec<QemuMove>,
     /// The host's 1-minute load average at the end.
@@ -364,12 +367,23 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
         .context("the guest does not answer the client before any migration")?;
 
     let mut moves = Vec::new();
+    let mut migration_parameters = BTreeMap::new();
     let mut at = 2usize;
     for index in 1..=args.moves {
         let to = if at == 2 { 3 } else { 2 };
         let dest =
             QemuVm::start(&hv(to).ns, &format!("qemu-{}", index + 1), &config, TAP, dir, Some(hv(to).incoming()))?;
         running.qmp.execute("migrate-set-parameters", json!({ "max-bandwidth": MAX_BANDWIDTH }))?;
+        if index == 1 {
+            let params = running.qmp.execute("query-migrate-parameters", Value::Null)?;
+            migration_parameters = params
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.starts_with("announce-") || *k == "downtime-limit" || *k == "max-bandwidth")
+                .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                .collect();
+        }
         let start_seq = prober.sent();
         let start_ns = monotonic_ns();
         running.qmp.execute("migrate", json!({ "uri": format!("tcp:{}", hv(to).incoming()) }))?;
@@ -416,7 +430,12 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
     drop(running);
     drop(hypervisors);
     drop(lab);
-    Ok(QemuReport { dataplane, kernel, ..report(args, config.nic, guest_boot_ms, &probes, per_move) })
+    Ok(QemuReport {
+        dataplane,
+        kernel,
+        migration_parameters,
+        ..report(args, config.nic, guest_boot_ms, &probes, per_move)
+    })
 }
 
 /// Polls `query-migrate` on the source until the migration completed; returns its last answer.
@@ -556,6 +575,7 @@ fn report(args: &MigrateArgs, nic: Nic, guest_boot_ms: f64, probes: &Probes, per
         qemu_total_time_ms: collect(&|m| Some(m.qemu_total_time_ms)),
         bound_from_capture_ms: collect(&|m| m.bound_from_capture_ms),
         convergence_ms: collect(&|m| m.convergence_ms),
+        migration_parameters: BTreeMap::new(),
         per_move,
         load_avg_1m: load_avg_1m(),
     }
@@ -585,7 +605,8 @@ pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
         report.dataplane,
         if report.move_hints { "on" } else { "off" }
     );
-    println!("guest boot: {:.0} ms", report.guest_boot_ms);
+    let params: Vec<String> = report.migration_parameters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("guest boot: {:.0} ms; QEMU migration parameters: {}", report.guest_boot_ms, params.join(", "));
     println!(
         "{:>4}  {:<10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>12} {:>5} {:>6} {:>7} {:>14}",
         "move",
