@@ -15,6 +15,9 @@
 //!
 //! With `--bgp` the client enters through the BGP upstream router instead (see [`super::bgp`]).
 //!
+//! With `--vm qemu` the VM is a real guest that QEMU live-migrates instead, with a report of its
+//! own ([`super::qemu`]); both build the lab with [`start_lab`].
+//!
 //! Two ways to switch the link (`--switch`):
 //! * `move`: the VM's link is moved from the old FE's namespace to the new one's
 //!   (break before make: while it moves no path to the VM exists), then the VM sends its GARP;
@@ -329,60 +332,58 @@ pub(super) struct Lab {
     pub dataplane: String,
 }
 
-impl Lab {
-    /// Builds the topology (with the veth VM `vm` behind fe2, if given), starts the control plane
-    /// and one agent per FE as `args` asks, and waits until every agent is ready.
-    pub(super) async fn start(args: &MigrateArgs, dir: &std::path::Path, vm: Option<&VmSpec>) -> Result<Lab> {
-        let controller_bin = victor_testkit::workspace_binary("victor-controller");
-        let agent_bin = victor_testkit::workspace_binary("victor-fe-agent");
-        let namer = |role: &str| netns_for("vm", role);
-        let mut topo = Topology::build_with(3, &namer, if args.bgp { Ingress::Bgp } else { Ingress::Static })?;
-        if let Some(vm) = vm {
-            topo.add_vm(vm.clone(), 2, &namer)?;
-        }
-        let upstream = topo.upstream.as_ref().map(|ns| bgp::start_upstream(ns, 3, dir)).transpose()?;
-
-        // Flap damping would freeze a VM bouncing between two FEs every few hundred ms: the lab
-        // lifts it (it is tested on its own) so that every move is a real move.
-        let plane = ControlPlane::start(
-            &controller_bin,
-            dir,
-            args.etcd_members,
-            args.replicas,
-            &["--damping-max-moves", "1000000"],
-        )
-        .await?;
-        let netns_path = controller_netns()?;
-        let urls = plane.urls();
-        let hint_flags = if args.move_hints { move_hint_flags(dir)? } else { Vec::new() };
-        let mut agents = Vec::new();
-        for n in 1..=3 {
-            // Spread agents over the replicas (each still fails over to the others).
-            let mut ordered = urls.clone();
-            ordered.rotate_left((n - 1) % urls.len());
-            let mut flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
-            flags.extend(hint_flags.iter().cloned());
-            flags.extend(["--dataplane".to_owned(), args.dataplane.label().to_owned()]);
-            for (_, offset) in args.fe_clock_offsets.iter().filter(|(fe, _)| *fe == n) {
-                flags.extend(["--clock-offset".to_owned(), offset.clone()]);
-            }
-            let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
-            let argv =
-                AgentCommand { bin: &agent_bin, controllers: &ordered, controller_netns: &netns_path, extra: &extra }
-                    .argv(n);
-            agents.push(Agent::spawn(topo.fe(n), n, argv, dir)?);
-        }
-        for n in 1..=3 {
-            wait_agent_ready(topo.fe(n), &mut agents[n - 1], Duration::from_secs(30))?;
-        }
-        let dataplane = dataplane_of(topo.fe(1))?;
-        Ok(Lab { agents, upstream, plane, topo, dataplane })
+/// Builds the topology (with the veth VM `vm` behind fe2, if given), starts the control plane
+/// and one agent per FE as `args` asks, and waits until every agent is ready.
+pub(super) async fn start_lab(args: &MigrateArgs, dir: &std::path::Path, vm: Option<&VmSpec>) -> Result<Lab> {
+    let controller_bin = victor_testkit::workspace_binary("victor-controller");
+    let agent_bin = victor_testkit::workspace_binary("victor-fe-agent");
+    let namer = |role: &str| netns_for("vm", role);
+    let mut topo = Topology::build_with(3, &namer, if args.bgp { Ingress::Bgp } else { Ingress::Static })?;
+    if let Some(vm) = vm {
+        topo.add_vm(vm.clone(), 2, &namer)?;
     }
+    let upstream = topo.upstream.as_ref().map(|ns| bgp::start_upstream(ns, 3, dir)).transpose()?;
+
+    // Flap damping would freeze a VM bouncing between two FEs every few hundred ms: the lab
+    // lifts it (it is tested on its own) so that every move is a real move.
+    let plane = ControlPlane::start(
+        &controller_bin,
+        dir,
+        args.etcd_members,
+        args.replicas,
+        &["--damping-max-moves", "1000000"],
+    )
+    .await?;
+    let netns_path = controller_netns()?;
+    let urls = plane.urls();
+    let hint_flags = if args.move_hints { move_hint_flags(dir)? } else { Vec::new() };
+    let mut agents = Vec::new();
+    for n in 1..=3 {
+        // Spread agents over the replicas (each still fails over to the others).
+        let mut ordered = urls.clone();
+        ordered.rotate_left((n - 1) % urls.len());
+        let mut flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
+        flags.extend(hint_flags.iter().cloned());
+        flags.extend(["--dataplane".to_owned(), args.dataplane.label().to_owned()]);
+        for (_, offset) in args.fe_clock_offsets.iter().filter(|(fe, _)| *fe == n) {
+            flags.extend(["--clock-offset".to_owned(), offset.clone()]);
+        }
+        let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let argv =
+            AgentCommand { bin: &agent_bin, controllers: &ordered, controller_netns: &netns_path, extra: &extra }
+                .argv(n);
+        agents.push(Agent::spawn(topo.fe(n), n, argv, dir)?);
+    }
+    for n in 1..=3 {
+        wait_agent_ready(topo.fe(n), &mut agents[n - 1], Duration::from_secs(30))?;
+    }
+    let dataplane = dataplane_of(topo.fe(1))?;
+    Ok(Lab { agents, upstream, plane, topo, dataplane })
 }
 
 async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<MigrateReport> {
     let vm = VmSpec::numbered(1);
-    let Lab { agents, upstream, plane, topo, dataplane } = Lab::start(args, dir, Some(&vm)).await?;
+    let Lab { agents, upstream, plane, topo, dataplane } = start_lab(args, dir, Some(&vm)).await?;
 
     // The VM appears behind fe2.
     let mut vm_if = "eth0".to_owned();

@@ -39,7 +39,7 @@ use super::addressing::{GATEWAY, hypervisor_addr};
 use super::controlplane::ControlPlane;
 use super::guest::{Availability, GuestAssets, GuestConfig, Nic, QemuVm, accel};
 use super::migrate::{
-    Lab, MigrateArgs, Summary, SwitchMode, agent_events, check_forwarding, load_avg_1m, round, wait_applied,
+    MigrateArgs, Summary, SwitchMode, agent_events, check_forwarding, load_avg_1m, round, start_lab, wait_applied,
     with_log_dir,
 };
 use super::probe::{Prober, Probes};
@@ -332,7 +332,7 @@ struct PendingMove {
 
 async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Result<QemuReport> {
     let vm = VmSpec::numbered(1);
-    let lab = Lab::start(args, dir, None).await?;
+    let lab = start_lab(args, dir, None).await?;
     let hypervisors = [Hypervisor::build(&lab.topo, 2)?, Hypervisor::build(&lab.topo, 3)?];
     let hv = |fe: usize| &hypervisors[fe - 2];
     let kernel = assets.kernel_package.clone();
