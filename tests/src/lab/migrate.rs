@@ -112,7 +112,7 @@ pub struct MigrateArgs {
     #[arg(long = "fe-clock-offset", value_name = "N=OFFSET", value_parser = parse_fe_clock_offset, allow_hyphen_values = true)]
     pub fe_clock_offsets: Vec<(usize, String)>,
     /// The VM: `veth` (a namespace whose link the lab re-attaches) or `qemu` (a real guest that
-    /// QEMU live-migrates between hypervisors at fe2 and fe3; see [`super::qemu`]).
+    /// QEMU live-migrates between hypervisors at fe2 and fe3).
     #[arg(long, value_enum, default_value = "veth")]
     pub vm: VmKind,
     /// With `--vm qemu`: the guest's NIC (`virtio` announces itself after a migration, `e1000`
