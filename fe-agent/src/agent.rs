@@ -1,7 +1,8 @@
 //! Wiring: checks the host, starts the data plane, reads back what a previous run programmed,
 //! then runs the tasks — controller link, reporter, ARP capture, port watcher, move-hint socket,
 //! admin HTTP and the engine that owns the state — until SIGINT/SIGTERM or a fatal error. Kernel
-//! state is left in place on exit: a restarted agent adopts it (no flush).
+//! state (the data plane's devices, routes and records included) is left in place on exit: a
+//! restarted agent adopts it (no flush); `--remove-dataplane-on-exit` removes it instead.
 //!
 //! [`run`] reads as its phases: `check_host`, `start_dataplane`, `adopt_previous_run`,
 //! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`. Under systemd it
@@ -116,7 +117,26 @@ pub async fn run(config: Config) -> Result<()> {
         let drain = if outcome.is_ok() { config.bgp_shutdown_drain } else { std::time::Duration::ZERO };
         advertiser.shutdown(drain).await;
     }
+    // The engine (and with it the data plane's forwarder) stops here; what the data plane keeps
+    // in the kernel stays for the next run unless the FE is being decommissioned.
+    tasks.shutdown().await;
+    if outcome.is_ok() && config.remove_dataplane_on_exit {
+        let removed = forwarding::remove_all(&dataplane_config(&config, underlay_mtu), &kernel)
+            .await
+            .context("remove the data plane (--remove-dataplane-on-exit)")?;
+        tracing::info!(devices = removed, "--remove-dataplane-on-exit: removed the data plane and our routes");
+    }
     outcome
+}
+
+/// What the data plane is started with.
+fn dataplane_config(config: &Config, underlay_mtu: u16) -> DataplaneConfig {
+    DataplaneConfig {
+        underlay: config.underlay_addr,
+        underlay_mtu,
+        device: config.tun_name.clone(),
+        prefixes: config.mobile_prefixes.clone(),
+    }
 }
 
 /// Checks what the agent needs from the host, each failure with what to fix; returns the
@@ -154,13 +174,8 @@ async fn start_dataplane(
     underlay_mtu: u16,
     metrics: &Metrics,
 ) -> Result<(Dataplane, Choice)> {
-    let dp_config = DataplaneConfig {
-        underlay: config.underlay_addr,
-        underlay_mtu,
-        device: config.tun_name.clone(),
-        prefixes: config.mobile_prefixes.clone(),
-    };
-    let (dataplane, choice) = forwarding::start(config.dataplane, &dp_config, kernel).await?;
+    let (dataplane, choice) =
+        forwarding::start(config.dataplane, &dataplane_config(config, underlay_mtu), kernel).await?;
     tracing::info!(dataplane = choice.backend.label(), mode = choice.mode.label(), reason = %choice.why, "data plane chosen");
     metrics.dataplane.get_or_create(&KindLabel { kind: choice.backend.label() }).set(1);
     let label = ChoiceLabel { backend: choice.backend.label(), mode: choice.mode.label(), why: choice.code };
