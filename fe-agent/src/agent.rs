@@ -10,6 +10,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
@@ -24,7 +25,8 @@ use crate::config::Config;
 use crate::engine::{Engine, Inputs, Parts};
 use crate::events::EventLog;
 use crate::forwarding::kernel::counters::KernelCounters;
-use crate::forwarding::{self, Choice, Dataplane, DataplaneConfig};
+use crate::forwarding::standby::{self, Standby};
+use crate::forwarding::{self, Backend, Choice, Dataplane, DataplaneConfig};
 use crate::hint::Hints;
 use crate::hint::io::{HintSocket, Limits, Received};
 use crate::link::connector::{Connector, SocketFactory};
@@ -48,7 +50,25 @@ pub async fn run(config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let kernel = Kernel::connect(config.route_protocol).context("open a netlink socket (needs CAP_NET_ADMIN)")?;
     let underlay_mtu = check_host(&config, &kernel).await?;
+    if let Some(fd) = std::env::var(standby::STANDBY_FD).ok().and_then(|v| v.parse().ok()) {
+        let dp_config = dataplane_config(&config, underlay_mtu);
+        return Ok(standby::run(fd, &dp_config, &kernel, config.standby_hold).await?);
+    }
     let (dataplane, choice) = start_dataplane(&config, &kernel, underlay_mtu, &metrics).await?;
+    // The userspace data plane's standby forwards while this agent is not running.
+    let mut standby = match choice.backend {
+        Backend::Tun => match Standby::spawn() {
+            Ok(s) => {
+                tracing::info!(pid = s.pid(), "standby forwarder started");
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the standby forwarder: a restart will interrupt forwarding");
+                None
+            }
+        },
+        Backend::Kernel => None,
+    };
     let kernel_counters = dataplane.kernel_counters();
     let ports = Arc::new(PortTable::new(vm_port_matcher(&config), config.gateway_mac.map(|m| m.octets())));
     let reconciler = adopt_previous_run(&kernel, dataplane, &ports, &metrics).await?;
@@ -118,9 +138,19 @@ pub async fn run(config: Config) -> Result<()> {
         advertiser.shutdown(drain).await;
     }
     // The engine (and with it the data plane's forwarder) stops here; what the data plane keeps
-    // in the kernel stays for the next run unless the FE is being decommissioned.
+    // in the kernel stays for the next run unless the FE is being decommissioned. On a planned
+    // stop the standby forwards before we stop; after an error it takes over when we are gone.
+    let decommission = outcome.is_ok() && config.remove_dataplane_on_exit;
+    match standby.take() {
+        Some(standby) if decommission => standby.kill(),
+        Some(mut standby) if outcome.is_ok() => match standby.take_over(Duration::from_secs(5)).await {
+            Ok(()) => tracing::info!(pid = standby.pid(), "the standby forwarder took over"),
+            Err(e) => tracing::warn!(error = %e, "the standby forwarder did not take over"),
+        },
+        _ => {}
+    }
     tasks.shutdown().await;
-    if outcome.is_ok() && config.remove_dataplane_on_exit {
+    if decommission {
         let removed = forwarding::remove_all(&dataplane_config(&config, underlay_mtu), &kernel)
             .await
             .context("remove the data plane (--remove-dataplane-on-exit)")?;

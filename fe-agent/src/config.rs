@@ -148,6 +148,13 @@ pub struct Config {
     #[arg(long, env = "VICTOR_REMOVE_DATAPLANE_ON_EXIT")]
     pub remove_dataplane_on_exit: bool,
 
+    /// Userspace data plane: how long the standby forwarder (the process that forwards while no
+    /// agent runs, see "Restarts" in the README) keeps forwarding after the agent stopped or died
+    /// without a new agent taking over.
+    #[arg(long, env = "VICTOR_STANDBY_HOLD", default_value = "2m", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
+    pub standby_hold: Duration,
+
     /// Address of the HTTP admin server (/healthz, /readyz, /metrics, /debug/events).
     #[arg(long, env = "VICTOR_HTTP_LISTEN", default_value = "127.0.0.1:9180")]
     pub http_listen: SocketAddr,

@@ -20,6 +20,7 @@
 //! `victor_agent_dataplane_choice`.
 
 pub mod kernel;
+pub mod standby;
 pub mod tun;
 
 use std::net::Ipv4Addr;
@@ -192,7 +193,8 @@ pub async fn start(mode: DataplaneMode, config: &DataplaneConfig, kernel: &Kerne
     }
     .map_err(anyhow::Error::msg)?;
     if choice.backend == Backend::Kernel {
-        // A userspace data plane's persistent TUN device has the catch-all's name.
+        // A userspace data plane's standby and persistent TUN device (it has the catch-all's name).
+        retire_standby(&config.device).await;
         if tun::remove(&config.device)? {
             tracing::info!(tun = %config.device, "removed the TUN device a userspace data plane left in this namespace");
         }
@@ -223,7 +225,21 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
     if removed > 0 {
         tracing::info!(removed, "removed the devices a kernel data plane left in this namespace");
     }
-    Ok(Dataplane::Tun(TunPlane::start(config, kernel).await?))
+    let plane = TunPlane::start(config, kernel).await?;
+    // This run forwards now: the standby of the previous one (if any) stops.
+    retire_standby(&config.device).await;
+    Ok(Dataplane::Tun(plane))
+}
+
+/// Stops the standby forwarder a previous run left for `device`, if any (see [`standby`]).
+async fn retire_standby(device: &str) {
+    match standby::retire(device, std::time::Duration::from_secs(2)).await {
+        Ok(true) => tracing::info!(tun = %device, "retired the standby forwarder of the previous run"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(tun = %device, error = %e, "could not retire the standby forwarder of the previous run")
+        }
+    }
 }
 
 /// Removes everything a data plane of this agent left in the namespace (`--remove-dataplane-on-exit`,

@@ -115,14 +115,28 @@ impl TunPlane {
     /// with its routes and records: see the module doc) and routes the mobile prefixes into it.
     pub async fn start(config: &DataplaneConfig, kernel: &Kernel) -> Result<TunPlane, TunError> {
         let fib = Arc::new(Fib::new(config.underlay));
+        // The table is filled from the records before the forwarder reads its first packet: a
+        // packet it reads from an adopted device is forwarded as the previous run would have.
+        let routes = our_routes(kernel).await?;
+        let before = if_index(&config.device);
+        let mut restored = Restored::default();
+        if let Some(tun) = before {
+            restored = restore(&fib, &routes, tun)?;
+        }
         let mut fc = ForwarderConfig::new(&config.device);
         fc.underlay_mtu = config.underlay_mtu;
         fc.persist = true;
         let forwarder = Forwarder::start(fc, fib.clone())?;
+        if !forwarder.adopted() || before != Some(forwarder.tun_index()) {
+            // A new device (none was left, or it could not be adopted): nothing of it is true.
+            fib.replace_all::<Ipv4Addr, _>([])?;
+            fib.set_peers([]);
+            restored = Restored::default();
+        }
         let mut plane =
-            TunPlane { forwarder, fib, remotes: HashMap::new(), peers: BTreeSet::new(), adoption: Adoption::default() };
+            TunPlane { forwarder, fib, remotes: restored.remotes, peers: restored.peers, adoption: restored.adoption };
         plane.adoption.device_adopted = plane.forwarder.adopted();
-        plane.adopt_routes(config, kernel).await?;
+        plane.adopt_routes(config, kernel, &routes).await?;
         tracing::info!(
             tun = plane.forwarder.tun_name(),
             mtu = plane.forwarder.tunnel_mtu(),
@@ -133,66 +147,45 @@ impl TunPlane {
         Ok(plane)
     }
 
-    /// Restores the forwarding table from the records and the local VMs' /32s, installs the
-    /// missing mobile-prefix routes and removes ours into the device that nothing wants. Routes
-    /// that are right are not touched (no delete, no replace: a restart makes no route event).
-    async fn adopt_routes(&mut self, config: &DataplaneConfig, kernel: &Kernel) -> Result<(), TunError> {
+    /// Installs the missing mobile-prefix routes and removes the routes and records of ours
+    /// into the device that nothing wants. Routes that are right are not touched (no delete, no
+    /// replace: a restart makes no route event).
+    async fn adopt_routes(
+        &mut self,
+        config: &DataplaneConfig,
+        kernel: &Kernel,
+        routes: &[Found],
+    ) -> Result<(), TunError> {
         let tun = self.forwarder.tun_index();
-        let routes = our_routes(kernel).await?;
-        let main = u32::from(rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN);
-        let mut locals = BTreeSet::new();
-        for r in routes.iter().filter(|r| r.table == main) {
-            if r.oif == tun && r.len < 32 {
-                let wanted = config.prefixes.iter().any(|p| p.network() == r.dst && p.prefix_len() == r.len);
-                if !wanted {
-                    kernel.handle().route().del(prefix_route(kernel, r.dst, r.len, tun)).execute().await.map_err(
-                        |source| NetlinkError { what: format!("delete the stale route {}/{}", r.dst, r.len), source },
-                    )?;
-                    self.adoption.stale_routes_removed += 1;
-                }
-            } else if r.len == 32 && r.oif != 0 && r.oif != tun {
-                locals.insert(r.dst);
+        for r in routes.iter().filter(|r| r.table == MAIN_TABLE && r.oif == tun && r.len < 32) {
+            if !config.prefixes.iter().any(|p| p.network() == r.dst && p.prefix_len() == r.len) {
+                let msg = prefix_route(kernel, r.dst, r.len, tun);
+                delete(kernel, msg, format!("delete the stale route {}/{}", r.dst, r.len)).await?;
+                self.adoption.stale_routes_removed += 1;
             }
         }
         for net in &config.prefixes {
             let present = routes
                 .iter()
-                .any(|r| r.table == main && r.oif == tun && r.dst == net.network() && r.len == net.prefix_len());
+                .any(|r| r.table == MAIN_TABLE && r.oif == tun && r.dst == net.network() && r.len == net.prefix_len());
             if !present {
                 kernel.replace_prefix_route(*net, tun).await?;
                 self.adoption.prefix_routes_set += 1;
             }
         }
-        for ip in &locals {
-            self.fib.set(*ip, Action::Local)?;
-            self.adoption.local_routes += 1;
-        }
-        for r in routes.iter().filter(|r| r.table == RECORD_TABLE && r.len == 32) {
-            let record = match (r.metric, r.gateway) {
-                _ if r.oif != tun => None,
-                (BINDING_METRIC, Some(peer)) if !locals.contains(&r.dst) => Some(Record::Binding(r.dst, peer)),
-                (PEER_METRIC, None) => Some(Record::Peer(r.dst)),
-                _ => None,
+        for r in routes.iter().filter(|r| r.table == RECORD_TABLE && r.oif == tun && r.len == 32) {
+            let kept = match r.metric {
+                BINDING_METRIC => self.remotes.get(&r.dst) == r.gateway.as_ref(),
+                PEER_METRIC => r.gateway.is_none() && self.peers.contains(&r.dst),
+                _ => false,
             };
-            match record {
-                Some(Record::Binding(ip, peer)) => {
-                    self.fib.set(ip, Action::Remote(peer))?;
-                    self.remotes.insert(ip, peer);
-                    self.adoption.tunnel_routes += 1;
-                }
-                Some(Record::Peer(peer)) => {
-                    self.peers.insert(peer);
-                    self.adoption.peers += 1;
-                }
-                None => {
-                    // A record of a VM that is local now, or of an older device: stale.
-                    let msg = record_route(kernel, r.dst, r.gateway, r.metric, r.oif);
-                    delete(kernel, msg, format!("delete the stale record {}", r.dst)).await?;
-                    self.adoption.stale_routes_removed += 1;
-                }
+            if !kept {
+                // A record of a VM that is local now, or one not written by us: stale.
+                let msg = record_route(kernel, r.dst, r.gateway, r.metric, r.oif);
+                delete(kernel, msg, format!("delete the stale record {}", r.dst)).await?;
+                self.adoption.stale_routes_removed += 1;
             }
         }
-        self.fib.set_peers(self.peers.iter().copied());
         Ok(())
     }
 
@@ -304,10 +297,55 @@ fn is_tun(name: &str) -> bool {
     std::path::Path::new(&format!("/sys/class/net/{name}/tun_flags")).exists()
 }
 
-/// A record as read back.
-enum Record {
-    Binding(Ipv4Addr, Ipv4Addr),
-    Peer(Ipv4Addr),
+/// The main routing table's id.
+const MAIN_TABLE: u32 = rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN as u32;
+
+/// What the kernel said of the forwarding table of a previous run.
+#[derive(Debug, Default)]
+struct Restored {
+    remotes: HashMap<Ipv4Addr, Ipv4Addr>,
+    peers: BTreeSet<Ipv4Addr>,
+    adoption: Adoption,
+}
+
+/// Fills `fib` from what a previous run left for device `tun`: Remote entries from the records
+/// (not for a VM that has a /32 on a VM port now), Local ones from those /32s, the registered FEs
+/// from their records.
+fn restore(fib: &Fib, routes: &[Found], tun: u32) -> Result<Restored, TunError> {
+    let mut out = Restored::default();
+    let locals: BTreeSet<Ipv4Addr> = routes
+        .iter()
+        .filter(|r| r.table == MAIN_TABLE && r.len == 32 && r.oif != 0 && r.oif != tun)
+        .map(|r| r.dst)
+        .collect();
+    for ip in &locals {
+        fib.set(*ip, Action::Local)?;
+        out.adoption.local_routes += 1;
+    }
+    for r in routes.iter().filter(|r| r.table == RECORD_TABLE && r.oif == tun && r.len == 32) {
+        match (r.metric, r.gateway) {
+            (BINDING_METRIC, Some(peer)) if !locals.contains(&r.dst) => {
+                fib.set(r.dst, Action::Remote(peer))?;
+                out.remotes.insert(r.dst, peer);
+                out.adoption.tunnel_routes += 1;
+            }
+            (PEER_METRIC, None) => {
+                out.peers.insert(r.dst);
+                out.adoption.peers += 1;
+            }
+            _ => {}
+        }
+    }
+    fib.set_peers(out.peers.iter().copied());
+    Ok(out)
+}
+
+/// The interface index of `name` in this namespace, if it exists.
+fn if_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// `ip route … table RECORD_TABLE proto P metric M dev TUN` — with `via PEER onlink` for a
