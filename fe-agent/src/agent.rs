@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::engine::{Engine, Inputs, Parts};
 use crate::events::EventLog;
 use crate::forwarding::kernel::counters::KernelCounters;
-use crate::forwarding::standby::{self, Standby};
+use crate::forwarding::standby::{self, Lifeline, Standby};
 use crate::forwarding::{self, Backend, Choice, Dataplane, DataplaneConfig};
 use crate::hint::Hints;
 use crate::hint::io::{HintSocket, Limits, Received};
@@ -47,17 +47,22 @@ type Tasks = JoinSet<Result<()>>;
 
 /// Runs the agent until a signal or a fatal error.
 pub async fn run(config: Config) -> Result<()> {
+    let standby_fd = std::env::var(standby::STANDBY_FD).ok().and_then(|v| v.parse().ok());
+    let lifeline = match standby_fd {
+        None => Some(Lifeline::new().context("socket pair for the standby forwarder")?),
+        Some(_) => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let kernel = Kernel::connect(config.route_protocol).context("open a netlink socket (needs CAP_NET_ADMIN)")?;
     let underlay_mtu = check_host(&config, &kernel).await?;
-    if let Some(fd) = std::env::var(standby::STANDBY_FD).ok().and_then(|v| v.parse().ok()) {
+    if let Some(fd) = standby_fd {
         let dp_config = dataplane_config(&config, underlay_mtu);
         return Ok(standby::run(fd, &dp_config, &kernel, config.standby_hold).await?);
     }
     let (dataplane, choice) = start_dataplane(&config, &kernel, underlay_mtu, &metrics).await?;
     // The userspace data plane's standby forwards while this agent is not running.
-    let mut standby = match choice.backend {
-        Backend::Tun => match Standby::spawn() {
+    let mut standby = match (choice.backend, lifeline) {
+        (Backend::Tun, Some(lifeline)) => match Standby::spawn(lifeline) {
             Ok(s) => {
                 tracing::info!(pid = s.pid(), "standby forwarder started");
                 Some(s)
@@ -67,7 +72,7 @@ pub async fn run(config: Config) -> Result<()> {
                 None
             }
         },
-        Backend::Kernel => None,
+        _ => None,
     };
     let kernel_counters = dataplane.kernel_counters();
     let ports = Arc::new(PortTable::new(vm_port_matcher(&config), config.gateway_mac.map(|m| m.octets())));

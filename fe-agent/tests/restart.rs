@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::*;
+use nix::sys::signal::Signal;
 
 const SNAPSHOTS: &str = "victor_agent_snapshots_received_total";
 const SESSIONS: &str = "victor_agent_controller_sessions_total";
@@ -183,6 +184,10 @@ async fn restart_on_the_path(plane: Plane, how: Restart) -> anyhow::Result<()> {
     let stopped_at = prober.sent();
     match how {
         Restart::Kill9 => {
+            // Both at once, then reaped.
+            for n in 1..=2 {
+                lab.agents[n - 1].guard.as_ref().context("agent not running")?.signal(Signal::SIGKILL)?;
+            }
             for n in 1..=2 {
                 let agent = &mut lab.agents[n - 1];
                 agent.guard.as_mut().context("agent not running")?.kill();

@@ -57,11 +57,29 @@ pub struct Standby {
     control: tokio::net::UnixStream,
 }
 
-impl Standby {
-    /// Starts the standby: this program with this command line and environment, plus
-    /// [`STANDBY_FD`].
-    pub fn spawn() -> io::Result<Standby> {
+/// The connection between the agent and its standby, made before anything else: the kernel
+/// closes a dying process's descriptors in ascending order, so a low number tells the standby
+/// the agent is gone before the agent's TUN queues are even released (each takes an RCU grace
+/// period).
+#[derive(Debug)]
+pub struct Lifeline {
+    ours: UnixStream,
+    theirs: UnixStream,
+}
+
+impl Lifeline {
+    /// A new connection.
+    pub fn new() -> io::Result<Lifeline> {
         let (ours, theirs) = UnixStream::pair()?;
+        Ok(Lifeline { ours, theirs })
+    }
+}
+
+impl Standby {
+    /// Starts the standby on `lifeline`: this program with this command line and environment,
+    /// plus [`STANDBY_FD`].
+    pub fn spawn(lifeline: Lifeline) -> io::Result<Standby> {
+        let Lifeline { ours, theirs } = lifeline;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new("/proc/self/exe");
         // Its own process group: what kills the agent's group (a supervisor, a terminal) must
@@ -141,10 +159,13 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
     let control = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
     control.set_nonblocking(true)?;
     let mut control = tokio::net::UnixStream::from_std(control)?;
-    let listener = bind(&config.device).await?;
     tracing::info!(tun = %config.device, "standby forwarder waiting for the agent to stop");
     let mut order = [0u8; 1];
     let planned = matches!(control.read(&mut order).await, Ok(1) if order[0] == TAKE_OVER);
+    let since = std::time::Instant::now();
+    // Found by the next agent from now on (the standby of the previous run, if it is still
+    // letting go of the name, was retired by our agent).
+    let listener = bind(&config.device).await?;
     let plane = match TunPlane::start(config, kernel).await {
         Ok(plane) => plane,
         Err(e) => {
@@ -159,6 +180,7 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
         tun = %config.device,
         planned,
         hold = ?hold,
+        took_ms = since.elapsed().as_secs_f64() * 1e3,
         adoption = ?plane.adoption(),
         "standby forwarder took over from the agent"
     );
