@@ -562,6 +562,9 @@ fn encode_forwarder(s: &CounterSnapshot, encoder: &mut DescriptorEncoder<'_>) ->
     encode_forwarder_details(s, encoder)
 }
 
+/// A value by kind label.
+type Kinded = (&'static str, u64);
+
 /// The userspace forwarder's counters beyond packets, bytes, drops and ICMP sent: ICMP errors
 /// not sent, system calls (batching and offload at work), and the IPv6 share of packets and drops.
 fn encode_forwarder_details(s: &CounterSnapshot, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -575,7 +578,7 @@ fn encode_forwarder_details(s: &CounterSnapshot, encoder: &mut DescriptorEncoder
     for (reason, n) in [("suppressed", s.icmp_suppressed), ("rate_limited", s.icmp_rate_limited)] {
         ConstCounter::new(n).encode(family.encode_family(&ReasonLabel { reason: reason.to_owned() })?)?;
     }
-    let calls: [(&str, &str, Vec<(&'static str, u64)>); 2] = [
+    let calls: [(&str, &str, Vec<Kinded>); 2] = [
         (
             "dataplane_syscalls",
             "Forwarder system calls by kind (tun_read, tun_write, underlay_send = sendmmsg, underlay_recv = recvmmsg); packets per call = dataplane_packets / this",

@@ -40,6 +40,8 @@ pub const STANDBY_FD: &str = "VICTOR_FE_AGENT_STANDBY_FD";
 const TAKE_OVER: u8 = b'T';
 /// Standby → agent: forwarding.
 const FORWARDING: u8 = b'F';
+/// Standby → agent: cannot take over (the agent keeps forwarding as long as it can).
+const FAILED: u8 = b'X';
 /// Next agent → standby: stop, I forward.
 const RETIRE: u8 = b'R';
 /// Standby → next agent: stopped.
@@ -169,7 +171,7 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
     let plane = match TunPlane::start(config, kernel).await {
         Ok(plane) => plane,
         Err(e) => {
-            let _ = control.write_all(&[b'X']).await;
+            let _ = control.write_all(&[FAILED]).await;
             return Err(e.into());
         }
     };
