@@ -8,8 +8,8 @@
 //! * **Planned stop** (SIGTERM/SIGINT): the agent asks the standby to take over ([`Standby::take_over`])
 //!   and keeps forwarding until it answers that it forwards, then stops. For a moment both read
 //!   the device (its queues are shared by the kernel between them); nothing is dropped.
-//! * **Crash or `kill -9`**: the standby sees its connection to the agent close and takes over at
-//!   once; packets routed into the device in between (no queue attached) are dropped.
+//! * **Crash or `kill -9`**: the standby sees its connection to the agent close ([`Lifeline`]) and
+//!   takes over at once; packets routed into the device in between are dropped.
 //!
 //! Taking over is starting a [`TunPlane`] on the persistent device: it adopts the forwarding
 //! table from the kernel records (see [`super::tun`]), as the agent did. The next agent starts
@@ -59,10 +59,10 @@ pub struct Standby {
     control: tokio::net::UnixStream,
 }
 
-/// The connection between the agent and its standby, made before anything else: the kernel
-/// closes a dying process's descriptors in ascending order, so a low number tells the standby
-/// the agent is gone before the agent's TUN queues are even released (each takes an RCU grace
-/// period).
+/// The connection between the agent and its standby. The agent's end is its highest descriptor:
+/// the kernel releases a dying process's files last-numbered first, so the standby learns the
+/// agent is gone before the rest is released — some of it (the ARP capture's packet sockets)
+/// takes an RCU grace period each, tens of milliseconds on a busy host.
 #[derive(Debug)]
 pub struct Lifeline {
     ours: UnixStream,
@@ -73,8 +73,27 @@ impl Lifeline {
     /// A new connection.
     pub fn new() -> io::Result<Lifeline> {
         let (ours, theirs) = UnixStream::pair()?;
-        Ok(Lifeline { ours, theirs })
+        Ok(Lifeline { ours: to_top(ours), theirs })
     }
+}
+
+/// `stream` moved to the highest descriptor number this process may use (at most 4095: the
+/// descriptor table grows to it), or left where it is if that fails.
+fn to_top(stream: UnixStream) -> UnixStream {
+    // SAFETY: getrlimit writes the struct it is given.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return stream;
+    }
+    let top = limit.rlim_cur.clamp(64, 4096) as libc::c_int - 1;
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a fresh one.
+    let fd = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top) };
+    if fd < 0 {
+        return stream;
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Standby {
