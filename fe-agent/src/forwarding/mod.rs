@@ -6,7 +6,7 @@
 //!   per VM IP Local / Remote(peer) / nothing (drop); tunnel packets are accepted only from the
 //!   registered FEs' underlay addresses ([`Dataplane::set_peers`]). The device, its routes and a
 //!   record of the forwarding table stay in the kernel across agent restarts and are adopted by
-//!   the next run (forwarding pauses only while no agent runs).
+//!   the next run; while no agent runs, its standby forwarder ([`standby`]) forwards.
 //! * **Kernel** ([`kernel`], needs the `ipip` module): one point-to-point ipip device per
 //!   registered FE and a /32 route per remote VM through it; the kernel decapsulates only what
 //!   matches a device, so only registered FEs' packets get in (the catch-all device counts and

@@ -4,9 +4,9 @@
 //! * **The device outlives the agent** (`TUNSETPERSIST`): on an exit — planned or `kill -9` — the
 //!   TUN device stays in the kernel, and with it the mobile-prefix routes into it and every
 //!   record below; [`TunPlane::start`] adopts it (same interface index, no route deleted or
-//!   re-added) and changes only what differs. While no agent runs the kernel drops what it routes
-//!   into the device (no queue attached), so the forwarding gap is the time between the old
-//!   process closing its queues and the new one attaching its own (see the README, "Restarts").
+//!   re-added) and changes only what differs. While no agent runs, the agent's standby forwarder
+//!   ([`super::standby`]) reads the device; with no process attached the kernel drops what it
+//!   routes into it.
 //! * **What the forwarding table held is recorded in the kernel**, in a routing table no rule
 //!   points at ([`RECORD_TABLE`], inert: nothing is routed by it), so a restarted agent forwards
 //!   at once, before the controller's snapshot: per remote VM `VM/32 via PEER dev TUN onlink`
