@@ -211,7 +211,8 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
             accepted = listener.accept() => {
                 let (mut next, _) = accepted?;
                 let mut order = [0u8; 1];
-                if matches!(next.read(&mut order).await, Ok(1) if order[0] == RETIRE) {
+                let read = tokio::time::timeout(Duration::from_secs(1), next.read(&mut order)).await;
+                if matches!(read, Ok(Ok(1)) if order[0] == RETIRE) {
                     drop(plane);
                     let _ = next.write_all(&[RETIRED]).await;
                     tracing::info!(tun = %config.device, "the next agent forwards: standby stopped");

@@ -419,3 +419,37 @@ async fn our_routes(kernel: &Kernel) -> Result<Vec<Found>, NetlinkError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dst: [u8; 4], oif: u32, gateway: Option<[u8; 4]>, metric: u32, table: u32) -> Found {
+        Found { dst: dst.into(), len: 32, oif, gateway: gateway.map(Ipv4Addr::from), metric, table }
+    }
+
+    /// The table a restarted agent starts with: remote VMs and registered FEs from the records
+    /// of this device, local VMs from their /32 on a VM port (which wins over a record), nothing
+    /// from another device's records.
+    #[test]
+    fn restore_reads_the_records_of_this_device() {
+        const TUN: u32 = 7;
+        let peer = Ipv4Addr::new(192, 168, 0, 2);
+        let fib = Fib::new(Ipv4Addr::new(192, 168, 0, 1));
+        let routes = [
+            route([10, 10, 0, 11], TUN, Some([192, 168, 0, 2]), BINDING_METRIC, RECORD_TABLE),
+            route([10, 10, 0, 12], 3, None, 0, MAIN_TABLE),
+            route([10, 10, 0, 12], TUN, Some([192, 168, 0, 2]), BINDING_METRIC, RECORD_TABLE),
+            route([192, 168, 0, 2], TUN, None, PEER_METRIC, RECORD_TABLE),
+            route([10, 10, 0, 13], TUN + 1, Some([192, 168, 0, 3]), BINDING_METRIC, RECORD_TABLE),
+            route([192, 168, 0, 3], TUN + 1, None, PEER_METRIC, RECORD_TABLE),
+        ];
+        let restored = restore(&fib, &routes, TUN).unwrap();
+        assert_eq!(fib.lookup(Ipv4Addr::new(10, 10, 0, 11)), Some(Action::Remote(peer)));
+        assert_eq!(fib.lookup(Ipv4Addr::new(10, 10, 0, 12)), Some(Action::Local));
+        assert_eq!(fib.lookup(Ipv4Addr::new(10, 10, 0, 13)), None);
+        assert_eq!(fib.peers(), vec![peer]);
+        assert_eq!(restored.remotes, HashMap::from([(Ipv4Addr::new(10, 10, 0, 11), peer)]));
+        assert_eq!(restored.adoption, Adoption { tunnel_routes: 1, local_routes: 1, peers: 1, ..Adoption::default() });
+    }
+}
