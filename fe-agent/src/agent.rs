@@ -4,9 +4,13 @@
 //! state (the data plane's devices, routes and records included) is left in place on exit: a
 //! restarted agent adopts it (no flush); `--remove-dataplane-on-exit` removes it instead.
 //!
-//! [`run`] reads as its phases: `check_host`, `start_dataplane`, `adopt_previous_run`,
-//! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`. Under systemd it
-//! also reports readiness and pings the watchdog ([`crate::service`]).
+//! Started with [`standby::STANDBY_FD`] set (by an agent of the userspace data plane), the
+//! process is that agent's standby forwarder instead ([`standby::run`]).
+//!
+//! [`run`] reads as its phases: `check_host`, `start_dataplane` (and the standby),
+//! `adopt_previous_run`, `start_link`, `start_admin`, `start_hints`, the engine, then
+//! `wait_for_exit`. Under systemd it also reports readiness and pings the watchdog
+//! ([`crate::service`]).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
