@@ -5,7 +5,8 @@
 //! (SIGTERM) of each in turn — no route of the mobile prefix or the VM is deleted, the restarted
 //! agents adopt what they find and reprogram nothing. With the kernel data plane nothing is lost
 //! (the kernel forwards while the agents are gone); with the userspace one a `kill -9` costs no
-//! more than a move does ([`KILL_9_LOSS_BOUND`]) and a SIGTERM nothing.
+//! more than a move does ([`KILL_9_LOSS_BOUND`]) and a SIGTERM nothing. Decommissioning
+//! (`--remove-dataplane-on-exit`) leaves nothing behind.
 
 mod common;
 
@@ -27,7 +28,8 @@ const KILL_9_LOSS_BOUND: usize = 2;
 plane_tests!(
     agent_restart_keeps_routes_and_headless_forwarding_resumes,
     agent_kill_9_on_the_path_and_restart,
-    agent_sigterm_on_the_path_and_restart
+    agent_sigterm_on_the_path_and_restart,
+    remove_dataplane_on_exit_leaves_nothing
 );
 
 async fn agent_restart_keeps_routes_and_headless_forwarding_resumes(plane: Plane) -> anyhow::Result<()> {
@@ -285,6 +287,57 @@ async fn restart_on_the_path(plane: Plane, how: Restart) -> anyhow::Result<()> {
              at {lost_at:?} ms"
         ),
         (Plane::Tun, Restart::Term) => assert_eq!(lost, 0, "a planned restart lost packets at {lost_at:?} ms"),
+    }
+    Ok(())
+}
+
+/// Decommissioning: agents started with `--remove-dataplane-on-exit` leave nothing of theirs in
+/// the kernel after a SIGTERM — no data-plane device, no route or record, no neighbour entry with
+/// our protocol — and no standby forwarder.
+async fn remove_dataplane_on_exit_leaves_nothing(plane: Plane) -> anyhow::Result<()> {
+    let mut lab = Lab::build_on(2, plane)?;
+    let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
+    for n in 1..=2 {
+        lab.start_agent(n, &[ctl.url()], &["--remove-dataplane-on-exit"])?;
+    }
+    for n in 1..=2 {
+        lab.wait_ready(n, Duration::from_secs(30))?;
+    }
+    send_garp(&lab.vm, "eth0", VM_MAC, VM)?;
+    ctl.wait_bound(VM, "fe2", Duration::from_secs(10)).await?;
+    wait("fe1 tunnels the VM, fe2 delivers it", Duration::from_secs(10), || {
+        let ours = |n| lab.fe(n).ip(&["route", "show", "table", "all", "proto", "158"]).unwrap_or_default();
+        ours(1).contains(&VM.to_string()) && ours(2).contains(&VM.to_string())
+    })?;
+    let standbys: Vec<String> = (1..=2)
+        .filter_map(|n| {
+            let log = lab.agent_log(n);
+            let line = log.lines().find(|l| l.contains("standby forwarder started"))?;
+            Some(line.split("pid=").nth(1)?.split_whitespace().next()?.to_owned())
+        })
+        .collect();
+    for n in 1..=2 {
+        lab.stop_agent(n);
+    }
+    for n in 1..=2 {
+        let fe = lab.fe(n);
+        let links = fe.ip(&["link", "show"])?;
+        assert!(
+            !links.contains(&format!("vtun{n}")) && !links.contains("victor-"),
+            "fe{n}: data-plane devices left: {links}"
+        );
+        let routes = fe.ip(&["route", "show", "table", "all", "proto", "158"])?;
+        assert!(routes.trim().is_empty(), "fe{n}: routes left: {routes}");
+        let neighbours = fe.ip(&["neigh", "show", "proto", "158"])?;
+        assert!(neighbours.trim().is_empty(), "fe{n}: neighbour entries left: {neighbours}");
+        assert!(lab.agent_log(n).contains("--remove-dataplane-on-exit: removed"), "{}", lab.agent_log(n));
+    }
+    match plane {
+        Plane::Tun => assert_eq!(standbys.len(), 2, "every userspace agent starts a standby"),
+        Plane::Kernel => assert!(standbys.is_empty(), "the kernel backend needs no standby: {standbys:?}"),
+    }
+    for pid in &standbys {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the standby {pid} still runs");
     }
     Ok(())
 }
