@@ -1,10 +1,12 @@
 //! The IP-in-IP data plane behind the reconciler — which backend forwards and why ([`start`],
 //! [`choose`]), and each VM IP's entry in it ([`Tunnel`]):
 //!
-//! * **Userspace** ([`tun`]): the `victor_dataplane` crate's forwarder on a TUN device. The mobile
-//!   prefixes are routed into the TUN device (proto = ours); the forwarding table says per VM IP
-//!   Local / Remote(peer) / nothing (drop); tunnel packets are accepted only from the registered
-//!   FEs' underlay addresses ([`Dataplane::set_peers`]).
+//! * **Userspace** ([`tun`]): the `victor_dataplane` crate's forwarder on a persistent TUN device.
+//!   The mobile prefixes are routed into the TUN device (proto = ours); the forwarding table says
+//!   per VM IP Local / Remote(peer) / nothing (drop); tunnel packets are accepted only from the
+//!   registered FEs' underlay addresses ([`Dataplane::set_peers`]). The device, its routes and a
+//!   record of the forwarding table stay in the kernel across agent restarts and are adopted by
+//!   the next run; while no agent runs, its standby forwarder ([`standby`]) forwards.
 //! * **Kernel** ([`kernel`], needs the `ipip` module): one point-to-point ipip device per
 //!   registered FE and a /32 route per remote VM through it; the kernel decapsulates only what
 //!   matches a device, so only registered FEs' packets get in (the catch-all device counts and
@@ -18,6 +20,7 @@
 //! `victor_agent_dataplane_choice`.
 
 pub mod kernel;
+pub mod standby;
 pub mod tun;
 
 use std::net::Ipv4Addr;
@@ -190,6 +193,11 @@ pub async fn start(mode: DataplaneMode, config: &DataplaneConfig, kernel: &Kerne
     }
     .map_err(anyhow::Error::msg)?;
     if choice.backend == Backend::Kernel {
+        // A userspace data plane's standby and persistent TUN device (it has the catch-all's name).
+        retire_standby(&config.device).await;
+        if tun::remove(&config.device)? {
+            tracing::info!(tun = %config.device, "removed the TUN device a userspace data plane left in this namespace");
+        }
         match KernelPlane::start(config, kernel).await {
             Ok(plane) => return Ok((Dataplane::Kernel(plane), choice)),
             Err(err) if mode == DataplaneMode::Auto => {
@@ -217,7 +225,40 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
     if removed > 0 {
         tracing::info!(removed, "removed the devices a kernel data plane left in this namespace");
     }
-    Ok(Dataplane::Tun(TunPlane::start(config, kernel).await?))
+    let plane = TunPlane::start(config, kernel).await?;
+    // This run forwards now: the standby of the previous one (if any) stops.
+    retire_standby(&config.device).await;
+    Ok(Dataplane::Tun(plane))
+}
+
+/// Stops the standby forwarder a previous run left for `device`, if any (see [`standby`]).
+async fn retire_standby(device: &str) {
+    match standby::retire(device, std::time::Duration::from_secs(2)).await {
+        Ok(true) => tracing::info!(tun = %device, "retired the standby forwarder of the previous run"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(tun = %device, error = %e, "could not retire the standby forwarder of the previous run")
+        }
+    }
+}
+
+/// Removes everything a data plane of this agent left in the namespace (`--remove-dataplane-on-exit`,
+/// when the FE is decommissioned): the userspace backend's persistent TUN device (with its
+/// routes and records) or the kernel backend's devices (with theirs), then every other route and
+/// neighbour entry carrying our protocol (local VMs' /32s and neighbours). Returns how many
+/// devices it removed.
+pub async fn remove_all(config: &DataplaneConfig, kernel: &Kernel) -> Result<usize> {
+    let mut removed = usize::from(tun::remove(&config.device)?);
+    removed += kernel::remove_leftovers(kernel).await?;
+    for r in kernel.our_routes().await? {
+        if r.dst.prefix_len() == 32 && r.oif != 0 {
+            kernel.del_host_route(r.dst.addr(), r.oif).await?;
+        }
+    }
+    for n in kernel.our_neighbours().await? {
+        kernel.del_neighbour(n.ip, n.ifindex).await?;
+    }
+    Ok(removed)
 }
 
 /// What the data plane does with one VM IP.
@@ -278,11 +319,11 @@ impl Dataplane {
         }
     }
 
-    /// Remote VMs the data plane has an entry for that a previous run left (kernel backend: its
-    /// routes outlive the agent; the userspace table starts empty).
+    /// Remote VMs the data plane has an entry for (both backends adopt those a previous run
+    /// left: the kernel backend's routes and the userspace one's records outlive the agent).
     pub fn tunnel_ips(&self) -> Vec<Ipv4Addr> {
         match self {
-            Dataplane::Tun(_) => Vec::new(),
+            Dataplane::Tun(plane) => plane.tunnel_ips(),
             Dataplane::Kernel(plane) => plane.tunnel_ips(),
         }
     }
@@ -290,7 +331,7 @@ impl Dataplane {
     /// Sets the data-plane entry of `ip`.
     pub async fn set_tunnel(&mut self, kernel: &Kernel, ip: Ipv4Addr, tunnel: Tunnel) -> Result<()> {
         match self {
-            Dataplane::Tun(plane) => plane.set_tunnel(ip, tunnel),
+            Dataplane::Tun(plane) => Ok(plane.set_tunnel(kernel, ip, tunnel).await?),
             Dataplane::Kernel(plane) => Ok(plane.set_tunnel(kernel, ip, tunnel).await?),
         }
     }
@@ -299,7 +340,7 @@ impl Dataplane {
     pub async fn set_peers(&mut self, kernel: &Kernel, peers: &[Ipv4Addr]) -> Result<PeerChanges> {
         match self {
             Dataplane::Tun(plane) => {
-                plane.set_peers(peers);
+                plane.set_peers(kernel, peers).await?;
                 Ok(PeerChanges::default())
             }
             Dataplane::Kernel(plane) => Ok(plane.set_peers(kernel, peers).await?),
