@@ -67,6 +67,16 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build"
 cargo build --workspace --bins
 
+# QEMU and the stock kernel before the tests: the lab's live migration of a real VM
+# (tests/tests/lab_qemu.rs) runs inside nextest and says SKIPPED without them. Not fatal: the
+# kernel suite's step below reports what is missing.
+step "QEMU and the stock kernel for the VM tests (tests/vm/install.sh, tests/vm/lab-guest)"
+if bash tests/vm/install.sh >/dev/null && bash tests/vm/lab-guest >/dev/null; then
+    echo "ready"
+else
+    echo "not available: the tests that need a VM will say SKIPPED"
+fi
+
 namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | sort; }
 ns_before=$(namespaces)
 

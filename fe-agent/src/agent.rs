@@ -1,14 +1,20 @@
 //! Wiring: checks the host, starts the data plane, reads back what a previous run programmed,
 //! then runs the tasks — controller link, reporter, ARP capture, port watcher, move-hint socket,
 //! admin HTTP and the engine that owns the state — until SIGINT/SIGTERM or a fatal error. Kernel
-//! state is left in place on exit: a restarted agent adopts it (no flush).
+//! state (the data plane's devices, routes and records included) is left in place on exit: a
+//! restarted agent adopts it (no flush); `--remove-dataplane-on-exit` removes it instead.
 //!
-//! [`run`] reads as its phases: `check_host`, `start_dataplane`, `adopt_previous_run`,
-//! `start_link`, `start_admin`, `start_hints`, the engine, then `wait_for_exit`. Under systemd it
-//! also reports readiness and pings the watchdog ([`crate::service`]).
+//! Started with [`standby::STANDBY_FD`] set (by an agent of the userspace data plane), the
+//! process is that agent's standby forwarder instead ([`standby::run`]).
+//!
+//! [`run`] reads as its phases: `check_host`, `start_dataplane` (and the standby),
+//! `adopt_previous_run`, `start_link`, `start_admin`, `start_hints`, the engine, then
+//! `wait_for_exit`. Under systemd it also reports readiness and pings the watchdog
+//! ([`crate::service`]).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
@@ -22,7 +28,8 @@ use crate::config::Config;
 use crate::engine::{Engine, Inputs, Parts};
 use crate::events::EventLog;
 use crate::forwarding::kernel::counters::KernelCounters;
-use crate::forwarding::{self, Choice, Dataplane, DataplaneConfig};
+use crate::forwarding::standby::{self, Lifeline, Standby};
+use crate::forwarding::{self, Backend, Choice, Dataplane, DataplaneConfig};
 use crate::hint::Hints;
 use crate::hint::io::{HintSocket, Limits, Received};
 use crate::link::connector::{Connector, SocketFactory};
@@ -44,10 +51,33 @@ type Tasks = JoinSet<Result<()>>;
 
 /// Runs the agent until a signal or a fatal error.
 pub async fn run(config: Config) -> Result<()> {
+    let standby_fd = std::env::var(standby::STANDBY_FD).ok().and_then(|v| v.parse().ok());
+    let lifeline = match standby_fd {
+        None => Some(Lifeline::new().context("socket pair for the standby forwarder")?),
+        Some(_) => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let kernel = Kernel::connect(config.route_protocol).context("open a netlink socket (needs CAP_NET_ADMIN)")?;
     let underlay_mtu = check_host(&config, &kernel).await?;
+    if let Some(fd) = standby_fd {
+        let dp_config = dataplane_config(&config, underlay_mtu);
+        return Ok(standby::run(fd, &dp_config, &kernel, config.standby_hold).await?);
+    }
     let (dataplane, choice) = start_dataplane(&config, &kernel, underlay_mtu, &metrics).await?;
+    // The userspace data plane's standby forwards while this agent is not running.
+    let mut standby = match (choice.backend, lifeline) {
+        (Backend::Tun, Some(lifeline)) => match Standby::spawn(lifeline) {
+            Ok(s) => {
+                tracing::info!(pid = s.pid(), "standby forwarder started");
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the standby forwarder: a restart will interrupt forwarding");
+                None
+            }
+        },
+        _ => None,
+    };
     let kernel_counters = dataplane.kernel_counters();
     let ports = Arc::new(PortTable::new(vm_port_matcher(&config), config.gateway_mac.map(|m| m.octets())));
     let reconciler = adopt_previous_run(&kernel, dataplane, &ports, &metrics).await?;
@@ -123,7 +153,37 @@ pub async fn run(config: Config) -> Result<()> {
         let drain = if outcome.is_ok() { config.bgp_shutdown_drain } else { std::time::Duration::ZERO };
         advertiser.shutdown(drain).await;
     }
+    // The engine (and with it the data plane's forwarder) stops here; what the data plane keeps
+    // in the kernel stays for the next run unless the FE is being decommissioned. On a planned
+    // stop the standby forwards before we stop; after an error it takes over when we are gone.
+    let decommission = outcome.is_ok() && config.remove_dataplane_on_exit;
+    match standby.take() {
+        Some(standby) if decommission => standby.kill(),
+        Some(mut standby) if outcome.is_ok() => match standby.take_over(Duration::from_secs(5)).await {
+            Ok(()) => tracing::info!(pid = standby.pid(), "the standby forwarder took over"),
+            Err(e) => tracing::warn!(error = %e, "the standby forwarder did not take over"),
+        },
+        _ => {}
+    }
+    tasks.shutdown().await;
+    if decommission {
+        let removed = forwarding::remove_all(&dataplane_config(&config, underlay_mtu), &kernel)
+            .await
+            .context("remove the data plane (--remove-dataplane-on-exit)")?;
+        tracing::info!(devices = removed, "--remove-dataplane-on-exit: removed the data plane and our routes");
+    }
     outcome
+}
+
+/// What the data plane is started with.
+fn dataplane_config(config: &Config, underlay_mtu: u16) -> DataplaneConfig {
+    DataplaneConfig {
+        underlay: config.underlay_addr,
+        underlay_mtu,
+        device: config.tun_name.clone(),
+        prefixes: config.mobile_prefixes.clone(),
+        prefixes6: config.mobile_prefixes6.clone(),
+    }
 }
 
 /// Checks what the agent needs from the host, each failure with what to fix; returns the
@@ -161,14 +221,8 @@ async fn start_dataplane(
     underlay_mtu: u16,
     metrics: &Metrics,
 ) -> Result<(Dataplane, Choice)> {
-    let dp_config = DataplaneConfig {
-        underlay: config.underlay_addr,
-        underlay_mtu,
-        device: config.tun_name.clone(),
-        prefixes: config.mobile_prefixes.clone(),
-        prefixes6: config.mobile_prefixes6.clone(),
-    };
-    let (dataplane, choice) = forwarding::start(config.dataplane, &dp_config, kernel).await?;
+    let (dataplane, choice) =
+        forwarding::start(config.dataplane, &dataplane_config(config, underlay_mtu), kernel).await?;
     tracing::info!(dataplane = choice.backend.label(), mode = choice.mode.label(), reason = %choice.why, "data plane chosen");
     metrics.dataplane.get_or_create(&KindLabel { kind: choice.backend.label() }).set(1);
     let label = ChoiceLabel { backend: choice.backend.label(), mode: choice.mode.label(), why: choice.code };

@@ -141,6 +141,21 @@ pub struct Config {
     #[arg(long, env = "VICTOR_TUN_NAME", default_value = "victor0")]
     pub tun_name: String,
 
+    /// Decommissioning: on SIGTERM/SIGINT, remove everything the data plane keeps in the kernel
+    /// across restarts — the persistent TUN device (userspace) or the ipip devices (kernel), their
+    /// routes, and the agent's routes and neighbour entries on the VM ports — before exiting.
+    /// Without it a stopped agent leaves all of it for the next run to adopt (see "Restarts" in
+    /// the README). Not applied when the agent ends on an error.
+    #[arg(long, env = "VICTOR_REMOVE_DATAPLANE_ON_EXIT")]
+    pub remove_dataplane_on_exit: bool,
+
+    /// Userspace data plane: how long the standby forwarder (the process that forwards while no
+    /// agent runs, see "Restarts" in the README) keeps forwarding after the agent stopped or died
+    /// without a new agent taking over.
+    #[arg(long, env = "VICTOR_STANDBY_HOLD", default_value = "2m", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
+    pub standby_hold: Duration,
+
     /// Address of the HTTP admin server (/healthz, /readyz, /metrics, /debug/events).
     #[arg(long, env = "VICTOR_HTTP_LISTEN", default_value = "127.0.0.1:9180")]
     pub http_listen: SocketAddr,
@@ -643,6 +658,7 @@ mod tests {
         assert_eq!(c.dataplane, DataplaneMode::Auto);
         assert_eq!(c.route_protocol, 158);
         assert_eq!(c.tun_name, "victor0");
+        assert!(!c.remove_dataplane_on_exit);
         assert_eq!(c.stream_timeout, Duration::from_millis(1500));
         assert!(c.is_vm_port("vm0") && !c.is_vm_port("vm01"));
     }

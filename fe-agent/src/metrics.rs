@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
-use victor_dataplane::counters::Counters;
+use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::neigh_io::NeighStats;
 
 /// The VM-port captures' counters (ARP, RARP, NDP), read at scrape time.
@@ -38,6 +38,18 @@ impl CaptureTotals {
             *self.malformed.entry((protocol, reason)).or_default() += n;
         }
         self.kernel_dropped += stats.kernel_dropped;
+    }
+}
+
+/// The userspace forwarder's counters, read at scrape time.
+pub trait ForwarderCounts: Send + Sync + std::fmt::Debug {
+    /// The counters now.
+    fn snapshot(&self) -> CounterSnapshot;
+}
+
+impl ForwarderCounts for Counters {
+    fn snapshot(&self) -> CounterSnapshot {
+        Counters::snapshot(self)
     }
 }
 
@@ -439,7 +451,7 @@ impl Default for Metrics {
 /// Reads the forwarder's counters at scrape time.
 #[derive(Debug, Default)]
 struct DataplaneCollector {
-    counters: Mutex<Option<Arc<Counters>>>,
+    counters: Mutex<Option<Arc<dyn ForwarderCounts>>>,
     tunnels: Mutex<Option<Arc<dyn TunnelCounts>>>,
     captures: Mutex<Option<Arc<dyn CaptureCounts>>>,
 }
@@ -542,46 +554,128 @@ impl Collector for DataplaneCollector {
             encode_tunnels(&tunnels.snapshot(), &mut encoder)?;
         }
         let Some(counters) = self.counters.lock().expect("collector lock").clone() else { return Ok(()) };
-        let s = counters.snapshot();
-        let directions = [
-            ("tun_rx", s.tun_rx_packets, s.tun_rx_bytes),
-            ("tunnel_tx", s.tunnel_tx_packets, s.tunnel_tx_bytes),
-            ("tunnel_rx", s.tunnel_rx_packets, s.tunnel_rx_bytes),
-            ("tun_tx", s.tun_tx_packets, s.tun_tx_bytes),
-        ];
-        for (name, help, pick) in [
-            ("dataplane_packets", "Userspace forwarder packets by direction", 0usize),
-            ("dataplane_bytes", "Userspace forwarder bytes by direction", 1),
-        ] {
-            let counter = ConstCounter::new(0u64);
-            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
-            for (direction, packets, bytes) in directions {
-                let value = if pick == 0 { packets } else { bytes };
-                ConstCounter::new(value).encode(family.encode_family(&DirectionLabel { direction })?)?;
-            }
-        }
+        encode_forwarder(&counters.snapshot(), &mut encoder)
+    }
+}
+
+/// Renders the userspace forwarder's counters.
+fn encode_forwarder(s: &CounterSnapshot, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    let directions = [
+        ("tun_rx", s.tun_rx_packets, s.tun_rx_bytes),
+        ("tunnel_tx", s.tunnel_tx_packets, s.tunnel_tx_bytes),
+        ("tunnel_rx", s.tunnel_rx_packets, s.tunnel_rx_bytes),
+        ("tun_tx", s.tun_tx_packets, s.tun_tx_bytes),
+    ];
+    for (name, help, pick) in [
+        ("dataplane_packets", "Userspace forwarder packets by direction", 0usize),
+        ("dataplane_bytes", "Userspace forwarder bytes by direction", 1),
+    ] {
         let counter = ConstCounter::new(0u64);
-        let mut family = encoder.encode_descriptor(
+        let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+        for (direction, packets, bytes) in directions {
+            let value = if pick == 0 { packets } else { bytes };
+            ConstCounter::new(value).encode(family.encode_family(&DirectionLabel { direction })?)?;
+        }
+    }
+    let counter = ConstCounter::new(0u64);
+    let mut family = encoder.encode_descriptor(
             "dataplane_drops",
             "Packets dropped by the userspace forwarder by reason (no_binding = no binding here: dropped; unknown_peer = IP-in-IP from an unregistered source)",
             None,
             counter.metric_type(),
         )?;
-        for (reason, n) in &s.drops {
-            let label = ReasonLabel { reason: reason.as_str().to_owned() };
-            ConstCounter::new(*n).encode(family.encode_family(&label)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "dataplane_icmp_sent",
-            "ICMP errors sent by the forwarder",
-            None,
-            counter.metric_type(),
-        )?;
-        for (kind, n) in [("time_exceeded", s.icmp_time_exceeded), ("frag_needed", s.icmp_frag_needed)] {
+    for (reason, n) in &s.drops {
+        let label = ReasonLabel { reason: reason.as_str().to_owned() };
+        ConstCounter::new(*n).encode(family.encode_family(&label)?)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "dataplane_icmp_sent",
+        "ICMP and ICMPv6 errors sent by the forwarder by kind",
+        None,
+        counter.metric_type(),
+    )?;
+    for (kind, n) in [
+        ("time_exceeded", s.icmp_time_exceeded),
+        ("frag_needed", s.icmp_frag_needed),
+        ("icmp6_time_exceeded", s.icmp6_time_exceeded),
+        ("icmp6_packet_too_big", s.icmp6_packet_too_big),
+    ] {
+        ConstCounter::new(n).encode(family.encode_family(&KindLabel { kind })?)?;
+    }
+    encode_forwarder_details(s, encoder)
+}
+
+/// A value by kind label.
+type Kinded = (&'static str, u64);
+
+/// The userspace forwarder's counters beyond packets, bytes, drops and ICMP sent: ICMP errors
+/// not sent, system calls (batching and offload at work), and the IPv6 share of packets and drops.
+fn encode_forwarder_details(s: &CounterSnapshot, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    let counter = ConstCounter::new(0u64);
+    let mut family = encoder.encode_descriptor(
+        "dataplane_icmp_not_sent",
+        "ICMP and ICMPv6 errors the forwarder did not send by reason (suppressed: the packet must not be answered; rate_limited)",
+        None,
+        counter.metric_type(),
+    )?;
+    for (reason, n) in [("suppressed", s.icmp_suppressed), ("rate_limited", s.icmp_rate_limited)] {
+        ConstCounter::new(n).encode(family.encode_family(&ReasonLabel { reason: reason.to_owned() })?)?;
+    }
+    let calls: [(&str, &str, Vec<Kinded>); 2] = [
+        (
+            "dataplane_syscalls",
+            "Forwarder system calls by kind (tun_read, tun_write, underlay_send = sendmmsg, underlay_recv = recvmmsg); packets per call = dataplane_packets / this",
+            vec![
+                ("tun_read", s.tun_reads),
+                ("tun_write", s.tun_writes),
+                ("underlay_send", s.underlay_sends),
+                ("underlay_recv", s.underlay_recvs),
+            ],
+        ),
+        (
+            "dataplane_gso_syscalls",
+            "Of dataplane_syscalls: TUN reads and writes that carried a GSO super-packet",
+            vec![("tun_read", s.tun_reads_gso), ("tun_write", s.tun_writes_gso)],
+        ),
+    ];
+    for (name, help, values) in calls {
+        let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+        for (kind, n) in values {
             ConstCounter::new(n).encode(family.encode_family(&KindLabel { kind })?)?;
         }
-        Ok(())
     }
+    let coalesced = ConstCounter::new(s.underlay_rx_coalesced);
+    let metric = encoder.encode_descriptor(
+        "dataplane_underlay_rx_coalesced",
+        "Tunnel packets from the underlay longer than the tunnel MTU (already coalesced by the kernel's GRO), forwarded into TUN as one super-packet",
+        None,
+        coalesced.metric_type(),
+    )?;
+    coalesced.encode(metric)?;
+    let mut family = encoder.encode_descriptor(
+        "dataplane_ipv6_packets",
+        "Of dataplane_packets: IPv6 packets (6in4 on the underlay) by direction",
+        None,
+        counter.metric_type(),
+    )?;
+    for (direction, n) in [
+        ("tun_rx", s.ipv6_tun_rx_packets),
+        ("tunnel_tx", s.ipv6_tunnel_tx_packets),
+        ("tunnel_rx", s.ipv6_tunnel_rx_packets),
+        ("tun_tx", s.ipv6_tun_tx_packets),
+    ] {
+        ConstCounter::new(n).encode(family.encode_family(&DirectionLabel { direction })?)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "dataplane_ipv6_drops",
+        "Of dataplane_drops: IPv6 packets (from TUN) and 6in4 packets (from the underlay) by reason",
+        None,
+        counter.metric_type(),
+    )?;
+    for (reason, n) in &s.drops_v6 {
+        ConstCounter::new(*n).encode(family.encode_family(&ReasonLabel { reason: reason.as_str().to_owned() })?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -594,6 +688,65 @@ mod tests {
     impl TunnelCounts for Fixed {
         fn snapshot(&self) -> TunnelSnapshot {
             self.0.clone()
+        }
+    }
+
+    impl ForwarderCounts for CounterSnapshot {
+        fn snapshot(&self) -> CounterSnapshot {
+            self.clone()
+        }
+    }
+
+    /// Every counter of the userspace forwarder's snapshot is exported, IPv6 ones included.
+    #[test]
+    fn forwarder_counters_are_exposed() {
+        use victor_dataplane::counters::DropReason;
+        let m = Metrics::new();
+        let reason = DropReason::ALL[0];
+        m.dataplane_counters.counters.lock().unwrap().replace(Arc::new(CounterSnapshot {
+            tun_rx_packets: 10,
+            ipv6_tun_rx_packets: 3,
+            ipv6_tunnel_tx_packets: 4,
+            ipv6_tunnel_rx_packets: 5,
+            ipv6_tun_tx_packets: 6,
+            icmp6_time_exceeded: 7,
+            icmp6_packet_too_big: 8,
+            icmp_suppressed: 9,
+            icmp_rate_limited: 11,
+            tun_reads: 12,
+            tun_reads_gso: 13,
+            tun_writes: 14,
+            tun_writes_gso: 15,
+            underlay_sends: 16,
+            underlay_recvs: 17,
+            underlay_rx_coalesced: 18,
+            drops: vec![(reason, 20)],
+            drops_v6: vec![(reason, 19)],
+            ..CounterSnapshot::default()
+        }));
+        let text = m.render();
+        let r = reason.as_str();
+        for line in [
+            "victor_agent_dataplane_packets_total{direction=\"tun_rx\"} 10".to_owned(),
+            "victor_agent_dataplane_ipv6_packets_total{direction=\"tun_rx\"} 3".to_owned(),
+            "victor_agent_dataplane_ipv6_packets_total{direction=\"tunnel_tx\"} 4".to_owned(),
+            "victor_agent_dataplane_ipv6_packets_total{direction=\"tunnel_rx\"} 5".to_owned(),
+            "victor_agent_dataplane_ipv6_packets_total{direction=\"tun_tx\"} 6".to_owned(),
+            "victor_agent_dataplane_icmp_sent_total{kind=\"icmp6_time_exceeded\"} 7".to_owned(),
+            "victor_agent_dataplane_icmp_sent_total{kind=\"icmp6_packet_too_big\"} 8".to_owned(),
+            "victor_agent_dataplane_icmp_not_sent_total{reason=\"suppressed\"} 9".to_owned(),
+            "victor_agent_dataplane_icmp_not_sent_total{reason=\"rate_limited\"} 11".to_owned(),
+            "victor_agent_dataplane_syscalls_total{kind=\"tun_read\"} 12".to_owned(),
+            "victor_agent_dataplane_gso_syscalls_total{kind=\"tun_read\"} 13".to_owned(),
+            "victor_agent_dataplane_syscalls_total{kind=\"tun_write\"} 14".to_owned(),
+            "victor_agent_dataplane_gso_syscalls_total{kind=\"tun_write\"} 15".to_owned(),
+            "victor_agent_dataplane_syscalls_total{kind=\"underlay_send\"} 16".to_owned(),
+            "victor_agent_dataplane_syscalls_total{kind=\"underlay_recv\"} 17".to_owned(),
+            "victor_agent_dataplane_underlay_rx_coalesced_total 18".to_owned(),
+            format!("victor_agent_dataplane_ipv6_drops_total{{reason=\"{r}\"}} 19"),
+            format!("victor_agent_dataplane_drops_total{{reason=\"{r}\"}} 20"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
     }
 

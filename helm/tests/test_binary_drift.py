@@ -104,12 +104,21 @@ def test_controller_accepts_the_rendered_command_line(name, tmp_path):
     assert config["etcd_prefix"] == flag(args, "etcd-prefix")
     assert config["log_format"] == flag(args, "log-format")
     assert config["require_declared"] == ("require-declared" in rendered)
+    for key in ("session_ttl", "fe_dead_after", "tombstone_retention"):
+        assert config[key] == flag(args, key.replace("_", "-")), key
     for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "etcd_ca_file", "etcd_cert_file", "etcd_key_file", "auth_tokens_file"):
         flag_name = key.replace("_", "-")
         if flag_name in rendered:
             assert config[key] == str(tmp_path) + flag(args, flag_name), key
         else:
             assert config[key] is None, key
+
+
+def test_tombstone_retention_reaches_the_controller(tmp_path):
+    values = deep_merge(value_set("external-etcd"), {"controller": {"tombstoneRetention": "45m"}})
+    proc, args = check_config(values, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tombstone_retention"] == "45m"
 
 
 def test_controller_check_is_not_vacuous(tmp_path):

@@ -17,8 +17,10 @@
 # The QEMU binary ($VICTOR_VM_QEMU overrides it, e.g. a self-built one).
 VM_QEMU=${VICTOR_VM_QEMU:-qemu-system-x86_64}
 VM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# Modules the initramfs loads to reach the host: PCI virtio transport, 9p over virtio, overlayfs.
-VM_INITRD_MODULES=(virtio_pci 9pnet_virtio 9p overlay)
+# The initramfs's /init and the modules it loads (the runner's: PCI virtio transport, 9p over
+# virtio, overlayfs to reach the host). Another guest sets both before vm_prepare (tests/vm/lab-guest).
+VM_INITRD_INIT=${VM_INITRD_INIT:-$VM_LIB_DIR/initramfs-init}
+[[ -n ${VM_INITRD_MODULES+set} ]] || VM_INITRD_MODULES=(virtio_pci 9pnet_virtio 9p overlay)
 
 # The guest mounts fresh tmpfs on these: host files below them are not visible there.
 vm_hidden_path() { [[ $1 =~ ^/(tmp|run|dev|proc|sys)(/|$) ]]; }
@@ -151,13 +153,14 @@ vm_busybox() {
     VM_BUSYBOX=$dir/bin/busybox
 }
 
-# The initramfs: busybox, tests/vm/initramfs-init as /init, and the modules it loads (in the order
-# modprobe would load them), in $VM_CACHE/initramfs/<hash>.cpio.gz.
+# The initramfs: busybox, $VM_INITRD_INIT (tests/vm/initramfs-init) as /init, and the modules of
+# VM_INITRD_MODULES with their dependencies (in the order modprobe would load them, listed in
+# /modules.list), in $VM_CACHE/initramfs/<hash>.cpio.gz.
 vm_initramfs() {
     local mods key tmp m rel
     mods=$(modprobe -d "${VM_MODULES%/lib/modules/*}" -S "$VM_KVER" --show-depends -a "${VM_INITRD_MODULES[@]}" |
         awk '$1 == "insmod" && !seen[$2]++ { print $2 }') || return 1
-    key=$( (cat "$VM_LIB_DIR/initramfs-init" && echo "$VM_BUSYBOX $VM_KVER $mods") | sha256sum | cut -c1-16)
+    key=$( (cat "$VM_INITRD_INIT" && echo "$VM_BUSYBOX $VM_KVER $mods") | sha256sum | cut -c1-16)
     VM_INITRD=$VM_CACHE/initramfs/$key.cpio.gz
     [[ -f $VM_INITRD ]] && touch "$VM_INITRD" && return 0
     vm_log "building the initramfs ($VM_INITRD)"
@@ -165,7 +168,7 @@ vm_initramfs() {
     tmp=$(mktemp -d "$VM_CACHE/tmp.XXXXXX") || return 1
     mkdir -p "$tmp/root/bin"
     cp "$VM_BUSYBOX" "$tmp/root/bin/busybox"
-    cp "$VM_LIB_DIR/initramfs-init" "$tmp/root/init"
+    cp "$VM_INITRD_INIT" "$tmp/root/init"
     chmod 755 "$tmp/root/init"
     for m in $mods; do
         rel=${m#"${VM_MODULES%/lib/modules/*}"/}

@@ -1,10 +1,12 @@
 //! The IP-in-IP data plane behind the reconciler — which backend forwards and why ([`start`],
 //! [`choose`]), and each VM IP's entry in it ([`Tunnel`]):
 //!
-//! * **Userspace** ([`tun`]): the `victor_dataplane` crate's forwarder on a TUN device. The mobile
-//!   prefixes are routed into the TUN device (proto = ours); the forwarding table says per VM IP
-//!   Local / Remote(peer) / nothing (drop); tunnel packets are accepted only from the registered
-//!   FEs' underlay addresses ([`Dataplane::set_peers`]).
+//! * **Userspace** ([`tun`]): the `victor_dataplane` crate's forwarder on a persistent TUN device.
+//!   The mobile prefixes are routed into the TUN device (proto = ours); the forwarding table says
+//!   per VM IP Local / Remote(peer) / nothing (drop); tunnel packets are accepted only from the
+//!   registered FEs' underlay addresses ([`Dataplane::set_peers`]). The device, its routes and a
+//!   record of the forwarding table stay in the kernel across agent restarts and are adopted by
+//!   the next run; while no agent runs, its standby forwarder ([`standby`]) forwards.
 //! * **Kernel** ([`kernel`], needs the `ipip` module): one point-to-point ipip device per
 //!   registered FE and a /32 route per remote VM through it; the kernel decapsulates only what
 //!   matches a device, so only registered FEs' packets get in (the catch-all device counts and
@@ -24,6 +26,7 @@
 //! `victor_agent_dataplane_choice`.
 
 pub mod kernel;
+pub mod standby;
 pub mod tun;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -35,7 +38,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::LinkIpIp;
 use serde::Serialize;
 use victor_dataplane::counters::{CounterSnapshot, Counters};
-use victor_dataplane::fib::{Action, Fib};
+use victor_dataplane::fib::Fib;
 use victor_dataplane::kernel::ModuleLoad;
 
 use crate::netlink::Kernel;
@@ -200,6 +203,11 @@ pub async fn start(mode: DataplaneMode, config: &DataplaneConfig, kernel: &Kerne
     }
     .map_err(anyhow::Error::msg)?;
     if choice.backend == Backend::Kernel {
+        // A userspace data plane's standby and persistent TUN device (it has the catch-all's name).
+        retire_standby(&config.device).await;
+        if tun::remove(&config.device)? {
+            tracing::info!(tun = %config.device, "removed the TUN device a userspace data plane left in this namespace");
+        }
         match KernelPlane::start(config, kernel).await {
             Ok(plane) => return Ok((Dataplane::Kernel(plane), choice)),
             Err(err) if mode == DataplaneMode::Auto => {
@@ -237,6 +245,8 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
             kernel.replace_prefix_route6(*net, tun.index).await?;
         }
     }
+    // This run forwards now: the standby of the previous one (if any) stops.
+    retire_standby(&config.device).await;
     Ok(Dataplane::Tun(plane))
 }
 
@@ -263,30 +273,34 @@ pub fn ipv6_choice(mode: DataplaneMode, prefixes6: &[Ipv6Net]) -> Option<Result<
     })
 }
 
-/// What the userspace forwarder's table does with `ip`.
-fn fib_tunnel(fib: &Fib, ip: IpAddr) -> Tunnel {
-    match fib.lookup(ip) {
-        None => Tunnel::None,
-        Some(Action::Local) => Tunnel::Local,
-        Some(Action::Remote(p)) => Tunnel::Remote(p),
+/// Stops the standby forwarder a previous run left for `device`, if any (see [`standby`]).
+async fn retire_standby(device: &str) {
+    match standby::retire(device, std::time::Duration::from_secs(2)).await {
+        Ok(true) => tracing::info!(tun = %device, "retired the standby forwarder of the previous run"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(tun = %device, error = %e, "could not retire the standby forwarder of the previous run")
+        }
     }
 }
 
-/// Sets `ip`'s entry in the userspace forwarder's table (an IPv6 VM's remote peer is the IPv4
-/// underlay address its 6in4 packets go to).
-fn set_fib_tunnel(fib: &Fib, ip: IpAddr, tunnel: Tunnel) -> Result<()> {
-    match tunnel {
-        Tunnel::None => {
-            fib.remove(ip);
-        }
-        Tunnel::Local => {
-            fib.set(ip, Action::Local)?;
-        }
-        Tunnel::Remote(peer) => {
-            fib.set(ip, Action::Remote(peer))?;
+/// Removes everything a data plane of this agent left in the namespace (`--remove-dataplane-on-exit`,
+/// when the FE is decommissioned): the userspace backend's persistent TUN device (with its
+/// routes and records) or the kernel backend's devices (with theirs), then every other route and
+/// neighbour entry carrying our protocol (local VMs' host routes and neighbours). Returns how many
+/// devices it removed.
+pub async fn remove_all(config: &DataplaneConfig, kernel: &Kernel) -> Result<usize> {
+    let mut removed = usize::from(tun::remove(&config.device)?);
+    removed += kernel::remove_leftovers(kernel).await?;
+    for r in kernel.our_routes().await? {
+        if r.dst.prefix_len() == r.dst.max_prefix_len() && r.oif != 0 {
+            kernel.del_host_route(r.dst.addr(), r.oif).await?;
         }
     }
-    Ok(())
+    for n in kernel.our_neighbours().await? {
+        kernel.del_neighbour(n.ip, n.ifindex).await?;
+    }
+    Ok(removed)
 }
 
 /// What the data plane does with one VM IP.
@@ -344,16 +358,16 @@ impl Dataplane {
     /// What the data plane does with `ip` now.
     pub fn tunnel(&self, ip: IpAddr) -> Tunnel {
         match self {
-            Dataplane::Tun(plane) => fib_tunnel(plane.fib(), ip),
+            Dataplane::Tun(plane) => plane.tunnel(ip),
             Dataplane::Kernel(plane) => plane.tunnel(ip),
         }
     }
 
-    /// Remote VMs the data plane has an entry for that a previous run left (kernel backend: its
-    /// routes outlive the agent; the userspace table starts empty).
+    /// Remote VMs the data plane has an entry for (both backends adopt those a previous run
+    /// left: the kernel backend's routes and the userspace one's records outlive the agent).
     pub fn tunnel_ips(&self) -> Vec<IpAddr> {
         match self {
-            Dataplane::Tun(_) => Vec::new(),
+            Dataplane::Tun(plane) => plane.tunnel_ips(),
             Dataplane::Kernel(plane) => plane.tunnel_ips(),
         }
     }
@@ -361,7 +375,7 @@ impl Dataplane {
     /// Sets the data-plane entry of `ip`.
     pub async fn set_tunnel(&mut self, kernel: &Kernel, ip: IpAddr, tunnel: Tunnel) -> Result<()> {
         match self {
-            Dataplane::Tun(plane) => set_fib_tunnel(plane.fib(), ip, tunnel),
+            Dataplane::Tun(plane) => Ok(plane.set_tunnel(kernel, ip, tunnel).await?),
             Dataplane::Kernel(plane) => Ok(plane.set_tunnel(kernel, ip, tunnel).await?),
         }
     }
@@ -370,7 +384,7 @@ impl Dataplane {
     pub async fn set_peers(&mut self, kernel: &Kernel, peers: &[Ipv4Addr]) -> Result<PeerChanges> {
         match self {
             Dataplane::Tun(plane) => {
-                plane.set_peers(peers);
+                plane.set_peers(kernel, peers).await?;
                 Ok(PeerChanges::default())
             }
             Dataplane::Kernel(plane) => Ok(plane.set_peers(kernel, peers).await?),
@@ -445,20 +459,5 @@ mod tests {
         let auto = ipv6_choice(DataplaneMode::Auto, &v6).unwrap().unwrap();
         assert_eq!((auto.backend, auto.code), (Backend::Tun, "ipv6_prefixes"));
         assert_eq!(ipv6_choice(DataplaneMode::Tun, &v6).unwrap().unwrap().backend, Backend::Tun);
-    }
-
-    #[test]
-    fn the_userspace_table_takes_ipv6_vms_with_an_ipv4_peer() {
-        let fib = Fib::new(Ipv4Addr::new(198, 51, 100, 1));
-        let vm: IpAddr = "fd00:10::11".parse().unwrap();
-        let peer = Ipv4Addr::new(198, 51, 100, 2);
-        assert_eq!(fib_tunnel(&fib, vm), Tunnel::None);
-        set_fib_tunnel(&fib, vm, Tunnel::Remote(peer)).unwrap();
-        assert_eq!(fib_tunnel(&fib, vm), Tunnel::Remote(peer));
-        assert_eq!(fib.len_v6(), 1);
-        set_fib_tunnel(&fib, vm, Tunnel::Local).unwrap();
-        assert_eq!(fib_tunnel(&fib, vm), Tunnel::Local);
-        set_fib_tunnel(&fib, vm, Tunnel::None).unwrap();
-        assert_eq!(fib_tunnel(&fib, vm), Tunnel::None);
     }
 }

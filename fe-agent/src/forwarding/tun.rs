@@ -1,23 +1,107 @@
-//! The userspace backend: the `victor_dataplane` forwarder on a TUN device, with the mobile
-//! prefixes routed into it and one forwarding-table entry per VM IP.
+//! The userspace backend: the `victor_dataplane` forwarder on a **persistent** TUN device, with
+//! the mobile prefixes routed into it and one forwarding-table entry per VM IP.
+//!
+//! * **The device outlives the agent** (`TUNSETPERSIST`): on an exit — planned or `kill -9` — the
+//!   TUN device stays in the kernel, and with it the mobile-prefix routes into it and every
+//!   record below; [`TunPlane::start`] adopts it (same interface index, no route deleted or
+//!   re-added) and changes only what differs. While no agent runs, the agent's standby forwarder
+//!   ([`super::standby`]) reads the device; with no process attached the kernel drops what it
+//!   routes into it.
+//! * **What the forwarding table held is recorded in the kernel**, in a routing table no rule
+//!   points at ([`RECORD_TABLE`], inert: nothing is routed by it), so a restarted agent forwards
+//!   at once, before the controller's snapshot: per remote VM `VM/32 via PEER dev TUN onlink`
+//!   (metric [`BINDING_METRIC`]), per registered FE `FE/32 dev TUN` (metric [`PEER_METRIC`]).
+//!   Local VMs need no record: their /32 on a VM port (the reconciler's) says it.
+//!   All of it carries our route protocol and goes with the device when it is deleted.
+//! * **Decommissioning** ([`remove`], `--remove-dataplane-on-exit`): the device is deleted, and
+//!   with it every route into it and every record.
 
-use std::net::Ipv4Addr;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use victor_dataplane::counters::{CounterSnapshot, Counters};
-use victor_dataplane::fib::{Action, Fib};
-use victor_dataplane::forwarder::{Forwarder, ForwarderConfig};
+use victor_dataplane::fib::{Action, Fib, FibError};
+use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, ForwarderError, remove_persistent_tun};
 
 use super::{DataplaneConfig, Tunnel};
-use crate::netlink::Kernel;
+use crate::netlink::{Kernel, NetlinkError};
+
+/// The routing table of the records (no `ip rule` points at it: its routes route nothing). Shown
+/// by `ip route show table 1986618228`.
+pub const RECORD_TABLE: u32 = 0x7669_6374;
+
+/// Metric of a remote VM's record (`VM/32 via PEER dev TUN onlink`).
+pub const BINDING_METRIC: u32 = 0;
+
+/// Metric of a registered FE's record (`FE/32 dev TUN`).
+pub const PEER_METRIC: u32 = 1;
+
+/// A failed userspace data-plane operation.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    /// The forwarder could not start.
+    #[error("start the userspace forwarder: {0}")]
+    Forwarder(#[from] ForwarderError),
+    /// A route or record operation failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// The forwarding table refused an entry.
+    #[error(transparent)]
+    Fib(#[from] FibError),
+    /// The persistent device could not be removed.
+    #[error("remove the persistent TUN device {name}: {source}")]
+    Remove {
+        /// The device.
+        name: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What [`TunPlane::start`] found and changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// The TUN device was left by a previous run and adopted (else created).
+    pub device_adopted: bool,
+    /// Remote VMs' entries restored from their records.
+    pub tunnel_routes: usize,
+    /// Local VMs' entries restored from their /32 on a VM port.
+    pub local_routes: usize,
+    /// Registered FEs restored from their records.
+    pub peers: usize,
+    /// Mobile-prefix routes installed (none on a restart).
+    pub prefix_routes_set: usize,
+    /// Routes and records of ours removed as stale.
+    pub stale_routes_removed: usize,
+}
+
+/// A route of ours as the adoption reads it.
+#[derive(Debug, Clone, Copy)]
+struct Found {
+    dst: Ipv4Addr,
+    len: u8,
+    oif: u32,
+    gateway: Option<Ipv4Addr>,
+    metric: u32,
+    table: u32,
+}
 
 /// The running userspace forwarder.
 pub struct TunPlane {
-    /// The forwarder (stops when dropped).
+    /// The forwarder (stops when dropped; the device stays).
     forwarder: Forwarder,
     /// Its forwarding table.
     fib: Arc<Fib>,
+    /// Remote VMs and their FEs as recorded.
+    remotes: HashMap<Ipv4Addr, Ipv4Addr>,
+    /// Registered FEs as recorded.
+    peers: BTreeSet<Ipv4Addr>,
+    adoption: Adoption,
 }
 
 impl std::fmt::Debug for TunPlane {
@@ -27,21 +111,87 @@ impl std::fmt::Debug for TunPlane {
 }
 
 impl TunPlane {
-    /// Starts the forwarder and routes the mobile prefixes into its TUN device.
-    pub async fn start(config: &DataplaneConfig, kernel: &Kernel) -> Result<TunPlane> {
+    /// Starts the forwarder on the persistent TUN device (adopting the one a previous run left,
+    /// with its routes and records: see the module doc) and routes the mobile prefixes into it.
+    pub async fn start(config: &DataplaneConfig, kernel: &Kernel) -> Result<TunPlane, TunError> {
         let fib = Arc::new(Fib::new(config.underlay));
+        // The table is filled from the records before the forwarder reads its first packet: a
+        // packet it reads from an adopted device is forwarded as the previous run would have.
+        let routes = our_routes(kernel).await?;
+        let before = if_index(&config.device);
+        let mut restored = Restored::default();
+        if let Some(tun) = before {
+            restored = restore(&fib, &routes, tun)?;
+        }
         let mut fc = ForwarderConfig::new(&config.device);
         fc.underlay_mtu = config.underlay_mtu;
-        let forwarder = Forwarder::start(fc, fib.clone()).context("start the userspace forwarder")?;
-        for net in &config.prefixes {
-            kernel.replace_prefix_route(*net, forwarder.tun_index()).await?;
+        fc.persist = true;
+        let forwarder = Forwarder::start(fc, fib.clone())?;
+        if !forwarder.adopted() || before != Some(forwarder.tun_index()) {
+            // A new device (none was left, or it could not be adopted): nothing of it is true.
+            fib.replace_all::<Ipv4Addr, _>([])?;
+            fib.set_peers([]);
+            restored = Restored::default();
         }
+        let mut plane =
+            TunPlane { forwarder, fib, remotes: restored.remotes, peers: restored.peers, adoption: restored.adoption };
+        plane.adoption.device_adopted = plane.forwarder.adopted();
+        plane.adopt_routes(config, kernel, &routes).await?;
         tracing::info!(
-            tun = forwarder.tun_name(),
-            mtu = forwarder.tunnel_mtu(),
-            "userspace IP-in-IP forwarder running"
+            tun = plane.forwarder.tun_name(),
+            mtu = plane.forwarder.tunnel_mtu(),
+            queues = plane.forwarder.queues(),
+            adoption = ?plane.adoption,
+            "userspace IP-in-IP forwarder running (persistent TUN device)"
         );
-        Ok(TunPlane { forwarder, fib })
+        Ok(plane)
+    }
+
+    /// Installs the missing mobile-prefix routes and removes the routes and records of ours
+    /// into the device that nothing wants. Routes that are right are not touched (no delete, no
+    /// replace: a restart makes no route event).
+    async fn adopt_routes(
+        &mut self,
+        config: &DataplaneConfig,
+        kernel: &Kernel,
+        routes: &[Found],
+    ) -> Result<(), TunError> {
+        let tun = self.forwarder.tun_index();
+        for r in routes.iter().filter(|r| r.table == MAIN_TABLE && r.oif == tun && r.len < 32) {
+            if !config.prefixes.iter().any(|p| p.network() == r.dst && p.prefix_len() == r.len) {
+                let msg = prefix_route(kernel, r.dst, r.len, tun);
+                delete(kernel, msg, format!("delete the stale route {}/{}", r.dst, r.len)).await?;
+                self.adoption.stale_routes_removed += 1;
+            }
+        }
+        for net in &config.prefixes {
+            let present = routes
+                .iter()
+                .any(|r| r.table == MAIN_TABLE && r.oif == tun && r.dst == net.network() && r.len == net.prefix_len());
+            if !present {
+                kernel.replace_prefix_route(*net, tun).await?;
+                self.adoption.prefix_routes_set += 1;
+            }
+        }
+        for r in routes.iter().filter(|r| r.table == RECORD_TABLE && r.oif == tun && r.len == 32) {
+            let kept = match r.metric {
+                BINDING_METRIC => self.remotes.get(&r.dst) == r.gateway.as_ref(),
+                PEER_METRIC => r.gateway.is_none() && self.peers.contains(&r.dst),
+                _ => false,
+            };
+            if !kept {
+                // A record of a VM that is local now, or one not written by us: stale.
+                let msg = record_route(kernel, r.dst, r.gateway, r.metric, r.oif);
+                delete(kernel, msg, format!("delete the stale record {}", r.dst)).await?;
+                self.adoption.stale_routes_removed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// What start found and changed.
+    pub fn adoption(&self) -> Adoption {
+        self.adoption
     }
 
     /// The forwarding table.
@@ -50,7 +200,7 @@ impl TunPlane {
     }
 
     /// What the forwarder does with `ip` now.
-    pub fn tunnel(&self, ip: Ipv4Addr) -> Tunnel {
+    pub fn tunnel(&self, ip: IpAddr) -> Tunnel {
         match self.fib.lookup(ip) {
             None => Tunnel::None,
             Some(Action::Local) => Tunnel::Local,
@@ -58,25 +208,71 @@ impl TunPlane {
         }
     }
 
-    /// Sets the forwarding-table entry of `ip`.
-    pub fn set_tunnel(&self, ip: Ipv4Addr, tunnel: Tunnel) -> Result<()> {
+    /// Remote VMs with an entry (restored or set): what a complete snapshot may make stale.
+    pub fn tunnel_ips(&self) -> Vec<IpAddr> {
+        self.remotes.keys().map(|ip| IpAddr::V4(*ip)).collect()
+    }
+
+    /// Sets the forwarding-table entry of `ip`, recording it first (a failure changes nothing
+    /// and is retried). Only IPv4 entries are recorded: an IPv6 VM's 6in4 entry is set in the
+    /// table alone, so after a restart it returns with the controller's snapshot, not before.
+    pub async fn set_tunnel(&mut self, kernel: &Kernel, ip: IpAddr, tunnel: Tunnel) -> Result<(), TunError> {
+        let IpAddr::V4(ip) = ip else {
+            match tunnel {
+                Tunnel::Remote(peer) => self.fib.set(ip, Action::Remote(peer))?,
+                Tunnel::Local => self.fib.set(ip, Action::Local)?,
+                Tunnel::None => self.fib.remove(ip),
+            };
+            return Ok(());
+        };
+        let tun = self.forwarder.tun_index();
         match tunnel {
-            Tunnel::None => {
-                self.fib.remove(ip);
-            }
-            Tunnel::Local => {
-                self.fib.set(ip, Action::Local)?;
-            }
             Tunnel::Remote(peer) => {
+                if self.remotes.get(&ip) != Some(&peer) {
+                    let msg = record_route(kernel, ip, Some(peer), BINDING_METRIC, tun);
+                    kernel.handle().route().add(msg).replace().execute().await.map_err(|source| NetlinkError {
+                        what: format!("record {ip} via {peer} in table {RECORD_TABLE}"),
+                        source,
+                    })?;
+                    self.remotes.insert(ip, peer);
+                }
                 self.fib.set(ip, Action::Remote(peer))?;
+            }
+            Tunnel::Local | Tunnel::None => {
+                if let Some(peer) = self.remotes.get(&ip).copied() {
+                    let msg = record_route(kernel, ip, Some(peer), BINDING_METRIC, tun);
+                    delete(kernel, msg, format!("delete the record of {ip}")).await?;
+                    self.remotes.remove(&ip);
+                }
+                if tunnel == Tunnel::Local {
+                    self.fib.set(ip, Action::Local)?;
+                } else {
+                    self.fib.remove(ip);
+                }
             }
         }
         Ok(())
     }
 
-    /// Accepts tunnel packets only from `peers`.
-    pub fn set_peers(&self, peers: &[Ipv4Addr]) {
+    /// Accepts tunnel packets only from `peers` (at once), then records them.
+    pub async fn set_peers(&mut self, kernel: &Kernel, peers: &[Ipv4Addr]) -> Result<(), TunError> {
         self.fib.set_peers(peers.iter().copied());
+        let wanted: BTreeSet<Ipv4Addr> = peers.iter().copied().collect();
+        let tun = self.forwarder.tun_index();
+        for peer in wanted.difference(&self.peers.clone()) {
+            let msg = record_route(kernel, *peer, None, PEER_METRIC, tun);
+            kernel.handle().route().add(msg).replace().execute().await.map_err(|source| NetlinkError {
+                what: format!("record the registered FE {peer} in table {RECORD_TABLE}"),
+                source,
+            })?;
+            self.peers.insert(*peer);
+        }
+        for peer in self.peers.clone().difference(&wanted) {
+            let msg = record_route(kernel, *peer, None, PEER_METRIC, tun);
+            delete(kernel, msg, format!("delete the record of the FE {peer}")).await?;
+            self.peers.remove(peer);
+        }
+        Ok(())
     }
 
     /// The forwarder's counters.
@@ -92,5 +288,177 @@ impl TunPlane {
     /// False once the forwarder has died.
     pub fn is_running(&self) -> bool {
         self.forwarder.is_running()
+    }
+}
+
+/// Deletes the persistent TUN device `name` a userspace data plane left in this namespace, and
+/// with it every route into it and every record. Returns false when there was none (or `name`
+/// is not a TUN device: the kernel backend's catch-all has the same name).
+pub fn remove(name: &str) -> Result<bool, TunError> {
+    if !is_tun(name) {
+        return Ok(false);
+    }
+    remove_persistent_tun(name).map_err(|source| TunError::Remove { name: name.to_owned(), source })
+}
+
+/// True when `name` is a TUN/TAP device in this namespace.
+fn is_tun(name: &str) -> bool {
+    std::path::Path::new(&format!("/sys/class/net/{name}/tun_flags")).exists()
+}
+
+/// The main routing table's id.
+const MAIN_TABLE: u32 = rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN as u32;
+
+/// What the kernel said of the forwarding table of a previous run.
+#[derive(Debug, Default)]
+struct Restored {
+    remotes: HashMap<Ipv4Addr, Ipv4Addr>,
+    peers: BTreeSet<Ipv4Addr>,
+    adoption: Adoption,
+}
+
+/// Fills `fib` from what a previous run left for device `tun`: Remote entries from the records
+/// (not for a VM that has a /32 on a VM port now), Local ones from those /32s, the registered FEs
+/// from their records.
+fn restore(fib: &Fib, routes: &[Found], tun: u32) -> Result<Restored, TunError> {
+    let mut out = Restored::default();
+    let locals: BTreeSet<Ipv4Addr> = routes
+        .iter()
+        .filter(|r| r.table == MAIN_TABLE && r.len == 32 && r.oif != 0 && r.oif != tun)
+        .map(|r| r.dst)
+        .collect();
+    for ip in &locals {
+        fib.set(*ip, Action::Local)?;
+        out.adoption.local_routes += 1;
+    }
+    for r in routes.iter().filter(|r| r.table == RECORD_TABLE && r.oif == tun && r.len == 32) {
+        match (r.metric, r.gateway) {
+            (BINDING_METRIC, Some(peer)) if !locals.contains(&r.dst) => {
+                fib.set(r.dst, Action::Remote(peer))?;
+                out.remotes.insert(r.dst, peer);
+                out.adoption.tunnel_routes += 1;
+            }
+            (PEER_METRIC, None) => {
+                out.peers.insert(r.dst);
+                out.adoption.peers += 1;
+            }
+            _ => {}
+        }
+    }
+    fib.set_peers(out.peers.iter().copied());
+    Ok(out)
+}
+
+/// The interface index of `name` in this namespace, if it exists.
+fn if_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// `ip route … table RECORD_TABLE proto P metric M dev TUN` — with `via PEER onlink` for a
+/// remote VM, scope link without.
+fn record_route(kernel: &Kernel, ip: Ipv4Addr, via: Option<Ipv4Addr>, metric: u32, tun: u32) -> RouteMessage {
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(ip, 32)
+        .output_interface(tun)
+        .table_id(RECORD_TABLE)
+        .priority(metric)
+        .protocol(RouteProtocol::from(kernel.protocol()));
+    match via {
+        Some(peer) => b.gateway(peer).onlink().scope(RouteScope::Universe).build(),
+        None => b.scope(RouteScope::Link).build(),
+    }
+}
+
+/// `NET dev TUN proto P scope link` (as [`Kernel::replace_prefix_route`] installs it).
+fn prefix_route(kernel: &Kernel, dst: Ipv4Addr, len: u8, tun: u32) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst, len)
+        .output_interface(tun)
+        .protocol(RouteProtocol::from(kernel.protocol()))
+        .scope(RouteScope::Link)
+        .build()
+}
+
+/// Deletes a route; one already gone is not an error.
+async fn delete(kernel: &Kernel, msg: RouteMessage, what: String) -> Result<(), NetlinkError> {
+    match kernel.handle().route().del(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(source) => {
+            let err = NetlinkError { what, source };
+            if err.is_not_found() { Ok(()) } else { Err(err) }
+        }
+    }
+}
+
+/// Our IPv4 routes in every table, with what the adoption needs.
+async fn our_routes(kernel: &Kernel) -> Result<Vec<Found>, NetlinkError> {
+    let msgs: Vec<RouteMessage> = kernel
+        .handle()
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| NetlinkError { what: "dump routes".into(), source })?;
+    let ours = RouteProtocol::from(kernel.protocol());
+    let mut out = Vec::new();
+    for m in msgs.into_iter().filter(|m| m.header.protocol == ours) {
+        let mut r = Found {
+            dst: Ipv4Addr::UNSPECIFIED,
+            len: m.header.destination_prefix_length,
+            oif: 0,
+            gateway: None,
+            metric: 0,
+            table: u32::from(m.header.table),
+        };
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = *d,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+                RouteAttribute::Oif(i) => r.oif = *i,
+                RouteAttribute::Priority(p) => r.metric = *p,
+                RouteAttribute::Table(t) => r.table = *t,
+                _ => {}
+            }
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dst: [u8; 4], oif: u32, gateway: Option<[u8; 4]>, metric: u32, table: u32) -> Found {
+        Found { dst: dst.into(), len: 32, oif, gateway: gateway.map(Ipv4Addr::from), metric, table }
+    }
+
+    /// The table a restarted agent starts with: remote VMs and registered FEs from the records
+    /// of this device, local VMs from their /32 on a VM port (which wins over a record), nothing
+    /// from another device's records.
+    #[test]
+    fn restore_reads_the_records_of_this_device() {
+        const TUN: u32 = 7;
+        let peer = Ipv4Addr::new(192, 168, 0, 2);
+        let fib = Fib::new(Ipv4Addr::new(192, 168, 0, 1));
+        let routes = [
+            route([10, 10, 0, 11], TUN, Some([192, 168, 0, 2]), BINDING_METRIC, RECORD_TABLE),
+            route([10, 10, 0, 12], 3, None, 0, MAIN_TABLE),
+            route([10, 10, 0, 12], TUN, Some([192, 168, 0, 2]), BINDING_METRIC, RECORD_TABLE),
+            route([192, 168, 0, 2], TUN, None, PEER_METRIC, RECORD_TABLE),
+            route([10, 10, 0, 13], TUN + 1, Some([192, 168, 0, 3]), BINDING_METRIC, RECORD_TABLE),
+            route([192, 168, 0, 3], TUN + 1, None, PEER_METRIC, RECORD_TABLE),
+        ];
+        let restored = restore(&fib, &routes, TUN).unwrap();
+        assert_eq!(fib.lookup(Ipv4Addr::new(10, 10, 0, 11)), Some(Action::Remote(peer)));
+        assert_eq!(fib.lookup(Ipv4Addr::new(10, 10, 0, 12)), Some(Action::Local));
+        assert_eq!(fib.lookup(Ipv4Addr::new(10, 10, 0, 13)), None);
+        assert_eq!(fib.peers(), vec![peer]);
+        assert_eq!(restored.remotes, HashMap::from([(Ipv4Addr::new(10, 10, 0, 11), peer)]));
+        assert_eq!(restored.adoption, Adoption { tunnel_routes: 1, local_routes: 1, peers: 1, ..Adoption::default() });
     }
 }

@@ -402,7 +402,8 @@ impl Lab {
     pub fn agent_argv(&self, n: usize, controllers: &[String], extra: &[&str]) -> Vec<String> {
         let netns = format!("/proc/{}/ns/net", std::process::id());
         let bin = std::path::Path::new(env!("CARGO_BIN_EXE_victor-fe-agent"));
-        let mut extra = extra.to_vec();
+        // A standby forwarder outlives its agent (userspace data plane): not the lab by much.
+        let mut extra = [&["--standby-hold", "3s"], extra].concat();
         if let Some(plane) = self.plane {
             extra.extend(plane.flags());
         }

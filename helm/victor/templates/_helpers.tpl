@@ -133,6 +133,7 @@ podAntiAffinity:
 {{- end }}
 - --session-ttl={{ $c.sessionTtl }}
 - --fe-dead-after={{ $c.feDeadAfter }}
+- --tombstone-retention={{ $c.tombstoneRetention }}
 - --damping-max-moves={{ int64 $c.damping.maxMoves }}
 - --damping-window={{ $c.damping.window }}
 - --damping-hold={{ $c.damping.hold }}

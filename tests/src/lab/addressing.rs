@@ -21,3 +21,9 @@ pub const GATEWAY_MAC: &str = "02:00:5e:10:00:01";
 pub fn fe_addr(n: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, n as u8)
 }
+
+/// Underlay address of the hypervisor at FE `n` (`victor-lab migrate --vm qemu`: QEMU's
+/// migration stream runs between these).
+pub fn hypervisor_addr(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, 100 + n as u8)
+}

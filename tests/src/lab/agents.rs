@@ -55,6 +55,10 @@ impl AgentCommand<'_> {
             AGENT_HTTP.into(),
             "--log".into(),
             "info,victor_fe_agent=debug".into(),
+            // The standby forwarder of an agent the lab killed hands over to a restarted agent
+            // within this, and does not outlive the lab by more.
+            "--standby-hold".into(),
+            "5s".into(),
         ];
         argv.extend(self.extra.iter().map(|s| s.to_string()));
         argv

@@ -15,6 +15,9 @@
 //!
 //! With `--bgp` the client enters through the BGP upstream router instead (see [`super::bgp`]).
 //!
+//! With `--vm qemu` the VM is a real guest that QEMU live-migrates instead, with a report of its
+//! own ([`super::qemu`]); both build the lab with [`start_lab`].
+//!
 //! Two ways to switch the link (`--switch`):
 //! * `move`: the VM's link is moved from the old FE's namespace to the new one's
 //!   (break before make: while it moves no path to the VM exists), then the VM sends its GARP;
@@ -40,6 +43,7 @@ use super::addressing::fe_addr;
 use super::agents::{Agent, AgentCommand, agent_get, move_hint_flags, wait_agent_ready};
 use super::bgp::{self, AnycastPath};
 use super::controlplane::ControlPlane;
+use super::guest::Nic;
 use super::netlink::LinkSwitch;
 use super::probe::{FrameSender, Prober, Probes, garp_frame};
 use super::topology::{GATEWAY, GATEWAY_MAC, Ingress, Topology, VM_PORT, VmSpec, attach_with, netns_for};
@@ -107,6 +111,24 @@ pub struct MigrateArgs {
     /// fast as FEs that agree (docs/design.md, section 3).
     #[arg(long = "fe-clock-offset", value_name = "N=OFFSET", value_parser = parse_fe_clock_offset, allow_hyphen_values = true)]
     pub fe_clock_offsets: Vec<(usize, String)>,
+    /// The VM: `veth` (a namespace whose link the lab re-attaches) or `qemu` (a real guest that
+    /// QEMU live-migrates between hypervisors at fe2 and fe3).
+    #[arg(long, value_enum, default_value = "veth")]
+    pub vm: VmKind,
+    /// With `--vm qemu`: the guest's NIC (`virtio` announces itself after a migration, `e1000`
+    /// leaves it to QEMU's RARP).
+    #[arg(long, value_enum, default_value = "virtio")]
+    pub nic: Nic,
+}
+
+/// What moves (`--vm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmKind {
+    /// A namespace whose veth the lab re-attaches to the other FE, then sends its GARP.
+    Veth,
+    /// A QEMU guest, live-migrated.
+    Qemu,
 }
 
 /// Parses `N=OFFSET` (N an FE number 1–3, OFFSET a signed duration like `-5s`).
@@ -136,6 +158,8 @@ impl Default for MigrateArgs {
             move_hints: true,
             dataplane: DataplaneMode::Auto,
             fe_clock_offsets: Vec::new(),
+            vm: VmKind::Veth,
+            nic: Nic::Virtio,
         }
     }
 }
@@ -164,7 +188,7 @@ impl Summary {
     }
 }
 
-fn round(ms: f64) -> f64 {
+pub(super) fn round(ms: f64) -> f64 {
     (ms * 1000.0).round() / 1000.0
 }
 
@@ -264,6 +288,17 @@ pub fn dataplane_of(ns: &NetNs) -> Result<String> {
 
 /// Builds the lab, runs the experiment, tears everything down and returns the report.
 pub async fn run(args: &MigrateArgs) -> Result<MigrateReport> {
+    ensure!(args.vm == VmKind::Veth, "--vm qemu has its own report: see lab::qemu::run");
+    with_log_dir(args, |dir| async move { experiment(args, &dir).await }).await
+}
+
+/// Runs `experiment` with the lab's log directory (`--log-dir`, else a temporary one, removed
+/// after a successful run and kept after a failure).
+pub(super) async fn with_log_dir<T, F, Fut>(args: &MigrateArgs, experiment: F) -> Result<T>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     ensure!(args.moves >= 1, "--moves must be at least 1");
     ensure!(args.ping_interval_ms >= 1, "--ping-interval-ms must be at least 1");
     let log_dir = match &args.log_dir {
@@ -273,7 +308,7 @@ pub async fn run(args: &MigrateArgs) -> Result<MigrateReport> {
         }
         None => tempfile::Builder::new().prefix("victor-lab-").tempdir()?.keep(),
     };
-    let result = experiment(args, &log_dir).await;
+    let result = experiment(log_dir.clone()).await;
     if result.is_ok() && args.log_dir.is_none() {
         let _ = std::fs::remove_dir_all(&log_dir);
     } else if result.is_err() {
@@ -282,13 +317,31 @@ pub async fn run(args: &MigrateArgs) -> Result<MigrateReport> {
     result
 }
 
-async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<MigrateReport> {
+/// A running lab: topology, control plane and agents (fields drop in this order: agents first,
+/// namespaces last).
+pub(super) struct Lab {
+    /// One per FE (index = FE number − 1).
+    pub agents: Vec<Agent>,
+    /// The BGP upstream router (`--bgp`).
+    pub upstream: Option<bgp::Bird>,
+    /// etcd and the controllers.
+    pub plane: ControlPlane,
+    /// The namespaces.
+    pub topo: Topology,
+    /// The data plane the agents run (fe1's `/readyz`).
+    pub dataplane: String,
+}
+
+/// Builds the topology (with the veth VM `vm` behind fe2, if given), starts the control plane
+/// and one agent per FE as `args` asks, and waits until every agent is ready.
+pub(super) async fn start_lab(args: &MigrateArgs, dir: &std::path::Path, vm: Option<&VmSpec>) -> Result<Lab> {
     let controller_bin = victor_testkit::workspace_binary("victor-controller");
     let agent_bin = victor_testkit::workspace_binary("victor-fe-agent");
     let namer = |role: &str| netns_for("vm", role);
     let mut topo = Topology::build_with(3, &namer, if args.bgp { Ingress::Bgp } else { Ingress::Static })?;
-    let vm = VmSpec::numbered(1);
-    topo.add_vm(vm.clone(), 2, &namer)?;
+    if let Some(vm) = vm {
+        topo.add_vm(vm.clone(), 2, &namer)?;
+    }
     let upstream = topo.upstream.as_ref().map(|ns| bgp::start_upstream(ns, 3, dir)).transpose()?;
 
     // Flap damping would freeze a VM bouncing between two FEs every few hundred ms: the lab
@@ -325,6 +378,12 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         wait_agent_ready(topo.fe(n), &mut agents[n - 1], Duration::from_secs(30))?;
     }
     let dataplane = dataplane_of(topo.fe(1))?;
+    Ok(Lab { agents, upstream, plane, topo, dataplane })
+}
+
+async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<MigrateReport> {
+    let vm = VmSpec::numbered(1);
+    let Lab { agents, upstream, plane, topo, dataplane } = start_lab(args, dir, Some(&vm)).await?;
 
     // The VM appears behind fe2.
     let mut vm_if = "eth0".to_owned();
@@ -444,10 +503,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     for m in &mut moves {
         m.applied = events.iter().filter_map(|(fe, list)| Some((*fe, list.get(&m.move_seq)?.clone()))).collect();
     }
-    let load_avg_1m = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
+    let load_avg_1m = load_avg_1m();
 
     let mut per_move = Vec::new();
     for (k, m) in moves.iter().enumerate() {
@@ -689,7 +745,7 @@ fn clone_link(vm_ns: &NetNs, new_if: &str, hv: &NetNs, spec: &VmSpec, fe: usize)
 }
 
 /// Every agent's stage timestamps for `ip`: FE number → move_seq → event.
-fn agent_events(topo: &Topology, ip: Ipv4Addr) -> Result<BTreeMap<usize, BTreeMap<u64, Value>>> {
+pub(super) fn agent_events(topo: &Topology, ip: Ipv4Addr) -> Result<BTreeMap<usize, BTreeMap<u64, Value>>> {
     let mut all = BTreeMap::new();
     for n in 1..=topo.fes.len() {
         let (_, body) = agent_get(topo.fe(n), &format!("/debug/events?vm={ip}"))?;
@@ -707,7 +763,13 @@ fn agent_events(topo: &Topology, ip: Ipv4Addr) -> Result<BTreeMap<usize, BTreeMa
 
 /// Waits until every FE's agent has applied binding version `move_seq` of `ip`, and the new
 /// binding FE `local_fe` has also recorded the capture and the claim's answer.
-async fn wait_applied(topo: &Topology, ip: Ipv4Addr, move_seq: u64, local_fe: usize, timeout: Duration) -> Result<()> {
+pub(super) async fn wait_applied(
+    topo: &Topology,
+    ip: Ipv4Addr,
+    move_seq: u64,
+    local_fe: usize,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     let set = |e: &Value, k: &str| e.get(k).and_then(Value::as_u64).unwrap_or(0) > 0;
     loop {
@@ -735,7 +797,7 @@ async fn wait_applied(topo: &Topology, ip: Ipv4Addr, move_seq: u64, local_fe: us
 /// the old FE `old` no longer does, and the client's FE (fe1) has no local route for it. With
 /// the kernel data plane (`dataplane` starts with `kernel`) fe1 and `old` route it through their
 /// tunnel device to `to` instead (the userspace one keeps remote VMs in its own table).
-fn check_forwarding(
+pub(super) fn check_forwarding(
     topo: &Topology,
     vm: &VmSpec,
     to: usize,
@@ -779,6 +841,11 @@ async fn controller_traces(plane: &ControlPlane, ip: Ipv4Addr) -> Result<Vec<Val
         }
     }
     Ok(all)
+}
+
+/// The host's 1-minute load average (the machine is shared and noisy).
+pub(super) fn load_avg_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
 }
 
 /// The path agents use to reach the controllers on the host's loopback (`--controller-netns`).

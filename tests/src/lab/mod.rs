@@ -8,15 +8,20 @@
 //! * [`probe`] — the exact-interval ICMP prober and the resident frame (GARP) sender;
 //! * [`netlink`] — fast link moves between namespaces;
 //! * [`migrate`] — the experiment and its report;
+//! * [`qemu`] — the experiment with a real VM (`--vm qemu`): hypervisors, live migrations over
+//!   QMP, the announcements the new FE saw; [`guest`] — the QEMU guest; [`qmp`] — the QMP client;
 //! * [`state`] — what `up` leaves running, so `down` removes exactly that.
 
 pub mod addressing;
 pub mod agents;
 pub mod bgp;
 pub mod controlplane;
+pub mod guest;
 pub mod migrate;
 pub mod netlink;
 pub mod probe;
+pub mod qemu;
+pub mod qmp;
 pub mod state;
 pub mod topology;
 
@@ -247,6 +252,10 @@ pub async fn down(args: DownArgs) -> Result<()> {
 /// Runs the migration experiment and prints its report.
 pub async fn migrate(args: MigrateArgs) -> Result<()> {
     victor_testkit::require_root("victor-lab migrate");
+    if args.vm == migrate::VmKind::Qemu {
+        let report = qemu::run(&args).await?;
+        return qemu::print(&args, &report);
+    }
     let report = migrate::run(&args).await?;
     migrate::print(&args, &report)
 }

@@ -92,7 +92,8 @@ pub struct ForwarderConfig {
     /// Make the TUN device persistent (`TUNSETPERSIST`): it — and every route the agent pointed
     /// into it — outlives this forwarder and its process, and the next forwarder started with
     /// the same name adopts it (see [`Forwarder::adopted`]). Remove it with
-    /// [`Forwarder::remove`] or [`remove_persistent_tun`].
+    /// [`Forwarder::remove`] or [`remove_persistent_tun`]. A persistent device is always
+    /// multi-queue, so that two forwarders can read it at once while one hands over to the other.
     pub persist: bool,
 }
 
@@ -230,7 +231,9 @@ impl Forwarder {
                 .ipv4(local, 32u8, None)
                 .mtu(tunnel_mtu)
                 .offload(config.offload)
-                .multi_queue(workers > 1);
+                // A persistent device is multi-queue: the next forwarder (a standby, a restarted
+                // agent) attaches its queues before this one lets go of its own.
+                .multi_queue(workers > 1 || config.persist);
             // An adopted device stays up: taking it down would flush every route into it.
             if adopt { builder.inherit_enable_state() } else { builder.enable(false) }.build_sync()
         };

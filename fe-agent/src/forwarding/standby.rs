@@ -1,0 +1,246 @@
+//! The standby forwarder of the userspace data plane: what forwards while no agent runs.
+//!
+//! The kernel backend forwards without the agent; the userspace one needs a process reading the
+//! TUN device and the underlay sockets. So the agent starts a **standby** — the same binary and
+//! command line, told by [`STANDBY_FD`] which descriptor connects it to the agent — that waits,
+//! holding nothing, until the agent goes:
+//!
+//! * **Planned stop** (SIGTERM/SIGINT): the agent asks the standby to take over ([`Standby::take_over`])
+//!   and keeps forwarding until it answers that it forwards, then stops. For a moment both read
+//!   the device (its queues are shared by the kernel between them); nothing is dropped.
+//! * **Crash or `kill -9`**: the standby sees its connection to the agent close ([`Lifeline`]) and
+//!   takes over at once; packets routed into the device in between are dropped.
+//!
+//! Taking over is starting a [`TunPlane`] on the persistent device: it adopts the forwarding
+//! table from the kernel records (see [`super::tun`]), as the agent did. The next agent starts
+//! its own forwarder first and then retires the standby ([`retire`]), over an abstract Unix
+//! socket named after the device (per network namespace). A standby that no agent retires stops
+//! after the hold time (`--standby-hold`): the device and its routes stay; packets into it are then
+//! dropped until an agent runs again.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::DataplaneConfig;
+use super::tun::TunPlane;
+use crate::netlink::Kernel;
+
+/// The environment variable that makes `victor-fe-agent` a standby: the number of its
+/// descriptor to the agent.
+pub const STANDBY_FD: &str = "VICTOR_FE_AGENT_STANDBY_FD";
+
+/// Agent → standby: take over now (planned stop).
+const TAKE_OVER: u8 = b'T';
+/// Standby → agent: forwarding.
+const FORWARDING: u8 = b'F';
+/// Standby → agent: cannot take over (the agent keeps forwarding as long as it can).
+const FAILED: u8 = b'X';
+/// Next agent → standby: stop, I forward.
+const RETIRE: u8 = b'R';
+/// Standby → next agent: stopped.
+const RETIRED: u8 = b'D';
+
+/// The abstract socket the standby of device `tun` listens on.
+fn address(tun: &str) -> io::Result<SocketAddr> {
+    SocketAddr::from_abstract_name(format!("victor-fe-agent/standby/{tun}"))
+}
+
+/// The agent's handle on its standby.
+#[derive(Debug)]
+pub struct Standby {
+    child: Child,
+    control: tokio::net::UnixStream,
+}
+
+/// The connection between the agent and its standby. The agent's end is its highest descriptor:
+/// the kernel releases a dying process's files last-numbered first, so the standby learns the
+/// agent is gone before the rest is released — some of it (the ARP capture's packet sockets)
+/// takes an RCU grace period each, tens of milliseconds on a busy host.
+#[derive(Debug)]
+pub struct Lifeline {
+    ours: UnixStream,
+    theirs: UnixStream,
+}
+
+impl Lifeline {
+    /// A new connection.
+    pub fn new() -> io::Result<Lifeline> {
+        let (ours, theirs) = UnixStream::pair()?;
+        Ok(Lifeline { ours: to_top(ours), theirs })
+    }
+}
+
+/// `stream` moved to the highest descriptor number this process may use (at most 4095: the
+/// descriptor table grows to it), or left where it is if that fails.
+fn to_top(stream: UnixStream) -> UnixStream {
+    // SAFETY: getrlimit writes the struct it is given.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return stream;
+    }
+    let top = limit.rlim_cur.clamp(64, 4096) as libc::c_int - 1;
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a fresh one.
+    let fd = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top) };
+    if fd < 0 {
+        return stream;
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Standby {
+    /// Starts the standby on `lifeline`: this program with this command line and environment,
+    /// plus [`STANDBY_FD`].
+    pub fn spawn(lifeline: Lifeline) -> io::Result<Standby> {
+        let Lifeline { ours, theirs } = lifeline;
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Command::new("/proc/self/exe");
+        // Its own process group: what kills the agent's group (a supervisor, a terminal) must
+        // not take the standby along — it is there for when the agent is gone.
+        cmd.args(std::env::args_os().skip(1)).env(STANDBY_FD, "3").stdin(Stdio::null()).process_group(0);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+                if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(theirs);
+        ours.set_nonblocking(true)?;
+        Ok(Standby { child, control: tokio::net::UnixStream::from_std(ours)? })
+    }
+
+    /// The standby's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Planned stop: asks the standby to take over and waits until it forwards.
+    pub async fn take_over(&mut self, timeout: Duration) -> io::Result<()> {
+        self.control.write_all(&[TAKE_OVER]).await?;
+        let mut answer = [0u8; 1];
+        match tokio::time::timeout(timeout, self.control.read(&mut answer)).await {
+            Ok(Ok(1)) if answer[0] == FORWARDING => Ok(()),
+            Ok(Ok(_)) => Err(io::Error::other("the standby could not take over")),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the standby did not take over in time")),
+        }
+    }
+
+    /// Stops the standby for good (decommissioning): kills it (it would otherwise take over).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Retires the standby a previous agent left for device `tun` (this agent forwards now): returns
+/// once it stopped forwarding. False when there was none.
+pub async fn retire(tun: &str, timeout: Duration) -> io::Result<bool> {
+    let stream = match UnixStream::connect_addr(&address(tun)?) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    stream.set_nonblocking(true)?;
+    let mut stream = tokio::net::UnixStream::from_std(stream)?;
+    stream.write_all(&[RETIRE]).await?;
+    let mut answer = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.read(&mut answer)).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the standby did not stop in time")),
+    }
+}
+
+/// Why the standby ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyError {
+    /// Its socket or descriptor failed.
+    #[error("standby: {0}")]
+    Io(#[from] io::Error),
+    /// The forwarder could not start.
+    #[error("standby: {0}")]
+    Start(#[from] super::tun::TunError),
+}
+
+/// Runs as the standby of the agent connected through descriptor `fd`: waits for the agent to
+/// go, forwards until the next agent retires it or `hold` passes, then returns.
+pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Duration) -> Result<(), StandbyError> {
+    // SAFETY: the agent passed this descriptor to us for our exclusive use.
+    let control = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    control.set_nonblocking(true)?;
+    let mut control = tokio::net::UnixStream::from_std(control)?;
+    tracing::info!(tun = %config.device, "standby forwarder waiting for the agent to stop");
+    let mut order = [0u8; 1];
+    let planned = matches!(control.read(&mut order).await, Ok(1) if order[0] == TAKE_OVER);
+    let since = std::time::Instant::now();
+    // Found by the next agent from now on (the standby of the previous run, if it is still
+    // letting go of the name, was retired by our agent).
+    let listener = bind(&config.device).await?;
+    let plane = match TunPlane::start(config, kernel).await {
+        Ok(plane) => plane,
+        Err(e) => {
+            let _ = control.write_all(&[FAILED]).await;
+            return Err(e.into());
+        }
+    };
+    if planned {
+        let _ = control.write_all(&[FORWARDING]).await;
+    }
+    tracing::info!(
+        tun = %config.device,
+        planned,
+        hold = ?hold,
+        took_ms = since.elapsed().as_secs_f64() * 1e3,
+        adoption = ?plane.adoption(),
+        "standby forwarder took over from the agent"
+    );
+    let deadline = tokio::time::Instant::now() + hold;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (mut next, _) = accepted?;
+                let mut order = [0u8; 1];
+                let read = tokio::time::timeout(Duration::from_secs(1), next.read(&mut order)).await;
+                if matches!(read, Ok(Ok(1)) if order[0] == RETIRE) {
+                    drop(plane);
+                    let _ = next.write_all(&[RETIRED]).await;
+                    tracing::info!(tun = %config.device, "the next agent forwards: standby stopped");
+                    return Ok(());
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(tun = %config.device, "no agent took over from the standby: stopped (the device stays)");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Binds the standby's socket; the standby of the previous run may still be letting go of it.
+async fn bind(tun: &str) -> io::Result<tokio::net::UnixListener> {
+    let mut tries = 0;
+    loop {
+        match UnixListener::bind_addr(&address(tun)?) {
+            Ok(l) => {
+                l.set_nonblocking(true)?;
+                return tokio::net::UnixListener::from_std(l);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
