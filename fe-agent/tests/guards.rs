@@ -82,7 +82,8 @@ async fn spoofed_claims_unknown_tunnel_sources_and_unbound_traffic_are_dropped(p
     bad[14..16].copy_from_slice(&6u16.to_be_bytes()); // hardware type 6 (IEEE 802) instead of Ethernet
     send_frames(&quiet, "eth0", vec![bad])?;
     wait("the malformed frame is counted", Duration::from_secs(3), || {
-        lab.agent_metric(2, "victor_agent_neigh_malformed_total{protocol=\"arp\",reason=\"hardware_type\"}").is_ok_and(|n| n >= 1.0)
+        lab.agent_metric(2, "victor_agent_neigh_malformed_total{protocol=\"arp\",reason=\"hardware_type\"}")
+            .is_ok_and(|n| n >= 1.0)
     })?;
     quiet.ip(&["addr", "flush", "dev", "eth0"])?;
     let deadline = std::time::Instant::now() + Duration::from_secs(8);
