@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use victor_dataplane::neigh_io::Frame;
 use victor_dataplane::packet::arp::ArpMessage;
+use victor_dataplane::packet::rarp::RarpMessage;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, SyncUpdate};
 
@@ -30,6 +31,7 @@ use crate::link::feed::LinkEvent;
 use crate::link::reporter::{Answered, Observation, Reporter};
 use crate::metrics::{KindLabel, Metrics};
 use crate::neigh::arp::{self as classify, Scope, TargetView};
+use crate::neigh::rarp::{self, Announcements};
 use crate::neigh::{NeighFrame, NeighPorts};
 use crate::ports::{PortEvent, PortTable};
 use crate::readiness::Readiness;
@@ -137,6 +139,8 @@ pub struct Engine<E> {
     /// This FE's observation times, strictly increasing.
     stamps: Stamps,
     clock: WallClock,
+    /// MACs claimed from RARP lately (one claim per announcement).
+    announcements: Announcements,
 }
 
 impl<E> std::fmt::Debug for Engine<E> {
@@ -168,6 +172,7 @@ impl<E: Effects> Engine<E> {
             known: KnownRevisions::default(),
             stamps: Stamps::default(),
             clock: parts.clock,
+            announcements: Announcements::default(),
         }
     }
 
@@ -343,8 +348,9 @@ impl<E: Effects> Engine<E> {
     async fn on_frame(&mut self, frame: NeighFrame) {
         match frame.frame {
             Frame::Arp(msg) => self.on_arp(&frame, &msg).await,
-            // Not learned from yet (issue 15: NDP and RARP learning).
-            Frame::Rarp(_) | Frame::Ndp(_) => {
+            Frame::Rarp(msg) => self.on_rarp(&frame, &msg).await,
+            // Not learned from yet (issue 15: NDP learning).
+            Frame::Ndp(_) => {
                 tracing::debug!(port = %frame.port.name, protocol = frame.frame.protocol().as_str(), "frame ignored");
             }
         }
@@ -364,6 +370,29 @@ impl<E: Effects> Engine<E> {
             self.neigh.send(port, &classify::reply(msg, frame.port.mac), answer.label());
         }
         let Some((ip, mac)) = classify::learned(msg, &self.scope) else { return };
+        self.sighted(frame, ip, mac).await;
+    }
+
+    /// A RARP frame (docs/design.md, section 3, "MAC claims"): every IP the desired state binds
+    /// to its MAC is sighted as by a gratuitous ARP, and the first frame of an announcement sends
+    /// one MAC claim, which the controller expands to every IP bound or declared with the MAC.
+    async fn on_rarp(&mut self, frame: &NeighFrame, msg: &RarpMessage) {
+        self.metrics.rarp_frames.get_or_create(&KindLabel { kind: rarp::kind_label(msg) }).inc();
+        let Some(mac) = rarp::claimed(msg) else { return };
+        for ip in rarp::bound_to(self.desired.bindings(), mac, &self.scope) {
+            self.sighted(frame, ip, mac).await;
+        }
+        if self.announcements.starts(mac, frame.mono) {
+            // Stamped after the sightings of the same frame: the claim is this FE's newest.
+            let (known, at) = (self.known.at(frame.mono), self.stamps.stamp(frame.wall));
+            tracing::info!(mac = %victor_proto::Mac(mac), port = %frame.port.name, "RARP: claiming the MAC's IPs");
+            self.reporter.submit(Observation::mac_claim(mac, at, known, frame.port.name.clone()));
+        }
+    }
+
+    /// `ip` at `mac` was seen on the frame's port (a gratuitous ARP, or a RARP for its MAC).
+    async fn sighted(&mut self, frame: &NeighFrame, ip: Ipv4Addr, mac: [u8; 6]) {
+        let port = frame.port.ifindex;
         // What this FE knew when the kernel captured the frame, not now: a delta applied since
         // must not lend a late frame its knowledge.
         let known = self.known.at(frame.mono);
@@ -404,6 +433,12 @@ impl<E: Effects> Engine<E> {
             let outcome = ClaimOutcome::try_from(result.outcome).unwrap_or(ClaimOutcome::Unspecified);
             let reason = RejectReason::try_from(result.reject_reason).unwrap_or(RejectReason::Unspecified);
             self.metrics.claim_result(outcome, reason);
+            if obs.kind == ObservationKind::MacLearned {
+                for follow_up in rarp::follow_ups(result) {
+                    self.after_mac_claim(obs, follow_up);
+                }
+                continue;
+            }
             if obs.kind != ObservationKind::Learned {
                 continue;
             }
@@ -518,6 +553,22 @@ impl<E: Effects> Engine<E> {
         if let Some(ip) = self.hints.received(hint, &self.desired, &self.local) {
             self.reconcile(ip).await;
             self.hints.applied(ip, monotonic_ns());
+        }
+    }
+
+    /// Acts on the controller's answer for one IP of a MAC claim (`obs`).
+    fn after_mac_claim(&self, obs: &Observation, follow_up: rarp::FollowUp) {
+        match follow_up {
+            rarp::FollowUp::Probe(ip) => {
+                // The VM's reply is an ordinary sighting, ordered by the ordinary rules.
+                let Some(port) = self.ports.ports().into_iter().find(|p| p.name == obs.port) else { return };
+                tracing::debug!(%ip, port = %port.name, "MAC claim stale for this IP; probing the VM");
+                let gateway = self.scope.gateways.first().copied();
+                self.neigh.send(port.ifindex, &classify::probe(ip, obs.mac, port.mac, gateway), "probe");
+            }
+            rarp::FollowUp::Ipv6(ip) => {
+                tracing::debug!(%ip, "MAC claim stale for an IPv6 address; learned from its NDP");
+            }
         }
     }
 
