@@ -3,7 +3,8 @@
 //!   sequence number, each send time recorded (iputils `ping -i 0.01` really sends every ~16 ms
 //!   and slows down while replies are missing, so it under-counts loss);
 //! * [`FrameSender`] — the VM's gratuitous ARP from an AF_PACKET socket opened once (opening one
-//!   per move would add a syscall storm, and `arping` takes 35–70 ms to start), timestamped.
+//!   per move would add a syscall storm, and `arping` takes 35–70 ms to start), timestamped; or the
+//!   hypervisor's announcement of it ([`announce_self`]: QEMU's RARP frames and timing).
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -15,7 +16,7 @@ use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 use victor_dataplane::arp_io::ArpSender;
 use victor_dataplane::packet::arp::{ArpOp, MacAddr, build_frame, gratuitous};
-use victor_dataplane::packet::{icmp, ipv4};
+use victor_dataplane::packet::{icmp, ipv4, rarp};
 use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::NetNs;
 
@@ -170,6 +171,28 @@ impl Drop for Prober {
 pub fn garp_frame(mac: &str, ip: Ipv4Addr) -> Result<Vec<u8>> {
     let mac: MacAddr = mac.parse().map_err(|_| anyhow::anyhow!("bad MAC {mac}"))?;
     Ok(build_frame(&gratuitous(mac, ip, ArpOp::Request, None)))
+}
+
+/// The RARP frame QEMU's `announce-self` sends for a NIC with `mac` (`net/announce.c`).
+pub fn rarp_announce_frame(mac: &str) -> Result<Vec<u8>> {
+    let mac: MacAddr = mac.parse().map_err(|_| anyhow::anyhow!("bad MAC {mac}"))?;
+    Ok(rarp::build_frame(&rarp::announce(mac)))
+}
+
+/// Sends QEMU's `announce-self` for `mac` from `sender` with QEMU's default schedule: five RARP
+/// frames, the second 50 ms after the first, then 100 ms more between each
+/// ([`rarp::QEMU_ANNOUNCE_OFFSETS_MS`]: 0, 50, 200, 450, 800 ms). Blocks for the whole
+/// announcement; returns the send time (CLOCK_MONOTONIC ns) of each frame.
+pub fn announce_self(sender: &FrameSender, mac: &str) -> Result<Vec<u64>> {
+    let frame = rarp_announce_frame(mac)?;
+    let start = Instant::now();
+    let mut sent = Vec::with_capacity(rarp::QEMU_ANNOUNCE_OFFSETS_MS.len());
+    for offset in rarp::QEMU_ANNOUNCE_OFFSETS_MS {
+        let due = start + Duration::from_millis(offset);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        sent.push(sender.send(&frame)?);
+    }
+    Ok(sent)
 }
 
 /// A frame to send and where to answer with its send time.
