@@ -1,5 +1,5 @@
 //! Measuring instruments of the lab, both resident in a namespace so they add no start-up delay:
-//! * [`Prober`] — ICMP echo requests at exact intervals from the client, replies counted by
+//! * [`Prober`] — ICMP (or ICMPv6) echo requests at exact intervals from the client, replies counted by
 //!   sequence number, each send time recorded (iputils `ping -i 0.01` really sends every ~16 ms
 //!   and slows down while replies are missing, so it under-counts loss);
 //! * [`FrameSender`] — the VM's gratuitous ARP from an AF_PACKET socket opened once (opening one
@@ -7,7 +7,7 @@
 //!   hypervisor's announcement of it ([`announce_self`]: QEMU's RARP frames and timing).
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -53,6 +53,10 @@ impl Probes {
     }
 }
 
+/// ICMPv6 echo request and reply types.
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
 /// The prober thread sends and counts, then (after `stop`) only counts late replies, then ends.
 const PROBING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -68,14 +72,20 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// Starts probing `dst` from `ns` every `interval`.
-    pub fn start(ns: &NetNs, dst: Ipv4Addr, interval: Duration) -> Result<Prober> {
+    /// Starts probing `dst` (IPv4, or IPv6 with ICMPv6 echo) from `ns` every `interval`.
+    pub fn start(ns: &NetNs, dst: impl Into<IpAddr>, interval: Duration) -> Result<Prober> {
+        let dst: IpAddr = dst.into();
         let phase = Arc::new(AtomicU8::new(PROBING));
         let state = Arc::new(Mutex::new(Probes::default()));
         let ident = (std::process::id() as u16) ^ rand::random::<u16>();
         let (phase2, state2) = (phase.clone(), state.clone());
+        // ICMPv6 raw sockets get the checksum filled in by the kernel and deliver no IPv6 header.
+        let (domain, protocol, request, reply) = match dst {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, icmp::TYPE_ECHO_REQUEST, icmp::TYPE_ECHO_REPLY),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY),
+        };
         let thread = ns.spawn_thread("prober", move || -> Result<()> {
-            let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+            let sock = Socket::new(domain, Type::RAW, Some(protocol))?;
             sock.set_read_timeout(Some(Duration::from_micros(200)))?;
             let dst_addr = SocketAddr::from((dst, 0)).into();
             let mut next = Instant::now();
@@ -95,7 +105,7 @@ impl Prober {
                     _ => return Ok(()),
                 }
                 if drain_until.is_none() && Instant::now() >= next {
-                    let msg = icmp::echo(icmp::TYPE_ECHO_REQUEST, ident, seq as u16, &[0x5a; 56]);
+                    let msg = icmp::echo(request, ident, seq as u16, &[0x5a; 56]);
                     let at = monotonic_ns();
                     let _ = sock.send_to(&msg, &dst_addr);
                     let mut s = state2.lock().expect("probes");
@@ -108,9 +118,14 @@ impl Prober {
                 let Ok(n) = sock.recv(&mut buf) else { continue };
                 // SAFETY: recv initialised the first n bytes.
                 let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-                let Ok(h) = ipv4::parse(&data) else { continue };
-                let m = &data[h.header_len..];
-                if m.len() >= 8 && m[0] == icmp::TYPE_ECHO_REPLY && m[4..6] == ident.to_be_bytes() {
+                let m = match dst {
+                    IpAddr::V4(_) => {
+                        let Ok(h) = ipv4::parse(&data) else { continue };
+                        &data[h.header_len..]
+                    }
+                    IpAddr::V6(_) => &data[..],
+                };
+                if m.len() >= 8 && m[0] == reply && m[4..6] == ident.to_be_bytes() {
                     let low = u16::from_be_bytes([m[6], m[7]]) as u32;
                     // Rebuild the full sequence number from its low 16 bits (sent recently).
                     let full = (seq.saturating_sub(1) & !0xffff) | low;
