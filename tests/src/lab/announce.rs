@@ -137,7 +137,7 @@ impl Announcer {
 
     /// The next frame to send now (None: this announcement sends nothing more, e.g. after QEMU's
     /// fifth round) and how long to wait for the binding before asking again.
-    pub fn next(&mut self) -> (Option<&[u8]>, Duration) {
+    pub fn step(&mut self) -> (Option<&[u8]>, Duration) {
         let k = self.sent as usize;
         match self.kind {
             Announce::Rarp => {
@@ -182,12 +182,12 @@ mod tests {
         let mut a = Announcer::new(Announce::Rarp, &vm).unwrap();
         let mut waits = Vec::new();
         for _ in 0..5 {
-            let (frame, wait) = a.next();
+            let (frame, wait) = a.step();
             assert_eq!(frame.map(<[u8]>::len), Some(60));
             waits.push(wait.as_millis());
         }
         assert_eq!(waits, vec![50, 150, 250, 350, 100]);
-        assert!(a.next().0.is_none(), "QEMU sends five frames, then nothing");
+        assert!(a.step().0.is_none(), "QEMU sends five frames, then nothing");
         assert_eq!(a.sent(), 5);
     }
 
@@ -195,7 +195,7 @@ mod tests {
     fn garp_and_na_repeat_and_families_are_checked() {
         let vm = VmSpec::numbered(1);
         let mut a = Announcer::new(Announce::Na, &vm).unwrap();
-        let (frame, wait) = a.next();
+        let (frame, wait) = a.step();
         let na = ndp::parse_frame(frame.unwrap()).unwrap();
         assert_eq!(
             (na.kind(), na.target(), wait),

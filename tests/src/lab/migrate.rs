@@ -359,7 +359,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     let primary = addresses[0];
     for kind in [Announce::Garp, Announce::Na] {
         if kind.check(args.family).is_ok()
-            && let (Some(frame), _) = Announcer::new(kind, &vm)?.next()
+            && let (Some(frame), _) = Announcer::new(kind, &vm)?.step()
         {
             sender.send(frame)?;
         }
@@ -383,7 +383,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
 
     let interval = Duration::from_millis(args.ping_interval_ms);
     let probers: Vec<(IpAddr, Prober)> =
-        addresses.iter().map(|ip| Ok((*ip, Prober::start(&topo.client, *ip, interval)?))).collect::<Result<_>>()?;
+        addresses.iter().map(|ip| Ok((*ip, Prober::start_ip(&topo.client, *ip, interval)?))).collect::<Result<_>>()?;
     for (ip, prober) in &probers {
         prober
             .wait_replies_from(0, 20, Duration::from_secs(10))
@@ -426,7 +426,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         let announcing_since = std::time::Instant::now();
         let mut next_due;
         let bound = loop {
-            let (frame, wait) = announcer.next();
+            let (frame, wait) = announcer.step();
             if let Some(frame) = frame {
                 let sent = sender.send(frame)?;
                 if first_garp == 0 {
@@ -461,7 +461,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
             // QEMU sends all its rounds whatever the network did with the first.
             loop {
                 tokio::time::sleep(next_due.saturating_duration_since(std::time::Instant::now())).await;
-                let (frame, wait) = announcer.next();
+                let (frame, wait) = announcer.step();
                 let Some(frame) = frame else { break };
                 sender.send(frame)?;
                 next_due = std::time::Instant::now() + wait;

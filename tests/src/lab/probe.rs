@@ -72,9 +72,13 @@ pub struct Prober {
 }
 
 impl Prober {
+    /// Starts probing the IPv4 address `dst` from `ns` every `interval`.
+    pub fn start(ns: &NetNs, dst: Ipv4Addr, interval: Duration) -> Result<Prober> {
+        Prober::start_ip(ns, IpAddr::V4(dst), interval)
+    }
+
     /// Starts probing `dst` (IPv4, or IPv6 with ICMPv6 echo) from `ns` every `interval`.
-    pub fn start(ns: &NetNs, dst: impl Into<IpAddr>, interval: Duration) -> Result<Prober> {
-        let dst: IpAddr = dst.into();
+    pub fn start_ip(ns: &NetNs, dst: IpAddr, interval: Duration) -> Result<Prober> {
         let phase = Arc::new(AtomicU8::new(PROBING));
         let state = Arc::new(Mutex::new(Probes::default()));
         let ident = (std::process::id() as u16) ^ rand::random::<u16>();
