@@ -640,6 +640,45 @@ mod tests {
         assert!(s.macs.is_empty());
     }
 
+    proptest::proptest! {
+        /// The MAC index always equals a scan of the live bindings and the declarations, whatever
+        /// the order of puts, tombstones and deletions of either.
+        #[test]
+        fn the_mac_index_equals_a_scan(ops in proptest::collection::vec((0u8..6, 0u8..4, 0u8..3, proptest::bool::ANY), 1..80)) {
+            let keys = Keys::new("/v");
+            let ip = |i: u8| if i % 2 == 0 { IpAddr::from([10, 10, 0, i]) } else { IpAddr::from([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i]) };
+            let mac = |m: u8| Mac([2, 0, 0, 0, 0, m]);
+            let mut s = CacheState::default();
+            let mut out = Vec::new();
+            for (rev, (i, m, what, declaration)) in ops.into_iter().enumerate() {
+                let rev = rev as u64 + 1;
+                let key = if declaration { keys.vm(ip(i)) } else { keys.binding(ip(i)) };
+                let event = match (what, declaration) {
+                    (0, _) => del(key, rev),
+                    (_, true) => put(key, VmRecord { mac: mac(m).octets().to_vec(), ..Default::default() }.encode_to_vec(), rev),
+                    (w, false) => put(
+                        key,
+                        BindingRecord { fe_id: "fe1".into(), mac: mac(m).octets().to_vec(), removed: w == 2, ..Default::default() }.encode_to_vec(),
+                        rev,
+                    ),
+                };
+                s.apply(&keys, &event, &mut out);
+                for m in 0..4 {
+                    let mut scanned: Vec<IpAddr> = s
+                        .bindings
+                        .iter()
+                        .filter(|(_, b)| b.mac == mac(m))
+                        .map(|(ip, _)| *ip)
+                        .chain(s.vms.iter().filter(|(_, v)| v.record.mac == mac(m).octets()).map(|(ip, _)| *ip))
+                        .collect();
+                    scanned.sort_unstable();
+                    scanned.dedup();
+                    proptest::prop_assert_eq!(s.macs.ips(mac(m)), scanned);
+                }
+            }
+        }
+    }
+
     #[test]
     fn sessions_flip_fe_health_in_either_order() {
         let keys = Keys::new("/v");
