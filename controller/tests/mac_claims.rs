@@ -181,3 +181,29 @@ async fn unknown_and_malformed_mac_claims_are_answered_alone_in_their_report() {
     assert!(results[0].message.contains("02:00:00:00:00:08"), "{}", results[0].message);
     assert_eq!(outcome(&results[4].ip_results[0]), ClaimOutcome::Unchanged);
 }
+
+#[tokio::test]
+async fn a_mac_claim_sent_with_the_learned_of_its_frame_adds_no_write() {
+    let (_dir, _server, mut c) = start().await;
+    let t = unix_nanos();
+    let v4 = learn_at(&mut c, "fe2", "10.10.0.21", mac(21), t).await;
+    declare(&mut c, "fd00:10::21", mac(21)).await;
+    // fe3's agent saw the RARP: a LEARNED for the address it knew, and the MAC claim, stamped
+    // just before it (one frame, one instant), in one Report.
+    let learned = VmObservation {
+        known_revision: Some(v4.revision),
+        ..observation("10.10.0.21", mac(21), ObservationKind::Learned, t + 2)
+    };
+    let results = report(&mut c, "fe3", vec![learned, mac_claim(mac(21), t + 1, Some(v4.revision))]).await;
+    assert_eq!(outcome(&results[0]), ClaimOutcome::Moved);
+    let answers = per_ip(&results[1]);
+    assert_eq!(
+        answers,
+        vec![
+            (ip("10.10.0.21"), ClaimOutcome::Unchanged, RejectReason::Unspecified, 0),
+            (ip("fd00:10::21"), ClaimOutcome::Bound, RejectReason::Unspecified, results[1].revision)
+        ],
+        "the address the LEARNED moved is not written again; the one only the MAC claim knew is bound"
+    );
+    assert_eq!(binding(&mut c, "10.10.0.21").await.unwrap().revision, results[0].revision);
+}

@@ -379,12 +379,16 @@ impl<E: Effects> Engine<E> {
     async fn on_rarp(&mut self, frame: &NeighFrame, msg: &RarpMessage) {
         self.metrics.rarp_frames.get_or_create(&KindLabel { kind: rarp::kind_label(msg) }).inc();
         let Some(mac) = rarp::claimed(msg) else { return };
+        // Stamped before the sightings of the same frame: for an IP they claim, the MAC claim is
+        // the older observation and the controller writes nothing more for it.
+        let claim = self
+            .announcements
+            .starts(mac, frame.mono)
+            .then(|| (self.known.at(frame.mono), self.stamps.stamp(frame.wall)));
         for ip in rarp::bound_to(self.desired.bindings(), mac, &self.scope) {
             self.sighted(frame, ip, mac).await;
         }
-        if self.announcements.starts(mac, frame.mono) {
-            // Stamped after the sightings of the same frame: the claim is this FE's newest.
-            let (known, at) = (self.known.at(frame.mono), self.stamps.stamp(frame.wall));
+        if let Some((known, at)) = claim {
             tracing::info!(mac = %victor_proto::Mac(mac), port = %frame.port.name, "RARP: claiming the MAC's IPs");
             self.reporter.submit(Observation::mac_claim(mac, at, known, frame.port.name.clone()));
         }

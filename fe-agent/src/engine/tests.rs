@@ -523,7 +523,10 @@ async fn a_rarp_announcement_claims_every_ip_of_its_mac_like_a_garp() {
             (Ipv4Addr::UNSPECIFIED, ObservationKind::MacLearned, 10)
         ]
     );
-    assert!(queued[2].observed_at > queued[1].observed_at, "the MAC claim is this FE's newest observation");
+    assert!(
+        queued[2].observed_at < queued[0].observed_at,
+        "the MAC claim is older than the sightings of its frame: it adds no write for their IPs"
+    );
     // The rest of QEMU's rounds: nothing new.
     for offset_ms in [50, 200, 450, 800] {
         let later = rarp(monotonic_ns() + offset_ms * 1_000_000);
