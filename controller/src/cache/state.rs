@@ -646,7 +646,7 @@ mod tests {
         #[test]
         fn the_mac_index_equals_a_scan(ops in proptest::collection::vec((0u8..6, 0u8..4, 0u8..3, proptest::bool::ANY), 1..80)) {
             let keys = Keys::new("/v");
-            let ip = |i: u8| if i % 2 == 0 { IpAddr::from([10, 10, 0, i]) } else { IpAddr::from([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i]) };
+            let ip = |i: u8| if i.is_multiple_of(2) { IpAddr::from([10, 10, 0, i]) } else { IpAddr::from([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i]) };
             let mac = |m: u8| Mac([2, 0, 0, 0, 0, m]);
             let mut s = CacheState::default();
             let mut out = Vec::new();
