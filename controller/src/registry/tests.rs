@@ -562,3 +562,49 @@ async fn a_mac_with_more_ips_than_one_claim_moves_is_refused_whole() {
     assert!(matches!(&claim.outcome, ClaimOutcome::Rejected(r) if r.reason == Reason::TooManyIps), "{claim:?}");
     assert_eq!(rig.bound_fe(vm(100)).as_deref(), Some("fe1"));
 }
+
+/// A MAC claim decided on a cache that has not seen the latest move yet (a second replica whose
+/// cache stopped following the store): its transaction fails on the changed binding, the IP is
+/// decided again on what the store holds, and the claim — made before that move was known — is
+/// STALE naming the move's revision, never a move back.
+#[tokio::test]
+async fn a_mac_claim_decided_on_a_stale_cache_is_decided_again_on_the_store() {
+    let rig = Rig::new().await;
+    let (fe1, fe2, fe3) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "a").await, rig.fe("fe3", 3, "a").await);
+    let t = now_unix_nanos();
+    let first = rig.observe(&fe1, learned(41, t)).await.unwrap();
+    // The second replica's cache has the binding at fe1, then stops following.
+    let store = rig.registry.store().clone();
+    let behind = Cache::new(Keys::new("/t"), 10_000);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let presence = loader::Presence {
+        replica_id: "r2".into(),
+        grpc_addr: String::new(),
+        lease: KeptLease::new(store.clone(), Duration::from_secs(5)),
+    };
+    let following = tokio::spawn(loader::run(store.clone(), behind.clone(), presence, stopped));
+    assert!(behind.wait_for(first.revision, Duration::from_secs(5)).await);
+    stop.send(true).unwrap();
+    let _ = following.await;
+    let metrics = Arc::new(Metrics::new());
+    let timelines = Arc::new(MoveTimelines::new(8));
+    let replica2 = Registry::new(store, behind, Rules::default(), metrics.clone(), timelines);
+
+    // fe2 takes the VM through the first replica.
+    let moved = rig.observe(&fe2, learned_knowing(41, t, first.revision)).await.unwrap();
+    assert_eq!(moved.outcome, ClaimOutcome::Moved);
+    // fe3's RARP from before it knew that move, through the replica that does not know it either.
+    let claim = ValidMacClaim { mac: mac(41), observed_at: t + S, known_revision: Some(first.revision) };
+    let answer = replica2.claim_mac(&fe3, claim, |_| Ok(()), monotonic_ns()).await.unwrap();
+    let answers = expanded(&answer);
+    let ClaimOutcome::Rejected(r) = &answers[0].1 else { panic!("{answers:?}") };
+    assert_eq!((r.reason, answers[0].2, answer.revision), (Reason::Stale, moved.revision, 0));
+    assert_eq!(metrics.cas_retries.get(), 1, "decided on the cache, then once more on the store");
+    assert_eq!(rig.bound_fe(vm(41)).as_deref(), Some("fe2"));
+    // Knowing the move, the same claim moves it (decided on the store's values again).
+    let claim = ValidMacClaim { mac: mac(41), observed_at: t + 2 * S, known_revision: Some(moved.revision) };
+    let answer = replica2.claim_mac(&fe3, claim, |_| Ok(()), monotonic_ns()).await.unwrap();
+    assert_eq!(expanded(&answer), vec![(vm(41), ClaimOutcome::Moved, answer.revision)]);
+    rig.settle(answer.revision).await;
+    assert_eq!(rig.bound_fe(vm(41)).as_deref(), Some("fe3"));
+}
