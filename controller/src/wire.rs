@@ -34,6 +34,8 @@ pub fn reject_reason(reason: Reason) -> v1::RejectReason {
         Reason::NotBoundHere => v1::RejectReason::NotBoundHere,
         Reason::Undeclared => v1::RejectReason::Undeclared,
         Reason::BadTimestamp => v1::RejectReason::BadTimestamp,
+        Reason::UnknownMac => v1::RejectReason::UnknownMac,
+        Reason::TooManyIps => v1::RejectReason::TooManyIps,
     }
 }
 
@@ -45,10 +47,15 @@ pub fn claim_result(vm_ip: Vec<u8>, claim: &Claim) -> v1::ClaimResult {
         ClaimOutcome::Unchanged => v1::ClaimOutcome::Unchanged,
         ClaimOutcome::Removed => v1::ClaimOutcome::Removed,
         ClaimOutcome::Rejected(_) => v1::ClaimOutcome::Rejected,
+        ClaimOutcome::Expanded(_) => v1::ClaimOutcome::Expanded,
     };
     let (reject_reason, code, message) = match &claim.outcome {
         ClaimOutcome::Rejected(r) => (reject_reason(r.reason), status_code(r.refusal) as i32, r.message.clone()),
         _ => (v1::RejectReason::Unspecified, 0, String::new()),
+    };
+    let ip_results = match &claim.outcome {
+        ClaimOutcome::Expanded(ips) => ips.iter().map(|(ip, c)| claim_result(ip_to_bytes(*ip), c)).collect(),
+        _ => Vec::new(),
     };
     v1::ClaimResult {
         vm_ip,
@@ -58,6 +65,7 @@ pub fn claim_result(vm_ip: Vec<u8>, claim: &Claim) -> v1::ClaimResult {
         message,
         move_seq: claim.move_seq,
         revision: claim.revision,
+        ip_results,
     }
 }
 
@@ -175,5 +183,31 @@ mod tests {
         let moved = claim_result(vec![1], &Claim { outcome: ClaimOutcome::Moved, move_seq: 4, revision: 9 });
         assert_eq!((moved.outcome, moved.code, moved.revision), (v1::ClaimOutcome::Moved as i32, 0, 9));
         assert!(moved.message.is_empty());
+    }
+
+    #[test]
+    fn an_expanded_mac_claim_carries_one_result_per_ip() {
+        let v4: IpAddr = "10.10.0.11".parse().unwrap();
+        let v6: IpAddr = "fd00::11".parse().unwrap();
+        let stale = Rejection::new(Reason::Stale, Refusal::Precondition, "stale").needing(7);
+        let claim = Claim {
+            outcome: ClaimOutcome::Expanded(vec![
+                (v4, Claim { outcome: ClaimOutcome::Moved, move_seq: 2, revision: 9 }),
+                (v6, Claim { outcome: ClaimOutcome::Rejected(stale), move_seq: 1, revision: 7 }),
+            ]),
+            move_seq: 0,
+            revision: 9,
+        };
+        let wire = claim_result(vec![], &claim);
+        assert_eq!((wire.outcome, wire.revision, wire.vm_ip.len()), (v1::ClaimOutcome::Expanded as i32, 9, 0));
+        let per_ip: Vec<_> =
+            wire.ip_results.iter().map(|r| (r.vm_ip.len(), r.outcome, r.reject_reason, r.revision)).collect();
+        assert_eq!(
+            per_ip,
+            vec![
+                (4, v1::ClaimOutcome::Moved as i32, 0, 9),
+                (16, v1::ClaimOutcome::Rejected as i32, v1::RejectReason::Stale as i32, 7)
+            ]
+        );
     }
 }

@@ -185,6 +185,8 @@ pub struct Metrics {
     pub arp_frames: Family<KindLabel, Counter>,
     /// NDP frames received on VM ports, by kind.
     pub ndp_frames: Family<KindLabel, Counter>,
+    /// RARP frames received on VM ports by kind (announce / request / reply).
+    pub rarp_frames: Family<KindLabel, Counter>,
     /// Frames (ARP, RARP, NDP) dropped by the per-source rate limit, by protocol.
     pub neigh_rate_limited: Family<ProtocolLabel, Counter>,
     /// ARP frames sent by kind (gateway / proxy / announce / probe).
@@ -264,6 +266,7 @@ impl Metrics {
             report_retries: Counter::default(),
             arp_frames: Family::default(),
             ndp_frames: Family::default(),
+            rarp_frames: Family::default(),
             neigh_rate_limited: Family::default(),
             arp_sent: Family::default(),
             ndp_sent: Family::default(),
@@ -302,6 +305,11 @@ impl Metrics {
         registry.register("report_retries", "Report calls that failed and were retried", m.report_retries.clone());
         registry.register("arp_frames", "ARP frames received on VM ports by kind", m.arp_frames.clone());
         registry.register("ndp_frames", "NDP frames received on VM ports by kind", m.ndp_frames.clone());
+        registry.register(
+            "rarp_frames",
+            "RARP frames received on VM ports by kind (announce: QEMU's announce-self; request; reply)",
+            m.rarp_frames.clone(),
+        );
         registry.register(
             "neigh_rate_limited",
             "Frames on VM ports (ARP, RARP, NDP) dropped by the per-source rate limit, by protocol",

@@ -26,7 +26,9 @@ use super::ApiContext;
 use super::error::{ApiError, ApiResult};
 use super::validate::{self, is_host_in};
 use crate::registry::rules::Observed;
-use crate::registry::{FeRegistration, Reason, Refusal, Rejection, ValidObservation};
+use crate::registry::{
+    Claim, FeRegistration, Reason, Refusal, RegistryResult, Rejection, ValidMacClaim, ValidObservation,
+};
 use crate::stream::admission::StreamKind;
 use crate::stream::agent::{self as sync, SyncContext};
 use crate::stream::encoded::GRPC_PREFIX_LEN;
@@ -124,18 +126,46 @@ impl<S: Store> AgentApi<S> {
             )));
         }
         let served: Vec<IpNet> = fe.record.mobile_prefixes.iter().filter_map(|p| p.parse().ok()).collect();
-        let (ips, checked): (Vec<Vec<u8>>, Vec<_>) = req
-            .observations
-            .into_iter()
-            .map(|obs| match self.validate(&obs, &served) {
-                Ok(valid) => (ip_to_bytes(valid.ip), Ok(valid)),
-                Err(rejection) => (obs.vm_ip, Err(rejection)),
-            })
-            .unzip();
-        let claims = registry.report(&fe, checked, received).await;
+        // Per-IP observations first (their own grouping and order), then the MAC claims, each on
+        // its own, in request order (victor.proto, OBSERVATION_KIND_MAC_LEARNED).
+        let mut sent_ips: Vec<Vec<u8>> = Vec::with_capacity(req.observations.len());
+        let (mut by_ip, mut by_mac) = (Vec::new(), Vec::new());
+        for (i, obs) in req.observations.into_iter().enumerate() {
+            if obs.kind == ObservationKind::MacLearned as i32 {
+                by_mac.push((i, Self::validate_mac_claim(&obs)));
+                sent_ips.push(obs.vm_ip);
+                continue;
+            }
+            match self.validate(&obs, &served) {
+                Ok(valid) => {
+                    sent_ips.push(ip_to_bytes(valid.ip));
+                    by_ip.push((i, Ok(valid)));
+                }
+                Err(rejection) => {
+                    sent_ips.push(obs.vm_ip);
+                    by_ip.push((i, Err(rejection)));
+                }
+            }
+        }
+        let (ip_indices, checked): (Vec<usize>, Vec<_>) = by_ip.into_iter().unzip();
+        let mut claims: Vec<Option<RegistryResult<Claim>>> = (0..sent_ips.len()).map(|_| None).collect();
+        for (i, claim) in ip_indices.into_iter().zip(registry.report(&fe, checked, received).await) {
+            claims[i] = Some(claim);
+        }
+        for (i, valid) in by_mac {
+            claims[i] = Some(match valid {
+                Ok(claim) => registry.claim_mac(&fe, claim, |ip| self.admit(ip, &served), received).await,
+                Err(rejection) => {
+                    registry.count_refused(&rejection);
+                    Ok(Claim::refused(rejection))
+                }
+            });
+        }
+        let claims: Vec<RegistryResult<Claim>> =
+            claims.into_iter().map(|c| c.expect("every observation answered")).collect();
         // Read-your-writes: answer once this replica's cache shows every write of the report.
         replica.settle(claims.iter().filter_map(|c| c.as_ref().ok()).map(|c| c.revision).max().unwrap_or(0)).await;
-        let results = ips
+        let results = sent_ips
             .into_iter()
             .zip(claims)
             .map(|(ip, claim)| match claim {
@@ -144,6 +174,38 @@ impl<S: Store> AgentApi<S> {
             })
             .collect();
         Ok(ReportResponse { results })
+    }
+
+    /// Checks a MAC claim: no IP, a unicast MAC, a usable time.
+    fn validate_mac_claim(obs: &VmObservation) -> Result<ValidMacClaim, Rejection> {
+        let invalid = |reason, message: String| Rejection::new(reason, Refusal::Invalid, message);
+        if !obs.vm_ip.is_empty() {
+            return Err(invalid(
+                Reason::Malformed,
+                "vm_ip must be empty in a MAC claim (OBSERVATION_KIND_MAC_LEARNED); send a LEARNED for one IP".into(),
+            ));
+        }
+        let mac = Mac::from_bytes(&obs.mac).map_err(|e| invalid(Reason::Malformed, format!("mac: {e}")))?;
+        if !mac.is_unicast() {
+            return Err(invalid(Reason::Malformed, format!("MAC {mac} is not a unicast address")));
+        }
+        if obs.observed_at_unix_nanos <= 0 {
+            return Err(invalid(
+                Reason::BadTimestamp,
+                format!("observation time {} ns is unusable; it must be positive", obs.observed_at_unix_nanos),
+            ));
+        }
+        Ok(ValidMacClaim { mac, observed_at: obs.observed_at_unix_nanos, known_revision: obs.known_revision })
+    }
+
+    /// Whether `ip` may be bound at an FE serving `served`: a mobile host address inside them.
+    fn admit(&self, ip: std::net::IpAddr, served: &[IpNet]) -> Result<(), Rejection> {
+        let invalid = |message: String| Rejection::new(Reason::OutsideMobilePrefix, Refusal::Invalid, message);
+        self.ctx.mobile.check_vm_ip(ip).map_err(invalid)?;
+        if !is_host_in(ip, served) {
+            return Err(invalid(format!("{ip} is outside the prefixes this FE registered to serve")));
+        }
+        Ok(())
     }
 
     /// Checks one observation's addresses and kind, and that its IP is a mobile host address
@@ -155,15 +217,9 @@ impl<S: Store> AgentApi<S> {
         let kind = match ObservationKind::try_from(obs.kind) {
             Ok(ObservationKind::Learned) => Observed::Learned,
             Ok(ObservationKind::Gone) => Observed::Gone,
-            _ => return Err(invalid(Reason::Malformed, "kind must be LEARNED or GONE".into())),
+            _ => return Err(invalid(Reason::Malformed, "kind must be LEARNED, GONE or MAC_LEARNED".into())),
         };
-        self.ctx.mobile.check_vm_ip(ip).map_err(|message| invalid(Reason::OutsideMobilePrefix, message))?;
-        if !is_host_in(ip, served) {
-            return Err(invalid(
-                Reason::OutsideMobilePrefix,
-                format!("{ip} is outside the prefixes this FE registered to serve"),
-            ));
-        }
+        self.admit(ip, served)?;
         Ok(ValidObservation {
             ip,
             mac,

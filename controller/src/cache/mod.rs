@@ -9,6 +9,7 @@
 
 pub mod backfill;
 pub mod loader;
+pub mod macs;
 pub mod state;
 
 use std::collections::VecDeque;

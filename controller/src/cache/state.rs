@@ -17,6 +17,7 @@ use victor_proto::Mac;
 use victor_proto::types::ip_from_bytes;
 use victor_store::{Event, EventKind, Revision};
 
+use super::macs::MacIndex;
 use crate::keys::{KeyKind, Keys};
 use crate::records::{BindingRecord, FeRecord, HorizonRecord, ReplicaRecord, VmRecord};
 
@@ -236,6 +237,8 @@ pub struct CacheState {
     pub housekeeper: Option<(String, Revision)>,
     /// Bindings per FE.
     pub bindings_per_fe: HashMap<Arc<str>, u64>,
+    /// MAC → the IPs whose live binding or declaration has it (MAC claims expand through it).
+    pub macs: MacIndex,
     names: HashSet<Arc<str>>,
 }
 
@@ -271,6 +274,7 @@ impl CacheState {
                 if rev <= held {
                     return ApplyResult::Stale;
                 }
+                let before = self.bindings.get(&ip).map(|b| b.mac);
                 self.tombstones.remove(&ip);
                 if put {
                     let Ok(rec) = BindingRecord::decode(event.kv.value.as_slice()) else {
@@ -296,6 +300,7 @@ impl CacheState {
                     self.count_binding(&old.fe_id, -1);
                     out.push(CacheChange::Binding { ip, revision: rev, view: None });
                 }
+                self.reindex(ip, before);
             }
             KeyKind::TombstoneHorizon => {
                 if rev <= self.tombstone_horizon.1 && put {
@@ -314,6 +319,7 @@ impl CacheState {
                 if self.vms.get(&ip).is_some_and(|v| v.revision >= rev) {
                     return ApplyResult::Stale;
                 }
+                let before = self.vms.get(&ip).and_then(|v| Mac::from_bytes(&v.record.mac).ok());
                 if put {
                     let Ok(record) = VmRecord::decode(event.kv.value.as_slice()) else {
                         return ApplyResult::Undecodable;
@@ -322,6 +328,7 @@ impl CacheState {
                 } else {
                     self.vms.remove(&ip);
                 }
+                self.reindex(ip, before);
             }
             KeyKind::Fe(id) => {
                 if self.fes.get(id.as_str()).is_some_and(|f| f.revision >= rev) {
@@ -473,6 +480,25 @@ impl CacheState {
         (state, undecodable)
     }
 
+    /// The MACs `ip` has now: its live binding's and its declaration's.
+    fn macs_of(&self, ip: IpAddr) -> [Option<Mac>; 2] {
+        [self.bindings.get(&ip).map(|b| b.mac), self.vms.get(&ip).and_then(|v| Mac::from_bytes(&v.record.mac).ok())]
+    }
+
+    /// Brings the MAC index up to date for `ip` after its binding or declaration changed from a
+    /// value with MAC `before`.
+    fn reindex(&mut self, ip: IpAddr, before: Option<Mac>) {
+        let now = self.macs_of(ip);
+        if let Some(old) = before
+            && !now.contains(&Some(old))
+        {
+            self.macs.remove(old, ip);
+        }
+        for mac in now.into_iter().flatten() {
+            self.macs.insert(mac, ip);
+        }
+    }
+
     fn count_binding(&mut self, fe: &Arc<str>, delta: i64) {
         let entry = self.bindings_per_fe.entry(fe.clone()).or_default();
         *entry = entry.saturating_add_signed(delta);
@@ -577,6 +603,80 @@ mod tests {
         // Replayed history (stream backfill) shows a tombstone as a removal.
         let replayed = s.replayed_change(&keys, &put(keys.binding(ip), tomb("fe3"), 11));
         assert!(matches!(replayed, Some(CacheChange::Binding { view: None, .. })));
+    }
+
+    #[test]
+    fn the_mac_index_follows_bindings_and_declarations() {
+        let keys = Keys::new("/v");
+        let v4: IpAddr = "10.10.0.11".parse().unwrap();
+        let v6: IpAddr = "fd00::11".parse().unwrap();
+        let mac = Mac([2, 0, 0, 0, 0, 1]);
+        let other = Mac([2, 0, 0, 0, 0, 9]);
+        let bound_with = |m: Mac, removed: bool| {
+            BindingRecord { fe_id: "fe2".into(), mac: m.octets().to_vec(), removed, ..Default::default() }
+                .encode_to_vec()
+        };
+        let declared_with = |m: Mac| VmRecord { mac: m.octets().to_vec(), ..Default::default() }.encode_to_vec();
+        let mut s = CacheState::default();
+        let mut out = Vec::new();
+        s.apply(&keys, &put(keys.binding(v4), bound_with(mac, false), 2), &mut out);
+        s.apply(&keys, &put(keys.vm(v6), declared_with(mac), 3), &mut out);
+        assert_eq!(s.macs.ips(mac), vec![v4, v6], "bound or declared, IPv4 first");
+        // Declared with the same MAC as bound: removing the binding keeps the IP indexed.
+        s.apply(&keys, &put(keys.vm(v4), declared_with(mac), 4), &mut out);
+        s.apply(&keys, &put(keys.binding(v4), bound_with(mac, true), 5), &mut out);
+        assert_eq!(s.macs.ips(mac), vec![v4, v6]);
+        s.apply(&keys, &del(keys.vm(v4), 6), &mut out);
+        assert_eq!(s.macs.ips(mac), vec![v6], "tombstoned and undeclared: gone from the index");
+        // A binding that changes MAC moves in the index.
+        s.apply(&keys, &put(keys.binding(v4), bound_with(mac, false), 7), &mut out);
+        s.apply(&keys, &put(keys.binding(v4), bound_with(other, false), 8), &mut out);
+        assert_eq!((s.macs.ips(mac), s.macs.ips(other)), (vec![v6], vec![v4]));
+        // A re-declaration with another MAC, then the deletion of everything.
+        s.apply(&keys, &put(keys.vm(v6), declared_with(other), 9), &mut out);
+        assert_eq!((s.macs.ips(mac), s.macs.ips(other)), (vec![], vec![v4, v6]));
+        s.apply(&keys, &del(keys.vm(v6), 10), &mut out);
+        s.apply(&keys, &del(keys.binding(v4), 11), &mut out);
+        assert!(s.macs.is_empty());
+    }
+
+    proptest::proptest! {
+        /// The MAC index always equals a scan of the live bindings and the declarations, whatever
+        /// the order of puts, tombstones and deletions of either.
+        #[test]
+        fn the_mac_index_equals_a_scan(ops in proptest::collection::vec((0u8..6, 0u8..4, 0u8..3, proptest::bool::ANY), 1..80)) {
+            let keys = Keys::new("/v");
+            let ip = |i: u8| if i.is_multiple_of(2) { IpAddr::from([10, 10, 0, i]) } else { IpAddr::from([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i]) };
+            let mac = |m: u8| Mac([2, 0, 0, 0, 0, m]);
+            let mut s = CacheState::default();
+            let mut out = Vec::new();
+            for (rev, (i, m, what, declaration)) in ops.into_iter().enumerate() {
+                let rev = rev as u64 + 1;
+                let key = if declaration { keys.vm(ip(i)) } else { keys.binding(ip(i)) };
+                let event = match (what, declaration) {
+                    (0, _) => del(key, rev),
+                    (_, true) => put(key, VmRecord { mac: mac(m).octets().to_vec(), ..Default::default() }.encode_to_vec(), rev),
+                    (w, false) => put(
+                        key,
+                        BindingRecord { fe_id: "fe1".into(), mac: mac(m).octets().to_vec(), removed: w == 2, ..Default::default() }.encode_to_vec(),
+                        rev,
+                    ),
+                };
+                s.apply(&keys, &event, &mut out);
+                for m in 0..4 {
+                    let mut scanned: Vec<IpAddr> = s
+                        .bindings
+                        .iter()
+                        .filter(|(_, b)| b.mac == mac(m))
+                        .map(|(ip, _)| *ip)
+                        .chain(s.vms.iter().filter(|(_, v)| v.record.mac == mac(m).octets()).map(|(ip, _)| *ip))
+                        .collect();
+                    scanned.sort_unstable();
+                    scanned.dedup();
+                    proptest::prop_assert_eq!(s.macs.ips(mac(m)), scanned);
+                }
+            }
+        }
     }
 
     #[test]

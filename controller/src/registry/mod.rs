@@ -23,11 +23,13 @@
 //! * [`error`] — why an operation failed.
 //! * [`batch`] — group commit of concurrent compare-and-swap writes.
 //! * `fes` — FE registrations and their liveness sessions.
+//! * [`mac`] — MAC claims (RARP): one claim expanded to every IP of the MAC, committed at once.
 //! * [`operator`] — withdrawing a migration announcement, removing a decommissioned FE.
 
 pub mod batch;
 pub mod error;
 mod fes;
+pub mod mac;
 pub mod operator;
 pub mod rejection;
 pub mod rules;
@@ -52,6 +54,7 @@ use crate::records::{BindingRecord, HorizonRecord, VmRecord, now_unix_nanos};
 use batch::{Batcher, CasOutcome, CasRequest};
 pub use error::{MAX_ATTEMPTS, RegistryError, RegistryResult};
 pub use fes::FeRegistration;
+pub use mac::{MAX_MAC_IPS, ValidMacClaim};
 pub use operator::FeRemoved;
 pub use rejection::{Reason, Refusal, Rejection};
 use rules::{Change, Knowledge, Observation, Observed, Rules, State, Verdict};
@@ -89,6 +92,9 @@ pub enum ClaimOutcome {
     Removed,
     /// Refused; nothing was written.
     Rejected(Rejection),
+    /// A MAC claim, expanded: the answer for every IP bound or declared with the MAC, IPv4 first,
+    /// each family in address order ([`Registry::claim_mac`]).
+    Expanded(Vec<(IpAddr, Claim)>),
 }
 
 /// The registry's answer to one FE observation.
@@ -105,7 +111,7 @@ pub struct Claim {
 
 impl Claim {
     /// A claim refused before it reached the rules (validation).
-    fn refused(rejection: Rejection) -> Claim {
+    pub fn refused(rejection: Rejection) -> Claim {
         Claim { outcome: ClaimOutcome::Rejected(rejection), move_seq: 0, revision: 0 }
     }
 }
@@ -301,42 +307,57 @@ impl<S: Store> Registry<S> {
             rules::name_commit_revision(&mut committed.outcome, committed.revision);
         }
         let final_seq = committed.record.as_ref().filter(|b| !b.removed).map_or(0, |b| b.move_seq);
-        let mut claims = Vec::with_capacity(obs.len());
-        for verdict in committed.outcome {
-            self.count(&verdict);
-            let move_seq = match &verdict {
-                Verdict::Write(record, _) if record.removed => 0,
-                Verdict::Write(record, _) => record.move_seq,
-                Verdict::Unchanged | Verdict::Reject(_) => final_seq,
-            };
-            let (outcome, revision) = match verdict {
-                Verdict::Write(_, Change::Bound) => (ClaimOutcome::Bound, committed.revision),
-                Verdict::Write(_, Change::Moved { .. }) => (ClaimOutcome::Moved, committed.revision),
-                Verdict::Write(_, Change::Updated) => (ClaimOutcome::Unchanged, committed.revision),
-                Verdict::Write(_, Change::Removed) => (ClaimOutcome::Removed, committed.revision),
-                Verdict::Unchanged => (ClaimOutcome::Unchanged, 0),
-                Verdict::Reject(r) => {
-                    let needed = r.revision;
-                    (ClaimOutcome::Rejected(r), needed)
-                }
-            };
-            if matches!(outcome, ClaimOutcome::Bound | ClaimOutcome::Moved) {
-                self.timelines.committed(MoveTimeline {
-                    vm_ip: ip,
-                    move_seq,
-                    fe_id: fe.fe_id.to_string(),
-                    revision: committed.revision,
-                    received_mono_ns,
-                    committed_mono_ns: monotonic_ns(),
-                    cached_mono_ns: 0,
-                    first_sent_mono_ns: 0,
-                    last_sent_mono_ns: 0,
-                    streams_sent: 0,
-                });
+        Ok(committed
+            .outcome
+            .into_iter()
+            .map(|verdict| self.claim_of(fe, ip, verdict, committed.revision, final_seq, received_mono_ns))
+            .collect())
+    }
+
+    /// The answer for one observation's `verdict` on the VM `ip` by `fe`, whose write (if any) was
+    /// committed at `revision`; `final_seq` is the binding's move sequence after that write.
+    /// Counts it and records the move timeline of a bind or move.
+    fn claim_of(
+        &self,
+        fe: &FeView,
+        ip: IpAddr,
+        verdict: Verdict,
+        revision: Revision,
+        final_seq: u64,
+        received_mono_ns: u64,
+    ) -> Claim {
+        self.count(&verdict);
+        let move_seq = match &verdict {
+            Verdict::Write(record, _) if record.removed => 0,
+            Verdict::Write(record, _) => record.move_seq,
+            Verdict::Unchanged | Verdict::Reject(_) => final_seq,
+        };
+        let (outcome, answered_revision) = match verdict {
+            Verdict::Write(_, Change::Bound) => (ClaimOutcome::Bound, revision),
+            Verdict::Write(_, Change::Moved { .. }) => (ClaimOutcome::Moved, revision),
+            Verdict::Write(_, Change::Updated) => (ClaimOutcome::Unchanged, revision),
+            Verdict::Write(_, Change::Removed) => (ClaimOutcome::Removed, revision),
+            Verdict::Unchanged => (ClaimOutcome::Unchanged, 0),
+            Verdict::Reject(r) => {
+                let needed = r.revision;
+                (ClaimOutcome::Rejected(r), needed)
             }
-            claims.push(Claim { outcome, move_seq, revision });
+        };
+        if matches!(outcome, ClaimOutcome::Bound | ClaimOutcome::Moved) {
+            self.timelines.committed(MoveTimeline {
+                vm_ip: ip,
+                move_seq,
+                fe_id: fe.fe_id.to_string(),
+                revision,
+                received_mono_ns,
+                committed_mono_ns: monotonic_ns(),
+                cached_mono_ns: 0,
+                first_sent_mono_ns: 0,
+                last_sent_mono_ns: 0,
+                streams_sent: 0,
+            });
         }
-        Ok(claims)
+        Claim { outcome, move_seq, revision: answered_revision }
     }
 
     /// An orchestrator announces that the VM `ip` migrates to FE `target_fe`: recorded as
@@ -656,6 +677,11 @@ impl<S: Store> Registry<S> {
             Verdict::Write(_, Change::Removed) => self.metrics.claim("removed"),
             Verdict::Reject(r) => self.count_rejection(r),
         }
+    }
+
+    /// Counts a claim the API refused before it reached the registry (validation).
+    pub fn count_refused(&self, rejection: &Rejection) {
+        self.count_rejection(rejection);
     }
 
     fn count_rejection(&self, rejection: &Rejection) {

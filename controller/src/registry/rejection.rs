@@ -27,11 +27,15 @@ pub enum Reason {
     Undeclared,
     /// The observation time is unusable (not positive).
     BadTimestamp,
+    /// A MAC claim for a MAC that no binding and no declaration has.
+    UnknownMac,
+    /// A MAC claim for a MAC with more IPs than one claim moves ([`crate::registry::MAX_MAC_IPS`]).
+    TooManyIps,
 }
 
 impl Reason {
     /// Every reason, for exhaustive tests of the mappings.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Unspecified,
         Reason::Malformed,
         Reason::OutsideMobilePrefix,
@@ -42,6 +46,8 @@ impl Reason {
         Reason::NotBoundHere,
         Reason::Undeclared,
         Reason::BadTimestamp,
+        Reason::UnknownMac,
+        Reason::TooManyIps,
     ];
 
     /// The snake-case name (the `reason` label of `victor_claims_rejected`).
@@ -57,6 +63,8 @@ impl Reason {
             Reason::NotBoundHere => "not_bound_here",
             Reason::Undeclared => "undeclared",
             Reason::BadTimestamp => "bad_timestamp",
+            Reason::UnknownMac => "unknown_mac",
+            Reason::TooManyIps => "too_many_ips",
         }
     }
 }

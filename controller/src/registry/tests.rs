@@ -425,3 +425,186 @@ async fn fes_need_their_own_underlay_and_a_live_session() {
     rig.registry.store().lease_revoke(fe1.record.session_lease).await.unwrap();
     assert_eq!(rig.registry.keep_session_alive(&fe1).await.unwrap(), None, "the session expired");
 }
+
+/// A MAC claim by `fe` of `m`, made knowing `known`, admitting every IP; waits for its write.
+async fn claim_mac(rig: &Rig, fe: &FeView, m: Mac, at: i64, known: Option<Revision>) -> Claim {
+    let claim = ValidMacClaim { mac: m, observed_at: at, known_revision: known };
+    let answer = rig.registry.claim_mac(fe, claim, |_| Ok(()), monotonic_ns()).await.unwrap();
+    rig.settle(answer.revision).await;
+    answer
+}
+
+fn expanded(claim: &Claim) -> Vec<(IpAddr, ClaimOutcome, Revision)> {
+    match &claim.outcome {
+        ClaimOutcome::Expanded(ips) => ips.iter().map(|(ip, c)| (*ip, c.outcome.clone(), c.revision)).collect(),
+        other => panic!("expected an expanded MAC claim, got {other:?}"),
+    }
+}
+
+/// An IPv6 VM address.
+fn vm6(last: u8) -> IpAddr {
+    IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, u16::from(last)])
+}
+
+#[tokio::test]
+async fn a_mac_claim_moves_every_ip_bound_or_declared_with_the_mac_in_one_commit() {
+    let rig = Rig::new().await;
+    let (fe1, fe2) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "a").await);
+    let t = now_unix_nanos();
+    // A dual-stack VM bound at fe1 (IPv4 and IPv6), an address declared with its MAC but never
+    // seen, and another VM.
+    rig.observe(&fe1, learned(11, t)).await.unwrap();
+    let v6 = ValidObservation { ip: vm6(11), ..learned(11, t) };
+    let last = rig.observe(&fe1, v6).await.unwrap();
+    let decl = VmRecord { mac: mac(11).octets().to_vec(), ..Default::default() };
+    rig.settle(rig.registry.declare(vm(12), decl).await.unwrap()).await;
+    rig.observe(&fe1, learned(13, t)).await.unwrap();
+
+    let claim = claim_mac(&rig, &fe2, mac(11), t + S, Some(last.revision.max(rig.cache.revision()))).await;
+    let r = claim.revision;
+    assert!(r > 0);
+    assert_eq!(
+        expanded(&claim),
+        vec![(vm(11), ClaimOutcome::Moved, r), (vm(12), ClaimOutcome::Bound, r), (vm6(11), ClaimOutcome::Moved, r)],
+        "IPv4 first, every write at one revision"
+    );
+    for ip in [vm(11), vm(12), vm6(11)] {
+        assert_eq!(rig.bound_fe(ip).as_deref(), Some("fe2"), "{ip}");
+    }
+    assert_eq!(rig.bound_fe(vm(13)).as_deref(), Some("fe1"), "another MAC's VM stays");
+    // Claimed again at the same FE: nothing moves.
+    let again = claim_mac(&rig, &fe2, mac(11), t + 2 * S, Some(r)).await;
+    assert!(expanded(&again).iter().all(|(_, o, _)| *o == ClaimOutcome::Unchanged), "{again:?}");
+    assert_eq!(rig.timelines.list(Some(vm6(11))).len(), 2, "the bind's and the move's timelines, not the refresh's");
+}
+
+#[tokio::test]
+async fn a_stale_mac_claim_is_refused_per_ip_and_writes_nothing() {
+    let rig = Rig::new().await;
+    let (fe1, fe2) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "a").await);
+    let t = now_unix_nanos();
+    let first = rig.observe(&fe1, learned(21, t)).await.unwrap();
+    let v6 = rig.observe(&fe1, ValidObservation { ip: vm6(21), ..learned(21, t) }).await.unwrap();
+    // Made knowing only the IPv4 binding's revision: the IPv4 address moves, the IPv6 one (bound
+    // later) is STALE with its revision — and the whole claim is one commit.
+    let claim = claim_mac(&rig, &fe2, mac(21), t + S, Some(first.revision)).await;
+    let answers = expanded(&claim);
+    assert_eq!(answers[0], (vm(21), ClaimOutcome::Moved, claim.revision));
+    let ClaimOutcome::Rejected(stale) = &answers[1].1 else { panic!("{answers:?}") };
+    assert_eq!((stale.reason, answers[1].2), (Reason::Stale, v6.revision));
+    // A third FE that knew too little for both: nothing is written, each names what to wait for.
+    let fe3 = rig.fe("fe3", 3, "a").await;
+    let back = claim_mac(&rig, &fe3, mac(21), t + 2 * S, Some(first.revision)).await;
+    assert_eq!(back.revision, 0);
+    assert!(
+        expanded(&back).iter().all(|(_, o, _)| matches!(o, ClaimOutcome::Rejected(r) if r.reason == Reason::Stale)),
+        "{back:?}"
+    );
+    assert_eq!(rig.bound_fe(vm(21)).as_deref(), Some("fe2"));
+    assert_eq!(rig.bound_fe(vm6(21)).as_deref(), Some("fe1"));
+    assert_eq!(rig.rejected(Reason::Stale), 3);
+}
+
+#[tokio::test]
+async fn declared_vms_pin_their_mac_and_policy_and_unknown_macs_are_refused() {
+    let rig = Rig::new().await;
+    let (fe1, fe2) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "b").await);
+    let t = now_unix_nanos();
+    // 10.10.0.31 is declared with MAC 31 (site a only), 10.10.0.32 with MAC 31 anywhere;
+    // 10.10.0.33 is bound with MAC 33 and declared with it.
+    let pinned = VmRecord { mac: mac(31).octets().to_vec(), allowed_sites: vec!["a".into()], ..Default::default() };
+    rig.settle(rig.registry.declare(vm(31), pinned).await.unwrap()).await;
+    let anywhere = VmRecord { mac: mac(31).octets().to_vec(), ..Default::default() };
+    rig.settle(rig.registry.declare(vm(32), anywhere).await.unwrap()).await;
+    let known = rig.observe(&fe1, learned(33, t)).await.unwrap().revision;
+
+    // fe2 is at site b: the pinned address is refused by policy, the other one binds.
+    let claim = claim_mac(&rig, &fe2, mac(31), t, Some(known)).await;
+    let answers = expanded(&claim);
+    assert!(matches!(&answers[0].1, ClaimOutcome::Rejected(r) if r.reason == Reason::SitePolicy), "{answers:?}");
+    assert_eq!(answers[1].1, ClaimOutcome::Bound);
+    // Another MAC never moves 10.10.0.33; a MAC nobody has is refused as unknown, writing nothing.
+    let unknown = claim_mac(&rig, &fe2, mac(99), t, Some(known)).await;
+    assert!(
+        matches!(&unknown.outcome, ClaimOutcome::Rejected(r) if (r.reason, r.refusal) == (Reason::UnknownMac, Refusal::Absent)),
+        "{unknown:?}"
+    );
+    assert_eq!(rig.bound_fe(vm(33)).as_deref(), Some("fe1"));
+    // An address the FE may not serve is refused alone.
+    let outside = |ip: IpAddr| {
+        if ip == vm(32) {
+            Err(Rejection::new(Reason::OutsideMobilePrefix, Refusal::Invalid, "outside"))
+        } else {
+            Ok(())
+        }
+    };
+    let claim = ValidMacClaim { mac: mac(33), observed_at: t + S, known_revision: Some(rig.cache.revision()) };
+    let answer = rig.registry.claim_mac(&fe2, claim, outside, monotonic_ns()).await.unwrap();
+    assert_eq!(expanded(&answer), vec![(vm(33), ClaimOutcome::Moved, answer.revision)]);
+    let claim = ValidMacClaim { mac: mac(31), observed_at: t + S, known_revision: Some(answer.revision) };
+    let answer = rig.registry.claim_mac(&fe1, claim, outside, monotonic_ns()).await.unwrap();
+    let answers = expanded(&answer);
+    assert_eq!(answers[0], (vm(31), ClaimOutcome::Bound, answer.revision));
+    assert!(matches!(&answers[1].1, ClaimOutcome::Rejected(r) if r.reason == Reason::OutsideMobilePrefix));
+}
+
+#[tokio::test]
+async fn a_mac_with_more_ips_than_one_claim_moves_is_refused_whole() {
+    let rig = Rig::new().await;
+    let fe1 = rig.fe("fe1", 1, "a").await;
+    let t = now_unix_nanos();
+    for i in 0..=MAX_MAC_IPS as u8 {
+        let obs = ValidObservation { ip: vm(100 + i), mac: mac(7), ..learned(7, t) };
+        rig.observe(&fe1, obs).await.unwrap();
+    }
+    let fe2 = rig.fe("fe2", 2, "a").await;
+    let claim = claim_mac(&rig, &fe2, mac(7), t + S, Some(rig.cache.revision())).await;
+    assert!(matches!(&claim.outcome, ClaimOutcome::Rejected(r) if r.reason == Reason::TooManyIps), "{claim:?}");
+    assert_eq!(rig.bound_fe(vm(100)).as_deref(), Some("fe1"));
+}
+
+/// A MAC claim decided on a cache that has not seen the latest move yet (a second replica whose
+/// cache stopped following the store): its transaction fails on the changed binding, the IP is
+/// decided again on what the store holds, and the claim — made before that move was known — is
+/// STALE naming the move's revision, never a move back.
+#[tokio::test]
+async fn a_mac_claim_decided_on_a_stale_cache_is_decided_again_on_the_store() {
+    let rig = Rig::new().await;
+    let (fe1, fe2, fe3) = (rig.fe("fe1", 1, "a").await, rig.fe("fe2", 2, "a").await, rig.fe("fe3", 3, "a").await);
+    let t = now_unix_nanos();
+    let first = rig.observe(&fe1, learned(41, t)).await.unwrap();
+    // The second replica's cache has the binding at fe1, then stops following.
+    let store = rig.registry.store().clone();
+    let behind = Cache::new(Keys::new("/t"), 10_000);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let presence = loader::Presence {
+        replica_id: "r2".into(),
+        grpc_addr: String::new(),
+        lease: KeptLease::new(store.clone(), Duration::from_secs(5)),
+    };
+    let following = tokio::spawn(loader::run(store.clone(), behind.clone(), presence, stopped));
+    assert!(behind.wait_for(first.revision, Duration::from_secs(5)).await);
+    stop.send(true).unwrap();
+    let _ = following.await;
+    let metrics = Arc::new(Metrics::new());
+    let timelines = Arc::new(MoveTimelines::new(8));
+    let replica2 = Registry::new(store, behind, Rules::default(), metrics.clone(), timelines);
+
+    // fe2 takes the VM through the first replica.
+    let moved = rig.observe(&fe2, learned_knowing(41, t, first.revision)).await.unwrap();
+    assert_eq!(moved.outcome, ClaimOutcome::Moved);
+    // fe3's RARP from before it knew that move, through the replica that does not know it either.
+    let claim = ValidMacClaim { mac: mac(41), observed_at: t + S, known_revision: Some(first.revision) };
+    let answer = replica2.claim_mac(&fe3, claim, |_| Ok(()), monotonic_ns()).await.unwrap();
+    let answers = expanded(&answer);
+    let ClaimOutcome::Rejected(r) = &answers[0].1 else { panic!("{answers:?}") };
+    assert_eq!((r.reason, answers[0].2, answer.revision), (Reason::Stale, moved.revision, 0));
+    assert_eq!(metrics.cas_retries.get(), 1, "decided on the cache, then once more on the store");
+    assert_eq!(rig.bound_fe(vm(41)).as_deref(), Some("fe2"));
+    // Knowing the move, the same claim moves it (decided on the store's values again).
+    let claim = ValidMacClaim { mac: mac(41), observed_at: t + 2 * S, known_revision: Some(moved.revision) };
+    let answer = replica2.claim_mac(&fe3, claim, |_| Ok(()), monotonic_ns()).await.unwrap();
+    assert_eq!(expanded(&answer), vec![(vm(41), ClaimOutcome::Moved, answer.revision)]);
+    rig.settle(answer.revision).await;
+    assert_eq!(rig.bound_fe(vm(41)).as_deref(), Some("fe3"));
+}

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use victor_dataplane::neigh_io::Frame;
 use victor_dataplane::packet::arp::ArpMessage;
 use victor_dataplane::packet::ndp::NdpMessage;
+use victor_dataplane::packet::rarp::RarpMessage;
 use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, SyncUpdate};
 
@@ -32,6 +33,7 @@ use crate::link::reporter::{Answered, Observation, Reporter};
 use crate::metrics::{KindLabel, Metrics};
 use crate::neigh::arp::{self as classify, Scope, TargetView};
 use crate::neigh::ndp;
+use crate::neigh::rarp::{self, Announcements};
 use crate::neigh::{NeighFrame, NeighPorts};
 use crate::ports::{PortEvent, PortTable};
 use crate::readiness::Readiness;
@@ -142,6 +144,8 @@ pub struct Engine<E> {
     /// This FE's observation times, strictly increasing.
     stamps: Stamps,
     clock: WallClock,
+    /// MACs claimed from RARP lately (one claim per announcement).
+    announcements: Announcements,
 }
 
 impl<E> std::fmt::Debug for Engine<E> {
@@ -174,6 +178,7 @@ impl<E: Effects> Engine<E> {
             known: KnownRevisions::default(),
             stamps: Stamps::default(),
             clock: parts.clock,
+            announcements: Announcements::default(),
         }
     }
 
@@ -350,10 +355,7 @@ impl<E: Effects> Engine<E> {
         match frame.frame {
             Frame::Arp(msg) => self.on_arp(&frame, &msg).await,
             Frame::Ndp(msg) => self.on_ndp(&frame, &msg).await,
-            // Not learned from yet (issue 15: RARP learning).
-            Frame::Rarp(_) => {
-                tracing::debug!(port = %frame.port.name, protocol = frame.frame.protocol().as_str(), "frame ignored");
-            }
+            Frame::Rarp(msg) => self.on_rarp(&frame, &msg).await,
         }
     }
 
@@ -389,6 +391,27 @@ impl<E: Effects> Engine<E> {
         }
         let Some((ip, mac)) = ndp::learned(msg, &self.scope6) else { return };
         self.learn(frame, IpAddr::V6(ip), mac).await;
+    }
+
+    /// A RARP frame (docs/design.md, section 3, "MAC claims"): every IP the desired state binds
+    /// to its MAC is sighted as by a gratuitous ARP, and the first frame of an announcement sends
+    /// one MAC claim, which the controller expands to every IP bound or declared with the MAC.
+    async fn on_rarp(&mut self, frame: &NeighFrame, msg: &RarpMessage) {
+        self.metrics.rarp_frames.get_or_create(&KindLabel { kind: rarp::kind_label(msg) }).inc();
+        let Some(mac) = rarp::claimed(msg) else { return };
+        // Stamped before the sightings of the same frame: for an IP they claim, the MAC claim is
+        // the older observation and the controller writes nothing more for it.
+        let claim = self
+            .announcements
+            .starts(mac, frame.mono)
+            .then(|| (self.known.at(frame.mono), self.stamps.stamp(frame.wall)));
+        for ip in rarp::bound_to(self.desired.bindings(), mac, &self.scope, &self.scope6) {
+            self.learn(frame, ip, mac).await;
+        }
+        if let Some((known, at)) = claim {
+            tracing::info!(mac = %victor_proto::Mac(mac), port = %frame.port.name, "RARP: claiming the MAC's IPs");
+            self.reporter.submit(Observation::mac_claim(mac, at, known, frame.port.name.clone()));
+        }
     }
 
     /// The VM `ip` at `mac` was heard on the frame's port (ARP or NDP): a claim, a port change or
@@ -435,6 +458,12 @@ impl<E: Effects> Engine<E> {
             let outcome = ClaimOutcome::try_from(result.outcome).unwrap_or(ClaimOutcome::Unspecified);
             let reason = RejectReason::try_from(result.reject_reason).unwrap_or(RejectReason::Unspecified);
             self.metrics.claim_result(outcome, reason);
+            if obs.kind == ObservationKind::MacLearned {
+                for follow_up in rarp::follow_ups(result) {
+                    self.after_mac_claim(obs, follow_up);
+                }
+                continue;
+            }
             if obs.kind != ObservationKind::Learned {
                 continue;
             }
@@ -544,6 +573,18 @@ impl<E: Effects> Engine<E> {
         if let Some(ip) = self.hints.received(hint, &self.desired, &self.local) {
             self.reconcile(ip).await;
             self.hints.applied(ip, monotonic_ns());
+        }
+    }
+
+    /// Acts on the controller's answer for one IP of a MAC claim (`obs`).
+    fn after_mac_claim(&self, obs: &Observation, follow_up: rarp::FollowUp) {
+        match follow_up {
+            rarp::FollowUp::Probe(ip) => {
+                // The VM's reply is an ordinary sighting, ordered by the ordinary rules.
+                let Some(port) = self.ports.ports().into_iter().find(|p| p.name == obs.port) else { return };
+                tracing::debug!(%ip, port = %port.name, "MAC claim stale for this IP; probing the VM");
+                self.probe(port.ifindex, port.mac, ip, obs.mac);
+            }
         }
     }
 

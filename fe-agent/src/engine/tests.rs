@@ -595,3 +595,68 @@ async fn a_dad_probe_claims_the_ipv6_address() {
     assert_eq!((claims.len(), claims[0].ip, claims[0].port.as_str()), (1, vm, "vm6"));
     assert!(rig.metric("victor_agent_ndp_frames_total{kind=\"dad\"} 1"));
 }
+
+/// QEMU's announce-self after a migration: RARP frames that name only the VM's MAC. Every IP the
+/// desired state binds to that MAC is installed locally at once, as for a gratuitous ARP (with its
+/// per-IP claim), and the first frame of the announcement adds one MAC claim; the later frames of
+/// the same announcement add nothing. An IP the controller answers STALE for is probed.
+#[tokio::test]
+async fn a_rarp_announcement_claims_every_ip_of_its_mac_like_a_garp() {
+    use victor_dataplane::packet::rarp::announce;
+    let mut rig = Rig::new(InMemory::default());
+    let other = vm(12);
+    rig.connect_and_sync(1, snapshot(10, vec![binding(VM, 2, MAC, 3, 9), binding(other, 2, MAC, 0, 8)])).await;
+    rig.changes();
+    let port = rig.engine.ports.get(PORT).expect("a VM port");
+    let rarp =
+        |mono| NeighFrame { port: port.clone(), frame: Frame::Rarp(announce(MacAddr(MAC))), wall: unix_nanos(), mono };
+    let first = rarp(monotonic_ns());
+    rig.engine.handle(Input::Neigh(first)).await;
+    let mut installed = local_install(VM, PORT, MAC);
+    installed.extend(local_install(other, PORT, MAC));
+    assert_eq!(rig.changes(), installed, "both addresses of the MAC, at once");
+    let queued = rig.reporter.take_queued();
+    let summary: Vec<_> = queued.iter().map(|o| (o.ip, o.kind, o.known_revision)).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (VM, ObservationKind::Learned, 10),
+            (other, ObservationKind::Learned, 10),
+            (IpAddr::V4(Ipv4Addr::UNSPECIFIED), ObservationKind::MacLearned, 10)
+        ]
+    );
+    assert!(
+        queued[2].observed_at < queued[0].observed_at,
+        "the MAC claim is older than the sightings of its frame: it adds no write for their IPs"
+    );
+    // The rest of QEMU's rounds: nothing new.
+    for offset_ms in [50, 200, 450, 800] {
+        let later = rarp(monotonic_ns() + offset_ms * 1_000_000);
+        rig.engine.handle(Input::Neigh(later)).await;
+    }
+    assert!(rig.reporter.take_queued().is_empty());
+    assert!(rig.changes().is_empty());
+    assert!(rig.metric("victor_agent_rarp_frames_total{kind=\"announce\"} 5"), "{}", rig.metrics.render());
+
+    // The controller's answer: one address moved, one it cannot order yet.
+    let per_ip = |ip: IpAddr, outcome: ClaimOutcome, reason: RejectReason| ClaimResult {
+        vm_ip: victor_proto::types::ip_to_bytes(ip),
+        outcome: outcome as i32,
+        reject_reason: reason as i32,
+        ..Default::default()
+    };
+    let result = ClaimResult {
+        outcome: ClaimOutcome::Expanded as i32,
+        ip_results: vec![
+            per_ip(VM, ClaimOutcome::Moved, RejectReason::Unspecified),
+            per_ip(vm(13), ClaimOutcome::Rejected, RejectReason::Stale),
+        ],
+        ..Default::default()
+    };
+    let now = monotonic_ns();
+    let answered =
+        Answered { observations: vec![queued[2].clone()], results: vec![result], sent_mono: now, answered_mono: now };
+    rig.engine.handle(Input::Answers(answered)).await;
+    assert!(rig.metric("victor_agent_claim_results_total{outcome=\"expanded\"} 1"), "{}", rig.metrics.render());
+    assert!(rig.changes().is_empty(), "the stream, not the answer, moves what the agent did not know");
+}

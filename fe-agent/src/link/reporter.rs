@@ -1,5 +1,5 @@
-//! Reporting observed VMs: a queue keyed by VM IP (the newest observation of an IP replaces an
-//! unsent older one, a VM's report is never dropped), drained in batches of at most 1024 into
+//! Reporting observed VMs: a queue keyed by VM IP, or by MAC for a MAC claim (the newest
+//! observation of an IP or MAC replaces an unsent older one, a VM's report is never dropped), drained in batches of at most 1024 into
 //! `AgentService.Report` on whichever controller session is current. A failed call puts its batch
 //! back (unless newer observations of the same IPs arrived meanwhile) and is retried with
 //! exponential backoff; nothing is lost while no controller answers (headless). So does a claim
@@ -7,7 +7,7 @@
 //! write): it is no verdict, the agent keeps what it learned and sends the claim again.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,11 +28,11 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(3);
 /// One observation to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
-    /// VM IP.
+    /// VM IP (unused for a MAC claim: see [`Observation::mac_claim`]).
     pub ip: IpAddr,
     /// VM MAC.
     pub mac: [u8; 6],
-    /// LEARNED or GONE.
+    /// LEARNED, GONE or MAC_LEARNED (a MAC claim: a RARP frame named the MAC and no IP).
     pub kind: ObservationKind,
     /// Observation time (wall ns, this FE's clock) — kept across retries and reconnections.
     pub observed_at: i64,
@@ -42,10 +42,36 @@ pub struct Observation {
     pub port: String,
 }
 
+/// What the queue keeps one observation of: a VM IP, or a MAC for MAC claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Subject {
+    Ip(IpAddr),
+    Mac([u8; 6]),
+}
+
 impl Observation {
+    /// A MAC claim: the VM with `mac` was seen (RARP) at `observed_at`, knowing `known_revision`.
+    pub fn mac_claim(mac: [u8; 6], observed_at: i64, known_revision: u64, port: String) -> Observation {
+        Observation {
+            ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            mac,
+            kind: ObservationKind::MacLearned,
+            observed_at,
+            known_revision,
+            port,
+        }
+    }
+
+    fn subject(&self) -> Subject {
+        if self.kind == ObservationKind::MacLearned { Subject::Mac(self.mac) } else { Subject::Ip(self.ip) }
+    }
+
     fn to_wire(&self) -> VmObservation {
         VmObservation {
-            vm_ip: victor_proto::types::ip_to_bytes(self.ip),
+            vm_ip: match self.subject() {
+                Subject::Ip(ip) => victor_proto::types::ip_to_bytes(ip),
+                Subject::Mac(_) => Vec::new(),
+            },
             mac: self.mac.to_vec(),
             kind: self.kind as i32,
             observed_at_unix_nanos: self.observed_at,
@@ -71,15 +97,17 @@ pub struct Answered {
 /// The queue (pure).
 #[derive(Debug, Default)]
 pub struct ReportQueue {
-    order: VecDeque<IpAddr>,
-    pending: HashMap<IpAddr, Observation>,
+    order: VecDeque<Subject>,
+    pending: HashMap<Subject, Observation>,
 }
 
 impl ReportQueue {
-    /// Queues `obs`, replacing an unsent observation of the same IP.
+    /// Queues `obs`, replacing an unsent observation of the same IP (of the same MAC for a MAC
+    /// claim).
     pub fn push(&mut self, obs: Observation) {
-        if self.pending.insert(obs.ip, obs.clone()).is_none() {
-            self.order.push_back(obs.ip);
+        let subject = obs.subject();
+        if self.pending.insert(subject, obs).is_none() {
+            self.order.push_back(subject);
         }
     }
 
@@ -87,8 +115,8 @@ impl ReportQueue {
     pub fn take(&mut self, max: usize) -> Vec<Observation> {
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(ip) = self.order.pop_front() else { break };
-            if let Some(obs) = self.pending.remove(&ip) {
+            let Some(subject) = self.order.pop_front() else { break };
+            if let Some(obs) = self.pending.remove(&subject) {
                 out.push(obs);
             }
         }
@@ -98,9 +126,10 @@ impl ReportQueue {
     /// Puts a failed batch back at the front, except observations superseded meanwhile.
     pub fn put_back(&mut self, batch: Vec<Observation>) {
         for obs in batch.into_iter().rev() {
-            if !self.pending.contains_key(&obs.ip) {
-                self.order.push_front(obs.ip);
-                self.pending.insert(obs.ip, obs);
+            let subject = obs.subject();
+            if !self.pending.contains_key(&subject) {
+                self.order.push_front(subject);
+                self.pending.insert(subject, obs);
             }
         }
     }
@@ -318,6 +347,24 @@ mod tests {
         let all: Vec<_> = again.into_iter().chain(q.take(usize::MAX)).collect();
         let newest = all.iter().find(|o| o.ip == first.ip).unwrap();
         assert_eq!(newest.observed_at, 99);
+    }
+
+    #[test]
+    fn mac_claims_queue_by_mac_beside_the_ips() {
+        let mut q = ReportQueue::default();
+        q.push(obs(1, 10, ObservationKind::Learned));
+        q.push(Observation::mac_claim([2, 0, 0, 0, 0, 1], 11, 5, "vm0".into()));
+        q.push(Observation::mac_claim([2, 0, 0, 0, 0, 2], 12, 5, "vm0".into()));
+        q.push(Observation::mac_claim([2, 0, 0, 0, 0, 1], 13, 6, "vm0".into()));
+        let batch = q.take(10);
+        let at: Vec<i64> = batch.iter().map(|o| o.observed_at).collect();
+        assert_eq!(at, vec![10, 13, 12], "one per MAC, the newest, in queue order; the IP's stays");
+        let wire = batch[1].to_wire();
+        assert_eq!(
+            (wire.vm_ip.len(), wire.mac, wire.kind, wire.known_revision),
+            (0, vec![2, 0, 0, 0, 0, 1], ObservationKind::MacLearned as i32, Some(6))
+        );
+        assert_eq!(batch[0].to_wire().vm_ip, vec![10, 10, 0, 1]);
     }
 
     fn batch_second_ip() -> IpAddr {

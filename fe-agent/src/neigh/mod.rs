@@ -1,13 +1,15 @@
 //! Neighbour discovery on the VM ports: one capture task per port on the data-plane crate's
 //! [`victor_dataplane::neigh_io::NeighCapture`] (ARP, RARP and IPv6 NDP; AF_PACKET + BPF, kernel
 //! receive timestamps, malformed frames counted by the capture per protocol), storm protection
-//! ([`crate::ratelimit`], per source) and what a frame means ([`arp`] for IPv4, [`ndp`] for IPv6). A capture task drops
+//! ([`crate::ratelimit`], per source) and what a frame means ([`arp`] for IPv4, [`ndp`] for IPv6,
+//! [`rarp`] for a hypervisor's announcement of a MAC). A capture task drops
 //! sources over their rate budget and hands the rest to the engine, which learns and answers
 //! through [`NeighPorts`]. The kernel's receive time is put on the agent's clock ([`WallClock`]:
 //! the test-only `--clock-offset` shifts it too).
 
 pub mod arp;
 pub mod ndp;
+pub mod rarp;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

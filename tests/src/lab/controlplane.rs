@@ -71,7 +71,8 @@ impl ControlPlane {
     }
 
     /// The binding of `ip` through replica 1 (None = NOT_FOUND).
-    pub async fn binding(&self, ip: std::net::Ipv4Addr) -> Result<Option<Binding>> {
+    pub async fn binding(&self, ip: impl Into<std::net::IpAddr>) -> Result<Option<Binding>> {
+        let ip: std::net::IpAddr = ip.into();
         let mut client = self.client().await?;
         match client.get_binding(GetBindingRequest { vm_ip: ip.to_string() }).await {
             Ok(b) => Ok(Some(b.into_inner())),
@@ -81,7 +82,8 @@ impl ControlPlane {
     }
 
     /// Waits until `ip` is bound to `fe_id`.
-    pub async fn wait_bound(&self, ip: std::net::Ipv4Addr, fe_id: &str, timeout: Duration) -> Result<Binding> {
+    pub async fn wait_bound(&self, ip: impl Into<std::net::IpAddr>, fe_id: &str, timeout: Duration) -> Result<Binding> {
+        let ip: std::net::IpAddr = ip.into();
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(b) = self.binding(ip).await?

@@ -26,7 +26,7 @@
 //!   default route to it and sends its GARP, and the old link is removed once every FE converged.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -41,11 +41,12 @@ use victor_testkit::netns::NetNs;
 
 use super::addressing::fe_addr;
 use super::agents::{Agent, AgentCommand, agent_get, move_hint_flags, wait_agent_ready};
+use super::announce::{self, Announce, Announcer, Family, MOBILE6};
 use super::bgp::{self, AnycastPath};
 use super::controlplane::ControlPlane;
 use super::guest::Nic;
 use super::netlink::LinkSwitch;
-use super::probe::{FrameSender, Prober, Probes, garp_frame};
+use super::probe::{FrameSender, Prober, Probes};
 use super::topology::{GATEWAY, GATEWAY_MAC, Ingress, Topology, VM_PORT, VmSpec, attach_with, netns_for};
 
 /// How the VM's link is switched.
@@ -111,6 +112,19 @@ pub struct MigrateArgs {
     /// fast as FEs that agree (docs/design.md, section 3).
     #[arg(long = "fe-clock-offset", value_name = "N=OFFSET", value_parser = parse_fe_clock_offset, allow_hyphen_values = true)]
     pub fe_clock_offsets: Vec<(usize, String)>,
+    /// How the moved VM announces itself: `garp` (its gratuitous ARP, repeated until bound),
+    /// `rarp` (what unmodified QEMU's announce-self sends: five RARP frames naming only the MAC, at
+    /// 0, 50, 200, 450 and 800 ms, nothing after) or `na` (an unsolicited Neighbor Advertisement
+    /// for its IPv6 address; needs --family ipv6|dual and works once the agents learn IPv6, issue
+    /// 15's IPv6 agent work).
+    #[arg(long, value_enum, default_value = "garp")]
+    pub announce: Announce,
+    /// The VM's address families: `ipv4`, `ipv6` or `dual` (the client pings both addresses;
+    /// losses are reported per family). IPv6 (fd00:10::/64) is forwarded once the agents' IPv6
+    /// work (issue 15) is merged; until then `ipv6` and `dual` stop with a clear message when the
+    /// VM's IPv6 binding does not appear.
+    #[arg(long, value_enum, default_value = "ipv4")]
+    pub family: Family,
     /// The VM: `veth` (a namespace whose link the lab re-attaches) or `qemu` (a real guest that
     /// QEMU live-migrates between hypervisors at fe2 and fe3).
     #[arg(long, value_enum, default_value = "veth")]
@@ -160,6 +174,8 @@ impl Default for MigrateArgs {
             fe_clock_offsets: Vec::new(),
             vm: VmKind::Veth,
             nic: Nic::Virtio,
+            announce: Announce::Garp,
+            family: Family::Ipv4,
         }
     }
 }
@@ -205,7 +221,7 @@ pub struct MoveResult {
     pub move_seq: u64,
     /// Time the lab spent switching the link.
     pub link_switch_ms: f64,
-    /// Gratuitous ARPs sent until the new FE claimed the VM.
+    /// Announcement frames (GARP, RARP or NA, `--announce`) sent until the binding moved.
     pub garps_sent: u32,
     /// Latest apply on any FE − capture on the new FE.
     pub convergence_ms: f64,
@@ -214,8 +230,11 @@ pub struct MoveResult {
     pub dataplane_convergence_ms: f64,
     /// FEs that forwarded to the new FE on a hint before the delta came (and the delta confirmed).
     pub hints_applied: u32,
-    /// Echo requests without a reply, sent from this move's start to the next one's.
+    /// Echo requests without a reply, sent from this move's start to the next one's (to the
+    /// first address of `--family`: IPv4 unless `ipv6`).
     pub lost: u32,
+    /// The same per address family (`ipv4`, `ipv6`; both with `--family dual`).
+    pub lost_by_family: BTreeMap<String, u32>,
     /// Of those, sent while the lab itself was switching the link.
     pub lost_during_link_switch: u32,
     /// Per-stage durations (ms) of this move.
@@ -242,6 +261,12 @@ pub struct MigrateReport {
     pub dataplane: String,
     /// How links were switched.
     pub switch: SwitchMode,
+    /// How the VM announced itself (`--announce`).
+    pub announce: Announce,
+    /// The VM's address families (`--family`).
+    pub family: Family,
+    /// Echo requests lost over the whole run, per address family.
+    pub lost_total_by_family: BTreeMap<String, u32>,
     /// Echo requests sent.
     pub probes_sent: u32,
     /// Echo requests lost over the whole run (after the first move started).
@@ -346,14 +371,14 @@ pub(super) async fn start_lab(args: &MigrateArgs, dir: &std::path::Path, vm: Opt
 
     // Flap damping would freeze a VM bouncing between two FEs every few hundred ms: the lab
     // lifts it (it is tested on its own) so that every move is a real move.
-    let plane = ControlPlane::start(
-        &controller_bin,
-        dir,
-        args.etcd_members,
-        args.replicas,
-        &["--damping-max-moves", "1000000"],
-    )
-    .await?;
+    let mut controller_flags = vec!["--damping-max-moves", "1000000"];
+    if args.family.v6() {
+        controller_flags.extend(["--mobile-prefix", MOBILE6]);
+        if let Some(vm) = vm {
+            add_ipv6(&topo, vm)?;
+        }
+    }
+    let plane = ControlPlane::start(&controller_bin, dir, args.etcd_members, args.replicas, &controller_flags).await?;
     let netns_path = controller_netns()?;
     let urls = plane.urls();
     let hint_flags = if args.move_hints { move_hint_flags(dir)? } else { Vec::new() };
@@ -382,28 +407,50 @@ pub(super) async fn start_lab(args: &MigrateArgs, dir: &std::path::Path, vm: Opt
 }
 
 async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<MigrateReport> {
+    args.announce.check(args.family)?;
+    ensure!(!(args.family.v6() && args.bgp), "--family ipv6|dual with --bgp: the BGP upstream is IPv4-only in the lab");
     let vm = VmSpec::numbered(1);
     let Lab { agents, upstream, plane, topo, dataplane } = start_lab(args, dir, Some(&vm)).await?;
 
-    // The VM appears behind fe2.
+    // The VM appears behind fe2 (its own GARP and NA: how it appears first is not measured).
     let mut vm_if = "eth0".to_owned();
     let mut port = vm.port.clone();
     let mut sender = FrameSender::open(topo.vm(1), &vm_if)?;
-    let garp = garp_frame(&vm.mac, vm.ip)?;
-    sender.send(&garp)?;
-    let first = plane.wait_bound(vm.ip, "fe2", Duration::from_secs(10)).await?;
-    let mut move_seq = first.move_seq;
-    wait_applied(&topo, vm.ip, move_seq, 2, Duration::from_secs(10)).await?;
+    let addresses = announce::addresses(&vm, args.family);
+    let primary = addresses[0];
+    for kind in [Announce::Garp, Announce::Na] {
+        if kind.check(args.family).is_ok()
+            && let (Some(frame), _) = Announcer::new(kind, &vm)?.step()
+        {
+            sender.send(frame)?;
+        }
+    }
+    let mut first = None;
+    for ip in &addresses {
+        let waited = Duration::from_secs(10);
+        let bound = match plane.wait_bound(*ip, "fe2", waited).await {
+            Ok(b) => b,
+            Err(_) if let IpAddr::V6(v6) = ip => bail!(announce::no_ipv6_binding(*v6, "fe2", waited)),
+            Err(err) => return Err(err),
+        };
+        first.get_or_insert(bound);
+    }
+    let mut move_seq = first.expect("at least one address").move_seq;
+    wait_applied(&topo, primary, move_seq, 2, Duration::from_secs(10)).await?;
     let anycast = match (&upstream, &topo.upstream) {
         (Some(bird), Some(ns)) => Some(bgp::anycast_ready(&topo.client, ns, bird, 3, vm.ip, 1)?),
         _ => None,
     };
 
     let interval = Duration::from_millis(args.ping_interval_ms);
-    let prober = Prober::start(&topo.client, vm.ip, interval)?;
-    prober
-        .wait_replies_from(0, 20, Duration::from_secs(10))
-        .context("the VM does not answer the client before any move")?;
+    let probers: Vec<(IpAddr, Prober)> =
+        addresses.iter().map(|ip| Ok((*ip, Prober::start_ip(&topo.client, *ip, interval)?))).collect::<Result<_>>()?;
+    for (ip, prober) in &probers {
+        prober
+            .wait_replies_from(0, 20, Duration::from_secs(10))
+            .with_context(|| format!("the VM does not answer the client at {ip} before any move"))?;
+    }
+    let prober = &probers[0].1;
 
     let switch = LinkSwitch::open(&topo)?;
     let mut moves = Vec::new();
@@ -432,24 +479,26 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
                 (t0, t1)
             }
         };
-        // ── the VM announces itself (a hypervisor repeats its announcement; so do we until the
-        //    controller moved the binding) ──
+        // ── the VM (or its hypervisor) announces itself, as `--announce` says, until the
+        //    controller moved the binding (QEMU's RARP stops after five frames) ──
         let target = format!("fe{to}");
-        let mut garps = 0u32;
+        let mut announcer = Announcer::new(args.announce, &vm)?;
         let mut first_garp = 0u64;
         let announcing_since = std::time::Instant::now();
+        let mut next_due;
         let bound = loop {
-            let sent = sender.send(&garp)?;
-            if garps == 0 {
-                first_garp = sent;
+            let (frame, wait) = announcer.step();
+            if let Some(frame) = frame {
+                let sent = sender.send(frame)?;
+                if first_garp == 0 {
+                    first_garp = sent;
+                }
             }
-            garps += 1;
-            // Every 10 ms at first, then every 100 ms (a loaded machine may take a while to
-            // open the capture on the new port).
-            let poll_until = std::time::Instant::now() + Duration::from_millis(if garps < 50 { 10 } else { 100 });
+            let poll_until = std::time::Instant::now() + wait;
+            next_due = poll_until;
             let mut found = None;
             while std::time::Instant::now() < poll_until {
-                if let Some(b) = plane.binding(vm.ip).await?
+                if let Some(b) = plane.binding(primary).await?
                     && b.fe_id == target
                     && b.move_seq > move_seq
                 {
@@ -463,17 +512,34 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
             }
             ensure!(
                 announcing_since.elapsed() < Duration::from_secs(10),
-                "move {index}: the VM was not bound to {target} after {garps} gratuitous ARPs in 10 s"
+                "move {index}: {primary} was not bound to {target} after {} {} frames in 10 s",
+                announcer.sent(),
+                args.announce.as_str()
             );
         };
+        let garps = announcer.sent();
+        if args.announce == Announce::Rarp {
+            // QEMU sends all its rounds whatever the network did with the first.
+            loop {
+                tokio::time::sleep(next_due.saturating_duration_since(std::time::Instant::now())).await;
+                let (frame, wait) = announcer.step();
+                let Some(frame) = frame else { break };
+                sender.send(frame)?;
+                next_due = std::time::Instant::now() + wait;
+            }
+        }
         move_seq = bound.move_seq;
-        wait_applied(&topo, vm.ip, move_seq, to, Duration::from_secs(10)).await?;
-        // The VM answers again and every FE points where it should.
-        let after = prober.sent();
-        prober
-            .wait_replies_from(after, 3, Duration::from_secs(5))
-            .with_context(|| format!("move {index}: the VM stopped answering after moving to {target}"))?;
-        check_forwarding(&topo, &vm, to, if to == 2 { 3 } else { 2 }, args.switch, &dataplane)?;
+        wait_applied(&topo, primary, move_seq, to, Duration::from_secs(10)).await?;
+        // The VM answers again (every address) and every FE points where it should.
+        for (ip, prober) in &probers {
+            let after = prober.sent();
+            prober
+                .wait_replies_from(after, 3, Duration::from_secs(5))
+                .with_context(|| format!("move {index}: the VM stopped answering at {ip} after moving to {target}"))?;
+        }
+        if args.family.v4() {
+            check_forwarding(&topo, &vm, to, if to == 2 { 3 } else { 2 }, args.switch, &dataplane)?;
+        }
         if args.switch == SwitchMode::Clone {
             // Break after make: the old link goes once every FE has converged.
             topo.vm(1).ip(&["link", "del", &vm_if])?;
@@ -496,10 +562,14 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     }
     // Let the last probes come back.
     tokio::time::sleep(Duration::from_millis(300).max(interval * 5)).await;
-    let probes = prober.stop()?;
-    let traces = controller_traces(&plane, vm.ip).await?;
+    let mut all_probes = Vec::new();
+    for (ip, prober) in probers {
+        all_probes.push((family_of(ip), prober.stop()?));
+    }
+    let probes = &all_probes[0].1;
+    let traces = controller_traces(&plane, primary).await?;
     // Every agent's stage timestamps for every move, read once at the end.
-    let events = agent_events(&topo, vm.ip)?;
+    let events = agent_events(&topo, primary)?;
     for m in &mut moves {
         m.applied = events.iter().filter_map(|(fe, list)| Some((*fe, list.get(&m.move_seq)?.clone()))).collect();
     }
@@ -508,13 +578,38 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     let mut per_move = Vec::new();
     for (k, m) in moves.iter().enumerate() {
         let end_seq = moves.get(k + 1).map(|n| n.start_seq).unwrap_or(probes.sent.saturating_sub(5));
-        per_move.push(m.result(&probes, end_seq, &traces, args.ping_interval_ms)?);
+        let mut result = m.result(probes, end_seq, &traces, args.ping_interval_ms)?;
+        // Each family's requests of the same window, delimited by send time.
+        let end_at = moves.get(k + 1).map(|n| n.switch_start);
+        for (family, p) in &all_probes {
+            let from = p.first_sent_after(m.switch_start.saturating_sub(interval.as_nanos() as u64));
+            let to = end_at.map_or(p.sent.saturating_sub(5), |t| p.first_sent_after(t));
+            result.lost_by_family.insert((*family).to_owned(), p.lost_seqs(from, to).len() as u32);
+        }
+        per_move.push(result);
     }
     drop(agents);
     drop(upstream);
     drop(plane);
     drop(topo);
-    Ok(MigrateReport { bgp: anycast, ..report(args, dataplane, &probes, per_move, load_avg_1m) })
+    Ok(MigrateReport { bgp: anycast, ..report(args, dataplane, probes, per_move, load_avg_1m) })
+}
+
+fn family_of(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "ipv4" } else { "ipv6" }
+}
+
+/// Gives the VM its IPv6 address (default route via the gateway fd00:10::1, which every FE
+/// answers once the agents speak NDP) and the client an IPv6 address on its link to fe1, with a
+/// route to the IPv6 mobile prefix through fe1.
+fn add_ipv6(topo: &Topology, vm: &VmSpec) -> Result<()> {
+    let v6 = announce::vm_ipv6(vm);
+    topo.vm(1).ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+    topo.vm(1).ip(&["-6", "route", "replace", "default", "via", "fd00:10::1", "dev", "eth0", "onlink"])?;
+    topo.client.ip(&["-6", "addr", "add", "2001:db8:c::10/64", "dev", "eth0", "nodad"])?;
+    topo.fe(1).ip(&["-6", "addr", "add", "2001:db8:c::1/64", "dev", "cl0", "nodad"])?;
+    topo.client.ip(&["-6", "route", "replace", MOBILE6, "via", "2001:db8:c::1"])?;
+    Ok(())
 }
 
 /// A move whose numbers are computed once the run is over.
@@ -604,6 +699,7 @@ impl PendingMove {
             dataplane_convergence_ms: ms(captured, dataplane_latest),
             hints_applied,
             lost: lost.len() as u32,
+            lost_by_family: BTreeMap::new(),
             lost_during_link_switch: during,
             stages_ms: stages,
             applied_ms,
@@ -637,6 +733,15 @@ fn report(
         replicas: args.replicas,
         dataplane,
         switch: args.switch,
+        announce: args.announce,
+        family: args.family,
+        lost_total_by_family: per_move.iter().flat_map(|m| &m.lost_by_family).fold(
+            BTreeMap::new(),
+            |mut acc, (f, n)| {
+                *acc.entry(f.clone()).or_insert(0) += n;
+                acc
+            },
+        ),
         probes_sent: probes.sent,
         lost_total: per_move.iter().map(|m| m.lost).sum(),
         lost_max_per_move: per_move.iter().map(|m| m.lost).max().unwrap_or(0),
@@ -669,9 +774,11 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
         return Ok(());
     }
     println!(
-        "victor-lab migrate: {} moves ({} switch), ping every {} ms, etcd members {}, {} replica(s), data plane {}, move hints {}",
+        "victor-lab migrate: {} moves ({} switch, announced by {}, {}), ping every {} ms, etcd members {}, {} replica(s), data plane {}, move hints {}",
         report.moves,
         args.switch.as_str(),
+        args.announce.as_str(),
+        args.family.as_str(),
         report.ping_interval_ms,
         report.etcd_members,
         report.replicas,
@@ -709,6 +816,10 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
             m.link_switch_ms
         );
     }
+    if report.lost_total_by_family.len() > 1 {
+        let by: Vec<String> = report.lost_total_by_family.iter().map(|(f, n)| format!("{f} {n}")).collect();
+        println!("lost by family: {}", by.join(", "));
+    }
     let (c, d) = (report.convergence_ms, report.dataplane_convergence_ms);
     println!(
         "lost: {} in total, at most {} per move ({} while the lab was switching the link); convergence p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
@@ -745,7 +856,7 @@ fn clone_link(vm_ns: &NetNs, new_if: &str, hv: &NetNs, spec: &VmSpec, fe: usize)
 }
 
 /// Every agent's stage timestamps for `ip`: FE number → move_seq → event.
-pub(super) fn agent_events(topo: &Topology, ip: Ipv4Addr) -> Result<BTreeMap<usize, BTreeMap<u64, Value>>> {
+pub(super) fn agent_events(topo: &Topology, ip: IpAddr) -> Result<BTreeMap<usize, BTreeMap<u64, Value>>> {
     let mut all = BTreeMap::new();
     for n in 1..=topo.fes.len() {
         let (_, body) = agent_get(topo.fe(n), &format!("/debug/events?vm={ip}"))?;
@@ -765,7 +876,7 @@ pub(super) fn agent_events(topo: &Topology, ip: Ipv4Addr) -> Result<BTreeMap<usi
 /// binding FE `local_fe` has also recorded the capture and the claim's answer.
 pub(super) async fn wait_applied(
     topo: &Topology,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     move_seq: u64,
     local_fe: usize,
     timeout: Duration,
@@ -832,7 +943,7 @@ pub(super) fn check_forwarding(
     Ok(())
 }
 
-async fn controller_traces(plane: &ControlPlane, ip: Ipv4Addr) -> Result<Vec<Value>> {
+async fn controller_traces(plane: &ControlPlane, ip: IpAddr) -> Result<Vec<Value>> {
     let mut all = Vec::new();
     for replica in &plane.replicas {
         let (_, body) = replica.get(&format!("/debug/moves?vm={ip}")).await?;

@@ -1,6 +1,7 @@
 //! The migration testbed of the README's "See it work" (`victor-lab up|down|migrate`), and the
 //! pieces the agent's tests share with it:
 //! * [`addressing`] — the address plan;
+//! * [`announce`] — how a moved VM announces itself (GARP, QEMU's RARP, NA) and its families;
 //! * [`topology`] — namespaces, underlay bridge, client, FEs, VMs;
 //! * [`agents`] — `victor-fe-agent` processes inside the FEs and their admin endpoints;
 //! * [`bgp`] — the BGP upstream router (real BIRD 2) of `--bgp`, its FIB watch;
@@ -14,6 +15,7 @@
 
 pub mod addressing;
 pub mod agents;
+pub mod announce;
 pub mod bgp;
 pub mod controlplane;
 pub mod guest;

@@ -3,10 +3,11 @@
 //!   sequence number, each send time recorded (iputils `ping -i 0.01` really sends every ~16 ms
 //!   and slows down while replies are missing, so it under-counts loss);
 //! * [`FrameSender`] — the VM's gratuitous ARP from an AF_PACKET socket opened once (opening one
-//!   per move would add a syscall storm, and `arping` takes 35–70 ms to start), timestamped.
+//!   per move would add a syscall storm, and `arping` takes 35–70 ms to start), timestamped; or the
+//!   hypervisor's announcement of it ([`announce_self`]: QEMU's RARP frames and timing).
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 use victor_dataplane::arp_io::ArpSender;
 use victor_dataplane::packet::arp::{ArpOp, MacAddr, build_frame, gratuitous};
-use victor_dataplane::packet::{icmp, icmp6, ipv4};
+use victor_dataplane::packet::{icmp, ipv4, rarp};
 use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::NetNs;
 
@@ -52,6 +53,10 @@ impl Probes {
     }
 }
 
+/// ICMPv6 echo request and reply types.
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
 /// The prober thread sends and counts, then (after `stop`) only counts late replies, then ends.
 const PROBING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -67,22 +72,24 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// Starts probing `dst` from `ns` every `interval`.
+    /// Starts probing the IPv4 address `dst` from `ns` every `interval`.
     pub fn start(ns: &NetNs, dst: Ipv4Addr, interval: Duration) -> Result<Prober> {
-        Self::start_ip(ns, IpAddr::V4(dst), interval)
+        Prober::start_ip(ns, IpAddr::V4(dst), interval)
     }
 
-    /// Starts probing `dst` (IPv4: ICMP, IPv6: ICMPv6) from `ns` every `interval`.
+    /// Starts probing `dst` (IPv4, or IPv6 with ICMPv6 echo) from `ns` every `interval`.
     pub fn start_ip(ns: &NetNs, dst: IpAddr, interval: Duration) -> Result<Prober> {
         let phase = Arc::new(AtomicU8::new(PROBING));
         let state = Arc::new(Mutex::new(Probes::default()));
         let ident = (std::process::id() as u16) ^ rand::random::<u16>();
         let (phase2, state2) = (phase.clone(), state.clone());
+        // ICMPv6 raw sockets get the checksum filled in by the kernel and deliver no IPv6 header.
+        let (domain, protocol, request, reply) = match dst {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, icmp::TYPE_ECHO_REQUEST, icmp::TYPE_ECHO_REPLY),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY),
+        };
         let thread = ns.spawn_thread("prober", move || -> Result<()> {
-            let sock = match dst {
-                IpAddr::V4(_) => Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?,
-                IpAddr::V6(_) => Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?,
-            };
+            let sock = Socket::new(domain, Type::RAW, Some(protocol))?;
             sock.set_read_timeout(Some(Duration::from_micros(200)))?;
             let dst_addr = SocketAddr::from((dst, 0)).into();
             let mut next = Instant::now();
@@ -102,18 +109,7 @@ impl Prober {
                     _ => return Ok(()),
                 }
                 if drain_until.is_none() && Instant::now() >= next {
-                    let msg = match dst {
-                        IpAddr::V4(_) => icmp::echo(icmp::TYPE_ECHO_REQUEST, ident, seq as u16, &[0x5a; 56]),
-                        // The kernel fills in an ICMPv6 raw socket's checksum.
-                        IpAddr::V6(d) => icmp6::echo(
-                            &Ipv6Addr::UNSPECIFIED,
-                            &d,
-                            icmp6::TYPE_ECHO_REQUEST,
-                            ident,
-                            seq as u16,
-                            &[0x5a; 56],
-                        ),
-                    };
+                    let msg = icmp::echo(request, ident, seq as u16, &[0x5a; 56]);
                     let at = monotonic_ns();
                     let _ = sock.send_to(&msg, &dst_addr);
                     let mut s = state2.lock().expect("probes");
@@ -126,13 +122,12 @@ impl Prober {
                 let Ok(n) = sock.recv(&mut buf) else { continue };
                 // SAFETY: recv initialised the first n bytes.
                 let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-                // An ICMPv6 raw socket delivers the message without its IPv6 header.
-                let (m, reply) = match dst {
+                let m = match dst {
                     IpAddr::V4(_) => {
                         let Ok(h) = ipv4::parse(&data) else { continue };
-                        (&data[h.header_len..], icmp::TYPE_ECHO_REPLY)
+                        &data[h.header_len..]
                     }
-                    IpAddr::V6(_) => (&data[..], icmp6::TYPE_ECHO_REPLY),
+                    IpAddr::V6(_) => &data[..],
                 };
                 if m.len() >= 8 && m[0] == reply && m[4..6] == ident.to_be_bytes() {
                     let low = u16::from_be_bytes([m[6], m[7]]) as u32;
@@ -195,6 +190,28 @@ impl Drop for Prober {
 pub fn garp_frame(mac: &str, ip: Ipv4Addr) -> Result<Vec<u8>> {
     let mac: MacAddr = mac.parse().map_err(|_| anyhow::anyhow!("bad MAC {mac}"))?;
     Ok(build_frame(&gratuitous(mac, ip, ArpOp::Request, None)))
+}
+
+/// The RARP frame QEMU's `announce-self` sends for a NIC with `mac` (`net/announce.c`).
+pub fn rarp_announce_frame(mac: &str) -> Result<Vec<u8>> {
+    let mac: MacAddr = mac.parse().map_err(|_| anyhow::anyhow!("bad MAC {mac}"))?;
+    Ok(rarp::build_frame(&rarp::announce(mac)))
+}
+
+/// Sends QEMU's `announce-self` for `mac` from `sender` with QEMU's default schedule: five RARP
+/// frames, the second 50 ms after the first, then 100 ms more between each
+/// ([`rarp::QEMU_ANNOUNCE_OFFSETS_MS`]: 0, 50, 200, 450, 800 ms). Blocks for the whole
+/// announcement; returns the send time (CLOCK_MONOTONIC ns) of each frame.
+pub fn announce_self(sender: &FrameSender, mac: &str) -> Result<Vec<u64>> {
+    let frame = rarp_announce_frame(mac)?;
+    let start = Instant::now();
+    let mut sent = Vec::with_capacity(rarp::QEMU_ANNOUNCE_OFFSETS_MS.len());
+    for offset in rarp::QEMU_ANNOUNCE_OFFSETS_MS {
+        let due = start + Duration::from_millis(offset);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        sent.push(sender.send(&frame)?);
+    }
+    Ok(sent)
 }
 
 /// A frame to send and where to answer with its send time.

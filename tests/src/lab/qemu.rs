@@ -358,7 +358,7 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
         .await
         .context("the guest is up behind fe2 but was not bound there (its unsolicited ARP at boot)")?;
     let mut move_seq = first.move_seq;
-    wait_applied(&lab.topo, vm.ip, move_seq, 2, Duration::from_secs(10)).await?;
+    wait_applied(&lab.topo, vm.ip.into(), move_seq, 2, Duration::from_secs(10)).await?;
 
     let interval = Duration::from_millis(args.ping_interval_ms);
     let prober = Prober::start(&lab.topo.client, vm.ip, interval)?;
@@ -403,7 +403,7 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
                 )
             })?;
         move_seq = bound;
-        wait_applied(&lab.topo, vm.ip, move_seq, to, Duration::from_secs(10)).await?;
+        wait_applied(&lab.topo, vm.ip.into(), move_seq, to, Duration::from_secs(10)).await?;
         let after = prober.sent();
         prober
             .wait_replies_from(after, 3, Duration::from_secs(5))
@@ -416,7 +416,7 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
     tokio::time::sleep(Duration::from_millis(300).max(interval * 5)).await;
     let probes = prober.stop()?;
     let frames = watch.stop()?;
-    let events = agent_events(&lab.topo, vm.ip)?;
+    let events = agent_events(&lab.topo, vm.ip.into())?;
     let mut per_move = Vec::new();
     for (k, m) in moves.iter().enumerate() {
         let next = moves.get(k + 1);
