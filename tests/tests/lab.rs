@@ -4,13 +4,15 @@
 //! etcd and move hints, and with the embedded store and without hints, in both switch modes, on
 //! the userspace data plane; and once on the kernel data plane (`SKIPPED` where the kernel's ipip
 //! module cannot be loaded); and with FE clocks seconds apart, as fast and with no more loss than
-//! with clocks in agreement. The report names the data plane that ran.
+//! with clocks in agreement; and a dual-stack VM announced only by QEMU's RARP frames. The report
+//! names the data plane that ran.
 //! `victor-lab up`/`down` leave nothing behind, also when a process of the lab died.
 
 use std::process::Command;
 use std::time::Duration;
 
 use victor_fe_agent::forwarding::DataplaneMode;
+use victor_tests::lab::announce::{Announce, Family};
 use victor_tests::lab::migrate::{self, MigrateArgs, MigrateReport, SwitchMode};
 use victor_tests::lab::state::LabState;
 
@@ -131,6 +133,36 @@ async fn migrate_on_the_kernel_data_plane() {
         return;
     }
     run(DataplaneMode::Kernel, 0, SwitchMode::Move, true).await;
+}
+
+/// A dual-stack VM announced only the way unmodified QEMU does after a live migration (RARP
+/// frames naming its MAC, no IP): both addresses move with every announcement — the agent claims
+/// every IP its desired state binds to the MAC, and the controller expands the MAC claim — and
+/// the client pings both through the tunnels (IPv4 in IP-in-IP, IPv6 in 6in4) with per-family
+/// losses in the report (printed; benchmarks measure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_a_dual_stack_vm_announced_by_rarp() {
+    victor_testkit::require_root("the migration lab");
+    let args = MigrateArgs {
+        moves: 2,
+        ping_interval_ms: 10,
+        etcd_members: 1,
+        settle_ms: 100,
+        dataplane: DataplaneMode::Tun,
+        announce: Announce::Rarp,
+        family: Family::Dual,
+        ..MigrateArgs::default()
+    };
+    let report = migrate::run(&args).await.expect("migrate a dual-stack VM announced by RARP");
+    println!("{}", serde_json::to_string(&report).unwrap());
+    check(&report, &args);
+    assert_eq!((report.announce, report.family), (Announce::Rarp, Family::Dual));
+    let families: Vec<&str> = report.lost_total_by_family.keys().map(String::as_str).collect();
+    assert_eq!(families, ["ipv4", "ipv6"], "losses are reported for both addresses");
+    for m in &report.per_move {
+        assert_eq!(m.lost_by_family.len(), 2, "move {}: {:?}", m.index, m.lost_by_family);
+    }
+    println!("lost per family over {} moves: {:?}", args.moves, report.lost_total_by_family);
 }
 
 /// FE clocks that disagree — fe2 5 s behind, fe3 5 s ahead (each agent shifts every time it

@@ -87,11 +87,9 @@ async fn live_migrate_a_virtio_guest() {
     migrate("live_migrate_a_virtio_guest", Nic::Virtio).await;
 }
 
-/// An e1000 guest announces nothing itself: only QEMU's RARPs tell the new FE. Ignored until the
-/// agent learns VM moves from RARP (the IPv6/RARP issue); until then the move fails, naming the
-/// frames the new FE saw.
+/// An e1000 guest announces nothing itself: only QEMU's RARPs tell the new FE, and the agent
+/// learns the move from them (the MAC's bindings, and a MAC claim to the controller).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the agent's RARP learning"]
 async fn live_migrate_an_e1000_guest() {
     migrate("live_migrate_an_e1000_guest", Nic::E1000).await;
 }

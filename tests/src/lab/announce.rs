@@ -7,9 +7,9 @@
 //! * `na` — an unsolicited Neighbor Advertisement (override flag) for the VM's IPv6 address,
 //!   repeated like the GARP (needs `--family ipv6|dual`).
 //!
-//! IPv6 (`--family ipv6|dual`, `--announce na`) needs the agent's IPv6 learning and forwarding
-//! (issue 15), which arrives with the IPv6 agent work: until then the lab stops with a clear
-//! message when the VM's IPv6 binding does not appear.
+//! With `--family ipv6|dual` the agents also serve [`MOBILE6`] with the gateway [`GATEWAY6`]
+//! (NDP learning, proxy NDP, 6in4 between FEs); the lab stops with a clear message when the VM's
+//! IPv6 binding does not appear.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
@@ -25,6 +25,8 @@ use super::topology::VmSpec;
 
 /// The lab's IPv6 mobile prefix (beside [`super::addressing::MOBILE`]).
 pub const MOBILE6: &str = "fd00:10::/64";
+/// The VMs' IPv6 gateway (answered by every FE's agent: proxy NDP, beside [`super::addressing::GATEWAY`]).
+pub const GATEWAY6: &str = "fd00:10::1";
 
 /// How the moved VM announces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -167,8 +169,8 @@ impl Announcer {
 /// The message for a VM whose IPv6 binding never appeared.
 pub fn no_ipv6_binding(ip: Ipv6Addr, fe: &str, waited: Duration) -> String {
     format!(
-        "the VM's IPv6 address {ip} was not bound to {fe} within {waited:?}: the agents do not learn or forward \
-         IPv6 yet (issue 15, the IPv6 agent work); until that is merged use --family ipv4"
+        "the VM's IPv6 address {ip} was not bound to {fe} within {waited:?}: the agent did not learn it from \
+         the VM's Neighbor Advertisement (see its log; an agent built without IPv6 support cannot: use --family ipv4)"
     )
 }
 

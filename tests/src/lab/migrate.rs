@@ -41,7 +41,7 @@ use victor_testkit::netns::NetNs;
 
 use super::addressing::fe_addr;
 use super::agents::{Agent, AgentCommand, agent_get, move_hint_flags, wait_agent_ready};
-use super::announce::{self, Announce, Announcer, Family, MOBILE6};
+use super::announce::{self, Announce, Announcer, Family, GATEWAY6, MOBILE6};
 use super::bgp::{self, AnycastPath};
 use super::controlplane::ControlPlane;
 use super::guest::Nic;
@@ -115,14 +115,12 @@ pub struct MigrateArgs {
     /// How the moved VM announces itself: `garp` (its gratuitous ARP, repeated until bound),
     /// `rarp` (what unmodified QEMU's announce-self sends: five RARP frames naming only the MAC, at
     /// 0, 50, 200, 450 and 800 ms, nothing after) or `na` (an unsolicited Neighbor Advertisement
-    /// for its IPv6 address; needs --family ipv6|dual and works once the agents learn IPv6, issue
-    /// 15's IPv6 agent work).
+    /// for its IPv6 address; needs --family ipv6|dual).
     #[arg(long, value_enum, default_value = "garp")]
     pub announce: Announce,
     /// The VM's address families: `ipv4`, `ipv6` or `dual` (the client pings both addresses;
-    /// losses are reported per family). IPv6 (fd00:10::/64) is forwarded once the agents' IPv6
-    /// work (issue 15) is merged; until then `ipv6` and `dual` stop with a clear message when the
-    /// VM's IPv6 binding does not appear.
+    /// losses are reported per family). IPv6: the mobile prefix fd00:10::/64, gateway fd00:10::1,
+    /// 6in4 between FEs over the IPv4 underlay.
     #[arg(long, value_enum, default_value = "ipv4")]
     pub family: Family,
     /// The VM: `veth` (a namespace whose link the lab re-attaches) or `qemu` (a real guest that
@@ -269,7 +267,8 @@ pub struct MigrateReport {
     pub lost_total_by_family: BTreeMap<String, u32>,
     /// Echo requests sent.
     pub probes_sent: u32,
-    /// Echo requests lost over the whole run (after the first move started).
+    /// Echo requests lost over the whole run (after the first move started), to the VM's first
+    /// address (IPv4 when it has one; every family's in `lost_total_by_family`).
     pub lost_total: u32,
     /// The worst move.
     pub lost_max_per_move: u32,
@@ -390,6 +389,9 @@ pub(super) async fn start_lab(args: &MigrateArgs, dir: &std::path::Path, vm: Opt
         let mut flags = if args.bgp { bgp::agent_flags(n) } else { Vec::new() };
         flags.extend(hint_flags.iter().cloned());
         flags.extend(["--dataplane".to_owned(), args.dataplane.label().to_owned()]);
+        if args.family.v6() {
+            flags.extend(["--mobile-prefix", MOBILE6, "--gateway", GATEWAY6].map(str::to_owned));
+        }
         for (_, offset) in args.fe_clock_offsets.iter().filter(|(fe, _)| *fe == n) {
             flags.extend(["--clock-offset".to_owned(), offset.clone()]);
         }
@@ -603,9 +605,18 @@ fn family_of(ip: IpAddr) -> &'static str {
 /// answers once the agents speak NDP) and the client an IPv6 address on its link to fe1, with a
 /// route to the IPv6 mobile prefix through fe1.
 fn add_ipv6(topo: &Topology, vm: &VmSpec) -> Result<()> {
+    // Every FE routes IPv6; the underlay carries it too (fd00:198::N), so that fe2 and fe3 send
+    // the VM's replies to the client through fe1, as they do for IPv4.
+    for n in 1..=topo.fes.len() {
+        topo.fe(n).sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        topo.fe(n).ip(&["-6", "addr", "add", &format!("fd00:198::{n}/64"), "dev", "ul0", "nodad"])?;
+        if n > 1 {
+            topo.fe(n).ip(&["-6", "route", "replace", "2001:db8:c::/64", "via", "fd00:198::1"])?;
+        }
+    }
     let v6 = announce::vm_ipv6(vm);
     topo.vm(1).ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
-    topo.vm(1).ip(&["-6", "route", "replace", "default", "via", "fd00:10::1", "dev", "eth0", "onlink"])?;
+    topo.vm(1).ip(&["-6", "route", "replace", "default", "via", GATEWAY6, "dev", "eth0", "onlink"])?;
     topo.client.ip(&["-6", "addr", "add", "2001:db8:c::10/64", "dev", "eth0", "nodad"])?;
     topo.fe(1).ip(&["-6", "addr", "add", "2001:db8:c::1/64", "dev", "cl0", "nodad"])?;
     topo.client.ip(&["-6", "route", "replace", MOBILE6, "via", "2001:db8:c::1"])?;
@@ -821,8 +832,10 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
         println!("lost by family: {}", by.join(", "));
     }
     let (c, d) = (report.convergence_ms, report.dataplane_convergence_ms);
+    // The run's own figures are those of the first address (IPv4 when the VM has one).
+    let first = if report.lost_total_by_family.len() > 1 { " (first address)" } else { "" };
     println!(
-        "lost: {} in total, at most {} per move ({} while the lab was switching the link); convergence p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        "lost{first}: {} in total, at most {} per move ({} while the lab was switching the link); convergence p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         report.lost_total, report.lost_max_per_move, report.lost_during_link_switch, c.p50, c.p99, c.max
     );
     println!(
