@@ -79,6 +79,7 @@ pub async fn run(config: Config) -> Result<()> {
         _ => None,
     };
     let kernel_counters = dataplane.kernel_counters();
+    let hand_over = dataplane.hand_over_handle();
     let ports = Arc::new(PortTable::new(vm_port_matcher(&config), config.gateway_mac.map(|m| m.octets())));
     let reconciler = adopt_previous_run(&kernel, dataplane, &ports, &metrics).await?;
 
@@ -160,7 +161,15 @@ pub async fn run(config: Config) -> Result<()> {
     match standby.take() {
         Some(standby) if decommission => standby.kill(),
         Some(mut standby) if outcome.is_ok() => match standby.take_over(Duration::from_secs(5)).await {
-            Ok(()) => tracing::info!(pid = standby.pid(), "the standby forwarder took over"),
+            Ok(()) => {
+                // Drain: the standby writes every tunnel packet into TUN from now on, so the
+                // kernel moves each flow to its queues; ours are empty when they close.
+                if let Some(hand_over) = &hand_over {
+                    hand_over.start();
+                    tokio::time::sleep(standby::HAND_OVER_DRAIN).await;
+                }
+                tracing::info!(pid = standby.pid(), "the standby forwarder took over");
+            }
             Err(e) => tracing::warn!(error = %e, "the standby forwarder did not take over"),
         },
         _ => {}

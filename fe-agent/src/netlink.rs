@@ -11,7 +11,9 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// A failed netlink operation.
@@ -129,7 +131,7 @@ impl Kernel {
         self.protocol
     }
 
-    fn host_route(&self, ip: IpAddr, ifindex: u32) -> rtnetlink::packet_route::route::RouteMessage {
+    fn host_route(&self, ip: IpAddr, ifindex: u32) -> RouteMessage {
         let protocol = RouteProtocol::from(self.protocol);
         match ip {
             IpAddr::V4(ip) => RouteMessageBuilder::<Ipv4Addr>::new()
@@ -171,13 +173,7 @@ impl Kernel {
             .output_interface(ifindex)
             .protocol(RouteProtocol::from(self.protocol))
             .build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| NetlinkError::new(format!("replace route {net} dev #{ifindex}"), e))
+        self.replace_route(msg, IpNet::V6(net), ifindex).await
     }
 
     /// `ip route replace NET dev IFINDEX proto P` (the mobile prefixes into the data plane).
@@ -188,6 +184,10 @@ impl Kernel {
             .protocol(RouteProtocol::from(self.protocol))
             .scope(RouteScope::Link)
             .build();
+        self.replace_route(msg, IpNet::V4(net), ifindex).await
+    }
+
+    async fn replace_route(&self, msg: RouteMessage, net: IpNet, ifindex: u32) -> NlResult<()> {
         self.handle
             .route()
             .add(msg)

@@ -123,14 +123,7 @@ fn ops(lab: &Lab, n: usize) -> Result<std::collections::BTreeMap<String, f64>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_adopts_fixes_drift_and_removes_stale_state() -> Result<()> {
     run_on("restart_adopts_fixes_drift_and_removes_stale_state", Plane::Kernel, |plane| async move {
-        let mut lab = Lab::build_on(3, plane)?;
-        let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
-        for n in 1..=3 {
-            lab.start_agent(n, &[ctl.url()], &[])?;
-        }
-        for n in 1..=3 {
-            lab.wait_ready(n, Duration::from_secs(30))?;
-        }
+        let (mut lab, ctl) = Lab::with_agents(plane).await?;
         send_garp(&lab.vm, "eth0", VM_MAC, VM)?;
         ctl.wait_bound(VM, "fe2", Duration::from_secs(10)).await?;
         let prober = Prober::start(&lab.client, VM, Duration::from_millis(10))?;

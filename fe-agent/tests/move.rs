@@ -12,14 +12,7 @@ use common::*;
 plane_tests!(arp_learning_tunnel_and_hitless_move);
 
 async fn arp_learning_tunnel_and_hitless_move(plane: Plane) -> anyhow::Result<()> {
-    let mut lab = Lab::build_on(3, plane)?;
-    let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
-    for n in 1..=3 {
-        lab.start_agent(n, &[ctl.url()], &[])?;
-    }
-    for n in 1..=3 {
-        lab.wait_ready(n, Duration::from_secs(20))?;
-    }
+    let (lab, ctl) = Lab::with_agents(plane).await?;
 
     // ARP from the VM → a binding in the store with the right FE and MAC.
     send_garp(&lab.vm, "eth0", VM_MAC, VM)?;

@@ -15,14 +15,7 @@ use victor_tests::lab::probe::{FrameSender, announce_self};
 plane_tests!(a_vm_announced_only_by_rarp_moves_like_one_announced_by_garp);
 
 async fn a_vm_announced_only_by_rarp_moves_like_one_announced_by_garp(plane: Plane) -> anyhow::Result<()> {
-    let mut lab = Lab::build_on(3, plane)?;
-    let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
-    for n in 1..=3 {
-        lab.start_agent(n, &[ctl.url()], &[])?;
-    }
-    for n in 1..=3 {
-        lab.wait_ready(n, Duration::from_secs(20))?;
-    }
+    let (lab, ctl) = Lab::with_agents(plane).await?;
 
     // The VM sits behind fe2, learned from its gratuitous ARP; the client behind fe1 pings it.
     send_garp(&lab.vm, "eth0", VM_MAC, VM)?;

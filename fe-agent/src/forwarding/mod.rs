@@ -39,6 +39,7 @@ use rtnetlink::LinkIpIp;
 use serde::Serialize;
 use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::Fib;
+use victor_dataplane::forwarder::HandOver;
 use victor_dataplane::kernel::ModuleLoad;
 
 use crate::netlink::Kernel;
@@ -403,6 +404,14 @@ impl Dataplane {
     pub fn counters_handle(&self) -> Option<Arc<Counters>> {
         match self {
             Dataplane::Tun(plane) => Some(plane.counters_handle()),
+            Dataplane::Kernel(_) => None,
+        }
+    }
+
+    /// The userspace forwarder's hand-over to a standby (None: the kernel backend).
+    pub fn hand_over_handle(&self) -> Option<HandOver> {
+        match self {
+            Dataplane::Tun(plane) => Some(plane.hand_over_handle()),
             Dataplane::Kernel(_) => None,
         }
     }

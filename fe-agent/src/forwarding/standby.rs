@@ -6,8 +6,10 @@
 //! holding nothing, until the agent goes:
 //!
 //! * **Planned stop** (SIGTERM/SIGINT): the agent asks the standby to take over ([`Standby::take_over`])
-//!   and keeps forwarding until it answers that it forwards, then stops. For a moment both read
-//!   the device (its queues are shared by the kernel between them); nothing is dropped.
+//!   and keeps forwarding until it answers that it forwards; then it hands the device over
+//!   ([`HAND_OVER_DRAIN`]: it stops writing into TUN, so the kernel moves every flow to the
+//!   standby's queues) and stops. Nothing is dropped. The standby hands over to the next agent
+//!   the same way.
 //! * **Crash or `kill -9`**: the standby sees its connection to the agent close ([`Lifeline`]) and
 //!   takes over at once; packets routed into the device in between are dropped.
 //!
@@ -46,6 +48,12 @@ const FAILED: u8 = b'X';
 const RETIRE: u8 = b'R';
 /// Standby → next agent: stopped.
 const RETIRED: u8 = b'D';
+
+/// How long a forwarder that hands the device over ([`victor_dataplane::forwarder::HandOver`]) keeps
+/// reading its TUN queues while the kernel moves the flows to the other's queues (one round trip
+/// of each flow: 200 ms covers a 10 ms ping and TCP's delayed ACKs): the agent on a planned stop,
+/// the standby when the next agent retires it.
+pub const HAND_OVER_DRAIN: Duration = Duration::from_millis(200);
 
 /// The abstract socket the standby of device `tun` listens on.
 fn address(tun: &str) -> io::Result<SocketAddr> {
@@ -213,6 +221,9 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
                 let mut order = [0u8; 1];
                 let read = tokio::time::timeout(Duration::from_secs(1), next.read(&mut order)).await;
                 if matches!(read, Ok(Ok(1)) if order[0] == RETIRE) {
+                    // The next agent forwards: drain our queues into it before closing them.
+                    plane.hand_over_handle().start();
+                    tokio::time::sleep(HAND_OVER_DRAIN).await;
                     drop(plane);
                     let _ = next.write_all(&[RETIRED]).await;
                     tracing::info!(tun = %config.device, "the next agent forwards: standby stopped");

@@ -25,7 +25,7 @@ use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::{Action, Fib, FibError};
-use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, ForwarderError, remove_persistent_tun};
+use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, ForwarderError, HandOver, remove_persistent_tun};
 
 use super::{DataplaneConfig, Tunnel};
 use crate::netlink::{Kernel, NetlinkError};
@@ -283,6 +283,11 @@ impl TunPlane {
     /// Live counters handle (for /metrics).
     pub fn counters_handle(&self) -> Arc<Counters> {
         self.forwarder.counters_handle()
+    }
+
+    /// Hands the device over to the standby ([`victor_dataplane::forwarder::HandOver`]).
+    pub fn hand_over_handle(&self) -> HandOver {
+        self.forwarder.hand_over_handle()
     }
 
     /// False once the forwarder has died.

@@ -324,6 +324,20 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// Three FEs on `plane`, a controller on its embedded store, and an agent per FE with no
+    /// extra flags, every agent ready: the common start of the namespace suites.
+    pub async fn with_agents(plane: Plane) -> Result<(Lab, Controller)> {
+        let mut lab = Lab::build_on(3, plane)?;
+        let ctl = Controller::start(&lab.dir.path().join("ctl"), None).await?;
+        for n in 1..=3 {
+            lab.start_agent(n, &[ctl.url()], &[])?;
+        }
+        for n in 1..=3 {
+            lab.wait_ready(n, Duration::from_secs(30))?;
+        }
+        Ok((lab, ctl))
+    }
+
     /// [`Lab::build`] whose agents run `plane`.
     pub fn build_on(n: usize, plane: Plane) -> Result<Lab> {
         let mut lab = Lab::build(n)?;

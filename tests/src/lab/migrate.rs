@@ -771,8 +771,9 @@ fn report(
     }
 }
 
-/// Prints the report as a table (or JSON) and writes `--out`.
-pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
+/// Writes `report` as JSON to `--out` (if given) and, with `--json`, prints it; returns whether
+/// it printed it (else the caller prints its table).
+pub(super) fn emit_json(args: &MigrateArgs, report: &impl Serialize) -> Result<bool> {
     let json = serde_json::to_string_pretty(report)?;
     if let Some(path) = &args.out {
         if let Some(parent) = path.parent() {
@@ -782,6 +783,13 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
     }
     if args.json {
         println!("{json}");
+    }
+    Ok(args.json)
+}
+
+/// Prints the report as a table (or JSON) and writes `--out`.
+pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
+    if emit_json(args, report)? {
         return Ok(());
     }
     println!(

@@ -39,8 +39,8 @@ use super::addressing::{GATEWAY, hypervisor_addr};
 use super::controlplane::ControlPlane;
 use super::guest::{Availability, GuestAssets, GuestConfig, Nic, QemuVm, accel};
 use super::migrate::{
-    MigrateArgs, Summary, SwitchMode, agent_events, check_forwarding, load_avg_1m, round, start_lab, wait_applied,
-    with_log_dir,
+    self, MigrateArgs, Summary, SwitchMode, agent_events, check_forwarding, load_avg_1m, round, start_lab,
+    wait_applied, with_log_dir,
 };
 use super::probe::{Prober, Probes};
 use super::qmp::Qmp;
@@ -583,15 +583,7 @@ fn report(args: &MigrateArgs, nic: Nic, guest_boot_ms: f64, probes: &Probes, per
 
 /// Prints the report as a table (or JSON with `--json`) and writes `--out`.
 pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
-    let json = serde_json::to_string_pretty(report)?;
-    if let Some(path) = &args.out {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?;
-    }
-    if args.json {
-        println!("{json}");
+    if migrate::emit_json(args, report)? {
         return Ok(());
     }
     println!(

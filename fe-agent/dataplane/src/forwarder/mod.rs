@@ -53,6 +53,7 @@ pub use tun::remove_persistent as remove_persistent_tun;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -183,6 +184,30 @@ pub struct Forwarder {
     /// flag from wherever [`Forwarder::remove`] is called.
     control: Option<OwnedFd>,
     adopted: bool,
+    hand_over: HandOver,
+}
+
+/// Handing a persistent device over to another forwarder on it without losing a packet (the
+/// fe-agent's standby: the next process attaches its own queues while this one still runs).
+/// Both processes' underlay sockets receive every tunnel packet (raw sockets each get a copy), so
+/// once [`HandOver::start`] is called this forwarder stops writing decapsulated packets into TUN
+/// and leaves that to the other; it keeps reading its TUN queues and encapsulating. TUN steers a
+/// flow's packets to the queue that last wrote the flow, so within a round trip every two-way
+/// flow's packets arrive at the other forwarder's queues instead, and closing this one's queues
+/// (which drops what they hold) finds them empty.
+#[derive(Debug, Clone, Default)]
+pub struct HandOver(Arc<AtomicBool>);
+
+impl HandOver {
+    /// From now on the other forwarder writes into TUN; this one only encapsulates.
+    pub fn start(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`HandOver::start`] was called.
+    pub fn started(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -309,7 +334,9 @@ impl Forwarder {
                 Instant::now(),
             )),
             offload: config.offload,
+            handing_over: HandOver::default(),
         });
+        let hand_over = shared.handing_over.clone();
         let mut threads = Vec::with_capacity(workers);
         for (i, (dev, (sock, sock6, icmp6))) in queues.into_iter().zip(sockets).enumerate() {
             let (shared, stop_rx) = (shared.clone(), stop_rx.clone());
@@ -340,7 +367,17 @@ impl Forwarder {
                 .map_err(ForwarderError::Thread)?;
             threads.push(thread);
         }
-        Ok(Forwarder { tun_name: config.tun_name, tun_index, tunnel_mtu, counters, stop, threads, control, adopted })
+        Ok(Forwarder {
+            tun_name: config.tun_name,
+            tun_index,
+            tunnel_mtu,
+            counters,
+            stop,
+            threads,
+            control,
+            adopted,
+            hand_over,
+        })
     }
 
     /// Name of the TUN device (route the mobile prefix and remote /32s into it).
@@ -367,6 +404,11 @@ impl Forwarder {
     /// forwarder.
     pub fn counters_handle(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+
+    /// The handle that hands the device over to another forwarder ([`HandOver`]).
+    pub fn hand_over_handle(&self) -> HandOver {
+        self.hand_over.clone()
     }
 
     /// True when the TUN device was left by an earlier (persistent) forwarder and adopted, with

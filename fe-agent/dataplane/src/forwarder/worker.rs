@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub(crate) icmp_limit: Mutex<TokenBucket>,
     /// The TUN queues carry a virtio-net header.
     pub(crate) offload: bool,
+    /// Handing the device over: the other forwarder writes into TUN ([`super::HandOver`]).
+    pub(crate) handing_over: super::HandOver,
 }
 
 /// One worker's descriptors.
@@ -436,6 +438,10 @@ pub(crate) async fn ingress_loop(
                 continue;
             }
         };
+        if sh.handing_over.started() {
+            // The forwarder taking over received the same packets and writes them.
+            continue;
+        }
         accepted.clear();
         for (i, buf) in bufs.iter_mut().enumerate().take(n) {
             sh.counters.tunnel_rx(family, buf.as_ref().len());
