@@ -136,6 +136,10 @@ fn bench_on_one_member_etcd_reports_every_field() {
     assert_eq!(num(&v, "real_agent.reconcile_ops.tunnel_remote"), 1000.0, "every foreign binding programmed once");
     let routes = num(&v, "real_agent.kernel_routes");
     assert!((1.0..100.0).contains(&routes), "{routes} kernel routes: foreign bindings leaked into the kernel");
+    // One inert record per foreign binding and per FE (what a restarted agent or its standby
+    // forwards with).
+    let records = num(&v, "real_agent.record_routes");
+    assert!((1000.0..1100.0).contains(&records), "{records} records for 1000 foreign bindings and a few FEs");
     let desired = num(&v, "real_agent.desired_state_bytes_per_binding");
     assert!(desired > 0.0 && desired < 400.0, "desired_state_bytes_per_binding {desired}");
 }

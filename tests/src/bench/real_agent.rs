@@ -33,9 +33,13 @@ pub struct RealAgentReport {
     /// Its estimate of the userspace forwarding table's heap (`victor_agent_fib_bytes`), per
     /// binding.
     pub forwarding_table_bytes_per_binding: f64,
-    /// IPv4 routes in the FE's namespace, all tables (the kernel state: foreign bindings live in
-    /// the userspace forwarding table, not in the kernel).
+    /// IPv4 routes in the FE's namespace that forward, all tables but the userspace data plane's
+    /// record table (foreign bindings live in the userspace forwarding table, not in the kernel).
     pub kernel_routes: usize,
+    /// Routes in the record table ([`victor_fe_agent::forwarding::tun::RECORD_TABLE`]): one per
+    /// remote binding and per registered FE, so that a restarted agent or its standby forwards
+    /// before any snapshot.
+    pub record_routes: usize,
     /// The agent's reconcile operations by kind during the sync.
     pub reconcile_ops: BTreeMap<String, f64>,
 }
@@ -71,7 +75,7 @@ pub fn full_sync(cluster: &Cluster, bindings: usize) -> Result<RealAgentReport> 
     let heap = |name: &str| victor_testkit::http::metric(&metrics, name, "") / bindings.max(1) as f64;
     let pid = agent.guard.as_ref().map_or(0, |g| g.pid());
     let rss = sys::rss_bytes(pid)?;
-    let kernel_routes = route_count(topo.fe(1))?;
+    let (kernel_routes, record_routes) = route_count(topo.fe(1))?;
     agent.stop();
     Ok(RealAgentReport {
         full_sync_s: (full_sync_s * 1e3).round() / 1e3,
@@ -81,16 +85,22 @@ pub fn full_sync(cluster: &Cluster, bindings: usize) -> Result<RealAgentReport> 
         desired_state_bytes_per_binding: (heap("victor_agent_desired_bytes") * 10.0).round() / 10.0,
         forwarding_table_bytes_per_binding: (heap("victor_agent_fib_bytes") * 10.0).round() / 10.0,
         kernel_routes,
+        record_routes,
         reconcile_ops: counters.ops,
     })
 }
 
-/// IPv4 routes of every table in `ns`.
-fn route_count(ns: &NetNs) -> Result<usize> {
+/// IPv4 routes of every table in `ns`: (those outside the record table, those in it).
+fn route_count(ns: &NetNs) -> Result<(usize, usize)> {
     let out =
         std::process::Command::new("ip").args(["-netns", ns.name(), "-4", "route", "show", "table", "all"]).output()?;
     if !out.status.success() {
         bail!("ip route in {}: {}", ns.name(), String::from_utf8_lossy(&out.stderr));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count())
+    let record = victor_fe_agent::forwarding::tun::RECORD_TABLE.to_string();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let routes: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let in_records = |l: &&&str| l.split_whitespace().collect::<Vec<_>>().windows(2).any(|w| w == ["table", &record]);
+    let records = routes.iter().filter(in_records).count();
+    Ok((routes.len() - records, records))
 }
