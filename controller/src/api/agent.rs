@@ -152,6 +152,12 @@ impl<S: Store> AgentApi<S> {
         for (i, claim) in ip_indices.into_iter().zip(registry.report(&fe, checked, received).await) {
             claims[i] = Some(claim);
         }
+        // MAC claims are decided on this replica's cache: it must show the per-IP writes of this
+        // report first (a LEARNED in the same report may have just bound an IP of the MAC).
+        if !by_mac.is_empty() {
+            let written = claims.iter().flatten().filter_map(|c| c.as_ref().ok()).map(|c| c.revision).max();
+            replica.settle(written.unwrap_or(0)).await;
+        }
         for (i, valid) in by_mac {
             claims[i] = Some(match valid {
                 Ok(claim) => registry.claim_mac(&fe, claim, |ip| self.admit(ip, &served), received).await,
