@@ -38,8 +38,15 @@ async fn a_vm_announced_only_by_rarp_moves_like_one_announced_by_garp(plane: Pla
     let probes = prober.stop()?;
     let lost = probes.lost(5);
     println!("move announced by RARP only: {} echo requests at 10 ms, {lost} lost", probes.sent);
-    // Found on the first frame: far fewer than the 80 requests sent during the announcement.
-    assert!(lost <= 20, "{lost} lost: the move waited for more than the first RARP frame");
+    // Found on the first frame (asserted from fe3's event below): fewer lost than the requests
+    // sent during the announcement (~80 at QEMU's timing). Not a tighter figure: in a TCG guest
+    // (the kernel suite) the same move takes ~10x the host's time.
+    let announcement_ns = frames[frames.len() - 1] - frames[0];
+    let during = announcement_ns / 10_000_000;
+    assert!(
+        (lost as u64) < during,
+        "{lost} lost, {during} sent during the announcement: the move waited for later frames"
+    );
 
     // fe3 delivers it locally, installed from the RARP before the controller's answer; it counted
     // QEMU's five frames and made one MAC claim, which the controller expanded.

@@ -64,6 +64,32 @@ const STOPPED: u8 = 2;
 /// How long `stop` waits for replies still in flight.
 const DRAIN: Duration = Duration::from_secs(1);
 
+/// How the prober thread is scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Like every other thread.
+    Normal,
+    /// `SCHED_FIFO` (needs root; falls back to normal with a warning): the prober keeps its
+    /// interval while CPU-bound neighbours (TCG guests) saturate the host. Between its sends it
+    /// sleeps in `recv` (200 µs timeout), so it never takes a core for itself.
+    Realtime,
+}
+
+impl Schedule {
+    fn apply(self) {
+        if self == Schedule::Realtime {
+            let param = libc::sched_param { sched_priority: 1 };
+            // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+                eprintln!(
+                    "prober: SCHED_FIFO refused ({}): probing at normal priority",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 /// Sends ICMP echo requests at exact intervals from a namespace and counts replies by sequence.
 pub struct Prober {
     phase: Arc<AtomicU8>,
@@ -79,6 +105,11 @@ impl Prober {
 
     /// Starts probing `dst` (IPv4, or IPv6 with ICMPv6 echo) from `ns` every `interval`.
     pub fn start_ip(ns: &NetNs, dst: IpAddr, interval: Duration) -> Result<Prober> {
+        Prober::start_with(ns, dst, interval, Schedule::Normal)
+    }
+
+    /// [`Prober::start_ip`] with the prober thread scheduled as `schedule` says.
+    pub fn start_with(ns: &NetNs, dst: IpAddr, interval: Duration, schedule: Schedule) -> Result<Prober> {
         let phase = Arc::new(AtomicU8::new(PROBING));
         let state = Arc::new(Mutex::new(Probes::default()));
         let ident = (std::process::id() as u16) ^ rand::random::<u16>();
@@ -89,6 +120,7 @@ impl Prober {
             IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY),
         };
         let thread = ns.spawn_thread("prober", move || -> Result<()> {
+            schedule.apply();
             let sock = Socket::new(domain, Type::RAW, Some(protocol))?;
             sock.set_read_timeout(Some(Duration::from_micros(200)))?;
             let dst_addr = SocketAddr::from((dst, 0)).into();

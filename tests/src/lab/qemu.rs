@@ -42,7 +42,7 @@ use super::migrate::{
     self, MigrateArgs, Summary, SwitchMode, agent_events, check_forwarding, load_avg_1m, round, start_lab,
     wait_applied, with_log_dir,
 };
-use super::probe::{Prober, Probes};
+use super::probe::{Prober, Probes, Schedule};
 use super::qmp::Qmp;
 use super::topology::{Topology, VM_PORT, VmSpec};
 
@@ -361,7 +361,7 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
     wait_applied(&lab.topo, vm.ip.into(), move_seq, 2, Duration::from_secs(10)).await?;
 
     let interval = Duration::from_millis(args.ping_interval_ms);
-    let prober = Prober::start(&lab.topo.client, vm.ip, interval)?;
+    let prober = Prober::start_with(&lab.topo.client, vm.ip.into(), interval, Schedule::Realtime)?;
     prober
         .wait_replies_from(0, 20, Duration::from_secs(10))
         .context("the guest does not answer the client before any migration")?;
