@@ -1,7 +1,9 @@
 //! How the moved VM announces itself in `victor-lab migrate` (`--announce`) and which address
 //! families it has (`--family`):
 //! * `garp` — the VM's gratuitous ARP, repeated until the binding moved (every 10 ms, then every
-//!   100 ms), as a guest with virtio-net's guest-announce does;
+//!   100 ms), as a guest with virtio-net's guest-announce does; a dual-stack VM sends an
+//!   unsolicited Neighbor Advertisement for its IPv6 address with each, as Linux does on the
+//!   same notification (`NETDEV_NOTIFY_PEERS`);
 //! * `rarp` — the frames and timing of unmodified QEMU's `announce-self` (`net/announce.c`): five
 //!   RARP frames naming the VM's MAC and no IP, at 0, 50, 200, 450 and 800 ms, and nothing after;
 //! * `na` — an unsolicited Neighbor Advertisement (override flag) for the VM's IPv6 address,
@@ -120,21 +122,35 @@ pub fn addresses(vm: &VmSpec, family: Family) -> Vec<IpAddr> {
 pub struct Announcer {
     kind: Announce,
     frame: Vec<u8>,
+    /// Sent right after each frame: a dual-stack guest's NA beside its GARP.
+    companion: Option<Vec<u8>>,
     sent: u32,
 }
 
 impl Announcer {
-    /// The announcement of `vm` by `kind`.
+    /// The announcement of `vm` by `kind` (one address family's frame).
     pub fn new(kind: Announce, vm: &VmSpec) -> Result<Announcer> {
         let frame = match kind {
             Announce::Garp => garp_frame(&vm.mac, vm.ip)?,
             Announce::Rarp => rarp_announce_frame(&vm.mac)?,
-            Announce::Na => {
-                let mac: MacAddr = vm.mac.parse().map_err(|_| anyhow::anyhow!("bad MAC {}", vm.mac))?;
-                ndp::build_frame(&ndp::unsolicited_advertisement(mac, vm_ipv6(vm), false, None))
-            }
+            Announce::Na => unsolicited_na(vm)?,
         };
-        Ok(Announcer { kind, frame, sent: 0 })
+        Ok(Announcer { kind, frame, companion: None, sent: 0 })
+    }
+
+    /// The announcement of a VM with `family`'s addresses: a dual-stack guest that announces
+    /// itself (`garp`) also advertises its IPv6 address.
+    pub fn for_family(kind: Announce, vm: &VmSpec, family: Family) -> Result<Announcer> {
+        let mut announcer = Announcer::new(kind, vm)?;
+        if kind == Announce::Garp && family == Family::Dual {
+            announcer.companion = Some(unsolicited_na(vm)?);
+        }
+        Ok(announcer)
+    }
+
+    /// The frame to send right after each of [`Announcer::step`]'s.
+    pub fn companion(&self) -> Option<&[u8]> {
+        self.companion.as_deref()
     }
 
     /// The next frame to send now (None: this announcement sends nothing more, e.g. after QEMU's
@@ -164,6 +180,12 @@ impl Announcer {
     pub fn sent(&self) -> u32 {
         self.sent
     }
+}
+
+/// `vm`'s unsolicited Neighbor Advertisement (override) for its IPv6 address.
+fn unsolicited_na(vm: &VmSpec) -> Result<Vec<u8>> {
+    let mac: MacAddr = vm.mac.parse().map_err(|_| anyhow::anyhow!("bad MAC {}", vm.mac))?;
+    Ok(ndp::build_frame(&ndp::unsolicited_advertisement(mac, vm_ipv6(vm), false, None)))
 }
 
 /// The message for a VM whose IPv6 binding never appeared.
@@ -207,5 +229,14 @@ mod tests {
         assert!(Announce::Garp.check(Family::Ipv6).is_err());
         assert!(Announce::Rarp.check(Family::Ipv6).is_ok() && Announce::Na.check(Family::Dual).is_ok());
         assert_eq!(addresses(&vm, Family::Dual), vec![IpAddr::from(vm.ip), "fd00:10::11".parse().unwrap()]);
+    }
+
+    #[test]
+    fn a_dual_stack_guest_advertises_its_ipv6_address_with_each_garp() {
+        let vm = VmSpec::numbered(1);
+        let na = |a: &Announcer| ndp::parse_frame(a.companion().unwrap()).unwrap().target();
+        assert_eq!(na(&Announcer::for_family(Announce::Garp, &vm, Family::Dual).unwrap()), Some(vm_ipv6(&vm)));
+        assert!(Announcer::for_family(Announce::Garp, &vm, Family::Ipv4).unwrap().companion().is_none());
+        assert!(Announcer::for_family(Announce::Rarp, &vm, Family::Dual).unwrap().companion().is_none());
     }
 }

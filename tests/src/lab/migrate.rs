@@ -484,7 +484,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         // ── the VM (or its hypervisor) announces itself, as `--announce` says, until the
         //    controller moved the binding (QEMU's RARP stops after five frames) ──
         let target = format!("fe{to}");
-        let mut announcer = Announcer::new(args.announce, &vm)?;
+        let mut announcer = Announcer::for_family(args.announce, &vm, args.family)?;
         let mut first_garp = 0u64;
         let announcing_since = std::time::Instant::now();
         let mut next_due;
@@ -494,6 +494,9 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
                 let sent = sender.send(frame)?;
                 if first_garp == 0 {
                     first_garp = sent;
+                }
+                if let Some(companion) = announcer.companion() {
+                    sender.send(companion)?;
                 }
             }
             let poll_until = std::time::Instant::now() + wait;
