@@ -50,6 +50,16 @@ pub fn allowed_cpus() -> Vec<usize> {
     (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
 }
 
+/// `Cpus_allowed_list` of process `pid` (e.g. `0` or `1-3`; `?` if it cannot be read).
+pub fn allowed_list(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 /// Pins every thread of process `pid` to `cpus` (threads it creates later inherit the mask of
 /// their creator). Returns the number of threads pinned.
 pub fn pin(pid: u32, cpus: &[usize]) -> Result<usize> {
@@ -140,9 +150,7 @@ mod tests {
         assert!(!cpus.is_empty());
         let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
         assert_eq!(pin(child.id(), &cpus[..1]).unwrap(), 1);
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-        let allowed = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
-        assert_eq!(allowed.split_whitespace().nth(1).unwrap(), cpus[0].to_string());
+        assert_eq!(allowed_list(child.id()), cpus[0].to_string());
         child.kill().unwrap();
         child.wait().unwrap();
     }
