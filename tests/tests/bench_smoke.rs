@@ -184,7 +184,7 @@ fn bench_on_the_embedded_store_reports_every_field() {
 /// `--repeats 2`: both runs in full, and the min / median / max of the key figures over them.
 #[test]
 fn repeated_runs_report_the_spread_of_the_key_figures() {
-    let v = bench("0", &["--repeats", "2", "--seconds", "1"]);
+    let v = bench("0", &["--repeats", "2"]);
     assert_eq!(num(&v, "repeats"), 2.0);
     assert_eq!(num(&v, "completed"), 2.0, "{:#}", v["failed"]);
     assert_eq!(num(&v, "checks_failed"), 0.0);

@@ -117,7 +117,9 @@ impl Machine {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
         Machine {
-            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            // Online CPUs, not this process's (pinned, after a first run of --repeats) mask.
+            // SAFETY: sysconf has no preconditions.
+            cpus: usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1).max(1),
             mem_gib: (kib / (1024.0 * 1024.0) * 10.0).round() / 10.0,
             loadavg_start: loadavg(),
             loadavg_end: [f64::NAN; 3],
