@@ -1,5 +1,6 @@
 //! Simulated FEs: real gRPC clients of the controller (Register, Heartbeat, Report, Sync) without
-//! a data plane. Each holds its own HTTP/2 connection, keeps its session alive, and follows the
+//! a data plane. Each holds its own HTTP/2 connection (and a second one on which its session
+//! heartbeats run, on a runtime of their own: `heartbeat_runtime`), and follows the
 //! desired-state stream into a compact map shaped like the real agent's (`u32` IPv4 key and a
 //! 32-byte record with the FE interned to an index; see fe-agent `state/desired.rs`), recording
 //! when each message was applied. Nothing else: 1,000 of them share two cores with the system
@@ -212,7 +213,7 @@ pub fn underlay(i: usize) -> Ipv4Addr {
 
 impl SimFe {
     /// Connects to `grpc` and registers FE `id` with underlay [`underlay`]`(i)`; keeps the session
-    /// alive from then on (counted in `sessions`) on the [`heartbeat_runtime`], over a second
+    /// alive from then on (counted in `sessions`) on the `heartbeat_runtime`, over a second
     /// connection of its own.
     pub async fn register(id: String, i: usize, grpc: SocketAddr, sessions: Arc<Sessions>) -> Result<SimFe> {
         let channel = connect(grpc).await.with_context(|| format!("connect {id} to controller {grpc}"))?;
