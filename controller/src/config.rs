@@ -121,6 +121,12 @@ pub struct Config {
     #[arg(long, env = "VICTOR_STREAM_HISTORY", default_value_t = 200_000)]
     pub stream_history: usize,
 
+    /// Most bytes (estimated) the history of --stream-history may take, e.g. `16MiB`: the
+    /// older changes go first when either bound is reached. A stream resuming from before the
+    /// history gets a snapshot.
+    #[arg(long, env = "VICTOR_STREAM_HISTORY_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
+    pub stream_history_bytes: u64,
+
     /// Most open gRPC connections; further ones are closed as they arrive. Lowered at start if
     /// needed so that both servers' caps fit the open-file limit (raised to its hard limit) with
     /// descriptors to spare.
@@ -238,6 +244,12 @@ impl Config {
         }
         if self.stream_history < 1000 {
             return bad("--stream-history must be at least 1000".into());
+        }
+        if self.stream_history_bytes < 1 << 20 {
+            return bad(format!(
+                "--stream-history-bytes {} is too small; use at least 1MiB",
+                self.stream_history_bytes
+            ));
         }
         if self.max_report_observations == 0 || self.max_report_observations > 65_536 {
             return bad("--max-report-observations must be between 1 and 65536".into());
@@ -370,6 +382,11 @@ mod tests {
         assert_eq!((c.max_connections, c.max_streams_per_connection, c.snapshot_rate), (4096, 32, 128 << 20));
         let c = load(&["--mobile-prefix", "10.10.0.0/16", "--snapshot-rate", "1GiB"]).unwrap();
         assert_eq!(c.snapshot_rate, 1 << 30);
+        assert_eq!(c.stream_history_bytes, 16 << 20);
+        let c = load(&["--mobile-prefix", "10.10.0.0/16", "--stream-history-bytes", "64MiB"]).unwrap();
+        assert_eq!(c.stream_history_bytes, 64 << 20);
+        let err = load(&["--mobile-prefix", "10.10.0.0/16", "--stream-history-bytes", "1KiB"]).unwrap_err();
+        assert!(format!("{err:#}").contains("--stream-history-bytes"), "{err:#}");
         let err = load(&["--mobile-prefix", "10.10.0.0/16", "--idle-timeout", "5s"]).unwrap_err().to_string();
         assert!(err.contains("--idle-timeout"), "{err}");
         let err = load(&["--mobile-prefix", "10.10.0.0/16", "--max-agent-streams", "0"]).unwrap_err().to_string();

@@ -118,7 +118,8 @@ impl Server {
         let http_addr = http.local_addr()?;
 
         let keys = Keys::new(&config.etcd_prefix);
-        let cache = Cache::new(keys, config.stream_history);
+        let history_bytes = usize::try_from(config.stream_history_bytes).unwrap_or(usize::MAX);
+        let cache = Cache::with_history_bytes(keys, config.stream_history, history_bytes);
         let metrics = Arc::new(Metrics::new());
         let timelines = Arc::new(MoveTimelines::new(4096));
         let store_reachable = Arc::new(AtomicBool::new(false));

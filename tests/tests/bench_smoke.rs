@@ -117,9 +117,38 @@ fn check(v: &Value, members: f64) {
     assert!(num(v, "delivery.stream_drops") >= 0.0);
     assert!(v["delivery"]["drop_causes"].is_object());
     assert!(v["preload"]["retries"].is_object());
-    if num(v, "machine.cpus") >= 2.0 {
-        assert_eq!(v["pinning"]["controller_cpus"].as_array().map(Vec::len), Some(1), "replicas pinned to one CPU");
+    // CPU time per component during the churn: every replica and this benchmark worked.
+    let replicas = v["cpu_during_churn_s"]["controllers"].as_array().expect("controllers CPU list");
+    assert_eq!(replicas.len() as f64, num(v, "replicas"));
+    for cpu in replicas {
+        let cpu = cpu.as_f64().unwrap();
+        assert!(cpu > 0.0 && cpu < 600.0, "replica CPU {cpu} s");
     }
+    assert!(num(v, "cpu_during_churn_s.bench") > 0.0, "{:#}", v["cpu_during_churn_s"]);
+    let etcd = num(v, "cpu_during_churn_s.etcd");
+    if members > 0.0 {
+        assert!(etcd > 0.0, "etcd used no CPU during the churn: {:#}", v["cpu_during_churn_s"]);
+    } else {
+        assert_eq!(etcd, 0.0, "no etcd with the embedded store");
+    }
+    // Pinning is on by default with two CPUs, and the kernel's view of every process agrees.
+    let pinning = &v["pinning"];
+    assert!(!pinning["reason"].as_str().unwrap_or_default().is_empty(), "{pinning:#}");
+    let pinned = pinning["pinned"].as_bool().expect("pinning.pinned");
+    assert_eq!(pinned, num(v, "machine.cpus") >= 2.0, "{pinning:#}");
+    if pinned {
+        let cpus = pinning["controller_cpus"].as_array().expect("controller_cpus");
+        assert_eq!(cpus.len(), 1, "replicas pinned to one CPU: {pinning:#}");
+        let seen = pinning["seen"].as_object().expect("pinning.seen");
+        assert_eq!(seen["bench-r1"], cpus[0].to_string(), "the replica's Cpus_allowed_list: {pinning:#}");
+        assert!(!seen["bench"].as_str().unwrap().contains(&cpus[0].to_string()), "the benchmark kept off it");
+    }
+    // Session heartbeats were answered and timed.
+    assert!(num(v, "delivery.heartbeats") > 0.0);
+    let (rtt50, rtt_max) = (num(v, "delivery.heartbeat_rtt_ms.p50"), num(v, "delivery.heartbeat_rtt_ms.max"));
+    assert!(0.0 < rtt50 && rtt50 <= rtt_max, "heartbeat round trips {rtt50}/{rtt_max} ms");
+    let (late50, late_max) = (num(v, "delivery.heartbeat_late_ms.p50"), num(v, "delivery.heartbeat_late_ms.max"));
+    assert!(0.0 <= late50 && late50 <= late_max, "heartbeat lateness {late50}/{late_max} ms");
     assert!(num(v, "machine.cpus") >= 1.0);
     assert!(v["machine"]["loadavg_end"][0].as_f64().is_some(), "load recorded at the end");
 }
@@ -150,6 +179,33 @@ fn bench_on_the_embedded_store_reports_every_field() {
     check(&v, 0.0);
     assert_eq!(v["etcd_floor"]["store"], "embedded");
     assert_eq!(num(&v, "replicas"), 1.0);
+}
+
+/// `--repeats 2`: both runs in full, and the min / median / max of the key figures over them.
+#[test]
+fn repeated_runs_report_the_spread_of_the_key_figures() {
+    let v = bench("0", &["--repeats", "2"]);
+    assert_eq!(num(&v, "repeats"), 2.0);
+    assert_eq!(num(&v, "completed"), 2.0, "{:#}", v["failed"]);
+    assert_eq!(num(&v, "checks_failed"), 0.0);
+    assert_eq!(v["failed"].as_array().map(Vec::len), Some(0));
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        check(run, 0.0);
+    }
+    for figure in ["convergence_ms.p99", "updates_per_s", "controller_cost.us_per_message", "cpu_during_churn_s.bench"]
+    {
+        let values: Vec<f64> = runs.iter().map(|r| num(r, figure)).collect();
+        let s = &v["summary"][figure];
+        let (min, median, max) = (num(s, "min"), num(s, "median"), num(s, "max"));
+        assert!(min <= median && median <= max, "{figure}: {s}");
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * b.abs().max(1.0);
+        assert!(
+            close(min, values[0].min(values[1])) && close(max, values[0].max(values[1])),
+            "{figure}: {s} of {values:?}"
+        );
+    }
 }
 
 #[test]

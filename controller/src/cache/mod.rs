@@ -5,7 +5,9 @@
 //! connected. Every applied watch batch that matters to agents becomes a [`Frame`] in a bounded
 //! history; agent streams and binding watchers read frames after their own cursor, so a stream
 //! that resumes from a revision still inside the history gets only the deltas (no snapshot), and a
-//! slow stream simply coalesces more frames into its next message.
+//! slow stream simply coalesces more frames into its next message. The history is bounded by its
+//! number of changes and by its (estimated) bytes, whichever is reached first
+//! ([`CacheChange::history_bytes`]).
 
 pub mod backfill;
 pub mod loader;
@@ -59,6 +61,8 @@ struct Inner {
     state: CacheState,
     history: VecDeque<Frame>,
     history_changes: usize,
+    /// Estimated bytes of the history ([`frame_bytes`]).
+    history_bytes: usize,
     /// Frames cover changes with revision in (floor, state.revision].
     floor: Revision,
 }
@@ -68,6 +72,7 @@ pub struct Cache {
     keys: Keys,
     inner: RwLock<Inner>,
     history_limit: usize,
+    history_bytes_limit: usize,
     revision_tx: watch::Sender<Revision>,
     loaded: AtomicBool,
     undecodable: AtomicU64,
@@ -77,6 +82,12 @@ pub struct Cache {
 impl Cache {
     /// An empty cache that keeps about `history_limit` changes for resuming streams.
     pub fn new(keys: Keys, history_limit: usize) -> Arc<Cache> {
+        Cache::with_history_bytes(keys, history_limit, usize::MAX)
+    }
+
+    /// An empty cache that keeps about `history_limit` changes for resuming streams, in at most
+    /// about `history_bytes` bytes (the newest frame is always kept).
+    pub fn with_history_bytes(keys: Keys, history_limit: usize, history_bytes: usize) -> Arc<Cache> {
         let (revision_tx, _) = watch::channel(0);
         Arc::new(Cache {
             keys,
@@ -84,9 +95,11 @@ impl Cache {
                 state: CacheState::default(),
                 history: VecDeque::new(),
                 history_changes: 0,
+                history_bytes: 0,
                 floor: 0,
             }),
             history_limit,
+            history_bytes_limit: history_bytes,
             revision_tx,
             loaded: AtomicBool::new(false),
             undecodable: AtomicU64::new(0),
@@ -169,7 +182,7 @@ impl Cache {
             }
             inner.state.revision = inner.state.revision.max(batch.revision);
             let revision = inner.state.revision;
-            Self::push_frame(&mut inner, self.history_limit, revision, last_per_key(changes));
+            self.push_frame(&mut inner, revision, last_per_key(changes));
             revision
         };
         if undecodable > 0 {
@@ -190,13 +203,14 @@ impl Cache {
             let revision = fresh.revision;
             if self.is_loaded() {
                 let changes = inner.state.replace_with(fresh);
-                Self::push_frame(&mut inner, self.history_limit, revision, changes);
+                self.push_frame(&mut inner, revision, changes);
                 self.relists.fetch_add(1, Ordering::Relaxed);
             } else {
                 inner.state = fresh;
                 inner.floor = revision;
                 inner.history.clear();
                 inner.history_changes = 0;
+                inner.history_bytes = 0;
             }
             revision
         };
@@ -231,9 +245,11 @@ impl Cache {
     ) -> bool {
         let mut inner = self.inner.write().expect("cache lock poisoned");
         let added: usize = frames.iter().map(|(_, c)| c.len()).sum();
+        let added_bytes: usize = frames.iter().filter(|(_, c)| !c.is_empty()).map(|(_, c)| frame_bytes(c)).sum();
         if inner.floor != expected_floor
             || new_floor >= expected_floor
             || inner.history_changes + added > self.history_limit
+            || inner.history_bytes.saturating_add(added_bytes) > self.history_bytes_limit
         {
             return false;
         }
@@ -247,24 +263,46 @@ impl Cache {
             });
         }
         inner.history_changes += added;
+        inner.history_bytes += added_bytes;
         inner.floor = new_floor;
         true
     }
 
-    fn push_frame(inner: &mut Inner, limit: usize, revision: Revision, changes: Vec<CacheChange>) {
+    fn push_frame(&self, inner: &mut Inner, revision: Revision, changes: Vec<CacheChange>) {
         if changes.is_empty() {
             return;
         }
         inner.history_changes += changes.len();
+        inner.history_bytes += frame_bytes(&changes);
         let applied_mono_ns = victor_proto::clock::monotonic_ns();
         inner.history.push_back(Frame { revision, changes: changes.into(), applied_mono_ns, encoded: Arc::default() });
-        while inner.history_changes > limit && inner.history.len() > 1 {
+        while (inner.history_changes > self.history_limit || inner.history_bytes > self.history_bytes_limit)
+            && inner.history.len() > 1
+        {
             let old = inner.history.pop_front().expect("non-empty");
             inner.history_changes -= old.changes.len();
+            inner.history_bytes -= frame_bytes(&old.changes);
             inner.floor = old.revision;
         }
     }
+
+    /// The history's changes and estimated bytes.
+    pub fn history_size(&self) -> (usize, usize) {
+        let inner = self.inner.read().expect("cache lock poisoned");
+        (inner.history_changes, inner.history_bytes)
+    }
 }
+
+/// Estimated bytes of a history frame holding `changes`: the frame, its changes and what they
+/// own, and their shared encoding once a stream has built it ([`ENCODED_BYTES_PER_CHANGE`]).
+fn frame_bytes(changes: &[CacheChange]) -> usize {
+    std::mem::size_of::<Frame>()
+        + 2 * std::mem::size_of::<usize>()
+        + changes.iter().map(|c| c.history_bytes() + ENCODED_BYTES_PER_CHANGE).sum::<usize>()
+}
+
+/// About the bytes of one change in a frame's shared encoding (an IPv4 binding entry is ~40).
+const ENCODED_BYTES_PER_CHANGE: usize = 48;
 
 /// Keeps only the last change of each key, in order. One transaction can change a key's agent
 /// view twice at the same revision (an FE registration writes the FE record and its session: the
@@ -318,6 +356,33 @@ mod tests {
         let Since::Frames { frames, revision } = cache.since(15) else { panic!() };
         assert!(frames.is_empty());
         assert_eq!(revision, 15);
+        assert!(matches!(cache.since(11), Since::TooOld { floor: 12 }));
+    }
+
+    #[test]
+    fn history_is_bounded_by_bytes_too() {
+        let keys = Keys::new("/v");
+        let cache = Cache::new(keys.clone(), 100);
+        cache.install(CacheState::at(10));
+        cache.apply_batch(&batch(&keys, 11, 1));
+        let (_, one) = cache.history_size();
+        assert!(one > std::mem::size_of::<CacheChange>(), "a frame of one binding: {one} bytes");
+
+        // Room for three such frames (not four), whatever the count bound.
+        let limit = 3 * one + one / 2;
+        let cache = Cache::with_history_bytes(keys.clone(), 1_000_000, limit);
+        cache.install(CacheState::at(10));
+        for (i, rev) in (11..=15).enumerate() {
+            cache.apply_batch(&batch(&keys, rev, i as u8 + 1));
+        }
+        assert_eq!(cache.history_size(), (3, 3 * one));
+        // A resume inside the history gets the deltas; one from before it needs a snapshot.
+        let Since::Frames { frames, .. } = cache.since(12) else { panic!("12 is the floor") };
+        assert_eq!(frames.iter().map(|f| f.revision).collect::<Vec<_>>(), vec![13, 14, 15]);
+        assert!(matches!(cache.since(11), Since::TooOld { floor: 12 }));
+        // Backfill cannot grow it past the bound either.
+        let change = frames[0].changes[0].clone();
+        assert!(!cache.prepend(12, 11, vec![(12, vec![change])]), "a fourth frame does not fit");
         assert!(matches!(cache.since(11), Since::TooOld { floor: 12 }));
     }
 

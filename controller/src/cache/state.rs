@@ -212,6 +212,21 @@ impl CacheChange {
             CacheChange::Fe { fe_id, .. } => ChangeKey::Fe(fe_id.clone()),
         }
     }
+
+    /// About the bytes this change takes in the cache's history: itself and what it owns
+    /// (interned FE ids are shared with the cache and not counted).
+    pub fn history_bytes(&self) -> usize {
+        let owned = match self {
+            CacheChange::Binding { view: Some(view), .. } => view.extra.as_ref().map_or(0, |extra| {
+                std::mem::size_of::<BindingExtra>()
+                    + extra.recent_moves.capacity() * std::mem::size_of::<i64>()
+                    + extra.pending_fe_id.capacity()
+            }),
+            CacheChange::Fe { view: Some(view), .. } => view.record.encoded_len(),
+            _ => 0,
+        };
+        std::mem::size_of::<CacheChange>() + owned
+    }
 }
 
 /// Everything under the prefix, as of `revision`.

@@ -138,6 +138,7 @@ podAntiAffinity:
 - --damping-window={{ $c.damping.window }}
 - --damping-hold={{ $c.damping.hold }}
 - --stream-history={{ int64 $c.streamHistory }}
+- --stream-history-bytes={{ $c.streamHistoryBytes }}
 - --max-report-observations={{ int64 $c.maxReportObservations }}
 - --max-connections={{ int64 $c.limits.maxConnections }}
 - --max-http-connections={{ int64 $c.limits.maxHttpConnections }}

@@ -1,5 +1,6 @@
 //! Simulated FEs: real gRPC clients of the controller (Register, Heartbeat, Report, Sync) without
-//! a data plane. Each holds its own HTTP/2 connection, keeps its session alive, and follows the
+//! a data plane. Each holds its own HTTP/2 connection (and a second one on which its session
+//! heartbeats run, on a runtime of their own: `heartbeat_runtime`), and follows the
 //! desired-state stream into a compact map shaped like the real agent's (`u32` IPv4 key and a
 //! 32-byte record with the FE interned to an index; see fe-agent `state/desired.rs`), recording
 //! when each message was applied. Nothing else: 1,000 of them share two cores with the system
@@ -20,6 +21,7 @@ use victor_proto::clock::monotonic_ns;
 use victor_proto::v1::agent_service_client::AgentServiceClient;
 use victor_proto::v1::{HeartbeatRequest, RegisterRequest, SyncPhase, SyncRequest};
 
+use super::stats::Percentiles;
 use super::wire::{LeanSyncUpdate, fe_key};
 
 /// The record a simulated agent keeps per binding (32 bytes, as the real agent's `BindingRec`).
@@ -107,6 +109,50 @@ pub struct Sessions {
     /// Registrations renewed after the controller said the session had expired (as the real
     /// agent does).
     pub reregistered: AtomicU64,
+    /// Per heartbeat, µs: (how late it was sent after its due time, sent → answered).
+    timings: Mutex<Vec<(u32, u32)>>,
+}
+
+impl Sessions {
+    fn heartbeat_timed(&self, late: Duration, rtt: Duration) {
+        let us = |d: Duration| d.as_micros().min(u128::from(u32::MAX)) as u32;
+        self.timings.lock().expect("timings lock").push((us(late), us(rtt)));
+    }
+
+    /// Percentiles (ms) of how late heartbeats were sent after their due time — the lateness of
+    /// the heartbeat runtime, i.e. of this process — and of their round trips (sent → answered:
+    /// the connection and the controller).
+    pub fn timing(&self) -> (Percentiles, Percentiles) {
+        let timings = self.timings.lock().expect("timings lock");
+        let ms = |f: fn(&(u32, u32)) -> u32| timings.iter().map(|t| f64::from(f(t)) / 1e3).collect::<Vec<_>>();
+        (Percentiles::of(&ms(|t| t.0)).rounded(), Percentiles::of(&ms(|t| t.1)).rounded())
+    }
+}
+
+/// The runtime every simulated agent's session heartbeats run on: one thread of its own, with
+/// its own connection per FE, so that 1,000 agents decoding their streams on the benchmark's
+/// runtime cannot delay a heartbeat until the controller expires the session. (A real agent
+/// heartbeats on its stream's connection; on its own host nothing competes with it.)
+fn heartbeat_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-heartbeats")
+            .enable_all()
+            .build()
+            .expect("heartbeat runtime")
+    })
+}
+
+/// A connection to `grpc` (driven by the runtime this is awaited on).
+async fn connect(grpc: SocketAddr) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(format!("http://{grpc}"))
+        .expect("a valid URI")
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await
 }
 
 /// How long a simulated agent keeps trying to reconnect its stream before it gives up.
@@ -167,14 +213,10 @@ pub fn underlay(i: usize) -> Ipv4Addr {
 
 impl SimFe {
     /// Connects to `grpc` and registers FE `id` with underlay [`underlay`]`(i)`; keeps the session
-    /// alive from then on (counted in `sessions`).
+    /// alive from then on (counted in `sessions`) on the `heartbeat_runtime`, over a second
+    /// connection of its own.
     pub async fn register(id: String, i: usize, grpc: SocketAddr, sessions: Arc<Sessions>) -> Result<SimFe> {
-        let channel = Channel::from_shared(format!("http://{grpc}"))?
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("connect {id} to controller {grpc}"))?;
+        let channel = connect(grpc).await.with_context(|| format!("connect {id} to controller {grpc}"))?;
         let mut client = AgentServiceClient::new(channel.clone()).max_decoding_message_size(256 << 20);
         let registration = RegisterRequest {
             fe_id: id.clone(),
@@ -185,11 +227,19 @@ impl SimFe {
         };
         let resp = client.register(registration.clone()).await.with_context(|| format!("register {id}"))?.into_inner();
         let interval = Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(100)));
-        let mut hb_client = client.clone();
-        let heartbeat = tokio::spawn(async move {
+        let hb_channel = heartbeat_runtime()
+            .spawn(connect(grpc))
+            .await?
+            .with_context(|| format!("connect {id}'s heartbeats to controller {grpc}"))?;
+        let mut hb_client = AgentServiceClient::new(hb_channel);
+        let heartbeat = heartbeat_runtime().spawn(async move {
             loop {
-                tokio::time::sleep(interval).await;
-                match hb_client.heartbeat(HeartbeatRequest { fe_id: registration.fe_id.clone() }).await {
+                let due = tokio::time::Instant::now() + interval;
+                tokio::time::sleep_until(due).await;
+                let sent = tokio::time::Instant::now();
+                let answer = hb_client.heartbeat(HeartbeatRequest { fe_id: registration.fe_id.clone() }).await;
+                sessions.heartbeat_timed(sent.saturating_duration_since(due), sent.elapsed());
+                match answer {
                     Ok(_) => {
                         sessions.heartbeats.fetch_add(1, Ordering::Relaxed);
                     }

@@ -22,12 +22,15 @@
 //! (`/proc/<pid>/stat`) is divided by what they delivered — per message, entry and move during the
 //! churn, per heartbeat in an idle window before it ([`ControllerCost`]). Simulated agents
 //! reconnect and resume like real ones; drops are counted with their cause.
+//!
+//! `--repeats N` runs all of it N times and summarises the key figures ([`repeats`]).
 
 pub mod agent;
 pub mod cluster;
 pub mod driver;
 pub mod floor;
 pub mod real_agent;
+pub mod repeats;
 pub mod stats;
 pub mod sys;
 pub mod wire;
@@ -52,6 +55,7 @@ use agent::{AgentState, Causes, FeTable, Progress, Rec, Sessions, SimFe};
 use cluster::Cluster;
 use driver::{ChurnConfig, Reporters};
 use floor::Floor;
+use repeats::{RepeatedReport, RunFailure};
 use stats::{Percentiles, round3};
 use sys::Machine;
 
@@ -108,13 +112,21 @@ pub struct BenchArgs {
     /// Seed of the churn's random choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Do not pin the controller replicas to the first CPU and etcd and the simulated agents to
-    /// the others (pinning needs at least two CPUs).
-    #[arg(long)]
+    /// Pin the controller replicas to the first CPU and etcd and the simulated agents to the
+    /// others: `auto` does when at least two CPUs are allowed, `on` requires it, `off` does not.
+    #[arg(long, value_enum, default_value_t = PinMode::Auto)]
+    pub pin: PinMode,
+    /// Same as `--pin off`.
+    #[arg(long, conflicts_with = "pin")]
     pub no_pin: bool,
     /// Length of the idle window (no churn) in which the cost of heartbeats is measured (s).
     #[arg(long, default_value_t = 3.0)]
     pub idle_seconds: f64,
+    /// Run the whole benchmark this many times (a fresh cluster each) and report the min /
+    /// median / max of the key figures with every run (default output
+    /// bench-results/bench-<fes>fes-<bindings>-x<N>.json).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeats: u32,
 }
 
 /// The result of one run (printed with `--json`, always written to the output file).
@@ -157,8 +169,8 @@ pub struct BenchReport {
     pub cpu_during_churn_s: CpuReport,
     /// The replicas' CPU time per unit delivered.
     pub controller_cost: ControllerCost,
-    /// Where the processes ran (`None`: not pinned).
-    pub pinning: Option<Pinning>,
+    /// Where the processes ran.
+    pub pinning: Pinning,
     /// Where the time of a move goes inside the controller (its `/debug/moves` traces).
     pub controller_stages_ms: Stages,
     /// A real agent's full sync in a namespace (`--real-agent`).
@@ -167,6 +179,14 @@ pub struct BenchReport {
     pub machine: Machine,
     /// The arguments of the run.
     pub command: String,
+}
+
+impl BenchReport {
+    /// Whether the delivery checks held: every agent equal to the truth, every committed move
+    /// applied by every FE, every dropped stream reopened.
+    pub fn checks_pass(&self) -> bool {
+        self.delivery.agents_inconsistent == 0 && self.churn.undelivered == 0 && self.delivery.stream_failures == 0
+    }
 }
 
 /// Controller figures over the floor.
@@ -263,6 +283,13 @@ pub struct DeliveryReport {
     pub heartbeat_failure_causes: BTreeMap<String, u64>,
     /// FEs that registered again after the controller expired their session.
     pub reregistered: u64,
+    /// Session heartbeats, sent → answered (ms; whole run).
+    pub heartbeat_rtt_ms: Percentiles,
+    /// How late the simulated agents sent their session heartbeats after their due time (ms;
+    /// whole run): the lateness of the benchmark's heartbeat runtime. Sessions that expire with
+    /// this small and the round trip large point at the controller; with this large, at the load
+    /// generator.
+    pub heartbeat_late_ms: Percentiles,
 }
 
 /// Memory.
@@ -337,25 +364,71 @@ impl Stages {
     }
 }
 
+/// `--pin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PinMode {
+    /// Pin when at least two CPUs are allowed.
+    Auto,
+    /// Pin; fail with fewer than two CPUs.
+    On,
+    /// Do not pin.
+    Off,
+}
+
 /// Where the processes of the run were pinned (`sched_setaffinity` on every thread).
 #[derive(Debug, Clone, Serialize)]
 pub struct Pinning {
-    /// The controller replicas' CPUs.
+    /// Whether the processes were pinned.
+    pub pinned: bool,
+    /// How that was decided (`--pin` and the CPUs allowed to the benchmark).
+    pub reason: String,
+    /// The controller replicas' CPUs (empty: not pinned).
     pub controller_cpus: Vec<usize>,
-    /// etcd's and the benchmark's (the simulated agents') CPUs.
+    /// etcd's and the benchmark's (the simulated agents') CPUs (empty: not pinned).
     pub others_cpus: Vec<usize>,
+    /// Each process's `Cpus_allowed_list` as the kernel showed it at the end of the churn
+    /// (replica ids, `etcd-<i>`, `bench`).
+    pub seen: BTreeMap<String, String>,
 }
 
+/// The CPUs the benchmark was allowed when it first looked, before it pinned itself (a second
+/// run of `--repeats` must not plan from the narrower mask the first one left).
+static ALLOWED_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+
 impl Pinning {
-    /// The first allowed CPU for the replicas, the others for the rest; `None` with one CPU.
-    fn plan() -> Option<Pinning> {
-        let cpus = sys::allowed_cpus();
-        (cpus.len() >= 2).then(|| Pinning { controller_cpus: vec![cpus[0]], others_cpus: cpus[1..].to_vec() })
+    /// The first allowed CPU for the replicas, the others for the rest.
+    fn plan(mode: PinMode) -> Result<Pinning> {
+        let cpus = ALLOWED_CPUS.get_or_init(sys::allowed_cpus).clone();
+        let off = |reason: String| Pinning {
+            pinned: false,
+            reason,
+            controller_cpus: Vec::new(),
+            others_cpus: Vec::new(),
+            seen: BTreeMap::new(),
+        };
+        match mode {
+            PinMode::Off => return Ok(off("--pin off".into())),
+            PinMode::Auto if cpus.len() < 2 => return Ok(off(format!("--pin auto: only CPUs {cpus:?} allowed"))),
+            PinMode::On if cpus.len() < 2 => {
+                bail!("--pin on needs at least two CPUs; this process may only use {cpus:?} (use --pin off)")
+            }
+            PinMode::Auto | PinMode::On => {}
+        }
+        Ok(Pinning {
+            pinned: true,
+            reason: format!("--pin {}: {} CPUs allowed", if mode == PinMode::On { "on" } else { "auto" }, cpus.len()),
+            controller_cpus: vec![cpus[0]],
+            others_cpus: cpus[1..].to_vec(),
+            seen: BTreeMap::new(),
+        })
     }
 
     /// Pins the replicas, etcd and this process (again: threads created since inherited the mask
     /// of their creator, so this only catches threads a process started before it was pinned).
     fn apply(&self, cluster: &mut Cluster) -> Result<()> {
+        if !self.pinned {
+            return Ok(());
+        }
         for replica in &cluster.replicas {
             sys::pin(replica.pid(), &self.controller_cpus)?;
         }
@@ -363,6 +436,19 @@ impl Pinning {
             sys::pin(pid, &self.others_cpus)?;
         }
         Ok(())
+    }
+
+    /// Records where every process of the run may run now.
+    fn observe(&mut self, cluster: &mut Cluster) {
+        let mut seen = BTreeMap::new();
+        for replica in &cluster.replicas {
+            seen.insert(replica.id().to_owned(), sys::allowed_list(replica.pid()));
+        }
+        for (i, pid) in cluster.etcd_pids().into_iter().enumerate() {
+            seen.insert(format!("etcd-{i}"), sys::allowed_list(pid));
+        }
+        seen.insert("bench".to_owned(), sys::allowed_list(std::process::id()));
+        self.seen = seen;
     }
 }
 
@@ -411,25 +497,70 @@ pub struct CpuReport {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// Runs the benchmark and prints the result.
+/// Runs the benchmark (`--repeats` times) and prints the result.
 pub async fn run(args: BenchArgs) -> Result<()> {
-    let report = execute(&args).await?;
-    let json = serde_json::to_string_pretty(&report)?;
-    let path = args
-        .output
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("bench-results/bench-{}fes-{}.json", args.fes, args.bindings)));
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    if args.repeats > 1 {
+        return run_repeated(&args).await;
     }
-    std::fs::write(&path, format!("{json}\n")).with_context(|| format!("write {}", path.display()))?;
+    let report = execute(&args).await?;
+    let path = format!("bench-results/bench-{}fes-{}.json", args.fes, args.bindings);
+    let json = write_json(&args, &path, &report)?;
     if args.json {
         println!("{json}");
     } else {
         print_summary(&report);
     }
-    eprintln!("victor-lab bench: wrote {}", path.display());
     Ok(())
+}
+
+/// `--repeats N`: every run, then the spread; fails (after writing the file) if a run did not
+/// complete.
+async fn run_repeated(args: &BenchArgs) -> Result<()> {
+    let n = args.repeats as usize;
+    let (mut runs, mut failed) = (Vec::new(), Vec::new());
+    for run in 1..=n {
+        progress(format!("run {run} of {n}"));
+        match execute(args).await {
+            Ok(report) => {
+                progress(format!(
+                    "run {run}: convergence p50 {:.3} ms, p99 {:.3} ms; {:.0} updates/s; {:.2} µs/message",
+                    report.convergence_ms.p50,
+                    report.convergence_ms.p99,
+                    report.updates_per_s,
+                    report.controller_cost.us_per_message
+                ));
+                runs.push(report);
+            }
+            Err(err) => {
+                progress(format!("run {run} failed: {err:#}"));
+                failed.push(RunFailure { run, error: format!("{err:#}") });
+            }
+        }
+    }
+    let report = RepeatedReport::new(n, runs, failed);
+    let path = format!("bench-results/bench-{}fes-{}-x{n}.json", args.fes, args.bindings);
+    let json = write_json(args, &path, &report)?;
+    if args.json {
+        println!("{json}");
+    } else {
+        report.print();
+    }
+    if let Some(first) = report.failed.first() {
+        bail!("{} of {n} runs failed; first (run {}): {}", report.failed.len(), first.run, first.error);
+    }
+    Ok(())
+}
+
+/// Writes `report` to `--output` (or `default`) and returns its JSON.
+fn write_json(args: &BenchArgs, default: &str, report: &impl Serialize) -> Result<String> {
+    let json = serde_json::to_string_pretty(report)?;
+    let path = args.output.clone().unwrap_or_else(|| PathBuf::from(default));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::write(&path, format!("{json}\n")).with_context(|| format!("write {}", path.display()))?;
+    eprintln!("victor-lab bench: wrote {}", path.display());
+    Ok(json)
 }
 
 fn progress(msg: impl std::fmt::Display) {
@@ -555,14 +686,16 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     };
     let rss_empty = sys::rss_bytes(cluster.replicas[0].pid())?;
 
-    let pinning = if args.no_pin { None } else { Pinning::plan() };
-    if let Some(pinning) = &pinning {
+    let mut pinning = Pinning::plan(if args.no_pin { PinMode::Off } else { args.pin })?;
+    if pinning.pinned {
         progress(format!(
             "pinning the replicas to CPU {:?}, etcd and the agents to {:?}",
             pinning.controller_cpus, pinning.others_cpus
         ));
-        pinning.apply(&mut cluster)?;
+    } else {
+        progress(format!("not pinning ({})", pinning.reason));
     }
+    pinning.apply(&mut cluster)?;
 
     progress(format!("registering {} FEs and opening their streams", args.fes));
     let sessions = Arc::new(Sessions::default());
@@ -586,9 +719,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
         args.bindings as f64 / preloaded.elapsed.as_secs_f64()
     ));
 
-    if let Some(pinning) = &pinning {
-        pinning.apply(&mut cluster)?;
-    }
+    pinning.apply(&mut cluster)?;
     let pids: Vec<u32> = cluster.replicas.iter().map(|r| r.pid()).collect();
     let etcd_pids = cluster.etcd_pids();
     let cpu = |pids: &[u32]| pids.iter().map(|&p| sys::cpu_seconds(p).unwrap_or(0.0)).collect::<Vec<_>>();
@@ -625,6 +756,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     let last_revision = churned.committed.last().map(|c| c.revision).unwrap_or(0);
     let drained = agents.wait_revision(last_revision, Duration::from_secs(120)).await;
     agents.recording.store(false, Ordering::Relaxed);
+    pinning.observe(&mut cluster);
     let cpu_report = CpuReport {
         wall: round3(churn_started.elapsed().as_secs_f64()),
         controllers: cpu(&pids).iter().zip(&ctl_cpu0).map(|(a, b)| round3(a - b)).collect(),
@@ -695,7 +827,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     };
 
     progress("cold start of a controller replica");
-    let (cold_start_s, cold_rss) = cold_start(&mut cluster, pinning.as_ref()).await?;
+    let (cold_start_s, cold_rss) = cold_start(&mut cluster, &pinning).await?;
     machine.loadavg_end = sys::loadavg();
 
     let m = args.bindings as f64;
@@ -704,6 +836,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     let entry_bytes = std::mem::size_of::<(u32, Rec)>();
     let churn_cpu_s: f64 = cpu_report.controllers.iter().sum();
     let per = |cpu_s: f64, n: u64| if n == 0 { 0.0 } else { round3(cpu_s * 1e6 / n as f64) };
+    let (heartbeat_late_ms, heartbeat_rtt_ms) = sessions.timing();
     let controller_cost = ControllerCost {
         churn_cpu_s: round3(churn_cpu_s),
         us_per_message: per(churn_cpu_s, churn_messages),
@@ -776,6 +909,8 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
             heartbeat_failures: sessions.failures.total(),
             heartbeat_failure_causes: sessions.failures.counts(),
             reregistered: sessions.reregistered.load(Ordering::Relaxed),
+            heartbeat_rtt_ms,
+            heartbeat_late_ms,
         },
         memory: MemoryReport {
             controller_rss_empty_mib: round3(rss_empty as f64 / MIB),
@@ -843,7 +978,7 @@ async fn full_sync(cluster: &Cluster, fes: usize, sessions: &Arc<Sessions>) -> R
 
 /// Starts a fresh replica against the loaded store (with the embedded store: restarts the only
 /// replica on its file); returns the time to /readyz and its RSS once ready.
-async fn cold_start(cluster: &mut Cluster, pinning: Option<&Pinning>) -> Result<(f64, u64)> {
+async fn cold_start(cluster: &mut Cluster, pinning: &Pinning) -> Result<(f64, u64)> {
     let id = if cluster.etcd.is_some() {
         "bench-cold".to_owned()
     } else {
@@ -853,7 +988,7 @@ async fn cold_start(cluster: &mut Cluster, pinning: Option<&Pinning>) -> Result<
     };
     let started = Instant::now();
     let replica = cluster.spawn(&id)?;
-    if let Some(pinning) = pinning {
+    if pinning.pinned {
         sys::pin(replica.pid(), &pinning.controller_cpus)?;
     }
     replica.wait_ready(Duration::from_secs(300)).await?;
@@ -921,17 +1056,41 @@ fn print_summary(r: &BenchReport) {
         "  controller cost     churn: {:.2} µs/message, {:.3} µs/entry, {:.0} µs/move ({:.2} cores); idle: {:.2} µs/heartbeat, {:.1} µs per FE per s",
         c.us_per_message, c.us_per_entry, c.us_per_move, c.churn_cores, c.us_per_heartbeat, c.idle_us_per_fe_per_s
     );
+    let cpu = &r.cpu_during_churn_s;
+    println!(
+        "  CPU during churn    {:.2} s wall: replicas {:?} s, etcd {:.2} s, benchmark (agents) {:.2} s",
+        cpu.wall, cpu.controllers, cpu.etcd, cpu.bench
+    );
+    let p = &r.pinning;
+    if p.pinned {
+        println!(
+            "  pinning             replicas on CPUs {:?}, etcd and the benchmark on {:?} ({}); seen {:?}",
+            p.controller_cpus, p.others_cpus, p.reason, p.seen
+        );
+    } else {
+        println!("  pinning             none ({})", p.reason);
+    }
     println!(
         "  checks              {}/{} agents consistent, {} undelivered, {} stream failures, {} rejected",
         r.delivery.agents_consistent, r.fes, r.churn.undelivered, r.delivery.stream_failures, r.churn.rejected
     );
     println!(
-        "  drops               {} streams reopened {:?}; {} resync snapshots; {} preload retries; {} session heartbeats failed",
+        "  drops               {} streams reopened {:?}; {} resync snapshots; {} preload retries {:?}",
         r.delivery.stream_drops,
         r.delivery.drop_causes,
         r.delivery.resync_snapshots,
         r.preload.retries.values().sum::<u64>(),
-        r.delivery.heartbeat_failures
+        r.preload.retries
+    );
+    println!(
+        "  sessions            {} heartbeats failed {:?}, {} re-registered; heartbeat RTT p99 {:.1} max {:.1} ms, sent late p99 {:.1} max {:.1} ms",
+        r.delivery.heartbeat_failures,
+        r.delivery.heartbeat_failure_causes,
+        r.delivery.reregistered,
+        r.delivery.heartbeat_rtt_ms.p99,
+        r.delivery.heartbeat_rtt_ms.max,
+        r.delivery.heartbeat_late_ms.p99,
+        r.delivery.heartbeat_late_ms.max
     );
     println!("  load average        {:?} → {:?}", r.machine.loadavg_start, r.machine.loadavg_end);
 }

@@ -1,5 +1,6 @@
-//! Pure arithmetic of the benchmark: percentiles, per-move convergence from the agents' apply
-//! logs, and the heap size of the simulated agents' map. No IO, no clocks.
+//! Pure arithmetic of the benchmark: percentiles, the spread of repeated runs, per-move
+//! convergence from the agents' apply logs, and the heap size of the simulated agents' map. No
+//! IO, no clocks.
 
 use serde::Serialize;
 
@@ -28,6 +29,31 @@ impl Percentiles {
     /// Rounded to microseconds (readable JSON).
     pub fn rounded(self) -> Percentiles {
         Percentiles { p50: round3(self.p50), p99: round3(self.p99), max: round3(self.max) }
+    }
+}
+
+/// min / median / max of one figure over repeated runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Spread {
+    /// Smallest value.
+    pub min: f64,
+    /// Median (the mean of the two middle values for an even count).
+    pub median: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values` (any order; NaNs are left out); all zero for an empty sample.
+    pub fn of(values: &[f64]) -> Spread {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+        if v.is_empty() {
+            return Spread::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Spread { min: round3(v[0]), median: round3(median), max: round3(v[n - 1]) }
     }
 }
 
@@ -100,6 +126,14 @@ mod tests {
         assert_eq!(Percentiles::of(&v), Percentiles { p50: 50.0, p99: 99.0, max: 100.0 });
         assert_eq!(Percentiles::of(&[3.0]), Percentiles { p50: 3.0, p99: 3.0, max: 3.0 });
         assert_eq!(Percentiles::of(&[]), Percentiles::default());
+    }
+
+    #[test]
+    fn spread_min_median_max() {
+        assert_eq!(Spread::of(&[3.0, 1.0, 2.0]), Spread { min: 1.0, median: 2.0, max: 3.0 });
+        assert_eq!(Spread::of(&[4.0, 1.0, 2.0, 10.0]), Spread { min: 1.0, median: 3.0, max: 10.0 });
+        assert_eq!(Spread::of(&[f64::NAN, 5.0]), Spread { min: 5.0, median: 5.0, max: 5.0 });
+        assert_eq!(Spread::of(&[]), Spread::default());
     }
 
     #[test]

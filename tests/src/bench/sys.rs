@@ -50,6 +50,16 @@ pub fn allowed_cpus() -> Vec<usize> {
     (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
 }
 
+/// `Cpus_allowed_list` of process `pid` (e.g. `0` or `1-3`; `?` if it cannot be read).
+pub fn allowed_list(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 /// Pins every thread of process `pid` to `cpus` (threads it creates later inherit the mask of
 /// their creator). Returns the number of threads pinned.
 pub fn pin(pid: u32, cpus: &[usize]) -> Result<usize> {
@@ -107,7 +117,9 @@ impl Machine {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
         Machine {
-            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            // Online CPUs, not this process's (pinned, after a first run of --repeats) mask.
+            // SAFETY: sysconf has no preconditions.
+            cpus: usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1).max(1),
             mem_gib: (kib / (1024.0 * 1024.0) * 10.0).round() / 10.0,
             loadavg_start: loadavg(),
             loadavg_end: [f64::NAN; 3],
@@ -140,9 +152,7 @@ mod tests {
         assert!(!cpus.is_empty());
         let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
         assert_eq!(pin(child.id(), &cpus[..1]).unwrap(), 1);
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-        let allowed = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
-        assert_eq!(allowed.split_whitespace().nth(1).unwrap(), cpus[0].to_string());
+        assert_eq!(allowed_list(child.id()), cpus[0].to_string());
         child.kill().unwrap();
         child.wait().unwrap();
     }
