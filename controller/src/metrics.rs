@@ -1,6 +1,7 @@
 //! Prometheus metrics of one controller replica (prometheus-client, text exposition at /metrics).
 //! Counters are updated where things happen; gauges that mirror the cache are refreshed when
-//! scraped.
+//! scraped. Series about VM bindings carry the VM IP's address family (`family="ipv4|ipv6"`;
+//! `none` on a refused claim that named no usable IP, e.g. a malformed address or an unknown MAC).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -8,21 +9,56 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::net::IpAddr;
 
 use crate::cache::Cache;
 
-/// Label: a claim outcome.
+/// The `family` label of a VM IP.
+pub fn family(ip: IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => FAMILIES[0],
+        IpAddr::V6(_) => FAMILIES[1],
+    }
+}
+
+/// The `family` label of a VM IP as sent on the wire (4 or 16 bytes; anything else: `none`).
+pub fn family_of_bytes(ip: &[u8]) -> &'static str {
+    match ip.len() {
+        4 => FAMILIES[0],
+        16 => FAMILIES[1],
+        _ => NO_FAMILY,
+    }
+}
+
+/// The address families of VM IPs, as `family` label values.
+pub const FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
+
+/// The `family` of a refused claim that named no usable IP.
+pub const NO_FAMILY: &str = "none";
+
+/// Label: the address family of the VM IPs counted.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabel {
+    /// ipv4 | ipv6
+    pub family: &'static str,
+}
+
+/// Labels: a claim outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     /// bound | moved | unchanged | removed | rejected
     pub outcome: &'static str,
+    /// ipv4 | ipv6 | none
+    pub family: &'static str,
 }
 
-/// Label: why a claim was rejected.
+/// Labels: why a claim was rejected.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     /// The rejection reason, snake case (`stale`, `mac_mismatch`, ...).
     pub reason: &'static str,
+    /// ipv4 | ipv6 | none
+    pub family: &'static str,
 }
 
 /// Label: a store operation.
@@ -78,14 +114,14 @@ pub struct Metrics {
     pub claims: Family<OutcomeLabel, Counter>,
     /// Rejected claims by reason.
     pub claims_rejected: Family<ReasonLabel, Counter>,
-    /// Committed moves.
-    pub moves: Counter,
-    /// Bindings frozen by flap damping.
-    pub damping_frozen: Counter,
+    /// Committed moves by family.
+    pub moves: Family<FamilyLabel, Counter>,
+    /// Bindings frozen by flap damping, by family.
+    pub damping_frozen: Family<FamilyLabel, Counter>,
     /// CAS conflicts that needed a re-read.
     pub cas_retries: Counter,
-    /// Tombstones of removed bindings collected by housekeeping.
-    pub tombstones_collected: Counter,
+    /// Tombstones of removed bindings collected by housekeeping, by family.
+    pub tombstones_collected: Family<FamilyLabel, Counter>,
     /// Store request latency by operation.
     pub store_latency: Family<OpLabel, Histogram>,
     /// Store requests that failed as unavailable.
@@ -128,12 +164,14 @@ pub struct Metrics {
     pub connections_timed_out: Family<TimeoutLabel, Counter>,
     /// Leases of this replica (presence, housekeeping election) that expired before renewal.
     pub replica_leases_lost: Counter,
-    /// Bindings (from the cache).
-    pub bindings: Gauge,
-    /// Frozen bindings (from the cache).
-    pub bindings_frozen: Gauge,
-    /// Declared VMs.
-    pub vms: Gauge,
+    /// Binding events sent on binding watches (snapshot and changes), by family.
+    pub watch_events: Family<FamilyLabel, Counter>,
+    /// Bindings by family (from the cache).
+    pub bindings: Family<FamilyLabel, Gauge>,
+    /// Frozen bindings by family (from the cache).
+    pub bindings_frozen: Family<FamilyLabel, Gauge>,
+    /// Declared VMs by family.
+    pub vms: Family<FamilyLabel, Gauge>,
     /// FEs by health.
     pub fes: Family<StateLabel, Gauge>,
     /// Highest revision in the cache.
@@ -154,10 +192,10 @@ impl Metrics {
         let m = Metrics {
             claims: Family::default(),
             claims_rejected: Family::default(),
-            moves: Counter::default(),
-            damping_frozen: Counter::default(),
+            moves: Family::default(),
+            damping_frozen: Family::default(),
             cas_retries: Counter::default(),
-            tombstones_collected: Counter::default(),
+            tombstones_collected: Family::default(),
             store_latency: Family::new_with_constructor(latency),
             store_unavailable: Counter::default(),
             commit_to_cache: latency(),
@@ -178,9 +216,10 @@ impl Metrics {
             connections_refused: Family::default(),
             connections_timed_out: Family::default(),
             replica_leases_lost: Counter::default(),
-            bindings: Gauge::default(),
-            bindings_frozen: Gauge::default(),
-            vms: Gauge::default(),
+            watch_events: Family::default(),
+            bindings: Family::default(),
+            bindings_frozen: Family::default(),
+            vms: Family::default(),
             fes: Family::default(),
             cache_revision: Gauge::default(),
             cache_relists: Gauge::default(),
@@ -258,6 +297,11 @@ impl Metrics {
             "Leases of this replica (presence, housekeeping election) that expired before renewal",
             m.replica_leases_lost.clone(),
         );
+        registry.register(
+            "watch_events",
+            "Binding events sent on WatchBindings streams (snapshots and changes)",
+            m.watch_events.clone(),
+        );
         registry.register("bindings", "Bindings in the cache", m.bindings.clone());
         registry.register("bindings_frozen", "Bindings frozen by flap damping", m.bindings_frozen.clone());
         registry.register("vms_declared", "Declared VMs", m.vms.clone());
@@ -266,17 +310,43 @@ impl Metrics {
         registry.register("cache_relists", "Cache re-lists after compaction or outages", m.cache_relists.clone());
         registry.register("housekeeper", "1 if this replica runs housekeeping", m.housekeeper.clone());
         registry.register("store_reachable", "1 while the store answers", m.store_reachable.clone());
+        // Every family's series exists from the start (a rate over a dashboard's window needs it).
+        for family in FAMILIES {
+            let label = FamilyLabel { family };
+            for counter in [&m.moves, &m.damping_frozen, &m.tombstones_collected, &m.watch_events] {
+                drop(counter.get_or_create(&label));
+            }
+        }
         Metrics { registry, ..m }
     }
 
-    /// Counts one claim outcome.
-    pub fn claim(&self, outcome: &'static str) {
-        self.claims.get_or_create(&OutcomeLabel { outcome }).inc();
+    /// Counts one claim outcome of a VM IP of `family`.
+    pub fn claim(&self, outcome: &'static str, family: &'static str) {
+        self.claims.get_or_create(&OutcomeLabel { outcome, family }).inc();
     }
 
     /// Counts one rejection, by the snake-case name of its reason.
-    pub fn rejected(&self, reason: &'static str) {
-        self.claims_rejected.get_or_create(&ReasonLabel { reason }).inc();
+    pub fn rejected(&self, reason: &'static str, family: &'static str) {
+        self.claims_rejected.get_or_create(&ReasonLabel { reason, family }).inc();
+    }
+
+    /// Counts one committed move of `ip`, and its freezing by flap damping if it froze it.
+    pub fn moved(&self, ip: IpAddr, froze: bool) {
+        let label = FamilyLabel { family: family(ip) };
+        self.moves.get_or_create(&label).inc();
+        if froze {
+            self.damping_frozen.get_or_create(&label).inc();
+        }
+    }
+
+    /// Counts one collected tombstone of `ip`.
+    pub fn tombstone_collected(&self, ip: IpAddr) {
+        self.tombstones_collected.get_or_create(&FamilyLabel { family: family(ip) }).inc();
+    }
+
+    /// Counts one binding event of `ip` sent on a binding watch.
+    pub fn watch_event(&self, ip: IpAddr) {
+        self.watch_events.get_or_create(&FamilyLabel { family: family(ip) }).inc();
     }
 
     /// Counts one refused call.
@@ -297,9 +367,21 @@ impl Metrics {
     /// Refreshes the cache-mirroring gauges and renders the text exposition.
     pub fn render(&self, cache: &Cache, is_housekeeper: bool, store_reachable: bool) -> String {
         cache.read(|s| {
-            self.bindings.set(s.bindings.len() as i64);
-            self.bindings_frozen.set(s.bindings.values().filter(|b| b.frozen).count() as i64);
-            self.vms.set(s.vms.len() as i64);
+            let (mut bindings, mut frozen, mut vms) = ([0i64; 2], [0i64; 2], [0i64; 2]);
+            let slot = |ip: &IpAddr| usize::from(ip.is_ipv6());
+            for (ip, b) in &s.bindings {
+                bindings[slot(ip)] += 1;
+                frozen[slot(ip)] += i64::from(b.frozen);
+            }
+            for ip in s.vms.keys() {
+                vms[slot(ip)] += 1;
+            }
+            for (i, family) in FAMILIES.into_iter().enumerate() {
+                let label = FamilyLabel { family };
+                self.bindings.get_or_create(&label).set(bindings[i]);
+                self.bindings_frozen.get_or_create(&label).set(frozen[i]);
+                self.vms.get_or_create(&label).set(vms[i]);
+            }
             let up = s.fes.values().filter(|f| f.up()).count() as i64;
             self.fes.get_or_create(&StateLabel { state: "up" }).set(up);
             self.fes.get_or_create(&StateLabel { state: "down" }).set(s.fes.len() as i64 - up);

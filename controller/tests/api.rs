@@ -314,8 +314,8 @@ async fn flap_damping_freezes_and_operator_clears() {
     let r = learn_at(&mut c, "fe3", "10.10.0.30", mac(30), t + 10).await;
     assert_eq!(r.reject_reason, RejectReason::Damped as i32);
     let metrics = victor_testkit::http::get(server.http_addr, "/metrics").await.unwrap().1;
-    assert_eq!(victor_testkit::http::metric(&metrics, "victor_damping_frozen_total", ""), 1.0);
-    assert_eq!(victor_testkit::http::metric(&metrics, "victor_bindings_frozen", ""), 1.0);
+    assert_eq!(victor_testkit::http::metric(&metrics, "victor_damping_frozen_total", "family=\"ipv4\""), 1.0);
+    assert_eq!(victor_testkit::http::metric(&metrics, "victor_bindings_frozen", "family=\"ipv4\""), 1.0);
     let cleared = c
         .binding
         .clear_damping(ClearDampingRequest { vm_ip: "10.10.0.30".into() })
@@ -521,8 +521,8 @@ async fn health_reflection_metrics_and_persistence() {
     assert!(elected.is_ok(), "no housekeeper elected");
     let (code, metrics) = victor_testkit::http::get(server.http_addr, "/metrics").await.unwrap();
     assert_eq!(code, 200);
-    assert_eq!(victor_testkit::http::metric(&metrics, "victor_bindings", ""), 1.0);
-    assert_eq!(victor_testkit::http::metric(&metrics, "victor_claims_total", "outcome=\"bound\""), 1.0);
+    assert_eq!(victor_testkit::http::metric(&metrics, "victor_bindings", "family=\"ipv4\""), 1.0);
+    assert_eq!(victor_testkit::http::metric(&metrics, "victor_claims_total", "outcome=\"bound\",family=\"ipv4\""), 1.0);
     assert_eq!(victor_testkit::http::metric(&metrics, "victor_fes", "state=\"up\""), 1.0);
     assert_eq!(victor_testkit::http::metric(&metrics, "victor_housekeeper", ""), 1.0);
     let status = status(&mut c).await;
@@ -593,5 +593,77 @@ async fn a_stream_resumes_across_a_controller_restart_from_the_stores_history() 
     assert!(first.fe_upserts.iter().any(|f| f.fe_id == "fe2"), "the FE table comes along: {first:?}");
     let metrics = victor_testkit::http::get(server.http_addr, "/metrics").await.unwrap().1;
     assert_eq!(victor_testkit::http::metric(&metrics, "victor_snapshots_sent_total", ""), 0.0);
+    server.shutdown().await.unwrap();
+}
+
+/// `family="ipv4|ipv6"` on the binding-level series of a real /metrics scrape: bindings,
+/// declarations, claims by outcome (bind, move, removal, rejection), moves and binding watch events.
+#[tokio::test]
+async fn metrics_split_bindings_claims_moves_and_watch_events_by_address_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = embedded(dir.path(), &["--mobile-prefix", "fd00:10::/64"]).await;
+    let mut c = connect(server.grpc_addr).await;
+    register(&mut c, "fe2", 2, "a").await;
+    register(&mut c, "fe3", 3, "b").await;
+    let t = unix_nanos();
+    for (ip, last) in [("10.10.0.41", 41), ("fd00:10::41", 42), ("fd00:10::42", 43)] {
+        assert_eq!(outcome(&learn_at(&mut c, "fe2", ip, mac(last), t).await), ClaimOutcome::Bound, "{ip}");
+    }
+    assert_eq!(outcome(&learn_at(&mut c, "fe3", "fd00:10::41", mac(42), t + 1).await), ClaimOutcome::Moved);
+    let outside = learn_at(&mut c, "fe2", "2001:db8::1", mac(44), t).await;
+    assert_eq!(outside.reject_reason, RejectReason::OutsideMobilePrefix as i32, "{outside:?}");
+    let gone = ReportRequest {
+        fe_id: "fe2".into(),
+        observations: vec![observation("fd00:10::42", mac(43), ObservationKind::Gone, t + 2)],
+    };
+    let gone = c.agent.report(gone).await.unwrap().into_inner().results.remove(0);
+    assert_eq!(outcome(&gone), ClaimOutcome::Removed, "{gone:?}");
+    c.binding
+        .declare_vm(DeclareVmRequest {
+            vm_ip: "fd00:10::50".into(),
+            mac: "02:00:00:00:00:50".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // A watch's snapshot: the two live bindings, one per family.
+    let request = WatchBindingsRequest { include_snapshot: true, ..Default::default() };
+    let mut watch = c.binding.watch_bindings(request).await.unwrap().into_inner();
+    let mut watched = Vec::new();
+    loop {
+        let m = watch.message().await.unwrap().unwrap();
+        watched.extend(m.events.into_iter().map(|e| e.binding.unwrap().vm_ip));
+        if m.snapshot_done {
+            break;
+        }
+    }
+    watched.sort();
+    assert_eq!(watched, ["10.10.0.41", "fd00:10::41"]);
+
+    let metrics = victor_testkit::http::get(server.http_addr, "/metrics").await.unwrap().1;
+    let m = |name: &str, labels: &str| victor_testkit::http::metric(&metrics, name, labels);
+    let expected = [
+        ("victor_bindings", r#"family="ipv4""#, 1.0),
+        ("victor_bindings", r#"family="ipv6""#, 1.0),
+        ("victor_vms_declared", r#"family="ipv4""#, 0.0),
+        ("victor_vms_declared", r#"family="ipv6""#, 1.0),
+        ("victor_claims_total", r#"outcome="bound",family="ipv4""#, 1.0),
+        ("victor_claims_total", r#"outcome="bound",family="ipv6""#, 2.0),
+        ("victor_claims_total", r#"outcome="moved",family="ipv4""#, 0.0),
+        ("victor_claims_total", r#"outcome="moved",family="ipv6""#, 1.0),
+        ("victor_claims_total", r#"outcome="removed",family="ipv6""#, 1.0),
+        ("victor_claims_total", r#"outcome="rejected",family="ipv6""#, 1.0),
+        ("victor_claims_total", r#"outcome="rejected",family="ipv4""#, 0.0),
+        ("victor_claims_rejected_total", r#"reason="outside_mobile_prefix",family="ipv6""#, 1.0),
+        ("victor_moves_total", r#"family="ipv4""#, 0.0),
+        ("victor_moves_total", r#"family="ipv6""#, 1.0),
+        ("victor_watch_events_total", r#"family="ipv4""#, 1.0),
+        ("victor_watch_events_total", r#"family="ipv6""#, 1.0),
+    ];
+    let got: Vec<_> = expected.iter().map(|(name, labels, _)| (*name, *labels, m(name, labels))).collect();
+    assert_eq!(got, expected, "\n{metrics}");
+    // Both families are always exposed by the gauges, with the label.
+    assert!(metrics.lines().any(|l| l == r#"victor_bindings{family="ipv4"} 1"#), "{metrics}");
+    assert!(!metrics.lines().any(|l| l.starts_with("victor_bindings ")), "unlabelled series left: {metrics}");
     server.shutdown().await.unwrap();
 }

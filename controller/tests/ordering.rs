@@ -134,7 +134,7 @@ async fn a_collected_tombstone_leaves_a_horizon_late_reports_cannot_pass() {
     let http = server.http_addr;
     victor_testkit::process::wait_for("the tombstone collected", Duration::from_secs(20), || async move {
         let metrics = victor_testkit::http::get(http, "/metrics").await.ok()?.1;
-        metrics.lines().any(|l| l.starts_with("victor_tombstones_collected_total 1")).then_some(())
+        metrics.lines().any(|l| l.starts_with("victor_tombstones_collected_total{family=\"ipv4\"} 1")).then_some(())
     })
     .await
     .expect("housekeeping collects tombstones after --tombstone-retention");

@@ -158,9 +158,20 @@ fn drain(mut stream: tonic::Streaming<SyncUpdate>) -> tokio::task::JoinHandle<()
 async fn status_page_shows_bindings_and_updates_live_in_chromium() {
     let dir = tempfile::tempdir().unwrap();
     // FEs registered without heartbeats stay "up" for the whole test (Chromium may be slow to start).
-    let server =
-        embedded(dir.path(), &["--damping-max-moves", "1", "--replica-id", "status-test", "--session-ttl", "300s"])
-            .await;
+    let server = embedded(
+        dir.path(),
+        &[
+            "--damping-max-moves",
+            "1",
+            "--replica-id",
+            "status-test",
+            "--session-ttl",
+            "300s",
+            "--mobile-prefix",
+            "fd00:10::/64",
+        ],
+    )
+    .await;
     let mut c = connect(server.grpc_addr).await;
     register(&mut c, "fe1", 1, "site-a").await;
     register(&mut c, "fe2", 2, "site-b").await;
@@ -261,6 +272,39 @@ async fn status_page_shows_bindings_and_updates_live_in_chromium() {
     page.eval(&search("")).await;
     page.wait_true("all bindings", "document.querySelectorAll('#bindings tbody tr').length === 2").await;
 
+    // IPv6: a new binding appears live; an IPv6 prefix search shows only the bindings inside it,
+    // also those bound while it is shown; the table is in IP order, IPv4 first.
+    assert_eq!(outcome(&learn(&mut c, "fe2", "fd00:10::11", mac(21)).await), ClaimOutcome::Bound);
+    page.wait_true("the IPv6 binding", &format!("{} === 'fe2'", text_of("#bindings tr[data-ip='fd00:10::11'] td.fe")))
+        .await;
+    page.eval(&search("fd00:10::/120")).await;
+    page.wait_true(
+        "the IPv6 prefix search",
+        &format!(
+            "document.querySelectorAll('#bindings tbody tr').length === 1 && {} === 'fd00:10::11'",
+            text_of("#bindings tbody tr td.ip")
+        ),
+    )
+    .await;
+    for (ip, last) in [("fd00:10::1:12", 22), ("fd00:10::13", 23)] {
+        assert_eq!(outcome(&learn(&mut c, "fe1", ip, mac(last)).await), ClaimOutcome::Bound, "{ip}");
+    }
+    // Feed events arrive in order: once fd00:10::13 shows, fd00:10::1:12 (outside /120) was skipped.
+    page.wait_true(
+        "the live IPv6 binding in the search",
+        "document.querySelector(\"#bindings tr[data-ip='fd00:10::13']\") !== null",
+    )
+    .await;
+    let shown =
+        "JSON.stringify([...document.querySelectorAll('#bindings tbody tr td.ip')].map((td) => td.textContent))";
+    assert_eq!(page.eval(shown).await, json!(["fd00:10::11", "fd00:10::13"]).to_string());
+    page.eval(&search("")).await;
+    page.wait_true("all bindings", "document.querySelectorAll('#bindings tbody tr').length === 5").await;
+    assert_eq!(
+        page.eval(shown).await,
+        json!(["10.10.0.11", "10.10.0.12", "fd00:10::11", "fd00:10::13", "fd00:10::1:12"]).to_string()
+    );
+
     // The feed client is counted while the page is open; both moves' convergence was measured.
     let counted =
         victor_testkit::process::wait_for("status client and convergence metrics", Duration::from_secs(10), || async {
@@ -353,5 +397,70 @@ async fn status_api_snapshot_and_search() {
     let (code, html) = victor_testkit::http::get(server.http_addr, "/status").await.unwrap();
     assert_eq!(code, 200);
     assert!(html.contains("<script src=\"/status/app.js\">"), "{html}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn status_api_lists_and_searches_ipv6_bindings() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = embedded(dir.path(), &["--mobile-prefix", "fd00:10::/64"]).await;
+    let mut c = connect(server.grpc_addr).await;
+    register(&mut c, "fe1", 1, "site-a").await;
+    register(&mut c, "fe2", 2, "site-b").await;
+    for (i, ip) in ["10.10.0.1", "fd00:10::1", "fd00:10::2", "fd00:10::1:3"].into_iter().enumerate() {
+        assert_eq!(outcome(&learn(&mut c, "fe1", ip, mac(i as u8 + 1)).await), ClaimOutcome::Bound, "{ip}");
+    }
+    assert_eq!(outcome(&learn(&mut c, "fe2", "fd00:10::2", mac(3)).await), ClaimOutcome::Moved);
+    let announce =
+        AnnounceMigrationRequest { vm_ip: "fd00:10::1:3".into(), target_fe_id: "fe2".into(), ..Default::default() };
+    c.binding.announce_migration(announce).await.unwrap();
+    let http = server.http_addr;
+    let get = move |path: String| async move {
+        let (code, body) = victor_testkit::http::get(http, &path).await.unwrap();
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    victor_testkit::process::wait_for("4 bindings, a move and a pending migration", Duration::from_secs(5), || async {
+        let s = get("/status/api/summary".into()).await;
+        (s["binding_count"] == 4 && s["moves"].as_array().map(Vec::len) == Some(1) && s["pending"][0].is_object())
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let s = get("/status/api/summary".into()).await;
+    assert_eq!(s["mobile_prefixes"], json!(["10.10.0.0/16", "fd00:10::/64"]));
+    assert_eq!(
+        (s["moves"][0]["vm_ip"].as_str(), s["moves"][0]["from_fe_id"].as_str()),
+        (Some("fd00:10::2"), Some("fe1"))
+    );
+    assert_eq!(
+        (s["pending"][0]["vm_ip"].as_str(), s["pending"][0]["pending_fe_id"].as_str()),
+        (Some("fd00:10::1:3"), Some("fe2"))
+    );
+    let search = |q: &str| {
+        let path = format!("/status/api/bindings?q={q}");
+        async move {
+            let v = get(path).await;
+            v["bindings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["vm_ip"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    // IP order: IPv4 first, then IPv6 by value.
+    assert_eq!(search("").await, ["10.10.0.1", "fd00:10::1", "fd00:10::2", "fd00:10::1:3"]);
+    assert_eq!(search("fd00:10::/112").await, ["fd00:10::1", "fd00:10::2"]);
+    assert_eq!(search("fd00:10::/64").await, ["fd00:10::1", "fd00:10::2", "fd00:10::1:3"]);
+    assert_eq!(search("10.10.0.0/16").await, ["10.10.0.1"]);
+    // An exact address, in any spelling; text matches the canonical form.
+    assert_eq!(search("FD00:10:0:0:0:0:0:2").await, ["fd00:10::2"]);
+    assert_eq!(search("::1:").await, ["fd00:10::1:3"]);
+    let row = get("/status/api/bindings?q=fd00:10::2".into()).await["bindings"][0].clone();
+    assert_eq!(
+        (row["fe_id"].as_str(), row["site"].as_str(), row["mac"].as_str()),
+        (Some("fe2"), Some("site-b"), Some("02:00:00:00:00:03"))
+    );
     server.shutdown().await.unwrap();
 }

@@ -121,6 +121,19 @@ def test_tombstone_retention_reaches_the_controller(tmp_path):
     assert json.loads(proc.stdout)["tombstone_retention"] == "45m"
 
 
+def test_controller_accepts_ipv6_mobile_prefixes(tmp_path):
+    prefixes = ["10.10.0.0/16", "fd00:10::/64", "2001:db8:ab::/48"]
+    values = deep_merge(value_set("external-etcd"), {"controller": {"mobilePrefixes": prefixes}})
+    proc, _ = check_config(values, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["mobile_prefixes"] == prefixes
+    # An IPv6 prefix with host bits passes the schema; the real binary refuses it, saying what to write.
+    values = deep_merge(value_set("external-etcd"), {"controller": {"mobilePrefixes": ["fd00:10::1/64"]}})
+    proc, _ = check_config(values, tmp_path)
+    assert proc.returncode != 0
+    assert "did you mean fd00:10::/64" in proc.stderr, proc.stderr
+
+
 def test_controller_check_is_not_vacuous(tmp_path):
     """A value the schema lets through but the controller refuses is caught by the real binary."""
     values = deep_merge(value_set("external-etcd"), {"controller": {"mobilePrefixes": ["10.10.0.1/16"]}})

@@ -167,6 +167,14 @@ def test_external_etcd_endpoints_and_no_bundled_objects():
     assert "volumes" not in r.controller()["spec"]["template"]["spec"], "nothing to mount without TLS"
 
 
+def test_ipv6_and_dual_stack_mobile_prefixes_render_as_flags():
+    for prefixes in (["fd00:10::/64"], ["10.10.0.0/16", "fd00:10::/64", "2001:db8:ab::/48"]):
+        values = deep_merge(value_set("external-etcd"), {"controller": {"mobilePrefixes": prefixes}})
+        r = render(values)
+        assert flags(r.controller_container()["args"])["mobile-prefix"] == prefixes
+        assert f"mobile prefixes: {', '.join(prefixes)}" in r.notes, r.notes
+
+
 def test_notes_tell_how_to_point_fe_agents_at_the_cluster():
     notes = render(value_set("external-etcd")).notes
     assert f"victor-fe-agent --controller {RELEASE}-grpc.{NAMESPACE}.svc.cluster.local:50051" in notes, notes
@@ -362,6 +370,8 @@ BAD = [
     ("prefix with trailing slash", {"controller": {"etcdPrefix": "/victor/"}}, "at '/controller/etcdPrefix'"),
     ("no mobile prefix", {"controller": {"mobilePrefixes": []}}, "at '/controller/mobilePrefixes': minItems: got 0, want 1"),
     ("mobile prefix not a CIDR", {"controller": {"mobilePrefixes": ["10.10.0.0"]}}, "at '/controller/mobilePrefixes/0': '10.10.0.0' does not match"),
+    ("IPv6 mobile prefix too long", {"controller": {"mobilePrefixes": ["fd00:10::/129"]}}, "at '/controller/mobilePrefixes/0': 'fd00:10::/129' does not match"),
+    ("IPv6 mobile prefix without a length", {"controller": {"mobilePrefixes": ["fd00:10::"]}}, "at '/controller/mobilePrefixes/0': 'fd00:10::' does not match"),
     ("endpoint not a URL", {"etcd": {"external": {"endpoints": ["10.0.0.1:2379"]}}}, "at '/etcd/external/endpoints/0': '10.0.0.1:2379' does not match"),
     ("grpc TLS without Secret", {"tls": {"enabled": True}}, "at '/tls/secretName': minLength: got 0, want 1"),
     (

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::time::Instant;
 
+use ipnet::IpNet;
 use serde_json::{Value, json};
 use tonic::Code;
 use victor_proto::v1::*;
@@ -207,6 +208,7 @@ async fn watch(
     let mut cursor = from_revision;
     let mut include_snapshot = snapshot;
     let mut header_printed = false;
+    let mut ip_width = IPV4_WIDTH;
     if count == Some(0) {
         return Ok(());
     }
@@ -225,13 +227,17 @@ async fn watch(
             .await?;
         if out.0 == Output::Table && !header_printed {
             header_printed = true;
-            out.line(&watch_row(&["REVISION", "EVENT", "VM_IP", "FE", "MOVES", "STATE"]))?;
+            if !filter.prefix.parse::<IpNet>().is_ok_and(|p| p.addr().is_ipv4()) {
+                let status = ctl.call(|mut c| async move { c.get_status(GetStatusRequest {}).await }).await?;
+                ip_width = watch_ip_width(&filter.prefix, &status.mobile_prefixes);
+            }
+            out.line(&watch_row(&["REVISION", "EVENT", "VM_IP", "FE", "MOVES", "STATE"], ip_width))?;
         }
         let broke = loop {
             match stream.message().await {
                 Ok(Some(msg)) => {
                     for e in &msg.events {
-                        out.event(msg.revision, e)?;
+                        out.event(msg.revision, e, ip_width)?;
                         seen += 1;
                         if count.is_some_and(|c| seen >= c) {
                             return Ok(());
@@ -367,7 +373,8 @@ impl Printer {
         self.many_or_one(render::binding(b), &render::BINDING_HEADER, vec![render::binding_row(b)])
     }
 
-    fn event(&self, revision: u64, e: &BindingEvent) -> Result<(), CtlError> {
+    /// One watch event; in table mode with a VM_IP column `ip_width` wide.
+    fn event(&self, revision: u64, e: &BindingEvent, ip_width: usize) -> Result<(), CtlError> {
         match self.0 {
             Output::Json => self.line(&format!("{}\n", render::event(revision, e))),
             Output::Table => {
@@ -376,21 +383,57 @@ impl Printer {
                 let state = if b["frozen"].as_bool() == Some(true) { "frozen" } else { "" };
                 let moves = b["move_seq"].as_u64().map(|m| m.to_string()).unwrap_or_else(|| "-".into());
                 let revision = revision.to_string();
-                self.line(&watch_row(&[
-                    &revision,
-                    j["kind"].as_str().unwrap_or(""),
-                    b["vm_ip"].as_str().unwrap_or(""),
-                    b["fe_id"].as_str().unwrap_or("-"),
-                    &moves,
-                    state,
-                ]))
+                self.line(&watch_row(
+                    &[
+                        &revision,
+                        j["kind"].as_str().unwrap_or(""),
+                        b["vm_ip"].as_str().unwrap_or(""),
+                        b["fe_id"].as_str().unwrap_or("-"),
+                        &moves,
+                        state,
+                    ],
+                    ip_width,
+                ))
             }
         }
     }
 }
 
-/// One line of `binding watch` in table mode (fixed widths: rows stream, so no global alignment).
-fn watch_row(cells: &[&str; 6]) -> String {
+/// Width of the longest IPv4 address text (255.255.255.255).
+const IPV4_WIDTH: usize = 15;
+/// Width of the longest IPv6 address text (eight groups of four hex digits).
+const IPV6_WIDTH: usize = 39;
+
+/// The VM_IP column width of a watch of `prefix` (empty: every binding) on a controller serving
+/// `mobile_prefixes`: an IPv6 address fits unless only IPv4 VMs can show up.
+fn watch_ip_width(prefix: &str, mobile_prefixes: &[String]) -> usize {
+    let ipv6 = |p: &str| p.parse::<IpNet>().is_ok_and(|p| p.addr().is_ipv6());
+    let only_ipv4 = if prefix.is_empty() { !mobile_prefixes.iter().any(|p| ipv6(p)) } else { !ipv6(prefix) };
+    if only_ipv4 { IPV4_WIDTH } else { IPV6_WIDTH }
+}
+
+/// One line of `binding watch` in table mode (fixed widths: rows stream, so no global alignment;
+/// the VM_IP column is `ip_width` wide).
+fn watch_row(cells: &[&str; 6], ip_width: usize) -> String {
     let [revision, kind, ip, fe, moves, state] = cells;
-    format!("{revision:<10}  {kind:<6}  {ip:<15}  {fe:<12}  {moves:<5}  {state}").trim_end().to_owned() + "\n"
+    format!("{revision:<10}  {kind:<6}  {ip:<ip_width$}  {fe:<12}  {moves:<5}  {state}").trim_end().to_owned() + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_rows_fit_ipv6_addresses_when_ipv6_vms_can_show_up() {
+        let v4 = ["10.10.0.0/16".to_owned()];
+        let dual = ["10.10.0.0/16".to_owned(), "fd00:10::/64".to_owned()];
+        assert_eq!(watch_ip_width("", &v4), IPV4_WIDTH);
+        assert_eq!(watch_ip_width("", &dual), IPV6_WIDTH);
+        assert_eq!(watch_ip_width("10.10.1.0/24", &dual), IPV4_WIDTH);
+        assert_eq!(watch_ip_width("fd00:10::/64", &dual), IPV6_WIDTH);
+        let ip = "fd00:10:ffff:ffff:ffff:ffff:ffff:ffff";
+        let header = watch_row(&["REVISION", "EVENT", "VM_IP", "FE", "MOVES", "STATE"], IPV6_WIDTH);
+        let row = watch_row(&["7", "upsert", ip, "fe2", "0", ""], IPV6_WIDTH);
+        assert_eq!(header.find("FE"), row.find("fe2"), "{header}{row}");
+    }
 }

@@ -269,6 +269,138 @@ async fn every_subcommand_against_a_real_controller() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_vms_and_prefix_filters_against_a_real_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--mobile-prefix", "fd00:10::/64", "--session-ttl", "300s"]).await;
+    let addr = server.grpc_addr.to_string();
+    let c = addr.as_str();
+    let mut a = agent(server.grpc_addr).await;
+    register(&mut a, "fe1", 1, "site-a").await;
+    register(&mut a, "fe2", 2, "site-b").await;
+    for (ip, last) in [("10.10.0.11", 11), ("fd00:10::11", 0x11), ("fd00:10::1:12", 0x12)] {
+        assert_eq!(learn(&mut a, "fe1", ip, last).await.outcome, ClaimOutcome::Bound as i32, "{ip}");
+    }
+    let s = ctl(c, &["status", "-o", "json"]).await.json();
+    assert_eq!(s["mobile_prefixes"], serde_json::json!([PREFIX, "fd00:10::/64"]));
+
+    // binding get, in any spelling of the address; outside the prefixes and malformed
+    let b = ctl(c, &["binding", "get", "FD00:10:0:0:0:0:0:11", "-o", "json"]).await.json();
+    assert_eq!(
+        (b["vm_ip"].as_str(), b["fe_id"].as_str(), b["mac"].as_str()),
+        (Some("fd00:10::11"), Some("fe1"), Some("02:00:00:00:00:11"))
+    );
+    let table = ctl(c, &["binding", "get", "fd00:10::11"]).await.stdout;
+    assert!(table.contains("fd00:10::11  fe1  site-a  02:00:00:00:00:11"), "{table}");
+    assert_refused(&ctl(c, &["binding", "get", "fd00:10::99"]).await, 1, &["NOT_FOUND", "fd00:10::99"]);
+    assert_refused(&ctl(c, &["binding", "get", "2001:db8::1"]).await, 1, &["INVALID_ARGUMENT", "mobile"]);
+    assert_refused(&ctl(c, &["binding", "get", "fd00:10:::1"]).await, 2, &["invalid IP address"]);
+
+    // binding list: IP order (IPv4 first), IPv6 prefix filters, a bad IPv6 prefix
+    let ips = |v: Value| -> Vec<String> {
+        v.as_array().unwrap().iter().map(|b| b["vm_ip"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(
+        ips(ctl(c, &["binding", "list", "-o", "json"]).await.json()),
+        ["10.10.0.11", "fd00:10::11", "fd00:10::1:12"]
+    );
+    let list = |prefix: &'static str| {
+        let c = addr.clone();
+        async move { ips(ctl(&c, &["binding", "list", "--prefix", prefix, "-o", "json"]).await.json()) }
+    };
+    assert_eq!(list("fd00:10::/64").await, ["fd00:10::11", "fd00:10::1:12"]);
+    assert_eq!(list("fd00:10::/112").await, ["fd00:10::11"]);
+    assert_eq!(list("fd00:10::1:0/112").await, ["fd00:10::1:12"]);
+    assert_eq!(list("fd00:10::11/128").await, ["fd00:10::11"]);
+    assert_eq!(list("10.10.0.0/16").await, ["10.10.0.11"]);
+    assert!(list("fd00:20::/64").await.is_empty());
+    let bad = ctl(c, &["binding", "list", "--prefix", "fd00:10::/129"]).await;
+    assert_refused(&bad, 2, &["longer than 128", "IPv6"]);
+    let table = ctl(c, &["binding", "list", "--prefix", "fd00:10::/64"]).await.stdout;
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("VM_IP          FE   SITE"), "{table}");
+    assert!(lines[2].starts_with("fd00:10::1:12  fe1  site-a"), "{table}");
+
+    // vm declare / get / list by prefix, then a committed migration of the declared IPv6 VM
+    let declared =
+        ctl(c, &["vm", "declare", "fd00:10::21", "--mac", "02:00:00:00:00:21", "--site", "site-b", "-o", "json"])
+            .await
+            .json();
+    assert_eq!(
+        (declared["vm_ip"].as_str(), declared["mac"].as_str()),
+        (Some("fd00:10::21"), Some("02:00:00:00:00:21"))
+    );
+    let got = ctl(c, &["vm", "get", "fd00:10::21", "-o", "json"]).await.json();
+    assert_eq!(got["allowed_sites"], serde_json::json!(["site-b"]));
+    let vms = ctl(c, &["vm", "list", "--prefix", "fd00:10::/64", "-o", "json"]).await.json();
+    assert_eq!(ips(vms), ["fd00:10::21"]);
+    assert!(
+        ctl(c, &["vm", "list", "--prefix", "10.10.0.0/16", "-o", "json"]).await.json().as_array().unwrap().is_empty()
+    );
+    let refused = ctl(c, &["migrate", "announce", "fd00:10::21", "--to", "fe1", "--commit"]).await;
+    assert_refused(&refused, 1, &["PERMISSION_DENIED", "site"]);
+
+    // binding watch of an IPv6 prefix: its snapshot, then the committed move of fd00:10::21 (the
+    // IPv4 binding and the IPv6 one outside the prefix never show)
+    let watch = {
+        let c = addr.clone();
+        tokio::spawn(async move {
+            ctl(&c, &["binding", "watch", "--prefix", "fd00:10::/112", "--snapshot", "--count", "2", "-o", "json"])
+                .await
+        })
+    };
+    wait_watchers(server.http_addr, 1).await;
+    assert_eq!(learn(&mut a, "fe2", "10.10.0.11", 11).await.outcome, ClaimOutcome::Moved as i32);
+    assert_eq!(learn(&mut a, "fe2", "fd00:10::1:12", 0x12).await.outcome, ClaimOutcome::Moved as i32);
+    let moved = ctl(c, &["migrate", "announce", "fd00:10::21", "--to", "fe2", "--commit", "-o", "json"]).await.json();
+    assert_eq!((moved["fe_id"].as_str(), moved["source"].as_str()), (Some("fe2"), Some("orchestrator")));
+    let run = tokio::time::timeout(Duration::from_secs(10), watch).await.expect("watch did not end").unwrap();
+    assert_eq!(run.code, 0, "{run:?}");
+    let events: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l.get("kind").is_some())
+        .collect();
+    let seen: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e["binding"]["vm_ip"].as_str().unwrap(), e["binding"]["fe_id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(seen, [("fd00:10::11", "fe1"), ("fd00:10::21", "fe2")], "{run:?}");
+
+    // The table of a watch that can show IPv6 VMs has room for their addresses (even the longest).
+    let long = "fd00:10::abcd:ef01:2345:6789";
+    assert_eq!(learn(&mut a, "fe1", long, 0x31).await.outcome, ClaimOutcome::Bound as i32);
+    let watch = {
+        let c = addr.clone();
+        tokio::spawn(async move { ctl(&c, &["binding", "watch", "--snapshot", "--count", "5"]).await })
+    };
+    let run = tokio::time::timeout(Duration::from_secs(10), watch).await.expect("watch did not end").unwrap();
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    let fe_column = lines[0].find("FE").unwrap();
+    let rows: Vec<&&str> = lines.iter().filter(|l| l.contains("upsert")).collect();
+    assert_eq!(rows.len(), 5, "{}", run.stdout);
+    assert!(rows.iter().any(|l| l.contains(long)), "{}", run.stdout);
+    for line in rows {
+        assert_eq!(line.find(" fe").map(|i| i + 1), Some(fe_column), "{}", run.stdout);
+    }
+
+    // migrate announce (not committed) and cancel; damping clear of an unfrozen IPv6 binding
+    let announced = ctl(c, &["migrate", "announce", "fd00:10::11", "--to", "fe2", "-o", "json"]).await.json();
+    assert_eq!(announced["pending_fe_id"].as_str(), Some("fe2"), "{announced}");
+    let b = ctl(c, &["binding", "get", "fd00:10::11"]).await.stdout;
+    assert!(b.contains("migrating->fe2"), "{b}");
+    let cancelled = ctl(c, &["migrate", "cancel", "fd00:10::11", "-o", "json"]).await;
+    assert_eq!(cancelled.code, 0, "{cancelled:?}");
+    assert_refused(&ctl(c, &["migrate", "cancel", "fd00:10::11"]).await, 1, &["NOT_FOUND"]);
+    assert_refused(&ctl(c, &["damping", "clear", "fd00:10::11"]).await, 1, &["FAILED_PRECONDITION"]);
+    let undeclared = ctl(c, &["vm", "undeclare", "fd00:10::21", "--remove-binding", "-o", "json"]).await.json();
+    assert_eq!(undeclared["vm_ip"].as_str(), Some("fd00:10::21"));
+    assert_refused(&ctl(c, &["binding", "get", "fd00:10::21"]).await, 1, &["NOT_FOUND"]);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_over_between_controllers() {
     // A port nobody listens on (bound, then released).
     let dead = victor_testkit::ports::free_addr().to_string();

@@ -50,18 +50,61 @@ function ipv4ToInt(text) {
   return n;
 }
 
+// An IPv6 address (lower case; `::` and a dotted IPv4 tail allowed) as a BigInt, or null.
+function ipv6ToBig(text) {
+  let t = text;
+  const lastColon = t.lastIndexOf(":");
+  if (lastColon < 0) return null;
+  const tail = t.slice(lastColon + 1);
+  if (tail.includes(".")) {
+    const n = ipv4ToInt(tail);
+    if (n === null) return null;
+    t = `${t.slice(0, lastColon + 1)}${Math.floor(n / 65536).toString(16)}:${(n % 65536).toString(16)}`;
+  }
+  const halves = t.split("::");
+  if (halves.length > 2) return null;
+  const groups = (s) => (s === "" ? [] : s.split(":"));
+  const head = groups(halves[0]);
+  const rest = halves.length === 2 ? groups(halves[1]) : [];
+  const fill = 8 - head.length - rest.length;
+  if (halves.length === 2 ? fill < 1 : fill !== 0) return null;
+  let n = 0n;
+  for (const g of [...head, ...Array(halves.length === 2 ? fill : 0).fill("0"), ...rest]) {
+    if (!/^[0-9a-f]{1,4}$/.test(g)) return null;
+    n = (n << 16n) + BigInt(parseInt(g, 16));
+  }
+  return n;
+}
+
+// An IP address as {bits: 32 | 128, n: BigInt}, or null.
+function parseIp(text) {
+  const v4 = ipv4ToInt(text);
+  if (v4 !== null) return { bits: 32, n: BigInt(v4) };
+  const v6 = ipv6ToBig(text);
+  return v6 === null ? null : { bits: 128, n: v6 };
+}
+
+// IP order, as the server's: IPv4 before IPv6, then by value.
+function compareIps(a, b) {
+  const x = parseIp(a);
+  const y = parseIp(b);
+  if (x === null || y === null) return a.localeCompare(b);
+  if (x.bits !== y.bits) return x.bits - y.bits;
+  return x.n < y.n ? -1 : x.n > y.n ? 1 : 0;
+}
+
 function matcher(query) {
   const q = query.trim().toLowerCase();
   if (!q) return () => true;
   const [addr, len] = q.split("/");
-  const base = ipv4ToInt(addr);
+  const base = parseIp(addr);
   if (base !== null && (len === undefined || /^\d+$/.test(len))) {
-    const bits = len === undefined ? 32 : Math.min(32, Number(len));
-    const size = 2 ** (32 - bits);
-    const start = Math.floor(base / size) * size;
+    const bits = len === undefined ? base.bits : Math.min(base.bits, Number(len));
+    const shift = BigInt(base.bits - bits);
+    const network = base.n >> shift;
     return (row) => {
-      const n = ipv4ToInt(row.vm_ip);
-      return n !== null && n >= start && n < start + size;
+      const ip = parseIp(row.vm_ip);
+      return ip !== null && ip.bits === base.bits && ip.n >> shift === network;
     };
   }
   return (row) => [row.vm_ip, row.fe_id, row.site, row.mac].some((v) => String(v).toLowerCase().includes(q));
@@ -259,11 +302,7 @@ function renderMoves() {
 }
 
 function renderBindings() {
-  const rows = [...S.bindings.values()].sort((a, b) => {
-    const x = ipv4ToInt(a.vm_ip);
-    const y = ipv4ToInt(b.vm_ip);
-    return x !== null && y !== null ? x - y : a.vm_ip.localeCompare(b.vm_ip);
-  });
+  const rows = [...S.bindings.values()].sort((a, b) => compareIps(a.vm_ip, b.vm_ip));
   $("bindings").tBodies[0].replaceChildren(
     ...rows.map((b) => {
       const tr = document.createElement("tr");

@@ -142,6 +142,7 @@ impl<S: Store> AgentApi<S> {
                     by_ip.push((i, Ok(valid)));
                 }
                 Err(rejection) => {
+                    registry.count_refused(&rejection, crate::metrics::family_of_bytes(&obs.vm_ip));
                     sent_ips.push(obs.vm_ip);
                     by_ip.push((i, Err(rejection)));
                 }
@@ -162,7 +163,7 @@ impl<S: Store> AgentApi<S> {
             claims[i] = Some(match valid {
                 Ok(claim) => registry.claim_mac(&fe, claim, |ip| self.admit(ip, &served), received).await,
                 Err(rejection) => {
-                    registry.count_refused(&rejection);
+                    registry.count_refused(&rejection, crate::metrics::NO_FAMILY);
                     Ok(Claim::refused(rejection))
                 }
             });

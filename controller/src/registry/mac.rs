@@ -66,7 +66,7 @@ impl<S: Store> Registry<S> {
                 Refusal::Absent,
                 format!("no VM is bound or declared with MAC {}; nothing to move", claim.mac),
             );
-            self.count_rejection(&rejection);
+            self.count_rejection(&rejection, crate::metrics::NO_FAMILY);
             return Ok(Claim::refused(rejection));
         }
         if ips.len() > MAX_MAC_IPS {
@@ -80,7 +80,7 @@ impl<S: Store> Registry<S> {
                     ips.len()
                 ),
             );
-            self.count_rejection(&rejection);
+            self.count_rejection(&rejection, crate::metrics::NO_FAMILY);
             return Ok(Claim::refused(rejection));
         }
         let mut expanded: Vec<Expanded> =
@@ -198,7 +198,7 @@ impl<S: Store> Registry<S> {
             .map(|(e, (write, verdict))| {
                 let claim = match e.refused {
                     Some(rejection) => {
-                        self.count_rejection(&rejection);
+                        self.count_rejection(&rejection, crate::metrics::family(e.ip));
                         Claim::refused(rejection)
                     }
                     None => {

@@ -213,8 +213,8 @@ impl<S: Store> Registry<S> {
     }
 
     /// Applies the observations of one report by `fe`; the answers are in the order of the
-    /// observations. Observations that failed validation (`Err`) are counted and answered as
-    /// rejected without touching the store. Several observations of one VM are decided together,
+    /// observations. Observations that failed validation (`Err`) are answered as rejected without
+    /// touching the store (the caller counts them, [`Registry::count_refused`]: it knows their IPs). Several observations of one VM are decided together,
     /// in observation order, and committed as one write. An `Err` answer is a failure of the store
     /// or the replica for that VM's observations alone (the agent retries them); nothing is
     /// half-written.
@@ -238,7 +238,6 @@ impl<S: Store> Registry<S> {
                     groups[g].1.push((i, obs));
                 }
                 Err(rejection) => {
-                    self.count_rejection(&rejection);
                     answers.push(Some(Ok(Claim::refused(rejection))));
                 }
             }
@@ -300,7 +299,7 @@ impl<S: Store> Registry<S> {
             .await
             .inspect_err(|_| {
                 for _ in obs {
-                    self.metrics.claim("rejected");
+                    self.metrics.claim("rejected", crate::metrics::family(ip));
                 }
             })?;
         if committed.revision != 0 {
@@ -326,7 +325,7 @@ impl<S: Store> Registry<S> {
         final_seq: u64,
         received_mono_ns: u64,
     ) -> Claim {
-        self.count(&verdict);
+        self.count(ip, &verdict);
         let move_seq = match &verdict {
             Verdict::Write(record, _) if record.removed => 0,
             Verdict::Write(record, _) => record.move_seq,
@@ -478,7 +477,9 @@ impl<S: Store> Registry<S> {
         if !result.succeeded {
             return Ok((0, 0));
         }
-        self.metrics.tombstones_collected.inc_by(victims.len() as u64);
+        for (ip, _, _) in &victims {
+            self.metrics.tombstone_collected(*ip);
+        }
         tracing::debug!(collected = victims.len(), horizon = new_horizon, "tombstones collected");
         Ok((victims.len(), result.revision))
     }
@@ -499,7 +500,7 @@ impl<S: Store> Registry<S> {
                 (write, verdict)
             })
             .await?;
-        self.count(&committed.outcome);
+        self.count(ip, &committed.outcome);
         Ok(committed)
     }
 
@@ -662,31 +663,33 @@ impl<S: Store> Registry<S> {
         })
     }
 
-    fn count(&self, verdict: &Verdict) {
+    fn count(&self, ip: IpAddr, verdict: &Verdict) {
+        let family = crate::metrics::family(ip);
         match verdict {
-            Verdict::Write(_, Change::Bound) => self.metrics.claim("bound"),
+            Verdict::Write(_, Change::Bound) => self.metrics.claim("bound", family),
             Verdict::Write(_, Change::Moved { froze }) => {
-                self.metrics.claim("moved");
-                self.metrics.moves.inc();
+                self.metrics.claim("moved", family);
+                self.metrics.moved(ip, *froze);
                 if *froze {
-                    self.metrics.damping_frozen.inc();
-                    tracing::warn!("flap damping froze a binding");
+                    tracing::warn!(%ip, "flap damping froze a binding");
                 }
             }
-            Verdict::Write(_, Change::Updated) | Verdict::Unchanged => self.metrics.claim("unchanged"),
-            Verdict::Write(_, Change::Removed) => self.metrics.claim("removed"),
-            Verdict::Reject(r) => self.count_rejection(r),
+            Verdict::Write(_, Change::Updated) | Verdict::Unchanged => self.metrics.claim("unchanged", family),
+            Verdict::Write(_, Change::Removed) => self.metrics.claim("removed", family),
+            Verdict::Reject(r) => self.count_rejection(r, family),
         }
     }
 
-    /// Counts a claim the API refused before it reached the registry (validation).
-    pub fn count_refused(&self, rejection: &Rejection) {
-        self.count_rejection(rejection);
+    /// Counts a claim the API refused before it reached the registry (validation; [`Registry::report`]
+    /// answers such observations without counting them). `family` is the `family` label of the IP
+    /// the claim named ([`crate::metrics::family_of_bytes`]).
+    pub fn count_refused(&self, rejection: &Rejection, family: &'static str) {
+        self.count_rejection(rejection, family);
     }
 
-    fn count_rejection(&self, rejection: &Rejection) {
-        self.metrics.claim("rejected");
-        self.metrics.rejected(rejection.reason.label());
+    fn count_rejection(&self, rejection: &Rejection, family: &'static str) {
+        self.metrics.claim("rejected", family);
+        self.metrics.rejected(rejection.reason.label(), family);
     }
 }
 

@@ -132,18 +132,24 @@ async fn run(ctx: &WatchContext, out: &Out<WatchBindingsResponse>, spec: WatchSp
     }
 }
 
-fn upsert(s: &CacheState, ip: IpAddr, view: &BindingView) -> BindingEvent {
+/// The event of the binding `view` of `ip`, counted as sent.
+fn upsert(metrics: &Metrics, s: &CacheState, ip: IpAddr, view: &BindingView) -> BindingEvent {
+    metrics.watch_event(ip);
     BindingEvent { kind: BindingEventKind::Upsert as i32, binding: Some(wire::binding(s, ip, view)) }
 }
 
-fn event(s: &CacheState, change: &CacheChange) -> Option<BindingEvent> {
+/// The event of a binding change, counted as sent.
+fn event(metrics: &Metrics, s: &CacheState, change: &CacheChange) -> Option<BindingEvent> {
     let CacheChange::Binding { ip, revision, view } = change else { return None };
     Some(match view {
-        Some(view) => upsert(s, *ip, view),
-        None => BindingEvent {
-            kind: BindingEventKind::Remove as i32,
-            binding: Some(Binding { vm_ip: ip.to_string(), revision: *revision, ..Default::default() }),
-        },
+        Some(view) => upsert(metrics, s, *ip, view),
+        None => {
+            metrics.watch_event(*ip);
+            BindingEvent {
+                kind: BindingEventKind::Remove as i32,
+                binding: Some(Binding { vm_ip: ip.to_string(), revision: *revision, ..Default::default() }),
+            }
+        }
     })
 }
 
@@ -183,7 +189,7 @@ async fn send_snapshot(
                             }
                             scope.shown(*ip);
                         }
-                        let e = upsert(s, *ip, view);
+                        let e = upsert(&ctx.metrics, s, *ip, view);
                         bytes += event_len(&e);
                         events.push(e);
                     }
@@ -223,7 +229,8 @@ async fn send_snapshot(
         }
     }
     latest.retain(|_, change| admit(scope, change));
-    let patch: Vec<BindingEvent> = ctx.cache.read(|s| latest.values().filter_map(|c| event(s, c)).collect());
+    let patch: Vec<BindingEvent> =
+        ctx.cache.read(|s| latest.values().filter_map(|c| event(&ctx.metrics, s, c)).collect());
     let mut last = last;
     if event_len_sum(&last.events) + event_len_sum(&patch) <= MAX_MESSAGE_BYTES {
         last.events.extend(patch);
@@ -270,7 +277,7 @@ async fn send_changes(
                 .iter()
                 .filter(|c| matches!(c, CacheChange::Binding { ip, .. } if spec.in_scope(ip)))
                 .filter(|c| admit(scope, c))
-                .filter_map(|c| event(s, c))
+                .filter_map(|c| event(&ctx.metrics, s, c))
                 .collect()
         });
         let bytes = event_len_sum(&events);

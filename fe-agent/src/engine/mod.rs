@@ -21,7 +21,7 @@ use victor_dataplane::packet::arp::ArpMessage;
 use victor_dataplane::packet::ndp::NdpMessage;
 use victor_dataplane::packet::rarp::RarpMessage;
 use victor_proto::clock::monotonic_ns;
-use victor_proto::v1::{ClaimOutcome, ObservationKind, RejectReason, SyncPhase, SyncUpdate};
+use victor_proto::v1::{ClaimOutcome, RejectReason, SyncPhase, SyncUpdate};
 
 use crate::clock::{Stamps, WallClock};
 use crate::events::EventLog;
@@ -29,7 +29,7 @@ use crate::hint::Hints;
 use crate::hint::io::Received;
 use crate::link::LinkControl;
 use crate::link::feed::LinkEvent;
-use crate::link::reporter::{Answered, Observation, Reporter};
+use crate::link::reporter::{Answered, Observation, Reporter, Subject};
 use crate::metrics::{KindLabel, Metrics};
 use crate::neigh::arp::{self as classify, Scope, TargetView};
 use crate::neigh::ndp;
@@ -263,7 +263,7 @@ impl<E: Effects> Engine<E> {
                         .map(|(ip, vm)| (ip, vm.mac, vm.observed_at, vm.known_revision, vm.port))
                         .collect();
                     for (ip, mac, observed_at, known, port) in again {
-                        self.report(ip, mac, ObservationKind::Learned, observed_at, known, port);
+                        self.report(Subject::Learned(ip), mac, observed_at, known, port);
                     }
                 }
             }
@@ -405,7 +405,7 @@ impl<E: Effects> Engine<E> {
             .announcements
             .starts(mac, frame.mono)
             .then(|| (self.known.at(frame.mono), self.stamps.stamp(frame.wall)));
-        for ip in rarp::bound_to(self.desired.bindings(), mac, &self.scope, &self.scope6) {
+        for ip in rarp::bound_to(&self.desired, mac, &self.scope, &self.scope6) {
             self.learn(frame, ip, mac).await;
         }
         if let Some((known, at)) = claim {
@@ -427,7 +427,7 @@ impl<E: Effects> Engine<E> {
             Learn::Claim { observed_at } => {
                 self.events.lock().expect("events").captured(ip, observed_at, frame.mono);
                 // Make-before-break: the claim goes out, and the VM is local before any answer.
-                self.report(ip, mac, ObservationKind::Learned, observed_at, known, port);
+                self.report(Subject::Learned(ip), mac, observed_at, known, port);
                 let applied = self.reconcile(ip).await;
                 if applied.ops > 0 {
                     self.metrics.provisional_installs.inc();
@@ -458,25 +458,26 @@ impl<E: Effects> Engine<E> {
             let outcome = ClaimOutcome::try_from(result.outcome).unwrap_or(ClaimOutcome::Unspecified);
             let reason = RejectReason::try_from(result.reject_reason).unwrap_or(RejectReason::Unspecified);
             self.metrics.claim_result(outcome, reason);
-            if obs.kind == ObservationKind::MacLearned {
-                for follow_up in rarp::follow_ups(result) {
-                    self.after_mac_claim(obs, follow_up);
+            let ip = match obs.subject {
+                Subject::Learned(ip) => ip,
+                Subject::Gone(_) => continue,
+                Subject::Mac => {
+                    for follow_up in rarp::follow_ups(result) {
+                        self.after_mac_claim(obs, follow_up);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            if obs.kind != ObservationKind::Learned {
-                continue;
-            }
+            };
             let answer = match outcome {
                 ClaimOutcome::Bound | ClaimOutcome::Moved | ClaimOutcome::Unchanged => {
                     ClaimAnswer::Accepted { revision: result.revision }
                 }
                 ClaimOutcome::Rejected if reason == RejectReason::Stale && result.revision > 0 => {
-                    tracing::info!(ip = %obs.ip, wait_for = result.revision, message = %result.message, "claim stale; will probe the VM once the stream has the revision");
+                    tracing::info!(%ip, wait_for = result.revision, message = %result.message, "claim stale; will probe the VM once the stream has the revision");
                     ClaimAnswer::Stale { revision: result.revision }
                 }
                 ClaimOutcome::Rejected => {
-                    tracing::warn!(ip = %obs.ip, reason = reason.as_str_name(), message = %result.message, "claim rejected");
+                    tracing::warn!(%ip, reason = reason.as_str_name(), message = %result.message, "claim rejected");
                     ClaimAnswer::Rejected { reason: result.reject_reason }
                 }
                 _ => continue,
@@ -484,7 +485,7 @@ impl<E: Effects> Engine<E> {
             if matches!(outcome, ClaimOutcome::Bound | ClaimOutcome::Moved) {
                 let label = outcome.as_str_name().trim_start_matches("CLAIM_OUTCOME_").to_ascii_lowercase();
                 self.events.lock().expect("events").claim_answered(
-                    obs.ip,
+                    ip,
                     obs.observed_at,
                     result.move_seq,
                     &self.fe_id,
@@ -494,15 +495,15 @@ impl<E: Effects> Engine<E> {
                 );
             }
             let rejected = matches!(answer, ClaimAnswer::Rejected { .. });
-            self.hints.claim_answered(obs.ip, obs.observed_at, rejected, &self.desired);
-            let view = desired_view(&self.desired, obs.ip);
-            match self.local.resolved(obs.ip, obs.mac, obs.observed_at, answer, now, view) {
+            self.hints.claim_answered(ip, obs.observed_at, rejected, &self.desired);
+            let view = desired_view(&self.desired, ip);
+            match self.local.resolved(ip, obs.mac, obs.observed_at, answer, now, view) {
                 Resolution::Undo => {
                     self.metrics.claims_undone.inc();
-                    self.reconcile(obs.ip).await;
+                    self.reconcile(ip).await;
                 }
                 Resolution::Kept | Resolution::Stale => {
-                    self.reconcile(obs.ip).await;
+                    self.reconcile(ip).await;
                 }
             }
         }
@@ -547,7 +548,7 @@ impl<E: Effects> Engine<E> {
                 Ageing::Gone { ip, mac, port } => {
                     tracing::info!(%ip, "VM stopped answering probes (ARP or NDP); reporting it gone");
                     let at = self.stamps.stamp(self.clock.now());
-                    self.report(ip, mac, ObservationKind::Gone, at, self.desired.revision(), port);
+                    self.report(Subject::Gone(ip), mac, at, self.desired.revision(), port);
                     self.reconcile(ip).await;
                 }
             }
@@ -600,9 +601,9 @@ impl<E: Effects> Engine<E> {
         self.metrics.reports_queued.set(self.reporter.queued() as i64);
     }
 
-    fn report(&self, ip: IpAddr, mac: [u8; 6], kind: ObservationKind, observed_at: i64, known: u64, port: u32) {
+    fn report(&self, subject: Subject, mac: [u8; 6], observed_at: i64, known: u64, port: u32) {
         let port = self.ports.get(port).map(|p| p.name).unwrap_or_default();
-        self.reporter.submit(Observation { ip, mac, kind, observed_at, known_revision: known, port });
+        self.reporter.submit(Observation { subject, mac, observed_at, known_revision: known, port });
     }
 
     /// Tells a VM that arrived on `port` where its gateways are: a gratuitous ARP per IPv4

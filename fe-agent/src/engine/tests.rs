@@ -195,7 +195,7 @@ impl Rig {
     /// The controller's answer to `obs`.
     async fn answer(&mut self, obs: Observation, outcome: ClaimOutcome, reason: RejectReason, revision: u64) {
         let result = ClaimResult {
-            vm_ip: victor_proto::types::ip_to_bytes(obs.ip),
+            vm_ip: obs.ip().map(victor_proto::types::ip_to_bytes).unwrap_or_default(),
             outcome: outcome as i32,
             reject_reason: reason as i32,
             revision,
@@ -268,7 +268,7 @@ async fn claim_installs_locally_at_once_and_a_rejection_undoes_it() {
     assert_eq!(rig.changes(), local_install(VM, PORT, MAC), "provisional local install, in order");
     let claims = rig.reporter.take_queued();
     assert_eq!(claims.len(), 1);
-    assert_eq!((claims[0].ip, claims[0].mac, claims[0].kind), (VM, MAC, ObservationKind::Learned));
+    assert_eq!((claims[0].subject, claims[0].mac), (Subject::Learned(VM), MAC));
     assert_eq!(claims[0].port, "vm5");
     for peer in [&fe2, &fe3] {
         let hint = receive_hint(peer);
@@ -329,7 +329,7 @@ async fn a_stale_claim_is_undone_and_claimed_again_once_the_stream_has_its_revis
     rig.garp(VM, MAC, PORT).await;
     assert_eq!(rig.changes(), local_install(VM, PORT, MAC));
     let again = rig.reporter.take_queued().remove(0);
-    assert_eq!((again.kind, again.known_revision), (ObservationKind::Learned, 12));
+    assert_eq!((again.kind(), again.known_revision), (ObservationKind::Learned, 12));
     assert!(again.observed_at > claim.observed_at, "this FE's observation times only go forwards");
 }
 
@@ -553,7 +553,7 @@ async fn an_unsolicited_neighbor_advertisement_claims_an_ipv6_vm() {
     assert_eq!(rig.changes(), local_install(vm, PORT, MAC), "provisional local install, in order");
     let claims = rig.reporter.take_queued();
     assert_eq!(claims.len(), 1);
-    assert_eq!((claims[0].ip, claims[0].mac, claims[0].kind), (vm, MAC, ObservationKind::Learned));
+    assert_eq!((claims[0].subject, claims[0].mac), (Subject::Learned(vm), MAC));
     for peer in [&fe2, &fe3] {
         let hint = receive_hint(peer);
         assert_eq!((hint.kind, hint.vm_ip, hint.move_seq), (Kind::Move, vm, 3), "the hint carries the IPv6 VM");
@@ -592,7 +592,7 @@ async fn a_dad_probe_claims_the_ipv6_address() {
     rig.ndp(dad(MacAddr(MAC), addr, None), OTHER_PORT).await;
     assert_eq!(rig.changes(), local_install(vm, OTHER_PORT, MAC));
     let claims = rig.reporter.take_queued();
-    assert_eq!((claims.len(), claims[0].ip, claims[0].port.as_str()), (1, vm, "vm6"));
+    assert_eq!((claims.len(), claims[0].ip(), claims[0].port.as_str()), (1, Some(vm), "vm6"));
     assert!(rig.metric("victor_agent_ndp_frames_total{kind=\"dad\"} 1"));
 }
 
@@ -616,15 +616,8 @@ async fn a_rarp_announcement_claims_every_ip_of_its_mac_like_a_garp() {
     installed.extend(local_install(other, PORT, MAC));
     assert_eq!(rig.changes(), installed, "both addresses of the MAC, at once");
     let queued = rig.reporter.take_queued();
-    let summary: Vec<_> = queued.iter().map(|o| (o.ip, o.kind, o.known_revision)).collect();
-    assert_eq!(
-        summary,
-        vec![
-            (VM, ObservationKind::Learned, 10),
-            (other, ObservationKind::Learned, 10),
-            (IpAddr::V4(Ipv4Addr::UNSPECIFIED), ObservationKind::MacLearned, 10)
-        ]
-    );
+    let summary: Vec<_> = queued.iter().map(|o| (o.subject, o.known_revision)).collect();
+    assert_eq!(summary, vec![(Subject::Learned(VM), 10), (Subject::Learned(other), 10), (Subject::Mac, 10)]);
     assert!(
         queued[2].observed_at < queued[0].observed_at,
         "the MAC claim is older than the sightings of its frame: it adds no write for their IPs"

@@ -7,7 +7,7 @@
 //! write): it is no verdict, the agent keeps what it learned and sends the claim again.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,12 +28,10 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(3);
 /// One observation to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
-    /// VM IP (unused for a MAC claim: see [`Observation::mac_claim`]).
-    pub ip: IpAddr,
+    /// What was observed: a VM IP seen or gone, or a MAC seen without an IP (a MAC claim).
+    pub subject: Subject,
     /// VM MAC.
     pub mac: [u8; 6],
-    /// LEARNED, GONE or MAC_LEARNED (a MAC claim: a RARP frame named the MAC and no IP).
-    pub kind: ObservationKind,
     /// Observation time (wall ns, this FE's clock) — kept across retries and reconnections.
     pub observed_at: i64,
     /// The stream revision known when the observation was made — kept with it.
@@ -42,9 +40,21 @@ pub struct Observation {
     pub port: String,
 }
 
+/// What an observation is about (its kind on the wire follows from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// The VM with this IP (and [`Observation::mac`]) was heard on a port: LEARNED.
+    Learned(IpAddr),
+    /// The VM with this IP is no longer behind this FE: GONE.
+    Gone(IpAddr),
+    /// A frame named only [`Observation::mac`] (RARP): a MAC claim, MAC_LEARNED, which the
+    /// controller expands to every IP bound or declared with the MAC.
+    Mac,
+}
+
 /// What the queue keeps one observation of: a VM IP, or a MAC for MAC claims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Subject {
+enum QueueKey {
     Ip(IpAddr),
     Mac([u8; 6]),
 }
@@ -52,28 +62,36 @@ enum Subject {
 impl Observation {
     /// A MAC claim: the VM with `mac` was seen (RARP) at `observed_at`, knowing `known_revision`.
     pub fn mac_claim(mac: [u8; 6], observed_at: i64, known_revision: u64, port: String) -> Observation {
-        Observation {
-            ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            mac,
-            kind: ObservationKind::MacLearned,
-            observed_at,
-            known_revision,
-            port,
+        Observation { subject: Subject::Mac, mac, observed_at, known_revision, port }
+    }
+
+    /// The VM IP observed (None for a MAC claim).
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self.subject {
+            Subject::Learned(ip) | Subject::Gone(ip) => Some(ip),
+            Subject::Mac => None,
         }
     }
 
-    fn subject(&self) -> Subject {
-        if self.kind == ObservationKind::MacLearned { Subject::Mac(self.mac) } else { Subject::Ip(self.ip) }
+    /// The kind sent to the controller.
+    pub fn kind(&self) -> ObservationKind {
+        match self.subject {
+            Subject::Learned(_) => ObservationKind::Learned,
+            Subject::Gone(_) => ObservationKind::Gone,
+            Subject::Mac => ObservationKind::MacLearned,
+        }
+    }
+
+    fn key(&self) -> QueueKey {
+        self.ip().map_or(QueueKey::Mac(self.mac), QueueKey::Ip)
     }
 
     fn to_wire(&self) -> VmObservation {
         VmObservation {
-            vm_ip: match self.subject() {
-                Subject::Ip(ip) => victor_proto::types::ip_to_bytes(ip),
-                Subject::Mac(_) => Vec::new(),
-            },
+            // A MAC claim names no IP (victor.proto, OBSERVATION_KIND_MAC_LEARNED).
+            vm_ip: self.ip().map(victor_proto::types::ip_to_bytes).unwrap_or_default(),
             mac: self.mac.to_vec(),
-            kind: self.kind as i32,
+            kind: self.kind() as i32,
             observed_at_unix_nanos: self.observed_at,
             port: self.port.clone(),
             known_revision: Some(self.known_revision),
@@ -97,17 +115,17 @@ pub struct Answered {
 /// The queue (pure).
 #[derive(Debug, Default)]
 pub struct ReportQueue {
-    order: VecDeque<Subject>,
-    pending: HashMap<Subject, Observation>,
+    order: VecDeque<QueueKey>,
+    pending: HashMap<QueueKey, Observation>,
 }
 
 impl ReportQueue {
     /// Queues `obs`, replacing an unsent observation of the same IP (of the same MAC for a MAC
     /// claim).
     pub fn push(&mut self, obs: Observation) {
-        let subject = obs.subject();
-        if self.pending.insert(subject, obs).is_none() {
-            self.order.push_back(subject);
+        let key = obs.key();
+        if self.pending.insert(key, obs).is_none() {
+            self.order.push_back(key);
         }
     }
 
@@ -115,8 +133,8 @@ impl ReportQueue {
     pub fn take(&mut self, max: usize) -> Vec<Observation> {
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(subject) = self.order.pop_front() else { break };
-            if let Some(obs) = self.pending.remove(&subject) {
+            let Some(key) = self.order.pop_front() else { break };
+            if let Some(obs) = self.pending.remove(&key) {
                 out.push(obs);
             }
         }
@@ -126,10 +144,10 @@ impl ReportQueue {
     /// Puts a failed batch back at the front, except observations superseded meanwhile.
     pub fn put_back(&mut self, batch: Vec<Observation>) {
         for obs in batch.into_iter().rev() {
-            let subject = obs.subject();
-            if !self.pending.contains_key(&subject) {
-                self.order.push_front(subject);
-                self.pending.insert(subject, obs);
+            let key = obs.key();
+            if !self.pending.contains_key(&key) {
+                self.order.push_front(key);
+                self.pending.insert(key, obs);
             }
         }
     }
@@ -302,10 +320,10 @@ mod tests {
     use super::*;
 
     fn obs(last: u8, at: i64, kind: ObservationKind) -> Observation {
+        let ip = std::net::Ipv4Addr::new(10, 10, 0, last).into();
         Observation {
-            ip: std::net::Ipv4Addr::new(10, 10, 0, last).into(),
+            subject: if kind == ObservationKind::Gone { Subject::Gone(ip) } else { Subject::Learned(ip) },
             mac: [2, 0, 0, 0, 0, last],
-            kind,
             observed_at: at,
             known_revision: 0,
             port: "vm0".into(),
@@ -330,7 +348,7 @@ mod tests {
         for i in 0..=255u8 {
             for j in 0..5i64 {
                 q.push(Observation {
-                    ip: std::net::Ipv4Addr::new(10, 10, j as u8, i).into(),
+                    subject: Subject::Learned(std::net::Ipv4Addr::new(10, 10, j as u8, i).into()),
                     ..obs(i, j, ObservationKind::Learned)
                 });
             }
@@ -343,9 +361,9 @@ mod tests {
         q.put_back(batch);
         assert_eq!(q.len(), 256 * 5, "nothing lost");
         let again = q.take(MAX_BATCH);
-        assert_eq!(again[0].ip, batch_second_ip(), "the superseded one stays where the new one was queued");
+        assert_eq!(again[0].ip(), Some(batch_second_ip()), "the superseded one stays where the new one was queued");
         let all: Vec<_> = again.into_iter().chain(q.take(usize::MAX)).collect();
-        let newest = all.iter().find(|o| o.ip == first.ip).unwrap();
+        let newest = all.iter().find(|o| o.ip() == first.ip()).unwrap();
         assert_eq!(newest.observed_at, 99);
     }
 
@@ -365,6 +383,31 @@ mod tests {
             (0, vec![2, 0, 0, 0, 0, 1], ObservationKind::MacLearned as i32, Some(6))
         );
         assert_eq!(batch[0].to_wire().vm_ip, vec![10, 10, 0, 1]);
+    }
+
+    #[test]
+    fn the_subject_decides_the_wire_kind_and_ip() {
+        let v6: IpAddr = "fd00:10::1".parse().unwrap();
+        let learned = Observation { subject: Subject::Learned(v6), ..obs(1, 1, ObservationKind::Learned) };
+        let gone = Observation { subject: Subject::Gone(v6), ..learned.clone() };
+        let claim = Observation::mac_claim([2, 0, 0, 0, 0, 1], 1, 0, "vm0".into());
+        let wire: Vec<(Vec<u8>, i32)> =
+            [&learned, &gone, &claim].iter().map(|o| (o.to_wire().vm_ip, o.to_wire().kind)).collect();
+        assert_eq!(
+            wire,
+            vec![
+                (victor_proto::types::ip_to_bytes(v6), ObservationKind::Learned as i32),
+                (victor_proto::types::ip_to_bytes(v6), ObservationKind::Gone as i32),
+                (Vec::new(), ObservationKind::MacLearned as i32),
+            ]
+        );
+        assert_eq!((learned.ip(), claim.ip()), (Some(v6), None));
+        // A GONE replaces an unsent LEARNED of the same IP; the MAC claim of the same MAC is apart.
+        let mut q = ReportQueue::default();
+        for o in [learned, gone.clone(), claim.clone()] {
+            q.push(o);
+        }
+        assert_eq!(q.take(10), vec![gone, claim]);
     }
 
     fn batch_second_ip() -> IpAddr {

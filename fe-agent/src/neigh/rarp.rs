@@ -3,7 +3,8 @@
 //! reverse, sender MAC = target MAC = the VM's MAC, broadcast), it says "the VM with this MAC is
 //! now behind this port". The agent turns it into:
 //!
-//! * a gratuitous-ARP sighting of every IP its desired state binds to that MAC ([`bound_to`]), so
+//! * a gratuitous-ARP sighting of every IP its desired state binds to that MAC ([`bound_to`], from
+//!   the desired state's MAC index), so
 //!   a move announced only by RARP takes the GARP path (local install first, move hint, per-IP
 //!   claim);
 //! * one MAC claim to the controller per announcement ([`Announcements`]: QEMU sends five frames
@@ -23,7 +24,7 @@ use victor_proto::v1::{ClaimOutcome, ClaimResult, RejectReason};
 
 use super::arp::Scope;
 use super::ndp;
-use crate::state::desired::BindingRec;
+use crate::state::desired::DesiredState;
 
 /// One MAC claim per MAC at most this often (ns): QEMU's five rounds span 800 ms.
 pub const ANNOUNCEMENT_WINDOW_NS: u64 = 1_000_000_000;
@@ -44,20 +45,15 @@ pub fn claimed(msg: &RarpMessage) -> Option<[u8; 6]> {
     (mac.0 != [0; 6] && !mac.is_multicast()).then_some(mac.0)
 }
 
-/// The VM addresses of `bindings` bound with `mac` (IPv4 inside `scope`, IPv6 inside `scope6`),
-/// in address order (IPv4 first). A scan of the desired state (RARP frames are few and
-/// rate-limited per source).
-pub fn bound_to(
-    bindings: impl Iterator<Item = (IpAddr, BindingRec)>,
-    mac: [u8; 6],
-    scope: &Scope,
-    scope6: &ndp::Scope,
-) -> Vec<IpAddr> {
+/// The VM addresses the desired state binds with `mac`, through its MAC index
+/// ([`DesiredState::ips_with_mac`]: a lookup, not a scan), that are VM addresses here (IPv4
+/// inside `scope`, IPv6 inside `scope6`), in address order (IPv4 first).
+pub fn bound_to(desired: &DesiredState, mac: [u8; 6], scope: &Scope, scope6: &ndp::Scope) -> Vec<IpAddr> {
     let is_vm_ip = |ip: &IpAddr| match ip {
         IpAddr::V4(ip) => scope.is_vm_ip(*ip),
         IpAddr::V6(ip) => scope6.is_vm_ip(*ip),
     };
-    let mut ips: Vec<IpAddr> = bindings.filter(|(ip, b)| b.mac == mac && is_vm_ip(ip)).map(|(ip, _)| ip).collect();
+    let mut ips: Vec<IpAddr> = desired.ips_with_mac(mac).filter(is_vm_ip).collect();
     ips.sort_unstable();
     ips
 }
@@ -111,6 +107,7 @@ mod tests {
     use super::*;
     use victor_dataplane::packet::eth::MacAddr;
     use victor_dataplane::packet::rarp::{announce, build_frame, parse_frame};
+    use victor_proto::v1::{BindingEntry, SyncPhase, SyncUpdate};
 
     const VM_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
 
@@ -118,8 +115,27 @@ mod tests {
         Scope { prefixes: vec!["10.10.0.0/16".parse().unwrap()], gateways: vec![Ipv4Addr::new(10, 10, 0, 1)] }
     }
 
-    fn rec(mac: [u8; 6]) -> BindingRec {
-        BindingRec { revision: 1, move_seq: 0, fe: 0, mac }
+    /// A desired state holding `bindings` (VM IP, MAC), all at fe2.
+    fn desired(bindings: &[(IpAddr, [u8; 6])]) -> DesiredState {
+        let mut state = DesiredState::new("fe1");
+        let snapshot = SyncUpdate {
+            phase: SyncPhase::SnapshotEnd as i32,
+            revision: 10,
+            reset: true,
+            binding_upserts: bindings
+                .iter()
+                .map(|(ip, mac)| BindingEntry {
+                    vm_ip: victor_proto::types::ip_to_bytes(*ip),
+                    fe_id: "fe2".into(),
+                    mac: mac.to_vec(),
+                    move_seq: 0,
+                    revision: 5,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        state.apply(&snapshot).unwrap();
+        state
     }
 
     #[test]
@@ -138,21 +154,23 @@ mod tests {
     fn finds_the_vm_addresses_bound_with_the_mac() {
         let other = [2, 0, 0, 0, 0, 0x99];
         let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let bindings = vec![
-            (v6("fd00:10::11"), rec(VM_MAC)),
-            (Ipv4Addr::new(10, 10, 0, 12).into(), rec(VM_MAC)),
-            (Ipv4Addr::new(10, 10, 0, 11).into(), rec(VM_MAC)),
-            (Ipv4Addr::new(10, 10, 0, 13).into(), rec(other)),
-            (Ipv4Addr::new(192, 0, 2, 1).into(), rec(VM_MAC)),
-            (v6("2001:db8::11"), rec(VM_MAC)),
-        ];
+        let state = desired(&[
+            (v6("fd00:10::11"), VM_MAC),
+            (Ipv4Addr::new(10, 10, 0, 12).into(), VM_MAC),
+            (Ipv4Addr::new(10, 10, 0, 11).into(), VM_MAC),
+            (Ipv4Addr::new(10, 10, 0, 13).into(), other),
+            (Ipv4Addr::new(192, 0, 2, 1).into(), VM_MAC),
+            (v6("2001:db8::11"), VM_MAC),
+        ]);
         let scope6 = ndp::Scope { prefixes: vec!["fd00:10::/64".parse().unwrap()], gateways: vec![] };
-        let ips = bound_to(bindings.into_iter(), VM_MAC, &scope(), &scope6);
+        let ips = bound_to(&state, VM_MAC, &scope(), &scope6);
         assert_eq!(
             ips,
             vec![Ipv4Addr::new(10, 10, 0, 11).into(), Ipv4Addr::new(10, 10, 0, 12).into(), v6("fd00:10::11")],
             "both families, each inside its mobile prefixes"
         );
+        assert_eq!(bound_to(&state, other, &scope(), &scope6), vec![IpAddr::from(Ipv4Addr::new(10, 10, 0, 13))]);
+        assert!(bound_to(&state, [2, 0, 0, 0, 0, 0x77], &scope(), &scope6).is_empty(), "a MAC nobody has");
     }
 
     #[test]

@@ -22,6 +22,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use foldhash::fast::RandomState;
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
 use victor_proto::types::ip_from_bytes;
 use victor_proto::v1::{SyncPhase, SyncUpdate};
 
@@ -109,11 +111,21 @@ impl FeTable {
     }
 }
 
-/// The bindings of both families: IPv4 keyed by `u32`, IPv6 by `u128`.
+/// The bindings of both families: IPv4 keyed by `u32`, IPv6 by `u128`; and their MAC index.
+///
+/// MAC index (for RARP frames, which name only a MAC): a hash table per family holding each
+/// binding's IP once, hashed by the binding's MAC, so the IPs of a MAC are the entries under its
+/// hash whose binding has that MAC — 4 bytes per IPv4 binding (16 per IPv6 one) instead of a
+/// second copy of the MAC. Invariant: every key of `v4` (`v6`) is in `macs4` (`macs6`) exactly
+/// once, under the hash of its binding's current MAC; every write goes through
+/// [`Bindings::insert`] and [`Bindings::remove`], which keep it.
 #[derive(Debug, Default, Clone)]
 struct Bindings {
     v4: HashMap<u32, BindingRec, RandomState>,
     v6: HashMap<u128, BindingRec, RandomState>,
+    macs4: HashTable<u32>,
+    macs6: HashTable<u128>,
+    mac_hasher: RandomState,
 }
 
 impl Bindings {
@@ -124,25 +136,54 @@ impl Bindings {
         }
     }
 
-    fn get_mut(&mut self, ip: IpAddr) -> Option<&mut BindingRec> {
-        match ip {
-            IpAddr::V4(a) => self.v4.get_mut(&u32::from(a)),
-            IpAddr::V6(a) => self.v6.get_mut(&u128::from(a)),
-        }
+    fn mac_hash(&self, mac: [u8; 6]) -> u64 {
+        self.mac_hasher.hash_one(mac)
     }
 
+    /// Sets the binding of `ip`, keeping the MAC index (a changed MAC moves the IP in it).
     fn insert(&mut self, ip: IpAddr, rec: BindingRec) {
+        let new = self.mac_hash(rec.mac);
+        let hasher = &self.mac_hasher;
         match ip {
-            IpAddr::V4(a) => self.v4.insert(u32::from(a), rec),
-            IpAddr::V6(a) => self.v6.insert(u128::from(a), rec),
-        };
+            IpAddr::V4(a) => {
+                let key = u32::from(a);
+                let old = self.v4.insert(key, rec);
+                reindex(&mut self.macs4, &self.v4, hasher, key, old.map(|o| o.mac), rec.mac, new);
+            }
+            IpAddr::V6(a) => {
+                let key = u128::from(a);
+                let old = self.v6.insert(key, rec);
+                reindex(&mut self.macs6, &self.v6, hasher, key, old.map(|o| o.mac), rec.mac, new);
+            }
+        }
     }
 
+    /// Removes the binding of `ip` and its MAC index entry.
     fn remove(&mut self, ip: IpAddr) -> Option<BindingRec> {
-        match ip {
-            IpAddr::V4(a) => self.v4.remove(&u32::from(a)),
-            IpAddr::V6(a) => self.v6.remove(&u128::from(a)),
-        }
+        let removed = match ip {
+            IpAddr::V4(a) => {
+                let key = u32::from(a);
+                let old = self.v4.remove(&key)?;
+                unindex(&mut self.macs4, self.mac_hasher.hash_one(old.mac), key);
+                old
+            }
+            IpAddr::V6(a) => {
+                let key = u128::from(a);
+                let old = self.v6.remove(&key)?;
+                unindex(&mut self.macs6, self.mac_hasher.hash_one(old.mac), key);
+                old
+            }
+        };
+        Some(removed)
+    }
+
+    /// The IPs bound with `mac` (unordered): a lookup in the MAC index, not a scan.
+    fn with_mac(&self, mac: [u8; 6]) -> impl Iterator<Item = IpAddr> + '_ {
+        let hash = self.mac_hash(mac);
+        // Entries under the same hash may be other MACs' (collisions): the binding says.
+        let v4 = self.macs4.iter_hash(hash).filter(move |k| self.v4.get(k).is_some_and(|b| b.mac == mac));
+        let v6 = self.macs6.iter_hash(hash).filter(move |k| self.v6.get(k).is_some_and(|b| b.mac == mac));
+        v4.map(|&k| IpAddr::V4(Ipv4Addr::from(k))).chain(v6.map(|&k| IpAddr::V6(std::net::Ipv6Addr::from(k))))
     }
 
     fn contains(&self, ip: IpAddr) -> bool {
@@ -168,23 +209,57 @@ impl Bindings {
 
     fn reserve(&mut self, n: usize) {
         self.v4.reserve(n);
+        let (v4, hasher) = (&self.v4, &self.mac_hasher);
+        self.macs4.reserve(n, |k| hasher.hash_one(v4[k].mac));
     }
 
     fn shrink_to_fit(&mut self) {
         self.v4.shrink_to_fit();
         self.v6.shrink_to_fit();
+        let (v4, v6, hasher) = (&self.v4, &self.v6, &self.mac_hasher);
+        self.macs4.shrink_to_fit(|k| hasher.hash_one(v4[k].mac));
+        self.macs6.shrink_to_fit(|k| hasher.hash_one(v6[k].mac));
     }
 
     /// Heap bytes (capacity-based estimate of hashbrown's layout).
     fn heap_bytes(&self) -> usize {
-        fn table<K>(cap: usize) -> usize {
+        fn table<T>(cap: usize) -> usize {
             if cap == 0 {
                 return 0;
             }
             let buckets = (cap * 8 / 7).next_power_of_two();
-            buckets * (std::mem::size_of::<(K, BindingRec)>() + 1) + 16
+            buckets * (std::mem::size_of::<T>() + 1) + 16
         }
-        table::<u32>(self.v4.capacity()) + table::<u128>(self.v6.capacity())
+        table::<(u32, BindingRec)>(self.v4.capacity())
+            + table::<(u128, BindingRec)>(self.v6.capacity())
+            + table::<u32>(self.macs4.capacity())
+            + table::<u128>(self.macs6.capacity())
+    }
+}
+
+/// Puts `key` (just bound with `mac`, hash `hash`; bound with `old` before, if it was) under its
+/// MAC in `index`. `bindings` already holds the new binding: a resize rehashes by it.
+fn reindex<K: Copy + Eq + std::hash::Hash>(
+    index: &mut HashTable<K>,
+    bindings: &HashMap<K, BindingRec, RandomState>,
+    hasher: &RandomState,
+    key: K,
+    old: Option<[u8; 6]>,
+    mac: [u8; 6],
+    hash: u64,
+) {
+    match old {
+        Some(old) if old == mac => return,
+        Some(old) => unindex(index, hasher.hash_one(old), key),
+        None => {}
+    }
+    index.insert_unique(hash, key, |k| hasher.hash_one(bindings[k].mac));
+}
+
+/// Removes `key` from `index`, where it sits under `hash` (its binding's MAC before the change).
+fn unindex<K: Copy + Eq>(index: &mut HashTable<K>, hash: u64, key: K) {
+    if let Ok(entry) = index.find_entry(hash, |k| *k == key) {
+        entry.remove();
     }
 }
 
@@ -306,6 +381,17 @@ impl DesiredState {
     /// True without bindings.
     pub fn is_empty(&self) -> bool {
         self.bindings.is_empty()
+    }
+
+    /// The IPs bound with `mac`, both families (unordered), from the MAC index.
+    pub fn ips_with_mac(&self, mac: [u8; 6]) -> impl Iterator<Item = IpAddr> + '_ {
+        self.bindings.with_mac(mac)
+    }
+
+    /// Entries of the MAC index (one per binding when it is consistent).
+    #[cfg(test)]
+    fn mac_index_len(&self) -> usize {
+        self.bindings.macs4.len() + self.bindings.macs6.len()
     }
 
     /// Every binding (unordered).
@@ -535,12 +621,8 @@ impl DesiredState {
                 continue;
             };
             let rec = BindingRec { revision: b.revision, move_seq: b.move_seq, fe: self.fes.intern(&b.fe_id), mac };
-            match staging.bindings.get_mut(ip) {
-                Some(cur) if cur.revision >= rec.revision => {}
-                Some(cur) => *cur = rec,
-                None => {
-                    staging.bindings.insert(ip, rec);
-                }
+            if staging.bindings.get(ip).is_none_or(|cur| cur.revision < rec.revision) {
+                staging.bindings.insert(ip, rec);
             }
         }
         for r in &msg.binding_removals {
@@ -794,7 +876,94 @@ mod tests {
         assert!(s.is_empty());
     }
 
+    /// The IPs of `mac` by the index, and by a scan of every binding; both sorted.
+    fn by_index_and_by_scan(s: &DesiredState, mac: [u8; 6]) -> (Vec<IpAddr>, Vec<IpAddr>) {
+        let mut indexed: Vec<IpAddr> = s.ips_with_mac(mac).collect();
+        let mut scanned: Vec<IpAddr> = s.bindings().filter(|(_, b)| b.mac == mac).map(|(ip, _)| ip).collect();
+        indexed.sort();
+        scanned.sort();
+        (indexed, scanned)
+    }
+
+    #[test]
+    fn the_mac_index_follows_inserts_mac_changes_removals_and_snapshots() {
+        let mut s = synced();
+        let mac = |last: u8| [2, 0, 0, 0, 0, last];
+        assert_eq!(s.ips_with_mac(mac(11)).collect::<Vec<_>>(), vec![vm(11)]);
+        assert_eq!(s.mac_index_len(), 2);
+        // A dual-stack VM: its IPv6 address with the MAC of .11.
+        let v6: IpAddr = "fd00:10::11".parse().unwrap();
+        let mut d = msg(SyncPhase::Delta, 11);
+        d.binding_upserts =
+            vec![BindingEntry { vm_ip: victor_proto::types::ip_to_bytes(v6), ..bind(11, "fe3", 0, 11) }];
+        s.apply(&d).unwrap();
+        assert_eq!(by_index_and_by_scan(&s, mac(11)).0, vec![vm(11), v6]);
+        // A move that keeps the MAC, then an update with another MAC: the IP follows its MAC.
+        let mut d = msg(SyncPhase::Delta, 12);
+        d.binding_upserts = vec![bind(11, "fe3", 1, 12)];
+        s.apply(&d).unwrap();
+        assert_eq!(by_index_and_by_scan(&s, mac(11)).0, vec![vm(11), v6]);
+        let mut d = msg(SyncPhase::Delta, 13);
+        d.binding_upserts = vec![BindingEntry { mac: mac(99).to_vec(), ..bind(11, "fe3", 2, 13) }];
+        s.apply(&d).unwrap();
+        assert_eq!(by_index_and_by_scan(&s, mac(11)).0, vec![v6]);
+        assert_eq!(by_index_and_by_scan(&s, mac(99)).0, vec![vm(11)]);
+        assert_eq!(s.mac_index_len(), 3);
+        // A removal.
+        let mut d = msg(SyncPhase::Delta, 14);
+        d.binding_removals = vec![BindingRemoval { vm_ip: victor_proto::types::ip_to_bytes(v6), revision: 14 }];
+        s.apply(&d).unwrap();
+        assert!(by_index_and_by_scan(&s, mac(11)).0.is_empty());
+        // A snapshot replaces the index with its own (staged, swapped in whole).
+        let mut snap = msg(SyncPhase::SnapshotEnd, 20);
+        snap.reset = true;
+        snap.fe_upserts = vec![fe("fe1", 1, 3), fe("fe2", 2, 4)];
+        snap.binding_upserts =
+            vec![bind(13, "fe2", 0, 15), BindingEntry { mac: mac(13).to_vec(), ..bind(14, "fe2", 0, 16) }];
+        s.apply(&snap).unwrap();
+        assert_eq!(by_index_and_by_scan(&s, mac(13)).0, vec![vm(13), vm(14)]);
+        assert!(by_index_and_by_scan(&s, mac(99)).0.is_empty());
+        assert_eq!(s.mac_index_len(), 2);
+    }
+
     proptest! {
+        /// After any sequence of deltas and snapshots (IPs of both families, a few MACs shared
+        /// between them, MACs changing on updates), the MAC index gives exactly what a scan of
+        /// the bindings gives, and holds one entry per binding.
+        #[test]
+        fn the_mac_index_always_agrees_with_a_scan(
+            messages in proptest::collection::vec(
+                (any::<bool>(), proptest::collection::vec((0u8..8, any::<bool>(), 0u8..4, any::<bool>()), 0..12)),
+                1..12,
+            ),
+        ) {
+            let mut s = synced();
+            let mut revision = 10;
+            for (snapshot, ops) in messages {
+                revision += 1;
+                let mut m = msg(if snapshot { SyncPhase::SnapshotEnd } else { SyncPhase::Delta }, revision + 20);
+                m.reset = snapshot;
+                for (n, upsert, mac, v6) in ops {
+                    revision += 1;
+                    let ip = if v6 { IpAddr::from([0xfd00, 0x10, 0, 0, 0, 0, 0, u16::from(n)]) } else { vm(n) };
+                    let ip = victor_proto::types::ip_to_bytes(ip);
+                    if upsert {
+                        let e = BindingEntry { vm_ip: ip, mac: vec![2, 0, 0, 0, 0, mac], ..bind(n, "fe2", revision, revision) };
+                        m.binding_upserts.push(e);
+                    } else {
+                        m.binding_removals.push(BindingRemoval { vm_ip: ip, revision });
+                    }
+                }
+                revision += 20;
+                s.apply(&m).unwrap();
+                for mac in 0..4u8 {
+                    let (indexed, scanned) = by_index_and_by_scan(&s, [2, 0, 0, 0, 0, mac]);
+                    prop_assert_eq!(indexed, scanned);
+                }
+                prop_assert_eq!(s.mac_index_len(), s.len());
+            }
+        }
+
         /// The order of the entries inside one delta never matters.
         #[test]
         fn order_inside_a_delta_does_not_matter(

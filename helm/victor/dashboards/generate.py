@@ -32,24 +32,33 @@ def quantiles(metric: str, by: str = "", sel: str = C, qs=("50", "99")) -> list:
 
 CONTROLLER = [
     (
-        "Bindings",
+        "Bindings, by address family",
         "short",
         [
-            ("bindings", f"max(victor_bindings{C})"),
-            ("frozen (damping)", f"max(victor_bindings_frozen{C})"),
-            ("declared VMs", f"max(victor_vms_declared{C})"),
+            ("bindings {{family}}", f"max by (family) (victor_bindings{C})"),
+            ("frozen (damping) {{family}}", f"max by (family) (victor_bindings_frozen{C})"),
+            ("declared VMs {{family}}", f"max by (family) (victor_vms_declared{C})"),
         ],
     ),
-    ("Moves per second", "ops", [("moves", f"sum(rate(victor_moves_total{C}{RATE}))")]),
     (
-        "Claims per second, by outcome",
+        "Moves per second, by address family",
         "ops",
-        [("{{outcome}}", f"sum by (outcome) (rate(victor_claims_total{C}{RATE}))")],
+        [("moves {{family}}", f"sum by (family) (rate(victor_moves_total{C}{RATE}))")],
+    ),
+    (
+        "Claims per second, by outcome and address family",
+        "ops",
+        [("{{outcome}} {{family}}", f"sum by (outcome, family) (rate(victor_claims_total{C}{RATE}))")],
     ),
     (
         "Claims rejected per second, by reason",
         "ops",
         [("{{reason}}", f"sum by (reason) (rate(victor_claims_rejected_total{C}{RATE}))")],
+    ),
+    (
+        "Binding watch events sent per second, by address family",
+        "ops",
+        [("{{family}}", f"sum by (family) (rate(victor_watch_events_total{C}{RATE}))")],
     ),
     (
         "Flap damping",
