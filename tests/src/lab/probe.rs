@@ -63,6 +63,19 @@ const DRAINING: u8 = 1;
 const STOPPED: u8 = 2;
 /// How long `stop` waits for replies still in flight.
 const DRAIN: Duration = Duration::from_secs(1);
+/// The prober's longest sleep between two looks at its phase.
+const DRAIN_POLL: Duration = Duration::from_millis(1);
+
+/// Waits up to `timeout` for `sock` to have something to read (`ppoll`: a high-resolution
+/// timeout, to the microsecond).
+fn readable(sock: &Socket, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    // SAFETY: one valid pollfd, a valid timespec, no signal mask.
+    unsafe { libc::ppoll(&mut fd, 1, &ts, std::ptr::null()) > 0 }
+}
 
 /// How the prober thread is scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +84,7 @@ pub enum Schedule {
     Normal,
     /// `SCHED_FIFO` (needs root; falls back to normal with a warning): the prober keeps its
     /// interval while CPU-bound neighbours (TCG guests) saturate the host. Between its sends it
-    /// sleeps in `recv` (200 µs timeout), so it never takes a core for itself.
+    /// sleeps in `ppoll`, so it never takes a core for itself.
     Realtime,
 }
 
@@ -122,7 +135,7 @@ impl Prober {
         let thread = ns.spawn_thread("prober", move || -> Result<()> {
             schedule.apply();
             let sock = Socket::new(domain, Type::RAW, Some(protocol))?;
-            sock.set_read_timeout(Some(Duration::from_micros(200)))?;
+            sock.set_nonblocking(true)?;
             let dst_addr = SocketAddr::from((dst, 0)).into();
             let mut next = Instant::now();
             let mut seq: u32 = 0;
@@ -150,6 +163,15 @@ impl Prober {
                     drop(s);
                     seq += 1;
                     next += interval;
+                }
+                // Sleep until the next request is due or a reply comes, on a high-resolution
+                // timer: a socket's receive timeout counts in jiffies (4 ms and more here), which
+                // made the prober fall behind and send in bursts exactly while no reply came —
+                // during a move.
+                let wait =
+                    if drain_until.is_none() { next.saturating_duration_since(Instant::now()) } else { DRAIN_POLL };
+                if !readable(&sock, wait.min(DRAIN_POLL)) {
+                    continue;
                 }
                 let Ok(n) = sock.recv(&mut buf) else { continue };
                 // SAFETY: recv initialised the first n bytes.
