@@ -37,7 +37,7 @@ async fn ndp_learning_6in4_tunnel_and_moves_announced_by_na_and_by_dad(plane: Pl
         lab.start_agent(n, &[ctl.url()], &V6_FLAGS)?;
     }
     for n in 1..=3 {
-        lab.wait_ready(n, Duration::from_secs(20))?;
+        lab.wait_ready(n, Duration::from_secs(60))?;
     }
 
     // A link-local announcement is counted and binds nothing.
@@ -254,7 +254,7 @@ async fn the_kernel_data_plane_carries_ipv6_prefixes_where_sit_loads() -> anyhow
     let Some(why) = unavailable else {
         lab.start_agent(2, &[ctl.url()], &V6_FLAGS)?;
         for n in 1..=2 {
-            lab.wait_ready(n, Duration::from_secs(30))?;
+            lab.wait_ready(n, Duration::from_secs(60))?;
             let (_, ready) = lab.agent_get(n, "/readyz")?;
             assert!(ready.contains("dataplane: kernel (") && ready.contains("sit module"), "fe{n}: {ready}");
         }

@@ -116,7 +116,8 @@ impl ModuleSupport {
             ModuleSupport::Present => format!("the kernel has the {module} module"),
             ModuleSupport::Modprobed => format!("loaded the kernel's {module} module with modprobe"),
             ModuleSupport::Autoloaded => {
-                format!("the kernel loaded its {module} module when asked for a {module} link")
+                let article = if module.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+                format!("the kernel loaded its {module} module when asked for {article} {module} link")
             }
             ModuleSupport::Unavailable(why) => format!("the kernel's {module} module cannot be loaded ({why})"),
         }
@@ -496,6 +497,9 @@ mod tests {
             assert_eq!((c.backend, c.code, c.sit), (Backend::Kernel, code, true));
             assert!(c.describe().starts_with("kernel (auto: ") && c.why.contains("sit"), "{}", c.describe());
         }
+        let autoloaded = KernelSupport { ipip: ModuleSupport::Autoloaded, sit: ModuleSupport::Autoloaded };
+        let why = choose(DataplaneMode::Auto, &autoloaded, None).unwrap().why;
+        assert!(why.contains("for an ipip link; ") && why.ends_with("for a sit link"), "{why}");
         let present = support(ModuleSupport::Present, ModuleSupport::Present);
         assert_eq!(choose(DataplaneMode::Tun, &present, None).unwrap().backend, Backend::Tun);
         let kernel = choose(DataplaneMode::Kernel, &support(ModuleSupport::Modprobed, ModuleSupport::Present), None);

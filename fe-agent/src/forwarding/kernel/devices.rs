@@ -7,10 +7,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
+use rtnetlink::packet_route::IpProtocol;
 use rtnetlink::packet_route::link::{
     InfoData, InfoIpTunnel, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use rtnetlink::packet_route::IpProtocol;
 use rtnetlink::{Handle, LinkDummy, LinkIpIp, LinkSit, LinkUnspec};
 
 /// Start of the alias of every device the agent creates.
