@@ -344,7 +344,7 @@ impl Metrics {
         registry.register("dataplane_backend", "1 for the data-plane backend in use", m.dataplane.clone());
         registry.register(
             "dataplane_choice",
-            "1 for the data-plane backend in use: asked for (mode) and why (requested, ipip_loaded, ipip_modprobed, ipip_autoloaded, ipip_unavailable, kernel_failed)",
+            "1 for the data-plane backend in use: asked for (mode) and why (requested, ipip_loaded, ipip_modprobed, ipip_autoloaded, ipip_unavailable, sit_unavailable, kernel_failed)",
             m.dataplane_choice.clone(),
         );
         registry.register("bgp_session_up", "1 while the BGP session to the router is up", m.bgp_session_up.clone());
@@ -493,7 +493,7 @@ fn encode_tunnels(s: &TunnelSnapshot, encoder: &mut DescriptorEncoder<'_>) -> Re
     }
     let mut family = encoder.encode_descriptor(
         "dataplane_drops",
-        "Packets the kernel data plane dropped by reason (unknown_peer = IP-in-IP from an unregistered source; no_binding = for a mobile IP without a binding; tunnel_tx_error, tunnel_rx_error)",
+        "Packets the kernel data plane dropped by reason (unknown_peer = IP-in-IP or 6in4 from an unregistered source; no_binding = for a mobile IP without a binding; tunnel_tx_error, tunnel_rx_error)",
         None,
         counter.metric_type(),
     )?;

@@ -1,15 +1,16 @@
 //! What only the kernel data plane does (the suites that hold for both data planes run each on
 //! both: move, restart, guards, hints, bgp):
 //!
-//! * `--dataplane auto` loads the kernel's ipip module itself — with `modprobe`, or, where the
-//!   agent sees no `modprobe` (a container), by asking the kernel for an ipip link, which makes
-//!   the kernel load it — and says which backend runs and why in its log, `/readyz` and
-//!   `victor_agent_dataplane_choice`; where the module cannot be loaded it runs the userspace
-//!   forwarder and says why;
+//! * `--dataplane auto` loads the kernel's ipip and sit modules itself — with `modprobe`, or,
+//!   where the agent sees no `modprobe` (a container), by asking the kernel for a link of that
+//!   kind, which makes the kernel load it — and says which backend runs and why in its log,
+//!   `/readyz` and `victor_agent_dataplane_choice`; where a module cannot be loaded it runs the
+//!   userspace forwarder and says why;
 //! * a restarted agent adopts its devices and routes, fixes what drifted (a tunnel's MTU) without
 //!   touching routes, and removes what is stale (the route of a VM that is gone, the tunnel device
 //!   of an FE that left) once the first snapshot says so; an agent switched to `--dataplane tun`
-//!   removes the kernel data plane it finds.
+//!   removes the kernel data plane it finds (its ipip and sit devices) and hands the kernel's
+//!   `sit0` back (down, IPv6 enabled again).
 
 mod common;
 
@@ -61,14 +62,17 @@ async fn auto_loads_ipip_with_modprobe_or_says_why_not() -> Result<()> {
     let unloaded = loadable && unload_ipip();
     let (line, choice) = start_auto(&mut lab, &[]).await?;
     if !loadable {
-        assert!(line.starts_with("tun (auto: the kernel's ipip module cannot be loaded ("), "{line}");
-        assert!(choice.contains("backend=\"tun\",mode=\"auto\",why=\"ipip_unavailable\""), "{choice}");
+        // ipip (or, on a kernel that has ipip, sit) cannot be loaded.
+        assert!(line.starts_with("tun (auto: the kernel's ") && line.contains(" module cannot be loaded ("), "{line}");
+        let why = ["ipip_unavailable", "sit_unavailable"].map(|w| format!("backend=\"tun\",mode=\"auto\",why=\"{w}\""));
+        assert!(why.iter().any(|w| choice.contains(w)), "{choice}");
     } else if unloaded {
-        assert_eq!(line, "kernel (auto: loaded the kernel's ipip module with modprobe)");
+        assert!(line.starts_with("kernel (auto: loaded the kernel's ipip module with modprobe; "), "{line}");
+        assert!(line.contains(" sit module"), "{line}");
         assert!(choice.contains("backend=\"kernel\",mode=\"auto\",why=\"ipip_modprobed\""), "{choice}");
     } else {
         // Built in, or held by someone else: it was there before the agent asked.
-        assert_eq!(line, "kernel (auto: the kernel has the ipip module)");
+        assert!(line.starts_with("kernel (auto: the kernel has the ipip module; "), "{line}");
         assert!(choice.contains("why=\"ipip_loaded\""), "{choice}");
     }
     Ok(())
@@ -96,7 +100,8 @@ async fn auto_gets_ipip_from_the_kernel_without_modprobe() -> Result<()> {
     let hide = "mount --bind /dev/null /usr/sbin/modprobe && exec \"$0\" \"$@\"";
     let (line, choice) =
         start_auto(&mut lab, &["unshare", "--mount", "--propagation", "private", "sh", "-c", hide]).await?;
-    assert_eq!(line, "kernel (auto: the kernel loaded its ipip module when asked for an ipip link)");
+    let want = "kernel (auto: the kernel loaded its ipip module when asked for an ipip link; ";
+    assert!(line.starts_with(want) && line.contains(" sit module"), "{line}");
     assert!(choice.contains("why=\"ipip_autoloaded\""), "{choice}");
     let probe_left = lab.fe(1).ip(&["link", "show"])?;
     assert!(!probe_left.contains("victor-probe"), "the probe link is removed again: {probe_left}");
@@ -135,6 +140,15 @@ async fn restart_adopts_fixes_drift_and_removes_stale_state() -> Result<()> {
         }
         assert!(tunnels.contains("mtu 1480") && tunnels.contains("pmtudisc"), "{tunnels}");
         assert_eq!(fe1.exec(&["cat", "/proc/sys/net/ipv4/conf/vtun1/rp_filter"])?.stdout, b"1\n");
+        // 6in4 beside every ipip device: a sit device per peer, and the kernel's sit0 adopted
+        // as the 6in4 catch-all (up, IPv6 disabled).
+        let sits = fe1.ip(&["-d", "link", "show", "type", "sit"])?;
+        for n in [2, 3] {
+            assert!(sits.contains(&sit_device(n)), "fe1 has a sit device to fe{n}: {sits}");
+        }
+        assert!(sits.contains("mtu 1480") && sits.contains(" pmtudisc"), "{sits}");
+        assert!(sits.lines().any(|l| l.contains(" sit0@") && l.contains(",UP")), "sit0 is up: {sits}");
+        assert_eq!(fe1.exec(&["cat", "/proc/sys/net/ipv6/conf/sit0/disable_ipv6"])?.stdout, b"1\n");
 
         // While fe1's agent is away: a stale route (a VM that is gone), the tunnel device of an
         // FE that left, and drift (the MTU of the tunnel to fe2).
@@ -196,6 +210,10 @@ async fn restart_adopts_fixes_drift_and_removes_stale_state() -> Result<()> {
         lab.wait_ready(1, Duration::from_secs(30))?;
         let links = lab.fe(1).ip(&["link", "show"])?;
         assert!(!links.contains("victor-"), "the kernel data plane's devices are gone: {links}");
+        assert!(!links.contains("vsit-"), "the sit devices are gone: {links}");
+        let sit0 = lab.fe(1).ip(&["link", "show", "sit0"])?;
+        assert!(!sit0.contains(",UP") && !sit0.contains("alias"), "sit0 is handed back: {sit0}");
+        assert_eq!(lab.fe(1).exec(&["cat", "/proc/sys/net/ipv6/conf/sit0/disable_ipv6"])?.stdout, b"0\n");
         assert!(lab.routes(1, &[&format!("{VM}/32")])?.trim().is_empty());
         let from = prober.sent();
         prober

@@ -5,12 +5,13 @@
 # a deliberately failing test must fail it), then runs the suite and prints its duration.
 #
 # The suite: every namespace suite's kernel-data-plane variant (`<test>::kernel`: move + proxy ARP
-# + path MTU, restart without flap + headless, kill -9 on the path, guards incl. a spoofed
-# IP-in-IP sender, move hints, BGP health), the kernel-only suite (fe-agent/tests/kernel.rs:
+# + path MTU, the IPv6 move over sit (6in4) incl. a spoofed 6in4 sender, restart without flap +
+# headless, kill -9 on the path, guards incl. a spoofed IP-in-IP sender, move hints, BGP health),
+# `--dataplane kernel` with IPv6 prefixes (runs where sit loads), the kernel-only suite (fe-agent/tests/kernel.rs:
 # auto loads ipip, adoption/drift/stale state, the switch to tun), the kernel forwarding CLI test,
 # the lab's short migrate on the kernel data plane, and the ipip probe. On the host (no ipip) they
 # print SKIPPED and their userspace variants run instead; in the guest they must not skip. The
-# guest starts without ipip loaded: the agents load it themselves (`--dataplane auto|kernel`).
+# guest starts without ipip or sit loaded: the agents load them (`--dataplane auto|kernel`).
 # The userspace variants do not run here (the host ran them): ~10x slower under TCG.
 #
 # Exit status: 0 passed; 77 SKIPPED (printed with the reason: no QEMU, no kernel); else failed.
@@ -23,7 +24,8 @@ took() { echo "vm ci: $1 after $(($(date +%s) - start)) s"; }
 
 suite=(-p victor-dataplane -p victor-fe-agent -p victor-tests
     -E 'test(=kernel_ipip_probe_matches_the_kernel) | (package(victor-fe-agent) & (test(/::kernel$/) | binary(kernel)))
-        | (binary(cli) & test(=kernel_dataplane)) | (binary(lab) & test(=migrate_on_the_kernel_data_plane))')
+        | (binary(cli) & test(=kernel_dataplane)) | (binary(lab) & test(=migrate_on_the_kernel_data_plane))
+        | (binary(move6) & test(=the_kernel_data_plane_carries_ipv6_prefixes_where_sit_loads))')
 
 if ! bash "$here/install.sh"; then
     echo "SKIPPED: the VM kernel suite: QEMU and kmod could not be installed (tests/vm/install.sh failed)"

@@ -1,8 +1,8 @@
-//! Does the kernel offer IP-in-IP tunnels itself, and can its module be loaded? The agent uses
-//! kernel `ipip` links where they exist and this crate's userspace
-//! [`crate::forwarder::Forwarder`] otherwise; `--dataplane auto` first tries to load the module
-//! ([`load_module`]), as distribution kernels ship `ipip` as a module that nothing loads until a
-//! tunnel is configured.
+//! Does the kernel offer IP-in-IP and 6in4 tunnels itself, and can their modules be loaded? The
+//! agent uses kernel `ipip` and `sit` links where they exist and this crate's userspace
+//! [`crate::forwarder::Forwarder`] otherwise; `--dataplane auto` first tries to load the modules
+//! ([`load_module`]: `ipip`, then `sit`), as distribution kernels ship both as modules that
+//! nothing loads until a tunnel is configured.
 
 use std::path::Path;
 use std::process::Command;

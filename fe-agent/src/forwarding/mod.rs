@@ -7,22 +7,22 @@
 //!   registered FEs' underlay addresses ([`Dataplane::set_peers`]). The device, its routes and a
 //!   record of the forwarding table stay in the kernel across agent restarts and are adopted by
 //!   the next run; while no agent runs, its standby forwarder ([`standby`]) forwards.
-//! * **Kernel** ([`kernel`], needs the `ipip` module): one point-to-point ipip device per
-//!   registered FE and a /32 route per remote VM through it; the kernel decapsulates only what
-//!   matches a device, so only registered FEs' packets get in (the catch-all device counts and
-//!   drops the rest); the mobile prefixes go to a dummy device that drops and counts. Everything
-//!   stays in the kernel across agent restarts (forwarding goes on while the agent is down) and
-//!   is adopted by the next run.
+//! * **Kernel** ([`kernel`], needs the `ipip` and `sit` modules): per registered FE one
+//!   point-to-point ipip device and one `sit` device, and a /32 (IPv6: /128) route per remote VM
+//!   through the one of its family; the kernel decapsulates only what matches a device, so only
+//!   registered FEs' packets get in (the catch-all devices count and drop the rest); the mobile
+//!   prefixes go to a dummy device that drops and counts. Everything stays in the kernel across
+//!   agent restarts (forwarding goes on while the agent is down) and is adopted by the next run.
 //!
 //! IPv6 VMs (/128 bindings) are carried over the IPv4 underlay as 6in4 (IP protocol 41, RFC 4213)
-//! by the userspace forwarder; the IPv6 mobile prefixes are routed into its TUN device too. The
-//! kernel backend has no `sit` counterpart of its ipip devices yet: `--dataplane kernel` refuses
-//! IPv6 mobile prefixes, and `auto` runs the userspace forwarder when there are any
-//! ([`ipv6_choice`]).
+//! by both backends: the userspace forwarder encapsulates itself and routes the IPv6 mobile
+//! prefixes into its TUN device; the kernel backend uses the kernel's `sit` driver.
 //!
-//! `--dataplane auto` runs the kernel backend when the `ipip` module is there or can be loaded
-//! (`modprobe`, then the kernel's own module autoload through a netlink request), else the
-//! userspace one; the choice and its reason go to the log, `/readyz` and
+//! `--dataplane auto` runs the kernel backend when both the `ipip` and the `sit` module are there
+//! or can be loaded (each: `modprobe`, then the kernel's own module autoload through a netlink
+//! request), else the userspace one ([`choose`]); `--dataplane kernel` needs `ipip`, and `sit`
+//! too when an IPv6 mobile prefix is configured (without one and without `sit`, IPv6 VMs behind
+//! other FEs are refused). The choice and its reason go to the log, `/readyz` and
 //! `victor_agent_dataplane_choice`.
 
 pub mod kernel;
@@ -35,7 +35,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use ipnet::{Ipv4Net, Ipv6Net};
-use rtnetlink::LinkIpIp;
+use rtnetlink::{LinkIpIp, LinkSit};
 use serde::Serialize;
 use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::Fib;
@@ -52,13 +52,13 @@ use tun::TunPlane;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataplaneMode {
-    /// The kernel's ipip driver when the kernel has it or can load it, else the userspace TUN
-    /// forwarder.
+    /// The kernel's ipip and sit drivers when the kernel has them or can load them, else the
+    /// userspace TUN forwarder.
     Auto,
     /// The userspace forwarder on a TUN device.
     Tun,
-    /// The kernel's ipip driver: one tunnel device per registered FE (needs the kernel's ipip
-    /// module; loaded if possible).
+    /// The kernel's ipip and sit drivers: tunnel devices per registered FE (needs the kernel's
+    /// ipip module, and sit with IPv6 mobile prefixes; loaded if possible).
     Kernel,
 }
 
@@ -78,7 +78,7 @@ impl DataplaneMode {
 pub enum Backend {
     /// Userspace forwarder on TUN.
     Tun,
-    /// Kernel ipip, one device per registered FE.
+    /// Kernel ipip and sit, devices per registered FE.
     Kernel,
 }
 
@@ -92,17 +92,54 @@ impl Backend {
     }
 }
 
-/// Whether the kernel's ipip module is there, and how we know.
+/// Whether one of the kernel's tunnel modules is there, and how we know.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IpipSupport {
+pub enum ModuleSupport {
     /// Loaded or built in already.
     Present,
     /// Loaded now with `modprobe`.
     Modprobed,
-    /// Loaded now by the kernel itself, asked for an ipip link through netlink.
+    /// Loaded now by the kernel itself, asked for a link of its kind through netlink.
     Autoloaded,
     /// Cannot be had: why.
     Unavailable(String),
+}
+
+impl ModuleSupport {
+    fn is_available(&self) -> bool {
+        !matches!(self, ModuleSupport::Unavailable(_))
+    }
+
+    /// How we know it is there (`module` is its name), for the choice's reason.
+    fn how(&self, module: &str) -> String {
+        match self {
+            ModuleSupport::Present => format!("the kernel has the {module} module"),
+            ModuleSupport::Modprobed => format!("loaded the kernel's {module} module with modprobe"),
+            ModuleSupport::Autoloaded => {
+                let article = if module.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+                format!("the kernel loaded its {module} module when asked for {article} {module} link")
+            }
+            ModuleSupport::Unavailable(why) => format!("the kernel's {module} module cannot be loaded ({why})"),
+        }
+    }
+}
+
+/// What the kernel offers the kernel backend: the `ipip` module (IPv4 VMs) and the `sit` module
+/// (IPv6 VMs, 6in4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelSupport {
+    /// The `ipip` module.
+    pub ipip: ModuleSupport,
+    /// The `sit` module.
+    pub sit: ModuleSupport,
+}
+
+impl KernelSupport {
+    /// Neither module (what `--dataplane tun` assumes without probing).
+    pub fn unprobed() -> KernelSupport {
+        let no = || ModuleSupport::Unavailable("not probed".into());
+        KernelSupport { ipip: no(), sit: no() }
+    }
 }
 
 /// The backend chosen: what was asked for, what runs and why.
@@ -113,10 +150,13 @@ pub struct Choice {
     /// What runs.
     pub backend: Backend,
     /// Why, as a short code (a metric label): `requested`, `ipip_loaded`, `ipip_modprobed`,
-    /// `ipip_autoloaded`, `ipip_unavailable`, `kernel_failed`.
+    /// `ipip_autoloaded` (auto, kernel: how ipip came; sit came too), `ipip_unavailable`,
+    /// `sit_unavailable` (auto, tun), `kernel_failed`.
     pub code: &'static str,
     /// Why, in words (log, `/readyz`).
     pub why: String,
+    /// The kernel backend carries IPv6 VMs (the `sit` module is there).
+    pub sit: bool,
 }
 
 impl Choice {
@@ -126,63 +166,92 @@ impl Choice {
     }
 }
 
-/// Picks the backend for `mode` given what the kernel offers; says why. Only
-/// `--dataplane kernel` on a kernel without ipip is an error.
-pub fn choose(mode: DataplaneMode, ipip: &IpipSupport) -> Result<Choice, String> {
-    let how = match ipip {
-        IpipSupport::Present => "the kernel has the ipip module",
-        IpipSupport::Modprobed => "loaded the kernel's ipip module with modprobe",
-        IpipSupport::Autoloaded => "the kernel loaded its ipip module when asked for an ipip link",
-        IpipSupport::Unavailable(_) => "",
-    };
-    let choice = |backend, code, why: String| Ok(Choice { mode, backend, code, why });
-    match (mode, ipip) {
+/// Picks the backend for `mode` given what the kernel offers and the first IPv6 mobile prefix
+/// (if any); says why. `auto` runs the kernel backend only with both modules;
+/// `--dataplane kernel` needs ipip, and sit too with an IPv6 mobile prefix (that is the only
+/// error).
+pub fn choose(mode: DataplaneMode, support: &KernelSupport, prefix6: Option<&Ipv6Net>) -> Result<Choice, String> {
+    let sit = support.sit.is_available();
+    let choice = |backend, code, why: String| Ok(Choice { mode, backend, code, why, sit });
+    let both = || format!("{}; {}", support.ipip.how("ipip"), support.sit.how("sit"));
+    match (mode, &support.ipip) {
         (DataplaneMode::Tun, _) => choice(Backend::Tun, "requested", "--dataplane tun".into()),
-        (DataplaneMode::Kernel, IpipSupport::Unavailable(why)) => Err(format!(
+        (DataplaneMode::Kernel, ModuleSupport::Unavailable(why)) => Err(format!(
             "--dataplane kernel needs the kernel's ipip module, which cannot be loaded here ({why}); \
              use --dataplane tun (or auto)"
         )),
-        (DataplaneMode::Kernel, _) => choice(Backend::Kernel, "requested", format!("--dataplane kernel; {how}")),
-        (DataplaneMode::Auto, IpipSupport::Unavailable(why)) => choice(
+        (DataplaneMode::Kernel, _) => match (&support.sit, prefix6) {
+            (ModuleSupport::Unavailable(why), Some(prefix)) => Err(format!(
+                "--dataplane kernel carries IPv6 VMs (--mobile-prefix {prefix}) through the kernel's sit module \
+                 (6in4), which cannot be loaded here ({why}); use --dataplane tun (or auto), whose userspace \
+                 forwarder carries IPv6 as 6in4"
+            )),
+            (ModuleSupport::Unavailable(_), None) => choice(
+                Backend::Kernel,
+                "requested",
+                format!("--dataplane kernel; {} (IPv4 only: IPv6 VMs behind other FEs are refused)", both()),
+            ),
+            _ => choice(Backend::Kernel, "requested", format!("--dataplane kernel; {}", both())),
+        },
+        (DataplaneMode::Auto, ModuleSupport::Unavailable(why)) => choice(
             Backend::Tun,
             "ipip_unavailable",
             format!("auto: the kernel's ipip module cannot be loaded ({why}); using the userspace TUN forwarder"),
         ),
-        (DataplaneMode::Auto, IpipSupport::Present) => choice(Backend::Kernel, "ipip_loaded", format!("auto: {how}")),
-        (DataplaneMode::Auto, IpipSupport::Modprobed) => {
-            choice(Backend::Kernel, "ipip_modprobed", format!("auto: {how}"))
-        }
-        (DataplaneMode::Auto, IpipSupport::Autoloaded) => {
-            choice(Backend::Kernel, "ipip_autoloaded", format!("auto: {how}"))
+        (DataplaneMode::Auto, _) if !sit => choice(
+            Backend::Tun,
+            "sit_unavailable",
+            format!(
+                "auto: {} (IPv6 VMs need it); using the userspace TUN forwarder, which carries both families",
+                support.sit.how("sit")
+            ),
+        ),
+        (DataplaneMode::Auto, ipip) => {
+            let code = match ipip {
+                ModuleSupport::Modprobed => "ipip_modprobed",
+                ModuleSupport::Autoloaded => "ipip_autoloaded",
+                _ => "ipip_loaded",
+            };
+            choice(Backend::Kernel, code, format!("auto: {}", both()))
         }
     }
 }
 
-/// Finds out whether the kernel has ipip, loading it if it can: `/sys/module/ipip`, then
-/// `modprobe ipip`, then a netlink request for an ipip link (the kernel autoloads the module
-/// through its own helper — that works where the agent has no `modprobe`, e.g. in a container).
-pub async fn probe_ipip(kernel: &Kernel) -> IpipSupport {
-    let modprobe = match victor_dataplane::kernel::load_module("ipip") {
-        ModuleLoad::Present => return IpipSupport::Present,
-        ModuleLoad::Loaded => return IpipSupport::Modprobed,
+/// Finds out whether the kernel has the `ipip` and `sit` modules, loading them if it can.
+pub async fn probe_kernel(kernel: &Kernel) -> KernelSupport {
+    KernelSupport { ipip: probe_module(kernel, "ipip").await, sit: probe_module(kernel, "sit").await }
+}
+
+/// Whether the kernel has `module` (`ipip` or `sit`), loading it if it can: `/sys/module/<name>`,
+/// then `modprobe`, then a netlink request for a link of that kind (the kernel autoloads the
+/// module through its own helper — that works where the agent has no `modprobe`, e.g. in a
+/// container).
+async fn probe_module(kernel: &Kernel, module: &str) -> ModuleSupport {
+    let modprobe = match victor_dataplane::kernel::load_module(module) {
+        ModuleLoad::Present => return ModuleSupport::Present,
+        ModuleLoad::Loaded => return ModuleSupport::Modprobed,
         ModuleLoad::Unavailable(why) => why,
     };
-    let asked = request_ipip_link(kernel).await;
-    if victor_dataplane::kernel::ipip_available() {
-        return IpipSupport::Autoloaded;
+    let asked = request_link(kernel, module).await;
+    if victor_dataplane::kernel::module_present_in(std::path::Path::new("/sys/module"), module) {
+        return ModuleSupport::Autoloaded;
     }
     let netlink = match asked {
-        Ok(()) => "created, yet /sys/module/ipip is missing".to_owned(),
+        Ok(()) => format!("created, yet /sys/module/{module} is missing"),
         Err(e) => e,
     };
-    IpipSupport::Unavailable(format!("{modprobe}; netlink request for an ipip link: {netlink}"))
+    ModuleSupport::Unavailable(format!("{modprobe}; netlink request for a {module} link: {netlink}"))
 }
 
-/// Asks the kernel for a throwaway ipip link (loopback addresses no packet carries) and removes
-/// it again.
-async fn request_ipip_link(kernel: &Kernel) -> Result<(), String> {
+/// Asks the kernel for a throwaway link of kind `module` (loopback addresses no packet carries)
+/// and removes it again.
+async fn request_link(kernel: &Kernel, module: &str) -> Result<(), String> {
     const NAME: &str = "victor-probe";
-    let msg = LinkIpIp::new(NAME).local(Ipv4Addr::new(127, 0, 0, 2)).remote(Ipv4Addr::new(127, 0, 0, 3)).build();
+    let (local, remote) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+    let msg = match module {
+        "sit" => LinkSit::new(NAME).local(local).remote(remote).build(),
+        _ => LinkIpIp::new(NAME).local(local).remote(remote).build(),
+    };
     let result = kernel.handle().link().add(msg).execute().await.map_err(|e| e.to_string());
     if let Ok(Some(dev)) = kernel::devices::by_name(kernel.handle(), NAME).await {
         let _ = kernel::devices::delete(kernel.handle(), dev.index, NAME).await;
@@ -190,26 +259,22 @@ async fn request_ipip_link(kernel: &Kernel) -> Result<(), String> {
     result
 }
 
-/// Chooses the backend for `mode` (probing and loading ipip unless `tun` was asked for), starts
-/// it and routes the mobile prefixes into it. In `auto` mode a kernel data plane that fails to
-/// start is removed again and the userspace one runs instead, saying why.
+/// Chooses the backend for `mode` (probing and loading ipip and sit unless `tun` was asked for),
+/// starts it and routes the mobile prefixes into it. In `auto` mode a kernel data plane that
+/// fails to start is removed again and the userspace one runs instead, saying why.
 pub async fn start(mode: DataplaneMode, config: &DataplaneConfig, kernel: &Kernel) -> Result<(Dataplane, Choice)> {
-    if let Some(choice) = ipv6_choice(mode, &config.prefixes6) {
-        let choice = choice.map_err(anyhow::Error::msg)?;
-        return Ok((start_tun(config, kernel).await?, choice));
-    }
-    let choice = match mode {
-        DataplaneMode::Tun => choose(mode, &IpipSupport::Unavailable("not probed".into())),
-        _ => choose(mode, &probe_ipip(kernel).await),
-    }
-    .map_err(anyhow::Error::msg)?;
+    let support = match mode {
+        DataplaneMode::Tun => KernelSupport::unprobed(),
+        _ => probe_kernel(kernel).await,
+    };
+    let choice = choose(mode, &support, config.prefixes6.first()).map_err(anyhow::Error::msg)?;
     if choice.backend == Backend::Kernel {
         // A userspace data plane's standby and persistent TUN device (it has the catch-all's name).
         retire_standby(&config.device).await;
         if tun::remove(&config.device)? {
             tracing::info!(tun = %config.device, "removed the TUN device a userspace data plane left in this namespace");
         }
-        match KernelPlane::start(config, kernel).await {
+        match KernelPlane::start(config, kernel, choice.sit).await {
             Ok(plane) => return Ok((Dataplane::Kernel(plane), choice)),
             Err(err) if mode == DataplaneMode::Auto => {
                 let fallback = Choice {
@@ -219,6 +284,7 @@ pub async fn start(mode: DataplaneMode, config: &DataplaneConfig, kernel: &Kerne
                     why: format!(
                         "auto: the kernel data plane could not start ({err}); using the userspace TUN forwarder"
                     ),
+                    sit: false,
                 };
                 tracing::warn!(error = %err, "kernel data plane failed to start; falling back to the userspace forwarder");
                 return Ok((start_tun(config, kernel).await?, fallback));
@@ -249,29 +315,6 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
     // This run forwards now: the standby of the previous one (if any) stops.
     retire_standby(&config.device).await;
     Ok(Dataplane::Tun(plane))
-}
-
-/// The backend when IPv6 mobile prefixes are configured (None: there are none, choose as usual):
-/// the kernel backend has no `sit` devices yet, so `kernel` is refused and `auto` runs the
-/// userspace forwarder (which carries IPv6 as 6in4).
-pub fn ipv6_choice(mode: DataplaneMode, prefixes6: &[Ipv6Net]) -> Option<Result<Choice, String>> {
-    let first = prefixes6.first()?;
-    Some(match mode {
-        DataplaneMode::Kernel => Err(format!(
-            "--dataplane kernel does not carry IPv6 VMs yet (no sit tunnel devices), but --mobile-prefix {first} is              IPv6; use --dataplane tun (or auto), whose userspace forwarder carries IPv6 as 6in4"
-        )),
-        DataplaneMode::Auto => Ok(Choice {
-            mode,
-            backend: Backend::Tun,
-            code: "ipv6_prefixes",
-            why: format!(
-                "auto: --mobile-prefix {first} is IPv6, which only the userspace forwarder carries (6in4); using it"
-            ),
-        }),
-        DataplaneMode::Tun => {
-            Ok(Choice { mode, backend: Backend::Tun, code: "requested", why: "--dataplane tun".into() })
-        }
-    })
 }
 
 /// Stops the standby forwarder a previous run left for `device`, if any (see [`standby`]).
@@ -326,7 +369,7 @@ pub struct DataplaneConfig {
     pub device: String,
     /// Mobile prefixes routed into the data plane.
     pub prefixes: Vec<Ipv4Net>,
-    /// IPv6 mobile prefixes routed into the data plane (userspace backend only).
+    /// IPv6 mobile prefixes routed into the data plane.
     pub prefixes6: Vec<Ipv6Net>,
 }
 
@@ -335,7 +378,7 @@ pub struct DataplaneConfig {
 pub enum Dataplane {
     /// Userspace.
     Tun(TunPlane),
-    /// Kernel ipip.
+    /// Kernel ipip and sit.
     Kernel(KernelPlane),
 }
 
@@ -439,34 +482,54 @@ mod tests {
 
     #[test]
     fn choice_says_why() {
-        let missing = IpipSupport::Unavailable("modprobe: FATAL: Module ipip not found".into());
-        let auto = choose(DataplaneMode::Auto, &missing).unwrap();
+        let missing = |m: &str| ModuleSupport::Unavailable(format!("modprobe: FATAL: Module {m} not found"));
+        let support = |ipip, sit| KernelSupport { ipip, sit };
+        let none = support(missing("ipip"), missing("sit"));
+        let auto = choose(DataplaneMode::Auto, &none, None).unwrap();
         assert_eq!((auto.backend, auto.code), (Backend::Tun, "ipip_unavailable"));
         assert!(auto.why.contains("cannot be loaded") && auto.why.contains("Module ipip not found"), "{}", auto.why);
-        for (support, code) in [
-            (IpipSupport::Present, "ipip_loaded"),
-            (IpipSupport::Modprobed, "ipip_modprobed"),
-            (IpipSupport::Autoloaded, "ipip_autoloaded"),
+        for (ipip, code) in [
+            (ModuleSupport::Present, "ipip_loaded"),
+            (ModuleSupport::Modprobed, "ipip_modprobed"),
+            (ModuleSupport::Autoloaded, "ipip_autoloaded"),
         ] {
-            let c = choose(DataplaneMode::Auto, &support).unwrap();
-            assert_eq!((c.backend, c.code), (Backend::Kernel, code));
-            assert!(c.describe().starts_with("kernel (auto: "), "{}", c.describe());
+            let c = choose(DataplaneMode::Auto, &support(ipip, ModuleSupport::Modprobed), None).unwrap();
+            assert_eq!((c.backend, c.code, c.sit), (Backend::Kernel, code, true));
+            assert!(c.describe().starts_with("kernel (auto: ") && c.why.contains("sit"), "{}", c.describe());
         }
-        assert_eq!(choose(DataplaneMode::Tun, &IpipSupport::Present).unwrap().backend, Backend::Tun);
-        let kernel = choose(DataplaneMode::Kernel, &IpipSupport::Modprobed).unwrap();
-        assert_eq!((kernel.backend, kernel.code), (Backend::Kernel, "requested"));
-        let err = choose(DataplaneMode::Kernel, &missing).unwrap_err();
+        let autoloaded = KernelSupport { ipip: ModuleSupport::Autoloaded, sit: ModuleSupport::Autoloaded };
+        let why = choose(DataplaneMode::Auto, &autoloaded, None).unwrap().why;
+        assert!(why.contains("for an ipip link; ") && why.ends_with("for a sit link"), "{why}");
+        let present = support(ModuleSupport::Present, ModuleSupport::Present);
+        assert_eq!(choose(DataplaneMode::Tun, &present, None).unwrap().backend, Backend::Tun);
+        let kernel = choose(DataplaneMode::Kernel, &support(ModuleSupport::Modprobed, ModuleSupport::Present), None);
+        assert_eq!(kernel.map(|k| (k.backend, k.code, k.sit)), Ok((Backend::Kernel, "requested", true)));
+        let err = choose(DataplaneMode::Kernel, &none, None).unwrap_err();
         assert!(err.contains("ipip module") && err.contains("--dataplane tun") && err.contains("not found"), "{err}");
     }
 
+    /// auto runs the kernel backend only with both modules; --dataplane kernel needs sit only
+    /// for IPv6 mobile prefixes (IPv4 alone runs without it, refusing remote IPv6 VMs).
     #[test]
-    fn ipv6_prefixes_need_the_userspace_forwarder() {
-        assert!(ipv6_choice(DataplaneMode::Kernel, &[]).is_none(), "IPv4 only: the usual choice");
-        let v6: Vec<Ipv6Net> = vec!["fd00:10::/64".parse().unwrap()];
-        let err = ipv6_choice(DataplaneMode::Kernel, &v6).unwrap().unwrap_err();
-        assert!(err.contains("fd00:10::/64") && err.contains("--dataplane tun"), "{err}");
-        let auto = ipv6_choice(DataplaneMode::Auto, &v6).unwrap().unwrap();
-        assert_eq!((auto.backend, auto.code), (Backend::Tun, "ipv6_prefixes"));
-        assert_eq!(ipv6_choice(DataplaneMode::Tun, &v6).unwrap().unwrap().backend, Backend::Tun);
+    fn sit_is_needed_by_auto_and_by_kernel_with_ipv6_prefixes() {
+        let no_sit = KernelSupport {
+            ipip: ModuleSupport::Present,
+            sit: ModuleSupport::Unavailable("modprobe: FATAL: Module sit not found".into()),
+        };
+        let v6: Ipv6Net = "fd00:10::/64".parse().unwrap();
+        for prefix in [None, Some(&v6)] {
+            let auto = choose(DataplaneMode::Auto, &no_sit, prefix).unwrap();
+            assert_eq!((auto.backend, auto.code), (Backend::Tun, "sit_unavailable"));
+            assert!(auto.why.contains("sit module cannot be loaded") && auto.why.contains("not found"), "{}", auto.why);
+        }
+        let err = choose(DataplaneMode::Kernel, &no_sit, Some(&v6)).unwrap_err();
+        assert!(err.contains("fd00:10::/64") && err.contains("sit") && err.contains("--dataplane tun"), "{err}");
+        let ipv4 = choose(DataplaneMode::Kernel, &no_sit, None).unwrap();
+        assert_eq!((ipv4.backend, ipv4.sit), (Backend::Kernel, false));
+        assert!(ipv4.why.contains("IPv4 only"), "{}", ipv4.why);
+        let both = KernelSupport { ipip: ModuleSupport::Present, sit: ModuleSupport::Autoloaded };
+        let kernel6 = choose(DataplaneMode::Kernel, &both, Some(&v6)).unwrap();
+        assert_eq!((kernel6.backend, kernel6.sit), (Backend::Kernel, true));
+        assert_eq!(choose(DataplaneMode::Tun, &no_sit, Some(&v6)).unwrap().backend, Backend::Tun);
     }
 }

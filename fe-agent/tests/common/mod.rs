@@ -14,7 +14,7 @@
 //! **Data planes.** The namespace suites run against both backends ([`Plane`]): [`plane_tests!`]
 //! makes `<test>::tun` and `<test>::kernel` of one body, the agents get `--dataplane <plane>`,
 //! [`Lab::wait_ready`] checks their `/readyz` names that backend, and the kernel variant prints
-//! `SKIPPED: <reason>` where the `ipip` module cannot be loaded (then it checks nothing). Checks
+//! `SKIPPED: <reason>` where the `ipip` or `sit` module cannot be loaded (then it checks nothing). Checks
 //! that hold for one backend only are written under `match plane`.
 #![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
 
@@ -187,7 +187,7 @@ impl Controller {
 pub enum Plane {
     /// The userspace forwarder on TUN.
     Tun,
-    /// The kernel's ipip, one device per registered FE.
+    /// The kernel's ipip and sit, devices per registered FE.
     Kernel,
 }
 
@@ -200,12 +200,16 @@ impl Plane {
         }
     }
 
-    /// Why this backend cannot run here (the kernel's ipip module cannot be loaded), or None.
+    /// Why this backend cannot run here (the kernel's ipip or sit module cannot be loaded; `auto`
+    /// needs both), or None.
     pub fn unavailable(self) -> Option<String> {
-        match (self, victor_dataplane::kernel::load_module("ipip")) {
-            (Plane::Kernel, victor_dataplane::kernel::ModuleLoad::Unavailable(why)) => Some(why),
-            _ => None,
+        if self == Plane::Tun {
+            return None;
         }
+        ["ipip", "sit"].into_iter().find_map(|m| match victor_dataplane::kernel::load_module(m) {
+            victor_dataplane::kernel::ModuleLoad::Unavailable(why) => Some(format!("{m}: {why}")),
+            _ => None,
+        })
     }
 
     /// The agent flags selecting it.
@@ -222,7 +226,7 @@ where
 {
     if let Some(why) = plane.unavailable() {
         println!(
-            "SKIPPED: {test} on the {} data plane: the kernel's ipip module cannot be loaded here: {why}",
+            "SKIPPED: {test} on the {} data plane: the kernel's module cannot be loaded here: {why}",
             plane.label()
         );
         return Ok(());
@@ -260,6 +264,17 @@ pub fn tunnel_route(ip: Ipv4Addr, to: usize) -> String {
 /// The name of the kernel tunnel device to FE `to`.
 pub fn tunnel_device(to: usize) -> String {
     victor_fe_agent::forwarding::kernel::devices::peer_name(fe_addr(to))
+}
+
+/// The name of the kernel's 6in4 (`sit`) device to FE `to`.
+pub fn sit_device(to: usize) -> String {
+    victor_fe_agent::forwarding::kernel::devices::sit_name(fe_addr(to))
+}
+
+/// The start of FE `from`'s route to the IPv6 `ip` through its `sit` device to FE `to`, as
+/// `ip -6 route` shows it (metric and preference follow).
+pub fn sit_route(ip: Ipv6Addr, to: usize) -> String {
+    format!("{ip} dev {} proto 158 ", sit_device(to))
 }
 
 /// Sends one `size`-byte ICMP echo request with DF set from `ns` (source `src`) to `dst` and

@@ -1,10 +1,11 @@
 //! The kernel data plane's counters, as /metrics shows them: read from the link statistics of its
 //! devices ([`super::devices`]) when `/metrics` is scraped ([`KernelCounters::refresh`]).
 //!
-//! * per peer: packets, bytes and errors each way on the tunnel device to that FE;
+//! * per peer: packets, bytes and errors each way on the tunnel devices to that FE (its ipip and
+//!   its `sit` device added up: IPv4 and IPv6 VMs behind it alike);
 //! * totals: the sums over the peer devices (`tunnel_tx`, `tunnel_rx`);
-//! * drops by reason: `unknown_peer` (IP-in-IP from a source that is no registered FE: what the
-//!   catch-all device received, all of it dropped by the kernel), `no_binding` (what the sink
+//! * drops by reason: `unknown_peer` (IP-in-IP or 6in4 from a source that is no registered FE:
+//!   what the two catch-all devices received, all of it dropped by the kernel), `no_binding` (what the sink
 //!   transmitted: packets for mobile IPs without a binding), `tunnel_tx_error` and
 //!   `tunnel_rx_error` (the peer devices' errors: no route to the peer, too big for the path,
 //!   malformed on receive).
@@ -26,9 +27,11 @@ use crate::metrics::{PeerCounts, TunnelCounts, TunnelSnapshot};
 pub struct Watched {
     /// The catch-all device.
     pub catch_all: u32,
+    /// The 6in4 catch-all device (0: none, the kernel has no `sit`).
+    pub catch_all6: u32,
     /// The sink device.
     pub sink: u32,
-    /// Peer tunnel devices.
+    /// Peer tunnel devices (ipip and sit), by index.
     pub peers: BTreeMap<u32, Ipv4Addr>,
 }
 
@@ -72,6 +75,7 @@ pub fn snapshot(watched: &Watched, counts: &BTreeMap<u32, Counts>) -> TunnelSnap
     let of = |index: u32| counts.get(&index).copied().unwrap_or_default();
     let mut s = TunnelSnapshot::default();
     let (mut tx_errors, mut rx_errors) = (0, 0);
+    let mut per_peer: BTreeMap<Ipv4Addr, PeerCounts> = BTreeMap::new();
     for (&index, &peer) in &watched.peers {
         let c = of(index);
         s.tx_packets += c.tx_packets;
@@ -80,22 +84,30 @@ pub fn snapshot(watched: &Watched, counts: &BTreeMap<u32, Counts>) -> TunnelSnap
         s.rx_bytes += c.rx_bytes;
         tx_errors += c.tx_errors;
         rx_errors += c.rx_errors;
-        s.peers.push(PeerCounts {
+        let p = per_peer.entry(peer).or_insert(PeerCounts {
             peer,
-            tx_packets: c.tx_packets,
-            tx_bytes: c.tx_bytes,
-            tx_errors: c.tx_errors,
-            rx_packets: c.rx_packets,
-            rx_bytes: c.rx_bytes,
-            rx_errors: c.rx_errors,
+            tx_packets: 0,
+            tx_bytes: 0,
+            tx_errors: 0,
+            rx_packets: 0,
+            rx_bytes: 0,
+            rx_errors: 0,
         });
+        p.tx_packets += c.tx_packets;
+        p.tx_bytes += c.tx_bytes;
+        p.tx_errors += c.tx_errors;
+        p.rx_packets += c.rx_packets;
+        p.rx_bytes += c.rx_bytes;
+        p.rx_errors += c.rx_errors;
     }
-    s.peers.sort_by_key(|p| p.peer);
+    s.peers = per_peer.into_values().collect();
+    let (catch_all, catch_all6) =
+        (of(watched.catch_all), if watched.catch_all6 == 0 { Counts::default() } else { of(watched.catch_all6) });
     s.drops = vec![
-        ("unknown_peer", of(watched.catch_all).rx_packets),
+        ("unknown_peer", catch_all.rx_packets + catch_all6.rx_packets),
         ("no_binding", of(watched.sink).tx_packets),
         ("tunnel_tx_error", tx_errors),
-        ("tunnel_rx_error", rx_errors + of(watched.catch_all).rx_errors),
+        ("tunnel_rx_error", rx_errors + catch_all.rx_errors + catch_all6.rx_errors),
     ];
     s
 }
@@ -106,8 +118,9 @@ pub fn watched_of<'a>(devices: impl IntoIterator<Item = (Role, u32)> + 'a) -> Wa
     for (role, index) in devices {
         match role {
             Role::CatchAll => w.catch_all = index,
+            Role::CatchAll6 => w.catch_all6 = index,
             Role::Sink => w.sink = index,
-            Role::Peer(peer) => {
+            Role::Peer(peer) | Role::Peer6(peer) => {
                 w.peers.insert(index, peer);
             }
         }
@@ -137,6 +150,23 @@ mod tests {
         assert_eq!(drops["unknown_peer"], 5);
         assert_eq!(drops["no_binding"], 7);
         assert_eq!(drops["tunnel_tx_error"], 2);
+        assert_eq!(drops["tunnel_rx_error"], 1);
+        // A peer's sit device adds to its ipip device's series; the 6in4 catch-all to the drops.
+        let watched = watched_of([
+            (Role::CatchAll, 1),
+            (Role::CatchAll6, 6),
+            (Role::Sink, 2),
+            (Role::Peer(a), 3),
+            (Role::Peer6(a), 5),
+        ]);
+        let mut counts = counts;
+        counts.insert(5, Counts { tx_packets: 4, tx_bytes: 400, rx_packets: 2, rx_bytes: 200, ..Counts::default() });
+        counts.insert(6, Counts { rx_packets: 3, rx_errors: 1, ..Counts::default() });
+        let s = snapshot(&watched, &counts);
+        assert_eq!(s.peers.len(), 1, "one series per peer: {:?}", s.peers);
+        assert_eq!((s.peers[0].tx_packets, s.peers[0].rx_packets, s.peers[0].tx_bytes), (14, 3, 1400));
+        let drops: BTreeMap<_, _> = s.drops.into_iter().collect();
+        assert_eq!(drops["unknown_peer"], 8);
         assert_eq!(drops["tunnel_rx_error"], 1);
         // A device that vanished counts zero instead of failing the scrape.
         let s = snapshot(&watched_of([(Role::Peer(a), 99)]), &counts);

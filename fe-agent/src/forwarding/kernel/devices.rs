@@ -1,16 +1,17 @@
 //! The kernel data plane's own network devices, through rtnetlink: listing them with their tunnel
 //! parameters and counters, creating, fixing and deleting them, and the per-device sysctls of the
-//! catch-all device. Every device the agent creates carries an alias (IFLA_IFALIAS) starting with
+//! catch-all devices. Every device the agent creates carries an alias (IFLA_IFALIAS) starting with
 //! [`ALIAS_PREFIX`]: that is how a restarted agent recognises its own devices, and it never
 //! touches a device without it.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
+use rtnetlink::packet_route::IpProtocol;
 use rtnetlink::packet_route::link::{
     InfoData, InfoIpTunnel, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use rtnetlink::{Handle, LinkDummy, LinkIpIp, LinkUnspec};
+use rtnetlink::{Handle, LinkDummy, LinkIpIp, LinkSit, LinkUnspec};
 
 /// Start of the alias of every device the agent creates.
 pub const ALIAS_PREFIX: &str = "victor-fe-agent";
@@ -22,6 +23,20 @@ pub const SINK_NAME: &str = "victor-nobind";
 /// The gateway of the mobile-prefix routes through the sink (RFC 7600, the IPv4 dummy address):
 /// one neighbour entry for all unbound traffic instead of one per destination.
 pub const SINK_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
+
+/// The gateway of the IPv6 mobile-prefix routes through the sink: a link-local address (valid on
+/// any device without `onlink`; the dummy device's own is derived from its MAC and never ends in
+/// `::8`), so one neighbour entry (NOARP, as for IPv4) serves all unbound IPv6 traffic.
+pub const SINK_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 8);
+
+/// The kernel's own wildcard `sit` device (local and remote any) in every namespace where the
+/// `sit` module is loaded (unless `net.core.fb_tunnels_only_for_init_net` says otherwise): the
+/// kernel hands it 6in4 that no point-to-point `sit` device matches, while it is up. The kernel
+/// never deletes it (a delete request is a no-op), so the agent adopts it as its 6in4 catch-all.
+pub const SIT_FALLBACK: &str = "sit0";
+
+/// The 6in4 catch-all the agent creates where the namespace has no [`SIT_FALLBACK`].
+pub const SIT_CATCH_ALL: &str = "victor-6in4";
 
 /// TTL of the outer header (not inherited from the inner packet).
 pub const TUNNEL_TTL: u8 = 64;
@@ -71,6 +86,12 @@ pub enum Role {
     CatchAll,
     /// The point-to-point ipip device to one registered FE.
     Peer(Ipv4Addr),
+    /// The wildcard `sit` device (local and remote any; [`SIT_FALLBACK`] or [`SIT_CATCH_ALL`]):
+    /// the kernel hands it 6in4 from sources no peer `sit` device matches; IPv6 is disabled on
+    /// it (`disable_ipv6=1`), so the kernel drops everything it decapsulates.
+    CatchAll6,
+    /// The point-to-point `sit` device (6in4) to one registered FE.
+    Peer6(Ipv4Addr),
     /// The dummy device the mobile prefixes are routed to (no binding → dropped).
     Sink,
 }
@@ -80,6 +101,8 @@ pub fn alias(role: Role) -> String {
     match role {
         Role::CatchAll => format!("{ALIAS_PREFIX}: IP-in-IP from unregistered sources (dropped)"),
         Role::Peer(peer) => format!("{ALIAS_PREFIX}: IP-in-IP tunnel to FE {peer}"),
+        Role::CatchAll6 => format!("{ALIAS_PREFIX}: 6in4 from unregistered sources (dropped)"),
+        Role::Peer6(peer) => format!("{ALIAS_PREFIX}: 6in4 tunnel to FE {peer}"),
         Role::Sink => format!("{ALIAS_PREFIX}: traffic for mobile IPs without a binding (dropped)"),
     }
 }
@@ -87,6 +110,11 @@ pub fn alias(role: Role) -> String {
 /// The name of the tunnel device to `peer` (15 bytes, the kernel's limit).
 pub fn peer_name(peer: Ipv4Addr) -> String {
     format!("victor-{:08x}", u32::from(peer))
+}
+
+/// The name of the `sit` device to `peer` (15 bytes, the kernel's limit).
+pub fn sit_name(peer: Ipv4Addr) -> String {
+    format!("vsit-{:08x}", u32::from(peer))
 }
 
 /// A device's packet counters (the kernel's 64-bit link statistics).
@@ -117,11 +145,11 @@ pub struct Device {
     pub alias: String,
     /// Link kind (`ipip`, `dummy`, ...), if any.
     pub kind: Option<InfoKind>,
-    /// ipip: collect-metadata mode.
+    /// ipip/sit: collect-metadata mode.
     pub external: bool,
-    /// ipip: local and remote addresses.
+    /// ipip/sit: local address.
     pub local: Option<Ipv4Addr>,
-    /// ipip: remote address.
+    /// ipip/sit: remote address.
     pub remote: Option<Ipv4Addr>,
     /// MTU.
     pub mtu: u32,
@@ -193,9 +221,22 @@ impl Device {
         match &self.kind {
             Some(InfoKind::IpIp) if self.external => Some(Role::CatchAll),
             Some(InfoKind::IpIp) => self.remote.filter(|r| !r.is_unspecified()).map(Role::Peer),
+            Some(InfoKind::SitTun) => match self.remote.filter(|r| !r.is_unspecified()) {
+                Some(peer) => Some(Role::Peer6(peer)),
+                None if self.is_wildcard_sit() => Some(Role::CatchAll6),
+                None => None,
+            },
             Some(InfoKind::Dummy) => Some(Role::Sink),
             _ => None,
         }
+    }
+
+    /// A `sit` device with neither local nor remote address (the one the kernel hands unmatched
+    /// 6in4 to; ours or not).
+    pub fn is_wildcard_sit(&self) -> bool {
+        self.kind == Some(InfoKind::SitTun)
+            && self.local.is_none_or(|a| a.is_unspecified())
+            && self.remote.is_none_or(|a| a.is_unspecified())
     }
 
     /// An ipip device in collect-metadata mode (ours or not).
@@ -223,7 +264,12 @@ pub async fn by_name(handle: &Handle, name: &str) -> Result<Option<Device>, Devi
 /// Creates a device, then gives it its alias (the kernel ignores IFLA_IFALIAS when creating).
 async fn add(handle: &Handle, msg: LinkMessage, name: &str, role: Role) -> Result<Device, DeviceError> {
     handle.link().add(msg).execute().await.map_err(nl(format!("create device {name}")))?;
-    let mut dev = by_name(handle, name).await?.ok_or_else(|| DeviceError::Vanished(name.to_owned()))?;
+    let dev = by_name(handle, name).await?.ok_or_else(|| DeviceError::Vanished(name.to_owned()))?;
+    adopt(handle, dev, role).await
+}
+
+/// Gives `dev` the alias of `role` and brings it up (keeping its MTU).
+async fn adopt(handle: &Handle, mut dev: Device, role: Role) -> Result<Device, DeviceError> {
     let alias = alias(role);
     fix(handle, &dev, dev.mtu, &alias).await?;
     dev.alias = alias;
@@ -246,6 +292,43 @@ pub async fn create_peer(handle: &Handle, peer: Ipv4Addr, local: Ipv4Addr, mtu: 
     add(handle, msg, &name, Role::Peer(peer)).await
 }
 
+/// Creates the `sit` device (6in4) to `peer`, with the same parameters as its ipip device
+/// ([`create_peer`]; the kernel answers too-big IPv6 packets with "packet too big").
+pub async fn create_peer6(handle: &Handle, peer: Ipv4Addr, local: Ipv4Addr, mtu: u32) -> Result<Device, DeviceError> {
+    let name = sit_name(peer);
+    let msg = LinkSit::new(&name)
+        .protocol(IpProtocol::Ipv6) // mode ip6ip: 6in4 only (IP-in-IP stays with the ipip device)
+        .local(local)
+        .remote(peer)
+        .ttl(TUNNEL_TTL)
+        .pmtudisc(true)
+        .mtu(mtu)
+        .up()
+        .build();
+    add(handle, msg, &name, Role::Peer6(peer)).await
+}
+
+/// Makes `existing` (the namespace's wildcard `sit` device, if any) or a new [`SIT_CATCH_ALL`]
+/// the 6in4 catch-all: IPv6 disabled on it *before* it goes up (nothing it decapsulates is ever
+/// delivered or forwarded), our alias, up. Returns it and whether it was created.
+pub async fn ensure_catch_all6(handle: &Handle, existing: Option<&Device>) -> Result<(Device, bool), DeviceError> {
+    let (dev, created) = match existing {
+        Some(d) => (d.clone(), false),
+        None => {
+            let msg = LinkSit::new(SIT_CATCH_ALL).build();
+            let what = format!("create device {SIT_CATCH_ALL}");
+            handle.link().add(msg).execute().await.map_err(nl(what))?;
+            let dev = by_name(handle, SIT_CATCH_ALL).await?;
+            (dev.ok_or_else(|| DeviceError::Vanished(SIT_CATCH_ALL.to_owned()))?, true)
+        }
+    };
+    ensure_sysctl6(&dev.name, "disable_ipv6", "1")?;
+    if dev.up && dev.alias == alias(Role::CatchAll6) {
+        return Ok((dev, created));
+    }
+    Ok((adopt(handle, dev, Role::CatchAll6).await?, created))
+}
+
 /// Creates the sink: a dummy device, MTU 65535 (unbound traffic is dropped, never answered with
 /// "fragmentation needed"), up.
 pub async fn create_sink(handle: &Handle) -> Result<Device, DeviceError> {
@@ -266,6 +349,15 @@ pub async fn fix(handle: &Handle, dev: &Device, mtu: u32, alias: &str) -> Result
     Ok(true)
 }
 
+/// Hands back a device the kernel keeps when asked to delete it (its fallback `sit0`): down,
+/// without our alias, IPv6 enabled again.
+pub async fn release(handle: &Handle, dev: &Device) -> Result<(), DeviceError> {
+    let msg = LinkUnspec::new_with_index(dev.index).down().alias("").build();
+    handle.link().set(msg).execute().await.map_err(nl(format!("release device {}", dev.name)))?;
+    ensure_sysctl6(&dev.name, "disable_ipv6", "0")?;
+    Ok(())
+}
+
 /// Deletes a device (the kernel removes its routes with it). Gone already is not an error.
 pub async fn delete(handle: &Handle, index: u32, name: &str) -> Result<(), DeviceError> {
     match handle.link().del(index).execute().await {
@@ -277,7 +369,16 @@ pub async fn delete(handle: &Handle, index: u32, name: &str) -> Result<(), Devic
 /// Sets `net.ipv4.conf.<dev>.<key>` in the calling thread's namespace unless it already has
 /// `value`; true if it was written.
 pub fn ensure_sysctl(dev: &str, key: &str, value: &str) -> Result<bool, DeviceError> {
-    let path = format!("/proc/sys/net/ipv4/conf/{dev}/{key}");
+    ensure_conf("ipv4", dev, key, value)
+}
+
+/// [`ensure_sysctl`] for `net.ipv6.conf.<dev>.<key>`.
+pub fn ensure_sysctl6(dev: &str, key: &str, value: &str) -> Result<bool, DeviceError> {
+    ensure_conf("ipv6", dev, key, value)
+}
+
+fn ensure_conf(family: &str, dev: &str, key: &str, value: &str) -> Result<bool, DeviceError> {
+    let path = format!("/proc/sys/net/{family}/conf/{dev}/{key}");
     let err = |source| DeviceError::Sysctl { path: path.clone(), source };
     if std::fs::read_to_string(&path).map_err(err)?.trim() == value {
         return Ok(false);
@@ -312,6 +413,9 @@ mod tests {
         assert!(a.len() <= 15);
         assert_ne!(a, peer_name(Ipv4Addr::new(198, 51, 100, 3)));
         assert!(peer_name(Ipv4Addr::BROADCAST).len() <= 15);
+        assert_eq!(sit_name(Ipv4Addr::new(198, 51, 100, 2)), "vsit-c6336402");
+        assert!(sit_name(Ipv4Addr::BROADCAST).len() <= 15);
+        assert_ne!(SIT_CATCH_ALL, SIT_FALLBACK);
     }
 
     /// Only devices carrying our alias are ours, each with the role its kind and parameters say.
@@ -325,6 +429,17 @@ mod tests {
         catch_all.external = true;
         assert_eq!(catch_all.role(), Some(Role::CatchAll));
         assert_eq!(device(InfoKind::Dummy, &alias(Role::Sink)).role(), Some(Role::Sink));
+        // sit: a remote makes a 6in4 peer device, none (sit0 and ours alike) the catch-all.
+        let mut sit = device(InfoKind::SitTun, &alias(Role::Peer6(peer)));
+        sit.remote = Some(peer);
+        assert_eq!(sit.role(), Some(Role::Peer6(peer)));
+        let mut wildcard = device(InfoKind::SitTun, &alias(Role::CatchAll6));
+        wildcard.local = Some(Ipv4Addr::UNSPECIFIED);
+        assert_eq!(wildcard.role(), Some(Role::CatchAll6));
+        assert_eq!(device(InfoKind::SitTun, "").role(), None, "the kernel's sit0 before we adopt it");
+        let mut local_only = device(InfoKind::SitTun, &alias(Role::CatchAll6));
+        local_only.local = Some(peer);
+        assert_eq!(local_only.role(), None);
         // Someone else's tunnel or dummy, and an ipip device of ours without a remote.
         let mut foreign = tunnel.clone();
         foreign.alias = "uplink to the DC".into();
