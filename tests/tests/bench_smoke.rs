@@ -169,6 +169,8 @@ fn bench_on_one_member_etcd_reports_every_field() {
     // forwards with).
     let records = num(&v, "real_agent.record_routes");
     assert!((1000.0..1100.0).contains(&records), "{records} records for 1000 foreign bindings and a few FEs");
+    let complete = num(&v, "real_agent.records_complete_s");
+    assert!(complete >= s, "records complete at {complete} s, before the agent was ready at {s} s");
     let desired = num(&v, "real_agent.desired_state_bytes_per_binding");
     assert!(desired > 0.0 && desired < 400.0, "desired_state_bytes_per_binding {desired}");
 }

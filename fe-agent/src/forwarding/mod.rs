@@ -26,6 +26,7 @@
 //! `victor_agent_dataplane_choice`.
 
 pub mod kernel;
+pub mod records;
 pub mod standby;
 pub mod tun;
 

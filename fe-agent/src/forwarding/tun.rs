@@ -11,7 +11,8 @@
 //!   points at ([`RECORD_TABLE`], inert: nothing is routed by it), so a restarted agent forwards
 //!   at once, before the controller's snapshot: per remote VM `VM/32 via PEER dev TUN onlink`
 //!   (metric [`BINDING_METRIC`]), per registered FE `FE/32 dev TUN` (metric [`PEER_METRIC`]).
-//!   Local VMs need no record: their /32 on a VM port (the reconciler's) says it.
+//!   Local VMs need no record: their /32 on a VM port (the reconciler's) says it. A remote VM's
+//!   record is written by [`super::records`] a moment after its table entry changes.
 //!   All of it carries our route protocol and goes with the device when it is deleted.
 //! * **Decommissioning** ([`remove`], `--remove-dataplane-on-exit`): the device is deleted, and
 //!   with it every route into it and every record.
@@ -27,6 +28,7 @@ use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::{Action, Fib, FibError};
 use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, ForwarderError, HandOver, remove_persistent_tun};
 
+use super::records::{Record, Recorder};
 use super::{DataplaneConfig, Tunnel};
 use crate::netlink::{Kernel, NetlinkError};
 
@@ -101,6 +103,8 @@ pub struct TunPlane {
     remotes: HashMap<Ipv4Addr, Ipv4Addr>,
     /// Registered FEs as recorded.
     peers: BTreeSet<Ipv4Addr>,
+    /// Writes the remote VMs' records off the forwarding path.
+    recorder: Recorder,
     adoption: Adoption,
 }
 
@@ -133,8 +137,15 @@ impl TunPlane {
             fib.set_peers([]);
             restored = Restored::default();
         }
-        let mut plane =
-            TunPlane { forwarder, fib, remotes: restored.remotes, peers: restored.peers, adoption: restored.adoption };
+        let recorder = Recorder::start(kernel.clone(), forwarder.tun_index());
+        let mut plane = TunPlane {
+            forwarder,
+            fib,
+            remotes: restored.remotes,
+            peers: restored.peers,
+            recorder,
+            adoption: restored.adoption,
+        };
         plane.adoption.device_adopted = plane.forwarder.adopted();
         plane.adopt_routes(config, kernel, &routes).await?;
         tracing::info!(
@@ -213,10 +224,11 @@ impl TunPlane {
         self.remotes.keys().map(|ip| IpAddr::V4(*ip)).collect()
     }
 
-    /// Sets the forwarding-table entry of `ip`, recording it first (a failure changes nothing
-    /// and is retried). Only IPv4 entries are recorded: an IPv6 VM's 6in4 entry is set in the
-    /// table alone, so after a restart it returns with the controller's snapshot, not before.
-    pub async fn set_tunnel(&mut self, kernel: &Kernel, ip: IpAddr, tunnel: Tunnel) -> Result<(), TunError> {
+    /// Sets the forwarding-table entry of `ip` and queues its record ([`super::records`]: written
+    /// off this path, so a full sync does not wait for one netlink round trip per remote VM). Only
+    /// IPv4 entries are recorded: an IPv6 VM's 6in4 entry is set in the table alone, so after a
+    /// restart it returns with the controller's snapshot, not before.
+    pub async fn set_tunnel(&mut self, _kernel: &Kernel, ip: IpAddr, tunnel: Tunnel) -> Result<(), TunError> {
         let IpAddr::V4(ip) = ip else {
             match tunnel {
                 Tunnel::Remote(peer) => self.fib.set(ip, Action::Remote(peer))?,
@@ -225,29 +237,21 @@ impl TunPlane {
             };
             return Ok(());
         };
-        let tun = self.forwarder.tun_index();
         match tunnel {
             Tunnel::Remote(peer) => {
-                if self.remotes.get(&ip) != Some(&peer) {
-                    let msg = record_route(kernel, ip, Some(peer), BINDING_METRIC, tun);
-                    kernel.handle().route().add(msg).replace().execute().await.map_err(|source| NetlinkError {
-                        what: format!("record {ip} via {peer} in table {RECORD_TABLE}"),
-                        source,
-                    })?;
-                    self.remotes.insert(ip, peer);
-                }
                 self.fib.set(ip, Action::Remote(peer))?;
+                if self.remotes.insert(ip, peer) != Some(peer) {
+                    self.recorder.record(ip, Record::Via(peer));
+                }
             }
             Tunnel::Local | Tunnel::None => {
-                if let Some(peer) = self.remotes.get(&ip).copied() {
-                    let msg = record_route(kernel, ip, Some(peer), BINDING_METRIC, tun);
-                    delete(kernel, msg, format!("delete the record of {ip}")).await?;
-                    self.remotes.remove(&ip);
-                }
                 if tunnel == Tunnel::Local {
                     self.fib.set(ip, Action::Local)?;
                 } else {
                     self.fib.remove(ip);
+                }
+                if let Some(peer) = self.remotes.remove(&ip) {
+                    self.recorder.record(ip, Record::Gone(peer));
                 }
             }
         }
@@ -364,7 +368,13 @@ fn if_index(name: &str) -> Option<u32> {
 
 /// `ip route … table RECORD_TABLE proto P metric M dev TUN` — with `via PEER onlink` for a
 /// remote VM, scope link without.
-fn record_route(kernel: &Kernel, ip: Ipv4Addr, via: Option<Ipv4Addr>, metric: u32, tun: u32) -> RouteMessage {
+pub(super) fn record_route(
+    kernel: &Kernel,
+    ip: Ipv4Addr,
+    via: Option<Ipv4Addr>,
+    metric: u32,
+    tun: u32,
+) -> RouteMessage {
     let b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(ip, 32)
         .output_interface(tun)
@@ -388,7 +398,7 @@ fn prefix_route(kernel: &Kernel, dst: Ipv4Addr, len: u8, tun: u32) -> RouteMessa
 }
 
 /// Deletes a route; one already gone is not an error.
-async fn delete(kernel: &Kernel, msg: RouteMessage, what: String) -> Result<(), NetlinkError> {
+pub(super) async fn delete(kernel: &Kernel, msg: RouteMessage, what: String) -> Result<(), NetlinkError> {
     match kernel.handle().route().del(msg).execute().await {
         Ok(()) => Ok(()),
         Err(source) => {

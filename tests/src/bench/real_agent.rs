@@ -40,6 +40,9 @@ pub struct RealAgentReport {
     /// remote binding and per registered FE, so that a restarted agent or its standby forwards
     /// before any snapshot.
     pub record_routes: usize,
+    /// Process start → every foreign binding recorded (the records are written off the sync path,
+    /// after `/readyz` may already say ready; an upper bound: counted by dumping the routes).
+    pub records_complete_s: f64,
     /// The agent's reconcile operations by kind during the sync.
     pub reconcile_ops: BTreeMap<String, f64>,
 }
@@ -75,7 +78,17 @@ pub fn full_sync(cluster: &Cluster, bindings: usize) -> Result<RealAgentReport> 
     let heap = |name: &str| victor_testkit::http::metric(&metrics, name, "") / bindings.max(1) as f64;
     let pid = agent.guard.as_ref().map_or(0, |g| g.pid());
     let rss = sys::rss_bytes(pid)?;
-    let (kernel_routes, record_routes) = route_count(topo.fe(1))?;
+    // The restart records follow the forwarding table off the sync path: wait for them (one per
+    // foreign binding, all of them here) and say when they were complete.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (kernel_routes, record_routes) = loop {
+        let (kernel_routes, record_routes) = route_count(topo.fe(1))?;
+        if record_routes >= bindings || Instant::now() > deadline {
+            break (kernel_routes, record_routes);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let records_complete_s = started.elapsed().as_secs_f64();
     agent.stop();
     Ok(RealAgentReport {
         full_sync_s: (full_sync_s * 1e3).round() / 1e3,
@@ -86,6 +99,7 @@ pub fn full_sync(cluster: &Cluster, bindings: usize) -> Result<RealAgentReport> 
         forwarding_table_bytes_per_binding: (heap("victor_agent_fib_bytes") * 10.0).round() / 10.0,
         kernel_routes,
         record_routes,
+        records_complete_s: (records_complete_s * 1e3).round() / 1e3,
         reconcile_ops: counters.ops,
     })
 }

@@ -1,0 +1,117 @@
+//! The recorder of the userspace data plane: writes the remote VMs' restart records
+//! ([`super::tun`], one route per remote VM in the inert [`RECORD_TABLE`]) off the forwarding
+//! path.
+//!
+//! The forwarding table changes at once; the record follows, written by one task that keeps many
+//! netlink requests in flight ([`IN_FLIGHT`]). Changes queued meanwhile are coalesced per VM (the
+//! latest wins) and one VM's record is never written twice in one round, so its writes cannot
+//! reorder. A failed write is retried after [`RETRY`] unless a newer change of that VM came in.
+//! What this trades: a record may lag its forwarding entry by the time of one round (milliseconds;
+//! a million records take seconds), so an agent killed in that window leaves its standby and its
+//! next run a record that is one change behind until the controller's snapshot corrects it. What
+//! it buys: a full sync of 1,000,000 remote bindings no longer waits for 1,000,000 netlink round
+//! trips before the agent is ready.
+//!
+//! Registered FEs' records (a handful) are still written in line by [`super::tun::TunPlane`].
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::tun::{BINDING_METRIC, RECORD_TABLE, delete, record_route};
+use crate::netlink::{Kernel, NetlinkError};
+
+/// Netlink requests the recorder keeps in flight.
+pub const IN_FLIGHT: usize = 256;
+
+/// How long a failed write waits before it is tried again.
+pub const RETRY: Duration = Duration::from_secs(1);
+
+/// What a remote VM's record must become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// `VM/32 via FE`: the VM is behind that FE.
+    Via(Ipv4Addr),
+    /// No record (the one via that FE goes: the VM is local now, or unbound).
+    Gone(Ipv4Addr),
+}
+
+/// The handle on the recorder task. Dropping it lets the task write what is queued, then stop.
+#[derive(Debug)]
+pub struct Recorder {
+    tx: mpsc::UnboundedSender<(Ipv4Addr, Record)>,
+}
+
+impl Recorder {
+    /// Starts the recorder of the TUN device with index `tun`.
+    pub fn start(kernel: Kernel, tun: u32) -> Recorder {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(kernel, tun, rx));
+        Recorder { tx }
+    }
+
+    /// Queues the record of `ip`.
+    pub fn record(&self, ip: Ipv4Addr, record: Record) {
+        // The task only stops once every sender is gone, so this cannot fail while `self` lives.
+        let _ = self.tx.send((ip, record));
+    }
+}
+
+/// The task: rounds of coalesced writes until the handle is dropped and the queue is empty.
+async fn run(kernel: Kernel, tun: u32, mut rx: mpsc::UnboundedReceiver<(Ipv4Addr, Record)>) {
+    let mut pending: HashMap<Ipv4Addr, Record> = HashMap::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some((ip, record)) => {
+                    pending.insert(ip, record);
+                }
+                None => return,
+            }
+        }
+        while let Ok((ip, record)) = rx.try_recv() {
+            pending.insert(ip, record);
+        }
+        let round: Vec<(Ipv4Addr, Record)> = pending.drain().collect();
+        let failed: Vec<(Ipv4Addr, Record, NetlinkError)> = futures::stream::iter(round)
+            .map(|(ip, record)| {
+                let kernel = &kernel;
+                async move { write(kernel, tun, ip, record).await.err().map(|e| (ip, record, e)) }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        if let Some((ip, _, err)) = failed.first() {
+            tracing::warn!(failed = failed.len(), first = %ip, error = %err, "writing restart records failed; will retry");
+            tokio::time::sleep(RETRY).await;
+            // Changes queued meanwhile are newer than the failed writes: they win.
+            while let Ok((ip, record)) = rx.try_recv() {
+                pending.insert(ip, record);
+            }
+            for (ip, record, _) in failed {
+                pending.entry(ip).or_insert(record);
+            }
+        }
+    }
+}
+
+/// Writes one record.
+async fn write(kernel: &Kernel, tun: u32, ip: Ipv4Addr, record: Record) -> Result<(), NetlinkError> {
+    match record {
+        Record::Via(peer) => {
+            let msg = record_route(kernel, ip, Some(peer), BINDING_METRIC, tun);
+            kernel.handle().route().add(msg).replace().execute().await.map_err(|source| NetlinkError {
+                what: format!("record {ip} via {peer} in table {RECORD_TABLE}"),
+                source,
+            })
+        }
+        Record::Gone(peer) => {
+            let msg = record_route(kernel, ip, Some(peer), BINDING_METRIC, tun);
+            delete(kernel, msg, format!("delete the record of {ip}")).await
+        }
+    }
+}
