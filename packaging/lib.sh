@@ -113,11 +113,17 @@ pk_unpack() { # tarball dir
     mkdir -p "$2" && tar --zstd -xf "$1" -C "$2"
 }
 
-# The mount namespace's setup before the chroot ($1 = root, then the command).
+# The mount namespace's setup before the chroot ($1 = root, then the command). The root's
+# /dev/net/tun gets the mode a Debian system gives it (0666, udev's 50-udev-default.rules): a host
+# without udev leaves the kernel's 0600, which the agent's unprivileged user could not open. The
+# node is the namespace's own (bind-mounted over the host's /dev/net/tun, which is not changed).
 # shellcheck disable=SC2016 # expanded by the bash that runs it
 PK_CHROOT_SH='r=$1; shift
 mount --rbind /dev "$r/dev" && mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" &&
     mount -t tmpfs -o mode=755 tmpfs "$r/run" && mount -t tmpfs -o mode=1777 tmpfs "$r/tmp" || exit 125
+if [ -c /dev/net/tun ]; then
+    mknod -m 666 "$r/run/.tun" c 10 200 && mount --bind "$r/run/.tun" "$r/dev/net/tun" || exit 125
+fi
 exec chroot "$r" /usr/bin/env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"'
 
 # The command line of pk_chroot (every step execs the next: a background job's $! is CMD's PID).
