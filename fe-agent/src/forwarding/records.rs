@@ -12,7 +12,8 @@
 //! it buys: a full sync of 1,000,000 remote bindings no longer waits for 1,000,000 netlink round
 //! trips before the agent is ready.
 //!
-//! Registered FEs' records (a handful) are still written in line by [`super::tun::TunPlane`].
+//! Registered FEs' records (a handful) are still written in line by [`super::tun::TunPlane`];
+//! this module owns the records' table, metrics and route messages.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -21,8 +22,20 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::tun::{BINDING_METRIC, RECORD_TABLE, delete, record_route};
+use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
+
 use crate::netlink::{Kernel, NetlinkError};
+
+/// The routing table of the records (no `ip rule` points at it: its routes route nothing). Shown
+/// by `ip route show table 1986618228`.
+pub const RECORD_TABLE: u32 = 0x7669_6374;
+
+/// Metric of a remote VM's record (`VM/32 via PEER dev TUN onlink`).
+pub const BINDING_METRIC: u32 = 0;
+
+/// Metric of a registered FE's record (`FE/32 dev TUN`).
+pub const PEER_METRIC: u32 = 1;
 
 /// Netlink requests the recorder keeps in flight.
 pub const IN_FLIGHT: usize = 256;
@@ -112,6 +125,38 @@ async fn write(kernel: &Kernel, tun: u32, ip: Ipv4Addr, record: Record) -> Resul
         Record::Gone(peer) => {
             let msg = record_route(kernel, ip, Some(peer), BINDING_METRIC, tun);
             delete(kernel, msg, format!("delete the record of {ip}")).await
+        }
+    }
+}
+
+/// `ip route … table RECORD_TABLE proto P metric M dev TUN` — with `via PEER onlink` for a
+/// remote VM, scope link without.
+pub(super) fn record_route(
+    kernel: &Kernel,
+    ip: Ipv4Addr,
+    via: Option<Ipv4Addr>,
+    metric: u32,
+    tun: u32,
+) -> RouteMessage {
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(ip, 32)
+        .output_interface(tun)
+        .table_id(RECORD_TABLE)
+        .priority(metric)
+        .protocol(RouteProtocol::from(kernel.protocol()));
+    match via {
+        Some(peer) => b.gateway(peer).onlink().scope(RouteScope::Universe).build(),
+        None => b.scope(RouteScope::Link).build(),
+    }
+}
+
+/// Deletes a route; one already gone is not an error.
+pub(super) async fn delete(kernel: &Kernel, msg: RouteMessage, what: String) -> Result<(), NetlinkError> {
+    match kernel.handle().route().del(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(source) => {
+            let err = NetlinkError { what, source };
+            if err.is_not_found() { Ok(()) } else { Err(err) }
         }
     }
 }

@@ -28,19 +28,10 @@ use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::{Action, Fib, FibError};
 use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, ForwarderError, HandOver, remove_persistent_tun};
 
-use super::records::{Record, Recorder};
+pub use super::records::{BINDING_METRIC, PEER_METRIC, RECORD_TABLE};
+use super::records::{Record, Recorder, delete, record_route};
 use super::{DataplaneConfig, Tunnel};
 use crate::netlink::{Kernel, NetlinkError};
-
-/// The routing table of the records (no `ip rule` points at it: its routes route nothing). Shown
-/// by `ip route show table 1986618228`.
-pub const RECORD_TABLE: u32 = 0x7669_6374;
-
-/// Metric of a remote VM's record (`VM/32 via PEER dev TUN onlink`).
-pub const BINDING_METRIC: u32 = 0;
-
-/// Metric of a registered FE's record (`FE/32 dev TUN`).
-pub const PEER_METRIC: u32 = 1;
 
 /// A failed userspace data-plane operation.
 #[derive(Debug, thiserror::Error)]
@@ -366,27 +357,6 @@ fn if_index(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// `ip route … table RECORD_TABLE proto P metric M dev TUN` — with `via PEER onlink` for a
-/// remote VM, scope link without.
-pub(super) fn record_route(
-    kernel: &Kernel,
-    ip: Ipv4Addr,
-    via: Option<Ipv4Addr>,
-    metric: u32,
-    tun: u32,
-) -> RouteMessage {
-    let b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(ip, 32)
-        .output_interface(tun)
-        .table_id(RECORD_TABLE)
-        .priority(metric)
-        .protocol(RouteProtocol::from(kernel.protocol()));
-    match via {
-        Some(peer) => b.gateway(peer).onlink().scope(RouteScope::Universe).build(),
-        None => b.scope(RouteScope::Link).build(),
-    }
-}
-
 /// `NET dev TUN proto P scope link` (as [`Kernel::replace_prefix_route`] installs it).
 fn prefix_route(kernel: &Kernel, dst: Ipv4Addr, len: u8, tun: u32) -> RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new()
@@ -395,17 +365,6 @@ fn prefix_route(kernel: &Kernel, dst: Ipv4Addr, len: u8, tun: u32) -> RouteMessa
         .protocol(RouteProtocol::from(kernel.protocol()))
         .scope(RouteScope::Link)
         .build()
-}
-
-/// Deletes a route; one already gone is not an error.
-pub(super) async fn delete(kernel: &Kernel, msg: RouteMessage, what: String) -> Result<(), NetlinkError> {
-    match kernel.handle().route().del(msg).execute().await {
-        Ok(()) => Ok(()),
-        Err(source) => {
-            let err = NetlinkError { what, source };
-            if err.is_not_found() { Ok(()) } else { Err(err) }
-        }
-    }
 }
 
 /// Our IPv4 routes in every table, with what the adoption needs.
