@@ -15,6 +15,7 @@
 
 use std::fs::File;
 use std::future::Future;
+use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Output};
 use std::thread::JoinHandle;
 
@@ -230,9 +231,48 @@ impl Drop for NetNs {
         if self.persistent {
             return;
         }
+        kill_strays(&self.name);
         if let Err(err) = run_ip(&["netns", "delete", &self.name]) {
             eprintln!("warning: could not delete namespace {}: {err:#}", self.name);
         }
+    }
+}
+
+/// Kills the processes still inside namespace `name` when it goes. They are the test's own
+/// (nobody else runs in a namespace a test created) and outlived their guards, which are dropped
+/// before their namespace: an agent's standby forwarder, for one, runs in its own process group
+/// and holds on for `--standby-hold` after its agent stopped. Each is signalled through a pidfd
+/// opened while it was seen inside, so a recycled PID is never hit; this process is never one.
+fn kill_strays(name: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else { return };
+    let ours = std::process::id();
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+        if pid == ours {
+            continue;
+        }
+        // SAFETY: plain syscalls on a PID and the descriptor they return, closed here.
+        unsafe {
+            let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as libc::c_int;
+            if fd < 0 {
+                continue; // already gone
+            }
+            // The PID may have been recycled since `ip` listed it: signal only what is inside now.
+            let inside = |path: String| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+            if inside(format!("/proc/{pid}/ns/net")).is_none()
+                || inside(format!("/proc/{pid}/ns/net")) != inside(format!("/run/netns/{name}"))
+            {
+                libc::close(fd);
+                continue;
+            }
+            if libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0)
+                == 0
+            {
+                let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                libc::poll(&mut poll, 1, 2000); // readable once it has exited
+            }
+            libc::close(fd);
+        }
+        eprintln!("netns {name}: killed stray process {pid} (still inside when the namespace went)");
     }
 }
 
@@ -388,6 +428,23 @@ mod tests {
         drop(b);
         let left = list_namespaces().unwrap();
         assert!(!left.contains(&names.0) && !left.contains(&names.1), "{left:?}");
+    }
+
+    /// A process that escaped its guard (its own session, like an agent's standby forwarder)
+    /// does not outlive the namespace it runs in.
+    #[test]
+    fn a_process_left_inside_goes_with_the_namespace() {
+        crate::require_root("netns test");
+        let ns = NetNs::new("tks").unwrap();
+        let pid_file = tempfile::NamedTempFile::new().unwrap();
+        let script = format!("setsid sleep 60 & echo $! > {}", pid_file.path().display());
+        let status = Command::new("ip").args(["netns", "exec", ns.name(), "sh", "-c", &script]).status().unwrap();
+        assert!(status.success());
+        let pid: u32 = std::fs::read_to_string(pid_file.path()).unwrap().trim().parse().unwrap();
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the stray runs");
+        drop(ns);
+        let gone = |p: u32| std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |s| s.contains(") Z "));
+        assert!(gone(pid), "process {pid} outlived its namespace");
     }
 
     #[test]
