@@ -70,44 +70,38 @@ impl TunnelCounts for KernelCounters {
     }
 }
 
-/// The snapshot of `watched` given every device's counts (devices that vanished count zero).
+/// The snapshot of `watched` given every device's counts (devices that vanished count zero; so
+/// does an absent catch-all, index 0).
 pub fn snapshot(watched: &Watched, counts: &BTreeMap<u32, Counts>) -> TunnelSnapshot {
     let of = |index: u32| counts.get(&index).copied().unwrap_or_default();
-    let mut s = TunnelSnapshot::default();
-    let (mut tx_errors, mut rx_errors) = (0, 0);
-    let mut per_peer: BTreeMap<Ipv4Addr, PeerCounts> = BTreeMap::new();
+    // A peer's ipip and sit devices add up to one series.
+    let mut per_peer: BTreeMap<Ipv4Addr, Counts> = BTreeMap::new();
     for (&index, &peer) in &watched.peers {
-        let c = of(index);
-        s.tx_packets += c.tx_packets;
-        s.tx_bytes += c.tx_bytes;
-        s.rx_packets += c.rx_packets;
-        s.rx_bytes += c.rx_bytes;
-        tx_errors += c.tx_errors;
-        rx_errors += c.rx_errors;
-        let p = per_peer.entry(peer).or_insert(PeerCounts {
-            peer,
-            tx_packets: 0,
-            tx_bytes: 0,
-            tx_errors: 0,
-            rx_packets: 0,
-            rx_bytes: 0,
-            rx_errors: 0,
-        });
-        p.tx_packets += c.tx_packets;
-        p.tx_bytes += c.tx_bytes;
-        p.tx_errors += c.tx_errors;
-        p.rx_packets += c.rx_packets;
-        p.rx_bytes += c.rx_bytes;
-        p.rx_errors += c.rx_errors;
+        *per_peer.entry(peer).or_default() += of(index);
     }
-    s.peers = per_peer.into_values().collect();
-    let (catch_all, catch_all6) =
-        (of(watched.catch_all), if watched.catch_all6 == 0 { Counts::default() } else { of(watched.catch_all6) });
+    let mut total = Counts::default();
+    let mut s = TunnelSnapshot::default();
+    for (peer, c) in per_peer {
+        total += c;
+        s.peers.push(PeerCounts {
+            peer,
+            tx_packets: c.tx_packets,
+            tx_bytes: c.tx_bytes,
+            tx_errors: c.tx_errors,
+            rx_packets: c.rx_packets,
+            rx_bytes: c.rx_bytes,
+            rx_errors: c.rx_errors,
+        });
+    }
+    (s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes) =
+        (total.tx_packets, total.tx_bytes, total.rx_packets, total.rx_bytes);
+    let mut catch_all = of(watched.catch_all);
+    catch_all += of(watched.catch_all6);
     s.drops = vec![
-        ("unknown_peer", catch_all.rx_packets + catch_all6.rx_packets),
+        ("unknown_peer", catch_all.rx_packets),
         ("no_binding", of(watched.sink).tx_packets),
-        ("tunnel_tx_error", tx_errors),
-        ("tunnel_rx_error", rx_errors + catch_all.rx_errors + catch_all6.rx_errors),
+        ("tunnel_tx_error", total.tx_errors),
+        ("tunnel_rx_error", total.rx_errors + catch_all.rx_errors),
     ];
     s
 }

@@ -134,6 +134,17 @@ pub struct Counts {
     pub tx_errors: u64,
 }
 
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+        self.rx_errors += o.rx_errors;
+        self.tx_packets += o.tx_packets;
+        self.tx_bytes += o.tx_bytes;
+        self.tx_errors += o.tx_errors;
+    }
+}
+
 /// A device as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
