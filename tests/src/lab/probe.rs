@@ -64,7 +64,7 @@ const STOPPED: u8 = 2;
 /// How long `stop` waits for replies still in flight.
 const DRAIN: Duration = Duration::from_secs(1);
 /// The prober's longest sleep between two looks at its phase.
-const DRAIN_POLL: Duration = Duration::from_millis(1);
+const MAX_SLEEP: Duration = Duration::from_millis(1);
 
 /// Waits up to `timeout` for `sock` to have something to read (`ppoll`: a high-resolution
 /// timeout, to the microsecond).
@@ -168,9 +168,9 @@ impl Prober {
                 // timer: a socket's receive timeout counts in jiffies (4 ms and more here), which
                 // made the prober fall behind and send in bursts exactly while no reply came —
                 // during a move.
-                let wait =
-                    if drain_until.is_none() { next.saturating_duration_since(Instant::now()) } else { DRAIN_POLL };
-                if !readable(&sock, wait.min(DRAIN_POLL)) {
+                let due =
+                    if drain_until.is_none() { next.saturating_duration_since(Instant::now()) } else { MAX_SLEEP };
+                if !readable(&sock, due.min(MAX_SLEEP)) {
                     continue;
                 }
                 let Ok(n) = sock.recv(&mut buf) else { continue };
