@@ -377,7 +377,7 @@ impl<E: Effects> Engine<E> {
             self.neigh.send(port, &classify::reply(msg, frame.port.mac), answer.label());
         }
         let Some((ip, mac)) = classify::learned(msg, &self.scope) else { return };
-        self.learn(frame, IpAddr::V4(ip), mac).await;
+        self.learn(frame, vec![IpAddr::V4(ip)], mac, Siblings::Follow).await;
     }
 
     /// An NDP frame: proxy NDP and the gateway's advertisements first, then what it teaches.
@@ -390,7 +390,7 @@ impl<E: Effects> Engine<E> {
             self.neigh.send_ndp(port, &reply, answer.label());
         }
         let Some((ip, mac)) = ndp::learned(msg, &self.scope6) else { return };
-        self.learn(frame, IpAddr::V6(ip), mac).await;
+        self.learn(frame, vec![IpAddr::V6(ip)], mac, Siblings::Follow).await;
     }
 
     /// A RARP frame (docs/design.md, section 3, "MAC claims"): every IP the desired state binds
@@ -405,50 +405,70 @@ impl<E: Effects> Engine<E> {
             .announcements
             .starts(mac, frame.mono)
             .then(|| (self.known.at(frame.mono), self.stamps.stamp(frame.wall)));
-        for ip in rarp::bound_to(&self.desired, mac, &self.scope, &self.scope6) {
-            self.learn(frame, ip, mac).await;
-        }
+        let ips = rarp::bound_to(&self.desired, mac, &self.scope, &self.scope6);
+        self.learn(frame, ips, mac, Siblings::Included).await;
         if let Some((known, at)) = claim {
             tracing::info!(mac = %victor_proto::Mac(mac), port = %frame.port.name, "RARP: claiming the MAC's IPs");
             self.reporter.submit(Observation::mac_claim(mac, at, known, frame.port.name.clone()));
         }
     }
 
-    /// The VM `ip` at `mac` was heard on the frame's port (ARP or NDP): a claim, a port change or
-    /// a refresh.
-    async fn learn(&mut self, frame: &NeighFrame, ip: IpAddr, mac: [u8; 6]) {
+    /// The VM at `mac` was heard on the frame's port with `ips` (ARP or NDP: the one IP of the
+    /// frame; RARP: every IP bound to the MAC): a claim, a port change or a refresh of each.
+    ///
+    /// MAC mobility (docs/design.md, section 3, "MAC claims"): when the frame claims its IP here,
+    /// the other IPs the desired state binds to the same MAC come with it (`Siblings::Follow`), so a
+    /// dual-stack VM's gratuitous ARP moves its IPv6 address as well, without waiting for its
+    /// Neighbor Advertisement to be read after the IPv4 install. Every claim is reported before
+    /// the first local install, and each is installed before its move hint (make-before-break).
+    async fn learn(&mut self, frame: &NeighFrame, mut ips: Vec<IpAddr>, mac: [u8; 6], siblings: Siblings) {
         let port = frame.port.ifindex;
         // What this FE knew when the kernel captured the frame, not now: a delta applied since
         // must not lend a late frame its knowledge.
         let known = self.known.at(frame.mono);
-        let wall = self.stamps.stamp(frame.wall);
-        let sighting = Sighting { ip, mac, port, wall, mono: frame.mono, known };
-        match self.local.sighting(sighting, desired_view(&self.desired, ip)) {
-            Learn::Claim { observed_at } => {
-                self.events.lock().expect("events").captured(ip, observed_at, frame.mono);
-                // Make-before-break: the claim goes out, and the VM is local before any answer.
-                self.report(Subject::Learned(ip), mac, observed_at, known, port);
-                let applied = self.reconcile(ip).await;
-                if applied.ops > 0 {
-                    self.metrics.provisional_installs.inc();
+        let mut claimed = Vec::new();
+        let mut refresh = Vec::new();
+        let mut follow = siblings == Siblings::Follow;
+        let mut next = 0;
+        while let Some(&ip) = ips.get(next) {
+            next += 1;
+            let wall = self.stamps.stamp(frame.wall);
+            let sighting = Sighting { ip, mac, port, wall, mono: frame.mono, known };
+            match self.local.sighting(sighting, desired_view(&self.desired, ip)) {
+                Learn::Claim { observed_at } => {
+                    self.events.lock().expect("events").captured(ip, observed_at, frame.mono);
+                    // Make-before-break: the claim goes out, and the VM is local before any answer.
+                    self.report(Subject::Learned(ip), mac, observed_at, known, port);
+                    claimed.push((ip, observed_at));
+                    if std::mem::take(&mut follow) {
+                        let others = rarp::bound_to(&self.desired, mac, &self.scope, &self.scope6);
+                        ips.extend(others.into_iter().filter(|other| *other != ip));
+                    }
                 }
-                self.events.lock().expect("events").provisional_applied(ip, monotonic_ns());
-                if applied.failed == 0 && self.reconciler.local_port(ip) == Some(port) {
-                    // Delivered here now: the other FEs may point at us before the controller's
-                    // delta (make-before-break: never before the local route exists).
-                    self.hints.claimed(ip, mac, observed_at, &self.desired);
+                Learn::Moved => refresh.push(ip),
+                Learn::Refreshed => {
+                    if self.discovering.contains_key(&ip) || self.reconciler.local_port(ip).is_none() {
+                        refresh.push(ip);
+                    }
                 }
-                tracing::info!(%ip, mac = %victor_proto::Mac(mac), port = %frame.port.name, "VM claimed");
+                Learn::Suppressed => {}
             }
-            Learn::Moved => {
-                self.reconcile(ip).await;
+        }
+        for (ip, observed_at) in claimed {
+            let applied = self.reconcile(ip).await;
+            if applied.ops > 0 {
+                self.metrics.provisional_installs.inc();
             }
-            Learn::Refreshed => {
-                if self.discovering.contains_key(&ip) || self.reconciler.local_port(ip).is_none() {
-                    self.reconcile(ip).await;
-                }
+            self.events.lock().expect("events").provisional_applied(ip, monotonic_ns());
+            if applied.failed == 0 && self.reconciler.local_port(ip) == Some(port) {
+                // Delivered here now: the other FEs may point at us before the controller's
+                // delta (make-before-break: never before the local route exists).
+                self.hints.claimed(ip, mac, observed_at, &self.desired);
             }
-            Learn::Suppressed => {}
+            tracing::info!(%ip, mac = %victor_proto::Mac(mac), port = %frame.port.name, "VM claimed");
+        }
+        for ip in refresh {
+            self.reconcile(ip).await;
         }
     }
 
@@ -642,6 +662,15 @@ impl<E: Effects> Engine<E> {
             self.probe(port.ifindex, port.mac, ip, mac);
         }
     }
+}
+
+/// Whether a frame that claims its IP also moves the other IPs bound to its MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Siblings {
+    /// Yes: an ARP or NDP frame names one IP; the MAC's other IPs follow a claim of it.
+    Follow,
+    /// The frame's IPs already are every IP of the MAC (RARP).
+    Included,
 }
 
 /// The next message of an optional input (pending forever without one).

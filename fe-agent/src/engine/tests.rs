@@ -26,6 +26,7 @@ use crate::state::local::Claim;
 
 const VM: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 10, 0, 11));
 const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+const OTHER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x22];
 /// The VM ports of this FE (fe1): `vm5` and `vm6`.
 const PORT: u32 = 5;
 const OTHER_PORT: u32 = 6;
@@ -531,7 +532,8 @@ async fn an_unsolicited_neighbor_advertisement_claims_an_ipv6_vm() {
     let mut rig = Rig::with_hints(InMemory::default(), socket, NO_TIMEOUT);
     let vm = vm6(0x11);
     let IpAddr::V6(addr) = vm else { unreachable!() };
-    rig.connect_and_sync(1, snapshot(10, vec![binding(vm, 2, MAC, 3, 9), binding(VM, 2, MAC, 3, 9)])).await;
+    // An IPv4 VM with another MAC beside it: NDP never claims it.
+    rig.connect_and_sync(1, snapshot(10, vec![binding(vm, 2, MAC, 3, 9), binding(VM, 2, OTHER_MAC, 3, 9)])).await;
     let mut first = rig.changes();
     first.sort_by_key(|(ip, _)| *ip);
     assert_eq!(
@@ -559,7 +561,7 @@ async fn an_unsolicited_neighbor_advertisement_claims_an_ipv6_vm() {
         assert_eq!((hint.kind, hint.vm_ip, hint.move_seq), (Kind::Move, vm, 3), "the hint carries the IPv6 VM");
     }
     assert!(rig.metric("victor_agent_ndp_frames_total{kind=\"unsolicited_advertisement\"} 3"));
-    assert_eq!(rig.engine.local.get(VM), None, "the IPv4 address of the same MAC is not claimed by NDP");
+    assert_eq!(rig.engine.local.get(VM), None, "the IPv4 address of another MAC is not claimed by NDP");
 
     // A DAD probe of the same address from the same VM is a refresh, not a second claim.
     rig.ndp(dad(MacAddr(MAC), addr, None), PORT).await;
@@ -579,6 +581,41 @@ async fn an_unsolicited_neighbor_advertisement_claims_an_ipv6_vm() {
             (vm, Op::DelNeighbour { port: PORT }),
         ]
     );
+}
+
+/// MAC mobility: a dual-stack VM's gratuitous ARP claims its IPv6 address as well (both reported
+/// before the first install, each installed before its move hint), so the IPv6 address does not
+/// wait for the Neighbor Advertisement the guest sends next; that advertisement is then a refresh.
+/// An IP bound to another MAC stays where it is.
+#[tokio::test]
+async fn a_dual_stack_vms_gratuitous_arp_moves_its_ipv6_address_too() {
+    let (socket, [fe2, fe3]) = hint_sockets();
+    let mut rig = Rig::with_hints(InMemory::default(), socket, NO_TIMEOUT);
+    let (v6, stranger) = (vm6(0x11), vm(12));
+    let IpAddr::V6(addr) = v6 else { unreachable!() };
+    let bindings = vec![binding(VM, 2, MAC, 3, 9), binding(v6, 2, MAC, 3, 9), binding(stranger, 2, OTHER_MAC, 0, 8)];
+    rig.connect_and_sync(1, snapshot(10, bindings)).await;
+    rig.changes();
+
+    rig.garp(VM, MAC, PORT).await;
+    let mut installed = local_install(VM, PORT, MAC);
+    installed.extend(local_install(v6, PORT, MAC));
+    assert_eq!(rig.changes(), installed, "both addresses of the MAC, IPv4 first");
+    let claims: Vec<_> = rig.reporter.take_queued().iter().map(|o| (o.subject, o.mac, o.port.clone())).collect();
+    assert_eq!(
+        claims,
+        vec![(Subject::Learned(VM), MAC, "vm5".to_owned()), (Subject::Learned(v6), MAC, "vm5".to_owned())]
+    );
+    for peer in [&fe2, &fe3] {
+        let hinted: Vec<_> = (0..2).map(|_| receive_hint(peer)).map(|h| (h.kind, h.vm_ip)).collect();
+        assert_eq!(hinted, vec![(Kind::Move, VM), (Kind::Move, v6)], "a hint per address");
+    }
+    assert_eq!(rig.engine.local.get(stranger), None, "another MAC's IP does not follow");
+
+    // The guest's own advertisement a moment later changes nothing.
+    rig.ndp(unsolicited_advertisement(MacAddr(MAC), addr, false, None), PORT).await;
+    assert_eq!(rig.changes(), vec![]);
+    assert!(rig.reporter.take_queued().is_empty());
 }
 
 /// A VM that only probes its address (duplicate address detection, source ::) claims it.

@@ -233,6 +233,9 @@ pub struct MoveResult {
     pub lost: u32,
     /// The same per address family (`ipv4`, `ipv6`; both with `--family dual`).
     pub lost_by_family: BTreeMap<String, u32>,
+    /// Per family with losses: when its first and its last lost request were sent, relative to
+    /// the start of the link switch (ms) — tells a short gap from a late tail.
+    pub lost_window_ms_by_family: BTreeMap<String, [f64; 2]>,
     /// Of those, sent while the lab itself was switching the link.
     pub lost_during_link_switch: u32,
     /// Per-stage durations (ms) of this move.
@@ -444,6 +447,9 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         _ => None,
     };
 
+    if args.family.v6() {
+        wait_dad_done(&topo)?;
+    }
     let interval = Duration::from_millis(args.ping_interval_ms);
     let probers: Vec<(IpAddr, Prober)> =
         addresses.iter().map(|ip| Ok((*ip, Prober::start_ip(&topo.client, *ip, interval)?))).collect::<Result<_>>()?;
@@ -589,7 +595,14 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
         for (family, p) in &all_probes {
             let from = p.first_sent_after(m.switch_start.saturating_sub(interval.as_nanos() as u64));
             let to = end_at.map_or(p.sent.saturating_sub(5), |t| p.first_sent_after(t));
-            result.lost_by_family.insert((*family).to_owned(), p.lost_seqs(from, to).len() as u32);
+            let lost = p.lost_seqs(from, to);
+            let offset_ms = |seq: &u32| (p.sent_at[*seq as usize] as f64 - m.switch_start as f64) / 1e6;
+            if let (Some(first), Some(last)) = (lost.first(), lost.last()) {
+                result
+                    .lost_window_ms_by_family
+                    .insert((*family).to_owned(), [round(offset_ms(first)), round(offset_ms(last))]);
+            }
+            result.lost_by_family.insert((*family).to_owned(), lost.len() as u32);
         }
         per_move.push(result);
     }
@@ -624,6 +637,27 @@ fn add_ipv6(topo: &Topology, vm: &VmSpec) -> Result<()> {
     topo.fe(1).ip(&["-6", "addr", "add", "2001:db8:c::1/64", "dev", "cl0", "nodad"])?;
     topo.client.ip(&["-6", "route", "replace", MOBILE6, "via", "2001:db8:c::1"])?;
     Ok(())
+}
+
+/// Waits until no lab namespace has a tentative IPv6 address. A fresh link's link-local address
+/// stays tentative for a second (duplicate address detection), and the kernel sends no Neighbor
+/// Solicitation without a usable link-local source: an FE that first forwards to the client over
+/// the underlay inside that second (the first move to fe3, whose `ul0` never carried IPv6 before)
+/// held the VM's replies for a whole retransmit interval — a 765 ms IPv6 outage measured in
+/// `--family dual` runs that a long-running border router never has.
+fn wait_dad_done(topo: &Topology) -> Result<()> {
+    let namespaces: Vec<&NetNs> = topo.fes.iter().chain(&topo.vms).chain([&topo.client, &topo.ul]).collect();
+    let mut failed = None;
+    super::probe::wait("duplicate address detection on the lab's links", Duration::from_secs(10), || {
+        namespaces.iter().all(|ns| match ns.ip(&["-6", "addr", "show", "tentative"]) {
+            Ok(out) => out.trim().is_empty(),
+            Err(e) => {
+                failed = Some(e);
+                true
+            }
+        })
+    })?;
+    failed.map_or(Ok(()), Err)
 }
 
 /// A move whose numbers are computed once the run is over.
@@ -714,6 +748,7 @@ impl PendingMove {
             hints_applied,
             lost: lost.len() as u32,
             lost_by_family: BTreeMap::new(),
+            lost_window_ms_by_family: BTreeMap::new(),
             lost_during_link_switch: during,
             stages_ms: stages,
             applied_ms,
