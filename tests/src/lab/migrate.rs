@@ -689,14 +689,10 @@ impl PendingMove {
             let Some(t) = ns(event, "applied_mono_ns") else { continue };
             applied_ms.insert(format!("fe{fe}"), ms(captured, t));
             latest = latest.max(t);
-            // The data plane: the new FE's local install, or a hint the delta confirmed.
-            let local = if *fe == self.to { ns(event, "provisional_applied_mono_ns") } else { None };
-            let confirmed = event.get("hint_end").and_then(Value::as_str) == Some("confirmed");
-            let hinted = ns(event, "hint_applied_mono_ns").filter(|h| confirmed && *h < t);
-            hints_applied += u32::from(hinted.is_some());
-            let first = [Some(t), local, hinted].into_iter().flatten().min().unwrap_or(t);
-            dataplane_applied_ms.insert(format!("fe{fe}"), ms(captured, first));
-            dataplane_latest = dataplane_latest.max(first);
+            let Some(first) = dataplane_applied(event, *fe == self.to) else { continue };
+            hints_applied += u32::from(first.hinted);
+            dataplane_applied_ms.insert(format!("fe{fe}"), ms(captured, first.at));
+            dataplane_latest = dataplane_latest.max(first.at);
         }
         let mut stages = BTreeMap::new();
         let mut stage = |name: &str, from: Option<u64>, to: Option<u64>| {
@@ -915,6 +911,26 @@ fn clone_link(vm_ns: &NetNs, new_if: &str, hv: &NetNs, spec: &VmSpec, fe: usize)
 }
 
 /// Every agent's stage timestamps for `ip`: FE number → move_seq → event.
+/// When an FE's data plane first forwarded to a move's new FE ([`dataplane_applied`]).
+pub(super) struct DataplaneApplied {
+    /// CLOCK_MONOTONIC ns.
+    pub at: u64,
+    /// It was a move hint (that the delta confirmed), before the delta.
+    pub hinted: bool,
+}
+
+/// From an FE's event of one move: the earliest of its delta's apply, its local install (the new
+/// FE: `is_new`) and a move hint the delta confirmed.
+pub(super) fn dataplane_applied(event: &Value, is_new: bool) -> Option<DataplaneApplied> {
+    let ns = |k: &str| event.get(k).and_then(Value::as_u64).filter(|t| *t > 0);
+    let applied = ns("applied_mono_ns")?;
+    let local = if is_new { ns("provisional_applied_mono_ns") } else { None };
+    let confirmed = event.get("hint_end").and_then(Value::as_str) == Some("confirmed");
+    let hinted = ns("hint_applied_mono_ns").filter(|h| confirmed && *h < applied);
+    let at = [Some(applied), local, hinted].into_iter().flatten().min().unwrap_or(applied);
+    Some(DataplaneApplied { at, hinted: hinted.is_some() })
+}
+
 pub(super) fn agent_events(topo: &Topology, ip: IpAddr) -> Result<BTreeMap<usize, BTreeMap<u64, Value>>> {
     let mut all = BTreeMap::new();
     for n in 1..=topo.fes.len() {

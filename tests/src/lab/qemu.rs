@@ -39,8 +39,8 @@ use super::addressing::{GATEWAY, hypervisor_addr};
 use super::controlplane::ControlPlane;
 use super::guest::{Availability, GuestAssets, GuestConfig, Nic, QemuVm, accel};
 use super::migrate::{
-    self, MigrateArgs, Summary, SwitchMode, agent_events, check_forwarding, load_avg_1m, round, start_lab,
-    wait_applied, with_log_dir,
+    self, MigrateArgs, Summary, SwitchMode, agent_events, check_forwarding, dataplane_applied, load_avg_1m, round,
+    start_lab, wait_applied, with_log_dir,
 };
 use super::probe::{Prober, Probes, Schedule};
 use super::qmp::Qmp;
@@ -236,6 +236,10 @@ pub struct QemuMove {
     pub bound_from: Option<String>,
     /// Latest apply on any FE − that capture.
     pub convergence_ms: Option<f64>,
+    /// When each FE's data plane first forwarded to the new FE (local install, confirmed move
+    /// hint or delta), relative to `RESUME`: requests that reached the client's FE before its
+    /// time, or the old FE before its, went to the paused VM's port.
+    pub dataplane_applied_ms: BTreeMap<String, f64>,
     /// Echo requests without a reply, sent from this migration's start to the next one's.
     pub lost: u32,
     /// Echo requests sent while the VM was paused (from 1 ms before `STOP` to `RESUME`): the
@@ -422,7 +426,8 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
         let next = moves.get(k + 1);
         let end_seq = next.map(|n| n.start_seq).unwrap_or(probes.sent.saturating_sub(5));
         let end_ns = next.map(|n| n.start_ns).unwrap_or(u64::MAX);
-        let applied: Vec<&Value> = events.values().filter_map(|list| list.get(&m.move_seq)).collect();
+        let applied: Vec<(usize, &Value)> =
+            events.iter().filter_map(|(fe, list)| Some((*fe, list.get(&m.move_seq)?))).collect();
         let new_fe_event = events.get(&m.to).and_then(|list| list.get(&m.move_seq));
         per_move.push(m.result(&probes, end_seq, end_ns, &frames, new_fe_event, &applied));
     }
@@ -486,7 +491,7 @@ impl PendingMove {
         end_ns: u64,
         frames: &[(usize, Captured)],
         new_fe_event: Option<&Value>,
-        applied: &[&Value],
+        applied: &[(usize, &Value)],
     ) -> QemuMove {
         let ms_after_resume = |t: u64| round((t as f64 - self.resume_ns as f64) / 1e6);
         let announcements: Vec<Announcement> = frames
@@ -509,8 +514,12 @@ impl PendingMove {
                 .filter(|(_, c)| c.mono_ns.abs_diff(t) < 5_000_000)
                 .map(|(_, c)| frame_kind(&c.frame).to_owned())
         });
-        let latest = applied.iter().filter_map(|e| ns(e, "applied_mono_ns")).max();
+        let latest = applied.iter().filter_map(|(_, e)| ns(e, "applied_mono_ns")).max();
         let convergence_ms = captured.zip(latest).map(|(c, l)| round((l as f64 - c as f64) / 1e6));
+        let dataplane_applied_ms = applied
+            .iter()
+            .filter_map(|(fe, e)| Some((format!("fe{fe}"), ms_after_resume(dataplane_applied(e, *fe == self.to)?.at))))
+            .collect();
 
         let lost = probes.lost_seqs(self.start_seq, end_seq);
         let pause = self.stop_ns.saturating_sub(IN_FLIGHT_NS)..=self.resume_ns;
@@ -540,6 +549,7 @@ impl PendingMove {
             bound_from_capture_ms: captured.map(ms_after_resume),
             bound_from,
             convergence_ms,
+            dataplane_applied_ms,
             lost: lost.len() as u32,
             sent_in_pause,
             lost_in_pause,
