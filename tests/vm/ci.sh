@@ -22,10 +22,13 @@ cd "$here/../.." || exit 1
 start=$(date +%s)
 took() { echo "vm ci: $1 after $(($(date +%s) - start)) s"; }
 
-suite=(-p victor-dataplane -p victor-fe-agent -p victor-tests
-    -E 'test(=kernel_ipip_probe_matches_the_kernel) | (package(victor-fe-agent) & (test(/::kernel$/) | binary(kernel)))
+# `--workspace` with the packages in the filter, not `-p`: a subset of packages unifies features
+# differently, and cargo would rebuild the test binaries the nextest step has just built.
+suite=(--workspace
+    -E '(package(victor-dataplane) | package(victor-fe-agent) | package(victor-tests)) & (
+        test(=kernel_ipip_probe_matches_the_kernel) | (package(victor-fe-agent) & (test(/::kernel$/) | binary(kernel)))
         | (binary(cli) & test(=kernel_dataplane)) | (binary(lab) & test(=migrate_on_the_kernel_data_plane))
-        | (binary(move6) & test(=the_kernel_data_plane_carries_ipv6_prefixes_where_sit_loads))')
+        | (binary(move6) & test(=the_kernel_data_plane_carries_ipv6_prefixes_where_sit_loads)))')
 
 if ! bash "$here/install.sh"; then
     echo "SKIPPED: the VM kernel suite: QEMU and kmod could not be installed (tests/vm/install.sh failed)"
