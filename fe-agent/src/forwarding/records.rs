@@ -14,7 +14,8 @@
 //! The forwarding table changes at once; the record follows, written by one task that keeps many
 //! netlink requests in flight ([`IN_FLIGHT`]). Changes queued meanwhile are coalesced per VM (the
 //! latest wins) and one VM's record is never written twice in one round, so its writes cannot
-//! reorder. A failed write is retried after [`RETRY`] unless a newer change of that VM came in.
+//! reorder. A failed write is retried after [`RETRY`] unless a newer change of that VM came in
+//! (an IPv6 record the kernel refuses because IPv6 is off is not: a warning says so).
 //! What this trades: a record may lag its forwarding entry by the time of one round (milliseconds;
 //! a million records take seconds), so an agent killed in that window leaves its standby and its
 //! next run a record that is one change behind until the controller's snapshot corrects it. What
@@ -111,6 +112,13 @@ async fn run(kernel: Kernel, tun: u32, mut rx: mpsc::UnboundedReceiver<(IpAddr, 
             .filter_map(std::future::ready)
             .collect()
             .await;
+        // IPv6 refused by the kernel here (no IPv6 on the host or on the device): retrying cannot
+        // help; those VMs' entries return with the controller's snapshot after a restart.
+        let (refused, failed): (Vec<_>, Vec<_>) =
+            failed.into_iter().partition(|(ip, _, err)| ip.is_ipv6() && ipv6_refused(err));
+        if let Some((ip, _, err)) = refused.first() {
+            tracing::warn!(refused = refused.len(), first = %ip, error = %err, "IPv6 restart records cannot be written here; not retried");
+        }
         if let Some((ip, _, err)) = failed.first() {
             tracing::warn!(failed = failed.len(), first = %ip, error = %err, "writing restart records failed; will retry");
             tokio::time::sleep(RETRY).await;
@@ -123,6 +131,13 @@ async fn run(kernel: Kernel, tun: u32, mut rx: mpsc::UnboundedReceiver<(IpAddr, 
             }
         }
     }
+}
+
+/// The kernel's answer when IPv6 is off: on the device (`disable_ipv6`: EACCES, "IPv6 is
+/// disabled on nexthop device") or on the host (`ipv6.disable=1`: no IPv6 handler, EOPNOTSUPP;
+/// EAFNOSUPPORT too, to be safe).
+fn ipv6_refused(err: &NetlinkError) -> bool {
+    matches!(err.errno(), Some(libc::EACCES | libc::EOPNOTSUPP | libc::EAFNOSUPPORT))
 }
 
 /// Writes one record.
@@ -197,6 +212,31 @@ pub(super) async fn delete(kernel: &Kernel, msg: RouteMessage, what: String) -> 
         Err(source) => {
             let err = NetlinkError { what, source };
             if err.is_not_found() { Ok(()) } else { Err(err) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_core::ErrorMessage;
+
+    fn answered(errno: i32) -> NetlinkError {
+        let mut msg = ErrorMessage::default();
+        msg.code = std::num::NonZeroI32::new(-errno);
+        NetlinkError { what: "record".into(), source: rtnetlink::Error::NetlinkError(msg) }
+    }
+
+    /// IPv6 off (on the device: "IPv6 is disabled on nexthop device", EACCES, as `ip -6 route
+    /// add … dev TUN` answers with `disable_ipv6=1`; on the host) is not retried; a failure that
+    /// may pass is.
+    #[test]
+    fn ipv6_off_is_told_from_a_failure_worth_retrying() {
+        for errno in [libc::EACCES, libc::EOPNOTSUPP, libc::EAFNOSUPPORT] {
+            assert!(ipv6_refused(&answered(errno)), "errno {errno}");
+        }
+        for errno in [libc::ENOBUFS, libc::ENODEV, libc::EBUSY] {
+            assert!(!ipv6_refused(&answered(errno)), "errno {errno}");
         }
     }
 }

@@ -415,10 +415,12 @@ fn prefix_route(kernel: &Kernel, dst: Ipv4Addr, len: u8, tun: u32) -> RouteMessa
 async fn our_routes(kernel: &Kernel) -> Result<Vec<Found>, NetlinkError> {
     let ours = RouteProtocol::from(kernel.protocol());
     let mut out = Vec::new();
-    for (family, dump) in [
+    for (name, dump) in [
         ("IPv4", RouteMessageBuilder::<Ipv4Addr>::new().build()),
         ("IPv6", RouteMessageBuilder::<Ipv6Addr>::new().build()),
     ] {
+        // A family the kernel lacks (`ipv6.disable=1`) is answered with every family's routes.
+        let family = dump.header.address_family;
         let msgs: Vec<RouteMessage> = kernel
             .handle()
             .route()
@@ -426,8 +428,9 @@ async fn our_routes(kernel: &Kernel) -> Result<Vec<Found>, NetlinkError> {
             .execute()
             .try_collect()
             .await
-            .map_err(|source| NetlinkError { what: format!("dump {family} routes"), source })?;
-        out.extend(msgs.iter().filter(|m| m.header.protocol == ours).map(Found::read));
+            .map_err(|source| NetlinkError { what: format!("dump {name} routes"), source })?;
+        let mine = |m: &&RouteMessage| m.header.protocol == ours && m.header.address_family == family;
+        out.extend(msgs.iter().filter(mine).map(Found::read));
     }
     Ok(out)
 }
