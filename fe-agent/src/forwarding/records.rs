@@ -8,7 +8,7 @@
 //! route (`RTA_VIA`, `ip -6 route add … via inet PEER`), is refused by the kernel ("IPv6 does not
 //! support RTA_VIA attribute", checked on Linux 6.18), while a mapped gateway with `onlink` is
 //! stored as given; the route is inert either way, the gateway only carries the peer. The kernel
-//! stores an IPv6 route's metric 0 as [`IPV6_DEFAULT_METRIC`]; [`metric_read`] reads it back as
+//! stores an IPv6 route's metric 0 as [`IPV6_DEFAULT_METRIC`]; `metric_read` reads it back as
 //! the [`BINDING_METRIC`] it was written with.
 //!
 //! The forwarding table changes at once; the record follows, written by one task that keeps many
