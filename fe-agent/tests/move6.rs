@@ -16,16 +16,8 @@ use std::time::Duration;
 use common::*;
 use socket2::{Domain, Protocol, Socket, Type};
 use victor_dataplane::packet::arp::MacAddr;
-use victor_dataplane::packet::ndp::{build_frame, dad, unsolicited_advertisement};
+use victor_dataplane::packet::ndp::{build_frame, dad};
 use victor_dataplane::packet::{icmp6, ipv6};
-
-/// The agent flags of the dual-stack lab.
-const V6_FLAGS: [&str; 4] = ["--mobile-prefix", MOBILE6, "--gateway", GATEWAY6];
-
-/// The VM's unsolicited Neighbor Advertisement for `addr` (override flag set), as a frame.
-fn na_frame(addr: std::net::Ipv6Addr) -> Vec<u8> {
-    build_frame(&unsolicited_advertisement(MacAddr(mac(VM_MAC)), addr, false, None))
-}
 
 plane_tests!(ndp_learning_6in4_tunnel_and_moves_announced_by_na_and_by_dad);
 

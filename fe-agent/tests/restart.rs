@@ -6,7 +6,9 @@
 //! agents adopt what they find and reprogram nothing. With the kernel data plane nothing is lost
 //! (the kernel forwards while the agents are gone); with the userspace one a `kill -9` costs no
 //! more than a move does ([`KILL_9_LOSS_BOUND`]) and a SIGTERM (a drained hand-over to the
-//! standby and back) at most [`SIGTERM_LOSS_BOUND`]. Decommissioning
+//! standby and back) at most [`SIGTERM_LOSS_BOUND`]. The userspace data plane's restart records
+//! hold both families: an IPv6 VM behind another FE is forwarded by a `kill -9`ed agent started
+//! again while no controller runs (from its `VM/128` record, no snapshot). Decommissioning
 //! (`--remove-dataplane-on-exit`) leaves nothing behind.
 
 mod common;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use common::*;
 use nix::sys::signal::Signal;
+use victor_fe_agent::forwarding::tun::RECORD_TABLE;
 
 const SNAPSHOTS: &str = "victor_agent_snapshots_received_total";
 const SESSIONS: &str = "victor_agent_controller_sessions_total";
@@ -343,5 +346,83 @@ async fn remove_dataplane_on_exit_leaves_nothing(plane: Plane) -> anyhow::Result
     for pid in &standbys {
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the standby {pid} still runs");
     }
+    Ok(())
+}
+
+/// The restart records hold IPv6 (6in4) entries: fe1's agent (the client's FE: it encapsulates)
+/// records the dual-stack VM behind fe2 as `VM6/128 via ::ffff:FE2 dev TUN onlink`; it is killed
+/// (`kill -9`) while no controller runs and started again, and with no snapshot to come it
+/// forwards the client's IPv6 pings to the VM from that record (its standby, retired by it, did
+/// meanwhile). When the controller is back, its snapshot changes nothing; when the VM moves behind
+/// fe1, the record goes. Userspace data plane only: the records are its own (the kernel backend's
+/// routes forward without any agent: [`agent_kill_9_on_the_path_and_restart`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ipv6_vm_behind_another_fe_is_forwarded_from_its_record_after_kill_9() -> anyhow::Result<()> {
+    let mut lab = Lab::build_on(2, Plane::Tun)?;
+    lab.add_ipv6()?;
+    let mut ctl = Controller::start_with(&lab.dir.path().join("ctl"), None, &["--mobile-prefix", MOBILE6]).await?;
+    for n in 1..=2 {
+        lab.start_agent(n, &[ctl.url()], &V6_FLAGS)?;
+    }
+    for n in 1..=2 {
+        lab.wait_ready(n, Duration::from_secs(30))?;
+    }
+    send_garp(&lab.vm, "eth0", VM_MAC, VM)?;
+    send_frames(&lab.vm, "eth0", vec![na_frame(VM6)])?;
+    ctl.wait_bound(VM6, "fe2", Duration::from_secs(10)).await?;
+    ctl.wait_bound(VM, "fe2", Duration::from_secs(10)).await?;
+    let prober = Prober::start_ip(&lab.client, VM6.into(), Duration::from_millis(10))?;
+    prober.wait_replies_from(0, 20, Duration::from_secs(10))?;
+
+    // fe1 records the VM's 6in4 entry (and its IPv4 one) in the record table.
+    let table = RECORD_TABLE.to_string();
+    let records6 = |lab: &Lab| lab.fe(1).ip(&["-6", "route", "show", "table", &table]).unwrap_or_default();
+    let record6 = format!("{VM6} via ::ffff:{} dev ", fe_addr(2));
+    wait("fe1 records the IPv6 VM", Duration::from_secs(5), || {
+        records6(&lab).lines().any(|l| l.starts_with(&record6) && l.contains("proto 158") && l.contains("onlink"))
+    })?;
+    let records4 = lab.fe(1).ip(&["route", "show", "table", &table])?;
+    assert!(records4.contains(&format!("{VM} via {} dev ", fe_addr(2))), "fe1's IPv4 records: {records4}");
+
+    // No controller from here on: what fe1 forwards after its restart, it has from the kernel.
+    ctl.stop().await?;
+    let agent = &mut lab.agents[0];
+    agent.guard.as_mut().context("agent not running")?.kill();
+    agent.guard = None;
+    lab.respawn(1)?;
+    wait("the restarted agent forwards and retires its standby", Duration::from_secs(20), || {
+        lab.agent_log(1).contains("retired the standby forwarder of the previous run")
+    })?;
+    let log = lab.agent_log(1);
+    assert!(log.contains("tunnel_routes: 2,"), "both families' records restored:\n{log}");
+    let restarted = prober.sent();
+    prober
+        .wait_replies_from(restarted, 20, Duration::from_secs(10))
+        .with_context(|| format!("fe1 forwards the IPv6 VM from its record:\n{}", lab.agent_log(1)))?;
+    assert_eq!(lab.agent_metric(1, SNAPSHOTS)?, 0.0, "no snapshot reached the restarted agent");
+    assert_ne!(lab.agent_get(1, "/readyz")?.0, 200, "no controller: the restarted agent is not ready");
+
+    // The controller is back: its snapshot finds the restored table right, nothing is reprogrammed.
+    ctl.restart().await?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    assert!(lab.agent_metric(1, SNAPSHOTS)? >= 1.0, "the restarted agent synced");
+    let ops = reconcile_ops(&lab.agent_get(1, "/metrics")?.1);
+    assert_eq!(ops, 0.0, "the snapshot found a restored entry wrong:\n{}", lab.agent_log(1));
+
+    // The VM moves behind fe1: local there, its IPv6 record goes.
+    lab.move_vm_link(2, 1)?;
+    send_frames(&lab.vm, "eth0", vec![na_frame(VM6)])?;
+    ctl.wait_bound(VM6, "fe1", Duration::from_secs(10)).await?;
+    wait("fe1 deletes the IPv6 record of a VM now local", Duration::from_secs(5), || {
+        !records6(&lab).contains(&VM6.to_string())
+    })?;
+    let moved = prober.sent();
+    prober.wait_replies_from(moved, 20, Duration::from_secs(10)).context("the VM, local at fe1")?;
+    let probes = prober.stop()?;
+    println!(
+        "IPv6 VM across a kill -9 of fe1's agent without controller: {} echo requests at 10 ms, {} lost",
+        probes.sent,
+        probes.lost(5)
+    );
     Ok(())
 }

@@ -9,27 +9,30 @@
 //!   routes into it.
 //! * **What the forwarding table held is recorded in the kernel**, in a routing table no rule
 //!   points at ([`RECORD_TABLE`], inert: nothing is routed by it), so a restarted agent forwards
-//!   at once, before the controller's snapshot: per remote VM `VM/32 via PEER dev TUN onlink`
-//!   (metric [`BINDING_METRIC`]), per registered FE `FE/32 dev TUN` (metric [`PEER_METRIC`]).
-//!   Local VMs need no record: their /32 on a VM port (the reconciler's) says it. A remote VM's
-//!   record is written by [`super::records`] a moment after its table entry changes.
+//!   at once, before the controller's snapshot: per remote VM `VM/32 via PEER dev TUN onlink`, an
+//!   IPv6 one (6in4) `VM/128 via ::ffff:PEER dev TUN onlink` (metric [`BINDING_METRIC`]; the
+//!   peer's IPv4 underlay address as an IPv4-mapped gateway: [`super::records`] says why), per
+//!   registered FE `FE/32 dev TUN` (metric [`PEER_METRIC`]). Local VMs need no record: their /32
+//!   or /128 on a VM port (the reconciler's) says it. A remote VM's record is written by
+//!   [`super::records`] a moment after its table entry changes.
 //!   All of it carries our route protocol and goes with the device when it is deleted.
 //! * **Decommissioning** ([`remove`], `--remove-dataplane-on-exit`): the device is deleted, and
 //!   with it every route into it and every record.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use futures::TryStreamExt;
 use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::{Action, Fib, FibError};
 use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, ForwarderError, HandOver, remove_persistent_tun};
 
 pub use super::records::{BINDING_METRIC, PEER_METRIC, RECORD_TABLE};
-use super::records::{Record, Recorder, delete, record_route};
+use super::records::{Record, Recorder, delete, metric_read, peer_of, record_route};
 use super::{DataplaneConfig, Tunnel};
 use crate::netlink::{Kernel, NetlinkError};
 
@@ -63,7 +66,7 @@ pub struct Adoption {
     pub device_adopted: bool,
     /// Remote VMs' entries restored from their records.
     pub tunnel_routes: usize,
-    /// Local VMs' entries restored from their /32 on a VM port.
+    /// Local VMs' entries restored from their /32 or /128 on a VM port.
     pub local_routes: usize,
     /// Registered FEs restored from their records.
     pub peers: usize,
@@ -73,15 +76,62 @@ pub struct Adoption {
     pub stale_routes_removed: usize,
 }
 
-/// A route of ours as the adoption reads it.
+/// A route of ours (either family) as the adoption reads it.
 #[derive(Debug, Clone, Copy)]
 struct Found {
-    dst: Ipv4Addr,
+    dst: IpAddr,
     len: u8,
     oif: u32,
-    gateway: Option<Ipv4Addr>,
+    gateway: Option<IpAddr>,
+    /// As written ([`metric_read`]).
     metric: u32,
     table: u32,
+}
+
+impl Found {
+    /// Reads a dumped route.
+    fn read(m: &RouteMessage) -> Found {
+        let mut r = Found {
+            dst: match m.header.address_family {
+                AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            },
+            len: m.header.destination_prefix_length,
+            oif: 0,
+            gateway: None,
+            metric: 0,
+            table: u32::from(m.header.table),
+        };
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = IpAddr::V4(*d),
+                RouteAttribute::Destination(RouteAddress::Inet6(d)) => r.dst = IpAddr::V6(*d),
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(IpAddr::V4(*g)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => r.gateway = Some(IpAddr::V6(*g)),
+                RouteAttribute::Oif(i) => r.oif = *i,
+                RouteAttribute::Priority(p) => r.metric = *p,
+                RouteAttribute::Table(t) => r.table = *t,
+                _ => {}
+            }
+        }
+        r.metric = metric_read(r.dst, r.metric);
+        r
+    }
+
+    /// A host route: /32, or /128 for IPv6.
+    fn is_host(&self) -> bool {
+        self.len == if self.dst.is_ipv4() { 32 } else { 128 }
+    }
+
+    /// The peer FE its gateway names (see [`peer_of`]).
+    fn peer(&self) -> Option<Ipv4Addr> {
+        self.gateway.and_then(peer_of)
+    }
+
+    /// A record in [`RECORD_TABLE`] on device `tun`.
+    fn is_record_of(&self, tun: u32) -> bool {
+        self.table == RECORD_TABLE && self.oif == tun && self.is_host()
+    }
 }
 
 /// The running userspace forwarder.
@@ -90,8 +140,8 @@ pub struct TunPlane {
     forwarder: Forwarder,
     /// Its forwarding table.
     fib: Arc<Fib>,
-    /// Remote VMs and their FEs as recorded.
-    remotes: HashMap<Ipv4Addr, Ipv4Addr>,
+    /// Remote VMs (both families) and their FEs as recorded.
+    remotes: HashMap<IpAddr, Ipv4Addr>,
     /// Registered FEs as recorded.
     peers: BTreeSet<Ipv4Addr>,
     /// Writes the remote VMs' records off the forwarding path.
@@ -124,7 +174,7 @@ impl TunPlane {
         let forwarder = Forwarder::start(fc, fib.clone())?;
         if !forwarder.adopted() || before != Some(forwarder.tun_index()) {
             // A new device (none was left, or it could not be adopted): nothing of it is true.
-            fib.replace_all::<Ipv4Addr, _>([])?;
+            fib.replace_all::<IpAddr, _>([])?;
             fib.set_peers([]);
             restored = Restored::default();
         }
@@ -159,31 +209,34 @@ impl TunPlane {
         routes: &[Found],
     ) -> Result<(), TunError> {
         let tun = self.forwarder.tun_index();
-        for r in routes.iter().filter(|r| r.table == MAIN_TABLE && r.oif == tun && r.len < 32) {
-            if !config.prefixes.iter().any(|p| p.network() == r.dst && p.prefix_len() == r.len) {
-                let msg = prefix_route(kernel, r.dst, r.len, tun);
-                delete(kernel, msg, format!("delete the stale route {}/{}", r.dst, r.len)).await?;
+        // IPv4 prefix routes (the IPv6 ones are replaced by the caller: `super::start_tun`).
+        let prefixes = routes.iter().filter_map(|r| match r.dst {
+            IpAddr::V4(dst) if r.table == MAIN_TABLE && r.oif == tun && r.len < 32 => Some((dst, r.len)),
+            _ => None,
+        });
+        for (dst, len) in prefixes.clone() {
+            if !config.prefixes.iter().any(|p| p.network() == dst && p.prefix_len() == len) {
+                let msg = prefix_route(kernel, dst, len, tun);
+                delete(kernel, msg, format!("delete the stale route {dst}/{len}")).await?;
                 self.adoption.stale_routes_removed += 1;
             }
         }
         for net in &config.prefixes {
-            let present = routes
-                .iter()
-                .any(|r| r.table == MAIN_TABLE && r.oif == tun && r.dst == net.network() && r.len == net.prefix_len());
+            let present = prefixes.clone().any(|(dst, len)| dst == net.network() && len == net.prefix_len());
             if !present {
                 kernel.replace_prefix_route(*net, tun).await?;
                 self.adoption.prefix_routes_set += 1;
             }
         }
-        for r in routes.iter().filter(|r| r.table == RECORD_TABLE && r.oif == tun && r.len == 32) {
-            let kept = match r.metric {
-                BINDING_METRIC => self.remotes.get(&r.dst) == r.gateway.as_ref(),
-                PEER_METRIC => r.gateway.is_none() && self.peers.contains(&r.dst),
+        for r in routes.iter().filter(|r| r.is_record_of(tun)) {
+            let kept = match (r.metric, r.dst) {
+                (BINDING_METRIC, _) => r.peer().is_some() && self.remotes.get(&r.dst).copied() == r.peer(),
+                (PEER_METRIC, IpAddr::V4(fe)) => r.gateway.is_none() && self.peers.contains(&fe),
                 _ => false,
             };
             if !kept {
                 // A record of a VM that is local now, or one not written by us: stale.
-                let msg = record_route(kernel, r.dst, r.gateway, r.metric, r.oif);
+                let msg = record_route(kernel, r.dst, r.peer(), r.metric, r.oif);
                 delete(kernel, msg, format!("delete the stale record {}", r.dst)).await?;
                 self.adoption.stale_routes_removed += 1;
             }
@@ -212,22 +265,13 @@ impl TunPlane {
 
     /// Remote VMs with an entry (restored or set): what a complete snapshot may make stale.
     pub fn tunnel_ips(&self) -> Vec<IpAddr> {
-        self.remotes.keys().map(|ip| IpAddr::V4(*ip)).collect()
+        self.remotes.keys().copied().collect()
     }
 
     /// Sets the forwarding-table entry of `ip` and queues its record ([`super::records`]: written
-    /// off this path, so a full sync does not wait for one netlink round trip per remote VM). Only
-    /// IPv4 entries are recorded: an IPv6 VM's 6in4 entry is set in the table alone, so after a
-    /// restart it returns with the controller's snapshot, not before.
+    /// off this path, so a full sync does not wait for one netlink round trip per remote VM).
+    /// Both families are recorded: an IPv6 VM's 6in4 entry as `VM/128 via ::ffff:PEER`.
     pub async fn set_tunnel(&mut self, _kernel: &Kernel, ip: IpAddr, tunnel: Tunnel) -> Result<(), TunError> {
-        let IpAddr::V4(ip) = ip else {
-            match tunnel {
-                Tunnel::Remote(peer) => self.fib.set(ip, Action::Remote(peer))?,
-                Tunnel::Local => self.fib.set(ip, Action::Local)?,
-                Tunnel::None => self.fib.remove(ip),
-            };
-            return Ok(());
-        };
         match tunnel {
             Tunnel::Remote(peer) => {
                 self.fib.set(ip, Action::Remote(peer))?;
@@ -255,7 +299,7 @@ impl TunPlane {
         let wanted: BTreeSet<Ipv4Addr> = peers.iter().copied().collect();
         let tun = self.forwarder.tun_index();
         for peer in wanted.difference(&self.peers.clone()) {
-            let msg = record_route(kernel, *peer, None, PEER_METRIC, tun);
+            let msg = record_route(kernel, IpAddr::V4(*peer), None, PEER_METRIC, tun);
             kernel.handle().route().add(msg).replace().execute().await.map_err(|source| NetlinkError {
                 what: format!("record the registered FE {peer} in table {RECORD_TABLE}"),
                 source,
@@ -263,7 +307,7 @@ impl TunPlane {
             self.peers.insert(*peer);
         }
         for peer in self.peers.clone().difference(&wanted) {
-            let msg = record_route(kernel, *peer, None, PEER_METRIC, tun);
+            let msg = record_route(kernel, IpAddr::V4(*peer), None, PEER_METRIC, tun);
             delete(kernel, msg, format!("delete the record of the FE {peer}")).await?;
             self.peers.remove(peer);
         }
@@ -312,34 +356,34 @@ const MAIN_TABLE: u32 = rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MA
 /// What the kernel said of the forwarding table of a previous run.
 #[derive(Debug, Default)]
 struct Restored {
-    remotes: HashMap<Ipv4Addr, Ipv4Addr>,
+    remotes: HashMap<IpAddr, Ipv4Addr>,
     peers: BTreeSet<Ipv4Addr>,
     adoption: Adoption,
 }
 
-/// Fills `fib` from what a previous run left for device `tun`: Remote entries from the records
-/// (not for a VM that has a /32 on a VM port now), Local ones from those /32s, the registered FEs
-/// from their records.
+/// Fills `fib` from what a previous run left for device `tun`, both families: Remote entries
+/// from the records (not for a VM that has a /32 or /128 on a VM port now), Local ones from those
+/// host routes, the registered FEs from their records.
 fn restore(fib: &Fib, routes: &[Found], tun: u32) -> Result<Restored, TunError> {
     let mut out = Restored::default();
-    let locals: BTreeSet<Ipv4Addr> = routes
+    let locals: BTreeSet<IpAddr> = routes
         .iter()
-        .filter(|r| r.table == MAIN_TABLE && r.len == 32 && r.oif != 0 && r.oif != tun)
+        .filter(|r| r.table == MAIN_TABLE && r.is_host() && r.oif != 0 && r.oif != tun)
         .map(|r| r.dst)
         .collect();
     for ip in &locals {
         fib.set(*ip, Action::Local)?;
         out.adoption.local_routes += 1;
     }
-    for r in routes.iter().filter(|r| r.table == RECORD_TABLE && r.oif == tun && r.len == 32) {
-        match (r.metric, r.gateway) {
-            (BINDING_METRIC, Some(peer)) if !locals.contains(&r.dst) => {
+    for r in routes.iter().filter(|r| r.is_record_of(tun)) {
+        match (r.metric, r.peer(), r.dst) {
+            (BINDING_METRIC, Some(peer), _) if !locals.contains(&r.dst) => {
                 fib.set(r.dst, Action::Remote(peer))?;
                 out.remotes.insert(r.dst, peer);
                 out.adoption.tunnel_routes += 1;
             }
-            (PEER_METRIC, None) => {
-                out.peers.insert(r.dst);
+            (PEER_METRIC, None, IpAddr::V4(fe)) if r.gateway.is_none() => {
+                out.peers.insert(fe);
                 out.adoption.peers += 1;
             }
             _ => {}
@@ -367,38 +411,26 @@ fn prefix_route(kernel: &Kernel, dst: Ipv4Addr, len: u8, tun: u32) -> RouteMessa
         .build()
 }
 
-/// Our IPv4 routes in every table, with what the adoption needs.
+/// Our routes of both families in every table, with what the adoption needs.
 async fn our_routes(kernel: &Kernel) -> Result<Vec<Found>, NetlinkError> {
-    let msgs: Vec<RouteMessage> = kernel
-        .handle()
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|source| NetlinkError { what: "dump routes".into(), source })?;
     let ours = RouteProtocol::from(kernel.protocol());
     let mut out = Vec::new();
-    for m in msgs.into_iter().filter(|m| m.header.protocol == ours) {
-        let mut r = Found {
-            dst: Ipv4Addr::UNSPECIFIED,
-            len: m.header.destination_prefix_length,
-            oif: 0,
-            gateway: None,
-            metric: 0,
-            table: u32::from(m.header.table),
-        };
-        for a in &m.attributes {
-            match a {
-                RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = *d,
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
-                RouteAttribute::Oif(i) => r.oif = *i,
-                RouteAttribute::Priority(p) => r.metric = *p,
-                RouteAttribute::Table(t) => r.table = *t,
-                _ => {}
-            }
-        }
-        out.push(r);
+    for (name, dump) in [
+        ("IPv4", RouteMessageBuilder::<Ipv4Addr>::new().build()),
+        ("IPv6", RouteMessageBuilder::<Ipv6Addr>::new().build()),
+    ] {
+        // A family the kernel lacks (`ipv6.disable=1`) is answered with every family's routes.
+        let family = dump.header.address_family;
+        let msgs: Vec<RouteMessage> = kernel
+            .handle()
+            .route()
+            .get(dump)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetlinkError { what: format!("dump {name} routes"), source })?;
+        let mine = |m: &&RouteMessage| m.header.protocol == ours && m.header.address_family == family;
+        out.extend(msgs.iter().filter(mine).map(Found::read));
     }
     Ok(out)
 }
@@ -406,33 +438,86 @@ async fn our_routes(kernel: &Kernel) -> Result<Vec<Found>, NetlinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forwarding::records::IPV6_DEFAULT_METRIC;
 
-    fn route(dst: [u8; 4], oif: u32, gateway: Option<[u8; 4]>, metric: u32, table: u32) -> Found {
-        Found { dst: dst.into(), len: 32, oif, gateway: gateway.map(Ipv4Addr::from), metric, table }
+    fn route(dst: impl Into<IpAddr>, oif: u32, gateway: Option<IpAddr>, metric: u32, table: u32) -> Found {
+        let dst = dst.into();
+        Found { dst, len: if dst.is_ipv4() { 32 } else { 128 }, oif, gateway, metric, table }
     }
 
-    /// The table a restarted agent starts with: remote VMs and registered FEs from the records
-    /// of this device, local VMs from their /32 on a VM port (which wins over a record), nothing
-    /// from another device's records.
+    fn v6(text: &str) -> Ipv6Addr {
+        text.parse().unwrap()
+    }
+
+    /// The table a restarted agent starts with: remote VMs (IPv4 and IPv6) and registered FEs
+    /// from the records of this device, local VMs from their /32 or /128 on a VM port (which wins
+    /// over a record), nothing from another device's records.
     #[test]
     fn restore_reads_the_records_of_this_device() {
         const TUN: u32 = 7;
         let peer = Ipv4Addr::new(192, 168, 0, 2);
+        let other = Ipv4Addr::new(192, 168, 0, 3);
+        let via = |p: Ipv4Addr| Some(IpAddr::V4(p));
+        let via6 = |p: Ipv4Addr| Some(IpAddr::V6(p.to_ipv6_mapped()));
         let fib = Fib::new(Ipv4Addr::new(192, 168, 0, 1));
         let routes = [
-            route([10, 10, 0, 11], TUN, Some([192, 168, 0, 2]), BINDING_METRIC, RECORD_TABLE),
+            route([10, 10, 0, 11], TUN, via(peer), BINDING_METRIC, RECORD_TABLE),
             route([10, 10, 0, 12], 3, None, 0, MAIN_TABLE),
-            route([10, 10, 0, 12], TUN, Some([192, 168, 0, 2]), BINDING_METRIC, RECORD_TABLE),
-            route([192, 168, 0, 2], TUN, None, PEER_METRIC, RECORD_TABLE),
-            route([10, 10, 0, 13], TUN + 1, Some([192, 168, 0, 3]), BINDING_METRIC, RECORD_TABLE),
-            route([192, 168, 0, 3], TUN + 1, None, PEER_METRIC, RECORD_TABLE),
+            route([10, 10, 0, 12], TUN, via(peer), BINDING_METRIC, RECORD_TABLE),
+            route(peer, TUN, None, PEER_METRIC, RECORD_TABLE),
+            route([10, 10, 0, 13], TUN + 1, via(other), BINDING_METRIC, RECORD_TABLE),
+            route(other, TUN + 1, None, PEER_METRIC, RECORD_TABLE),
+            // IPv6: a remote VM (6in4 to the peer), a local one whose old record loses, another
+            // device's record, and an IPv6 gateway that names no IPv4 peer.
+            route(v6("fd00:10::11"), TUN, via6(peer), BINDING_METRIC, RECORD_TABLE),
+            route(v6("fd00:10::12"), 3, None, IPV6_DEFAULT_METRIC, MAIN_TABLE),
+            route(v6("fd00:10::12"), TUN, via6(peer), BINDING_METRIC, RECORD_TABLE),
+            route(v6("fd00:10::13"), TUN + 1, via6(other), BINDING_METRIC, RECORD_TABLE),
+            route(v6("fd00:10::14"), TUN, Some(v6("fe80::1").into()), BINDING_METRIC, RECORD_TABLE),
         ];
         let restored = restore(&fib, &routes, TUN).unwrap();
         assert_eq!(fib.lookup(Ipv4Addr::new(10, 10, 0, 11)), Some(Action::Remote(peer)));
         assert_eq!(fib.lookup(Ipv4Addr::new(10, 10, 0, 12)), Some(Action::Local));
         assert_eq!(fib.lookup(Ipv4Addr::new(10, 10, 0, 13)), None);
+        assert_eq!(fib.lookup(v6("fd00:10::11")), Some(Action::Remote(peer)));
+        assert_eq!(fib.lookup(v6("fd00:10::12")), Some(Action::Local));
+        assert_eq!(fib.lookup(v6("fd00:10::13")), None);
+        assert_eq!(fib.lookup(v6("fd00:10::14")), None);
         assert_eq!(fib.peers(), vec![peer]);
-        assert_eq!(restored.remotes, HashMap::from([(Ipv4Addr::new(10, 10, 0, 11), peer)]));
-        assert_eq!(restored.adoption, Adoption { tunnel_routes: 1, local_routes: 1, peers: 1, ..Adoption::default() });
+        assert_eq!(
+            restored.remotes,
+            HashMap::from([(IpAddr::from([10, 10, 0, 11]), peer), (v6("fd00:10::11").into(), peer)])
+        );
+        assert_eq!(restored.adoption, Adoption { tunnel_routes: 2, local_routes: 2, peers: 1, ..Adoption::default() });
+    }
+
+    /// An IPv6 record as the kernel dumps it (`VM/128 via ::ffff:PEER onlink`, metric 1024 for the
+    /// 0 it was written with) reads as a binding record of that peer; an IPv4 one as written.
+    #[test]
+    fn records_of_both_families_read_back_as_written() {
+        let peer = Ipv4Addr::new(198, 51, 100, 2);
+        let dumped = |b: RouteMessage| Found::read(&b);
+        let r6 = dumped(
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(v6("fd00:10::11"), 128)
+                .gateway(peer.to_ipv6_mapped())
+                .output_interface(7)
+                .table_id(RECORD_TABLE)
+                .priority(IPV6_DEFAULT_METRIC)
+                .onlink()
+                .build(),
+        );
+        assert_eq!((r6.dst, r6.peer(), r6.metric), (v6("fd00:10::11").into(), Some(peer), BINDING_METRIC));
+        assert!(r6.is_record_of(7) && !r6.is_record_of(8));
+        let r4 = dumped(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(peer, 32)
+                .output_interface(7)
+                .table_id(RECORD_TABLE)
+                .priority(PEER_METRIC)
+                .build(),
+        );
+        assert_eq!((r4.dst, r4.peer(), r4.metric), (peer.into(), None, PEER_METRIC));
+        assert!(r4.is_record_of(7));
     }
 }

@@ -47,6 +47,8 @@ pub const GATEWAY6: &str = "fd00:10::1";
 pub const MOBILE6: &str = "fd00:10::/64";
 /// The FE-side name of the VM's link (the same in every FE it moves to).
 pub const VM_PORT: &str = "vm1p";
+/// The agent flags of the dual-stack lab ([`Lab::add_ipv6`]).
+pub const V6_FLAGS: [&str; 4] = ["--mobile-prefix", MOBILE6, "--gateway", GATEWAY6];
 
 /// Underlay address of FE `n`.
 pub fn fe_addr(n: usize) -> Ipv4Addr {
@@ -545,6 +547,12 @@ impl Lab {
 // ───────────────────────────── packets ─────────────────────────────
 
 pub use victor_tests::lab::probe::{Prober, Probes, send_frames, send_garp, wait};
+
+/// The VM's unsolicited Neighbor Advertisement for `addr` (override flag set), as a frame.
+pub fn na_frame(addr: Ipv6Addr) -> Vec<u8> {
+    use victor_dataplane::packet::ndp::{build_frame, unsolicited_advertisement};
+    build_frame(&unsolicited_advertisement(MacAddr(mac(VM_MAC)), addr, false, None))
+}
 
 /// A gratuitous ARP frame (the lab's, for valid MAC text).
 pub fn garp_frame(mac_text: &str, ip: Ipv4Addr) -> Vec<u8> {
