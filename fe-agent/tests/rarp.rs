@@ -39,14 +39,18 @@ async fn a_vm_announced_only_by_rarp_moves_like_one_announced_by_garp(plane: Pla
     let lost = probes.lost(5);
     println!("move announced by RARP only: {} echo requests at 10 ms, {lost} lost", probes.sent);
     // Found on the first frame (asserted from fe3's event below): fewer lost than the requests
-    // sent during the announcement (~80 at QEMU's timing). Not a tighter figure: in a TCG guest
-    // (the kernel suite) the same move takes ~10x the host's time.
+    // sent during the announcement (~80 at QEMU's timing). Not in a TCG guest (the kernel suite):
+    // there the same move takes ~10x the host's time, more on a busy host (99 lost against 80
+    // sent during an announcement whose first frame fe3 had bound from), so only the capture
+    // from the first frame is asserted.
     let announcement_ns = frames[frames.len() - 1] - frames[0];
     let during = announcement_ns / 10_000_000;
-    assert!(
-        (lost as u64) < during,
-        "{lost} lost, {during} sent during the announcement: the move waited for later frames"
-    );
+    if !victor_testkit::in_emulated_guest() {
+        assert!(
+            (lost as u64) < during,
+            "{lost} lost, {during} sent during the announcement: the move waited for later frames"
+        );
+    }
 
     // fe3 delivers it locally, installed from the RARP before the controller's answer; it counted
     // QEMU's five frames and made one MAC claim, which the controller expanded.

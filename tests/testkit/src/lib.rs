@@ -42,6 +42,13 @@ pub fn require_root(what: &str) {
     assert!(is_root(), "{what} needs root (network namespaces, raw sockets); run the test suite as root (CI does)");
 }
 
+/// True inside the VM runner's guest (tests/vm/run) when it is emulated in software (TCG): one
+/// vCPU running about ten times slower than the host, and slower still when the host is busy, so
+/// a test bounds only what does not depend on time there (and prints the times).
+pub fn in_emulated_guest() -> bool {
+    std::env::var("VICTOR_TEST_GUEST_ACCEL").is_ok_and(|accel| accel == "tcg")
+}
+
 /// Path of a workspace binary built by cargo (e.g. `victor-controller`), for tests that spawn
 /// daemons. Looks next to the test executable's target dir (`target/<profile>/`).
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
