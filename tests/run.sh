@@ -86,8 +86,8 @@ cargo nextest run --workspace --no-fail-fast "${nextest_args[@]}"
 if [[ $quick -eq 0 ]]; then
     step "Helm chart tests"
     bash helm/tests/run.sh
-    step "fuzzing (30 s per target, from the committed corpus)"
-    bash fuzz/run.sh 30
+    step "fuzzing (20 s per target, from the committed corpus)"
+    bash fuzz/run.sh 20
 fi
 
 # >>> VM kernel suite (tests/vm/ci.sh): tests that need a stock distribution kernel, in a QEMU guest.
