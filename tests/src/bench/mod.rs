@@ -1043,8 +1043,14 @@ fn print_summary(r: &BenchReport) {
     println!("  agent full sync     {:.3} s", r.agent_full_sync_s);
     if let Some(a) = &r.real_agent {
         println!(
-            "  real agent          full sync {:.3} s, RSS {:.1} MiB ({:.1} B/binding), {} kernel routes, {} restart records (complete at {:.3} s)",
-            a.full_sync_s, a.rss_mib, a.rss_bytes_per_binding, a.kernel_routes, a.record_routes, a.records_complete_s
+            "  real agent          full sync {:.3} s, RSS {:.1} MiB ({:.1} B/binding; {:.1} once recorded), {} kernel routes, {} restart records (complete at {:.3} s)",
+            a.full_sync_s,
+            a.rss_mib,
+            a.rss_bytes_per_binding,
+            a.rss_settled_bytes_per_binding,
+            a.kernel_routes,
+            a.record_routes,
+            a.records_complete_s
         );
     }
     println!(

@@ -25,8 +25,12 @@ pub struct RealAgentReport {
     pub bindings: f64,
     /// Resident memory of the whole agent process afterwards.
     pub rss_mib: f64,
-    /// That, divided by the bindings (an upper bound: it includes the process's fixed cost).
+    /// That, divided by the bindings (an upper bound: it includes the process's fixed cost). Taken
+    /// at `/readyz`, while the restart records are still queued for writing.
     pub rss_bytes_per_binding: f64,
+    /// Resident memory once every record is written (the recorder's queue gone; what the
+    /// allocator kept of it still counts), per binding.
+    pub rss_settled_bytes_per_binding: f64,
     /// The agent's own estimate of its desired state's heap (`victor_agent_desired_bytes`), per
     /// binding.
     pub desired_state_bytes_per_binding: f64,
@@ -89,12 +93,14 @@ pub fn full_sync(cluster: &Cluster, bindings: usize) -> Result<RealAgentReport> 
         std::thread::sleep(Duration::from_millis(200));
     };
     let records_complete_s = started.elapsed().as_secs_f64();
+    let rss_settled = sys::rss_bytes(pid)?;
     agent.stop();
     Ok(RealAgentReport {
         full_sync_s: (full_sync_s * 1e3).round() / 1e3,
         bindings: counters.bindings,
         rss_mib: (rss as f64 / (1 << 20) as f64 * 1e3).round() / 1e3,
         rss_bytes_per_binding: (rss as f64 / bindings.max(1) as f64 * 10.0).round() / 10.0,
+        rss_settled_bytes_per_binding: (rss_settled as f64 / bindings.max(1) as f64 * 10.0).round() / 10.0,
         desired_state_bytes_per_binding: (heap("victor_agent_desired_bytes") * 10.0).round() / 10.0,
         forwarding_table_bytes_per_binding: (heap("victor_agent_fib_bytes") * 10.0).round() / 10.0,
         kernel_routes,

@@ -112,6 +112,12 @@ pub struct MigrateArgs {
     /// fast as FEs that agree (docs/design.md, section 3).
     #[arg(long = "fe-clock-offset", value_name = "N=OFFSET", value_parser = parse_fe_clock_offset, allow_hyphen_values = true)]
     pub fe_clock_offsets: Vec<(usize, String)>,
+    /// Runs the FE agents at real-time priority (`chrt -f 1`: SCHED_FIFO, every thread), as a
+    /// border router gives its routing daemons precedence over other work. On this lab's host
+    /// the agents share two cores with QEMU's TCG guests, which delay their reaction to an
+    /// announcement by milliseconds (`--vm qemu`: BENCHMARKS.md, "Migration with a real VM").
+    #[arg(long)]
+    pub agents_realtime: bool,
     /// How the moved VM announces itself: `garp` (its gratuitous ARP, repeated until bound),
     /// `rarp` (what unmodified QEMU's announce-self sends: five RARP frames naming only the MAC, at
     /// 0, 50, 200, 450 and 800 ms, nothing after) or `na` (an unsolicited Neighbor Advertisement
@@ -170,6 +176,7 @@ impl Default for MigrateArgs {
             move_hints: true,
             dataplane: DataplaneMode::Auto,
             fe_clock_offsets: Vec::new(),
+            agents_realtime: false,
             vm: VmKind::Veth,
             nic: Nic::Virtio,
             announce: Announce::Garp,
@@ -294,6 +301,8 @@ pub struct MigrateReport {
     pub per_move: Vec<MoveResult>,
     /// The host's 1-minute load average at the end (the machine is shared and noisy).
     pub load_avg_1m: f64,
+    /// The agents ran at real-time priority (`--agents-realtime`).
+    pub agents_realtime: bool,
     /// The paper's figure for comparison: packets lost per handoff at a 10 ms ping interval.
     pub paper_lost_per_move_at_10ms: &'static str,
     /// FE clock offsets (`--fe-clock-offset`), by FE.
@@ -399,9 +408,12 @@ pub(super) async fn start_lab(args: &MigrateArgs, dir: &std::path::Path, vm: Opt
             flags.extend(["--clock-offset".to_owned(), offset.clone()]);
         }
         let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let argv =
+        let mut argv =
             AgentCommand { bin: &agent_bin, controllers: &ordered, controller_netns: &netns_path, extra: &extra }
                 .argv(n);
+        if args.agents_realtime {
+            argv.splice(0..0, ["chrt", "-f", "1"].map(str::to_owned));
+        }
         agents.push(Agent::spawn(topo.fe(n), n, argv, dir)?);
     }
     for n in 1..=3 {
@@ -799,6 +811,7 @@ fn report(
         stages_ms,
         per_move,
         load_avg_1m,
+        agents_realtime: args.agents_realtime,
         paper_lost_per_move_at_10ms: "1-2 (Hao et al. §5, physical host moved between access points)",
         fe_clock_offsets: args.fe_clock_offsets.iter().map(|(n, o)| (format!("fe{n}"), o.clone())).collect(),
         bgp: None,

@@ -307,6 +307,8 @@ pub struct QemuReport {
     pub per_move: Vec<QemuMove>,
     /// The host's 1-minute load average at the end.
     pub load_avg_1m: f64,
+    /// The agents ran at real-time priority (`--agents-realtime`).
+    pub agents_realtime: bool,
 }
 
 /// Builds the lab with a QEMU guest, migrates it `args.moves` times and returns the report.
@@ -588,6 +590,7 @@ fn report(args: &MigrateArgs, nic: Nic, guest_boot_ms: f64, probes: &Probes, per
         migration_parameters: BTreeMap::new(),
         per_move,
         load_avg_1m: load_avg_1m(),
+        agents_realtime: args.agents_realtime,
     }
 }
 
