@@ -10,8 +10,10 @@
 //!   ([`HAND_OVER_DRAIN`]: it stops writing into TUN, so the kernel moves every flow to the
 //!   standby's queues) and stops. Nothing is dropped. The standby hands over to the next agent
 //!   the same way.
-//! * **Crash or `kill -9`**: the standby sees its connection to the agent close ([`Lifeline`]) and
-//!   takes over at once; packets routed into the device in between are dropped.
+//! * **Crash or `kill -9`**: the standby sees the agent die ([`super::death`]: a lock a thread of
+//!   the agent holds is released as soon as that thread exits, long before the kernel has torn
+//!   the rest down) or, failing that, its connection to the agent close ([`Lifeline`]), and takes
+//!   over at once; packets routed into the device in between are dropped.
 //!
 //! Taking over is starting a [`TunPlane`] on the persistent device: it adopts the forwarding
 //! table from the kernel records (see [`super::tun`]), as the agent did — read at that moment,
@@ -45,6 +47,10 @@ use crate::netlink::Kernel;
 /// The environment variable that makes `victor-fe-agent` a standby: the number of its
 /// descriptor to the agent.
 pub const STANDBY_FD: &str = "VICTOR_FE_AGENT_STANDBY_FD";
+
+/// The environment variable with the standby's descriptor of the agent's death lock
+/// ([`super::death`]), if the agent made one.
+const DEATH_FD: &str = "VICTOR_FE_AGENT_STANDBY_DEATH_FD";
 
 /// Agent → standby: take over now (planned stop).
 const TAKE_OVER: u8 = b'T';
@@ -83,14 +89,35 @@ pub struct Standby {
 pub struct Lifeline {
     ours: UnixStream,
     theirs: UnixStream,
+    /// The agent's death lock, if it could be made (else the standby waits for the connection
+    /// to close).
+    death: Option<OwnedFd>,
 }
 
 impl Lifeline {
-    /// A new connection.
+    /// A new connection, and the death lock of this process.
     pub fn new() -> io::Result<Lifeline> {
         let (ours, theirs) = UnixStream::pair()?;
-        Ok(Lifeline { ours: to_top(ours), theirs })
+        let death = match super::death::Held::new().and_then(|held| above(held.fd(), 64)) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "no death lock for the standby: it learns of a crash when our descriptors close");
+                None
+            }
+        };
+        Ok(Lifeline { ours: to_top(ours), theirs, death })
     }
+}
+
+/// A duplicate of `fd` numbered `min` or more (close-on-exec).
+fn above(fd: &OwnedFd, min: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a fresh one.
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// `stream` moved to the highest descriptor number this process may use (at most 4095: the
@@ -116,21 +143,36 @@ impl Standby {
     /// Starts the standby on `lifeline`: this program with this command line and environment,
     /// plus [`STANDBY_FD`].
     pub fn spawn(lifeline: Lifeline) -> io::Result<Standby> {
-        let Lifeline { ours, theirs } = lifeline;
+        let Lifeline { ours, theirs, death } = lifeline;
         let fd = theirs.as_raw_fd();
+        // At 64 or above (see `Lifeline::new`): neither moving it to 4 nor the connection to 3
+        // overwrites the other.
+        let death_fd = death.as_ref().map(AsRawFd::as_raw_fd);
         let mut cmd = Command::new("/proc/self/exe");
         // Its own process group: what kills the agent's group (a supervisor, a terminal) must
         // not take the standby along — it is there for when the agent is gone.
         cmd.args(std::env::args_os().skip(1)).env(STANDBY_FD, "3").stdin(Stdio::null()).process_group(0);
+        if death_fd.is_some() {
+            cmd.env(DEATH_FD, "4");
+        }
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
-                if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+                if rc < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some(death) = death_fd
+                    && libc::dup2(death, 4) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
             });
         }
         let child = cmd.spawn()?;
         drop(theirs);
+        drop(death);
         ours.set_nonblocking(true)?;
         Ok(Standby { child, control: tokio::net::UnixStream::from_std(ours)? })
     }
@@ -198,8 +240,15 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
     let mut control = tokio::net::UnixStream::from_std(control)?;
     prepare(config);
     tracing::info!(tun = %config.device, "standby forwarder waiting for the agent to stop");
+    let died = watch_death();
     let mut order = [0u8; 1];
-    let planned = matches!(control.read(&mut order).await, Ok(1) if order[0] == TAKE_OVER);
+    let planned = tokio::select! {
+        read = control.read(&mut order) => matches!(read, Ok(1) if order[0] == TAKE_OVER),
+        Ok(()) = died => {
+            tracing::info!(tun = %config.device, "the agent died (its death lock was released)");
+            false
+        }
+    };
     let since = std::time::Instant::now();
     // Found by the next agent from now on (the standby of the previous run, if it is still
     // letting go of the name, was retired by our agent).
@@ -245,6 +294,31 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
             }
         }
     }
+}
+
+/// Resolves when the agent's death lock ([`super::death`], descriptor [`DEATH_FD`]) tells the agent
+/// died; never if there is none or the watch fails.
+fn watch_death() -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let Some(fd) = std::env::var(DEATH_FD).ok().and_then(|v| v.parse::<RawFd>().ok()) else { return rx };
+    // SAFETY: the agent passed this descriptor to us for our exclusive use.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let watch = match super::death::Watch::new(fd) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the agent's death lock: waiting for its descriptors to close");
+            return rx;
+        }
+    };
+    let spawned = std::thread::Builder::new().name("death-watch".into()).spawn(move || {
+        if watch.wait() {
+            let _ = tx.send(());
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch the agent's death lock: waiting for its descriptors to close");
+    }
+    rx
 }
 
 /// Prepares the forwarder the take-over starts ([`victor_dataplane::forwarder::prepare_next`]):
