@@ -29,7 +29,7 @@
 //! dropped until an agent runs again.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -241,6 +241,12 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
     prepare(config);
     tracing::info!(tun = %config.device, "standby forwarder waiting for the agent to stop");
     let died = watch_death();
+    // Duplicates of the agent's TUN queues: if it dies they are detached at once (the kernel
+    // would otherwise keep steering flows into them until the dead agent's files are closed).
+    let mut agent_queues = agent_queues(&config.device).unwrap_or_else(|e| {
+        tracing::warn!(tun = %config.device, error = %e, "cannot hold the agent's TUN queues: after a crash they take packets until its files close");
+        Vec::new()
+    });
     let mut order = [0u8; 1];
     let planned = tokio::select! {
         read = control.read(&mut order) => matches!(read, Ok(1) if order[0] == TAKE_OVER),
@@ -250,6 +256,10 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
         }
     };
     let since = std::time::Instant::now();
+    if planned {
+        // The agent drains its queues and closes them itself.
+        agent_queues.clear();
+    }
     // Found by the next agent from now on (the standby of the previous run, if it is still
     // letting go of the name, was retired by our agent).
     let listener = bind(&config.device).await?;
@@ -260,6 +270,13 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
             return Err(e.into());
         }
     };
+    if !planned {
+        for queue in agent_queues {
+            if let Err(e) = forwarder::detach_queue(queue.as_fd()) {
+                tracing::debug!(error = %e, "could not detach a queue of the dead agent (already gone)");
+            }
+        }
+    }
     if planned {
         let _ = control.write_all(&[FORWARDING]).await;
     }
@@ -294,6 +311,37 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
             }
         }
     }
+}
+
+/// Duplicates of the TUN queues of device `tun` that our parent (the agent) holds, taken with
+/// `pidfd_getfd` (needs the right to ptrace it; none if the agent has no queue open).
+fn agent_queues(tun: &str) -> io::Result<Vec<OwnedFd>> {
+    // SAFETY: getppid cannot fail.
+    let agent = unsafe { libc::getppid() };
+    // SAFETY: pidfd_open returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, agent, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nobody else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+    let wanted = format!("iff:\t{tun}\n");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{agent}/fdinfo"))? {
+        let entry = entry?;
+        let Some(n) = entry.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else { continue };
+        if !std::fs::read_to_string(entry.path()).is_ok_and(|info| info.contains(&wanted)) {
+            continue;
+        }
+        // SAFETY: pidfd_getfd returns a new descriptor or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), n, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        out.push(unsafe { OwnedFd::from_raw_fd(raw as RawFd) });
+    }
+    Ok(out)
 }
 
 /// Resolves when the agent's death lock ([`super::death`], descriptor [`DEATH_FD`]) tells the agent

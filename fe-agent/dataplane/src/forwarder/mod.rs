@@ -598,6 +598,13 @@ pub fn prepare_next(config: ForwarderConfig, local: Ipv4Addr) -> Result<(), Forw
     Ok(())
 }
 
+/// Detaches the TUN queue `fd` (`TUNSETQUEUE`/`IFF_DETACH_QUEUE`): the kernel steers nothing to
+/// it any more (what it holds is dropped). For a queue of a forwarder that died (a duplicate of
+/// its descriptor keeps it attached).
+pub fn detach_queue(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    tun::set_queue(fd.as_raw_fd(), false)
+}
+
 /// Drops what [`prepare_next`] prepared (its queues close, its threads end).
 pub fn discard_prepared() {
     PREPARED.lock().unwrap_or_else(|e| e.into_inner()).take();
