@@ -423,3 +423,42 @@ fn a_leftover_persistent_tun_can_be_removed() {
     let name = tun.clone();
     assert!(!lab.ns(1).run_in(move || victor_dataplane::forwarder::remove_persistent_tun(&name)).unwrap().unwrap());
 }
+
+/// A forwarder prepared on a persistent device another one reads (a standby's) holds its queues
+/// detached: every packet still goes to the running forwarder. Once that one is gone, starting
+/// the prepared one attaches its queues to the same device and it forwards.
+#[test]
+fn a_prepared_forwarder_takes_nothing_until_it_starts_then_forwards() {
+    let mut lab = Lab::build(true).unwrap();
+    let (tun, fib) = (lab.fe(1).tun.clone(), lab.fe(1).fib.clone());
+    let config = {
+        let mut config = victor_dataplane::forwarder::ForwarderConfig::new(&tun);
+        config.persist = true;
+        config.queues = 2;
+        config
+    };
+    lab.fes[0].forwarder.take().unwrap().stop().unwrap();
+    wait_until("the old TUN device to go", T, || !lab.ns(1).links().unwrap().contains(&tun)).unwrap();
+    let (c, f) = (config.clone(), fib.clone());
+    let first = lab.ns(1).run_in(move || victor_dataplane::forwarder::Forwarder::start(c, f)).unwrap().unwrap();
+    lab.ns(1).route(&[MOBILE_PREFIX, "dev", &tun]).unwrap();
+    let index = first.tun_index();
+    lab.fes[0].forwarder = Some(first);
+
+    let (c, local) = (config.clone(), fib.local_underlay());
+    let prepared = lab.ns(1).run_in(move || victor_dataplane::forwarder::Prepared::new(c, local)).unwrap().unwrap();
+    for seq in 0..20 {
+        let reply = client_probe(&lab, Probe::echo(VM, 40 + seq), T).unwrap();
+        assert_eq!(reply, Some(ProbeReply::EchoReply { from: VM }), "probe {seq}: the detached queues took it");
+    }
+
+    drop(lab.fes[0].forwarder.take());
+    let second = lab.ns(1).run_in(move || prepared.start(fib)).unwrap().unwrap();
+    assert!(second.adopted());
+    assert_eq!(second.tun_index(), index);
+    assert_eq!(second.queues(), 2);
+    lab.fes[0].forwarder = Some(second);
+    assert_eq!(client_probe(&lab, Probe::echo(VM, 70), T).unwrap(), Some(ProbeReply::EchoReply { from: VM }));
+    lab.fes[0].forwarder.take().unwrap().remove().unwrap();
+    wait_until("the persistent device to go", T, || !lab.ns(1).links().unwrap().contains(&tun)).unwrap();
+}

@@ -25,6 +25,7 @@
 //! other FEs are refused). The choice and its reason go to the log, `/readyz` and
 //! `victor_agent_dataplane_choice`.
 
+pub mod death;
 pub mod kernel;
 pub mod records;
 pub mod standby;

@@ -34,7 +34,9 @@
 //! # Surviving a restart
 //! With [`ForwarderConfig::persist`] the TUN device is persistent: when the process dies the
 //! device stays, with its address and every route into it (packets routed into it meanwhile are
-//! dropped by the kernel, as no queue is attached), and the next forwarder adopts it.
+//! dropped by the kernel, as no queue is attached), and the next forwarder adopts it. A
+//! forwarder meant to take over at once ([`Prepared`], [`prepare_next`]) opens its queues ahead
+//! and keeps them detached until it starts.
 //!
 //! Modules: [`pipeline`] (per-packet decisions, pure), `worker` (the loops), `raw` (the
 //! underlay sockets, `sendmmsg`/`recvmmsg`), `steer` (the per-worker socket filters),
@@ -222,162 +224,21 @@ impl std::fmt::Debug for Forwarder {
 impl Forwarder {
     /// Creates the TUN device (up, MTU = tunnel MTU, one queue per worker) and one underlay
     /// socket per worker bound to `fib.local_underlay()` in the calling thread's network
-    /// namespace, then forwards on the workers' threads until stopped.
+    /// namespace, then forwards on the workers' threads until stopped. A forwarder prepared for
+    /// this configuration ([`prepare_next`]) starts instead, if it still can.
     pub fn start(config: ForwarderConfig, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
-        if config.tun_name.is_empty() || config.tun_name.len() > 15 {
-            return Err(ForwarderError::Config(format!("tun_name {:?} must be 1..=15 bytes", config.tun_name)));
-        }
-        if config.underlay_mtu < 68 + HEADER_LEN as u16 {
-            return Err(ForwarderError::Config(format!(
-                "underlay_mtu {} is below the IPv4 minimum 68 + 20",
-                config.underlay_mtu
-            )));
-        }
-        if config.outer_ttl == 0 {
-            return Err(ForwarderError::Config("outer_ttl must be at least 1".into()));
-        }
-        let workers = config.worker_count();
-        if workers > MAX_QUEUES {
-            return Err(ForwarderError::Config(format!("queues {workers} is more than {MAX_QUEUES}")));
-        }
-        let local = fib.local_underlay();
-        let tunnel_mtu = config.tunnel_mtu();
-        if usize::from(tunnel_mtu) < ipv6::MIN_MTU {
-            tracing::warn!(tunnel_mtu, "tunnel MTU below 1280: the kernel carries no IPv6 on the TUN device");
-        }
-        let tun_err = |source| ForwarderError::Tun { name: config.tun_name.clone(), source };
-        // The TUN device carries the underlay address as a /32: the kernel's reverse-path
-        // check drops everything arriving on an address-less interface whenever rp_filter is on,
-        // and packets the FE itself sends towards remote VMs get a routable source.
-        let existed = config.persist && tun::exists(&config.tun_name);
-        let build = |adopt: bool| {
-            let builder = tun_rs::DeviceBuilder::new()
-                .name(&config.tun_name)
-                .ipv4(local, 32u8, None)
-                .mtu(tunnel_mtu)
-                .offload(config.offload)
-                // A persistent device is multi-queue: the next forwarder (a standby, a restarted
-                // agent) attaches its queues before this one lets go of its own.
-                .multi_queue(workers > 1 || config.persist);
-            // An adopted device stays up: taking it down would flush every route into it.
-            if adopt { builder.inherit_enable_state() } else { builder.enable(false) }.build_sync()
-        };
-        let (dev, adopted) = match build(existed) {
-            Ok(dev) => (dev, existed),
-            // A device left by an earlier forwarder with other flags (queues, offload): it
-            // cannot be adopted, so it is replaced (the agent re-installs its routes).
-            Err(e) if existed && e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(tun = %config.tun_name, "persistent TUN device has other flags; replacing it");
-                tun::remove_persistent(&config.tun_name).map_err(tun_err)?;
-                (build(false).map_err(tun_err)?, false)
-            }
-            Err(e) => return Err(tun_err(e)),
-        };
-        let control = if config.persist {
-            dev.persist().map_err(tun_err)?;
-            Some(dev.as_fd().try_clone_to_owned().map_err(tun_err)?)
-        } else {
-            None
-        };
-        let tun_index = dev.if_index().map_err(tun_err)?;
-        // Decapsulated packets arrive on TUN from clients reached through other interfaces:
-        // loose reverse-path filtering (the effective value is max(all, dev), so strict mode
-        // on `all` would still drop them; the agent checks that).
-        // IPv6 on, but quiet: no address of its own (no link-local, so no DAD or router
-        // solicitation; none is needed to route through it), not a router *on this device*
-        // (per-device `forwarding` 0: it joins no all-routers groups, so the kernel sends no MLD
-        // reports into it — forwarding itself follows `all.forwarding`), no router advertisements
-        // taken from it. addr_gen_mode first: enabling IPv6 on an up device generates the
-        // link-local address at once. (Writing `all.forwarding` later resets the device's value:
-        // its MLD reports then reach the forwarder, which drops them as `multicast`.)
-        for (key, value) in [
-            ("ipv4/conf/{}/rp_filter", "2"),
-            ("ipv6/conf/{}/addr_gen_mode", "1"),
-            ("ipv6/conf/{}/forwarding", "0"),
-            ("ipv6/conf/{}/accept_ra", "0"),
-            ("ipv6/conf/{}/disable_ipv6", "0"),
-        ] {
-            let path = format!("/proc/sys/net/{}", key.replace("{}", &config.tun_name));
-            if let Err(e) = std::fs::write(&path, value) {
-                tracing::warn!(%path, error = %e, "could not set a sysctl of the TUN device");
+        if let Some(prepared) = take_prepared(&config) {
+            match prepared.start(fib.clone()) {
+                Ok(forwarder) => return Ok(forwarder),
+                Err(e) => {
+                    tracing::warn!(tun = %config.tun_name, error = %e, "the prepared forwarder could not start; starting afresh")
+                }
             }
         }
-        let mut queues = Vec::with_capacity(workers);
-        for _ in 1..workers {
-            queues.push(dev.try_clone().map_err(tun_err)?);
-        }
-        queues.insert(0, dev);
-        queues[0].enabled(true).map_err(tun_err)?;
-        let mut sockets = Vec::with_capacity(workers);
-        for i in 0..workers {
-            let socket_err = |source| ForwarderError::Socket { addr: local, source };
-            let sock = raw::open(local, PROTO_IPIP, i as u32, workers as u32).map_err(socket_err)?;
-            let sock6 = raw::open(local, PROTO_IPV6, i as u32, workers as u32).map_err(socket_err)?;
-            let icmp6 = raw::open_icmp6().map_err(socket_err)?;
-            sockets.push((sock, sock6, icmp6));
-        }
-
-        let counters = Arc::new(Counters::default());
-        let (stop, stop_rx) = watch::channel(false);
-        let shared = Arc::new(worker::Shared {
-            fib,
-            counters: counters.clone(),
-            tunnel_mtu: usize::from(tunnel_mtu),
-            outer_ttl: config.outer_ttl,
-            icmp_source: config.icmp_source.unwrap_or(local),
-            icmp6_source: config
-                .icmp6_source
-                .unwrap_or_else(|| ForwarderConfig::icmp6_source_for(config.icmp_source.unwrap_or(local))),
-            icmp_limit: Mutex::new(ratelimit::TokenBucket::new(
-                config.icmp_rate_per_s,
-                config.icmp_burst,
-                Instant::now(),
-            )),
-            offload: config.offload,
-            handing_over: HandOver::default(),
-        });
-        let hand_over = shared.handing_over.clone();
-        let mut threads = Vec::with_capacity(workers);
-        for (i, (dev, (sock, sock6, icmp6))) in queues.into_iter().zip(sockets).enumerate() {
-            let (shared, stop_rx) = (shared.clone(), stop_rx.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("fwd-{}-{i}", config.tun_name))
-                .spawn(move || -> io::Result<()> {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
-                    rt.block_on(async move {
-                        let queue = Arc::new(worker::Queue {
-                            dev: tun_rs::AsyncDevice::new(dev)?,
-                            sock: crate::aio::register(sock)?,
-                            sock6: crate::aio::register(sock6)?,
-                            icmp6,
-                        });
-                        let egress = worker::egress_loop(shared.clone(), queue.clone(), stop_rx.clone());
-                        let ingress = worker::ingress_loop(shared.clone(), queue.clone(), Family::V4, stop_rx.clone());
-                        let ingress6 = worker::ingress_loop(shared, queue, Family::V6, stop_rx);
-                        let (e, i, i6) = tokio::join!(egress, ingress, ingress6);
-                        for (result, what) in [(&e, "TUN → underlay"), (&i, "IP-in-IP → TUN"), (&i6, "6in4 → TUN")]
-                        {
-                            if let Err(err) = result {
-                                tracing::error!(error = %err, "forwarder {what} loop failed");
-                            }
-                        }
-                        e.and(i).and(i6)
-                    })
-                })
-                .map_err(ForwarderError::Thread)?;
-            threads.push(thread);
-        }
-        Ok(Forwarder {
-            tun_name: config.tun_name,
-            tun_index,
-            tunnel_mtu,
-            counters,
-            stop,
-            threads,
-            control,
-            adopted,
-            hand_over,
-        })
+        let workers = validate(&config)?;
+        let device = Device::open(&config, fib.local_underlay(), workers)?;
+        let threads = spawn_workers(&config.tun_name, workers)?;
+        run(config, device, threads, fib, false)
     }
 
     /// Name of the TUN device (route the mobile prefix and remote /32s into it).
@@ -451,6 +312,312 @@ impl Forwarder {
             result = result.and(r);
         }
         result
+    }
+}
+
+/// Checks `config`; returns the number of workers.
+fn validate(config: &ForwarderConfig) -> Result<usize, ForwarderError> {
+    if config.tun_name.is_empty() || config.tun_name.len() > 15 {
+        return Err(ForwarderError::Config(format!("tun_name {:?} must be 1..=15 bytes", config.tun_name)));
+    }
+    if config.underlay_mtu < 68 + HEADER_LEN as u16 {
+        return Err(ForwarderError::Config(format!(
+            "underlay_mtu {} is below the IPv4 minimum 68 + 20",
+            config.underlay_mtu
+        )));
+    }
+    if config.outer_ttl == 0 {
+        return Err(ForwarderError::Config("outer_ttl must be at least 1".into()));
+    }
+    let workers = config.worker_count();
+    if workers > MAX_QUEUES {
+        return Err(ForwarderError::Config(format!("queues {workers} is more than {MAX_QUEUES}")));
+    }
+    Ok(workers)
+}
+
+/// The TUN device as a forwarder holds it: one queue per worker.
+struct Device {
+    queues: Vec<tun_rs::SyncDevice>,
+    tun_index: u32,
+    tunnel_mtu: u16,
+    /// For a persistent device: a duplicate of queue 0's descriptor (see `Forwarder`).
+    control: Option<OwnedFd>,
+    adopted: bool,
+}
+
+impl Device {
+    /// Creates or adopts the device of `config` with `workers` queues, up, configured.
+    fn open(config: &ForwarderConfig, local: Ipv4Addr, workers: usize) -> Result<Device, ForwarderError> {
+        let tunnel_mtu = config.tunnel_mtu();
+        if usize::from(tunnel_mtu) < ipv6::MIN_MTU {
+            tracing::warn!(tunnel_mtu, "tunnel MTU below 1280: the kernel carries no IPv6 on the TUN device");
+        }
+        let tun_err = |source| ForwarderError::Tun { name: config.tun_name.clone(), source };
+        // The TUN device carries the underlay address as a /32: the kernel's reverse-path
+        // check drops everything arriving on an address-less interface whenever rp_filter is on,
+        // and packets the FE itself sends towards remote VMs get a routable source.
+        let existed = config.persist && tun::exists(&config.tun_name);
+        let build = |adopt: bool| {
+            let builder = tun_rs::DeviceBuilder::new()
+                .name(&config.tun_name)
+                .ipv4(local, 32u8, None)
+                .mtu(tunnel_mtu)
+                .offload(config.offload)
+                // A persistent device is multi-queue: the next forwarder (a standby, a restarted
+                // agent) attaches its queues before this one lets go of its own.
+                .multi_queue(workers > 1 || config.persist);
+            // An adopted device stays up: taking it down would flush every route into it.
+            if adopt { builder.inherit_enable_state() } else { builder.enable(false) }.build_sync()
+        };
+        let (dev, adopted) = match build(existed) {
+            Ok(dev) => (dev, existed),
+            // A device left by an earlier forwarder with other flags (queues, offload): it
+            // cannot be adopted, so it is replaced (the agent re-installs its routes).
+            Err(e) if existed && e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(tun = %config.tun_name, "persistent TUN device has other flags; replacing it");
+                tun::remove_persistent(&config.tun_name).map_err(tun_err)?;
+                (build(false).map_err(tun_err)?, false)
+            }
+            Err(e) => return Err(tun_err(e)),
+        };
+        let control = if config.persist {
+            dev.persist().map_err(tun_err)?;
+            Some(dev.as_fd().try_clone_to_owned().map_err(tun_err)?)
+        } else {
+            None
+        };
+        let tun_index = dev.if_index().map_err(tun_err)?;
+        // Decapsulated packets arrive on TUN from clients reached through other interfaces:
+        // loose reverse-path filtering (the effective value is max(all, dev), so strict mode
+        // on `all` would still drop them; the agent checks that).
+        // IPv6 on, but quiet: no address of its own (no link-local, so no DAD or router
+        // solicitation; none is needed to route through it), not a router *on this device*
+        // (per-device `forwarding` 0: it joins no all-routers groups, so the kernel sends no MLD
+        // reports into it — forwarding itself follows `all.forwarding`), no router advertisements
+        // taken from it. addr_gen_mode first: enabling IPv6 on an up device generates the
+        // link-local address at once. (Writing `all.forwarding` later resets the device's value:
+        // its MLD reports then reach the forwarder, which drops them as `multicast`.)
+        for (key, value) in [
+            ("ipv4/conf/{}/rp_filter", "2"),
+            ("ipv6/conf/{}/addr_gen_mode", "1"),
+            ("ipv6/conf/{}/forwarding", "0"),
+            ("ipv6/conf/{}/accept_ra", "0"),
+            ("ipv6/conf/{}/disable_ipv6", "0"),
+        ] {
+            let path = format!("/proc/sys/net/{}", key.replace("{}", &config.tun_name));
+            if let Err(e) = std::fs::write(&path, value) {
+                tracing::warn!(%path, error = %e, "could not set a sysctl of the TUN device");
+            }
+        }
+        let mut queues = Vec::with_capacity(workers);
+        for _ in 1..workers {
+            queues.push(dev.try_clone().map_err(tun_err)?);
+        }
+        queues.insert(0, dev);
+        queues[0].enabled(true).map_err(tun_err)?;
+        Ok(Device { queues, tun_index, tunnel_mtu, control, adopted })
+    }
+
+    /// Attaches (true) or detaches every queue ([`tun::set_queue`]).
+    fn set_queues(&self, attach: bool) -> io::Result<()> {
+        self.queues.iter().try_for_each(|q| tun::set_queue(q.as_raw_fd(), attach))
+    }
+}
+
+/// What a worker needs to forward: its queue, its sockets, what the workers share.
+struct Go {
+    dev: tun_rs::SyncDevice,
+    sock: socket2::Socket,
+    sock6: socket2::Socket,
+    icmp6: socket2::Socket,
+    shared: Arc<worker::Shared>,
+    stop: watch::Receiver<bool>,
+}
+
+/// A worker thread with its runtime built, waiting for its [`Go`] (it ends if that never comes).
+struct Waiting {
+    thread: JoinHandle<io::Result<()>>,
+    go: std::sync::mpsc::SyncSender<Go>,
+}
+
+/// Starts `n` worker threads for device `tun`, each waiting for its [`Go`].
+fn spawn_workers(tun: &str, n: usize) -> Result<Vec<Waiting>, ForwarderError> {
+    (0..n)
+        .map(|i| {
+            let (go, wait) = std::sync::mpsc::sync_channel::<Go>(1);
+            let thread = std::thread::Builder::new()
+                .name(format!("fwd-{tun}-{i}"))
+                .spawn(move || -> io::Result<()> {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+                    let Ok(Go { dev, sock, sock6, icmp6, shared, stop }) = wait.recv() else { return Ok(()) };
+                    rt.block_on(async move {
+                        let queue = Arc::new(worker::Queue {
+                            dev: tun_rs::AsyncDevice::new(dev)?,
+                            sock: crate::aio::register(sock)?,
+                            sock6: crate::aio::register(sock6)?,
+                            icmp6,
+                        });
+                        let egress = worker::egress_loop(shared.clone(), queue.clone(), stop.clone());
+                        let ingress = worker::ingress_loop(shared.clone(), queue.clone(), Family::V4, stop.clone());
+                        let ingress6 = worker::ingress_loop(shared, queue, Family::V6, stop);
+                        let (e, i, i6) = tokio::join!(egress, ingress, ingress6);
+                        for (result, what) in [(&e, "TUN → underlay"), (&i, "IP-in-IP → TUN"), (&i6, "6in4 → TUN")]
+                        {
+                            if let Err(err) = result {
+                                tracing::error!(error = %err, "forwarder {what} loop failed");
+                            }
+                        }
+                        e.and(i).and(i6)
+                    })
+                })
+                .map_err(ForwarderError::Thread)?;
+            Ok(Waiting { thread, go })
+        })
+        .collect()
+}
+
+/// Opens the underlay sockets, attaches the queues if `attach` (a prepared device's), and sets
+/// the waiting workers going on `device` with `fib`.
+fn run(
+    config: ForwarderConfig,
+    device: Device,
+    workers: Vec<Waiting>,
+    fib: Arc<Fib>,
+    attach: bool,
+) -> Result<Forwarder, ForwarderError> {
+    let local = fib.local_underlay();
+    let n = workers.len() as u32;
+    // The sockets first: they need no lock, and from now on they keep what arrives for us.
+    let mut sockets = Vec::with_capacity(workers.len());
+    for i in 0..n {
+        let socket_err = |source| ForwarderError::Socket { addr: local, source };
+        let sock = raw::open(local, PROTO_IPIP, i, n).map_err(socket_err)?;
+        let sock6 = raw::open(local, PROTO_IPV6, i, n).map_err(socket_err)?;
+        let icmp6 = raw::open_icmp6().map_err(socket_err)?;
+        sockets.push((sock, sock6, icmp6));
+    }
+    if attach {
+        device.set_queues(true).map_err(|source| ForwarderError::Tun { name: config.tun_name.clone(), source })?;
+    }
+    let counters = Arc::new(Counters::default());
+    let (stop, stop_rx) = watch::channel(false);
+    let shared = Arc::new(worker::Shared {
+        fib,
+        counters: counters.clone(),
+        tunnel_mtu: usize::from(device.tunnel_mtu),
+        outer_ttl: config.outer_ttl,
+        icmp_source: config.icmp_source.unwrap_or(local),
+        icmp6_source: config
+            .icmp6_source
+            .unwrap_or_else(|| ForwarderConfig::icmp6_source_for(config.icmp_source.unwrap_or(local))),
+        icmp_limit: Mutex::new(ratelimit::TokenBucket::new(config.icmp_rate_per_s, config.icmp_burst, Instant::now())),
+        offload: config.offload,
+        handing_over: HandOver::default(),
+    });
+    let hand_over = shared.handing_over.clone();
+    let mut threads = Vec::with_capacity(workers.len());
+    for (w, (dev, (sock, sock6, icmp6))) in workers.into_iter().zip(device.queues.into_iter().zip(sockets)) {
+        let go = Go { dev, sock, sock6, icmp6, shared: shared.clone(), stop: stop_rx.clone() };
+        // A worker that cannot take its Go has ended: its error comes out of `stop`.
+        let _ = w.go.send(go);
+        threads.push(w.thread);
+    }
+    Ok(Forwarder {
+        tun_name: config.tun_name,
+        tun_index: device.tun_index,
+        tunnel_mtu: device.tunnel_mtu,
+        counters,
+        stop,
+        threads,
+        control: device.control,
+        adopted: device.adopted,
+        hand_over,
+    })
+}
+
+/// A forwarder made ready to start at once on a persistent device another process forwards on
+/// (the fe-agent's standby, while its agent runs): the device adopted and configured, its
+/// queues open but detached (`TUNSETQUEUE`/`IFF_DETACH_QUEUE`: the kernel steers nothing to
+/// them and keeps nothing in them), its workers' threads and runtimes started. Starting it
+/// attaches the queues, opens the underlay sockets and sets the workers going: no device
+/// configuration, no thread to start, nothing that waits for a lock but the attach (RTNL).
+pub struct Prepared {
+    config: ForwarderConfig,
+    local: Ipv4Addr,
+    device: Device,
+    workers: Vec<Waiting>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("tun_name", &self.config.tun_name).finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// Prepares a forwarder for `config`, which must ask for a persistent device (only a
+    /// multi-queue device can hold detached queues).
+    pub fn new(config: ForwarderConfig, local: Ipv4Addr) -> Result<Prepared, ForwarderError> {
+        if !config.persist {
+            return Err(ForwarderError::Config("only a persistent device can be prepared ahead".into()));
+        }
+        let n = validate(&config)?;
+        let device = Device::open(&config, local, n)?;
+        device.set_queues(false).map_err(|source| ForwarderError::Tun { name: config.tun_name.clone(), source })?;
+        let workers = spawn_workers(&config.tun_name, n)?;
+        Ok(Prepared { config, local, device, workers })
+    }
+
+    /// Starts forwarding with `fib` (see [`Forwarder::start`]). Fails if the device is no
+    /// longer the one prepared (deleted, replaced).
+    pub fn start(self, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
+        let tun_err = |source| ForwarderError::Tun { name: self.config.tun_name.clone(), source };
+        if fib.local_underlay() != self.local {
+            return Err(ForwarderError::Config("prepared for another underlay address".into()));
+        }
+        let index = self.device.queues[0].if_index().map_err(tun_err)?;
+        if index != self.device.tun_index {
+            return Err(tun_err(io::Error::other("the device was replaced since it was prepared")));
+        }
+        run(self.config, self.device, self.workers, fib, true)
+    }
+}
+
+/// The forwarder [`prepare_next`] prepared, for the next [`Forwarder::start`] of its
+/// configuration in this process.
+static PREPARED: Mutex<Option<Prepared>> = Mutex::new(None);
+
+/// Prepares a forwarder ([`Prepared`]) that the next [`Forwarder::start`] in this process with
+/// the same `config` and underlay address `local` starts instead of opening its own (replacing
+/// one prepared before). For a caller that starts its forwarder through code that builds the
+/// configuration itself (the fe-agent's standby: its `TunPlane`).
+pub fn prepare_next(config: ForwarderConfig, local: Ipv4Addr) -> Result<(), ForwarderError> {
+    let prepared = Prepared::new(config, local)?;
+    *PREPARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
+    Ok(())
+}
+
+/// Detaches the TUN queue `fd` (`TUNSETQUEUE`/`IFF_DETACH_QUEUE`): the kernel steers nothing to
+/// it any more (what it holds is dropped). For a queue of a forwarder that died (a duplicate of
+/// its descriptor keeps it attached).
+pub fn detach_queue(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    tun::set_queue(fd.as_raw_fd(), false)
+}
+
+/// Drops what [`prepare_next`] prepared (its queues close, its threads end).
+pub fn discard_prepared() {
+    PREPARED.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
+/// The prepared forwarder if it was prepared for `config`.
+fn take_prepared(config: &ForwarderConfig) -> Option<Prepared> {
+    let prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    if prepared.config == *config {
+        Some(prepared)
+    } else {
+        tracing::info!(tun = %config.tun_name, "a forwarder was prepared for another configuration: starting afresh");
+        None
     }
 }
 

@@ -1,5 +1,6 @@
 //! TUN device persistence: whether a device exists in the calling thread's namespace, setting
-//! and clearing `TUNSETPERSIST`, and deleting a persistent device left by an earlier process.
+//! and clearing `TUNSETPERSIST`, attaching and detaching queues (`TUNSETQUEUE`), and deleting a
+//! persistent device left by an earlier process.
 
 use std::ffi::CString;
 use std::io;
@@ -16,6 +17,17 @@ pub(crate) fn exists(name: &str) -> bool {
 pub(crate) fn set_persist(fd: RawFd, persist: bool) -> io::Result<()> {
     // SAFETY: TUNSETPERSIST takes its argument by value; `fd` is a TUN descriptor.
     let rc = unsafe { libc::ioctl(fd, libc::TUNSETPERSIST, libc::c_ulong::from(persist)) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Attaches (`IFF_ATTACH_QUEUE`) or detaches (`IFF_DETACH_QUEUE`) the queue `fd` of a
+/// multi-queue device (`TUNSETQUEUE`). A detached queue stays open but gets no packet.
+pub(crate) fn set_queue(fd: RawFd, attach: bool) -> io::Result<()> {
+    // SAFETY: all-zero is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    req.ifr_ifru.ifru_flags = if attach { libc::IFF_ATTACH_QUEUE } else { libc::IFF_DETACH_QUEUE } as libc::c_short;
+    // SAFETY: `req` is a valid ifreq for TUNSETQUEUE, alive for the call; `fd` is a TUN queue.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETQUEUE, &mut req as *mut libc::ifreq) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
