@@ -1,7 +1,9 @@
 //! Per-move stage timestamps (CLOCK_MONOTONIC ns), the controller's half of a move's timeline (the
 //! agents keep theirs in their `events` module): claim received → committed in the store →
 //! applied to this replica's cache → first and last sent to an agent. Keyed by the commit
-//! revision; a bounded ring, served at `/debug/moves` for the lab's per-stage breakdown.
+//! revision and the VM IP (one transaction may commit several VMs at one revision: a batched
+//! Report, or a dual-stack VM's two addresses); a bounded ring, served at `/debug/moves` for the
+//! lab's per-stage breakdown.
 //!
 //! The registry records a timeline when its transaction returns, and the watch can deliver the
 //! change to the cache — and the agent streams can send it — before that (the embedded store
@@ -52,9 +54,16 @@ struct Send {
     at: u64,
 }
 
+/// A timeline's key: commit revision, then VM IP.
+type Key = (Revision, IpAddr);
+
+/// The lowest and the highest IP, to cover every timeline of a revision range.
+const LOWEST_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+const HIGHEST_IP: IpAddr = IpAddr::V6(std::net::Ipv6Addr::from_bits(u128::MAX));
+
 #[derive(Default)]
 struct Inner {
-    timelines: BTreeMap<Revision, MoveTimeline>,
+    timelines: BTreeMap<Key, MoveTimeline>,
     sends: VecDeque<Send>,
     /// Highest revision any stream has sent.
     max_sent: Revision,
@@ -95,7 +104,7 @@ impl MoveTimelines {
             }
         }
         let timelines = &mut inner.timelines;
-        timelines.insert(timeline.revision, timeline);
+        timelines.insert((timeline.revision, timeline.vm_ip), timeline);
         while timelines.len() > self.capacity {
             timelines.pop_first();
         }
@@ -113,7 +122,7 @@ impl MoveTimelines {
         }
         inner.sends.push_back(Send { after, upto, cached_mono_ns, at: now });
         inner.max_sent = inner.max_sent.max(upto);
-        for timeline in inner.timelines.range_mut(after + 1..=upto).map(|(_, t)| t) {
+        for timeline in inner.timelines.range_mut((after + 1, LOWEST_IP)..=(upto, HIGHEST_IP)).map(|(_, t)| t) {
             if timeline.cached_mono_ns == 0 {
                 timeline.cached_mono_ns = cached_mono_ns;
             }
@@ -125,13 +134,14 @@ impl MoveTimelines {
         }
     }
 
-    /// The timelines of these revisions (`None` where this replica recorded none), under one lock.
-    pub fn get_many(&self, revisions: &[Revision]) -> Vec<Option<MoveTimeline>> {
+    /// The timelines of these changes (revision, VM IP; `None` where this replica recorded
+    /// none), under one lock.
+    pub fn get_many(&self, changes: &[Key]) -> Vec<Option<MoveTimeline>> {
         if self.capacity == 0 {
-            return vec![None; revisions.len()];
+            return vec![None; changes.len()];
         }
         let inner = self.timelines.lock().expect("timeline lock");
-        revisions.iter().map(|r| inner.timelines.get(r).cloned()).collect()
+        changes.iter().map(|key| inner.timelines.get(key).cloned()).collect()
     }
 
     /// The timelines, oldest first, optionally only for one VM.
@@ -145,9 +155,11 @@ impl MoveTimelines {
 mod tests {
     use super::*;
 
+    const VM: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 10, 0, 11));
+
     fn timeline(revision: Revision) -> MoveTimeline {
         MoveTimeline {
-            vm_ip: "10.10.0.11".parse().unwrap(),
+            vm_ip: VM,
             move_seq: 1,
             fe_id: "fe2".into(),
             revision,
@@ -166,7 +178,7 @@ mod tests {
         timelines.committed(timeline(5));
         timelines.sent(4, 5, 250, 400);
         timelines.sent(3, 6, 250, 500);
-        let t = &timelines.get_many(&[5])[0].clone().unwrap();
+        let t = &timelines.get_many(&[(5, VM)])[0].clone().unwrap();
         assert_eq!((t.cached_mono_ns, t.first_sent_mono_ns, t.last_sent_mono_ns, t.streams_sent), (250, 400, 500, 2));
 
         // Revision 9 reaches the cache and two streams before the registry records its timeline.
@@ -174,10 +186,25 @@ mod tests {
         timelines.sent(6, 9, 280, 295);
         timelines.sent(9, 10, 281, 299);
         timelines.committed(timeline(9));
-        let t = timelines.get_many(&[9])[0].clone().unwrap();
+        let t = timelines.get_many(&[(9, VM)])[0].clone().unwrap();
         assert_eq!((t.cached_mono_ns, t.first_sent_mono_ns, t.last_sent_mono_ns, t.streams_sent), (280, 290, 295, 2));
         // A timeline no stream has sent yet stays unsent.
         timelines.committed(timeline(11));
-        assert_eq!(timelines.get_many(&[11])[0].as_ref().unwrap().streams_sent, 0);
+        assert_eq!(timelines.get_many(&[(11, VM)])[0].as_ref().unwrap().streams_sent, 0);
+    }
+
+    /// Two VMs committed in one transaction (one revision) keep a timeline each, and a send of
+    /// that revision counts for both.
+    #[test]
+    fn vms_committed_at_one_revision_keep_a_timeline_each() {
+        let timelines = MoveTimelines::new(8);
+        let v6: IpAddr = "fd00:10::11".parse().unwrap();
+        timelines.committed(timeline(7));
+        timelines.committed(MoveTimeline { vm_ip: v6, ..timeline(7) });
+        timelines.sent(6, 7, 350, 400);
+        let both = timelines.get_many(&[(7, VM), (7, v6)]);
+        let sent: Vec<_> = both.iter().map(|t| t.as_ref().map(|t| (t.vm_ip, t.first_sent_mono_ns))).collect();
+        assert_eq!(sent, vec![Some((VM, 400)), Some((v6, 400))]);
+        assert_eq!(timelines.list(Some(v6)).len(), 1);
     }
 }

@@ -411,7 +411,7 @@ impl Join<'_> {
         if pending.is_empty() {
             return;
         }
-        let revisions: Vec<Revision> = pending.iter().map(|p| p.revision).collect();
+        let revisions: Vec<(Revision, IpAddr)> = pending.iter().map(|p| (p.revision, p.vm_ip)).collect();
         for (p, timeline) in pending.into_iter().zip(self.timelines.get_many(&revisions)) {
             match timeline {
                 Some(t) => self.found(p, t),
@@ -431,7 +431,7 @@ impl Join<'_> {
         let due = self.late.iter().take_while(|p| now.duration_since(p.seen) >= LATE_CHECK).count();
         if due > 0 {
             let batch: Vec<Pending> = self.late.drain(..due).collect();
-            let revisions: Vec<Revision> = batch.iter().map(|p| p.revision).collect();
+            let revisions: Vec<(Revision, IpAddr)> = batch.iter().map(|p| (p.revision, p.vm_ip)).collect();
             for (p, timeline) in batch.into_iter().zip(self.timelines.get_many(&revisions)) {
                 match timeline {
                     Some(t) => self.found(p, t),
@@ -443,7 +443,7 @@ impl Join<'_> {
         if self.awaiting.is_empty() {
             return;
         }
-        let revisions: Vec<Revision> = self.awaiting.iter().map(|(p, _)| p.revision).collect();
+        let revisions: Vec<(Revision, IpAddr)> = self.awaiting.iter().map(|(p, _)| (p.revision, p.vm_ip)).collect();
         let timelines = self.timelines.get_many(&revisions);
         let waiting = std::mem::take(&mut self.awaiting);
         for ((p, old), timeline) in waiting.into_iter().zip(timelines) {
