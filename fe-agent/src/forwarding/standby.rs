@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use victor_dataplane::forwarder::{self, ForwarderConfig};
+use victor_dataplane::forwarder;
 
 use super::DataplaneConfig;
 use super::tun::TunPlane;
@@ -375,13 +375,10 @@ fn watch_death() -> tokio::sync::oneshot::Receiver<()> {
 /// Prepares the forwarder the take-over starts ([`victor_dataplane::forwarder::prepare_next`]):
 /// the device's queues open but detached, the workers' threads running, so that taking over is
 /// reading the records, attaching the queues and opening the underlay sockets. The
-/// configuration is the one [`TunPlane::start`] asks for; if it differs, or the preparation
+/// configuration is [`super::tun::forwarder_config`], the one [`TunPlane::start`] asks for; if it differs, or the preparation
 /// fails, the take-over opens its own.
 fn prepare(config: &DataplaneConfig) {
-    let mut fc = ForwarderConfig::new(&config.device);
-    fc.underlay_mtu = config.underlay_mtu;
-    fc.persist = true;
-    match forwarder::prepare_next(fc, config.underlay) {
+    match forwarder::prepare_next(super::tun::forwarder_config(config), config.underlay) {
         Ok(()) => tracing::info!(tun = %config.device, "standby forwarder prepared (queues detached)"),
         Err(e) => {
             tracing::warn!(tun = %config.device, error = %e, "could not prepare the standby forwarder: it will open its own on taking over")

@@ -168,10 +168,7 @@ impl TunPlane {
         if let Some(tun) = before {
             restored = restore(&fib, &routes, tun)?;
         }
-        let mut fc = ForwarderConfig::new(&config.device);
-        fc.underlay_mtu = config.underlay_mtu;
-        fc.persist = true;
-        let forwarder = Forwarder::start(fc, fib.clone())?;
+        let forwarder = Forwarder::start(forwarder_config(config), fib.clone())?;
         if !forwarder.adopted() || before != Some(forwarder.tun_index()) {
             // A new device (none was left, or it could not be adopted): nothing of it is true.
             fib.replace_all::<IpAddr, _>([])?;
@@ -333,6 +330,16 @@ impl TunPlane {
     pub fn is_running(&self) -> bool {
         self.forwarder.is_running()
     }
+}
+
+/// The forwarder a data plane starts on its persistent device. The standby prepares exactly
+/// this one ahead of a take-over ([`super::standby`]): a prepared forwarder is used only if its
+/// configuration matches.
+pub(super) fn forwarder_config(config: &DataplaneConfig) -> ForwarderConfig {
+    let mut fc = ForwarderConfig::new(&config.device);
+    fc.underlay_mtu = config.underlay_mtu;
+    fc.persist = true;
+    fc
 }
 
 /// Deletes the persistent TUN device `name` a userspace data plane left in this namespace, and
