@@ -304,7 +304,13 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
     if removed > 0 {
         tracing::info!(removed, "removed the devices a kernel data plane left in this namespace");
     }
-    let plane = TunPlane::start(config, kernel).await?;
+    // The standby of the previous run (if any) forwards: we start on its TUN queues.
+    let mut predecessor = standby::predecessor(&config.device).await.unwrap_or_else(|e| {
+        tracing::warn!(tun = %config.device, error = %e, "could not ask the standby of the previous run for its TUN queues");
+        None
+    });
+    let queues = predecessor.as_mut().map(|p| std::mem::take(&mut p.queues)).unwrap_or_default();
+    let plane = TunPlane::start(config, kernel, queues).await?;
     if !config.prefixes6.is_empty() {
         let tun = kernel
             .link_by_name(&config.device)
@@ -315,7 +321,17 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
         }
     }
     // This run forwards now: the standby of the previous one (if any) stops.
-    retire_standby(&config.device).await;
+    match predecessor {
+        Some(predecessor) => match predecessor.retire(std::time::Duration::from_secs(2)).await {
+            Ok(()) => {
+                tracing::info!(tun = %config.device, "retired the standby forwarder of the previous run (we forward on its queues)")
+            }
+            Err(e) => {
+                tracing::warn!(tun = %config.device, error = %e, "could not retire the standby forwarder of the previous run")
+            }
+        },
+        None => retire_standby(&config.device).await,
+    }
     Ok(Dataplane::Tun(plane))
 }
 
@@ -458,6 +474,15 @@ impl Dataplane {
         match self {
             Dataplane::Tun(plane) => Some(plane.hand_over_handle()),
             Dataplane::Kernel(_) => None,
+        }
+    }
+
+    /// Duplicates of the userspace forwarder's TUN queue descriptors, for its standby (none:
+    /// the kernel backend).
+    pub fn queue_descriptors(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        match self {
+            Dataplane::Tun(plane) => plane.queue_descriptors(),
+            Dataplane::Kernel(_) => Ok(Vec::new()),
         }
     }
 

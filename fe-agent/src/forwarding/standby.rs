@@ -5,40 +5,49 @@
 //! command line, told by [`STANDBY_FD`] which descriptor connects it to the agent — that waits,
 //! holding nothing, until the agent goes:
 //!
+//! **The TUN queues are handed on, never closed.** The agent passes the standby duplicates of its
+//! forwarder's TUN queue descriptors right after starting it ([`QUEUES`], `SCM_RIGHTS` on their
+//! socket pair), and the standby forwards on *those* queues when it takes over; the next agent
+//! asks the standby for them the same way ([`predecessor`]) and forwards on them before it
+//! retires the standby. A queue is detached — and what it holds dropped — only when its last
+//! descriptor closes, and steering never has to move a flow, so no hand-over loses what is
+//! queued, and a dead agent's queues are read on by the standby (what arrived while nobody
+//! read is forwarded late, not lost).
+//!
 //! * **Planned stop** (SIGTERM/SIGINT): the agent asks the standby to take over ([`Standby::take_over`])
 //!   and keeps forwarding until it answers that it forwards; then it hands the device over
-//!   ([`HAND_OVER_DRAIN`]: it stops writing into TUN, so the kernel moves every flow to the
-//!   standby's queues) and stops. Nothing is dropped. The standby hands over to the next agent
+//!   ([`HAND_OVER_DRAIN`]: it stops writing decapsulated packets into TUN, which the standby
+//!   does from then on) and stops. Nothing is dropped. The standby hands over to the next agent
 //!   the same way.
 //! * **Crash or `kill -9`**: the standby sees the agent die ([`super::death`]: a lock a thread of
 //!   the agent holds is released as soon as that thread exits, long before the kernel has torn
 //!   the rest down) or, failing that, its connection to the agent close ([`Lifeline`]), and takes
-//!   over at once; packets routed into the device in between are dropped.
+//!   over at once on the agent's queues; what the dead agent had read but not yet sent is lost.
 //!
 //! Taking over is starting a [`TunPlane`] on the persistent device: it adopts the forwarding
 //! table from the kernel records (see [`super::tun`]), as the agent did — read at that moment,
 //! as the agent changes them while it runs. Everything else is done while the standby waits
-//! ([`prepare`]): the device adopted and configured, its queues opened and kept detached (the
-//! kernel steers nothing to them), the workers' threads and runtimes started; taking over is
-//! then reading the records, opening the underlay sockets, attaching the queues — about a
-//! millisecond (starting it all took 5–20 ms on a busy two-core host, while the dead agent's
-//! packets were being dropped). The standby also holds duplicates of the agent's TUN queues
-//! (`pidfd_getfd`): taking over from a dead agent it detaches them, so the kernel stops steering
-//! flows into them at once instead of when the dead agent's files are closed (up to 40 ms later).
+//! ([`prepare`]): the device adopted and configured, its own queues opened (detached at once:
+//! the kernel steers nothing to them) to carry the agent's, the workers' threads and runtimes
+//! started; taking over is then reading the records, opening the underlay sockets and putting
+//! the agent's queues behind its own — about a millisecond (starting it all took 5–20 ms on a
+//! busy two-core host). Without the agent's queues (an agent of an older version) it attaches
+//! its own, and the kernel steers flows to them by hash.
 //!
-//! The next agent starts its own forwarder first and then retires the standby ([`retire`]), over
-//! an abstract Unix socket named after the device (per network namespace). A standby that no agent retires stops
-//! after the hold time (`--standby-hold`): the device and its routes stay; packets into it are then
-//! dropped until an agent runs again.
+//! The next agent finds the standby over an abstract Unix socket named after the device (per
+//! network namespace). A standby that no agent retires stops after the hold time
+//! (`--standby-hold`): the device and its routes stay; packets into it are then dropped until an
+//! agent runs again.
 
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use victor_dataplane::forwarder;
@@ -65,11 +74,16 @@ const FAILED: u8 = b'X';
 const RETIRE: u8 = b'R';
 /// Standby → next agent: stopped.
 const RETIRED: u8 = b'D';
+/// Agent → standby, right after starting it: the forwarder's TUN queues (as descriptors).
+/// Next agent → standby: your queues, please; standby → next agent: here they are.
+const QUEUES: u8 = b'Q';
 
 /// How long a forwarder that hands the device over ([`victor_dataplane::forwarder::HandOver`]) keeps
-/// reading its TUN queues while the kernel moves the flows to the other's queues (one round trip
-/// of each flow: 200 ms covers a 10 ms ping and TCP's delayed ACKs): the agent on a planned stop,
-/// the standby when the next agent retires it.
+/// reading its TUN queues after the other forwards: the agent on a planned stop, the standby
+/// when the next agent retires it. When the other took its queues over they share them and this
+/// is only a grace period; when it could not (an older version), the kernel moves each two-way
+/// flow to the other's queues within one round trip of it (200 ms covers a 10 ms ping and TCP's
+/// delayed ACKs).
 pub const HAND_OVER_DRAIN: Duration = Duration::from_millis(200);
 
 /// The abstract socket the standby of device `tun` listens on.
@@ -144,8 +158,8 @@ fn to_top(stream: UnixStream) -> UnixStream {
 
 impl Standby {
     /// Starts the standby on `lifeline`: this program with this command line and environment,
-    /// plus [`STANDBY_FD`].
-    pub fn spawn(lifeline: Lifeline) -> io::Result<Standby> {
+    /// plus [`STANDBY_FD`]; then passes it `queues`, the forwarder's TUN queues to take over on.
+    pub fn spawn(lifeline: Lifeline, queues: &[OwnedFd]) -> io::Result<Standby> {
         let Lifeline { ours, theirs, death } = lifeline;
         let fd = theirs.as_raw_fd();
         // At 64 or above (see `Lifeline::new`): neither moving it to 4 nor the connection to 3
@@ -176,6 +190,8 @@ impl Standby {
         let child = cmd.spawn()?;
         drop(theirs);
         drop(death);
+        // A fresh socket pair: the message waits in its buffer until the standby reads it.
+        send_with_fds(ours.as_fd(), QUEUES, queues)?;
         ours.set_nonblocking(true)?;
         Ok(Standby { child, control: tokio::net::UnixStream::from_std(ours)? })
     }
@@ -201,6 +217,88 @@ impl Standby {
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The standby a previous agent left, which handed us its TUN queues ([`predecessor`]).
+#[derive(Debug)]
+pub struct Predecessor {
+    stream: UnixStream,
+    /// Its TUN queues, to forward on ([`victor_dataplane::forwarder::Forwarder::start_on`]).
+    pub queues: Vec<OwnedFd>,
+}
+
+/// Asks the standby a previous agent left for device `tun` for its TUN queues; `None` when
+/// there is none, or it does not hand them on (an older version: retire it with [`retire`]).
+pub async fn predecessor(tun: &str) -> io::Result<Option<Predecessor>> {
+    let address = address(tun)?;
+    tokio::task::spawn_blocking(move || {
+        let stream = match UnixStream::connect_addr(&address) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        send_with_fds(stream.as_fd(), QUEUES, &[])?;
+        match recv_with_fds(stream.as_fd()) {
+            Ok((QUEUES, queues)) => Ok(Some(Predecessor { stream, queues })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+impl Predecessor {
+    /// Retires it (this agent forwards now, on its queues): returns once it stopped forwarding.
+    pub async fn retire(self, timeout: Duration) -> io::Result<()> {
+        let Predecessor { stream, queues } = self;
+        drop(queues);
+        tokio::task::spawn_blocking(move || {
+            stream.set_read_timeout(Some(timeout))?;
+            send_with_fds(stream.as_fd(), RETIRE, &[])?;
+            match recv_with_fds(stream.as_fd()) {
+                Ok((RETIRED, _)) => Ok(()),
+                Ok((other, _)) => Err(io::Error::other(format!("the standby answered {:?} to retire", other as char))),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}
+
+/// Sends the byte `tag` with `fds` attached (`SCM_RIGHTS`) on the Unix stream socket `sock`.
+fn send_with_fds(sock: BorrowedFd<'_>, tag: u8, fds: &[OwnedFd]) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    let sent = sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&[tag])], cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    if sent == 1 { Ok(()) } else { Err(io::Error::new(io::ErrorKind::WriteZero, "nothing sent")) }
+}
+
+/// Receives one byte and the descriptors sent with it ([`send_with_fds`]; at most
+/// [`forwarder::MAX_QUEUES`]).
+fn recv_with_fds(sock: BorrowedFd<'_>) -> io::Result<(u8, Vec<OwnedFd>)> {
+    let mut tag = [0u8; 1];
+    let mut iov = [IoSliceMut::new(&mut tag)];
+    let mut space = nix::cmsg_space!([RawFd; forwarder::MAX_QUEUES]);
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: descriptors the kernel just installed for us; nobody else owns them.
+            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "more descriptors than queues"));
+    }
+    match msg.bytes {
+        0 => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the other end closed")),
+        _ => Ok((tag[0], fds)),
     }
 }
 
@@ -239,17 +337,25 @@ pub enum StandbyError {
 pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Duration) -> Result<(), StandbyError> {
     // SAFETY: the agent passed this descriptor to us for our exclusive use.
     let control = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // The agent's TUN queues: we forward on them when we take over (see the module doc).
+    control.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let queues = match recv_with_fds(control.as_fd()) {
+        Ok((QUEUES, queues)) => queues,
+        Ok((other, _)) => {
+            tracing::warn!(tun = %config.device, order = ?(other as char), "the agent sent no TUN queues: taking over on our own");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::warn!(tun = %config.device, error = %e, "no TUN queues from the agent: taking over on our own");
+            Vec::new()
+        }
+    };
+    control.set_read_timeout(None)?;
     control.set_nonblocking(true)?;
     let mut control = tokio::net::UnixStream::from_std(control)?;
     prepare(config);
-    tracing::info!(tun = %config.device, "standby forwarder waiting for the agent to stop");
+    tracing::info!(tun = %config.device, queues = queues.len(), "standby forwarder waiting for the agent to stop");
     let died = watch_death();
-    // Duplicates of the agent's TUN queues: if it dies they are detached at once (the kernel
-    // would otherwise keep steering flows into them until the dead agent's files are closed).
-    let mut agent_queues = agent_queues(&config.device).unwrap_or_else(|e| {
-        tracing::warn!(tun = %config.device, error = %e, "cannot hold the agent's TUN queues: after a crash they take packets until its files close");
-        Vec::new()
-    });
     let mut order = [0u8; 1];
     let planned = tokio::select! {
         read = control.read(&mut order) => matches!(read, Ok(1) if order[0] == TAKE_OVER),
@@ -259,27 +365,16 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
         }
     };
     let since = std::time::Instant::now();
-    if planned {
-        // The agent drains its queues and closes them itself.
-        agent_queues.clear();
-    }
     // Found by the next agent from now on (the standby of the previous run, if it is still
     // letting go of the name, was retired by our agent).
     let listener = bind(&config.device).await?;
-    let plane = match TunPlane::start(config, kernel).await {
+    let plane = match TunPlane::start(config, kernel, queues).await {
         Ok(plane) => plane,
         Err(e) => {
             let _ = control.write_all(&[FAILED]).await;
             return Err(e.into());
         }
     };
-    if !planned {
-        for queue in agent_queues {
-            if let Err(e) = forwarder::detach_queue(queue.as_fd()) {
-                tracing::debug!(error = %e, "could not detach a queue of the dead agent (already gone)");
-            }
-        }
-    }
     if planned {
         let _ = control.write_all(&[FORWARDING]).await;
     }
@@ -297,7 +392,19 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
             accepted = listener.accept() => {
                 let (mut next, _) = accepted?;
                 let mut order = [0u8; 1];
-                let read = tokio::time::timeout(Duration::from_secs(1), next.read(&mut order)).await;
+                let mut read = tokio::time::timeout(Duration::from_secs(1), next.read(&mut order)).await;
+                if matches!(read, Ok(Ok(1)) if order[0] == QUEUES) {
+                    // The next agent starts on our queues, then retires us on this connection
+                    // (reading its records may take seconds with a million bindings).
+                    let sent = plane
+                        .queue_descriptors()
+                        .and_then(|queues| send_with_fds(next.as_fd(), QUEUES, &queues));
+                    if let Err(e) = sent {
+                        tracing::warn!(tun = %config.device, error = %e, "could not hand our TUN queues to the next agent");
+                        continue;
+                    }
+                    read = tokio::time::timeout(Duration::from_secs(120), next.read(&mut order)).await;
+                }
                 if matches!(read, Ok(Ok(1)) if order[0] == RETIRE) {
                     // The next agent forwards: drain our queues into it before closing them.
                     plane.hand_over_handle().start();
@@ -314,37 +421,6 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
             }
         }
     }
-}
-
-/// Duplicates of the TUN queues of device `tun` that our parent (the agent) holds, taken with
-/// `pidfd_getfd` (needs the right to ptrace it; none if the agent has no queue open).
-fn agent_queues(tun: &str) -> io::Result<Vec<OwnedFd>> {
-    // SAFETY: getppid cannot fail.
-    let agent = unsafe { libc::getppid() };
-    // SAFETY: pidfd_open returns a new descriptor or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, agent, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nobody else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
-    let wanted = format!("iff:\t{tun}\n");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{agent}/fdinfo"))? {
-        let entry = entry?;
-        let Some(n) = entry.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else { continue };
-        if !std::fs::read_to_string(entry.path()).is_ok_and(|info| info.contains(&wanted)) {
-            continue;
-        }
-        // SAFETY: pidfd_getfd returns a new descriptor or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), n, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor nobody else owns.
-        out.push(unsafe { OwnedFd::from_raw_fd(raw as RawFd) });
-    }
-    Ok(out)
 }
 
 /// Resolves when the agent's death lock ([`super::death`], descriptor [`DEATH_FD`]) tells the agent
@@ -374,7 +450,7 @@ fn watch_death() -> tokio::sync::oneshot::Receiver<()> {
 
 /// Prepares the forwarder the take-over starts ([`victor_dataplane::forwarder::prepare_next`]):
 /// the device's queues open but detached, the workers' threads running, so that taking over is
-/// reading the records, attaching the queues and opening the underlay sockets. The
+/// reading the records, putting the agent's queues behind ours and opening the underlay sockets. The
 /// configuration is [`super::tun::forwarder_config`], the one [`TunPlane::start`] asks for; if it differs, or the preparation
 /// fails, the take-over opens its own.
 fn prepare(config: &DataplaneConfig) {

@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
@@ -158,7 +159,9 @@ impl std::fmt::Debug for TunPlane {
 impl TunPlane {
     /// Starts the forwarder on the persistent TUN device (adopting the one a previous run left,
     /// with its routes and records: see the module doc) and routes the mobile prefixes into it.
-    pub async fn start(config: &DataplaneConfig, kernel: &Kernel) -> Result<TunPlane, TunError> {
+    /// It forwards on `queues`, the TUN queues of the forwarder it takes over from (the agent's
+    /// or its standby's, [`TunPlane::queue_descriptors`]), or on its own if there are none.
+    pub async fn start(config: &DataplaneConfig, kernel: &Kernel, queues: Vec<OwnedFd>) -> Result<TunPlane, TunError> {
         let fib = Arc::new(Fib::new(config.underlay));
         // The table is filled from the records before the forwarder reads its first packet: a
         // packet it reads from an adopted device is forwarded as the previous run would have.
@@ -168,7 +171,7 @@ impl TunPlane {
         if let Some(tun) = before {
             restored = restore(&fib, &routes, tun)?;
         }
-        let forwarder = Forwarder::start(forwarder_config(config), fib.clone())?;
+        let forwarder = Forwarder::start_on(forwarder_config(config), fib.clone(), queues)?;
         if !forwarder.adopted() || before != Some(forwarder.tun_index()) {
             // A new device (none was left, or it could not be adopted): nothing of it is true.
             fib.replace_all::<IpAddr, _>([])?;
@@ -324,6 +327,11 @@ impl TunPlane {
     /// Hands the device over to the standby ([`victor_dataplane::forwarder::HandOver`]).
     pub fn hand_over_handle(&self) -> HandOver {
         self.forwarder.hand_over_handle()
+    }
+
+    /// Duplicates of the forwarder's TUN queue descriptors, for the forwarder that takes over.
+    pub fn queue_descriptors(&self) -> std::io::Result<Vec<OwnedFd>> {
+        self.forwarder.queue_descriptors()
     }
 
     /// False once the forwarder has died.

@@ -38,6 +38,16 @@
 //! forwarder meant to take over at once ([`Prepared`], [`prepare_next`]) opens its queues ahead
 //! and keeps them detached until it starts.
 //!
+//! **Handing the queues on.** Closing the last descriptor of a TUN queue detaches it, and the
+//! kernel drops what it holds; steering moves a flow to another queue only when the queue count
+//! changes. So a forwarder that takes over from another one on the same device does best to
+//! forward on *the other's queues*: it gets duplicates of their descriptors (passed over a Unix
+//! socket, [`Forwarder::queue_descriptors`]) and starts on them ([`Forwarder::start_on`]); its own
+//! queues, opened only as containers for them, are detached the moment they are opened and
+//! replaced. The queues then live as long as any forwarder holds them: nothing is dropped when
+//! the previous forwarder closes its descriptors or dies, and what was queued while nobody read
+//! is forwarded by the next one.
+//!
 //! Modules: [`pipeline`] (per-packet decisions, pure), `worker` (the loops), `raw` (the
 //! underlay sockets, `sendmmsg`/`recvmmsg`), `steer` (the per-worker socket filters),
 //! `ratelimit` (the ICMP token bucket), `tun` (persistence ioctls), `buf` (receive buffers).
@@ -187,16 +197,19 @@ pub struct Forwarder {
     control: Option<OwnedFd>,
     adopted: bool,
     hand_over: HandOver,
+    /// Duplicates of the workers' TUN queue descriptors, to hand on ([`Forwarder::queue_descriptors`]).
+    queue_fds: Vec<OwnedFd>,
 }
 
 /// Handing a persistent device over to another forwarder on it without losing a packet (the
 /// fe-agent's standby: the next process attaches its own queues while this one still runs).
 /// Both processes' underlay sockets receive every tunnel packet (raw sockets each get a copy), so
 /// once [`HandOver::start`] is called this forwarder stops writing decapsulated packets into TUN
-/// and leaves that to the other; it keeps reading its TUN queues and encapsulating. TUN steers a
-/// flow's packets to the queue that last wrote the flow, so within a round trip every two-way
-/// flow's packets arrive at the other forwarder's queues instead, and closing this one's queues
-/// (which drops what they hold) finds them empty.
+/// and leaves that to the other; it keeps reading its TUN queues and encapsulating. When the
+/// other forwards on this one's queues ([`Forwarder::start_on`]) both read the same queues and
+/// closing this one's descriptors drops nothing; otherwise TUN steers a two-way flow to the
+/// queue that last wrote it, so within a round trip such flows move to the other's queues (a
+/// one-way flow stays where its hash puts it, and what its queue holds at the close is lost).
 #[derive(Debug, Clone, Default)]
 pub struct HandOver(Arc<AtomicBool>);
 
@@ -227,18 +240,47 @@ impl Forwarder {
     /// namespace, then forwards on the workers' threads until stopped. A forwarder prepared for
     /// this configuration ([`prepare_next`]) starts instead, if it still can.
     pub fn start(config: ForwarderConfig, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
+        Forwarder::start_on(config, fib, Vec::new())
+    }
+
+    /// Like [`Forwarder::start`], but forwards on `queues`: descriptors of the TUN queues another
+    /// forwarder of the same persistent device reads or read ([`Forwarder::queue_descriptors`]),
+    /// one per worker. Nothing they hold is lost, and the queues stay attached when the other
+    /// forwarder closes its descriptors (see the module doc). With no queues, or not one per
+    /// worker, or a device that is not persistent, it opens its own (said in the log).
+    pub fn start_on(config: ForwarderConfig, fib: Arc<Fib>, queues: Vec<OwnedFd>) -> Result<Forwarder, ForwarderError> {
+        let workers = validate(&config)?;
+        let queues = match queues.len() {
+            0 => queues,
+            n if n == workers
+                && config.persist
+                && queues.iter().all(|q| tun::device_name(q.as_raw_fd()).is_ok_and(|name| name == config.tun_name)) =>
+            {
+                queues
+            }
+            n => {
+                tracing::warn!(tun = %config.tun_name, inherited = n, workers, persist = config.persist, "cannot forward on the queues handed on (not one per worker of this persistent device): opening our own");
+                Vec::new()
+            }
+        };
         if let Some(prepared) = take_prepared(&config) {
-            match prepared.start(fib.clone()) {
-                Ok(forwarder) => return Ok(forwarder),
+            match prepared.check(&fib) {
+                Ok(()) => return run(prepared.config, prepared.device, prepared.workers, fib, queues),
                 Err(e) => {
                     tracing::warn!(tun = %config.tun_name, error = %e, "the prepared forwarder could not start; starting afresh")
                 }
             }
         }
-        let workers = validate(&config)?;
-        let device = Device::open(&config, fib.local_underlay(), workers)?;
+        // Our own queues only carry the inherited ones: detached as soon as they are opened.
+        let device = Device::open(&config, fib.local_underlay(), workers, !queues.is_empty())?;
         let threads = spawn_workers(&config.tun_name, workers)?;
-        run(config, device, threads, fib, false)
+        run(config, device, threads, fib, queues)
+    }
+
+    /// Duplicates of the descriptors of this forwarder's TUN queues, one per worker, for the
+    /// forwarder that takes over next ([`Forwarder::start_on`]).
+    pub fn queue_descriptors(&self) -> io::Result<Vec<OwnedFd>> {
+        self.queue_fds.iter().map(|fd| fd.try_clone()).collect()
     }
 
     /// Name of the TUN device (route the mobile prefix and remote /32s into it).
@@ -344,11 +386,20 @@ struct Device {
     /// For a persistent device: a duplicate of queue 0's descriptor (see `Forwarder`).
     control: Option<OwnedFd>,
     adopted: bool,
+    /// The queues are detached (`TUNSETQUEUE`): the kernel steers nothing to them.
+    detached: bool,
 }
 
 impl Device {
-    /// Creates or adopts the device of `config` with `workers` queues, up, configured.
-    fn open(config: &ForwarderConfig, local: Ipv4Addr, workers: usize) -> Result<Device, ForwarderError> {
+    /// Creates or adopts the device of `config` with `workers` queues, up, configured. With
+    /// `detached` each queue is detached right after it is opened (a multi-queue device only):
+    /// the kernel steers nothing to it, so nothing is lost in it when it closes unread.
+    fn open(
+        config: &ForwarderConfig,
+        local: Ipv4Addr,
+        workers: usize,
+        detached: bool,
+    ) -> Result<Device, ForwarderError> {
         let tunnel_mtu = config.tunnel_mtu();
         if usize::from(tunnel_mtu) < ipv6::MIN_MTU {
             tracing::warn!(tunnel_mtu, "tunnel MTU below 1280: the kernel carries no IPv6 on the TUN device");
@@ -370,14 +421,20 @@ impl Device {
             // An adopted device stays up: taking it down would flush every route into it.
             if adopt { builder.inherit_enable_state() } else { builder.enable(false) }.build_sync()
         };
-        let (dev, adopted) = match build(existed) {
+        let detach = |dev: tun_rs::SyncDevice| -> io::Result<tun_rs::SyncDevice> {
+            if detached {
+                tun::set_queue(dev.as_raw_fd(), false)?;
+            }
+            Ok(dev)
+        };
+        let (dev, adopted) = match build(existed).and_then(detach) {
             Ok(dev) => (dev, existed),
             // A device left by an earlier forwarder with other flags (queues, offload): it
             // cannot be adopted, so it is replaced (the agent re-installs its routes).
             Err(e) if existed && e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::warn!(tun = %config.tun_name, "persistent TUN device has other flags; replacing it");
                 tun::remove_persistent(&config.tun_name).map_err(tun_err)?;
-                (build(false).map_err(tun_err)?, false)
+                (build(false).and_then(detach).map_err(tun_err)?, false)
             }
             Err(e) => return Err(tun_err(e)),
         };
@@ -412,11 +469,31 @@ impl Device {
         }
         let mut queues = Vec::with_capacity(workers);
         for _ in 1..workers {
-            queues.push(dev.try_clone().map_err(tun_err)?);
+            queues.push(dev.try_clone().and_then(detach).map_err(tun_err)?);
         }
         queues.insert(0, dev);
         queues[0].enabled(true).map_err(tun_err)?;
-        Ok(Device { queues, tun_index, tunnel_mtu, control, adopted })
+        Ok(Device { queues, tun_index, tunnel_mtu, control, adopted, detached })
+    }
+
+    /// Puts `inherited` (one per queue) behind our queues' descriptor numbers (`dup3`): the
+    /// `tun_rs` devices, opened with this device's flags and offloads, then read and write the
+    /// inherited queues; ours (detached) close. The control descriptor follows.
+    fn take_queues(&mut self, inherited: &[OwnedFd]) -> io::Result<()> {
+        debug_assert!(self.detached && inherited.len() == self.queues.len());
+        for (ours, theirs) in self.queues.iter().zip(inherited) {
+            // SAFETY: both are open descriptors; nobody uses `ours` meanwhile (no worker has it
+            // yet), and the `tun_rs` device keeps owning the number, now for the inherited queue.
+            let rc = unsafe { libc::dup3(theirs.as_raw_fd(), ours.as_raw_fd(), libc::O_CLOEXEC) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if self.control.is_some() {
+            self.control = Some(inherited[0].try_clone()?);
+        }
+        self.detached = false;
+        Ok(())
     }
 
     /// Attaches (true) or detaches every queue ([`tun::set_queue`]).
@@ -477,14 +554,15 @@ fn spawn_workers(tun: &str, n: usize) -> Result<Vec<Waiting>, ForwarderError> {
         .collect()
 }
 
-/// Opens the underlay sockets, attaches the queues if `attach` (a prepared device's), and sets
-/// the waiting workers going on `device` with `fib`.
+/// Opens the underlay sockets, puts the `inherited` queues behind the device's (if any) or
+/// attaches its own if they are detached, and sets the waiting workers going on `device` with
+/// `fib`.
 fn run(
     config: ForwarderConfig,
-    device: Device,
+    mut device: Device,
     workers: Vec<Waiting>,
     fib: Arc<Fib>,
-    attach: bool,
+    inherited: Vec<OwnedFd>,
 ) -> Result<Forwarder, ForwarderError> {
     let local = fib.local_underlay();
     let n = workers.len() as u32;
@@ -497,9 +575,15 @@ fn run(
         let icmp6 = raw::open_icmp6().map_err(socket_err)?;
         sockets.push((sock, sock6, icmp6));
     }
-    if attach {
-        device.set_queues(true).map_err(|source| ForwarderError::Tun { name: config.tun_name.clone(), source })?;
+    let tun_err = |source| ForwarderError::Tun { name: config.tun_name.clone(), source };
+    if !inherited.is_empty() {
+        device.take_queues(&inherited).map_err(tun_err)?;
+        drop(inherited);
+    } else if device.detached {
+        device.set_queues(true).map_err(tun_err)?;
     }
+    let queue_fds = device.queues.iter().map(|q| q.as_fd().try_clone_to_owned()).collect::<io::Result<Vec<_>>>();
+    let queue_fds = queue_fds.map_err(tun_err)?;
     let counters = Arc::new(Counters::default());
     let (stop, stop_rx) = watch::channel(false);
     let shared = Arc::new(worker::Shared {
@@ -533,6 +617,7 @@ fn run(
         control: device.control,
         adopted: device.adopted,
         hand_over,
+        queue_fds,
     })
 }
 
@@ -563,8 +648,7 @@ impl Prepared {
             return Err(ForwarderError::Config("only a persistent device can be prepared ahead".into()));
         }
         let n = validate(&config)?;
-        let device = Device::open(&config, local, n)?;
-        device.set_queues(false).map_err(|source| ForwarderError::Tun { name: config.tun_name.clone(), source })?;
+        let device = Device::open(&config, local, n, true)?;
         let workers = spawn_workers(&config.tun_name, n)?;
         Ok(Prepared { config, local, device, workers })
     }
@@ -572,6 +656,12 @@ impl Prepared {
     /// Starts forwarding with `fib` (see [`Forwarder::start`]). Fails if the device is no
     /// longer the one prepared (deleted, replaced).
     pub fn start(self, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
+        self.check(&fib)?;
+        run(self.config, self.device, self.workers, fib, Vec::new())
+    }
+
+    /// Whether it can start with `fib`: same underlay address, same device.
+    fn check(&self, fib: &Fib) -> Result<(), ForwarderError> {
         let tun_err = |source| ForwarderError::Tun { name: self.config.tun_name.clone(), source };
         if fib.local_underlay() != self.local {
             return Err(ForwarderError::Config("prepared for another underlay address".into()));
@@ -580,7 +670,7 @@ impl Prepared {
         if index != self.device.tun_index {
             return Err(tun_err(io::Error::other("the device was replaced since it was prepared")));
         }
-        run(self.config, self.device, self.workers, fib, true)
+        Ok(())
     }
 }
 
@@ -596,13 +686,6 @@ pub fn prepare_next(config: ForwarderConfig, local: Ipv4Addr) -> Result<(), Forw
     let prepared = Prepared::new(config, local)?;
     *PREPARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
     Ok(())
-}
-
-/// Detaches the TUN queue `fd` (`TUNSETQUEUE`/`IFF_DETACH_QUEUE`): the kernel steers nothing to
-/// it any more (what it holds is dropped). For a queue of a forwarder that died (a duplicate of
-/// its descriptor keeps it attached).
-pub fn detach_queue(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    tun::set_queue(fd.as_raw_fd(), false)
 }
 
 /// Drops what [`prepare_next`] prepared (its queues close, its threads end).

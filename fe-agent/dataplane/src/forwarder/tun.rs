@@ -1,6 +1,6 @@
 //! TUN device persistence: whether a device exists in the calling thread's namespace, setting
-//! and clearing `TUNSETPERSIST`, attaching and detaching queues (`TUNSETQUEUE`), and deleting a
-//! persistent device left by an earlier process.
+//! and clearing `TUNSETPERSIST`, attaching and detaching queues (`TUNSETQUEUE`), which device a
+//! queue belongs to (`TUNGETIFF`), and deleting a persistent device left by an earlier process.
 
 use std::ffi::CString;
 use std::io;
@@ -29,6 +29,20 @@ pub(crate) fn set_queue(fd: RawFd, attach: bool) -> io::Result<()> {
     // SAFETY: `req` is a valid ifreq for TUNSETQUEUE, alive for the call; `fd` is a TUN queue.
     let rc = unsafe { libc::ioctl(fd, libc::TUNSETQUEUE, &mut req as *mut libc::ifreq) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The name of the TUN device the queue `fd` belongs to (`TUNGETIFF`; fails for a queue whose
+/// device was deleted).
+pub(crate) fn device_name(fd: RawFd) -> io::Result<String> {
+    // SAFETY: all-zero is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: `req` is a valid ifreq for TUNGETIFF, alive for the call.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req as *mut libc::ifreq) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let name: Vec<u8> = req.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    String::from_utf8(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "device name is not UTF-8"))
 }
 
 /// Attaches to the existing TUN device `name` with `flags`.
