@@ -471,7 +471,7 @@ fn a_prepared_forwarder_takes_nothing_until_it_starts_then_forwards() {
 /// agent's).
 #[test]
 fn a_forwarder_started_on_the_previous_ones_queues_forwards_what_they_held() {
-    use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, prepare_next};
+    use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, Prepared};
     let mut lab = Lab::build(true).unwrap();
     let (tun, fib) = (lab.fe(1).tun.clone(), lab.fe(1).fib.clone());
     let config = {
@@ -492,10 +492,10 @@ fn a_forwarder_started_on_the_previous_ones_queues_forwards_what_they_held() {
     let client = lab.client.run_in(IcmpSocket::open).unwrap().unwrap();
     let mut seq = 100;
     for prepared in [true, false] {
-        if prepared {
+        let ahead = prepared.then(|| {
             let (c, local) = (config.clone(), fib.local_underlay());
-            lab.ns(1).run_in(move || prepare_next(c, local)).unwrap().unwrap();
-        }
+            lab.ns(1).run_in(move || Prepared::new(c, local)).unwrap().unwrap()
+        });
         let previous = lab.fes[0].forwarder.take().unwrap();
         let queues = previous.queue_descriptors().unwrap();
         assert_eq!(queues.len(), 2);
@@ -507,7 +507,14 @@ fn a_forwarder_started_on_the_previous_ones_queues_forwards_what_they_held() {
         }
         std::thread::sleep(Duration::from_millis(200));
         let (c, f) = (config.clone(), fib.clone());
-        let next = lab.ns(1).run_in(move || Forwarder::start_on(c, f, queues)).unwrap().unwrap();
+        let next = lab
+            .ns(1)
+            .run_in(move || match ahead {
+                Some(prepared) => prepared.start_on(f, queues),
+                None => Forwarder::start_on(c, f, queues),
+            })
+            .unwrap()
+            .unwrap();
         assert!(next.adopted());
         assert_eq!((next.tun_index(), next.queues()), (index, 2));
         lab.fes[0].forwarder = Some(next);

@@ -310,16 +310,7 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
         None
     });
     let queues = predecessor.as_mut().map(|p| std::mem::take(&mut p.queues)).unwrap_or_default();
-    let plane = TunPlane::start(config, kernel, queues).await?;
-    if !config.prefixes6.is_empty() {
-        let tun = kernel
-            .link_by_name(&config.device)
-            .await?
-            .with_context(|| format!("the TUN device {} vanished", config.device))?;
-        for net in &config.prefixes6 {
-            kernel.replace_prefix_route6(*net, tun.index).await?;
-        }
-    }
+    let plane = TunPlane::start(config, kernel, tun::Takeover { queues, prepared: None }).await?;
     // This run forwards now: the standby of the previous one (if any) stops.
     match predecessor {
         Some(predecessor) => match predecessor.retire(std::time::Duration::from_secs(2)).await {

@@ -35,7 +35,7 @@
 //! its own, and the kernel steers flows to them by hash.
 //!
 //! The next agent finds the standby over an abstract Unix socket named after the device (per
-//! network namespace). A standby that no agent retires stops after the hold time
+//! network namespace); the standby answers only processes of its own user. A standby that no agent retires stops after the hold time
 //! (`--standby-hold`): the device and its routes stay; packets into it are then dropped until an
 //! agent runs again.
 
@@ -53,7 +53,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use victor_dataplane::forwarder;
 
 use super::DataplaneConfig;
-use super::tun::TunPlane;
+use super::tun::{Takeover, TunPlane};
 use crate::netlink::Kernel;
 
 /// The environment variable that makes `victor-fe-agent` a standby: the number of its
@@ -353,7 +353,7 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
     control.set_read_timeout(None)?;
     control.set_nonblocking(true)?;
     let mut control = tokio::net::UnixStream::from_std(control)?;
-    prepare(config);
+    let prepared = prepare(config);
     tracing::info!(tun = %config.device, queues = queues.len(), "standby forwarder waiting for the agent to stop");
     let died = watch_death();
     let mut order = [0u8; 1];
@@ -368,7 +368,7 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
     // Found by the next agent from now on (the standby of the previous run, if it is still
     // letting go of the name, was retired by our agent).
     let listener = bind(&config.device).await?;
-    let plane = match TunPlane::start(config, kernel, queues).await {
+    let plane = match TunPlane::start(config, kernel, Takeover { queues, prepared }).await {
         Ok(plane) => plane,
         Err(e) => {
             let _ = control.write_all(&[FAILED]).await;
@@ -391,6 +391,19 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
         tokio::select! {
             accepted = listener.accept() => {
                 let (mut next, _) = accepted?;
+                // Anyone in the namespace can connect to an abstract socket: only a process of
+                // our user (the next agent) may stop us or have the device's queues.
+                match next.peer_cred() {
+                    Ok(cred) if cred.uid() == nix::unistd::geteuid().as_raw() => {}
+                    Ok(cred) => {
+                        tracing::warn!(tun = %config.device, uid = cred.uid(), pid = ?cred.pid(), "refused a connection from another user");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(tun = %config.device, error = %e, "refused a connection whose user is unknown");
+                        continue;
+                    }
+                }
                 let mut order = [0u8; 1];
                 let mut read = tokio::time::timeout(Duration::from_secs(1), next.read(&mut order)).await;
                 if matches!(read, Ok(Ok(1)) if order[0] == QUEUES) {
@@ -406,7 +419,8 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
                     read = tokio::time::timeout(Duration::from_secs(120), next.read(&mut order)).await;
                 }
                 if matches!(read, Ok(Ok(1)) if order[0] == RETIRE) {
-                    // The next agent forwards: drain our queues into it before closing them.
+                    // The next agent forwards (on our queues: closing ours drops nothing; an
+                    // agent of an older version on its own, to which the drain moves the flows).
                     plane.hand_over_handle().start();
                     tokio::time::sleep(HAND_OVER_DRAIN).await;
                     drop(plane);
@@ -448,16 +462,19 @@ fn watch_death() -> tokio::sync::oneshot::Receiver<()> {
     rx
 }
 
-/// Prepares the forwarder the take-over starts ([`victor_dataplane::forwarder::prepare_next`]):
-/// the device's queues open but detached, the workers' threads running, so that taking over is
-/// reading the records, putting the agent's queues behind ours and opening the underlay sockets. The
-/// configuration is [`super::tun::forwarder_config`], the one [`TunPlane::start`] asks for; if it differs, or the preparation
+/// Prepares the forwarder the take-over starts ([`super::tun::prepare`]): the device's queues
+/// open but detached, the workers' threads running, so that taking over is reading the records,
+/// putting the agent's queues behind ours and opening the underlay sockets. If the preparation
 /// fails, the take-over opens its own.
-fn prepare(config: &DataplaneConfig) {
-    match forwarder::prepare_next(super::tun::forwarder_config(config), config.underlay) {
-        Ok(()) => tracing::info!(tun = %config.device, "standby forwarder prepared (queues detached)"),
+fn prepare(config: &DataplaneConfig) -> Option<forwarder::Prepared> {
+    match super::tun::prepare(config) {
+        Ok(prepared) => {
+            tracing::info!(tun = %config.device, "standby forwarder prepared (queues detached)");
+            Some(prepared)
+        }
         Err(e) => {
-            tracing::warn!(tun = %config.device, error = %e, "could not prepare the standby forwarder: it will open its own on taking over")
+            tracing::warn!(tun = %config.device, error = %e, "could not prepare the standby forwarder: it will open its own on taking over");
+            None
         }
     }
 }

@@ -25,12 +25,15 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
+use ipnet::IpNet;
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::{Action, Fib, FibError};
-use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, ForwarderError, HandOver, remove_persistent_tun};
+use victor_dataplane::forwarder::{
+    Forwarder, ForwarderConfig, ForwarderError, HandOver, Prepared, remove_persistent_tun,
+};
 
 pub use super::records::{BINDING_METRIC, PEER_METRIC, RECORD_TABLE};
 use super::records::{Record, Recorder, delete, metric_read, peer_of, record_route};
@@ -159,9 +162,9 @@ impl std::fmt::Debug for TunPlane {
 impl TunPlane {
     /// Starts the forwarder on the persistent TUN device (adopting the one a previous run left,
     /// with its routes and records: see the module doc) and routes the mobile prefixes into it.
-    /// It forwards on `queues`, the TUN queues of the forwarder it takes over from (the agent's
-    /// or its standby's, [`TunPlane::queue_descriptors`]), or on its own if there are none.
-    pub async fn start(config: &DataplaneConfig, kernel: &Kernel, queues: Vec<OwnedFd>) -> Result<TunPlane, TunError> {
+    /// Taking over from another forwarder on the device, it forwards on that one's TUN queues and
+    /// starts the forwarder prepared ahead, if any ([`Takeover`]).
+    pub async fn start(config: &DataplaneConfig, kernel: &Kernel, takeover: Takeover) -> Result<TunPlane, TunError> {
         let fib = Arc::new(Fib::new(config.underlay));
         // The table is filled from the records before the forwarder reads its first packet: a
         // packet it reads from an adopted device is forwarded as the previous run would have.
@@ -171,7 +174,7 @@ impl TunPlane {
         if let Some(tun) = before {
             restored = restore(&fib, &routes, tun)?;
         }
-        let forwarder = Forwarder::start_on(forwarder_config(config), fib.clone(), queues)?;
+        let forwarder = takeover.start(forwarder_config(config), fib.clone())?;
         if !forwarder.adopted() || before != Some(forwarder.tun_index()) {
             // A new device (none was left, or it could not be adopted): nothing of it is true.
             fib.replace_all::<IpAddr, _>([])?;
@@ -209,24 +212,29 @@ impl TunPlane {
         routes: &[Found],
     ) -> Result<(), TunError> {
         let tun = self.forwarder.tun_index();
-        // IPv4 prefix routes (the IPv6 ones are replaced by the caller: `super::start_tun`).
-        let prefixes = routes.iter().filter_map(|r| match r.dst {
-            IpAddr::V4(dst) if r.table == MAIN_TABLE && r.oif == tun && r.len < 32 => Some((dst, r.len)),
-            _ => None,
-        });
-        for (dst, len) in prefixes.clone() {
-            if !config.prefixes.iter().any(|p| p.network() == dst && p.prefix_len() == len) {
-                let msg = prefix_route(kernel, dst, len, tun);
-                delete(kernel, msg, format!("delete the stale route {dst}/{len}")).await?;
-                self.adoption.stale_routes_removed += 1;
-            }
+        // The mobile-prefix routes into the device, both families.
+        let present: Vec<IpNet> = routes
+            .iter()
+            .filter(|r| r.table == MAIN_TABLE && r.oif == tun && !r.is_host())
+            .filter_map(|r| IpNet::new(r.dst, r.len).ok())
+            .collect();
+        let wanted: Vec<IpNet> = config
+            .prefixes
+            .iter()
+            .map(|p| IpNet::V4(*p))
+            .chain(config.prefixes6.iter().map(|p| IpNet::V6(*p)))
+            .collect();
+        for net in present.iter().filter(|net| !wanted.contains(net)) {
+            let msg = prefix_route(kernel, *net, tun);
+            delete(kernel, msg, format!("delete the stale route {net}")).await?;
+            self.adoption.stale_routes_removed += 1;
         }
-        for net in &config.prefixes {
-            let present = prefixes.clone().any(|(dst, len)| dst == net.network() && len == net.prefix_len());
-            if !present {
-                kernel.replace_prefix_route(*net, tun).await?;
-                self.adoption.prefix_routes_set += 1;
+        for net in wanted.iter().filter(|net| !present.contains(net)) {
+            match net {
+                IpNet::V4(net) => kernel.replace_prefix_route(*net, tun).await?,
+                IpNet::V6(net) => kernel.replace_prefix_route6(*net, tun).await?,
             }
+            self.adoption.prefix_routes_set += 1;
         }
         for r in routes.iter().filter(|r| r.is_record_of(tun)) {
             let kept = match (r.metric, r.dst) {
@@ -340,14 +348,49 @@ impl TunPlane {
     }
 }
 
-/// The forwarder a data plane starts on its persistent device. The standby prepares exactly
-/// this one ahead of a take-over ([`super::standby`]): a prepared forwarder is used only if its
-/// configuration matches.
-pub(super) fn forwarder_config(config: &DataplaneConfig) -> ForwarderConfig {
+/// The forwarder a data plane starts on its persistent device (and [`prepare`] prepares).
+fn forwarder_config(config: &DataplaneConfig) -> ForwarderConfig {
     let mut fc = ForwarderConfig::new(&config.device);
     fc.underlay_mtu = config.underlay_mtu;
     fc.persist = true;
     fc
+}
+
+/// Prepares the forwarder of `config` ahead of a take-over ([`Prepared`]: the device adopted
+/// and configured, its queues open but detached, its threads started), for [`Takeover`].
+pub fn prepare(config: &DataplaneConfig) -> Result<Prepared, ForwarderError> {
+    Prepared::new(forwarder_config(config), config.underlay)
+}
+
+/// What a forwarder that takes over from another one on the device starts with (the
+/// standby's, the next agent's); the default is a forwarder started afresh on its own queues.
+#[derive(Debug, Default)]
+pub struct Takeover {
+    /// The TUN queues of the forwarder taken over from ([`TunPlane::queue_descriptors`]).
+    pub queues: Vec<OwnedFd>,
+    /// A forwarder prepared ahead ([`prepare`]), started if it still can.
+    pub prepared: Option<Prepared>,
+}
+
+impl Takeover {
+    /// Starts the forwarder of configuration `fc` with `fib`: the prepared one if it was
+    /// prepared for `fc` and the device is still the same, else afresh; on the queues taken over.
+    fn start(self, fc: ForwarderConfig, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
+        let Takeover { queues, prepared } = self;
+        match prepared {
+            Some(prepared) if *prepared.config() == fc => match prepared.check(&fib) {
+                Ok(()) => return prepared.start_on(fib, queues),
+                Err(e) => {
+                    tracing::warn!(tun = %fc.tun_name, error = %e, "the prepared forwarder cannot start; starting afresh")
+                }
+            },
+            Some(_) => {
+                tracing::info!(tun = %fc.tun_name, "the forwarder was prepared for another configuration; starting afresh")
+            }
+            None => {}
+        }
+        Forwarder::start_on(fc, fib, queues)
+    }
 }
 
 /// Deletes the persistent TUN device `name` a userspace data plane left in this namespace, and
@@ -416,14 +459,23 @@ fn if_index(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// `NET dev TUN proto P scope link` (as [`Kernel::replace_prefix_route`] installs it).
-fn prefix_route(kernel: &Kernel, dst: Ipv4Addr, len: u8, tun: u32) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst, len)
-        .output_interface(tun)
-        .protocol(RouteProtocol::from(kernel.protocol()))
-        .scope(RouteScope::Link)
-        .build()
+/// `NET dev TUN proto P` (IPv4: `scope link`), as [`Kernel::replace_prefix_route`] and
+/// [`Kernel::replace_prefix_route6`] install it.
+fn prefix_route(kernel: &Kernel, net: IpNet, tun: u32) -> RouteMessage {
+    let protocol = RouteProtocol::from(kernel.protocol());
+    match net {
+        IpNet::V4(net) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .output_interface(tun)
+            .protocol(protocol)
+            .scope(RouteScope::Link)
+            .build(),
+        IpNet::V6(net) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .output_interface(tun)
+            .protocol(protocol)
+            .build(),
+    }
 }
 
 /// Our routes of both families in every table, with what the adoption needs.

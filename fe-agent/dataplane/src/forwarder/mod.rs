@@ -35,8 +35,8 @@
 //! With [`ForwarderConfig::persist`] the TUN device is persistent: when the process dies the
 //! device stays, with its address and every route into it (packets routed into it meanwhile are
 //! dropped by the kernel, as no queue is attached), and the next forwarder adopts it. A
-//! forwarder meant to take over at once ([`Prepared`], [`prepare_next`]) opens its queues ahead
-//! and keeps them detached until it starts.
+//! forwarder meant to take over at once ([`Prepared`]) opens its queues ahead and keeps them
+//! detached until it starts.
 //!
 //! **Handing the queues on.** Closing the last descriptor of a TUN queue detaches it, and the
 //! kernel drops what it holds; steering moves a flow to another queue only when the queue count
@@ -237,8 +237,7 @@ impl std::fmt::Debug for Forwarder {
 impl Forwarder {
     /// Creates the TUN device (up, MTU = tunnel MTU, one queue per worker) and one underlay
     /// socket per worker bound to `fib.local_underlay()` in the calling thread's network
-    /// namespace, then forwards on the workers' threads until stopped. A forwarder prepared for
-    /// this configuration ([`prepare_next`]) starts instead, if it still can.
+    /// namespace, then forwards on the workers' threads until stopped.
     pub fn start(config: ForwarderConfig, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
         Forwarder::start_on(config, fib, Vec::new())
     }
@@ -250,27 +249,7 @@ impl Forwarder {
     /// worker, or a device that is not persistent, it opens its own (said in the log).
     pub fn start_on(config: ForwarderConfig, fib: Arc<Fib>, queues: Vec<OwnedFd>) -> Result<Forwarder, ForwarderError> {
         let workers = validate(&config)?;
-        let queues = match queues.len() {
-            0 => queues,
-            n if n == workers
-                && config.persist
-                && queues.iter().all(|q| tun::device_name(q.as_raw_fd()).is_ok_and(|name| name == config.tun_name)) =>
-            {
-                queues
-            }
-            n => {
-                tracing::warn!(tun = %config.tun_name, inherited = n, workers, persist = config.persist, "cannot forward on the queues handed on (not one per worker of this persistent device): opening our own");
-                Vec::new()
-            }
-        };
-        if let Some(prepared) = take_prepared(&config) {
-            match prepared.check(&fib) {
-                Ok(()) => return run(prepared.config, prepared.device, prepared.workers, fib, queues),
-                Err(e) => {
-                    tracing::warn!(tun = %config.tun_name, error = %e, "the prepared forwarder could not start; starting afresh")
-                }
-            }
-        }
+        let queues = usable(&config, workers, queues);
         // Our own queues only carry the inherited ones: detached as soon as they are opened.
         let device = Device::open(&config, fib.local_underlay(), workers, !queues.is_empty())?;
         let threads = spawn_workers(&config.tun_name, workers)?;
@@ -354,6 +333,24 @@ impl Forwarder {
             result = result.and(r);
         }
         result
+    }
+}
+
+/// `queues` handed on for a forwarder of `config` with `workers` workers, if it can forward on
+/// them (one per worker of this persistent device), else none (said in the log).
+fn usable(config: &ForwarderConfig, workers: usize, queues: Vec<OwnedFd>) -> Vec<OwnedFd> {
+    match queues.len() {
+        0 => queues,
+        n if n == workers
+            && config.persist
+            && queues.iter().all(|q| tun::device_name(q.as_raw_fd()).is_ok_and(|name| name == config.tun_name)) =>
+        {
+            queues
+        }
+        n => {
+            tracing::warn!(tun = %config.tun_name, inherited = n, workers, persist = config.persist, "cannot forward on the queues handed on (not one per worker of this persistent device): opening our own");
+            Vec::new()
+        }
     }
 }
 
@@ -653,15 +650,29 @@ impl Prepared {
         Ok(Prepared { config, local, device, workers })
     }
 
+    /// The configuration it was prepared for.
+    pub fn config(&self) -> &ForwarderConfig {
+        &self.config
+    }
+
     /// Starts forwarding with `fib` (see [`Forwarder::start`]). Fails if the device is no
     /// longer the one prepared (deleted, replaced).
     pub fn start(self, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
-        self.check(&fib)?;
-        run(self.config, self.device, self.workers, fib, Vec::new())
+        self.start_on(fib, Vec::new())
     }
 
-    /// Whether it can start with `fib`: same underlay address, same device.
-    fn check(&self, fib: &Fib) -> Result<(), ForwarderError> {
+    /// Starts forwarding with `fib` on `queues`, those of the forwarder it takes over from (see
+    /// [`Forwarder::start_on`]); on its own queues if there are none. Fails like
+    /// [`Prepared::start`].
+    pub fn start_on(self, fib: Arc<Fib>, queues: Vec<OwnedFd>) -> Result<Forwarder, ForwarderError> {
+        self.check(&fib)?;
+        let queues = usable(&self.config, self.workers.len(), queues);
+        run(self.config, self.device, self.workers, fib, queues)
+    }
+
+    /// Whether it can start with `fib`: same underlay address, same device (else start a
+    /// forwarder afresh).
+    pub fn check(&self, fib: &Fib) -> Result<(), ForwarderError> {
         let tun_err = |source| ForwarderError::Tun { name: self.config.tun_name.clone(), source };
         if fib.local_underlay() != self.local {
             return Err(ForwarderError::Config("prepared for another underlay address".into()));
@@ -671,36 +682,6 @@ impl Prepared {
             return Err(tun_err(io::Error::other("the device was replaced since it was prepared")));
         }
         Ok(())
-    }
-}
-
-/// The forwarder [`prepare_next`] prepared, for the next [`Forwarder::start`] of its
-/// configuration in this process.
-static PREPARED: Mutex<Option<Prepared>> = Mutex::new(None);
-
-/// Prepares a forwarder ([`Prepared`]) that the next [`Forwarder::start`] in this process with
-/// the same `config` and underlay address `local` starts instead of opening its own (replacing
-/// one prepared before). For a caller that starts its forwarder through code that builds the
-/// configuration itself (the fe-agent's standby: its `TunPlane`).
-pub fn prepare_next(config: ForwarderConfig, local: Ipv4Addr) -> Result<(), ForwarderError> {
-    let prepared = Prepared::new(config, local)?;
-    *PREPARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
-    Ok(())
-}
-
-/// Drops what [`prepare_next`] prepared (its queues close, its threads end).
-pub fn discard_prepared() {
-    PREPARED.lock().unwrap_or_else(|e| e.into_inner()).take();
-}
-
-/// The prepared forwarder if it was prepared for `config`.
-fn take_prepared(config: &ForwarderConfig) -> Option<Prepared> {
-    let prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-    if prepared.config == *config {
-        Some(prepared)
-    } else {
-        tracing::info!(tun = %config.tun_name, "a forwarder was prepared for another configuration: starting afresh");
-        None
     }
 }
 
