@@ -66,18 +66,16 @@ pub async fn run(config: Config) -> Result<()> {
     let (dataplane, choice) = start_dataplane(&config, &kernel, underlay_mtu, &metrics).await?;
     // The userspace data plane's standby forwards while this agent is not running.
     let mut standby = match (choice.backend, lifeline) {
-        (Backend::Tun, Some(lifeline)) => {
-            match dataplane.queue_descriptors().and_then(|q| Standby::spawn(lifeline, &q)) {
-                Ok(s) => {
-                    tracing::info!(pid = s.pid(), "standby forwarder started");
-                    Some(s)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not start the standby forwarder: a restart will interrupt forwarding");
-                    None
-                }
+        (Backend::Tun, Some(lifeline)) => match dataplane.handed_on().and_then(|h| Standby::spawn(lifeline, h)) {
+            Ok(s) => {
+                tracing::info!(pid = s.pid(), "standby forwarder started");
+                Some(s)
             }
-        }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the standby forwarder: a restart will interrupt forwarding");
+                None
+            }
+        },
         _ => None,
     };
     let kernel_counters = dataplane.kernel_counters();

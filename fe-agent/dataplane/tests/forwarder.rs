@@ -463,74 +463,85 @@ fn a_prepared_forwarder_takes_nothing_until_it_starts_then_forwards() {
     wait_until("the persistent device to go", T, || !lab.ns(1).links().unwrap().contains(&tun)).unwrap();
 }
 
-/// A forwarder that starts on the TUN queues of the one before it ([`Forwarder::start_on`]: how
-/// the fe-agent's standby and the next agent take over) forwards what was queued in them while
-/// nobody read — a duplicate of each descriptor kept them attached, so nothing was dropped — and
-/// everything after, as the only reader (its own queues, opened to carry them, take nothing).
-/// Both ways: a forwarder prepared ahead (the standby's) and one started afresh (the next
+/// A forwarder that starts on what the one before it handed on ([`Forwarder::start_on`]: its TUN
+/// queues and underlay sockets — how the fe-agent's standby and the next agent take over)
+/// forwards what was queued in them while nobody read — a duplicate of each descriptor kept them
+/// open, so nothing was dropped — and everything after, as the only reader (its own queues,
+/// opened to carry the inherited ones, take nothing). At fe1 the echo requests wait in the TUN
+/// queues (client → TUN → tunnel); at fe2 they wait in the raw IP-in-IP sockets (tunnel → TUN →
+/// VM). Both ways: a forwarder prepared ahead (the standby's) and one started afresh (the next
 /// agent's).
 #[test]
-fn a_forwarder_started_on_the_previous_ones_queues_forwards_what_they_held() {
+fn a_forwarder_started_on_what_the_previous_one_handed_on_forwards_what_waited_in_it() {
     use victor_dataplane::forwarder::{Forwarder, ForwarderConfig, Prepared};
     let mut lab = Lab::build(true).unwrap();
-    let (tun, fib) = (lab.fe(1).tun.clone(), lab.fe(1).fib.clone());
-    let config = {
-        let mut config = ForwarderConfig::new(&tun);
-        config.persist = true;
-        config.queues = 2;
-        config
-    };
-    lab.fes[0].forwarder.take().unwrap().stop().unwrap();
-    wait_until("the old TUN device to go", T, || !lab.ns(1).links().unwrap().contains(&tun)).unwrap();
-    let (c, f) = (config.clone(), fib.clone());
-    let first = lab.ns(1).run_in(move || Forwarder::start(c, f)).unwrap().unwrap();
-    lab.ns(1).route(&[MOBILE_PREFIX, "dev", &tun]).unwrap();
-    let index = first.tun_index();
-    lab.fes[0].forwarder = Some(first);
-    assert_eq!(client_probe(&lab, Probe::echo(VM, 1), T).unwrap(), Some(ProbeReply::EchoReply { from: VM }));
-
     let client = lab.client.run_in(IcmpSocket::open).unwrap().unwrap();
     let mut seq = 100;
-    for prepared in [true, false] {
-        let ahead = prepared.then(|| {
-            let (c, local) = (config.clone(), fib.local_underlay());
-            lab.ns(1).run_in(move || Prepared::new(c, local)).unwrap().unwrap()
-        });
-        let previous = lab.fes[0].forwarder.take().unwrap();
-        let queues = previous.queue_descriptors().unwrap();
-        assert_eq!(queues.len(), 2);
-        previous.stop().unwrap();
-        // Nobody reads: these wait in the queues.
-        let gap: Vec<u16> = (0..10).map(|i| seq + i).collect();
-        for s in &gap {
-            client.send(&IcmpSocket::echo_packet(CLIENT, &Probe::echo(VM, *s))).unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    for n in [1, 2] {
+        let (tun, fib) = (lab.fe(n).tun.clone(), lab.fe(n).fib.clone());
+        let config = {
+            let mut config = ForwarderConfig::new(&tun);
+            config.persist = true;
+            config.queues = 2;
+            config
+        };
+        // A persistent forwarder in place of the lab's (a new device: its routes go with the
+        // old one and are put back).
+        lab.fes[n - 1].forwarder.take().unwrap().stop().unwrap();
+        wait_until("the old TUN device to go", T, || !lab.ns(n).links().unwrap().contains(&tun)).unwrap();
         let (c, f) = (config.clone(), fib.clone());
-        let next = lab
-            .ns(1)
-            .run_in(move || match ahead {
-                Some(prepared) => prepared.start_on(f, queues),
-                None => Forwarder::start_on(c, f, queues),
-            })
-            .unwrap()
-            .unwrap();
-        assert!(next.adopted());
-        assert_eq!((next.tun_index(), next.queues()), (index, 2));
-        lab.fes[0].forwarder = Some(next);
-        // And after: they reach the one reader.
-        let after: Vec<u16> = (10..20).map(|i| seq + i).collect();
-        for s in &after {
-            client.send(&IcmpSocket::echo_packet(CLIENT, &Probe::echo(VM, *s))).unwrap();
+        let first = lab.ns(n).run_in(move || Forwarder::start(c, f)).unwrap().unwrap();
+        lab.ns(n).route(&[MOBILE_PREFIX, "dev", &tun]).unwrap();
+        let index = first.tun_index();
+        lab.fes[n - 1].forwarder = Some(first);
+        let probe = client_probe(&lab, Probe::echo(VM, seq), T).unwrap();
+        assert_eq!(probe, Some(ProbeReply::EchoReply { from: VM }), "fe{n}");
+        seq += 1;
+        // Our socket saw that reply too (every raw ICMP socket does): not one of the counted.
+        client.replies(Duration::from_millis(300));
+        for prepared in [true, false] {
+            let ahead = prepared.then(|| {
+                let (c, local) = (config.clone(), fib.local_underlay());
+                lab.ns(n).run_in(move || Prepared::new(c, local)).unwrap().unwrap()
+            });
+            let previous = lab.fes[n - 1].forwarder.take().unwrap();
+            let handed = previous.handed_on().unwrap();
+            assert_eq!((handed.queues.len(), handed.ipip.len(), handed.sixin4.len()), (2, 2, 2));
+            previous.stop().unwrap();
+            // Nobody reads: these wait in fe1's queues or in fe2's sockets.
+            for s in seq..seq + 10 {
+                client.send(&IcmpSocket::echo_packet(CLIENT, &Probe::echo(VM, s))).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let (c, f) = (config.clone(), fib.clone());
+            let next = lab
+                .ns(n)
+                .run_in(move || match ahead {
+                    Some(prepared) => prepared.start_on(f, handed),
+                    None => Forwarder::start_on(c, f, handed),
+                })
+                .unwrap()
+                .unwrap();
+            assert!(next.adopted());
+            assert_eq!((next.tun_index(), next.queues()), (index, 2));
+            lab.fes[n - 1].forwarder = Some(next);
+            // And after: they reach the one reader.
+            for s in seq + 10..seq + 20 {
+                client.send(&IcmpSocket::echo_packet(CLIENT, &Probe::echo(VM, s))).unwrap();
+            }
+            let replies = client.replies(Duration::from_secs(2));
+            let echoed = replies.iter().filter(|r| **r == ProbeReply::EchoReply { from: VM }).count();
+            assert_eq!(
+                echoed, 20,
+                "fe{n}, prepared {prepared}: every echo that waited while nobody read, and every one after, is answered \
+                 once: {replies:?}"
+            );
+            seq += 20;
         }
-        let replies = client.replies(Duration::from_secs(2));
-        let echoed = replies.iter().filter(|r| **r == ProbeReply::EchoReply { from: VM }).count();
-        assert_eq!(
-            echoed, 20,
-            "prepared {prepared}: every echo queued while nobody read, and every one after, is answered: {replies:?}"
-        );
-        seq += 20;
     }
-    lab.fes[0].forwarder.take().unwrap().remove().unwrap();
-    wait_until("the persistent device to go", T, || !lab.ns(1).links().unwrap().contains(&tun)).unwrap();
+    for n in [1, 2] {
+        let tun = lab.fe(n).tun.clone();
+        lab.fes[n - 1].forwarder.take().unwrap().remove().unwrap();
+        wait_until("the persistent device to go", T, || !lab.ns(n).links().unwrap().contains(&tun)).unwrap();
+    }
 }

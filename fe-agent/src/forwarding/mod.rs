@@ -41,7 +41,7 @@ use rtnetlink::{LinkIpIp, LinkSit};
 use serde::Serialize;
 use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::Fib;
-use victor_dataplane::forwarder::HandOver;
+use victor_dataplane::forwarder::{HandOver, HandedOn};
 use victor_dataplane::kernel::ModuleLoad;
 
 use crate::netlink::Kernel;
@@ -304,13 +304,13 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
     if removed > 0 {
         tracing::info!(removed, "removed the devices a kernel data plane left in this namespace");
     }
-    // The standby of the previous run (if any) forwards: we start on its TUN queues.
+    // The standby of the previous run (if any) forwards: we start on its TUN queues and sockets.
     let mut predecessor = standby::predecessor(&config.device).await.unwrap_or_else(|e| {
         tracing::warn!(tun = %config.device, error = %e, "could not ask the standby of the previous run for its TUN queues");
         None
     });
-    let queues = predecessor.as_mut().map(|p| std::mem::take(&mut p.queues)).unwrap_or_default();
-    let plane = TunPlane::start(config, kernel, tun::Takeover { queues, prepared: None }).await?;
+    let handed = predecessor.as_mut().map(|p| std::mem::take(&mut p.handed)).unwrap_or_default();
+    let plane = TunPlane::start(config, kernel, tun::Takeover { handed, prepared: None }).await?;
     // This run forwards now: the standby of the previous one (if any) stops.
     match predecessor {
         Some(predecessor) => match predecessor.retire(std::time::Duration::from_secs(2)).await {
@@ -468,12 +468,12 @@ impl Dataplane {
         }
     }
 
-    /// Duplicates of the userspace forwarder's TUN queue descriptors, for its standby (none:
-    /// the kernel backend).
-    pub fn queue_descriptors(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+    /// Duplicates of the userspace forwarder's TUN queues and underlay sockets, for its standby
+    /// (none: the kernel backend).
+    pub fn handed_on(&self) -> std::io::Result<HandedOn> {
         match self {
-            Dataplane::Tun(plane) => plane.queue_descriptors(),
-            Dataplane::Kernel(_) => Ok(Vec::new()),
+            Dataplane::Tun(plane) => plane.handed_on(),
+            Dataplane::Kernel(_) => Ok(HandedOn::default()),
         }
     }
 

@@ -5,14 +5,15 @@
 //! command line, told by [`STANDBY_FD`] which descriptor connects it to the agent — that waits,
 //! holding nothing, until the agent goes:
 //!
-//! **The TUN queues are handed on, never closed.** The agent passes the standby duplicates of its
-//! forwarder's TUN queue descriptors right after starting it ([`QUEUES`], `SCM_RIGHTS` on their
-//! socket pair), and the standby forwards on *those* queues when it takes over; the next agent
-//! asks the standby for them the same way ([`predecessor`]) and forwards on them before it
-//! retires the standby. A queue is detached — and what it holds dropped — only when its last
-//! descriptor closes, and steering never has to move a flow, so no hand-over loses what is
-//! queued, and a dead agent's queues are read on by the standby (what arrived while nobody
-//! read is forwarded late, not lost).
+//! **The TUN queues and underlay sockets are handed on, never closed.** The agent passes the
+//! standby duplicates of its forwarder's TUN queues and raw underlay sockets right after
+//! starting it ([`HANDED`], `SCM_RIGHTS` on their socket pair), and the standby forwards on
+//! *those* when it takes over; the next agent asks the standby for them the same way
+//! ([`predecessor`]) and forwards on them before it retires the standby. A queue is detached —
+//! and what it holds dropped — only when its last descriptor closes, steering never has to move
+//! a flow, and a socket's receive buffer lives as long as the socket: no hand-over loses what is
+//! queued, a dead agent's queues and sockets are read on by the standby (what arrived while
+//! nobody read is forwarded late, not lost), and no tunnel packet is read by both.
 //!
 //! * **Planned stop** (SIGTERM/SIGINT): the agent asks the standby to take over ([`Standby::take_over`])
 //!   and keeps forwarding until it answers that it forwards; then it hands the device over
@@ -22,17 +23,18 @@
 //! * **Crash or `kill -9`**: the standby sees the agent die ([`super::death`]: a lock a thread of
 //!   the agent holds is released as soon as that thread exits, long before the kernel has torn
 //!   the rest down) or, failing that, its connection to the agent close ([`Lifeline`]), and takes
-//!   over at once on the agent's queues; what the dead agent had read but not yet sent is lost.
+//!   over at once on the agent's queues and sockets; what the dead agent had read but not yet
+//!   sent is lost.
 //!
 //! Taking over is starting a [`TunPlane`] on the persistent device: it adopts the forwarding
 //! table from the kernel records (see [`super::tun`]), as the agent did — read at that moment,
 //! as the agent changes them while it runs. Everything else is done while the standby waits
 //! ([`prepare`]): the device adopted and configured, its own queues opened (detached at once:
 //! the kernel steers nothing to them) to carry the agent's, the workers' threads and runtimes
-//! started; taking over is then reading the records, opening the underlay sockets and putting
-//! the agent's queues behind its own — about a millisecond (starting it all took 5–20 ms on a
-//! busy two-core host). Without the agent's queues (an agent of an older version) it attaches
-//! its own, and the kernel steers flows to them by hash.
+//! started; taking over is then reading the records and putting the agent's queues behind its
+//! own — about a millisecond (starting it all took 5–20 ms on a busy two-core host). Without
+//! the agent's descriptors (an agent of an older version) it attaches its own queues, opens its
+//! own sockets, and the kernel steers flows to its queues by hash.
 //!
 //! The next agent finds the standby over an abstract Unix socket named after the device (per
 //! network namespace); the standby answers only processes of its own user. A standby that no agent retires stops after the hold time
@@ -50,7 +52,7 @@ use std::time::Duration;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use victor_dataplane::forwarder;
+use victor_dataplane::forwarder::{self, HandedOn};
 
 use super::DataplaneConfig;
 use super::tun::{Takeover, TunPlane};
@@ -74,9 +76,11 @@ const FAILED: u8 = b'X';
 const RETIRE: u8 = b'R';
 /// Standby → next agent: stopped.
 const RETIRED: u8 = b'D';
-/// Agent → standby, right after starting it: the forwarder's TUN queues (as descriptors).
-/// Next agent → standby: your queues, please; standby → next agent: here they are.
-const QUEUES: u8 = b'Q';
+/// Agent → standby, right after starting it, and standby → next agent when asked ([`ASK`]): the
+/// forwarder's TUN queues and underlay sockets follow (`SCM_RIGHTS`, [`HandedOn::into_fds`]).
+const HANDED: u8 = b'H';
+/// Next agent → standby: hand me your queues and sockets ([`HANDED`]).
+const ASK: u8 = b'Q';
 
 /// How long a forwarder that hands the device over ([`victor_dataplane::forwarder::HandOver`]) keeps
 /// reading its TUN queues after the other forwards: the agent on a planned stop, the standby
@@ -158,8 +162,9 @@ fn to_top(stream: UnixStream) -> UnixStream {
 
 impl Standby {
     /// Starts the standby on `lifeline`: this program with this command line and environment,
-    /// plus [`STANDBY_FD`]; then passes it `queues`, the forwarder's TUN queues to take over on.
-    pub fn spawn(lifeline: Lifeline, queues: &[OwnedFd]) -> io::Result<Standby> {
+    /// plus [`STANDBY_FD`]; then passes it `handed`, the forwarder's TUN queues and underlay
+    /// sockets to take over on.
+    pub fn spawn(lifeline: Lifeline, handed: HandedOn) -> io::Result<Standby> {
         let Lifeline { ours, theirs, death } = lifeline;
         let fd = theirs.as_raw_fd();
         // At 64 or above (see `Lifeline::new`): neither moving it to 4 nor the connection to 3
@@ -191,7 +196,7 @@ impl Standby {
         drop(theirs);
         drop(death);
         // A fresh socket pair: the message waits in its buffer until the standby reads it.
-        send_with_fds(ours.as_fd(), QUEUES, queues)?;
+        send_with_fds(ours.as_fd(), HANDED, &handed.into_fds())?;
         ours.set_nonblocking(true)?;
         Ok(Standby { child, control: tokio::net::UnixStream::from_std(ours)? })
     }
@@ -220,15 +225,15 @@ impl Standby {
     }
 }
 
-/// The standby a previous agent left, which handed us its TUN queues ([`predecessor`]).
+/// The standby a previous agent left, which handed us its TUN queues and sockets ([`predecessor`]).
 #[derive(Debug)]
 pub struct Predecessor {
     stream: UnixStream,
-    /// Its TUN queues, to forward on ([`victor_dataplane::forwarder::Forwarder::start_on`]).
-    pub queues: Vec<OwnedFd>,
+    /// Its TUN queues and sockets, to forward on ([`victor_dataplane::forwarder::Forwarder::start_on`]).
+    pub handed: HandedOn,
 }
 
-/// Asks the standby a previous agent left for device `tun` for its TUN queues; `None` when
+/// Asks the standby a previous agent left for device `tun` for its TUN queues and sockets; `None` when
 /// there is none, or it does not hand them on (an older version: retire it with [`retire`]).
 pub async fn predecessor(tun: &str) -> io::Result<Option<Predecessor>> {
     let address = address(tun)?;
@@ -239,9 +244,9 @@ pub async fn predecessor(tun: &str) -> io::Result<Option<Predecessor>> {
             Err(e) => return Err(e),
         };
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        send_with_fds(stream.as_fd(), QUEUES, &[])?;
+        send_with_fds(stream.as_fd(), ASK, &[])?;
         match recv_with_fds(stream.as_fd()) {
-            Ok((QUEUES, queues)) => Ok(Some(Predecessor { stream, queues })),
+            Ok((HANDED, fds)) => Ok(Some(Predecessor { stream, handed: HandedOn::from_fds(fds) })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
             Err(e) => Err(e),
@@ -254,8 +259,8 @@ pub async fn predecessor(tun: &str) -> io::Result<Option<Predecessor>> {
 impl Predecessor {
     /// Retires it (this agent forwards now, on its queues): returns once it stopped forwarding.
     pub async fn retire(self, timeout: Duration) -> io::Result<()> {
-        let Predecessor { stream, queues } = self;
-        drop(queues);
+        let Predecessor { stream, handed } = self;
+        drop(handed);
         tokio::task::spawn_blocking(move || {
             stream.set_read_timeout(Some(timeout))?;
             send_with_fds(stream.as_fd(), RETIRE, &[])?;
@@ -280,11 +285,11 @@ fn send_with_fds(sock: BorrowedFd<'_>, tag: u8, fds: &[OwnedFd]) -> io::Result<(
 }
 
 /// Receives one byte and the descriptors sent with it ([`send_with_fds`]; at most
-/// [`forwarder::MAX_QUEUES`]).
+/// three per [`forwarder::MAX_QUEUES`]: a queue and two sockets per worker).
 fn recv_with_fds(sock: BorrowedFd<'_>) -> io::Result<(u8, Vec<OwnedFd>)> {
     let mut tag = [0u8; 1];
     let mut iov = [IoSliceMut::new(&mut tag)];
-    let mut space = nix::cmsg_space!([RawFd; forwarder::MAX_QUEUES]);
+    let mut space = nix::cmsg_space!([RawFd; 3 * forwarder::MAX_QUEUES]);
     let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
     let mut fds = Vec::new();
     for cmsg in msg.cmsgs()? {
@@ -294,7 +299,7 @@ fn recv_with_fds(sock: BorrowedFd<'_>) -> io::Result<(u8, Vec<OwnedFd>)> {
         }
     }
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "more descriptors than queues"));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "more descriptors than three per queue"));
     }
     match msg.bytes {
         0 => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the other end closed")),
@@ -337,24 +342,24 @@ pub enum StandbyError {
 pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Duration) -> Result<(), StandbyError> {
     // SAFETY: the agent passed this descriptor to us for our exclusive use.
     let control = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    // The agent's TUN queues: we forward on them when we take over (see the module doc).
+    // The agent's TUN queues and sockets: we forward on them when we take over (module doc).
     control.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let queues = match recv_with_fds(control.as_fd()) {
-        Ok((QUEUES, queues)) => queues,
+    let handed = match recv_with_fds(control.as_fd()) {
+        Ok((HANDED, fds)) => HandedOn::from_fds(fds),
         Ok((other, _)) => {
-            tracing::warn!(tun = %config.device, order = ?(other as char), "the agent sent no TUN queues: taking over on our own");
-            Vec::new()
+            tracing::warn!(tun = %config.device, order = ?(other as char), "the agent handed nothing on: taking over on our own");
+            HandedOn::default()
         }
         Err(e) => {
-            tracing::warn!(tun = %config.device, error = %e, "no TUN queues from the agent: taking over on our own");
-            Vec::new()
+            tracing::warn!(tun = %config.device, error = %e, "nothing handed on by the agent: taking over on our own");
+            HandedOn::default()
         }
     };
     control.set_read_timeout(None)?;
     control.set_nonblocking(true)?;
     let mut control = tokio::net::UnixStream::from_std(control)?;
     let prepared = prepare(config);
-    tracing::info!(tun = %config.device, queues = queues.len(), "standby forwarder waiting for the agent to stop");
+    tracing::info!(tun = %config.device, workers = handed.workers(), "standby forwarder waiting for the agent to stop");
     let died = watch_death();
     let mut order = [0u8; 1];
     let planned = tokio::select! {
@@ -368,7 +373,7 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
     // Found by the next agent from now on (the standby of the previous run, if it is still
     // letting go of the name, was retired by our agent).
     let listener = bind(&config.device).await?;
-    let plane = match TunPlane::start(config, kernel, Takeover { queues, prepared }).await {
+    let plane = match TunPlane::start(config, kernel, Takeover { handed, prepared }).await {
         Ok(plane) => plane,
         Err(e) => {
             let _ = control.write_all(&[FAILED]).await;
@@ -392,7 +397,7 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
             accepted = listener.accept() => {
                 let (mut next, _) = accepted?;
                 // Anyone in the namespace can connect to an abstract socket: only a process of
-                // our user (the next agent) may stop us or have the device's queues.
+                // our user (the next agent) may stop us or have the device's queues and sockets.
                 match next.peer_cred() {
                     Ok(cred) if cred.uid() == nix::unistd::geteuid().as_raw() => {}
                     Ok(cred) => {
@@ -406,14 +411,14 @@ pub async fn run(fd: RawFd, config: &DataplaneConfig, kernel: &Kernel, hold: Dur
                 }
                 let mut order = [0u8; 1];
                 let mut read = tokio::time::timeout(Duration::from_secs(1), next.read(&mut order)).await;
-                if matches!(read, Ok(Ok(1)) if order[0] == QUEUES) {
-                    // The next agent starts on our queues, then retires us on this connection
+                if matches!(read, Ok(Ok(1)) if order[0] == ASK) {
+                    // The next agent starts on our queues and sockets, then retires us on this connection
                     // (reading its records may take seconds with a million bindings).
                     let sent = plane
-                        .queue_descriptors()
-                        .and_then(|queues| send_with_fds(next.as_fd(), QUEUES, &queues));
+                        .handed_on()
+                        .and_then(|handed| send_with_fds(next.as_fd(), HANDED, &handed.into_fds()));
                     if let Err(e) = sent {
-                        tracing::warn!(tun = %config.device, error = %e, "could not hand our TUN queues to the next agent");
+                        tracing::warn!(tun = %config.device, error = %e, "could not hand our TUN queues and sockets to the next agent");
                         continue;
                     }
                     read = tokio::time::timeout(Duration::from_secs(120), next.read(&mut order)).await;

@@ -21,7 +21,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
@@ -32,7 +31,7 @@ use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage,
 use victor_dataplane::counters::{CounterSnapshot, Counters};
 use victor_dataplane::fib::{Action, Fib, FibError};
 use victor_dataplane::forwarder::{
-    Forwarder, ForwarderConfig, ForwarderError, HandOver, Prepared, remove_persistent_tun,
+    Forwarder, ForwarderConfig, ForwarderError, HandOver, HandedOn, Prepared, remove_persistent_tun,
 };
 
 pub use super::records::{BINDING_METRIC, PEER_METRIC, RECORD_TABLE};
@@ -337,9 +336,10 @@ impl TunPlane {
         self.forwarder.hand_over_handle()
     }
 
-    /// Duplicates of the forwarder's TUN queue descriptors, for the forwarder that takes over.
-    pub fn queue_descriptors(&self) -> std::io::Result<Vec<OwnedFd>> {
-        self.forwarder.queue_descriptors()
+    /// Duplicates of the forwarder's TUN queues and underlay sockets, for the forwarder that
+    /// takes over.
+    pub fn handed_on(&self) -> std::io::Result<HandedOn> {
+        self.forwarder.handed_on()
     }
 
     /// False once the forwarder has died.
@@ -366,20 +366,20 @@ pub fn prepare(config: &DataplaneConfig) -> Result<Prepared, ForwarderError> {
 /// standby's, the next agent's); the default is a forwarder started afresh on its own queues.
 #[derive(Debug, Default)]
 pub struct Takeover {
-    /// The TUN queues of the forwarder taken over from ([`TunPlane::queue_descriptors`]).
-    pub queues: Vec<OwnedFd>,
+    /// The TUN queues and underlay sockets of the forwarder taken over from ([`TunPlane::handed_on`]).
+    pub handed: HandedOn,
     /// A forwarder prepared ahead ([`prepare`]), started if it still can.
     pub prepared: Option<Prepared>,
 }
 
 impl Takeover {
     /// Starts the forwarder of configuration `fc` with `fib`: the prepared one if it was
-    /// prepared for `fc` and the device is still the same, else afresh; on the queues taken over.
+    /// prepared for `fc` and the device is still the same, else afresh; on what was handed on.
     fn start(self, fc: ForwarderConfig, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
-        let Takeover { queues, prepared } = self;
+        let Takeover { handed, prepared } = self;
         match prepared {
             Some(prepared) if *prepared.config() == fc => match prepared.check(&fib) {
-                Ok(()) => return prepared.start_on(fib, queues),
+                Ok(()) => return prepared.start_on(fib, handed),
                 Err(e) => {
                     tracing::warn!(tun = %fc.tun_name, error = %e, "the prepared forwarder cannot start; starting afresh")
                 }
@@ -389,7 +389,7 @@ impl Takeover {
             }
             None => {}
         }
-        Forwarder::start_on(fc, fib, queues)
+        Forwarder::start_on(fc, fib, handed)
     }
 }
 

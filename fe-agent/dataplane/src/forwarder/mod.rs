@@ -38,15 +38,16 @@
 //! forwarder meant to take over at once ([`Prepared`]) opens its queues ahead and keeps them
 //! detached until it starts.
 //!
-//! **Handing the queues on.** Closing the last descriptor of a TUN queue detaches it, and the
-//! kernel drops what it holds; steering moves a flow to another queue only when the queue count
-//! changes. So a forwarder that takes over from another one on the same device does best to
-//! forward on *the other's queues*: it gets duplicates of their descriptors (passed over a Unix
-//! socket, [`Forwarder::queue_descriptors`]) and starts on them ([`Forwarder::start_on`]); its own
-//! queues, opened only as containers for them, are detached the moment they are opened and
-//! replaced. The queues then live as long as any forwarder holds them: nothing is dropped when
-//! the previous forwarder closes its descriptors or dies, and what was queued while nobody read
-//! is forwarded by the next one.
+//! **Handing the queues and sockets on.** Closing the last descriptor of a TUN queue detaches
+//! it, and the kernel drops what it holds; steering moves a flow to another queue only when the
+//! queue count changes; a raw socket's receive buffer dies with its last descriptor. So a
+//! forwarder that takes over from another one on the same device forwards on *the other's*
+//! queues and underlay sockets ([`HandedOn`]): it gets duplicates of their descriptors (passed
+//! over a Unix socket, [`Forwarder::handed_on`]) and starts on them ([`Forwarder::start_on`]);
+//! its own queues, opened only as containers for them, are detached the moment they are opened
+//! and replaced. Queues and sockets then live as long as any forwarder holds them: nothing is
+//! dropped when the previous forwarder closes its descriptors or dies, what was queued while
+//! nobody read is forwarded by the next one, and no tunnel packet is written twice.
 //!
 //! Modules: [`pipeline`] (per-packet decisions, pure), `worker` (the loops), `raw` (the
 //! underlay sockets, `sendmmsg`/`recvmmsg`), `steer` (the per-worker socket filters),
@@ -197,24 +198,77 @@ pub struct Forwarder {
     control: Option<OwnedFd>,
     adopted: bool,
     hand_over: HandOver,
-    /// Duplicates of the workers' TUN queue descriptors, to hand on ([`Forwarder::queue_descriptors`]).
-    queue_fds: Vec<OwnedFd>,
+    /// Duplicates of the workers' descriptors, to hand on ([`Forwarder::handed_on`]).
+    handed: HandedOn,
+}
+
+/// What a forwarder hands on to the one that takes over from it on the same persistent device
+/// ([`Forwarder::handed_on`], [`Forwarder::start_on`]): per worker, in worker order, its TUN
+/// queue and its IP-in-IP and 6in4 underlay sockets (each with its worker's steering filter).
+/// The next forwarder reads the same queues and sockets: what they hold when the previous one
+/// stops or dies is forwarded, not dropped, and no packet is read twice.
+#[derive(Debug, Default)]
+pub struct HandedOn {
+    /// TUN queues.
+    pub queues: Vec<OwnedFd>,
+    /// Raw IP-in-IP (protocol 4) sockets.
+    pub ipip: Vec<OwnedFd>,
+    /// Raw 6in4 (protocol 41) sockets.
+    pub sixin4: Vec<OwnedFd>,
+}
+
+impl HandedOn {
+    /// All descriptors in one list (to pass over a Unix socket): queues, IP-in-IP sockets, 6in4
+    /// sockets.
+    pub fn into_fds(self) -> Vec<OwnedFd> {
+        let HandedOn { mut queues, ipip, sixin4 } = self;
+        queues.extend(ipip);
+        queues.extend(sixin4);
+        queues
+    }
+
+    /// The inverse of [`HandedOn::into_fds`]; a list that is not three equal parts yields none.
+    pub fn from_fds(mut fds: Vec<OwnedFd>) -> HandedOn {
+        if !fds.len().is_multiple_of(3) {
+            tracing::warn!(
+                descriptors = fds.len(),
+                "descriptors handed on are not queues and two sockets per worker: ignored"
+            );
+            return HandedOn::default();
+        }
+        let n = fds.len() / 3;
+        let sixin4 = fds.split_off(2 * n);
+        let ipip = fds.split_off(n);
+        HandedOn { queues: fds, ipip, sixin4 }
+    }
+
+    /// Workers it has descriptors for.
+    pub fn workers(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn try_clone(&self) -> io::Result<HandedOn> {
+        let dup = |fds: &[OwnedFd]| fds.iter().map(OwnedFd::try_clone).collect::<io::Result<Vec<_>>>();
+        Ok(HandedOn { queues: dup(&self.queues)?, ipip: dup(&self.ipip)?, sixin4: dup(&self.sixin4)? })
+    }
 }
 
 /// Handing a persistent device over to another forwarder on it without losing a packet (the
-/// fe-agent's standby: the next process attaches its own queues while this one still runs).
-/// Both processes' underlay sockets receive every tunnel packet (raw sockets each get a copy), so
-/// once [`HandOver::start`] is called this forwarder stops writing decapsulated packets into TUN
-/// and leaves that to the other; it keeps reading its TUN queues and encapsulating. When the
-/// other forwards on this one's queues ([`Forwarder::start_on`]) both read the same queues and
-/// closing this one's descriptors drops nothing; otherwise TUN steers a two-way flow to the
-/// queue that last wrote it, so within a round trip such flows move to the other's queues (a
-/// one-way flow stays where its hash puts it, and what its queue holds at the close is lost).
+/// fe-agent's standby: the next process starts while this one still runs). Once
+/// [`HandOver::start`] is called this forwarder reads its underlay sockets no more (what it had
+/// read it still writes): the other reads them — the same sockets when it took them over
+/// ([`Forwarder::start_on`]), else its own, which received a copy of every tunnel packet since
+/// it opened them. It keeps reading its TUN queues and encapsulating until it stops: when the
+/// other took the queues over they share them and closing this one's descriptors drops nothing;
+/// otherwise TUN steers a two-way flow to the queue that last wrote it, so within a round trip
+/// such flows move to the other's queues (a one-way flow stays where its hash puts it, and what
+/// its queue holds at the close is lost).
 #[derive(Debug, Clone, Default)]
 pub struct HandOver(Arc<AtomicBool>);
 
 impl HandOver {
-    /// From now on the other forwarder writes into TUN; this one only encapsulates.
+    /// From now on the other forwarder reads the underlay and writes into TUN; this one only
+    /// encapsulates.
     pub fn start(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
@@ -239,27 +293,28 @@ impl Forwarder {
     /// socket per worker bound to `fib.local_underlay()` in the calling thread's network
     /// namespace, then forwards on the workers' threads until stopped.
     pub fn start(config: ForwarderConfig, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
-        Forwarder::start_on(config, fib, Vec::new())
+        Forwarder::start_on(config, fib, HandedOn::default())
     }
 
-    /// Like [`Forwarder::start`], but forwards on `queues`: descriptors of the TUN queues another
-    /// forwarder of the same persistent device reads or read ([`Forwarder::queue_descriptors`]),
-    /// one per worker. Nothing they hold is lost, and the queues stay attached when the other
-    /// forwarder closes its descriptors (see the module doc). With no queues, or not one per
-    /// worker, or a device that is not persistent, it opens its own (said in the log).
-    pub fn start_on(config: ForwarderConfig, fib: Arc<Fib>, queues: Vec<OwnedFd>) -> Result<Forwarder, ForwarderError> {
+    /// Like [`Forwarder::start`], but forwards on what another forwarder of the same persistent
+    /// device handed on ([`HandedOn`], [`Forwarder::handed_on`]): its TUN queues and underlay
+    /// sockets, one of each per worker. Nothing they hold is lost, and the queues stay attached
+    /// when the other forwarder closes its descriptors (see the module doc). What does not fit
+    /// (not one per worker, another device or address, a device that is not persistent) is
+    /// replaced by our own (said in the log).
+    pub fn start_on(config: ForwarderConfig, fib: Arc<Fib>, handed: HandedOn) -> Result<Forwarder, ForwarderError> {
         let workers = validate(&config)?;
-        let queues = usable(&config, workers, queues);
+        let handed = usable(&config, fib.local_underlay(), workers, handed);
         // Our own queues only carry the inherited ones: detached as soon as they are opened.
-        let device = Device::open(&config, fib.local_underlay(), workers, !queues.is_empty())?;
+        let device = Device::open(&config, fib.local_underlay(), workers, !handed.queues.is_empty())?;
         let threads = spawn_workers(&config.tun_name, workers)?;
-        run(config, device, threads, fib, queues)
+        run(config, device, threads, fib, handed)
     }
 
-    /// Duplicates of the descriptors of this forwarder's TUN queues, one per worker, for the
-    /// forwarder that takes over next ([`Forwarder::start_on`]).
-    pub fn queue_descriptors(&self) -> io::Result<Vec<OwnedFd>> {
-        self.queue_fds.iter().map(|fd| fd.try_clone()).collect()
+    /// Duplicates of this forwarder's TUN queues and underlay sockets, for the forwarder that
+    /// takes over next ([`Forwarder::start_on`]).
+    pub fn handed_on(&self) -> io::Result<HandedOn> {
+        self.handed.try_clone()
     }
 
     /// Name of the TUN device (route the mobile prefix and remote /32s into it).
@@ -336,21 +391,32 @@ impl Forwarder {
     }
 }
 
-/// `queues` handed on for a forwarder of `config` with `workers` workers, if it can forward on
-/// them (one per worker of this persistent device), else none (said in the log).
-fn usable(config: &ForwarderConfig, workers: usize, queues: Vec<OwnedFd>) -> Vec<OwnedFd> {
-    match queues.len() {
-        0 => queues,
-        n if n == workers
-            && config.persist
-            && queues.iter().all(|q| tun::device_name(q.as_raw_fd()).is_ok_and(|name| name == config.tun_name)) =>
-        {
-            queues
-        }
-        n => {
-            tracing::warn!(tun = %config.tun_name, inherited = n, workers, persist = config.persist, "cannot forward on the queues handed on (not one per worker of this persistent device): opening our own");
-            Vec::new()
-        }
+/// What of `handed` a forwarder of `config` on underlay address `local` with `workers` workers
+/// can forward on: the queues if there is one per worker of this persistent device, the sockets
+/// if there is one of each per worker, raw IPv4 sockets of the right protocol bound to `local`;
+/// the rest is dropped (said in the log) and replaced by our own.
+fn usable(config: &ForwarderConfig, local: Ipv4Addr, workers: usize, handed: HandedOn) -> HandedOn {
+    let HandedOn { queues, ipip, sixin4 } = handed;
+    if queues.is_empty() && ipip.is_empty() && sixin4.is_empty() {
+        return HandedOn::default();
+    }
+    let queues_fit = queues.len() == workers
+        && config.persist
+        && queues.iter().all(|q| tun::device_name(q.as_raw_fd()).is_ok_and(|name| name == config.tun_name));
+    let sockets_fit = |fds: &[OwnedFd], protocol: u8| {
+        fds.len() == workers && fds.iter().all(|fd| raw::is_underlay_socket(fd.as_fd(), local, protocol))
+    };
+    let sockets_fit = sockets_fit(&ipip, PROTO_IPIP) && sockets_fit(&sixin4, PROTO_IPV6);
+    if !queues_fit || !sockets_fit {
+        tracing::warn!(
+            tun = %config.tun_name, workers, queues = queues.len(), queues_fit, sockets = ipip.len(), sockets_fit,
+            "cannot forward on everything handed on (not one per worker of this persistent device and address): opening our own"
+        );
+    }
+    HandedOn {
+        queues: if queues_fit { queues } else { Vec::new() },
+        ipip: if sockets_fit { ipip } else { Vec::new() },
+        sixin4: if sockets_fit { sixin4 } else { Vec::new() },
     }
 }
 
@@ -559,16 +625,23 @@ fn run(
     mut device: Device,
     workers: Vec<Waiting>,
     fib: Arc<Fib>,
-    inherited: Vec<OwnedFd>,
+    handed: HandedOn,
 ) -> Result<Forwarder, ForwarderError> {
     let local = fib.local_underlay();
     let n = workers.len() as u32;
+    let HandedOn { queues: inherited, ipip, sixin4 } = handed;
     // The sockets first: they need no lock, and from now on they keep what arrives for us.
+    let socket_err = |source| ForwarderError::Socket { addr: local, source };
     let mut sockets = Vec::with_capacity(workers.len());
+    let mut handed_sockets = ipip.into_iter().zip(sixin4);
     for i in 0..n {
-        let socket_err = |source| ForwarderError::Socket { addr: local, source };
-        let sock = raw::open(local, PROTO_IPIP, i, n).map_err(socket_err)?;
-        let sock6 = raw::open(local, PROTO_IPV6, i, n).map_err(socket_err)?;
+        let (sock, sock6) = match handed_sockets.next() {
+            Some((sock, sock6)) => (socket2::Socket::from(sock), socket2::Socket::from(sock6)),
+            None => (
+                raw::open(local, PROTO_IPIP, i, n).map_err(socket_err)?,
+                raw::open(local, PROTO_IPV6, i, n).map_err(socket_err)?,
+            ),
+        };
         let icmp6 = raw::open_icmp6().map_err(socket_err)?;
         sockets.push((sock, sock6, icmp6));
     }
@@ -579,8 +652,12 @@ fn run(
     } else if device.detached {
         device.set_queues(true).map_err(tun_err)?;
     }
-    let queue_fds = device.queues.iter().map(|q| q.as_fd().try_clone_to_owned()).collect::<io::Result<Vec<_>>>();
-    let queue_fds = queue_fds.map_err(tun_err)?;
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
+    let handed = HandedOn {
+        queues: device.queues.iter().map(|q| dup(q.as_fd())).collect::<io::Result<_>>().map_err(tun_err)?,
+        ipip: sockets.iter().map(|(s, _, _)| dup(s.as_fd())).collect::<io::Result<_>>().map_err(socket_err)?,
+        sixin4: sockets.iter().map(|(_, s, _)| dup(s.as_fd())).collect::<io::Result<_>>().map_err(socket_err)?,
+    };
     let counters = Arc::new(Counters::default());
     let (stop, stop_rx) = watch::channel(false);
     let shared = Arc::new(worker::Shared {
@@ -614,7 +691,7 @@ fn run(
         control: device.control,
         adopted: device.adopted,
         hand_over,
-        queue_fds,
+        handed,
     })
 }
 
@@ -658,16 +735,16 @@ impl Prepared {
     /// Starts forwarding with `fib` (see [`Forwarder::start`]). Fails if the device is no
     /// longer the one prepared (deleted, replaced).
     pub fn start(self, fib: Arc<Fib>) -> Result<Forwarder, ForwarderError> {
-        self.start_on(fib, Vec::new())
+        self.start_on(fib, HandedOn::default())
     }
 
-    /// Starts forwarding with `fib` on `queues`, those of the forwarder it takes over from (see
-    /// [`Forwarder::start_on`]); on its own queues if there are none. Fails like
+    /// Starts forwarding with `fib` on what the forwarder it takes over from handed on (see
+    /// [`Forwarder::start_on`]); on its own queues and sockets where nothing fits. Fails like
     /// [`Prepared::start`].
-    pub fn start_on(self, fib: Arc<Fib>, queues: Vec<OwnedFd>) -> Result<Forwarder, ForwarderError> {
+    pub fn start_on(self, fib: Arc<Fib>, handed: HandedOn) -> Result<Forwarder, ForwarderError> {
         self.check(&fib)?;
-        let queues = usable(&self.config, self.workers.len(), queues);
-        run(self.config, self.device, self.workers, fib, queues)
+        let handed = usable(&self.config, self.local, self.workers.len(), handed);
+        run(self.config, self.device, self.workers, fib, handed)
     }
 
     /// Whether it can start with `fib`: same underlay address, same device (else start a

@@ -418,6 +418,12 @@ pub(crate) async fn ingress_loop(
     let mut coalescer = Coalescer::new();
     let (mut arena, mut segs) = (Vec::new(), Vec::new());
     loop {
+        if sh.handing_over.started() {
+            // The forwarder taking over reads the underlay now (our sockets, handed on, or its
+            // own copies of every packet): read nothing more, so nothing is written twice.
+            let _ = stop.changed().await;
+            return Ok(());
+        }
         let n = tokio::select! {
             _ = stop.changed() => return Ok(()),
             r = async {
@@ -438,10 +444,6 @@ pub(crate) async fn ingress_loop(
                 continue;
             }
         };
-        if sh.handing_over.started() {
-            // The forwarder taking over received the same packets and writes them.
-            continue;
-        }
         accepted.clear();
         for (i, buf) in bufs.iter_mut().enumerate().take(n) {
             sh.counters.tunnel_rx(family, buf.as_ref().len());
