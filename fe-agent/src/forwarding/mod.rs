@@ -382,6 +382,14 @@ pub struct DataplaneConfig {
     pub prefixes6: Vec<Ipv6Net>,
 }
 
+impl DataplaneConfig {
+    /// The mobile prefixes of both families.
+    pub fn all_prefixes(&self) -> Vec<ipnet::IpNet> {
+        let v4 = self.prefixes.iter().map(|n| ipnet::IpNet::V4(*n));
+        v4.chain(self.prefixes6.iter().map(|n| ipnet::IpNet::V6(*n))).collect()
+    }
+}
+
 /// A running data plane.
 #[derive(Debug)]
 pub enum Dataplane {

@@ -217,12 +217,7 @@ impl TunPlane {
             .filter(|r| r.table == MAIN_TABLE && r.oif == tun && !r.is_host())
             .filter_map(|r| IpNet::new(r.dst, r.len).ok())
             .collect();
-        let wanted: Vec<IpNet> = config
-            .prefixes
-            .iter()
-            .map(|p| IpNet::V4(*p))
-            .chain(config.prefixes6.iter().map(|p| IpNet::V6(*p)))
-            .collect();
+        let wanted = config.all_prefixes();
         for net in present.iter().filter(|net| !wanted.contains(net)) {
             let msg = prefix_route(kernel, *net, tun);
             delete(kernel, msg, format!("delete the stale route {net}")).await?;

@@ -291,12 +291,7 @@ impl KernelPlane {
         }
         by_index.remove(&0);
         let routes = kernel.our_routes().await?;
-        let wanted: Vec<IpNet> = config
-            .prefixes
-            .iter()
-            .map(|n| IpNet::V4(*n))
-            .chain(config.prefixes6.iter().map(|n| IpNet::V6(*n)))
-            .collect();
+        let wanted = config.all_prefixes();
         for net in &wanted {
             if !routes.iter().any(|r| r.dst == *net && r.oif == self.sink) {
                 self.route_prefix(kernel, *net).await?;
