@@ -515,8 +515,18 @@ impl Lab {
 
     /// Moves the VM's link from FE `from` to FE `to` and brings it up there.
     pub fn move_vm_link(&self, from: usize, to: usize) -> Result<()> {
+        let ups = |lab: &Self| lab.agent_log(to).matches("VM port up").count();
+        let running = self.agents.get(to - 1).is_some_and(|a| a.guard.is_some());
+        let before = ups(self);
         self.fe(from).ip(&["link", "set", VM_PORT, "netns", self.fe(to).name()])?;
         self.fe(to).link_up(VM_PORT)?;
+        if running {
+            // A hypervisor's port exists long before the VM it carries announces itself: wait
+            // until `to`'s agent has seen the port (and give its engine a moment to open the
+            // capture) so that the announcement the test sends next is not sent into the void.
+            wait("the agent to see its new VM port", Duration::from_secs(10), || ups(self) > before)?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Ok(())
     }
 
