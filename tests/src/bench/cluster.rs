@@ -19,13 +19,20 @@ pub struct Cluster {
     /// The etcd cluster (`None`: embedded store).
     pub etcd: Option<EtcdCluster>,
     controller_bin: PathBuf,
+    /// Environment of every replica started ([`Cluster::spawn`]).
+    replica_env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    /// Starts etcd with `members` (0 = embedded store) and `replicas` controllers, and waits
-    /// until every replica is ready.
-    pub async fn start(members: usize, replicas: usize, controller_bin: PathBuf) -> Result<Cluster> {
+    /// Starts etcd with `members` (0 = embedded store) and `replicas` controllers with
+    /// `replica_env` in their environment, and waits until every replica is ready.
+    pub async fn start(
+        members: usize,
+        replicas: usize,
+        controller_bin: PathBuf,
+        replica_env: Vec<(String, String)>,
+    ) -> Result<Cluster> {
         if !matches!(members, 0 | 1 | 3) {
             bail!("--etcd-members must be 0 (embedded store), 1 or 3, not {members}");
         }
@@ -43,7 +50,7 @@ impl Cluster {
             n => Some(EtcdCluster::start(n).await.with_context(|| format!("start a {n}-member etcd"))?),
         };
         let dir = tempfile::Builder::new().prefix("victor-bench-").tempdir()?;
-        let mut cluster = Cluster { replicas: Vec::new(), etcd, controller_bin, dir };
+        let mut cluster = Cluster { replicas: Vec::new(), etcd, controller_bin, replica_env, dir };
         for i in 0..replicas {
             let replica = cluster.spawn(&format!("bench-r{}", i + 1))?;
             replica.wait_ready(Duration::from_secs(60)).await?;
@@ -65,7 +72,9 @@ impl Cluster {
             None => ControllerStore::Embedded(self.dir.path().join("embedded")),
         };
         let log = self.dir.path().join(format!("{id}-{}.log", victor_testkit::unique_name("l")));
-        ControllerCommand::new(&self.controller_bin, id, MOBILE_PREFIX, store)
+        let command = ControllerCommand::new(&self.controller_bin, id, MOBILE_PREFIX, store);
+        let command = self.replica_env.iter().fold(command, |c, (k, v)| c.env(k, v));
+        command
             .log_filter("warn")
             // Churn moves every VM many times: keep flap damping out of the measurement.
             .args(["--damping-max-moves", "1000000", "--damping-window", "1s"])

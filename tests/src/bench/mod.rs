@@ -382,7 +382,8 @@ pub struct Pinning {
     pub pinned: bool,
     /// How that was decided (`--pin` and the CPUs allowed to the benchmark).
     pub reason: String,
-    /// The controller replicas' CPUs (empty: not pinned).
+    /// The controller replicas' CPUs (empty: not pinned); their tokio runtimes get one worker
+    /// thread per CPU (`TOKIO_WORKER_THREADS`).
     pub controller_cpus: Vec<usize>,
     /// etcd's and the benchmark's (the simulated agents') CPUs (empty: not pinned).
     pub others_cpus: Vec<usize>,
@@ -421,6 +422,16 @@ impl Pinning {
             others_cpus: cpus[1..].to_vec(),
             seen: BTreeMap::new(),
         })
+    }
+
+    /// What the replicas are started with: pinned, their tokio runtimes get one worker per CPU
+    /// they are pinned to (`TOKIO_WORKER_THREADS`), as a replica given that many cores would
+    /// size them (tokio asks the kernel for the CPUs at start — before the pinning, here).
+    fn replica_env(&self) -> Vec<(String, String)> {
+        if !self.pinned {
+            return Vec::new();
+        }
+        vec![("TOKIO_WORKER_THREADS".to_owned(), self.controller_cpus.len().to_string())]
     }
 
     /// Pins the replicas, etcd and this process (again: threads created since inherited the mask
@@ -670,8 +681,9 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
         Some(path) => path.clone(),
         None => std::env::current_exe()?.with_file_name("victor-controller"),
     };
+    let mut pinning = Pinning::plan(if args.no_pin { PinMode::Off } else { args.pin })?;
     progress(format!("starting etcd ({} members) and {replicas} controller replica(s)", args.etcd_members));
-    let mut cluster = Cluster::start(args.etcd_members, replicas, controller_bin).await?;
+    let mut cluster = Cluster::start(args.etcd_members, replicas, controller_bin, pinning.replica_env()).await?;
 
     progress("measuring the store floor");
     let floor = match &cluster.etcd {
@@ -686,7 +698,6 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     };
     let rss_empty = sys::rss_bytes(cluster.replicas[0].pid())?;
 
-    let mut pinning = Pinning::plan(if args.no_pin { PinMode::Off } else { args.pin })?;
     if pinning.pinned {
         progress(format!(
             "pinning the replicas to CPU {:?}, etcd and the agents to {:?}",
