@@ -225,6 +225,9 @@ impl Standby {
     }
 }
 
+/// How long the next agent waits for the standby's queues and sockets ([`predecessor`]).
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(15);
+
 /// The standby a previous agent left, which handed us its TUN queues and sockets ([`predecessor`]).
 #[derive(Debug)]
 pub struct Predecessor {
@@ -243,7 +246,9 @@ pub async fn predecessor(tun: &str) -> io::Result<Option<Predecessor>> {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(None),
             Err(e) => return Err(e),
         };
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        // A standby that is still taking over (reading a million records after a crash takes
+        // seconds) answers once it forwards; giving up early would start us on our own queues.
+        stream.set_read_timeout(Some(PREDECESSOR_WAIT))?;
         send_with_fds(stream.as_fd(), ASK, &[])?;
         match recv_with_fds(stream.as_fd()) {
             Ok((HANDED, fds)) => Ok(Some(Predecessor { stream, handed: HandedOn::from_fds(fds) })),
