@@ -305,11 +305,14 @@ async fn start_tun(config: &DataplaneConfig, kernel: &Kernel) -> Result<Dataplan
         tracing::info!(removed, "removed the devices a kernel data plane left in this namespace");
     }
     // The standby of the previous run (if any) forwards: we start on its TUN queues and sockets.
-    let mut predecessor = standby::predecessor(&config.device).await.unwrap_or_else(|e| {
-        tracing::warn!(tun = %config.device, error = %e, "could not ask the standby of the previous run for its TUN queues");
-        None
-    });
-    let handed = predecessor.as_mut().map(|p| std::mem::take(&mut p.handed)).unwrap_or_default();
+    let (predecessor, handed) = match standby::predecessor(&config.device).await {
+        Ok(Some((predecessor, handed))) => (Some(predecessor), handed),
+        Ok(None) => (None, HandedOn::default()),
+        Err(e) => {
+            tracing::warn!(tun = %config.device, error = %e, "could not ask the standby of the previous run for its TUN queues");
+            (None, HandedOn::default())
+        }
+    };
     let plane = TunPlane::start(config, kernel, tun::Takeover { handed, prepared: None }).await?;
     // This run forwards now: the standby of the previous one (if any) stops.
     match predecessor {

@@ -228,30 +228,34 @@ impl Standby {
 /// How long the next agent waits for the standby's queues and sockets ([`predecessor`]).
 const PREDECESSOR_WAIT: Duration = Duration::from_secs(15);
 
-/// The standby a previous agent left, which handed us its TUN queues and sockets ([`predecessor`]).
+/// The standby a previous agent left, connected ([`predecessor`], [`retire`]).
 #[derive(Debug)]
 pub struct Predecessor {
     stream: UnixStream,
-    /// Its TUN queues and sockets, to forward on ([`victor_dataplane::forwarder::Forwarder::start_on`]).
-    pub handed: HandedOn,
 }
 
-/// Asks the standby a previous agent left for device `tun` for its TUN queues and sockets; `None` when
-/// there is none, or it does not hand them on (an older version: retire it with [`retire`]).
-pub async fn predecessor(tun: &str) -> io::Result<Option<Predecessor>> {
-    let address = address(tun)?;
+/// Connects to the standby of device `tun`; `None` when there is none.
+fn connect(tun: &str) -> io::Result<Option<UnixStream>> {
+    match UnixStream::connect_addr(&address(tun)?) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Asks the standby a previous agent left for device `tun` for its TUN queues and sockets, to
+/// forward on ([`victor_dataplane::forwarder::Forwarder::start_on`]); `None` when there is none,
+/// or it does not hand them on (an older version: retire it with [`retire`]).
+pub async fn predecessor(tun: &str) -> io::Result<Option<(Predecessor, HandedOn)>> {
+    let tun = tun.to_owned();
     tokio::task::spawn_blocking(move || {
-        let stream = match UnixStream::connect_addr(&address) {
-            Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        let Some(stream) = connect(&tun)? else { return Ok(None) };
         // A standby that is still taking over (reading a million records after a crash takes
         // seconds) answers once it forwards; giving up early would start us on our own queues.
         stream.set_read_timeout(Some(PREDECESSOR_WAIT))?;
         send_with_fds(stream.as_fd(), ASK, &[])?;
         match recv_with_fds(stream.as_fd()) {
-            Ok((HANDED, fds)) => Ok(Some(Predecessor { stream, handed: HandedOn::from_fds(fds) })),
+            Ok((HANDED, fds)) => Ok(Some((Predecessor { stream }, HandedOn::from_fds(fds)))),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
             Err(e) => Err(e),
@@ -262,16 +266,19 @@ pub async fn predecessor(tun: &str) -> io::Result<Option<Predecessor>> {
 }
 
 impl Predecessor {
-    /// Retires it (this agent forwards now, on its queues): returns once it stopped forwarding.
+    /// Retires it (this agent forwards now): returns once it stopped forwarding (or is gone).
     pub async fn retire(self, timeout: Duration) -> io::Result<()> {
-        let Predecessor { stream, handed } = self;
-        drop(handed);
+        let Predecessor { stream } = self;
         tokio::task::spawn_blocking(move || {
             stream.set_read_timeout(Some(timeout))?;
             send_with_fds(stream.as_fd(), RETIRE, &[])?;
             match recv_with_fds(stream.as_fd()) {
                 Ok((RETIRED, _)) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(()),
                 Ok((other, _)) => Err(io::Error::other(format!("the standby answered {:?} to retire", other as char))),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    Err(io::Error::new(io::ErrorKind::TimedOut, "the standby did not stop in time"))
+                }
                 Err(e) => Err(e),
             }
         })
@@ -315,20 +322,11 @@ fn recv_with_fds(sock: BorrowedFd<'_>) -> io::Result<(u8, Vec<OwnedFd>)> {
 /// Retires the standby a previous agent left for device `tun` (this agent forwards now): returns
 /// once it stopped forwarding. False when there was none.
 pub async fn retire(tun: &str, timeout: Duration) -> io::Result<bool> {
-    let stream = match UnixStream::connect_addr(&address(tun)?) {
-        Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    stream.set_nonblocking(true)?;
-    let mut stream = tokio::net::UnixStream::from_std(stream)?;
-    stream.write_all(&[RETIRE]).await?;
-    let mut answer = [0u8; 1];
-    match tokio::time::timeout(timeout, stream.read(&mut answer)).await {
-        Ok(Ok(_)) => Ok(true),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the standby did not stop in time")),
-    }
+    let tun = tun.to_owned();
+    let stream = tokio::task::spawn_blocking(move || connect(&tun)).await.map_err(io::Error::other)??;
+    let Some(stream) = stream else { return Ok(false) };
+    Predecessor { stream }.retire(timeout).await?;
+    Ok(true)
 }
 
 /// Why the standby ended.

@@ -56,19 +56,11 @@ pub(crate) fn open(local: Ipv4Addr, protocol: u8, worker: u32, workers: u32) -> 
 /// True when `fd` is a raw IPv4 socket of `protocol` bound to `local` (one [`open`] made, handed
 /// on by another forwarder).
 pub(crate) fn is_underlay_socket(fd: std::os::fd::BorrowedFd<'_>, local: Ipv4Addr, protocol: u8) -> bool {
-    let Ok(socket) = fd.try_clone_to_owned().map(Socket::from) else { return false };
+    let socket = socket2::SockRef::from(&fd);
     let bound = socket.local_addr().ok().and_then(|a| a.as_socket_ipv4()).map(|a| *a.ip());
-    let kind = socket.r#type().ok();
-    let proto = getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PROTOCOL);
-    bound == Some(local) && kind == Some(Type::RAW) && proto.ok() == Some(libc::c_int::from(protocol))
-}
-
-fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` outlive the call and describe an int.
-    let rc = unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
-    if rc == 0 { Ok(value) } else { Err(io::Error::last_os_error()) }
+    bound == Some(local)
+        && socket.r#type().ok() == Some(Type::RAW)
+        && socket.protocol().ok().flatten() == Some(Protocol::from(i32::from(protocol)))
 }
 
 /// Opens the send-only raw IPv6 socket for the ICMPv6 errors (complete IPv6 packets:
