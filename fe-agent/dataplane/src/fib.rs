@@ -18,6 +18,8 @@
 //!   call with an `Ipv4Addr` compiles to the IPv4 table directly, and the agent can pass an
 //!   `IpAddr` from the desired state. IPv6 VMs are tunnelled over the IPv4 underlay (6in4), so
 //!   [`Action::Remote`] names an IPv4 peer for both families.
+//! * Announced migrations ([`Migrations`]) live beside the bindings: the workers consult them
+//!   only while one is announced.
 //! * Peers change rarely and are read per received tunnel packet: an immutable set behind
 //!   `arc-swap`, replaced whole on update (wait-free reads).
 
@@ -25,9 +27,12 @@ use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use foldhash::fast::RandomState;
+
+use crate::migration::Migrations;
 
 /// Number of binding shards per family (a power of two).
 pub const SHARDS: usize = 64;
@@ -258,6 +263,7 @@ pub struct Fib {
     v4: Table<u32>,
     v6: Table<[u8; 16]>,
     peers: ArcSwap<HashSet<Ipv4Addr, RandomState>>,
+    migrations: Migrations,
 }
 
 impl std::fmt::Debug for Fib {
@@ -291,6 +297,7 @@ impl Fib {
             v4: Table::with_capacity(bindings),
             v6: Table::with_capacity(0),
             peers: ArcSwap::from_pointee(HashSet::default()),
+            migrations: Migrations::default(),
         }
     }
 
@@ -321,14 +328,24 @@ impl Fib {
         Ok(encode(action))
     }
 
-    /// Sets the binding of `vm`; returns the previous action.
+    /// Sets the binding of `vm`; returns the previous action. Setting it `Local` releases the
+    /// packets held for it during an announced migration ([`Migrations::release`]).
     pub fn set<A: FibAddr>(&self, vm: A, action: Action) -> Result<Option<Action>, FibError> {
         let raw = self.validate(vm.into(), action)?;
-        Ok(match vm.key() {
+        let previous = match vm.key() {
             Key::V4(k) => self.v4.insert(k, raw),
             Key::V6(k) => self.v6.insert(k, raw),
         }
-        .map(decode))
+        .map(decode);
+        if action == Action::Local {
+            self.migrations.release(vm.into(), Instant::now());
+        }
+        Ok(previous)
+    }
+
+    /// The announced migrations and the packets held for VMs about to arrive.
+    pub fn migrations(&self) -> &Migrations {
+        &self.migrations
     }
 
     /// Removes the binding of `vm` (its packets are dropped from now on); returns what it was.
@@ -452,6 +469,19 @@ mod tests {
 
     const ME: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
     const PEER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+
+    #[test]
+    fn a_vm_becoming_local_releases_what_was_held_for_it() {
+        let fib = Fib::new(ME);
+        let vm = Ipv4Addr::new(10, 10, 0, 11);
+        fib.migrations().set_target(vm, Some(ME));
+        fib.set(vm, Action::Remote(PEER)).unwrap();
+        fib.migrations().hold(vm.into(), b"held", Instant::now());
+        assert!(fib.migrations().take_released().is_empty(), "not while the VM is elsewhere");
+        fib.set(vm, Action::Local).unwrap();
+        assert_eq!(fib.migrations().take_released().len(), 1);
+        assert_eq!(fib.migrations().held_now(), 0);
+    }
 
     #[test]
     fn set_lookup_remove() {

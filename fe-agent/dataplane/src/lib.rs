@@ -9,6 +9,8 @@
 //!   the IPv4 underlay) on a multi-queue TUN device + raw underlay sockets, one worker per core.
 //! * [`neigh_io`] — capture of ARP, RARP and NDP on VM ports (AF_PACKET + BPF, timestamped) and
 //!   sending ARP / NDP; [`arp_io`] — its ARP-only form (the agent's API before IPv6).
+//! * [`migration`] — announced migrations: copies of a leaving VM's packets to the FE it moves
+//!   to, held there until the VM arrives.
 //! * [`counters`] — forwarder counters by direction, family and drop reason, for `/metrics`.
 //! * [`kernel`] — whether the kernel has `ipip` (if not, use the userspace forwarder).
 //!
@@ -81,6 +83,7 @@ pub mod counters;
 pub mod fib;
 pub mod forwarder;
 pub mod kernel;
+pub mod migration;
 pub mod neigh_io;
 pub mod packet;
 mod psock;
