@@ -545,3 +545,66 @@ fn a_forwarder_started_on_what_the_previous_one_handed_on_forwards_what_waited_i
         wait_until("the persistent device to go", T, || !lab.ns(n).links().unwrap().contains(&tun)).unwrap();
     }
 }
+
+/// An announced migration (issue 18): while the VM is announced to move from fe2 to fe3, fe2
+/// copies what it delivers to fe3, which holds it until the VM is local there. A request that
+/// reaches fe2 after the VM stopped there (its port dead) but before fe2 knows the move is
+/// answered by the VM at fe3 once fe3 installs it; a copy held longer than the window (the VM
+/// had it at fe2 already) is dropped, not delivered twice; nothing loops back meanwhile.
+fn announced_migration(offload: bool) {
+    let lab = Lab::build(offload).unwrap();
+    let window = Duration::from_millis(1500);
+    for n in 1..=3 {
+        lab.fe(n).fib.migrations().set_target(VM, Some(fe_addr(3)));
+        lab.fe(n).fib.migrations().set_hold_window(window);
+    }
+    let (m2, m3) = (lab.fe(2).fib.migrations(), lab.fe(3).fib.migrations());
+    // While the VM runs at fe2: answered there, copied to fe3, held there (not delivered: fe3
+    // would route it back into the tunnel).
+    assert_eq!(client_probe(&lab, Probe::echo(VM, 21), T).unwrap(), Some(ProbeReply::EchoReply { from: VM }));
+    wait_until("fe2 to copy the request to fe3 and fe3 to hold it", T, || {
+        m2.stats().copied >= 1 && m3.stats().held >= 1
+    })
+    .unwrap_or_else(|e| panic!("{e}: fe2 {:?} fe3 {:?}", m2.stats(), m3.stats()));
+    let fe3 = lab.fe(3).fwd().counters();
+    assert_eq!((fe3.tun_tx_packets, fe3.tunnel_tx_packets), (0, 0), "fe3 neither delivered nor sent back: {fe3:?}");
+    // Let that copy age beyond the window: the VM answered it at fe2 already.
+    std::thread::sleep(window + Duration::from_millis(100));
+
+    // The VM stops at fe2 (its port goes dead) and resumes at fe3; nobody knows yet.
+    lab.vm.ip(&["link", "set", "eth0", "down"]).unwrap();
+    let client = lab.client.run_in(IcmpSocket::open).unwrap().unwrap();
+    let held_before = m3.stats().held;
+    client.send(&IcmpSocket::echo_packet(CLIENT, &Probe::echo(VM, 22))).unwrap();
+    wait_until("fe3 to hold the copy of the request the dead port got", T, || m3.stats().held > held_before)
+        .unwrap_or_else(|e| panic!("{e}: fe2 {:?} fe3 {:?}", m2.stats(), m3.stats()));
+    // fe3 installs the VM (what the agent does on the VM's announcement): the held request goes in.
+    lab.bind_local(3).unwrap();
+    let replies = client.replies(Duration::from_millis(800));
+    let echoed = replies.iter().filter(|r| **r == ProbeReply::EchoReply { from: VM }).count();
+    assert_eq!(echoed, 1, "the request is answered once, by the VM at fe3: {replies:?}; fe3 {:?}", m3.stats());
+    let s = m3.stats();
+    assert_eq!(s.released, 1, "only the fresh copy is delivered: {s:?}");
+    assert!(s.expired >= 1, "the aged copy is dropped: {s:?}");
+    assert_eq!(m3.held_now(), 0, "{s:?}");
+    assert!(lab.fe(3).fwd().counters().tun_tx_packets >= 1);
+    assert_eq!(unexpected_drops(&lab.fe(3).fwd().counters()), 0);
+    // The announcement withdrawn: fe2 copies nothing more.
+    for n in 1..=3 {
+        lab.fe(n).fib.migrations().set_target(VM, None);
+    }
+    lab.bind_remote(2, 3).unwrap();
+    let copied = m2.stats().copied;
+    assert_eq!(client_probe(&lab, Probe::echo(VM, 23), T).unwrap(), Some(ProbeReply::EchoReply { from: VM }));
+    assert_eq!(m2.stats().copied, copied);
+}
+
+#[test]
+fn an_announced_migration_delivers_at_the_new_fe_what_reached_the_old_one_after_the_vm_left_with_offload() {
+    announced_migration(true);
+}
+
+#[test]
+fn an_announced_migration_delivers_at_the_new_fe_what_reached_the_old_one_after_the_vm_left_without_offload() {
+    announced_migration(false);
+}

@@ -57,6 +57,7 @@ mod buf;
 pub mod pipeline;
 mod ratelimit;
 mod raw;
+mod relay;
 mod steer;
 mod tun;
 mod worker;

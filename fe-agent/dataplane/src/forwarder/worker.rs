@@ -13,7 +13,8 @@
 //!   or [`pipeline::ingress6`]), and writes into TUN what [`gro::Coalescer`] plans: runs of TCP
 //!   segments as one super-packet each (virtio-net GSO header + the segments' bytes gathered with
 //!   `writev`), packets the underlay's GRO already coalesced as super-packets, everything else as
-//!   it is.
+//!   it is. During an announced migration, [`relay`] sorts each batch first (copies to the
+//!   announced FE, packets held for a VM about to arrive) and writes what an arrival released.
 
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -31,6 +32,7 @@ use super::buf::PacketBuf;
 use super::pipeline::{self, Egress};
 use super::ratelimit::TokenBucket;
 use super::raw::Mmsg;
+use super::relay::{self, Relay};
 use crate::counters::{Counters, DropReason, Family};
 use crate::fib::Fib;
 use crate::packet::gro::{self, Coalescer};
@@ -77,7 +79,7 @@ pub(crate) struct Queue {
 }
 
 /// The family of the packet starting `p` (by its version nibble; anything but 6 counts as IPv4).
-fn family_of(p: &[u8]) -> Family {
+pub(super) fn family_of(p: &[u8]) -> Family {
     if ipv4::version(p) == Some(6) { Family::V6 } else { Family::V4 }
 }
 
@@ -89,7 +91,7 @@ fn is_fatal(e: &io::Error) -> bool {
 /// Sends messages `0..count` to the underlay with as few `sendmmsg` calls as the socket buffer
 /// allows, waiting for room when it is full. Messages the kernel refuses (no route, ...) are
 /// counted and skipped. Returns (messages sent, bytes sent).
-async fn send_all<'a>(
+pub(super) async fn send_all<'a>(
     sh: &Shared,
     q: &Queue,
     mmsg: &mut Mmsg,
@@ -417,6 +419,7 @@ pub(crate) async fn ingress_loop(
     let mut accepted: Vec<(usize, Range<usize>)> = Vec::with_capacity(INGRESS_BATCH);
     let mut coalescer = Coalescer::new();
     let (mut arena, mut segs) = (Vec::new(), Vec::new());
+    let mut relay = Relay::new();
     loop {
         if sh.handing_over.started() {
             // The forwarder taking over reads the underlay now (our sockets, handed on, or its
@@ -426,6 +429,10 @@ pub(crate) async fn ingress_loop(
         }
         let n = tokio::select! {
             _ = stop.changed() => return Ok(()),
+            () = sh.fib.migrations().released() => {
+                relay::write_released(&sh, &q).await?;
+                continue;
+            }
             r = async {
                 loop {
                     let mut guard = sock.readable().await?;
@@ -451,6 +458,10 @@ pub(crate) async fn ingress_loop(
                 Ok(inner) => accepted.push((i, inner)),
                 Err(reason) => sh.counters.discard(family, reason),
             }
+        }
+        if !sh.fib.migrations().is_empty() {
+            relay.sort(&sh, &bufs, &mut accepted);
+            relay.send_copies(&sh, &q).await?;
         }
         let coalesced = accepted.iter().filter(|(_, r)| r.len() > sh.tunnel_mtu).count();
         sh.counters.underlay_recv(coalesced as u64);
@@ -504,7 +515,7 @@ pub(crate) async fn ingress_loop(
 }
 
 /// One gather write into TUN carrying `packets` received packets (`bytes` of them).
-async fn write_tun(
+pub(super) async fn write_tun(
     sh: &Shared,
     q: &Queue,
     family: Family,
