@@ -291,3 +291,27 @@ fn coalesced_tcp6_from_the_underlay_reaches_the_vm_with_offload() {
 fn coalesced_tcp6_from_the_underlay_reaches_the_vm_without_offload() {
     coalesced_tcp6_reaches_the_vm(false);
 }
+
+/// The IPv6 side of an announced migration: fe2 copies the VM's 6in4 packets to fe3, which holds
+/// them until the VM is local there (see `forwarder.rs` for the IPv4 side and the window).
+#[test]
+fn an_announced_ipv6_migration_delivers_at_the_new_fe_what_reached_the_old_one_after_the_vm_left() {
+    let lab = Lab::build(true).unwrap();
+    for n in 1..=3 {
+        lab.fe(n).fib.migrations().set_target(VM6, Some(fe_addr(3)));
+    }
+    let (m2, m3) = (lab.fe(2).fib.migrations(), lab.fe(3).fib.migrations());
+    m3.set_hold_window(Duration::from_secs(5));
+    lab.vm.ip(&["link", "set", "eth0", "down"]).unwrap();
+    let client = lab.client.run_in(Icmp6Socket::open).unwrap().unwrap();
+    client.send_echo(VM6, 31, 64, 104).unwrap();
+    wait_until("fe2 to copy the request to fe3 and fe3 to hold it", T, || {
+        m2.stats().copied >= 1 && m3.stats().held >= 1
+    })
+    .unwrap_or_else(|e| panic!("{e}: fe2 {:?} fe3 {:?}", m2.stats(), m3.stats()));
+    assert_eq!(lab.fe(3).fwd().counters().tunnel_tx_packets, 0, "fe3 sent nothing back");
+    lab.bind_local(3).unwrap();
+    let replies = client.replies(Duration::from_millis(800));
+    assert_eq!(replies, vec![Probe6Reply::EchoReply { from: VM6 }], "fe3 {:?}", m3.stats());
+    assert_eq!(m3.stats().released, 1);
+}

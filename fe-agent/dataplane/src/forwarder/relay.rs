@@ -128,7 +128,8 @@ impl Relay {
             return Ok(());
         }
         let copies = &self.copies;
-        let (sent, bytes) = send_all(sh, q, &mut self.mmsg, copies.len(), |i| (&copies[i].0[..], &[][..], copies[i].1)).await?;
+        let (sent, bytes) =
+            send_all(sh, q, &mut self.mmsg, copies.len(), |i| (&copies[i].0[..], &[][..], copies[i].1)).await?;
         sh.counters.tunnel_tx(sent, bytes);
         sh.counters.ipv6_tunnel_tx(copies.iter().filter(|(c, _)| c.get(9) == Some(&ipv4::PROTO_IPV6)).count() as u64);
         sh.fib.migrations().copied(sent);
