@@ -170,6 +170,12 @@ pub struct Config {
     #[arg(long, env = "VICTOR_SNAPSHOT_RATE", default_value = "128MiB", value_parser = parse_bytes)]
     pub snapshot_rate: u64,
 
+    /// Most of a core the agent streams' fan-out may take under churn (0.05–1): the next round of
+    /// deltas to every stream starts at least (time of the last round) / share after it. Higher
+    /// means lower convergence latency under churn and more CPU (more, smaller messages).
+    #[arg(long, env = "VICTOR_FANOUT_SHARE", default_value_t = crate::stream::clock::DEFAULT_SHARE)]
+    pub fanout_share: f64,
+
     /// Most observations accepted in one AgentService.Report call.
     #[arg(long, env = "VICTOR_MAX_REPORT_OBSERVATIONS", default_value_t = 1024)]
     pub max_report_observations: usize,
@@ -249,6 +255,12 @@ impl Config {
             return bad(format!(
                 "--stream-history-bytes {} is too small; use at least 1MiB",
                 self.stream_history_bytes
+            ));
+        }
+        if !(0.05..=1.0).contains(&self.fanout_share) {
+            return bad(format!(
+                "--fanout-share {} is out of range; give a fraction of a core from 0.05 to 1",
+                self.fanout_share
             ));
         }
         if self.max_report_observations == 0 || self.max_report_observations > 65_536 {
@@ -382,6 +394,9 @@ mod tests {
         assert_eq!((c.max_connections, c.max_streams_per_connection, c.snapshot_rate), (4096, 32, 128 << 20));
         let c = load(&["--mobile-prefix", "10.10.0.0/16", "--snapshot-rate", "1GiB"]).unwrap();
         assert_eq!(c.snapshot_rate, 1 << 30);
+        assert_eq!(c.fanout_share, 0.5);
+        let err = load(&["--mobile-prefix", "10.10.0.0/16", "--fanout-share", "1.5"]).unwrap_err();
+        assert!(format!("{err:#}").contains("--fanout-share 1.5 is out of range"), "{err:#}");
         assert_eq!(c.stream_history_bytes, 16 << 20);
         let c = load(&["--mobile-prefix", "10.10.0.0/16", "--stream-history-bytes", "64MiB"]).unwrap();
         assert_eq!(c.stream_history_bytes, 64 << 20);

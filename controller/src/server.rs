@@ -178,7 +178,7 @@ impl Server {
             agent: config.max_agent_streams,
             watch: config.max_watch_streams,
         };
-        let clock = Arc::new(FanoutClock::new());
+        let clock = Arc::new(FanoutClock::with_share(config.fanout_share));
         let ctx = Arc::new(ApiContext {
             replica,
             mobile: MobilePrefixes::new(config.mobile_prefixes.clone()),

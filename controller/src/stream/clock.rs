@@ -10,12 +10,14 @@
 //!
 //! The ticks are self-clocked by the fan-out they cause. The clock measures how long the streams
 //! took to answer the last tick (the *fan-out time* F: from the tick until the last stream that
-//! was waiting for it has built its message) and spaces the next tick at least
-//! [`GAP_PER_FANOUT`] × F after it, never more than [`MAX_GAP`]. An idle replica ticks at once
-//! when a change arrives (F is tiny with few streams: 3 agents get a move within microseconds of
-//! the cache); a replica with a thousand streams under churn spends at most about 1 / [`GAP_PER_FANOUT`]
-//! of a core on fan-out and folds everything that arrives meanwhile into the next tick. The
-//! added delay is at most the gap plus one fan-out.
+//! was waiting for it has built its message) and spaces the next tick at least F / *share* after
+//! it, never more than [`MAX_GAP`], where the share (`--fanout-share`, default
+//! [`DEFAULT_SHARE`]) is the most of a core the fan-out may take under churn. An idle replica
+//! ticks at once when a change arrives (F is tiny with few streams: 3 agents get a move within
+//! microseconds of the cache); a replica with a thousand streams under churn spends at most about
+//! the share of a core on fan-out and folds everything that arrives meanwhile into the next tick.
+//! The added delay is at most the gap plus one fan-out: a higher share buys lower convergence
+//! latency with CPU (more ticks, so more messages, for the same changes).
 //!
 //! A stream whose client does not read is not polled (HTTP/2 flow control holds its body), so it
 //! cannot answer a tick until the client reads again: the fan-out counts as done once all but
@@ -40,8 +42,9 @@ use super::encoded;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 
-/// The next tick comes at least this many fan-out times after the previous one.
-pub const GAP_PER_FANOUT: u32 = 2;
+/// Default most of a core the fan-out may take under churn: the next tick comes at least two
+/// fan-out times after the previous one.
+pub const DEFAULT_SHARE: f64 = 0.5;
 /// Longest gap between two ticks while changes are waiting (the clock's share of convergence).
 pub const MAX_GAP: Duration = Duration::from_millis(25);
 /// One woken stream in this many may still be unanswered when the fan-out counts as done.
@@ -72,6 +75,8 @@ pub struct FanoutClock {
     answered_ns: AtomicU64,
     all_answered: Notify,
     heartbeat: Mutex<Option<SharedHeartbeat>>,
+    /// The next tick comes at least this many fan-out times after the previous one (1 / share).
+    gap_per_fanout: f64,
 }
 
 #[derive(Debug)]
@@ -100,6 +105,7 @@ impl Default for FanoutClock {
             answered_ns: AtomicU64::new(0),
             all_answered: Notify::new(),
             heartbeat: Mutex::new(None),
+            gap_per_fanout: 1.0 / DEFAULT_SHARE,
         }
     }
 }
@@ -108,6 +114,12 @@ impl FanoutClock {
     /// A clock that does not tick until [`FanoutClock::run`] drives it.
     pub fn new() -> FanoutClock {
         FanoutClock::default()
+    }
+
+    /// [`FanoutClock::new`] whose fan-out takes at most `share` of a core under churn (clamped
+    /// to 0.05–1).
+    pub fn with_share(share: f64) -> FanoutClock {
+        FanoutClock { gap_per_fanout: 1.0 / share.clamp(0.05, 1.0), ..FanoutClock::default() }
     }
 
     /// The ticks, for one stream.
@@ -184,7 +196,7 @@ impl FanoutClock {
             };
             // Quick to rise, slow to decay: one light tick does not shrink the gap of a busy replica.
             fanout = sample.max(fanout * 7 / 8);
-            let earliest = last_tick + (fanout * GAP_PER_FANOUT).min(MAX_GAP);
+            let earliest = last_tick + fanout.mul_f64(self.gap_per_fanout).min(MAX_GAP);
             if Instant::now() < earliest {
                 tokio::select! {
                     _ = tokio::time::sleep_until(earliest) => {}

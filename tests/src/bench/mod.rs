@@ -127,6 +127,10 @@ pub struct BenchArgs {
     /// bench-results/bench-<fes>fes-<bindings>-x<N>.json).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeats: u32,
+    /// The replicas' `--fanout-share` (most of a core their fan-out takes under churn); default:
+    /// the controller's.
+    #[arg(long)]
+    pub fanout_share: Option<f64>,
 }
 
 /// The result of one run (printed with `--json`, always written to the output file).
@@ -171,6 +175,8 @@ pub struct BenchReport {
     pub controller_cost: ControllerCost,
     /// Where the processes ran.
     pub pinning: Pinning,
+    /// The replicas' `--fanout-share` if the bench set it (otherwise the controller's default).
+    pub fanout_share: Option<f64>,
     /// Where the time of a move goes inside the controller (its `/debug/moves` traces).
     pub controller_stages_ms: Stages,
     /// A real agent's full sync in a namespace (`--real-agent`).
@@ -683,7 +689,11 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     };
     let mut pinning = Pinning::plan(if args.no_pin { PinMode::Off } else { args.pin })?;
     progress(format!("starting etcd ({} members) and {replicas} controller replica(s)", args.etcd_members));
-    let mut cluster = Cluster::start(args.etcd_members, replicas, controller_bin, pinning.replica_env()).await?;
+    let mut replica_env = pinning.replica_env();
+    if let Some(share) = args.fanout_share {
+        replica_env.push(("VICTOR_FANOUT_SHARE".to_owned(), share.to_string()));
+    }
+    let mut cluster = Cluster::start(args.etcd_members, replicas, controller_bin, replica_env).await?;
 
     progress("measuring the store floor");
     let floor = match &cluster.etcd {
@@ -938,6 +948,7 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
         cpu_during_churn_s: cpu_report,
         controller_cost,
         pinning,
+        fanout_share: args.fanout_share,
         controller_stages_ms: stages,
         real_agent,
         machine,
