@@ -237,20 +237,25 @@ fn several_queues_carry_parallel_flows_intact() {
 /// whose MTU was raised so that it arrives whole: what fe2's raw socket sees when the underlay
 /// NIC coalesced a run of segments (GRO).
 fn send_coalesced(lab: &Lab, inner: &[u8]) {
-    for dev in ["br0", "p2", "p3"] {
+    send_coalesced_between(lab, 3, 2, inner);
+}
+
+/// [`send_coalesced`] from FE `from` to FE `to`.
+fn send_coalesced_between(lab: &Lab, from: u8, to: u8, inner: &[u8]) {
+    for dev in ["br0", "p1", "p2", "p3"] {
         lab.ul.set_mtu(dev, 9000).unwrap();
     }
-    for n in [2, 3] {
+    for n in 1..=3 {
         lab.ns(n).set_mtu("ul0", 9000).unwrap();
     }
-    let outer = ipv4::encapsulate(inner, &ipv4::Tunnel { src: fe_addr(3), dst: fe_addr(2), ttl: 64 }, 0).unwrap();
-    lab.ns(3)
+    let outer = ipv4::encapsulate(inner, &ipv4::Tunnel { src: fe_addr(from), dst: fe_addr(to), ttl: 64 }, 0).unwrap();
+    lab.ns(usize::from(from))
         .run_in(move || {
             let sock =
                 socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::from(4)))
                     .unwrap();
             sock.set_header_included_v4(true).unwrap();
-            sock.send_to(&outer, &std::net::SocketAddr::from((fe_addr(2), 0)).into()).unwrap();
+            sock.send_to(&outer, &std::net::SocketAddr::from((fe_addr(to), 0)).into()).unwrap();
         })
         .unwrap();
 }
@@ -258,28 +263,36 @@ fn send_coalesced(lab: &Lab, inner: &[u8]) {
 /// TCP payload bytes the VM's namespace receives for destination port `port` within `window`
 /// (a raw TCP socket sees every TCP packet), and the packets' lengths.
 fn vm_tcp_capture(lab: &Lab, port: u16, window: Duration) -> std::thread::JoinHandle<(Vec<u8>, Vec<usize>)> {
-    lab.vm
-        .spawn_thread("vm-capture", move || {
-            let sock =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP)).unwrap();
-            sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            let deadline = std::time::Instant::now() + window;
-            let (mut payload, mut lens) = (Vec::new(), Vec::new());
-            let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 70000];
-            while std::time::Instant::now() < deadline {
-                let Ok(n) = sock.recv(&mut buf) else { continue };
-                // SAFETY: recv initialised the first n bytes.
-                let p: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-                let h = ipv4::parse(&p).unwrap();
-                let tcp = &p[h.header_len..h.total_len];
-                if u16::from_be_bytes([tcp[2], tcp[3]]) == port {
-                    lens.push(h.total_len);
-                    payload.extend_from_slice(&tcp[usize::from(tcp[12] >> 4) * 4..]);
-                }
+    tcp_capture(&lab.vm, port, window)
+}
+
+/// [`vm_tcp_capture`] in any namespace.
+fn tcp_capture(
+    ns: &victor_testkit::netns::NetNs,
+    port: u16,
+    window: Duration,
+) -> std::thread::JoinHandle<(Vec<u8>, Vec<usize>)> {
+    ns.spawn_thread("vm-capture", move || {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let deadline = std::time::Instant::now() + window;
+        let (mut payload, mut lens) = (Vec::new(), Vec::new());
+        let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 70000];
+        while std::time::Instant::now() < deadline {
+            let Ok(n) = sock.recv(&mut buf) else { continue };
+            // SAFETY: recv initialised the first n bytes.
+            let p: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let h = ipv4::parse(&p).unwrap();
+            let tcp = &p[h.header_len..h.total_len];
+            if u16::from_be_bytes([tcp[2], tcp[3]]) == port {
+                lens.push(h.total_len);
+                payload.extend_from_slice(&tcp[usize::from(tcp[12] >> 4) * 4..]);
             }
-            (payload, lens)
-        })
-        .unwrap()
+        }
+        (payload, lens)
+    })
+    .unwrap()
 }
 
 fn coalesced_tcp_reaches_the_vm(offload: bool) {
@@ -607,4 +620,48 @@ fn an_announced_migration_delivers_at_the_new_fe_what_reached_the_old_one_after_
 #[test]
 fn an_announced_migration_delivers_at_the_new_fe_what_reached_the_old_one_after_the_vm_left_without_offload() {
     announced_migration(false);
+}
+
+/// Coalesced TCP during an announced migration: the old FE (fe2) copies it to fe3 split into
+/// tunnel-MTU segments, and fe3 splits what reaches it coalesced itself before holding it; both
+/// reach the VM whole once it is local at fe3.
+#[test]
+fn an_announced_migration_relays_coalesced_tcp_in_segments() {
+    let lab = Lab::build(true).unwrap();
+    for n in 1..=3 {
+        lab.fe(n).fib.migrations().set_target(VM, Some(fe_addr(3)));
+    }
+    let m3 = lab.fe(3).fib.migrations();
+    m3.set_hold_window(Duration::from_secs(10));
+    lab.vm.ip(&["link", "set", "eth0", "down"]).unwrap();
+    let segment = |port: u16, fill: u32| {
+        let payload: Vec<u8> = (0..5000u32).map(|i| ((i + fill) % 251) as u8).collect();
+        let mut inner = Vec::new();
+        etherparse::PacketBuilder::ipv4(CLIENT.octets(), VM.octets(), 60)
+            .tcp(40000, port, 1, 1000)
+            .ack(1)
+            .write(&mut inner, &payload)
+            .unwrap();
+        (inner, payload)
+    };
+    let (via_old, via_old_payload) = segment(5556, 0);
+    let (direct, direct_payload) = segment(5557, 7);
+    // fe1 → fe2 (the old FE: delivers to the dead port, copies to fe3 in segments) and fe2 → fe3
+    // directly (coalesced on arrival at fe3).
+    send_coalesced_between(&lab, 1, 2, &via_old);
+    send_coalesced_between(&lab, 2, 3, &direct);
+    let per_packet = usize::from(UNDERLAY_MTU) - 20 - 40;
+    let segments = 2 * 5000usize.div_ceil(per_packet) as u64;
+    wait_until("fe3 to hold both, in segments", T, || m3.stats().held == segments)
+        .unwrap_or_else(|e| panic!("{e}: fe2 {:?} fe3 {:?}", lab.fe(2).fib.migrations().stats(), m3.stats()));
+    let captures = [
+        tcp_capture(&lab.vm3, 5556, Duration::from_millis(1500)),
+        tcp_capture(&lab.vm3, 5557, Duration::from_millis(1500)),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    lab.bind_local(3).unwrap();
+    let [a, b] = captures.map(|c| c.join().unwrap());
+    assert_eq!(a.0, via_old_payload, "copied by fe2: {:?}", a.1);
+    assert_eq!(b.0, direct_payload, "held by fe3: {:?}", b.1);
+    assert_eq!(m3.stats().released, segments);
 }
