@@ -299,8 +299,14 @@ mod tests {
         assert_eq!(change_len(&change), bytes.len());
         let decoded = SyncUpdate::decode(bytes.as_ref()).unwrap();
         assert_eq!(decoded.binding_upserts, vec![wire::binding_entry(ip, &announced)]);
-        assert_eq!((decoded.binding_upserts[0].fe_id.as_str(), decoded.binding_upserts[0].pending_fe_id.as_str()), ("fe1", "fe3"));
-        let plain = SyncUpdate::decode(encode_changes(&[CacheChange::Binding { ip, revision: 9, view: Some(view("fe1", 2, 9)) }]).as_ref()).unwrap();
+        assert_eq!(
+            (decoded.binding_upserts[0].fe_id.as_str(), decoded.binding_upserts[0].pending_fe_id.as_str()),
+            ("fe1", "fe3")
+        );
+        let plain = SyncUpdate::decode(
+            encode_changes(&[CacheChange::Binding { ip, revision: 9, view: Some(view("fe1", 2, 9)) }]).as_ref(),
+        )
+        .unwrap();
         assert_eq!(plain.binding_upserts[0].pending_fe_id, "", "no announcement: the field is absent");
     }
 

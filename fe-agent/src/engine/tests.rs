@@ -777,7 +777,10 @@ async fn announced_migrations_set_exactly_the_relay_targets_of_the_desired_state
     rig.sync(delta(17, vec![announced(here, 3, mac(11), 4, 17, 2)])).await;
     assert_eq!(relays(&rig), BTreeMap::from([(here, underlay(2))]));
     rig.link(LinkEvent::StreamEnded).await;
-    rig.connect_and_sync(2, snapshot(20, vec![binding(here, 3, mac(11), 4, 18), announced(there, 2, mac(12), 1, 19, 3)]))
-        .await;
+    rig.connect_and_sync(
+        2,
+        snapshot(20, vec![binding(here, 3, mac(11), 4, 18), announced(there, 2, mac(12), 1, 19, 3)]),
+    )
+    .await;
     assert_eq!(relays(&rig), BTreeMap::from([(there, underlay(3))]));
 }

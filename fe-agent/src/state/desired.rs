@@ -436,10 +436,7 @@ impl DesiredState {
 
     /// Bindings with an announced migration (unordered): the VMs whose relay may change when
     /// one of `fes` changes.
-    pub fn announced_to<'a>(
-        &'a self,
-        fes: &'a std::collections::HashSet<FeIdx>,
-    ) -> impl Iterator<Item = IpAddr> + 'a {
+    pub fn announced_to<'a>(&'a self, fes: &'a std::collections::HashSet<FeIdx>) -> impl Iterator<Item = IpAddr> + 'a {
         self.bindings.iter().filter(move |(_, b)| b.pending_fe().is_some_and(|p| fes.contains(&p))).map(|(ip, _)| ip)
     }
 
