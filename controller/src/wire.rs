@@ -108,6 +108,7 @@ pub fn binding_entry(ip: IpAddr, view: &BindingView) -> v1::BindingEntry {
         mac: view.mac.octets().to_vec(),
         move_seq: view.move_seq,
         revision: view.revision,
+        pending_fe_id: view.pending_fe_id().to_owned(),
     }
 }
 

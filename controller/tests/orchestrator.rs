@@ -340,3 +340,91 @@ async fn orchestrator_calls_on_etcd() {
     let replica = Replica::spawn("orch-etcd", &etcd.endpoints(), &FLAGS).await;
     orchestrator_calls_and_their_refusals(&mut replica.clients().await).await;
 }
+
+/// The binding entry for `ip` in a stream message (the newest, if the message holds several).
+fn entry<'a>(msg: &'a SyncUpdate, ip: &str) -> Option<&'a BindingEntry> {
+    let ip = ip_bytes(ip);
+    msg.binding_upserts.iter().filter(|e| e.vm_ip == ip).max_by_key(|e| e.revision)
+}
+
+/// The next stream message with an upsert of `ip`; returns (binding FE, announced FE, revision).
+async fn next_entry(sync: &mut tonic::Streaming<SyncUpdate>, ip: &str, within: Duration) -> (String, String, u64) {
+    let msg = next_matching(sync, within, |m| entry(m, ip).is_some()).await;
+    let e = entry(&msg, ip).unwrap();
+    (e.fe_id.clone(), e.pending_fe_id.clone(), e.revision)
+}
+
+/// The agents' stream carries an orchestrator's announced migration (issue 18: the data plane
+/// relays the VM's packets to the announced FE meanwhile): AnnounceMigration without commit
+/// sends the binding with `pending_fe_id` and without moving it, in deltas and in a new stream's
+/// snapshot; CancelMigration, the committed move and the announcement's expiry each send it
+/// again without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_migration_reaches_the_agents_stream_on_etcd() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let replica = Replica::spawn("migration-stream", &etcd.endpoints(), &[]).await;
+    let c = &mut replica.clients().await;
+    for (fe, n) in [("fe1", 1), ("fe2", 2), ("fe3", 3)] {
+        register(c, fe, n, "site-a").await;
+    }
+    let heartbeats = {
+        let mut agent = c.agent.clone();
+        tokio::spawn(async move {
+            loop {
+                for fe in ["fe1", "fe2", "fe3"] {
+                    let _ = agent.heartbeat(HeartbeatRequest { fe_id: fe.into() }).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let vm = "10.10.5.1";
+    assert_eq!(outcome(&learn(c, "fe2", vm, mac(51)).await), ClaimOutcome::Bound);
+    let sync_from = |from_revision| SyncRequest { fe_id: "fe1".into(), from_revision };
+    let mut sync = c.agent.sync(sync_from(0)).await.unwrap().into_inner();
+    let end = next_matching(&mut sync, Duration::from_secs(10), |m| m.phase == SyncPhase::SnapshotEnd as i32).await;
+    let within = Duration::from_secs(10);
+
+    // Announced: the binding stays at fe2 and names fe3.
+    let announced = announce(c, vm, "fe3", false).await;
+    assert_eq!((announced.fe_id.as_str(), announced.pending_fe_id.as_str()), ("fe2", "fe3"));
+    let (fe, pending, rev_announced) = next_entry(&mut sync, vm, within).await;
+    assert_eq!((fe.as_str(), pending.as_str()), ("fe2", "fe3"), "the delta carries the announcement");
+    assert_eq!(rev_announced, announced.revision);
+    // A new stream's snapshot carries it too, and so does one resumed from before it.
+    let mut fresh = c.agent.sync(sync_from(0)).await.unwrap().into_inner();
+    let snap = next_matching(&mut fresh, within, |m| entry(m, vm).is_some()).await;
+    assert_eq!(entry(&snap, vm).unwrap().pending_fe_id, "fe3", "snapshot phase {}", snap.phase);
+    let mut resumed = c.agent.sync(sync_from(end.revision)).await.unwrap().into_inner();
+    assert_eq!(next_entry(&mut resumed, vm, within).await.1, "fe3", "a resumed stream's deltas carry it");
+    drop((fresh, resumed));
+
+    // Cancelled: sent again without it.
+    let cancel = CancelMigrationRequest { vm_ip: vm.into(), target_fe_id: "fe3".into() };
+    let cancelled = c.binding.cancel_migration(cancel).await.unwrap().into_inner();
+    let (fe, pending, rev) = next_entry(&mut sync, vm, within).await;
+    assert_eq!((fe.as_str(), pending.as_str(), rev), ("fe2", "", cancelled.revision));
+
+    // Announced again, then committed: the move to fe3 ends the announcement.
+    announce(c, vm, "fe3", false).await;
+    assert_eq!(next_entry(&mut sync, vm, within).await.1, "fe3");
+    let moved = announce(c, vm, "fe3", true).await;
+    let (fe, pending, rev) = next_entry(&mut sync, vm, within).await;
+    assert_eq!((fe.as_str(), pending.as_str(), rev), ("fe3", "", moved.revision), "committed: moved, not pending");
+
+    // The VM itself arrives at the announced FE (its agent's claim commits the move).
+    announce(c, vm, "fe1", false).await;
+    assert_eq!(next_entry(&mut sync, vm, within).await.1, "fe1");
+    assert_eq!(outcome(&learn(c, "fe1", vm, mac(51)).await), ClaimOutcome::Moved);
+    let (fe, pending, _) = next_entry(&mut sync, vm, within).await;
+    assert_eq!((fe.as_str(), pending.as_str()), ("fe1", ""), "claimed at the announced FE: moved, not pending");
+
+    // Expired: housekeeping withdraws it, and the agents hear so.
+    let req = AnnounceMigrationRequest { vm_ip: vm.into(), target_fe_id: "fe2".into(), commit: false, ttl_seconds: 1 };
+    c.binding.announce_migration(req).await.unwrap();
+    assert_eq!(next_entry(&mut sync, vm, within).await.1, "fe2");
+    let (fe, pending, _) = next_entry(&mut sync, vm, Duration::from_secs(30)).await;
+    assert_eq!((fe.as_str(), pending.as_str()), ("fe1", ""), "expired");
+    assert_eq!(binding(c, vm).await.unwrap().pending_fe_id, "");
+    heartbeats.abort();
+}

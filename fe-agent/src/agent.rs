@@ -242,6 +242,9 @@ async fn start_dataplane(
     if let Some(counters) = dataplane.kernel_counters() {
         metrics.attach_tunnels(counters);
     }
+    if let Some(fib) = dataplane.fib() {
+        metrics.attach_migrations(fib.clone());
+    }
     Ok((dataplane, choice))
 }
 

@@ -2,7 +2,8 @@
 //! prefixed `victor_agent_`). Counters are bumped where things happen, with the label each
 //! module gives its own outcomes; the data-plane and VM-port capture counters are read at scrape time
 //! (from the userspace forwarder, or from whatever implements [`TunnelCounts`] — the kernel data
-//! plane —, and from whatever implements [`CaptureCounts`]).
+//! plane —, from whatever implements [`CaptureCounts`], and from the userspace data plane's
+//! announced migrations, [`MigrationCounts`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use victor_dataplane::counters::{CounterSnapshot, Counters};
+use victor_dataplane::fib::Fib;
+use victor_dataplane::migration::MigrationStats;
 use victor_dataplane::neigh_io::NeighStats;
 
 /// The VM-port captures' counters (ARP, RARP, NDP), read at scrape time.
@@ -50,6 +53,25 @@ pub trait ForwarderCounts: Send + Sync + std::fmt::Debug {
 impl ForwarderCounts for Counters {
     fn snapshot(&self) -> CounterSnapshot {
         Counters::snapshot(self)
+    }
+}
+
+/// The userspace data plane's announced migrations (`victor_dataplane::migration`), read at
+/// scrape time.
+pub trait MigrationCounts: Send + Sync + std::fmt::Debug {
+    /// Relay totals since start.
+    fn stats(&self) -> MigrationStats;
+    /// Announced migrations in force.
+    fn announced(&self) -> usize;
+}
+
+impl MigrationCounts for Fib {
+    fn stats(&self) -> MigrationStats {
+        self.migrations().stats()
+    }
+
+    fn announced(&self) -> usize {
+        self.migrations().targets().len()
     }
 }
 
@@ -399,6 +421,11 @@ impl Metrics {
         *self.dataplane_counters.counters.lock().expect("collector lock") = Some(counters);
     }
 
+    /// Starts reporting the announced migrations' relay (userspace data plane).
+    pub fn attach_migrations(&self, migrations: Arc<dyn MigrationCounts>) {
+        *self.dataplane_counters.migrations.lock().expect("collector lock") = Some(migrations);
+    }
+
     /// Starts reporting the kernel data plane's counters.
     pub fn attach_tunnels(&self, tunnels: Arc<dyn TunnelCounts>) {
         *self.dataplane_counters.tunnels.lock().expect("collector lock") = Some(tunnels);
@@ -462,6 +489,12 @@ struct DataplaneCollector {
     counters: Mutex<Option<Arc<dyn ForwarderCounts>>>,
     tunnels: Mutex<Option<Arc<dyn TunnelCounts>>>,
     captures: Mutex<Option<Arc<dyn CaptureCounts>>>,
+    migrations: Mutex<Option<Arc<dyn MigrationCounts>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhatLabel {
+    what: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -561,9 +594,39 @@ impl Collector for DataplaneCollector {
         if let Some(tunnels) = self.tunnels.lock().expect("collector lock").clone() {
             encode_tunnels(&tunnels.snapshot(), &mut encoder)?;
         }
+        if let Some(migrations) = self.migrations.lock().expect("collector lock").clone() {
+            encode_migrations(&migrations.stats(), migrations.announced(), &mut encoder)?;
+        }
         let Some(counters) = self.counters.lock().expect("collector lock").clone() else { return Ok(()) };
         encode_forwarder(&counters.snapshot(), &mut encoder)
     }
+}
+
+/// Renders the announced-migration relay: `migration_relay_packets_total{what}` and
+/// `migrations_announced`.
+fn encode_migrations(
+    s: &MigrationStats,
+    announced: usize,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    let counter = ConstCounter::new(0u64);
+    let mut family = encoder.encode_descriptor(
+        "migration_relay_packets",
+        "Packets of VMs with an announced migration (userspace data plane): copied = sent to the announced FE by the FE the VM is local at; held = kept by the announced FE until the VM is local there; released = held and then delivered; expired = held and dropped (too old, pushed out, never claimed)",
+        None,
+        counter.metric_type(),
+    )?;
+    for (what, n) in [("copied", s.copied), ("held", s.held), ("released", s.released), ("expired", s.expired)] {
+        ConstCounter::new(n).encode(family.encode_family(&WhatLabel { what })?)?;
+    }
+    let gauge = ConstGauge::new(i64::try_from(announced).unwrap_or(i64::MAX));
+    let metric = encoder.encode_descriptor(
+        "migrations_announced",
+        "VMs with an announced migration the data plane relays (Binding.pending_fe_id naming a registered FE)",
+        None,
+        gauge.metric_type(),
+    )?;
+    gauge.encode(metric)
 }
 
 /// Renders the userspace forwarder's counters.
@@ -753,6 +816,31 @@ mod tests {
             "victor_agent_dataplane_underlay_rx_coalesced_total 18".to_owned(),
             format!("victor_agent_dataplane_ipv6_drops_total{{reason=\"{r}\"}} 19"),
             format!("victor_agent_dataplane_drops_total{{reason=\"{r}\"}} 20"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+    }
+
+    /// The announced-migration relay comes out under the names the lab reads, from the data
+    /// plane's own table and totals.
+    #[test]
+    fn migration_relay_is_exposed() {
+        let m = Metrics::new();
+        assert!(!m.render().contains("migration"), "nothing before a userspace data plane is attached");
+        let fib = Arc::new(Fib::new(std::net::Ipv4Addr::new(198, 51, 100, 1)));
+        let to = std::net::Ipv4Addr::new(198, 51, 100, 3);
+        fib.migrations().set_target(std::net::Ipv4Addr::new(10, 10, 0, 11), Some(to));
+        fib.migrations().set_target(std::net::Ipv4Addr::new(10, 10, 0, 12), Some(to));
+        fib.migrations().copied(3);
+        fib.migrations().hold(std::net::IpAddr::from([10, 10, 0, 11]), b"packet", std::time::Instant::now());
+        m.attach_migrations(fib);
+        let text = m.render();
+        for line in [
+            "victor_agent_migration_relay_packets_total{what=\"copied\"} 3",
+            "victor_agent_migration_relay_packets_total{what=\"held\"} 1",
+            "victor_agent_migration_relay_packets_total{what=\"released\"} 0",
+            "victor_agent_migration_relay_packets_total{what=\"expired\"} 0",
+            "victor_agent_migrations_announced 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

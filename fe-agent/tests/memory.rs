@@ -76,6 +76,7 @@ fn agent_bytes_per_binding_at_one_million() {
                 mac: vec![2, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8, 1],
                 move_seq: 0,
                 revision: 10_000 + u64::from(i),
+                pending_fe_id: String::new(),
             })
             .collect();
         let applied = desired.apply(&msg).unwrap();

@@ -388,6 +388,8 @@ pub struct SnapshotEntry {
     mac: victor_proto::Mac,
     move_seq: u64,
     revision: Revision,
+    /// The announced migration target ("" if none: no allocation).
+    pending_fe_id: String,
 }
 
 impl SnapshotEntry {
@@ -398,6 +400,7 @@ impl SnapshotEntry {
             mac: self.mac.octets(),
             move_seq: self.move_seq,
             revision: self.revision,
+            pending_fe_id: &self.pending_fe_id,
         }
     }
 }
@@ -426,8 +429,14 @@ fn read_part(s: &CacheState, after: Option<IpAddr>, with_fes: bool) -> Part {
             part.exhausted = false;
             break;
         }
-        let entry =
-            SnapshotEntry { ip: *ip, fe_id: b.fe_id.clone(), mac: b.mac, move_seq: b.move_seq, revision: b.revision };
+        let entry = SnapshotEntry {
+            ip: *ip,
+            fe_id: b.fe_id.clone(),
+            mac: b.mac,
+            move_seq: b.move_seq,
+            revision: b.revision,
+            pending_fe_id: b.pending_fe_id().to_owned(),
+        };
         bytes += encoded::binding_len(&entry.as_ref());
         part.entries.push(entry);
         part.last_ip = Some(*ip);

@@ -18,7 +18,7 @@ use victor_proto::types::ip_to_bytes;
 use victor_proto::v1::{BindingRemoval, FeEntry, FeRemoval, SyncUpdate};
 use victor_store::Revision;
 
-use crate::cache::{CacheChange, Frame};
+use crate::cache::{BindingView, CacheChange, Frame};
 use crate::wire;
 
 /// `SyncUpdate` field numbers of the repeated fields.
@@ -66,6 +66,22 @@ pub struct EntryRef<'a> {
     pub move_seq: u64,
     /// Store revision.
     pub revision: Revision,
+    /// The announced migration target ("" if none).
+    pub pending_fe_id: &'a str,
+}
+
+impl<'a> EntryRef<'a> {
+    /// The entry of a cached binding.
+    pub fn of(ip: IpAddr, view: &'a BindingView) -> Self {
+        EntryRef {
+            ip,
+            fe_id: &view.fe_id,
+            mac: view.mac.octets(),
+            move_seq: view.move_seq,
+            revision: view.revision,
+            pending_fe_id: view.pending_fe_id(),
+        }
+    }
 }
 
 fn put_bytes_field(buf: &mut BytesMut, tag: u32, bytes: &[u8]) {
@@ -100,6 +116,7 @@ fn binding_body_len(e: &EntryRef<'_>) -> usize {
         + bytes_field_len(e.mac.len())
         + varint_field_len(e.move_seq)
         + varint_field_len(e.revision)
+        + bytes_field_len(e.pending_fe_id.len())
 }
 
 /// Bytes [`put_binding`] appends for `e` (tag and length prefix included).
@@ -112,13 +129,7 @@ pub fn binding_len(e: &EntryRef<'_>) -> usize {
 pub fn change_len(change: &CacheChange) -> usize {
     use prost::encoding::message::encoded_len;
     match change {
-        CacheChange::Binding { ip, view: Some(view), .. } => binding_len(&EntryRef {
-            ip: *ip,
-            fe_id: &view.fe_id,
-            mac: view.mac.octets(),
-            move_seq: view.move_seq,
-            revision: view.revision,
-        }),
+        CacheChange::Binding { ip, view: Some(view), .. } => binding_len(&EntryRef::of(*ip, view)),
         CacheChange::Binding { ip, revision, view: None } => {
             encoded_len(BINDING_REMOVALS, &BindingRemoval { vm_ip: ip_to_bytes(*ip), revision: *revision })
         }
@@ -151,6 +162,7 @@ pub fn put_binding(buf: &mut BytesMut, e: &EntryRef<'_>) {
     put_bytes_field(buf, 3, &e.mac);
     put_varint_field(buf, 4, e.move_seq);
     put_varint_field(buf, 5, e.revision);
+    put_bytes_field(buf, 6, e.pending_fe_id.as_bytes());
 }
 
 /// The repeated-field records of a list of cache changes, in order.
@@ -158,16 +170,7 @@ pub fn encode_changes(changes: &[CacheChange]) -> Bytes {
     let mut buf = BytesMut::with_capacity(changes.len() * 40);
     for change in changes {
         match change {
-            CacheChange::Binding { ip, view: Some(view), .. } => put_binding(
-                &mut buf,
-                &EntryRef {
-                    ip: *ip,
-                    fe_id: &view.fe_id,
-                    mac: view.mac.octets(),
-                    move_seq: view.move_seq,
-                    revision: view.revision,
-                },
-            ),
+            CacheChange::Binding { ip, view: Some(view), .. } => put_binding(&mut buf, &EntryRef::of(*ip, view)),
             CacheChange::Binding { ip, revision, view: None } => {
                 let removal = BindingRemoval { vm_ip: ip_to_bytes(*ip), revision: *revision };
                 prost::encoding::message::encode(BINDING_REMOVALS, &removal, &mut buf);
@@ -252,14 +255,22 @@ mod tests {
 
     #[test]
     fn binding_records_match_prost_byte_for_byte() {
-        for (ip, fe, seq, rev) in [
-            ("10.0.0.1", "fe1", 0, 0),
-            ("10.0.0.2", "a-much-longer-fe-name-for-the-length-varint", 300, 1 << 40),
-            ("2001:db8::1", "", 1, 5),
+        for (ip, fe, seq, rev, pending) in [
+            ("10.0.0.1", "fe1", 0, 0, ""),
+            ("10.0.0.2", "a-much-longer-fe-name-for-the-length-varint", 300, 1 << 40, ""),
+            ("2001:db8::1", "", 1, 5, ""),
+            ("10.0.0.3", "fe1", 2, 9, "fe2"),
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             let mut ours = BytesMut::new();
-            let entry = EntryRef { ip, fe_id: fe, mac: [2, 0, 0, 0, 0, 7], move_seq: seq, revision: rev };
+            let entry = EntryRef {
+                ip,
+                fe_id: fe,
+                mac: [2, 0, 0, 0, 0, 7],
+                move_seq: seq,
+                revision: rev,
+                pending_fe_id: pending,
+            };
             put_binding(&mut ours, &entry);
             assert_eq!(binding_len(&entry), ours.len(), "{ip} {fe}");
             let msg = SyncUpdate {
@@ -269,11 +280,34 @@ mod tests {
                     mac: vec![2, 0, 0, 0, 0, 7],
                     move_seq: seq,
                     revision: rev,
+                    pending_fe_id: pending.into(),
                 }],
                 ..Default::default()
             };
             assert_eq!(ours.as_ref(), msg.encode_to_vec().as_slice(), "{ip} {fe}");
         }
+    }
+
+    #[test]
+    fn an_announced_migration_travels_with_the_binding() {
+        use crate::cache::state::BindingExtra;
+        let ip: IpAddr = "10.0.0.4".parse().unwrap();
+        let extra = BindingExtra { pending_fe_id: "fe3".into(), pending_until: 99, ..Default::default() };
+        let announced = BindingView { extra: Some(Box::new(extra)), ..view("fe1", 2, 8) };
+        let change = CacheChange::Binding { ip, revision: 8, view: Some(announced.clone()) };
+        let bytes = encode_changes(std::slice::from_ref(&change));
+        assert_eq!(change_len(&change), bytes.len());
+        let decoded = SyncUpdate::decode(bytes.as_ref()).unwrap();
+        assert_eq!(decoded.binding_upserts, vec![wire::binding_entry(ip, &announced)]);
+        assert_eq!(
+            (decoded.binding_upserts[0].fe_id.as_str(), decoded.binding_upserts[0].pending_fe_id.as_str()),
+            ("fe1", "fe3")
+        );
+        let plain = SyncUpdate::decode(
+            encode_changes(&[CacheChange::Binding { ip, revision: 9, view: Some(view("fe1", 2, 9)) }]).as_ref(),
+        )
+        .unwrap();
+        assert_eq!(plain.binding_upserts[0].pending_fe_id, "", "no announcement: the field is absent");
     }
 
     #[test]

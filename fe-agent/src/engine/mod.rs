@@ -225,10 +225,13 @@ impl<E: Effects> Engine<E> {
     }
 
     /// Makes `ip` match its target and does what the change implies (gateway announcement on a
-    /// port a VM just arrived on; discovery of a VM bound here on an unknown port).
+    /// port a VM just arrived on; discovery of a VM bound here on an unknown port). The data
+    /// plane's announced migration of `ip` follows the desired state (a move hint does not touch
+    /// it), after the target: a relay ends only once the new path is programmed.
     async fn reconcile(&mut self, ip: IpAddr) -> Applied {
         let t = self.target(ip);
         let applied = self.reconciler.apply(ip, t).await;
+        self.reconciler.set_migration(ip, self.desired.migration_target(ip));
         if let Some(port) = applied.became_local_on {
             self.announce_gateways(port);
         }
@@ -304,6 +307,8 @@ impl<E: Effects> Engine<E> {
             self.reconciler.set_peers(&self.desired.peers()).await;
             let changed: std::collections::HashSet<u32> = applied.fes.iter().map(|f| f.0).collect();
             todo.extend(self.desired.bindings().filter(|(_, b)| changed.contains(&b.fe)).map(|(ip, _)| ip));
+            // Relays to an FE whose underlay address changed (or that left) change with it.
+            todo.extend(self.desired.announced_to(&changed));
         }
         if applied.snapshot_completed {
             // Stale removal: whatever is programmed locally that the new state does not want.

@@ -51,6 +51,7 @@ fn binding(ip: IpAddr, fe: u8, mac: [u8; 6], move_seq: u64, revision: u64) -> Bi
         mac: mac.to_vec(),
         move_seq,
         revision,
+        pending_fe_id: String::new(),
     }
 }
 
@@ -689,4 +690,97 @@ async fn a_rarp_announcement_claims_every_ip_of_its_mac_like_a_garp() {
     rig.engine.handle(Input::Answers(answered)).await;
     assert!(rig.metric("victor_agent_claim_results_total{outcome=\"expanded\"} 1"), "{}", rig.metrics.render());
     assert!(rig.changes().is_empty(), "the stream, not the answer, moves what the agent did not know");
+}
+
+/// The binding of `ip` at fe`fe`, announced to migrate to fe`to` (`BindingEntry.pending_fe_id`).
+fn announced(ip: IpAddr, fe: u8, mac: [u8; 6], move_seq: u64, revision: u64, to: u8) -> BindingEntry {
+    BindingEntry { pending_fe_id: format!("fe{to}"), ..binding(ip, fe, mac, move_seq, revision) }
+}
+
+/// A delta of FE changes only.
+fn fe_delta(revision: u64, upserts: Vec<FeEntry>, removals: Vec<&str>) -> SyncUpdate {
+    let fe_removals =
+        removals.into_iter().map(|id| victor_proto::v1::FeRemoval { fe_id: id.into(), revision }).collect();
+    SyncUpdate { phase: SyncPhase::Delta as i32, revision, fe_upserts: upserts, fe_removals, ..Default::default() }
+}
+
+/// Announced migrations reach the data plane's relay table: every binding whose `pending_fe_id`
+/// names a registered FE with an IPv4 underlay — this FE included (it holds what is relayed to
+/// it) — and nothing else. A cancelled announcement, a committed move, a removed binding and an
+/// FE that leaves each take the VM out; an FE that registers brings the announcements naming it
+/// in; a snapshot leaves exactly its own announcements (what a previous state left goes). None
+/// of it touches routes or tunnels.
+#[tokio::test]
+async fn announced_migrations_set_exactly_the_relay_targets_of_the_desired_state() {
+    use std::collections::BTreeMap;
+    let (here, there, unknown, leftover) = (vm(11), vm(12), vm(13), vm(14));
+    let previous = InMemory { migrations: BTreeMap::from([(leftover, underlay(2))]), ..InMemory::default() };
+    let mut rig = Rig::new(previous);
+    rig.connect_and_sync(
+        1,
+        snapshot(
+            10,
+            vec![
+                announced(here, 2, mac(11), 3, 7, 3),
+                announced(there, 2, mac(12), 1, 8, 1),
+                announced(unknown, 3, mac(13), 0, 9, 9),
+            ],
+        ),
+    )
+    .await;
+    let relays = |rig: &Rig| rig.effects().migrations.clone();
+    assert_eq!(
+        relays(&rig),
+        BTreeMap::from([(here, underlay(3)), (there, underlay(1))]),
+        "fe3 and this FE (fe1) are registered; fe9 is not; the leftover is swept"
+    );
+    assert!(rig.metric("victor_agent_reconcile_ops_total{op=\"migration_set\",result=\"ok\"} 2"));
+    let tunnels = rig.changes();
+    assert!(tunnels.iter().all(|(_, op)| matches!(op, Op::SetTunnel(Tunnel::Remote(_)))), "{tunnels:?}");
+    rig.engine.reconciler.effects_mut().migration_log.clear();
+
+    // Cancelled (the binding's next revision has no pending FE): the relay goes, nothing else.
+    rig.sync(delta(11, vec![binding(here, 2, mac(11), 3, 11)])).await;
+    assert_eq!(relays(&rig), BTreeMap::from([(there, underlay(1))]));
+    assert_eq!(rig.changes(), vec![], "the VM did not move");
+    // Announced again, then the move commits at fe3: the tunnel follows and the relay ends.
+    rig.sync(delta(12, vec![announced(here, 2, mac(11), 3, 12, 3)])).await;
+    assert_eq!(relays(&rig).get(&here), Some(&underlay(3)));
+    rig.sync(delta(13, vec![binding(here, 3, mac(11), 4, 13)])).await;
+    assert_eq!(rig.changes(), vec![(here, Op::SetTunnel(Tunnel::Remote(underlay(3))))]);
+    assert_eq!(relays(&rig).get(&here), None);
+    assert_eq!(
+        std::mem::take(&mut rig.engine.reconciler.effects_mut().migration_log),
+        vec![(here, None), (here, Some(underlay(3))), (here, None)],
+        "one change per announcement change, no repeats"
+    );
+
+    // fe9 registers: the announcement naming it takes effect; it leaves: the relay goes.
+    let fe9 = FeEntry {
+        fe_id: "fe9".into(),
+        underlay_addr: underlay(9).octets().to_vec(),
+        up: true,
+        revision: 14,
+        ..Default::default()
+    };
+    rig.sync(fe_delta(14, vec![fe9], vec![])).await;
+    assert_eq!(relays(&rig).get(&unknown), Some(&underlay(9)));
+    rig.sync(fe_delta(15, vec![], vec!["fe9"])).await;
+    assert_eq!(relays(&rig).get(&unknown), None);
+
+    // The binding is removed: its relay goes with it.
+    let removal = victor_proto::v1::BindingRemoval { vm_ip: victor_proto::types::ip_to_bytes(there), revision: 16 };
+    rig.sync(SyncUpdate { binding_removals: vec![removal], ..delta(16, vec![]) }).await;
+    assert_eq!(relays(&rig), BTreeMap::new());
+
+    // A new snapshot announces one VM and leaves exactly that.
+    rig.sync(delta(17, vec![announced(here, 3, mac(11), 4, 17, 2)])).await;
+    assert_eq!(relays(&rig), BTreeMap::from([(here, underlay(2))]));
+    rig.link(LinkEvent::StreamEnded).await;
+    rig.connect_and_sync(
+        2,
+        snapshot(20, vec![binding(here, 3, mac(11), 4, 18), announced(there, 2, mac(12), 1, 19, 3)]),
+    )
+    .await;
+    assert_eq!(relays(&rig), BTreeMap::from([(there, underlay(3))]));
 }

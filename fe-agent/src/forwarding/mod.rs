@@ -444,6 +444,38 @@ impl Dataplane {
         }
     }
 
+    /// Where the data plane relays `ip`'s packets during an announced migration (userspace
+    /// backend; always None for the kernel backend, which has no relay).
+    pub fn migration(&self, ip: IpAddr) -> Option<Ipv4Addr> {
+        self.fib().and_then(|fib| fib.migrations().target(ip))
+    }
+
+    /// VMs with an announced migration in the data plane (to sweep after a snapshot).
+    pub fn migration_ips(&self) -> Vec<IpAddr> {
+        self.fib().map(|fib| fib.migrations().targets().into_iter().map(|(ip, _)| ip).collect()).unwrap_or_default()
+    }
+
+    /// Announces (Some: the announced FE's underlay address) or withdraws `ip`'s migration: the
+    /// userspace forwarder relays the VM's packets to that FE meanwhile
+    /// (`victor_dataplane::migration`). The kernel backend has no relay: it says so once, at
+    /// info, and does nothing.
+    pub fn set_migration(&self, ip: IpAddr, to: Option<Ipv4Addr>) {
+        match self {
+            Dataplane::Tun(plane) => plane.fib().migrations().set_target(ip, to),
+            Dataplane::Kernel(_) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                if to.is_some() {
+                    SAID.call_once(|| {
+                        tracing::info!(
+                            vm_ip = %ip,
+                            "migration announced: relaying a migrating VM's packets needs the userspace data plane (--dataplane tun); the kernel backend forwards as without an announcement"
+                        );
+                    });
+                }
+            }
+        }
+    }
+
     /// Replaces the set of FEs whose tunnel packets are accepted.
     pub async fn set_peers(&mut self, kernel: &Kernel, peers: &[Ipv4Addr]) -> Result<PeerChanges> {
         match self {

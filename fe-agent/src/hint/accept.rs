@@ -269,6 +269,7 @@ mod tests {
                 mac: MAC.to_vec(),
                 move_seq: 4,
                 revision: 9,
+                pending_fe_id: String::new(),
             }],
             ..Default::default()
         };

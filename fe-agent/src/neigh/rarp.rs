@@ -130,6 +130,7 @@ mod tests {
                     mac: mac.to_vec(),
                     move_seq: 0,
                     revision: 5,
+                    pending_fe_id: String::new(),
                 })
                 .collect(),
             ..Default::default()

@@ -1,5 +1,6 @@
 //! What the reconciler changes, behind one trait ([`Effects`]): the permanent neighbour entries
-//! and host routes (/32, /128) of local VMs on the VM ports, and each VM IP's data-plane entry. [`Host`] is the
+//! and host routes (/32, /128) of local VMs on the VM ports, each VM IP's data-plane entry, and
+//! the data plane's announced migrations (where it relays a migrating VM's packets). [`Host`] is the
 //! real thing (rtnetlink and the running data plane); [`InMemory`] keeps the same objects in
 //! maps and logs every change, so the engine's event sequences run in tests without root.
 
@@ -35,6 +36,13 @@ pub trait Effects: Send {
     fn set_tunnel(&mut self, ip: IpAddr, tunnel: Tunnel) -> impl Future<Output = Result<()>> + Send;
     /// Data-plane entries of remote VMs a previous run left (to sweep after a snapshot).
     fn tunnel_ips(&self) -> Vec<IpAddr>;
+    /// Where the data plane relays `ip`'s packets during an announced migration.
+    fn migration(&self, ip: IpAddr) -> Option<Ipv4Addr>;
+    /// VMs with an announced migration in the data plane.
+    fn migration_ips(&self) -> Vec<IpAddr>;
+    /// Announces (the announced FE's underlay address) or withdraws (None) `ip`'s migration in
+    /// the data plane. In memory only: nothing to fail.
+    fn set_migration(&mut self, ip: IpAddr, to: Option<Ipv4Addr>);
     /// Accepts tunnel packets only from these underlay addresses.
     fn set_peers(&mut self, peers: &[Ipv4Addr]) -> impl Future<Output = Result<PeerChanges>> + Send;
     /// Heap bytes of the data plane's forwarding table, if it has one in this process.
@@ -97,6 +105,18 @@ impl Effects for Host {
         self.dataplane.tunnel_ips()
     }
 
+    fn migration(&self, ip: IpAddr) -> Option<Ipv4Addr> {
+        self.dataplane.migration(ip)
+    }
+
+    fn migration_ips(&self) -> Vec<IpAddr> {
+        self.dataplane.migration_ips()
+    }
+
+    fn set_migration(&mut self, ip: IpAddr, to: Option<Ipv4Addr>) {
+        self.dataplane.set_migration(ip, to);
+    }
+
     async fn set_peers(&mut self, peers: &[Ipv4Addr]) -> Result<PeerChanges> {
         self.dataplane.set_peers(&self.kernel, peers).await
     }
@@ -119,8 +139,12 @@ pub struct InMemory {
     pub tunnels: BTreeMap<IpAddr, Tunnel>,
     /// Accepted tunnel sources.
     pub peers: Vec<Ipv4Addr>,
-    /// Every change made through [`Effects`], oldest first.
+    /// Announced migrations: VM → the announced FE's underlay address.
+    pub migrations: BTreeMap<IpAddr, Ipv4Addr>,
+    /// Every change made through [`Effects`], oldest first (migrations apart: `migration_log`).
     pub log: Vec<(IpAddr, Op)>,
+    /// Every [`Effects::set_migration`], oldest first.
+    pub migration_log: Vec<(IpAddr, Option<Ipv4Addr>)>,
     /// Addresses whose changes fail (as a kernel that refuses them), changing nothing.
     pub failing: BTreeSet<IpAddr>,
 }
@@ -201,6 +225,22 @@ impl Effects for InMemory {
 
     fn tunnel_ips(&self) -> Vec<IpAddr> {
         self.tunnels.iter().filter(|(_, t)| matches!(t, Tunnel::Remote(_))).map(|(ip, _)| *ip).collect()
+    }
+
+    fn migration(&self, ip: IpAddr) -> Option<Ipv4Addr> {
+        self.migrations.get(&ip).copied()
+    }
+
+    fn migration_ips(&self) -> Vec<IpAddr> {
+        self.migrations.keys().copied().collect()
+    }
+
+    fn set_migration(&mut self, ip: IpAddr, to: Option<Ipv4Addr>) {
+        self.migration_log.push((ip, to));
+        match to {
+            Some(to) => self.migrations.insert(ip, to),
+            None => self.migrations.remove(&ip),
+        };
     }
 
     async fn set_peers(&mut self, peers: &[Ipv4Addr]) -> Result<PeerChanges> {

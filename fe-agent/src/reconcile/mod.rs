@@ -1,6 +1,7 @@
 //! The reconciler (kube-rs style): for each VM IP whose desired target may have changed, compare
 //! with what is programmed (kernel /32 and /128 host routes and neighbours on VM ports, the data-plane entry)
-//! and apply the minimal ordered change ([`plan`]) through its [`effects`]. It owns the record of what it programmed,
+//! and apply the minimal ordered change ([`plan`]) through its [`effects`]; and keep the data
+//! plane's announced migration of the IP ([`Reconciler::set_migration`]). It owns the record of what it programmed,
 //! read back from the kernel at start (objects carrying our route protocol), so an agent restart
 //! changes nothing that is still right and removes only what is stale — after the first complete
 //! snapshot, never before (no flush).
@@ -106,10 +107,12 @@ impl<E: Effects> Reconciler<E> {
         self.locals.get(&ip).map(|l| l.port)
     }
 
-    /// IPs with something programmed on a VM port, and the remote VMs whose data-plane entries
-    /// a previous run left (kernel backend): what a complete snapshot may make stale.
+    /// IPs with something programmed on a VM port, the remote VMs whose data-plane entries
+    /// a previous run left (kernel backend), and the VMs with an announced migration in the data
+    /// plane: what a complete snapshot may make stale.
     pub fn local_ips(&self) -> Vec<IpAddr> {
-        let mut ips: Vec<IpAddr> = self.locals.keys().copied().chain(self.effects.tunnel_ips()).collect();
+        let programmed = self.locals.keys().copied().chain(self.effects.tunnel_ips());
+        let mut ips: Vec<IpAddr> = programmed.chain(self.effects.migration_ips()).collect();
         ips.sort_unstable();
         ips.dedup();
         ips
@@ -204,6 +207,20 @@ impl<E: Effects> Reconciler<E> {
             Op::SetTunnel(t) => self.effects.set_tunnel(ip, t).await?,
         }
         Ok(())
+    }
+
+    /// Makes the data plane's announced migration of `ip` `to` (None: none), counted as a
+    /// `migration_set` / `migration_clear` operation when the data plane took it (the kernel
+    /// backend keeps none).
+    pub fn set_migration(&mut self, ip: IpAddr, to: Option<Ipv4Addr>) {
+        if self.effects.migration(ip) == to {
+            return;
+        }
+        self.effects.set_migration(ip, to);
+        if self.effects.migration(ip) == to {
+            self.metrics.reconcile_op(if to.is_some() { "migration_set" } else { "migration_clear" }, true);
+            tracing::debug!(%ip, ?to, "announced migration relay updated");
+        }
     }
 
     /// Replaces the accepted tunnel peers (kernel backend: creates and deletes tunnel devices,

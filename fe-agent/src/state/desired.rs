@@ -25,12 +25,15 @@ use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use std::hash::BuildHasher;
 use victor_proto::types::ip_from_bytes;
-use victor_proto::v1::{SyncPhase, SyncUpdate};
+use victor_proto::v1::{BindingEntry, SyncPhase, SyncUpdate};
 
 /// Index of an interned FE id.
 pub type FeIdx = u32;
 
-/// One binding as the agent needs it (32 bytes).
+/// No FE (a [`BindingRec::pending`] without an announced migration).
+pub const NO_FE: FeIdx = FeIdx::MAX;
+
+/// One binding as the agent needs it (32 bytes: the announced FE fits in the padding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BindingRec {
     /// Store revision of the binding.
@@ -39,8 +42,18 @@ pub struct BindingRec {
     pub move_seq: u64,
     /// The binding FE.
     pub fe: FeIdx,
+    /// The FE an orchestrator announced the VM is migrating to (`BindingEntry.pending_fe_id`),
+    /// or [`NO_FE`].
+    pub pending: FeIdx,
     /// The VM's MAC.
     pub mac: [u8; 6],
+}
+
+impl BindingRec {
+    /// The announced migration target, if any.
+    pub fn pending_fe(&self) -> Option<FeIdx> {
+        (self.pending != NO_FE).then_some(self.pending)
+    }
 }
 
 /// What the agent knows about one FE.
@@ -413,6 +426,20 @@ impl DesiredState {
         self.fes.get(b.fe).filter(|f| f.present).and_then(|f| f.underlay)
     }
 
+    /// Where the data plane relays `ip`'s packets during an announced migration: the underlay
+    /// address of the FE its binding names as `pending_fe_id`, when that is a registered FE with
+    /// an IPv4 underlay (this FE included: the announced FE holds what is relayed to it).
+    pub fn migration_target(&self, ip: IpAddr) -> Option<Ipv4Addr> {
+        let pending = self.bindings.get(ip)?.pending_fe()?;
+        self.fes.get(pending).filter(|f| f.present).and_then(|f| f.underlay)
+    }
+
+    /// Bindings with an announced migration (unordered): the VMs whose relay may change when
+    /// one of `fes` changes.
+    pub fn announced_to<'a>(&'a self, fes: &'a std::collections::HashSet<FeIdx>) -> impl Iterator<Item = IpAddr> + 'a {
+        self.bindings.iter().filter(move |(_, b)| b.pending_fe().is_some_and(|p| fes.contains(&p))).map(|(ip, _)| ip)
+    }
+
     /// Underlay addresses of every registered FE except this one (the allowed tunnel peers).
     pub fn peers(&self) -> Vec<Ipv4Addr> {
         let mine = self.fes.get(self.me).and_then(|f| f.underlay);
@@ -508,7 +535,7 @@ impl DesiredState {
                 out.skipped += 1;
                 continue;
             };
-            let rec = BindingRec { revision: b.revision, move_seq: b.move_seq, fe: self.fes.intern(&b.fe_id), mac };
+            let rec = self.binding_rec(b, mac);
             keep_newest(&mut newest, ip, b.revision, Some(rec));
         }
         for r in &msg.binding_removals {
@@ -593,6 +620,12 @@ impl DesiredState {
         out
     }
 
+    /// The record of a well-formed entry (FE ids interned).
+    fn binding_rec(&mut self, b: &BindingEntry, mac: [u8; 6]) -> BindingRec {
+        let pending = if b.pending_fe_id.is_empty() { NO_FE } else { self.fes.intern(&b.pending_fe_id) };
+        BindingRec { revision: b.revision, move_seq: b.move_seq, fe: self.fes.intern(&b.fe_id), pending, mac }
+    }
+
     /// Adds one snapshot part to `staging` (highest revision per key wins); returns the number of
     /// malformed entries skipped.
     fn stage(&mut self, staging: &mut Staging, msg: &SyncUpdate) -> usize {
@@ -620,7 +653,7 @@ impl DesiredState {
                 skipped += 1;
                 continue;
             };
-            let rec = BindingRec { revision: b.revision, move_seq: b.move_seq, fe: self.fes.intern(&b.fe_id), mac };
+            let rec = self.binding_rec(b, mac);
             if staging.bindings.get(ip).is_none_or(|cur| cur.revision < rec.revision) {
                 staging.bindings.insert(ip, rec);
             }
@@ -684,6 +717,7 @@ mod tests {
             mac: vec![2, 0, 0, 0, 0, last],
             move_seq,
             revision,
+            pending_fe_id: String::new(),
         }
     }
 

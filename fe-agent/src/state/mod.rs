@@ -97,6 +97,7 @@ mod tests {
                 mac: MAC.to_vec(),
                 move_seq: 1,
                 revision: 9,
+                pending_fe_id: String::new(),
             }];
         }
         d.apply(&end).unwrap();

@@ -225,6 +225,7 @@ mod tests {
             mac: vec![2, 0, 0, 0, 0, ip[3]],
             move_seq: seq,
             revision: rev,
+            pending_fe_id: String::new(),
         }
     }
 
