@@ -82,6 +82,7 @@ fn check(report: &QemuReport, args: &MigrateArgs) {
         "lost_beyond_pause",
         "qemu_downtime_ms",
         "migration_announced",
+        "announce_applied_ms",
         "relay",
         "duplicate_replies",
     ] {
@@ -93,7 +94,10 @@ fn check(report: &QemuReport, args: &MigrateArgs) {
 /// agents export the relay counters); the counters of every move are printed.
 fn check_relay(m: &qemu::QemuMove, args: &MigrateArgs) {
     assert_eq!(m.migration_announced, !args.no_announce, "move {}", m.index);
-    println!("move {} ({}→{}): relay {:?}, duplicate replies {}", m.index, m.from, m.to, m.relay, m.duplicate_replies);
+    println!(
+        "move {} ({}→{}): announcement applied {:?} ms, relay {:?}, duplicate replies {}",
+        m.index, m.from, m.to, m.announce_applied_ms, m.relay, m.duplicate_replies
+    );
     if !m.migration_announced {
         return;
     }
@@ -106,11 +110,13 @@ fn check_relay(m: &qemu::QemuMove, args: &MigrateArgs) {
     };
     assert!(
         old.copied > 0,
-        "move {}: announced to {}, but the old FE {} copied no packet of the VM to it during a {} ms migration: {:?}",
+        "move {}: announced to {}, but the old FE {} copied no packet of the VM to it during a {} ms migration \
+         (announcement applied {:?} ms after its answer): {:?}",
         m.index,
         m.to,
         m.from,
         m.qemu_total_time_ms,
+        m.announce_applied_ms,
         m.relay
     );
 }

@@ -86,8 +86,10 @@ impl ControlPlane {
     /// each address, through replica 1 (the binding stays where it is, with `pending_fe_id` set,
     /// until the VM shows up at `target_fe`). Fails with the controller's answer (its code and
     /// message) at the first address refused, or if the binding does not name `target_fe` after.
-    pub async fn announce_migration(&self, ips: &[std::net::IpAddr], target_fe: &str) -> Result<()> {
+    /// Returns the store revision of the last announcement (an agent that applied it knows).
+    pub async fn announce_migration(&self, ips: &[std::net::IpAddr], target_fe: &str) -> Result<u64> {
         let mut client = self.client().await?;
+        let mut revision = 0;
         for ip in ips {
             let request = AnnounceMigrationRequest {
                 vm_ip: ip.to_string(),
@@ -102,14 +104,16 @@ impl ControlPlane {
                     s.message()
                 )
             })?;
-            let pending = answer.into_inner().binding.map(|b| b.pending_fe_id).unwrap_or_default();
+            let binding = answer.into_inner().binding.unwrap_or_default();
+            revision = revision.max(binding.revision);
+            let pending = binding.pending_fe_id;
             if pending != target_fe {
                 bail!(
                     "AnnounceMigration({ip} to {target_fe}) answered a binding pending to {pending:?}, not {target_fe:?}"
                 );
             }
         }
-        Ok(())
+        Ok(revision)
     }
 
     /// Waits until `ip` is bound to `fe_id`.

@@ -50,7 +50,8 @@ use victor_testkit::netns::NetNs;
 
 use super::addressing::fe_addr;
 use super::agents::{
-    Agent, AgentCommand, RELAY_METRIC, RelayCounters, agent_get, move_hint_flags, relay_counters, wait_agent_ready,
+    Agent, AgentCommand, RELAY_METRIC, RelayCounters, agent_counters, agent_get, move_hint_flags, relay_counters,
+    wait_agent_ready,
 };
 use super::announce::{self, Announce, Announcer, Family, GATEWAY6, MOBILE6};
 use super::bgp::{self, AnycastPath};
@@ -266,6 +267,9 @@ pub struct MoveResult {
     pub stages_ms: BTreeMap<String, f64>,
     /// The move was announced to the controller before it started (not `--no-announce`).
     pub migration_announced: bool,
+    /// Per FE (the old and the new), how long after the announcement's answer its agent had
+    /// applied it (ms); an FE missing had not after 2 s (the move started anyway).
+    pub announce_applied_ms: BTreeMap<String, f64>,
     /// Per FE, how its migration relay counters changed from just before the announcement to
     /// the end of the move (empty: the agents export none).
     pub relay: BTreeMap<String, RelayCounters>,
@@ -506,7 +510,7 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     for index in 1..=args.moves {
         let to = if at == 2 { 3 } else { 2 };
         let relay_before = relay_snapshot(&topo)?;
-        let announced = announce_move(args, &plane, &addresses, to, index).await?;
+        let announced = announce_move(args, &plane, &topo, &addresses, (at, to), index).await?;
         let start_seq = prober.sent();
         // ── switch the link ──
         let (switch_start, switch_end) = match args.switch {
@@ -716,7 +720,7 @@ struct PendingMove {
     garps: u32,
     applied: BTreeMap<usize, Value>,
     start_seq: u32,
-    announced: bool,
+    announced: Option<BTreeMap<String, f64>>,
     relay: BTreeMap<String, RelayCounters>,
 }
 
@@ -795,7 +799,8 @@ impl PendingMove {
             stages_ms: stages,
             applied_ms,
             dataplane_applied_ms,
-            migration_announced: self.announced,
+            migration_announced: self.announced.is_some(),
+            announce_applied_ms: self.announced.clone().unwrap_or_default(),
             relay: self.relay.clone(),
             duplicate_replies: probes.duplicates_in(self.start_seq, end_seq),
         })
@@ -921,7 +926,12 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
             m.lost,
             m.link_switch_ms
         );
-        println!("      {}; duplicate replies {}", relay_line(&m.relay), m.duplicate_replies);
+        println!(
+            "      {}; {}; duplicate replies {}",
+            applied_line(m.migration_announced, &m.announce_applied_ms),
+            relay_line(&m.relay),
+            m.duplicate_replies
+        );
     }
     if report.lost_total_by_family.len() > 1 {
         let by: Vec<String> = report.lost_total_by_family.iter().map(|(f, n)| format!("{f} {n}")).collect();
@@ -946,23 +956,45 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
     Ok(())
 }
 
-/// Announces move `index` (to FE `to`) for the VM's addresses `ips` unless `--no-announce`;
-/// returns whether it did. A refused announcement fails the move.
+/// How long the lab waits for the old and the new FE's agents to apply an announcement before
+/// it starts the move anyway.
+const ANNOUNCE_APPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// Announces move `index` (FE `from` to FE `to`) for the VM's addresses `ips` unless
+/// `--no-announce` (None). A refused announcement fails the move. Then waits (up to
+/// [`ANNOUNCE_APPLY_WAIT`], not an error) until the agents of `from` (which relays) and `to`
+/// (which holds) applied the announcement's revision, as a migration's own setup would give them
+/// time to; returns per FE (`feN`) how long that took (ms; an FE missing did not within the wait).
 pub(super) async fn announce_move(
     args: &MigrateArgs,
     plane: &ControlPlane,
+    topo: &Topology,
     ips: &[IpAddr],
-    to: usize,
+    (from, to): (usize, usize),
     index: usize,
-) -> Result<bool> {
+) -> Result<Option<BTreeMap<String, f64>>> {
     if args.no_announce {
-        return Ok(false);
+        return Ok(None);
     }
-    plane
+    let revision = plane
         .announce_migration(ips, &format!("fe{to}"))
         .await
         .with_context(|| format!("move {index}: announcing the migration to fe{to} (--no-announce moves without)"))?;
-    Ok(true)
+    let announced = std::time::Instant::now();
+    let mut applied = BTreeMap::new();
+    while announced.elapsed() < ANNOUNCE_APPLY_WAIT {
+        for fe in [from, to] {
+            let key = format!("fe{fe}");
+            if !applied.contains_key(&key) && agent_counters(topo.fe(fe))?.revision >= revision as f64 {
+                applied.insert(key, round(announced.elapsed().as_secs_f64() * 1e3));
+            }
+        }
+        if applied.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(Some(applied))
 }
 
 /// Every FE's migration relay counters, by FE number (FEs whose agent exports none are left out).
@@ -992,6 +1024,18 @@ pub(super) fn announced_line(announced: bool) -> &'static str {
     } else {
         "moves not announced (--no-announce): learned only from what the new FE captures"
     }
+}
+
+/// When the agents applied one move's announcement, for the summary.
+pub(super) fn applied_line(announced: bool, applied_ms: &BTreeMap<String, f64>) -> String {
+    if !announced {
+        return "not announced".into();
+    }
+    if applied_ms.is_empty() {
+        return "announcement applied by neither FE within 2 s".into();
+    }
+    let per_fe: Vec<String> = applied_ms.iter().map(|(fe, ms)| format!("{fe} {ms:.1} ms")).collect();
+    format!("announcement applied at {}", per_fe.join(", "))
 }
 
 /// One move's relay counters for the summary.

@@ -46,9 +46,9 @@ use super::agents::RelayCounters;
 use super::controlplane::ControlPlane;
 use super::guest::{Availability, GuestAssets, GuestConfig, Nic, QemuVm, accel};
 use super::migrate::{
-    self, MigrateArgs, Summary, SwitchMode, agent_events, announce_move, announced_line, check_forwarding,
-    dataplane_applied, load_avg_1m, relay_change, relay_line, relay_snapshot, round, start_lab, wait_applied,
-    with_log_dir,
+    self, MigrateArgs, Summary, SwitchMode, agent_events, announce_move, announced_line, applied_line,
+    check_forwarding, dataplane_applied, load_avg_1m, relay_change, relay_line, relay_snapshot, round, start_lab,
+    wait_applied, with_log_dir,
 };
 use super::probe::{Prober, Probes, Schedule};
 use super::qmp::Qmp;
@@ -261,6 +261,9 @@ pub struct QemuMove {
     pub first_reply_sent_ms: Option<f64>,
     /// The migration was announced to the controller before it started (not `--no-announce`).
     pub migration_announced: bool,
+    /// Per FE (the old and the new), how long after the announcement's answer its agent had
+    /// applied it (ms; the lab waits up to 2 s for both before it migrates); an FE missing had not.
+    pub announce_applied_ms: BTreeMap<String, f64>,
     /// Per FE, how its migration relay counters changed from just before the announcement to
     /// the end of the move (empty: the agents export none).
     pub relay: BTreeMap<String, RelayCounters>,
@@ -354,7 +357,7 @@ struct PendingMove {
     stop_ns: u64,
     resume_ns: u64,
     info: Value,
-    announced: bool,
+    announced: Option<BTreeMap<String, f64>>,
     relay: BTreeMap<String, RelayCounters>,
 }
 
@@ -413,7 +416,7 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
                 .collect();
         }
         let relay_before = relay_snapshot(&lab.topo)?;
-        let announced = announce_move(args, &lab.plane, &[vm.ip.into()], to, index).await?;
+        let announced = announce_move(args, &lab.plane, &lab.topo, &[vm.ip.into()], (at, to), index).await?;
         let start_seq = prober.sent();
         let start_ns = monotonic_ns();
         running.qmp.execute("migrate", json!({ "uri": format!("tcp:{}", hv(to).incoming()) }))?;
@@ -594,7 +597,8 @@ impl PendingMove {
             lost_in_pause,
             lost_beyond_pause: lost.len() as u32 - lost_in_pause,
             first_reply_sent_ms: first_reply,
-            migration_announced: self.announced,
+            migration_announced: self.announced.is_some(),
+            announce_applied_ms: self.announced.clone().unwrap_or_default(),
             relay: self.relay.clone(),
             duplicate_replies: probes.duplicates_in(self.start_seq, end_seq),
         }
@@ -694,7 +698,12 @@ pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
             if seen.is_empty() { "nothing".into() } else { seen.join(", ") },
             m.bound_from.as_deref().unwrap_or("?")
         );
-        println!("      {}; duplicate replies {}", relay_line(&m.relay), m.duplicate_replies);
+        println!(
+            "      {}; {}; duplicate replies {}",
+            applied_line(m.migration_announced, &m.announce_applied_ms),
+            relay_line(&m.relay),
+            m.duplicate_replies
+        );
     }
     println!(
         "downtime (QEMU) p50 {:.0} ms, max {:.0} ms; paused (STOP→RESUME) p50 {:.1} ms, max {:.1} ms; total p50 {:.0} ms",
@@ -731,7 +740,7 @@ mod tests {
             resume_ns: 150 * MS,
             info: json!({ "status": "completed", "downtime": 40, "total-time": 90, "setup-time": 1,
                           "ram": { "transferred": 2_097_152 } }),
-            announced: true,
+            announced: Some(BTreeMap::new()),
             relay: BTreeMap::new(),
         }
     }
