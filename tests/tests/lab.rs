@@ -5,7 +5,10 @@
 //! the userspace data plane; and once on the kernel data plane (`SKIPPED` where the kernel's ipip
 //! module cannot be loaded); and with FE clocks seconds apart, as fast and with no more loss than
 //! with clocks in agreement; and a dual-stack VM announced only by QEMU's RARP frames. The report
-//! names the data plane that ran.
+//! names the data plane that ran. Moves are announced to the controller first (AnnounceMigration
+//! without commit: the old and the new FE's agents applied it before the move), but in the run
+//! without move hints (`--no-announce` too: the controller's claim path alone); a refused
+//! announcement says why.
 //! `victor-lab up`/`down` leave nothing behind, also when a process of the lab died.
 
 use std::process::Command;
@@ -13,8 +16,10 @@ use std::time::Duration;
 
 use victor_fe_agent::forwarding::DataplaneMode;
 use victor_tests::lab::announce::{Announce, Family};
+use victor_tests::lab::controlplane::ControlPlane;
 use victor_tests::lab::migrate::{self, MigrateArgs, MigrateReport, SwitchMode};
 use victor_tests::lab::state::LabState;
+use victor_tests::lab::topology::VmSpec;
 
 fn check(report: &MigrateReport, args: &MigrateArgs) {
     assert_eq!(report.moves, args.moves);
@@ -66,7 +71,18 @@ fn check(report: &MigrateReport, args: &MigrateArgs) {
         } else {
             assert_eq!(m.hints_applied, 0);
         }
+        assert_eq!(m.migration_announced, !args.no_announce, "move {}", m.index);
+        if m.migration_announced {
+            // Both FEs concerned applied the announcement (the lab waits up to 2 s for them).
+            let fes: Vec<&str> = m.announce_applied_ms.keys().map(String::as_str).collect();
+            let mut expected = [from, to];
+            expected.sort();
+            assert_eq!(fes, expected, "move {}: announcement applied {:?}", m.index, m.announce_applied_ms);
+        } else {
+            assert!(m.announce_applied_ms.is_empty());
+        }
     }
+    assert_eq!(report.migration_announced, !args.no_announce);
     let c = report.convergence_ms;
     assert!(c.p50 > 0.0 && c.p50 <= c.p99 && c.p99 <= c.max);
     let d = report.dataplane_convergence_ms;
@@ -99,7 +115,7 @@ fn check(report: &MigrateReport, args: &MigrateArgs) {
     }
 }
 
-async fn run(dataplane: DataplaneMode, etcd_members: usize, switch: SwitchMode, move_hints: bool) {
+async fn run(dataplane: DataplaneMode, etcd_members: usize, switch: SwitchMode, move_hints: bool, announce: bool) {
     victor_testkit::require_root("the migration lab");
     let args = MigrateArgs {
         moves: 3,
@@ -109,6 +125,7 @@ async fn run(dataplane: DataplaneMode, etcd_members: usize, switch: SwitchMode, 
         settle_ms: 100,
         move_hints,
         dataplane,
+        no_announce: !announce,
         ..MigrateArgs::default()
     };
     let report = migrate::run(&args).await.expect("migrate");
@@ -118,12 +135,28 @@ async fn run(dataplane: DataplaneMode, etcd_members: usize, switch: SwitchMode, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_with_one_member_etcd() {
-    run(DataplaneMode::Tun, 1, SwitchMode::Move, true).await;
+    run(DataplaneMode::Tun, 1, SwitchMode::Move, true, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_with_the_embedded_store_make_before_break_without_move_hints() {
-    run(DataplaneMode::Tun, 0, SwitchMode::Clone, false).await;
+    run(DataplaneMode::Tun, 0, SwitchMode::Clone, false, false).await;
+}
+
+/// An announcement the controller refuses fails with its code and message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_migration_announcement_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = victor_testkit::workspace_binary("victor-controller");
+    let plane = ControlPlane::start(&bin, dir.path(), 0, 1, &[]).await.expect("controller");
+    let vm: std::net::IpAddr = VmSpec::numbered(1).ip.into();
+    let err = plane.announce_migration(&[vm], "fe9").await.expect_err("fe9 is not registered");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&format!("AnnounceMigration({vm} to fe9, no commit) refused"))
+            && text.contains("\"fe9\" is not registered"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -132,7 +165,7 @@ async fn migrate_on_the_kernel_data_plane() {
         println!("SKIPPED: migrate_on_the_kernel_data_plane: the kernel's ipip module cannot be loaded here: {why}");
         return;
     }
-    run(DataplaneMode::Kernel, 0, SwitchMode::Move, true).await;
+    run(DataplaneMode::Kernel, 0, SwitchMode::Move, true, true).await;
 }
 
 /// A dual-stack VM announced only the way unmodified QEMU does after a live migration (RARP

@@ -5,9 +5,16 @@
 //! client again; here the report is checked: both moves are there, QEMU's figures and the pause
 //! the lab saw are present, the new FE saw the guest's own GARP and QEMU's RARP, it bound the VM
 //! from a frame it saw after the VM resumed, and the losses add up. Losses are printed, not
-//! asserted (benchmarks measure). `SKIPPED: <reason>` where QEMU or the guest's kernel cannot be
+//! asserted (benchmarks measure).
+//!
+//! The moves are announced to the controller first (the default, as an orchestrator does): each
+//! move says so, and where the agents export the data plane's migration relay counters the old FE
+//! copied the VM's packets to the announced FE while the guest still ran there (the prober sends
+//! every 10 ms and a TCG migration takes over a second). Where they do not (an agent without the
+//! relay) that check says it is skipped. `SKIPPED: <reason>` where QEMU or the guest's kernel cannot be
 //! had (as tests/vm does).
 
+use victor_tests::lab::agents::RELAY_METRIC;
 use victor_tests::lab::guest::{Availability, GuestAssets, Nic};
 use victor_tests::lab::migrate::{MigrateArgs, VmKind};
 use victor_tests::lab::qemu::{self, QemuReport};
@@ -58,6 +65,7 @@ fn check(report: &QemuReport, args: &MigrateArgs) {
         assert_eq!(m.lost_in_pause + m.lost_beyond_pause, m.lost, "move {}", m.index);
         assert!(m.lost_in_pause <= m.sent_in_pause, "move {}: {m:?}", m.index);
         assert!(m.first_reply_sent_ms.is_some(), "move {}: no reply after the migration", m.index);
+        check_relay(m, args);
     }
     assert_eq!(report.lost_total, report.per_move.iter().map(|m| m.lost).sum::<u32>());
     assert_eq!(report.lost_total, report.lost_in_pause_total + report.lost_beyond_pause_total);
@@ -65,9 +73,52 @@ fn check(report: &QemuReport, args: &MigrateArgs) {
     for key in ["qemu_downtime_ms", "paused_ms", "qemu_total_time_ms", "lost_beyond_pause_total", "per_move"] {
         assert!(json.get(key).is_some(), "JSON lacks {key}");
     }
-    for key in ["announcements", "bound_from", "lost_in_pause", "lost_beyond_pause", "qemu_downtime_ms"] {
+    assert_eq!(report.migration_announced, !args.no_announce);
+    assert_eq!(report.duplicate_replies_total, report.per_move.iter().map(|m| m.duplicate_replies).sum::<u32>());
+    for key in [
+        "announcements",
+        "bound_from",
+        "lost_in_pause",
+        "lost_beyond_pause",
+        "qemu_downtime_ms",
+        "migration_announced",
+        "announce_applied_ms",
+        "relay",
+        "duplicate_replies",
+    ] {
         assert!(json["per_move"][0].get(key).is_some(), "JSON per_move lacks {key}");
     }
+}
+
+/// An announced move: the old FE's relay copied the VM's packets to the new FE (only where the
+/// agents export the relay counters); the counters of every move are printed.
+fn check_relay(m: &qemu::QemuMove, args: &MigrateArgs) {
+    assert_eq!(m.migration_announced, !args.no_announce, "move {}", m.index);
+    println!(
+        "move {} ({}→{}): announcement applied {:?} ms, relay {:?}, duplicate replies {}",
+        m.index, m.from, m.to, m.announce_applied_ms, m.relay, m.duplicate_replies
+    );
+    if !m.migration_announced {
+        return;
+    }
+    let Some(old) = m.relay.get(&m.from) else {
+        println!(
+            "SKIPPED: move {}: the relay check: {}'s agent exports no {RELAY_METRIC}_total (relay not in this build)",
+            m.index, m.from
+        );
+        return;
+    };
+    assert!(
+        old.copied > 0,
+        "move {}: announced to {}, but the old FE {} copied no packet of the VM to it during a {} ms migration \
+         (announcement applied {:?} ms after its answer): {:?}",
+        m.index,
+        m.to,
+        m.from,
+        m.qemu_total_time_ms,
+        m.announce_applied_ms,
+        m.relay
+    );
 }
 
 async fn migrate(test: &str, nic: Nic) {

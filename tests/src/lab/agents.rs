@@ -207,9 +207,97 @@ pub fn agent_counters(ns: &NetNs) -> Result<AgentCounters> {
     })
 }
 
+/// The metric family of the data plane's migration relay (announced migrations): packets the
+/// old FE copied to the announced FE, the announced FE held, released to the arrived VM, or
+/// dropped when their hold expired.
+pub const RELAY_METRIC: &str = "victor_agent_migration_relay_packets";
+
+/// One agent's migration relay counters (`victor_agent_migration_relay_packets_total{what}`),
+/// or their change over a move.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RelayCounters {
+    /// Tunnel packets for an announced VM copied to the FE it migrates to (at the old FE).
+    pub copied: u64,
+    /// Copies held for a VM not yet local (at the announced FE).
+    pub held: u64,
+    /// Held packets delivered once the VM became local.
+    pub released: u64,
+    /// Held packets dropped when their hold expired.
+    pub expired: u64,
+}
+
+impl RelayCounters {
+    /// Parses the relay counters out of a `/metrics` text; None when the agent does not export
+    /// the family at all (an agent without the relay). A family with no sample yet is all zeros.
+    pub fn parse(text: &str) -> Option<RelayCounters> {
+        if !text.lines().any(|l| l.contains(RELAY_METRIC)) {
+            return None;
+        }
+        let mut c = RelayCounters::default();
+        let sample = format!("{RELAY_METRIC}_total{{");
+        for line in text.lines().filter(|l| l.starts_with(&sample)) {
+            let (Some(what), Some(value)) = (label(line, "what"), line.rsplit(' ').next()) else { continue };
+            let value = value.parse::<f64>().unwrap_or(0.0) as u64;
+            match what {
+                "copied" => c.copied += value,
+                "held" => c.held += value,
+                "released" => c.released += value,
+                "expired" => c.expired += value,
+                _ => {}
+            }
+        }
+        Some(c)
+    }
+
+    /// The change since `before` (counters only grow; a restarted agent's reset reads as 0).
+    pub fn since(&self, before: &RelayCounters) -> RelayCounters {
+        RelayCounters {
+            copied: self.copied.saturating_sub(before.copied),
+            held: self.held.saturating_sub(before.held),
+            released: self.released.saturating_sub(before.released),
+            expired: self.expired.saturating_sub(before.expired),
+        }
+    }
+}
+
+/// The migration relay counters of the agent in `ns` (None: it exports none).
+pub fn relay_counters(ns: &NetNs) -> Result<Option<RelayCounters>> {
+    let (code, text) = agent_get(ns, "/metrics")?;
+    if code != 200 {
+        bail!("the agent in {} answered /metrics with {code}", ns.name());
+    }
+    Ok(RelayCounters::parse(&text))
+}
+
 /// The value of label `name` in a Prometheus sample line.
 fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     let start = line.find(&format!("{name}=\""))? + name.len() + 2;
     let len = line[start..].find('"')?;
     Some(&line[start..start + len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_counters_are_absent_without_the_family_and_summed_by_what() {
+        let without =
+            "# TYPE victor_agent_reconcile_ops counter\nvictor_agent_reconcile_ops_total{op=\"x\",result=\"ok\"} 3\n";
+        assert_eq!(RelayCounters::parse(without), None);
+        // Registered but nothing relayed yet: zeros, not absent.
+        let empty = "# HELP victor_agent_migration_relay_packets Packets.\n# TYPE victor_agent_migration_relay_packets counter\n";
+        assert_eq!(RelayCounters::parse(empty), Some(RelayCounters::default()));
+        let text = format!(
+            "{empty}victor_agent_migration_relay_packets_total{{what=\"copied\"}} 120\n\
+             victor_agent_migration_relay_packets_total{{what=\"held\"}} 7\n\
+             victor_agent_migration_relay_packets_total{{what=\"released\",family=\"ipv4\"}} 5\n\
+             victor_agent_migration_relay_packets_total{{what=\"released\",family=\"ipv6\"}} 1\n\
+             victor_agent_migration_relay_packets_total{{what=\"expired\"}} 1\n"
+        );
+        let now = RelayCounters::parse(&text).unwrap();
+        assert_eq!(now, RelayCounters { copied: 120, held: 7, released: 6, expired: 1 });
+        let before = RelayCounters { copied: 100, held: 7, released: 2, expired: 0 };
+        assert_eq!(now.since(&before), RelayCounters { copied: 20, held: 0, released: 4, expired: 1 });
+    }
 }

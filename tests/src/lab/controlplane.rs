@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use victor_proto::v1::binding_service_client::BindingServiceClient;
-use victor_proto::v1::{Binding, GetBindingRequest};
+use victor_proto::v1::{AnnounceMigrationRequest, Binding, GetBindingRequest};
 use victor_testkit::controller::{ControllerCommand, ControllerProcess, ControllerStore};
 use victor_testkit::etcd::EtcdCluster;
 
@@ -79,6 +79,41 @@ impl ControlPlane {
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
             Err(s) => bail!("GetBinding({ip}): {s}"),
         }
+    }
+
+    /// Announces, as an orchestrator does before it starts a migration, that the VM with
+    /// addresses `ips` is about to move to FE `target_fe`: AnnounceMigration without commit for
+    /// each address, through replica 1 (the binding stays where it is, with `pending_fe_id` set,
+    /// until the VM shows up at `target_fe`). Fails with the controller's answer (its code and
+    /// message) at the first address refused, or if the binding does not name `target_fe` after.
+    /// Returns the store revision of the last announcement (an agent that applied it knows).
+    pub async fn announce_migration(&self, ips: &[std::net::IpAddr], target_fe: &str) -> Result<u64> {
+        let mut client = self.client().await?;
+        let mut revision = 0;
+        for ip in ips {
+            let request = AnnounceMigrationRequest {
+                vm_ip: ip.to_string(),
+                target_fe_id: target_fe.to_owned(),
+                commit: false,
+                ttl_seconds: 0,
+            };
+            let answer = client.announce_migration(request).await.map_err(|s| {
+                anyhow::anyhow!(
+                    "AnnounceMigration({ip} to {target_fe}, no commit) refused: {:?}: {}",
+                    s.code(),
+                    s.message()
+                )
+            })?;
+            let binding = answer.into_inner().binding.unwrap_or_default();
+            revision = revision.max(binding.revision);
+            let pending = binding.pending_fe_id;
+            if pending != target_fe {
+                bail!(
+                    "AnnounceMigration({ip} to {target_fe}) answered a binding pending to {pending:?}, not {target_fe:?}"
+                );
+            }
+        }
+        Ok(revision)
     }
 
     /// Waits until `ip` is bound to `fe_id`.

@@ -13,6 +13,15 @@
 //! new FE: per FE the earliest of its local install (the new FE), an applied hint that the delta
 //! later confirmed, and the delta's apply — the latest of those over the FEs, − the capture.
 //!
+//! Every move is announced to the controller first, as an orchestrator does before it starts a
+//! migration (AnnounceMigration without commit, for every address of the VM, naming the new FE:
+//! [`ControlPlane::announce_migration`]); `--no-announce` leaves the move to what the new FE
+//! captures alone. Per move the report says whether it was announced, how the data plane's
+//! migration relay counters changed at each FE (`relay`: the old FE copies the VM's packets to the
+//! announced FE, which holds them until the VM is local; empty when the agents export no such
+//! counters) and the duplicate replies the prober saw (a relayed copy may reach the VM as well as
+//! the original: counted apart, never as an answer to a lost request).
+//!
 //! With `--bgp` the client enters through the BGP upstream router instead (see [`super::bgp`]).
 //!
 //! With `--vm qemu` the VM is a real guest that QEMU live-migrates instead, with a report of its
@@ -40,7 +49,10 @@ use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::NetNs;
 
 use super::addressing::fe_addr;
-use super::agents::{Agent, AgentCommand, agent_get, move_hint_flags, wait_agent_ready};
+use super::agents::{
+    Agent, AgentCommand, RELAY_METRIC, RelayCounters, agent_counters, agent_get, move_hint_flags, relay_counters,
+    wait_agent_ready,
+};
 use super::announce::{self, Announce, Announcer, Family, GATEWAY6, MOBILE6};
 use super::bgp::{self, AnycastPath};
 use super::controlplane::ControlPlane;
@@ -133,6 +145,11 @@ pub struct MigrateArgs {
     /// QEMU live-migrates between hypervisors at fe2 and fe3).
     #[arg(long, value_enum, default_value = "veth")]
     pub vm: VmKind,
+    /// Do not announce the migrations to the controller before they start (AnnounceMigration
+    /// without commit, naming the new FE, for each address of the VM; on by default, as an
+    /// orchestrator does): the move is then learned only from what the new FE captures.
+    #[arg(long)]
+    pub no_announce: bool,
     /// With `--vm qemu`: the guest's NIC (`virtio` announces itself after a migration, `e1000`
     /// leaves it to QEMU's RARP).
     #[arg(long, value_enum, default_value = "virtio")]
@@ -179,6 +196,7 @@ impl Default for MigrateArgs {
             agents_realtime: false,
             vm: VmKind::Veth,
             nic: Nic::Virtio,
+            no_announce: false,
             announce: Announce::Garp,
             family: Family::Ipv4,
         }
@@ -247,6 +265,16 @@ pub struct MoveResult {
     pub lost_during_link_switch: u32,
     /// Per-stage durations (ms) of this move.
     pub stages_ms: BTreeMap<String, f64>,
+    /// The move was announced to the controller before it started (not `--no-announce`).
+    pub migration_announced: bool,
+    /// Per FE (the old and the new), how long after the announcement's answer its agent had
+    /// applied it (ms); an FE missing had not after 2 s (the move started anyway).
+    pub announce_applied_ms: BTreeMap<String, f64>,
+    /// Per FE, how its migration relay counters changed from just before the announcement to
+    /// the end of the move (empty: the agents export none).
+    pub relay: BTreeMap<String, RelayCounters>,
+    /// Extra replies to the move's requests (to the first address) beyond each one's first.
+    pub duplicate_replies: u32,
     /// When each FE finished applying the move, relative to the capture (ms).
     pub applied_ms: BTreeMap<String, f64>,
     /// When each FE's data plane first forwarded to the new FE, relative to the capture (ms).
@@ -288,6 +316,10 @@ pub struct MigrateReport {
     pub link_switch_ms: Summary,
     /// Move hints were on.
     pub move_hints: bool,
+    /// Moves were announced to the controller before they started (not `--no-announce`).
+    pub migration_announced: bool,
+    /// Duplicate replies over the run (first address).
+    pub duplicate_replies_total: u32,
     /// Convergence over the moves (the controller's delta applied on every FE).
     pub convergence_ms: Summary,
     /// Data-plane convergence over the moves (every FE forwards to the new FE: local install,
@@ -477,6 +509,8 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
     let mut at = 2usize;
     for index in 1..=args.moves {
         let to = if at == 2 { 3 } else { 2 };
+        let relay_before = relay_snapshot(&topo)?;
+        let announced = announce_move(args, &plane, &topo, &addresses, (at, to), index).await?;
         let start_seq = prober.sent();
         // ── switch the link ──
         let (switch_start, switch_end) = match args.switch {
@@ -580,6 +614,8 @@ async fn experiment(args: &MigrateArgs, dir: &std::path::Path) -> Result<Migrate
             garps,
             start_seq,
             applied: BTreeMap::new(),
+            announced,
+            relay: relay_change(&relay_before, &relay_snapshot(&topo)?),
         });
         at = to;
     }
@@ -684,6 +720,8 @@ struct PendingMove {
     garps: u32,
     applied: BTreeMap<usize, Value>,
     start_seq: u32,
+    announced: Option<BTreeMap<String, f64>>,
+    relay: BTreeMap<String, RelayCounters>,
 }
 
 impl PendingMove {
@@ -761,6 +799,10 @@ impl PendingMove {
             stages_ms: stages,
             applied_ms,
             dataplane_applied_ms,
+            migration_announced: self.announced.is_some(),
+            announce_applied_ms: self.announced.clone().unwrap_or_default(),
+            relay: self.relay.clone(),
+            duplicate_replies: probes.duplicates_in(self.start_seq, end_seq),
         })
     }
 }
@@ -805,6 +847,8 @@ fn report(
         lost_during_link_switch: per_move.iter().map(|m| m.lost_during_link_switch).sum(),
         link_switch_ms: Summary::of(&collect(&|m| m.link_switch_ms)),
         move_hints: args.move_hints,
+        migration_announced: !args.no_announce,
+        duplicate_replies_total: per_move.iter().map(|m| m.duplicate_replies).sum(),
         convergence_ms: Summary::of(&collect(&|m| m.convergence_ms)),
         dataplane_convergence_ms: Summary::of(&collect(&|m| m.dataplane_convergence_ms)),
         hints_applied: per_move.iter().map(|m| m.hints_applied).sum(),
@@ -851,6 +895,7 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
         report.dataplane,
         if report.move_hints { "on" } else { "off" }
     );
+    println!("{}", announced_line(report.migration_announced));
     if !report.fe_clock_offsets.is_empty() {
         let offsets: Vec<String> = report.fe_clock_offsets.iter().map(|(fe, o)| format!("{fe} {o}")).collect();
         println!("FE clocks shifted: {}", offsets.join(", "));
@@ -881,6 +926,12 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
             m.lost,
             m.link_switch_ms
         );
+        println!(
+            "      {}; {}; duplicate replies {}",
+            applied_line(m.migration_announced, &m.announce_applied_ms),
+            relay_line(&m.relay),
+            m.duplicate_replies
+        );
     }
     if report.lost_total_by_family.len() > 1 {
         let by: Vec<String> = report.lost_total_by_family.iter().map(|(f, n)| format!("{f} {n}")).collect();
@@ -903,6 +954,103 @@ pub fn print(args: &MigrateArgs, report: &MigrateReport) -> Result<()> {
     }
     println!("paper (§5): {} packets lost per move at a 10 ms ping interval", report.paper_lost_per_move_at_10ms);
     Ok(())
+}
+
+/// How long the lab waits for the old and the new FE's agents to apply an announcement before
+/// it starts the move anyway.
+const ANNOUNCE_APPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// Announces move `index` (FE `from` to FE `to`) for the VM's addresses `ips` unless
+/// `--no-announce` (None). A refused announcement fails the move. Then waits (up to
+/// [`ANNOUNCE_APPLY_WAIT`], not an error) until the agents of `from` (which relays) and `to`
+/// (which holds) applied the announcement's revision, as a migration's own setup would give them
+/// time to; returns per FE (`feN`) how long that took (ms; an FE missing did not within the wait).
+pub(super) async fn announce_move(
+    args: &MigrateArgs,
+    plane: &ControlPlane,
+    topo: &Topology,
+    ips: &[IpAddr],
+    (from, to): (usize, usize),
+    index: usize,
+) -> Result<Option<BTreeMap<String, f64>>> {
+    if args.no_announce {
+        return Ok(None);
+    }
+    let revision = plane
+        .announce_migration(ips, &format!("fe{to}"))
+        .await
+        .with_context(|| format!("move {index}: announcing the migration to fe{to} (--no-announce moves without)"))?;
+    let announced = std::time::Instant::now();
+    let mut applied = BTreeMap::new();
+    while announced.elapsed() < ANNOUNCE_APPLY_WAIT {
+        for fe in [from, to] {
+            let key = format!("fe{fe}");
+            if !applied.contains_key(&key) && agent_counters(topo.fe(fe))?.revision >= revision as f64 {
+                applied.insert(key, round(announced.elapsed().as_secs_f64() * 1e3));
+            }
+        }
+        if applied.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(Some(applied))
+}
+
+/// Every FE's migration relay counters, by FE number (FEs whose agent exports none are left out).
+pub(super) fn relay_snapshot(topo: &Topology) -> Result<BTreeMap<usize, RelayCounters>> {
+    let mut all = BTreeMap::new();
+    for n in 1..=topo.fes.len() {
+        if let Some(c) = relay_counters(topo.fe(n))? {
+            all.insert(n, c);
+        }
+    }
+    Ok(all)
+}
+
+/// Per FE (`feN`) the change of its relay counters from `before` to `after` (FEs that exported
+/// them both times).
+pub(super) fn relay_change(
+    before: &BTreeMap<usize, RelayCounters>,
+    after: &BTreeMap<usize, RelayCounters>,
+) -> BTreeMap<String, RelayCounters> {
+    after.iter().filter_map(|(fe, a)| Some((format!("fe{fe}"), a.since(before.get(fe)?)))).collect()
+}
+
+/// The summary's line about the announcements.
+pub(super) fn announced_line(announced: bool) -> &'static str {
+    if announced {
+        "moves announced to the controller first (AnnounceMigration without commit, naming the new FE)"
+    } else {
+        "moves not announced (--no-announce): learned only from what the new FE captures"
+    }
+}
+
+/// When the agents applied one move's announcement, for the summary.
+pub(super) fn applied_line(announced: bool, applied_ms: &BTreeMap<String, f64>) -> String {
+    if !announced {
+        return "not announced".into();
+    }
+    if applied_ms.is_empty() {
+        return "announcement applied by neither FE within 2 s".into();
+    }
+    let per_fe: Vec<String> = applied_ms.iter().map(|(fe, ms)| format!("{fe} {ms:.1} ms")).collect();
+    format!("announcement applied at {}", per_fe.join(", "))
+}
+
+/// One move's relay counters for the summary.
+pub(super) fn relay_line(relay: &BTreeMap<String, RelayCounters>) -> String {
+    if relay.is_empty() {
+        return format!("relay: absent (the agents export no {RELAY_METRIC}_total)");
+    }
+    let per_fe: Vec<String> = relay
+        .iter()
+        .filter(|(_, c)| **c != RelayCounters::default())
+        .map(|(fe, c)| {
+            format!("{fe} copied {} held {} released {} expired {}", c.copied, c.held, c.released, c.expired)
+        })
+        .collect();
+    if per_fe.is_empty() { "relay: nothing relayed".into() } else { format!("relay: {}", per_fe.join(", ")) }
 }
 
 impl SwitchMode {

@@ -27,8 +27,12 @@ pub struct Probes {
     pub sent: u32,
     /// Send time of each request (CLOCK_MONOTONIC ns), by sequence number.
     pub sent_at: Vec<u64>,
-    /// Sequence numbers that got a reply.
+    /// Sequence numbers that got a reply (each once, however many replies it got).
     pub replied: BTreeSet<u32>,
+    /// Sequence numbers of replies beyond a request's first, once per extra reply (a request
+    /// the network delivered twice, e.g. a migration relay's copy that reached the VM as well as
+    /// the original): they never make a lost request look answered nor count a reply twice.
+    pub duplicates: Vec<u32>,
 }
 
 impl Probes {
@@ -40,6 +44,18 @@ impl Probes {
     /// Unanswered sequence numbers in `from..to`.
     pub fn lost_seqs(&self, from: u32, to: u32) -> Vec<u32> {
         (from..to.min(self.sent)).filter(|s| !self.replied.contains(s)).collect()
+    }
+
+    /// Extra replies (beyond each request's first) to requests in `from..to`.
+    pub fn duplicates_in(&self, from: u32, to: u32) -> u32 {
+        self.duplicates.iter().filter(|s| (from..to).contains(s)).count() as u32
+    }
+
+    /// Records a reply to `seq`: the first one answers it, later ones are duplicates.
+    pub fn record_reply(&mut self, seq: u32) {
+        if !self.replied.insert(seq) {
+            self.duplicates.push(seq);
+        }
     }
 
     /// Replies to requests sent at or after `seq`.
@@ -188,7 +204,7 @@ impl Prober {
                     // Rebuild the full sequence number from its low 16 bits (sent recently).
                     let full = (seq.saturating_sub(1) & !0xffff) | low;
                     let full = if full > seq { full.saturating_sub(0x10000) } else { full };
-                    state2.lock().expect("probes").replied.insert(full);
+                    state2.lock().expect("probes").record_reply(full);
                 }
             }
         })?;
@@ -346,4 +362,22 @@ pub fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> R
         std::thread::sleep(Duration::from_millis(5));
     }
     anyhow::bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_duplicate_reply_is_counted_apart_and_answers_nothing_twice() {
+        let mut p = Probes { sent: 6, sent_at: (0..6).collect(), ..Probes::default() };
+        for seq in [0, 1, 1, 3, 1, 5] {
+            p.record_reply(seq);
+        }
+        // 2 and 4 stay lost however often 1 was answered.
+        assert_eq!(p.lost_seqs(0, 6), vec![2, 4]);
+        assert_eq!(p.replies_from(0), 4);
+        assert_eq!(p.duplicates, vec![1, 1]);
+        assert_eq!((p.duplicates_in(0, 6), p.duplicates_in(2, 6)), (2, 0));
+    }
 }

@@ -18,6 +18,12 @@
 //! [`victor_dataplane::neigh_io::NeighCapture`]), the prober's losses, and the losses beyond the
 //! VM's own pause: lost − the requests sent while it was paused (from 1 ms before `STOP`, a
 //! request then still in flight reaches a stopped VM, to `RESUME`) — VICTOR's share.
+//!
+//! Like an orchestrator, the lab announces each migration to the controller before it starts it
+//! (AnnounceMigration without commit for the guest's address, naming the destination FE; the
+//! guest has IPv4 only), unless `--no-announce`; per move the report says whether it did, how
+//! each FE's migration relay counters changed over the move, and the duplicate replies the
+//! prober saw (see [`super::migrate`]).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -36,11 +42,13 @@ use victor_proto::clock::monotonic_ns;
 use victor_testkit::netns::{NetNs, Veth};
 
 use super::addressing::{GATEWAY, hypervisor_addr};
+use super::agents::RelayCounters;
 use super::controlplane::ControlPlane;
 use super::guest::{Availability, GuestAssets, GuestConfig, Nic, QemuVm, accel};
 use super::migrate::{
-    self, MigrateArgs, Summary, SwitchMode, agent_events, check_forwarding, dataplane_applied, load_avg_1m, round,
-    start_lab, wait_applied, with_log_dir,
+    self, MigrateArgs, Summary, SwitchMode, agent_events, announce_move, announced_line, applied_line,
+    check_forwarding, dataplane_applied, load_avg_1m, relay_change, relay_line, relay_snapshot, round, start_lab,
+    wait_applied, with_log_dir,
 };
 use super::probe::{Prober, Probes, Schedule};
 use super::qmp::Qmp;
@@ -251,6 +259,17 @@ pub struct QemuMove {
     pub lost_beyond_pause: u32,
     /// The first answered request sent after `STOP`: its send time relative to `RESUME` (ms).
     pub first_reply_sent_ms: Option<f64>,
+    /// The migration was announced to the controller before it started (not `--no-announce`).
+    pub migration_announced: bool,
+    /// Per FE (the old and the new), how long after the announcement's answer its agent had
+    /// applied it (ms; the lab waits up to 2 s for both before it migrates); an FE missing had not.
+    pub announce_applied_ms: BTreeMap<String, f64>,
+    /// Per FE, how its migration relay counters changed from just before the announcement to
+    /// the end of the move (empty: the agents export none).
+    pub relay: BTreeMap<String, RelayCounters>,
+    /// Extra replies to this move's requests beyond each one's first (a relayed copy that
+    /// reached the VM as well as the original); not counted as answers.
+    pub duplicate_replies: u32,
 }
 
 /// The report of `victor-lab migrate --vm qemu`.
@@ -280,6 +299,8 @@ pub struct QemuReport {
     pub dataplane: String,
     /// Move hints were on.
     pub move_hints: bool,
+    /// Migrations were announced to the controller before they started (not `--no-announce`).
+    pub migration_announced: bool,
     /// Echo requests sent.
     pub probes_sent: u32,
     /// Lost over the whole run (after the first migration started).
@@ -290,6 +311,8 @@ pub struct QemuReport {
     pub lost_beyond_pause_total: u32,
     /// The worst move's share.
     pub lost_beyond_pause_max: u32,
+    /// Duplicate replies over the run.
+    pub duplicate_replies_total: u32,
     /// QEMU's downtime figures.
     pub qemu_downtime_ms: Summary,
     /// The pauses the lab saw (`RESUME` − `STOP`).
@@ -334,6 +357,8 @@ struct PendingMove {
     stop_ns: u64,
     resume_ns: u64,
     info: Value,
+    announced: Option<BTreeMap<String, f64>>,
+    relay: BTreeMap<String, RelayCounters>,
 }
 
 async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Result<QemuReport> {
@@ -390,6 +415,8 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
                 .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
                 .collect();
         }
+        let relay_before = relay_snapshot(&lab.topo)?;
+        let announced = announce_move(args, &lab.plane, &lab.topo, &[vm.ip.into()], (at, to), index).await?;
         let start_seq = prober.sent();
         let start_ns = monotonic_ns();
         running.qmp.execute("migrate", json!({ "uri": format!("tcp:{}", hv(to).incoming()) }))?;
@@ -416,7 +443,20 @@ async fn experiment(args: &MigrateArgs, assets: GuestAssets, dir: &Path) -> Resu
             .with_context(|| format!("move {index}: the VM does not answer at {target}"))?;
         check_forwarding(&lab.topo, &vm, to, at, SwitchMode::Move, &lab.dataplane)?;
         tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
-        moves.push(PendingMove { index, from: at, to, move_seq, start_seq, start_ns, stop_ns, resume_ns, info });
+        let relay = relay_change(&relay_before, &relay_snapshot(&lab.topo)?);
+        moves.push(PendingMove {
+            index,
+            from: at,
+            to,
+            move_seq,
+            start_seq,
+            start_ns,
+            stop_ns,
+            resume_ns,
+            info,
+            announced,
+            relay,
+        });
         at = to;
     }
     tokio::time::sleep(Duration::from_millis(300).max(interval * 5)).await;
@@ -557,6 +597,10 @@ impl PendingMove {
             lost_in_pause,
             lost_beyond_pause: lost.len() as u32 - lost_in_pause,
             first_reply_sent_ms: first_reply,
+            migration_announced: self.announced.is_some(),
+            announce_applied_ms: self.announced.clone().unwrap_or_default(),
+            relay: self.relay.clone(),
+            duplicate_replies: probes.duplicates_in(self.start_seq, end_seq),
         }
     }
 }
@@ -577,11 +621,13 @@ fn report(args: &MigrateArgs, nic: Nic, guest_boot_ms: f64, probes: &Probes, per
         replicas: args.replicas,
         dataplane: String::new(),
         move_hints: args.move_hints,
+        migration_announced: !args.no_announce,
         probes_sent: probes.sent,
         lost_total: per_move.iter().map(|m| m.lost).sum(),
         lost_in_pause_total: per_move.iter().map(|m| m.lost_in_pause).sum(),
         lost_beyond_pause_total: per_move.iter().map(|m| m.lost_beyond_pause).sum(),
         lost_beyond_pause_max: per_move.iter().map(|m| m.lost_beyond_pause).max().unwrap_or(0),
+        duplicate_replies_total: per_move.iter().map(|m| m.duplicate_replies).sum(),
         qemu_downtime_ms: collect(&|m| Some(m.qemu_downtime_ms)),
         paused_ms: collect(&|m| Some(m.paused_ms)),
         qemu_total_time_ms: collect(&|m| Some(m.qemu_total_time_ms)),
@@ -612,6 +658,7 @@ pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
     );
     let params: Vec<String> = report.migration_parameters.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("guest boot: {:.0} ms; QEMU migration parameters: {}", report.guest_boot_ms, params.join(", "));
+    println!("{}", announced_line(report.migration_announced));
     println!(
         "{:>4}  {:<10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>12} {:>5} {:>6} {:>7} {:>14}",
         "move",
@@ -651,6 +698,12 @@ pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
             if seen.is_empty() { "nothing".into() } else { seen.join(", ") },
             m.bound_from.as_deref().unwrap_or("?")
         );
+        println!(
+            "      {}; {}; duplicate replies {}",
+            applied_line(m.migration_announced, &m.announce_applied_ms),
+            relay_line(&m.relay),
+            m.duplicate_replies
+        );
     }
     println!(
         "downtime (QEMU) p50 {:.0} ms, max {:.0} ms; paused (STOP→RESUME) p50 {:.1} ms, max {:.1} ms; total p50 {:.0} ms",
@@ -664,6 +717,7 @@ pub fn print(args: &MigrateArgs, report: &QemuReport) -> Result<()> {
         "lost: {} in total, {} while the VM was paused, {} beyond its pause (VICTOR's share; at most {} per move)",
         report.lost_total, report.lost_in_pause_total, report.lost_beyond_pause_total, report.lost_beyond_pause_max
     );
+    println!("duplicate replies: {} (counted apart: never as an answer)", report.duplicate_replies_total);
     Ok(())
 }
 
@@ -686,6 +740,8 @@ mod tests {
             resume_ns: 150 * MS,
             info: json!({ "status": "completed", "downtime": 40, "total-time": 90, "setup-time": 1,
                           "ram": { "transferred": 2_097_152 } }),
+            announced: Some(BTreeMap::new()),
+            relay: BTreeMap::new(),
         }
     }
 
@@ -695,6 +751,7 @@ mod tests {
             sent,
             sent_at: (0..sent as u64).map(|s| s * 10 * MS).collect(),
             replied: (0..sent).filter(|s| !lost.contains(s)).collect(),
+            duplicates: Vec::new(),
         }
     }
 
@@ -710,6 +767,20 @@ mod tests {
         // The first answered request after STOP is 18, sent 30 ms after the resume.
         assert_eq!(m.first_reply_sent_ms, Some(30.0));
         assert_eq!((m.bound_from.as_deref(), m.convergence_ms), (None, None));
+    }
+
+    #[test]
+    fn duplicate_replies_are_counted_apart_from_losses() {
+        // Relayed copies of 16 and 17 reached the VM twice (16 even three times), 20 twice; 10..=15
+        // stay lost in the pause; 3 (before the move) and 26 (after its window) do not count.
+        let mut p = probes(&[10, 11, 12, 13, 14, 15]);
+        for seq in [16, 16, 17, 20, 3, 26] {
+            p.record_reply(seq);
+        }
+        let m = pending().result(&p, 25, u64::MAX, &[], None, &[]);
+        assert_eq!((m.lost, m.lost_in_pause, m.lost_beyond_pause), (6, 6, 0));
+        assert_eq!(m.duplicate_replies, 4);
+        assert!(m.migration_announced);
     }
 
     #[test]
