@@ -257,6 +257,8 @@ pub struct QemuMove {
     pub lost_in_pause: u32,
     /// lost − lost_in_pause: VICTOR's share.
     pub lost_beyond_pause: u32,
+    /// When those were sent, relative to `RESUME` (ms; negative: before the pause).
+    pub lost_beyond_pause_sent_ms: Vec<f64>,
     /// The first answered request sent after `STOP`: its send time relative to `RESUME` (ms).
     pub first_reply_sent_ms: Option<f64>,
     /// The migration was announced to the controller before it started (not `--no-announce`).
@@ -568,6 +570,12 @@ impl PendingMove {
         let lost_in_pause =
             lost.iter().filter(|s| probes.sent_at.get(**s as usize).is_some_and(|t| pause.contains(t))).count() as u32;
         let sent_in_pause = probes.sent_at.iter().filter(|t| pause.contains(t)).count() as u32;
+        let lost_beyond_pause_sent_ms = lost
+            .iter()
+            .filter_map(|s| probes.sent_at.get(*s as usize))
+            .filter(|t| !pause.contains(t))
+            .map(|t| ms_after_resume(*t))
+            .collect();
         let first_reply = probes
             .replied
             .range(probes.first_sent_after(self.stop_ns)..)
@@ -596,6 +604,7 @@ impl PendingMove {
             sent_in_pause,
             lost_in_pause,
             lost_beyond_pause: lost.len() as u32 - lost_in_pause,
+            lost_beyond_pause_sent_ms,
             first_reply_sent_ms: first_reply,
             migration_announced: self.announced.is_some(),
             announce_applied_ms: self.announced.clone().unwrap_or_default(),
@@ -762,6 +771,7 @@ mod tests {
         let p = probes(&[9, 10, 11, 12, 13, 14, 15, 16, 17]);
         let m = pending().result(&p, 25, u64::MAX, &[], None, &[]);
         assert_eq!((m.lost, m.sent_in_pause, m.lost_in_pause, m.lost_beyond_pause), (9, 6, 6, 3));
+        assert_eq!(m.lost_beyond_pause_sent_ms, vec![-60.0, 10.0, 20.0]);
         assert_eq!((m.qemu_downtime_ms, m.qemu_total_time_ms, m.transferred_mib), (40.0, 90.0, 2.0));
         assert_eq!(m.paused_ms, 50.0);
         // The first answered request after STOP is 18, sent 30 ms after the resume.
