@@ -9,9 +9,10 @@
 //!
 //! The moves are announced to the controller first (the default, as an orchestrator does): each
 //! move says so, and where the agents export the data plane's migration relay counters the old FE
-//! copied the VM's packets to the announced FE while the guest still ran there (the prober sends
-//! every 10 ms and a TCG migration takes over a second). Where they do not (an agent without the
-//! relay) that check says it is skipped. `SKIPPED: <reason>` where QEMU or the guest's kernel cannot be
+//! copied the VM's packets to the announced FE while the guest still ran there (the lab starts the
+//! migration once both agents applied the announcement; the prober sends every 10 ms and a TCG
+//! migration's precopy takes 70–280 ms here: 5–35 copies per move measured). Where they do not (the
+//! kernel backend has no relay) that check says it is skipped. `SKIPPED: <reason>` where QEMU or the guest's kernel cannot be
 //! had (as tests/vm does).
 
 use victor_tests::lab::agents::RELAY_METRIC;
