@@ -567,8 +567,8 @@ fn a_forwarder_started_on_what_the_previous_one_handed_on_forwards_what_waited_i
 fn announced_migration(offload: bool) {
     let lab = Lab::build(offload).unwrap();
     let window = Duration::from_millis(1500);
+    lab.announce_migration(VM, Some(3));
     for n in 1..=3 {
-        lab.fe(n).fib.migrations().set_target(VM, Some(fe_addr(3)));
         lab.fe(n).fib.migrations().set_hold_window(window);
     }
     let (m2, m3) = (lab.fe(2).fib.migrations(), lab.fe(3).fib.migrations());
@@ -603,9 +603,7 @@ fn announced_migration(offload: bool) {
     assert!(lab.fe(3).fwd().counters().tun_tx_packets >= 1);
     assert_eq!(unexpected_drops(&lab.fe(3).fwd().counters()), 0);
     // The announcement withdrawn: fe2 copies nothing more.
-    for n in 1..=3 {
-        lab.fe(n).fib.migrations().set_target(VM, None);
-    }
+    lab.announce_migration(VM, None);
     lab.bind_remote(2, 3).unwrap();
     let copied = m2.stats().copied;
     assert_eq!(client_probe(&lab, Probe::echo(VM, 23), T).unwrap(), Some(ProbeReply::EchoReply { from: VM }));
@@ -628,9 +626,7 @@ fn an_announced_migration_delivers_at_the_new_fe_what_reached_the_old_one_after_
 #[test]
 fn an_announced_migration_relays_coalesced_tcp_in_segments() {
     let lab = Lab::build(true).unwrap();
-    for n in 1..=3 {
-        lab.fe(n).fib.migrations().set_target(VM, Some(fe_addr(3)));
-    }
+    lab.announce_migration(VM, Some(3));
     let m3 = lab.fe(3).fib.migrations();
     m3.set_hold_window(Duration::from_secs(10));
     lab.vm.ip(&["link", "set", "eth0", "down"]).unwrap();

@@ -297,9 +297,7 @@ fn coalesced_tcp6_from_the_underlay_reaches_the_vm_without_offload() {
 #[test]
 fn an_announced_ipv6_migration_delivers_at_the_new_fe_what_reached_the_old_one_after_the_vm_left() {
     let lab = Lab::build(true).unwrap();
-    for n in 1..=3 {
-        lab.fe(n).fib.migrations().set_target(VM6, Some(fe_addr(3)));
-    }
+    lab.announce_migration(VM6, Some(3));
     let (m2, m3) = (lab.fe(2).fib.migrations(), lab.fe(3).fib.migrations());
     m3.set_hold_window(Duration::from_secs(5));
     lab.vm.ip(&["link", "set", "eth0", "down"]).unwrap();

@@ -205,6 +205,15 @@ impl Lab {
         Ok(())
     }
 
+    /// Announces (or, `to` None, withdraws) the migration of `vm` to FE `to` on every FE, as
+    /// the agents do from the binding's pending FE.
+    pub fn announce_migration(&self, vm: impl Into<IpAddr>, to: Option<u8>) {
+        let vm = vm.into();
+        for fe in &self.fes {
+            fe.fib.migrations().set_target(vm, to.map(fe_addr));
+        }
+    }
+
     /// Makes FE `n` tunnel the VM to FE `to`: binding Remote, host routes removed (the prefix
     /// routes send it into TUN).
     pub fn bind_remote(&self, n: usize, to: u8) -> Result<()> {
