@@ -58,6 +58,7 @@ pub mod pipeline;
 mod ratelimit;
 mod raw;
 mod relay;
+mod shared;
 mod steer;
 mod tun;
 mod worker;
@@ -572,7 +573,7 @@ struct Go {
     sock: socket2::Socket,
     sock6: socket2::Socket,
     icmp6: socket2::Socket,
-    shared: Arc<worker::Shared>,
+    shared: Arc<shared::Shared>,
     stop: watch::Receiver<bool>,
 }
 
@@ -593,7 +594,7 @@ fn spawn_workers(tun: &str, n: usize) -> Result<Vec<Waiting>, ForwarderError> {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
                     let Ok(Go { dev, sock, sock6, icmp6, shared, stop }) = wait.recv() else { return Ok(()) };
                     rt.block_on(async move {
-                        let queue = Arc::new(worker::Queue {
+                        let queue = Arc::new(shared::Queue {
                             dev: tun_rs::AsyncDevice::new(dev)?,
                             sock: crate::aio::register(sock)?,
                             sock6: crate::aio::register(sock6)?,
@@ -661,7 +662,7 @@ fn run(
     };
     let counters = Arc::new(Counters::default());
     let (stop, stop_rx) = watch::channel(false);
-    let shared = Arc::new(worker::Shared {
+    let shared = Arc::new(shared::Shared {
         fib,
         counters: counters.clone(),
         tunnel_mtu: usize::from(device.tunnel_mtu),

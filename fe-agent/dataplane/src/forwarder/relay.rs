@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::buf::PacketBuf;
 use super::raw::Mmsg;
-use super::worker::{Queue, Shared, family_of, send_all, write_tun};
+use super::shared::{Queue, Shared, family_of, send_all, write_tun};
 use crate::counters::DropReason;
 use crate::fib::Action;
 use crate::migration::Verdict;
