@@ -243,6 +243,7 @@ async fn start_dataplane(
         metrics.attach_tunnels(counters);
     }
     if let Some(fib) = dataplane.fib() {
+        fib.migrations().set_hold_window(config.migration_hold);
         metrics.attach_migrations(fib.clone());
     }
     Ok((dataplane, choice))

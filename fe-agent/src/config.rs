@@ -290,6 +290,14 @@ pub struct Config {
     #[arg(long, env = "VICTOR_MOVE_HINT_RATE", default_value_t = 1000)]
     pub move_hint_rate: u32,
 
+    /// Announced migrations (userspace data plane): when a VM announced to move here becomes
+    /// local, the copies of its packets the old FE sent that arrived at most this long before are
+    /// delivered; older ones are dropped (the VM had them before it stopped). Longer recovers
+    /// more of the VM's pause and duplicates more when the pause is short; 0 delivers none.
+    #[arg(long, env = "VICTOR_MIGRATION_HOLD", default_value = "5ms", value_parser = victor_daemon::duration::parse)]
+    #[serde(serialize_with = "victor_daemon::duration::serialize")]
+    pub migration_hold: Duration,
+
     /// Testing aid: shifts every wall-clock time this agent stamps — observation times
     /// (including the kernel's ARP capture times), GONE times, move-hint send and receive times —
     /// by this much, e.g. `-5s` or `+5s`. The lab uses it to run FEs whose clocks disagree (the
@@ -468,6 +476,12 @@ impl Config {
             && !ns.exists()
         {
             return bad(format!("--controller-netns {} does not exist", ns.display()));
+        }
+        if self.migration_hold > Duration::from_secs(1) {
+            return bad(format!(
+                "--migration-hold {:?} is too long: held packets older than a second are stale; use at most 1s (default 5ms)",
+                self.migration_hold
+            ));
         }
         self.move_hints().map_err(ConfigError::Invalid)?;
         self.validate_bgp()
@@ -661,6 +675,10 @@ mod tests {
         assert!(!c.remove_dataplane_on_exit);
         assert_eq!(c.stream_timeout, Duration::from_millis(1500));
         assert!(c.is_vm_port("vm0") && !c.is_vm_port("vm01"));
+        assert_eq!(c.migration_hold, Duration::from_millis(5));
+        assert_eq!(load(&["--migration-hold", "20ms"]).unwrap().migration_hold, Duration::from_millis(20));
+        let err = load(&["--migration-hold", "2s"]).unwrap_err().to_string();
+        assert!(err.contains("--migration-hold 2s is too long"), "{err}");
     }
 
     #[test]
