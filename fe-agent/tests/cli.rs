@@ -62,6 +62,7 @@ fn help_explains_every_flag() {
         "--move-hint-timeout",
         "--move-hint-max-age",
         "--move-hint-rate",
+        "--migration-hold",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}:\n{help}");
     }
