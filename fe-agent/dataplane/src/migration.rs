@@ -197,7 +197,8 @@ impl Migrations {
 
     /// Holds `packet` (for `vm`, received `now`); drops what is older than the window or beyond
     /// [`MAX_HELD_PACKETS`] / [`MAX_HELD_BYTES`], oldest first.
-    pub fn hold(&self, vm: IpAddr, packet: &[u8], now: Instant) {
+    pub fn hold(&self, vm: IpAddr, packet: impl Into<Vec<u8>>, now: Instant) {
+        let packet = packet.into();
         let window = self.hold_window();
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let mut dropped = 0;
@@ -211,7 +212,7 @@ impl Migrations {
         }
         if packet.len() <= MAX_HELD_BYTES {
             held.bytes += packet.len();
-            held.packets.push_back(HeldPacket { at: now, vm, packet: packet.to_vec() });
+            held.packets.push_back(HeldPacket { at: now, vm, packet });
             self.held_total.fetch_add(1, Relaxed);
         } else {
             dropped += 1;
@@ -350,13 +351,13 @@ mod tests {
         m.set_hold_window(Duration::from_secs(60));
         let now = Instant::now();
         for _ in 0..MAX_HELD_PACKETS + 10 {
-            m.hold(vm(1), &[0; 100], now);
+            m.hold(vm(1), [0; 100], now);
         }
         assert_eq!(m.held_now(), MAX_HELD_PACKETS);
         assert_eq!(m.stats().expired, 10);
         let big = vec![0; MAX_HELD_BYTES / 2 + 1];
-        m.hold(vm(1), &big, now);
-        m.hold(vm(1), &big, now);
+        m.hold(vm(1), big.clone(), now);
+        m.hold(vm(1), big.clone(), now);
         assert_eq!(m.held_now(), 1, "bytes bound the queue too");
     }
 

@@ -40,25 +40,25 @@ fn destination(inner: &[u8]) -> Option<IpAddr> {
 
 /// Calls `each` with every packet of at most `mtu` bytes that `packet` stands for: itself, or
 /// the segments of a TCP packet the underlay's GRO coalesced, each with an outer header for
-/// `outer` if given (`head` = headers, `tail` = payload). Returns false if it cannot be split.
+/// `outer` if given, each built once into its own buffer. Returns false if it cannot be split.
 fn for_each_packet(
     packet: &[u8],
     mtu: usize,
     outer: Option<&Tunnel>,
     arena: &mut Vec<u8>,
     segs: &mut Vec<Segment>,
-    mut each: impl FnMut(&[u8], &[u8]),
+    mut each: impl FnMut(Vec<u8>),
 ) -> bool {
     if packet.len() <= mtu {
         match outer {
-            None => each(packet, &[]),
+            None => each(packet.to_vec()),
             Some(t) => {
                 let encapsulated = match ipv4::version(packet) {
                     Some(6) => sixin4::encapsulate(packet, t, 0).ok(),
                     _ => ipv4::encapsulate(packet, t, 0).ok(),
                 };
                 match encapsulated {
-                    Some(e) => each(&e, &[]),
+                    Some(e) => each(e),
                     None => return false,
                 }
             }
@@ -73,7 +73,7 @@ fn for_each_packet(
         return false;
     }
     for s in segs.iter() {
-        each(&arena[s.header.clone()], &packet[s.payload.clone()]);
+        each([&arena[s.header.clone()], &packet[s.payload.clone()]].concat());
     }
     true
 }
@@ -101,14 +101,14 @@ impl Relay {
                 Verdict::DeliverAndCopy(to) => {
                     let tunnel = Tunnel { src: me, dst: to, ttl: sh.outer_ttl };
                     let copies = &mut self.copies;
-                    for_each_packet(inner, sh.tunnel_mtu, Some(&tunnel), &mut self.arena, &mut self.segs, |h, t| {
-                        copies.push(([h, t].concat(), to));
+                    for_each_packet(inner, sh.tunnel_mtu, Some(&tunnel), &mut self.arena, &mut self.segs, |copy| {
+                        copies.push((copy, to));
                     });
                     true
                 }
                 Verdict::Hold => {
-                    let held = for_each_packet(inner, sh.tunnel_mtu, None, &mut self.arena, &mut self.segs, |h, t| {
-                        migrations.hold(vm, &[h, t].concat(), now);
+                    let held = for_each_packet(inner, sh.tunnel_mtu, None, &mut self.arena, &mut self.segs, |packet| {
+                        migrations.hold(vm, packet, now);
                     });
                     if !held {
                         sh.counters.discard(family_of(inner), DropReason::CoalescedNotTcp);
