@@ -189,13 +189,18 @@ impl Server {
             pacer: Arc::new(SnapshotPacer::new(config.snapshot_rate)),
             clock: clock.clone(),
         });
-        tasks.spawn({
-            let (cache, metrics, shutdown) = (cache.clone(), metrics.clone(), shutdown_rx.clone());
-            async move {
-                clock.run(&cache, &metrics, shutdown).await;
-                Ok(())
-            }
-        });
+        // The clock ticks from the control runtime: the streams it wakes are then queued on the
+        // main runtime in the order they parked (see stream/clock.rs).
+        tasks.spawn_on(
+            {
+                let (cache, metrics, shutdown) = (cache.clone(), metrics.clone(), shutdown_rx.clone());
+                async move {
+                    clock.run(&cache, &metrics, shutdown).await;
+                    Ok(())
+                }
+            },
+            on_control,
+        );
 
         let hk = HousekeepingConfig {
             damping_hold: config.damping_hold,

@@ -141,6 +141,16 @@ fn check(v: &Value, members: f64) {
         assert_eq!(cpus.len(), 1, "replicas pinned to one CPU: {pinning:#}");
         let seen = pinning["seen"].as_object().expect("pinning.seen");
         assert_eq!(seen["bench-r1"], cpus[0].to_string(), "the replica's Cpus_allowed_list: {pinning:#}");
+        // Each process's scheduler is sized for the CPUs it was pinned to, not for the host.
+        let others = pinning["others_cpus"].as_array().expect("others_cpus").len();
+        let sized = pinning["sized"].as_object().expect("pinning.sized");
+        assert_eq!(sized["bench-r1"], "TOKIO_WORKER_THREADS=1", "{pinning:#}");
+        assert_eq!(sized["bench"], format!("{others} tokio workers"), "{pinning:#}");
+        let etcd: Vec<_> = sized.iter().filter(|(k, _)| k.starts_with("etcd-")).collect();
+        assert_eq!(etcd.len() as f64, members, "{pinning:#}");
+        for (name, value) in etcd {
+            assert_eq!(value, &format!("GOMAXPROCS={others}"), "{name}: {pinning:#}");
+        }
         assert!(!seen["bench"].as_str().unwrap().contains(&cpus[0].to_string()), "the benchmark kept off it");
     }
     // Session heartbeats were answered and timed.

@@ -2,8 +2,9 @@
 //! delay costs the cluster — keeping this replica's leases alive (presence and housekeeping
 //! election; a lease left unrenewed for its 5 s TTL hands housekeeping to another replica and
 //! re-lists nothing but flaps), housekeeping itself (FE liveness, expiries), the store prober
-//! (which decides whether writes are attempted at all) and the cache loader that follows the
-//! store's watch (so reads, read-your-writes and the streams stay current).
+//! (which decides whether writes are attempted at all), the cache loader that follows the
+//! store's watch (so reads, read-your-writes and the streams stay current), and the fan-out
+//! clock, whose ticks then wake the streams in a stable order (`stream/clock.rs`).
 //!
 //! Why a runtime and not just tasks: tokio schedules the tasks of one runtime first come, first
 //! served. Thousands of streams and connections make the main runtime's run queue long, and a

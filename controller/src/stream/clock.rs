@@ -24,6 +24,15 @@
 //! 1/[`STRAGGLERS`] of the streams woken have answered, so a few stuck clients do not hold every
 //! tick to [`MAX_GAP`].
 //!
+//! The clock runs on the control runtime (`server/control.rs`), not on the one whose workers
+//! run the streams. Woken from another runtime's thread, the streams are queued on the main
+//! runtime's global queue in the order they parked, so each keeps about its place in the round
+//! from one tick to the next and a change waits about one round for the stream that just
+//! answered. Woken from a worker of the main runtime, a thousand wake-ups overflow that worker's
+//! local queue (256 tasks) into the global queue half a queue at a time, and the worker runs the
+//! latest woken first: the order is reshuffled every round, and a stream served early in one
+//! round may come last in the next (up to two rounds' wait; the fan-out p99 was ~15 % higher).
+//!
 //! The clock also keeps the heartbeat message shared by idle streams ([`FanoutClock::heartbeat`]):
 //! encoded once, not once per stream.
 

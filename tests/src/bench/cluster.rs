@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use victor_testkit::controller::{ControllerCommand, ControllerProcess, ControllerStore};
-use victor_testkit::etcd::EtcdCluster;
+use victor_testkit::etcd::{EtcdCluster, EtcdOptions};
 
 /// The mobile prefix the benchmark binds VMs in (room for 16 M bindings).
 pub const MOBILE_PREFIX: &str = "10.0.0.0/8";
@@ -25,13 +25,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts etcd with `members` (0 = embedded store) and `replicas` controllers with
-    /// `replica_env` in their environment, and waits until every replica is ready.
+    /// Starts etcd with `members` (0 = embedded store) and `etcd_env` in their environment, and
+    /// `replicas` controllers with `replica_env` in theirs, and waits until every replica is
+    /// ready.
     pub async fn start(
         members: usize,
         replicas: usize,
         controller_bin: PathBuf,
         replica_env: Vec<(String, String)>,
+        etcd_env: Vec<(String, String)>,
     ) -> Result<Cluster> {
         if !matches!(members, 0 | 1 | 3) {
             bail!("--etcd-members must be 0 (embedded store), 1 or 3, not {members}");
@@ -47,7 +49,11 @@ impl Cluster {
         }
         let etcd = match members {
             0 => None,
-            n => Some(EtcdCluster::start(n).await.with_context(|| format!("start a {n}-member etcd"))?),
+            n => Some(
+                EtcdCluster::start_with(EtcdOptions { members: n, env: etcd_env, ..EtcdOptions::default() })
+                    .await
+                    .with_context(|| format!("start a {n}-member etcd"))?,
+            ),
         };
         let dir = tempfile::Builder::new().prefix("victor-bench-").tempdir()?;
         let mut cluster = Cluster { replicas: Vec::new(), etcd, controller_bin, replica_env, dir };

@@ -391,11 +391,26 @@ pub struct Pinning {
     /// The controller replicas' CPUs (empty: not pinned); their tokio runtimes get one worker
     /// thread per CPU (`TOKIO_WORKER_THREADS`).
     pub controller_cpus: Vec<usize>,
-    /// etcd's and the benchmark's (the simulated agents') CPUs (empty: not pinned).
+    /// etcd's and the benchmark's (the simulated agents') CPUs (empty: not pinned); etcd gets
+    /// one Go processor per CPU (`GOMAXPROCS`), the benchmark's runtime one worker per CPU
+    /// ([`runtime_workers`]).
     pub others_cpus: Vec<usize>,
     /// Each process's `Cpus_allowed_list` as the kernel showed it at the end of the churn
     /// (replica ids, `etcd-<i>`, `bench`).
     pub seen: BTreeMap<String, String>,
+    /// What each process sized its scheduler for, read back at the end of the churn: the
+    /// replicas' `TOKIO_WORKER_THREADS` and etcd's `GOMAXPROCS` from `/proc/<pid>/environ`
+    /// (`unset`: the CPUs seen at start), the benchmark's tokio worker threads.
+    pub sized: BTreeMap<String, String>,
+}
+
+/// Worker threads for the benchmark process's runtime: when the run pins, one per CPU left to
+/// etcd and the agents (the process pins itself there once the cluster runs, and a runtime sized
+/// for every CPU would then run two workers on one core, costing the agents ~20 % per message in
+/// wake-ups and stealing); `None` = tokio's default.
+pub fn runtime_workers(args: &BenchArgs) -> Option<usize> {
+    let plan = Pinning::plan(if args.no_pin { PinMode::Off } else { args.pin }).ok()?;
+    plan.pinned.then_some(plan.others_cpus.len())
 }
 
 /// The CPUs the benchmark was allowed when it first looked, before it pinned itself (a second
@@ -412,6 +427,7 @@ impl Pinning {
             controller_cpus: Vec::new(),
             others_cpus: Vec::new(),
             seen: BTreeMap::new(),
+            sized: BTreeMap::new(),
         };
         match mode {
             PinMode::Off => return Ok(off("--pin off".into())),
@@ -427,6 +443,7 @@ impl Pinning {
             controller_cpus: vec![cpus[0]],
             others_cpus: cpus[1..].to_vec(),
             seen: BTreeMap::new(),
+            sized: BTreeMap::new(),
         })
     }
 
@@ -438,6 +455,15 @@ impl Pinning {
             return Vec::new();
         }
         vec![("TOKIO_WORKER_THREADS".to_owned(), self.controller_cpus.len().to_string())]
+    }
+
+    /// What etcd is started with: pinned, Go's scheduler gets one processor per CPU etcd is
+    /// pinned to (`GOMAXPROCS`; Go too sizes it from the CPUs it sees at start).
+    fn etcd_env(&self) -> Vec<(String, String)> {
+        if !self.pinned {
+            return Vec::new();
+        }
+        vec![("GOMAXPROCS".to_owned(), self.others_cpus.len().to_string())]
     }
 
     /// Pins the replicas, etcd and this process (again: threads created since inherited the mask
@@ -455,17 +481,23 @@ impl Pinning {
         Ok(())
     }
 
-    /// Records where every process of the run may run now.
+    /// Records where every process of the run may run now, and what it sized its scheduler for.
     fn observe(&mut self, cluster: &mut Cluster) {
-        let mut seen = BTreeMap::new();
+        let (mut seen, mut sized) = (BTreeMap::new(), BTreeMap::new());
+        let var = |pid, name: &str| format!("{name}={}", sys::env_var(pid, name).unwrap_or_else(|| "unset".into()));
         for replica in &cluster.replicas {
             seen.insert(replica.id().to_owned(), sys::allowed_list(replica.pid()));
+            sized.insert(replica.id().to_owned(), var(replica.pid(), "TOKIO_WORKER_THREADS"));
         }
         for (i, pid) in cluster.etcd_pids().into_iter().enumerate() {
             seen.insert(format!("etcd-{i}"), sys::allowed_list(pid));
+            sized.insert(format!("etcd-{i}"), var(pid, "GOMAXPROCS"));
         }
         seen.insert("bench".to_owned(), sys::allowed_list(std::process::id()));
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        sized.insert("bench".to_owned(), format!("{workers} tokio workers"));
         self.seen = seen;
+        self.sized = sized;
     }
 }
 
@@ -693,7 +725,8 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     if let Some(share) = args.fanout_share {
         replica_env.push(("VICTOR_FANOUT_SHARE".to_owned(), share.to_string()));
     }
-    let mut cluster = Cluster::start(args.etcd_members, replicas, controller_bin, replica_env).await?;
+    let mut cluster =
+        Cluster::start(args.etcd_members, replicas, controller_bin, replica_env, pinning.etcd_env()).await?;
 
     progress("measuring the store floor");
     let floor = match &cluster.etcd {
@@ -1092,8 +1125,8 @@ fn print_summary(r: &BenchReport) {
     let p = &r.pinning;
     if p.pinned {
         println!(
-            "  pinning             replicas on CPUs {:?}, etcd and the benchmark on {:?} ({}); seen {:?}",
-            p.controller_cpus, p.others_cpus, p.reason, p.seen
+            "  pinning             replicas on CPUs {:?}, etcd and the benchmark on {:?} ({}); seen {:?}; sized {:?}",
+            p.controller_cpus, p.others_cpus, p.reason, p.seen, p.sized
         );
     } else {
         println!("  pinning             none ({})", p.reason);

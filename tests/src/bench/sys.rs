@@ -60,6 +60,16 @@ pub fn allowed_list(pid: u32) -> String {
         .unwrap_or_else(|| "?".to_owned())
 }
 
+/// The value of `name` in the environment process `pid` was started with (`None`: unset or
+/// unreadable).
+pub fn env_var(pid: u32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(name.as_bytes())?.strip_prefix(b"="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
 /// Pins every thread of process `pid` to `cpus` (threads it creates later inherit the mask of
 /// their creator). Returns the number of threads pinned.
 pub fn pin(pid: u32, cpus: &[usize]) -> Result<usize> {
@@ -136,6 +146,15 @@ mod tests {
         assert_eq!(parse_vm_rss("Name:\tx\nVmRSS:\t   1234 kB\nVmHWM: 1 kB\n"), Some(1234 * 1024));
         let stat = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 700 300 0 0 20 0 3 0 1 2 3";
         assert_eq!(parse_stat_ticks(stat), Some(1000));
+    }
+
+    #[test]
+    fn reads_a_childs_environment() {
+        let mut child = std::process::Command::new("sleep").arg("5").env("VICTOR_SYS_TEST", "a=b").spawn().unwrap();
+        assert_eq!(env_var(child.id(), "VICTOR_SYS_TEST").as_deref(), Some("a=b"));
+        assert_eq!(env_var(child.id(), "VICTOR_SYS_TEST_UNSET"), None);
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

@@ -27,7 +27,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Bench(args) = &cli.command
+        && let Some(workers) = victor_tests::bench::runtime_workers(args)
+    {
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime.enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => victor_tests::lab::up(args).await,

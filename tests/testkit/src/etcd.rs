@@ -62,11 +62,14 @@ pub struct EtcdOptions {
     pub tls: Option<EtcdTls>,
     /// `--experimental-watch-progress-notify-interval`.
     pub progress_notify_interval: Duration,
+    /// Extra environment of every member (e.g. `GOMAXPROCS` for members pinned to fewer CPUs
+    /// than the host has: Go sizes its scheduler from the CPUs it sees at start).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for EtcdOptions {
     fn default() -> Self {
-        EtcdOptions { members: 1, tls: None, progress_notify_interval: Duration::from_millis(500) }
+        EtcdOptions { members: 1, tls: None, progress_notify_interval: Duration::from_millis(500), env: Vec::new() }
     }
 }
 
@@ -190,6 +193,7 @@ impl EtcdCluster {
         let m = &mut self.members[i];
         let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
         let mut cmd = Command::new(ETCD_BIN);
+        cmd.envs(self.options.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
