@@ -114,6 +114,8 @@ pub struct BenchArgs {
     pub seed: u64,
     /// Pin the controller replicas to the first CPU and etcd and the simulated agents to the
     /// others: `auto` does when at least two CPUs are allowed, `on` requires it, `off` does not.
+    /// Pinned, each process's scheduler is sized for its CPUs (replicas `TOKIO_WORKER_THREADS`,
+    /// etcd `GOMAXPROCS`, the benchmark's runtime workers).
     #[arg(long, value_enum, default_value_t = PinMode::Auto)]
     pub pin: PinMode,
     /// Same as `--pin off`.
