@@ -408,8 +408,9 @@ pub struct Pinning {
 
 /// Worker threads for the benchmark process's runtime: when the run pins, one per CPU left to
 /// etcd and the agents (the process pins itself there once the cluster runs, and a runtime sized
-/// for every CPU would then run two workers on one core, costing the agents ~20 % per message in
-/// wake-ups and stealing); `None` = tokio's default.
+/// for every CPU would then run two workers on one core; sized, with etcd's `GOMAXPROCS` too, the
+/// store commit p99 beside them fell from 39–103 to 14–35 ms: BENCHMARKS.md); `None` = tokio's
+/// default.
 pub fn runtime_workers(args: &BenchArgs) -> Option<usize> {
     let plan = Pinning::plan(if args.no_pin { PinMode::Off } else { args.pin }).ok()?;
     plan.pinned.then_some(plan.others_cpus.len())
