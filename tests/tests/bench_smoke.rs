@@ -131,6 +131,10 @@ fn check(v: &Value, members: f64) {
     } else {
         assert_eq!(etcd, 0.0, "no etcd with the embedded store");
     }
+    // etcd's share of the idle window (session leases renewed by the heartbeats).
+    let idle_etcd = num(v, "controller_cost.idle_etcd_cpu_s");
+    assert!(num(v, "controller_cost.etcd_us_per_session_heartbeat").is_finite(), "{:#}", v["controller_cost"]);
+    assert!(if members > 0.0 { idle_etcd >= 0.0 } else { idle_etcd == 0.0 }, "{:#}", v["controller_cost"]);
     // Pinning is on by default with two CPUs, and the kernel's view of every process agrees.
     let pinning = &v["pinning"];
     assert!(!pinning["reason"].as_str().unwrap_or_default().is_empty(), "{pinning:#}");

@@ -532,6 +532,11 @@ pub struct ControllerCost {
     pub us_per_heartbeat: f64,
     /// Idle window: µs of replica CPU per FE per second.
     pub idle_us_per_fe_per_s: f64,
+    /// Idle window: etcd's CPU seconds (all members; 0 with the embedded store).
+    pub idle_etcd_cpu_s: f64,
+    /// Idle window: µs of etcd CPU per session heartbeat (each renews the FE's session lease) —
+    /// an upper bound: it also pays for raft's own heartbeats between the members.
+    pub etcd_us_per_session_heartbeat: f64,
 }
 
 /// CPU use during the churn.
@@ -782,12 +787,13 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
     let cpu = |pids: &[u32]| pids.iter().map(|&p| sys::cpu_seconds(p).unwrap_or(0.0)).collect::<Vec<_>>();
 
     progress(format!("idle for {} s (the cost of heartbeats)", args.idle_seconds));
-    let idle_cpu0: f64 = cpu(&pids).iter().sum();
+    let (idle_cpu0, idle_etcd0): (f64, f64) = (cpu(&pids).iter().sum(), cpu(&etcd_pids).iter().sum());
     let (hb0, session0) = (agents.sum(|p| &p.heartbeats), sessions.heartbeats.load(Ordering::Relaxed));
     let idle_started = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(args.idle_seconds.max(0.0))).await;
     let idle_s = idle_started.elapsed().as_secs_f64();
     let idle_cpu_s = cpu(&pids).iter().sum::<f64>() - idle_cpu0;
+    let idle_etcd_cpu_s = cpu(&etcd_pids).iter().sum::<f64>() - idle_etcd0;
     let idle_stream_heartbeats = agents.sum(|p| &p.heartbeats) - hb0;
     let idle_session_heartbeats = sessions.heartbeats.load(Ordering::Relaxed) - session0;
 
@@ -906,6 +912,8 @@ async fn execute(args: &BenchArgs) -> Result<BenchReport> {
         idle_session_heartbeats,
         us_per_heartbeat: per(idle_cpu_s, idle_stream_heartbeats),
         idle_us_per_fe_per_s: round3(idle_cpu_s * 1e6 / (args.fes as f64 * idle_s.max(1e-9))),
+        idle_etcd_cpu_s: round3(idle_etcd_cpu_s),
+        etcd_us_per_session_heartbeat: per(idle_etcd_cpu_s, idle_session_heartbeats),
     };
     Ok(BenchReport {
         fes: args.fes,
@@ -1117,8 +1125,15 @@ fn print_summary(r: &BenchReport) {
     );
     let c = &r.controller_cost;
     println!(
-        "  controller cost     churn: {:.2} µs/message, {:.3} µs/entry, {:.0} µs/move ({:.2} cores); idle: {:.2} µs/heartbeat, {:.1} µs per FE per s",
-        c.us_per_message, c.us_per_entry, c.us_per_move, c.churn_cores, c.us_per_heartbeat, c.idle_us_per_fe_per_s
+        "  controller cost     churn: {:.2} µs/message, {:.3} µs/entry, {:.0} µs/move ({:.2} cores); idle: {:.2} µs/heartbeat, {:.1} µs per FE per s; etcd idle: {:.2} s, {:.1} µs per session heartbeat",
+        c.us_per_message,
+        c.us_per_entry,
+        c.us_per_move,
+        c.churn_cores,
+        c.us_per_heartbeat,
+        c.idle_us_per_fe_per_s,
+        c.idle_etcd_cpu_s,
+        c.etcd_us_per_session_heartbeat
     );
     let cpu = &r.cpu_during_churn_s;
     println!(
