@@ -150,11 +150,24 @@ mod tests {
 
     #[test]
     fn reads_a_childs_environment() {
-        let mut child = std::process::Command::new("sleep").arg("5").env("VICTOR_SYS_TEST", "a=b").spawn().unwrap();
-        assert_eq!(env_var(child.id(), "VICTOR_SYS_TEST").as_deref(), Some("a=b"));
-        assert_eq!(env_var(child.id(), "VICTOR_SYS_TEST_UNSET"), None);
-        child.kill().unwrap();
-        child.wait().unwrap();
+        struct Killed(std::process::Child);
+        impl Drop for Killed {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let cmd = std::process::Command::new("sleep").arg("5").env("VICTOR_SYS_TEST", "a=b").spawn().unwrap();
+        let child = Killed(cmd);
+        let pid = child.0.id();
+        // Until the child has exec'd (and its new stack is set up), /proc shows the environment
+        // it was forked with (ours) or none.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while env_var(pid, "VICTOR_SYS_TEST").is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(env_var(pid, "VICTOR_SYS_TEST").as_deref(), Some("a=b"));
+        assert_eq!(env_var(pid, "VICTOR_SYS_TEST_UNSET"), None);
     }
 
     #[test]
