@@ -357,7 +357,7 @@ mod tests {
         assert_eq!(m.stats().expired, 10);
         let big = vec![0; MAX_HELD_BYTES / 2 + 1];
         m.hold(vm(1), big.clone(), now);
-        m.hold(vm(1), big.clone(), now);
+        m.hold(vm(1), big, now);
         assert_eq!(m.held_now(), 1, "bytes bound the queue too");
     }
 

@@ -454,19 +454,21 @@ impl Pinning {
     /// they are pinned to (`TOKIO_WORKER_THREADS`), as a replica given that many cores would
     /// size them (tokio asks the kernel for the CPUs at start — before the pinning, here).
     fn replica_env(&self) -> Vec<(String, String)> {
-        if !self.pinned {
-            return Vec::new();
-        }
-        vec![("TOKIO_WORKER_THREADS".to_owned(), self.controller_cpus.len().to_string())]
+        self.scheduler_env("TOKIO_WORKER_THREADS", &self.controller_cpus)
     }
 
     /// What etcd is started with: pinned, Go's scheduler gets one processor per CPU etcd is
     /// pinned to (`GOMAXPROCS`; Go too sizes it from the CPUs it sees at start).
     fn etcd_env(&self) -> Vec<(String, String)> {
+        self.scheduler_env("GOMAXPROCS", &self.others_cpus)
+    }
+
+    /// `var` = the number of `cpus` when the run pins, else nothing.
+    fn scheduler_env(&self, var: &str, cpus: &[usize]) -> Vec<(String, String)> {
         if !self.pinned {
             return Vec::new();
         }
-        vec![("GOMAXPROCS".to_owned(), self.others_cpus.len().to_string())]
+        vec![(var.to_owned(), cpus.len().to_string())]
     }
 
     /// Pins the replicas, etcd and this process (again: threads created since inherited the mask
